@@ -1,0 +1,48 @@
+//! Turning Kafka record bytes into field maps and back. Decoding is strict: a record that
+//! does not fit the declared schema is a decode error (and goes where `on_error.decode` says),
+//! never a silently half-filled record.
+
+pub mod json;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Encoding, Schema};
+
+/// Why a record's bytes could not be read; the message goes into the `weir-error` header.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// Decodes record values of one source.
+#[derive(Debug, Clone)]
+pub enum Decoder {
+    Json(Schema),
+    /// The whole value as UTF-8 text, seen by steps as the field `value`.
+    String,
+}
+
+impl Decoder {
+    pub fn new(encoding: Encoding, schema: Option<&Schema>) -> Option<Decoder> {
+        match (encoding, schema) {
+            (Encoding::Json, Some(schema)) => Some(Decoder::Json(schema.clone())),
+            (Encoding::String, _) => Some(Decoder::String),
+            _ => None,
+        }
+    }
+
+    pub fn decode(&self, value: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
+        let Some(bytes) = value else {
+            return Err(DecodeError("the record has no value (a tombstone)".into()));
+        };
+        match self {
+            Decoder::Json(schema) => json::decode(schema, bytes),
+            Decoder::String => {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|error| DecodeError(format!("the value is not UTF-8 text: {error}")))?;
+                let mut fields = Map::with_capacity(1);
+                fields.insert("value".into(), Value::String(text.to_string()));
+                Ok(fields)
+            }
+        }
+    }
+}

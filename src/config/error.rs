@@ -1,0 +1,50 @@
+use std::fmt;
+
+/// One thing wrong with the settings or the pipeline, located precisely enough to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a settings key with its environment variable, or a pipeline path such as
+    /// `steps[1].filter`.
+    pub location: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: {}", self.location, self.message)
+    }
+}
+
+/// All the problems found in one load; never empty when returned as an error.
+#[derive(Debug, Clone, Default, thiserror::Error)]
+pub struct ConfigErrors {
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigErrors {
+    pub fn push(&mut self, location: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            location: location.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(
+            formatter,
+            "{count} configuration problem{}:",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(formatter, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! Configuration: the service settings (`config/default.toml`, an optional file, then
+//! `WEIR__SECTION__KEY` environment variables) and the pipeline file (YAML).
+//!
+//! Both are parsed strictly (unknown keys are errors) and validated as a whole: every problem
+//! found is collected into one [`ConfigErrors`] so the user fixes them in one round, and
+//! nothing here touches the network.
+
+mod error;
+mod pipeline;
+mod settings;
+
+pub use error::{ConfigErrors, Problem};
+pub use pipeline::{
+    Encoding, ErrorAction, ErrorPolicy, EventTime, EventTimeUnit, Filter, Pipeline, Sink,
+    SinkMode, Source, SourceTopics, StartingOffsets, Step, DataLossPolicy, Watermark,
+    FieldType, Schema,
+};
+pub use settings::{HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings};
+
+use std::path::Path;
+
+/// Everything `weir run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub pipeline: Pipeline,
+}
+
+/// Loads and validates the settings and the pipeline together, so that one run reports the
+/// problems of both.
+pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, ConfigErrors> {
+    let mut problems = ConfigErrors::default();
+    let settings = settings::load(config_file, &mut problems);
+    let pipeline = pipeline::load(pipeline_file, &mut problems);
+    match (settings, pipeline) {
+        (Some(settings), Some(pipeline)) if problems.is_empty() => Ok(Loaded { settings, pipeline }),
+        _ => Err(problems),
+    }
+}

@@ -1,0 +1,591 @@
+//! The pipeline file: sources, steps, sink and error policy (see PIPELINE.md).
+//!
+//! The YAML is parsed section by section, so a mistake in one source or step does not hide
+//! the mistakes in the others; then the parts are checked against each other (fields named
+//! by steps must be in the schema, expressions must compile).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value as Yaml};
+
+use super::ConfigErrors;
+use crate::operators::filter::FilterExpression;
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub source: Source,
+    pub steps: Vec<Step>,
+    pub sink: Sink,
+    pub on_error: ErrorPolicy,
+    pub dlq_topic: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub topics: SourceTopics,
+    pub encoding: Encoding,
+    pub schema: Option<Schema>,
+    pub event_time: Option<EventTime>,
+    pub watermark: Option<Watermark>,
+    pub starting_offsets: StartingOffsets,
+    pub on_data_loss: DataLossPolicy,
+    pub partitioned_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceTopics {
+    List(Vec<String>),
+    /// A regular expression matched against whole topic names.
+    Pattern(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Json,
+    Avro,
+    String,
+}
+
+/// The explicit field types of a JSON source; nested objects are schemas themselves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schema {
+    pub fields: Vec<(String, FieldType)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldType {
+    String,
+    Long,
+    Double,
+    Boolean,
+    /// Epoch milliseconds.
+    Timestamp,
+    Object(Schema),
+}
+
+impl Schema {
+    /// The type of a dotted path such as `user.id`, if the schema has it.
+    pub fn field_type(&self, path: &str) -> Option<&FieldType> {
+        let mut schema = self;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (_, field_type) = schema.fields.iter().find(|(name, _)| name == part)?;
+            if parts.peek().is_none() {
+                return Some(field_type);
+            }
+            match field_type {
+                FieldType::Object(inner) => schema = inner,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventTime {
+    Field { path: String, unit: EventTimeUnit },
+    KafkaTimestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EventTimeUnit {
+    #[default]
+    Millis,
+    Seconds,
+    Rfc3339,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    #[serde(with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartingOffsets {
+    #[default]
+    Earliest,
+    Latest,
+    /// The first offset whose record timestamp is at or after this instant (epoch ms).
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataLossPolicy {
+    #[default]
+    Fail,
+    Earliest,
+}
+
+#[derive(Debug, Clone)]
+pub enum Step {
+    Filter(Filter),
+}
+
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub expression: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkMode {
+    #[default]
+    Transactional,
+    IdempotentUpsert,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub topic: String,
+    pub encoding: Encoding,
+    /// Fields forming the Kafka key; empty keeps each input record's key.
+    pub key: Vec<String>,
+    pub mode: SinkMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorAction {
+    #[default]
+    Dlq,
+    Skip,
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorPolicy {
+    pub decode: ErrorAction,
+    pub late: ErrorAction,
+    pub process: ErrorAction,
+    pub produce: ErrorAction,
+}
+
+// ---- raw shapes, as written in YAML -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    topics: Option<Vec<String>>,
+    pattern: Option<String>,
+    format: Encoding,
+    schema: Option<Mapping>,
+    event_time: Option<RawEventTime>,
+    watermark: Option<Watermark>,
+    #[serde(default)]
+    starting_offsets: Option<Yaml>,
+    #[serde(default)]
+    on_data_loss: DataLossPolicy,
+    #[serde(default)]
+    partitioned_by: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEventTime {
+    field: Option<String>,
+    #[serde(default)]
+    unit: EventTimeUnit,
+    #[serde(default)]
+    kafka_timestamp: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    topic: String,
+    #[serde(default = "json_encoding")]
+    format: Encoding,
+    #[serde(default)]
+    key: Vec<String>,
+    #[serde(default)]
+    mode: SinkMode,
+}
+
+fn json_encoding() -> Encoding {
+    Encoding::Json
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDlq {
+    topic: Option<String>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &["name", "sources", "steps", "join", "sink", "on_error", "dlq"];
+
+pub(super) fn load(path: &Path, problems: &mut ConfigErrors) -> Option<Pipeline> {
+    let file = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) => {
+            problems.push("--pipeline (env WEIR_PIPELINE)", format!("cannot read {file}: {error}"));
+            return None;
+        }
+    };
+    parse(&text, problems)
+}
+
+/// Parses and checks a pipeline document; every problem goes into `problems`.
+pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
+    let document: Yaml = match serde_yaml_ng::from_str(text) {
+        Ok(document) => document,
+        Err(error) => {
+            problems.push("pipeline", format!("not valid YAML: {error}"));
+            return None;
+        }
+    };
+    let Yaml::Mapping(top) = document else {
+        problems.push("pipeline", "must be a mapping with name, sources, steps and sink");
+        return None;
+    };
+    for key in top.keys() {
+        let key = key.as_str().unwrap_or("?");
+        if !TOP_LEVEL_KEYS.contains(&key) {
+            problems.push(key, format!("unknown key; known keys: {}", TOP_LEVEL_KEYS.join(", ")));
+        }
+    }
+
+    let name = parse_name(top.get("name"), problems);
+    let source = parse_sources(top.get("sources"), problems);
+    if top.get("join").is_some() {
+        problems.push(
+            "join",
+            "stream-stream joins are not available in this version of weir yet; use one source",
+        );
+    }
+    let steps = parse_steps(top.get("steps"), source.as_ref(), problems);
+    let sink = section::<RawSink>(top.get("sink"), "sink", problems);
+    let on_error = match top.get("on_error") {
+        None => Some(ErrorPolicy::default()),
+        value => section::<ErrorPolicy>(value, "on_error", problems),
+    };
+    let dlq = match top.get("dlq") {
+        None => Some(RawDlq { topic: None }),
+        value => section::<RawDlq>(value, "dlq", problems),
+    };
+
+    let sink = sink.map(|raw| check_sink(raw, source.as_ref(), problems));
+    let (name, source, steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
+    let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
+    if dlq_topic == sink.topic {
+        problems.push("dlq.topic", "must differ from sink.topic");
+    }
+    Some(Pipeline { name, source, steps, sink, on_error, dlq_topic })
+}
+
+/// Deserializes one section, recording a problem located at `location` when it does not fit.
+fn section<T: serde::de::DeserializeOwned>(
+    value: Option<&Yaml>,
+    location: &str,
+    problems: &mut ConfigErrors,
+) -> Option<T> {
+    let Some(value) = value else {
+        problems.push(location, "is required");
+        return None;
+    };
+    match serde_yaml_ng::from_value(value.clone()) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            problems.push(location, error.to_string());
+            None
+        }
+    }
+}
+
+fn parse_name(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<String> {
+    let name: String = section(value, "name", problems)?;
+    let valid = !name.is_empty()
+        && name.len() <= 100
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if !valid {
+        problems.push(
+            "name",
+            format!("'{name}' must be 1-100 characters of a-z, 0-9 and '-', not starting with '-'"),
+        );
+        return None;
+    }
+    Some(name)
+}
+
+fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Source> {
+    let sources: BTreeMap<String, Yaml> = section(value, "sources", problems)?;
+    match sources.len() {
+        0 => {
+            problems.push("sources", "must name one source");
+            return None;
+        }
+        1 => {}
+        _ => {
+            problems.push(
+                "sources",
+                "more than one source needs a join, which this version of weir does not have yet",
+            );
+            return None;
+        }
+    }
+    let (name, raw) = sources.into_iter().next()?;
+    let location = format!("sources.{name}");
+    let raw: RawSource = section(Some(&raw), &location, problems)?;
+    check_source(name, raw, &location, problems)
+}
+
+fn check_source(name: String, raw: RawSource, location: &str, problems: &mut ConfigErrors) -> Option<Source> {
+    let before = problems.problems.len();
+    let topics = match (raw.topics, raw.pattern) {
+        (Some(topics), None) if !topics.is_empty() => Some(SourceTopics::List(topics)),
+        (None, Some(pattern)) => match regex::Regex::new(&pattern) {
+            Ok(_) => Some(SourceTopics::Pattern(pattern)),
+            Err(error) => {
+                problems.push(format!("{location}.pattern"), format!("not a valid regular expression: {error}"));
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            problems.push(location, "give either topics or pattern, not both");
+            None
+        }
+        _ => {
+            problems.push(location, "needs topics (a non-empty list) or pattern");
+            None
+        }
+    };
+    match raw.format {
+        Encoding::Json => {}
+        Encoding::String => {}
+        Encoding::Avro => problems.push(
+            format!("{location}.format"),
+            "avro is not available in this version of weir yet; use json or string",
+        ),
+    }
+    let schema = match (raw.format, raw.schema) {
+        (Encoding::Json, None) => {
+            problems.push(format!("{location}.schema"), "is required for format json (field: type)");
+            None
+        }
+        (Encoding::Json, Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
+        (Encoding::String, Some(_)) => {
+            problems.push(format!("{location}.schema"), "format string has no schema: the record is {value: string}");
+            None
+        }
+        _ => None,
+    };
+    let field_type = |path: &str| -> Option<FieldType> {
+        match raw.format {
+            Encoding::String => (path == "value").then_some(FieldType::String),
+            _ => schema.as_ref().and_then(|schema| schema.field_type(path).cloned()),
+        }
+    };
+    let event_time = match raw.event_time {
+        None => None,
+        Some(RawEventTime { field: Some(path), unit, kafka_timestamp: false }) => {
+            match field_type(&path) {
+                None => problems.push(format!("{location}.event_time.field"), format!("'{path}' is not a field of the schema")),
+                Some(FieldType::Object(_) | FieldType::Boolean) => problems.push(
+                    format!("{location}.event_time.field"),
+                    format!("'{path}' must be a long, double, timestamp or string (rfc3339) field"),
+                ),
+                Some(_) => {}
+            }
+            Some(EventTime::Field { path, unit })
+        }
+        Some(RawEventTime { field: None, kafka_timestamp: true, .. }) => Some(EventTime::KafkaTimestamp),
+        Some(_) => {
+            problems.push(
+                format!("{location}.event_time"),
+                "give either field (with unit) or kafka_timestamp: true",
+            );
+            None
+        }
+    };
+    let starting_offsets = parse_starting_offsets(raw.starting_offsets.as_ref(), location, problems);
+    for field in &raw.partitioned_by {
+        if field_type(field).is_none() {
+            problems.push(format!("{location}.partitioned_by"), format!("'{field}' is not a field of the schema"));
+        }
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    Some(Source {
+        name,
+        topics: topics?,
+        encoding: raw.format,
+        schema,
+        event_time,
+        watermark: raw.watermark,
+        starting_offsets: starting_offsets?,
+        on_data_loss: raw.on_data_loss,
+        partitioned_by: raw.partitioned_by,
+    })
+}
+
+fn parse_starting_offsets(value: Option<&Yaml>, location: &str, problems: &mut ConfigErrors) -> Option<StartingOffsets> {
+    let location = format!("{location}.starting_offsets");
+    let expected = "must be earliest, latest or {timestamp: <RFC 3339 time>}";
+    match value {
+        None => Some(StartingOffsets::Earliest),
+        Some(Yaml::String(word)) if word == "earliest" => Some(StartingOffsets::Earliest),
+        Some(Yaml::String(word)) if word == "latest" => Some(StartingOffsets::Latest),
+        Some(Yaml::Mapping(mapping)) if mapping.len() == 1 => {
+            let Some(text) = mapping.get("timestamp").and_then(Yaml::as_str) else {
+                problems.push(location, expected);
+                return None;
+            };
+            match chrono::DateTime::parse_from_rfc3339(text) {
+                Ok(instant) => Some(StartingOffsets::Timestamp(instant.timestamp_millis())),
+                Err(error) => {
+                    problems.push(location, format!("'{text}' is not an RFC 3339 time: {error}"));
+                    None
+                }
+            }
+        }
+        Some(_) => {
+            problems.push(location, expected);
+            None
+        }
+    }
+}
+
+fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErrors) -> Option<Schema> {
+    let mut fields = Vec::new();
+    let mut valid = true;
+    for (key, value) in mapping {
+        let Some(name) = key.as_str() else {
+            problems.push(location, "field names must be strings");
+            valid = false;
+            continue;
+        };
+        let field_location = format!("{location}.{name}");
+        let field_type = match value {
+            Yaml::String(type_name) => match type_name.as_str() {
+                "string" => FieldType::String,
+                "long" => FieldType::Long,
+                "double" => FieldType::Double,
+                "boolean" => FieldType::Boolean,
+                "timestamp" => FieldType::Timestamp,
+                other => {
+                    problems.push(
+                        field_location,
+                        format!("unknown type '{other}'; types: string, long, double, boolean, timestamp, or a nested mapping"),
+                    );
+                    valid = false;
+                    continue;
+                }
+            },
+            Yaml::Mapping(inner) => match parse_schema(inner, &field_location, problems) {
+                Some(schema) => FieldType::Object(schema),
+                None => {
+                    valid = false;
+                    continue;
+                }
+            },
+            _ => {
+                problems.push(field_location, "must be a type name or a nested mapping");
+                valid = false;
+                continue;
+            }
+        };
+        fields.push((name.to_string(), field_type));
+    }
+    if fields.is_empty() && valid {
+        problems.push(location, "must declare at least one field");
+        return None;
+    }
+    valid.then_some(Schema { fields })
+}
+
+fn parse_steps(value: Option<&Yaml>, source: Option<&Source>, problems: &mut ConfigErrors) -> Option<Vec<Step>> {
+    let Some(value) = value else {
+        return Some(Vec::new());
+    };
+    let Yaml::Sequence(items) = value else {
+        problems.push("steps", "must be a list of steps such as `- filter: \"amount > 0\"`");
+        return None;
+    };
+    let mut steps = Vec::new();
+    let mut valid = true;
+    for (index, item) in items.iter().enumerate() {
+        let location = format!("steps[{index}]");
+        let Some((kind, body)) = item.as_mapping().filter(|m| m.len() == 1).and_then(|m| m.iter().next()) else {
+            problems.push(location, "each step is a mapping with one key: its kind (filter, dedup, window)");
+            valid = false;
+            continue;
+        };
+        match kind.as_str().unwrap_or("") {
+            "filter" => match body.as_str() {
+                Some(expression) => {
+                    if let Some(source) = source {
+                        if let Err(message) = FilterExpression::compile(expression, source) {
+                            problems.push(format!("{location}.filter"), message);
+                            valid = false;
+                            continue;
+                        }
+                    }
+                    steps.push(Step::Filter(Filter { expression: expression.to_string() }));
+                }
+                None => {
+                    problems.push(format!("{location}.filter"), "must be an expression string");
+                    valid = false;
+                }
+            },
+            kind @ ("dedup" | "window") => {
+                problems.push(
+                    format!("{location}.{kind}"),
+                    "stateful steps are not available in this version of weir yet; only filter is",
+                );
+                valid = false;
+            }
+            other => {
+                problems.push(location, format!("unknown step kind '{other}'; kinds: filter, dedup, window"));
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(steps)
+}
+
+fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors) -> Sink {
+    if raw.topic.trim().is_empty() {
+        problems.push("sink.topic", "must name a topic");
+    }
+    if raw.format == Encoding::Avro {
+        problems.push("sink.format", "avro is not available in this version of weir yet; use json");
+    }
+    if raw.format == Encoding::String {
+        problems.push("sink.format", "a sink writes json (or, later, avro)");
+    }
+    if raw.mode == SinkMode::IdempotentUpsert {
+        problems.push(
+            "sink.mode",
+            "idempotent_upsert is not available in this version of weir yet; use transactional",
+        );
+    }
+    if let Some(source) = source {
+        for field in &raw.key {
+            let known = match (&source.schema, source.encoding) {
+                (Some(schema), _) => schema.field_type(field).is_some(),
+                (None, Encoding::String) => field == "value",
+                _ => true,
+            };
+            if !known {
+                problems.push("sink.key", format!("'{field}' is not a field of the record"));
+            }
+        }
+    }
+    Sink { topic: raw.topic, encoding: raw.format, key: raw.key, mode: raw.mode }
+}

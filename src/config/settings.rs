@@ -1,0 +1,285 @@
+//! Service settings: how weir connects to Kafka, batches, serves HTTP and logs.
+//!
+//! Layers, later ones winning: `config/default.toml` (compiled in), the optional `--config`
+//! file, then `WEIR__<SECTION>__<KEY>` environment variables. Each key is read on its own so
+//! that every bad value is reported, each named with the environment variable that sets it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+
+use super::ConfigErrors;
+
+const DEFAULTS: &str = include_str!("../../config/default.toml");
+
+/// librdkafka options that the exactly-once loop sets itself; a user value would silently
+/// break the guarantee, so they are refused rather than overridden.
+const RESERVED_KAFKA_OPTIONS: &[&str] = &[
+    "enable.auto.commit",
+    "isolation.level",
+    "transactional.id",
+    "enable.idempotence",
+];
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub runtime: RuntimeSettings,
+    pub http: HttpSettings,
+    pub logging: LoggingSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub transaction_timeout: Duration,
+    pub static_membership: bool,
+    pub session_timeout: Duration,
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub commit_interval: Duration,
+    pub max_batch_records: NonZeroUsize,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// The sections and keys weir knows; anything else in a file or the environment is an error.
+const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    (
+        "kafka",
+        &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options"],
+    ),
+    ("runtime", &["commit_interval", "max_batch_records", "drain_timeout"]),
+    ("http", &["listen"]),
+    ("logging", &["format", "level"]),
+];
+
+/// Names a key the way a user can set it: the dotted key and its environment variable.
+fn location(key: &str) -> String {
+    let env = format!("WEIR__{}", key.replace('.', "__").to_uppercase());
+    format!("{key} (env {env})")
+}
+
+pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> Option<Settings> {
+    let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+    if let Some(path) = config_file {
+        if !path.is_file() {
+            problems.push("--config (env WEIR_CONFIG)", format!("no such file: {}", path.display()));
+            return None;
+        }
+        builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("WEIR")
+            .prefix_separator("__")
+            .separator("__"),
+    );
+    let layered = match builder.build() {
+        Ok(layered) => layered,
+        Err(error) => {
+            let source = config_file.map_or("settings".to_string(), |path| path.display().to_string());
+            problems.push(source, error.to_string());
+            return None;
+        }
+    };
+
+    report_unknown_keys(&layered, problems);
+    let mut reader = KeyReader { layered: &layered, problems };
+
+    let kafka = KafkaSettings {
+        bootstrap_servers: reader.string("kafka.bootstrap_servers"),
+        transaction_timeout: reader.duration("kafka.transaction_timeout"),
+        static_membership: reader.boolean("kafka.static_membership"),
+        session_timeout: reader.duration("kafka.session_timeout"),
+        options: reader.kafka_options(),
+    };
+    let runtime = RuntimeSettings {
+        commit_interval: reader.duration("runtime.commit_interval"),
+        max_batch_records: reader.non_zero("runtime.max_batch_records"),
+        drain_timeout: reader.duration("runtime.drain_timeout"),
+    };
+    let http = HttpSettings {
+        listen: reader
+            .parsed("http.listen", "an address such as 0.0.0.0:8080")
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+    };
+    let logging = LoggingSettings {
+        format: match reader.string("logging.format").as_str() {
+            "json" => LogFormat::Json,
+            "text" | "" => LogFormat::Text,
+            other => {
+                reader.problem("logging.format", format!("'{other}' is not one of: text, json"));
+                LogFormat::Text
+            }
+        },
+        level: reader.string("logging.level"),
+    };
+    if tracing_subscriber::EnvFilter::try_new(&logging.level).is_err() {
+        reader.problem("logging.level", format!("'{}' is not a level or filter directive", logging.level));
+    }
+    if kafka.bootstrap_servers.trim().is_empty() {
+        reader.problem("kafka.bootstrap_servers", "must name at least one broker (host:port)");
+    }
+    if runtime.commit_interval.is_zero() {
+        reader.problem("runtime.commit_interval", "must be longer than zero");
+    }
+    if !runtime.drain_timeout.is_zero() && runtime.drain_timeout >= kafka.transaction_timeout {
+        reader.problem(
+            "runtime.drain_timeout",
+            format!(
+                "must be shorter than kafka.transaction_timeout ({}), or a slow shutdown outlives its own transaction",
+                humantime::format_duration(kafka.transaction_timeout)
+            ),
+        );
+    }
+    if !kafka.transaction_timeout.is_zero() && kafka.transaction_timeout <= runtime.commit_interval {
+        reader.problem(
+            "kafka.transaction_timeout",
+            "must be longer than runtime.commit_interval, or every batch times out",
+        );
+    }
+
+    Some(Settings { kafka, runtime, http, logging })
+}
+
+fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
+    let Ok(top) = layered.clone().try_deserialize::<BTreeMap<String, config::Value>>() else {
+        return;
+    };
+    for (section, value) in top {
+        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(name, _)| *name == section) else {
+            problems.push(
+                location(&section),
+                format!(
+                    "unknown section; known sections: {}",
+                    KNOWN_KEYS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            continue;
+        };
+        let Ok(table) = value.into_table() else {
+            problems.push(location(&section), "must be a table of settings");
+            continue;
+        };
+        for key in table.keys() {
+            if !keys.contains(&key.as_str()) {
+                problems.push(
+                    location(&format!("{section}.{key}")),
+                    format!("unknown setting; known settings of [{section}]: {}", keys.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+/// Reads one key at a time, recording a problem (and returning a harmless default) for each
+/// bad value, so that loading goes on to find the others.
+struct KeyReader<'a> {
+    layered: &'a Config,
+    problems: &'a mut ConfigErrors,
+}
+
+impl KeyReader<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(location(key), message);
+    }
+
+    fn string(&mut self, key: &str) -> String {
+        match self.layered.get_string(key) {
+            Ok(value) => value,
+            Err(error) => {
+                self.problem(key, error.to_string());
+                String::new()
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> bool {
+        let text = self.string(key);
+        match text.to_ascii_lowercase().as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                self.problem(key, format!("'{text}' is not true or false"));
+                false
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        let text = self.string(key);
+        match humantime::parse_duration(&text) {
+            Ok(duration) => duration,
+            Err(error) => {
+                self.problem(key, format!("'{text}' is not a duration such as 100ms, 10s or 5m ({error})"));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn non_zero(&mut self, key: &str) -> NonZeroUsize {
+        self.parsed::<NonZeroUsize>(key, "a whole number greater than zero")
+            .unwrap_or(NonZeroUsize::MIN)
+    }
+
+    fn parsed<T: std::str::FromStr>(&mut self, key: &str, expected: &str) -> Option<T> {
+        let text = self.string(key);
+        match text.trim().parse() {
+            Ok(value) => Some(value),
+            Err(_) => {
+                self.problem(key, format!("'{text}' is not {expected}"));
+                None
+            }
+        }
+    }
+
+    fn kafka_options(&mut self) -> BTreeMap<String, String> {
+        let mut options = BTreeMap::new();
+        let Ok(table) = self.layered.get_table("kafka.options") else {
+            return options;
+        };
+        for (key, value) in table {
+            // Environment keys cannot hold dots, so FETCH_MAX_BYTES stands for fetch.max.bytes;
+            // librdkafka option names never contain underscores.
+            let name = key.replace('_', ".");
+            let option_key = format!("kafka.options.{name}");
+            match value.into_string() {
+                Ok(text) => {
+                    if RESERVED_KAFKA_OPTIONS.contains(&name.as_str()) {
+                        self.problem(
+                            &option_key,
+                            "is set by weir itself because exactly-once depends on it; remove it",
+                        );
+                    } else {
+                        options.insert(name, text);
+                    }
+                }
+                Err(_) => self.problem(&option_key, "must be a string, number or boolean"),
+            }
+        }
+        options
+    }
+}

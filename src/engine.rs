@@ -1,0 +1,248 @@
+//! The synchronous core of a pipeline: decode → steps → encode, with every failure routed by
+//! `on_error`. It knows nothing of Kafka clients or transactions: it turns one input record
+//! into zero or more outputs (sink or DLQ) and counts what it did, so the exactly-once loop
+//! and a broker-less test harness can drive the same code.
+
+use serde_json::{Map, Value};
+
+use crate::codec::{json, Decoder};
+use crate::config::{ErrorAction, ErrorPolicy, Pipeline};
+use crate::operators::{Operator, Provenance, Record, Verdict};
+
+/// Where an error happened; the value of the `weir-error-stage` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Decode,
+    Late,
+    Process,
+    Produce,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Decode, Stage::Late, Stage::Process, Stage::Produce];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Late => "late",
+            Stage::Process => "process",
+            Stage::Produce => "produce",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn action(self, policy: &ErrorPolicy) -> ErrorAction {
+        match self {
+            Stage::Decode => policy.decode,
+            Stage::Late => policy.late,
+            Stage::Process => policy.process,
+            Stage::Produce => policy.produce,
+        }
+    }
+}
+
+/// One input record as read from Kafka, borrowed from the consumer's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRecord<'a> {
+    pub provenance: Provenance<'a>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Sink,
+    Dlq,
+}
+
+/// A record to produce, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub destination: Destination,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Output {
+    /// The DLQ record for `input`: its original key, value and headers, plus the provenance
+    /// headers of PIPELINE.md.
+    pub fn dead_letter(input: &InputRecord<'_>, stage: Stage, error: &str) -> Output {
+        let provenance = &input.provenance;
+        let mut headers: Vec<(String, Vec<u8>)> = provenance
+            .headers
+            .iter()
+            .filter_map(|(name, value)| value.map(|bytes| (name.to_string(), bytes.to_vec())))
+            .collect();
+        headers.push(("weir-error-stage".into(), stage.as_str().as_bytes().to_vec()));
+        headers.push(("weir-error".into(), error.as_bytes().to_vec()));
+        headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
+        headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
+        headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
+        Output {
+            destination: Destination::Dlq,
+            key: input.key.map(<[u8]>::to_vec),
+            value: input.value.map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
+
+/// What one batch did, added to the metrics only when the batch commits, so that counters
+/// agree with what a read_committed reader sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub records_filtered: u64,
+    pub dead_lettered: [u64; 4],
+    pub skipped: [u64; 4],
+}
+
+impl BatchCounts {
+    pub fn dead_lettered(&self, stage: Stage) -> u64 {
+        self.dead_lettered[stage.index()]
+    }
+
+    pub fn skipped(&self, stage: Stage) -> u64 {
+        self.skipped[stage.index()]
+    }
+}
+
+/// A record failed at a stage whose policy is `fail`: the batch must not commit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{stage} error at {topic}[{partition}]@{offset} with on_error.{stage}: fail: {error}", stage = stage.as_str())]
+pub struct StageFailure {
+    pub stage: Stage,
+    pub error: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+pub struct Engine {
+    decoder: Decoder,
+    operators: Vec<Operator>,
+    sink_key: Vec<String>,
+    policy: ErrorPolicy,
+    counts: BatchCounts,
+}
+
+impl Engine {
+    pub fn new(pipeline: &Pipeline) -> Result<Engine, String> {
+        let source = &pipeline.source;
+        let decoder = Decoder::new(source.encoding, source.schema.as_ref())
+            .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))?;
+        let operators = pipeline
+            .steps
+            .iter()
+            .map(|step| Operator::build(step, source))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Engine {
+            decoder,
+            operators,
+            sink_key: pipeline.sink.key.clone(),
+            policy: pipeline.on_error,
+            counts: BatchCounts::default(),
+        })
+    }
+
+    pub fn describe_steps(&self) -> Vec<String> {
+        self.operators.iter().map(Operator::describe).collect()
+    }
+
+    /// Runs one record through the pipeline, appending what should be produced to `outputs`.
+    pub fn process(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+        self.counts.records_in += 1;
+        let fields = match self.decoder.decode(input.value) {
+            Ok(fields) => fields,
+            Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
+        };
+        let record = Record { fields, provenance: input.provenance };
+        for operator in &mut self.operators {
+            match operator.apply(&record) {
+                Ok(Verdict::Keep) => {}
+                Ok(Verdict::Drop) => {
+                    self.counts.records_filtered += 1;
+                    return Ok(());
+                }
+                Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
+            }
+        }
+        let key = if self.sink_key.is_empty() {
+            input.key.map(<[u8]>::to_vec)
+        } else {
+            Some(json::encode(&key_fields(&record.fields, &self.sink_key)))
+        };
+        outputs.push(Output {
+            destination: Destination::Sink,
+            key,
+            value: Some(json::encode(&record.fields)),
+            headers: Vec::new(),
+        });
+        self.counts.records_out += 1;
+        Ok(())
+    }
+
+    /// Applies the stage's `on_error` action to a bad record.
+    pub fn reject(
+        &mut self,
+        input: &InputRecord<'_>,
+        stage: Stage,
+        error: &str,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), StageFailure> {
+        match stage.action(&self.policy) {
+            ErrorAction::Dlq => {
+                outputs.push(Output::dead_letter(input, stage, error));
+                self.counts.dead_lettered[stage.index()] += 1;
+                Ok(())
+            }
+            ErrorAction::Skip => {
+                self.counts.skipped[stage.index()] += 1;
+                Ok(())
+            }
+            ErrorAction::Fail => Err(StageFailure {
+                stage,
+                error: error.to_string(),
+                topic: input.provenance.topic.to_string(),
+                partition: input.provenance.partition,
+                offset: input.provenance.offset,
+            }),
+        }
+    }
+
+    /// Undoes the counting of a produced record that was turned into a DLQ record or skipped
+    /// after all (produce-stage errors).
+    pub fn unproduce(&mut self) {
+        self.counts.records_out = self.counts.records_out.saturating_sub(1);
+    }
+
+    /// The counts since the last call; called when a batch commits or aborts.
+    pub fn take_counts(&mut self) -> BatchCounts {
+        std::mem::take(&mut self.counts)
+    }
+}
+
+/// The sink key: the named fields, as a JSON object.
+fn key_fields(fields: &Map<String, Value>, names: &[String]) -> Map<String, Value> {
+    names
+        .iter()
+        .map(|name| (name.clone(), fields.get(name).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+impl BatchCounts {
+    pub fn add(&mut self, other: &BatchCounts) {
+        self.records_in += other.records_in;
+        self.records_out += other.records_out;
+        self.records_filtered += other.records_filtered;
+        for index in 0..4 {
+            self.dead_lettered[index] += other.dead_lettered[index];
+            self.skipped[index] += other.skipped[index];
+        }
+    }
+}

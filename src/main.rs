@@ -1,0 +1,114 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use weir::cli::{Cli, Command, ConfigArgs, RunArgs};
+use weir::config::{self, Loaded};
+use weir::engine::Engine;
+use weir::runtime::health::Health;
+use weir::runtime::{self, RunOptions};
+use weir::telemetry::{logging, metrics::Metrics};
+
+/// Exit status for bad settings or a bad pipeline, reported before touching Kafka.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate(args) => validate(&args),
+        Command::Run(args) => run(args),
+    }
+}
+
+fn load(args: &ConfigArgs) -> Result<Loaded, ExitCode> {
+    config::load(args.config.as_deref(), &args.pipeline).map_err(|problems| {
+        eprint!("weir: {problems}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn validate(args: &ConfigArgs) -> ExitCode {
+    let loaded = match load(args) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    match Engine::new(&loaded.pipeline) {
+        Ok(engine) => {
+            print!("{}", weir::plan::describe(&loaded, &engine));
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("weir: {message}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let loaded = match load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    logging::init(&loaded.settings.logging);
+    let tokio = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(tokio) => tokio,
+        Err(error) => {
+            error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = RunOptions { instance: args.instance, until_end: args.until_end };
+    match tokio.block_on(serve_and_run(loaded, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!(error = %message, "weir stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let (address, http) = weir::http::serve(loaded.settings.http.listen, health.clone(), metrics.clone(), http_stop.clone())
+        .await
+        .map_err(|error| format!("cannot listen on {}: {error}", loaded.settings.http.listen))?;
+    info!(%address, pipeline = %loaded.pipeline.name, instance = %options.instance, "weir starting");
+
+    let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+    let loop_shutdown = shutdown.clone();
+    let result = tokio::task::spawn_blocking(move || runtime::run(&loaded, &options, metrics, health, loop_shutdown))
+        .await
+        .map_err(|error| format!("the processing thread panicked: {error}"))?;
+    signals.abort();
+    http_stop.cancel();
+    let _ = http.await;
+    match result {
+        Ok(()) => {
+            info!("weir stopped cleanly");
+            Ok(())
+        }
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = terminate => info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}

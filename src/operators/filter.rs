@@ -1,0 +1,128 @@
+//! `filter`: keeps the records for which a CEL expression is true.
+//!
+//! The record's fields are CEL variables by name, and so is its metadata: `_topic`,
+//! `_partition`, `_offset`, `_timestamp` (epoch ms, or null) and `_headers` (a map of UTF-8
+//! text). An expression that does not evaluate to a boolean for a record (a null field
+//! compared with a number, say) is a process error for that record, not a crash.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::objects::{Key, Value as CelValue};
+use cel::{Context, Program};
+use serde_json::Value;
+
+use super::{ProcessError, Record, Verdict};
+use crate::config::{Encoding, Source};
+
+const METADATA_VARIABLES: &[&str] = &["_topic", "_partition", "_offset", "_timestamp", "_headers"];
+
+/// A compiled expression, checked against the source's fields.
+pub struct FilterExpression {
+    program: Program,
+}
+
+impl FilterExpression {
+    /// Compiles `expression`; the error names what is wrong in words a user can act on.
+    pub fn compile(expression: &str, source: &Source) -> Result<FilterExpression, String> {
+        let program = Program::compile(expression)
+            .map_err(|error| format!("'{expression}' is not a valid CEL expression: {error}"))?;
+        let fields: Vec<&str> = match (&source.schema, source.encoding) {
+            (Some(schema), _) => schema.fields.iter().map(|(name, _)| name.as_str()).collect(),
+            (None, Encoding::String) => vec!["value"],
+            _ => Vec::new(),
+        };
+        let references = program.references();
+        let mut unknown: Vec<&str> = references
+            .variables()
+            .into_iter()
+            .filter(|name| !fields.contains(name) && !METADATA_VARIABLES.contains(name))
+            .collect();
+        unknown.sort_unstable();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "'{expression}' names {} not in the record; fields: {}; metadata: {}",
+                unknown.iter().map(|name| format!("'{name}'")).collect::<Vec<_>>().join(", "),
+                fields.join(", "),
+                METADATA_VARIABLES.join(", ")
+            ));
+        }
+        Ok(FilterExpression { program })
+    }
+}
+
+pub struct FilterOperator {
+    expression: String,
+    compiled: FilterExpression,
+    /// Built once: a CEL root context holds the standard function registry.
+    root: Context<'static, 'static>,
+}
+
+impl FilterOperator {
+    pub fn new(expression: &str, source: &Source) -> Result<FilterOperator, String> {
+        Ok(FilterOperator {
+            expression: expression.to_string(),
+            compiled: FilterExpression::compile(expression, source)?,
+            root: Context::default(),
+        })
+    }
+
+    pub fn expression(&self) -> &str {
+        &self.expression
+    }
+
+    pub fn apply(&mut self, record: &Record<'_>) -> Result<Verdict, ProcessError> {
+        let mut scope = self.root.new_inner_scope();
+        for (name, value) in &record.fields {
+            scope.add_variable_from_value(name.as_str(), to_cel(value));
+        }
+        let provenance = &record.provenance;
+        scope.add_variable_from_value("_topic", provenance.topic);
+        scope.add_variable_from_value("_partition", i64::from(provenance.partition));
+        scope.add_variable_from_value("_offset", provenance.offset);
+        scope.add_variable_from_value("_timestamp", provenance.timestamp.map(CelValue::Int).unwrap_or(CelValue::Null));
+        let headers: HashMap<Key, CelValue> = provenance
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                let text = value.map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+                (Key::from(name.to_string()), text.map(CelValue::from).unwrap_or(CelValue::Null))
+            })
+            .collect();
+        scope.add_variable_from_value("_headers", headers);
+        match self.compiled.program.execute(&scope) {
+            Ok(CelValue::Bool(true)) => Ok(Verdict::Keep),
+            Ok(CelValue::Bool(false)) => Ok(Verdict::Drop),
+            Ok(other) => Err(ProcessError(format!(
+                "filter '{}' gave {other:?}, not a boolean",
+                self.expression
+            ))),
+            Err(error) => Err(ProcessError(format!("filter '{}' failed: {error}", self.expression))),
+        }
+    }
+}
+
+fn to_cel(value: &Value) -> CelValue {
+    match value {
+        Value::Null => CelValue::Null,
+        Value::Bool(flag) => CelValue::Bool(*flag),
+        Value::Number(number) => {
+            if let Some(whole) = number.as_i64() {
+                CelValue::Int(whole)
+            } else if let Some(unsigned) = number.as_u64() {
+                CelValue::UInt(unsigned)
+            } else {
+                CelValue::Float(number.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Value::String(text) => CelValue::String(Arc::new(text.clone())),
+        Value::Array(items) => CelValue::List(Arc::new(items.iter().map(to_cel).collect())),
+        Value::Object(object) => {
+            let map: HashMap<Key, CelValue> = object
+                .iter()
+                .map(|(name, value)| (Key::from(name.clone()), to_cel(value)))
+                .collect();
+            CelValue::from(map)
+        }
+    }
+}

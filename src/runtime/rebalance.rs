@@ -1,0 +1,254 @@
+//! The consumer context: rebalance callbacks and statistics.
+//!
+//! librdkafka runs these callbacks inside `poll`, on the loop's own thread, so they can use
+//! the open transaction without racing the loop. On revocation the open batch is committed
+//! (or aborted, if the partitions were lost) before the partitions are given up; on
+//! assignment every new partition gets an explicit start position: its committed offset, or
+//! the source's `starting_offsets` when it has none.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::error::RuntimeError;
+use super::health::Health;
+use super::transaction::{Outcome, Transaction};
+use crate::config::StartingOffsets;
+use crate::telemetry::metrics::Metrics;
+
+/// How long an assignment may wait for committed offsets. Under read_committed the broker
+/// holds the answer while the previous owner's transactional offset commit is pending
+/// (KIP-447), which lasts at most the transaction timeout.
+const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An input partition this process owns.
+#[derive(Debug, Clone)]
+pub struct OwnedPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// With `--until-end`: the (low, end) offsets seen when the partition was assigned.
+    pub bounds_at_start: Option<(i64, i64)>,
+    /// The position reading starts from, when it is a concrete offset.
+    pub start: Option<i64>,
+}
+
+/// State shared by the loop and the callbacks; only ever locked on the loop's thread.
+pub struct Session {
+    pub transaction: Transaction,
+    pub owned: BTreeMap<(String, i32), OwnedPartition>,
+    /// An error raised inside a callback, for the loop to stop with.
+    pub failure: Option<RuntimeError>,
+    /// Positions to seek back to after an abort inside a callback.
+    pub rewind: Vec<(String, i32, i64)>,
+}
+
+pub struct LoopContext {
+    session: Mutex<Session>,
+    starting_offsets: StartingOffsets,
+    until_end: bool,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl LoopContext {
+    pub fn new(
+        transaction: Transaction,
+        starting_offsets: StartingOffsets,
+        until_end: bool,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> LoopContext {
+        LoopContext {
+            session: Mutex::new(Session {
+                transaction,
+                owned: BTreeMap::new(),
+                failure: None,
+                rewind: Vec::new(),
+            }),
+            starting_offsets,
+            until_end,
+            metrics,
+            health,
+        }
+    }
+
+    pub fn session(&self) -> MutexGuard<'_, Session> {
+        // A poisoned lock means a panic on the loop thread, which already ends the process.
+        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<LoopContext>, revoked: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        let mut session = self.session();
+        if session.transaction.is_open() {
+            // Lost partitions may already belong to someone else: committing would be fenced.
+            let outcome = if lost {
+                session.transaction.abort(None)
+            } else {
+                session.transaction.commit(consumer, None).map(|outcome| outcome.unwrap_or(Outcome::Committed { records: 0 }))
+            };
+            match outcome {
+                Ok(Outcome::Committed { records }) => info!(records, "committed the open batch before giving up partitions"),
+                Ok(Outcome::Aborted { rewind }) => session.rewind.extend(rewind),
+                Err(error) => session.failure = Some(error),
+            }
+        }
+        for element in revoked.elements() {
+            let key = (element.topic().to_string(), element.partition());
+            session.owned.remove(&key);
+            session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
+            self.metrics
+                .consumer_lag
+                .remove_label_values(&[element.topic(), &element.partition().to_string()])
+                .ok();
+        }
+        let owned = session.owned.len();
+        drop(session);
+        self.metrics.rebalances.with_label_values(&[if lost { "lost" } else { "revoke" }]).inc();
+        self.metrics.assigned_partitions.set(owned as i64);
+        self.health.set_assigned(owned);
+        info!(revoked = revoked.count(), lost, owned, "partitions revoked");
+        if let Err(error) = consumer.incremental_unassign(revoked) {
+            warn!(%error, "incremental unassign failed");
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<LoopContext>, assigned: &mut TopicPartitionList) {
+        if let Err(error) = self.set_start_positions(consumer, assigned) {
+            self.session().failure = Some(error);
+            return;
+        }
+        let mut session = self.session();
+        for element in assigned.elements() {
+            let bounds_at_start = if self.until_end {
+                match consumer.fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT) {
+                    Ok(bounds) => Some(bounds),
+                    Err(error) => {
+                        session.failure = Some(RuntimeError::Fatal(format!(
+                            "reading the end offset of {}[{}]: {error}",
+                            element.topic(),
+                            element.partition()
+                        )));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            session.owned.insert(
+                (element.topic().to_string(), element.partition()),
+                OwnedPartition {
+                    topic: element.topic().to_string(),
+                    partition: element.partition(),
+                    bounds_at_start,
+                    start: match element.offset() {
+                        Offset::Offset(offset) => Some(offset),
+                        _ => None,
+                    },
+                },
+            );
+        }
+        let owned = session.owned.len();
+        drop(session);
+        if let Err(error) = consumer.incremental_assign(assigned) {
+            self.session().failure = Some(RuntimeError::Fatal(format!("incremental assign failed: {error}")));
+            return;
+        }
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.metrics.assigned_partitions.set(owned as i64);
+        self.health.set_assigned(owned);
+        info!(assigned = assigned.count(), owned, "partitions assigned");
+    }
+
+    /// Gives every newly assigned partition its committed offset, or the source's
+    /// `starting_offsets` where nothing was committed yet.
+    fn set_start_positions(
+        &self,
+        consumer: &BaseConsumer<LoopContext>,
+        assigned: &mut TopicPartitionList,
+    ) -> Result<(), RuntimeError> {
+        let committed = consumer
+            .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
+            .map_err(|error| RuntimeError::Fatal(format!("reading committed offsets: {error}")))?;
+        let mut by_time = TopicPartitionList::new();
+        for element in committed.elements() {
+            let start = match element.offset() {
+                Offset::Offset(offset) => Offset::Offset(offset),
+                _ => match self.starting_offsets {
+                    StartingOffsets::Earliest => Offset::Beginning,
+                    StartingOffsets::Latest => Offset::End,
+                    StartingOffsets::Timestamp(millis) => {
+                        by_time
+                            .add_partition_offset(element.topic(), element.partition(), Offset::Offset(millis))
+                            .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                        continue;
+                    }
+                },
+            };
+            assigned
+                .set_partition_offset(element.topic(), element.partition(), start)
+                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+        }
+        if by_time.count() > 0 {
+            let found = consumer
+                .offsets_for_times(by_time, METADATA_TIMEOUT)
+                .map_err(|error| RuntimeError::Fatal(format!("looking up offsets by timestamp: {error}")))?;
+            for element in found.elements() {
+                // No record at or after the time: start at the end.
+                let start = match element.offset() {
+                    Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
+                    _ => Offset::End,
+                };
+                assigned
+                    .set_partition_offset(element.topic(), element.partition(), start)
+                    .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ClientContext for LoopContext {
+    fn stats(&self, statistics: Statistics) {
+        let session = self.session();
+        for owned in session.owned.values() {
+            let lag = statistics
+                .topics
+                .get(&owned.topic)
+                .and_then(|topic| topic.partitions.get(&owned.partition))
+                .map(|partition| partition.consumer_lag)
+                .filter(|lag| *lag >= 0);
+            if let Some(lag) = lag {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&owned.topic, &owned.partition.to_string()])
+                    .set(lag);
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(%error, reason, "consumer client error");
+    }
+}
+
+impl ConsumerContext for LoopContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, error: RDKafkaRespErr, partitions: &mut TopicPartitionList) {
+        match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, partitions),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer, partitions),
+            other => {
+                warn!(error = ?other, "rebalance failed; giving up the partitions in question");
+                self.on_revoke(consumer, partitions);
+            }
+        }
+    }
+}

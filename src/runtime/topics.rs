@@ -1,0 +1,93 @@
+//! Topic checks before the loop starts: the source and sink topics must exist (weir does not
+//! guess their partition counts or retention); the DLQ topic is created when missing, with
+//! the broker's defaults and as many partitions as the first source topic.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
+use tracing::info;
+
+use super::clients;
+use super::error::RuntimeError;
+use crate::config::{Pipeline, Settings, SourceTopics};
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn prepare(settings: &Settings, pipeline: &Pipeline) -> Result<(), RuntimeError> {
+    let client: BaseConsumer = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
+    let mut missing = Vec::new();
+    let mut source_partitions = None;
+    if let SourceTopics::List(topics) = &pipeline.source.topics {
+        for topic in topics {
+            match partition_count(&client, topic)? {
+                Some(count) => {
+                    source_partitions.get_or_insert(count);
+                }
+                None => missing.push(format!("source topic '{topic}'")),
+            }
+        }
+    }
+    if partition_count(&client, &pipeline.sink.topic)?.is_none() {
+        missing.push(format!("sink topic '{}'", pipeline.sink.topic));
+    }
+    if !missing.is_empty() {
+        return Err(RuntimeError::Setup(format!(
+            "{} do{} not exist on {}; create {} first",
+            missing.join(" and "),
+            if missing.len() == 1 { "es" } else { "" },
+            settings.kafka.bootstrap_servers,
+            if missing.len() == 1 { "it" } else { "them" },
+        )));
+    }
+    if partition_count(&client, &pipeline.dlq_topic)?.is_none() {
+        create_topic(settings, &pipeline.dlq_topic, source_partitions.unwrap_or(1))?;
+    }
+    Ok(())
+}
+
+fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, RuntimeError> {
+    let metadata: Metadata = client
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(|error| RuntimeError::Setup(format!("reading metadata of topic '{topic}': {error}")))?;
+    let Some(found) = metadata.topics().iter().find(|found| found.name() == topic) else {
+        return Ok(None);
+    };
+    match found.error() {
+        None => Ok(Some(found.partitions().len() as i32)),
+        Some(error) if RDKafkaErrorCode::from(error) == RDKafkaErrorCode::UnknownTopicOrPartition => Ok(None),
+        Some(error) => Err(RuntimeError::Setup(format!(
+            "topic '{topic}': {}",
+            RDKafkaErrorCode::from(error)
+        ))),
+    }
+}
+
+fn create_topic(settings: &Settings, topic: &str, partitions: i32) -> Result<(), RuntimeError> {
+    let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
+    // -1: the broker's default replication factor.
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| RuntimeError::Setup("topic creation needs the tokio runtime".into()))?;
+    let results = runtime
+        .block_on(admin.create_topics([&new_topic], &options))
+        .map_err(|error| RuntimeError::Setup(format!("creating topic '{topic}': {error}")))?;
+    for result in results {
+        match result {
+            Ok(_) => info!(topic, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(RuntimeError::Setup(format!("creating topic '{name}': {code}")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! The open batch: one Kafka transaction holding the batch's outputs and consumed offsets.
+//!
+//! # Failure handling
+//! Each transactional call's error is classified ([`classify`]): retriable errors repeat the
+//! same call (a commit that timed out without a verdict is retried, never assumed lost);
+//! errors that require an abort abort the transaction and hand back the batch's first offsets
+//! so the loop rewinds and processes the batch again; fatal errors (fencing) end the process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use super::error::{classify, fatal, ErrorClass, RuntimeError};
+use crate::engine::{BatchCounts, Output};
+use crate::telemetry::metrics::Metrics;
+
+/// Counts failed deliveries; a failed delivery makes the transaction abortable, so the commit
+/// will report it and the batch is replayed.
+#[derive(Default)]
+pub struct DeliveryWatch {
+    pub failures: AtomicU64,
+}
+
+impl ClientContext for DeliveryWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(%error, reason, "producer client error");
+    }
+}
+
+impl ProducerContext for DeliveryWatch {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        if let Err((error, _)) = result {
+            if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
+            }
+        }
+    }
+}
+
+/// Offsets of one input partition within the open batch.
+#[derive(Debug, Clone)]
+struct PartitionBatch {
+    topic: String,
+    partition: i32,
+    /// The first offset read in this batch: where to rewind to if it aborts.
+    first: i64,
+    /// The offset after the last one processed: what to commit.
+    next: i64,
+}
+
+/// What became of a batch.
+#[derive(Debug)]
+pub enum Outcome {
+    Committed { records: u64 },
+    /// The transaction was aborted; each (topic, partition, offset) must be read again.
+    Aborted { rewind: Vec<(String, i32, i64)> },
+}
+
+pub struct Transaction {
+    producer: BaseProducer<DeliveryWatch>,
+    transactional_id: String,
+    open: bool,
+    opened_at: Option<Instant>,
+    partitions: Vec<PartitionBatch>,
+    counts: BatchCounts,
+    records: usize,
+    call_timeout: Duration,
+    metrics: Arc<Metrics>,
+    source_name: String,
+    sink_topic: String,
+}
+
+impl Transaction {
+    pub fn new(
+        producer: BaseProducer<DeliveryWatch>,
+        transactional_id: String,
+        call_timeout: Duration,
+        metrics: Arc<Metrics>,
+        source_name: String,
+        sink_topic: String,
+    ) -> Transaction {
+        Transaction {
+            producer,
+            transactional_id,
+            open: false,
+            opened_at: None,
+            partitions: Vec::new(),
+            counts: BatchCounts::default(),
+            records: 0,
+            call_timeout,
+            metrics,
+            source_name,
+            sink_topic,
+        }
+    }
+
+    pub fn transactional_id(&self) -> &str {
+        &self.transactional_id
+    }
+
+    /// Registers the producer with the transaction coordinator, fencing any older process with
+    /// the same transactional id and aborting its open transaction. Retried until it answers
+    /// or `keep_trying` says stop.
+    pub fn initialize(&self, keep_trying: impl Fn() -> bool) -> Result<(), RuntimeError> {
+        loop {
+            match self.producer.init_transactions(self.call_timeout) {
+                Ok(()) => return Ok(()),
+                Err(error) if classify(&error) == ErrorClass::Retriable && keep_trying() => {
+                    warn!(%error, transactional_id = %self.transactional_id, "initializing transactions; retrying");
+                }
+                Err(error) => return Err(fatal(&error, &self.transactional_id)),
+            }
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+
+    /// Whether the open batch has run for `interval` or holds `max_records` records.
+    pub fn is_due(&self, interval: Duration, max_records: usize) -> bool {
+        self.open && (self.records >= max_records || self.opened_at.is_some_and(|at| at.elapsed() >= interval))
+    }
+
+    /// Begins a transaction if none is open; called before the first output of a batch.
+    pub fn ensure_open(&mut self) -> Result<(), RuntimeError> {
+        if self.open {
+            return Ok(());
+        }
+        self.producer
+            .begin_transaction()
+            .map_err(|error| fatal(&error, &self.transactional_id))?;
+        self.open = true;
+        self.opened_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Records that `offset` of a partition was processed, with what processing it counted.
+    pub fn consumed(&mut self, topic: &str, partition: i32, offset: i64, counts: &BatchCounts) {
+        match self.partitions.iter_mut().find(|p| p.partition == partition && p.topic == topic) {
+            Some(batch) => batch.next = offset + 1,
+            None => self.partitions.push(PartitionBatch {
+                topic: topic.to_string(),
+                partition,
+                first: offset,
+                next: offset + 1,
+            }),
+        }
+        self.counts.add(counts);
+        self.records += 1;
+    }
+
+    /// Queues one output in the open transaction. Errors are about this record (too large,
+    /// for instance) or fatal; a full queue is waited out.
+    pub fn send(&mut self, topic: &str, output: &Output) -> KafkaResult<()> {
+        let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
+        for (name, value) in &output.headers {
+            headers = headers.insert(Header { key: name, value: Some(value) });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(key) = &output.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &output.value {
+            record = record.payload(value.as_slice());
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Serves delivery reports; cheap, called once per loop turn.
+    pub fn poll(&self) {
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Commits the open batch with its offsets. `positions` gives, per partition, the
+    /// consumer's position where it is past the last processed offset (control records of
+    /// transactional inputs take offsets too), so committed offsets reach the end.
+    pub fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Outcome>, RuntimeError> {
+        if !self.open {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let positions = consumer.position().ok();
+        let mut offsets = TopicPartitionList::with_capacity(self.partitions.len());
+        for batch in &self.partitions {
+            let position = positions
+                .as_ref()
+                .and_then(|list| list.find_partition(&batch.topic, batch.partition))
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                })
+                .unwrap_or(batch.next);
+            let next = batch.next.max(position);
+            offsets
+                .add_partition_offset(&batch.topic, batch.partition, Offset::Offset(next))
+                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+        }
+        let Some(group) = consumer.group_metadata() else {
+            return Err(RuntimeError::Fatal("the consumer has no group metadata".into()));
+        };
+        let timeout = self.call_timeout;
+        let sent = self.retry("send offsets", deadline, |producer| {
+            producer.send_offsets_to_transaction(&offsets, &group, timeout)
+        })?;
+        if !sent {
+            return self.abort(deadline).map(Some);
+        }
+        let committed = self.retry("commit", deadline, |producer| producer.commit_transaction(timeout))?;
+        if !committed {
+            return self.abort(deadline).map(Some);
+        }
+        let counts = std::mem::take(&mut self.counts);
+        let records = self.records as u64;
+        self.metrics.record_batch(&self.source_name, &self.sink_topic, &counts);
+        self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+        debug!(records, partitions = self.partitions.len(), "batch committed");
+        self.close();
+        Ok(Some(Outcome::Committed { records }))
+    }
+
+    /// Aborts the open batch; its records will be read again from the returned offsets.
+    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+        let timeout = self.call_timeout;
+        let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
+        if !aborted {
+            return Err(RuntimeError::Fatal("the transaction could not be aborted".into()));
+        }
+        let rewind = self
+            .partitions
+            .iter()
+            .map(|batch| (batch.topic.clone(), batch.partition, batch.first))
+            .collect();
+        self.metrics.aborts.inc();
+        info!(records = self.records, "transaction aborted; the batch will be processed again");
+        self.close();
+        Ok(Outcome::Aborted { rewind })
+    }
+
+    fn close(&mut self) {
+        self.open = false;
+        self.opened_at = None;
+        self.partitions.clear();
+        self.counts = BatchCounts::default();
+        self.records = 0;
+    }
+
+    /// Runs a transactional call until it succeeds (true), needs an abort (false) or fails
+    /// fatally (error). Retriable errors repeat the same call until `deadline`.
+    fn retry(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+    ) -> Result<bool, RuntimeError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let error = match call(&self.producer) {
+                Ok(()) => return Ok(true),
+                Err(error) => error,
+            };
+            match classify(&error) {
+                ErrorClass::Retriable if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
+                    warn!(%error, call = what, transactional_id = %self.transactional_id, "transactional call failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                ErrorClass::Retriable => return Err(RuntimeError::DrainDeadline),
+                ErrorClass::Abort => {
+                    warn!(%error, call = what, "transaction must be aborted");
+                    return Ok(false);
+                }
+                ErrorClass::Fatal => return Err(fatal(&error, &self.transactional_id)),
+            }
+        }
+    }
+}

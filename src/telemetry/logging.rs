@@ -1,0 +1,15 @@
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LoggingSettings};
+
+/// Installs the global subscriber: human-readable text or one JSON object per line, on stderr.
+pub fn init(settings: &LoggingSettings) {
+    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    // A second init (tests in one process) keeps the first subscriber.
+    drop(installed);
+}

@@ -1,0 +1,125 @@
+//! Every metric weir exports, declared in one place (Prometheus conventions: `weir_` prefix,
+//! counters end in `_total`, durations are in seconds; labels have bounded values).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::{BatchCounts, Stage};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Records read from a source and committed as processed, by source name.
+    pub records_in: IntCounterVec,
+    /// Records written to the sink in committed batches, by sink topic.
+    pub records_out: IntCounterVec,
+    /// Records dropped by a filter step, in committed batches.
+    pub records_filtered: IntCounter,
+    /// Records written to the DLQ in committed batches, by error stage.
+    pub dlq_records: IntCounterVec,
+    /// Bad records dropped because `on_error.<stage>` is `skip`.
+    pub skipped_records: IntCounterVec,
+    /// Committed batches (transactions).
+    pub batches: IntCounter,
+    /// Aborted transactions (their records are read and processed again).
+    pub aborts: IntCounter,
+    /// Time from the end of a batch to its committed transaction.
+    pub commit_duration: Histogram,
+    /// Records between the committed position and the end of each assigned partition.
+    pub consumer_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
+    /// Rebalances seen, by kind (assign, revoke, lost).
+    pub rebalances: IntCounterVec,
+    /// Committed offsets that had fallen out of retention, by how weir went on.
+    pub data_loss_events: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
+            registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("metric definitions are static and valid");
+            registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+            metric
+        };
+        let records_in = counter_vec("weir_records_in_total", "Records read and committed as processed, by source.", &["source"]);
+        let records_out = counter_vec("weir_records_out_total", "Records written to the sink in committed batches.", &["sink"]);
+        let records_filtered = counter("weir_records_filtered_total", "Records dropped by a filter step in committed batches.");
+        let dlq_records = counter_vec("weir_dlq_records_total", "Records written to the DLQ in committed batches, by error stage.", &["stage"]);
+        let skipped_records = counter_vec("weir_skipped_records_total", "Bad records dropped by on_error: skip, by stage.", &["stage"]);
+        let batches = counter("weir_batches_total", "Committed batches (Kafka transactions).");
+        let aborts = counter("weir_transaction_aborts_total", "Aborted transactions; their records are processed again.");
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new("weir_commit_duration_seconds", "Time to commit a batch's transaction.")
+                .buckets(vec![0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(commit_duration.clone())).expect("each metric is registered once");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new("weir_consumer_lag_records", "Records between the consumer position and the end of the partition."),
+            &["topic", "partition"],
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(consumer_lag.clone())).expect("each metric is registered once");
+        let assigned_partitions = IntGauge::new("weir_assigned_partitions", "Input partitions this process owns.")
+            .expect("metric definitions are static and valid");
+        registry.register(Box::new(assigned_partitions.clone())).expect("each metric is registered once");
+        let rebalances = counter_vec("weir_rebalances_total", "Consumer group rebalance events, by kind.", &["kind"]);
+        let data_loss_events = counter_vec(
+            "weir_data_loss_events_total",
+            "Committed offsets found out of retention, by policy applied.",
+            &["policy"],
+        );
+        for stage in Stage::ALL {
+            dlq_records.with_label_values(&[stage.as_str()]);
+            skipped_records.with_label_values(&[stage.as_str()]);
+        }
+        Metrics {
+            registry,
+            records_in,
+            records_out,
+            records_filtered,
+            dlq_records,
+            skipped_records,
+            batches,
+            aborts,
+            commit_duration,
+            consumer_lag,
+            assigned_partitions,
+            rebalances,
+            data_loss_events,
+        }
+    }
+
+    /// Adds a committed batch's counts.
+    pub fn record_batch(&self, source: &str, sink: &str, counts: &BatchCounts) {
+        self.records_in.with_label_values(&[source]).inc_by(counts.records_in);
+        self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
+        self.records_filtered.inc_by(counts.records_filtered);
+        for stage in Stage::ALL {
+            self.dlq_records.with_label_values(&[stage.as_str()]).inc_by(counts.dead_lettered(stage));
+            self.skipped_records.with_label_values(&[stage.as_str()]).inc_by(counts.skipped(stage));
+        }
+        self.batches.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests against a real Apache Kafka broker (see tests/support).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod passthrough;

@@ -1,0 +1,429 @@
+//! Test harness: a real Apache Kafka broker (one per test process, started by
+//! `scripts/kafka` unless `KAFKA_BOOTSTRAP_SERVERS` names one), topic and record helpers, and
+//! weir processes started from the built binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub struct Broker {
+    pub bootstrap: String,
+}
+
+static BROKER: OnceLock<Broker> = OnceLock::new();
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The broker for this test process: `KAFKA_BOOTSTRAP_SERVERS`, or one started now and
+/// stopped by a watchdog when this process ends.
+pub fn broker() -> &'static Broker {
+    BROKER.get_or_init(|| {
+        if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            if !bootstrap.trim().is_empty() {
+                return Broker { bootstrap };
+            }
+        }
+        let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
+        let script = repo_root().join("scripts/kafka");
+        let output = Command::new(&script)
+            .args(["start", "--dir"])
+            .arg(&run_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/kafka start");
+        assert!(output.status.success(), "scripts/kafka start failed");
+        let bootstrap = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        // Stop the broker when this test process is gone, however it ends.
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; '{script}' clean --dir '{dir}' >/dev/null 2>&1",
+            pid = std::process::id(),
+            script = script.display(),
+            dir = run_dir.display()
+        );
+        Command::new("setsid")
+            .args(["bash", "-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the broker watchdog");
+        Broker { bootstrap }
+    })
+}
+
+/// A fresh name, so tests never share topics, groups or transactional ids.
+pub fn unique(prefix: &str) -> String {
+    let suffix: u64 = rand::rng().random();
+    format!("{prefix}-{:012x}", suffix & 0xffff_ffff_ffff)
+}
+
+fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker().bootstrap);
+    config
+}
+
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+pub fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = block_on(admin.create_topics([&topic], &AdminOptions::new())).unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// One record to produce (partition None: by key).
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub partition: Option<i32>,
+}
+
+impl Input {
+    pub fn value(value: impl Into<Vec<u8>>) -> Input {
+        Input { key: None, value: Some(value.into()), partition: None }
+    }
+
+    pub fn keyed(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Input {
+        Input { key: Some(key.into()), value: Some(value.into()), partition: None }
+    }
+}
+
+/// Produces records with an idempotent producer and waits until all are acknowledged.
+pub fn produce(topic: &str, inputs: impl IntoIterator<Item = Input>) {
+    let producer: BaseProducer = client_config()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for input in inputs {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(key) = &input.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &input.value {
+            record = record.payload(value.as_slice());
+        }
+        if let Some(partition) = input.partition {
+            record = record.partition(partition);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// A record as a read_committed consumer of an output topic sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seen {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Seen {
+    pub fn value_text(&self) -> String {
+        String::from_utf8_lossy(self.value.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    pub fn value_json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().unwrap_or_default()).expect("output value is JSON")
+    }
+}
+
+pub fn partition_count(topic: &str) -> i32 {
+    let consumer: BaseConsumer = client_config().create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().len() as i32
+}
+
+/// Reads every committed record of `topic` (read_committed), from the beginning to the
+/// current end of each partition. Call it when the writers are done or fenced.
+pub fn read_committed(topic: &str) -> Vec<Seen> {
+    read_topic(topic, "read_committed")
+}
+
+pub fn read_uncommitted(topic: &str) -> Vec<Seen> {
+    read_topic(topic, "read_uncommitted")
+}
+
+/// Reads until the consumer's position reaches each partition's end offset as it was when
+/// reading began. The position moves past transaction markers, and under read_committed it
+/// waits for a just-committed transaction's markers, which the coordinator writes after
+/// `commit_transaction` returns (EOF events would fire too early there).
+fn read_topic(topic: &str, isolation: &str) -> Vec<Seen> {
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", unique("reader"))
+        .set("isolation.level", isolation)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for partition in 0..partition_count(topic) {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap();
+        if high > low {
+            ends.push((partition, high));
+            assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+        }
+    }
+    let mut seen = Vec::new();
+    if ends.is_empty() {
+        return seen;
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|header| {
+                                (
+                                    header.key.to_string(),
+                                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                seen.push(Seen {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                continue;
+            }
+            Some(Err(error)) => panic!("reading {topic}: {error}"),
+            None => {}
+        }
+        let positions = consumer.position().unwrap();
+        let done = ends.iter().all(|(partition, end)| {
+            matches!(
+                positions.find_partition(topic, *partition).map(|element| element.offset()),
+                Some(Offset::Offset(position)) if position >= *end
+            )
+        });
+        if done {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "reading {topic} did not reach the end offsets {ends:?} in time");
+    }
+}
+
+/// The group's committed offset for each partition of `topic` (-1: none).
+pub fn committed_offsets(group: &str, topic: &str) -> Vec<i64> {
+    let consumer: BaseConsumer = client_config().set("group.id", group).create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partition_count(topic) {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(30)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|element| match element.offset() {
+            Offset::Offset(offset) => offset,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// The end offset of each partition of `topic`.
+pub fn end_offsets(topic: &str) -> Vec<i64> {
+    let consumer: BaseConsumer = client_config().create().unwrap();
+    (0..partition_count(topic))
+        .map(|partition| consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap().1)
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A pipeline file in a temporary directory.
+pub struct PipelineFile {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+pub fn pipeline_file(text: &str) -> PipelineFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipeline.yaml");
+    std::fs::write(&path, text).unwrap();
+    PipelineFile { _dir: dir, path }
+}
+
+pub fn weir_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_weir"))
+}
+
+/// A running `weir run` process, its output captured in a log file.
+pub struct WeirProcess {
+    pub child: Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+pub struct WeirOptions<'a> {
+    pub instance: &'a str,
+    pub until_end: bool,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for WeirOptions<'_> {
+    fn default() -> Self {
+        WeirOptions { instance: "0", until_end: false, env: Vec::new() }
+    }
+}
+
+impl WeirProcess {
+    pub fn start(pipeline: &Path, options: WeirOptions<'_>) -> WeirProcess {
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("weir-run")));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(weir_binary());
+        command
+            .arg("run")
+            .arg("--pipeline")
+            .arg(pipeline)
+            .args(["--instance", options.instance])
+            .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
+            .env("WEIR__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+            .env("WEIR__LOGGING__LEVEL", std::env::var("WEIR_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        if options.until_end {
+            command.arg("--until-end");
+        }
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        WeirProcess { child: command.spawn().unwrap(), http_port, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("weir did not exit within {timeout:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// GET on the process's HTTP port: (status, body), or None while it does not answer.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http_port, path)
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A JSON-source pipeline reading `input`, writing `output`, with extra YAML lines for steps.
+pub fn json_pipeline(name: &str, input: &str, output: &str, steps: &str) -> String {
+    format!(
+        r#"name: {name}
+sources:
+  events:
+    topics: [{input}]
+    format: json
+    schema:
+      id: long
+      user: string
+      amount: double
+steps:
+{steps}
+sink:
+  topic: {output}
+  format: json
+"#
+    )
+}
+
+pub fn event(id: u64) -> String {
+    format!(r#"{{"id":{id},"user":"u{}","amount":{}.5}}"#, id % 97, id % 1000)
+}
