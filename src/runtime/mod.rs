@@ -137,6 +137,7 @@ pub fn run(
     if let Err(error) = &result {
         // Whatever is open can only be aborted now; the next process replays it.
         let mut session = consumer.context().session();
+        session.abandoned = true;
         if session.transaction.is_open() && !matches!(error, RuntimeError::Fenced { .. }) {
             let _ = session.transaction.abort(Some(Instant::now() + Duration::from_secs(5)));
         }

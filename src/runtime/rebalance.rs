@@ -48,6 +48,8 @@ pub struct Session {
     pub failure: Option<RuntimeError>,
     /// Positions to seek back to after an abort inside a callback.
     pub rewind: Vec<(String, i32, i64)>,
+    /// The loop stopped on an error: callbacks must not commit anything any more.
+    pub abandoned: bool,
 }
 
 pub struct LoopContext {
@@ -72,6 +74,7 @@ impl LoopContext {
                 owned: BTreeMap::new(),
                 failure: None,
                 rewind: Vec::new(),
+                abandoned: false,
             }),
             starting_offsets,
             until_end,
@@ -88,7 +91,7 @@ impl LoopContext {
     fn on_revoke(&self, consumer: &BaseConsumer<LoopContext>, revoked: &TopicPartitionList) {
         let lost = consumer.assignment_lost();
         let mut session = self.session();
-        if session.transaction.is_open() {
+        if session.transaction.is_open() && !session.abandoned {
             // Lost partitions may already belong to someone else: committing would be fenced.
             let outcome = if lost {
                 session.transaction.abort(None)
@@ -220,12 +223,17 @@ impl ClientContext for LoopContext {
     fn stats(&self, statistics: Statistics) {
         let session = self.session();
         for owned in session.owned.values() {
+            // librdkafka's own consumer_lag is measured from the consumer's committed offset,
+            // which it never sees move: weir commits offsets through the producer.
             let lag = statistics
                 .topics
                 .get(&owned.topic)
                 .and_then(|topic| topic.partitions.get(&owned.partition))
-                .map(|partition| partition.consumer_lag)
-                .filter(|lag| *lag >= 0);
+                .and_then(|partition| {
+                    let end = if partition.ls_offset >= 0 { partition.ls_offset } else { partition.hi_offset };
+                    let position = if partition.app_offset >= 0 { partition.app_offset } else { partition.committed_offset };
+                    (end >= 0 && position >= 0).then(|| (end - position).max(0))
+                });
             if let Some(lag) = lag {
                 self.metrics
                     .consumer_lag

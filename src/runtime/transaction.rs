@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
@@ -244,6 +244,14 @@ impl Transaction {
 
     /// Aborts the open batch; its records will be read again from the returned offsets.
     pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+        // librdkafka's abort waits until every queued delivery report has been served, and
+        // rust-rdkafka's abort_transaction (unlike its commit) does not serve them: drop what
+        // is queued and serve the reports first, or the abort blocks until it times out.
+        self.producer.purge(PurgeConfig::default().queue().inflight());
+        let drain_until = Instant::now() + self.call_timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < drain_until {
+            self.producer.poll(Duration::from_millis(20));
+        }
         let timeout = self.call_timeout;
         let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
         if !aborted {

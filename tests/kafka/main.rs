@@ -3,4 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod operations;
 mod passthrough;
+mod poison;
+mod visibility;

@@ -1,0 +1,71 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Readiness turns true once partitions are assigned; /metrics is Prometheus text whose
+/// counters match the run; SIGTERM drains, commits and exits 0.
+#[test]
+fn health_metrics_and_graceful_shutdown() {
+    let (input, output) = (unique("in"), unique("out"));
+    let name = unique("ops");
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 100.0\""));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions::default());
+
+    wait_until(Duration::from_secs(30), "/health/live", || {
+        weir.http_get("/health/live").is_some_and(|(status, _)| status == 200)
+    });
+    wait_until(Duration::from_secs(60), "/health/ready", || {
+        weir.http_get("/health/ready").is_some_and(|(status, _)| status == 200)
+    });
+
+    // 1000 records: ids whose amount (id % 1000 + 0.5) > 100 pass; every 100th is poison.
+    let inputs: Vec<Input> = (0..1000u64)
+        .map(|id| if id % 100 == 99 { Input::keyed(format!("k{id}"), "oops") } else { Input::keyed(format!("k{id}"), event(id)) })
+        .collect();
+    let poison = inputs.iter().filter(|input| input.value.as_deref() == Some(&b"oops"[..])).count() as f64;
+    let passed = (0..1000u64).filter(|id| id % 100 != 99 && (id % 1000) as f64 + 0.5 > 100.0).count() as f64;
+    produce(&input, inputs);
+    wait_until(Duration::from_secs(60), "offsets committed to the end", || {
+        committed_offsets(&name, &input) == end_offsets(&input)
+    });
+
+    let (status, text) = weir.http_get("/metrics").expect("metrics answer");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|sample| {
+                sample.metric == name
+                    && labels.iter().all(|(key, value)| sample.labels.get(key) == Some(*value))
+            })
+            .map(|sample| match sample.value {
+                prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => value,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+    };
+    assert_eq!(value("weir_records_in_total", &[("source", "events")]), 1000.0);
+    assert_eq!(value("weir_records_out_total", &[("sink", output.as_str())]), passed);
+    assert_eq!(value("weir_dlq_records_total", &[("stage", "decode")]), poison);
+    assert_eq!(value("weir_records_filtered_total", &[]), 1000.0 - passed - poison);
+    assert!(value("weir_batches_total", &[]) >= 1.0);
+    assert_eq!(value("weir_assigned_partitions", &[]), 2.0);
+    let families: HashMap<&str, ()> = scrape.docs.keys().map(|name| (name.as_str(), ())).collect();
+    assert!(families.contains_key("weir_commit_duration_seconds"), "{text}");
+    assert_eq!(read_committed(&output).len() as f64, passed);
+    wait_until(Duration::from_secs(10), "consumer lag gauges at zero", || {
+        let (_, text) = weir.http_get("/metrics").unwrap();
+        text.lines().filter(|line| line.starts_with("weir_consumer_lag_records{")).count() == 2
+            && text.lines().filter(|line| line.starts_with("weir_consumer_lag_records{")).all(|line| line.ends_with(" 0"))
+    });
+
+    weir.terminate();
+    let status = weir.wait(Duration::from_secs(30));
+    assert!(status.success(), "SIGTERM should drain and exit 0: {status}\n{}", weir.log_text());
+    assert!(weir.log_text().contains("shutting down"));
+}
