@@ -529,12 +529,15 @@ fn parse_steps(value: Option<&Yaml>, source: Option<&Source>, problems: &mut Con
         match kind.as_str().unwrap_or("") {
             "filter" => match body.as_str() {
                 Some(expression) => {
-                    if let Some(source) = source {
-                        if let Err(message) = FilterExpression::compile(expression, source) {
-                            problems.push(format!("{location}.filter"), message);
-                            valid = false;
-                            continue;
-                        }
+                    // Without a valid source, the syntax can still be checked.
+                    let checked = match source {
+                        Some(source) => FilterExpression::compile(expression, source).map(drop),
+                        None => FilterExpression::check_syntax(expression),
+                    };
+                    if let Err(message) = checked {
+                        problems.push(format!("{location}.filter"), message);
+                        valid = false;
+                        continue;
                     }
                     steps.push(Step::Filter(Filter { expression: expression.to_string() }));
                 }

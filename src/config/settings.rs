@@ -265,19 +265,22 @@ impl KeyReader<'_> {
             // Environment keys cannot hold dots, so FETCH_MAX_BYTES stands for fetch.max.bytes;
             // librdkafka option names never contain underscores.
             let name = key.replace('_', ".");
-            let option_key = format!("kafka.options.{name}");
+            let option_location = format!(
+                "kafka.options.{name} (env WEIR__KAFKA__OPTIONS__{})",
+                name.replace('.', "_").to_uppercase()
+            );
             match value.into_string() {
                 Ok(text) => {
                     if RESERVED_KAFKA_OPTIONS.contains(&name.as_str()) {
-                        self.problem(
-                            &option_key,
+                        self.problems.push(
+                            option_location,
                             "is set by weir itself because exactly-once depends on it; remove it",
                         );
                     } else {
                         options.insert(name, text);
                     }
                 }
-                Err(_) => self.problem(&option_key, "must be a string, number or boolean"),
+                Err(_) => self.problems.push(option_location, "must be a string, number or boolean"),
             }
         }
         options

@@ -23,10 +23,14 @@ pub struct FilterExpression {
 }
 
 impl FilterExpression {
+    /// Checks only that `expression` parses.
+    pub fn check_syntax(expression: &str) -> Result<(), String> {
+        parse(expression).map(drop)
+    }
+
     /// Compiles `expression`; the error names what is wrong in words a user can act on.
     pub fn compile(expression: &str, source: &Source) -> Result<FilterExpression, String> {
-        let program = Program::compile(expression)
-            .map_err(|error| format!("'{expression}' is not a valid CEL expression: {error}"))?;
+        let program = parse(expression)?;
         let fields: Vec<&str> = match (&source.schema, source.encoding) {
             (Some(schema), _) => schema.fields.iter().map(|(name, _)| name.as_str()).collect(),
             (None, Encoding::String) => vec!["value"],
@@ -49,6 +53,10 @@ impl FilterExpression {
         }
         Ok(FilterExpression { program })
     }
+}
+
+fn parse(expression: &str) -> Result<Program, String> {
+    Program::compile(expression).map_err(|error| format!("'{expression}' is not a valid CEL expression: {error}"))
 }
 
 pub struct FilterOperator {

@@ -1,0 +1,121 @@
+//! The command line without a broker: bad settings and pipelines exit 2 listing every
+//! problem before any connection to Kafka; `validate` prints the plan.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn weir(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_weir"));
+    command.args(args);
+    // Nothing listens here: a connection attempt would hang or fail, not exit 2 at once.
+    command.env("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run weir")
+}
+
+fn write(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipeline.yaml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
+}
+
+const GOOD: &str = r#"
+name: clicks-filter
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: { event_id: string, user_id: string, amount: double, ts: long }
+    event_time: { field: ts, unit: millis }
+    watermark: { max_out_of_orderness: 5s }
+steps:
+  - filter: "amount > 0.0 && user_id != 'bot'"
+sink:
+  topic: clicks-filtered
+  key: [user_id]
+"#;
+
+#[test]
+fn a_pipeline_with_three_mistakes_exits_2_naming_all_three() {
+    let (_dir, path) = write(
+        r#"
+name: Clicks_Per_User
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: { user_id: string, amount: dubble }
+steps:
+  - filter: "amount >"
+sink:
+  topic: out
+"#,
+    );
+    let started = Instant::now();
+    let output = weir(&["run", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(started.elapsed() < Duration::from_secs(5), "config errors are reported before touching Kafka");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("name: 'Clicks_Per_User'"), "{stderr}");
+    assert!(stderr.contains("sources.clicks.schema.amount: unknown type 'dubble'"), "{stderr}");
+    assert!(stderr.contains("steps[0].filter"), "{stderr}");
+    assert!(stderr.contains("3 configuration problems"), "{stderr}");
+}
+
+#[test]
+fn settings_problems_name_the_key_and_the_env_var_together_with_pipeline_problems() {
+    let (_dir, path) = write(&GOOD.replace("amount > 0.0", "amount > 0.0 && colour == 'red'"));
+    let output = weir(
+        &["run", "--pipeline", &path],
+        &[
+            ("WEIR__RUNTIME__COMMIT_INTERVAL", "soon"),
+            ("WEIR__KAFKA__OPTIONS__ENABLE_AUTO_COMMIT", "true"),
+            ("WEIR__HTTP__PORT", "80"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("runtime.commit_interval (env WEIR__RUNTIME__COMMIT_INTERVAL): 'soon' is not a duration"), "{stderr}");
+    assert!(stderr.contains("kafka.options.enable.auto.commit (env WEIR__KAFKA__OPTIONS__ENABLE_AUTO_COMMIT)"), "{stderr}");
+    assert!(stderr.contains("exactly-once depends on it"), "{stderr}");
+    assert!(stderr.contains("http.port (env WEIR__HTTP__PORT): unknown setting"), "{stderr}");
+    assert!(stderr.contains("'colour'"), "{stderr}");
+}
+
+#[test]
+fn validate_prints_the_plan_for_a_good_pipeline() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("pipeline clicks-filter: valid"), "{stdout}");
+    assert!(stdout.contains("step 0: filter amount > 0.0 && user_id != 'bot'"), "{stdout}");
+    assert!(stdout.contains("sink: clicks-filtered"), "{stdout}");
+    assert!(stdout.contains("dlq: clicks-filter.dlq"), "{stdout}");
+}
+
+#[test]
+fn the_shipped_examples_validate() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|extension| extension == "yaml") {
+            let output = weir(&["validate", "--pipeline", path.to_str().unwrap()], &[]);
+            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no examples found in {}", examples.display());
+}
+
+#[test]
+fn a_missing_pipeline_file_is_a_config_error() {
+    let output = weir(&["validate", "--pipeline", "/nonexistent/pipeline.yaml"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/pipeline.yaml"));
+}
