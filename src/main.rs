@@ -52,6 +52,17 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    // The instance makes the transactional id: an empty one (an unset env var in a template)
+    // would give every replica the same id and they would fence each other forever.
+    let valid_instance = !args.instance.is_empty()
+        && args.instance.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid_instance {
+        eprintln!(
+            "weir: 1 configuration problem:\n  - --instance (env WEIR_INSTANCE): '{}' must be non-empty letters, digits, '-', '_' or '.'",
+            args.instance
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     logging::init(&loaded.settings.logging);
     let tokio = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(tokio) => tokio,

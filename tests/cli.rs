@@ -119,3 +119,11 @@ fn a_missing_pipeline_file_is_a_config_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/pipeline.yaml"));
 }
+
+#[test]
+fn an_empty_instance_id_is_refused() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(&["run", "--pipeline", &path], &[("WEIR_INSTANCE", "")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--instance (env WEIR_INSTANCE)"));
+}

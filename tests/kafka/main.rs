@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod guarantees;
 mod operations;
 mod passthrough;
 mod poison;

@@ -113,14 +113,22 @@ impl Input {
     }
 }
 
-/// Produces records with an idempotent producer and waits until all are acknowledged.
-pub fn produce(topic: &str, inputs: impl IntoIterator<Item = Input>) {
-    let producer: BaseProducer = client_config()
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    for input in inputs {
+/// An idempotent producer for test input.
+pub struct TestProducer {
+    producer: BaseProducer,
+}
+
+impl TestProducer {
+    pub fn new() -> TestProducer {
+        let producer = client_config()
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        TestProducer { producer }
+    }
+
+    pub fn send(&self, topic: &str, input: &Input) {
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
         if let Some(key) = &input.key {
             record = record.key(key.as_slice());
@@ -132,17 +140,30 @@ pub fn produce(topic: &str, inputs: impl IntoIterator<Item = Input>) {
             record = record.partition(partition);
         }
         loop {
-            match producer.send(record) {
+            match self.producer.send(record) {
                 Ok(()) => break,
                 Err((_, returned)) => {
                     record = returned;
-                    producer.poll(Duration::from_millis(50));
+                    self.producer.poll(Duration::from_millis(50));
                 }
             }
         }
-        producer.poll(Duration::ZERO);
+        self.producer.poll(Duration::ZERO);
     }
-    producer.flush(Duration::from_secs(60)).unwrap();
+
+    /// Waits until everything sent is acknowledged.
+    pub fn flush(&self) {
+        self.producer.flush(Duration::from_secs(60)).unwrap();
+    }
+}
+
+/// Produces records and waits until all are acknowledged.
+pub fn produce(topic: &str, inputs: impl IntoIterator<Item = Input>) {
+    let producer = TestProducer::new();
+    for input in inputs {
+        producer.send(topic, &input);
+    }
+    producer.flush();
 }
 
 /// A record as a read_committed consumer of an output topic sees it.
@@ -426,4 +447,79 @@ sink:
 
 pub fn event(id: u64) -> String {
     format!(r#"{{"id":{id},"user":"u{}","amount":{}.5}}"#, id % 97, id % 1000)
+}
+
+/// Produces `event(id)` for each id in `ids`, keyed `k<id>`, at about `per_second`, on a
+/// thread of its own (input that flows while processes come and go).
+pub fn feed(topic: &str, ids: std::ops::Range<u64>, per_second: u64) -> std::thread::JoinHandle<()> {
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let producer = TestProducer::new();
+        let chunk = (per_second / 20).max(1);
+        let started = Instant::now();
+        let mut next = ids.start;
+        while next < ids.end {
+            let end = (next + chunk).min(ids.end);
+            for id in next..end {
+                producer.send(&topic, &Input::keyed(format!("k{id}"), event(id)));
+            }
+            producer.flush();
+            next = end;
+            let due = started + Duration::from_secs_f64((next - ids.start) as f64 / per_second as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    })
+}
+
+/// The ids that the standard test filter (`amount > 10.0`) keeps.
+pub fn kept_by_amount_filter(ids: std::ops::Range<u64>) -> Vec<u64> {
+    ids.filter(|id| (id % 1000) as f64 + 0.5 > 10.0).collect()
+}
+
+/// Asserts that a read_committed reader of `output` sees each expected id exactly once and
+/// nothing else.
+pub fn assert_exactly_once(output: &str, expected: &[u64]) {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for record in read_committed(output) {
+        let id = record.value_json()["id"].as_u64().expect("output has an id");
+        *counts.entry(id).or_default() += 1;
+    }
+    let duplicated: Vec<(u64, usize)> = counts.iter().filter(|(_, count)| **count > 1).map(|(id, count)| (*id, *count)).collect();
+    let missing: Vec<u64> = expected.iter().copied().filter(|id| !counts.contains_key(id)).collect();
+    let expected_set: std::collections::BTreeSet<u64> = expected.iter().copied().collect();
+    let unexpected: Vec<u64> = counts.keys().copied().filter(|id| !expected_set.contains(id)).collect();
+    assert!(
+        duplicated.is_empty() && missing.is_empty() && unexpected.is_empty(),
+        "not exactly once: {} duplicated (first {:?}), {} missing (first {:?}), {} unexpected (first {:?})",
+        duplicated.len(),
+        &duplicated[..duplicated.len().min(10)],
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        unexpected.len(),
+        &unexpected[..unexpected.len().min(10)],
+    );
+}
+
+/// Reads one sample of a metric from a process's /metrics, if it is there.
+pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, text) = process.http_get("/metrics")?;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).ok()?;
+    scrape
+        .samples
+        .iter()
+        .find(|sample| sample.metric == name && labels.iter().all(|(key, value)| sample.labels.get(key) == Some(*value)))
+        .and_then(|sample| match sample.value {
+            prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => Some(value),
+            _ => None,
+        })
+}
+
+pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !process.http_get("/health/ready").is_some_and(|(status, _)| status == 200) {
+        assert!(Instant::now() < deadline, "weir not ready within {timeout:?}; log:\n{}", process.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

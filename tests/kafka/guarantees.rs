@@ -1,0 +1,116 @@
+//! The exactly-once guarantee under crashes, zombies and rebalances.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::support::*;
+
+/// While 100,000 records flow, weir is SIGKILLed at random moments at least 10 times and
+/// restarted each time; the output holds every expected record exactly once and the
+/// group's committed offsets reach the end of the input.
+#[test]
+fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    const RECORDS: u64 = 100_000;
+    let (input, output) = (unique("in"), unique("out"));
+    let name = unique("crash");
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let feeder = feed(&input, 0..RECORDS, 4_000);
+
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    while kills < 10 || !feeder.is_finished() {
+        let mut weir = WeirProcess::start(&pipeline.path, WeirOptions::default());
+        // Some kills land during start-up and rebalancing, most in the middle of batches.
+        let lifetime = Duration::from_millis(rng.random_range(500..6_000));
+        let deadline = Instant::now() + lifetime;
+        while Instant::now() < deadline {
+            if let Some(status) = weir.child.try_wait().unwrap() {
+                panic!("weir exited on its own with {status}:\n{}", weir.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        weir.kill();
+        kills += 1;
+        assert!(kills < 60, "the input never finished flowing");
+    }
+    feeder.join().unwrap();
+
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    let status = weir.wait(Duration::from_secs(300));
+    assert!(status.success(), "final run failed: {status}\n{}", weir.log_text());
+    assert!(kills >= 10);
+    assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
+    assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
+}
+
+/// A second process with the same instance id takes over: the first is fenced and exits
+/// non-zero, and the output still holds every record exactly once.
+#[test]
+fn a_zombie_with_the_same_instance_id_is_fenced() {
+    const RECORDS: u64 = 20_000;
+    let (input, output) = (unique("in"), unique("out"));
+    let name = unique("zombie");
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let feeder = feed(&input, 0..RECORDS, 2_000);
+
+    let mut first = WeirProcess::start(&pipeline.path, WeirOptions { instance: "7", ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the first process to commit", || {
+        metric(&first, "weir_batches_total", &[]).unwrap_or(0.0) > 0.0
+    });
+    let mut second = WeirProcess::start(&pipeline.path, WeirOptions { instance: "7", ..Default::default() });
+
+    let status = first.wait(Duration::from_secs(60));
+    assert!(!status.success(), "the fenced process must exit non-zero");
+    assert!(first.log_text().contains("fenced"), "{}", first.log_text());
+
+    feeder.join().unwrap();
+    wait_until(Duration::from_secs(120), "the second process to reach the end", || {
+        committed_offsets(&name, &input) == end_offsets(&input)
+    });
+    second.terminate();
+    assert!(second.wait(Duration::from_secs(30)).success(), "{}", second.log_text());
+    assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
+}
+
+/// A second process joins mid-run, takes partitions, and later leaves: the output is still
+/// exactly once, and the first process finishes the work.
+#[test]
+fn a_process_joining_and_leaving_mid_run_keeps_exactly_once() {
+    const RECORDS: u64 = 40_000;
+    let (input, output) = (unique("in"), unique("out"));
+    let name = unique("scale");
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    // A short session timeout: a static member that leaves hands its partitions on quickly.
+    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
+    let feeder = feed(&input, 0..RECORDS, 2_500);
+
+    let mut first = WeirProcess::start(&pipeline.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = WeirProcess::start(&pipeline.path, WeirOptions { instance: "1", env, ..Default::default() });
+    wait_ready(&second, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the joining process to commit records", || {
+        metric(&second, "weir_records_in_total", &[("source", "events")]).unwrap_or(0.0) > 0.0
+    });
+    assert!(metric(&first, "weir_assigned_partitions", &[]).unwrap() < 4.0, "the first process gave partitions away");
+    std::thread::sleep(Duration::from_secs(2));
+    second.terminate();
+    assert!(second.wait(Duration::from_secs(30)).success(), "{}", second.log_text());
+
+    feeder.join().unwrap();
+    wait_until(Duration::from_secs(120), "the first process to take everything back and reach the end", || {
+        committed_offsets(&name, &input) == end_offsets(&input)
+    });
+    assert_eq!(metric(&first, "weir_assigned_partitions", &[]), Some(4.0));
+    first.terminate();
+    assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
+    assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
+}
