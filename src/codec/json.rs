@@ -1,57 +1,268 @@
 //! JSON with an explicit schema: the declared fields are read and type-checked, in the
 //! schema's order; undeclared fields are dropped; a missing field or `null` reads as null.
 
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 
 use super::DecodeError;
 use crate::config::{FieldType, Schema};
 
 pub fn decode(schema: &Schema, bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
-    let document: Value = serde_json::from_slice(bytes)
-        .map_err(|error| DecodeError(format!("not valid JSON: {error}")))?;
-    let Value::Object(object) = document else {
-        return Err(DecodeError(format!("expected a JSON object, found {}", kind(&document))));
-    };
-    project(schema, object, "")
-}
-
-fn project(schema: &Schema, mut object: Map<String, Value>, prefix: &str) -> Result<Map<String, Value>, DecodeError> {
-    let mut fields = Map::with_capacity(schema.fields.len());
-    for (name, field_type) in &schema.fields {
-        let value = object.remove(name.as_str()).unwrap_or(Value::Null);
-        let path = format!("{prefix}{name}");
-        let value = check(field_type, value, &path)?;
-        fields.insert(name.clone(), value);
-    }
+    // One pass: declared fields are type-checked as they are read, the rest are skipped
+    // without being built (no intermediate map of the whole document).
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let fields = ObjectSeed { schema, path: "" }
+        .deserialize(&mut deserializer)
+        .and_then(|fields| deserializer.end().map(|()| fields))
+        .map_err(|error| DecodeError(describe(error)))?;
     Ok(fields)
 }
 
-fn check(field_type: &FieldType, value: Value, path: &str) -> Result<Value, DecodeError> {
-    if value.is_null() {
-        return Ok(Value::Null);
+/// serde_json reports our own messages as "data" errors; anything else is malformed JSON.
+fn describe(error: serde_json::Error) -> String {
+    match error.classify() {
+        Category::Data => error.to_string(),
+        _ => format!("not valid JSON: {error}"),
     }
-    let fits = match (field_type, &value) {
-        (FieldType::String, Value::String(_)) => true,
-        (FieldType::Long | FieldType::Timestamp, Value::Number(number)) => number.is_i64(),
-        (FieldType::Double, Value::Number(number)) => {
+}
+
+/// Reads an object of `schema`, in schema order.
+struct ObjectSeed<'a> {
+    schema: &'a Schema,
+    path: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut slots: Vec<Value> = vec![Value::Null; self.schema.fields.len()];
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let position = self.schema.fields.iter().position(|(name, _)| name.as_str() == key.as_ref());
+            match position {
+                Some(index) => {
+                    let (name, field_type) = &self.schema.fields[index];
+                    let path = if self.path.is_empty() { name.clone() } else { format!("{}.{name}", self.path) };
+                    slots[index] = map.next_value_seed(FieldSeed { field_type, path: &path })?;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(self.schema.fields.iter().map(|(name, _)| name.clone()).zip(slots).collect())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(serde::de::Error::custom(self.found("an array")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("a string")))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("a number")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("a number")))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("a number")))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("a boolean")))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(self.found("null")))
+    }
+}
+
+impl ObjectSeed<'_> {
+    fn found(&self, what: &str) -> String {
+        if self.path.is_empty() {
+            format!("expected a JSON object, found {what}")
+        } else {
+            format!("field '{}': expected an object, found {what}", self.path)
+        }
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a field name")
+    }
+
+    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(key))
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(key.to_string()))
+    }
+}
+
+/// Reads one declared field, checking its type; null is always allowed.
+struct FieldSeed<'a> {
+    field_type: &'a FieldType,
+    path: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        match self.field_type {
+            FieldType::Object(schema) => {
+                // Null is fine for an object too; anything else must be an object.
+                deserializer.deserialize_any(NullableObject { schema, path: self.path })
+            }
+            _ => deserializer.deserialize_any(self),
+        }
+    }
+}
+
+impl FieldSeed<'_> {
+    fn mismatch<E: serde::de::Error>(&self, found: String) -> E {
+        E::custom(format!("field '{}': expected {}, found {found}", self.path, type_name(self.field_type)))
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(type_name(self.field_type))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Value, E> {
+        match self.field_type {
+            FieldType::String => Ok(Value::String(text.to_string())),
+            _ => Err(self.mismatch(kind(&Value::String(text.to_string())))),
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, number: i64) -> Result<Value, E> {
+        match self.field_type {
+            FieldType::Long | FieldType::Timestamp => Ok(Value::from(number)),
+            FieldType::Double => Ok(Value::from(number as f64)),
+            _ => Err(self.mismatch(kind(&Value::from(number)))),
+        }
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, number: u64) -> Result<Value, E> {
+        match self.field_type {
+            FieldType::Long | FieldType::Timestamp => i64::try_from(number)
+                .map(Value::from)
+                .map_err(|_| self.mismatch(format!("{number}, beyond the range of a long"))),
+            FieldType::Double => Ok(Value::from(number as f64)),
+            _ => Err(self.mismatch(kind(&Value::from(number)))),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, number: f64) -> Result<Value, E> {
+        match self.field_type {
             // Keep doubles doubles, so that `sum` and comparisons see one type.
-            return Ok(number.as_f64().map(Value::from).unwrap_or(Value::Null));
+            FieldType::Double => Ok(Value::from(number)),
+            _ => Err(self.mismatch(kind(&Value::from(number)))),
         }
-        (FieldType::Boolean, Value::Bool(_)) => true,
-        (FieldType::Object(schema), Value::Object(_)) => {
-            let Value::Object(object) = value else { unreachable!("matched as an object") };
-            return project(schema, object, &format!("{path}.")).map(Value::Object);
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, flag: bool) -> Result<Value, E> {
+        match self.field_type {
+            FieldType::Boolean => Ok(Value::Bool(flag)),
+            _ => Err(self.mismatch(kind(&Value::Bool(flag)))),
         }
-        _ => false,
-    };
-    if fits {
-        Ok(value)
-    } else {
-        Err(DecodeError(format!(
-            "field '{path}': expected {}, found {}",
-            type_name(field_type),
-            kind(&value)
-        )))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(self.mismatch("an array".to_string()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(self.mismatch("an object".to_string()))
+    }
+}
+
+/// A nested object field, or null.
+struct NullableObject<'a> {
+    schema: &'a Schema,
+    path: &'a str,
+}
+
+impl<'de> Visitor<'de> for NullableObject<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        ObjectSeed { schema: self.schema, path: self.path }.visit_map(map).map(Value::Object)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an object, found a string", self.path)))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an object, found a boolean", self.path)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(serde::de::Error::custom(format!("field '{}': expected an object, found an array", self.path)))
     }
 }
 
@@ -119,7 +330,10 @@ mod tests {
         assert!(error.0.contains("field 'count'"), "{error}");
         let error = decode(&schema(), br#"{"user":{"name":7}}"#).unwrap_err();
         assert!(error.0.contains("field 'user.name'"), "{error}");
-        assert!(decode(&schema(), b"[1]").is_err());
-        assert!(decode(&schema(), b"{not json").is_err());
+        assert!(decode(&schema(), b"[1]").unwrap_err().0.contains("expected a JSON object"));
+        assert!(decode(&schema(), b"{not json").unwrap_err().0.contains("not valid JSON"));
+        assert!(decode(&schema(), br#"{"id":"a"} trailing"#).is_err());
+        let error = decode(&schema(), br#"{"user":"x"}"#).unwrap_err();
+        assert!(error.0.contains("field 'user': expected an object"), "{error}");
     }
 }

@@ -109,9 +109,9 @@ pub fn run(
         .map_err(|error| RuntimeError::Setup(format!("creating the consumer: {error}")))?;
     let subscription = match &pipeline.source.topics {
         SourceTopics::List(topics) => topics.clone(),
-        // librdkafka treats a subscription starting with ^ as a regex; anchor both ends so
-        // the pattern matches whole topic names.
-        SourceTopics::Pattern(pattern) => vec![format!("^(?:{pattern})$")],
+        // librdkafka treats a subscription starting with ^ as a regex (its own engine: no
+        // (?:...) groups); anchor both ends so the pattern matches whole topic names.
+        SourceTopics::Pattern(pattern) => vec![format!("^({pattern})$")],
     };
     let subscription: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer

@@ -7,4 +7,5 @@ mod guarantees;
 mod operations;
 mod passthrough;
 mod poison;
+mod sources;
 mod visibility;
