@@ -17,6 +17,29 @@ pub enum Command {
     Run(RunArgs),
     /// Check the settings and the pipeline without connecting to Kafka, and print the plan.
     Validate(ConfigArgs),
+    /// Run a pipeline over a file of records without a broker and print (or check) what it
+    /// would write.
+    Test(TestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The pipeline file (YAML).
+    #[arg(long, env = "WEIR_PIPELINE")]
+    pub pipeline: PathBuf,
+    /// Input records, one JSON object per line:
+    /// {"source": ..., "partition": 0, "timestamp": ..., "key": ..., "value": ...}
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Expected output lines; exit 0 when the output equals them, 1 with a diff otherwise.
+    #[arg(long)]
+    pub expect: Option<PathBuf>,
+    /// Input lines per batch (one transaction in production).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Sort the output lines, so that runs compare as sets.
+    #[arg(long)]
+    pub sorted: bool,
 }
 
 #[derive(Debug, Args)]

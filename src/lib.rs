@@ -10,12 +10,14 @@
 //! - [`config`]: service settings (defaults, file, env) and the pipeline file; strict
 //!   validation that reports every problem at once.
 //! - [`codec`]: record bytes to fields and back (JSON with an explicit schema, text).
-//! - [`operators`]: the steps (filter), synchronous and deterministic.
+//! - [`operators`]: the steps (filter, dedup, window) and event time; synchronous and
+//!   deterministic, one instance per task (input partition).
 //! - [`engine`]: decode → steps → encode for one record, with `on_error` routing; no Kafka.
 //! - [`runtime`]: the exactly-once loop: clients, transactions, rebalances, shutdown.
 //! - [`http`]: health probes and Prometheus metrics over axum.
 //! - [`telemetry`]: metric definitions and logging setup.
 //! - [`plan`]: the plan `weir validate` prints.
+//! - [`testing`]: `weir test`, the broker-less harness over the same engine.
 
 pub mod cli;
 pub mod codec;
@@ -26,3 +28,4 @@ pub mod operators;
 pub mod plan;
 pub mod runtime;
 pub mod telemetry;
+pub mod testing;

@@ -11,9 +11,9 @@ mod settings;
 
 pub use error::{ConfigErrors, Problem};
 pub use pipeline::{
-    Encoding, ErrorAction, ErrorPolicy, EventTime, EventTimeUnit, Filter, Pipeline, Sink,
-    SinkMode, Source, SourceTopics, StartingOffsets, Step, DataLossPolicy, Watermark,
-    FieldType, Schema,
+    Aggregate, DataLossPolicy, Dedup, EmitMode, Encoding, ErrorAction, ErrorPolicy, EventTime,
+    EventTimeUnit, FieldType, Filter, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
+    StartingOffsets, Step, Watermark, Window, WindowKind,
 };
 pub use settings::{HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings};
 
@@ -24,6 +24,15 @@ use std::path::Path;
 pub struct Loaded {
     pub settings: Settings,
     pub pipeline: Pipeline,
+}
+
+/// Parses and validates a pipeline document on its own (tests, tools).
+pub fn parse_pipeline(text: &str) -> Result<Pipeline, ConfigErrors> {
+    let mut problems = ConfigErrors::default();
+    match pipeline::parse(text, &mut problems) {
+        Some(pipeline) if problems.is_empty() => Ok(pipeline),
+        _ => Err(problems),
+    }
 }
 
 /// Loads and validates the settings and the pipeline together, so that one run reports the

@@ -132,6 +132,135 @@ pub enum DataLossPolicy {
 #[derive(Debug, Clone)]
 pub enum Step {
     Filter(Filter),
+    Dedup(Dedup),
+    Window(Window),
+}
+
+impl Step {
+    pub fn is_stateful(&self) -> bool {
+        !matches!(self, Step::Filter(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dedup {
+    pub key: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub within: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub group_by: Vec<String>,
+    pub kind: WindowKind,
+    pub allowed_lateness: Duration,
+    pub aggregates: Vec<(String, Aggregate)>,
+    pub emit: EmitMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumbling { size: Duration },
+    Hopping { size: Duration, slide: Duration },
+    Session { gap: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aggregate {
+    Count,
+    Sum(String),
+    Avg(String),
+    Min(String),
+    Max(String),
+    First(String),
+    Last(String),
+    CountDistinct(String),
+}
+
+impl Aggregate {
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Aggregate::Count => None,
+            Aggregate::Sum(field)
+            | Aggregate::Avg(field)
+            | Aggregate::Min(field)
+            | Aggregate::Max(field)
+            | Aggregate::First(field)
+            | Aggregate::Last(field)
+            | Aggregate::CountDistinct(field) => Some(field),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Aggregate, String> {
+        let expected = "count(), sum(f), avg(f), min(f), max(f), first(f), last(f) or count_distinct(f)";
+        let text = text.trim();
+        let Some((function, rest)) = text.split_once('(') else {
+            return Err(format!("'{text}' is not an aggregate; use {expected}"));
+        };
+        let Some(argument) = rest.strip_suffix(')').map(str::trim) else {
+            return Err(format!("'{text}' is missing its closing parenthesis"));
+        };
+        let field = || {
+            if argument.is_empty() {
+                Err(format!("{function}() needs a field, e.g. {function}(amount)"))
+            } else {
+                Ok(argument.to_string())
+            }
+        };
+        match function.trim() {
+            "count" if argument.is_empty() => Ok(Aggregate::Count),
+            "count" => Err("count() takes no field; use count_distinct(field) to count values".into()),
+            "sum" => field().map(Aggregate::Sum),
+            "avg" => field().map(Aggregate::Avg),
+            "min" => field().map(Aggregate::Min),
+            "max" => field().map(Aggregate::Max),
+            "first" => field().map(Aggregate::First),
+            "last" => field().map(Aggregate::Last),
+            "count_distinct" => field().map(Aggregate::CountDistinct),
+            other => Err(format!("unknown aggregate '{other}'; use {expected}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmitMode {
+    #[default]
+    Final,
+    Update,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(default)]
+    group_by: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    tumbling: Option<Duration>,
+    hopping: Option<RawHopping>,
+    session: Option<RawSession>,
+    #[serde(default, with = "humantime_serde")]
+    allowed_lateness: Option<Duration>,
+    aggregates: serde_yaml_ng::Mapping,
+    #[serde(default)]
+    emit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHopping {
+    #[serde(with = "humantime_serde")]
+    size: Duration,
+    #[serde(with = "humantime_serde")]
+    slide: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    #[serde(with = "humantime_serde")]
+    gap: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +408,16 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     };
 
     let sink = sink.map(|raw| check_sink(raw, source.as_ref(), problems));
+    if let (Some(steps), Some(source)) = (&steps, &source) {
+        if steps.iter().any(Step::is_stateful) {
+            if source.event_time.is_none() {
+                problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
+            }
+            if source.watermark.is_none() {
+                problems.push(format!("sources.{}.watermark", source.name), "is required by dedup and window steps");
+            }
+        }
+    }
     let (name, source, steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
     let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
     if dlq_topic == sink.topic {
@@ -546,13 +685,30 @@ fn parse_steps(value: Option<&Yaml>, source: Option<&Source>, problems: &mut Con
                     valid = false;
                 }
             },
-            kind @ ("dedup" | "window") => {
-                problems.push(
-                    format!("{location}.{kind}"),
-                    "stateful steps are not available in this version of weir yet; only filter is",
-                );
-                valid = false;
-            }
+            "dedup" => match section::<Dedup>(Some(body), &format!("{location}.dedup"), problems) {
+                Some(dedup) => {
+                    let before = problems.problems.len();
+                    if dedup.key.is_empty() {
+                        problems.push(format!("{location}.dedup.key"), "must name at least one field");
+                    }
+                    check_fields(&dedup.key, source, &format!("{location}.dedup.key"), problems);
+                    if dedup.within.is_zero() {
+                        problems.push(format!("{location}.dedup.within"), "must be longer than zero");
+                    }
+                    if problems.problems.len() > before {
+                        valid = false;
+                    } else {
+                        steps.push(Step::Dedup(dedup));
+                    }
+                }
+                None => valid = false,
+            },
+            "window" => match section::<RawWindow>(Some(body), &format!("{location}.window"), problems)
+                .and_then(|raw| check_window(raw, source, &format!("{location}.window"), problems))
+            {
+                Some(window) => steps.push(Step::Window(window)),
+                None => valid = false,
+            },
             other => {
                 problems.push(location, format!("unknown step kind '{other}'; kinds: filter, dedup, window"));
                 valid = false;
@@ -560,6 +716,98 @@ fn parse_steps(value: Option<&Yaml>, source: Option<&Source>, problems: &mut Con
         }
     }
     valid.then_some(steps)
+}
+
+/// Records a problem for each field that the source's records do not have.
+fn check_fields(fields: &[String], source: Option<&Source>, location: &str, problems: &mut ConfigErrors) {
+    let Some(source) = source else {
+        return;
+    };
+    for field in fields {
+        let known = match (&source.schema, source.encoding) {
+            (Some(schema), _) => schema.field_type(field).is_some(),
+            (None, Encoding::String) => field == "value",
+            _ => true,
+        };
+        if !known {
+            problems.push(location, format!("'{field}' is not a field of the record"));
+        }
+    }
+}
+
+fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
+    let before = problems.problems.len();
+    check_fields(&raw.group_by, source, &format!("{location}.group_by"), problems);
+    let kind = match (raw.tumbling, raw.hopping, raw.session) {
+        (Some(size), None, None) => Some(WindowKind::Tumbling { size }),
+        (None, Some(RawHopping { size, slide }), None) => {
+            if slide.is_zero() || slide > size {
+                problems.push(format!("{location}.hopping.slide"), "must be longer than zero and at most size");
+            }
+            Some(WindowKind::Hopping { size, slide })
+        }
+        (None, None, Some(RawSession { gap })) => Some(WindowKind::Session { gap }),
+        _ => {
+            problems.push(location, "give exactly one of tumbling, hopping or session");
+            None
+        }
+    };
+    let too_small = match kind {
+        Some(WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. }) => size.as_millis() == 0,
+        Some(WindowKind::Session { gap }) => gap.as_millis() == 0,
+        None => false,
+    };
+    if too_small {
+        problems.push(location, "window sizes and gaps must be at least 1ms");
+    }
+    let emit = match raw.emit.as_deref() {
+        None | Some("final") => EmitMode::Final,
+        Some("update") => EmitMode::Update,
+        Some("complete") => {
+            problems.push(
+                format!("{location}.emit"),
+                "complete mode keeps every window forever (state grows without bound); use final or update",
+            );
+            EmitMode::Final
+        }
+        Some(other) => {
+            problems.push(format!("{location}.emit"), format!("'{other}' is not final or update"));
+            EmitMode::Final
+        }
+    };
+    let mut aggregates = Vec::new();
+    for (name, definition) in &raw.aggregates {
+        let (Some(name), Some(definition)) = (name.as_str(), definition.as_str()) else {
+            problems.push(format!("{location}.aggregates"), "each aggregate is `name: function(field)`");
+            continue;
+        };
+        let aggregate_location = format!("{location}.aggregates.{name}");
+        if raw.group_by.iter().any(|field| field == name) || name == "window_start" || name == "window_end" {
+            problems.push(&aggregate_location, "clashes with a group_by field or window_start/window_end");
+        }
+        match Aggregate::parse(definition) {
+            Ok(aggregate) => {
+                if let Some(field) = aggregate.field() {
+                    check_fields(&[field.to_string()], source, &aggregate_location, problems);
+                }
+                aggregates.push((name.to_string(), aggregate));
+            }
+            Err(message) => problems.push(aggregate_location, message),
+        }
+    }
+    if aggregates.is_empty() && problems.problems.len() == before {
+        problems.push(format!("{location}.aggregates"), "must define at least one aggregate");
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    Some(Window {
+        group_by: raw.group_by,
+        kind: kind?,
+        allowed_lateness: raw.allowed_lateness.unwrap_or_default(),
+        aggregates,
+        emit,
+    })
 }
 
 fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors) -> Sink {
@@ -578,17 +826,6 @@ fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors
             "idempotent_upsert is not available in this version of weir yet; use transactional",
         );
     }
-    if let Some(source) = source {
-        for field in &raw.key {
-            let known = match (&source.schema, source.encoding) {
-                (Some(schema), _) => schema.field_type(field).is_some(),
-                (None, Encoding::String) => field == "value",
-                _ => true,
-            };
-            if !known {
-                problems.push("sink.key", format!("'{field}' is not a field of the record"));
-            }
-        }
-    }
+    check_fields(&raw.key, source, "sink.key", problems);
     Sink { topic: raw.topic, encoding: raw.format, key: raw.key, mode: raw.mode }
 }

@@ -12,7 +12,7 @@ use cel::objects::{Key, Value as CelValue};
 use cel::{Context, Program};
 use serde_json::Value;
 
-use super::{ProcessError, Record, Verdict};
+use super::{Emitted, Outcome, ProcessError, Record};
 use crate::config::{Encoding, Source};
 
 const METADATA_VARIABLES: &[&str] = &["_topic", "_partition", "_offset", "_timestamp", "_headers"];
@@ -79,18 +79,33 @@ impl FilterOperator {
         &self.expression
     }
 
-    pub fn apply(&mut self, record: &Record<'_>) -> Result<Verdict, ProcessError> {
+    pub fn process<'a>(&mut self, record: Record<'a>, out: &mut Vec<Emitted<'a>>) -> Result<Outcome, ProcessError> {
+        let keep = self.matches(&record)?;
+        if keep {
+            out.push(Emitted::Record(record));
+            Ok(Outcome::Passed)
+        } else {
+            Ok(Outcome::Dropped)
+        }
+    }
+
+    fn matches(&self, record: &Record<'_>) -> Result<bool, ProcessError> {
         let mut scope = self.root.new_inner_scope();
         for (name, value) in &record.fields {
             scope.add_variable_from_value(name.as_str(), to_cel(value));
         }
-        let provenance = &record.provenance;
-        scope.add_variable_from_value("_topic", provenance.topic);
-        scope.add_variable_from_value("_partition", i64::from(provenance.partition));
-        scope.add_variable_from_value("_offset", provenance.offset);
-        scope.add_variable_from_value("_timestamp", provenance.timestamp.map(CelValue::Int).unwrap_or(CelValue::Null));
+        // Records a step derived (window results) have no Kafka metadata.
+        let provenance = record.provenance;
+        scope.add_variable_from_value("_topic", provenance.map_or(CelValue::Null, |p| CelValue::from(p.topic)));
+        scope.add_variable_from_value("_partition", provenance.map_or(CelValue::Null, |p| CelValue::Int(i64::from(p.partition))));
+        scope.add_variable_from_value("_offset", provenance.map_or(CelValue::Null, |p| CelValue::Int(p.offset)));
+        scope.add_variable_from_value(
+            "_timestamp",
+            provenance.and_then(|p| p.timestamp).map(CelValue::Int).unwrap_or(CelValue::Null),
+        );
         let headers: HashMap<Key, CelValue> = provenance
-            .headers
+            .map(|provenance| provenance.headers)
+            .unwrap_or_default()
             .iter()
             .map(|(name, value)| {
                 let text = value.map(|bytes| String::from_utf8_lossy(bytes).into_owned());
@@ -99,8 +114,7 @@ impl FilterOperator {
             .collect();
         scope.add_variable_from_value("_headers", headers);
         match self.compiled.program.execute(&scope) {
-            Ok(CelValue::Bool(true)) => Ok(Verdict::Keep),
-            Ok(CelValue::Bool(false)) => Ok(Verdict::Drop),
+            Ok(CelValue::Bool(keep)) => Ok(keep),
             Ok(other) => Err(ProcessError(format!(
                 "filter '{}' gave {other:?}, not a boolean",
                 self.expression

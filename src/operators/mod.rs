@@ -1,13 +1,23 @@
 //! The steps of a pipeline. Operators are synchronous and deterministic: they see one record
-//! at a time and read time only from records, never from the wall clock. The set is closed,
-//! so an enum dispatches to one struct per operator file.
+//! at a time and read time only from event times and the watermark, never from the wall
+//! clock. The set is closed, so an enum dispatches to one struct per operator file.
+//!
+//! Lifecycle, driven per task by [`crate::engine`]: `process` each record (judged against the
+//! watermark as it was just before it), then `advance` when the watermark moves (windows close,
+//! dedup state ends), and `commit` at the end of each batch (update-mode windows emit).
 
+pub mod dedup;
+pub mod event_time;
 pub mod filter;
+pub mod window;
 
 use serde_json::{Map, Value};
 
 use crate::config::{Source, Step};
+use dedup::DedupOperator;
+use event_time::field_at;
 use filter::FilterOperator;
+use window::WindowOperator;
 
 /// Where a record came from, for expressions (`_topic`, ...) and for DLQ provenance.
 #[derive(Debug, Clone, Copy)]
@@ -17,20 +27,41 @@ pub struct Provenance<'a> {
     pub offset: i64,
     pub timestamp: Option<i64>,
     pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+    /// The input record's Kafka key, kept as the output key when no step sets one.
+    pub key: Option<&'a [u8]>,
 }
 
 /// A decoded record on its way through the steps.
 #[derive(Debug, Clone)]
 pub struct Record<'a> {
     pub fields: Map<String, Value>,
-    pub provenance: Provenance<'a>,
+    /// Epoch milliseconds; `i64::MIN` for a pipeline without event time.
+    pub event_time: i64,
+    /// The input record; None for records a step derived (window results).
+    pub provenance: Option<Provenance<'a>>,
+    /// The key a keyed step gives the record (dedup key, window group): the default sink key.
+    pub key: Option<Map<String, Value>>,
+    /// The key is part of an upsert stream and overrides `sink.key` (update-mode windows).
+    pub upsert: bool,
 }
 
-/// What an operator decided about a record.
-#[derive(Debug)]
-pub enum Verdict {
-    Keep,
-    Drop,
+/// What a step hands downstream.
+#[derive(Debug, Clone)]
+pub enum Emitted<'a> {
+    Record(Record<'a>),
+    /// Deletes an earlier upsert under this key (a merged-away session window).
+    Tombstone(Map<String, Value>),
+}
+
+/// What became of a record given to a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Kept (and possibly emitted now or later).
+    Passed,
+    /// Dropped on purpose (a filter, a duplicate).
+    Dropped,
+    /// Behind the watermark: handled by `on_error.late`.
+    Late(String),
 }
 
 /// A record-level failure inside a step (bad data, not a bug): goes where `on_error.process`
@@ -39,20 +70,62 @@ pub enum Verdict {
 #[error("{0}")]
 pub struct ProcessError(pub String);
 
+/// The named fields of a record, as a JSON object (missing ones as null).
+pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Value> {
+    names
+        .iter()
+        .map(|name| (name.clone(), field_at(fields, name).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
 pub enum Operator {
     Filter(FilterOperator),
+    Dedup(DedupOperator),
+    Window(WindowOperator),
 }
 
 impl Operator {
     pub fn build(step: &Step, source: &Source) -> Result<Operator, String> {
         match step {
             Step::Filter(filter) => FilterOperator::new(&filter.expression, source).map(Operator::Filter),
+            Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup))),
+            Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, source.schema.as_ref()))),
         }
     }
 
-    pub fn apply(&mut self, record: &Record<'_>) -> Result<Verdict, ProcessError> {
+    pub fn process<'a>(
+        &mut self,
+        record: Record<'a>,
+        watermark: i64,
+        out: &mut Vec<Emitted<'a>>,
+    ) -> Result<Outcome, ProcessError> {
         match self {
-            Operator::Filter(filter) => filter.apply(record),
+            Operator::Filter(filter) => filter.process(record, out),
+            Operator::Dedup(dedup) => Ok(dedup.process(record, watermark, out)),
+            Operator::Window(window) => Ok(window.process(record, watermark, out)),
+        }
+    }
+
+    pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
+        match self {
+            Operator::Filter(_) => {}
+            Operator::Dedup(dedup) => dedup.advance(watermark),
+            Operator::Window(window) => window.advance(watermark, out),
+        }
+    }
+
+    pub fn commit<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        if let Operator::Window(window) = self {
+            window.commit(out);
+        }
+    }
+
+    /// Keys (dedup) or windows held in state.
+    pub fn state_keys(&self) -> usize {
+        match self {
+            Operator::Filter(_) => 0,
+            Operator::Dedup(dedup) => dedup.state_keys(),
+            Operator::Window(window) => window.state_keys(),
         }
     }
 
@@ -60,6 +133,8 @@ impl Operator {
     pub fn describe(&self) -> String {
         match self {
             Operator::Filter(filter) => format!("filter {}", filter.expression()),
+            Operator::Dedup(dedup) => dedup.describe(),
+            Operator::Window(window) => window.describe(),
         }
     }
 }

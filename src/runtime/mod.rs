@@ -238,6 +238,7 @@ impl Loop<'_> {
                 offset,
                 timestamp: message.timestamp().to_millis(),
                 headers: &headers,
+                key: message.key(),
             },
             key: message.key(),
             value: message.payload(),

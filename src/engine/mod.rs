@@ -3,11 +3,12 @@
 //! into zero or more outputs (sink or DLQ) and counts what it did, so the exactly-once loop
 //! and a broker-less test harness can drive the same code.
 
-use serde_json::{Map, Value};
+mod topology;
 
 use crate::codec::{json, Decoder};
-use crate::config::{ErrorAction, ErrorPolicy, Pipeline};
-use crate::operators::{Operator, Provenance, Record, Verdict};
+use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline};
+use crate::operators::{event_time, key_of, Emitted, Provenance, Record};
+use topology::{ChainResult, Topology};
 
 /// Where an error happened; the value of the `weir-error-stage` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,10 +125,10 @@ pub struct StageFailure {
 }
 
 pub struct Engine {
+    pipeline: Pipeline,
     decoder: Decoder,
-    operators: Vec<Operator>,
-    sink_key: Vec<String>,
-    policy: ErrorPolicy,
+    event_time: Option<EventTime>,
+    topology: Topology,
     counts: BatchCounts,
 }
 
@@ -136,22 +137,32 @@ impl Engine {
         let source = &pipeline.source;
         let decoder = Decoder::new(source.encoding, source.schema.as_ref())
             .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))?;
-        let operators = pipeline
-            .steps
-            .iter()
-            .map(|step| Operator::build(step, source))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Engine {
+            pipeline: pipeline.clone(),
             decoder,
-            operators,
-            sink_key: pipeline.sink.key.clone(),
-            policy: pipeline.on_error,
+            event_time: source.event_time.clone(),
+            topology: Topology::new(pipeline)?,
             counts: BatchCounts::default(),
         })
     }
 
+    /// Declares the input partitions that feed this engine: each holds the watermark after a
+    /// repartition at -infinity until it delivers, and their count is the repartition width.
+    pub fn set_input_partitions(&mut self, partitions: impl IntoIterator<Item = (String, i32)>) {
+        self.topology.set_input_partitions(partitions);
+    }
+
     pub fn describe_steps(&self) -> Vec<String> {
-        self.operators.iter().map(Operator::describe).collect()
+        self.topology.describe()
+    }
+
+    pub fn is_stateful(&self) -> bool {
+        self.pipeline.steps.iter().any(|step| step.is_stateful())
+    }
+
+    /// Keys or windows held in state, over every task and step.
+    pub fn state_keys(&self) -> usize {
+        self.topology.state_keys()
     }
 
     /// Runs one record through the pipeline, appending what should be produced to `outputs`.
@@ -161,30 +172,68 @@ impl Engine {
             Ok(fields) => fields,
             Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
         };
-        let record = Record { fields, provenance: input.provenance };
-        for operator in &mut self.operators {
-            match operator.apply(&record) {
-                Ok(Verdict::Keep) => {}
-                Ok(Verdict::Drop) => {
-                    self.counts.records_filtered += 1;
-                    return Ok(());
-                }
-                Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
-            }
-        }
-        let key = if self.sink_key.is_empty() {
-            input.key.map(<[u8]>::to_vec)
-        } else {
-            Some(json::encode(&key_fields(&record.fields, &self.sink_key)))
+        let event_time = match &self.event_time {
+            None => None,
+            Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp) {
+                Ok(time) => Some(time),
+                Err(error) => return self.reject(input, Stage::Decode, &error, outputs),
+            },
         };
-        outputs.push(Output {
-            destination: Destination::Sink,
-            key,
-            value: Some(json::encode(&record.fields)),
-            headers: Vec::new(),
-        });
-        self.counts.records_out += 1;
+        let record = Record {
+            fields,
+            event_time: event_time.unwrap_or(i64::MIN),
+            provenance: Some(input.provenance),
+            key: None,
+            upsert: false,
+        };
+        let mut emitted = Vec::new();
+        let provenance = &input.provenance;
+        match self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted) {
+            Ok(ChainResult::Passed) => {}
+            Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
+            Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
+            Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
+        }
+        self.emit(emitted, outputs);
         Ok(())
+    }
+
+    /// The end of a batch (a commit): update-mode windows emit what changed.
+    pub fn end_batch(&mut self, outputs: &mut Vec<Output>) {
+        let mut emitted = Vec::new();
+        self.topology.end_batch(&mut emitted);
+        self.emit(emitted, outputs);
+    }
+
+    /// The end of a bounded input (`weir test`): every watermark goes to +infinity, closing
+    /// every window and ending all state, then the last batch ends.
+    pub fn finish(&mut self, outputs: &mut Vec<Output>) {
+        let mut emitted = Vec::new();
+        self.topology.finish(&mut emitted);
+        self.emit(emitted, outputs);
+    }
+
+    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) {
+        for item in emitted {
+            let output = match item {
+                Emitted::Record(record) => {
+                    let key = if record.upsert || self.pipeline.sink.key.is_empty() {
+                        match &record.key {
+                            Some(key) => Some(json::encode(key)),
+                            None => record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec),
+                        }
+                    } else {
+                        Some(json::encode(&key_of(&record.fields, &self.pipeline.sink.key)))
+                    };
+                    Output { destination: Destination::Sink, key, value: Some(json::encode(&record.fields)), headers: Vec::new() }
+                }
+                Emitted::Tombstone(key) => {
+                    Output { destination: Destination::Sink, key: Some(json::encode(&key)), value: None, headers: Vec::new() }
+                }
+            };
+            outputs.push(output);
+            self.counts.records_out += 1;
+        }
     }
 
     /// Applies the stage's `on_error` action to a bad record.
@@ -195,7 +244,7 @@ impl Engine {
         error: &str,
         outputs: &mut Vec<Output>,
     ) -> Result<(), StageFailure> {
-        match stage.action(&self.policy) {
+        match stage.action(&self.pipeline.on_error) {
             ErrorAction::Dlq => {
                 outputs.push(Output::dead_letter(input, stage, error));
                 self.counts.dead_lettered[stage.index()] += 1;
@@ -225,14 +274,6 @@ impl Engine {
     pub fn take_counts(&mut self) -> BatchCounts {
         std::mem::take(&mut self.counts)
     }
-}
-
-/// The sink key: the named fields, as a JSON object.
-fn key_fields(fields: &Map<String, Value>, names: &[String]) -> Map<String, Value> {
-    names
-        .iter()
-        .map(|name| (name.clone(), fields.get(name).cloned().unwrap_or(Value::Null)))
-        .collect()
 }
 
 impl BatchCounts {

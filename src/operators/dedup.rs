@@ -1,0 +1,70 @@
+//! `dedup`: the first record of each key passes; later records with the same key are dropped
+//! while the key's state lives, which ends when the watermark reaches the first record's
+//! event time + `within` (Spark's dropDuplicatesWithinWatermark).
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::{Emitted, Outcome, Record, key_of};
+use crate::config::Dedup;
+
+pub struct DedupOperator {
+    key: Vec<String>,
+    within: i64,
+    /// Key (as JSON text) → event time of its first record.
+    first_seen: HashMap<String, i64>,
+    /// (expiry, key), to evict in watermark order.
+    expiries: BTreeSet<(i64, String)>,
+}
+
+impl DedupOperator {
+    pub fn new(spec: &Dedup) -> DedupOperator {
+        DedupOperator {
+            key: spec.key.clone(),
+            within: spec.within.as_millis() as i64,
+            first_seen: HashMap::new(),
+            expiries: BTreeSet::new(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!("dedup key [{}] within {}ms", self.key.join(", "), self.within)
+    }
+
+    pub fn state_keys(&self) -> usize {
+        self.first_seen.len()
+    }
+
+    pub fn process<'a>(&mut self, mut record: Record<'a>, watermark: i64, out: &mut Vec<Emitted<'a>>) -> Outcome {
+        if record.event_time.saturating_add(self.within) <= watermark {
+            return Outcome::Late(format!(
+                "event time {} + within {}ms is at or before the watermark {watermark}",
+                record.event_time, self.within
+            ));
+        }
+        let key: Map<String, Value> = key_of(&record.fields, &self.key);
+        let key_text = Value::Object(key.clone()).to_string();
+        if self.first_seen.contains_key(&key_text) {
+            return Outcome::Dropped;
+        }
+        let expiry = record.event_time.saturating_add(self.within);
+        self.expiries.insert((expiry, key_text.clone()));
+        self.first_seen.insert(key_text, record.event_time);
+        record.key = Some(key);
+        out.push(Emitted::Record(record));
+        Outcome::Passed
+    }
+
+    /// Forgets the keys whose state ended at this watermark.
+    pub fn advance(&mut self, watermark: i64) {
+        while let Some((expiry, _)) = self.expiries.first() {
+            if *expiry > watermark {
+                break;
+            }
+            if let Some((_, key)) = self.expiries.pop_first() {
+                self.first_seen.remove(&key);
+            }
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! `window`: event-time aggregates per group over tumbling, hopping or session windows.
+//!
+//! Tumbling windows are `[start, start + size)` aligned to the epoch; hopping windows of `size`
+//! start every `slide`; a record's session window is `[t, t + gap)` and overlapping sessions of
+//! a group merge. A (record, window) pair is dropped when the window's end + allowed lateness is
+//! at or before the watermark; a record dropped from all its windows is late.
+//! `emit: final` emits each window once, when the watermark reaches its end + allowed lateness,
+//! then forgets it. `emit: update` emits, at each commit, every window that changed since the
+//! last one, keyed `{group fields..., window_start}`; a session merged away gets a tombstone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use super::event_time::field_at;
+use super::{Emitted, Outcome, Record, key_of};
+use crate::config::{Aggregate, EmitMode, FieldType, Schema, Window, WindowKind};
+
+pub struct WindowOperator {
+    group_by: Vec<String>,
+    kind: WindowKind,
+    lateness: i64,
+    aggregates: Vec<(String, Aggregate)>,
+    /// Whether each `sum` adds whole numbers (a long field) or doubles.
+    sums_whole: Vec<bool>,
+    emit: EmitMode,
+    /// Group (JSON text) → window start → window.
+    groups: HashMap<String, Group>,
+    /// (close time = end + lateness, group, start): windows in the order the watermark closes them.
+    closing: BTreeSet<(i64, String, i64)>,
+    /// Windows changed since the last commit (update mode), in a stable order.
+    changed: BTreeSet<(String, i64)>,
+    /// Sessions merged away since the last commit that had been emitted: (group, start).
+    merged_away: Vec<(Map<String, Value>, i64)>,
+    /// Processing order, to break event-time ties in first/last.
+    sequence: u64,
+}
+
+struct Group {
+    key: Map<String, Value>,
+    windows: BTreeMap<i64, WindowState>,
+}
+
+struct WindowState {
+    end: i64,
+    aggregates: Vec<AggregateState>,
+    /// Emitted at least once (update mode): merging it away needs a tombstone.
+    emitted: bool,
+}
+
+#[derive(Clone)]
+enum AggregateState {
+    Count(i64),
+    SumWhole(Option<i64>),
+    SumDouble(Option<f64>),
+    Avg { sum: f64, count: u64 },
+    Min(Option<Value>),
+    Max(Option<Value>),
+    /// (event time, processing sequence, value)
+    First(Option<(i64, u64, Value)>),
+    Last(Option<(i64, u64, Value)>),
+    CountDistinct(HashSet<String>),
+}
+
+impl WindowOperator {
+    pub fn new(spec: &Window, schema: Option<&Schema>) -> WindowOperator {
+        let sums_whole = spec
+            .aggregates
+            .iter()
+            .map(|(_, aggregate)| match aggregate {
+                Aggregate::Sum(field) => {
+                    matches!(schema.and_then(|schema| schema.field_type(field)), Some(FieldType::Long | FieldType::Timestamp))
+                }
+                _ => false,
+            })
+            .collect();
+        WindowOperator {
+            group_by: spec.group_by.clone(),
+            kind: spec.kind,
+            lateness: spec.allowed_lateness.as_millis() as i64,
+            aggregates: spec.aggregates.clone(),
+            sums_whole,
+            emit: spec.emit,
+            groups: HashMap::new(),
+            closing: BTreeSet::new(),
+            changed: BTreeSet::new(),
+            merged_away: Vec::new(),
+            sequence: 0,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let kind = match self.kind {
+            WindowKind::Tumbling { size } => format!("tumbling {}ms", size.as_millis()),
+            WindowKind::Hopping { size, slide } => format!("hopping {}ms every {}ms", size.as_millis(), slide.as_millis()),
+            WindowKind::Session { gap } => format!("session gap {}ms", gap.as_millis()),
+        };
+        let aggregates: Vec<String> = self.aggregates.iter().map(|(name, aggregate)| format!("{name}={aggregate:?}")).collect();
+        format!(
+            "window {kind} by [{}], lateness {}ms, emit {:?}: {}",
+            self.group_by.join(", "),
+            self.lateness,
+            self.emit,
+            aggregates.join(", ")
+        )
+    }
+
+    pub fn state_keys(&self) -> usize {
+        self.groups.values().map(|group| group.windows.len()).sum()
+    }
+
+    pub fn process<'a>(&mut self, record: Record<'a>, watermark: i64, _out: &mut Vec<Emitted<'a>>) -> Outcome {
+        let time = record.event_time;
+        let lateness = self.lateness;
+        let open = move |end: i64| end.saturating_add(lateness) > watermark;
+        self.sequence += 1;
+        let sequence = self.sequence;
+        let key = key_of(&record.fields, &self.group_by);
+        let group_text = Value::Object(key.clone()).to_string();
+        match self.kind {
+            WindowKind::Tumbling { size } => {
+                let size = size.as_millis() as i64;
+                let start = time.div_euclid(size) * size;
+                if !open(start + size) {
+                    return self.late(time, watermark);
+                }
+                self.add(&group_text, &key, start, start + size, &record, sequence);
+            }
+            WindowKind::Hopping { size, slide } => {
+                let (size, slide) = (size.as_millis() as i64, slide.as_millis() as i64);
+                // Windows [s, s + size) with s a multiple of slide and s <= time < s + size.
+                let last_start = time.div_euclid(slide) * slide;
+                let mut start = last_start;
+                let mut added = false;
+                while start > time - size {
+                    if open(start + size) {
+                        self.add(&group_text, &key, start, start + size, &record, sequence);
+                        added = true;
+                    }
+                    start -= slide;
+                }
+                if !added {
+                    return self.late(time, watermark);
+                }
+            }
+            WindowKind::Session { gap } => {
+                let end = time.saturating_add(gap.as_millis() as i64);
+                if !open(end) {
+                    return self.late(time, watermark);
+                }
+                self.add_to_session(&group_text, &key, time, end, &record, sequence);
+            }
+        }
+        Outcome::Passed
+    }
+
+    fn late(&self, time: i64, watermark: i64) -> Outcome {
+        Outcome::Late(format!(
+            "event time {time}: every window it belongs to closed (end + allowed lateness {}ms at or before the watermark {watermark})",
+            self.lateness
+        ))
+    }
+
+    fn add(&mut self, group_text: &str, key: &Map<String, Value>, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
+        let group = self
+            .groups
+            .entry(group_text.to_string())
+            .or_insert_with(|| Group { key: key.clone(), windows: BTreeMap::new() });
+        let window = group.windows.entry(start).or_insert_with(|| {
+            self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
+            WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false }
+        });
+        accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
+        if self.emit == EmitMode::Update {
+            self.changed.insert((group_text.to_string(), start));
+        }
+    }
+
+    fn add_to_session(&mut self, group_text: &str, key: &Map<String, Value>, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
+        let group = self
+            .groups
+            .entry(group_text.to_string())
+            .or_insert_with(|| Group { key: key.clone(), windows: BTreeMap::new() });
+        // Sessions overlapping [start, end): those starting before `end` and ending after `start`.
+        let overlapping: Vec<i64> = group
+            .windows
+            .range(..end)
+            .filter(|(_, window)| window.end > start)
+            .map(|(session_start, _)| *session_start)
+            .collect();
+        let mut merged = WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false };
+        let merged_start = overlapping.first().map_or(start, |first| (*first).min(start));
+        for session_start in &overlapping {
+            let Some(old) = group.windows.remove(session_start) else { continue };
+            self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.to_string(), *session_start));
+            self.changed.remove(&(group_text.to_string(), *session_start));
+            merged.end = merged.end.max(old.end);
+            merge(&mut merged.aggregates, old.aggregates);
+            if old.emitted {
+                if *session_start == merged_start {
+                    // The merged session keeps this one's key: an update, not a tombstone.
+                    merged.emitted = true;
+                } else {
+                    self.merged_away.push((group.key.clone(), *session_start));
+                }
+            }
+        }
+        accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
+        self.closing.insert((merged.end.saturating_add(self.lateness), group_text.to_string(), merged_start));
+        group.windows.insert(merged_start, merged);
+        if self.emit == EmitMode::Update {
+            self.changed.insert((group_text.to_string(), merged_start));
+        }
+    }
+
+    /// Emits (final) or flushes (update) and forgets the windows the watermark closed.
+    pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
+        if self.emit == EmitMode::Update {
+            self.emit_tombstones(out);
+        }
+        while let Some((close, _, _)) = self.closing.first() {
+            if *close > watermark {
+                break;
+            }
+            let Some((_, group_text, start)) = self.closing.pop_first() else { break };
+            let Some(group) = self.groups.get_mut(&group_text) else { continue };
+            let Some(window) = group.windows.remove(&start) else { continue };
+            let changed = self.changed.remove(&(group_text.clone(), start));
+            if self.emit == EmitMode::Final || changed {
+                let record = output_record(&self.group_by, &self.aggregates, &group.key, start, &window, self.emit);
+                out.push(Emitted::Record(record));
+            }
+            if group.windows.is_empty() {
+                self.groups.remove(&group_text);
+            }
+        }
+    }
+
+    /// Update mode: the current value of every window changed since the last commit.
+    pub fn commit<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        if self.emit != EmitMode::Update {
+            return;
+        }
+        self.emit_tombstones(out);
+        for (group_text, start) in std::mem::take(&mut self.changed) {
+            let Some(group) = self.groups.get_mut(&group_text) else { continue };
+            let Some(window) = group.windows.get_mut(&start) else { continue };
+            window.emitted = true;
+            let record = output_record(&self.group_by, &self.aggregates, &group.key, start, window, self.emit);
+            out.push(Emitted::Record(record));
+        }
+    }
+
+    fn emit_tombstones<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        for (key, start) in self.merged_away.drain(..) {
+            out.push(Emitted::Tombstone(upsert_key(&key, start)));
+        }
+    }
+
+}
+
+fn upsert_key(key: &Map<String, Value>, start: i64) -> Map<String, Value> {
+    let mut upsert = key.clone();
+    upsert.insert("window_start".into(), Value::from(start));
+    upsert
+}
+
+fn output_record(
+    group_by: &[String],
+    aggregates: &[(String, Aggregate)],
+    key: &Map<String, Value>,
+    start: i64,
+    window: &WindowState,
+    emit: EmitMode,
+) -> Record<'static> {
+    let mut fields = Map::with_capacity(group_by.len() + 2 + aggregates.len());
+    for field in group_by {
+        fields.insert(field.clone(), key.get(field).cloned().unwrap_or(Value::Null));
+    }
+    fields.insert("window_start".into(), Value::from(start));
+    fields.insert("window_end".into(), Value::from(window.end));
+    for ((name, _), state) in aggregates.iter().zip(&window.aggregates) {
+        fields.insert(name.clone(), state.value());
+    }
+    let (record_key, upsert) = match emit {
+        EmitMode::Final => (key.clone(), false),
+        EmitMode::Update => (upsert_key(key, start), true),
+    };
+    Record { fields, event_time: window.end - 1, provenance: None, key: Some(record_key), upsert }
+}
+
+fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -> Vec<AggregateState> {
+    aggregates
+        .iter()
+        .zip(sums_whole)
+        .map(|((_, aggregate), whole)| match aggregate {
+            Aggregate::Count => AggregateState::Count(0),
+            Aggregate::Sum(_) if *whole => AggregateState::SumWhole(None),
+            Aggregate::Sum(_) => AggregateState::SumDouble(None),
+            Aggregate::Avg(_) => AggregateState::Avg { sum: 0.0, count: 0 },
+            Aggregate::Min(_) => AggregateState::Min(None),
+            Aggregate::Max(_) => AggregateState::Max(None),
+            Aggregate::First(_) => AggregateState::First(None),
+            Aggregate::Last(_) => AggregateState::Last(None),
+            Aggregate::CountDistinct(_) => AggregateState::CountDistinct(HashSet::new()),
+        })
+        .collect()
+}
+
+/// Adds one record; nulls are ignored by every aggregate but count().
+fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)], record: &Record<'_>, sequence: u64) {
+    for (state, (_, aggregate)) in states.iter_mut().zip(aggregates) {
+        let value = aggregate.field().and_then(|field| field_at(&record.fields, field)).filter(|value| !value.is_null());
+        match (state, value) {
+            (AggregateState::Count(count), _) => *count += 1,
+            (_, None) => {}
+            (AggregateState::SumWhole(sum), Some(value)) => {
+                *sum = Some(sum.unwrap_or(0).wrapping_add(value.as_i64().unwrap_or(0)));
+            }
+            (AggregateState::SumDouble(sum), Some(value)) => {
+                *sum = Some(sum.unwrap_or(0.0) + value.as_f64().unwrap_or(0.0));
+            }
+            (AggregateState::Avg { sum, count }, Some(value)) => {
+                *sum += value.as_f64().unwrap_or(0.0);
+                *count += 1;
+            }
+            (AggregateState::Min(current), Some(value)) => {
+                if current.as_ref().is_none_or(|current| compare(value, current).is_lt()) {
+                    *current = Some(value.clone());
+                }
+            }
+            (AggregateState::Max(current), Some(value)) => {
+                if current.as_ref().is_none_or(|current| compare(value, current).is_gt()) {
+                    *current = Some(value.clone());
+                }
+            }
+            (AggregateState::First(current), Some(value)) => {
+                let candidate = (record.event_time, sequence);
+                if current.as_ref().is_none_or(|(time, seq, _)| candidate < (*time, *seq)) {
+                    *current = Some((record.event_time, sequence, value.clone()));
+                }
+            }
+            (AggregateState::Last(current), Some(value)) => {
+                let candidate = (record.event_time, sequence);
+                if current.as_ref().is_none_or(|(time, seq, _)| candidate > (*time, *seq)) {
+                    *current = Some((record.event_time, sequence, value.clone()));
+                }
+            }
+            (AggregateState::CountDistinct(values), Some(value)) => {
+                values.insert(value.to_string());
+            }
+        }
+    }
+}
+
+/// Folds `other` (a session merged away) into `states`.
+fn merge(states: &mut [AggregateState], other: Vec<AggregateState>) {
+    for (state, other) in states.iter_mut().zip(other) {
+        match (state, other) {
+            (AggregateState::Count(count), AggregateState::Count(more)) => *count += more,
+            (AggregateState::SumWhole(sum), AggregateState::SumWhole(more)) => {
+                if let Some(more) = more {
+                    *sum = Some(sum.unwrap_or(0).wrapping_add(more));
+                }
+            }
+            (AggregateState::SumDouble(sum), AggregateState::SumDouble(more)) => {
+                if let Some(more) = more {
+                    *sum = Some(sum.unwrap_or(0.0) + more);
+                }
+            }
+            (AggregateState::Avg { sum, count }, AggregateState::Avg { sum: more_sum, count: more_count }) => {
+                *sum += more_sum;
+                *count += more_count;
+            }
+            (AggregateState::Min(current), AggregateState::Min(Some(value))) => {
+                if current.as_ref().is_none_or(|current| compare(&value, current).is_lt()) {
+                    *current = Some(value);
+                }
+            }
+            (AggregateState::Max(current), AggregateState::Max(Some(value))) => {
+                if current.as_ref().is_none_or(|current| compare(&value, current).is_gt()) {
+                    *current = Some(value);
+                }
+            }
+            (AggregateState::First(current), AggregateState::First(Some(candidate))) => {
+                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) < (*time, *seq)) {
+                    *current = Some(candidate);
+                }
+            }
+            (AggregateState::Last(current), AggregateState::Last(Some(candidate))) => {
+                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) > (*time, *seq)) {
+                    *current = Some(candidate);
+                }
+            }
+            (AggregateState::CountDistinct(values), AggregateState::CountDistinct(more)) => values.extend(more),
+            _ => {}
+        }
+    }
+}
+
+/// Orders numbers numerically, strings and booleans naturally; other kinds by their text.
+fn compare(left: &Value, right: &Value) -> std::cmp::Ordering {
+    match (left, right) {
+        (Value::Number(left), Value::Number(right)) => match (left.as_i64(), right.as_i64()) {
+            (Some(left), Some(right)) => left.cmp(&right),
+            _ => left.as_f64().unwrap_or(f64::NAN).total_cmp(&right.as_f64().unwrap_or(f64::NAN)),
+        },
+        (Value::String(left), Value::String(right)) => left.cmp(right),
+        (Value::Bool(left), Value::Bool(right)) => left.cmp(right),
+        _ => left.to_string().cmp(&right.to_string()),
+    }
+}
+
+impl AggregateState {
+    fn value(&self) -> Value {
+        match self {
+            AggregateState::Count(count) => Value::from(*count),
+            AggregateState::SumWhole(sum) => sum.map_or(Value::Null, Value::from),
+            AggregateState::SumDouble(sum) => sum.map_or(Value::Null, Value::from),
+            AggregateState::Avg { count: 0, .. } => Value::Null,
+            AggregateState::Avg { sum, count } => Value::from(sum / *count as f64),
+            AggregateState::Min(value) | AggregateState::Max(value) => value.clone().unwrap_or(Value::Null),
+            AggregateState::First(value) | AggregateState::Last(value) => {
+                value.as_ref().map_or(Value::Null, |(_, _, value)| value.clone())
+            }
+            AggregateState::CountDistinct(values) => Value::from(values.len() as u64),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `weir test`: runs a pipeline over a file of input records without a broker, through the
+//! same engine as production, and prints (or checks) what it would write.
+//!
+//! Input lines: `{"source": "clicks", "partition": 0, "timestamp": 1700000000000,
+//! "key": <json or null>, "value": <json or null>}`; a string key or value is taken as its
+//! raw text (so broken JSON can be fed as a string). Records are processed in file order;
+//! every `batch_size` lines end a batch (a transaction in production); the end of the input
+//! closes everything, as if every watermark reached +infinity.
+//! Output lines: `{"topic": ..., "key": ..., "value": ..., "headers": {...}}` for sink and DLQ
+//! records; keys and values that are JSON are shown as JSON, others as strings.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::{Pipeline, SourceTopics};
+use crate::engine::{Destination, Engine, InputRecord, Output, StageFailure};
+use crate::operators::Provenance;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    #[error("input line {line}: {message}")]
+    Input { line: usize, message: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Stage(#[from] StageFailure),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputLine {
+    source: String,
+    #[serde(default)]
+    partition: i32,
+    #[serde(default)]
+    timestamp: Option<i64>,
+    #[serde(default)]
+    key: Value,
+    #[serde(default)]
+    value: Value,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+/// Runs `pipeline` over `input` (JSON lines) and returns the output lines.
+pub fn run(pipeline: &Pipeline, input: &str, batch_size: usize) -> Result<Vec<String>, TestError> {
+    let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
+    let topic = match &pipeline.source.topics {
+        SourceTopics::List(topics) => topics.first().cloned().unwrap_or_else(|| pipeline.source.name.clone()),
+        SourceTopics::Pattern(_) => pipeline.source.name.clone(),
+    };
+    // The partitions the file feeds: each holds the watermark after a repartition until it
+    // delivers, as an assigned partition would.
+    let mut partitions = std::collections::BTreeSet::new();
+    for text in input.lines().filter(|text| !text.trim().is_empty()) {
+        if let Ok(line) = serde_json::from_str::<InputLine>(text) {
+            partitions.insert(line.partition);
+        }
+    }
+    engine.set_input_partitions(partitions.into_iter().map(|partition| (topic.clone(), partition)));
+    let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut outputs = Vec::new();
+    let mut lines = Vec::new();
+    let mut in_batch = 0;
+    for (index, text) in input.lines().enumerate() {
+        let line = index + 1;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let parsed: InputLine = serde_json::from_str(text)
+            .map_err(|error| TestError::Input { line, message: error.to_string() })?;
+        if parsed.source != pipeline.source.name {
+            return Err(TestError::Input {
+                line,
+                message: format!("source '{}' is not in the pipeline (it has '{}')", parsed.source, pipeline.source.name),
+            });
+        }
+        if parsed.partition < 0 {
+            return Err(TestError::Input { line, message: "partition must be 0 or more".into() });
+        }
+        let offset = offsets.entry(parsed.partition).or_insert(0);
+        let key = raw_bytes(&parsed.key);
+        let value = raw_bytes(&parsed.value);
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            parsed.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_bytes()))).collect();
+        let input = InputRecord {
+            provenance: Provenance {
+                topic: &topic,
+                partition: parsed.partition,
+                offset: *offset,
+                timestamp: parsed.timestamp,
+                headers: &headers,
+                key: key.as_deref(),
+            },
+            key: key.as_deref(),
+            value: value.as_deref(),
+        };
+        *offset += 1;
+        engine.process(&input, &mut outputs)?;
+        in_batch += 1;
+        if in_batch == batch_size {
+            engine.end_batch(&mut outputs);
+            in_batch = 0;
+        }
+        render(pipeline, outputs.drain(..), &mut lines);
+    }
+    engine.finish(&mut outputs);
+    render(pipeline, outputs.drain(..), &mut lines);
+    Ok(lines)
+}
+
+fn raw_bytes(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.as_bytes().to_vec()),
+        other => Some(other.to_string().into_bytes()),
+    }
+}
+
+fn shown(bytes: Option<&[u8]>) -> Value {
+    match bytes {
+        None => Value::Null,
+        Some(bytes) => serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned())),
+    }
+}
+
+fn render(pipeline: &Pipeline, outputs: impl Iterator<Item = Output>, lines: &mut Vec<String>) {
+    for output in outputs {
+        let topic = match output.destination {
+            Destination::Sink => &pipeline.sink.topic,
+            Destination::Dlq => &pipeline.dlq_topic,
+        };
+        let headers: Map<String, Value> = output
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), Value::String(String::from_utf8_lossy(value).into_owned())))
+            .collect();
+        let mut line = Map::new();
+        line.insert("topic".into(), Value::String(topic.clone()));
+        line.insert("key".into(), shown(output.key.as_deref()));
+        line.insert("value".into(), shown(output.value.as_deref()));
+        line.insert("headers".into(), Value::Object(headers));
+        lines.push(Value::Object(line).to_string());
+    }
+}
+
+/// Compares actual output lines with expected ones (as JSON values); None when equal,
+/// otherwise a readable report of what differs.
+pub fn compare(actual: &[String], expected: &str) -> Result<Option<String>, TestError> {
+    let mut wanted = Vec::new();
+    for (index, text) in expected.lines().enumerate() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(text)
+            .map_err(|error| TestError::Setup(format!("expected line {}: {error}", index + 1)))?;
+        wanted.push(value.to_string());
+    }
+    let got: Vec<String> = actual
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).map(|value| value.to_string()).unwrap_or_else(|_| line.clone()))
+        .collect();
+    if got == wanted {
+        return Ok(None);
+    }
+    let mut report = String::new();
+    let _ = writeln!(report, "output differs from the expected lines ({} actual, {} expected):", got.len(), wanted.len());
+    for index in 0..got.len().max(wanted.len()) {
+        match (got.get(index), wanted.get(index)) {
+            (Some(got), Some(wanted)) if got == wanted => {}
+            (Some(got), Some(wanted)) => {
+                let _ = writeln!(report, "line {}:\n  - expected {wanted}\n  + actual   {got}", index + 1);
+            }
+            (Some(got), None) => {
+                let _ = writeln!(report, "line {}:\n  + unexpected {got}", index + 1);
+            }
+            (None, Some(wanted)) => {
+                let _ = writeln!(report, "line {}:\n  - missing  {wanted}", index + 1);
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(Some(report))
+}
