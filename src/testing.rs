@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::{Pipeline, SourceTopics};
-use crate::engine::{Destination, Engine, InputRecord, Output, StageFailure};
+use crate::engine::{ChangelogEntry, Destination, Engine, InputRecord, Output, StageFailure};
 use crate::operators::Provenance;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,21 @@ struct InputLine {
 
 /// Runs `pipeline` over `input` (JSON lines) and returns the output lines.
 pub fn run(pipeline: &Pipeline, input: &str, batch_size: usize) -> Result<Vec<String>, TestError> {
+    run_with_restarts(pipeline, input, batch_size, None)
+}
+
+/// Like [`run`], but after every `restart_every` batches the engine is thrown away and a new
+/// one is rebuilt from the changelog written so far (the last value per key, as a compacted
+/// topic keeps it): what a process restarted after a crash does. The output must not change.
+pub fn run_with_restarts(
+    pipeline: &Pipeline,
+    input: &str,
+    batch_size: usize,
+    restart_every: Option<usize>,
+) -> Result<Vec<String>, TestError> {
     let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
+    let mut changelog: BTreeMap<(Option<String>, i32, usize, String), Value> = BTreeMap::new();
+    let mut batches = 0;
     let topic = match &pipeline.source.topics {
         SourceTopics::List(topics) => topics.first().cloned().unwrap_or_else(|| pipeline.source.name.clone()),
         SourceTopics::Pattern(_) => pipeline.source.name.clone(),
@@ -60,7 +74,8 @@ pub fn run(pipeline: &Pipeline, input: &str, batch_size: usize) -> Result<Vec<St
             partitions.insert(line.partition);
         }
     }
-    engine.set_input_partitions(partitions.into_iter().map(|partition| (topic.clone(), partition)));
+    let inputs: Vec<(String, i32)> = partitions.into_iter().map(|partition| (topic.clone(), partition)).collect();
+    engine.set_input_partitions(inputs.iter().cloned());
     let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let mut outputs = Vec::new();
     let mut lines = Vec::new();
@@ -104,6 +119,30 @@ pub fn run(pipeline: &Pipeline, input: &str, batch_size: usize) -> Result<Vec<St
         if in_batch == batch_size {
             engine.end_batch(&mut outputs);
             in_batch = 0;
+            for entry in engine.take_changes() {
+                let key = (entry.topic, entry.partition, entry.step, entry.key);
+                match entry.value {
+                    Some(value) => changelog.insert(key, value),
+                    None => changelog.remove(&key),
+                };
+            }
+            batches += 1;
+            if restart_every.is_some_and(|every| batches % every == 0) {
+                engine = Engine::new(pipeline).map_err(TestError::Setup)?;
+                engine.set_input_partitions(inputs.iter().cloned());
+                for ((entry_topic, partition, step, key), value) in &changelog {
+                    let entry = ChangelogEntry {
+                        topic: entry_topic.clone(),
+                        partition: *partition,
+                        step: *step,
+                        key: key.clone(),
+                        value: Some(value.clone()),
+                    };
+                    engine
+                        .restore(&entry)
+                        .map_err(|message| TestError::Setup(format!("restoring state: {message}")))?;
+                }
+            }
         }
         render(pipeline, outputs.drain(..), &mut lines);
     }

@@ -140,3 +140,35 @@ fn update_mode_ends_with_the_same_value_per_key_and_window() {
 fn dedup_then_window_is_the_same_set() {
     check("  - dedup: { key: [id], within: 5s }\n  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count() } }", false);
 }
+
+/// Rebuilding every step's state from its changelog after each few commits (as a restarted
+/// process does) gives exactly the output of the uninterrupted run.
+#[test]
+fn restoring_state_from_the_changelog_changes_nothing() {
+    let cases = [
+        "  - dedup: { key: [id], within: 5s }",
+        "  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v), f: first(id), l: last(id), d: count_distinct(id), a: avg(v) } }",
+        "  - window: { group_by: [k], hopping: { size: 6s, slide: 2s }, aggregates: { n: count(), lo: min(v), hi: max(v) } }",
+        "  - window: { group_by: [k], session: { gap: 2s }, emit: update, aggregates: { n: count(), s: sum(v) } }",
+        "  - dedup: { key: [id], within: 5s }\n  - window: { group_by: [k], tumbling: 5s, emit: update, aggregates: { n: count() } }",
+    ];
+    for steps in cases {
+        let pipeline = pipeline(steps);
+        for seed in 0..15u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let partitions = partitions(&mut rng);
+            let input = interleave(&mut rng, &partitions);
+            for batch_size in [1, 5, 20] {
+                let straight = weir::testing::run(&pipeline, &input, batch_size).unwrap();
+                for every in [1, 3] {
+                    let restarted = weir::testing::run_with_restarts(&pipeline, &input, batch_size, Some(every)).unwrap();
+                    if restarted != straight {
+                        let only_straight: Vec<_> = straight.iter().filter(|line| !restarted.contains(line)).collect();
+                        let only_restarted: Vec<_> = restarted.iter().filter(|line| !straight.contains(line)).collect();
+                        panic!("{steps}: seed {seed}, batch size {batch_size}, restart every {every}:\nonly without restarts: {only_straight:?}\nonly with restarts: {only_restarted:?}\n{} vs {} lines", straight.len(), restarted.len());
+                    }
+                }
+            }
+        }
+    }
+}

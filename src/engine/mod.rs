@@ -8,6 +8,7 @@ mod topology;
 use crate::codec::{json, Decoder};
 use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline};
 use crate::operators::{event_time, key_of, Emitted, Provenance, Record};
+pub use topology::ChangelogEntry;
 use topology::{ChainResult, Topology};
 
 /// Where an error happened; the value of the `weir-error-stage` header.
@@ -160,6 +161,29 @@ impl Engine {
         self.pipeline.steps.iter().any(|step| step.is_stateful())
     }
 
+    /// How many stages the steps form; more than one means repartitioning.
+    pub fn stage_count(&self) -> usize {
+        self.topology.stage_count()
+    }
+
+    /// The pipeline indices of the stateful steps (each has a changelog topic).
+    pub fn stateful_steps(&self) -> Vec<usize> {
+        self.topology.stateful_steps()
+    }
+
+    /// Changed state for the changelogs; call after `end_batch`, before committing.
+    pub fn take_changes(&mut self) -> Vec<ChangelogEntry> {
+        self.topology.take_changes()
+    }
+
+    pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), String> {
+        self.topology.restore(entry.topic.as_deref(), entry.partition, entry.step, &entry.key, entry.value.as_ref())
+    }
+
+    pub fn drop_input_partition(&mut self, topic: &str, partition: i32) {
+        self.topology.drop_input_partition(topic, partition);
+    }
+
     /// Keys or windows held in state, over every task and step.
     pub fn state_keys(&self) -> usize {
         self.topology.state_keys()
@@ -287,3 +311,9 @@ impl BatchCounts {
         }
     }
 }
+
+// The engine lives in the loop's session, which the rebalance callbacks reach.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Engine>();
+};

@@ -48,6 +48,8 @@ enum TaskPartition {
 
 struct StageSpec {
     steps: Vec<Step>,
+    /// Each step's index in the pipeline (what names its changelog).
+    indices: Vec<usize>,
     /// The key records are routed by into this stage; None for stage 0.
     repartition_by: Option<Vec<String>>,
 }
@@ -57,6 +59,22 @@ struct Task {
     /// The watermark this task's operators have been advanced to.
     watermark: i64,
 }
+
+/// One changed state entry of one task, bound for the changelog of its step, in the
+/// changelog partition numbered like the task's partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangelogEntry {
+    /// The input topic of an input-partition task; None for a task after a repartition.
+    pub topic: Option<String>,
+    pub partition: i32,
+    pub step: usize,
+    pub key: String,
+    pub value: Option<Value>,
+}
+
+/// The changelog key under which an input partition's watermark is kept, in the changelog of
+/// the first stateful step (state keys are JSON, so they never look like this).
+pub const WATERMARK_KEY: &str = "watermark";
 
 pub struct Topology {
     source: Source,
@@ -68,16 +86,18 @@ pub struct Topology {
     input_watermarks: BTreeMap<(String, i32), i64>,
     /// The minimum over `input_watermarks`: the watermark of every repartitioned task.
     shared_watermark: i64,
+    /// The watermarks last handed out for the changelog.
+    saved_watermarks: BTreeMap<(String, i32), i64>,
     width: u32,
 }
 
 impl Topology {
     pub fn new(pipeline: &Pipeline) -> Result<Topology, String> {
         let source = &pipeline.source;
-        let mut stages = vec![StageSpec { steps: Vec::new(), repartition_by: None }];
+        let mut stages = vec![StageSpec { steps: Vec::new(), indices: Vec::new(), repartition_by: None }];
         let mut partitioned_by: Option<Vec<String>> =
             (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
-        for step in &pipeline.steps {
+        for (index, step) in pipeline.steps.iter().enumerate() {
             let key = match step {
                 Step::Filter(_) => None,
                 Step::Dedup(dedup) => Some(&dedup.key),
@@ -92,9 +112,10 @@ impl Topology {
             if co_partitioned {
                 if let Some(stage) = stages.last_mut() {
                     stage.steps.push(step.clone());
+                    stage.indices.push(index);
                 }
             } else {
-                stages.push(StageSpec { steps: vec![step.clone()], repartition_by: key.cloned() });
+                stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: key.cloned() });
                 partitioned_by = key.cloned();
             }
         }
@@ -112,6 +133,7 @@ impl Topology {
             tasks: BTreeMap::new(),
             input_watermarks: BTreeMap::new(),
             shared_watermark: i64::MIN,
+            saved_watermarks: BTreeMap::new(),
             width: 1,
         })
     }
@@ -138,6 +160,102 @@ impl Topology {
             }
         }
         lines
+    }
+
+    /// How many stages (1 + repartitions) the steps form.
+    pub fn stage_count(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// The pipeline indices of the stateful steps, which have changelogs.
+    pub fn stateful_steps(&self) -> Vec<usize> {
+        self.stages
+            .iter()
+            .flat_map(|stage| stage.steps.iter().zip(&stage.indices))
+            .filter(|(step, _)| step.is_stateful())
+            .map(|(_, index)| *index)
+            .collect()
+    }
+
+    /// State entries changed since the last call, for every task, with each changed input
+    /// watermark. Call after `end_batch`.
+    pub fn take_changes(&mut self) -> Vec<ChangelogEntry> {
+        let Some(first_stateful) = self.stateful_steps().first().copied() else {
+            return Vec::new();
+        };
+        let mut entries = Vec::new();
+        for ((stage, id), task) in self.tasks.iter_mut() {
+            let (topic, partition) = match id {
+                TaskPartition::Input(topic, partition) => (Some(topic.clone()), *partition),
+                TaskPartition::Repartitioned(partition) => (None, *partition as i32),
+            };
+            for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
+                for change in operator.take_changes() {
+                    entries.push(ChangelogEntry {
+                        topic: topic.clone(),
+                        partition,
+                        step: *step,
+                        key: change.key,
+                        value: change.value,
+                    });
+                }
+            }
+        }
+        for ((topic, partition), watermark) in &self.input_watermarks {
+            let input = (topic.clone(), *partition);
+            if *watermark > i64::MIN && self.saved_watermarks.get(&input) != Some(watermark) {
+                self.saved_watermarks.insert(input, *watermark);
+                entries.push(ChangelogEntry {
+                    topic: Some(topic.clone()),
+                    partition: *partition,
+                    step: first_stateful,
+                    key: WATERMARK_KEY.into(),
+                    value: Some(Value::from(*watermark)),
+                });
+            }
+        }
+        entries
+    }
+
+    /// Puts back one changelog entry.
+    pub fn restore(&mut self, entry_topic: Option<&str>, partition: i32, step: usize, key: &str, value: Option<&Value>) -> Result<(), String> {
+        if key == WATERMARK_KEY {
+            let topic = entry_topic.ok_or("a watermark entry without its input topic")?;
+            let input = (topic.to_string(), partition);
+            let watermark = value.and_then(Value::as_i64).unwrap_or(i64::MIN);
+            self.input_watermarks.insert(input.clone(), watermark);
+            self.saved_watermarks.insert(input.clone(), watermark);
+            if let Some(task) = self.tasks.get_mut(&(0, TaskPartition::Input(input.0, input.1))) {
+                task.watermark = watermark;
+            }
+            self.shared_watermark = self.minimum_input_watermark();
+            return Ok(());
+        }
+        let Some((stage, position)) = self
+            .stages
+            .iter()
+            .enumerate()
+            .find_map(|(stage, spec)| spec.indices.iter().position(|index| *index == step).map(|position| (stage, position)))
+        else {
+            return Err(format!("a changelog entry of step {step}, which this pipeline does not have"));
+        };
+        let id = match (stage, entry_topic) {
+            (0, Some(topic)) => TaskPartition::Input(topic.to_string(), partition),
+            (stage, None) if stage > 0 => TaskPartition::Repartitioned(partition as u32),
+            _ => return Err(format!("a changelog entry of step {step} for the wrong kind of task")),
+        };
+        let task = self.task(stage, &id).map_err(|error| error.0)?;
+        task.operators[position].restore(key, value)
+    }
+
+    /// Forgets an input partition's tasks and watermark (it was revoked, or its uncommitted
+    /// state must be replaced from the changelog).
+    pub fn drop_input_partition(&mut self, topic: &str, partition: i32) {
+        let input = (topic.to_string(), partition);
+        self.tasks.remove(&(0, TaskPartition::Input(input.0.clone(), input.1)));
+        self.input_watermarks.remove(&input);
+        self.saved_watermarks.remove(&input);
+        self.shared_watermark = self.minimum_input_watermark();
     }
 
     pub fn state_keys(&self) -> usize {

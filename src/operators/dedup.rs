@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
 
-use super::{Emitted, Outcome, Record, key_of};
+use super::{Emitted, Outcome, Record, StateChange, key_of};
 use crate::config::Dedup;
 
 pub struct DedupOperator {
@@ -16,6 +16,8 @@ pub struct DedupOperator {
     first_seen: HashMap<String, i64>,
     /// (expiry, key), to evict in watermark order.
     expiries: BTreeSet<(i64, String)>,
+    /// Keys added or ended since the last `take_changes`.
+    changed: BTreeSet<String>,
 }
 
 impl DedupOperator {
@@ -25,6 +27,7 @@ impl DedupOperator {
             within: spec.within.as_millis() as i64,
             first_seen: HashMap::new(),
             expiries: BTreeSet::new(),
+            changed: BTreeSet::new(),
         }
     }
 
@@ -50,6 +53,7 @@ impl DedupOperator {
         }
         let expiry = record.event_time.saturating_add(self.within);
         self.expiries.insert((expiry, key_text.clone()));
+        self.changed.insert(key_text.clone());
         self.first_seen.insert(key_text, record.event_time);
         record.key = Some(key);
         out.push(Emitted::Record(record));
@@ -64,7 +68,32 @@ impl DedupOperator {
             }
             if let Some((_, key)) = self.expiries.pop_first() {
                 self.first_seen.remove(&key);
+                self.changed.insert(key);
             }
         }
+    }
+
+    /// What changed since the last call: (key, first event time, or None once ended).
+    pub fn take_changes(&mut self) -> Vec<StateChange> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|key| {
+                let value = self.first_seen.get(&key).map(|time| Value::from(*time));
+                StateChange { key, value }
+            })
+            .collect()
+    }
+
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+        if let Some(time) = self.first_seen.remove(key) {
+            self.expiries.remove(&(time.saturating_add(self.within), key.to_string()));
+        }
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let time = value.as_i64().ok_or_else(|| format!("dedup state for {key} is not a time: {value}"))?;
+        self.expiries.insert((time.saturating_add(self.within), key.to_string()));
+        self.first_seen.insert(key.to_string(), time);
+        Ok(())
     }
 }

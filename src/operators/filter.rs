@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cel::objects::{Key, Value as CelValue};
-use cel::{Context, Program};
+use cel::{Context, Env, Program};
 use serde_json::Value;
 
 use super::{Emitted, Outcome, ProcessError, Record};
@@ -62,8 +62,9 @@ fn parse(expression: &str) -> Result<Program, String> {
 pub struct FilterOperator {
     expression: String,
     compiled: FilterExpression,
-    /// Built once: a CEL root context holds the standard function registry.
-    root: Context<'static, 'static>,
+    /// The standard functions, shared; a root context over it is cheap to make per record
+    /// and, unlike a context kept here, lets the operator move between threads.
+    environment: Arc<Env>,
 }
 
 impl FilterOperator {
@@ -71,7 +72,7 @@ impl FilterOperator {
         Ok(FilterOperator {
             expression: expression.to_string(),
             compiled: FilterExpression::compile(expression, source)?,
-            root: Context::default(),
+            environment: Arc::new(Env::stdlib()),
         })
     }
 
@@ -90,7 +91,8 @@ impl FilterOperator {
     }
 
     fn matches(&self, record: &Record<'_>) -> Result<bool, ProcessError> {
-        let mut scope = self.root.new_inner_scope();
+        let root = Context::with_env(self.environment.clone());
+        let mut scope = root.new_inner_scope();
         for (name, value) in &record.fields {
             scope.add_variable_from_value(name.as_str(), to_cel(value));
         }

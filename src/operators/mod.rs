@@ -64,6 +64,13 @@ pub enum Outcome {
     Late(String),
 }
 
+/// One changed entry of a step's state, for its changelog: the value, or None once gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    pub key: String,
+    pub value: Option<Value>,
+}
+
 /// A record-level failure inside a step (bad data, not a bug): goes where `on_error.process`
 /// says.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -117,6 +124,24 @@ impl Operator {
     pub fn commit<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
         if let Operator::Window(window) = self {
             window.commit(out);
+        }
+    }
+
+    /// State entries changed since the last call (stateless steps have none).
+    pub fn take_changes(&mut self) -> Vec<StateChange> {
+        match self {
+            Operator::Filter(_) => Vec::new(),
+            Operator::Dedup(dedup) => dedup.take_changes(),
+            Operator::Window(window) => window.take_changes(),
+        }
+    }
+
+    /// Puts back one state entry read from the changelog (None deletes it).
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+        match self {
+            Operator::Filter(_) => Ok(()),
+            Operator::Dedup(dedup) => dedup.restore(key, value),
+            Operator::Window(window) => window.restore(key, value),
         }
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
-use super::{Emitted, Outcome, Record, key_of};
+use super::{Emitted, Outcome, Record, StateChange, key_of};
 use crate::config::{Aggregate, EmitMode, FieldType, Schema, Window, WindowKind};
 
 pub struct WindowOperator {
@@ -34,13 +34,20 @@ pub struct WindowOperator {
     merged_away: Vec<(Map<String, Value>, i64)>,
     /// Processing order, to break event-time ties in first/last.
     sequence: u64,
+    /// Windows added, updated or closed since the last `take_changes`.
+    dirty: BTreeSet<(String, i64)>,
+    sequence_changed: bool,
 }
+
+/// The changelog key of the processing sequence (window keys are JSON arrays).
+const SEQUENCE_KEY: &str = "sequence";
 
 struct Group {
     key: Map<String, Value>,
     windows: BTreeMap<i64, WindowState>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct WindowState {
     end: i64,
     aggregates: Vec<AggregateState>,
@@ -48,7 +55,7 @@ struct WindowState {
     emitted: bool,
 }
 
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 enum AggregateState {
     Count(i64),
     SumWhole(Option<i64>),
@@ -86,6 +93,8 @@ impl WindowOperator {
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
             sequence: 0,
+            dirty: BTreeSet::new(),
+            sequence_changed: false,
         }
     }
 
@@ -114,6 +123,7 @@ impl WindowOperator {
         let lateness = self.lateness;
         let open = move |end: i64| end.saturating_add(lateness) > watermark;
         self.sequence += 1;
+        self.sequence_changed = true;
         let sequence = self.sequence;
         let key = key_of(&record.fields, &self.group_by);
         let group_text = Value::Object(key.clone()).to_string();
@@ -171,6 +181,7 @@ impl WindowOperator {
             WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false }
         });
         accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
+        self.dirty.insert((group_text.to_string(), start));
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), start));
         }
@@ -194,6 +205,7 @@ impl WindowOperator {
             let Some(old) = group.windows.remove(session_start) else { continue };
             self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.to_string(), *session_start));
             self.changed.remove(&(group_text.to_string(), *session_start));
+            self.dirty.insert((group_text.to_string(), *session_start));
             merged.end = merged.end.max(old.end);
             merge(&mut merged.aggregates, old.aggregates);
             if old.emitted {
@@ -208,6 +220,7 @@ impl WindowOperator {
         accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
         self.closing.insert((merged.end.saturating_add(self.lateness), group_text.to_string(), merged_start));
         group.windows.insert(merged_start, merged);
+        self.dirty.insert((group_text.to_string(), merged_start));
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), merged_start));
         }
@@ -225,6 +238,7 @@ impl WindowOperator {
             let Some((_, group_text, start)) = self.closing.pop_first() else { break };
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.remove(&start) else { continue };
+            self.dirty.insert((group_text.clone(), start));
             let changed = self.changed.remove(&(group_text.clone(), start));
             if self.emit == EmitMode::Final || changed {
                 let record = output_record(&self.group_by, &self.aggregates, &group.key, start, &window, self.emit);
@@ -246,9 +260,65 @@ impl WindowOperator {
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.get_mut(&start) else { continue };
             window.emitted = true;
+            self.dirty.insert((group_text.clone(), start));
             let record = output_record(&self.group_by, &self.aggregates, &group.key, start, window, self.emit);
             out.push(Emitted::Record(record));
         }
+    }
+
+    /// What changed since the last call, as changelog entries: each window under
+    /// `[group, start]` (None once closed or merged away), and the processing sequence.
+    /// Called at a commit, after `commit`, so no update is pending in what is saved.
+    pub fn take_changes(&mut self) -> Vec<StateChange> {
+        let mut changes = Vec::with_capacity(self.dirty.len() + 1);
+        for (group_text, start) in std::mem::take(&mut self.dirty) {
+            let key = Value::from(vec![Value::String(group_text.clone()), Value::from(start)]).to_string();
+            let value = self.groups.get(&group_text).and_then(|group| group.windows.get(&start)).map(|window| {
+                let mut saved = serde_json::to_value(window).unwrap_or(Value::Null);
+                if let (Value::Object(saved), Some(group)) = (&mut saved, self.groups.get(&group_text)) {
+                    saved.insert("group".into(), Value::Object(group.key.clone()));
+                }
+                saved
+            });
+            changes.push(StateChange { key, value });
+        }
+        if std::mem::take(&mut self.sequence_changed) {
+            changes.push(StateChange { key: SEQUENCE_KEY.into(), value: Some(Value::from(self.sequence)) });
+        }
+        changes
+    }
+
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+        if key == SEQUENCE_KEY {
+            self.sequence = value.and_then(Value::as_u64).unwrap_or(0);
+            return Ok(());
+        }
+        let (group_text, start): (String, i64) =
+            serde_json::from_str(key).map_err(|error| format!("window state key {key}: {error}"))?;
+        if let Some(group) = self.groups.get_mut(&group_text) {
+            if let Some(old) = group.windows.remove(&start) {
+                self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.clone(), start));
+            }
+            if group.windows.is_empty() {
+                self.groups.remove(&group_text);
+            }
+        }
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let group_key = match value.get("group") {
+            Some(Value::Object(key)) => key.clone(),
+            _ => return Err(format!("window state {key} has no group")),
+        };
+        let window: WindowState =
+            serde_json::from_value(value.clone()).map_err(|error| format!("window state {key}: {error}"))?;
+        self.closing.insert((window.end.saturating_add(self.lateness), group_text.clone(), start));
+        self.groups
+            .entry(group_text)
+            .or_insert_with(|| Group { key: group_key, windows: BTreeMap::new() })
+            .windows
+            .insert(start, window);
+        Ok(())
     }
 
     fn emit_tombstones<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
