@@ -115,14 +115,24 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    // Stateful steps run only where their state survives a crash; until state is kept in
-    // RocksDB with changelog topics, `weir run` refuses them rather than lose it silently.
-    if loaded.pipeline.steps.iter().any(|step| step.is_stateful()) {
-        eprintln!(
-            "weir: 1 configuration problem:\n  - steps: dedup and window steps need durable state (RocksDB + changelog), \
-             which this version of weir does not have yet; `weir test` runs them without a broker"
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    // Routing records between processes by key (repartition topics) is not built yet: say so
+    // before touching Kafka rather than aggregate each partition's share on its own.
+    match Engine::new(&loaded.pipeline) {
+        Ok(engine) if engine.stage_count() > 1 => {
+            eprintln!(
+                "weir: 1 configuration problem:\n  - sources.{source}.partitioned_by: a dedup or window step is keyed by fields \
+                 the input is not declared to be partitioned by, which needs a repartition topic; weir run cannot \
+                 repartition yet. Declare partitioned_by with the fields the input's producers key by (they must be \
+                 among the step's key fields), or repartition upstream. (`weir test` already runs this pipeline.)",
+                source = loaded.pipeline.source.name
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Ok(_) => {}
+        Err(message) => {
+            eprintln!("weir: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
     // The instance makes the transactional id: an empty one (an unset env var in a template)
     // would give every replica the same id and they would fence each other forever.

@@ -59,8 +59,8 @@ fn a_difference_is_reported_with_exit_status_1() {
 }
 
 #[test]
-fn run_refuses_stateful_steps_until_state_is_durable() {
-    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dedup");
+fn run_refuses_pipelines_that_need_a_repartition() {
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/repartition");
     let output = Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["run", "--pipeline"])
         .arg(case.join("pipeline.yaml"))
@@ -68,5 +68,6 @@ fn run_refuses_stateful_steps_until_state_is_durable() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("need durable state"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources.clicks.partitioned_by") && stderr.contains("cannot repartition yet"), "{stderr}");
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub struct Health {
     transactions_ready: AtomicBool,
     assigned_partitions: AtomicUsize,
+    restoring: AtomicBool,
 }
 
 impl Health {
@@ -21,8 +22,15 @@ impl Health {
         self.assigned_partitions.load(Ordering::Relaxed)
     }
 
-    /// Ready to do work: the transactional producer is initialized and partitions are assigned.
+    pub fn set_restoring(&self, restoring: bool) {
+        self.restoring.store(restoring, Ordering::Relaxed);
+    }
+
+    /// Ready to do work: the transactional producer is initialized, partitions are assigned
+    /// and their state is restored.
     pub fn is_ready(&self) -> bool {
-        self.transactions_ready.load(Ordering::Relaxed) && self.assigned_partitions() > 0
+        self.transactions_ready.load(Ordering::Relaxed)
+            && self.assigned_partitions() > 0
+            && !self.restoring.load(Ordering::Relaxed)
     }
 }

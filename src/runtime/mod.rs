@@ -30,6 +30,7 @@ mod clients;
 pub mod error;
 pub mod health;
 mod rebalance;
+mod state;
 mod topics;
 mod transaction;
 
@@ -46,11 +47,12 @@ use tracing::{info, warn};
 
 use crate::config::{Loaded, SourceTopics};
 use crate::engine::{Destination, Engine, InputRecord, Output, Stage};
+use state::{Changelogs, Restorer};
 use crate::operators::Provenance;
 use crate::telemetry::metrics::Metrics;
 pub use error::RuntimeError;
 use health::Health;
-use rebalance::LoopContext;
+use rebalance::{LoopContext, OutputTopics, Session};
 use transaction::{DeliveryWatch, Outcome, Transaction};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -75,10 +77,15 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
-    let mut engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
+    let engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
+    let changelogs = Changelogs::new(&pipeline.name, &engine.stateful_steps());
 
-    topics::prepare(settings, pipeline)?;
+    topics::prepare(settings, pipeline, &changelogs)?;
+    let restorer = match changelogs.is_empty() {
+        true => None,
+        false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone())?),
+    };
 
     let producer: BaseProducer<DeliveryWatch> = clients::producer_config(settings, &transactional_id)
         .create_with_context(DeliveryWatch::default())
@@ -97,8 +104,11 @@ pub fn run(
     health.set_transactions_ready(true);
     info!(transactional_id = %transactional_id, "transactions initialized");
 
+    let topics = OutputTopics { sink: pipeline.sink.topic.clone(), dlq: pipeline.dlq_topic.clone(), changelogs };
     let context = LoopContext::new(
         transaction,
+        engine,
+        topics,
         pipeline.source.starting_offsets,
         options.until_end,
         metrics.clone(),
@@ -121,9 +131,9 @@ pub fn run(
 
     let result = Loop {
         consumer: &consumer,
-        engine: &mut engine,
-        sink_topic: &pipeline.sink.topic,
-        dlq_topic: &pipeline.dlq_topic,
+        restorer: restorer.as_ref(),
+        metrics: &metrics,
+        health: &health,
         commit_interval: settings.runtime.commit_interval,
         max_batch_records: settings.runtime.max_batch_records.get(),
         until_end: options.until_end,
@@ -139,7 +149,7 @@ pub fn run(
         let mut session = consumer.context().session();
         session.abandoned = true;
         if session.transaction.is_open() && !matches!(error, RuntimeError::Fenced { .. }) {
-            let _ = session.transaction.abort(Some(Instant::now() + Duration::from_secs(5)));
+            let _ = session.abort(Some(Instant::now() + Duration::from_secs(5)));
         }
     }
     // Dropping the consumer closes it: with cooperative rebalancing that revokes what is left
@@ -150,9 +160,9 @@ pub fn run(
 
 struct Loop<'a> {
     consumer: &'a BaseConsumer<LoopContext>,
-    engine: &'a mut Engine,
-    sink_topic: &'a str,
-    dlq_topic: &'a str,
+    restorer: Option<&'a Restorer>,
+    metrics: &'a Metrics,
+    health: &'a Health,
     commit_interval: Duration,
     max_batch_records: usize,
     until_end: bool,
@@ -205,7 +215,30 @@ impl Loop<'_> {
         if let Some(failure) = failure {
             return Err(failure);
         }
-        self.rewind(rewind)
+        self.rewind(rewind)?;
+        self.restore_pending()
+    }
+
+    /// Rebuilds from the changelog the state of partitions just assigned or just aborted,
+    /// before any of their records is processed. Not ready meanwhile.
+    fn restore_pending(&mut self) -> Result<(), RuntimeError> {
+        let mut session = self.consumer.context().session();
+        let pending = std::mem::take(&mut session.pending_restore);
+        let Some(restorer) = self.restorer else {
+            return Ok(());
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.health.set_restoring(true);
+        for (topic, partition) in pending {
+            if session.owned.contains_key(&(topic.clone(), partition)) {
+                restorer.restore(&mut session.engine, &topic, partition)?;
+            }
+        }
+        self.health.set_restoring(false);
+        self.metrics.state_keys.set(session.engine.state_keys() as i64);
+        Ok(())
     }
 
     fn rewind(&mut self, positions: Vec<(String, i32, i64)>) -> Result<(), RuntimeError> {
@@ -243,19 +276,17 @@ impl Loop<'_> {
             key: message.key(),
             value: message.payload(),
         };
-        let mut session = self.consumer.context().session();
-        session.transaction.ensure_open()?;
+        let mut guard = self.consumer.context().session();
+        let Session { transaction, engine, topics, .. } = &mut *guard;
+        transaction.ensure_open()?;
         self.outputs.clear();
-        if let Err(failure) = self.engine.process(&input, &mut self.outputs) {
-            self.engine.take_counts();
+        if let Err(failure) = engine.process(&input, &mut self.outputs) {
+            engine.take_counts();
             return Err(failure.into());
         }
         for output in self.outputs.drain(..) {
-            let destination = match output.destination {
-                Destination::Sink => self.sink_topic,
-                Destination::Dlq => self.dlq_topic,
-            };
-            let Err(error) = session.transaction.send(destination, &output) else {
+            let destination = topics.of(output.destination);
+            let Err(error) = transaction.send(destination, &output) else {
                 continue;
             };
             let record_specific = matches!(
@@ -266,18 +297,17 @@ impl Loop<'_> {
                 return Err(RuntimeError::Fatal(format!("producing to {destination}: {error}")));
             }
             // The result itself cannot be written: the input goes where on_error.produce says.
-            self.engine.unproduce();
+            engine.unproduce();
             let mut dead_letters = Vec::with_capacity(1);
-            self.engine.reject(&input, Stage::Produce, &error.to_string(), &mut dead_letters)?;
+            engine.reject(&input, Stage::Produce, &error.to_string(), &mut dead_letters)?;
             for dead_letter in &dead_letters {
-                session
-                    .transaction
-                    .send(self.dlq_topic, dead_letter)
-                    .map_err(|error| RuntimeError::Fatal(format!("producing to {}: {error}", self.dlq_topic)))?;
+                transaction
+                    .send(&topics.dlq, dead_letter)
+                    .map_err(|error| RuntimeError::Fatal(format!("producing to {}: {error}", topics.dlq)))?;
             }
         }
-        let counts = self.engine.take_counts();
-        session.transaction.consumed(topic, partition, offset, &counts);
+        let counts = engine.take_counts();
+        transaction.consumed(topic, partition, offset, &counts);
         Ok(())
     }
 
@@ -317,7 +347,9 @@ impl Loop<'_> {
     fn commit(&mut self, deadline: Option<Instant>) -> Result<Option<Outcome>, RuntimeError> {
         let outcome = {
             let mut session = self.consumer.context().session();
-            session.transaction.commit(self.consumer, deadline)?
+            let outcome = session.commit(self.consumer, deadline)?;
+            self.metrics.state_keys.set(session.metrics_state_keys as i64);
+            outcome
         };
         if let Some(Outcome::Aborted { rewind }) = &outcome {
             self.rewind(rewind.clone())?;

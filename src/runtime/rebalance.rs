@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -19,7 +19,9 @@ use tracing::{info, warn};
 
 use super::error::RuntimeError;
 use super::health::Health;
+use super::state::{self, Changelogs};
 use super::transaction::{Outcome, Transaction};
+use crate::engine::{Destination, Engine};
 use crate::config::StartingOffsets;
 use crate::telemetry::metrics::Metrics;
 
@@ -43,6 +45,11 @@ pub struct OwnedPartition {
 /// State shared by the loop and the callbacks; only ever locked on the loop's thread.
 pub struct Session {
     pub transaction: Transaction,
+    pub engine: Engine,
+    pub topics: OutputTopics,
+    /// Input partitions whose state must be rebuilt from the changelog before their next
+    /// record is processed (just assigned, or their batch aborted).
+    pub pending_restore: Vec<(String, i32)>,
     pub owned: BTreeMap<(String, i32), OwnedPartition>,
     /// An error raised inside a callback, for the loop to stop with.
     pub failure: Option<RuntimeError>,
@@ -50,6 +57,8 @@ pub struct Session {
     pub rewind: Vec<(String, i32, i64)>,
     /// The loop stopped on an error: callbacks must not commit anything any more.
     pub abandoned: bool,
+    /// Keys and windows in state after the last commit, for the gauge.
+    pub metrics_state_keys: usize,
 }
 
 pub struct LoopContext {
@@ -61,8 +70,11 @@ pub struct LoopContext {
 }
 
 impl LoopContext {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         transaction: Transaction,
+        engine: Engine,
+        topics: OutputTopics,
         starting_offsets: StartingOffsets,
         until_end: bool,
         metrics: Arc<Metrics>,
@@ -71,10 +83,14 @@ impl LoopContext {
         LoopContext {
             session: Mutex::new(Session {
                 transaction,
+                engine,
+                topics,
+                pending_restore: Vec::new(),
                 owned: BTreeMap::new(),
                 failure: None,
                 rewind: Vec::new(),
                 abandoned: false,
+                metrics_state_keys: 0,
             }),
             starting_offsets,
             until_end,
@@ -94,9 +110,9 @@ impl LoopContext {
         if session.transaction.is_open() && !session.abandoned {
             // Lost partitions may already belong to someone else: committing would be fenced.
             let outcome = if lost {
-                session.transaction.abort(None)
+                session.abort(None)
             } else {
-                session.transaction.commit(consumer, None).map(|outcome| outcome.unwrap_or(Outcome::Committed { records: 0 }))
+                session.commit(consumer, None).map(|outcome| outcome.unwrap_or(Outcome::Committed { records: 0 }))
             };
             match outcome {
                 Ok(Outcome::Committed { records }) => info!(records, "committed the open batch before giving up partitions"),
@@ -106,6 +122,8 @@ impl LoopContext {
         }
         for element in revoked.elements() {
             let key = (element.topic().to_string(), element.partition());
+            session.engine.drop_input_partition(&key.0, key.1);
+            session.pending_restore.retain(|pending| pending != &key);
             session.owned.remove(&key);
             session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
             self.metrics
@@ -146,6 +164,7 @@ impl LoopContext {
             } else {
                 None
             };
+            session.pending_restore.push((element.topic().to_string(), element.partition()));
             session.owned.insert(
                 (element.topic().to_string(), element.partition()),
                 OwnedPartition {
@@ -216,6 +235,77 @@ impl LoopContext {
             }
         }
         Ok(())
+    }
+}
+
+/// Where outputs go.
+#[derive(Debug, Clone)]
+pub struct OutputTopics {
+    pub sink: String,
+    pub dlq: String,
+    pub changelogs: Changelogs,
+}
+
+impl OutputTopics {
+    pub fn of(&self, destination: Destination) -> &str {
+        match destination {
+            Destination::Sink => &self.sink,
+            Destination::Dlq => &self.dlq,
+        }
+    }
+}
+
+impl Session {
+    /// Commits the open batch: first what the batch end emits (update-mode windows) and the
+    /// state changes for the changelogs, then the offsets and the transaction.
+    pub fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Outcome>, RuntimeError> {
+        if self.transaction.is_open() {
+            let mut outputs = Vec::new();
+            self.engine.end_batch(&mut outputs);
+            for output in &outputs {
+                let topic = self.topics.of(output.destination).to_string();
+                self.transaction
+                    .send(&topic, output)
+                    .map_err(|error| RuntimeError::Fatal(format!("producing to {topic}: {error}")))?;
+            }
+            for entry in self.engine.take_changes() {
+                let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
+                    return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
+                };
+                let (key, value) = state::encode(&entry);
+                self.transaction
+                    .send_to_partition(changelog, entry.partition, &key, value.as_deref())
+                    .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+            }
+            let counts = self.engine.take_counts();
+            self.transaction.add_counts(&counts);
+        }
+        let outcome = self.transaction.commit(consumer, deadline)?;
+        self.after_outcome(outcome.as_ref());
+        Ok(outcome)
+    }
+
+    /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
+    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+        let outcome = self.transaction.abort(deadline)?;
+        self.after_outcome(Some(&outcome));
+        Ok(outcome)
+    }
+
+    fn after_outcome(&mut self, outcome: Option<&Outcome>) {
+        if let Some(Outcome::Aborted { rewind }) = outcome {
+            // The aborted records changed in-memory state that was never committed.
+            self.engine.take_counts();
+            for (topic, partition, _) in rewind {
+                self.engine.drop_input_partition(topic, *partition);
+                self.pending_restore.push((topic.clone(), *partition));
+            }
+        }
+        self.metrics_state_keys = self.engine.state_keys();
     }
 }
 

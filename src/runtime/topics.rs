@@ -12,12 +12,13 @@ use rdkafka::metadata::Metadata;
 use tracing::info;
 
 use super::clients;
+use super::state::Changelogs;
 use super::error::RuntimeError;
 use crate::config::{Pipeline, Settings, SourceTopics};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn prepare(settings: &Settings, pipeline: &Pipeline) -> Result<(), RuntimeError> {
+pub fn prepare(settings: &Settings, pipeline: &Pipeline, changelogs: &Changelogs) -> Result<(), RuntimeError> {
     let client: BaseConsumer = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
@@ -46,7 +47,36 @@ pub fn prepare(settings: &Settings, pipeline: &Pipeline) -> Result<(), RuntimeEr
         )));
     }
     if partition_count(&client, &pipeline.dlq_topic)?.is_none() {
-        create_topic(settings, &pipeline.dlq_topic, source_partitions.unwrap_or(1))?;
+        create_topic(settings, &pipeline.dlq_topic, source_partitions.unwrap_or(1), &[])?;
+    }
+    if !changelogs.is_empty() {
+        // State of input partition p lives in changelog partition p: every source topic must
+        // have the changelogs' partition count.
+        let SourceTopics::List(topics) = &pipeline.source.topics else {
+            return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
+        };
+        let mut counts = Vec::new();
+        for topic in topics {
+            counts.push(partition_count(&client, topic)?.unwrap_or(0));
+        }
+        let partitions = counts.iter().copied().max().unwrap_or(1);
+        if counts.iter().any(|count| *count != partitions) {
+            return Err(RuntimeError::Setup(format!(
+                "the source topics {topics:?} have different partition counts {counts:?}; stateful steps need them equal"
+            )));
+        }
+        for changelog in changelogs.topics() {
+            match partition_count(&client, changelog)? {
+                None => create_topic(settings, changelog, partitions, &[("cleanup.policy", "compact")])?,
+                Some(count) if count == partitions => {}
+                Some(count) => {
+                    return Err(RuntimeError::Setup(format!(
+                        "changelog {changelog} has {count} partitions but the input has {partitions}; \
+                         its state no longer matches the input's partitions (reset the state or use a new pipeline name)"
+                    )));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -68,12 +98,15 @@ fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, Ru
     }
 }
 
-fn create_topic(settings: &Settings, topic: &str, partitions: i32) -> Result<(), RuntimeError> {
+fn create_topic(settings: &Settings, topic: &str, partitions: i32, config: &[(&str, &str)]) -> Result<(), RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
     // -1: the broker's default replication factor.
-    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    for (key, value) in config {
+        new_topic = new_topic.set(key, value);
+    }
     let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| RuntimeError::Setup("topic creation needs the tokio runtime".into()))?;

@@ -187,6 +187,29 @@ impl Transaction {
         }
     }
 
+    /// Adds counts of work done outside `consumed` (results emitted at the end of a batch).
+    pub fn add_counts(&mut self, counts: &BatchCounts) {
+        self.counts.add(counts);
+    }
+
+    /// Queues a changelog record for one partition in the open transaction.
+    pub fn send_to_partition(&mut self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) -> KafkaResult<()> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(1));
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
     /// Serves delivery reports; cheap, called once per loop turn.
     pub fn poll(&self) {
         self.producer.poll(Duration::ZERO);

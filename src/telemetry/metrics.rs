@@ -33,6 +33,10 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Committed offsets that had fallen out of retention, by how weir went on.
     pub data_loss_events: IntCounterVec,
+    /// State entries read back from changelogs (on assignment and after aborts).
+    pub state_restored_records: IntCounter,
+    /// Keys (dedup) and windows held in state by this process.
+    pub state_keys: IntGauge,
 }
 
 impl Metrics {
@@ -76,6 +80,13 @@ impl Metrics {
             "Committed offsets found out of retention, by policy applied.",
             &["policy"],
         );
+        let state_restored_records = counter(
+            "weir_state_restored_records_total",
+            "State entries read back from changelog topics.",
+        );
+        let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state.")
+            .expect("metric definitions are static and valid");
+        registry.register(Box::new(state_keys.clone())).expect("each metric is registered once");
         for stage in Stage::ALL {
             dlq_records.with_label_values(&[stage.as_str()]);
             skipped_records.with_label_values(&[stage.as_str()]);
@@ -94,6 +105,8 @@ impl Metrics {
             assigned_partitions,
             rebalances,
             data_loss_events,
+            state_restored_records,
+            state_keys,
         }
     }
 

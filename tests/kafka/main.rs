@@ -8,4 +8,5 @@ mod operations;
 mod passthrough;
 mod poison;
 mod sources;
+mod stateful;
 mod visibility;

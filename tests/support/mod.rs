@@ -15,7 +15,7 @@ use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -452,6 +452,16 @@ pub fn event(id: u64) -> String {
 /// Produces `event(id)` for each id in `ids`, keyed `k<id>`, at about `per_second`, on a
 /// thread of its own (input that flows while processes come and go).
 pub fn feed(topic: &str, ids: std::ops::Range<u64>, per_second: u64) -> std::thread::JoinHandle<()> {
+    feed_with(topic, ids, per_second, |id| Input::keyed(format!("k{id}"), event(id)))
+}
+
+/// Like [`feed`], with each record made by `make`.
+pub fn feed_with(
+    topic: &str,
+    ids: std::ops::Range<u64>,
+    per_second: u64,
+    make: fn(u64) -> Input,
+) -> std::thread::JoinHandle<()> {
     let topic = topic.to_string();
     std::thread::spawn(move || {
         let producer = TestProducer::new();
@@ -461,7 +471,7 @@ pub fn feed(topic: &str, ids: std::ops::Range<u64>, per_second: u64) -> std::thr
         while next < ids.end {
             let end = (next + chunk).min(ids.end);
             for id in next..end {
-                producer.send(&topic, &Input::keyed(format!("k{id}"), event(id)));
+                producer.send(&topic, &make(id));
             }
             producer.flush();
             next = end;

@@ -1,0 +1,137 @@
+//! Stateful steps on a real broker: state survives SIGKILLs through its changelog.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::support::*;
+
+const USERS: u64 = 40;
+
+/// A click of user `id % USERS`, keyed by user (so the topic is partitioned by user), with
+/// event times 5 ms apart give or take 200 ms, and ids repeating every 10,000 (so each
+/// (user, id) pair comes 20 times: dedup keeps the first).
+fn click(id: u64) -> Input {
+    let user = format!("u{}", id % USERS);
+    let jitter = (id * 7919) % 400;
+    let ts = 1_700_000_000_000 + id * 5 + jitter;
+    let value = format!(r#"{{"id":{},"user":"{user}","amount":{},"ts":{ts}}}"#, id % 10_000, id % 100);
+    Input::keyed(user, value)
+}
+
+fn pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
+    pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: json
+    schema: {{ id: long, user: string, amount: long, ts: long }}
+    event_time: {{ field: ts, unit: millis }}
+    watermark: {{ max_out_of_orderness: 1s }}
+    partitioned_by: [user]
+steps:
+{steps}
+sink:
+  topic: {output}
+"#
+    ))
+}
+
+/// Every record as read_committed sees it, counted by (key, value).
+fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    for record in read_committed(topic) {
+        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+        *counts.entry((key, record.value_text())).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn windowed_count_and_dedup_survive_sigkills_exactly() {
+    const RECORDS: u64 = 200_000;
+    let input = unique("clicks");
+    create_topic(&input, 4);
+    let window_steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
+    let dedup_steps = "  - dedup: { key: [user, id], within: 1h }";
+    let cases: Vec<(&str, String, String)> = [("window", window_steps), ("dedup", dedup_steps)]
+        .into_iter()
+        .map(|(kind, steps)| {
+            let (golden, crashed) = (unique(&format!("{kind}-golden")), unique(&format!("{kind}-crashed")));
+            create_topic(&golden, 4);
+            create_topic(&crashed, 4);
+            (steps, golden, crashed)
+        })
+        .map(|(steps, golden, crashed)| (steps, golden, crashed))
+        .collect();
+    let feeder = feed_with(&input, 0..RECORDS, 8_000, click);
+
+    // Kill both crashed pipelines at the same random moments while the input flows.
+    let crashed: Vec<(PipelineFile, String)> = cases
+        .iter()
+        .map(|(steps, _, output)| {
+            let name = unique("stateful");
+            (pipeline(&name, &input, output, steps), name)
+        })
+        .collect();
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    let mut logs = Vec::new();
+    while kills < 10 || !feeder.is_finished() {
+        let mut processes: Vec<WeirProcess> =
+            crashed.iter().map(|(file, _)| WeirProcess::start(&file.path, WeirOptions::default())).collect();
+        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
+        while Instant::now() < deadline {
+            for process in &mut processes {
+                if let Some(status) = process.child.try_wait().unwrap() {
+                    panic!("weir exited on its own with {status}:\n{}", process.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for process in &mut processes {
+            process.kill();
+            logs.push(process.log_text());
+        }
+        kills += 1;
+        assert!(kills < 80, "the input never finished flowing");
+    }
+    feeder.join().unwrap();
+    for (file, _) in &crashed {
+        let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        let status = last.wait(Duration::from_secs(600));
+        assert!(status.success(), "final run failed: {status}\n{}", last.log_text());
+        logs.push(last.log_text());
+    }
+
+    // The same pipelines, uninterrupted, over the same input.
+    for (steps, golden, _) in &cases {
+        let file = pipeline(&unique("stateful-golden"), &input, golden, steps);
+        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        let status = run.wait(Duration::from_secs(600));
+        assert!(status.success(), "golden run failed: {status}\n{}", run.log_text());
+    }
+    for (steps, golden, crashed_output) in &cases {
+        let expected = multiset(golden);
+        assert!(expected.len() > 1_000, "{steps}: the golden run produced only {} records", expected.len());
+        if steps.contains("dedup") {
+            assert_eq!(expected.values().sum::<usize>(), 10_000, "dedup keeps one record per (user, id)");
+        }
+        let actual = multiset(crashed_output);
+        let missing = expected.iter().filter(|(record, count)| actual.get(*record) != Some(count)).count();
+        let extra = actual.iter().filter(|(record, count)| expected.get(*record) != Some(count)).count();
+        assert!(
+            missing == 0 && extra == 0,
+            "{steps}: {missing} golden records missing or miscounted, {extra} unexpected, over {kills} kills"
+        );
+    }
+    // Restarts resumed from the changelog rather than from nothing.
+    let restored: Vec<u64> = logs
+        .iter()
+        .flat_map(|log| log.lines().filter(|line| line.contains("restored state from the changelog")).map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|line| line.split("restored=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    assert!(restored.iter().filter(|count| **count > 0).count() >= 10, "restores seen: {restored:?}");
+}
