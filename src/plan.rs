@@ -31,5 +31,14 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
         settings.runtime.max_batch_records
     );
     let _ = writeln!(text, "  kafka: {}", settings.kafka.bootstrap_servers);
+    for step in engine.stateful_steps() {
+        let _ = writeln!(text, "  state of step {step}: changelog topic {}-{step}-changelog", pipeline.name);
+    }
+    if engine.stage_count() > 1 {
+        let _ = writeln!(
+            text,
+            "  note: this pipeline repartitions; `weir test` runs it, `weir run` cannot repartition yet"
+        );
+    }
     text
 }

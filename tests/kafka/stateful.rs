@@ -135,3 +135,51 @@ fn windowed_count_and_dedup_survive_sigkills_exactly() {
         .collect();
     assert!(restored.iter().filter(|count| **count > 0).count() >= 10, "restores seen: {restored:?}");
 }
+
+/// A second instance joins a windowed pipeline mid-run, takes partitions with their state,
+/// and later leaves: the output equals the uninterrupted run's.
+#[test]
+fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
+    const RECORDS: u64 = 60_000;
+    let input = unique("clicks");
+    create_topic(&input, 4);
+    let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
+    let (golden, moved) = (unique("golden"), unique("moved"));
+    create_topic(&golden, 4);
+    create_topic(&moved, 4);
+    let feeder = feed_with(&input, 0..RECORDS, 4_000, click);
+
+    let file = pipeline(&unique("rebalanced"), &input, &moved, steps);
+    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
+    let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env, ..Default::default() });
+    wait_ready(&second, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the joining instance to restore and commit", || {
+        metric(&second, "weir_batches_total", &[]).unwrap_or(0.0) > 0.0
+    });
+    assert!(metric(&second, "weir_state_restored_records_total", &[]).unwrap_or(0.0) > 0.0, "{}", second.log_text());
+    std::thread::sleep(Duration::from_secs(2));
+    second.terminate();
+    assert!(second.wait(Duration::from_secs(30)).success(), "{}", second.log_text());
+    feeder.join().unwrap();
+    wait_until(Duration::from_secs(120), "the first instance to take everything back and reach the end", || {
+        committed_offsets(&file_name(&file), &input) == end_offsets(&input)
+    });
+    first.terminate();
+    assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
+
+    let reference = pipeline(&unique("rebalanced-golden"), &input, &golden, steps);
+    let mut run = WeirProcess::start(&reference.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
+    let expected = multiset(&golden);
+    assert!(expected.len() > 1_000);
+    assert_eq!(multiset(&moved), expected);
+}
+
+/// The pipeline name in a pipeline file (the consumer group).
+fn file_name(file: &PipelineFile) -> String {
+    let text = std::fs::read_to_string(&file.path).unwrap();
+    text.lines().next().unwrap().trim_start_matches("name: ").to_string()
+}
