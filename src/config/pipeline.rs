@@ -408,8 +408,8 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     };
 
     let sink = sink.map(|raw| check_sink(raw, source.as_ref(), problems));
-    if let (Some(steps), Some(source)) = (&steps, &source) {
-        if steps.iter().any(Step::is_stateful) {
+    if let (Some(steps), Some(source)) = (&steps, &source)
+        && steps.iter().any(Step::is_stateful) {
             if source.event_time.is_none() {
                 problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
             }
@@ -417,7 +417,6 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
                 problems.push(format!("sources.{}.watermark", source.name), "is required by dedup and window steps");
             }
         }
-    }
     let (name, source, steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
     let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
     if dlq_topic == sink.topic {

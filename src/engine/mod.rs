@@ -157,10 +157,6 @@ impl Engine {
         self.topology.describe()
     }
 
-    pub fn is_stateful(&self) -> bool {
-        self.pipeline.steps.iter().any(|step| step.is_stateful())
-    }
-
     /// How many stages the steps form; more than one means repartitioning.
     pub fn stage_count(&self) -> usize {
         self.topology.stage_count()

@@ -428,40 +428,32 @@ fn merge(states: &mut [AggregateState], other: Vec<AggregateState>) {
     for (state, other) in states.iter_mut().zip(other) {
         match (state, other) {
             (AggregateState::Count(count), AggregateState::Count(more)) => *count += more,
-            (AggregateState::SumWhole(sum), AggregateState::SumWhole(more)) => {
-                if let Some(more) = more {
-                    *sum = Some(sum.unwrap_or(0).wrapping_add(more));
-                }
+            (AggregateState::SumWhole(sum), AggregateState::SumWhole(Some(more))) => {
+                *sum = Some(sum.unwrap_or(0).wrapping_add(more));
             }
-            (AggregateState::SumDouble(sum), AggregateState::SumDouble(more)) => {
-                if let Some(more) = more {
-                    *sum = Some(sum.unwrap_or(0.0) + more);
-                }
+            (AggregateState::SumDouble(sum), AggregateState::SumDouble(Some(more))) => {
+                *sum = Some(sum.unwrap_or(0.0) + more);
             }
             (AggregateState::Avg { sum, count }, AggregateState::Avg { sum: more_sum, count: more_count }) => {
                 *sum += more_sum;
                 *count += more_count;
             }
-            (AggregateState::Min(current), AggregateState::Min(Some(value))) => {
-                if current.as_ref().is_none_or(|current| compare(&value, current).is_lt()) {
+            (AggregateState::Min(current), AggregateState::Min(Some(value)))
+                if current.as_ref().is_none_or(|current| compare(&value, current).is_lt()) => {
                     *current = Some(value);
                 }
-            }
-            (AggregateState::Max(current), AggregateState::Max(Some(value))) => {
-                if current.as_ref().is_none_or(|current| compare(&value, current).is_gt()) {
+            (AggregateState::Max(current), AggregateState::Max(Some(value)))
+                if current.as_ref().is_none_or(|current| compare(&value, current).is_gt()) => {
                     *current = Some(value);
                 }
-            }
-            (AggregateState::First(current), AggregateState::First(Some(candidate))) => {
-                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) < (*time, *seq)) {
+            (AggregateState::First(current), AggregateState::First(Some(candidate)))
+                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) < (*time, *seq)) => {
                     *current = Some(candidate);
                 }
-            }
-            (AggregateState::Last(current), AggregateState::Last(Some(candidate))) => {
-                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) > (*time, *seq)) {
+            (AggregateState::Last(current), AggregateState::Last(Some(candidate)))
+                if current.as_ref().is_none_or(|(time, seq, _)| (candidate.0, candidate.1) > (*time, *seq)) => {
                     *current = Some(candidate);
                 }
-            }
             (AggregateState::CountDistinct(values), AggregateState::CountDistinct(more)) => values.extend(more),
             _ => {}
         }

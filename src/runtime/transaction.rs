@@ -38,11 +38,10 @@ impl ProducerContext for DeliveryWatch {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
-        if let Err((error, _)) = result {
-            if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+        if let Err((error, _)) = result
+            && self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
                 warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
             }
-        }
     }
 }
 
@@ -162,7 +161,7 @@ impl Transaction {
 
     /// Queues one output in the open transaction. Errors are about this record (too large,
     /// for instance) or fatal; a full queue is waited out.
-    pub fn send(&mut self, topic: &str, output: &Output) -> KafkaResult<()> {
+    pub fn send(&self, topic: &str, output: &Output) -> KafkaResult<()> {
         let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
         for (name, value) in &output.headers {
             headers = headers.insert(Header { key: name, value: Some(value) });
@@ -174,6 +173,11 @@ impl Transaction {
         if let Some(value) = &output.value {
             record = record.payload(value.as_slice());
         }
+        self.enqueue(record)
+    }
+
+    /// Hands a record to librdkafka, waiting out a full queue.
+    fn enqueue(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> KafkaResult<()> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -193,21 +197,12 @@ impl Transaction {
     }
 
     /// Queues a changelog record for one partition in the open transaction.
-    pub fn send_to_partition(&mut self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) -> KafkaResult<()> {
+    pub fn send_to_partition(&self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) -> KafkaResult<()> {
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).key(key);
         if let Some(value) = value {
             record = record.payload(value);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    record = returned;
-                    self.producer.poll(Duration::from_millis(1));
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
+        self.enqueue(record)
     }
 
     /// Serves delivery reports; cheap, called once per loop turn.

@@ -64,7 +64,6 @@ fn windowed_count_and_dedup_survive_sigkills_exactly() {
             create_topic(&crashed, 4);
             (steps, golden, crashed)
         })
-        .map(|(steps, golden, crashed)| (steps, golden, crashed))
         .collect();
     let feeder = feed_with(&input, 0..RECORDS, 8_000, click);
 

@@ -33,11 +33,10 @@ pub fn repo_root() -> PathBuf {
 /// stopped by a watchdog when this process ends.
 pub fn broker() -> &'static Broker {
     BROKER.get_or_init(|| {
-        if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-            if !bootstrap.trim().is_empty() {
+        if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            && !bootstrap.trim().is_empty() {
                 return Broker { bootstrap };
             }
-        }
         let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
         let script = repo_root().join("scripts/kafka");
         let output = Command::new(&script)
@@ -48,13 +47,15 @@ pub fn broker() -> &'static Broker {
             .expect("run scripts/kafka start");
         assert!(output.status.success(), "scripts/kafka start failed");
         let bootstrap = String::from_utf8(output.stdout).unwrap().trim().to_string();
-        // Stop the broker when this test process is gone, however it ends.
+        // Stop the broker when this test process is gone, however it ends. The watchdog
+        // outlives us on purpose, so it is never waited for.
         let watchdog = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; '{script}' clean --dir '{dir}' >/dev/null 2>&1",
             pid = std::process::id(),
             script = script.display(),
             dir = run_dir.display()
         );
+        #[allow(clippy::zombie_processes)]
         Command::new("setsid")
             .args(["bash", "-c", &watchdog])
             .stdin(Stdio::null())
@@ -528,7 +529,7 @@ pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Opt
 
 pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while !process.http_get("/health/ready").is_some_and(|(status, _)| status == 200) {
+    while process.http_get("/health/ready").is_none_or(|(status, _)| status != 200) {
         assert!(Instant::now() < deadline, "weir not ready within {timeout:?}; log:\n{}", process.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
