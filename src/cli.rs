@@ -20,6 +20,18 @@ pub enum Command {
     /// Run a pipeline over a file of records without a broker and print (or check) what it
     /// would write.
     Test(TestArgs),
+    /// Reset a stopped pipeline: `--state` deletes its state (changelog topics and step
+    /// definitions), so changed stateful steps start empty from the committed offsets.
+    Reset(ResetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Delete the state of every stateful step.
+    #[arg(long)]
+    pub state: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,7 @@
 //! - [`telemetry`]: metric definitions and logging setup.
 //! - [`plan`]: the plan `weir validate` prints.
 //! - [`testing`]: `weir test`, the broker-less harness over the same engine.
+//! - [`reset`]: `weir reset --state`.
 
 pub mod cli;
 pub mod codec;
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod http;
 pub mod operators;
 pub mod plan;
+pub mod reset;
 pub mod runtime;
 pub mod telemetry;
 pub mod testing;

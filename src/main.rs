@@ -5,7 +5,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use weir::cli::{Cli, Command, ConfigArgs, RunArgs, TestArgs};
+use weir::cli::{Cli, Command, ConfigArgs, ResetArgs, RunArgs, TestArgs};
 use weir::testing;
 use weir::config::{self, Loaded};
 use weir::engine::Engine;
@@ -22,6 +22,32 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate(&args),
         Command::Run(args) => run(args),
         Command::Test(args) => test(&args),
+        Command::Reset(args) => reset(&args),
+    }
+}
+
+fn reset(args: &ResetArgs) -> ExitCode {
+    if !args.state {
+        eprintln!("weir: say what to reset: --state");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let loaded = match load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    match weir::reset::reset_state(&loaded) {
+        Ok(deleted) if deleted.is_empty() => {
+            println!("pipeline {} has no state to reset", loaded.pipeline.name);
+            ExitCode::SUCCESS
+        }
+        Ok(deleted) => {
+            println!("deleted the state of pipeline {}: {}", loaded.pipeline.name, deleted.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("weir: {message}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -156,28 +182,30 @@ fn run(args: RunArgs) -> ExitCode {
     let options = RunOptions { instance: args.instance, until_end: args.until_end };
     match tokio.block_on(serve_and_run(loaded, options)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err((message, code)) => {
             error!(error = %message, "weir stopped");
-            ExitCode::FAILURE
+            eprintln!("weir: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
-async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), String> {
+/// Runs the service; an error comes with the exit status it means.
+async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (String, u8)> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let (address, http) = weir::http::serve(loaded.settings.http.listen, health.clone(), metrics.clone(), http_stop.clone())
         .await
-        .map_err(|error| format!("cannot listen on {}: {error}", loaded.settings.http.listen))?;
+        .map_err(|error| (format!("cannot listen on {}: {error}", loaded.settings.http.listen), 1))?;
     info!(%address, pipeline = %loaded.pipeline.name, instance = %options.instance, "weir starting");
 
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let loop_shutdown = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || runtime::run(&loaded, &options, metrics, health, loop_shutdown))
         .await
-        .map_err(|error| format!("the processing thread panicked: {error}"))?;
+        .map_err(|error| (format!("the processing thread panicked: {error}"), 1))?;
     signals.abort();
     http_stop.cancel();
     let _ = http.await;
@@ -186,7 +214,9 @@ async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), String
             info!("weir stopped cleanly");
             Ok(())
         }
-        Err(error) => Err(error.to_string()),
+        // State written by other step definitions is a configuration problem too.
+        Err(error @ runtime::RuntimeError::Incompatible(_)) => Err((error.to_string(), EXIT_CONFIG)),
+        Err(error) => Err((error.to_string(), 1)),
     }
 }
 

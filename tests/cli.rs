@@ -127,3 +127,11 @@ fn an_empty_instance_id_is_refused() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--instance (env WEIR_INSTANCE)"));
 }
+
+#[test]
+fn reset_needs_to_be_told_what_to_reset() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(&["reset", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--state"));
+}

@@ -167,6 +167,16 @@ impl Engine {
         self.topology.stateful_steps()
     }
 
+    /// What a stateful step's state depends on, in words (kept to detect changed steps).
+    pub fn step_definition(&self, step: usize) -> String {
+        self.pipeline
+            .steps
+            .get(step)
+            .and_then(|definition| crate::operators::Operator::build(definition, &self.pipeline.source).ok())
+            .map(|operator| operator.describe())
+            .unwrap_or_default()
+    }
+
     /// Changed state for the changelogs; call after `end_batch`, before committing.
     pub fn take_changes(&mut self) -> Vec<ChangelogEntry> {
         self.topology.take_changes()

@@ -22,6 +22,9 @@ pub enum RuntimeError {
          set on_data_loss: earliest on the source to go on from the earliest offset kept"
     )]
     DataLoss { topic: String, partition: i32 },
+    /// The pipeline cannot run against what its earlier versions left (state, topics).
+    #[error("{0}")]
+    Incompatible(String),
     #[error("shutdown deadline passed before the last batch committed; it will be processed again on restart")]
     DrainDeadline,
 }

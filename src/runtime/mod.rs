@@ -27,11 +27,12 @@
 //!   consumer closes and leaves the group.
 
 mod clients;
+pub mod definitions;
 pub mod error;
 pub mod health;
 mod rebalance;
 mod state;
-mod topics;
+pub mod topics;
 mod transaction;
 
 use std::sync::Arc;
@@ -82,6 +83,7 @@ pub fn run(
     let changelogs = Changelogs::new(&pipeline.name, &engine.stateful_steps());
 
     topics::prepare(settings, pipeline, &changelogs)?;
+    definitions::check(settings, pipeline, &engine)?;
     let restorer = match changelogs.is_empty() {
         true => None,
         false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone())?),

@@ -81,6 +81,17 @@ pub fn prepare(settings: &Settings, pipeline: &Pipeline, changelogs: &Changelogs
     Ok(())
 }
 
+/// Creates `topic` unless it exists.
+pub fn ensure_topic(settings: &Settings, topic: &str, partitions: i32, config: &[(&str, &str)]) -> Result<(), RuntimeError> {
+    let client: BaseConsumer = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
+    if partition_count(&client, topic)?.is_none() {
+        create_topic(settings, topic, partitions, config)?;
+    }
+    Ok(())
+}
+
 fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, RuntimeError> {
     let metadata: Metadata = client
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)

@@ -182,3 +182,43 @@ fn file_name(file: &PipelineFile) -> String {
     let text = std::fs::read_to_string(&file.path).unwrap();
     text.lines().next().unwrap().trim_start_matches("name: ").to_string()
 }
+
+/// Changing a window's size over existing state is refused (exit 2, saying what changed and
+/// what to do); after `weir reset --state` the changed pipeline runs.
+#[test]
+fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
+    let input = unique("clicks");
+    let output = unique("out");
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    produce(&input, (0..2_000).map(click));
+    let name = unique("upgrade");
+    // A stopped static member stays in the group for a session timeout, which reset waits out.
+    let short_session = || vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
+    let one_second = pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }");
+    let mut first = WeirProcess::start(&one_second.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+    assert!(first.wait(Duration::from_secs(120)).success(), "{}", first.log_text());
+
+    let two_seconds = pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 2s, aggregates: { n: count() } }");
+    let mut changed = WeirProcess::start(&two_seconds.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+    let status = changed.wait(Duration::from_secs(120));
+    let log = changed.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("tumbling 1000ms") && log.contains("tumbling 2000ms"), "{log}");
+    assert!(log.contains("weir reset --state"), "{log}");
+
+    let reset = std::process::Command::new(weir_binary())
+        .args(["reset", "--state", "--pipeline"])
+        .arg(&two_seconds.path)
+        .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
+        .env("WEIR__KAFKA__SESSION_TIMEOUT", "6s")
+        .output()
+        .unwrap();
+    let reset_output = String::from_utf8_lossy(&reset.stdout);
+    assert!(reset.status.success(), "{reset_output}{}", String::from_utf8_lossy(&reset.stderr));
+    assert!(reset_output.contains(&format!("{name}-0-changelog")), "{reset_output}");
+
+    produce(&input, (2_000..3_000).map(click));
+    let mut after = WeirProcess::start(&two_seconds.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(after.wait(Duration::from_secs(120)).success(), "{}", after.log_text());
+}

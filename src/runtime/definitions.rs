@@ -1,0 +1,113 @@
+//! Upgrade safety: the definition of every stateful step is kept in a compacted topic,
+//! `<pipeline>-definitions` (key: the step's index, value: its definition). On start, before
+//! anything is read, a pipeline whose stateful steps differ from the ones that wrote the state
+//! is refused with what changed, instead of reading state in a layout it does not have.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::info;
+
+use super::clients;
+use super::error::RuntimeError;
+use crate::config::{Pipeline, Settings};
+use crate::engine::Engine;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn topic_name(pipeline_name: &str) -> String {
+    format!("{pipeline_name}-definitions")
+}
+
+/// Compares the pipeline's stateful steps with the definitions that wrote the state, and
+/// records the definitions of steps that have no state yet.
+pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Result<(), RuntimeError> {
+    let current: BTreeMap<usize, String> =
+        engine.stateful_steps().into_iter().map(|step| (step, engine.step_definition(step))).collect();
+    if current.is_empty() {
+        return Ok(());
+    }
+    let topic = topic_name(&pipeline.name);
+    super::topics::ensure_topic(settings, &topic, 1, &[("cleanup.policy", "compact")])?;
+    let stored = read(settings, &topic)?;
+    let mut changed = Vec::new();
+    for (step, definition) in &stored {
+        match current.get(step) {
+            Some(now) if now == definition => {}
+            Some(now) => changed.push(format!("step {step} was `{definition}` and is now `{now}`")),
+            None => changed.push(format!("step {step} was `{definition}` and is no longer a stateful step")),
+        }
+    }
+    if !changed.is_empty() {
+        return Err(RuntimeError::Incompatible(format!(
+            "the pipeline '{name}' has state written by different step definitions: {}. The saved state cannot be read \
+             by the new definitions. To drop the state and start the changed steps empty from the committed offsets, \
+             stop every instance and run `weir reset --state --pipeline <file>`; to start over from the input's \
+             starting offsets, give the pipeline a new name",
+            changed.join("; "),
+            name = pipeline.name
+        )));
+    }
+    let missing: Vec<(&usize, &String)> = current.iter().filter(|(step, _)| !stored.contains_key(step)).collect();
+    if !missing.is_empty() {
+        let producer: BaseProducer = clients::admin_config(settings)
+            .set("enable.idempotence", "true")
+            .create()
+            .map_err(|error| RuntimeError::Setup(format!("creating a producer for {topic}: {error}")))?;
+        for (step, definition) in missing {
+            let key = step.to_string();
+            producer
+                .send(BaseRecord::to(&topic).key(&key).payload(definition))
+                .map_err(|(error, _)| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
+        }
+        producer
+            .flush(TIMEOUT)
+            .map_err(|error| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
+        info!(%topic, "recorded the definitions of the stateful steps");
+    }
+    Ok(())
+}
+
+fn read(settings: &Settings, topic: &str) -> Result<BTreeMap<usize, String>, RuntimeError> {
+    let consumer: BaseConsumer = clients::admin_config(settings)
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, TIMEOUT)
+        .map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+    let mut stored = BTreeMap::new();
+    if high <= low {
+        return Ok(stored);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|error| RuntimeError::Setup(error.to_string()))?;
+    consumer.assign(&assignment).map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+            let step = message.key().and_then(|key| std::str::from_utf8(key).ok()).and_then(|key| key.parse().ok());
+            if let Some(step) = step {
+                match message.payload() {
+                    Some(definition) => stored.insert(step, String::from_utf8_lossy(definition).into_owned()),
+                    None => stored.remove(&step),
+                };
+            }
+            if message.offset() + 1 >= high {
+                return Ok(stored);
+            }
+            continue;
+        }
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Setup(format!("reading {topic} did not reach its end in {TIMEOUT:?}")));
+        }
+    }
+}
