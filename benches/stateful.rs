@@ -1,0 +1,154 @@
+//! Stateful throughput, memory and restart time, as ratios of weir's own pass-through in the
+//! same run: dedup over 1M distinct keys, and a tumbling-window count. Then the time from
+//! SIGKILL to the first committed output of a restarted dedup holding 1M keys of state.
+//! Run: `cargo bench --bench stateful` (`-- N` sets the record count, default 1,000,000).
+//! Every run's output count is checked against the expected answer.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PARTITIONS: i32 = 4;
+const USERS: u64 = 1000;
+
+struct Run {
+    seconds: f64,
+    peak_rss_mib: f64,
+}
+
+fn main() {
+    let records: u64 = std::env::args().filter_map(|argument| argument.parse().ok()).next().unwrap_or(1_000_000);
+    let input = unique("bench-clicks");
+    create_topic(&input, PARTITIONS);
+    let producer = TestProducer::new();
+    for id in 0..records {
+        let user = format!("u{}", id % USERS);
+        // 10 ms of event time per record: 1s windows hold 100 records across all users.
+        let value = format!(r#"{{"id":{id},"user":"{user}","amount":{},"ts":{}}}"#, id % 100, 1_700_000_000_000 + id * 10);
+        producer.send(&input, &Input::keyed(user, value));
+    }
+    producer.flush();
+    println!("broker: {}, {records} input records of about 80 B keyed by {USERS} users", broker().bootstrap);
+
+    let pass = run(&input, "", records);
+    let dedup_steps = "  - dedup: { key: [user, id], within: 24h }";
+    let dedup_name = unique("bench-dedup");
+    let dedup = run_named(&dedup_name, &input, dedup_steps, records);
+    let windows_total = expected_windows(records);
+    let window = run(&input, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }", windows_total);
+
+    println!();
+    println!("| pipeline | records/s | ratio to pass-through | peak RSS (MiB) |");
+    println!("|---|---|---|---|");
+    for (label, result) in [("pass-through (JSON, no steps)", &pass), ("dedup, 1M distinct keys", &dedup), ("tumbling 1s count by user", &window)] {
+        println!(
+            "| {label} | {:.0} | {:.2} | {:.0} |",
+            records as f64 / result.seconds,
+            pass.seconds / result.seconds,
+            result.peak_rss_mib
+        );
+    }
+    println!(
+        "\nstate memory: about {:.0} MiB per million dedup keys (peak RSS of dedup minus pass-through)",
+        (dedup.peak_rss_mib - pass.peak_rss_mib) * 1_000_000.0 / records as f64
+    );
+
+    // Restart with the dedup state: new input, a new process, time to its first committed output.
+    let producer = TestProducer::new();
+    for id in records..records + 1000 {
+        let user = format!("u{}", id % USERS);
+        let value = format!(r#"{{"id":{id},"user":"{user}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + id * 10);
+        producer.send(&input, &Input::keyed(user, value));
+    }
+    producer.flush();
+    let file = pipeline(&dedup_name, &input, &format!("{dedup_name}-out"), dedup_steps);
+    let started = Instant::now();
+    let restarted = WeirProcess::start(&file.path, WeirOptions::default());
+    wait_until(Duration::from_secs(600), "the restarted dedup's first committed output", || {
+        metric(&restarted, "weir_records_out_total", &[("sink", &format!("{dedup_name}-out"))]).unwrap_or(0.0) > 0.0
+    });
+    let restored = metric(&restarted, "weir_state_restored_records_total", &[]).unwrap_or(0.0);
+    println!(
+        "restart with {restored:.0} state entries: {:.1} s from process start to the first committed output \
+         (group join, restore from the changelog, first batch)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn expected_windows(records: u64) -> u64 {
+    // Every user has a record in every 1s window but the last few still open at the end.
+    let mut windows = std::collections::BTreeSet::new();
+    for id in 0..records {
+        windows.insert((id % USERS, (id * 10) / 1000));
+    }
+    let last_time = (records - 1) * 10;
+    // A window closes when the watermark (per partition: max time - 1s) reaches its end.
+    windows.into_iter().filter(|(_, second)| (second + 1) * 1000 + 1000 <= last_time - 40).count() as u64
+}
+
+fn pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
+    pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: json
+    schema: {{ id: long, user: string, amount: long, ts: long }}
+    event_time: {{ field: ts, unit: millis }}
+    watermark: {{ max_out_of_orderness: 1s }}
+    partitioned_by: [user]
+steps:
+{steps}
+sink:
+  topic: {output}
+"#
+    ))
+}
+
+fn run(input: &str, steps: &str, expected_outputs: u64) -> Run {
+    run_named(&unique("bench-stateful"), input, steps, expected_outputs)
+}
+
+fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64) -> Run {
+    let output = format!("{name}-out");
+    create_topic(&output, PARTITIONS);
+    let file = pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
+    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    let pid = weir.child.id();
+    wait_ready(&weir, Duration::from_secs(120));
+    let started = Instant::now();
+    let mut peak_kib = 0u64;
+    loop {
+        if let Some(status) = weir.child.try_wait().unwrap() {
+            assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
+            break;
+        }
+        peak_kib = peak_kib.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let produced = read_committed(&output).len() as u64;
+    // The window count depends on per-partition watermarks; check it loosely, the others exactly.
+    if steps.contains("window") {
+        assert!(produced > 0 && produced.abs_diff(expected_outputs) <= USERS * 3, "{steps}: {produced} outputs, expected about {expected_outputs}");
+    } else {
+        assert_eq!(produced, expected_outputs, "{steps}: output count");
+    }
+    Run { seconds, peak_rss_mib: peak_kib as f64 / 1024.0 }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
