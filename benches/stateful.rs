@@ -64,7 +64,7 @@ fn main() {
         producer.send(&input, &Input::keyed(user, value));
     }
     producer.flush();
-    let file = pipeline(&dedup_name, &input, &format!("{dedup_name}-out"), dedup_steps);
+    let file = clicks_pipeline(&dedup_name, &input, &format!("{dedup_name}-out"), dedup_steps);
     let started = Instant::now();
     let restarted = WeirProcess::start(&file.path, WeirOptions::default());
     wait_until(Duration::from_secs(600), "the restarted dedup's first committed output", || {
@@ -89,25 +89,6 @@ fn expected_windows(records: u64) -> u64 {
     windows.into_iter().filter(|(_, second)| (second + 1) * 1000 + 1000 <= last_time - 40).count() as u64
 }
 
-fn pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
-    pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: json
-    schema: {{ id: long, user: string, amount: long, ts: long }}
-    event_time: {{ field: ts, unit: millis }}
-    watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [user]
-steps:
-{steps}
-sink:
-  topic: {output}
-"#
-    ))
-}
-
 fn run(input: &str, steps: &str, expected_outputs: u64) -> Run {
     run_named(&unique("bench-stateful"), input, steps, expected_outputs)
 }
@@ -115,7 +96,7 @@ fn run(input: &str, steps: &str, expected_outputs: u64) -> Run {
 fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64) -> Run {
     let output = format!("{name}-out");
     create_topic(&output, PARTITIONS);
-    let file = pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
+    let file = clicks_pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
     let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
     let pid = weir.child.id();
     wait_ready(&weir, Duration::from_secs(120));

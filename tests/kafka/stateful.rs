@@ -20,25 +20,6 @@ fn click(id: u64) -> Input {
     Input::keyed(user, value)
 }
 
-fn pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
-    pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: json
-    schema: {{ id: long, user: string, amount: long, ts: long }}
-    event_time: {{ field: ts, unit: millis }}
-    watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [user]
-steps:
-{steps}
-sink:
-  topic: {output}
-"#
-    ))
-}
-
 /// Every record as read_committed sees it, counted by (key, value).
 fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
     let mut counts = BTreeMap::new();
@@ -72,7 +53,7 @@ fn windowed_count_and_dedup_survive_sigkills_exactly() {
         .iter()
         .map(|(steps, _, output)| {
             let name = unique("stateful");
-            (pipeline(&name, &input, output, steps), name)
+            (clicks_pipeline(&name, &input, output, steps), name)
         })
         .collect();
     let mut rng = rand::rng();
@@ -107,7 +88,7 @@ fn windowed_count_and_dedup_survive_sigkills_exactly() {
 
     // The same pipelines, uninterrupted, over the same input.
     for (steps, golden, _) in &cases {
-        let file = pipeline(&unique("stateful-golden"), &input, golden, steps);
+        let file = clicks_pipeline(&unique("stateful-golden"), &input, golden, steps);
         let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
         let status = run.wait(Duration::from_secs(600));
         assert!(status.success(), "golden run failed: {status}\n{}", run.log_text());
@@ -148,7 +129,7 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     create_topic(&moved, 4);
     let feeder = feed_with(&input, 0..RECORDS, 4_000, click);
 
-    let file = pipeline(&unique("rebalanced"), &input, &moved, steps);
+    let file = clicks_pipeline(&unique("rebalanced"), &input, &moved, steps);
     let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
     let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
     wait_ready(&first, Duration::from_secs(60));
@@ -169,7 +150,7 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     first.terminate();
     assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
 
-    let reference = pipeline(&unique("rebalanced-golden"), &input, &golden, steps);
+    let reference = clicks_pipeline(&unique("rebalanced-golden"), &input, &golden, steps);
     let mut run = WeirProcess::start(&reference.path, WeirOptions { until_end: true, ..Default::default() });
     assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
     let expected = multiset(&golden);
@@ -195,11 +176,11 @@ fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
     let name = unique("upgrade");
     // A stopped static member stays in the group for a session timeout, which reset waits out.
     let short_session = || vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
-    let one_second = pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }");
+    let one_second = clicks_pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }");
     let mut first = WeirProcess::start(&one_second.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
     assert!(first.wait(Duration::from_secs(120)).success(), "{}", first.log_text());
 
-    let two_seconds = pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 2s, aggregates: { n: count() } }");
+    let two_seconds = clicks_pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 2s, aggregates: { n: count() } }");
     let mut changed = WeirProcess::start(&two_seconds.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
     let status = changed.wait(Duration::from_secs(120));
     let log = changed.log_text();

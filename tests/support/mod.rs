@@ -446,6 +446,27 @@ sink:
     )
 }
 
+/// A pipeline over click events `{id, user, amount, ts}` from a topic keyed (so partitioned)
+/// by user, with event time and a 1s watermark, running `steps` (YAML lines).
+pub fn clicks_pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
+    pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: json
+    schema: {{ id: long, user: string, amount: long, ts: long }}
+    event_time: {{ field: ts, unit: millis }}
+    watermark: {{ max_out_of_orderness: 1s }}
+    partitioned_by: [user]
+steps:
+{steps}
+sink:
+  topic: {output}
+"#
+    ))
+}
+
 pub fn event(id: u64) -> String {
     format!(r#"{{"id":{id},"user":"u{}","amount":{}.5}}"#, id % 97, id % 1000)
 }
