@@ -36,18 +36,7 @@ fn health_metrics_and_graceful_shutdown() {
     assert_eq!(status, 200);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).expect("Prometheus text");
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .find(|sample| {
-                sample.metric == name
-                    && labels.iter().all(|(key, value)| sample.labels.get(key) == Some(*value))
-            })
-            .map(|sample| match sample.value {
-                prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => value,
-                _ => f64::NAN,
-            })
-            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+        sample(&scrape, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
     };
     assert_eq!(value("weir_records_in_total", &[("source", "events")]), 1000.0);
     assert_eq!(value("weir_records_out_total", &[("sink", output.as_str())]), passed);

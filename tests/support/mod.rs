@@ -534,10 +534,8 @@ pub fn assert_exactly_once(output: &str, expected: &[u64]) {
     );
 }
 
-/// Reads one sample of a metric from a process's /metrics, if it is there.
-pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let (_, text) = process.http_get("/metrics")?;
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).ok()?;
+/// The value of one sample in a parsed Prometheus scrape, if it is there.
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape
         .samples
         .iter()
@@ -546,6 +544,13 @@ pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Opt
             prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => Some(value),
             _ => None,
         })
+}
+
+/// Reads one sample of a metric from a process's /metrics, if it is there.
+pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, text) = process.http_get("/metrics")?;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).ok()?;
+    sample(&scrape, name, labels)
 }
 
 pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
