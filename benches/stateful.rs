@@ -17,6 +17,8 @@ const USERS: u64 = 1000;
 struct Run {
     seconds: f64,
     peak_rss_mib: f64,
+    /// The pipeline file; its directory also holds the run's local state store.
+    file: PipelineFile,
 }
 
 fn main() {
@@ -36,14 +38,23 @@ fn main() {
     let pass = run(&input, "", records);
     let dedup_steps = "  - dedup: { key: [user, id], within: 24h }";
     let dedup_name = unique("bench-dedup");
-    let dedup = run_named(&dedup_name, &input, dedup_steps, records);
+    let dedup = run_named(&dedup_name, &input, dedup_steps, records, true);
     let windows_total = expected_windows(records);
-    let window = run(&input, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }", windows_total);
+    let window_steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }";
+    let window = run(&input, window_steps, windows_total);
+    // The same window with the input not declared partitioned by user: every record takes
+    // the extra hop through the repartition topic.
+    let repartitioned = run_named(&unique("bench-repartitioned"), &input, window_steps, windows_total, false);
 
     println!();
     println!("| pipeline | records/s | ratio to pass-through | peak RSS (MiB) |");
     println!("|---|---|---|---|");
-    for (label, result) in [("pass-through (JSON, no steps)", &pass), ("dedup, 1M distinct keys", &dedup), ("tumbling 1s count by user", &window)] {
+    for (label, result) in [
+        ("pass-through (JSON, no steps)", &pass),
+        ("dedup, 1M distinct keys", &dedup),
+        ("tumbling 1s count by user", &window),
+        ("the same, repartitioned by user", &repartitioned),
+    ] {
         println!(
             "| {label} | {:.0} | {:.2} | {:.0} |",
             records as f64 / result.seconds,
@@ -55,6 +66,11 @@ fn main() {
         "\nstate memory: about {:.0} MiB per million dedup keys (peak RSS of dedup minus pass-through)",
         (dedup.peak_rss_mib - pass.peak_rss_mib) * 1_000_000.0 / records as f64
     );
+    let store = dedup.file.path.parent().unwrap().join("state");
+    println!(
+        "local state store: {:.0} MiB per million dedup keys on disk (RocksDB, lz4)",
+        directory_bytes(&store) as f64 / (1024.0 * 1024.0) * 1_000_000.0 / records as f64
+    );
 
     // Restart with the dedup state: new input, a new process, time to its first committed output.
     let producer = TestProducer::new();
@@ -64,17 +80,25 @@ fn main() {
         producer.send(&input, &Input::keyed(user, value));
     }
     producer.flush();
-    let file = clicks_pipeline(&dedup_name, &input, &format!("{dedup_name}-out"), dedup_steps);
+    // The same pipeline file: its directory holds the local state store the dedup left.
+    let file = &dedup.file;
     let started = Instant::now();
     let restarted = WeirProcess::start(&file.path, WeirOptions::default());
     wait_until(Duration::from_secs(600), "the restarted dedup's first committed output", || {
         metric(&restarted, "weir_records_out_total", &[("sink", &format!("{dedup_name}-out"))]).unwrap_or(0.0) > 0.0
     });
-    let restored = metric(&restarted, "weir_state_restored_records_total", &[]).unwrap_or(0.0);
+    let elapsed = started.elapsed().as_secs_f64();
+    // Restores log where their entries came from: the local store, or the changelog's tail.
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+    };
+    let log = restarted.log_text();
+    let restores = log.lines().filter(|line| line.contains("restored state"));
+    let (from_store, from_changelog) =
+        restores.fold((0, 0), |(store, changelog), line| (store + field(line, "from_store"), changelog + field(line, "from_changelog")));
     println!(
-        "restart with {restored:.0} state entries: {:.1} s from process start to the first committed output \
-         (group join, restore from the changelog, first batch)",
-        started.elapsed().as_secs_f64()
+        "restart with {from_store} state entries from the local store and {from_changelog} from the changelog: \
+         {elapsed:.1} s from process start to the first committed output (group join, restore, first batch)"
     );
 }
 
@@ -90,13 +114,19 @@ fn expected_windows(records: u64) -> u64 {
 }
 
 fn run(input: &str, steps: &str, expected_outputs: u64) -> Run {
-    run_named(&unique("bench-stateful"), input, steps, expected_outputs)
+    run_named(&unique("bench-stateful"), input, steps, expected_outputs, true)
 }
 
-fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64) -> Run {
+/// Runs a pipeline to the end of the input; `partitioned`: the input is declared partitioned
+/// by user (as it is), else keyed steps repartition.
+fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64, partitioned: bool) -> Run {
     let output = format!("{name}-out");
     create_topic(&output, PARTITIONS);
-    let file = clicks_pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
+    let mut file = clicks_pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
+    if !partitioned {
+        let text = std::fs::read_to_string(&file.path).unwrap();
+        file = pipeline_file(&text.replace("    partitioned_by: [user]\n", ""));
+    }
     let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
     let pid = weir.child.id();
     wait_ready(&weir, Duration::from_secs(120));
@@ -118,7 +148,19 @@ fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64) -> Run
     } else {
         assert_eq!(produced, expected_outputs, "{steps}: output count");
     }
-    Run { seconds, peak_rss_mib: peak_kib as f64 / 1024.0 }
+    Run { seconds, peak_rss_mib: peak_kib as f64 / 1024.0, file }
+}
+
+fn directory_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
+            Ok(metadata) => metadata.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn rss_kib(pid: u32) -> u64 {

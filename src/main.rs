@@ -141,19 +141,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    // Routing records between processes by key (repartition topics) is not built yet: say so
-    // before touching Kafka rather than aggregate each partition's share on its own.
     match Engine::new(&loaded.pipeline) {
-        Ok(engine) if engine.stage_count() > 1 => {
-            eprintln!(
-                "weir: 1 configuration problem:\n  - sources.{source}.partitioned_by: a dedup or window step is keyed by fields \
-                 the input is not declared to be partitioned by, which needs a repartition topic; weir run cannot \
-                 repartition yet. Declare partitioned_by with the fields the input's producers key by (they must be \
-                 among the step's key fields), or repartition upstream. (`weir test` already runs this pipeline.)",
-                source = loaded.pipeline.source.name
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
         Ok(_) => {}
         Err(message) => {
             eprintln!("weir: {message}");

@@ -34,11 +34,8 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
     for step in engine.stateful_steps() {
         let _ = writeln!(text, "  state of step {step}: changelog topic {}-{step}-changelog", pipeline.name);
     }
-    if engine.stage_count() > 1 {
-        let _ = writeln!(
-            text,
-            "  note: this pipeline repartitions; `weir test` runs it, `weir run` cannot repartition yet"
-        );
+    for (_, topic) in engine.repartition_topics() {
+        let _ = writeln!(text, "  repartition topic: {topic} (records move to the task that owns their key)");
     }
     text
 }

@@ -171,6 +171,8 @@ fn render(pipeline: &Pipeline, outputs: impl Iterator<Item = Output>, lines: &mu
         let topic = match output.destination {
             Destination::Sink => &pipeline.sink.topic,
             Destination::Dlq => &pipeline.dlq_topic,
+            // `weir test` runs every stage in process: nothing is forwarded.
+            Destination::Repartition(_) => continue,
         };
         let headers: Map<String, Value> = output
             .headers

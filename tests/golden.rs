@@ -57,17 +57,3 @@ fn a_difference_is_reported_with_exit_status_1() {
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("line 5:") && report.contains(r#""n":80"#) && report.contains(r#""n":8"#), "{report}");
 }
-
-#[test]
-fn run_refuses_pipelines_that_need_a_repartition() {
-    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/repartition");
-    let output = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "--pipeline"])
-        .arg(case.join("pipeline.yaml"))
-        .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("sources.clicks.partitioned_by") && stderr.contains("cannot repartition yet"), "{stderr}");
-}

@@ -70,6 +70,7 @@ fn the_rendered_statefulset_has_probes_state_volume_instance_and_pipeline() {
     );
     let pipeline = variable("WEIR_PIPELINE")["value"].as_str().unwrap().to_string();
     assert!(variable("WEIR__KAFKA__BOOTSTRAP_SERVERS")["value"].is_string());
+    let state_dir = variable("WEIR__STATE__DIR")["value"].as_str().unwrap().to_string();
     let mounts = container["volumeMounts"].as_sequence().unwrap();
     let config_mount = mounts.iter().find(|mount| pipeline.starts_with(mount["mountPath"].as_str().unwrap())).unwrap();
     let volumes = statefulset["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap();
@@ -89,5 +90,10 @@ fn the_rendered_statefulset_has_probes_state_volume_instance_and_pipeline() {
     let validated = Command::new(env!("CARGO_BIN_EXE_weir")).arg("validate").arg("--pipeline").arg(&file).output().unwrap();
     assert!(validated.status.success(), "{}", String::from_utf8_lossy(&validated.stderr));
     let claims = statefulset["spec"]["volumeClaimTemplates"].as_sequence().unwrap();
-    assert!(claims.iter().any(|claim| mounts.iter().any(|mount| mount["name"] == claim["metadata"]["name"])), "the state volume is mounted");
+    assert!(
+        claims.iter().any(|claim| mounts
+            .iter()
+            .any(|mount| mount["name"] == claim["metadata"]["name"] && mount["mountPath"].as_str() == Some(state_dir.as_str()))),
+        "the state volume is mounted at state.dir"
+    );
 }

@@ -172,3 +172,267 @@ fn restoring_state_from_the_changelog_changes_nothing() {
         }
     }
 }
+
+/// What `weir run` does with a pipeline that repartitions, in memory: later stages read
+/// what earlier ones forward through (simulated) repartition topics, which a batch makes
+/// visible only when it commits, with watermarks travelling alongside; input and forwarded
+/// records interleave at random, and every few batches the engine restarts from its
+/// changelog. The closed results equal `weir test`'s.
+mod distributed {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use serde_json::Value;
+    use weir::engine::{ChangelogEntry, Destination, Engine, ForwardHeaders, InputRecord, Output};
+    use weir::operators::Provenance;
+
+    const PARTITIONS: usize = 3;
+
+    /// One record per partition an hour after the rest: every real window closes.
+    fn with_flush(mut partitions: Vec<Vec<String>>) -> Vec<Vec<String>> {
+        for (partition, lines) in partitions.iter_mut().enumerate() {
+            lines.push(format!(
+                r#"{{"source":"events","partition":{partition},"value":{{"id":"flush","k":"flush","v":0,"ts":99999999999}}}}"#
+            ));
+        }
+        partitions
+    }
+
+    /// Sink values as JSON text, without anything the flush records made.
+    fn closed_results(values: impl Iterator<Item = Value>) -> Vec<String> {
+        let mut results: Vec<String> = values.map(|value| value.to_string()).filter(|text| !text.contains("flush")).collect();
+        results.sort();
+        results
+    }
+
+    fn local(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
+        let input = super::interleave(rng, partitions);
+        let lines = weir::testing::run(pipeline, &input, 10).unwrap();
+        let values = lines.iter().map(|line| serde_json::from_str::<Value>(line).unwrap()).filter(|line| line["topic"] == "out");
+        closed_results(values.map(|line| line["value"].clone()))
+    }
+
+    struct Simulation<'p> {
+        pipeline: &'p weir::config::Pipeline,
+        engine: Engine,
+        /// Committed records of each (stage, repartition partition), not yet read.
+        topics: BTreeMap<(usize, i32), VecDeque<Output>>,
+        /// Forwarded in the open batch: visible once it commits.
+        pending: Vec<Output>,
+        changelog: BTreeMap<(Option<String>, i32, usize, String), Value>,
+        sink: Vec<Value>,
+        dlq: Vec<Output>,
+    }
+
+    impl Simulation<'_> {
+        fn engine(pipeline: &weir::config::Pipeline) -> Engine {
+            let mut engine = Engine::new(pipeline).unwrap();
+            engine.distribute(PARTITIONS as u32, PARTITIONS);
+            engine
+        }
+
+        fn collect(&mut self, outputs: Vec<Output>) {
+            for output in outputs {
+                match output.destination {
+                    Destination::Repartition(_) => self.pending.push(output),
+                    Destination::Sink => self.sink.push(serde_json::from_slice(output.value.as_deref().unwrap()).unwrap()),
+                    Destination::Dlq => self.dlq.push(output),
+                }
+            }
+        }
+
+        fn read_input(&mut self, partition: usize, offset: i64, line: &str) {
+            let line: Value = serde_json::from_str(line).unwrap();
+            let value = line["value"].to_string().into_bytes();
+            let input = InputRecord {
+                provenance: Provenance { topic: "events", partition: partition as i32, offset, timestamp: None, headers: &[], key: None },
+                key: None,
+                value: Some(&value),
+            };
+            let mut outputs = Vec::new();
+            self.engine.process(&input, &mut outputs).unwrap();
+            self.collect(outputs);
+        }
+
+        fn read_forwarded(&mut self, stage: usize, partition: i32) {
+            let Some(record) = self.topics.get_mut(&(stage, partition)).and_then(VecDeque::pop_front) else { return };
+            let headers: Vec<(&str, Option<&[u8]>)> =
+                record.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
+            let forwarded = ForwardHeaders::parse(&headers).unwrap();
+            let (topic, source_partition, offset, _) = forwarded.source.clone().unwrap_or(("events".into(), 0, 0, None));
+            let input = InputRecord {
+                provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: &[], key: None },
+                key: None,
+                value: record.value.as_deref(),
+            };
+            let mut outputs = Vec::new();
+            self.engine.process_forwarded(&input, stage, partition, &forwarded, &mut outputs).unwrap();
+            self.collect(outputs);
+        }
+
+        fn commit(&mut self) {
+            let mut outputs = Vec::new();
+            self.engine.end_batch(&mut outputs);
+            self.collect(outputs);
+            for output in self.pending.drain(..) {
+                let Destination::Repartition(stage) = output.destination else { unreachable!() };
+                self.topics.entry((stage, output.partition.unwrap())).or_default().push_back(output);
+            }
+            for entry in self.engine.take_changes() {
+                let key = (entry.topic, entry.partition, entry.step, entry.key);
+                match entry.value {
+                    Some(value) => self.changelog.insert(key, value),
+                    None => self.changelog.remove(&key),
+                };
+            }
+        }
+
+        fn restart(&mut self) {
+            self.engine = Simulation::engine(self.pipeline);
+            for ((topic, partition, step, key), value) in &self.changelog {
+                let entry =
+                    ChangelogEntry { topic: topic.clone(), partition: *partition, step: *step, key: key.clone(), value: Some(value.clone()) };
+                self.engine.restore(&entry).unwrap();
+            }
+        }
+
+        fn waiting(&self) -> Vec<(usize, i32)> {
+            self.topics.iter().filter(|(_, records)| !records.is_empty()).map(|(at, _)| *at).collect()
+        }
+    }
+
+    fn distributed(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
+        let mut simulation = Simulation {
+            pipeline,
+            engine: Simulation::engine(pipeline),
+            topics: BTreeMap::new(),
+            pending: Vec::new(),
+            changelog: BTreeMap::new(),
+            sink: Vec::new(),
+            dlq: Vec::new(),
+        };
+        let mut cursors = [0usize; PARTITIONS];
+        let (batch, restart_every) = (rng.random_range(1..12), rng.random_range(2..6));
+        let mut steps = 0;
+        let mut commits = 0;
+        loop {
+            let inputs: Vec<usize> = (0..PARTITIONS).filter(|p| cursors[*p] < partitions[*p].len()).collect();
+            let waiting = simulation.waiting();
+            if inputs.is_empty() && waiting.is_empty() {
+                simulation.commit();
+                if simulation.waiting().is_empty() {
+                    break;
+                }
+                continue;
+            }
+            if !waiting.is_empty() && (inputs.is_empty() || rng.random_bool(0.5)) {
+                let (stage, partition) = waiting[rng.random_range(0..waiting.len())];
+                simulation.read_forwarded(stage, partition);
+            } else {
+                let partition = inputs[rng.random_range(0..inputs.len())];
+                simulation.read_input(partition, cursors[partition] as i64, &partitions[partition][cursors[partition]]);
+                cursors[partition] += 1;
+            }
+            steps += 1;
+            if steps % batch == 0 {
+                simulation.commit();
+                commits += 1;
+                // Not once the input is spent: a restart repeats its watermark broadcasts.
+                if commits % restart_every == 0 && !inputs.is_empty() {
+                    simulation.restart();
+                }
+            }
+        }
+        assert!(simulation.dlq.is_empty(), "nothing is late here: {:?}", simulation.dlq);
+        closed_results(simulation.sink.into_iter())
+    }
+
+    fn check(steps: &str) {
+        let pipeline = super::pipeline(steps);
+        for seed in 0..20u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let partitions = with_flush(super::partitions(&mut rng));
+            let expected = local(&pipeline, &partitions, &mut rng);
+            assert!(!expected.is_empty(), "seed {seed}: nothing to compare");
+            for run in 0..3 {
+                assert_eq!(distributed(&pipeline, &partitions, &mut rng), expected, "{steps}: seed {seed}, run {run}");
+            }
+        }
+    }
+
+    /// A partition that delivers nothing holds every repartitioned window open, until the
+    /// runtime declares it idle (`idle_timeout`); its next record makes it count again.
+    #[test]
+    fn an_idle_partition_stops_holding_back_the_watermark() {
+        let pipeline = super::pipeline("  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count() } }");
+        let mut simulation = Simulation {
+            pipeline: &pipeline,
+            engine: Simulation::engine(&pipeline),
+            topics: BTreeMap::new(),
+            pending: Vec::new(),
+            changelog: BTreeMap::new(),
+            sink: Vec::new(),
+            dlq: Vec::new(),
+        };
+        let line = |id: u64, ts: u64| format!(r#"{{"value":{{"id":"e{id}","k":"k{}","v":1,"ts":{ts}}}}}"#, id % 2);
+        let drain = |simulation: &mut Simulation| loop {
+            simulation.commit();
+            let waiting = simulation.waiting();
+            if waiting.is_empty() {
+                break;
+            }
+            for (stage, partition) in waiting {
+                simulation.read_forwarded(stage, partition);
+            }
+        };
+        // Partitions 0 and 1 deliver 60 s of event time; partition 2 nothing.
+        for id in 0..120u64 {
+            simulation.read_input((id % 2) as usize, id as i64, &line(id, id * 500));
+        }
+        drain(&mut simulation);
+        assert!(simulation.sink.is_empty(), "closed while a partition had not spoken: {:?}", simulation.sink);
+
+        simulation.engine.set_idle_inputs([("events".to_string(), 2)]);
+        drain(&mut simulation);
+        // The watermark is 59.5 s - 3 s: windows up to [50 s, 55 s) close, for both keys.
+        assert_eq!(simulation.sink.len(), 22, "{:?}", simulation.sink);
+        assert!(simulation.sink.iter().all(|result| result["window_end"].as_i64().unwrap() <= 55_000));
+
+        // Partition 2 speaks again, far behind: the watermark does not go back (its record is
+        // late). Once its messages reach every task it counts again: with it at 77 s and the
+        // others at 66.5 s, windows up to [60 s, 65 s) are closed, each once.
+        simulation.read_input(2, 0, &line(1000, 10_000));
+        for id in 120..140u64 {
+            simulation.read_input((id % 2) as usize, id as i64, &line(id, id * 500));
+        }
+        drain(&mut simulation);
+        assert_eq!(simulation.dlq.len(), 1, "the waking partition's old record is late");
+        simulation.read_input(2, 1, &line(1001, 80_000));
+        drain(&mut simulation);
+        let mut windows: Vec<(String, i64)> = simulation
+            .sink
+            .iter()
+            .map(|result| (result["k"].as_str().unwrap().to_string(), result["window_end"].as_i64().unwrap()))
+            .collect();
+        windows.sort();
+        windows.dedup();
+        assert_eq!((windows.len(), simulation.sink.len()), (26, 26), "{:?}", simulation.sink);
+    }
+
+    #[test]
+    fn a_repartitioned_dedup_equals_the_local_run() {
+        check("  - dedup: { key: [id], within: 5s }");
+    }
+
+    #[test]
+    fn repartitioned_windows_equal_the_local_run() {
+        check("  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v), f: first(id), l: last(id) } }");
+        check("  - window: { group_by: [k], session: { gap: 2s }, aggregates: { n: count(), d: count_distinct(id) } }");
+    }
+
+    #[test]
+    fn two_repartitions_in_a_row_equal_the_local_run() {
+        check("  - dedup: { key: [id], within: 5s }\n  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v) } }");
+    }
+}

@@ -15,7 +15,7 @@ pub use pipeline::{
     EventTimeUnit, FieldType, Filter, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
     StartingOffsets, Step, Watermark, Window, WindowKind,
 };
-pub use settings::{HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings};
+pub use settings::{HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings, StateSettings};
 
 use std::path::Path;
 

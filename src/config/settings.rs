@@ -31,6 +31,12 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     pub http: HttpSettings,
     pub logging: LoggingSettings,
+    pub state: StateSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +80,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ),
     ("runtime", &["commit_interval", "max_batch_records", "drain_timeout"]),
     ("http", &["listen"]),
+    ("state", &["dir"]),
     ("logging", &["format", "level"]),
 ];
 
@@ -162,7 +169,12 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         );
     }
 
-    Some(Settings { kafka, runtime, http, logging })
+    let state = StateSettings { dir: reader.string("state.dir").into() };
+    if state.dir.as_os_str().is_empty() {
+        reader.problem("state.dir", "must name a directory");
+    }
+
+    Some(Settings { kafka, runtime, http, logging, state })
 }
 
 fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {

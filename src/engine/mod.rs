@@ -7,7 +7,7 @@ mod topology;
 
 use crate::codec::{json, Decoder};
 use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline};
-use crate::operators::{event_time, key_of, Emitted, Provenance, Record};
+use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
 pub use topology::ChangelogEntry;
 use topology::{ChainResult, Topology};
 
@@ -58,12 +58,16 @@ pub struct InputRecord<'a> {
 pub enum Destination {
     Sink,
     Dlq,
+    /// The repartition topic in front of this stage.
+    Repartition(usize),
 }
 
 /// A record to produce, owned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     pub destination: Destination,
+    /// Set for repartition topics (routed by a hash of the step's key); else by the key.
+    pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -86,6 +90,7 @@ impl Output {
         headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
         Output {
             destination: Destination::Dlq,
+            partition: None,
             key: input.key.map(<[u8]>::to_vec),
             value: input.value.map(<[u8]>::to_vec),
             headers,
@@ -186,8 +191,76 @@ impl Engine {
         self.topology.restore(entry.topic.as_deref(), entry.partition, entry.step, &entry.key, entry.value.as_ref())
     }
 
+    /// Forgets the state of a partition read (a source partition, or a repartition topic's).
     pub fn drop_input_partition(&mut self, topic: &str, partition: i32) {
-        self.topology.drop_input_partition(topic, partition);
+        match self.stage_of_topic(topic) {
+            Some(stage) => self.topology.drop_repartitioned(stage, partition),
+            None => self.topology.drop_input_partition(topic, partition),
+        }
+    }
+
+    /// Distributed: the source partitions idle for `idle_timeout` (see PIPELINE.md).
+    pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {
+        self.topology.set_idle_inputs(idle);
+    }
+
+    /// The source's `idle_timeout`, where repartitioning makes it matter.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        match self.stage_count() {
+            1 => None,
+            _ => self.pipeline.source.watermark.as_ref().and_then(|watermark| watermark.idle_timeout),
+        }
+    }
+
+    /// Production: stages after the first are fed through repartition topics of `width`
+    /// partitions, from `input_partitions` source partitions in all.
+    pub fn distribute(&mut self, width: u32, input_partitions: usize) {
+        self.topology.distribute(width, input_partitions);
+    }
+
+    /// The repartition topic in front of each stage after the first, by stage.
+    pub fn repartition_topics(&self) -> Vec<(usize, String)> {
+        self.topology
+            .stage_first_steps()
+            .into_iter()
+            .enumerate()
+            .skip(1)
+            .map(|(stage, step)| (stage, format!("{}-{step}-repartition", self.pipeline.name)))
+            .collect()
+    }
+
+    /// The stage a repartition topic feeds; None for other topics.
+    pub fn stage_of_topic(&self, topic: &str) -> Option<usize> {
+        if !topic.ends_with("-repartition") {
+            return None;
+        }
+        self.repartition_topics().into_iter().find(|(_, name)| name == topic).map(|(stage, _)| stage)
+    }
+
+    /// Which changelog entries make up the state behind a partition read: those of `steps`
+    /// whose entry topic is `entry_topic` (the source topic; None after a repartition).
+    pub fn restore_scope(&self, topic: &str) -> (Vec<usize>, Option<String>) {
+        match self.stage_of_topic(topic) {
+            Some(stage) => (self.topology.stage_stateful_steps(stage), None),
+            // Stage 0's state, with the input watermarks.
+            None => (self.topology.stage_stateful_steps(0), Some(topic.to_string())),
+        }
+    }
+
+    /// The partitions read whose state shares changelog partition `partition` of `step`:
+    /// while this process does not own them all, others write there too.
+    pub fn changelog_writers(&self, step: usize, partition: i32) -> Vec<(String, i32)> {
+        if let Some((_, topic)) = self
+            .repartition_topics()
+            .into_iter()
+            .find(|(stage, _)| self.topology.stage_stateful_steps(*stage).contains(&step))
+        {
+            return vec![(topic, partition)];
+        }
+        match &self.pipeline.source.topics {
+            crate::config::SourceTopics::List(topics) => topics.iter().map(|topic| (topic.clone(), partition)).collect(),
+            crate::config::SourceTopics::Pattern(_) => Vec::new(),
+        }
     }
 
     /// Keys or windows held in state, over every task and step.
@@ -228,6 +301,46 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs a record read from a repartition topic (or a watermark alone) through the stage
+    /// it feeds. `input` carries the original record's provenance (for the DLQ) and the
+    /// forwarded value.
+    pub fn process_forwarded(
+        &mut self,
+        input: &InputRecord<'_>,
+        stage: usize,
+        partition: i32,
+        forwarded: &ForwardHeaders,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), StageFailure> {
+        let record = match input.value {
+            None => None,
+            Some(value) => {
+                let fields: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(value) {
+                    Ok(fields) => fields,
+                    Err(error) => {
+                        return self.reject(input, Stage::Decode, &format!("a repartitioned record that is not a JSON object: {error}"), outputs);
+                    }
+                };
+                Some(Record {
+                    fields,
+                    event_time: forwarded.event_time,
+                    provenance: Some(input.provenance),
+                    key: forwarded.key.clone(),
+                    upsert: forwarded.upsert,
+                })
+            }
+        };
+        let mut emitted = Vec::new();
+        match self.topology.process_forwarded(stage, partition, &forwarded.sender, forwarded.watermark, forwarded.idle, record, &mut emitted) {
+            Ok(ChainResult::Passed) => {}
+            Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
+            Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
+            Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
+        }
+        self.emit(emitted, outputs);
+        Ok(())
+    }
+
     /// The end of a batch (a commit): update-mode windows emit what changed.
     pub fn end_batch(&mut self, outputs: &mut Vec<Output>) {
         let mut emitted = Vec::new();
@@ -255,10 +368,21 @@ impl Engine {
                     } else {
                         Some(json::encode(&key_of(&record.fields, &self.pipeline.sink.key)))
                     };
-                    Output { destination: Destination::Sink, key, value: Some(json::encode(&record.fields)), headers: Vec::new() }
+                    Output {
+                        destination: Destination::Sink,
+                        partition: None,
+                        key,
+                        value: Some(json::encode(&record.fields)),
+                        headers: Vec::new(),
+                    }
                 }
                 Emitted::Tombstone(key) => {
-                    Output { destination: Destination::Sink, key: Some(json::encode(&key)), value: None, headers: Vec::new() }
+                    Output { destination: Destination::Sink, partition: None, key: Some(json::encode(&key)), value: None, headers: Vec::new() }
+                }
+                Emitted::Forward(forward) => {
+                    // Internal traffic: not counted as output.
+                    outputs.push(forwarded(forward));
+                    continue;
                 }
             };
             outputs.push(output);
@@ -303,6 +427,84 @@ impl Engine {
     /// The counts since the last call; called when a batch commits or aborts.
     pub fn take_counts(&mut self) -> BatchCounts {
         std::mem::take(&mut self.counts)
+    }
+}
+
+/// What a record read from a repartition topic carries besides its value, in headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardHeaders {
+    pub sender: String,
+    pub watermark: i64,
+    pub idle: bool,
+    pub event_time: i64,
+    pub key: Option<serde_json::Map<String, serde_json::Value>>,
+    pub upsert: bool,
+    /// Where the record entered the pipeline: (topic, partition, offset, timestamp).
+    pub source: Option<(String, i32, i64, Option<i64>)>,
+}
+
+const SENDER: &str = "weir-sender";
+const WATERMARK: &str = "weir-watermark";
+const EVENT_TIME: &str = "weir-event-time";
+const RECORD_KEY: &str = "weir-record-key";
+const UPSERT: &str = "weir-upsert";
+const IDLE: &str = "weir-idle";
+const SOURCE: &str = "weir-source";
+
+/// The repartition-topic record of a forward: the input's Kafka key, the fields as JSON (no
+/// value: a watermark alone), and the rest in headers.
+fn forwarded(forward: Forward<'_>) -> Output {
+    let mut headers = vec![
+        (SENDER.to_string(), forward.sender.into_bytes()),
+        (WATERMARK.to_string(), forward.watermark.to_string().into_bytes()),
+    ];
+    if forward.idle {
+        headers.push((IDLE.to_string(), b"1".to_vec()));
+    }
+    let (mut key, mut value) = (None, None);
+    if let Some(record) = forward.record {
+        headers.push((EVENT_TIME.to_string(), record.event_time.to_string().into_bytes()));
+        if let Some(record_key) = &record.key {
+            headers.push((RECORD_KEY.to_string(), json::encode(record_key)));
+        }
+        if record.upsert {
+            headers.push((UPSERT.to_string(), b"1".to_vec()));
+        }
+        if let Some(provenance) = record.provenance {
+            let source = serde_json::json!([provenance.topic, provenance.partition, provenance.offset, provenance.timestamp]);
+            headers.push((SOURCE.to_string(), source.to_string().into_bytes()));
+            key = provenance.key.map(<[u8]>::to_vec);
+        }
+        value = Some(json::encode(&record.fields));
+    }
+    Output { destination: Destination::Repartition(forward.stage), partition: Some(forward.partition as i32), key, value, headers }
+}
+
+impl ForwardHeaders {
+    /// Reads the headers `forwarded` wrote.
+    pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, String> {
+        let find = |name: &str| headers.iter().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
+        let text = |name: &str| find(name).and_then(|bytes| std::str::from_utf8(bytes).ok());
+        let number = |name: &str| text(name).and_then(|text| text.parse::<i64>().ok());
+        let sender = text(SENDER).ok_or("a repartitioned record without its weir-sender header")?.to_string();
+        let watermark = number(WATERMARK).ok_or("a repartitioned record without a numeric weir-watermark header")?;
+        let key = match find(RECORD_KEY) {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-record-key is not a JSON object: {error}"))?),
+        };
+        let source = match find(SOURCE) {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-source is not [topic, partition, offset, timestamp]: {error}"))?),
+        };
+        Ok(ForwardHeaders {
+            sender,
+            watermark,
+            idle: find(IDLE).is_some(),
+            event_time: number(EVENT_TIME).unwrap_or(i64::MIN),
+            key,
+            upsert: find(UPSERT).is_some(),
+            source,
+        })
     }
 }
 

@@ -12,13 +12,20 @@
 //! partition, so its tasks share the minimum over all input partitions, where one that has
 //! delivered nothing holds it at -infinity. Here that minimum reaches the later stages as soon
 //! as a record moves it (the in-process equivalent of watermarks travelling with the data).
+//!
+//! Distributed (`weir run`): a stage boundary is a repartition topic. What a stage hands to the
+//! next leaves as [`Forward`]s (records, and at each batch end every changed task watermark,
+//! broadcast to every partition of the topic) and comes back, maybe in another process, through
+//! [`Topology::process_forwarded`]. A later-stage task's watermark is the minimum over the
+//! watermarks its senders (the tasks of the stage before) vouched for, once all have spoken,
+//! and never goes back: it is kept in the changelog of the stage's first step.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use crate::config::{Pipeline, Source, Step};
-use crate::operators::{key_of, Emitted, Operator, Outcome, ProcessError, Record};
+use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record};
 
 /// What became of the input record across all stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +65,21 @@ struct Task {
     operators: Vec<Operator>,
     /// The watermark this task's operators have been advanced to.
     watermark: i64,
+    /// Distributed, after a repartition: the watermark each sender vouched for, and whether
+    /// it is idle.
+    senders: BTreeMap<String, (i64, bool)>,
+}
+
+/// How stage boundaries are crossed in production (see the module documentation).
+struct Distribution {
+    /// How many tasks feed each stage's tasks (index = stage; stage 0 has none).
+    senders: Vec<usize>,
+    /// The watermark (and idleness) each (stage, sender) last broadcast to the next stage.
+    broadcast: BTreeMap<(usize, String), (i64, bool)>,
+    /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
+    idle_inputs: std::collections::BTreeSet<(String, i32)>,
+    /// Repartitioned tasks' watermarks (with their senders') last handed out for the changelog.
+    saved: BTreeMap<(usize, u32), Value>,
 }
 
 /// One changed state entry of one task, bound for the changelog of its step, in the
@@ -89,6 +111,8 @@ pub struct Topology {
     /// The watermarks last handed out for the changelog.
     saved_watermarks: BTreeMap<(String, i32), i64>,
     width: u32,
+    /// Set in production, where stages are joined by repartition topics.
+    distribution: Option<Distribution>,
 }
 
 impl Topology {
@@ -135,6 +159,46 @@ impl Topology {
             shared_watermark: i64::MIN,
             saved_watermarks: BTreeMap::new(),
             width: 1,
+            distribution: None,
+        })
+    }
+
+    /// Production mode: stages hand records on through repartition topics of `width`
+    /// partitions, read from `input_partitions` input partitions in all.
+    pub fn distribute(&mut self, width: u32, input_partitions: usize) {
+        self.width = width.max(1);
+        let senders = (0..self.stages.len())
+            .map(|stage| match stage {
+                0 => 0,
+                1 => input_partitions,
+                _ => self.width as usize,
+            })
+            .collect();
+        self.distribution = Some(Distribution {
+            senders,
+            broadcast: BTreeMap::new(),
+            idle_inputs: Default::default(),
+            saved: BTreeMap::new(),
+        });
+    }
+
+    /// Distributed: the input partitions that have been idle for `idle_timeout`; they stop
+    /// holding back the later stages' watermarks until their next record.
+    pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {
+        if let Some(distribution) = &mut self.distribution {
+            distribution.idle_inputs = idle.into_iter().collect();
+        }
+    }
+
+    /// The pipeline index of each stage's first step (which names its repartition topic).
+    pub fn stage_first_steps(&self) -> Vec<usize> {
+        self.stages.iter().map(|stage| stage.indices.first().copied().unwrap_or(0)).collect()
+    }
+
+    /// The stateful steps whose state belongs to the tasks of `stage`.
+    pub fn stage_stateful_steps(&self, stage: usize) -> Vec<usize> {
+        self.stages.get(stage).map_or_else(Vec::new, |spec| {
+            spec.steps.iter().zip(&spec.indices).filter(|(step, _)| step.is_stateful()).map(|(_, index)| *index).collect()
         })
     }
 
@@ -142,7 +206,9 @@ impl Topology {
         for partition in partitions {
             self.input_watermarks.entry(partition).or_insert(i64::MIN);
         }
-        self.width = (self.input_watermarks.len() as u32).max(1);
+        if self.distribution.is_none() {
+            self.width = (self.input_watermarks.len() as u32).max(1);
+        }
         self.shared_watermark = self.minimum_input_watermark();
     }
 
@@ -180,8 +246,21 @@ impl Topology {
     /// State entries changed since the last call, for every task, with each changed input
     /// watermark. Call after `end_batch`.
     pub fn take_changes(&mut self) -> Vec<ChangelogEntry> {
-        let Some(first_stateful) = self.stateful_steps().first().copied() else {
+        let Some(mut first_stateful) = self.stateful_steps().first().copied() else {
             return Vec::new();
+        };
+        // Distributed, a changelog partition of a later stage belongs to one repartitioned
+        // task, so input watermarks stay with stage 0's state; without any, they need no
+        // keeping: the later stages keep their own, which never go back.
+        let keep_input_watermarks = match self.distribution {
+            None => true,
+            Some(_) => match stage_first_stateful(&self.stages[0]) {
+                Some(step) => {
+                    first_stateful = step;
+                    true
+                }
+                None => false,
+            },
         };
         let mut entries = Vec::new();
         for ((stage, id), task) in self.tasks.iter_mut() {
@@ -201,9 +280,35 @@ impl Topology {
                 }
             }
         }
+        if let Some(distribution) = &mut self.distribution {
+            for ((stage, id), task) in &self.tasks {
+                let TaskPartition::Repartitioned(partition) = id else { continue };
+                let Some(step) = stage_first_stateful(&self.stages[*stage]) else { continue };
+                // The senders' watermarks too: a sender with nothing more to send would
+                // otherwise hold a restarted task back for good.
+                let senders: serde_json::Map<String, Value> = task
+                    .senders
+                    .iter()
+                    .map(|(sender, (watermark, idle))| (sender.clone(), serde_json::json!([watermark, idle])))
+                    .collect();
+                let value = serde_json::json!({ "watermark": task.watermark, "senders": senders });
+                if (task.watermark > i64::MIN || !task.senders.is_empty())
+                    && distribution.saved.get(&(*stage, *partition)) != Some(&value)
+                {
+                    distribution.saved.insert((*stage, *partition), value.clone());
+                    entries.push(ChangelogEntry {
+                        topic: None,
+                        partition: *partition as i32,
+                        step,
+                        key: WATERMARK_KEY.into(),
+                        value: Some(value),
+                    });
+                }
+            }
+        }
         for ((topic, partition), watermark) in &self.input_watermarks {
             let input = (topic.clone(), *partition);
-            if *watermark > i64::MIN && self.saved_watermarks.get(&input) != Some(watermark) {
+            if keep_input_watermarks && *watermark > i64::MIN && self.saved_watermarks.get(&input) != Some(watermark) {
                 self.saved_watermarks.insert(input, *watermark);
                 entries.push(ChangelogEntry {
                     topic: Some(topic.clone()),
@@ -219,6 +324,24 @@ impl Topology {
 
     /// Puts back one changelog entry.
     pub fn restore(&mut self, entry_topic: Option<&str>, partition: i32, step: usize, key: &str, value: Option<&Value>) -> Result<(), String> {
+        if key == WATERMARK_KEY && entry_topic.is_none() {
+            // A repartitioned task's watermark: where it restarts, never going back.
+            let stage = self.stage_of_step(step).ok_or_else(|| format!("a watermark of step {step}, which this pipeline does not have"))?;
+            let watermark = value.and_then(|value| value["watermark"].as_i64()).unwrap_or(i64::MIN);
+            let mut senders = BTreeMap::new();
+            for (sender, state) in value.and_then(|value| value["senders"].as_object()).into_iter().flatten() {
+                let sender_watermark = state[0].as_i64().ok_or_else(|| format!("a watermark entry with a bad sender {sender}: {state}"))?;
+                senders.insert(sender.clone(), (sender_watermark, state[1].as_bool().unwrap_or(false)));
+            }
+            let id = TaskPartition::Repartitioned(partition as u32);
+            if let (Some(distribution), Some(value)) = (&mut self.distribution, value) {
+                distribution.saved.insert((stage, partition as u32), value.clone());
+            }
+            let task = self.task(stage, &id).map_err(|error| error.0)?;
+            task.watermark = task.watermark.max(watermark);
+            task.senders = senders;
+            return Ok(());
+        }
         if key == WATERMARK_KEY {
             let topic = entry_topic.ok_or("a watermark entry without its input topic")?;
             let input = (topic.to_string(), partition);
@@ -256,6 +379,24 @@ impl Topology {
         self.input_watermarks.remove(&input);
         self.saved_watermarks.remove(&input);
         self.shared_watermark = self.minimum_input_watermark();
+        if let Some(distribution) = &mut self.distribution {
+            // What it broadcast may have been aborted: say it again once restored.
+            distribution.broadcast.remove(&(0, input_sender(topic, partition)));
+        }
+    }
+
+    /// Forgets the task of a repartitioned stage (its partition of the repartition topic was
+    /// revoked, or its uncommitted state must be replaced from the changelog).
+    pub fn drop_repartitioned(&mut self, stage: usize, partition: i32) {
+        self.tasks.remove(&(stage, TaskPartition::Repartitioned(partition as u32)));
+        if let Some(distribution) = &mut self.distribution {
+            distribution.broadcast.remove(&(stage, partition.to_string()));
+            distribution.saved.remove(&(stage, partition as u32));
+        }
+    }
+
+    fn stage_of_step(&self, step: usize) -> Option<usize> {
+        self.stages.iter().position(|spec| spec.indices.contains(&step))
     }
 
     pub fn state_keys(&self) -> usize {
@@ -276,6 +417,11 @@ impl Topology {
         if !self.input_watermarks.contains_key(&input) {
             self.set_input_partitions([input.clone()]);
         }
+        if let Some(distribution) = &mut self.distribution
+            && !distribution.idle_inputs.is_empty()
+        {
+            distribution.idle_inputs.remove(&input);
+        }
         let task = TaskPartition::Input(input.0.clone(), input.1);
         let mut result = ChainResult::Passed;
         self.run(0, task.clone(), Emitted::Record(record), out, &mut result)?;
@@ -290,7 +436,7 @@ impl Topology {
             self.input_watermarks.insert(input, candidate);
             self.advance_task(0, &task, candidate, out);
             let shared = self.minimum_input_watermark();
-            if shared > self.shared_watermark {
+            if shared > self.shared_watermark && self.distribution.is_none() {
                 self.shared_watermark = shared;
                 self.advance_stages_from(1, shared, out);
             }
@@ -298,12 +444,80 @@ impl Topology {
         Ok(result)
     }
 
-    /// The end of a batch: update-mode steps emit, stage by stage.
+    /// A record (or a watermark alone) that reached a later stage through its repartition
+    /// topic, from `sender`, which vouched for `watermark`.
+    pub fn process_forwarded<'a>(
+        &mut self,
+        stage: usize,
+        partition: i32,
+        sender: &str,
+        watermark: i64,
+        idle: bool,
+        record: Option<Record<'a>>,
+        out: &mut Vec<Emitted<'a>>,
+    ) -> Result<ChainResult, ProcessError> {
+        if stage == 0 || stage >= self.stages.len() {
+            return Err(ProcessError(format!("a forwarded record for stage {stage}, which this pipeline does not have")));
+        }
+        let id = TaskPartition::Repartitioned(partition as u32);
+        let mut result = ChainResult::Passed;
+        if let Some(record) = record {
+            self.run(stage, id.clone(), Emitted::Record(record), out, &mut result)?;
+        }
+        let expected = self.distribution.as_ref().map_or(0, |distribution| distribution.senders[stage]);
+        let task = self.task(stage, &id)?;
+        let known = task.senders.entry(sender.to_string()).or_insert((i64::MIN, false));
+        *known = (known.0.max(watermark), idle);
+        // Every sender must have spoken; idle ones do not count (all idle: nothing moves).
+        let candidate = match task.senders.len() >= expected {
+            true => task.senders.values().filter(|(_, idle)| !idle).map(|(watermark, _)| *watermark).min().unwrap_or(i64::MIN),
+            false => i64::MIN,
+        };
+        self.advance_task(stage, &id, candidate, out);
+        Ok(result)
+    }
+
+    /// The end of a batch: update-mode steps emit, stage by stage; distributed, every task
+    /// whose watermark moved tells the next stage's tasks.
     pub fn end_batch<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
         for stage in 0..self.stages.len() {
             let ids: Vec<TaskPartition> = self.task_ids(stage);
             for id in ids {
                 self.for_each_step(stage, &id, out, |operator, produced| operator.commit(produced));
+            }
+        }
+        self.broadcast_watermarks(out);
+    }
+
+    fn broadcast_watermarks<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        let Some(distribution) = &mut self.distribution else {
+            return;
+        };
+        if self.stages.len() < 2 {
+            return;
+        }
+        let mut senders: Vec<(usize, String, (i64, bool))> = self
+            .input_watermarks
+            .iter()
+            .map(|(input, watermark)| (input, *watermark))
+            .chain(distribution.idle_inputs.iter().filter(|input| !self.input_watermarks.contains_key(*input)).map(|input| (input, i64::MIN)))
+            .map(|(input, watermark)| (0, input_sender(&input.0, input.1), (watermark, distribution.idle_inputs.contains(input))))
+            .collect();
+        for ((stage, id), task) in &self.tasks {
+            if let TaskPartition::Repartitioned(partition) = id
+                && stage + 1 < self.stages.len()
+            {
+                senders.push((*stage, partition.to_string(), (task.watermark, false)));
+            }
+        }
+        for (stage, sender, state) in senders {
+            let (watermark, idle) = state;
+            if (watermark == i64::MIN && !idle) || distribution.broadcast.get(&(stage, sender.clone())) == Some(&state) {
+                continue;
+            }
+            distribution.broadcast.insert((stage, sender.clone()), state);
+            for partition in 0..self.width {
+                out.push(Emitted::Forward(Forward { stage: stage + 1, partition, sender: sender.clone(), watermark, idle, record: None }));
             }
         }
     }
@@ -405,7 +619,7 @@ impl Topology {
             for item in current.drain(..) {
                 match item {
                     // Tombstones delete earlier upserts downstream; no step reinterprets them.
-                    Emitted::Tombstone(_) => next.push(item),
+                    Emitted::Tombstone(_) | Emitted::Forward(_) => next.push(item),
                     Emitted::Record(record) => match operator.process(record, watermark, &mut next)? {
                         Outcome::Passed => {}
                         Outcome::Dropped => result.merge(ChainResult::Dropped),
@@ -418,13 +632,17 @@ impl Topology {
                 return Ok(());
             }
         }
-        self.route(stage + 1, current, out, result)
+        self.route(stage + 1, &id, watermark, current, out, result)
     }
 
     /// Sends what a stage produced to the next stage's tasks by key, or out after the last.
+    /// Distributed, records leave as forwards from task `from`, stamped with its watermark.
+    #[allow(clippy::too_many_arguments)]
     fn route<'a>(
         &mut self,
         stage: usize,
+        from: &TaskPartition,
+        watermark: i64,
         items: Vec<Emitted<'a>>,
         out: &mut Vec<Emitted<'a>>,
         result: &mut ChainResult,
@@ -436,15 +654,23 @@ impl Topology {
         let key_fields = spec.repartition_by.clone().unwrap_or_default();
         for item in items {
             let record = match item {
-                Emitted::Tombstone(_) => {
+                Emitted::Tombstone(_) | Emitted::Forward(_) => {
                     out.push(item);
                     continue;
                 }
                 Emitted::Record(record) => record,
             };
             let key = Value::Object(key_of(&record.fields, &key_fields)).to_string();
-            let id = TaskPartition::Repartitioned((fnv1a(key.as_bytes()) % u64::from(self.width)) as u32);
-            self.run(stage, id, Emitted::Record(record), out, result)?;
+            let partition = (fnv1a(key.as_bytes()) % u64::from(self.width)) as u32;
+            if self.distribution.is_some() {
+                let sender = match from {
+                    TaskPartition::Input(topic, partition) => input_sender(topic, *partition),
+                    TaskPartition::Repartitioned(partition) => partition.to_string(),
+                };
+                out.push(Emitted::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record) }));
+                continue;
+            }
+            self.run(stage, TaskPartition::Repartitioned(partition), Emitted::Record(record), out, result)?;
         }
         Ok(())
     }
@@ -454,6 +680,7 @@ impl Topology {
             TaskPartition::Input(topic, partition) if stage == 0 => {
                 self.input_watermarks.get(&(topic.clone(), *partition)).copied().unwrap_or(i64::MIN)
             }
+            _ if self.distribution.is_some() => self.tasks.get(&(stage, id.clone())).map_or(i64::MIN, |task| task.watermark),
             _ => self.shared_watermark,
         }
     }
@@ -468,10 +695,20 @@ impl Topology {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ProcessError)?;
             let watermark = self.task_watermark(stage, id);
-            self.tasks.insert(key.clone(), Task { operators, watermark });
+            self.tasks.insert(key.clone(), Task { operators, watermark, senders: BTreeMap::new() });
         }
         self.tasks.get_mut(&key).ok_or_else(|| ProcessError("task vanished".into()))
     }
+}
+
+/// How a stage-0 task names itself to the tasks it forwards to.
+fn input_sender(topic: &str, partition: i32) -> String {
+    format!("{topic}:{partition}")
+}
+
+/// The first stateful step of a stage (a repartitioned stage starts with one).
+fn stage_first_stateful(stage: &StageSpec) -> Option<usize> {
+    stage.steps.iter().zip(&stage.indices).find(|(step, _)| step.is_stateful()).map(|(_, index)| *index)
 }
 
 /// A stable hash for routing keys (the same on every run and machine).

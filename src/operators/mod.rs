@@ -51,6 +51,24 @@ pub enum Emitted<'a> {
     Record(Record<'a>),
     /// Deletes an earlier upsert under this key (a merged-away session window).
     Tombstone(Map<String, Value>),
+    /// Bound for a later stage through its repartition topic (production only; steps never
+    /// emit this, the engine routes it).
+    Forward(Forward<'a>),
+}
+
+/// A record, or a watermark alone, on its way to the task of a later stage through a
+/// repartition topic. The sender (the task it leaves) vouches that its own later records
+/// are at or after `watermark`.
+#[derive(Debug, Clone)]
+pub struct Forward<'a> {
+    pub stage: usize,
+    pub partition: u32,
+    pub sender: String,
+    pub watermark: i64,
+    /// The sender's input has been idle for `idle_timeout`: leave it out of the minimum
+    /// until it speaks again.
+    pub idle: bool,
+    pub record: Option<Record<'a>>,
 }
 
 /// What became of a record given to a step.

@@ -23,17 +23,22 @@ pub fn topic_name(pipeline_name: &str) -> String {
     format!("{pipeline_name}-definitions")
 }
 
-/// Compares the pipeline's stateful steps with the definitions that wrote the state, and
-/// records the definitions of steps that have no state yet.
-pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Result<(), RuntimeError> {
+/// The key of the state generation: an id made when the state starts from nothing, so that
+/// local caches of an older generation (before a `weir reset --state`) are thrown away.
+const GENERATION_KEY: &str = "generation";
+
+/// Compares the pipeline's stateful steps with the definitions that wrote the state, records
+/// the definitions of steps that have no state yet, and returns the state generation (None
+/// for a pipeline without state).
+pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Result<Option<String>, RuntimeError> {
     let current: BTreeMap<usize, String> =
         engine.stateful_steps().into_iter().map(|step| (step, engine.step_definition(step))).collect();
     if current.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let topic = topic_name(&pipeline.name);
     super::topics::ensure_topic(settings, &topic, 1, &[("cleanup.policy", "compact")])?;
-    let stored = read(settings, &topic)?;
+    let (stored, generation) = read(settings, &topic)?;
     let mut changed = Vec::new();
     for (step, definition) in &stored {
         match current.get(step) {
@@ -52,16 +57,28 @@ pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Resul
             name = pipeline.name
         )));
     }
-    let missing: Vec<(&usize, &String)> = current.iter().filter(|(step, _)| !stored.contains_key(step)).collect();
+    let mut missing: Vec<(String, String)> = current
+        .iter()
+        .filter(|(step, _)| !stored.contains_key(step))
+        .map(|(step, definition)| (step.to_string(), definition.clone()))
+        .collect();
+    let generation = match generation {
+        Some(generation) => generation,
+        None => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_nanos());
+            let generation = format!("{nanos:x}-{:x}", std::process::id());
+            missing.push((GENERATION_KEY.to_string(), generation.clone()));
+            generation
+        }
+    };
     if !missing.is_empty() {
         let producer: BaseProducer = clients::admin_config(settings)
             .set("enable.idempotence", "true")
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating a producer for {topic}: {error}")))?;
-        for (step, definition) in missing {
-            let key = step.to_string();
+        for (key, definition) in &missing {
             producer
-                .send(BaseRecord::to(&topic).key(&key).payload(definition))
+                .send(BaseRecord::to(&topic).key(key).payload(definition))
                 .map_err(|(error, _)| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
         }
         producer
@@ -69,10 +86,11 @@ pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Resul
             .map_err(|error| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
         info!(%topic, "recorded the definitions of the stateful steps");
     }
-    Ok(())
+    Ok(Some(generation))
 }
 
-fn read(settings: &Settings, topic: &str) -> Result<BTreeMap<usize, String>, RuntimeError> {
+/// The stored definitions by step, and the state generation.
+fn read(settings: &Settings, topic: &str) -> Result<(BTreeMap<usize, String>, Option<String>), RuntimeError> {
     let consumer: BaseConsumer = clients::admin_config(settings)
         .set("group.id", format!("{topic}-reader"))
         .set("enable.auto.commit", "false")
@@ -82,8 +100,9 @@ fn read(settings: &Settings, topic: &str) -> Result<BTreeMap<usize, String>, Run
         .fetch_watermarks(topic, 0, TIMEOUT)
         .map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
     let mut stored = BTreeMap::new();
+    let mut generation = None;
     if high <= low {
-        return Ok(stored);
+        return Ok((stored, generation));
     }
     let mut assignment = TopicPartitionList::new();
     assignment
@@ -94,15 +113,18 @@ fn read(settings: &Settings, topic: &str) -> Result<BTreeMap<usize, String>, Run
     loop {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message.map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
-            let step = message.key().and_then(|key| std::str::from_utf8(key).ok()).and_then(|key| key.parse().ok());
-            if let Some(step) = step {
-                match message.payload() {
-                    Some(definition) => stored.insert(step, String::from_utf8_lossy(definition).into_owned()),
+            let key = message.key().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or_default();
+            let value = message.payload().map(|value| String::from_utf8_lossy(value).into_owned());
+            if key == GENERATION_KEY {
+                generation = value;
+            } else if let Ok(step) = key.parse::<usize>() {
+                match value {
+                    Some(definition) => stored.insert(step, definition),
                     None => stored.remove(&step),
                 };
             }
             if message.offset() + 1 >= high {
-                return Ok(stored);
+                return Ok((stored, generation));
             }
             continue;
         }

@@ -32,9 +32,11 @@ pub mod error;
 pub mod health;
 mod rebalance;
 mod state;
+mod store;
 pub mod topics;
 mod transaction;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,8 +49,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Loaded, SourceTopics};
-use crate::engine::{Destination, Engine, InputRecord, Output, Stage};
+use crate::engine::{Destination, Engine, ForwardHeaders, InputRecord, Output, Stage};
 use state::{Changelogs, Restorer};
+use store::StateStore;
 use crate::operators::Provenance;
 use crate::telemetry::metrics::Metrics;
 pub use error::RuntimeError;
@@ -78,19 +81,31 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
-    let engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
+    let mut engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
     let changelogs = Changelogs::new(&pipeline.name, &engine.stateful_steps());
 
-    topics::prepare(settings, pipeline, &changelogs)?;
-    definitions::check(settings, pipeline, &engine)?;
+    let repartitions: BTreeMap<usize, String> = engine.repartition_topics().into_iter().collect();
+    let layout = topics::prepare(settings, pipeline, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
+    if let (Some(layout), false) = (layout, repartitions.is_empty()) {
+        engine.distribute(layout.partitions as u32, layout.total);
+        info!(topics = ?repartitions.values().collect::<Vec<_>>(), partitions = layout.partitions, "repartitioning through internal topics");
+    }
+    let generation = definitions::check(settings, pipeline, &engine)?;
+    let store = match &generation {
+        None => None,
+        Some(generation) => {
+            let directory = settings.state.dir.join(format!("{}-{}", pipeline.name, options.instance));
+            Some(StateStore::open(&directory, &engine.stateful_steps(), generation)?)
+        }
+    };
     let restorer = match changelogs.is_empty() {
         true => None,
         false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone())?),
     };
 
     let producer: BaseProducer<DeliveryWatch> = clients::producer_config(settings, &transactional_id)
-        .create_with_context(DeliveryWatch::default())
+        .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
     let transaction = Transaction::new(
         producer,
@@ -106,11 +121,17 @@ pub fn run(
     health.set_transactions_ready(true);
     info!(transactional_id = %transactional_id, "transactions initialized");
 
-    let topics = OutputTopics { sink: pipeline.sink.topic.clone(), dlq: pipeline.dlq_topic.clone(), changelogs };
+    let topics = OutputTopics {
+        sink: pipeline.sink.topic.clone(),
+        dlq: pipeline.dlq_topic.clone(),
+        changelogs,
+        repartitions: repartitions.clone(),
+    };
     let context = LoopContext::new(
         transaction,
         engine,
         topics,
+        store,
         pipeline.source.starting_offsets,
         options.until_end,
         metrics.clone(),
@@ -125,7 +146,9 @@ pub fn run(
         // (?:...) groups); anchor both ends so the pattern matches whole topic names.
         SourceTopics::Pattern(pattern) => vec![format!("^({pattern})$")],
     };
-    let subscription: Vec<&str> = subscription.iter().map(String::as_str).collect();
+    // Repartitioned stages read their topics in the same group and the same transactions.
+    let subscription: Vec<&str> =
+        subscription.iter().map(String::as_str).chain(repartitions.values().map(String::as_str)).collect();
     consumer
         .subscribe(&subscription)
         .map_err(|error| RuntimeError::Setup(format!("subscribing to {subscription:?}: {error}")))?;
@@ -141,7 +164,6 @@ pub fn run(
         until_end: options.until_end,
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),
-        rewound: Vec::new(),
     }
     .run(settings.runtime.drain_timeout);
 
@@ -170,8 +192,6 @@ struct Loop<'a> {
     until_end: bool,
     shutdown: &'a CancellationToken,
     outputs: Vec<Output>,
-    /// Partitions sought back after an abort: a record already polled from them is stale.
-    rewound: Vec<(String, i32)>,
 }
 
 impl Loop<'_> {
@@ -235,7 +255,8 @@ impl Loop<'_> {
         self.health.set_restoring(true);
         for (topic, partition) in pending {
             if session.owned.contains_key(&(topic.clone(), partition)) {
-                restorer.restore(&mut session.engine, &topic, partition)?;
+                let Session { engine, store, .. } = &mut *session;
+                restorer.restore(engine, store.as_ref(), &topic, partition)?;
             }
         }
         self.health.set_restoring(false);
@@ -243,31 +264,60 @@ impl Loop<'_> {
         Ok(())
     }
 
+    /// Seeks the partitions of an aborted batch back to its first offsets. librdkafka drops
+    /// what it had fetched past them (a seek raises the partition's version barrier), so
+    /// the next records polled from them are the replay.
     fn rewind(&mut self, positions: Vec<(String, i32, i64)>) -> Result<(), RuntimeError> {
-        self.rewound.clear();
         for (topic, partition, offset) in positions {
             match self.consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
                 Ok(()) => info!(%topic, partition, offset, "rewound after abort"),
-                // Not ours any more: the next owner starts from the committed offset anyway.
-                Err(error) => warn!(%topic, partition, %error, "could not rewind partition"),
+                Err(error) => {
+                    let owned = self.consumer.context().session().owned.contains_key(&(topic.clone(), partition));
+                    // Not ours any more: the next owner starts from the committed offset anyway.
+                    if !owned {
+                        warn!(%topic, partition, %error, "could not rewind a partition no longer owned");
+                        continue;
+                    }
+                    // Reading on would skip the aborted records: stop, and let the restart
+                    // resume from the committed offsets.
+                    return Err(RuntimeError::Fatal(format!(
+                        "rewinding {topic}[{partition}] to {offset} after an abort failed: {error}"
+                    )));
+                }
             }
-            self.rewound.push((topic, partition));
         }
         Ok(())
     }
 
     fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        if self.rewound.iter().any(|(t, p)| t == topic && *p == partition) {
-            // Polled before the seek took effect: it will be read again from the rewound position.
-            return Ok(());
-        }
         let headers: Vec<(&str, Option<&[u8]>)> = message
             .headers()
             .map(|headers| headers.iter().map(|header| (header.key, header.value)).collect())
             .unwrap_or_default();
-        let input = InputRecord {
-            provenance: Provenance {
+        let mut guard = self.consumer.context().session();
+        let Session { transaction, engine, topics, .. } = &mut *guard;
+        // From a repartition topic: our own records, so a malformed one is a bug, not bad input.
+        let forwarded = match engine.stage_of_topic(topic) {
+            None => None,
+            Some(stage) => Some((
+                stage,
+                ForwardHeaders::parse(&headers)
+                    .map_err(|error| RuntimeError::Fatal(format!("{topic}[{partition}]@{offset}: {error}")))?,
+            )),
+        };
+        // A forwarded record answers for the source record it came from.
+        let source = forwarded.as_ref().and_then(|(_, headers)| headers.source.clone());
+        let provenance = match &source {
+            Some((topic, partition, offset, timestamp)) => Provenance {
+                topic,
+                partition: *partition,
+                offset: *offset,
+                timestamp: *timestamp,
+                headers: &[],
+                key: message.key(),
+            },
+            None => Provenance {
                 topic,
                 partition,
                 offset,
@@ -275,14 +325,15 @@ impl Loop<'_> {
                 headers: &headers,
                 key: message.key(),
             },
-            key: message.key(),
-            value: message.payload(),
         };
-        let mut guard = self.consumer.context().session();
-        let Session { transaction, engine, topics, .. } = &mut *guard;
+        let input = InputRecord { provenance, key: message.key(), value: message.payload() };
         transaction.ensure_open()?;
         self.outputs.clear();
-        if let Err(failure) = engine.process(&input, &mut self.outputs) {
+        let processed = match &forwarded {
+            None => engine.process(&input, &mut self.outputs),
+            Some((stage, headers)) => engine.process_forwarded(&input, *stage, partition, headers, &mut self.outputs),
+        };
+        if let Err(failure) = processed {
             engine.take_counts();
             return Err(failure.into());
         }
@@ -355,8 +406,6 @@ impl Loop<'_> {
         };
         if let Some(Outcome::Aborted { rewind }) = &outcome {
             self.rewind(rewind.clone())?;
-        } else {
-            self.rewound.clear();
         }
         Ok(outcome)
     }
@@ -372,7 +421,12 @@ impl Loop<'_> {
             return false;
         };
         session.owned.values().all(|owned| {
-            let Some((low, end)) = owned.bounds_at_start else {
+            // A repartition topic is fed by this run itself: drained means up to its end now.
+            let bounds = match session.engine.stage_of_topic(&owned.topic) {
+                Some(_) => self.consumer.fetch_watermarks(&owned.topic, owned.partition, SEEK_TIMEOUT).ok(),
+                None => owned.bounds_at_start,
+            };
+            let Some((low, end)) = bounds else {
                 return false;
             };
             let position = positions

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::error::RuntimeError;
 use super::health::Health;
 use super::state::{self, Changelogs};
+use super::store::{StateStore, StoreWrite};
 use super::transaction::{Outcome, Transaction};
 use crate::engine::{Destination, Engine};
 use crate::config::StartingOffsets;
@@ -40,6 +41,8 @@ pub struct OwnedPartition {
     pub bounds_at_start: Option<(i64, i64)>,
     /// The position reading starts from, when it is a concrete offset.
     pub start: Option<i64>,
+    /// When it was assigned or last had records in a committed batch (for `idle_timeout`).
+    pub active: Instant,
 }
 
 /// State shared by the loop and the callbacks; only ever locked on the loop's thread.
@@ -47,6 +50,8 @@ pub struct Session {
     pub transaction: Transaction,
     pub engine: Engine,
     pub topics: OutputTopics,
+    /// The local cache of the changelogs, for pipelines with state.
+    pub store: Option<StateStore>,
     /// Input partitions whose state must be rebuilt from the changelog before their next
     /// record is processed (just assigned, or their batch aborted).
     pub pending_restore: Vec<(String, i32)>,
@@ -75,6 +80,7 @@ impl LoopContext {
         transaction: Transaction,
         engine: Engine,
         topics: OutputTopics,
+        store: Option<StateStore>,
         starting_offsets: StartingOffsets,
         until_end: bool,
         metrics: Arc<Metrics>,
@@ -85,6 +91,7 @@ impl LoopContext {
                 transaction,
                 engine,
                 topics,
+                store,
                 pending_restore: Vec::new(),
                 owned: BTreeMap::new(),
                 failure: None,
@@ -175,6 +182,7 @@ impl LoopContext {
                         Offset::Offset(offset) => Some(offset),
                         _ => None,
                     },
+                    active: Instant::now(),
                 },
             );
         }
@@ -244,6 +252,8 @@ pub struct OutputTopics {
     pub sink: String,
     pub dlq: String,
     pub changelogs: Changelogs,
+    /// The repartition topic in front of each stage after the first.
+    pub repartitions: BTreeMap<usize, String>,
 }
 
 impl OutputTopics {
@@ -251,6 +261,7 @@ impl OutputTopics {
         match destination {
             Destination::Sink => &self.sink,
             Destination::Dlq => &self.dlq,
+            Destination::Repartition(stage) => self.repartitions.get(&stage).map_or("", String::as_str),
         }
     }
 }
@@ -263,7 +274,9 @@ impl Session {
         consumer: &BaseConsumer<C>,
         deadline: Option<Instant>,
     ) -> Result<Option<Outcome>, RuntimeError> {
+        let mut store_writes = Vec::new();
         if self.transaction.is_open() {
+            self.note_idle_inputs();
             let mut outputs = Vec::new();
             self.engine.end_batch(&mut outputs);
             for output in &outputs {
@@ -280,18 +293,58 @@ impl Session {
                 self.transaction
                     .send_to_partition(changelog, entry.partition, &key, value.as_deref())
                     .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+                store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
             }
             let counts = self.engine.take_counts();
             self.transaction.add_counts(&counts);
         }
         let outcome = self.transaction.commit(consumer, deadline)?;
+        let delivered = self.transaction.take_delivered();
+        if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
+            // Committed: the cache may now hold these changes, with the changelog offsets
+            // they reach (the next offset to read; the commit marker follows).
+            // Only where this process is the changelog partition's one writer: otherwise others'
+            // entries lie between ours, and the store keeps the older offset (a restore then
+            // replays from there, which ours survive).
+            let offsets: Vec<(usize, i32, i64)> = delivered
+                .iter()
+                .filter_map(|((topic, partition), offset)| {
+                    let step = self.topics.changelogs.step(topic)?;
+                    let writers = self.engine.changelog_writers(step, *partition);
+                    writers.iter().all(|writer| self.owned.contains_key(writer)).then_some((step, *partition, offset + 1))
+                })
+                .collect();
+            store.apply(&store_writes, &offsets)?;
+        }
         self.after_outcome(outcome.as_ref());
         Ok(outcome)
+    }
+
+    /// Tells the engine which source partitions have been idle for `idle_timeout`, before the
+    /// batch end broadcasts watermarks.
+    fn note_idle_inputs(&mut self) {
+        let Some(timeout) = self.engine.idle_timeout() else {
+            return;
+        };
+        let now = Instant::now();
+        for (topic, partition) in self.transaction.batch_partitions() {
+            if let Some(owned) = self.owned.get_mut(&(topic, partition)) {
+                owned.active = now;
+            }
+        }
+        let idle: Vec<(String, i32)> = self
+            .owned
+            .values()
+            .filter(|owned| self.engine.stage_of_topic(&owned.topic).is_none() && now.duration_since(owned.active) >= timeout)
+            .map(|owned| (owned.topic.clone(), owned.partition))
+            .collect();
+        self.engine.set_idle_inputs(idle);
     }
 
     /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
     pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
         let outcome = self.transaction.abort(deadline)?;
+        self.transaction.take_delivered();
         self.after_outcome(Some(&outcome));
         Ok(outcome)
     }

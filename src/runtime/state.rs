@@ -18,6 +18,7 @@ use tracing::info;
 
 use super::clients;
 use super::error::RuntimeError;
+use super::store::{StateStore, StoreWrite};
 use crate::config::Settings;
 use crate::engine::{ChangelogEntry, Engine};
 use crate::telemetry::metrics::Metrics;
@@ -47,7 +48,7 @@ impl Changelogs {
         self.topics.get(&step).map(String::as_str)
     }
 
-    fn step(&self, topic: &str) -> Option<usize> {
+    pub fn step(&self, topic: &str) -> Option<usize> {
         self.topics.iter().find(|(_, name)| name.as_str() == topic).map(|(step, _)| *step)
     }
 }
@@ -72,6 +73,16 @@ fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Resu
     Ok(ChangelogEntry { topic, partition, step, key: state_key, value })
 }
 
+/// How long a local store's position in a changelog stays trustworthy: half the default
+/// `delete.retention.ms` of compacted topics.
+const STORE_TRUSTED_FOR: Duration = Duration::from_secs(12 * 3600);
+
+/// How often a long restore logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Changelog entries written to the store at a time while restoring.
+const STORE_CHUNK: usize = 10_000;
+
 /// Reads changelog partitions back into the engine.
 pub struct Restorer {
     consumer: BaseConsumer,
@@ -79,6 +90,7 @@ pub struct Restorer {
     metrics: Arc<Metrics>,
     /// How long an open transaction (of a crashed process) may hold the end of a changelog.
     patience: Duration,
+
 }
 
 impl Restorer {
@@ -97,68 +109,142 @@ impl Restorer {
         Ok(Restorer { consumer, changelogs, metrics, patience: settings.kafka.transaction_timeout * 3 + Duration::from_secs(30) })
     }
 
-    /// Rebuilds the state of input partition (`topic`, `partition`) from its changelogs.
-    pub fn restore(&self, engine: &mut Engine, topic: &str, partition: i32) -> Result<u64, RuntimeError> {
+    /// Rebuilds the state of input partition (`topic`, `partition`): from the local store,
+    /// then the changelog from the offset the store reached (or all of it).
+    pub fn restore(
+        &self,
+        engine: &mut Engine,
+        store: Option<&StateStore>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(u64, u64), RuntimeError> {
         let started = Instant::now();
-        let mut assignment = TopicPartitionList::new();
-        let mut ends = Vec::new();
-        for changelog in self.changelogs.topics() {
+        engine.drop_input_partition(topic, partition);
+        let (mut from_store, mut from_changelog) = (0u64, 0u64);
+        // The state behind `topic`: these steps' entries made for `owner` (the source topic,
+        // or None after a repartition).
+        let (steps, owner) = engine.restore_scope(topic);
+        let changelogs: Vec<(usize, String)> = self
+            .changelogs
+            .topics
+            .iter()
+            .filter(|(step, _)| steps.contains(step))
+            .map(|(step, name)| (*step, name.clone()))
+            .collect();
+        for (step, changelog) in changelogs {
             let (low, high) = self
                 .consumer
-                .fetch_watermarks(changelog, partition, Duration::from_secs(30))
+                .fetch_watermarks(&changelog, partition, Duration::from_secs(30))
                 .map_err(|error| RuntimeError::Fatal(format!("reading the end of {changelog}[{partition}]: {error}")))?;
-            if high > low {
-                assignment
-                    .add_partition_offset(changelog, partition, Offset::Beginning)
-                    .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
-                ends.push((changelog.clone(), high));
+            let mut start = Offset::Beginning;
+            if let Some(store) = store {
+                match store.offset(step, partition)? {
+                    // Older than that, compaction may have dropped tombstones the cache never
+                    // saw (delete.retention.ms, 24 hours by default): rebuild instead.
+                    Some((reached, age)) if reached >= low && reached <= high && age < STORE_TRUSTED_FOR => {
+                        store.for_each_entry(step, partition, |key, value| {
+                            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
+                            if entry.topic == owner {
+                                engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
+                                from_store += 1;
+                                self.metrics.state_restored_records.inc();
+                            }
+                            Ok(())
+                        })?;
+                        start = Offset::Offset(reached);
+                    }
+                    // The changelog was recreated or truncated since: the cache is worthless.
+                    Some(_) => store.clear(step, partition)?,
+                    None => {}
+                }
             }
+            let begin = match start {
+                Offset::Offset(offset) => offset,
+                _ => low,
+            };
+            if high <= begin {
+                continue;
+            }
+            from_changelog += self.read_changelog(engine, store, owner.as_deref(), step, &changelog, partition, start, high)?;
         }
-        engine.drop_input_partition(topic, partition);
-        if ends.is_empty() {
-            return Ok(0);
-        }
+        info!(
+            %topic, partition, from_store, from_changelog,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored state"
+        );
+        Ok((from_store, from_changelog))
+    }
+
+    /// Reads one changelog partition from `start` to `end` into the engine and the store.
+    #[allow(clippy::too_many_arguments)]
+    fn read_changelog(
+        &self,
+        engine: &mut Engine,
+        store: Option<&StateStore>,
+        owner: Option<&str>,
+        step: usize,
+        changelog: &str,
+        partition: i32,
+        start: Offset,
+        end: i64,
+    ) -> Result<u64, RuntimeError> {
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(changelog, partition, start)
+            .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
         self.consumer
             .assign(&assignment)
-            .map_err(|error| RuntimeError::Fatal(format!("assigning changelogs: {error}")))?;
+            .map_err(|error| RuntimeError::Fatal(format!("assigning {changelog}: {error}")))?;
         let mut restored = 0u64;
+        let mut writes = Vec::new();
         let deadline = Instant::now() + self.patience;
-        loop {
+        let mut next_report = Instant::now() + PROGRESS_EVERY;
+        let reached = loop {
+            if Instant::now() >= next_report {
+                next_report = Instant::now() + PROGRESS_EVERY;
+                info!(%changelog, partition, restored, end, "restoring state");
+            }
+            // Entries may reach the store ahead of its recorded offset (a replay overwrites
+            // them); the offset itself is recorded only at the end.
+            if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
+                store.apply(&std::mem::take(&mut writes), &[])?;
+            }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
-                    let step = self.changelogs.step(message.topic()).unwrap_or(usize::MAX);
-                    let entry = decode(step, partition, message.key().unwrap_or_default(), message.payload())
-                        .map_err(|error| RuntimeError::Fatal(format!("{}[{partition}]@{}: {error}", message.topic(), message.offset())))?;
-                    // Several input topics share changelog partition numbers.
-                    if entry.topic.as_deref() == Some(topic) {
+                    let key = message.key().unwrap_or_default();
+                    let entry = decode(step, partition, key, message.payload())
+                        .map_err(|error| RuntimeError::Fatal(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
+                    writes.push(StoreWrite { step, partition, key: key.to_vec(), value: message.payload().map(<[u8]>::to_vec) });
+                    // Several owners share changelog partition numbers.
+                    if entry.topic.as_deref() == owner {
                         engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
                         restored += 1;
+                        self.metrics.state_restored_records.inc();
                     }
                     continue;
                 }
-                Some(Err(error)) => return Err(RuntimeError::Fatal(format!("reading a changelog: {error}"))),
+                Some(Err(error)) => return Err(RuntimeError::Fatal(format!("reading {changelog}: {error}"))),
                 None => {}
             }
             // Positions move past transaction markers; under read_committed they stop at the
             // last stable offset, so this waits for any open transaction to end.
             let positions = self.consumer.position().map_err(|error| RuntimeError::Fatal(error.to_string()))?;
-            let done = ends.iter().all(|(changelog, end)| {
-                matches!(positions.find_partition(changelog, partition).map(|element| element.offset()),
-                    Some(Offset::Offset(position)) if position >= *end)
-            });
-            if done {
-                break;
+            if let Some(Offset::Offset(position)) = positions.find_partition(changelog, partition).map(|element| element.offset()) {
+                if position >= end {
+                    break position;
+                }
             }
             if Instant::now() > deadline {
                 return Err(RuntimeError::Fatal(format!(
-                    "restoring {topic}[{partition}] did not reach the end of its changelog in {:?}; an open transaction may hold it",
+                    "restoring partition {partition} did not reach the end of {changelog} in {:?}; an open transaction may hold it",
                     self.patience
                 )));
             }
-        }
+        };
         let _ = self.consumer.unassign();
-        self.metrics.state_restored_records.inc_by(restored);
-        info!(%topic, partition, restored, elapsed_ms = started.elapsed().as_millis() as u64, "restored state from the changelog");
+        if let Some(store) = store {
+            store.apply(&writes, &[(step, partition, reached)])?;
+        }
         Ok(restored)
     }
 }

@@ -1,6 +1,7 @@
 //! Topic checks before the loop starts: the source and sink topics must exist (weir does not
 //! guess their partition counts or retention); the DLQ topic is created when missing, with
-//! the broker's defaults and as many partitions as the first source topic.
+//! the broker's defaults and as many partitions as the first source topic; the internal
+//! topics (changelogs, repartition topics) are created with the source's partition count.
 
 use std::time::Duration;
 
@@ -18,7 +19,21 @@ use crate::config::{Pipeline, Settings, SourceTopics};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn prepare(settings: &Settings, pipeline: &Pipeline, changelogs: &Changelogs) -> Result<(), RuntimeError> {
+/// How the input is laid out, as far as repartitioning cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLayout {
+    /// Partitions per source topic (they must agree for stateful steps).
+    pub partitions: i32,
+    /// Partitions over all source topics.
+    pub total: usize,
+}
+
+pub fn prepare(
+    settings: &Settings,
+    pipeline: &Pipeline,
+    changelogs: &Changelogs,
+    repartitions: &[String],
+) -> Result<Option<InputLayout>, RuntimeError> {
     let client: BaseConsumer = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
@@ -49,36 +64,42 @@ pub fn prepare(settings: &Settings, pipeline: &Pipeline, changelogs: &Changelogs
     if partition_count(&client, &pipeline.dlq_topic)?.is_none() {
         create_topic(settings, &pipeline.dlq_topic, source_partitions.unwrap_or(1), &[])?;
     }
-    if !changelogs.is_empty() {
-        // State of input partition p lives in changelog partition p: every source topic must
-        // have the changelogs' partition count.
-        let SourceTopics::List(topics) = &pipeline.source.topics else {
-            return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
-        };
-        let mut counts = Vec::new();
-        for topic in topics {
-            counts.push(partition_count(&client, topic)?.unwrap_or(0));
-        }
-        let partitions = counts.iter().copied().max().unwrap_or(1);
-        if counts.iter().any(|count| *count != partitions) {
-            return Err(RuntimeError::Setup(format!(
-                "the source topics {topics:?} have different partition counts {counts:?}; stateful steps need them equal"
-            )));
-        }
-        for changelog in changelogs.topics() {
-            match partition_count(&client, changelog)? {
-                None => create_topic(settings, changelog, partitions, &[("cleanup.policy", "compact")])?,
-                Some(count) if count == partitions => {}
-                Some(count) => {
-                    return Err(RuntimeError::Setup(format!(
-                        "changelog {changelog} has {count} partitions but the input has {partitions}; \
-                         its state no longer matches the input's partitions (reset the state or use a new pipeline name)"
-                    )));
-                }
+    if changelogs.is_empty() && repartitions.is_empty() {
+        return Ok(None);
+    }
+    // State of input partition p lives in changelog partition p, and a repartitioned task p
+    // reads repartition partition p and keeps its state in changelog partition p: every
+    // source topic must have the same partition count, which the internal topics share.
+    let SourceTopics::List(topics) = &pipeline.source.topics else {
+        return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
+    };
+    let mut counts = Vec::new();
+    for topic in topics {
+        counts.push(partition_count(&client, topic)?.unwrap_or(0));
+    }
+    let partitions = counts.iter().copied().max().unwrap_or(1);
+    if counts.iter().any(|count| *count != partitions) {
+        return Err(RuntimeError::Setup(format!(
+            "the source topics {topics:?} have different partition counts {counts:?}; stateful steps need them equal"
+        )));
+    }
+    let internal = changelogs
+        .topics()
+        .map(|topic| (topic.as_str(), "changelog", [("cleanup.policy", "compact")]))
+        .chain(repartitions.iter().map(|topic| (topic.as_str(), "repartition topic", [("cleanup.policy", "delete")])));
+    for (topic, kind, config) in internal {
+        match partition_count(&client, topic)? {
+            None => create_topic(settings, topic, partitions, &config)?,
+            Some(count) if count == partitions => {}
+            Some(count) => {
+                return Err(RuntimeError::Setup(format!(
+                    "{kind} {topic} has {count} partitions but the input has {partitions}; \
+                     its state no longer matches the input's partitions (reset the state or use a new pipeline name)"
+                )));
             }
         }
     }
-    Ok(())
+    Ok(Some(InputLayout { partitions, total: counts.iter().map(|count| *count as usize).sum() }))
 }
 
 /// Creates `topic` unless it exists.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
@@ -26,6 +26,22 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Default)]
 pub struct DeliveryWatch {
     pub failures: AtomicU64,
+    /// The topics whose delivered offsets matter (the changelogs).
+    tracked: Vec<String>,
+    /// The highest offset delivered per tracked (topic, partition) since the last take.
+    delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
+}
+
+impl DeliveryWatch {
+    /// Watches deliveries, remembering the offsets reached in `tracked` topics.
+    pub fn new(tracked: Vec<String>) -> DeliveryWatch {
+        DeliveryWatch { tracked, ..DeliveryWatch::default() }
+    }
+
+    /// The highest offset delivered per (topic, partition) since the last call.
+    pub fn take_delivered(&self) -> std::collections::HashMap<(String, i32), i64> {
+        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
 }
 
 impl ClientContext for DeliveryWatch {
@@ -38,10 +54,21 @@ impl ProducerContext for DeliveryWatch {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
-        if let Err((error, _)) = result
-            && self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
-                warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
+        match result {
+            Err((error, _)) => {
+                if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
+                }
             }
+            Ok(message) if !self.tracked.is_empty() => {
+                if let Some(topic) = self.tracked.iter().find(|topic| topic.as_str() == message.topic()) {
+                    let mut delivered = self.delivered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let reached = delivered.entry((topic.clone(), message.partition())).or_insert(message.offset());
+                    *reached = (*reached).max(message.offset());
+                }
+            }
+            Ok(_) => {}
+        }
     }
 }
 
@@ -167,6 +194,9 @@ impl Transaction {
             headers = headers.insert(Header { key: name, value: Some(value) });
         }
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(partition) = output.partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = &output.key {
             record = record.key(key.as_slice());
         }
@@ -203,6 +233,17 @@ impl Transaction {
             record = record.payload(value);
         }
         self.enqueue(record)
+    }
+
+    /// The highest offset delivered per (topic, partition) since the last call; after a
+    /// commit, what the batch's records reached.
+    pub fn take_delivered(&self) -> std::collections::HashMap<(String, i32), i64> {
+        self.producer.context().take_delivered()
+    }
+
+    /// The partitions read in the open batch.
+    pub fn batch_partitions(&self) -> Vec<(String, i32)> {
+        self.partitions.iter().map(|batch| (batch.topic.clone(), batch.partition)).collect()
     }
 
     /// Serves delivery reports; cheap, called once per loop turn.

@@ -22,7 +22,7 @@ fn until_end_processes_what_was_there_and_exits_zero() {
 
     let mut ids: Vec<u64> = seen.iter().map(|record| record.value_json()["id"].as_u64().unwrap()).collect();
     ids.sort_unstable();
-    assert_eq!(ids, expected);
+    assert_eq!(ids, expected, "weir's log:\n{}", weir.log_text());
     // The input key is kept when the sink names no key fields.
     let first = seen.iter().find(|record| record.value_json()["id"] == 42).unwrap();
     assert_eq!(first.key.as_deref(), Some(&b"k42"[..]));

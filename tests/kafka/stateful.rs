@@ -31,13 +31,17 @@ fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
 }
 
 #[test]
-fn windowed_count_and_dedup_survive_sigkills_exactly() {
+fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
     const RECORDS: u64 = 200_000;
     let input = unique("clicks");
     create_topic(&input, 4);
     let window_steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
     let dedup_steps = "  - dedup: { key: [user, id], within: 1h }";
-    let cases: Vec<(&str, String, String)> = [("window", window_steps), ("dedup", dedup_steps)]
+    // Grouped by a field the input is not partitioned by: through a repartition topic, with
+    // windows closed by watermarks that travel through it.
+    let repartitioned_steps = "  - window: { group_by: [amount], tumbling: 10s, aggregates: { clicks: count() } }";
+    let cases: Vec<(&str, String, String)> =
+        [("window", window_steps), ("dedup", dedup_steps), ("repartitioned", repartitioned_steps)]
         .into_iter()
         .map(|(kind, steps)| {
             let (golden, crashed) = (unique(&format!("{kind}-golden")), unique(&format!("{kind}-crashed")));
@@ -107,13 +111,17 @@ fn windowed_count_and_dedup_survive_sigkills_exactly() {
             "{steps}: {missing} golden records missing or miscounted, {extra} unexpected, over {kills} kills"
         );
     }
-    // Restarts resumed from the changelog rather than from nothing.
-    let restored: Vec<u64> = logs
+    // Restarts resumed from the local store and the changelog's tail, not from nothing.
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+    };
+    let restores: Vec<(u64, u64)> = logs
         .iter()
-        .flat_map(|log| log.lines().filter(|line| line.contains("restored state from the changelog")).map(str::to_string).collect::<Vec<_>>())
-        .filter_map(|line| line.split("restored=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .flat_map(|log| log.lines().filter(|line| line.contains("restored state")).map(str::to_string).collect::<Vec<_>>())
+        .map(|line| (field(&line, "from_store"), field(&line, "from_changelog")))
         .collect();
-    assert!(restored.iter().filter(|count| **count > 0).count() >= 10, "restores seen: {restored:?}");
+    assert!(restores.iter().filter(|(store, changelog)| store + changelog > 0).count() >= 10, "restores seen: {restores:?}");
+    assert!(restores.iter().any(|(store, _)| *store > 0), "no restart used the local store: {restores:?}");
 }
 
 /// A second instance joins a windowed pipeline mid-run, takes partitions with their state,
@@ -202,4 +210,56 @@ fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
     produce(&input, (2_000..3_000).map(click));
     let mut after = WeirProcess::start(&two_seconds.path, WeirOptions { until_end: true, ..Default::default() });
     assert!(after.wait(Duration::from_secs(120)).success(), "{}", after.log_text());
+}
+
+/// The clicks of [`click`], keyed by id instead of user: a user's clicks are spread over
+/// every partition.
+fn click_keyed_by_id(id: u64) -> Input {
+    Input { key: Some(format!("k{id}").into_bytes()), ..click(id) }
+}
+
+/// One click per partition an hour after the others: every partition's watermark then
+/// passes every real window, so both runs close all of them.
+fn flush(topic: &str, partitions: i32) {
+    let value = r#"{"id":0,"user":"flush","amount":0,"ts":1700003600000000}"#;
+    produce(topic, (0..partitions).map(|partition| Input { partition: Some(partition), ..Input::keyed("flush", value) }));
+}
+
+/// A window grouped by user over input that is not partitioned by user goes through a
+/// repartition topic, and gives what the same window gives over input keyed by user and
+/// declared `partitioned_by: [user]` (which needs no repartition topic).
+#[test]
+fn a_window_over_input_not_partitioned_by_its_key_equals_the_partitioned_run() {
+    const RECORDS: u64 = 30_000;
+    let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
+    let (by_user, by_id) = (unique("clicks-by-user"), unique("clicks-by-id"));
+    let (partitioned_out, repartitioned_out) = (unique("partitioned"), unique("repartitioned"));
+    for topic in [&by_user, &by_id, &partitioned_out, &repartitioned_out] {
+        create_topic(topic, 4);
+    }
+    produce(&by_user, (0..RECORDS).map(click));
+    produce(&by_id, (0..RECORDS).map(click_keyed_by_id));
+    flush(&by_user, 4);
+    flush(&by_id, 4);
+
+    let partitioned_name = unique("partitioned");
+    let partitioned = clicks_pipeline(&partitioned_name, &by_user, &partitioned_out, steps);
+    let repartitioned_name = unique("repartitioned");
+    let text = std::fs::read_to_string(&clicks_pipeline(&repartitioned_name, &by_id, &repartitioned_out, steps).path).unwrap();
+    let repartitioned = pipeline_file(&text.replace("    partitioned_by: [user]\n", ""));
+
+    for file in [&partitioned, &repartitioned] {
+        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
+    }
+    // The extra hop exists only where it is needed.
+    assert!(topic_exists(&format!("{repartitioned_name}-0-repartition")));
+    assert!(!topic_exists(&format!("{partitioned_name}-0-repartition")));
+
+    let expected = multiset(&partitioned_out);
+    // 40 users, 150 one-second windows of event time.
+    assert!(expected.len() > 5_000, "only {} windows", expected.len());
+    let total: u64 = expected.keys().map(|(_, value)| serde_json::from_str::<serde_json::Value>(value).unwrap()["clicks"].as_u64().unwrap()).sum();
+    assert_eq!(total, RECORDS, "every click is counted in exactly one closed window");
+    assert_eq!(multiset(&repartitioned_out), expected);
 }

@@ -193,6 +193,13 @@ pub fn partition_count(topic: &str) -> i32 {
     metadata.topics()[0].partitions().len() as i32
 }
 
+/// Whether `topic` exists on the broker.
+pub fn topic_exists(topic: &str) -> bool {
+    let consumer: BaseConsumer = client_config().create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics().iter().any(|found| found.name() == topic && found.error().is_none() && !found.partitions().is_empty())
+}
+
 /// Reads every committed record of `topic` (read_committed), from the beginning to the
 /// current end of each partition. Call it when the writers are done or fenced.
 pub fn read_committed(topic: &str) -> Vec<Seen> {
@@ -360,6 +367,8 @@ impl WeirProcess {
             .args(["--instance", options.instance])
             .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
             .env("WEIR__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+            // Beside the pipeline file: kept across restarts of the same pipeline, per test.
+            .env("WEIR__STATE__DIR", pipeline.parent().unwrap_or(Path::new(".")).join("state"))
             .env("WEIR__LOGGING__LEVEL", std::env::var("WEIR_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())

@@ -1,0 +1,162 @@
+//! The local state store: RocksDB under `state.dir`, a cache of the changelog topics.
+//!
+//! One column family per stateful step holds the committed state of every partition this
+//! process has owned (keys prefixed by the partition number); the `offsets` family records,
+//! per (step, changelog partition), the changelog offset the cache has reached. A batch's
+//! state changes are written in one WriteBatch together with those offsets, only after its
+//! transaction committed, so the cache never holds uncommitted state. Restoring a partition
+//! loads the cache and then reads only the changelog from the recorded offset on; a crash at
+//! any point leaves the cache at or behind the changelog, never ahead, and never wiped.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
+use tracing::warn;
+
+use super::error::RuntimeError;
+
+const OFFSETS: &str = "offsets";
+
+pub struct StateStore {
+    db: DB,
+    path: PathBuf,
+}
+
+/// One committed write: the step's changelog key, and the value (None deletes).
+pub struct StoreWrite {
+    pub step: usize,
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+fn family(step: usize) -> String {
+    format!("step-{step}")
+}
+
+fn partition_prefix(partition: i32) -> Vec<u8> {
+    format!("{partition:010}/").into_bytes()
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn offset_key(step: usize, partition: i32) -> Vec<u8> {
+    format!("{step}/{partition}").into_bytes()
+}
+
+impl StateStore {
+    /// Opens (or creates) the store. Another process with the same instance may still hold
+    /// it for a moment (a zombie being fenced), so a held lock is waited for.
+    /// A store of another state generation (the state was reset since) is a stale cache and
+    /// is deleted first.
+    pub fn open(directory: &Path, steps: &[usize], generation: &str) -> Result<StateStore, RuntimeError> {
+        let generation_file = directory.join("GENERATION");
+        let cached = std::fs::read_to_string(&generation_file).ok();
+        if cached.as_deref().is_some_and(|cached| cached.trim() != generation) {
+            warn!(path = %directory.display(), "the local state is from before a state reset; deleting it");
+            std::fs::remove_dir_all(directory)
+                .map_err(|error| RuntimeError::Setup(format!("deleting the stale state {}: {error}", directory.display())))?;
+        }
+        std::fs::create_dir_all(directory)
+            .map_err(|error| RuntimeError::Setup(format!("creating the state directory {}: {error}", directory.display())))?;
+        if cached.as_deref().map(str::trim) != Some(generation) {
+            std::fs::write(&generation_file, generation)
+                .map_err(|error| RuntimeError::Setup(format!("writing {}: {error}", generation_file.display())))?;
+        }
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let mut families: Vec<ColumnFamilyDescriptor> =
+            steps.iter().map(|step| ColumnFamilyDescriptor::new(family(*step), Options::default())).collect();
+        families.push(ColumnFamilyDescriptor::new(OFFSETS, Options::default()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let families = families.iter().map(|descriptor| ColumnFamilyDescriptor::new(descriptor.name(), Options::default()));
+            match DB::open_cf_descriptors(&options, directory, families) {
+                Ok(db) => return Ok(StateStore { db, path: directory.to_path_buf() }),
+                Err(error) if error.to_string().contains("lock") && Instant::now() < deadline => {
+                    warn!(path = %directory.display(), %error, "state store is locked by another process; waiting");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    return Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display())));
+                }
+            }
+        }
+    }
+
+    fn handle(&self, name: &str) -> Result<&rocksdb::ColumnFamily, RuntimeError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| RuntimeError::Fatal(format!("the state store {} has no column family {name}", self.path.display())))
+    }
+
+    /// The changelog offset the cache of (step, partition) has reached, and how long ago.
+    pub fn offset(&self, step: usize, partition: i32) -> Result<Option<(i64, Duration)>, RuntimeError> {
+        let value = self
+            .db
+            .get_cf(self.handle(OFFSETS)?, offset_key(step, partition))
+            .map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+        Ok(value.and_then(|bytes| {
+            let (offset, written) = std::str::from_utf8(&bytes).ok()?.split_once('@')?;
+            let age = now_millis().saturating_sub(written.parse().ok()?);
+            Some((offset.parse().ok()?, Duration::from_millis(age)))
+        }))
+    }
+
+    /// Calls `each` with every cached (key, value) of a step for one changelog partition.
+    pub fn for_each_entry(
+        &self,
+        step: usize,
+        partition: i32,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        let prefix = partition_prefix(partition);
+        for item in self.db.iterator_cf(self.handle(&family(step))?, IteratorMode::From(&prefix, Direction::Forward)) {
+            let (key, value) = item.map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            each(&key[prefix.len()..], &value)?;
+        }
+        Ok(())
+    }
+
+    /// Writes committed changes and the changelog offsets they reach, atomically.
+    pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)]) -> Result<(), RuntimeError> {
+        let mut batch = WriteBatch::default();
+        for write in writes {
+            let mut key = partition_prefix(write.partition);
+            key.extend_from_slice(&write.key);
+            let handle = self.handle(&family(write.step))?;
+            match &write.value {
+                Some(value) => batch.put_cf(handle, key, value),
+                None => batch.delete_cf(handle, key),
+            }
+        }
+        let offsets_handle = self.handle(OFFSETS)?;
+        let written = now_millis();
+        for (step, partition, offset) in offsets {
+            batch.put_cf(offsets_handle, offset_key(*step, *partition), format!("{offset}@{written}"));
+        }
+        self.db
+            .write(batch)
+            .map_err(|error| RuntimeError::Fatal(format!("writing the state store {}: {error}", self.path.display())))
+    }
+
+    /// Forgets a partition's cache of a step (its recorded offset no longer fits the changelog).
+    pub fn clear(&self, step: usize, partition: i32) -> Result<(), RuntimeError> {
+        let mut writes = Vec::new();
+        self.for_each_entry(step, partition, |key, _| {
+            writes.push(StoreWrite { step, partition, key: key.to_vec(), value: None });
+            Ok(())
+        })?;
+        self.apply(&writes, &[])?;
+        self.db
+            .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
+            .map_err(|error| RuntimeError::Fatal(format!("writing the state store: {error}")))
+    }
+}
