@@ -182,16 +182,18 @@ fn run(args: RunArgs) -> ExitCode {
 async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (String, u8)> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
+    let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let (address, http) = weir::http::serve(loaded.settings.http.listen, health.clone(), metrics.clone(), http_stop.clone())
+    let (address, http) =
+        weir::http::serve(loaded.settings.http.listen, health.clone(), metrics.clone(), status.clone(), http_stop.clone())
         .await
         .map_err(|error| (format!("cannot listen on {}: {error}", loaded.settings.http.listen), 1))?;
     info!(%address, pipeline = %loaded.pipeline.name, instance = %options.instance, "weir starting");
 
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let loop_shutdown = shutdown.clone();
-    let result = tokio::task::spawn_blocking(move || runtime::run(&loaded, &options, metrics, health, loop_shutdown))
+    let result = tokio::task::spawn_blocking(move || runtime::run(&loaded, &options, metrics, health, status, loop_shutdown))
         .await
         .map_err(|error| (format!("the processing thread panicked: {error}"), 1))?;
     signals.abort();

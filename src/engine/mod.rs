@@ -263,6 +263,11 @@ impl Engine {
         }
     }
 
+    /// Each known input partition's watermark (`i64::MIN`: none yet).
+    pub fn input_watermarks(&self) -> Vec<((String, i32), i64)> {
+        self.topology.input_watermarks()
+    }
+
     /// Keys or windows held in state, over every task and step.
     pub fn state_keys(&self) -> usize {
         self.topology.state_keys()

@@ -399,6 +399,11 @@ impl Topology {
         self.stages.iter().position(|spec| spec.indices.contains(&step))
     }
 
+    /// Each known input partition's watermark (`i64::MIN`: none yet).
+    pub fn input_watermarks(&self) -> Vec<((String, i32), i64)> {
+        self.input_watermarks.iter().map(|(input, watermark)| (input.clone(), *watermark)).collect()
+    }
+
     pub fn state_keys(&self) -> usize {
         self.tasks.values().flat_map(|task| &task.operators).map(Operator::state_keys).sum()
     }

@@ -1,4 +1,5 @@
-//! The HTTP endpoints: `/health/live`, `/health/ready`, `/metrics` (Prometheus text).
+//! The HTTP endpoints: `/health/live`, `/health/ready`, `/metrics` (Prometheus text) and
+//! `/status` (the JSON progress report).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,20 +13,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::health::Health;
+use crate::runtime::status::Status;
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone)]
 struct Shared {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
 }
 
-pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+pub fn router(health: Arc<Health>, metrics: Arc<Metrics>, status: Arc<Status>) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(Shared { health, metrics })
+        .route("/status", get(status_report))
+        .with_state(Shared { health, metrics, status })
 }
 
 /// Binds `address` and serves until `shutdown`; returns the bound address (useful with port 0).
@@ -33,11 +37,12 @@ pub async fn serve(
     address: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
-    let app = router(health, metrics);
+    let app = router(health, metrics, status);
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -59,6 +64,12 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+async fn status_report(State(shared): State<Shared>) -> impl IntoResponse {
+    let mut report = serde_json::to_value(shared.status.snapshot()).unwrap_or_default();
+    report["ready"] = serde_json::Value::Bool(shared.health.is_ready());
+    axum::Json(report)
 }
 
 async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {

@@ -32,6 +32,7 @@ pub mod error;
 pub mod health;
 mod rebalance;
 mod state;
+pub mod status;
 mod store;
 pub mod topics;
 mod transaction;
@@ -78,6 +79,7 @@ pub fn run(
     options: &RunOptions,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    status: Arc<status::Status>,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
@@ -136,6 +138,7 @@ pub fn run(
         options.until_end,
         metrics.clone(),
         health.clone(),
+        status.clone(),
     );
     let consumer: BaseConsumer<LoopContext> = clients::consumer_config(settings, pipeline, &options.instance)
         .create_with_context(context)
@@ -169,6 +172,7 @@ pub fn run(
 
     health.set_assigned(0);
     if let Err(error) = &result {
+        status.failed(&error.to_string());
         // Whatever is open can only be aborted now; the next process replays it.
         let mut session = consumer.context().session();
         session.abandoned = true;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::error::RuntimeError;
 use super::health::Health;
 use super::state::{self, Changelogs};
+use super::status::Status;
 use super::store::{StateStore, StoreWrite};
 use super::transaction::{Outcome, Transaction};
 use crate::engine::{Destination, Engine};
@@ -64,6 +65,7 @@ pub struct Session {
     pub abandoned: bool,
     /// Keys and windows in state after the last commit, for the gauge.
     pub metrics_state_keys: usize,
+    pub status: Arc<Status>,
 }
 
 pub struct LoopContext {
@@ -85,6 +87,7 @@ impl LoopContext {
         until_end: bool,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        status: Arc<Status>,
     ) -> LoopContext {
         LoopContext {
             session: Mutex::new(Session {
@@ -98,6 +101,7 @@ impl LoopContext {
                 rewind: Vec::new(),
                 abandoned: false,
                 metrics_state_keys: 0,
+                status,
             }),
             starting_offsets,
             until_end,
@@ -132,6 +136,7 @@ impl LoopContext {
             session.engine.drop_input_partition(&key.0, key.1);
             session.pending_restore.retain(|pending| pending != &key);
             session.owned.remove(&key);
+            session.status.revoked(&key.0, key.1);
             session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
             self.metrics
                 .consumer_lag
@@ -172,6 +177,7 @@ impl LoopContext {
                 None
             };
             session.pending_restore.push((element.topic().to_string(), element.partition()));
+            session.status.assigned(element.topic(), element.partition());
             session.owned.insert(
                 (element.topic().to_string(), element.partition()),
                 OwnedPartition {
@@ -317,6 +323,9 @@ impl Session {
             store.apply(&store_writes, &offsets)?;
         }
         self.after_outcome(outcome.as_ref());
+        if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
+            self.status.committed(&summary, self.metrics_state_keys, &self.engine.input_watermarks());
+        }
         Ok(outcome)
     }
 
@@ -351,6 +360,7 @@ impl Session {
 
     fn after_outcome(&mut self, outcome: Option<&Outcome>) {
         if let Some(Outcome::Aborted { rewind }) = outcome {
+            self.status.aborted(&format!("a batch was aborted; {} partitions are replayed from its first offsets", rewind.len()));
             // The aborted records changed in-memory state that was never committed.
             self.engine.take_counts();
             for (topic, partition, _) in rewind {
@@ -382,6 +392,7 @@ impl ClientContext for LoopContext {
                     .consumer_lag
                     .with_label_values(&[&owned.topic, &owned.partition.to_string()])
                     .set(lag);
+                session.status.set_lag(&owned.topic, owned.partition, lag);
             }
         }
     }

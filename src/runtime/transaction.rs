@@ -17,6 +17,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
+use super::status::BatchSummary;
 use super::error::{classify, fatal, ErrorClass, RuntimeError};
 use crate::engine::{BatchCounts, Output};
 use crate::telemetry::metrics::Metrics;
@@ -103,6 +104,8 @@ pub struct Transaction {
     metrics: Arc<Metrics>,
     source_name: String,
     sink_topic: String,
+    /// What the last committed batch did, for the progress report.
+    last_summary: Option<BatchSummary>,
 }
 
 impl Transaction {
@@ -121,6 +124,7 @@ impl Transaction {
             opened_at: None,
             partitions: Vec::new(),
             counts: BatchCounts::default(),
+            last_summary: None,
             records: 0,
             call_timeout,
             metrics,
@@ -241,6 +245,11 @@ impl Transaction {
         self.producer.context().take_delivered()
     }
 
+    /// What the last committed batch did (once).
+    pub fn take_summary(&mut self) -> Option<BatchSummary> {
+        self.last_summary.take()
+    }
+
     /// The partitions read in the open batch.
     pub fn batch_partitions(&self) -> Vec<(String, i32)> {
         self.partitions.iter().map(|batch| (batch.topic.clone(), batch.partition)).collect()
@@ -265,6 +274,7 @@ impl Transaction {
         let started = Instant::now();
         let positions = consumer.position().ok();
         let mut offsets = TopicPartitionList::with_capacity(self.partitions.len());
+        let mut committed_offsets = Vec::with_capacity(self.partitions.len());
         for batch in &self.partitions {
             let position = positions
                 .as_ref()
@@ -275,6 +285,7 @@ impl Transaction {
                 })
                 .unwrap_or(batch.next);
             let next = batch.next.max(position);
+            committed_offsets.push((batch.topic.clone(), batch.partition, next));
             offsets
                 .add_partition_offset(&batch.topic, batch.partition, Offset::Offset(next))
                 .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
@@ -299,6 +310,12 @@ impl Transaction {
         self.metrics.record_batch(&self.source_name, &self.sink_topic, &counts);
         self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
         debug!(records, partitions = self.partitions.len(), "batch committed");
+        self.last_summary = Some(BatchSummary {
+            counts,
+            offsets: committed_offsets,
+            opened_at: self.opened_at,
+            commit_duration: started.elapsed(),
+        });
         self.close();
         Ok(Some(Outcome::Committed { records }))
     }

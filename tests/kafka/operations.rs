@@ -4,7 +4,8 @@ use std::time::Duration;
 use crate::support::*;
 
 /// Readiness turns true once partitions are assigned; /metrics is Prometheus text whose
-/// counters match the run; SIGTERM drains, commits and exits 0.
+/// counters match the run; /status reports the run's batches, rates and offsets; SIGTERM
+/// drains, commits and exits 0.
 #[test]
 fn health_metrics_and_graceful_shutdown() {
     let (input, output) = (unique("in"), unique("out"));
@@ -52,6 +53,29 @@ fn health_metrics_and_graceful_shutdown() {
         text.lines().filter(|line| line.starts_with("weir_consumer_lag_records{")).count() == 2
             && text.lines().filter(|line| line.starts_with("weir_consumer_lag_records{")).all(|line| line.ends_with(" 0"))
     });
+
+    // /status: the batches the run committed, their rates, and each partition's offsets.
+    let (code, body) = weir.http_get("/status").expect("status answers");
+    assert_eq!(code, 200);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|error| panic!("{error}: {body}"));
+    assert_eq!(report["pipeline"], name.as_str(), "{report:#}");
+    assert_eq!(report["ready"], true, "{report:#}");
+    assert_eq!(report["records_in"], 1000, "{report:#}");
+    assert_eq!(report["records_out"].as_f64(), Some(passed), "{report:#}");
+    let batches = report["recent_batches"].as_array().expect("recent_batches");
+    assert!(!batches.is_empty() && report["batches_committed"].as_u64() >= Some(batches.len() as u64), "{report:#}");
+    let last = batches.last().unwrap();
+    for field in ["input_rows_per_second", "processed_rows_per_second"] {
+        assert!(batches.iter().any(|batch| batch[field].as_f64() > Some(0.0)), "{field}: {report:#}");
+    }
+    assert!(last["duration_ms"].is_u64() && last["committed_at"].is_string(), "{report:#}");
+    let ends = end_offsets(&input);
+    for (partition, end) in ends.iter().enumerate() {
+        let progress = &report["partitions"][format!("{input}[{partition}]")];
+        assert_eq!(progress["committed_offset"], *end, "{report:#}");
+        assert_eq!(progress["lag"], 0, "{report:#}");
+    }
+    assert!(report["last_error"].is_null(), "{report:#}");
 
     weir.terminate();
     let status = weir.wait(Duration::from_secs(30));

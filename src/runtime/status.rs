@@ -1,0 +1,191 @@
+//! The `/status` progress report, in the spirit of Spark's StreamingQueryProgress: the
+//! recent batches (rows in and out, rates, durations, the offsets they committed), each
+//! partition's committed offset, lag and watermark, the state size, and the last error.
+//! Updated by the loop at each commit; read by the HTTP server.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::engine::BatchCounts;
+
+/// How many recent batches the report keeps.
+const RECENT: usize = 10;
+
+pub struct Status {
+    report: Mutex<Report>,
+    last_commit: Mutex<Option<Instant>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pipeline: String,
+    pub instance: String,
+    pub started_at: String,
+    pub batches_committed: u64,
+    pub batches_aborted: u64,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub state_keys: usize,
+    /// Newest last.
+    pub recent_batches: VecDeque<BatchProgress>,
+    /// By `topic[partition]`, for the partitions this process owns.
+    pub partitions: BTreeMap<String, PartitionProgress>,
+    pub last_error: Option<ErrorReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchProgress {
+    pub batch: u64,
+    pub committed_at: String,
+    pub input_rows: u64,
+    pub output_rows: u64,
+    pub dlq_rows: u64,
+    pub filtered_rows: u64,
+    /// From the batch's first record to its commit.
+    pub duration_ms: u64,
+    pub commit_ms: u64,
+    /// Input rows over the time since the previous commit (or the start).
+    pub input_rows_per_second: f64,
+    /// Input rows over the batch's own duration.
+    pub processed_rows_per_second: f64,
+    pub state_keys: usize,
+    /// The next offset to read, as committed, by `topic[partition]`.
+    pub offsets: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionProgress {
+    pub committed_offset: Option<i64>,
+    pub lag: Option<i64>,
+    /// Event-time watermark in epoch milliseconds, for pipelines with event time.
+    pub watermark: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorReport {
+    pub at: String,
+    pub message: String,
+}
+
+/// What a committed batch did, from the transaction.
+#[derive(Debug, Clone)]
+pub struct BatchSummary {
+    pub counts: BatchCounts,
+    pub offsets: Vec<(String, i32, i64)>,
+    pub opened_at: Option<Instant>,
+    pub commit_duration: Duration,
+}
+
+fn now_text() -> String {
+    chrono::DateTime::<chrono::Utc>::from(SystemTime::now()).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn partition_name(topic: &str, partition: i32) -> String {
+    format!("{topic}[{partition}]")
+}
+
+impl Status {
+    pub fn new(pipeline: &str, instance: &str) -> Status {
+        Status {
+            report: Mutex::new(Report {
+                pipeline: pipeline.to_string(),
+                instance: instance.to_string(),
+                started_at: now_text(),
+                batches_committed: 0,
+                batches_aborted: 0,
+                records_in: 0,
+                records_out: 0,
+                state_keys: 0,
+                recent_batches: VecDeque::new(),
+                partitions: BTreeMap::new(),
+                last_error: None,
+            }),
+            last_commit: Mutex::new(Some(Instant::now())),
+        }
+    }
+
+    fn report(&self) -> std::sync::MutexGuard<'_, Report> {
+        self.report.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Report {
+        self.report().clone()
+    }
+
+    /// A batch committed; `watermarks` are the input partitions' after it.
+    pub fn committed(&self, summary: &BatchSummary, state_keys: usize, watermarks: &[((String, i32), i64)]) {
+        let now = Instant::now();
+        let since_previous = {
+            let mut last = self.last_commit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let since = last.map_or(Duration::ZERO, |at| now.duration_since(at));
+            *last = Some(now);
+            since
+        };
+        let duration = summary.opened_at.map_or(summary.commit_duration, |at| now.duration_since(at));
+        let counts = &summary.counts;
+        let rate = |elapsed: Duration| match elapsed.as_secs_f64() {
+            seconds if seconds > 0.0 => counts.records_in as f64 / seconds,
+            _ => 0.0,
+        };
+        let mut report = self.report();
+        report.batches_committed += 1;
+        report.records_in += counts.records_in;
+        report.records_out += counts.records_out;
+        report.state_keys = state_keys;
+        let batch = BatchProgress {
+            batch: report.batches_committed,
+            committed_at: now_text(),
+            input_rows: counts.records_in,
+            output_rows: counts.records_out,
+            dlq_rows: counts.dead_lettered.iter().sum(),
+            filtered_rows: counts.records_filtered,
+            duration_ms: duration.as_millis() as u64,
+            commit_ms: summary.commit_duration.as_millis() as u64,
+            input_rows_per_second: rate(since_previous),
+            processed_rows_per_second: rate(duration),
+            state_keys,
+            offsets: summary.offsets.iter().map(|(topic, partition, offset)| (partition_name(topic, *partition), *offset)).collect(),
+        };
+        for (topic, partition, offset) in &summary.offsets {
+            report.partitions.entry(partition_name(topic, *partition)).or_default().committed_offset = Some(*offset);
+        }
+        for ((topic, partition), watermark) in watermarks {
+            if *watermark > i64::MIN
+                && let Some(progress) = report.partitions.get_mut(&partition_name(topic, *partition))
+            {
+                progress.watermark = Some(*watermark);
+            }
+        }
+        report.recent_batches.push_back(batch);
+        while report.recent_batches.len() > RECENT {
+            report.recent_batches.pop_front();
+        }
+    }
+
+    pub fn aborted(&self, reason: &str) {
+        let mut report = self.report();
+        report.batches_aborted += 1;
+        report.last_error = Some(ErrorReport { at: now_text(), message: reason.to_string() });
+    }
+
+    pub fn failed(&self, message: &str) {
+        self.report().last_error = Some(ErrorReport { at: now_text(), message: message.to_string() });
+    }
+
+    pub fn assigned(&self, topic: &str, partition: i32) {
+        self.report().partitions.entry(partition_name(topic, partition)).or_default();
+    }
+
+    pub fn revoked(&self, topic: &str, partition: i32) {
+        self.report().partitions.remove(&partition_name(topic, partition));
+    }
+
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        if let Some(progress) = self.report().partitions.get_mut(&partition_name(topic, partition)) {
+            progress.lag = Some(lag);
+        }
+    }
+}
