@@ -20,8 +20,10 @@ pub enum Command {
     /// Run a pipeline over a file of records without a broker and print (or check) what it
     /// would write.
     Test(TestArgs),
-    /// Reset a stopped pipeline: `--state` deletes its state (changelog topics and step
-    /// definitions), so changed stateful steps start empty from the committed offsets.
+    /// Reset a stopped pipeline: `--state` deletes its state (changelog, repartition and
+    /// definitions topics), so changed stateful steps start empty from the committed
+    /// offsets; `--to-earliest` or `--to-datetime` moves the committed offsets (and resets
+    /// any state).
     Reset(ResetArgs),
 }
 
@@ -29,9 +31,19 @@ pub enum Command {
 pub struct ResetArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Delete the state of every stateful step.
+    /// Delete the state of every stateful step (and what is in flight between stages).
     #[arg(long)]
     pub state: bool,
+    /// Move the pipeline's committed source offsets to the beginning of each partition.
+    /// A pipeline with state also has its state deleted: replayed input over old state
+    /// would be judged as duplicates and late.
+    #[arg(long, conflicts_with = "to_datetime")]
+    pub to_earliest: bool,
+    /// Move the committed source offsets to the first record at or after this time
+    /// (RFC 3339, e.g. 2026-11-22T10:00:00Z; the end where there is none). State as with
+    /// --to-earliest.
+    #[arg(long, value_name = "TIME")]
+    pub to_datetime: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -27,23 +27,42 @@ fn main() -> ExitCode {
 }
 
 fn reset(args: &ResetArgs) -> ExitCode {
-    if !args.state {
-        eprintln!("weir: say what to reset: --state");
+    let target = match (&args.to_datetime, args.to_earliest) {
+        (Some(text), _) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) => Some(weir::reset::OffsetTarget::Time(time.timestamp_millis())),
+            Err(error) => {
+                eprintln!("weir: 1 configuration problem:\n  - --to-datetime: '{text}' is not an RFC 3339 time ({error}), e.g. 2026-11-22T10:00:00Z");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, true) => Some(weir::reset::OffsetTarget::Earliest),
+        (None, false) => None,
+    };
+    if !args.state && target.is_none() {
+        eprintln!("weir: say what to reset: --state, --to-earliest or --to-datetime TIME");
         return ExitCode::from(EXIT_CONFIG);
     }
     let loaded = match load(&args.config) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    match weir::reset::reset_state(&loaded) {
-        Ok(deleted) if deleted.is_empty() => {
-            println!("pipeline {} has no state to reset", loaded.pipeline.name);
-            ExitCode::SUCCESS
+    let name = &loaded.pipeline.name;
+    let result = weir::reset::wait_for_an_empty_group(&loaded).and_then(|()| {
+        // State first: offsets moved over old state would replay into it.
+        let deleted = weir::reset::reset_state(&loaded)?;
+        match deleted.is_empty() {
+            true => println!("pipeline {name} has no state to reset"),
+            false => println!("deleted the state of pipeline {name}: {}", deleted.join(", ")),
         }
-        Ok(deleted) => {
-            println!("deleted the state of pipeline {}: {}", loaded.pipeline.name, deleted.join(", "));
-            ExitCode::SUCCESS
+        if let Some(target) = target {
+            for (topic, partition, offset) in weir::reset::reset_offsets(&loaded, target)? {
+                println!("{topic}[{partition}]: next offset {offset}");
+            }
         }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("weir: {message}");
             ExitCode::FAILURE

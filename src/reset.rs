@@ -1,32 +1,44 @@
-//! `weir reset --state`: drops a pipeline's state (its changelog topics and step definitions),
-//! refusing while any process of the pipeline is still a member of its consumer group.
+//! `weir reset`: `--state` drops a pipeline's state (its changelog and repartition topics
+//! and step definitions); `--to-earliest` / `--to-datetime` move its committed source
+//! offsets. Both refuse while any process of the pipeline is still a member of its consumer
+//! group.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::config::Loaded;
+use crate::config::{Loaded, SourceTopics};
 use crate::engine::Engine;
 use crate::runtime::definitions;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Deletes the state topics of the pipeline and returns their names.
-pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
-    let Loaded { settings, pipeline } = loaded;
-    let engine = Engine::new(pipeline)?;
+/// Where `reset_offsets` moves the committed offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetTarget {
+    Earliest,
+    /// The first record at or after this time (epoch millis).
+    Time(i64),
+}
+
+fn client_config(loaded: &Loaded) -> ClientConfig {
     let mut config = ClientConfig::new();
-    for (key, value) in &settings.kafka.options {
+    for (key, value) in &loaded.settings.kafka.options {
         config.set(key, value);
     }
-    config.set("bootstrap.servers", &settings.kafka.bootstrap_servers);
-    let client: BaseConsumer = config.create().map_err(|error| format!("creating a Kafka client: {error}"))?;
+    config.set("bootstrap.servers", &loaded.settings.kafka.bootstrap_servers);
+    config
+}
 
-    // A stopped instance stays a static member until its session times out: wait that long
-    // for the group to empty before deciding that an instance is still running.
+/// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
+/// static member until its session times out, so that long is waited out before deciding
+/// that an instance is still running.
+pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), String> {
+    let Loaded { settings, pipeline } = loaded;
+    let client: BaseConsumer = client_config(loaded).create().map_err(|error| format!("creating a Kafka client: {error}"))?;
     let patience = Instant::now() + settings.kafka.session_timeout + Duration::from_secs(5);
     let mut members = live_members(&client, &pipeline.name)?;
     if members > 0 {
@@ -46,12 +58,76 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
             pipeline.name
         ));
     }
+    Ok(())
+}
+
+/// Commits, for the pipeline's group, the offsets `target` names on every partition of the
+/// source topics; returns them. Call after `wait_for_an_empty_group`.
+pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(String, i32, i64)>, String> {
+    let pipeline = &loaded.pipeline;
+    let SourceTopics::List(topics) = &pipeline.source.topics else {
+        return Err("resetting offsets needs a source with a topic list, not a pattern".into());
+    };
+    let consumer: BaseConsumer = client_config(loaded)
+        .set("group.id", &pipeline.name)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|error| format!("creating a Kafka client: {error}"))?;
+    let mut chosen = Vec::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| format!("reading metadata of {topic}: {error}"))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|found| found.name() == topic && found.error().is_none())
+            .map(|found| found.partitions().len() as i32)
+            .ok_or_else(|| format!("source topic {topic} does not exist"))?;
+        for partition in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, TIMEOUT)
+                .map_err(|error| format!("reading the offsets of {topic}[{partition}]: {error}"))?;
+            let offset = match target {
+                OffsetTarget::Earliest => low,
+                OffsetTarget::Time(millis) => {
+                    let mut query = TopicPartitionList::new();
+                    query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| error.to_string())?;
+                    let found = consumer
+                        .offsets_for_times(query, TIMEOUT)
+                        .map_err(|error| format!("looking up {topic}[{partition}] by time: {error}"))?;
+                    match found.find_partition(topic, partition).map(|element| element.offset()) {
+                        Some(Offset::Offset(offset)) if offset >= 0 => offset,
+                        // No record at or after the time.
+                        _ => high,
+                    }
+                }
+            };
+            chosen.push((topic.clone(), partition, offset));
+        }
+    }
+    let mut list = TopicPartitionList::new();
+    for (topic, partition, offset) in &chosen {
+        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| error.to_string())?;
+    }
+    consumer
+        .commit(&list, CommitMode::Sync)
+        .map_err(|error| format!("committing the new offsets of group {}: {error}", pipeline.name))?;
+    Ok(chosen)
+}
+
+/// Deletes the state topics of the pipeline and returns their names. Records in flight
+/// between stages (in repartition topics) belong to the old state and go with it.
+pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
+    let Loaded { pipeline, .. } = loaded;
+    let engine = Engine::new(pipeline)?;
+    let config = client_config(loaded);
+    let client: BaseConsumer = config.create().map_err(|error| format!("creating a Kafka client: {error}"))?;
 
     let mut candidates: Vec<String> = engine
         .stateful_steps()
         .into_iter()
         .map(|step| format!("{}-{step}-changelog", pipeline.name))
         .collect();
+    candidates.extend(engine.repartition_topics().into_iter().map(|(_, topic)| topic));
     candidates.push(definitions::topic_name(&pipeline.name));
     let existing: Vec<String> = candidates.into_iter().filter(|topic| exists(&client, topic)).collect();
     if existing.is_empty() {

@@ -135,3 +135,12 @@ fn reset_needs_to_be_told_what_to_reset() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--state"));
 }
+
+#[test]
+fn reset_refuses_a_time_that_is_not_rfc_3339_before_touching_kafka() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(&["reset", "--to-datetime", "yesterday", "--pipeline", &path], &[("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--to-datetime") && stderr.contains("'yesterday'") && stderr.contains("RFC 3339"), "{stderr}");
+}

@@ -263,3 +263,55 @@ fn a_window_over_input_not_partitioned_by_its_key_equals_the_partitioned_run() {
     assert_eq!(total, RECORDS, "every click is counted in exactly one closed window");
     assert_eq!(multiset(&repartitioned_out), expected);
 }
+
+/// `weir reset --to-earliest` and `--to-datetime` move the committed offsets and clear the
+/// state, as the next runs show: a dedup emits everything again from the new positions
+/// (over kept state it would emit nothing).
+#[test]
+fn reset_moves_the_offsets_and_clears_the_state() {
+    let (input, output) = (unique("clicks"), unique("out"));
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    let name = unique("reset");
+    let short_session = || vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
+    let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 24h }");
+    let run_to_end = || {
+        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+        assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
+    };
+    let reset = |how: &[&str]| {
+        let reset = std::process::Command::new(weir_binary())
+            .arg("reset")
+            .args(how)
+            .arg("--pipeline")
+            .arg(&file.path)
+            .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
+            .env("WEIR__KAFKA__SESSION_TIMEOUT", "6s")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&reset.stdout).into_owned();
+        assert!(reset.status.success(), "{stdout}{}", String::from_utf8_lossy(&reset.stderr));
+        stdout
+    };
+    // Ids 0..400 (record timestamps before `middle`), then 400..1000.
+    produce(&input, (0..400).map(click));
+    std::thread::sleep(Duration::from_millis(1500));
+    let middle = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    produce(&input, (400..1000).map(click));
+    let count = || read_committed(&output).len();
+
+    run_to_end();
+    assert_eq!(count(), 1000);
+    let said = reset(&["--to-earliest"]);
+    assert!(said.contains(&format!("{name}-0-changelog")) && said.contains(&format!("{input}[0]: next offset 0")), "{said}");
+    assert_eq!(committed_offsets(&name, &input), vec![0, 0]);
+    run_to_end();
+    assert_eq!(count(), 2000, "everything again: the dedup state went with the reset");
+
+    let said = reset(&["--to-datetime", &middle.to_rfc3339()]);
+    assert!(said.contains(&format!("{input}[1]: next offset")), "{said}");
+    run_to_end();
+    assert_eq!(count(), 2600, "the 600 records produced after {middle} once more");
+    assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
+}
