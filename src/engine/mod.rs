@@ -268,6 +268,11 @@ impl Engine {
         self.topology.input_watermarks()
     }
 
+    /// Keys or windows in state by stateful step (pipeline index).
+    pub fn state_keys_by_step(&self) -> std::collections::BTreeMap<usize, usize> {
+        self.topology.state_keys_by_step()
+    }
+
     /// Keys or windows held in state, over every task and step.
     pub fn state_keys(&self) -> usize {
         self.topology.state_keys()

@@ -404,6 +404,19 @@ impl Topology {
         self.input_watermarks.iter().map(|(input, watermark)| (input.clone(), *watermark)).collect()
     }
 
+    /// Keys or windows in state by stateful step (pipeline index), over every task.
+    pub fn state_keys_by_step(&self) -> BTreeMap<usize, usize> {
+        let mut keys: BTreeMap<usize, usize> = self.stateful_steps().into_iter().map(|step| (step, 0)).collect();
+        for ((stage, _), task) in &self.tasks {
+            for (operator, step) in task.operators.iter().zip(&self.stages[*stage].indices) {
+                if let Some(count) = keys.get_mut(step) {
+                    *count += operator.state_keys();
+                }
+            }
+        }
+        keys
+    }
+
     pub fn state_keys(&self) -> usize {
         self.tasks.values().flat_map(|task| &task.operators).map(Operator::state_keys).sum()
     }

@@ -66,6 +66,7 @@ pub struct Session {
     /// Keys and windows in state after the last commit, for the gauge.
     pub metrics_state_keys: usize,
     pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct LoopContext {
@@ -102,6 +103,7 @@ impl LoopContext {
                 abandoned: false,
                 metrics_state_keys: 0,
                 status,
+                metrics: metrics.clone(),
             }),
             starting_offsets,
             until_end,
@@ -138,10 +140,7 @@ impl LoopContext {
             session.owned.remove(&key);
             session.status.revoked(&key.0, key.1);
             session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
-            self.metrics
-                .consumer_lag
-                .remove_label_values(&[element.topic(), &element.partition().to_string()])
-                .ok();
+            self.metrics.forget_partition(element.topic(), element.partition());
         }
         let owned = session.owned.len();
         drop(session);
@@ -324,7 +323,16 @@ impl Session {
         }
         self.after_outcome(outcome.as_ref());
         if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
-            self.status.committed(&summary, self.metrics_state_keys, &self.engine.input_watermarks());
+            let watermarks = self.engine.input_watermarks();
+            self.status.committed(&summary, self.metrics_state_keys, &watermarks);
+            self.metrics.record_watermarks(&watermarks);
+            for (step, keys) in self.engine.state_keys_by_step() {
+                let label = step.to_string();
+                self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
+                if let Some(bytes) = self.store.as_ref().and_then(|store| store.live_bytes(step)) {
+                    self.metrics.step_state_bytes.with_label_values(&[&label]).set(bytes as i64);
+                }
+            }
         }
         Ok(outcome)
     }

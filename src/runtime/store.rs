@@ -147,6 +147,12 @@ impl StateStore {
             .map_err(|error| RuntimeError::Fatal(format!("writing the state store {}: {error}", self.path.display())))
     }
 
+    /// RocksDB's estimate of a step's live data, in bytes.
+    pub fn live_bytes(&self, step: usize) -> Option<u64> {
+        let handle = self.handle(&family(step)).ok()?;
+        self.db.property_int_value_cf(handle, "rocksdb.estimate-live-data-size").ok().flatten()
+    }
+
     /// Forgets a partition's cache of a step (its recorded offset no longer fits the changelog).
     pub fn clear(&self, step: usize, partition: i32) -> Result<(), RuntimeError> {
         let mut writes = Vec::new();

@@ -2,7 +2,7 @@
 //! counters end in `_total`, durations are in seconds; labels have bounded values).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -37,6 +37,17 @@ pub struct Metrics {
     pub state_restored_records: IntCounter,
     /// Keys (dedup) and windows held in state by this process.
     pub state_keys: IntGauge,
+    /// The same, by stateful step (its index in the pipeline).
+    pub step_state_keys: IntGaugeVec,
+    /// The local store's estimate of its live data, by stateful step.
+    pub step_state_bytes: IntGaugeVec,
+    /// Each owned input partition's event-time watermark (epoch milliseconds).
+    pub watermark: IntGaugeVec,
+    /// Wall-clock time minus each owned input partition's watermark.
+    pub event_time_lag: GaugeVec,
+    /// Records that came too late (after the watermark closed what they belong to), whatever
+    /// `on_error.late` did with them.
+    pub late_records: IntCounter,
 }
 
 impl Metrics {
@@ -87,6 +98,26 @@ impl Metrics {
         let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state.")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(state_keys.clone())).expect("each metric is registered once");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
+            registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+            metric
+        };
+        let step_state_keys = gauge_vec("weir_step_state_keys", "Keys and windows held in state, by stateful step.", &["step"]);
+        let step_state_bytes =
+            gauge_vec("weir_step_state_bytes", "Estimated live bytes of the local state store, by stateful step.", &["step"]);
+        let watermark = gauge_vec(
+            "weir_watermark_milliseconds",
+            "Event-time watermark of each owned input partition, epoch milliseconds.",
+            &["topic", "partition"],
+        );
+        let event_time_lag = GaugeVec::new(
+            Opts::new("weir_event_time_lag_seconds", "Wall-clock time minus the watermark, by owned input partition."),
+            &["topic", "partition"],
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(event_time_lag.clone())).expect("each metric is registered once");
+        let late_records = counter("weir_late_records_total", "Records too late for the watermark, in committed batches.");
         for stage in Stage::ALL {
             dlq_records.with_label_values(&[stage.as_str()]);
             skipped_records.with_label_values(&[stage.as_str()]);
@@ -107,7 +138,33 @@ impl Metrics {
             data_loss_events,
             state_restored_records,
             state_keys,
+            step_state_keys,
+            step_state_bytes,
+            watermark,
+            event_time_lag,
+            late_records,
         }
+    }
+
+    /// Sets the watermark gauges of the input partitions (those without one yet are left out).
+    pub fn record_watermarks(&self, watermarks: &[((String, i32), i64)]) {
+        let now = chrono::Utc::now().timestamp_millis();
+        for ((topic, partition), watermark) in watermarks {
+            if *watermark == i64::MIN || *watermark == i64::MAX {
+                continue;
+            }
+            let labels = [topic.as_str(), &partition.to_string()];
+            self.watermark.with_label_values(&labels).set(*watermark);
+            self.event_time_lag.with_label_values(&labels).set((now - watermark) as f64 / 1000.0);
+        }
+    }
+
+    /// Forgets the per-partition gauges of a partition no longer owned.
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let labels = [topic, &partition.to_string()];
+        self.consumer_lag.remove_label_values(&labels).ok();
+        self.watermark.remove_label_values(&labels).ok();
+        self.event_time_lag.remove_label_values(&labels).ok();
     }
 
     /// Adds a committed batch's counts.
@@ -115,6 +172,7 @@ impl Metrics {
         self.records_in.with_label_values(&[source]).inc_by(counts.records_in);
         self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
         self.records_filtered.inc_by(counts.records_filtered);
+        self.late_records.inc_by(counts.dead_lettered(Stage::Late) + counts.skipped(Stage::Late));
         for stage in Stage::ALL {
             self.dlq_records.with_label_values(&[stage.as_str()]).inc_by(counts.dead_lettered(stage));
             self.skipped_records.with_label_values(&[stage.as_str()]).inc_by(counts.skipped(stage));

@@ -155,6 +155,18 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     wait_until(Duration::from_secs(120), "the first instance to take everything back and reach the end", || {
         committed_offsets(&file_name(&file), &input) == end_offsets(&input)
     });
+    // The stateful metrics agree with the input: the highest partition watermark is the
+    // last event time minus the 1 s out-of-orderness, and the window holds state.
+    let last_event_time = (0..RECORDS).map(|id| 1_700_000_000_000 + id * 5 + (id * 7919) % 400).max().unwrap() as f64;
+    let highest = (0..4)
+        .filter_map(|partition| metric(&first, "weir_watermark_milliseconds", &[("topic", &input), ("partition", &partition.to_string())]))
+        .fold(f64::MIN, f64::max);
+    assert_eq!(highest, last_event_time - 1000.0);
+    let lag = metric(&first, "weir_event_time_lag_seconds", &[("topic", &input), ("partition", "0")]).unwrap();
+    assert!(lag > 3600.0, "the input's event times are from 2023: {lag}");
+    assert!(metric(&first, "weir_step_state_keys", &[("step", "0")]).unwrap() > 0.0);
+    assert!(metric(&first, "weir_step_state_bytes", &[("step", "0")]).is_some());
+    assert_eq!(metric(&first, "weir_late_records_total", &[]), Some(0.0));
     first.terminate();
     assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
 
