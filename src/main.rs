@@ -201,6 +201,7 @@ fn run(args: RunArgs) -> ExitCode {
 async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (String, u8)> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
+    health.set_lag_limit(loaded.settings.http.ready_max_lag);
     let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();

@@ -58,6 +58,8 @@ pub struct RuntimeSettings {
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// Readiness also needs every owned partition's lag at or under this (0: no limit).
+    pub ready_max_lag: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +81,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options"],
     ),
     ("runtime", &["commit_interval", "max_batch_records", "drain_timeout"]),
-    ("http", &["listen"]),
+    ("http", &["listen", "ready_max_lag"]),
     ("state", &["dir"]),
     ("logging", &["format", "level"]),
 ];
@@ -132,6 +134,7 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         listen: reader
             .parsed("http.listen", "an address such as 0.0.0.0:8080")
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+        ready_max_lag: reader.parsed("http.ready_max_lag", "a whole number of records (0: no limit)").unwrap_or(0),
     };
     let logging = LoggingSettings {
         format: match reader.string("logging.format").as_str() {

@@ -383,6 +383,7 @@ impl Session {
 impl ClientContext for LoopContext {
     fn stats(&self, statistics: Statistics) {
         let session = self.session();
+        let mut max_lag = 0;
         for owned in session.owned.values() {
             // librdkafka's own consumer_lag is measured from the consumer's committed offset,
             // which it never sees move: weir commits offsets through the producer.
@@ -401,8 +402,10 @@ impl ClientContext for LoopContext {
                     .with_label_values(&[&owned.topic, &owned.partition.to_string()])
                     .set(lag);
                 session.status.set_lag(&owned.topic, owned.partition, lag);
+                max_lag = max_lag.max(lag);
             }
         }
+        self.health.set_max_lag(max_lag);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
