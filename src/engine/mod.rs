@@ -173,13 +173,20 @@ impl Engine {
     }
 
     /// What a stateful step's state depends on, in words (kept to detect changed steps).
+    /// Whether it runs after a repartition is part of it: that decides which task (input
+    /// partition or repartitioned key) each piece of state belongs to.
     pub fn step_definition(&self, step: usize) -> String {
-        self.pipeline
+        let described = self
+            .pipeline
             .steps
             .get(step)
             .and_then(|definition| crate::operators::Operator::build(definition, &self.pipeline.source).ok())
             .map(|operator| operator.describe())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match self.topology.stage_of_step(step) {
+            Some(stage) if stage > 0 => format!("{described}, after a repartition"),
+            _ => described,
+        }
     }
 
     /// Changed state for the changelogs; call after `end_batch`, before committing.

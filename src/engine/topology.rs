@@ -395,7 +395,8 @@ impl Topology {
         }
     }
 
-    fn stage_of_step(&self, step: usize) -> Option<usize> {
+    /// The stage a step (pipeline index) runs in; 0 means no repartition before it.
+    pub fn stage_of_step(&self, step: usize) -> Option<usize> {
         self.stages.iter().position(|spec| spec.indices.contains(&step))
     }
 
