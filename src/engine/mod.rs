@@ -211,6 +211,11 @@ impl Engine {
         self.topology.set_idle_inputs(idle);
     }
 
+    /// Whether a source partition is currently counted as idle.
+    pub fn is_idle_input(&self, topic: &str, partition: i32) -> bool {
+        self.topology.is_idle_input(topic, partition)
+    }
+
     /// The source's `idle_timeout`, where repartitioning makes it matter.
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
         match self.stage_count() {

@@ -182,6 +182,13 @@ impl Topology {
         });
     }
 
+    /// Distributed: whether an input partition is currently counted as idle.
+    pub fn is_idle_input(&self, topic: &str, partition: i32) -> bool {
+        self.distribution
+            .as_ref()
+            .is_some_and(|distribution| distribution.idle_inputs.contains(&(topic.to_string(), partition)))
+    }
+
     /// Distributed: the input partitions that have been idle for `idle_timeout`; they stop
     /// holding back the later stages' watermarks until their next record.
     pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {

@@ -215,8 +215,12 @@ impl Loop<'_> {
                 Some(Err(error)) => self.consumer_error(error)?,
             }
             let due = {
-                let session = self.consumer.context().session();
+                let mut session = self.consumer.context().session();
                 session.transaction.poll();
+                if idle && !session.transaction.is_open() && session.idle_news() {
+                    // Nothing to read, but a partition went idle: a batch of watermarks alone.
+                    session.transaction.ensure_open()?;
+                }
                 session.transaction.is_due(self.commit_interval, self.max_batch_records)
             };
             if due {

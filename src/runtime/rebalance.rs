@@ -337,6 +337,20 @@ impl Session {
         Ok(outcome)
     }
 
+    /// A source partition has become idle since the engine last heard: a batch must carry
+    /// the news to the later stages even if no record is waiting.
+    pub fn idle_news(&self) -> bool {
+        let Some(timeout) = self.engine.idle_timeout() else {
+            return false;
+        };
+        let now = Instant::now();
+        self.owned.values().any(|owned| {
+            self.engine.stage_of_topic(&owned.topic).is_none()
+                && now.duration_since(owned.active) >= timeout
+                && !self.engine.is_idle_input(&owned.topic, owned.partition)
+        })
+    }
+
     /// Tells the engine which source partitions have been idle for `idle_timeout`, before the
     /// batch end broadcasts watermarks.
     fn note_idle_inputs(&mut self) {

@@ -327,3 +327,41 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     assert_eq!(count(), 2600, "the 600 records produced after {middle} once more");
     assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
 }
+
+/// After a repartition, an input partition that never delivers holds every window open;
+/// with `idle_timeout` it stops counting once idle that long, and the windows the other
+/// partition's watermark passed are emitted.
+#[test]
+fn idle_timeout_lets_repartitioned_windows_close_past_an_empty_partition() {
+    let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count() } }";
+    let input = unique("clicks");
+    create_topic(&input, 2);
+    // Everything in partition 0: 2,000 clicks over 10 s of event time; partition 1 stays empty.
+    produce(&input, (0..2_000).map(|id| Input { partition: Some(0), ..click(id) }));
+    let pipeline = |name: &str, output: &str, idle: &str| {
+        let text = std::fs::read_to_string(&clicks_pipeline(name, &input, output, steps).path).unwrap();
+        let watermark = format!("    watermark: {{ max_out_of_orderness: 1s{idle} }}\n");
+        pipeline_file(&text.replace("    partitioned_by: [user]\n", "").replace("    watermark: { max_out_of_orderness: 1s }\n", &watermark))
+    };
+    let (held, released) = (unique("held"), unique("released"));
+    create_topic(&held, 1);
+    create_topic(&released, 1);
+    let without = pipeline(&unique("no-idle"), &held, "");
+    // Longer than reading the input takes: the news must go out without records to carry it.
+    let with = pipeline(&unique("idle"), &released, ", idle_timeout: 8s");
+    let mut processes: Vec<WeirProcess> =
+        [&without, &with].iter().map(|file| WeirProcess::start(&file.path, WeirOptions::default())).collect();
+
+    // Partition 0's watermark ends at the last event time minus 1 s: the windows ending by
+    // then close, 40 users each.
+    let last = (0..2_000u64).map(|id| 1_700_000_000_000 + id * 5 + (id * 7919) % 400).max().unwrap();
+    let closed_windows = (1_700_000_001_000..=last - 1_000).step_by(1_000).count() * 40;
+    wait_until(Duration::from_secs(60), "the idle partition to stop holding the windows", || {
+        read_committed(&released).len() == closed_windows
+    });
+    assert!(read_committed(&held).is_empty(), "without idle_timeout an empty partition holds every window open");
+    for process in &mut processes {
+        process.terminate();
+        assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log_text());
+    }
+}
