@@ -30,6 +30,7 @@ mod clients;
 pub mod definitions;
 pub mod error;
 pub mod health;
+mod purge;
 mod rebalance;
 mod state;
 pub mod status;
@@ -139,6 +140,10 @@ pub fn run(
         metrics.clone(),
         health.clone(),
         status.clone(),
+        match repartitions.is_empty() {
+            true => None,
+            false => Some(purge::Purger::new(settings)?),
+        },
     );
     let consumer: BaseConsumer<LoopContext> = clients::consumer_config(settings, pipeline, &options.instance)
         .create_with_context(context)
@@ -171,6 +176,9 @@ pub fn run(
     .run(settings.runtime.drain_timeout);
 
     health.set_assigned(0);
+    if let Some(purger) = &mut consumer.context().session().purger {
+        purger.maybe_purge(true);
+    }
     if let Err(error) = &result {
         status.failed(&error.to_string());
         // Whatever is open can only be aborted now; the next process replays it.

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::error::RuntimeError;
 use super::health::Health;
 use super::state::{self, Changelogs};
+use super::purge::Purger;
 use super::status::Status;
 use super::store::{StateStore, StoreWrite};
 use super::transaction::{Outcome, Transaction};
@@ -67,6 +68,8 @@ pub struct Session {
     pub metrics_state_keys: usize,
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
+    /// Deletes committed records from the repartition topics (pipelines that have them).
+    pub purger: Option<Purger>,
 }
 
 pub struct LoopContext {
@@ -89,6 +92,7 @@ impl LoopContext {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         status: Arc<Status>,
+        purger: Option<Purger>,
     ) -> LoopContext {
         LoopContext {
             session: Mutex::new(Session {
@@ -104,6 +108,7 @@ impl LoopContext {
                 metrics_state_keys: 0,
                 status,
                 metrics: metrics.clone(),
+                purger,
             }),
             starting_offsets,
             until_end,
@@ -325,6 +330,14 @@ impl Session {
         if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
             let watermarks = self.engine.input_watermarks();
             self.status.committed(&summary, self.metrics_state_keys, &watermarks);
+            if let Some(purger) = &mut self.purger {
+                for (topic, partition, next) in &summary.offsets {
+                    if self.engine.stage_of_topic(topic).is_some() {
+                        purger.committed(topic, *partition, *next);
+                    }
+                }
+                purger.maybe_purge(false);
+            }
             self.metrics.record_watermarks(&watermarks);
             for (step, keys) in self.engine.state_keys_by_step() {
                 let label = step.to_string();

@@ -264,9 +264,12 @@ fn a_window_over_input_not_partitioned_by_its_key_equals_the_partitioned_run() {
         let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
         assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
     }
-    // The extra hop exists only where it is needed.
-    assert!(topic_exists(&format!("{repartitioned_name}-0-repartition")));
+    // The extra hop exists only where it is needed, and what was read from it is deleted.
+    let repartition_topic = format!("{repartitioned_name}-0-repartition");
+    assert!(topic_exists(&repartition_topic));
     assert!(!topic_exists(&format!("{partitioned_name}-0-repartition")));
+    let starts = start_offsets(&repartition_topic);
+    assert!(starts.iter().all(|start| *start > 0), "committed records purged from the repartition topic: {starts:?}");
 
     let expected = multiset(&partitioned_out);
     // 40 users, 150 one-second windows of event time.

@@ -297,6 +297,14 @@ pub fn committed_offsets(group: &str, topic: &str) -> Vec<i64> {
         .collect()
 }
 
+/// The first offset still held in each partition of `topic`.
+pub fn start_offsets(topic: &str) -> Vec<i64> {
+    let consumer: BaseConsumer = client_config().create().unwrap();
+    (0..partition_count(topic))
+        .map(|partition| consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap().0)
+        .collect()
+}
+
 /// The end offset of each partition of `topic`.
 pub fn end_offsets(topic: &str) -> Vec<i64> {
     let consumer: BaseConsumer = client_config().create().unwrap();
