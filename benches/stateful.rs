@@ -100,6 +100,11 @@ fn main() {
         "restart with {from_store} state entries from the local store and {from_changelog} from the changelog: \
          {elapsed:.1} s from process start to the first committed output (group join, restore, first batch)"
     );
+    // Where the restart's time went, from the process's own log.
+    let milestones = ["weir starting", "transactions initialized", "subscribed", "partitions assigned", "restored state"];
+    for line in log.lines().filter(|line| milestones.iter().any(|milestone| line.contains(milestone))) {
+        println!("  {line}");
+    }
 }
 
 fn expected_windows(records: u64) -> u64 {
