@@ -86,6 +86,8 @@ const STORE_CHUNK: usize = 10_000;
 /// Reads changelog partitions back into the engine.
 pub struct Restorer {
     consumer: BaseConsumer,
+    /// Reads the changelogs' end offsets (see `new`).
+    bounds: BaseConsumer,
     changelogs: Changelogs,
     metrics: Arc<Metrics>,
     /// How long an open transaction (of a crashed process) may hold the end of a changelog.
@@ -106,7 +108,20 @@ impl Restorer {
         let consumer = config
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating the changelog reader: {error}")))?;
-        Ok(Restorer { consumer, changelogs, metrics, patience: settings.kafka.transaction_timeout * 3 + Duration::from_secs(30) })
+        // A read_committed client's end offset is the last stable offset, which stays at the
+        // start of a just-committed transaction until its markers are written (after the
+        // commit returned): a restore must read to the real end, waiting for them.
+        let bounds = clients::admin_config(settings)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .map_err(|error| RuntimeError::Setup(format!("creating the changelog reader: {error}")))?;
+        Ok(Restorer {
+            consumer,
+            bounds,
+            changelogs,
+            metrics,
+            patience: settings.kafka.transaction_timeout * 3 + Duration::from_secs(30),
+        })
     }
 
     /// Rebuilds the state of input partition (`topic`, `partition`): from the local store,
@@ -133,7 +148,7 @@ impl Restorer {
             .collect();
         for (step, changelog) in changelogs {
             let (low, high) = self
-                .consumer
+                .bounds
                 .fetch_watermarks(&changelog, partition, Duration::from_secs(30))
                 .map_err(|error| RuntimeError::Fatal(format!("reading the end of {changelog}[{partition}]: {error}")))?;
             let mut start = Offset::Beginning;

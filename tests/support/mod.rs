@@ -223,8 +223,12 @@ fn read_topic(topic: &str, isolation: &str) -> Vec<Seen> {
         .unwrap();
     let mut assignment = TopicPartitionList::new();
     let mut ends = Vec::new();
+    // The bounds come from a read_uncommitted client: a read_committed one gets the last
+    // stable offset, which stays at the start of a just-committed transaction until its
+    // markers are written (after commit returns), and would skip the partition entirely.
+    let bounds: BaseConsumer = client_config().set("isolation.level", "read_uncommitted").create().unwrap();
     for partition in 0..partition_count(topic) {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap();
+        let (low, high) = bounds.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap();
         if high > low {
             ends.push((partition, high));
             assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
