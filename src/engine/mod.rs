@@ -136,6 +136,8 @@ pub struct Engine {
     event_time: Option<EventTime>,
     topology: Topology,
     counts: BatchCounts,
+    /// The repartition topic in front of each stage after the first, by stage.
+    repartition_topics: Vec<(usize, String)>,
 }
 
 impl Engine {
@@ -143,12 +145,21 @@ impl Engine {
         let source = &pipeline.source;
         let decoder = Decoder::new(source.encoding, source.schema.as_ref())
             .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))?;
+        let topology = Topology::new(pipeline)?;
+        let repartition_topics = topology
+            .stage_first_steps()
+            .into_iter()
+            .enumerate()
+            .skip(1)
+            .map(|(stage, step)| (stage, format!("{}-{step}-repartition", pipeline.name)))
+            .collect();
         Ok(Engine {
             pipeline: pipeline.clone(),
             decoder,
             event_time: source.event_time.clone(),
-            topology: Topology::new(pipeline)?,
+            topology,
             counts: BatchCounts::default(),
+            repartition_topics,
         })
     }
 
@@ -232,21 +243,13 @@ impl Engine {
 
     /// The repartition topic in front of each stage after the first, by stage.
     pub fn repartition_topics(&self) -> Vec<(usize, String)> {
-        self.topology
-            .stage_first_steps()
-            .into_iter()
-            .enumerate()
-            .skip(1)
-            .map(|(stage, step)| (stage, format!("{}-{step}-repartition", self.pipeline.name)))
-            .collect()
+        self.repartition_topics.clone()
     }
 
-    /// The stage a repartition topic feeds; None for other topics.
+    /// The stage a repartition topic feeds; None for other topics. Called for every record
+    /// read, so it allocates nothing.
     pub fn stage_of_topic(&self, topic: &str) -> Option<usize> {
-        if !topic.ends_with("-repartition") {
-            return None;
-        }
-        self.repartition_topics().into_iter().find(|(_, name)| name == topic).map(|(stage, _)| stage)
+        self.repartition_topics.iter().find(|(_, name)| name == topic).map(|(stage, _)| *stage)
     }
 
     /// Which changelog entries make up the state behind a partition read: those of `steps`
@@ -262,12 +265,10 @@ impl Engine {
     /// The partitions read whose state shares changelog partition `partition` of `step`:
     /// while this process does not own them all, others write there too.
     pub fn changelog_writers(&self, step: usize, partition: i32) -> Vec<(String, i32)> {
-        if let Some((_, topic)) = self
-            .repartition_topics()
-            .into_iter()
-            .find(|(stage, _)| self.topology.stage_stateful_steps(*stage).contains(&step))
+        if let Some((_, topic)) =
+            self.repartition_topics.iter().find(|(stage, _)| self.topology.stage_stateful_steps(*stage).contains(&step))
         {
-            return vec![(topic, partition)];
+            return vec![(topic.clone(), partition)];
         }
         match &self.pipeline.source.topics {
             crate::config::SourceTopics::List(topics) => topics.iter().map(|topic| (topic.clone(), partition)).collect(),
@@ -313,7 +314,19 @@ impl Engine {
         };
         let mut emitted = Vec::new();
         let provenance = &input.provenance;
-        match self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted) {
+        let result = self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted);
+        self.settle(input, result, emitted, outputs)
+    }
+
+    /// Counts or routes what became of `input` across the steps, then emits what they made.
+    fn settle(
+        &mut self,
+        input: &InputRecord<'_>,
+        result: Result<ChainResult, crate::operators::ProcessError>,
+        emitted: Vec<Emitted<'_>>,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), StageFailure> {
+        match result {
             Ok(ChainResult::Passed) => {}
             Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
             Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
@@ -353,14 +366,16 @@ impl Engine {
             }
         };
         let mut emitted = Vec::new();
-        match self.topology.process_forwarded(stage, partition, &forwarded.sender, forwarded.watermark, forwarded.idle, record, &mut emitted) {
-            Ok(ChainResult::Passed) => {}
-            Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
-            Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
-            Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
-        }
-        self.emit(emitted, outputs);
-        Ok(())
+        let result = self.topology.process_forwarded(
+            stage,
+            partition,
+            &forwarded.sender,
+            forwarded.watermark,
+            forwarded.idle,
+            record,
+            &mut emitted,
+        );
+        self.settle(input, result, emitted, outputs)
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
