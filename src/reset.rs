@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Loaded, SourceTopics};
 use crate::engine::Engine;
+use crate::runtime::clients;
 use crate::runtime::definitions;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,21 +25,12 @@ pub enum OffsetTarget {
     Time(i64),
 }
 
-fn client_config(loaded: &Loaded) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (key, value) in &loaded.settings.kafka.options {
-        config.set(key, value);
-    }
-    config.set("bootstrap.servers", &loaded.settings.kafka.bootstrap_servers);
-    config
-}
-
 /// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
 /// static member until its session times out, so that long is waited out before deciding
 /// that an instance is still running.
 pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), String> {
     let Loaded { settings, pipeline } = loaded;
-    let client: BaseConsumer = client_config(loaded).create().map_err(|error| format!("creating a Kafka client: {error}"))?;
+    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| format!("creating a Kafka client: {error}"))?;
     let patience = Instant::now() + settings.kafka.session_timeout + Duration::from_secs(5);
     let mut members = live_members(&client, &pipeline.name)?;
     if members > 0 {
@@ -68,7 +60,7 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(Strin
     let SourceTopics::List(topics) = &pipeline.source.topics else {
         return Err("resetting offsets needs a source with a topic list, not a pattern".into());
     };
-    let consumer: BaseConsumer = client_config(loaded)
+    let consumer: BaseConsumer = clients::admin_config(&loaded.settings)
         .set("group.id", &pipeline.name)
         .set("enable.auto.commit", "false")
         .create()
@@ -119,7 +111,7 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(Strin
 pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
     let Loaded { pipeline, .. } = loaded;
     let engine = Engine::new(pipeline)?;
-    let config = client_config(loaded);
+    let config = clients::admin_config(&loaded.settings);
     let client: BaseConsumer = config.create().map_err(|error| format!("creating a Kafka client: {error}"))?;
 
     let mut candidates: Vec<String> = engine

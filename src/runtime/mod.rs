@@ -26,7 +26,7 @@
 //! - Shutdown (SIGTERM/SIGINT): the open batch is committed within `drain_timeout`, then the
 //!   consumer closes and leaves the group.
 
-mod clients;
+pub(crate) mod clients;
 pub mod definitions;
 pub mod error;
 pub mod health;
