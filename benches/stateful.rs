@@ -89,13 +89,9 @@ fn main() {
     });
     let elapsed = started.elapsed().as_secs_f64();
     // Restores log where their entries came from: the local store, or the changelog's tail.
-    let field = |line: &str, name: &str| -> u64 {
-        line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
-    };
     let log = restarted.log_text();
-    let restores = log.lines().filter(|line| line.contains("restored state"));
     let (from_store, from_changelog) =
-        restores.fold((0, 0), |(store, changelog), line| (store + field(line, "from_store"), changelog + field(line, "from_changelog")));
+        restores(&log).into_iter().fold((0, 0), |(store, changelog), (from_store, from_changelog)| (store + from_store, changelog + from_changelog));
     println!(
         "restart with {from_store} state entries from the local store and {from_changelog} from the changelog: \
          {elapsed:.1} s from process start to the first committed output (group join, restore, first batch)"
@@ -127,11 +123,8 @@ fn run(input: &str, steps: &str, expected_outputs: u64) -> Run {
 fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64, partitioned: bool) -> Run {
     let output = format!("{name}-out");
     create_topic(&output, PARTITIONS);
-    let mut file = clicks_pipeline(name, input, &output, if steps.is_empty() { "  []" } else { steps });
-    if !partitioned {
-        let text = std::fs::read_to_string(&file.path).unwrap();
-        file = pipeline_file(&text.replace("    partitioned_by: [user]\n", ""));
-    }
+    let steps = if steps.is_empty() { "  []" } else { steps };
+    let file = pipeline_file(&clicks_pipeline_text(name, input, &output, steps, if partitioned { "partitioned_by: [user]" } else { "" }));
     let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
     let pid = weir.child.id();
     wait_ready(&weir, Duration::from_secs(120));

@@ -112,14 +112,7 @@ fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
         );
     }
     // Restarts resumed from the local store and the changelog's tail, not from nothing.
-    let field = |line: &str, name: &str| -> u64 {
-        line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
-    };
-    let restores: Vec<(u64, u64)> = logs
-        .iter()
-        .flat_map(|log| log.lines().filter(|line| line.contains("restored state")).map(str::to_string).collect::<Vec<_>>())
-        .map(|line| (field(&line, "from_store"), field(&line, "from_changelog")))
-        .collect();
+    let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().filter(|(store, changelog)| store + changelog > 0).count() >= 10, "restores seen: {restores:?}");
     assert!(restores.iter().any(|(store, _)| *store > 0), "no restart used the local store: {restores:?}");
 }
@@ -257,8 +250,7 @@ fn a_window_over_input_not_partitioned_by_its_key_equals_the_partitioned_run() {
     let partitioned_name = unique("partitioned");
     let partitioned = clicks_pipeline(&partitioned_name, &by_user, &partitioned_out, steps);
     let repartitioned_name = unique("repartitioned");
-    let text = std::fs::read_to_string(&clicks_pipeline(&repartitioned_name, &by_id, &repartitioned_out, steps).path).unwrap();
-    let repartitioned = pipeline_file(&text.replace("    partitioned_by: [user]\n", ""));
+    let repartitioned = pipeline_file(&clicks_pipeline_text(&repartitioned_name, &by_id, &repartitioned_out, steps, ""));
 
     for file in [&partitioned, &repartitioned] {
         let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
@@ -342,9 +334,9 @@ fn idle_timeout_lets_repartitioned_windows_close_past_an_empty_partition() {
     // Everything in partition 0: 2,000 clicks over 10 s of event time; partition 1 stays empty.
     produce(&input, (0..2_000).map(|id| Input { partition: Some(0), ..click(id) }));
     let pipeline = |name: &str, output: &str, idle: &str| {
-        let text = std::fs::read_to_string(&clicks_pipeline(name, &input, output, steps).path).unwrap();
+        let text = clicks_pipeline_text(name, &input, output, steps, "");
         let watermark = format!("    watermark: {{ max_out_of_orderness: 1s{idle} }}\n");
-        pipeline_file(&text.replace("    partitioned_by: [user]\n", "").replace("    watermark: { max_out_of_orderness: 1s }\n", &watermark))
+        pipeline_file(&text.replace("    watermark: { max_out_of_orderness: 1s }\n", &watermark))
     };
     let (held, released) = (unique("held"), unique("released"));
     create_topic(&held, 1);

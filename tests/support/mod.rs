@@ -470,7 +470,15 @@ sink:
 /// A pipeline over click events `{id, user, amount, ts}` from a topic keyed (so partitioned)
 /// by user, with event time and a 1s watermark, running `steps` (YAML lines).
 pub fn clicks_pipeline(name: &str, input: &str, output: &str, steps: &str) -> PipelineFile {
-    pipeline_file(&format!(
+    pipeline_file(&clicks_pipeline_text(name, input, output, steps, "partitioned_by: [user]"))
+}
+
+/// The text of [`clicks_pipeline`] with `source_extra` (a YAML line of the source, or
+/// nothing: no `partitioned_by`, so keyed steps repartition) in place of its
+/// `partitioned_by`.
+pub fn clicks_pipeline_text(name: &str, input: &str, output: &str, steps: &str, source_extra: &str) -> String {
+    let extra = if source_extra.is_empty() { String::new() } else { format!("    {source_extra}\n") };
+    format!(
         r#"name: {name}
 sources:
   clicks:
@@ -479,13 +487,23 @@ sources:
     schema: {{ id: long, user: string, amount: long, ts: long }}
     event_time: {{ field: ts, unit: millis }}
     watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [user]
-steps:
+{extra}steps:
 {steps}
 sink:
   topic: {output}
 "#
-    ))
+    )
+}
+
+/// `(from_store, from_changelog)` of every `restored state` line of a weir log.
+pub fn restores(log: &str) -> Vec<(u64, u64)> {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(&format!("{name}=")).nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+    };
+    log.lines()
+        .filter(|line| line.contains("restored state"))
+        .map(|line| (field(line, "from_store"), field(line, "from_changelog")))
+        .collect()
 }
 
 pub fn event(id: u64) -> String {
