@@ -162,8 +162,21 @@ pub fn run(
         .map_err(|error| RuntimeError::Setup(format!("subscribing to {subscription:?}: {error}")))?;
     info!(group = %pipeline.name, topics = ?subscription, "subscribed");
 
+    // With --until-end, the repartition topics must be drained to their real end: the last
+    // stable offset a read_committed client would report stays at the start of a batch
+    // that has committed but whose markers are not written yet.
+    let repartition_ends: Option<BaseConsumer> = match options.until_end && !repartitions.is_empty() {
+        false => None,
+        true => Some(
+            clients::admin_config(settings)
+                .set("isolation.level", "read_uncommitted")
+                .create()
+                .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?,
+        ),
+    };
     let result = Loop {
         consumer: &consumer,
+        repartition_ends: repartition_ends.as_ref(),
         restorer: restorer.as_ref(),
         metrics: &metrics,
         health: &health,
@@ -196,6 +209,8 @@ pub fn run(
 
 struct Loop<'a> {
     consumer: &'a BaseConsumer<LoopContext>,
+    /// Reads the repartition topics' end offsets for `--until-end`.
+    repartition_ends: Option<&'a BaseConsumer>,
     restorer: Option<&'a Restorer>,
     metrics: &'a Metrics,
     health: &'a Health,
@@ -438,9 +453,10 @@ impl Loop<'_> {
         };
         session.owned.values().all(|owned| {
             // A repartition topic is fed by this run itself: drained means up to its end now.
-            let bounds = match session.engine.stage_of_topic(&owned.topic) {
-                Some(_) => self.consumer.fetch_watermarks(&owned.topic, owned.partition, SEEK_TIMEOUT).ok(),
-                None => owned.bounds_at_start,
+            let bounds = match (session.engine.stage_of_topic(&owned.topic), self.repartition_ends) {
+                (Some(_), Some(ends)) => ends.fetch_watermarks(&owned.topic, owned.partition, SEEK_TIMEOUT).ok(),
+                (Some(_), None) => None,
+                (None, _) => owned.bounds_at_start,
             };
             let Some((low, end)) = bounds else {
                 return false;
