@@ -356,11 +356,14 @@ impl Session {
         let Some(timeout) = self.engine.idle_timeout() else {
             return false;
         };
-        let now = Instant::now();
-        self.owned.values().any(|owned| {
-            self.engine.stage_of_topic(&owned.topic).is_none()
-                && now.duration_since(owned.active) >= timeout
-                && !self.engine.is_idle_input(&owned.topic, owned.partition)
+        self.idle_inputs(timeout, Instant::now())
+            .any(|owned| !self.engine.is_idle_input(&owned.topic, owned.partition))
+    }
+
+    /// The owned source partitions without records for `timeout` as of `now`.
+    fn idle_inputs(&self, timeout: Duration, now: Instant) -> impl Iterator<Item = &OwnedPartition> {
+        self.owned.values().filter(move |owned| {
+            self.engine.stage_of_topic(&owned.topic).is_none() && now.duration_since(owned.active) >= timeout
         })
     }
 
@@ -376,12 +379,8 @@ impl Session {
                 owned.active = now;
             }
         }
-        let idle: Vec<(String, i32)> = self
-            .owned
-            .values()
-            .filter(|owned| self.engine.stage_of_topic(&owned.topic).is_none() && now.duration_since(owned.active) >= timeout)
-            .map(|owned| (owned.topic.clone(), owned.partition))
-            .collect();
+        let idle: Vec<(String, i32)> =
+            self.idle_inputs(timeout, now).map(|owned| (owned.topic.clone(), owned.partition)).collect();
         self.engine.set_idle_inputs(idle);
     }
 
