@@ -17,6 +17,10 @@ pub enum Command {
     Run(RunArgs),
     /// Check the settings and the pipeline without connecting to Kafka, and print the plan.
     Validate(ConfigArgs),
+    /// Print the step graph (stages, tasks, repartitions), every topic the pipeline reads,
+    /// writes or owns, and each stateful step's state fingerprint. `--check` also compares
+    /// the fingerprints with the state in Kafka.
+    Plan(PlanArgs),
     /// Run a pipeline over a file of records without a broker and print (or check) what it
     /// would write.
     Test(TestArgs),
@@ -44,6 +48,16 @@ pub struct ResetArgs {
     /// --to-earliest.
     #[arg(long, value_name = "TIME")]
     pub to_datetime: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Read the step definitions that wrote the pipeline's state from Kafka (nothing is
+    /// changed) and say, step by step, whether a run would accept it; exit 2 if not.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]

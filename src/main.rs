@@ -5,9 +5,9 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use weir::cli::{Cli, Command, ConfigArgs, ResetArgs, RunArgs, TestArgs};
+use weir::cli::{Cli, Command, ConfigArgs, PlanArgs, ResetArgs, RunArgs, TestArgs};
 use weir::testing;
-use weir::config::{self, Loaded};
+use weir::config::{self, redact, Loaded};
 use weir::engine::Engine;
 use weir::runtime::health::Health;
 use weir::runtime::{self, RunOptions};
@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => validate(&args),
+        Command::Plan(args) => plan(&args),
         Command::Run(args) => run(args),
         Command::Test(args) => test(&args),
         Command::Reset(args) => reset(&args),
@@ -47,7 +48,10 @@ fn reset(args: &ResetArgs) -> ExitCode {
         Err(code) => return code,
     };
     let name = &loaded.pipeline.name;
-    let result = weir::reset::wait_for_an_empty_group(&loaded).and_then(|()| {
+    let result = runtime::check_connection(&loaded.settings)
+        .map_err(|error| error.to_string())
+        .and_then(|()| weir::reset::wait_for_an_empty_group(&loaded))
+        .and_then(|()| {
         // State first: offsets moved over old state would replay into it.
         let deleted = weir::reset::reset_state(&loaded)?;
         match deleted.is_empty() {
@@ -64,7 +68,7 @@ fn reset(args: &ResetArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("weir: {message}");
+            eprintln!("weir: {}", redact(&message, loaded.settings.kafka.secrets()));
             ExitCode::FAILURE
         }
     }
@@ -155,6 +159,53 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     }
 }
 
+fn plan(args: &PlanArgs) -> ExitCode {
+    use weir::plan::StoredState;
+    let loaded = match load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let engine = match Engine::new(&loaded.pipeline) {
+        Ok(engine) => engine,
+        Err(message) => {
+            eprintln!("weir: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !args.check {
+        print!("{}", weir::plan::graph(&loaded, &engine, &|_| StoredState::Unknown));
+        return ExitCode::SUCCESS;
+    }
+    let stored = match runtime::check_connection(&loaded.settings)
+        .and_then(|()| runtime::definitions::stored(&loaded.settings, &loaded.pipeline))
+    {
+        Ok(stored) => stored,
+        Err(error) => {
+            let secrets = loaded.settings.kafka.secrets();
+            eprintln!("weir: reading the stored step definitions: {}", redact(&error.to_string(), secrets));
+            return ExitCode::FAILURE;
+        }
+    };
+    let verdict = |step: usize| match stored.get(&step) {
+        None => StoredState::New,
+        Some(definition) if *definition == engine.step_definition(step) => StoredState::Unchanged,
+        Some(definition) => StoredState::Changed(definition.clone()),
+    };
+    print!("{}", weir::plan::graph(&loaded, &engine, &verdict));
+    let stateful = engine.stateful_steps();
+    let gone: Vec<&usize> = stored.keys().filter(|step| !stateful.contains(step)).collect();
+    for step in &gone {
+        println!("state of step {step} was written by `{}`, which is no longer a stateful step", stored[step]);
+    }
+    let changed = !gone.is_empty() || stateful.iter().any(|step| matches!(verdict(*step), StoredState::Changed(_)));
+    if changed {
+        println!("a run would refuse this pipeline: `weir reset --state` drops the old state first");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("a run would accept this pipeline's state");
+    ExitCode::SUCCESS
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let loaded = match load(&args.config) {
         Ok(loaded) => loaded,
@@ -202,7 +253,8 @@ async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (Strin
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     health.set_lag_limit(loaded.settings.http.ready_max_lag);
-    let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance));
+    let secrets: Vec<String> = loaded.settings.kafka.secrets().into_iter().map(str::to_string).collect();
+    let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance, secrets.clone()));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let (address, http) =
@@ -226,7 +278,7 @@ async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (Strin
         }
         // State written by other step definitions is a configuration problem too.
         Err(error @ runtime::RuntimeError::Incompatible(_)) => Err((error.to_string(), EXIT_CONFIG)),
-        Err(error) => Err((error.to_string(), 1)),
+        Err(error) => Err((redact(&error.to_string(), secrets.iter().map(String::as_str)), 1)),
     }
 }
 

@@ -39,3 +39,84 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
     }
     text
 }
+
+/// What `weir plan --check` found for a stateful step, against the definitions that wrote
+/// the pipeline's state.
+pub enum StoredState {
+    /// Not checked (offline).
+    Unknown,
+    /// No state recorded for this step: it starts empty.
+    New,
+    Unchanged,
+    /// The state was written by this other definition: a run refuses to start.
+    Changed(String),
+}
+
+/// The plan printed by `weir plan`: the stages and their tasks, each stateful step's state
+/// fingerprint and changelog, and every topic the pipeline reads, writes or owns.
+/// `stored` says, per stateful step, how it compares with the state already in Kafka.
+pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredState) -> String {
+    let Loaded { pipeline, .. } = loaded;
+    let source = &pipeline.source;
+    let described = engine.describe_steps();
+    let steps: Vec<String> = described.iter().filter(|line| !line.starts_with("repartition by")).cloned().collect();
+    let topics = match &source.topics {
+        SourceTopics::List(topics) => topics.join(", "),
+        SourceTopics::Pattern(pattern) => format!("topics matching /{pattern}/"),
+    };
+    let mut text = String::new();
+    let _ = writeln!(text, "pipeline {}", pipeline.name);
+    for (stage, (indices, key)) in engine.stages().iter().enumerate() {
+        match key {
+            None => {
+                let partitioned = match source.partitioned_by.is_empty() {
+                    true => String::new(),
+                    false => format!(", partitioned by [{}]", source.partitioned_by.join(", ")),
+                };
+                let _ = writeln!(text, "  stage {stage}: one task per partition of {topics}{partitioned}");
+            }
+            Some(key) => {
+                let first = indices.first().copied().unwrap_or(0);
+                let _ = writeln!(
+                    text,
+                    "  stage {stage}: one task per partition of {}-{first}-repartition, records routed by a hash of [{}]",
+                    pipeline.name,
+                    key.join(", ")
+                );
+            }
+        }
+        for index in indices {
+            let _ = writeln!(text, "    step {index}: {}", steps.get(*index).map_or("", String::as_str));
+            if engine.stateful_steps().contains(index) {
+                let verdict = match stored(*index) {
+                    StoredState::Unknown => String::new(),
+                    StoredState::New => ", no state yet (starts empty)".to_string(),
+                    StoredState::Unchanged => ", matches the stored state".to_string(),
+                    StoredState::Changed(was) => format!(", CHANGED: the stored state was written by `{was}`"),
+                };
+                let _ = writeln!(
+                    text,
+                    "      state fingerprint {}, changelog {}-{index}-changelog{verdict}",
+                    engine.state_fingerprint(*index),
+                    pipeline.name
+                );
+            }
+        }
+    }
+    let key = if pipeline.sink.key.is_empty() { "the input key".to_string() } else { format!("[{}]", pipeline.sink.key.join(", ")) };
+    let _ = writeln!(text, "  sink: {} (key {key}, {:?})", pipeline.sink.topic, pipeline.sink.mode);
+    let _ = writeln!(text, "topics");
+    let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);
+    let _ = writeln!(text, "  written: {} (results), {} (dead letters)", pipeline.sink.topic, pipeline.dlq_topic);
+    let stateful = engine.stateful_steps();
+    for step in &stateful {
+        let _ = writeln!(text, "  internal: {}-{step}-changelog (compacted; the state of step {step})", pipeline.name);
+    }
+    for (stage, topic) in engine.repartition_topics() {
+        let _ = writeln!(text, "  internal: {topic} (delete, purged once consumed; feeds stage {stage})");
+    }
+    if !stateful.is_empty() {
+        let _ = writeln!(text, "  internal: {}-definitions (compacted; the step definitions that wrote the state)", pipeline.name);
+    }
+    text
+}

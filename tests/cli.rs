@@ -86,6 +86,35 @@ fn settings_problems_name_the_key_and_the_env_var_together_with_pipeline_problem
     assert!(stderr.contains("'colour'"), "{stderr}");
 }
 
+/// librdkafka options are checked when the settings load, and a secret read from a file
+/// that is not there is a settings problem, all reported together before touching Kafka.
+#[test]
+fn kafka_options_are_checked_before_touching_kafka() {
+    let (dir, path) = write(GOOD);
+    let missing = dir.path().join("no-such-secret");
+    let output = weir(
+        &["run", "--pipeline", &path],
+        &[
+            ("WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+            ("WEIR__KAFKA__OPTIONS__SASL_MECHANISM", "SCRAM-SHA-999"),
+            ("WEIR__KAFKA__OPTIONS__SASL_USERNAME", "weir"),
+            ("WEIR__KAFKA__OPTIONS__SASL_PASSWORD", "hunter2-but-longer"),
+            ("WEIR__KAFKA__OPTIONS__FETCH_MAX_BYTEZ", "1000"),
+            ("WEIR__KAFKA__OPTION_FILES__SSL_KEY_PASSWORD", &missing.display().to_string()),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SCRAM-SHA-999"), "{stderr}");
+    assert!(stderr.contains("kafka.options.fetch.max.bytez"), "{stderr}");
+    assert!(
+        stderr.contains("kafka.option_files.ssl.key.password (env WEIR__KAFKA__OPTION_FILES__SSL_KEY_PASSWORD): cannot read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 configuration problems"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
 #[test]
 fn validate_prints_the_plan_for_a_good_pipeline() {
     let (_dir, path) = write(GOOD);
@@ -96,6 +125,43 @@ fn validate_prints_the_plan_for_a_good_pipeline() {
     assert!(stdout.contains("step 0: filter amount > 0.0 && user_id != 'bot'"), "{stdout}");
     assert!(stdout.contains("sink: clicks-filtered"), "{stdout}");
     assert!(stdout.contains("dlq: clicks-filter.dlq"), "{stdout}");
+}
+
+/// `plan` without a broker: the stages and their tasks, the repartition a keyed step needs,
+/// each stateful step's fingerprint and changelog, and every topic the pipeline touches.
+#[test]
+fn plan_shows_the_stages_state_fingerprints_and_topics() {
+    let (_dir, path) = write(&GOOD.replace(
+        "  - filter: \"amount > 0.0 && user_id != 'bot'\"",
+        "  - filter: \"amount > 0.0\"\n  - dedup: { key: [event_id], within: 1h }\n  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }",
+    ));
+    let output = weir(&["plan", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    for expected in [
+        "stage 0: one task per partition of clicks",
+        "step 0: filter amount > 0.0",
+        "stage 1: one task per partition of clicks-filter-1-repartition, records routed by a hash of [event_id]",
+        "stage 2: one task per partition of clicks-filter-2-repartition, records routed by a hash of [user_id]",
+        "internal: clicks-filter-1-changelog",
+        "internal: clicks-filter-2-changelog",
+        "internal: clicks-filter-definitions",
+        "written: clicks-filtered (results), clicks-filter.dlq (dead letters)",
+    ] {
+        assert!(stdout.contains(expected), "no '{expected}' in\n{stdout}");
+    }
+    let fingerprints: Vec<&str> = stdout
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("state fingerprint "))
+        .map(|rest| rest.split(',').next().unwrap_or_default())
+        .collect();
+    assert_eq!(fingerprints.len(), 2, "{stdout}");
+    assert_ne!(fingerprints[0], fingerprints[1], "{stdout}");
+    // The fingerprint follows the definition: a longer window is another state layout.
+    let (_dir2, changed) = write(&std::fs::read_to_string(&path).unwrap().replace("tumbling: 1m", "tumbling: 2m"));
+    let changed_out = weir(&["plan", "--pipeline", &changed], &[]);
+    let changed_text = String::from_utf8_lossy(&changed_out.stdout);
+    assert!(changed_text.contains(fingerprints[0]) && !changed_text.contains(fingerprints[1]), "{changed_text}");
 }
 
 #[test]

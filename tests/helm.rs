@@ -97,3 +97,35 @@ fn the_rendered_statefulset_has_probes_state_volume_instance_and_pipeline() {
         "the state volume is mounted at state.dir"
     );
 }
+
+/// Secrets listed in `secretVolumes` are mounted read-only where the values say, for TLS
+/// files and `kafka.option_files`.
+#[test]
+fn secret_volumes_are_mounted_read_only() {
+    let chart = chart();
+    let rendered = run(&[
+        "template",
+        "clicks",
+        chart.to_str().unwrap(),
+        "--kube-version",
+        "1.30",
+        "--set-json",
+        r#"secretVolumes=[{"name":"kafka-credentials","secretName":"weir-kafka","mountPath":"/etc/weir/kafka"}]"#,
+    ]);
+    let statefulset = serde_yaml_ng::Deserializer::from_str(&rendered)
+        .map(|document| Value::deserialize(document).unwrap())
+        .find(|document| document["kind"] == "StatefulSet")
+        .expect("a StatefulSet");
+    let spec = &statefulset["spec"]["template"]["spec"];
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|mount| mount["name"] == "kafka-credentials")
+        .expect("the Secret is mounted")
+        .clone();
+    assert_eq!(mount["mountPath"], "/etc/weir/kafka");
+    assert_eq!(mount["readOnly"], true);
+    let volume = spec["volumes"].as_sequence().unwrap().iter().find(|volume| volume["name"] == "kafka-credentials").expect("a volume");
+    assert_eq!(volume["secret"]["secretName"], "weir-kafka");
+}

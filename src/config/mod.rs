@@ -15,7 +15,9 @@ pub use pipeline::{
     EventTimeUnit, FieldType, Filter, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
     StartingOffsets, Step, Watermark, Window, WindowKind,
 };
-pub use settings::{HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings, StateSettings};
+pub use settings::{
+    is_secret_option, redact, HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RuntimeSettings, Settings, StateSettings,
+};
 
 use std::path::Path;
 

@@ -39,7 +39,7 @@ pub struct StateSettings {
     pub dir: std::path::PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub transaction_timeout: Duration,
@@ -78,7 +78,7 @@ pub struct LoggingSettings {
 const KNOWN_KEYS: &[(&str, &[&str])] = &[
     (
         "kafka",
-        &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options"],
+        &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options", "option_files"],
     ),
     ("runtime", &["commit_interval", "max_batch_records", "drain_timeout"]),
     ("http", &["listen", "ready_max_lag"]),
@@ -271,33 +271,122 @@ impl KeyReader<'_> {
         }
     }
 
+    /// `kafka.options`, plus `kafka.option_files` (an option's value read from a file, such
+    /// as a mounted Secret), each checked against librdkafka without connecting anywhere.
     fn kafka_options(&mut self) -> BTreeMap<String, String> {
         let mut options = BTreeMap::new();
-        let Ok(table) = self.layered.get_table("kafka.options") else {
-            return options;
-        };
-        for (key, value) in table {
-            // Environment keys cannot hold dots, so FETCH_MAX_BYTES stands for fetch.max.bytes;
-            // librdkafka option names never contain underscores.
-            let name = key.replace('_', ".");
-            let option_location = format!(
-                "kafka.options.{name} (env WEIR__KAFKA__OPTIONS__{})",
-                name.replace('.', "_").to_uppercase()
-            );
-            match value.into_string() {
-                Ok(text) => {
-                    if RESERVED_KAFKA_OPTIONS.contains(&name.as_str()) {
-                        self.problems.push(
-                            option_location,
-                            "is set by weir itself because exactly-once depends on it; remove it",
-                        );
-                    } else {
-                        options.insert(name, text);
-                    }
+        for (section, from_file) in [("options", false), ("option_files", true)] {
+            let Ok(table) = self.layered.get_table(&format!("kafka.{section}")) else {
+                continue;
+            };
+            for (key, value) in table {
+                // Environment keys cannot hold dots, so FETCH_MAX_BYTES stands for
+                // fetch.max.bytes; librdkafka option names never contain underscores.
+                let name = key.replace('_', ".");
+                let option_location = format!(
+                    "kafka.{section}.{name} (env WEIR__KAFKA__{}__{})",
+                    section.to_uppercase(),
+                    name.replace('.', "_").to_uppercase()
+                );
+                let Ok(text) = value.into_string() else {
+                    self.problems.push(option_location, "must be a string, number or boolean");
+                    continue;
+                };
+                if RESERVED_KAFKA_OPTIONS.contains(&name.as_str()) {
+                    self.problems
+                        .push(option_location, "is set by weir itself because exactly-once depends on it; remove it");
+                    continue;
                 }
-                Err(_) => self.problems.push(option_location, "must be a string, number or boolean"),
+                if options.contains_key(&name) {
+                    self.problems.push(option_location, "is also in kafka.options; set it in one place");
+                    continue;
+                }
+                let value = if from_file {
+                    match std::fs::read_to_string(&text) {
+                        // A file written by `echo` or a text editor ends with a newline that is
+                        // not part of the secret.
+                        Ok(content) => content.trim_end_matches(['\n', '\r']).to_string(),
+                        Err(error) => {
+                            self.problems.push(option_location, format!("cannot read {text}: {error}"));
+                            continue;
+                        }
+                    }
+                } else {
+                    text
+                };
+                if let Err(problem) = check_kafka_option(&name, &value) {
+                    self.problems.push(option_location, problem);
+                    continue;
+                }
+                options.insert(name, value);
             }
         }
+        // Some values are only checked together, when a client is made (sasl.mechanism needs
+        // a build with SASL, TLS files must load). Without bootstrap servers it connects nowhere.
+        let mut config = rdkafka::ClientConfig::new();
+        for (name, value) in &options {
+            config.set(name, value);
+        }
+        if let Err(error) = config.create::<rdkafka::producer::BaseProducer>() {
+            let secrets = options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str());
+            self.problems.push("kafka.options (env WEIR__KAFKA__OPTIONS__*)", redact(&error.to_string(), secrets));
+        }
         options
+    }
+}
+
+/// Whether an option holds a credential, whose value is never shown.
+pub fn is_secret_option(name: &str) -> bool {
+    ["password", "secret", "jaas", ".pem", "token", "oauthbearer.config"].iter().any(|word| name.contains(word))
+}
+
+/// What librdkafka says of one option (an unknown name, a bad value), with the value of a
+/// secret never repeated.
+fn check_kafka_option(name: &str, value: &str) -> Result<(), String> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set(name, value);
+    match config.create_native_config() {
+        Ok(_) => Ok(()),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) => {
+            Err(if is_secret_option(name) { redact(&description, [value]) } else { description })
+        }
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// `text` with every occurrence of the given secrets replaced.
+pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut text = text.to_string();
+    for secret in secrets {
+        if !secret.is_empty() {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
+}
+
+/// Never shows a credential, wherever settings end up printed.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(name, value)| (name.as_str(), if is_secret_option(name) { "[redacted]" } else { value.as_str() }))
+            .collect();
+        formatter
+            .debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("static_membership", &self.static_membership)
+            .field("session_timeout", &self.session_timeout)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+impl KafkaSettings {
+    /// The values of the options that hold credentials.
+    pub fn secrets(&self) -> Vec<&str> {
+        self.options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str()).collect()
     }
 }

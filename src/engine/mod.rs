@@ -105,6 +105,8 @@ pub struct BatchCounts {
     pub records_in: u64,
     pub records_out: u64,
     pub records_filtered: u64,
+    /// Records a dedup step dropped as duplicates.
+    pub duplicates_dropped: u64,
     pub dead_lettered: [u64; 4],
     pub skipped: [u64; 4],
 }
@@ -176,6 +178,18 @@ impl Engine {
     /// How many stages the steps form; more than one means repartitioning.
     pub fn stage_count(&self) -> usize {
         self.topology.stage_count()
+    }
+
+    /// Each stage's steps (pipeline indices) and the key that routes records into it (None
+    /// for stage 0, whose tasks are the input partitions).
+    pub fn stages(&self) -> Vec<(Vec<usize>, Option<Vec<String>>)> {
+        self.topology.stages()
+    }
+
+    /// A short, stable fingerprint of a stateful step's definition: equal fingerprints read
+    /// each other's state.
+    pub fn state_fingerprint(&self, step: usize) -> String {
+        format!("{:016x}", topology::fnv1a(self.step_definition(step).as_bytes()))
     }
 
     /// The pipeline indices of the stateful steps (each has a changelog topic).
@@ -329,6 +343,7 @@ impl Engine {
         match result {
             Ok(ChainResult::Passed) => {}
             Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
+            Ok(ChainResult::Duplicate) => self.counts.duplicates_dropped += 1,
             Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
             Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
         }
@@ -550,6 +565,7 @@ impl BatchCounts {
         self.records_in += other.records_in;
         self.records_out += other.records_out;
         self.records_filtered += other.records_filtered;
+        self.duplicates_dropped += other.duplicates_dropped;
         for index in 0..4 {
             self.dead_lettered[index] += other.dead_lettered[index];
             self.skipped[index] += other.skipped[index];

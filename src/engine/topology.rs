@@ -32,16 +32,18 @@ use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError
 pub enum ChainResult {
     Passed,
     Dropped,
+    Duplicate,
     Late(String),
 }
 
 impl ChainResult {
-    /// Keeps the most telling outcome: late over dropped over passed.
+    /// Keeps the most telling outcome: late over dropped (by a filter or as a duplicate)
+    /// over passed.
     fn merge(&mut self, other: ChainResult) {
         match (&*self, &other) {
             (ChainResult::Late(_), _) => {}
             (_, ChainResult::Late(_)) => *self = other,
-            (ChainResult::Passed, ChainResult::Dropped) => *self = other,
+            (ChainResult::Passed, ChainResult::Dropped | ChainResult::Duplicate) => *self = other,
             _ => {}
         }
     }
@@ -233,6 +235,12 @@ impl Topology {
             }
         }
         lines
+    }
+
+    /// Each stage's steps (pipeline indices) and the key its records are repartitioned by
+    /// (None for stage 0).
+    pub fn stages(&self) -> Vec<(Vec<usize>, Option<Vec<String>>)> {
+        self.stages.iter().map(|stage| (stage.indices.clone(), stage.repartition_by.clone())).collect()
     }
 
     /// How many stages (1 + repartitions) the steps form.
@@ -649,6 +657,7 @@ impl Topology {
                     Emitted::Record(record) => match operator.process(record, watermark, &mut next)? {
                         Outcome::Passed => {}
                         Outcome::Dropped => result.merge(ChainResult::Dropped),
+                        Outcome::Duplicate => result.merge(ChainResult::Duplicate),
                         Outcome::Late(reason) => result.merge(ChainResult::Late(reason)),
                     },
                 }
@@ -738,6 +747,6 @@ fn stage_first_stateful(stage: &StageSpec) -> Option<usize> {
 }
 
 /// A stable hash for routing keys (the same on every run and machine).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }

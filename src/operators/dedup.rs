@@ -49,7 +49,7 @@ impl DedupOperator {
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
         let key_text = Value::Object(key.clone()).to_string();
         if self.first_seen.contains_key(&key_text) {
-            return Outcome::Dropped;
+            return Outcome::Duplicate;
         }
         let expiry = record.event_time.saturating_add(self.within);
         self.expiries.insert((expiry, key_text.clone()));

@@ -76,8 +76,10 @@ pub struct Forward<'a> {
 pub enum Outcome {
     /// Kept (and possibly emitted now or later).
     Passed,
-    /// Dropped on purpose (a filter, a duplicate).
+    /// Dropped by a filter.
     Dropped,
+    /// Dropped by a dedup: its key was seen within `within`.
+    Duplicate,
     /// Behind the watermark: handled by `on_error.late`.
     Late(String),
 }

@@ -1,8 +1,14 @@
 //! librdkafka client configuration. Every option weir sets itself has a reason next to it;
 //! the user's `kafka.options` come first so that these win where exactly-once depends on them.
 
-use rdkafka::ClientConfig;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext};
+
+use super::error::RuntimeError;
 use crate::config::{DataLossPolicy, Pipeline, Settings};
 
 fn base(settings: &Settings) -> ClientConfig {
@@ -65,4 +71,70 @@ pub fn admin_config(settings: &Settings) -> ClientConfig {
 
 fn millis(duration: std::time::Duration) -> String {
     duration.as_millis().to_string()
+}
+
+/// Keeps the last error librdkafka reported, which says why a broker cannot be used (refused
+/// connections, a failed SASL handshake, a TLS problem) where a request only times out.
+#[derive(Default)]
+struct LastError {
+    last: Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((code, reason.to_string()));
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
+
+/// How long the first contact with the cluster may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reaches the cluster once, before anything else, so that a wrong address, failed
+/// authentication or a TLS mistake ends the run with the reason rather than a time-out.
+/// Authentication failures end it at once: retrying does not fix credentials.
+pub fn check_connection(settings: &Settings) -> Result<(), RuntimeError> {
+    let client: BaseConsumer<LastError> = admin_config(settings)
+        .create_with_context(LastError::default())
+        .map_err(|error| RuntimeError::Setup(format!("creating a Kafka client: {error}")))?;
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let attempt = client.fetch_metadata(None, Duration::from_secs(2));
+        // Serves the error events behind a failed attempt.
+        let _ = client.poll(Duration::from_millis(100));
+        let last = client.context().last.lock().ok().and_then(|last| last.clone());
+        match (attempt, last) {
+            (Ok(_), _) => return Ok(()),
+            (Err(_), Some((code, reason))) if is_permanent(code) => {
+                return Err(RuntimeError::Setup(format!(
+                    "cannot use the Kafka cluster at {}: {reason}",
+                    settings.kafka.bootstrap_servers
+                )));
+            }
+            (Err(error), last) if Instant::now() >= deadline => {
+                let reason = last.map_or_else(|| error.to_string(), |(_, reason)| reason);
+                return Err(RuntimeError::Setup(format!(
+                    "cannot reach the Kafka cluster at {} within {CONNECT_TIMEOUT:?}: {reason}",
+                    settings.kafka.bootstrap_servers
+                )));
+            }
+            (Err(_), _) => {}
+        }
+    }
+}
+
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::SSL
+            | RDKafkaErrorCode::UnsupportedSASLMechanism
+            | RDKafkaErrorCode::IllegalSASLState
+            | RDKafkaErrorCode::InvalidArgument
+    )
 }

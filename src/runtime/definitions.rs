@@ -89,6 +89,16 @@ pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Resul
     Ok(Some(generation))
 }
 
+/// The definitions that wrote the pipeline's state, by step, without changing anything
+/// (none: the pipeline has no recorded state).
+pub fn stored(settings: &Settings, pipeline: &Pipeline) -> Result<BTreeMap<usize, String>, RuntimeError> {
+    let topic = topic_name(&pipeline.name);
+    if !super::topics::exists(settings, &topic)? {
+        return Ok(BTreeMap::new());
+    }
+    Ok(read(settings, &topic)?.0)
+}
+
 /// The stored definitions by step, and the state generation.
 fn read(settings: &Settings, topic: &str) -> Result<(BTreeMap<usize, String>, Option<String>), RuntimeError> {
     let consumer: BaseConsumer = clients::admin_config(settings)

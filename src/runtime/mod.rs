@@ -27,6 +27,7 @@
 //!   consumer closes and leaves the group.
 
 pub(crate) mod clients;
+pub use clients::check_connection;
 pub mod definitions;
 pub mod error;
 pub mod health;
@@ -89,6 +90,7 @@ pub fn run(
     let changelogs = Changelogs::new(&pipeline.name, &engine.stateful_steps());
 
     let repartitions: BTreeMap<usize, String> = engine.repartition_topics().into_iter().collect();
+    clients::check_connection(settings)?;
     let layout = topics::prepare(settings, pipeline, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
     if let (Some(layout), false) = (layout, repartitions.is_empty()) {
         engine.distribute(layout.partitions as u32, layout.total);

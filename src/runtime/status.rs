@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::config::redact;
 use crate::engine::BatchCounts;
 
 /// How many recent batches the report keeps.
@@ -17,6 +18,7 @@ const RECENT: usize = 10;
 pub struct Status {
     report: Mutex<Report>,
     last_commit: Mutex<Option<Instant>>,
+    secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +46,7 @@ pub struct BatchProgress {
     pub output_rows: u64,
     pub dlq_rows: u64,
     pub filtered_rows: u64,
+    pub duplicate_rows: u64,
     /// From the batch's first record to its commit.
     pub duration_ms: u64,
     pub commit_ms: u64,
@@ -88,8 +91,10 @@ fn partition_name(topic: &str, partition: i32) -> String {
 }
 
 impl Status {
-    pub fn new(pipeline: &str, instance: &str) -> Status {
+    /// `secrets`: credentials (from the Kafka options) that an error message must never show.
+    pub fn new(pipeline: &str, instance: &str, secrets: Vec<String>) -> Status {
         Status {
+            secrets,
             report: Mutex::new(Report {
                 pipeline: pipeline.to_string(),
                 instance: instance.to_string(),
@@ -142,6 +147,7 @@ impl Status {
             output_rows: counts.records_out,
             dlq_rows: counts.dead_lettered.iter().sum(),
             filtered_rows: counts.records_filtered,
+            duplicate_rows: counts.duplicates_dropped,
             duration_ms: duration.as_millis() as u64,
             commit_ms: summary.commit_duration.as_millis() as u64,
             input_rows_per_second: rate(since_previous),
@@ -168,11 +174,12 @@ impl Status {
     pub fn aborted(&self, reason: &str) {
         let mut report = self.report();
         report.batches_aborted += 1;
-        report.last_error = Some(ErrorReport { at: now_text(), message: reason.to_string() });
+        report.last_error = Some(ErrorReport { at: now_text(), message: redact(reason, self.secrets.iter().map(String::as_str)) });
     }
 
     pub fn failed(&self, message: &str) {
-        self.report().last_error = Some(ErrorReport { at: now_text(), message: message.to_string() });
+        let message = redact(message, self.secrets.iter().map(String::as_str));
+        self.report().last_error = Some(ErrorReport { at: now_text(), message });
     }
 
     pub fn assigned(&self, topic: &str, partition: i32) {

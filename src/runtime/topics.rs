@@ -113,6 +113,14 @@ pub fn ensure_topic(settings: &Settings, topic: &str, partitions: i32, config: &
     Ok(())
 }
 
+/// Whether `topic` exists.
+pub fn exists(settings: &Settings, topic: &str) -> Result<bool, RuntimeError> {
+    let client: BaseConsumer = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
+    Ok(partition_count(&client, topic)?.is_some())
+}
+
 fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, RuntimeError> {
     let metadata: Metadata = client
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     /// Records dropped by a filter step, in committed batches.
     pub records_filtered: IntCounter,
+    /// Records a dedup step dropped as duplicates, in committed batches.
+    pub duplicates_dropped: IntCounter,
     /// Records written to the DLQ in committed batches, by error stage.
     pub dlq_records: IntCounterVec,
     /// Bad records dropped because `on_error.<stage>` is `skip`.
@@ -66,6 +68,8 @@ impl Metrics {
         let records_in = counter_vec("weir_records_in_total", "Records read and committed as processed, by source.", &["source"]);
         let records_out = counter_vec("weir_records_out_total", "Records written to the sink in committed batches.", &["sink"]);
         let records_filtered = counter("weir_records_filtered_total", "Records dropped by a filter step in committed batches.");
+        let duplicates_dropped =
+            counter("weir_duplicates_dropped_total", "Records a dedup step dropped as duplicates, in committed batches.");
         let dlq_records = counter_vec("weir_dlq_records_total", "Records written to the DLQ in committed batches, by error stage.", &["stage"]);
         let skipped_records = counter_vec("weir_skipped_records_total", "Bad records dropped by on_error: skip, by stage.", &["stage"]);
         let batches = counter("weir_batches_total", "Committed batches (Kafka transactions).");
@@ -127,6 +131,7 @@ impl Metrics {
             records_in,
             records_out,
             records_filtered,
+            duplicates_dropped,
             dlq_records,
             skipped_records,
             batches,
@@ -172,6 +177,7 @@ impl Metrics {
         self.records_in.with_label_values(&[source]).inc_by(counts.records_in);
         self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
         self.records_filtered.inc_by(counts.records_filtered);
+        self.duplicates_dropped.inc_by(counts.duplicates_dropped);
         self.late_records.inc_by(counts.dead_lettered(Stage::Late) + counts.skipped(Stage::Late));
         for stage in Stage::ALL {
             self.dlq_records.with_label_values(&[stage.as_str()]).inc_by(counts.dead_lettered(stage));

@@ -7,6 +7,7 @@ mod guarantees;
 mod operations;
 mod passthrough;
 mod poison;
+mod security;
 mod sources;
 mod stateful;
 mod visibility;

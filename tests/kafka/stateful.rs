@@ -194,6 +194,23 @@ fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
     assert!(first.wait(Duration::from_secs(120)).success(), "{}", first.log_text());
 
     let two_seconds = clicks_pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 2s, aggregates: { n: count() } }");
+    // `weir plan --check` tells before a deploy whether a run would take the state.
+    let plan = |file: &PipelineFile| {
+        std::process::Command::new(weir_binary())
+            .args(["plan", "--check", "--pipeline"])
+            .arg(&file.path)
+            .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
+            .output()
+            .unwrap()
+    };
+    let same = plan(&one_second);
+    let same_text = String::from_utf8_lossy(&same.stdout);
+    assert!(same.status.success(), "{same_text}{}", String::from_utf8_lossy(&same.stderr));
+    assert!(same_text.contains("matches the stored state") && same_text.contains("a run would accept"), "{same_text}");
+    let different = plan(&two_seconds);
+    let different_text = String::from_utf8_lossy(&different.stdout);
+    assert_eq!(different.status.code(), Some(2), "{different_text}");
+    assert!(different_text.contains("CHANGED: the stored state was written by `window tumbling 1000ms"), "{different_text}");
     let mut changed = WeirProcess::start(&two_seconds.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
     let status = changed.wait(Duration::from_secs(120));
     let log = changed.log_text();
@@ -359,4 +376,36 @@ fn idle_timeout_lets_repartitioned_windows_close_past_an_empty_partition() {
         process.terminate();
         assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log_text());
     }
+}
+
+/// Duplicates dropped by a dedup are counted apart from records a filter drops, in
+/// /metrics and in /status's batches.
+#[test]
+fn duplicates_dropped_are_counted_in_metrics_and_status() {
+    let (input, output) = (unique("clicks"), unique("out"));
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    // 100 ids, each sent 3 times (the same user, so the same key): 200 duplicates.
+    produce(&input, (0..300u64).map(|n| {
+        let id = n % 100;
+        Input::keyed(format!("u{id}"), format!(r#"{{"id":{id},"user":"u{id}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + n))
+    }));
+    let name = unique("duplicates");
+    let file = clicks_pipeline(&name, &input, &output, "  - filter: \"amount > 0\"\n  - dedup: { key: [user, id], within: 1h }");
+    let mut weir = WeirProcess::start(&file.path, WeirOptions::default());
+    wait_until(Duration::from_secs(60), "offsets committed to the end", || committed_offsets(&name, &input) == end_offsets(&input));
+    assert_eq!(read_committed(&output).len(), 100);
+    assert_eq!(metric(&weir, "weir_duplicates_dropped_total", &[]), Some(200.0));
+    assert_eq!(metric(&weir, "weir_records_filtered_total", &[]), Some(0.0));
+    let (_, body) = weir.http_get("/status").expect("/status answers");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let batches = report["recent_batches"].as_array().unwrap();
+    let duplicates: u64 = batches.iter().map(|batch| batch["duplicate_rows"].as_u64().unwrap()).sum();
+    assert!(duplicates > 0, "{report:#}");
+    // All of them when the run's batches all fit in the recent ones.
+    if report["batches_committed"].as_u64() == Some(batches.len() as u64) {
+        assert_eq!(duplicates, 200, "{report:#}");
+    }
+    weir.terminate();
+    assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
 }

@@ -21,6 +21,35 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub struct Broker {
     pub bootstrap: String,
+    /// The listener that takes SASL (PLAIN, SCRAM-SHA-256/512), and its user.
+    pub sasl: Option<SaslListener>,
+}
+
+pub struct SaslListener {
+    pub bootstrap: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl SaslListener {
+    /// From `scripts/kafka`'s run dir: `sasl_bootstrap` and `sasl_user`.
+    fn read(run_dir: &Path) -> Option<SaslListener> {
+        let bootstrap = std::fs::read_to_string(run_dir.join("sasl_bootstrap")).ok()?.trim().to_string();
+        let user_file = std::fs::read_to_string(run_dir.join("sasl_user")).ok()?;
+        let field = |name: &str| user_file.lines().find_map(|line| line.strip_prefix(&format!("{name}="))).map(str::to_string);
+        Some(SaslListener { bootstrap, user: field("user")?, password: field("password")? })
+    }
+
+    /// `KAFKA_SASL_BOOTSTRAP_SERVERS`, `KAFKA_SASL_USERNAME` and `KAFKA_SASL_PASSWORD`, for a
+    /// broker the tests did not start.
+    fn from_env() -> Option<SaslListener> {
+        let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+        Some(SaslListener {
+            bootstrap: variable("KAFKA_SASL_BOOTSTRAP_SERVERS")?,
+            user: variable("KAFKA_SASL_USERNAME")?,
+            password: variable("KAFKA_SASL_PASSWORD")?,
+        })
+    }
 }
 
 static BROKER: OnceLock<Broker> = OnceLock::new();
@@ -35,7 +64,7 @@ pub fn broker() -> &'static Broker {
     BROKER.get_or_init(|| {
         if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
             && !bootstrap.trim().is_empty() {
-                return Broker { bootstrap };
+                return Broker { bootstrap, sasl: SaslListener::from_env() };
             }
         let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
         let script = repo_root().join("scripts/kafka");
@@ -63,7 +92,7 @@ pub fn broker() -> &'static Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the broker watchdog");
-        Broker { bootstrap }
+        Broker { bootstrap, sasl: SaslListener::read(&run_dir) }
     })
 }
 
@@ -290,7 +319,19 @@ pub fn committed_offsets(group: &str, topic: &str) -> Vec<i64> {
     for partition in 0..partition_count(topic) {
         list.add_partition(topic, partition);
     }
-    let committed = consumer.committed_offsets(list, Duration::from_secs(30)).unwrap();
+    // A coordinator that is still loading (a fresh broker, a new group) answers with a
+    // retriable error; ask again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let committed = loop {
+        match consumer.committed_offsets(list.clone(), Duration::from_secs(10)) {
+            Ok(committed) => break committed,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("committed offsets of {group}: {error}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => panic!("committed offsets of {group}: {error}"),
+        }
+    };
     committed
         .elements()
         .iter()
