@@ -72,35 +72,57 @@ fn main() {
         directory_bytes(&store) as f64 / (1024.0 * 1024.0) * 1_000_000.0 / records as f64
     );
 
-    // Restart with the dedup state: new input, a new process, time to its first committed output.
+    // Restarts with the dedup's 1M keys of state, each timed from the moment the old process
+    // is gone to the new process's first committed output (of records produced meanwhile).
+    // After a clean stop (the run above exited at the end of its input):
+    let clean = restart(&dedup.file, &dedup_name, &input, records);
+    // After SIGKILL: a process dedups the same input into a fresh state and is killed the
+    // moment all of it is committed, so its store has not flushed and replays its log.
+    let killed_name = unique("bench-killed");
+    create_topic(&format!("{killed_name}-out"), PARTITIONS);
+    let killed_file = pipeline_file(&clicks_pipeline_text(&killed_name, &input, &format!("{killed_name}-out"), dedup_steps, "partitioned_by: [user]"));
+    let mut doomed = WeirProcess::start(&killed_file.path, WeirOptions::default());
+    wait_until(Duration::from_secs(600), "the dedup to commit its whole input", || {
+        metric(&doomed, "weir_records_out_total", &[("sink", &format!("{killed_name}-out"))]).unwrap_or(0.0) >= (records + 1000) as f64
+    });
+    doomed.kill();
+    let killed = restart(&killed_file, &killed_name, &input, records + 1000);
+    for (label, (elapsed, from_store, from_changelog, milestones)) in [("a clean stop", clean), ("SIGKILL", killed)] {
+        println!(
+            "restart after {label}: {elapsed:.1} s to the first committed output, with {from_store} state entries from the \
+             local store and {from_changelog} from the changelog"
+        );
+        for line in milestones {
+            println!("  {line}");
+        }
+    }
+}
+
+/// Produces 1000 records with new ids from `first_id` on, starts the pipeline of `file` over
+/// the state its last process left, and times it to its first committed output.
+/// Returns the seconds, the restored entries (from the store, from the changelog) and the
+/// milestones of the new process's log.
+fn restart(file: &PipelineFile, name: &str, input: &str, first_id: u64) -> (f64, u64, u64, Vec<String>) {
     let producer = TestProducer::new();
-    for id in records..records + 1000 {
+    for id in first_id..first_id + 1000 {
         let user = format!("u{}", id % USERS);
         let value = format!(r#"{{"id":{id},"user":"{user}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + id * 10);
-        producer.send(&input, &Input::keyed(user, value));
+        producer.send(input, &Input::keyed(user, value));
     }
     producer.flush();
-    // The same pipeline file: its directory holds the local state store the dedup left.
-    let file = &dedup.file;
     let started = Instant::now();
     let restarted = WeirProcess::start(&file.path, WeirOptions::default());
     wait_until(Duration::from_secs(600), "the restarted dedup's first committed output", || {
-        metric(&restarted, "weir_records_out_total", &[("sink", &format!("{dedup_name}-out"))]).unwrap_or(0.0) > 0.0
+        metric(&restarted, "weir_records_out_total", &[("sink", &format!("{name}-out"))]).unwrap_or(0.0) > 0.0
     });
     let elapsed = started.elapsed().as_secs_f64();
-    // Restores log where their entries came from: the local store, or the changelog's tail.
     let log = restarted.log_text();
     let (from_store, from_changelog) =
         restores(&log).into_iter().fold((0, 0), |(store, changelog), (from_store, from_changelog)| (store + from_store, changelog + from_changelog));
-    println!(
-        "restart with {from_store} state entries from the local store and {from_changelog} from the changelog: \
-         {elapsed:.1} s from process start to the first committed output (group join, restore, first batch)"
-    );
-    // Where the restart's time went, from the process's own log.
+    // Where the time went, from the process's own log.
     let milestones = ["weir starting", "transactions initialized", "subscribed", "partitions assigned", "restored state"];
-    for line in log.lines().filter(|line| milestones.iter().any(|milestone| line.contains(milestone))) {
-        println!("  {line}");
-    }
+    let lines = log.lines().filter(|line| milestones.iter().any(|milestone| line.contains(milestone))).map(str::to_string).collect();
+    (elapsed, from_store, from_changelog, lines)
 }
 
 fn expected_windows(records: u64) -> u64 {

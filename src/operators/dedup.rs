@@ -2,7 +2,9 @@
 //! while the key's state lives, which ends when the watermark reaches the first record's
 //! event time + `within` (Spark's dropDuplicatesWithinWatermark).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
@@ -12,10 +14,14 @@ use crate::config::Dedup;
 pub struct DedupOperator {
     key: Vec<String>,
     within: i64,
-    /// Key (as JSON text) → event time of its first record.
+    /// Key (as JSON text) → event time of its first record. A fast hash with a random
+    /// seed per map: keys come from the input, so they must not be able to collide on purpose.
     first_seen: HashMap<String, i64>,
     /// (expiry, key), to evict in watermark order.
     expiries: BTreeSet<(i64, String)>,
+    /// Restoring fills `first_seen` alone; `expiries` is then built once, in bulk (sorting
+    /// beats a B-tree insert per entry several times over), before it is next used.
+    expiries_stale: bool,
     /// Keys added or ended since the last `take_changes`.
     changed: BTreeSet<String>,
 }
@@ -27,6 +33,7 @@ impl DedupOperator {
             within: spec.within.as_millis() as i64,
             first_seen: HashMap::new(),
             expiries: BTreeSet::new(),
+            expiries_stale: false,
             changed: BTreeSet::new(),
         }
     }
@@ -52,6 +59,7 @@ impl DedupOperator {
             return Outcome::Duplicate;
         }
         let expiry = record.event_time.saturating_add(self.within);
+        self.rebuild_expiries();
         self.expiries.insert((expiry, key_text.clone()));
         self.changed.insert(key_text.clone());
         self.first_seen.insert(key_text, record.event_time);
@@ -62,6 +70,7 @@ impl DedupOperator {
 
     /// Forgets the keys whose state ended at this watermark.
     pub fn advance(&mut self, watermark: i64) {
+        self.rebuild_expiries();
         while let Some((expiry, _)) = self.expiries.first() {
             if *expiry > watermark {
                 break;
@@ -85,15 +94,21 @@ impl DedupOperator {
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
-        if let Some(time) = self.first_seen.remove(key) {
-            self.expiries.remove(&(time.saturating_add(self.within), key.to_string()));
-        }
+        self.expiries_stale = true;
         let Some(value) = value else {
+            self.first_seen.remove(key);
             return Ok(());
         };
         let time = value.as_i64().ok_or_else(|| format!("dedup state for {key} is not a time: {value}"))?;
-        self.expiries.insert((time.saturating_add(self.within), key.to_string()));
         self.first_seen.insert(key.to_string(), time);
         Ok(())
+    }
+
+    /// Rebuilds the expiry index from `first_seen` after restores.
+    fn rebuild_expiries(&mut self) {
+        if std::mem::take(&mut self.expiries_stale) {
+            let within = self.within;
+            self.expiries = self.first_seen.iter().map(|(key, time)| (time.saturating_add(within), key.clone())).collect();
+        }
     }
 }

@@ -137,7 +137,7 @@ pub fn run(
         engine,
         topics,
         store,
-        pipeline.source.starting_offsets,
+        (pipeline.source.starting_offsets, pipeline.source.on_data_loss),
         options.until_end,
         metrics.clone(),
         health.clone(),

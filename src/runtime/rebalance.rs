@@ -25,7 +25,7 @@ use super::status::Status;
 use super::store::{StateStore, StoreWrite};
 use super::transaction::{Outcome, Transaction};
 use crate::engine::{Destination, Engine};
-use crate::config::StartingOffsets;
+use crate::config::{DataLossPolicy, StartingOffsets};
 use crate::telemetry::metrics::Metrics;
 
 /// How long an assignment may wait for committed offsets. Under read_committed the broker
@@ -75,6 +75,7 @@ pub struct Session {
 pub struct LoopContext {
     session: Mutex<Session>,
     starting_offsets: StartingOffsets,
+    on_data_loss: DataLossPolicy,
     until_end: bool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -87,7 +88,7 @@ impl LoopContext {
         engine: Engine,
         topics: OutputTopics,
         store: Option<StateStore>,
-        starting_offsets: StartingOffsets,
+        (starting_offsets, on_data_loss): (StartingOffsets, DataLossPolicy),
         until_end: bool,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -111,6 +112,7 @@ impl LoopContext {
                 purger,
             }),
             starting_offsets,
+            on_data_loss,
             until_end,
             metrics,
             health,
@@ -208,6 +210,42 @@ impl LoopContext {
         info!(assigned = assigned.count(), owned, "partitions assigned");
     }
 
+    /// Where to start from a committed offset: there, unless retention has deleted it (and
+    /// records after it), which `on_data_loss` decides about: stop, or count it, say it and
+    /// go on from the earliest record kept. Never silently.
+    fn check_retention(
+        &self,
+        consumer: &BaseConsumer<LoopContext>,
+        topic: &str,
+        partition: i32,
+        committed: i64,
+    ) -> Result<Offset, RuntimeError> {
+        let (low, _) = consumer
+            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+            .map_err(|error| RuntimeError::Fatal(format!("reading the start offset of {topic}[{partition}]: {error}")))?;
+        if committed >= low {
+            return Ok(Offset::Offset(committed));
+        }
+        match self.on_data_loss {
+            DataLossPolicy::Fail => {
+                self.metrics.data_loss_events.with_label_values(&["fail"]).inc();
+                Err(RuntimeError::DataLoss { topic: topic.to_string(), partition })
+            }
+            DataLossPolicy::Earliest => {
+                self.metrics.data_loss_events.with_label_values(&["earliest"]).inc();
+                warn!(
+                    topic,
+                    partition,
+                    committed,
+                    earliest = low,
+                    lost = low - committed,
+                    "data loss: records after the committed offset were deleted by retention; going on from the earliest kept (on_data_loss: earliest)"
+                );
+                Ok(Offset::Offset(low))
+            }
+        }
+    }
+
     /// Gives every newly assigned partition its committed offset, or the source's
     /// `starting_offsets` where nothing was committed yet.
     fn set_start_positions(
@@ -221,7 +259,7 @@ impl LoopContext {
         let mut by_time = TopicPartitionList::new();
         for element in committed.elements() {
             let start = match element.offset() {
-                Offset::Offset(offset) => Offset::Offset(offset),
+                Offset::Offset(offset) => self.check_retention(consumer, element.topic(), element.partition(), offset)?,
                 _ => match self.starting_offsets {
                     StartingOffsets::Earliest => Offset::Beginning,
                     StartingOffsets::Latest => Offset::End,

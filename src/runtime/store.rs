@@ -18,9 +18,21 @@ use super::error::RuntimeError;
 
 const OFFSETS: &str = "offsets";
 
+/// Memtable size per column family, and the write-ahead log size that forces flushes.
+const MEMTABLE_BYTES: usize = 16 << 20;
+const WAL_LIMIT: u64 = 64 << 20;
+
+fn family_options() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(MEMTABLE_BYTES);
+    options
+}
+
 pub struct StateStore {
     db: DB,
     path: PathBuf,
+    /// Every column family's name.
+    families: Vec<String>,
 }
 
 /// One committed write: the step's changelog key, and the value (None deletes).
@@ -69,14 +81,17 @@ impl StateStore {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let mut families: Vec<ColumnFamilyDescriptor> =
-            steps.iter().map(|step| ColumnFamilyDescriptor::new(family(*step), Options::default())).collect();
-        families.push(ColumnFamilyDescriptor::new(OFFSETS, Options::default()));
+        // What a restart after a crash replays is the write-ahead log of what was not yet
+        // flushed: small memtables and a bounded log keep that to a fraction of a second.
+        // (The `offsets` family takes a tiny write every batch and would otherwise keep
+        // every log file alive.)
+        options.set_max_total_wal_size(WAL_LIMIT);
+        let names: Vec<String> = steps.iter().map(|step| family(*step)).chain([OFFSETS.to_string()]).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let families = families.iter().map(|descriptor| ColumnFamilyDescriptor::new(descriptor.name(), Options::default()));
+            let families = names.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options()));
             match DB::open_cf_descriptors(&options, directory, families) {
-                Ok(db) => return Ok(StateStore { db, path: directory.to_path_buf() }),
+                Ok(db) => return Ok(StateStore { db, path: directory.to_path_buf(), families: names }),
                 Err(error) if error.to_string().contains("lock") && Instant::now() < deadline => {
                     warn!(path = %directory.display(), %error, "state store is locked by another process; waiting");
                     std::thread::sleep(Duration::from_millis(500));
@@ -153,6 +168,12 @@ impl StateStore {
         self.db.property_int_value_cf(handle, "rocksdb.estimate-live-data-size").ok().flatten()
     }
 
+    /// Writes the memtables to disk, so that the next start has no log to replay.
+    fn flush(&self) -> Result<(), rocksdb::Error> {
+        let handles: Vec<&rocksdb::ColumnFamily> = self.families.iter().filter_map(|name| self.db.cf_handle(name)).collect();
+        self.db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+    }
+
     /// Forgets a partition's cache of a step (its recorded offset no longer fits the changelog).
     pub fn clear(&self, step: usize, partition: i32) -> Result<(), RuntimeError> {
         let mut writes = Vec::new();
@@ -164,5 +185,14 @@ impl StateStore {
         self.db
             .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
             .map_err(|error| RuntimeError::Fatal(format!("writing the state store: {error}")))
+    }
+}
+
+/// A clean stop flushes: a restart then opens the store without replaying its log.
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        if let Err(error) = self.flush() {
+            warn!(path = %self.path.display(), %error, "flushing the state store at stop; the next start replays its log");
+        }
     }
 }

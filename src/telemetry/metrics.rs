@@ -122,6 +122,13 @@ impl Metrics {
         .expect("metric definitions are static and valid");
         registry.register(Box::new(event_time_lag.clone())).expect("each metric is registered once");
         let late_records = counter("weir_late_records_total", "Records too late for the watermark, in committed batches.");
+        // Known label values start at zero, so that a dashboard sees them before they happen.
+        for policy in ["fail", "earliest"] {
+            data_loss_events.with_label_values(&[policy]);
+        }
+        for kind in ["assign", "revoke", "lost"] {
+            rebalances.with_label_values(&[kind]);
+        }
         for stage in Stage::ALL {
             dlq_records.with_label_values(&[stage.as_str()]);
             skipped_records.with_label_values(&[stage.as_str()]);

@@ -40,3 +40,53 @@ sink:
     let expected: Vec<u64> = (100..150).chain(200..250).collect();
     assert_exactly_once(&output, &expected);
 }
+
+/// Deletes the records of `topic`'s partition 0 before `offset`, as retention would.
+fn delete_before(topic: &str, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker().bootstrap).create().unwrap();
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    offsets.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset)).unwrap();
+    let deleted = block_on(admin.delete_records(&offsets, &AdminOptions::new())).unwrap();
+    assert!(deleted.elements().iter().all(|element| element.error().is_ok()), "{deleted:?}");
+    assert_eq!(start_offsets(topic)[0], offset);
+}
+
+/// Records after the committed offset that retention deleted are never skipped silently:
+/// `on_data_loss: fail` stops with an error naming the partition, `earliest` goes on from
+/// the earliest record kept and counts the event.
+#[test]
+fn a_committed_offset_deleted_by_retention_fails_or_goes_on_as_configured() {
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    produce(&input, (0..100).map(|id| Input::keyed(format!("k{id}"), event(id))));
+    let name = unique("retention");
+    let pipeline = |policy: &str| {
+        pipeline_file(&json_pipeline(&name, &input, &output, "  []").replace("    format: json\n", &format!("    format: json\n    on_data_loss: {policy}\n")))
+    };
+    let fail = pipeline("fail");
+    let mut first = WeirProcess::start(&fail.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(first.wait(Duration::from_secs(60)).success(), "{}", first.log_text());
+    assert_eq!(committed_offsets(&name, &input), vec![100]);
+
+    // 100 more, of which retention takes the first 50 before weir reads them.
+    produce(&input, (100..200).map(|id| Input::keyed(format!("k{id}"), event(id))));
+    delete_before(&input, 150);
+    let mut stopped = WeirProcess::start(&fail.path, WeirOptions { until_end: true, ..Default::default() });
+    let status = stopped.wait(Duration::from_secs(60));
+    let log = stopped.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("data loss: the committed offset of {input}[0]")), "{log}");
+    assert_eq!(committed_offsets(&name, &input), vec![100], "nothing moved");
+
+    let earliest = pipeline("earliest");
+    let weir = WeirProcess::start(&earliest.path, WeirOptions::default());
+    wait_until(Duration::from_secs(60), "offsets committed to the end", || committed_offsets(&name, &input) == end_offsets(&input));
+    assert_eq!(metric(&weir, "weir_data_loss_events_total", &[("policy", "earliest")]), Some(1.0));
+    assert!(weir.log_text().contains("data loss: records after the committed offset were deleted"), "{}", weir.log_text());
+    let expected: Vec<u64> = (0..100).chain(150..200).collect();
+    assert_exactly_once(&output, &expected);
+}

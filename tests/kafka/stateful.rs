@@ -378,32 +378,79 @@ fn idle_timeout_lets_repartitioned_windows_close_past_an_empty_partition() {
     }
 }
 
-/// Duplicates dropped by a dedup are counted apart from records a filter drops, in
+/// After a run of a stateful pipeline, every metric family is there and agrees with the
+/// run; duplicates dropped by a dedup are counted apart from records a filter drops, in
 /// /metrics and in /status's batches.
 #[test]
-fn duplicates_dropped_are_counted_in_metrics_and_status() {
+fn every_metric_family_agrees_with_a_stateful_run() {
     let (input, output) = (unique("clicks"), unique("out"));
     create_topic(&input, 2);
     create_topic(&output, 2);
-    // 100 ids, each sent 3 times (the same user, so the same key): 200 duplicates.
-    produce(&input, (0..300u64).map(|n| {
-        let id = n % 100;
-        Input::keyed(format!("u{id}"), format!(r#"{{"id":{id},"user":"u{id}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + n))
-    }));
-    let name = unique("duplicates");
+    // 100 ids, each sent 3 times (the same user, so the same key): 200 duplicates; and one
+    // record that is not JSON.
+    let mut inputs: Vec<Input> = (0..300u64)
+        .map(|n| {
+            let id = n % 100;
+            Input::keyed(format!("u{id}"), format!(r#"{{"id":{id},"user":"u{id}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + n))
+        })
+        .collect();
+    inputs.push(Input::keyed("u0", "not json"));
+    produce(&input, inputs);
+    let name = unique("metrics");
     let file = clicks_pipeline(&name, &input, &output, "  - filter: \"amount > 0\"\n  - dedup: { key: [user, id], within: 1h }");
     let mut weir = WeirProcess::start(&file.path, WeirOptions::default());
     wait_until(Duration::from_secs(60), "offsets committed to the end", || committed_offsets(&name, &input) == end_offsets(&input));
     assert_eq!(read_committed(&output).len(), 100);
-    assert_eq!(metric(&weir, "weir_duplicates_dropped_total", &[]), Some(200.0));
-    assert_eq!(metric(&weir, "weir_records_filtered_total", &[]), Some(0.0));
+    wait_until(Duration::from_secs(10), "the lag gauges to catch up", || {
+        (0..2).all(|partition| metric(&weir, "weir_consumer_lag_records", &[("topic", &input), ("partition", &partition.to_string())]) == Some(0.0))
+    });
+    let (_, text) = weir.http_get("/metrics").expect("/metrics answers");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string()))).expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        sample(&scrape, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+    };
+    let sink = output.as_str();
+    assert_eq!(value("weir_records_in_total", &[("source", "clicks")]), 301.0);
+    assert_eq!(value("weir_records_out_total", &[("sink", sink)]), 100.0);
+    assert_eq!(value("weir_duplicates_dropped_total", &[]), 200.0);
+    assert_eq!(value("weir_records_filtered_total", &[]), 0.0);
+    assert_eq!(value("weir_dlq_records_total", &[("stage", "decode")]), 1.0);
+    for stage in ["late", "process", "produce"] {
+        assert_eq!(value("weir_dlq_records_total", &[("stage", stage)]), 0.0);
+        assert_eq!(value("weir_skipped_records_total", &[("stage", stage)]), 0.0);
+    }
+    assert_eq!(value("weir_late_records_total", &[]), 0.0);
+    let batches = value("weir_batches_total", &[]);
+    assert!(batches >= 1.0);
+    assert_eq!(value("weir_commit_duration_seconds_count", &[]), batches);
+    assert_eq!(value("weir_transaction_aborts_total", &[]), 0.0);
+    assert_eq!(value("weir_assigned_partitions", &[]), 2.0);
+    assert!(value("weir_rebalances_total", &[("kind", "assign")]) >= 1.0, "{text}");
+    assert_eq!(value("weir_state_restored_records_total", &[]), 0.0);
+    assert_eq!(value("weir_state_keys", &[]), 100.0);
+    assert_eq!(value("weir_step_state_keys", &[("step", "1")]), 100.0);
+    assert!(value("weir_step_state_bytes", &[("step", "1")]) >= 0.0);
+    for partition in ["0", "1"] {
+        let labels = [("topic", input.as_str()), ("partition", partition)];
+        assert_eq!(value("weir_consumer_lag_records", &labels), 0.0);
+        assert!(value("weir_event_time_lag_seconds", &labels) > 3600.0, "the input's event times are from 2023");
+        // Max event time (the last record of the partition's ids) minus the 1 s out-of-orderness.
+        assert!(value("weir_watermark_milliseconds", &labels) >= 1_700_000_000_000.0 - 1000.0);
+    }
+    let highest = ["0", "1"]
+        .iter()
+        .map(|partition| value("weir_watermark_milliseconds", &[("topic", input.as_str()), ("partition", partition)]))
+        .fold(f64::MIN, f64::max);
+    assert_eq!(highest, (1_700_000_000_000u64 + 299 - 1000) as f64);
+    assert!(text.contains("weir_data_loss_events_total"), "{text}");
+
     let (_, body) = weir.http_get("/status").expect("/status answers");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let batches = report["recent_batches"].as_array().unwrap();
-    let duplicates: u64 = batches.iter().map(|batch| batch["duplicate_rows"].as_u64().unwrap()).sum();
+    let recent = report["recent_batches"].as_array().unwrap();
+    let duplicates: u64 = recent.iter().map(|batch| batch["duplicate_rows"].as_u64().unwrap()).sum();
     assert!(duplicates > 0, "{report:#}");
     // All of them when the run's batches all fit in the recent ones.
-    if report["batches_committed"].as_u64() == Some(batches.len() as u64) {
+    if report["batches_committed"].as_u64() == Some(recent.len() as u64) {
         assert_eq!(duplicates, 200, "{report:#}");
     }
     weir.terminate();
