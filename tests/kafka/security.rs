@@ -1,6 +1,7 @@
 //! SASL against the test broker's SASL listener (see scripts/kafka): SCRAM with the password
-//! from the environment, PLAIN with it from a mounted file, and a wrong password. The
-//! password never shows in logs, /status, /metrics or error messages.
+//! from the environment, PLAIN with it from a mounted file, and a wrong password; SASL over
+//! TLS, with the CA certificate and the password from files. The password never shows in
+//! logs, /status, /metrics or error messages.
 
 use std::time::Duration;
 
@@ -103,4 +104,50 @@ fn a_wrong_sasl_password_fails_clearly_without_showing_it() {
     if let Some(status) = status {
         assert_hidden("/status", &status, &wrong);
     }
+}
+
+fn tls() -> &'static TlsListener {
+    broker().tls.as_ref().expect(
+        "this test needs the broker's SASL_SSL listener: scripts/kafka starts one; for another broker set \
+         KAFKA_TLS_BOOTSTRAP_SERVERS and KAFKA_TLS_CA_LOCATION",
+    )
+}
+
+/// SASL_SSL: the broker's certificate verified against a CA file, the password read from a
+/// file, as a Kubernetes Secret volume provides both. Without the CA the handshake fails at
+/// once, and weir says so.
+#[test]
+fn sasl_over_tls_with_the_ca_and_password_from_files() {
+    let password = sasl().password.clone();
+    let (input, output) = (unique("tls-in"), unique("tls-out"));
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    produce(&input, (0..100u64).map(|id| Input::keyed(format!("k{id}"), event(id))));
+    let name = unique("tls");
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let secret_file = pipeline.path.with_file_name("sasl-password");
+    std::fs::write(&secret_file, format!("{password}\n")).unwrap();
+    let env = |with_ca: bool| {
+        let mut env = sasl_env("SCRAM-SHA-256");
+        env.retain(|(key, _)| key != "WEIR__KAFKA__BOOTSTRAP_SERVERS" && key != "WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL");
+        env.push(("WEIR__KAFKA__BOOTSTRAP_SERVERS".into(), tls().bootstrap.clone()));
+        env.push(("WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL".into(), "SASL_SSL".into()));
+        env.push(("WEIR__KAFKA__OPTION_FILES__SASL_PASSWORD".into(), secret_file.display().to_string()));
+        if with_ca {
+            env.push(("WEIR__KAFKA__OPTIONS__SSL_CA_LOCATION".into(), tls().ca_location.display().to_string()));
+        }
+        env
+    };
+
+    let mut untrusted = WeirProcess::start(&pipeline.path, WeirOptions { env: env(false), until_end: true, ..Default::default() });
+    let status = untrusted.wait(Duration::from_secs(60));
+    let log = untrusted.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("certificate verify failed"), "the error should say the certificate was not trusted:\n{log}");
+    assert_hidden("the log", &log, &password);
+
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env: env(true), until_end: true, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(60)).success(), "{}", weir.log_text());
+    assert_hidden("the log", &weir.log_text(), &password);
+    assert_exactly_once(&output, &kept_by_amount_filter(0..100));
 }

@@ -23,6 +23,30 @@ pub struct Broker {
     pub bootstrap: String,
     /// The listener that takes SASL (PLAIN, SCRAM-SHA-256/512), and its user.
     pub sasl: Option<SaslListener>,
+    /// The listener that takes the same SASL over TLS, and the CA certificate (PEM file)
+    /// that verifies it.
+    pub tls: Option<TlsListener>,
+}
+
+pub struct TlsListener {
+    pub bootstrap: String,
+    pub ca_location: PathBuf,
+}
+
+impl TlsListener {
+    fn read(run_dir: &Path) -> Option<TlsListener> {
+        let bootstrap = std::fs::read_to_string(run_dir.join("tls_bootstrap")).ok()?.trim().to_string();
+        Some(TlsListener { bootstrap, ca_location: run_dir.join("tls/ca.pem") })
+    }
+
+    /// `KAFKA_TLS_BOOTSTRAP_SERVERS` and `KAFKA_TLS_CA_LOCATION` (with the SASL user above).
+    fn from_env() -> Option<TlsListener> {
+        let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+        Some(TlsListener {
+            bootstrap: variable("KAFKA_TLS_BOOTSTRAP_SERVERS")?,
+            ca_location: variable("KAFKA_TLS_CA_LOCATION")?.into(),
+        })
+    }
 }
 
 pub struct SaslListener {
@@ -64,7 +88,7 @@ pub fn broker() -> &'static Broker {
     BROKER.get_or_init(|| {
         if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
             && !bootstrap.trim().is_empty() {
-                return Broker { bootstrap, sasl: SaslListener::from_env() };
+                return Broker { bootstrap, sasl: SaslListener::from_env(), tls: TlsListener::from_env() };
             }
         let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
         let script = repo_root().join("scripts/kafka");
@@ -92,7 +116,7 @@ pub fn broker() -> &'static Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the broker watchdog");
-        Broker { bootstrap, sasl: SaslListener::read(&run_dir) }
+        Broker { bootstrap, sasl: SaslListener::read(&run_dir), tls: TlsListener::read(&run_dir) }
     })
 }
 
