@@ -16,8 +16,17 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(text, "pipeline {}: valid", pipeline.name);
     let _ = writeln!(text, "  source {}: {topics} ({:?}, read_committed)", source.name, source.encoding);
-    for (index, step) in engine.describe_steps().iter().enumerate() {
-        let _ = writeln!(text, "  step {index}: {step}");
+    if let Some(join) = pipeline.join() {
+        let _ = writeln!(text, "  source {}: {} ({:?}, read_committed)", join.right.name, topics_of(&join.right), join.right.encoding);
+    }
+    let mut index = 0;
+    for line in engine.describe_steps() {
+        if line.starts_with("repartition by") {
+            let _ = writeln!(text, "  then {line}");
+            continue;
+        }
+        let _ = writeln!(text, "  step {index}: {line}");
+        index += 1;
     }
     let key = if pipeline.sink.key.is_empty() { "input key".to_string() } else { pipeline.sink.key.join(", ") };
     let _ = writeln!(text, "  sink: {} (json, key: {key}, {:?})", pipeline.sink.topic, pipeline.sink.mode);
@@ -60,9 +69,9 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
     let source = &pipeline.source;
     let described = engine.describe_steps();
     let steps: Vec<String> = described.iter().filter(|line| !line.starts_with("repartition by")).cloned().collect();
-    let topics = match &source.topics {
-        SourceTopics::List(topics) => topics.join(", "),
-        SourceTopics::Pattern(pattern) => format!("topics matching /{pattern}/"),
+    let topics = match pipeline.input_topics() {
+        Some(topics) => topics.join(", "),
+        None => topics_of(source),
     };
     let mut text = String::new();
     let _ = writeln!(text, "pipeline {}", pipeline.name);
@@ -119,4 +128,11 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
         let _ = writeln!(text, "  internal: {}-definitions (compacted; the step definitions that wrote the state)", pipeline.name);
     }
     text
+}
+
+fn topics_of(source: &crate::config::Source) -> String {
+    match &source.topics {
+        SourceTopics::List(topics) => topics.join(", "),
+        SourceTopics::Pattern(pattern) => format!("topics matching /{pattern}/"),
+    }
 }

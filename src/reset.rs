@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Loaded, SourceTopics};
+use crate::config::Loaded;
 use crate::engine::Engine;
 use crate::runtime::clients;
 use crate::runtime::definitions;
@@ -57,7 +57,7 @@ pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), String> {
 /// source topics; returns them. Call after `wait_for_an_empty_group`.
 pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(String, i32, i64)>, String> {
     let pipeline = &loaded.pipeline;
-    let SourceTopics::List(topics) = &pipeline.source.topics else {
+    let Some(topics) = pipeline.input_topics() else {
         return Err("resetting offsets needs a source with a topic list, not a pattern".into());
     };
     let consumer: BaseConsumer = clients::admin_config(&loaded.settings)
@@ -66,7 +66,7 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(Strin
         .create()
         .map_err(|error| format!("creating a Kafka client: {error}"))?;
     let mut chosen = Vec::new();
-    for topic in topics {
+    for topic in &topics {
         let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| format!("reading metadata of {topic}: {error}"))?;
         let partitions = metadata
             .topics()

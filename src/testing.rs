@@ -62,21 +62,31 @@ pub fn run_with_restarts(
     let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
     let mut changelog: BTreeMap<(Option<String>, i32, usize, String), Value> = BTreeMap::new();
     let mut batches = 0;
-    let topic = match &pipeline.source.topics {
-        SourceTopics::List(topics) => topics.first().cloned().unwrap_or_else(|| pipeline.source.name.clone()),
-        SourceTopics::Pattern(_) => pipeline.source.name.clone(),
-    };
+    // Each source's records come from its first topic (a pattern's: one named after it).
+    let topics: BTreeMap<String, String> = pipeline
+        .sources()
+        .into_iter()
+        .map(|source| {
+            let topic = match &source.topics {
+                SourceTopics::List(topics) => topics.first().cloned().unwrap_or_else(|| source.name.clone()),
+                SourceTopics::Pattern(_) => source.name.clone(),
+            };
+            (source.name.clone(), topic)
+        })
+        .collect();
     // The partitions the file feeds: each holds the watermark after a repartition until it
     // delivers, as an assigned partition would.
     let mut partitions = std::collections::BTreeSet::new();
     for text in input.lines().filter(|text| !text.trim().is_empty()) {
-        if let Ok(line) = serde_json::from_str::<InputLine>(text) {
-            partitions.insert(line.partition);
+        if let Ok(line) = serde_json::from_str::<InputLine>(text)
+            && let Some(topic) = topics.get(&line.source)
+        {
+            partitions.insert((topic.clone(), line.partition));
         }
     }
-    let inputs: Vec<(String, i32)> = partitions.into_iter().map(|partition| (topic.clone(), partition)).collect();
+    let inputs: Vec<(String, i32)> = partitions.into_iter().collect();
     engine.set_input_partitions(inputs.iter().cloned());
-    let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut outputs = Vec::new();
     let mut lines = Vec::new();
     let mut in_batch = 0;
@@ -87,23 +97,24 @@ pub fn run_with_restarts(
         }
         let parsed: InputLine = serde_json::from_str(text)
             .map_err(|error| TestError::Input { line, message: error.to_string() })?;
-        if parsed.source != pipeline.source.name {
+        let Some(topic) = topics.get(&parsed.source) else {
+            let names: Vec<&str> = topics.keys().map(String::as_str).collect();
             return Err(TestError::Input {
                 line,
-                message: format!("source '{}' is not in the pipeline (it has '{}')", parsed.source, pipeline.source.name),
+                message: format!("source '{}' is not in the pipeline (it has '{}')", parsed.source, names.join("', '")),
             });
-        }
+        };
         if parsed.partition < 0 {
             return Err(TestError::Input { line, message: "partition must be 0 or more".into() });
         }
-        let offset = offsets.entry(parsed.partition).or_insert(0);
+        let offset = offsets.entry((topic.clone(), parsed.partition)).or_insert(0);
         let key = raw_bytes(&parsed.key);
         let value = raw_bytes(&parsed.value);
         let headers: Vec<(&str, Option<&[u8]>)> =
             parsed.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_bytes()))).collect();
         let input = InputRecord {
             provenance: Provenance {
-                topic: &topic,
+                topic,
                 partition: parsed.partition,
                 offset: *offset,
                 timestamp: parsed.timestamp,

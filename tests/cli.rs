@@ -210,3 +210,71 @@ fn reset_refuses_a_time_that_is_not_rfc_3339_before_touching_kafka() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--to-datetime") && stderr.contains("'yesterday'") && stderr.contains("RFC 3339"), "{stderr}");
 }
+
+/// A join's mistakes are all reported together, before touching Kafka.
+#[test]
+fn a_bad_join_lists_every_problem() {
+    let (_dir, path) = write(
+        r#"
+name: bad-join
+sources:
+  ads:
+    topics: [ads]
+    format: json
+    schema: { ad: string, ts: long }
+    event_time: { field: ts, unit: millis }
+    watermark: { max_out_of_orderness: 1s }
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: { ad_id: string, ts: long }
+    event_time: { field: ts, unit: millis }
+join:
+  left: ads
+  right: clickz
+  type: full
+  on: [ad]
+  within: { lower: 10s, upper: -5s }
+sink:
+  topic: out
+"#,
+    );
+    let output = weir(&["run", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("join.right: 'clickz' is not a source; sources: ads, clicks"), "{stderr}");
+    assert!(stderr.contains("join.within: lower (10s) must not be after upper (-5s)"), "{stderr}");
+
+    let fixed = std::fs::read_to_string(&path).unwrap().replace("clickz", "clicks").replace("lower: 10s", "lower: -10s");
+    let (_dir2, path2) = write(&fixed);
+    let output = weir(&["run", "--pipeline", &path2], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("join.on: 'ad' is not a field of the record"), "{stderr}");
+    assert!(stderr.contains("sources.clicks.watermark: is required by the join"), "{stderr}");
+
+    // Two sources without a join say so.
+    let (_dir3, unjoined) = write(&format!("{}sink:\n  topic: out\n", fixed.split("join:").next().unwrap()));
+    let output = weir(&["run", "--pipeline", &unjoined], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("join: is required with two sources (ads, clicks)"), "{stderr}");
+}
+
+/// `weir test` runs a join: the golden cases under tests/golden/join-* show each type; here
+/// the steps after a join address the joined record's fields by dotted path.
+#[test]
+fn steps_after_a_join_use_dotted_paths() {
+    let case = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/join-inner");
+    let pipeline = std::fs::read_to_string(case.join("pipeline.yaml"))
+        .unwrap()
+        .replace("sink:", "steps:\n  - filter: \"clicks.id != 'c1'\"\n  - window: { group_by: [ads.ad], tumbling: 1m, aggregates: { n: count(), first_ad: first(ads.id) } }\nsink:");
+    let (dir, path) = write(&pipeline);
+    let output = weir(&["test", "--pipeline", &path, "--input", case.join("input.jsonl").to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    // The inner pairs a1+c1, a1+c2, a2+c2, a2+c3 without a1+c1: three, all for ad a.
+    let window = stdout.lines().find(|line| line.contains("\"n\":")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(window.contains(r#""n":3"#) && window.contains(r#""first_ad":"a1""#), "{window}");
+    drop(dir);
+}

@@ -24,7 +24,7 @@ pub struct Pipeline {
     pub dlq_topic: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Source {
     pub name: String,
     pub topics: SourceTopics,
@@ -134,11 +134,94 @@ pub enum Step {
     Filter(Filter),
     Dedup(Dedup),
     Window(Window),
+    /// The `join` of a two-source pipeline: always step 0, before the file's steps.
+    Join(Join),
 }
 
 impl Step {
     pub fn is_stateful(&self) -> bool {
         !matches!(self, Step::Filter(_))
+    }
+}
+
+/// A stream-stream interval join (PIPELINE.md, "join"): `pipeline.source` is its left
+/// input, `right` its right one. A left record l and a right record r with equal `on` fields
+/// match when `l.t + lower <= r.t <= l.t + upper`.
+#[derive(Debug, Clone)]
+pub struct Join {
+    pub left: String,
+    pub right: Source,
+    pub kind: JoinKind,
+    pub on: Vec<String>,
+    /// Milliseconds; either may be negative.
+    pub lower: i64,
+    pub upper: i64,
+    /// What the steps after the join see: `{<left>: {...}, <right>: {...}}`.
+    pub output: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKind {
+    #[default]
+    Inner,
+    Left,
+    Right,
+    Full,
+}
+
+impl Pipeline {
+    /// The join, in a two-source pipeline.
+    pub fn join(&self) -> Option<&Join> {
+        match self.steps.first() {
+            Some(Step::Join(join)) => Some(join),
+            _ => None,
+        }
+    }
+
+    /// The records a step (by pipeline index) sees: the source's, or the joined ones.
+    pub fn step_source(&self, index: usize) -> &Source {
+        match self.join() {
+            Some(join) if index > 0 => &join.output,
+            _ => &self.source,
+        }
+    }
+
+    /// Every source: the one, or a join's left and right.
+    pub fn sources(&self) -> Vec<&Source> {
+        std::iter::once(&self.source).chain(self.join().map(|join| &join.right)).collect()
+    }
+
+    /// Every source topic, of both sides of a join; None when a source has a pattern.
+    pub fn input_topics(&self) -> Option<Vec<String>> {
+        let mut topics = Vec::new();
+        for source in self.sources() {
+            match &source.topics {
+                SourceTopics::List(names) => topics.extend(names.iter().cloned()),
+                SourceTopics::Pattern(_) => return None,
+            }
+        }
+        Some(topics)
+    }
+
+    /// The source that reads `topic` (by name, or the pattern's match).
+    pub fn source_of_topic(&self, topic: &str) -> &Source {
+        match self.join() {
+            Some(join) if join.right.reads(topic) => &join.right,
+            _ => &self.source,
+        }
+    }
+}
+
+impl Source {
+    /// Whether this source reads `topic`.
+    pub fn reads(&self, topic: &str) -> bool {
+        match &self.topics {
+            SourceTopics::List(topics) => topics.iter().any(|name| name == topic),
+            SourceTopics::Pattern(pattern) => {
+                regex::Regex::new(&format!("^({pattern})$")).is_ok_and(|regex| regex.is_match(topic))
+            }
+        }
     }
 }
 
@@ -389,14 +472,27 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     }
 
     let name = parse_name(top.get("name"), problems);
-    let source = parse_sources(top.get("sources"), problems);
-    if top.get("join").is_some() {
-        problems.push(
-            "join",
-            "stream-stream joins are not available in this version of weir yet; use one source",
-        );
-    }
-    let steps = parse_steps(top.get("steps"), source.as_ref(), problems);
+    let sources = parse_sources(top.get("sources"), problems);
+    let (source, join) = match (sources, top.get("join")) {
+        (None, _) => (None, None),
+        (Some(mut sources), None) if sources.len() == 1 => (sources.pop(), None),
+        (Some(sources), None) => {
+            let names: Vec<&str> = sources.iter().map(|source| source.name.as_str()).collect();
+            problems.push("join", format!("is required with two sources ({}): say how they join", names.join(", ")));
+            (None, None)
+        }
+        (Some(sources), Some(_)) if sources.len() != 2 => {
+            problems.push("sources", "a join needs exactly two sources");
+            (None, None)
+        }
+        (Some(sources), Some(value)) => match parse_join(value, sources, problems) {
+            Some((left, join)) => (Some(left), Some(join)),
+            None => (None, None),
+        },
+    };
+    // The steps see the joined records after a join.
+    let steps_source = join.as_ref().map(|join| &join.output).or(source.as_ref());
+    let steps = parse_steps(top.get("steps"), steps_source, problems);
     let sink = section::<RawSink>(top.get("sink"), "sink", problems);
     let on_error = match top.get("on_error") {
         None => Some(ErrorPolicy::default()),
@@ -407,8 +503,8 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
         value => section::<RawDlq>(value, "dlq", problems),
     };
 
-    let sink = sink.map(|raw| check_sink(raw, source.as_ref(), problems));
-    if let (Some(steps), Some(source)) = (&steps, &source)
+    let sink = sink.map(|raw| check_sink(raw, steps_source, problems));
+    if let (Some(steps), Some(source), None) = (&steps, &source, &join)
         && steps.iter().any(Step::is_stateful) {
             if source.event_time.is_none() {
                 problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
@@ -417,7 +513,10 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
                 problems.push(format!("sources.{}.watermark", source.name), "is required by dedup and window steps");
             }
         }
-    let (name, source, steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
+    let (name, source, mut steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
+    if let Some(join) = join {
+        steps.insert(0, Step::Join(join));
+    }
     let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
     if dlq_topic == sink.topic {
         problems.push("dlq.topic", "must differ from sink.topic");
@@ -460,26 +559,131 @@ fn parse_name(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Strin
     Some(name)
 }
 
-fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Source> {
+/// One source, or two for a join; None if any is bad (each problem recorded).
+fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Vec<Source>> {
     let sources: BTreeMap<String, Yaml> = section(value, "sources", problems)?;
-    match sources.len() {
-        0 => {
-            problems.push("sources", "must name one source");
-            return None;
-        }
-        1 => {}
-        _ => {
-            problems.push(
-                "sources",
-                "more than one source needs a join, which this version of weir does not have yet",
-            );
-            return None;
+    if sources.is_empty() || sources.len() > 2 {
+        problems.push("sources", "must name one source, or two with a join");
+        return None;
+    }
+    let mut parsed = Vec::new();
+    let mut valid = true;
+    for (name, raw) in sources {
+        let location = format!("sources.{name}");
+        match section::<RawSource>(Some(&raw), &location, problems).and_then(|raw| check_source(name, raw, &location, problems)) {
+            Some(source) => parsed.push(source),
+            None => valid = false,
         }
     }
-    let (name, raw) = sources.into_iter().next()?;
-    let location = format!("sources.{name}");
-    let raw: RawSource = section(Some(&raw), &location, problems)?;
-    check_source(name, raw, &location, problems)
+    valid.then_some(parsed)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJoin {
+    left: String,
+    right: String,
+    #[serde(rename = "type", default)]
+    kind: JoinKind,
+    on: Vec<String>,
+    within: RawWithin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWithin {
+    lower: String,
+    upper: String,
+}
+
+/// A duration that may be negative, such as `-5m`, in milliseconds.
+fn signed_millis(text: &str) -> Result<i64, String> {
+    let (sign, magnitude) = match text.trim().strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text.trim()),
+    };
+    humantime::parse_duration(magnitude)
+        .map(|duration| sign * duration.as_millis() as i64)
+        .map_err(|error| format!("'{text}' is not a duration such as 0s, 10m or -5m ({error})"))
+}
+
+/// The join section, given the two sources: (left source, join).
+fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
+    let raw: RawJoin = section(Some(value), "join", problems)?;
+    let before = problems.problems.len();
+    let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
+    for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {
+        if !names.contains(name) {
+            problems.push(location, format!("'{name}' is not a source; sources: {}", names.join(", ")));
+        }
+    }
+    if raw.left == raw.right {
+        problems.push("join.right", "must name the other source than join.left");
+    }
+    if raw.on.is_empty() {
+        problems.push("join.on", "must name at least one field (the same name on both sides)");
+    }
+    let lower = signed_millis(&raw.within.lower).map_err(|message| problems.push("join.within.lower", message)).ok();
+    let upper = signed_millis(&raw.within.upper).map_err(|message| problems.push("join.within.upper", message)).ok();
+    if let (Some(lower), Some(upper)) = (lower, upper)
+        && lower > upper
+    {
+        problems.push("join.within", format!("lower ({}) must not be after upper ({})", raw.within.lower, raw.within.upper));
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    let right_index = sources.iter().position(|source| source.name == raw.right)?;
+    let right = sources.remove(right_index);
+    let left = sources.pop()?;
+    for source in [&left, &right] {
+        let location = format!("sources.{}", source.name);
+        check_fields(&raw.on, Some(source), "join.on", problems);
+        if source.event_time.is_none() {
+            problems.push(format!("{location}.event_time"), "is required by the join");
+        }
+        if source.watermark.is_none() {
+            problems.push(format!("{location}.watermark"), "is required by the join");
+        }
+        if matches!(source.topics, SourceTopics::Pattern(_)) {
+            problems.push(format!("{location}.pattern"), "a join's sources name their topics (topics: [...])");
+        }
+    }
+    if let (SourceTopics::List(left_topics), SourceTopics::List(right_topics)) = (&left.topics, &right.topics)
+        && let Some(shared) = left_topics.iter().find(|topic| right_topics.contains(topic))
+    {
+        problems.push("join", format!("topic '{shared}' is read by both sources; each side needs its own topics"));
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    let side_schema = |source: &Source| match &source.schema {
+        Some(schema) => schema.clone(),
+        None => Schema { fields: vec![("value".to_string(), FieldType::String)] },
+    };
+    let output = Source {
+        name: format!("{}+{}", left.name, right.name),
+        schema: Some(Schema {
+            fields: vec![
+                (left.name.clone(), FieldType::Object(side_schema(&left))),
+                (right.name.clone(), FieldType::Object(side_schema(&right))),
+            ],
+        }),
+        encoding: Encoding::Json,
+        // Keyed steps after the join are co-partitioned when their key holds the join key.
+        partitioned_by: raw.on.iter().map(|field| format!("{}.{field}", left.name)).collect(),
+        ..left.clone()
+    };
+    let join = Join {
+        left: left.name.clone(),
+        right,
+        kind: raw.kind,
+        on: raw.on,
+        lower: lower?,
+        upper: upper?,
+        output,
+    };
+    Some((left, join))
 }
 
 fn check_source(name: String, raw: RawSource, location: &str, problems: &mut ConfigErrors) -> Option<Source> {

@@ -103,6 +103,8 @@ impl Output {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchCounts {
     pub records_in: u64,
+    /// Of `records_in`, those read from a join's right source.
+    pub right_records_in: u64,
     pub records_out: u64,
     pub records_filtered: u64,
     /// Records a dedup step dropped as duplicates.
@@ -136,6 +138,8 @@ pub struct Engine {
     pipeline: Pipeline,
     decoder: Decoder,
     event_time: Option<EventTime>,
+    /// A join's right source: its decoder and event time.
+    right: Option<(Decoder, Option<EventTime>)>,
     topology: Topology,
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
@@ -145,8 +149,15 @@ pub struct Engine {
 impl Engine {
     pub fn new(pipeline: &Pipeline) -> Result<Engine, String> {
         let source = &pipeline.source;
-        let decoder = Decoder::new(source.encoding, source.schema.as_ref())
-            .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))?;
+        let decoder_of = |source: &crate::config::Source| {
+            Decoder::new(source.encoding, source.schema.as_ref())
+                .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))
+        };
+        let decoder = decoder_of(source)?;
+        let right = match pipeline.join() {
+            Some(join) => Some((decoder_of(&join.right)?, join.right.event_time.clone())),
+            None => None,
+        };
         let topology = Topology::new(pipeline)?;
         let repartition_topics = topology
             .stage_first_steps()
@@ -159,6 +170,7 @@ impl Engine {
             pipeline: pipeline.clone(),
             decoder,
             event_time: source.event_time.clone(),
+            right,
             topology,
             counts: BatchCounts::default(),
             repartition_topics,
@@ -205,7 +217,7 @@ impl Engine {
             .pipeline
             .steps
             .get(step)
-            .and_then(|definition| crate::operators::Operator::build(definition, &self.pipeline.source).ok())
+            .and_then(|definition| crate::operators::Operator::build(definition, self.pipeline.step_source(step)).ok())
             .map(|operator| operator.describe())
             .unwrap_or_default();
         match self.topology.stage_of_step(step) {
@@ -308,11 +320,19 @@ impl Engine {
     /// Runs one record through the pipeline, appending what should be produced to `outputs`.
     pub fn process(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         self.counts.records_in += 1;
-        let fields = match self.decoder.decode(input.value) {
+        // A join's right records have their own format and event time.
+        let (decoder, event_time) = match &self.right {
+            Some((decoder, event_time)) if self.pipeline.source_of_topic(input.provenance.topic).name != self.pipeline.source.name => {
+                self.counts.right_records_in += 1;
+                (decoder, event_time)
+            }
+            _ => (&self.decoder, &self.event_time),
+        };
+        let fields = match decoder.decode(input.value) {
             Ok(fields) => fields,
             Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
         };
-        let event_time = match &self.event_time {
+        let event_time = match event_time {
             None => None,
             Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp) {
                 Ok(time) => Some(time),
@@ -563,6 +583,7 @@ impl ForwardHeaders {
 impl BatchCounts {
     pub fn add(&mut self, other: &BatchCounts) {
         self.records_in += other.records_in;
+        self.right_records_in += other.right_records_in;
         self.records_out += other.records_out;
         self.records_filtered += other.records_filtered;
         self.duplicates_dropped += other.duplicates_dropped;

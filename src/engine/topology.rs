@@ -103,6 +103,9 @@ pub const WATERMARK_KEY: &str = "watermark";
 pub struct Topology {
     source: Source,
     max_out_of_orderness: i64,
+    /// A join's right source and its out-of-orderness; the steps after the join see its
+    /// output records.
+    join: Option<(Source, i64, Source)>,
     stages: Vec<StageSpec>,
     /// Ordered (stage, partition), so that what tasks emit together comes out stably.
     tasks: BTreeMap<(usize, TaskPartition), Task>,
@@ -128,6 +131,12 @@ impl Topology {
                 Step::Filter(_) => None,
                 Step::Dedup(dedup) => Some(&dedup.key),
                 Step::Window(window) => Some(&window.group_by),
+                // Both inputs meet in the tasks of a new stage, routed by the join key.
+                Step::Join(join) => {
+                    stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: Some(join.on.clone()) });
+                    partitioned_by = Some(join.output.partitioned_by.clone());
+                    continue;
+                }
             };
             // Records with equal keys share a task when they share the partitioning fields.
             let co_partitioned = match (key, &partitioned_by) {
@@ -146,15 +155,15 @@ impl Topology {
             }
         }
         // Every step must build (expressions compile) before any record arrives.
-        for step in &pipeline.steps {
-            Operator::build(step, source)?;
+        for (index, step) in pipeline.steps.iter().enumerate() {
+            Operator::build(step, pipeline.step_source(index))?;
         }
+        let out_of_orderness =
+            |source: &Source| source.watermark.as_ref().map_or(0, |watermark| watermark.max_out_of_orderness.as_millis() as i64);
         Ok(Topology {
             source: source.clone(),
-            max_out_of_orderness: source
-                .watermark
-                .as_ref()
-                .map_or(0, |watermark| watermark.max_out_of_orderness.as_millis() as i64),
+            max_out_of_orderness: out_of_orderness(source),
+            join: pipeline.join().map(|join| (join.right.clone(), out_of_orderness(&join.right), join.output.clone())),
             stages,
             tasks: BTreeMap::new(),
             input_watermarks: BTreeMap::new(),
@@ -227,9 +236,9 @@ impl Topology {
             if let Some(key) = &stage.repartition_by {
                 lines.push(format!("repartition by [{}]", key.join(", ")));
             }
-            for step in &stage.steps {
+            for (step, index) in stage.steps.iter().zip(&stage.indices) {
                 // Steps were checked to build in `new`.
-                if let Ok(operator) = Operator::build(step, &self.source) {
+                if let Ok(operator) = Operator::build(step, self.step_source(*index)) {
                     lines.push(operator.describe());
                 }
             }
@@ -464,7 +473,7 @@ impl Topology {
         let Some(time) = event_time else {
             return Ok(result);
         };
-        let candidate = time.saturating_sub(self.max_out_of_orderness);
+        let candidate = time.saturating_sub(self.out_of_orderness(topic));
         let current = self.input_watermarks.get(&input).copied().unwrap_or(i64::MIN);
         if candidate > current {
             self.input_watermarks.insert(input, candidate);
@@ -720,13 +729,31 @@ impl Topology {
         }
     }
 
+    /// The records a step (by pipeline index) sees: the source's, or a join's output.
+    fn step_source(&self, index: usize) -> &Source {
+        match &self.join {
+            Some((_, _, output)) if index > 0 => output,
+            _ => &self.source,
+        }
+    }
+
+    /// The out-of-orderness of the source that reads `topic`.
+    fn out_of_orderness(&self, topic: &str) -> i64 {
+        match &self.join {
+            Some((right, out_of_orderness, _)) if right.reads(topic) => *out_of_orderness,
+            _ => self.max_out_of_orderness,
+        }
+    }
+
     fn task(&mut self, stage: usize, id: &TaskPartition) -> Result<&mut Task, ProcessError> {
         let key = (stage, id.clone());
         if !self.tasks.contains_key(&key) {
-            let operators = self.stages[stage]
+            let spec = &self.stages[stage];
+            let operators = spec
                 .steps
                 .iter()
-                .map(|step| Operator::build(step, &self.source))
+                .zip(&spec.indices)
+                .map(|(step, index)| Operator::build(step, self.step_source(*index)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ProcessError)?;
             let watermark = self.task_watermark(stage, id);

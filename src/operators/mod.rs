@@ -9,6 +9,7 @@
 pub mod dedup;
 pub mod event_time;
 pub mod filter;
+pub mod join;
 pub mod window;
 
 use serde_json::{Map, Value};
@@ -17,6 +18,7 @@ use crate::config::{Source, Step};
 use dedup::DedupOperator;
 use event_time::field_at;
 use filter::FilterOperator;
+use join::{JoinOperator, JoinSpec, Side};
 use window::WindowOperator;
 
 /// Where a record came from, for expressions (`_topic`, ...) and for DLQ provenance.
@@ -109,6 +111,8 @@ pub enum Operator {
     Filter(FilterOperator),
     Dedup(DedupOperator),
     Window(WindowOperator),
+    /// With the right source, which tells a record's side by its topic.
+    Join(JoinOperator, Source),
 }
 
 impl Operator {
@@ -117,6 +121,7 @@ impl Operator {
             Step::Filter(filter) => FilterOperator::new(&filter.expression, source).map(Operator::Filter),
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup))),
             Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, source.schema.as_ref()))),
+            Step::Join(join) => Ok(Operator::Join(JoinOperator::new(JoinSpec::of(join)), join.right.clone())),
         }
     }
 
@@ -130,6 +135,13 @@ impl Operator {
             Operator::Filter(filter) => filter.process(record, out),
             Operator::Dedup(dedup) => Ok(dedup.process(record, watermark, out)),
             Operator::Window(window) => Ok(window.process(record, watermark, out)),
+            Operator::Join(join, right) => {
+                let side = match record.provenance.is_some_and(|provenance| right.reads(provenance.topic)) {
+                    true => Side::Right,
+                    false => Side::Left,
+                };
+                Ok(join.process(record, side, watermark, out))
+            }
         }
     }
 
@@ -138,6 +150,7 @@ impl Operator {
             Operator::Filter(_) => {}
             Operator::Dedup(dedup) => dedup.advance(watermark),
             Operator::Window(window) => window.advance(watermark, out),
+            Operator::Join(join, _) => join.advance(watermark, out),
         }
     }
 
@@ -153,6 +166,7 @@ impl Operator {
             Operator::Filter(_) => Vec::new(),
             Operator::Dedup(dedup) => dedup.take_changes(),
             Operator::Window(window) => window.take_changes(),
+            Operator::Join(join, _) => join.take_changes(),
         }
     }
 
@@ -162,6 +176,7 @@ impl Operator {
             Operator::Filter(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),
             Operator::Window(window) => window.restore(key, value),
+            Operator::Join(join, _) => join.restore(key, value),
         }
     }
 
@@ -171,6 +186,7 @@ impl Operator {
             Operator::Filter(_) => 0,
             Operator::Dedup(dedup) => dedup.state_keys(),
             Operator::Window(window) => window.state_keys(),
+            Operator::Join(join, _) => join.state_keys(),
         }
     }
 
@@ -180,6 +196,7 @@ impl Operator {
             Operator::Filter(filter) => format!("filter {}", filter.expression()),
             Operator::Dedup(dedup) => dedup.describe(),
             Operator::Window(window) => window.describe(),
+            Operator::Join(join, _) => join.describe(),
         }
     }
 }

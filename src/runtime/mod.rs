@@ -117,7 +117,7 @@ pub fn run(
         transactional_id.clone(),
         settings.kafka.transaction_timeout.max(Duration::from_secs(10)),
         metrics.clone(),
-        pipeline.source.name.clone(),
+        (pipeline.source.name.clone(), pipeline.join().map(|join| join.right.name.clone())),
         pipeline.sink.topic.clone(),
     );
     // Fence first: this aborts whatever a previous incarnation left open before we read
@@ -150,11 +150,12 @@ pub fn run(
     let consumer: BaseConsumer<LoopContext> = clients::consumer_config(settings, pipeline, &options.instance)
         .create_with_context(context)
         .map_err(|error| RuntimeError::Setup(format!("creating the consumer: {error}")))?;
-    let subscription = match &pipeline.source.topics {
-        SourceTopics::List(topics) => topics.clone(),
+    let subscription = match (&pipeline.source.topics, pipeline.input_topics()) {
+        (_, Some(topics)) => topics,
         // librdkafka treats a subscription starting with ^ as a regex (its own engine: no
         // (?:...) groups); anchor both ends so the pattern matches whole topic names.
-        SourceTopics::Pattern(pattern) => vec![format!("^({pattern})$")],
+        (SourceTopics::Pattern(pattern), None) => vec![format!("^({pattern})$")],
+        (SourceTopics::List(topics), None) => topics.clone(),
     };
     // Repartitioned stages read their topics in the same group and the same transactions.
     let subscription: Vec<&str> =

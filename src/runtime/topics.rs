@@ -15,7 +15,7 @@ use tracing::info;
 use super::clients;
 use super::state::Changelogs;
 use super::error::RuntimeError;
-use crate::config::{Pipeline, Settings, SourceTopics};
+use crate::config::{Pipeline, Settings};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,8 +39,8 @@ pub fn prepare(
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
     let mut missing = Vec::new();
     let mut source_partitions = None;
-    if let SourceTopics::List(topics) = &pipeline.source.topics {
-        for topic in topics {
+    if let Some(topics) = pipeline.input_topics() {
+        for topic in &topics {
             match partition_count(&client, topic)? {
                 Some(count) => {
                     source_partitions.get_or_insert(count);
@@ -70,11 +70,11 @@ pub fn prepare(
     // State of input partition p lives in changelog partition p, and a repartitioned task p
     // reads repartition partition p and keeps its state in changelog partition p: every
     // source topic must have the same partition count, which the internal topics share.
-    let SourceTopics::List(topics) = &pipeline.source.topics else {
+    let Some(topics) = pipeline.input_topics() else {
         return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
     };
     let mut counts = Vec::new();
-    for topic in topics {
+    for topic in &topics {
         counts.push(partition_count(&client, topic)?.unwrap_or(0));
     }
     let partitions = counts.iter().copied().max().unwrap_or(1);

@@ -102,7 +102,8 @@ pub struct Transaction {
     records: usize,
     call_timeout: Duration,
     metrics: Arc<Metrics>,
-    source_name: String,
+    /// The source's name, and a join's right source's.
+    source_names: (String, Option<String>),
     sink_topic: String,
     /// What the last committed batch did, for the progress report.
     last_summary: Option<BatchSummary>,
@@ -114,7 +115,7 @@ impl Transaction {
         transactional_id: String,
         call_timeout: Duration,
         metrics: Arc<Metrics>,
-        source_name: String,
+        source_names: (String, Option<String>),
         sink_topic: String,
     ) -> Transaction {
         Transaction {
@@ -128,7 +129,7 @@ impl Transaction {
             records: 0,
             call_timeout,
             metrics,
-            source_name,
+            source_names,
             sink_topic,
         }
     }
@@ -307,7 +308,8 @@ impl Transaction {
         }
         let counts = std::mem::take(&mut self.counts);
         let records = self.records as u64;
-        self.metrics.record_batch(&self.source_name, &self.sink_topic, &counts);
+        let (left, right) = &self.source_names;
+        self.metrics.record_batch((left, right.as_deref()), &self.sink_topic, &counts);
         self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
         debug!(records, partitions = self.partitions.len(), "batch committed");
         self.last_summary = Some(BatchSummary {

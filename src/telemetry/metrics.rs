@@ -180,8 +180,13 @@ impl Metrics {
     }
 
     /// Adds a committed batch's counts.
-    pub fn record_batch(&self, source: &str, sink: &str, counts: &BatchCounts) {
-        self.records_in.with_label_values(&[source]).inc_by(counts.records_in);
+    /// `sources`: the source, and a join's right source, whose records `right_records_in` counts.
+    pub fn record_batch(&self, sources: (&str, Option<&str>), sink: &str, counts: &BatchCounts) {
+        let (left, right) = sources;
+        self.records_in.with_label_values(&[left]).inc_by(counts.records_in - counts.right_records_in);
+        if let Some(right) = right {
+            self.records_in.with_label_values(&[right]).inc_by(counts.right_records_in);
+        }
         self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
         self.records_filtered.inc_by(counts.records_filtered);
         self.duplicates_dropped.inc_by(counts.duplicates_dropped);

@@ -4,6 +4,7 @@
 mod support;
 
 mod guarantees;
+mod join;
 mod operations;
 mod passthrough;
 mod poison;
