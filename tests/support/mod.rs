@@ -664,3 +664,14 @@ pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The resident memory of process `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
