@@ -273,8 +273,11 @@ fn steps_after_a_join_use_dotted_paths() {
     let output = weir(&["test", "--pipeline", &path, "--input", case.join("input.jsonl").to_str().unwrap()], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    // The inner pairs a1+c1, a1+c2, a2+c2, a2+c3 without a1+c1: three, all for ad a.
-    let window = stdout.lines().find(|line| line.contains("\"n\":")).unwrap_or_else(|| panic!("{stdout}"));
-    assert!(window.contains(r#""n":3"#) && window.contains(r#""first_ad":"a1""#), "{window}");
+    // Ad a's inner pairs a1+c1, a1+c2, a2+c2, a2+c3 without a1+c1: three; ad c's a5+c7.
+    let window = |ad: &str| {
+        stdout.lines().find(|line| line.contains(&format!(r#""value":{{"ads.ad":"{ad}""#))).unwrap_or_else(|| panic!("{stdout}"))
+    };
+    assert!(window("a").contains(r#""n":3"#) && window("a").contains(r#""first_ad":"a1""#), "{stdout}");
+    assert!(window("c").contains(r#""n":1"#) && window("c").contains(r#""first_ad":"a5""#), "{stdout}");
     drop(dir);
 }
