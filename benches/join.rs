@@ -7,8 +7,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
-
 use support::*;
 
 const PARTITIONS: i32 = 4;
@@ -92,22 +90,8 @@ fn main() {
 fn run(pipeline: &str, name: &str, expected: u64) -> (f64, f64) {
     let output = format!("{name}-out");
     create_topic(&output, PARTITIONS);
-    let file = pipeline_file(pipeline);
-    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
-    let pid = weir.child.id();
-    wait_ready(&weir, Duration::from_secs(120));
-    let started = Instant::now();
-    let mut peak_kib = 0u64;
-    loop {
-        if let Some(status) = weir.child.try_wait().unwrap() {
-            assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
-            break;
-        }
-        peak_kib = peak_kib.max(rss_kib(pid));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let measured = run_until_end_measured(&pipeline_file(pipeline));
     let produced = read_committed(&output).len() as u64;
     assert_eq!(produced, expected, "{name}: output count");
-    (seconds, peak_kib as f64 / 1024.0)
+    measured
 }

@@ -147,20 +147,7 @@ fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64, partit
     create_topic(&output, PARTITIONS);
     let steps = if steps.is_empty() { "  []" } else { steps };
     let file = pipeline_file(&clicks_pipeline_text(name, input, &output, steps, if partitioned { "partitioned_by: [user]" } else { "" }));
-    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
-    let pid = weir.child.id();
-    wait_ready(&weir, Duration::from_secs(120));
-    let started = Instant::now();
-    let mut peak_kib = 0u64;
-    loop {
-        if let Some(status) = weir.child.try_wait().unwrap() {
-            assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
-            break;
-        }
-        peak_kib = peak_kib.max(rss_kib(pid));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let (seconds, peak_rss_mib) = run_until_end_measured(&file);
     let produced = read_committed(&output).len() as u64;
     // The window count depends on per-partition watermarks; check it loosely, the others exactly.
     if steps.contains("window") {
@@ -168,7 +155,7 @@ fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64, partit
     } else {
         assert_eq!(produced, expected_outputs, "{steps}: output count");
     }
-    Run { seconds, peak_rss_mib: peak_kib as f64 / 1024.0, file }
+    Run { seconds, peak_rss_mib, file }
 }
 
 fn directory_bytes(path: &std::path::Path) -> u64 {

@@ -57,8 +57,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
             match position {
                 Some(index) => {
                     let (name, field_type) = &self.schema.fields[index];
-                    let path = if self.path.is_empty() { name.clone() } else { format!("{}.{name}", self.path) };
-                    slots[index] = map.next_value_seed(FieldSeed { field_type, path: &path })?;
+                    slots[index] = map.next_value_seed(FieldSeed { field_type, parent: self.path, name })?;
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -137,7 +136,10 @@ impl<'de> Visitor<'de> for KeySeed {
 /// Reads one declared field, checking its type; null is always allowed.
 struct FieldSeed<'a> {
     field_type: &'a FieldType,
-    path: &'a str,
+    /// The path of the object the field is in ("" at the top), and the field's name: the
+    /// field's dotted path is only put together when needed (errors, nested objects).
+    parent: &'a str,
+    name: &'a str,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
@@ -147,7 +149,7 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
         match self.field_type {
             FieldType::Object(schema) => {
                 // Null is fine for an object too; anything else must be an object.
-                deserializer.deserialize_any(NullableObject { schema, path: self.path })
+                deserializer.deserialize_any(NullableObject { schema, path: &self.path() })
             }
             _ => deserializer.deserialize_any(self),
         }
@@ -155,8 +157,12 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
 }
 
 impl FieldSeed<'_> {
+    fn path(&self) -> String {
+        if self.parent.is_empty() { self.name.to_string() } else { format!("{}.{}", self.parent, self.name) }
+    }
+
     fn mismatch<E: serde::de::Error>(&self, found: String) -> E {
-        E::custom(format!("field '{}': expected {}, found {found}", self.path, type_name(self.field_type)))
+        E::custom(format!("field '{}': expected {}, found {found}", self.path(), type_name(self.field_type)))
     }
 }
 

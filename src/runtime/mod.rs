@@ -35,7 +35,7 @@ mod purge;
 mod rebalance;
 mod state;
 pub mod status;
-mod store;
+pub mod store;
 pub mod topics;
 mod transaction;
 

@@ -3,7 +3,7 @@
 //! the broker's defaults and as many partitions as the first source topic; the internal
 //! topics (changelogs, repartition topics) are created with the source's partition count.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -18,6 +18,9 @@ use super::error::RuntimeError;
 use crate::config::{Pipeline, Settings};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a missing source or sink topic is looked for before weir gives up.
+const MISSING_TOPIC_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How the input is laid out, as far as repartitioning cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,21 +40,30 @@ pub fn prepare(
     let client: BaseConsumer = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
-    let mut missing = Vec::new();
-    let mut source_partitions = None;
-    if let Some(topics) = pipeline.input_topics() {
-        for topic in &topics {
-            match partition_count(&client, topic)? {
-                Some(count) => {
-                    source_partitions.get_or_insert(count);
+    // A topic created just before weir started may take a moment to show in a broker's
+    // metadata: missing topics are looked for again for a few seconds.
+    let deadline = Instant::now() + MISSING_TOPIC_PATIENCE;
+    let (missing, source_partitions) = loop {
+        let mut missing = Vec::new();
+        let mut source_partitions = None;
+        if let Some(topics) = pipeline.input_topics() {
+            for topic in &topics {
+                match partition_count(&client, topic)? {
+                    Some(count) => {
+                        source_partitions.get_or_insert(count);
+                    }
+                    None => missing.push(format!("source topic '{topic}'")),
                 }
-                None => missing.push(format!("source topic '{topic}'")),
             }
         }
-    }
-    if partition_count(&client, &pipeline.sink.topic)?.is_none() {
-        missing.push(format!("sink topic '{}'", pipeline.sink.topic));
-    }
+        if partition_count(&client, &pipeline.sink.topic)?.is_none() {
+            missing.push(format!("sink topic '{}'", pipeline.sink.topic));
+        }
+        if missing.is_empty() || Instant::now() > deadline {
+            break (missing, source_partitions);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     if !missing.is_empty() {
         return Err(RuntimeError::Setup(format!(
             "{} do{} not exist on {}; create {} first",
@@ -161,6 +173,18 @@ fn create_topic(settings: &Settings, topic: &str, partitions: i32, config: &[(&s
                 return Err(RuntimeError::Setup(format!("creating topic '{name}': {code}")));
             }
         }
+    }
+    // The controller has the topic; a broker's metadata may not show it for a moment, and
+    // reading it before then fails with an unknown partition.
+    let client: BaseConsumer = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
+    let deadline = Instant::now() + METADATA_TIMEOUT;
+    while partition_count(&client, topic)?.is_none_or(|count| count < partitions) {
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Setup(format!("topic '{topic}' was created but its metadata did not appear within {METADATA_TIMEOUT:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

@@ -66,6 +66,9 @@ fn a_full_join_survives_sigkills_exactly() {
     let mut logs = Vec::new();
     while kills < 10 || !feeders.iter().all(|feeder| feeder.is_finished()) {
         let mut process = WeirProcess::start(&file.path, WeirOptions::default());
+        // Killed only once it runs (partitions assigned, state restored), so that every
+        // incarnation gets to commit something, on a loaded machine too.
+        wait_ready(&process, Duration::from_secs(120));
         let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
         while Instant::now() < deadline {
             if let Some(status) = process.child.try_wait().unwrap() {

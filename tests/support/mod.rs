@@ -665,6 +665,25 @@ pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
     }
 }
 
+/// Runs the pipeline of `file` with `--until-end` over what its topics hold: the seconds
+/// from ready (partitions assigned) to a successful exit, and the peak resident memory in MiB.
+pub fn run_until_end_measured(file: &PipelineFile) -> (f64, f64) {
+    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    let pid = weir.child.id();
+    wait_ready(&weir, Duration::from_secs(120));
+    let started = Instant::now();
+    let mut peak_kib = 0u64;
+    loop {
+        if let Some(status) = weir.child.try_wait().unwrap() {
+            assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
+            break;
+        }
+        peak_kib = peak_kib.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (started.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0)
+}
+
 /// The resident memory of process `pid` in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -1,0 +1,142 @@
+//! Micro benchmarks (criterion) of the parts every record goes through: JSON decoding and
+//! encoding, each step kind through the engine (filter, dedup, tumbling window, interval
+//! join), and the local state store's writes and reads. Run: `cargo bench --bench micro`.
+//! Figures are per record (or per entry) on this machine; compare ratios within one run.
+
+use std::hint::black_box;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use weir::codec::Decoder;
+use weir::config::{Encoding, parse_pipeline};
+use weir::engine::{Engine, InputRecord};
+use weir::operators::Provenance;
+use weir::runtime::store::{StateStore, StoreWrite};
+
+const CLICK: &[u8] = br#"{"id":123456,"user":"u123","amount":42,"ts":1700000001234}"#;
+
+fn pipeline(steps: &str) -> weir::config::Pipeline {
+    parse_pipeline(&format!(
+        "name: micro\nsources:\n  clicks:\n    topics: [clicks]\n    format: json\n    \
+         schema: {{ id: long, user: string, amount: long, ts: long }}\n    event_time: {{ field: ts, unit: millis }}\n    \
+         watermark: {{ max_out_of_orderness: 1s }}\n    partitioned_by: [user]\nsteps:\n{steps}\nsink:\n  topic: out\n"
+    ))
+    .unwrap_or_else(|problems| panic!("{problems}"))
+}
+
+fn codec(c: &mut Criterion) {
+    let schema = pipeline("  []").source.schema.unwrap();
+    let decoder = Decoder::new(Encoding::Json, Some(&schema)).unwrap();
+    let mut group = c.benchmark_group("codec");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("json decode (4 fields, 60 B)", |b| b.iter(|| decoder.decode(black_box(Some(CLICK))).unwrap()));
+    let fields = decoder.decode(Some(CLICK)).unwrap();
+    group.bench_function("json encode (4 fields)", |b| b.iter(|| weir::codec::json::encode(black_box(&fields))));
+    group.finish();
+}
+
+/// One record through a whole engine: decode, the steps, encode of what comes out.
+/// Record n has id n, user n % 1000, and 1 ms of event time per record.
+fn steps(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(1));
+    for (label, steps) in [
+        ("no steps", "  []"),
+        ("filter", "  - filter: \"amount > 10 && user != 'bot'\""),
+        ("dedup (new keys)", "  - dedup: { key: [user, id], within: 10s }"),
+        ("tumbling 1s count by user", "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count(), s: sum(amount) } }"),
+    ] {
+        let mut engine = Engine::new(&pipeline(steps)).unwrap();
+        engine.set_input_partitions([("clicks".to_string(), 0)]);
+        let mut n: u64 = 0;
+        let mut outputs = Vec::new();
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                n += 1;
+                let value = format!(r#"{{"id":{n},"user":"u{}","amount":{},"ts":{}}}"#, n % 1000, n % 100, 1_700_000_000_000 + n);
+                feed(&mut engine, "clicks", n, &value, &mut outputs);
+            })
+        });
+    }
+    // The interval join: ads and clicks alternate, each click 2 s after an ad of its key.
+    let join = parse_pipeline(
+        "name: micro-join\nsources:\n  ads:\n    topics: [ads]\n    format: json\n    schema: { ad: string, id: long, ts: long }\n    \
+         event_time: { field: ts, unit: millis }\n    watermark: { max_out_of_orderness: 1s }\n  clicks:\n    topics: [clicks]\n    \
+         format: json\n    schema: { ad: string, id: long, ts: long }\n    event_time: { field: ts, unit: millis }\n    \
+         watermark: { max_out_of_orderness: 1s }\njoin:\n  left: ads\n  right: clicks\n  type: inner\n  on: [ad]\n  \
+         within: { lower: 0s, upper: 5s }\nsink:\n  topic: out\n",
+    )
+    .unwrap_or_else(|problems| panic!("{problems}"));
+    let mut engine = Engine::new(&join).unwrap();
+    engine.set_input_partitions([("ads".to_string(), 0), ("clicks".to_string(), 0)]);
+    let mut n: u64 = 0;
+    let mut outputs = Vec::new();
+    group.bench_function("interval join (half ads, half clicks)", |b| {
+        b.iter(|| {
+            n += 1;
+            let (topic, ts) = if n % 2 == 0 { ("ads", n * 5) } else { ("clicks", n * 5 + 2000) };
+            let value = format!(r#"{{"ad":"a{}","id":{n},"ts":{}}}"#, (n / 2) % 5000, 1_700_000_000_000 + ts);
+            feed(&mut engine, topic, n, &value, &mut outputs);
+        })
+    });
+    group.finish();
+}
+
+/// Record `n` (`value`, from `topic`) through the engine; every 1,000 records a batch ends
+/// as a commit would end it.
+fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec<weir::engine::Output>) {
+    let input = InputRecord {
+        provenance: Provenance { topic, partition: 0, offset: n as i64, timestamp: None, headers: &[], key: None },
+        key: None,
+        value: Some(value.as_bytes()),
+    };
+    engine.process(&input, outputs).unwrap();
+    if n % 1000 == 0 {
+        engine.end_batch(outputs);
+        engine.take_changes();
+        outputs.clear();
+    }
+}
+
+/// The local store: a commit's WriteBatch of 1,000 dedup entries, and reading a partition's
+/// entries back as a restore does.
+fn store(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), &[0], "bench").unwrap();
+    let mut group = c.benchmark_group("state store");
+    group.throughput(Throughput::Elements(1000));
+    let mut batch = 0u64;
+    group.bench_function("put 1000 entries in one WriteBatch", |b| {
+        b.iter_batched(
+            || {
+                batch += 1;
+                let writes = (0..1000u64)
+                    .map(|i| StoreWrite {
+                        step: 0,
+                        partition: 0,
+                        key: format!(r#"["clicks","{{\"id\":{},\"user\":\"u{}\"}}"]"#, batch * 1000 + i, i).into_bytes(),
+                        value: Some(b"1700000000000".to_vec()),
+                    })
+                    .collect::<Vec<_>>();
+                (writes, batch as i64)
+            },
+            |(writes, offset)| store.apply(&writes, &[(0, 0, offset)]).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("read 1000 entries back", |b| {
+        b.iter(|| {
+            let mut read = 0;
+            store
+                .for_each_entry(0, 0, |key, value| {
+                    black_box((key, value));
+                    read += 1;
+                    if read == 1000 { Err(weir::runtime::error::RuntimeError::Fatal("enough".into())) } else { Ok(()) }
+                })
+                .ok();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, steps, store);
+criterion_main!(benches);
