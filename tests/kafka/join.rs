@@ -103,3 +103,26 @@ fn a_full_join_survives_sigkills_exactly() {
     let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
 }
+
+/// Records in are counted per source, and the join's buffered records show as its state.
+#[test]
+fn a_join_counts_records_per_source_and_its_state() {
+    let (ads, clicks, output) = (unique("ads"), unique("clicks"), unique("join-out"));
+    for topic in [&ads, &clicks, &output] {
+        create_topic(topic, 2);
+    }
+    produce(&ads, (0..10).map(ad));
+    produce(&clicks, (0..20).map(click));
+    let name = unique("join-metrics");
+    let file = join_pipeline(&name, &ads, &clicks, &output);
+    let weir = WeirProcess::start(&file.path, WeirOptions::default());
+    wait_until(Duration::from_secs(60), "both sources committed to the end", || {
+        committed_offsets(&name, &ads) == end_offsets(&ads) && committed_offsets(&name, &clicks) == end_offsets(&clicks)
+    });
+    assert_eq!(metric(&weir, "weir_records_in_total", &[("source", "ads")]), Some(10.0));
+    assert_eq!(metric(&weir, "weir_records_in_total", &[("source", "clicks")]), Some(20.0));
+    // 30 records 10 ms apart: the watermark (1 s behind) has ended none of them yet.
+    wait_until(Duration::from_secs(30), "the join's state to show", || {
+        metric(&weir, "weir_step_state_keys", &[("step", "0")]) == Some(30.0)
+    });
+}
