@@ -73,7 +73,7 @@ fn steps(c: &mut Criterion) {
     group.bench_function("interval join (half ads, half clicks)", |b| {
         b.iter(|| {
             n += 1;
-            let (topic, ts) = if n % 2 == 0 { ("ads", n * 5) } else { ("clicks", n * 5 + 2000) };
+            let (topic, ts) = if n.is_multiple_of(2) { ("ads", n * 5) } else { ("clicks", n * 5 + 2000) };
             let value = format!(r#"{{"ad":"a{}","id":{n},"ts":{}}}"#, (n / 2) % 5000, 1_700_000_000_000 + ts);
             feed(&mut engine, topic, n, &value, &mut outputs);
         })
@@ -90,7 +90,7 @@ fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec
         value: Some(value.as_bytes()),
     };
     engine.process(&input, outputs).unwrap();
-    if n % 1000 == 0 {
+    if n.is_multiple_of(1000) {
         engine.end_batch(outputs);
         engine.take_changes();
         outputs.clear();

@@ -135,7 +135,7 @@ pub enum Step {
     Dedup(Dedup),
     Window(Window),
     /// The `join` of a two-source pipeline: always step 0, before the file's steps.
-    Join(Join),
+    Join(Box<Join>),
 }
 
 impl Step {
@@ -174,7 +174,7 @@ impl Pipeline {
     /// The join, in a two-source pipeline.
     pub fn join(&self) -> Option<&Join> {
         match self.steps.first() {
-            Some(Step::Join(join)) => Some(join),
+            Some(Step::Join(join)) => Some(join.as_ref()),
             _ => None,
         }
     }
@@ -515,7 +515,7 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
         }
     let (name, source, mut steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
     if let Some(join) = join {
-        steps.insert(0, Step::Join(join));
+        steps.insert(0, Step::Join(Box::new(join)));
     }
     let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
     if dlq_topic == sink.topic {

@@ -489,6 +489,7 @@ impl Topology {
 
     /// A record (or a watermark alone) that reached a later stage through its repartition
     /// topic, from `sender`, which vouched for `watermark`.
+    #[allow(clippy::too_many_arguments)]
     pub fn process_forwarded<'a>(
         &mut self,
         stage: usize,

@@ -244,10 +244,10 @@ impl Restorer {
             // Positions move past transaction markers; under read_committed they stop at the
             // last stable offset, so this waits for any open transaction to end.
             let positions = self.consumer.position().map_err(|error| RuntimeError::Fatal(error.to_string()))?;
-            if let Some(Offset::Offset(position)) = positions.find_partition(changelog, partition).map(|element| element.offset()) {
-                if position >= end {
-                    break position;
-                }
+            if let Some(Offset::Offset(position)) = positions.find_partition(changelog, partition).map(|element| element.offset())
+                && position >= end
+            {
+                break position;
             }
             if Instant::now() > deadline {
                 return Err(RuntimeError::Fatal(format!(
