@@ -328,11 +328,15 @@ impl KeyReader<'_> {
             config.set(name, value);
         }
         if let Err(error) = config.create::<rdkafka::producer::BaseProducer>() {
-            let secrets = options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str());
-            self.problems.push("kafka.options (env WEIR__KAFKA__OPTIONS__*)", redact(&error.to_string(), secrets));
+            self.problems.push("kafka.options (env WEIR__KAFKA__OPTIONS__*)", redact(&error.to_string(), secret_values(&options)));
         }
         options
     }
+}
+
+/// The values of the options that hold credentials.
+fn secret_values(options: &BTreeMap<String, String>) -> Vec<&str> {
+    options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str()).collect()
 }
 
 /// Whether an option holds a credential, whose value is never shown.
@@ -387,6 +391,6 @@ impl std::fmt::Debug for KafkaSettings {
 impl KafkaSettings {
     /// The values of the options that hold credentials.
     pub fn secrets(&self) -> Vec<&str> {
-        self.options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str()).collect()
+        secret_values(&self.options)
     }
 }

@@ -322,7 +322,7 @@ impl Engine {
         self.counts.records_in += 1;
         // A join's right records have their own format and event time.
         let (decoder, event_time) = match &self.right {
-            Some((decoder, event_time)) if self.pipeline.source_of_topic(input.provenance.topic).name != self.pipeline.source.name => {
+            Some((decoder, event_time)) if self.pipeline.join().is_some_and(|join| join.right.reads(input.provenance.topic)) => {
                 self.counts.right_records_in += 1;
                 (decoder, event_time)
             }

@@ -101,11 +101,8 @@ pub struct ChangelogEntry {
 pub const WATERMARK_KEY: &str = "watermark";
 
 pub struct Topology {
-    source: Source,
-    max_out_of_orderness: i64,
-    /// A join's right source and its out-of-orderness; the steps after the join see its
-    /// output records.
-    join: Option<(Source, i64, Source)>,
+    /// Its sources (a join's two, each with its own out-of-orderness) and what each step sees.
+    pipeline: Pipeline,
     stages: Vec<StageSpec>,
     /// Ordered (stage, partition), so that what tasks emit together comes out stably.
     tasks: BTreeMap<(usize, TaskPartition), Task>,
@@ -158,12 +155,8 @@ impl Topology {
         for (index, step) in pipeline.steps.iter().enumerate() {
             Operator::build(step, pipeline.step_source(index))?;
         }
-        let out_of_orderness =
-            |source: &Source| source.watermark.as_ref().map_or(0, |watermark| watermark.max_out_of_orderness.as_millis() as i64);
         Ok(Topology {
-            source: source.clone(),
-            max_out_of_orderness: out_of_orderness(source),
-            join: pipeline.join().map(|join| (join.right.clone(), out_of_orderness(&join.right), join.output.clone())),
+            pipeline: pipeline.clone(),
             stages,
             tasks: BTreeMap::new(),
             input_watermarks: BTreeMap::new(),
@@ -730,20 +723,14 @@ impl Topology {
         }
     }
 
-    /// The records a step (by pipeline index) sees: the source's, or a join's output.
     fn step_source(&self, index: usize) -> &Source {
-        match &self.join {
-            Some((_, _, output)) if index > 0 => output,
-            _ => &self.source,
-        }
+        self.pipeline.step_source(index)
     }
 
-    /// The out-of-orderness of the source that reads `topic`.
+    /// The `max_out_of_orderness` of the source that reads `topic`, in milliseconds.
     fn out_of_orderness(&self, topic: &str) -> i64 {
-        match &self.join {
-            Some((right, out_of_orderness, _)) if right.reads(topic) => *out_of_orderness,
-            _ => self.max_out_of_orderness,
-        }
+        let source = self.pipeline.source_of_topic(topic);
+        source.watermark.as_ref().map_or(0, |watermark| watermark.max_out_of_orderness.as_millis() as i64)
     }
 
     fn task(&mut self, stage: usize, id: &TaskPartition) -> Result<&mut Task, ProcessError> {

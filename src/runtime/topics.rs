@@ -42,25 +42,23 @@ pub fn prepare(
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
     // A topic created just before weir started may take a moment to show in a broker's
     // metadata: missing topics are looked for again for a few seconds.
+    // The partition count of each source topic (a pattern's are not known up front).
+    let topics = pipeline.input_topics();
     let deadline = Instant::now() + MISSING_TOPIC_PATIENCE;
-    let (missing, source_partitions) = loop {
+    let (missing, counts) = loop {
         let mut missing = Vec::new();
-        let mut source_partitions = None;
-        if let Some(topics) = pipeline.input_topics() {
-            for topic in &topics {
-                match partition_count(&client, topic)? {
-                    Some(count) => {
-                        source_partitions.get_or_insert(count);
-                    }
-                    None => missing.push(format!("source topic '{topic}'")),
-                }
+        let mut counts = Vec::new();
+        for topic in topics.iter().flatten() {
+            match partition_count(&client, topic)? {
+                Some(count) => counts.push(count),
+                None => missing.push(format!("source topic '{topic}'")),
             }
         }
         if partition_count(&client, &pipeline.sink.topic)?.is_none() {
             missing.push(format!("sink topic '{}'", pipeline.sink.topic));
         }
         if missing.is_empty() || Instant::now() > deadline {
-            break (missing, source_partitions);
+            break (missing, counts);
         }
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -74,7 +72,7 @@ pub fn prepare(
         )));
     }
     if partition_count(&client, &pipeline.dlq_topic)?.is_none() {
-        create_topic(settings, &pipeline.dlq_topic, source_partitions.unwrap_or(1), &[])?;
+        create_topic(settings, &client, &pipeline.dlq_topic, counts.first().copied().unwrap_or(1), &[])?;
     }
     if changelogs.is_empty() && repartitions.is_empty() {
         return Ok(None);
@@ -82,13 +80,9 @@ pub fn prepare(
     // State of input partition p lives in changelog partition p, and a repartitioned task p
     // reads repartition partition p and keeps its state in changelog partition p: every
     // source topic must have the same partition count, which the internal topics share.
-    let Some(topics) = pipeline.input_topics() else {
+    let Some(topics) = topics else {
         return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
     };
-    let mut counts = Vec::new();
-    for topic in &topics {
-        counts.push(partition_count(&client, topic)?.unwrap_or(0));
-    }
     let partitions = counts.iter().copied().max().unwrap_or(1);
     if counts.iter().any(|count| *count != partitions) {
         return Err(RuntimeError::Setup(format!(
@@ -101,7 +95,7 @@ pub fn prepare(
         .chain(repartitions.iter().map(|topic| (topic.as_str(), "repartition topic", [("cleanup.policy", "delete")])));
     for (topic, kind, config) in internal {
         match partition_count(&client, topic)? {
-            None => create_topic(settings, topic, partitions, &config)?,
+            None => create_topic(settings, &client, topic, partitions, &config)?,
             Some(count) if count == partitions => {}
             Some(count) => {
                 return Err(RuntimeError::Setup(format!(
@@ -120,7 +114,7 @@ pub fn ensure_topic(settings: &Settings, topic: &str, partitions: i32, config: &
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
     if partition_count(&client, topic)?.is_none() {
-        create_topic(settings, topic, partitions, config)?;
+        create_topic(settings, &client, topic, partitions, config)?;
     }
     Ok(())
 }
@@ -150,7 +144,14 @@ fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, Ru
     }
 }
 
-fn create_topic(settings: &Settings, topic: &str, partitions: i32, config: &[(&str, &str)]) -> Result<(), RuntimeError> {
+/// Creates `topic`, then waits until `client`'s metadata shows it.
+fn create_topic(
+    settings: &Settings,
+    client: &BaseConsumer,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<(), RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
@@ -176,11 +177,8 @@ fn create_topic(settings: &Settings, topic: &str, partitions: i32, config: &[(&s
     }
     // The controller has the topic; a broker's metadata may not show it for a moment, and
     // reading it before then fails with an unknown partition.
-    let client: BaseConsumer = clients::admin_config(settings)
-        .create()
-        .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
     let deadline = Instant::now() + METADATA_TIMEOUT;
-    while partition_count(&client, topic)?.is_none_or(|count| count < partitions) {
+    while partition_count(client, topic)?.is_none_or(|count| count < partitions) {
         if Instant::now() > deadline {
             return Err(RuntimeError::Setup(format!("topic '{topic}' was created but its metadata did not appear within {METADATA_TIMEOUT:?}")));
         }

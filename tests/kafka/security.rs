@@ -14,14 +14,14 @@ fn sasl() -> &'static SaslListener {
     )
 }
 
-/// Settings for the SASL listener, with `mechanism`; the password comes separately.
-fn sasl_env(mechanism: &str) -> Vec<(String, String)> {
-    let sasl = sasl();
+/// Settings for the SASL user at `bootstrap` over `protocol` (SASL_PLAINTEXT or SASL_SSL),
+/// with `mechanism`; the password comes separately.
+fn sasl_env(bootstrap: &str, protocol: &str, mechanism: &str) -> Vec<(String, String)> {
     [
-        ("WEIR__KAFKA__BOOTSTRAP_SERVERS", sasl.bootstrap.as_str()),
-        ("WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+        ("WEIR__KAFKA__BOOTSTRAP_SERVERS", bootstrap),
+        ("WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL", protocol),
         ("WEIR__KAFKA__OPTIONS__SASL_MECHANISM", mechanism),
-        ("WEIR__KAFKA__OPTIONS__SASL_USERNAME", sasl.user.as_str()),
+        ("WEIR__KAFKA__OPTIONS__SASL_USERNAME", sasl().user.as_str()),
         // Everything weir logs, so that a leak anywhere shows.
         ("WEIR__LOGGING__LEVEL", "debug"),
     ]
@@ -47,7 +47,7 @@ fn sasl_scram_and_plain_run_and_the_password_never_shows() {
     // HTTP endpoints are read while it holds the credentials.
     let name = unique("sasl-scram");
     let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
-    let mut env = sasl_env("SCRAM-SHA-512");
+    let mut env = sasl_env(&sasl().bootstrap, "SASL_PLAINTEXT", "SCRAM-SHA-512");
     env.push(("WEIR__KAFKA__OPTIONS__SASL_PASSWORD".into(), password.clone()));
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });
     wait_until(Duration::from_secs(60), "offsets committed to the end over SASL", || {
@@ -70,7 +70,7 @@ fn sasl_scram_and_plain_run_and_the_password_never_shows() {
     produce(&input, (200..300u64).map(|id| Input::keyed(format!("k{id}"), event(id))));
     let secret_file = pipeline.path.with_file_name("sasl-password");
     std::fs::write(&secret_file, format!("{password}\n")).unwrap();
-    let mut env = sasl_env("PLAIN");
+    let mut env = sasl_env(&sasl().bootstrap, "SASL_PLAINTEXT", "PLAIN");
     env.push(("WEIR__KAFKA__OPTION_FILES__SASL_PASSWORD".into(), secret_file.display().to_string()));
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, until_end: true, ..Default::default() });
     assert!(weir.wait(Duration::from_secs(60)).success(), "{}", weir.log_text());
@@ -87,7 +87,7 @@ fn a_wrong_sasl_password_fails_clearly_without_showing_it() {
     create_topic(&input, 1);
     let name = unique("sasl-wrong");
     let pipeline = pipeline_file(&json_pipeline(&name, &input, &unique("sasl-out"), "  []"));
-    let mut env = sasl_env("SCRAM-SHA-256");
+    let mut env = sasl_env(&sasl().bootstrap, "SASL_PLAINTEXT", "SCRAM-SHA-256");
     env.push(("WEIR__KAFKA__OPTIONS__SASL_PASSWORD".into(), wrong.clone()));
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });
     let mut status = None;
@@ -128,10 +128,7 @@ fn sasl_over_tls_with_the_ca_and_password_from_files() {
     let secret_file = pipeline.path.with_file_name("sasl-password");
     std::fs::write(&secret_file, format!("{password}\n")).unwrap();
     let env = |with_ca: bool| {
-        let mut env = sasl_env("SCRAM-SHA-256");
-        env.retain(|(key, _)| key != "WEIR__KAFKA__BOOTSTRAP_SERVERS" && key != "WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL");
-        env.push(("WEIR__KAFKA__BOOTSTRAP_SERVERS".into(), tls().bootstrap.clone()));
-        env.push(("WEIR__KAFKA__OPTIONS__SECURITY_PROTOCOL".into(), "SASL_SSL".into()));
+        let mut env = sasl_env(&tls().bootstrap, "SASL_SSL", "SCRAM-SHA-256");
         env.push(("WEIR__KAFKA__OPTION_FILES__SASL_PASSWORD".into(), secret_file.display().to_string()));
         if with_ca {
             env.push(("WEIR__KAFKA__OPTIONS__SSL_CA_LOCATION".into(), tls().ca_location.display().to_string()));
