@@ -34,8 +34,9 @@ pub struct WindowOperator {
     merged_away: Vec<(Map<String, Value>, i64)>,
     /// Processing order, to break event-time ties in first/last.
     sequence: u64,
-    /// Windows added, updated or closed since the last `take_changes`.
-    dirty: BTreeSet<(String, i64)>,
+    /// Windows added, updated or closed since the last `take_changes` (a window is listed
+    /// once while it lives, by its `dirty` flag; closed ones may repeat).
+    dirty: Vec<(String, i64)>,
     sequence_changed: bool,
 }
 
@@ -53,6 +54,17 @@ struct WindowState {
     aggregates: Vec<AggregateState>,
     /// Emitted at least once (update mode): merging it away needs a tombstone.
     emitted: bool,
+    /// Listed in `dirty` since the last `take_changes`.
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// Lists a live window as changed, once per `take_changes`.
+fn mark(dirty: &mut Vec<(String, i64)>, window: &mut WindowState, group_text: &str, start: i64) {
+    if !window.dirty {
+        window.dirty = true;
+        dirty.push((group_text.to_string(), start));
+    }
 }
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -93,7 +105,7 @@ impl WindowOperator {
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
             sequence: 0,
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
             sequence_changed: false,
         }
     }
@@ -126,7 +138,7 @@ impl WindowOperator {
         self.sequence_changed = true;
         let sequence = self.sequence;
         let key = key_of(&record.fields, &self.group_by);
-        let group_text = Value::Object(key.clone()).to_string();
+        let group_text = serde_json::to_string(&key).unwrap_or_default();
         match self.kind {
             WindowKind::Tumbling { size } => {
                 let size = size.as_millis() as i64;
@@ -172,16 +184,17 @@ impl WindowOperator {
     }
 
     fn add(&mut self, group_text: &str, key: &Map<String, Value>, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
-        let group = self
-            .groups
-            .entry(group_text.to_string())
-            .or_insert_with(|| Group { key: key.clone(), windows: BTreeMap::new() });
+        // The group's text is allocated only for a new group or window, not per record.
+        if !self.groups.contains_key(group_text) {
+            self.groups.insert(group_text.to_string(), Group { key: key.clone(), windows: BTreeMap::new() });
+        }
+        let group = self.groups.get_mut(group_text).expect("inserted above");
         let window = group.windows.entry(start).or_insert_with(|| {
             self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
-            WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false }
+            WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false, dirty: false }
         });
         accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
-        self.dirty.insert((group_text.to_string(), start));
+        mark(&mut self.dirty, window, group_text, start);
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), start));
         }
@@ -199,13 +212,13 @@ impl WindowOperator {
             .filter(|(_, window)| window.end > start)
             .map(|(session_start, _)| *session_start)
             .collect();
-        let mut merged = WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false };
+        let mut merged = WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false, dirty: false };
         let merged_start = overlapping.first().map_or(start, |first| (*first).min(start));
         for session_start in &overlapping {
             let Some(old) = group.windows.remove(session_start) else { continue };
             self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.to_string(), *session_start));
             self.changed.remove(&(group_text.to_string(), *session_start));
-            self.dirty.insert((group_text.to_string(), *session_start));
+            self.dirty.push((group_text.to_string(), *session_start));
             merged.end = merged.end.max(old.end);
             merge(&mut merged.aggregates, old.aggregates);
             if old.emitted {
@@ -219,8 +232,10 @@ impl WindowOperator {
         }
         accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
         self.closing.insert((merged.end.saturating_add(self.lateness), group_text.to_string(), merged_start));
+        // The merged session may take the key of one listed as removed just above.
+        self.dirty.push((group_text.to_string(), merged_start));
+        merged.dirty = true;
         group.windows.insert(merged_start, merged);
-        self.dirty.insert((group_text.to_string(), merged_start));
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), merged_start));
         }
@@ -238,7 +253,7 @@ impl WindowOperator {
             let Some((_, group_text, start)) = self.closing.pop_first() else { break };
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.remove(&start) else { continue };
-            self.dirty.insert((group_text.clone(), start));
+            self.dirty.push((group_text.clone(), start));
             let changed = self.changed.remove(&(group_text.clone(), start));
             if self.emit == EmitMode::Final || changed {
                 let record = output_record(&self.group_by, &self.aggregates, &group.key, start, &window, self.emit);
@@ -260,7 +275,7 @@ impl WindowOperator {
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.get_mut(&start) else { continue };
             window.emitted = true;
-            self.dirty.insert((group_text.clone(), start));
+            mark(&mut self.dirty, window, &group_text, start);
             let record = output_record(&self.group_by, &self.aggregates, &group.key, start, window, self.emit);
             out.push(Emitted::Record(record));
         }
@@ -270,15 +285,20 @@ impl WindowOperator {
     /// `[group, start]` (None once closed or merged away), and the processing sequence.
     /// Called at a commit, after `commit`, so no update is pending in what is saved.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
-        let mut changes = Vec::with_capacity(self.dirty.len() + 1);
-        for (group_text, start) in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut changes = Vec::with_capacity(dirty.len() + 1);
+        for (group_text, start) in dirty {
             let key = Value::from(vec![Value::String(group_text.clone()), Value::from(start)]).to_string();
-            let value = self.groups.get(&group_text).and_then(|group| group.windows.get(&start)).map(|window| {
-                let mut saved = serde_json::to_value(window).unwrap_or(Value::Null);
-                if let (Value::Object(saved), Some(group)) = (&mut saved, self.groups.get(&group_text)) {
+            let value = self.groups.get_mut(&group_text).and_then(|group| {
+                let window = group.windows.get_mut(&start)?;
+                window.dirty = false;
+                let mut saved = serde_json::to_value(&*window).unwrap_or(Value::Null);
+                if let Value::Object(saved) = &mut saved {
                     saved.insert("group".into(), Value::Object(group.key.clone()));
                 }
-                saved
+                Some(saved)
             });
             changes.push(StateChange { key, value });
         }
