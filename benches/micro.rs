@@ -1,5 +1,5 @@
-//! Micro benchmarks (criterion) of the parts every record goes through: JSON decoding and
-//! encoding, each step kind through the engine (filter, dedup, tumbling window, interval
+//! Micro benchmarks (criterion) of the parts every record goes through: JSON and Avro
+//! decoding and encoding, each step kind through the engine (filter, dedup, tumbling window, interval
 //! join), and the local state store's writes and reads. Run: `cargo bench --bench micro`.
 //! Figures are per record (or per entry) on this machine; compare ratios within one run.
 
@@ -25,12 +25,25 @@ fn pipeline(steps: &str) -> weir::config::Pipeline {
 
 fn codec(c: &mut Criterion) {
     let schema = pipeline("  []").source.schema.unwrap();
-    let decoder = Decoder::new(Encoding::Json, Some(&schema)).unwrap();
+    let decoder = Decoder::new(Encoding::Json, Some(&schema), &Default::default()).unwrap();
     let mut group = c.benchmark_group("codec");
     group.throughput(Throughput::Elements(1));
     group.bench_function("json decode (4 fields, 60 B)", |b| b.iter(|| decoder.decode(black_box(Some(CLICK))).unwrap()));
     let fields = decoder.decode(Some(CLICK)).unwrap();
     group.bench_function("json encode (4 fields)", |b| b.iter(|| weir::codec::json::encode(black_box(&fields))));
+
+    // The same record in Avro (Confluent wire format), written by weir's own encoder and
+    // read back with that schema as the writer's: resolution by name into the declared fields.
+    let mut encoder = weir::codec::avro::AvroEncoder::new(&schema, "micro").unwrap();
+    encoder.set_id(1);
+    let avro = encoder.encode(&fields).unwrap();
+    let writers = std::sync::Arc::new(weir::codec::avro::WriterSchemas::default());
+    writers.insert(1, Ok(std::sync::Arc::new(apache_avro::Schema::parse_str(encoder.schema_text()).unwrap())));
+    let avro_decoder = Decoder::new(Encoding::Avro, Some(&schema), &writers).unwrap();
+    assert_eq!(avro_decoder.decode(Some(&avro)).unwrap(), fields);
+    let size = avro.len();
+    group.bench_function(format!("avro decode (4 fields, {size} B)"), |b| b.iter(|| avro_decoder.decode(black_box(Some(&avro))).unwrap()));
+    group.bench_function("avro encode (4 fields)", |b| b.iter(|| encoder.encode(black_box(&fields)).unwrap()));
     group.finish();
 }
 
@@ -91,7 +104,7 @@ fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec
     };
     engine.process(&input, outputs).unwrap();
     if n.is_multiple_of(1000) {
-        engine.end_batch(outputs);
+        engine.end_batch(outputs).unwrap();
         engine.take_changes();
         outputs.clear();
     }

@@ -68,17 +68,20 @@ fn reset(args: &ResetArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("weir: {}", redact(&message, loaded.settings.kafka.secrets()));
+            eprintln!("weir: {}", redact(&message, loaded.settings.secrets()));
             ExitCode::FAILURE
         }
     }
 }
 
 fn test(args: &TestArgs) -> ExitCode {
-    let config = ConfigArgs { pipeline: args.pipeline.clone(), config: None };
-    let loaded = match load(&config) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
+    // Only the pipeline: no broker, no registry, so no service settings.
+    let pipeline = match config::load_pipeline(&args.pipeline) {
+        Ok(pipeline) => pipeline,
+        Err(problems) => {
+            eprint!("weir: {problems}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let input = match std::fs::read_to_string(&args.input) {
         Ok(input) => input,
@@ -87,7 +90,7 @@ fn test(args: &TestArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut lines = match testing::run(&loaded.pipeline, &input, args.batch_size as usize) {
+    let mut lines = match testing::run(&pipeline, &input, args.batch_size as usize) {
         Ok(lines) => lines,
         Err(error) => {
             eprintln!("weir: {error}");
@@ -181,7 +184,7 @@ fn plan(args: &PlanArgs) -> ExitCode {
     {
         Ok(stored) => stored,
         Err(error) => {
-            let secrets = loaded.settings.kafka.secrets();
+            let secrets = loaded.settings.secrets();
             eprintln!("weir: reading the stored step definitions: {}", redact(&error.to_string(), secrets));
             return ExitCode::FAILURE;
         }
@@ -253,7 +256,7 @@ async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (Strin
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     health.set_lag_limit(loaded.settings.http.ready_max_lag);
-    let secrets: Vec<String> = loaded.settings.kafka.secrets().into_iter().map(str::to_string).collect();
+    let secrets: Vec<String> = loaded.settings.secrets().into_iter().map(str::to_string).collect();
     let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance, secrets.clone()));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();

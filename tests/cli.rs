@@ -281,3 +281,77 @@ fn steps_after_a_join_use_dotted_paths() {
     assert!(window("c").contains(r#""n":1"#) && window("c").contains(r#""first_ad":"a5""#), "{stdout}");
     drop(dir);
 }
+
+/// Avro needs a registry, a declared schema with Avro field names, and output fields that
+/// stay distinct as Avro names; all reported at once, before touching Kafka.
+#[test]
+fn avro_config_problems_are_listed_together() {
+    let (dir, path) = write(
+        r#"
+name: avro-problems
+sources:
+  clicks:
+    topics: [clicks]
+    format: avro
+    schema: { user-id: string, amount: double }
+  views:
+    topics: [views]
+    format: avro
+join:
+  left: clicks
+  right: views
+  on: [user-id]
+  within: { lower: 0s, upper: 1m }
+sink:
+  topic: out
+  format: avro
+"#,
+    );
+    let missing = dir.path().join("no-such-password");
+    let output = weir(
+        &["run", "--pipeline", &path],
+        &[
+            ("WEIR__SCHEMA_REGISTRY__URL", "registry:8081"),
+            ("WEIR__SCHEMA_REGISTRY__PASSWORD_FILE", &missing.display().to_string()),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources.clicks.schema.user-id: is not an Avro field name"), "{stderr}");
+    assert!(stderr.contains("sources.views.schema: is required for format avro"), "{stderr}");
+    assert!(stderr.contains("schema_registry.url (env WEIR__SCHEMA_REGISTRY__URL): 'registry:8081' is not an http"), "{stderr}");
+    assert!(stderr.contains("schema_registry.password_file (env WEIR__SCHEMA_REGISTRY__PASSWORD_FILE): cannot read"), "{stderr}");
+
+    // A good Avro pipeline, but no registry configured.
+    let (_dir, path) = write(&GOOD.replace("format: json", "format: avro"));
+    let output = weir(&["run", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("schema_registry.url (env WEIR__SCHEMA_REGISTRY__URL): is required: source 'clicks' uses format avro"),
+        "{stderr}"
+    );
+}
+
+/// `weir test` runs an Avro pipeline on JSON lines: no registry is involved.
+#[test]
+fn weir_test_takes_avro_records_as_json() {
+    let pipeline = GOOD.replace("format: json", "format: avro").replace("key: [user_id]", "key: [user_id]\n  format: avro");
+    let (dir, path) = write(&pipeline);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":1000}}"#,
+            "\n",
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"event_id":"e2","user_id":"bot","amount":1.0,"ts":2000}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains(r#""value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":1000}"#), "{stdout}");
+}

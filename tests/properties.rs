@@ -273,7 +273,7 @@ mod distributed {
 
         fn commit(&mut self) {
             let mut outputs = Vec::new();
-            self.engine.end_batch(&mut outputs);
+            self.engine.end_batch(&mut outputs).unwrap();
             self.collect(outputs);
             for output in self.pending.drain(..) {
                 let Destination::Repartition(stage) = output.destination else { unreachable!() };
@@ -530,7 +530,7 @@ mod join {
             };
             engine.process(&input, &mut outputs).unwrap();
             if n % 1_000 == 999 {
-                engine.end_batch(&mut outputs);
+                engine.end_batch(&mut outputs).unwrap();
                 outputs.clear();
                 engine.take_changes();
                 samples.push(engine.state_keys_by_step().get(&0).copied().unwrap_or(0));

@@ -2,11 +2,16 @@
 //! does not fit the declared schema is a decode error (and goes where `on_error.decode` says),
 //! never a silently half-filled record.
 
+pub mod avro;
 pub mod json;
+pub mod registry;
+
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::config::{Encoding, Schema};
+use avro::{AvroDecoder, AvroEncoder, WriterSchemas};
 
 /// Why a record's bytes could not be read; the message goes into the `weir-error` header.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -17,14 +22,18 @@ pub struct DecodeError(pub String);
 #[derive(Debug, Clone)]
 pub enum Decoder {
     Json(Schema),
+    /// Confluent wire format, resolved against the declared fields.
+    Avro(AvroDecoder),
     /// The whole value as UTF-8 text, seen by steps as the field `value`.
     String,
 }
 
 impl Decoder {
-    pub fn new(encoding: Encoding, schema: Option<&Schema>) -> Option<Decoder> {
+    /// `writers` holds the Avro writer schemas fetched from the registry.
+    pub fn new(encoding: Encoding, schema: Option<&Schema>, writers: &Arc<WriterSchemas>) -> Option<Decoder> {
         match (encoding, schema) {
             (Encoding::Json, Some(schema)) => Some(Decoder::Json(schema.clone())),
+            (Encoding::Avro, Some(schema)) => Some(Decoder::Avro(AvroDecoder::new(schema.clone(), writers.clone()))),
             (Encoding::String, _) => Some(Decoder::String),
             _ => None,
         }
@@ -36,6 +45,7 @@ impl Decoder {
         };
         match self {
             Decoder::Json(schema) => json::decode(schema, bytes),
+            Decoder::Avro(decoder) => decoder.decode(bytes),
             Decoder::String => {
                 let text = std::str::from_utf8(bytes)
                     .map_err(|error| DecodeError(format!("the value is not UTF-8 text: {error}")))?;
@@ -43,6 +53,22 @@ impl Decoder {
                 fields.insert("value".into(), Value::String(text.to_string()));
                 Ok(fields)
             }
+        }
+    }
+}
+
+/// Encodes the sink's record values.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    Json,
+    Avro(AvroEncoder),
+}
+
+impl Encoder {
+    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, String> {
+        match self {
+            Encoder::Json => Ok(json::encode(fields)),
+            Encoder::Avro(encoder) => encoder.encode(fields),
         }
     }
 }

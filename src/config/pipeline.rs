@@ -70,6 +70,23 @@ pub enum FieldType {
 }
 
 impl Schema {
+    /// The dotted paths of fields whose names Avro does not allow.
+    pub fn invalid_avro_names(&self) -> Vec<String> {
+        let mut invalid = Vec::new();
+        for (name, field_type) in &self.fields {
+            let mut chars = name.chars();
+            let valid = chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                invalid.push(name.clone());
+            }
+            if let FieldType::Object(inner) = field_type {
+                invalid.extend(inner.invalid_avro_names().into_iter().map(|path| format!("{name}.{path}")));
+            }
+        }
+        invalid
+    }
+
     /// The type of a dotted path such as `user.id`, if the schema has it.
     pub fn field_type(&self, path: &str) -> Option<&FieldType> {
         let mut schema = self;
@@ -204,6 +221,68 @@ impl Pipeline {
         Some(topics)
     }
 
+    /// The same pipeline reading and writing JSON where it has Avro (`weir test`, whose
+    /// records are JSON lines).
+    pub fn with_json_codecs(&self) -> Pipeline {
+        let mut pipeline = self.clone();
+        let to_json = |encoding: &mut Encoding| {
+            if *encoding == Encoding::Avro {
+                *encoding = Encoding::Json;
+            }
+        };
+        to_json(&mut pipeline.source.encoding);
+        to_json(&mut pipeline.sink.encoding);
+        if let Some(Step::Join(join)) = pipeline.steps.first_mut() {
+            to_json(&mut join.right.encoding);
+        }
+        pipeline
+    }
+
+    /// The first part of the pipeline that reads or writes Avro, in words; None without Avro.
+    pub fn avro_user(&self) -> Option<String> {
+        self.sources()
+            .into_iter()
+            .find(|source| source.encoding == Encoding::Avro)
+            .map(|source| format!("source '{}'", source.name))
+            .or_else(|| (self.sink.encoding == Encoding::Avro).then(|| "the sink".to_string()))
+    }
+
+    /// The fields of the records the sink receives, with their types: the last step's
+    /// output (a window's group_by fields, window bounds and aggregates), else its input.
+    pub fn output_schema(&self) -> Schema {
+        let mut schema = self.source.record_schema();
+        for (index, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Filter(_) | Step::Dedup(_) => {}
+                Step::Join(join) => schema = join.output.record_schema(),
+                Step::Window(window) => {
+                    let input = self.step_source(index).record_schema();
+                    let type_of = |field: &str| input.field_type(field).cloned().unwrap_or(FieldType::String);
+                    let mut fields: Vec<(String, FieldType)> =
+                        window.group_by.iter().map(|field| (field.clone(), type_of(field))).collect();
+                    fields.push(("window_start".into(), FieldType::Timestamp));
+                    fields.push(("window_end".into(), FieldType::Timestamp));
+                    for (name, aggregate) in &window.aggregates {
+                        let field_type = match aggregate {
+                            Aggregate::Count | Aggregate::CountDistinct(_) => FieldType::Long,
+                            Aggregate::Avg(_) => FieldType::Double,
+                            Aggregate::Sum(field) => match type_of(field) {
+                                FieldType::Long | FieldType::Timestamp => FieldType::Long,
+                                _ => FieldType::Double,
+                            },
+                            Aggregate::Min(field) | Aggregate::Max(field) | Aggregate::First(field) | Aggregate::Last(field) => {
+                                type_of(field)
+                            }
+                        };
+                        fields.push((name.clone(), field_type));
+                    }
+                    schema = Schema { fields };
+                }
+            }
+        }
+        schema
+    }
+
     /// The source that reads `topic` (by name, or the pattern's match).
     pub fn source_of_topic(&self, topic: &str) -> &Source {
         match self.join() {
@@ -214,6 +293,14 @@ impl Pipeline {
 }
 
 impl Source {
+    /// The fields its records have: the schema, or `{value: string}` for format string.
+    pub fn record_schema(&self) -> Schema {
+        match &self.schema {
+            Some(schema) => schema.clone(),
+            None => Schema { fields: vec![("value".into(), FieldType::String)] },
+        }
+    }
+
     /// Whether this source reads `topic`.
     pub fn reads(&self, topic: &str) -> bool {
         match &self.topics {
@@ -521,7 +608,13 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     if dlq_topic == sink.topic {
         problems.push("dlq.topic", "must differ from sink.topic");
     }
-    Some(Pipeline { name, source, steps, sink, on_error, dlq_topic })
+    let pipeline = Pipeline { name, source, steps, sink, on_error, dlq_topic };
+    if pipeline.sink.encoding == Encoding::Avro
+        && let Err(problem) = crate::codec::avro::AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)
+    {
+        problems.push("sink.format", problem);
+    }
+    Some(pipeline)
 }
 
 /// Deserializes one section, recording a problem located at `location` when it does not fit.
@@ -706,20 +799,31 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
             None
         }
     };
-    match raw.format {
-        Encoding::Json => {}
-        Encoding::String => {}
-        Encoding::Avro => problems.push(
-            format!("{location}.format"),
-            "avro is not available in this version of weir yet; use json or string",
-        ),
-    }
     let schema = match (raw.format, raw.schema) {
         (Encoding::Json, None) => {
             problems.push(format!("{location}.schema"), "is required for format json (field: type)");
             None
         }
+        (Encoding::Avro, None) => {
+            problems.push(
+                format!("{location}.schema"),
+                "is required for format avro: the fields to read (field: type), resolved against each record's writer schema",
+            );
+            None
+        }
         (Encoding::Json, Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
+        (Encoding::Avro, Some(mapping)) => {
+            let schema = parse_schema(&mapping, &format!("{location}.schema"), problems);
+            if let Some(schema) = &schema {
+                for path in schema.invalid_avro_names() {
+                    problems.push(
+                        format!("{location}.schema.{path}"),
+                        "is not an Avro field name (letters, digits and _, not starting with a digit)",
+                    );
+                }
+            }
+            schema
+        }
         (Encoding::String, Some(_)) => {
             problems.push(format!("{location}.schema"), "format string has no schema: the record is {value: string}");
             None
@@ -1017,11 +1121,8 @@ fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors
     if raw.topic.trim().is_empty() {
         problems.push("sink.topic", "must name a topic");
     }
-    if raw.format == Encoding::Avro {
-        problems.push("sink.format", "avro is not available in this version of weir yet; use json");
-    }
     if raw.format == Encoding::String {
-        problems.push("sink.format", "a sink writes json (or, later, avro)");
+        problems.push("sink.format", "a sink writes json or avro");
     }
     if raw.mode == SinkMode::IdempotentUpsert {
         problems.push(

@@ -32,6 +32,18 @@ pub struct Settings {
     pub http: HttpSettings,
     pub logging: LoggingSettings,
     pub state: StateSettings,
+    pub schema_registry: RegistrySettings,
+}
+
+/// The Confluent-compatible schema registry of Avro sources and sinks.
+#[derive(Clone)]
+pub struct RegistrySettings {
+    /// Base URLs, tried in order; empty when no registry is configured.
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Per request; an unreachable registry is retried, never a reason to drop a record.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +96,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ("http", &["listen", "ready_max_lag"]),
     ("state", &["dir"]),
     ("logging", &["format", "level"]),
+    ("schema_registry", &["url", "username", "password", "password_file", "timeout"]),
 ];
 
 /// Names a key the way a user can set it: the dotted key and its environment variable.
@@ -177,7 +190,9 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         reader.problem("state.dir", "must name a directory");
     }
 
-    Some(Settings { kafka, runtime, http, logging, state })
+    let schema_registry = reader.registry();
+
+    Some(Settings { kafka, runtime, http, logging, state, schema_registry })
 }
 
 fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
@@ -269,6 +284,57 @@ impl KeyReader<'_> {
                 None
             }
         }
+    }
+
+    /// A key that may be absent (no default in `config/default.toml`).
+    fn optional_string(&mut self, key: &str) -> Option<String> {
+        match self.layered.get_string(key) {
+            Ok(value) if value.is_empty() => None,
+            Ok(value) => Some(value),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(error) => {
+                self.problem(key, error.to_string());
+                None
+            }
+        }
+    }
+
+    fn registry(&mut self) -> RegistrySettings {
+        let urls: Vec<String> = self
+            .string("schema_registry.url")
+            .split(',')
+            .map(|url| url.trim().trim_end_matches('/').to_string())
+            .filter(|url| !url.is_empty())
+            .collect();
+        for url in &urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.problem("schema_registry.url", format!("'{url}' is not an http:// or https:// URL"));
+            }
+        }
+        let username = self.optional_string("schema_registry.username");
+        let password = match (self.optional_string("schema_registry.password"), self.optional_string("schema_registry.password_file")) {
+            (Some(_), Some(_)) => {
+                self.problem("schema_registry.password_file", "is also given as schema_registry.password; set it in one place");
+                None
+            }
+            (Some(password), None) => Some(password),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(content) => Some(content.trim_end_matches(['\n', '\r']).to_string()),
+                Err(error) => {
+                    self.problem("schema_registry.password_file", format!("cannot read {path}: {error}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if password.is_some() && username.is_none() {
+            self.problem("schema_registry.username", "is required with a password (HTTP basic auth)");
+        }
+        let timeout = self.duration("schema_registry.timeout");
+        if timeout.is_zero() {
+            self.problem("schema_registry.timeout", "must be longer than zero");
+        }
+        RegistrySettings { urls, username, password, timeout }
     }
 
     /// `kafka.options`, plus `kafka.option_files` (an option's value read from a file, such
@@ -392,5 +458,26 @@ impl KafkaSettings {
     /// The values of the options that hold credentials.
     pub fn secrets(&self) -> Vec<&str> {
         secret_values(&self.options)
+    }
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RegistrySettings")
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Settings {
+    /// Every credential in the settings, for redaction.
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut secrets = self.kafka.secrets();
+        secrets.extend(self.schema_registry.password.as_deref());
+        secrets
     }
 }

@@ -5,7 +5,10 @@
 
 mod topology;
 
-use crate::codec::{json, Decoder};
+use std::sync::Arc;
+
+use crate::codec::avro::{AvroEncoder, WriterSchemas};
+use crate::codec::{json, Decoder, Encoder};
 use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline};
 use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
 pub use topology::ChangelogEntry;
@@ -96,6 +99,21 @@ impl Output {
             headers,
         }
     }
+
+    /// The DLQ record for a result the sink's format cannot encode: the result as JSON, with
+    /// the provenance headers of the input it came from, when it came from one.
+    fn unencodable(key: Option<Vec<u8>>, fields: &serde_json::Map<String, serde_json::Value>, error: &str, provenance: Option<&Provenance<'_>>) -> Output {
+        let mut headers = vec![
+            ("weir-error-stage".to_string(), Stage::Produce.as_str().as_bytes().to_vec()),
+            ("weir-error".to_string(), error.as_bytes().to_vec()),
+        ];
+        if let Some(provenance) = provenance {
+            headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
+            headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
+            headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
+        }
+        Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
+    }
 }
 
 /// What one batch did, added to the metrics only when the batch commits, so that counters
@@ -140,6 +158,9 @@ pub struct Engine {
     event_time: Option<EventTime>,
     /// A join's right source: its decoder and event time.
     right: Option<(Decoder, Option<EventTime>)>,
+    /// Avro writer schemas by registry id, shared by both sources' decoders.
+    writers: Arc<WriterSchemas>,
+    encoder: Encoder,
     topology: Topology,
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
@@ -149,9 +170,14 @@ pub struct Engine {
 impl Engine {
     pub fn new(pipeline: &Pipeline) -> Result<Engine, String> {
         let source = &pipeline.source;
+        let writers = Arc::new(WriterSchemas::default());
         let decoder_of = |source: &crate::config::Source| {
-            Decoder::new(source.encoding, source.schema.as_ref())
+            Decoder::new(source.encoding, source.schema.as_ref(), &writers)
                 .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))
+        };
+        let encoder = match pipeline.sink.encoding {
+            crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)?),
+            _ => Encoder::Json,
         };
         let decoder = decoder_of(source)?;
         let right = match pipeline.join() {
@@ -171,10 +197,30 @@ impl Engine {
             decoder,
             event_time: source.event_time.clone(),
             right,
+            writers,
+            encoder,
             topology,
             counts: BatchCounts::default(),
             repartition_topics,
         })
+    }
+
+    /// The Avro writer schemas the decoders read: the runtime adds each id it meets.
+    pub fn writer_schemas(&self) -> &Arc<WriterSchemas> {
+        &self.writers
+    }
+
+    /// Whether records of `topic` are Avro (so name a writer schema to fetch first).
+    pub fn reads_avro(&self, topic: &str) -> bool {
+        self.stage_of_topic(topic).is_none() && self.pipeline.source_of_topic(topic).encoding == crate::config::Encoding::Avro
+    }
+
+    /// The sink's Avro encoder, to register its schema and set the id.
+    pub fn avro_sink(&mut self) -> Option<&mut AvroEncoder> {
+        match &mut self.encoder {
+            Encoder::Avro(encoder) => Some(encoder),
+            Encoder::Json => None,
+        }
     }
 
     /// Declares the input partitions that feed this engine: each holds the watermark after a
@@ -367,8 +413,7 @@ impl Engine {
             Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
             Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
         }
-        self.emit(emitted, outputs);
-        Ok(())
+        self.emit(emitted, outputs)
     }
 
     /// Runs a record read from a repartition topic (or a watermark alone) through the stage
@@ -414,21 +459,21 @@ impl Engine {
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
-    pub fn end_batch(&mut self, outputs: &mut Vec<Output>) {
+    pub fn end_batch(&mut self, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         let mut emitted = Vec::new();
         self.topology.end_batch(&mut emitted);
-        self.emit(emitted, outputs);
+        self.emit(emitted, outputs)
     }
 
     /// The end of a bounded input (`weir test`): every watermark goes to +infinity, closing
     /// every window and ending all state, then the last batch ends.
-    pub fn finish(&mut self, outputs: &mut Vec<Output>) {
+    pub fn finish(&mut self, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         let mut emitted = Vec::new();
         self.topology.finish(&mut emitted);
-        self.emit(emitted, outputs);
+        self.emit(emitted, outputs)
     }
 
-    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) {
+    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         for item in emitted {
             let output = match item {
                 Emitted::Record(record) => {
@@ -440,12 +485,12 @@ impl Engine {
                     } else {
                         Some(json::encode(&key_of(&record.fields, &self.pipeline.sink.key)))
                     };
-                    Output {
-                        destination: Destination::Sink,
-                        partition: None,
-                        key,
-                        value: Some(json::encode(&record.fields)),
-                        headers: Vec::new(),
+                    match self.encoder.encode(&record.fields) {
+                        Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers: Vec::new() },
+                        Err(error) => {
+                            self.unencodable(key, &record, &error, outputs)?;
+                            continue;
+                        }
                     }
                 }
                 Emitted::Tombstone(key) => {
@@ -459,6 +504,30 @@ impl Engine {
             };
             outputs.push(output);
             self.counts.records_out += 1;
+        }
+        Ok(())
+    }
+
+    /// A result the sink's format cannot encode follows `on_error.produce`.
+    fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+        let error = format!("encoding the result for the sink: {error}");
+        match Stage::Produce.action(&self.pipeline.on_error) {
+            ErrorAction::Dlq => {
+                outputs.push(Output::unencodable(key, &record.fields, &error, record.provenance.as_ref()));
+                self.counts.dead_lettered[Stage::Produce.index()] += 1;
+                Ok(())
+            }
+            ErrorAction::Skip => {
+                self.counts.skipped[Stage::Produce.index()] += 1;
+                Ok(())
+            }
+            ErrorAction::Fail => Err(StageFailure {
+                stage: Stage::Produce,
+                error,
+                topic: record.provenance.map(|provenance| provenance.topic.to_string()).unwrap_or_default(),
+                partition: record.provenance.map_or(-1, |provenance| provenance.partition),
+                offset: record.provenance.map_or(-1, |provenance| provenance.offset),
+            }),
         }
     }
 

@@ -11,6 +11,8 @@ pub struct Health {
     lag_limit: AtomicU64,
     /// The largest lag of an owned partition at the last statistics report.
     max_lag: AtomicI64,
+    /// The loop waits for an unreachable schema registry.
+    waiting_for_registry: AtomicBool,
 }
 
 impl Health {
@@ -30,6 +32,10 @@ impl Health {
         self.restoring.store(restoring, Ordering::Relaxed);
     }
 
+    pub fn set_waiting_for_registry(&self, waiting: bool) {
+        self.waiting_for_registry.store(waiting, Ordering::Relaxed);
+    }
+
     pub fn set_lag_limit(&self, records: u64) {
         self.lag_limit.store(records, Ordering::Relaxed);
     }
@@ -39,12 +45,13 @@ impl Health {
     }
 
     /// Ready to do work: the transactional producer is initialized, partitions are assigned,
-    /// their state is restored, and (with `http.ready_max_lag`) no partition lags further.
+    /// their state is restored, the schema registry (if used) answers, and (with `http.ready_max_lag`) no partition lags further.
     pub fn is_ready(&self) -> bool {
         let limit = self.lag_limit.load(Ordering::Relaxed);
         self.transactions_ready.load(Ordering::Relaxed)
             && self.assigned_partitions() > 0
             && !self.restoring.load(Ordering::Relaxed)
+            && !self.waiting_for_registry.load(Ordering::Relaxed)
             && (limit == 0 || self.max_lag.load(Ordering::Relaxed) <= limit as i64)
     }
 }

@@ -33,6 +33,7 @@ pub mod error;
 pub mod health;
 mod purge;
 mod rebalance;
+mod schemas;
 mod state;
 pub mod status;
 pub mod store;
@@ -51,6 +52,8 @@ use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::codec::avro;
+use crate::codec::registry::{Registry, RegistryError};
 use crate::config::{Loaded, SourceTopics};
 use crate::engine::{Destination, Engine, ForwardHeaders, InputRecord, Output, Stage};
 use state::{Changelogs, Restorer};
@@ -91,6 +94,18 @@ pub fn run(
 
     let repartitions: BTreeMap<usize, String> = engine.repartition_topics().into_iter().collect();
     clients::check_connection(settings)?;
+    let registry = match pipeline.avro_user() {
+        None => None,
+        Some(_) => Some(Registry::new(&settings.schema_registry).map_err(RuntimeError::Setup)?),
+    };
+    if let (Some(registry), Some(encoder)) = (&registry, engine.avro_sink()) {
+        let subject = format!("{}-value", pipeline.sink.topic);
+        let Some(id) = schemas::register_sink(registry, &subject, encoder.schema_text(), &health, &status, &shutdown)? else {
+            return Ok(());
+        };
+        encoder.set_id(id);
+        info!(%subject, id, "the sink's Avro schema is registered");
+    }
     let layout = topics::prepare(settings, pipeline, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
     if let (Some(layout), false) = (layout, repartitions.is_empty()) {
         engine.distribute(layout.partitions as u32, layout.total);
@@ -181,8 +196,10 @@ pub fn run(
         consumer: &consumer,
         repartition_ends: repartition_ends.as_ref(),
         restorer: restorer.as_ref(),
+        registry: registry.as_ref(),
         metrics: &metrics,
         health: &health,
+        status: &status,
         commit_interval: settings.runtime.commit_interval,
         max_batch_records: settings.runtime.max_batch_records.get(),
         until_end: options.until_end,
@@ -215,8 +232,10 @@ struct Loop<'a> {
     /// Reads the repartition topics' end offsets for `--until-end`.
     repartition_ends: Option<&'a BaseConsumer>,
     restorer: Option<&'a Restorer>,
+    registry: Option<&'a Registry>,
     metrics: &'a Metrics,
     health: &'a Health,
+    status: &'a status::Status,
     commit_interval: Duration,
     max_batch_records: usize,
     until_end: bool,
@@ -237,7 +256,11 @@ impl Loop<'_> {
             let idle = message.is_none();
             match message {
                 None => {}
-                Some(Ok(message)) => self.process(&message)?,
+                Some(Ok(message)) => {
+                    if self.fetch_writer_schema(&message)? {
+                        self.process(&message)?;
+                    }
+                }
                 Some(Err(error)) => self.consumer_error(error)?,
             }
             let due = {
@@ -323,6 +346,54 @@ impl Loop<'_> {
         Ok(())
     }
 
+    /// Before an Avro record is decoded: fetches the writer schema it names, the first time
+    /// an id is met. False when the record must not be processed now: the wait for the
+    /// registry ended in a shutdown, or its batch was aborted (it is read again).
+    fn fetch_writer_schema(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<bool, RuntimeError> {
+        let Some(registry) = self.registry else {
+            return Ok(true);
+        };
+        let Some(id) = message.payload().and_then(avro::schema_id) else {
+            return Ok(true);
+        };
+        let writers = {
+            let session = self.consumer.context().session();
+            if !session.engine.reads_avro(message.topic()) {
+                return Ok(true);
+            }
+            session.engine.writer_schemas().clone()
+        };
+        if writers.contains(id) {
+            return Ok(true);
+        }
+        let what = format!("fetching writer schema id {id}");
+        let (health, status, shutdown) = (self.health, self.status, self.shutdown);
+        let mut aborted = false;
+        // Nothing waits in an open transaction while the registry is away.
+        let commit_first = || {
+            aborted = matches!(self.commit(None)?, Some(Outcome::Aborted { .. }));
+            Ok(())
+        };
+        let fetched = schemas::until_answered(&what, health, status, shutdown, commit_first, || {
+            registry.writer_schema(id)
+        });
+        match fetched {
+            Ok(Some(schema)) => {
+                if let Err(reason) = &schema {
+                    warn!(id, %reason, "a writer schema id the registry cannot give; its records are bad records");
+                }
+                writers.insert(id, schema);
+                Ok(!aborted)
+            }
+            Ok(None) => Ok(false),
+            Err(schemas::WaitError::Runtime(error)) => Err(error),
+            Err(schemas::WaitError::Registry(error @ RegistryError::Unauthorized(_))) => {
+                Err(RuntimeError::Setup(format!("{what}: {error}")))
+            }
+            Err(schemas::WaitError::Registry(error)) => Err(RuntimeError::Fatal(format!("{what}: {error}"))),
+        }
+    }
+
     fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let headers: Vec<(&str, Option<&[u8]>)> = message
@@ -373,6 +444,10 @@ impl Loop<'_> {
         }
         for output in self.outputs.drain(..) {
             let destination = topics.of(output.destination);
+            if output.destination == Destination::Dlq {
+                send_dead_letter(transaction, destination, &output)?;
+                continue;
+            }
             let Err(error) = transaction.send(destination, &output) else {
                 continue;
             };
@@ -380,7 +455,7 @@ impl Loop<'_> {
                 error.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             );
-            if !record_specific || output.destination == Destination::Dlq {
+            if !record_specific {
                 return Err(RuntimeError::Fatal(format!("producing to {destination}: {error}")));
             }
             // The result itself cannot be written: the input goes where on_error.produce says.
@@ -388,9 +463,7 @@ impl Loop<'_> {
             let mut dead_letters = Vec::with_capacity(1);
             engine.reject(&input, Stage::Produce, &error.to_string(), &mut dead_letters)?;
             for dead_letter in &dead_letters {
-                transaction
-                    .send(&topics.dlq, dead_letter)
-                    .map_err(|error| RuntimeError::Fatal(format!("producing to {}: {error}", topics.dlq)))?;
+                send_dead_letter(transaction, &topics.dlq, dead_letter)?;
             }
         }
         let counts = engine.take_counts();
@@ -474,4 +547,26 @@ impl Loop<'_> {
             low >= end || position.max(owned.start).is_some_and(|position| position >= end)
         })
     }
+}
+
+/// Writes a DLQ record. One too large for the producer (the original value was under the
+/// broker's limit, weir's `message.max.bytes` is lower) goes without its value, saying so:
+/// its provenance headers point at the original, which stays in the source topic.
+fn send_dead_letter(transaction: &Transaction, dlq: &str, dead_letter: &Output) -> Result<(), RuntimeError> {
+    let fatal = |error: KafkaError| RuntimeError::Fatal(format!("producing to {dlq}: {error}"));
+    let Err(error) = transaction.send(dlq, dead_letter) else {
+        return Ok(());
+    };
+    if error.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        return Err(fatal(error));
+    }
+    let size = dead_letter.value.as_ref().map_or(0, Vec::len);
+    warn!(dlq, size, "a DLQ record is larger than message.max.bytes; writing it without its value");
+    let mut slim = dead_letter.clone();
+    slim.value = None;
+    slim.headers.push((
+        "weir-value-omitted".into(),
+        format!("{size} bytes, over message.max.bytes; the original is at weir-source-topic/-partition/-offset").into_bytes(),
+    ));
+    transaction.send(dlq, &slim).map_err(fatal)
 }

@@ -326,7 +326,7 @@ impl Session {
         if self.transaction.is_open() {
             self.note_idle_inputs();
             let mut outputs = Vec::new();
-            self.engine.end_batch(&mut outputs);
+            self.engine.end_batch(&mut outputs)?;
             for output in &outputs {
                 let topic = self.topics.of(output.destination).to_string();
                 self.transaction

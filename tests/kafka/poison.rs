@@ -51,3 +51,70 @@ fn bad_records_go_to_the_dlq_with_provenance_and_the_rest_flows_on() {
         assert!(record.headers["weir-error"].contains(error), "{:?}", record.headers);
     }
 }
+
+/// One bad record per stage, among good ones: each lands in the DLQ with its stage and
+/// provenance, in the batch's transaction, and the good records flow on. The produce-stage
+/// record's result is over weir's `message.max.bytes`, and so is its original value: its DLQ
+/// record goes without the value, saying where the original is.
+#[test]
+fn every_error_stage_dead_letters_with_its_stage_and_provenance() {
+    let (input, output, name) = (unique("in"), unique("out"), unique("stages"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let t0 = 1_700_000_000_000i64;
+    let click = |id: i64, user: &str, amount: &str, ts: i64| format!(r#"{{"id":{id},"user":"{user}","amount":{amount},"ts":{ts}}}"#);
+    let mut inputs: Vec<Input> = (0..20).map(|id| Input::keyed(format!("{id}"), click(id, "u", "1", t0 + id * 1000))).collect();
+    let huge = "x".repeat(30_000);
+    inputs.extend([
+        Input::keyed("decode", "{not json"),
+        Input::keyed("process", r#"{"id":100,"user":"u","ts":1700000020000}"#),
+        Input::keyed("late", click(101, "u", "1", t0 - 600_000)),
+        Input::keyed("produce", click(102, &huge, "1", t0 + 21_000)),
+    ]);
+    produce(&input, inputs);
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: json
+    schema: {{ id: long, user: string, amount: long, ts: long }}
+    event_time: {{ field: ts }}
+    watermark: {{ max_out_of_orderness: 1s }}
+    partitioned_by: [id]
+steps:
+  - filter: "amount > 0"
+  - dedup: {{ key: [id], within: 1m }}
+sink:
+  topic: {output}
+"#
+    ));
+    let env = vec![("WEIR__KAFKA__OPTIONS__MESSAGE_MAX_BYTES".to_string(), "20000".to_string())];
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });
+    wait_until(Duration::from_secs(90), "four DLQ records", || read_committed(&format!("{name}.dlq")).len() >= 4);
+    for stage in ["decode", "process", "late", "produce"] {
+        assert_eq!(metric(&weir, "weir_dlq_records_total", &[("stage", stage)]), Some(1.0), "{stage}");
+    }
+    weir.terminate();
+    assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
+
+    let ids: Vec<i64> = read_committed(&output).iter().map(|record| record.value_json()["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    let dlq = read_committed(&format!("{name}.dlq"));
+    let by_key: BTreeMap<String, &Seen> =
+        dlq.iter().map(|record| (String::from_utf8(record.key.clone().unwrap()).unwrap(), record)).collect();
+    assert_eq!(by_key.keys().cloned().collect::<Vec<_>>(), ["decode", "late", "process", "produce"], "{dlq:?}");
+    for (key, offset, fragment) in
+        [("decode", 20, "not valid json"), ("process", 21, "filter"), ("late", 22, "watermark"), ("produce", 23, "too large")]
+    {
+        let record = by_key[key];
+        assert_eq!(record.headers["weir-error-stage"], key, "{:?}", record.headers);
+        assert!(record.headers["weir-error"].to_lowercase().contains(fragment), "{key}: {:?}", record.headers);
+        assert_eq!(record.headers["weir-source-topic"], input);
+        assert_eq!(record.headers["weir-source-partition"], "0");
+        assert_eq!(record.headers["weir-source-offset"], offset.to_string());
+    }
+    assert_eq!(by_key["late"].value_json()["id"], 101, "the original value");
+    assert!(by_key["produce"].value.is_none());
+    assert!(by_key["produce"].headers["weir-value-omitted"].starts_with("30"), "{:?}", by_key["produce"].headers);
+}

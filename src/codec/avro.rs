@@ -1,0 +1,472 @@
+//! Avro in the Confluent wire format: a zero magic byte, the writer schema's id in the schema
+//! registry (4 bytes, big-endian), then the Avro binary datum.
+//!
+//! Reading: each record is decoded with its writer's schema (fetched from the registry by the
+//! runtime before the record is processed, see [`WriterSchemas`]), then resolved against the
+//! reader schema the source's `schema` declares. Every declared field is optional, as for
+//! JSON: Avro's resolution rules with a null default for each reader field. So a writer that
+//! added fields is read by an older pipeline (the new fields are ignored), a writer without
+//! a declared field reads it as null, and int, long, float and double widen as Avro allows.
+//!
+//! Writing: the sink's schema is derived from the pipeline's output fields, every field a
+//! union with null (default null), registered under `<topic>-value` at start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::types::Value as AvroValue;
+use apache_avro::Schema as AvroSchema;
+use serde_json::{Map, Number, Value};
+
+use super::DecodeError;
+use crate::config::{FieldType, Schema};
+
+const MAGIC: u8 = 0;
+
+/// The writer schemas met so far, by registry id: filled by the runtime (which may block on
+/// the registry), read by decoders (which never do). An id the registry does not know is kept
+/// as an error, so each of its records is a bad record without asking again.
+#[derive(Debug, Default)]
+pub struct WriterSchemas {
+    schemas: RwLock<HashMap<u32, Result<Arc<AvroSchema>, String>>>,
+}
+
+impl WriterSchemas {
+    pub fn contains(&self, id: u32) -> bool {
+        self.schemas.read().expect("writer schemas lock").contains_key(&id)
+    }
+
+    pub fn insert(&self, id: u32, schema: Result<Arc<AvroSchema>, String>) {
+        self.schemas.write().expect("writer schemas lock").insert(id, schema);
+    }
+
+    fn get(&self, id: u32) -> Option<Result<Arc<AvroSchema>, String>> {
+        self.schemas.read().expect("writer schemas lock").get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.schemas.read().expect("writer schemas lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The registry id a record's bytes name; None when they are not in the wire format.
+pub fn schema_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Reads Avro records of one source into its declared fields.
+#[derive(Debug, Clone)]
+pub struct AvroDecoder {
+    schema: Schema,
+    writers: Arc<WriterSchemas>,
+}
+
+impl AvroDecoder {
+    pub fn new(schema: Schema, writers: Arc<WriterSchemas>) -> AvroDecoder {
+        AvroDecoder { schema, writers }
+    }
+
+    pub fn writers(&self) -> &Arc<WriterSchemas> {
+        &self.writers
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+        let Some(id) = schema_id(bytes) else {
+            return Err(DecodeError(format!(
+                "not in the Confluent Avro wire format: expected a zero magic byte and a 4-byte schema id, found {} byte(s) starting {:02x?}",
+                bytes.len(),
+                &bytes[..bytes.len().min(5)]
+            )));
+        };
+        let writer = match self.writers.get(id) {
+            Some(Ok(writer)) => writer,
+            Some(Err(error)) => return Err(DecodeError(format!("writer schema id {id}: {error}"))),
+            None => return Err(DecodeError(format!("writer schema id {id} was not fetched from the schema registry"))),
+        };
+        let mut datum = &bytes[5..];
+        let value = apache_avro::from_avro_datum(&writer, &mut datum, None)
+            .map_err(|error| DecodeError(format!("not an Avro datum of writer schema id {id}: {error}")))?;
+        if !datum.is_empty() {
+            return Err(DecodeError(format!("{} byte(s) left after the Avro datum of writer schema id {id}", datum.len())));
+        }
+        resolve_record(&self.schema, value, "")
+    }
+}
+
+/// Resolves a writer's record against the reader fields `schema`, by field name.
+fn resolve_record(schema: &Schema, value: AvroValue, path: &str) -> Result<Map<String, Value>, DecodeError> {
+    let mut written = match value {
+        AvroValue::Record(fields) => fields,
+        AvroValue::Union(_, inner) => return resolve_record(schema, *inner, path),
+        other => {
+            let what = if path.is_empty() { "the record".to_string() } else { format!("field '{path}'") };
+            return Err(DecodeError(format!("{what}: expected an Avro record, found {}", kind(&other))));
+        }
+    };
+    let mut fields = Map::with_capacity(schema.fields.len());
+    for (name, field_type) in &schema.fields {
+        let field_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+        let value = match written.iter().position(|(written_name, _)| written_name == name) {
+            Some(position) => resolve_value(field_type, written.swap_remove(position).1, &field_path)?,
+            // The reader's default: every declared field is optional.
+            None => Value::Null,
+        };
+        fields.insert(name.clone(), value);
+    }
+    Ok(fields)
+}
+
+fn resolve_value(field_type: &FieldType, value: AvroValue, path: &str) -> Result<Value, DecodeError> {
+    let mismatch = |value: &AvroValue| {
+        DecodeError(format!("field '{path}': the writer has {}, which does not resolve to {}", kind(value), type_name(field_type)))
+    };
+    let value = match value {
+        AvroValue::Union(_, inner) => *inner,
+        value => value,
+    };
+    if value == AvroValue::Null {
+        return Ok(Value::Null);
+    }
+    Ok(match field_type {
+        FieldType::String => match value {
+            AvroValue::String(text) | AvroValue::Enum(_, text) => Value::String(text),
+            AvroValue::Uuid(uuid) => Value::String(uuid.to_string()),
+            // Avro resolves bytes to string.
+            AvroValue::Bytes(bytes) => Value::String(String::from_utf8(bytes).map_err(|_| {
+                DecodeError(format!("field '{path}': the writer's bytes are not UTF-8 text"))
+            })?),
+            other => return Err(mismatch(&other)),
+        },
+        FieldType::Long => match value {
+            AvroValue::Int(number) => Value::from(number),
+            AvroValue::Long(number) => Value::from(number),
+            other => match epoch_millis(&other) {
+                Some(millis) => Value::from(millis),
+                None => return Err(mismatch(&other)),
+            },
+        },
+        FieldType::Timestamp => match value {
+            AvroValue::Int(number) => Value::from(number),
+            AvroValue::Long(number) => Value::from(number),
+            other => match epoch_millis(&other) {
+                Some(millis) => Value::from(millis),
+                None => return Err(mismatch(&other)),
+            },
+        },
+        FieldType::Double => {
+            let number = match value {
+                AvroValue::Int(number) => f64::from(number),
+                AvroValue::Long(number) => number as f64,
+                AvroValue::Float(number) => f64::from(number),
+                AvroValue::Double(number) => number,
+                other => return Err(mismatch(&other)),
+            };
+            Value::Number(Number::from_f64(number).ok_or_else(|| {
+                DecodeError(format!("field '{path}': {number} has no JSON representation"))
+            })?)
+        }
+        FieldType::Boolean => match value {
+            AvroValue::Boolean(flag) => Value::Bool(flag),
+            other => return Err(mismatch(&other)),
+        },
+        FieldType::Object(inner) => Value::Object(resolve_record(inner, value, path)?),
+    })
+}
+
+/// A timestamp logical type in epoch milliseconds (days for a date).
+fn epoch_millis(value: &AvroValue) -> Option<i64> {
+    match value {
+        AvroValue::TimestampMillis(millis) | AvroValue::LocalTimestampMillis(millis) => Some(*millis),
+        AvroValue::TimestampMicros(micros) | AvroValue::LocalTimestampMicros(micros) => Some(micros.div_euclid(1000)),
+        AvroValue::TimestampNanos(nanos) | AvroValue::LocalTimestampNanos(nanos) => Some(nanos.div_euclid(1_000_000)),
+        AvroValue::Date(days) => Some(i64::from(*days) * 86_400_000),
+        _ => None,
+    }
+}
+
+fn kind(value: &AvroValue) -> &'static str {
+    match value {
+        AvroValue::Null => "null",
+        AvroValue::Boolean(_) => "a boolean",
+        AvroValue::Int(_) => "an int",
+        AvroValue::Long(_) => "a long",
+        AvroValue::Float(_) => "a float",
+        AvroValue::Double(_) => "a double",
+        AvroValue::Bytes(_) | AvroValue::Fixed(..) => "bytes",
+        AvroValue::String(_) => "a string",
+        AvroValue::Enum(..) => "an enum",
+        AvroValue::Union(..) => "a union",
+        AvroValue::Array(_) => "an array",
+        AvroValue::Map(_) => "a map",
+        AvroValue::Record(_) => "a record",
+        AvroValue::Decimal(_) | AvroValue::BigDecimal(_) => "a decimal",
+        AvroValue::Uuid(_) => "a uuid",
+        _ => "a time value",
+    }
+}
+
+fn type_name(field_type: &FieldType) -> &'static str {
+    match field_type {
+        FieldType::String => "string",
+        FieldType::Long => "long",
+        FieldType::Double => "double",
+        FieldType::Boolean => "boolean",
+        FieldType::Timestamp => "timestamp",
+        FieldType::Object(_) => "a record",
+    }
+}
+
+/// Writes the sink's records with a schema derived from the pipeline's output fields.
+#[derive(Debug, Clone)]
+pub struct AvroEncoder {
+    schema: AvroSchema,
+    text: String,
+    /// Output field name, Avro field name, type: in the schema's order.
+    fields: Vec<(String, String, FieldType)>,
+    /// The registry id, once registered.
+    id: Option<u32>,
+}
+
+impl AvroEncoder {
+    /// `name` becomes the record's name (in namespace `weir`). Fails when two output fields
+    /// map to the same Avro name (Avro names allow only letters, digits and `_`).
+    pub fn new(schema: &Schema, name: &str) -> Result<AvroEncoder, String> {
+        let (json, fields) = writer_schema(schema, &avro_name(name))?;
+        let text = json.to_string();
+        let schema = AvroSchema::parse_str(&text).map_err(|error| format!("the derived Avro schema does not parse: {error}"))?;
+        Ok(AvroEncoder { schema, text, fields, id: None })
+    }
+
+    /// The schema in Avro's JSON form, as registered.
+    pub fn schema_text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn set_id(&mut self, id: u32) {
+        self.id = Some(id);
+    }
+
+    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, String> {
+        let id = self.id.ok_or("the sink's Avro schema is not registered yet")?;
+        let record = encode_record(&self.fields, fields, "")?;
+        let mut bytes = Vec::with_capacity(64);
+        bytes.push(MAGIC);
+        bytes.extend_from_slice(&id.to_be_bytes());
+        let datum = apache_avro::to_avro_datum(&self.schema, record).map_err(|error| error.to_string())?;
+        bytes.extend_from_slice(&datum);
+        Ok(bytes)
+    }
+}
+
+/// A valid Avro name for `text`: other characters become `_`, and a leading digit gets one.
+pub fn avro_name(text: &str) -> String {
+    let mut name: String = text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        name.insert(0, '_');
+    }
+    name
+}
+
+type FieldNames = Vec<(String, String, FieldType)>;
+
+fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, FieldNames), String> {
+    let mut names = Vec::with_capacity(schema.fields.len());
+    let mut avro_fields = Vec::with_capacity(schema.fields.len());
+    for (name, field_type) in &schema.fields {
+        let field_name = avro_name(name);
+        if let Some((other, _, _)) = names.iter().find(|(_, taken, _): &&(String, String, FieldType)| *taken == field_name) {
+            return Err(format!("output fields '{other}' and '{name}' both become the Avro field '{field_name}'"));
+        }
+        let field_schema = match field_type {
+            FieldType::String => Value::from("string"),
+            FieldType::Long => Value::from("long"),
+            FieldType::Double => Value::from("double"),
+            FieldType::Boolean => Value::from("boolean"),
+            FieldType::Timestamp => serde_json::json!({"type": "long", "logicalType": "timestamp-millis"}),
+            FieldType::Object(inner) => writer_schema(inner, &format!("{record_name}_{field_name}"))?.0,
+        };
+        avro_fields.push(serde_json::json!({"name": field_name, "type": ["null", field_schema], "default": null}));
+        names.push((name.clone(), field_name, field_type.clone()));
+    }
+    let json = serde_json::json!({"type": "record", "name": record_name, "namespace": "weir", "fields": avro_fields});
+    Ok((json, names))
+}
+
+fn encode_record(names: &FieldNames, fields: &Map<String, Value>, path: &str) -> Result<AvroValue, String> {
+    let mut record = Vec::with_capacity(names.len());
+    for (name, avro_field, field_type) in names {
+        let field_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+        let value = match fields.get(name) {
+            None | Some(Value::Null) => AvroValue::Union(0, Box::new(AvroValue::Null)),
+            Some(value) => AvroValue::Union(1, Box::new(encode_value(field_type, value, &field_path)?)),
+        };
+        record.push((avro_field.clone(), value));
+    }
+    Ok(AvroValue::Record(record))
+}
+
+fn encode_value(field_type: &FieldType, value: &Value, path: &str) -> Result<AvroValue, String> {
+    let mismatch = || format!("output field '{path}' holds {value}, which is not a {}", type_name(field_type));
+    Ok(match field_type {
+        FieldType::String => match value {
+            Value::String(text) => AvroValue::String(text.clone()),
+            other => AvroValue::String(other.to_string()),
+        },
+        FieldType::Long => AvroValue::Long(whole(value).ok_or_else(mismatch)?),
+        FieldType::Timestamp => AvroValue::TimestampMillis(whole(value).ok_or_else(mismatch)?),
+        FieldType::Double => AvroValue::Double(value.as_f64().ok_or_else(mismatch)?),
+        FieldType::Boolean => AvroValue::Boolean(value.as_bool().ok_or_else(mismatch)?),
+        FieldType::Object(inner) => {
+            let (names, inner_fields) = match value {
+                Value::Object(inner_fields) => (writer_schema(inner, "_")?.1, inner_fields),
+                _ => return Err(mismatch()),
+            };
+            encode_record(&names, inner_fields, path)?
+        }
+    })
+}
+
+/// A JSON number that is a whole number (a double with no fraction counts).
+fn whole(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| value.as_f64().filter(|number| number.fract() == 0.0 && number.abs() < 9.2e18).map(|number| number as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(fields: &[(&str, FieldType)]) -> Schema {
+        Schema { fields: fields.iter().map(|(name, field_type)| (name.to_string(), field_type.clone())).collect() }
+    }
+
+    fn wire(id: u32, writer: &AvroSchema, value: AvroValue) -> Vec<u8> {
+        let mut bytes = vec![0];
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.extend(apache_avro::to_avro_datum(writer, value).unwrap());
+        bytes
+    }
+
+    fn decoder(reader: Schema, writers: &[(u32, &str)]) -> AvroDecoder {
+        let cache = Arc::new(WriterSchemas::default());
+        for (id, text) in writers {
+            cache.insert(*id, Ok(Arc::new(AvroSchema::parse_str(text).unwrap())));
+        }
+        AvroDecoder::new(reader, cache)
+    }
+
+    const V1: &str = r#"{"type":"record","name":"Click","fields":[
+        {"name":"user","type":"string"},{"name":"amount","type":"int"},
+        {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+    const V2: &str = r#"{"type":"record","name":"Click","fields":[
+        {"name":"user","type":"string"},{"name":"amount","type":"int"},
+        {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}},
+        {"name":"country","type":"string","default":"NL"}]}"#;
+
+    #[test]
+    fn resolves_older_and_newer_writers_against_the_declared_fields() {
+        let reader = schema(&[("user", FieldType::String), ("amount", FieldType::Double), ("ts", FieldType::Timestamp)]);
+        let decoder = decoder(reader, &[(1, V1), (2, V2)]);
+        let v1 = AvroSchema::parse_str(V1).unwrap();
+        let v2 = AvroSchema::parse_str(V2).unwrap();
+        let old = AvroValue::Record(vec![
+            ("user".into(), AvroValue::String("ann".into())),
+            ("amount".into(), AvroValue::Int(3)),
+            ("ts".into(), AvroValue::TimestampMillis(1_700_000_000_000)),
+        ]);
+        let new = AvroValue::Record(vec![
+            ("user".into(), AvroValue::String("bob".into())),
+            ("amount".into(), AvroValue::Int(4)),
+            ("ts".into(), AvroValue::TimestampMillis(1_700_000_000_001)),
+            ("country".into(), AvroValue::String("FR".into())),
+        ]);
+        let read = decoder.decode(&wire(1, &v1, old)).unwrap();
+        assert_eq!(Value::Object(read), serde_json::json!({"user": "ann", "amount": 3.0, "ts": 1_700_000_000_000i64}));
+        let read = decoder.decode(&wire(2, &v2, new.clone())).unwrap();
+        assert_eq!(Value::Object(read), serde_json::json!({"user": "bob", "amount": 4.0, "ts": 1_700_000_000_001i64}));
+
+        // A newer reader: a field the old writer lacks reads as null.
+        let newer = schema(&[("user", FieldType::String), ("country", FieldType::String)]);
+        let decoder = decoder_with(newer, &decoder);
+        let old = AvroValue::Record(vec![
+            ("user".into(), AvroValue::String("ann".into())),
+            ("amount".into(), AvroValue::Int(3)),
+            ("ts".into(), AvroValue::TimestampMillis(1)),
+        ]);
+        assert_eq!(Value::Object(decoder.decode(&wire(1, &v1, old)).unwrap()), serde_json::json!({"user": "ann", "country": null}));
+        assert_eq!(Value::Object(decoder.decode(&wire(2, &v2, new)).unwrap()), serde_json::json!({"user": "bob", "country": "FR"}));
+    }
+
+    fn decoder_with(reader: Schema, other: &AvroDecoder) -> AvroDecoder {
+        AvroDecoder::new(reader, other.writers.clone())
+    }
+
+    #[test]
+    fn bad_records_say_what_is_wrong() {
+        let reader = schema(&[("user", FieldType::Long)]);
+        let decoder = decoder(reader, &[(1, V1)]);
+        decoder.writers.insert(9, Err("not found in the schema registry".into()));
+        let v1 = AvroSchema::parse_str(V1).unwrap();
+        let record = AvroValue::Record(vec![
+            ("user".into(), AvroValue::String("ann".into())),
+            ("amount".into(), AvroValue::Int(3)),
+            ("ts".into(), AvroValue::TimestampMillis(1)),
+        ]);
+        let error = decoder.decode(&wire(1, &v1, record)).unwrap_err().0;
+        assert!(error.contains("field 'user'") && error.contains("a string") && error.contains("long"), "{error}");
+        let error = decoder.decode(b"{\"user\":1}").unwrap_err().0;
+        assert!(error.contains("not in the Confluent Avro wire format"), "{error}");
+        let error = decoder.decode(&[0, 0, 0, 0, 9, 2]).unwrap_err().0;
+        assert_eq!(error, "writer schema id 9: not found in the schema registry");
+        let error = decoder.decode(&[0, 0, 0, 0, 1, 0xff]).unwrap_err().0;
+        assert!(error.contains("not an Avro datum of writer schema id 1"), "{error}");
+    }
+
+    #[test]
+    fn encodes_what_it_decodes() {
+        let output = schema(&[
+            ("clicks.user", FieldType::String),
+            ("window_start", FieldType::Timestamp),
+            ("total", FieldType::Double),
+            ("n", FieldType::Long),
+            ("seen", FieldType::Boolean),
+            ("inner", FieldType::Object(schema(&[("x", FieldType::Long)]))),
+        ]);
+        let mut encoder = AvroEncoder::new(&output, "clicks-per-user").unwrap();
+        assert!(encoder.schema_text().contains("\"clicks_user\""), "{}", encoder.schema_text());
+        assert!(encoder.encode(&Map::new()).is_err(), "no id yet");
+        encoder.set_id(7);
+        let record = serde_json::json!({"clicks.user": "ann", "window_start": 60000, "total": 2.5, "n": 2, "seen": null, "inner": {"x": 1}});
+        let bytes = encoder.encode(record.as_object().unwrap()).unwrap();
+        assert_eq!(schema_id(&bytes), Some(7));
+        // Read back through the decoder, with the Avro names as the reader's fields.
+        let reader = schema(&[
+            ("clicks_user", FieldType::String),
+            ("window_start", FieldType::Timestamp),
+            ("total", FieldType::Double),
+            ("n", FieldType::Long),
+            ("seen", FieldType::Boolean),
+            ("inner", FieldType::Object(schema(&[("x", FieldType::Long)]))),
+        ]);
+        let decoder = decoder(reader, &[(7, encoder.schema_text())]);
+        assert_eq!(
+            Value::Object(decoder.decode(&bytes).unwrap()),
+            serde_json::json!({"clicks_user": "ann", "window_start": 60000, "total": 2.5, "n": 2, "seen": null, "inner": {"x": 1}})
+        );
+        let error = encoder.encode(serde_json::json!({"n": "two"}).as_object().unwrap()).unwrap_err();
+        assert!(error.contains("output field 'n'"), "{error}");
+    }
+
+    #[test]
+    fn clashing_avro_names_are_refused() {
+        let output = schema(&[("a.b", FieldType::String), ("a_b", FieldType::String)]);
+        let error = AvroEncoder::new(&output, "x").unwrap_err();
+        assert!(error.contains("'a.b' and 'a_b'"), "{error}");
+    }
+}

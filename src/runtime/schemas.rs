@@ -1,0 +1,84 @@
+//! Talking to the schema registry from the loop: registering the sink's schema at start and
+//! fetching each writer schema the first time a record names it. An unreachable registry is
+//! waited for (not ready, the reason in /status), never a reason to dead-letter a record.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::health::Health;
+use super::status::Status;
+use crate::codec::registry::{Registry, RegistryError};
+
+const FIRST_DELAY: Duration = Duration::from_millis(200);
+const MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Makes `call` until the registry answers; `Ok(None)` when shut down meanwhile.
+/// `on_wait` runs once, before the first wait (the loop commits its open batch there, so
+/// no transaction stays open across an outage).
+pub fn until_answered<T>(
+    what: &str,
+    health: &Health,
+    status: &Status,
+    shutdown: &CancellationToken,
+    mut on_wait: impl FnMut() -> Result<(), super::RuntimeError>,
+    mut call: impl FnMut() -> Result<T, RegistryError>,
+) -> Result<Option<T>, WaitError> {
+    let started = Instant::now();
+    let mut delay = FIRST_DELAY;
+    let mut waited = false;
+    loop {
+        match call() {
+            Ok(answer) => {
+                if waited {
+                    health.set_waiting_for_registry(false);
+                    info!(what, waited_ms = started.elapsed().as_millis() as u64, "the schema registry answers again");
+                }
+                return Ok(Some(answer));
+            }
+            Err(error) if error.is_retriable() => {
+                warn!(what, %error, retry_in_ms = delay.as_millis() as u64, "waiting for the schema registry");
+                status.failed(&format!("{what}: {error}"));
+                if !waited {
+                    waited = true;
+                    health.set_waiting_for_registry(true);
+                    on_wait().map_err(WaitError::Runtime)?;
+                }
+                if shutdown.is_cancelled() {
+                    health.set_waiting_for_registry(false);
+                    return Ok(None);
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_DELAY);
+            }
+            Err(error) => {
+                health.set_waiting_for_registry(false);
+                return Err(WaitError::Registry(error));
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum WaitError {
+    Registry(RegistryError),
+    Runtime(super::RuntimeError),
+}
+
+/// Registers the sink's schema under `<topic>-value`; returns its id (None: shut down).
+pub fn register_sink(
+    registry: &Registry,
+    subject: &str,
+    schema: &str,
+    health: &Health,
+    status: &Status,
+    shutdown: &CancellationToken,
+) -> Result<Option<u32>, super::RuntimeError> {
+    let what = format!("registering the sink's schema under subject '{subject}'");
+    match until_answered(&what, health, status, shutdown, || Ok(()), || registry.register(subject, schema)) {
+        Ok(id) => Ok(id),
+        Err(WaitError::Runtime(error)) => Err(error),
+        Err(WaitError::Registry(error)) => Err(super::RuntimeError::Setup(format!("{what}: {error}"))),
+    }
+}

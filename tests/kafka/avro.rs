@@ -1,0 +1,218 @@
+//! Avro through a real schema registry (see `schema_registry` in tests/support).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use apache_avro::types::Value as Avro;
+use apache_avro::Schema;
+use serde_json::json;
+
+use crate::support::*;
+
+const CLICK_V1: &str = r#"{"type":"record","name":"Click","namespace":"test","fields":[
+    {"name":"user","type":"string"},
+    {"name":"amount","type":"double"},
+    {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+
+/// v1 plus a field with a default: a compatible evolution under the registry's default
+/// (BACKWARD) rule.
+const CLICK_V2: &str = r#"{"type":"record","name":"Click","namespace":"test","fields":[
+    {"name":"user","type":"string"},
+    {"name":"amount","type":"double"},
+    {"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}},
+    {"name":"country","type":"string","default":"NL"}]}"#;
+
+fn click_v1(user: &str, amount: f64, ts: i64) -> Avro {
+    Avro::Record(vec![
+        ("user".into(), Avro::String(user.into())),
+        ("amount".into(), Avro::Double(amount)),
+        ("ts".into(), Avro::TimestampMillis(ts)),
+    ])
+}
+
+fn click_v2(user: &str, amount: f64, ts: i64, country: &str) -> Avro {
+    let Avro::Record(mut fields) = click_v1(user, amount, ts) else { unreachable!() };
+    fields.push(("country".into(), Avro::String(country.into())));
+    Avro::Record(fields)
+}
+
+fn registry_env() -> Vec<(String, String)> {
+    vec![("WEIR__SCHEMA_REGISTRY__URL".into(), schema_registry().url.clone())]
+}
+
+/// Avro in → tumbling window → Avro out, through the registry: records written with two
+/// versions of the writer schema are read by the pipeline's declared fields; the results are
+/// written with a schema weir registers under `<output>-value`.
+#[test]
+fn avro_in_window_avro_out_through_the_registry() {
+    let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-window"));
+    // One partition: one watermark, so which windows close is known.
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let v1_id = register_schema(&format!("{input}-value"), CLICK_V1);
+    let v2_id = register_schema(&format!("{input}-value"), CLICK_V2);
+    assert_ne!(v1_id, v2_id);
+    let (v1, v2) = (Schema::parse_str(CLICK_V1).unwrap(), Schema::parse_str(CLICK_V2).unwrap());
+
+    // 3 users, 400 clicks over 4 minutes; every third is written with the evolved schema.
+    let mut inputs = Vec::new();
+    let mut expected: BTreeMap<(String, i64), (i64, f64)> = BTreeMap::new();
+    for n in 0..400i64 {
+        let user = format!("u{}", n % 3);
+        let ts = 1_700_000_000_000 + n * 600;
+        let amount = (n % 7) as f64 + 0.5;
+        let value = match n % 3 {
+            0 => avro_record(v2_id, &v2, click_v2(&user, amount, ts, "FR")),
+            _ => avro_record(v1_id, &v1, click_v1(&user, amount, ts)),
+        };
+        inputs.push(Input::keyed(user.clone(), value));
+        let entry = expected.entry((user, ts - ts.rem_euclid(60_000))).or_default();
+        entry.0 += 1;
+        entry.1 += amount;
+    }
+    produce(&input, inputs);
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: avro
+    schema: {{ user: string, amount: double, ts: timestamp }}
+    event_time: {{ field: ts }}
+    watermark: {{ max_out_of_orderness: 1s }}
+    partitioned_by: [user]
+steps:
+  - window:
+      group_by: [user]
+      tumbling: 1m
+      aggregates: {{ clicks: count(), total: sum(amount) }}
+sink:
+  topic: {output}
+  format: avro
+"#
+    ));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(120)).success(), "{}", weir.log_text());
+
+    // --until-end keeps the last minute's windows open: every closed window is in the output.
+    let results = read_committed(&output);
+    assert!(!results.is_empty(), "{}", weir.log_text());
+    let mut ids = std::collections::BTreeSet::new();
+    for record in &results {
+        let (id, value) = read_avro(record.value.as_deref().unwrap());
+        ids.insert(id);
+        let user = value["user"].as_str().unwrap().to_string();
+        let start = value["window_start"].as_i64().unwrap();
+        let (count, total) = expected[&(user.clone(), start)];
+        assert_eq!(value, json!({"user": user, "window_start": start, "window_end": start + 60_000, "clicks": count, "total": total}));
+    }
+    let closed = expected.keys().filter(|(_, start)| *start + 60_000 <= 1_700_000_000_000 + 399 * 600 - 1_000).count();
+    assert_eq!(results.len(), closed);
+    // One schema, the one registered under the output's subject.
+    assert_eq!(ids.len(), 1);
+    let id = *ids.first().unwrap();
+    assert_eq!(latest_value_schema_id(&output), id);
+    assert!(read_committed(&format!("{name}.dlq")).is_empty());
+}
+
+/// Schema evolution both ways, as the pipeline sees it: a field the writer added is ignored by
+/// an older reader; a declared field an older writer lacks reads as null. Records that cannot
+/// be read (an id the registry does not know, bytes not in the wire format) go to the DLQ as
+/// decode errors while the rest flows on.
+#[test]
+fn evolved_writers_are_resolved_and_unreadable_records_go_to_the_dlq() {
+    let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-evolve"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let v1_id = register_schema(&format!("{input}-value"), CLICK_V1);
+    let v2_id = register_schema(&format!("{input}-value"), CLICK_V2);
+    let (v1, v2) = (Schema::parse_str(CLICK_V1).unwrap(), Schema::parse_str(CLICK_V2).unwrap());
+    let unknown_id: u32 = 987_654_321;
+    let mut unknown = avro_record(v1_id, &v1, click_v1("x", 1.0, 1));
+    unknown[1..5].copy_from_slice(&unknown_id.to_be_bytes());
+    produce(
+        &input,
+        [
+            Input::keyed("a", avro_record(v1_id, &v1, click_v1("ann", 1.5, 1_000))),
+            Input::keyed("b", avro_record(v2_id, &v2, click_v2("bob", 2.5, 2_000, "FR"))),
+            Input::keyed("c", unknown.clone()),
+            Input::keyed("d", br#"{"user":"json"}"#.to_vec()),
+            Input::keyed("e", avro_record(v2_id, &v2, click_v2("eve", 3.5, 3_000, "DE"))),
+        ],
+    );
+    // Declares `country` (only v2 has it) and not `ts` (both have it).
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: avro
+    schema: {{ user: string, amount: double, country: string }}
+sink:
+  topic: {output}
+"#
+    ));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+
+    let values: Vec<serde_json::Value> = read_committed(&output).iter().map(Seen::value_json).collect();
+    assert_eq!(
+        values,
+        vec![
+            json!({"user": "ann", "amount": 1.5, "country": null}),
+            json!({"user": "bob", "amount": 2.5, "country": "FR"}),
+            json!({"user": "eve", "amount": 3.5, "country": "DE"}),
+        ]
+    );
+    let dlq = read_committed(&format!("{name}.dlq"));
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    assert_eq!(dlq[0].key.as_deref(), Some(&b"c"[..]));
+    assert_eq!(dlq[0].value.as_deref(), Some(&unknown[..]));
+    assert_eq!(dlq[0].headers["weir-error-stage"], "decode");
+    assert!(dlq[0].headers["weir-error"].contains(&format!("writer schema id {unknown_id}")), "{:?}", dlq[0].headers);
+    assert_eq!(dlq[0].headers["weir-source-offset"], "2");
+    assert_eq!(dlq[1].headers["weir-error-stage"], "decode");
+    assert!(dlq[1].headers["weir-error"].contains("not in the Confluent Avro wire format"), "{:?}", dlq[1].headers);
+}
+
+/// An unreachable registry is waited for, not a reason to dead-letter anything: weir is not
+/// ready and says why in /status; once a registry answers (a second instance over the same
+/// schemas), every record is processed.
+#[test]
+fn an_unreachable_registry_is_waited_for_and_nothing_is_dead_lettered() {
+    let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-wait"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let v1_id = register_schema(&format!("{input}-value"), CLICK_V1);
+    let v1 = Schema::parse_str(CLICK_V1).unwrap();
+    produce(&input, (0..50).map(|n| Input::keyed(format!("k{n}"), avro_record(v1_id, &v1, click_v1("ann", n as f64, n)))));
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: avro
+    schema: {{ user: string, amount: double }}
+sink:
+  topic: {output}
+"#
+    ));
+    let port = free_port();
+    let env = vec![("WEIR__SCHEMA_REGISTRY__URL".to_string(), format!("http://127.0.0.1:{port}"))];
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
+    wait_until(Duration::from_secs(60), "weir reports the unreachable registry", || {
+        weir.http_get("/status").is_some_and(|(_, body)| body.contains("schema registry is unreachable"))
+    });
+    assert_eq!(weir.http_get("/health/ready").map(|(status, _)| status), Some(503));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(weir.child.try_wait().unwrap().is_none(), "weir gave up: {}", weir.log_text());
+    assert!(read_uncommitted(&format!("{name}.dlq")).is_empty());
+
+    let Some(schemas_topic) = &schema_registry().schemas_topic else {
+        return; // An external registry: no second instance to start here.
+    };
+    start_schema_registry_on(port, schemas_topic, &[]);
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+    assert_eq!(read_committed(&output).len(), 50);
+    assert!(read_committed(&format!("{name}.dlq")).is_empty());
+}
