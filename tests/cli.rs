@@ -322,6 +322,13 @@ sink:
     assert!(stderr.contains("schema_registry.url (env WEIR__SCHEMA_REGISTRY__URL): 'registry:8081' is not an http"), "{stderr}");
     assert!(stderr.contains("schema_registry.password_file (env WEIR__SCHEMA_REGISTRY__PASSWORD_FILE): cannot read"), "{stderr}");
 
+    // Avro keys are made from fields: a pass-through without sink.key has none.
+    let (_dir, path) = write(&GOOD.replace("  key: [user_id]\n", "  key_format: avro\n"));
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sink.key_format: avro keys are made from fields"), "{stderr}");
+
     // A good Avro pipeline, but no registry configured.
     let (_dir, path) = write(&GOOD.replace("format: json", "format: avro"));
     let output = weir(&["run", "--pipeline", &path], &[]);

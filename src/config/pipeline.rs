@@ -232,6 +232,7 @@ impl Pipeline {
         };
         to_json(&mut pipeline.source.encoding);
         to_json(&mut pipeline.sink.encoding);
+        to_json(&mut pipeline.sink.key_encoding);
         if let Some(Step::Join(join)) = pipeline.steps.first_mut() {
             to_json(&mut join.right.encoding);
         }
@@ -245,6 +246,7 @@ impl Pipeline {
             .find(|source| source.encoding == Encoding::Avro)
             .map(|source| format!("source '{}'", source.name))
             .or_else(|| (self.sink.encoding == Encoding::Avro).then(|| "the sink".to_string()))
+            .or_else(|| (self.sink.key_encoding == Encoding::Avro).then(|| "the sink's key".to_string()))
     }
 
     /// The fields of the records the sink receives, with their types: the last step's
@@ -281,6 +283,39 @@ impl Pipeline {
             }
         }
         schema
+    }
+
+    /// The fields of the Kafka keys weir makes for the sink, with their types: `sink.key`, or
+    /// the key of the last step that sets one (a dedup's or join's key, a window's group,
+    /// plus `window_start` under `emit: update`). None: each input record's key is kept as
+    /// it is (no keyed step and no `sink.key`).
+    pub fn output_key_schema(&self) -> Option<Schema> {
+        let typed = |schema: &Schema, fields: &[String]| Schema {
+            fields: fields.iter().map(|field| (field.clone(), schema.field_type(field).cloned().unwrap_or(FieldType::String))).collect(),
+        };
+        let mut key = None;
+        // An update-mode window's results keep their window's key, whatever sink.key says.
+        let mut upsert = false;
+        for (index, step) in self.steps.iter().enumerate() {
+            let input = self.step_source(index).record_schema();
+            match step {
+                Step::Filter(_) => {}
+                Step::Dedup(dedup) => key = Some(typed(&input, &dedup.key)),
+                Step::Join(join) => key = Some(typed(&self.source.record_schema(), &join.on)),
+                Step::Window(window) => {
+                    let mut schema = typed(&input, &window.group_by);
+                    if window.emit == EmitMode::Update {
+                        schema.fields.push(("window_start".into(), FieldType::Timestamp));
+                        upsert = true;
+                    }
+                    key = Some(schema);
+                }
+            }
+        }
+        match upsert || self.sink.key.is_empty() {
+            true => key,
+            false => Some(typed(&self.output_schema(), &self.sink.key)),
+        }
     }
 
     /// The source that reads `topic` (by name, or the pattern's match).
@@ -452,6 +487,8 @@ pub struct Sink {
     pub encoding: Encoding,
     /// Fields forming the Kafka key; empty keeps each input record's key.
     pub key: Vec<String>,
+    /// How keys that weir makes (from fields) are written: json or avro.
+    pub key_encoding: Encoding,
     pub mode: SinkMode,
 }
 
@@ -510,6 +547,8 @@ struct RawSink {
     format: Encoding,
     #[serde(default)]
     key: Vec<String>,
+    #[serde(default = "json_encoding")]
+    key_format: Encoding,
     #[serde(default)]
     mode: SinkMode,
 }
@@ -613,6 +652,20 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
         && let Err(problem) = crate::codec::avro::AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)
     {
         problems.push("sink.format", problem);
+    }
+    if pipeline.sink.key_encoding == Encoding::Avro {
+        match pipeline.output_key_schema() {
+            None => problems.push(
+                "sink.key_format",
+                "avro keys are made from fields: set sink.key, or use a dedup, window or join (whose key it is); \
+                 a pipeline without one keeps each input record's key bytes as they are",
+            ),
+            Some(schema) => {
+                if let Err(problem) = crate::codec::avro::AvroEncoder::new(&schema, &format!("{}-key", pipeline.name)) {
+                    problems.push("sink.key_format", problem);
+                }
+            }
+        }
     }
     Some(pipeline)
 }
@@ -1130,6 +1183,9 @@ fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors
             "idempotent_upsert is not available in this version of weir yet; use transactional",
         );
     }
+    if raw.key_format == Encoding::String {
+        problems.push("sink.key_format", "keys are written as json or avro");
+    }
     check_fields(&raw.key, source, "sink.key", problems);
-    Sink { topic: raw.topic, encoding: raw.format, key: raw.key, mode: raw.mode }
+    Sink { topic: raw.topic, encoding: raw.format, key: raw.key, key_encoding: raw.key_format, mode: raw.mode }
 }

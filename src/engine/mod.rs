@@ -161,6 +161,8 @@ pub struct Engine {
     /// Avro writer schemas by registry id, shared by both sources' decoders.
     writers: Arc<WriterSchemas>,
     encoder: Encoder,
+    /// For the keys weir makes from fields.
+    key_encoder: Encoder,
     topology: Topology,
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
@@ -177,6 +179,13 @@ impl Engine {
         };
         let encoder = match pipeline.sink.encoding {
             crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)?),
+            _ => Encoder::Json,
+        };
+        let key_encoder = match (pipeline.sink.key_encoding, pipeline.output_key_schema()) {
+            (crate::config::Encoding::Avro, Some(schema)) => {
+                Encoder::Avro(AvroEncoder::new(&schema, &format!("{}-key", pipeline.name))?)
+            }
+            (crate::config::Encoding::Avro, None) => return Err("avro keys need sink.key or a keyed step".into()),
             _ => Encoder::Json,
         };
         let decoder = decoder_of(source)?;
@@ -199,6 +208,7 @@ impl Engine {
             right,
             writers,
             encoder,
+            key_encoder,
             topology,
             counts: BatchCounts::default(),
             repartition_topics,
@@ -215,12 +225,18 @@ impl Engine {
         self.stage_of_topic(topic).is_none() && self.pipeline.source_of_topic(topic).encoding == crate::config::Encoding::Avro
     }
 
-    /// The sink's Avro encoder, to register its schema and set the id.
-    pub fn avro_sink(&mut self) -> Option<&mut AvroEncoder> {
-        match &mut self.encoder {
-            Encoder::Avro(encoder) => Some(encoder),
-            Encoder::Json => None,
+    /// The sink's Avro encoders, to register their schemas and set the ids: the value's
+    /// (subject `<topic>-value`) and the key's (`<topic>-key`).
+    pub fn avro_sink(&mut self) -> Vec<(String, &mut AvroEncoder)> {
+        let topic = &self.pipeline.sink.topic;
+        let mut encoders = Vec::new();
+        if let Encoder::Avro(encoder) = &mut self.encoder {
+            encoders.push((format!("{topic}-value"), encoder));
         }
+        if let Encoder::Avro(encoder) = &mut self.key_encoder {
+            encoders.push((format!("{topic}-key"), encoder));
+        }
+        encoders
     }
 
     /// Declares the input partitions that feed this engine: each holds the watermark after a
@@ -479,11 +495,18 @@ impl Engine {
                 Emitted::Record(record) => {
                     let key = if record.upsert || self.pipeline.sink.key.is_empty() {
                         match &record.key {
-                            Some(key) => Some(json::encode(key)),
-                            None => record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec),
+                            Some(key) => self.key_encoder.encode(key).map(Some),
+                            None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
                         }
                     } else {
-                        Some(json::encode(&key_of(&record.fields, &self.pipeline.sink.key)))
+                        self.key_encoder.encode(&key_of(&record.fields, &self.pipeline.sink.key)).map(Some)
+                    };
+                    let key = match key {
+                        Ok(key) => key,
+                        Err(error) => {
+                            self.unencodable(None, &record, &format!("the key: {error}"), outputs)?;
+                            continue;
+                        }
                     };
                     match self.encoder.encode(&record.fields) {
                         Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers: Vec::new() },
@@ -493,9 +516,15 @@ impl Engine {
                         }
                     }
                 }
-                Emitted::Tombstone(key) => {
-                    Output { destination: Destination::Sink, partition: None, key: Some(json::encode(&key)), value: None, headers: Vec::new() }
-                }
+                Emitted::Tombstone(key) => match self.key_encoder.encode(&key) {
+                    Ok(bytes) => Output { destination: Destination::Sink, partition: None, key: Some(bytes), value: None, headers: Vec::new() },
+                    // Keys are derived from typed fields; only a bug gets here. The tombstone
+                    // is then not written: the merged-away session's last value stays.
+                    Err(error) => {
+                        tracing::error!(%error, "a session tombstone's key cannot be encoded; it is not written");
+                        continue;
+                    }
+                },
                 Emitted::Forward(forward) => {
                     // Internal traffic: not counted as output.
                     outputs.push(forwarded(forward));

@@ -98,13 +98,14 @@ pub fn run(
         None => None,
         Some(_) => Some(Registry::new(&settings.schema_registry).map_err(RuntimeError::Setup)?),
     };
-    if let (Some(registry), Some(encoder)) = (&registry, engine.avro_sink()) {
-        let subject = format!("{}-value", pipeline.sink.topic);
-        let Some(id) = schemas::register_sink(registry, &subject, encoder.schema_text(), &health, &status, &shutdown)? else {
-            return Ok(());
-        };
-        encoder.set_id(id);
-        info!(%subject, id, "the sink's Avro schema is registered");
+    if let Some(registry) = &registry {
+        for (subject, encoder) in engine.avro_sink() {
+            let Some(id) = schemas::register_sink(registry, &subject, encoder.schema_text(), &health, &status, &shutdown)? else {
+                return Ok(());
+            };
+            encoder.set_id(id);
+            info!(%subject, id, "the sink's Avro schema is registered");
+        }
     }
     let layout = topics::prepare(settings, pipeline, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
     if let (Some(layout), false) = (layout, repartitions.is_empty()) {

@@ -42,7 +42,8 @@ fn registry_env() -> Vec<(String, String)> {
 
 /// Avro in → tumbling window → Avro out, through the registry: records written with two
 /// versions of the writer schema are read by the pipeline's declared fields; the results are
-/// written with a schema weir registers under `<output>-value`.
+/// written with a schema weir registers under `<output>-value`, and their keys (the group)
+/// with one under `<output>-key`.
 #[test]
 fn avro_in_window_avro_out_through_the_registry() {
     let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-window"));
@@ -89,6 +90,7 @@ steps:
 sink:
   topic: {output}
   format: avro
+  key_format: avro
 "#
     ));
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
@@ -98,9 +100,13 @@ sink:
     let results = read_committed(&output);
     assert!(!results.is_empty(), "{}", weir.log_text());
     let mut ids = std::collections::BTreeSet::new();
+    let mut key_ids = std::collections::BTreeSet::new();
     for record in &results {
         let (id, value) = read_avro(record.value.as_deref().unwrap());
         ids.insert(id);
+        let (key_id, key) = read_avro(record.key.as_deref().unwrap());
+        key_ids.insert(key_id);
+        assert_eq!(key, json!({"user": value["user"]}));
         let user = value["user"].as_str().unwrap().to_string();
         let start = value["window_start"].as_i64().unwrap();
         let (count, total) = expected[&(user.clone(), start)];
@@ -108,10 +114,11 @@ sink:
     }
     let closed = expected.keys().filter(|(_, start)| *start + 60_000 <= 1_700_000_000_000 + 399 * 600 - 1_000).count();
     assert_eq!(results.len(), closed);
-    // One schema, the one registered under the output's subject.
+    // One schema each, the ones registered under the output's subjects.
     assert_eq!(ids.len(), 1);
-    let id = *ids.first().unwrap();
-    assert_eq!(latest_value_schema_id(&output), id);
+    assert_eq!(latest_schema_id(&output, false), *ids.first().unwrap());
+    assert_eq!(key_ids.len(), 1);
+    assert_eq!(latest_schema_id(&output, true), *key_ids.first().unwrap());
     assert!(read_committed(&format!("{name}.dlq")).is_empty());
 }
 

@@ -798,12 +798,12 @@ pub fn schema_by_id(id: u32) -> apache_avro::Schema {
     apache_avro::Schema::parse_str(&registered.schema).unwrap()
 }
 
-/// The id of the latest schema under `<topic>-value`.
-pub fn latest_value_schema_id(topic: &str) -> u32 {
+/// The id of the latest schema under `<topic>-value` (`<topic>-key` for keys).
+pub fn latest_schema_id(topic: &str, key: bool) -> u32 {
     use schema_registry_converter::async_impl::schema_registry::{get_schema_by_subject, SrSettings};
     use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
     let settings = SrSettings::new(schema_registry().url.clone());
-    block_on(get_schema_by_subject(&settings, &SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false))).unwrap().id
+    block_on(get_schema_by_subject(&settings, &SubjectNameStrategy::TopicNameStrategy(topic.to_string(), key))).unwrap().id
 }
 
 /// `value` in the Confluent wire format, for the writer schema `id`.
