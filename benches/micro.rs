@@ -132,7 +132,7 @@ fn store(c: &mut Criterion) {
                     .collect::<Vec<_>>();
                 (writes, batch as i64)
             },
-            |(writes, offset)| store.apply(&writes, &[(0, 0, offset)]).unwrap(),
+            |(writes, offset)| store.apply(&writes, &[(0, 0, offset)], &[]).unwrap(),
             BatchSize::SmallInput,
         )
     });

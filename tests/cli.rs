@@ -362,3 +362,77 @@ fn weir_test_takes_avro_records_as_json() {
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.contains(r#""value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":1000}"#), "{stdout}");
 }
+
+/// What idempotent_upsert runs in this version, and what it refuses, all at once.
+#[test]
+fn idempotent_upsert_refuses_what_needs_transactions() {
+    let text = r#"
+name: upsert-problems
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: { user: string, amount: double, ts: long }
+    event_time: { field: ts }
+    watermark: { max_out_of_orderness: 1s }
+    partitioned_by: [user]
+steps:
+  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }
+  - dedup: { key: [amount], within: 1m }
+sink:
+  topic: out
+  key: [user]
+  mode: idempotent_upsert
+"#;
+    let (_dir, path) = write(text);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("steps[0].window.emit: idempotent_upsert writes each window once, with emit: final"), "{stderr}");
+    assert!(stderr.contains("sink.key: idempotent_upsert keys every output by its id"), "{stderr}");
+    assert!(stderr.contains("sink.mode: idempotent_upsert needs every keyed step keyed by the source's partitioned_by fields (user)"), "{stderr}");
+}
+
+/// `weir test` shows upsert ids: the input's position for a pass-through, the group and
+/// window start for a window, each with a version.
+#[test]
+fn weir_test_shows_upsert_ids_and_versions() {
+    let pass = GOOD.replace("  key: [user_id]\n", "  mode: idempotent_upsert\n");
+    let (dir, path) = write(&pass);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":61000}}"#,
+            "\n",
+            r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e2","user_id":"ann","amount":1.0,"ts":62000}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["key"], serde_json::json!({"topic": "clicks", "partition": 2, "offset": 1}));
+    assert_eq!(lines[1]["headers"]["weir-id"], r#"{"topic":"clicks","partition":2,"offset":1}"#);
+    assert_eq!(lines[1]["headers"]["weir-version"], "1");
+
+    let window = pass
+        .replace(
+            "  - filter: \"amount > 0.0 && user_id != 'bot'\"",
+            "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { total: sum(amount) } }",
+        )
+        .replace("    watermark: { max_out_of_orderness: 5s }\n", "    watermark: { max_out_of_orderness: 5s }\n    partitioned_by: [user_id]\n");
+    std::fs::write(&path, &window).unwrap();
+    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}\n{window}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["key"], serde_json::json!({"user_id": "ann", "window_start": 60000}));
+    assert_eq!(lines[0]["headers"]["weir-id"], r#"{"user_id":"ann","window_start":60000}"#);
+    assert_eq!(lines[0]["headers"]["weir-version"], "119999");
+    assert_eq!(lines[0]["value"]["total"], 3.5);
+}

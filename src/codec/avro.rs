@@ -144,13 +144,18 @@ fn resolve_value(field_type: &FieldType, value: AvroValue, path: &str) -> Result
             })?),
             other => return Err(mismatch(&other)),
         },
+        // A plain long reader gets a logical type's underlying number, as Avro resolves it.
         FieldType::Long => match value {
-            AvroValue::Int(number) => Value::from(number),
-            AvroValue::Long(number) => Value::from(number),
-            other => match epoch_millis(&other) {
-                Some(millis) => Value::from(millis),
-                None => return Err(mismatch(&other)),
-            },
+            AvroValue::Int(number) | AvroValue::Date(number) | AvroValue::TimeMillis(number) => Value::from(number),
+            AvroValue::Long(number)
+            | AvroValue::TimeMicros(number)
+            | AvroValue::TimestampMillis(number)
+            | AvroValue::TimestampMicros(number)
+            | AvroValue::TimestampNanos(number)
+            | AvroValue::LocalTimestampMillis(number)
+            | AvroValue::LocalTimestampMicros(number)
+            | AvroValue::LocalTimestampNanos(number) => Value::from(number),
+            other => return Err(mismatch(&other)),
         },
         FieldType::Timestamp => match value {
             AvroValue::Int(number) => Value::from(number),
@@ -300,6 +305,11 @@ fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, FieldName
 }
 
 fn encode_record(names: &FieldNames, fields: &Map<String, Value>, path: &str) -> Result<AvroValue, String> {
+    // A field the schema lacks would be dropped without a word.
+    if let Some(extra) = fields.keys().find(|name| !names.iter().any(|(known, _, _)| known == *name)) {
+        let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
+        return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
+    }
     let mut record = Vec::with_capacity(names.len());
     for (name, avro_field, field_type) in names {
         let field_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
@@ -408,6 +418,24 @@ mod tests {
     }
 
     #[test]
+    fn logical_types_read_as_their_number_into_long_and_as_millis_into_timestamp() {
+        const MICROS: &str = r#"{"type":"record","name":"T","fields":[
+            {"name":"a","type":{"type":"long","logicalType":"timestamp-micros"}},
+            {"name":"b","type":{"type":"long","logicalType":"timestamp-micros"}}]}"#;
+        let reader = schema(&[("a", FieldType::Long), ("b", FieldType::Timestamp)]);
+        let decoder = decoder(reader, &[(3, MICROS)]);
+        let writer = AvroSchema::parse_str(MICROS).unwrap();
+        let record = AvroValue::Record(vec![
+            ("a".into(), AvroValue::TimestampMicros(1_700_000_000_123_456)),
+            ("b".into(), AvroValue::TimestampMicros(1_700_000_000_123_456)),
+        ]);
+        assert_eq!(
+            Value::Object(decoder.decode(&wire(3, &writer, record)).unwrap()),
+            serde_json::json!({"a": 1_700_000_000_123_456i64, "b": 1_700_000_000_123i64})
+        );
+    }
+
+    #[test]
     fn bad_records_say_what_is_wrong() {
         let reader = schema(&[("user", FieldType::Long)]);
         let decoder = decoder(reader, &[(1, V1)]);
@@ -461,6 +489,8 @@ mod tests {
         );
         let error = encoder.encode(serde_json::json!({"n": "two"}).as_object().unwrap()).unwrap_err();
         assert!(error.contains("output field 'n'"), "{error}");
+        let error = encoder.encode(serde_json::json!({"n": 1, "extra": 2}).as_object().unwrap()).unwrap_err();
+        assert!(error.contains("field 'extra'"), "{error}");
     }
 
     #[test]

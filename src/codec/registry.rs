@@ -60,12 +60,12 @@ impl Registry {
     pub fn writer_schema(&self, id: u32) -> Result<Result<Arc<AvroSchema>, String>, RegistryError> {
         let registered = match self.handle.block_on(get_schema_by_id(id, &self.settings)) {
             Ok(registered) => registered,
-            Err(error) => {
-                return match classify(&error) {
-                    RegistryError::Rejected(reason) => Ok(Err(format!("the schema registry has no usable schema: {reason}"))),
-                    other => Err(other),
-                };
+            // Only the registry's own "schema not found" makes the id a bad one; any other
+            // refusal (a wrong URL behind a proxy, say) is a setup problem, not a bad record.
+            Err(error) if schema_not_found(&error) => {
+                return Ok(Err(format!("the schema registry does not know it ({})", describe(&error))));
             }
+            Err(error) => return Err(classify(&error)),
         };
         if registered.schema_type != SchemaType::Avro {
             return Ok(Err(format!("the schema registry says it is a {:?} schema, not Avro", registered.schema_type)));
@@ -100,6 +100,11 @@ impl Registry {
 fn status(error: &SRCError) -> Option<u16> {
     let (_, after) = error.error.split_once("status ")?;
     after.split_whitespace().next()?.parse().ok()
+}
+
+/// Confluent's 404 with error code 40403: no schema has this id.
+fn schema_not_found(error: &SRCError) -> bool {
+    status(error) == Some(404) && error.cause.as_deref().is_some_and(|cause| cause.contains("error_code: 40403"))
 }
 
 fn describe(error: &SRCError) -> String {

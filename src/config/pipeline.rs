@@ -252,13 +252,18 @@ impl Pipeline {
     /// The fields of the records the sink receives, with their types: the last step's
     /// output (a window's group_by fields, window bounds and aggregates), else its input.
     pub fn output_schema(&self) -> Schema {
+        self.schema_seen_by(self.steps.len())
+    }
+
+    /// The fields of the records step `index` receives (`steps.len()`: the sink's).
+    fn schema_seen_by(&self, index: usize) -> Schema {
         let mut schema = self.source.record_schema();
-        for (index, step) in self.steps.iter().enumerate() {
+        for step in &self.steps[..index.min(self.steps.len())] {
             match step {
                 Step::Filter(_) | Step::Dedup(_) => {}
                 Step::Join(join) => schema = join.output.record_schema(),
                 Step::Window(window) => {
-                    let input = self.step_source(index).record_schema();
+                    let input = schema;
                     let type_of = |field: &str| input.field_type(field).cloned().unwrap_or(FieldType::String);
                     let mut fields: Vec<(String, FieldType)> =
                         window.group_by.iter().map(|field| (field.clone(), type_of(field))).collect();
@@ -294,19 +299,23 @@ impl Pipeline {
             fields: fields.iter().map(|field| (field.clone(), schema.field_type(field).cloned().unwrap_or(FieldType::String))).collect(),
         };
         let mut key = None;
-        // An update-mode window's results keep their window's key, whatever sink.key says.
+        // Whether the records are an update-mode window's: they keep their window's key,
+        // whatever sink.key says (as the engine's emit does).
         let mut upsert = false;
         for (index, step) in self.steps.iter().enumerate() {
-            let input = self.step_source(index).record_schema();
+            let input = self.schema_seen_by(index);
             match step {
                 Step::Filter(_) => {}
                 Step::Dedup(dedup) => key = Some(typed(&input, &dedup.key)),
-                Step::Join(join) => key = Some(typed(&self.source.record_schema(), &join.on)),
+                Step::Join(join) => {
+                    key = Some(typed(&self.source.record_schema(), &join.on));
+                    upsert = false;
+                }
                 Step::Window(window) => {
                     let mut schema = typed(&input, &window.group_by);
-                    if window.emit == EmitMode::Update {
+                    upsert = window.emit == EmitMode::Update;
+                    if upsert {
                         schema.fields.push(("window_start".into(), FieldType::Timestamp));
-                        upsert = true;
                     }
                     key = Some(schema);
                 }
@@ -653,6 +662,9 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     {
         problems.push("sink.format", problem);
     }
+    if pipeline.sink.mode == SinkMode::IdempotentUpsert {
+        check_upsert(&pipeline, problems);
+    }
     if pipeline.sink.key_encoding == Encoding::Avro {
         match pipeline.output_key_schema() {
             None => problems.push(
@@ -668,6 +680,46 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
         }
     }
     Some(pipeline)
+}
+
+/// What `mode: idempotent_upsert` runs in this version: every step in the tasks of the input
+/// partitions. A repartition topic (a join, or a keyed step not keyed by `partitioned_by`)
+/// is a Kafka hop whose consistency with state and offsets needs transactions; an
+/// `emit: update` window's outputs depend on where batches end, so their ids would carry
+/// different values across a replay.
+fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
+    const WHY: &str = "idempotent_upsert";
+    if pipeline.join().is_some() {
+        problems.push("sink.mode", format!("{WHY} does not run joins yet (a join goes through a repartition topic, which needs transactions); use transactional"));
+        return;
+    }
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        if let Step::Window(window) = step
+            && window.emit == EmitMode::Update
+        {
+            problems.push(
+                format!("steps[{index}].window.emit"),
+                format!("{WHY} writes each window once, with emit: final; emit: update results depend on batch boundaries"),
+            );
+        }
+    }
+    if !pipeline.sink.key.is_empty() {
+        problems.push("sink.key", format!("{WHY} keys every output by its id (see README); remove sink.key"));
+    }
+    if pipeline.sink.key_encoding == Encoding::Avro {
+        problems.push("sink.key_format", format!("{WHY} keys every output by its id, as JSON"));
+    }
+    if let Ok(engine) = crate::engine::Engine::new(pipeline)
+        && engine.stage_count() > 1
+    {
+        problems.push(
+            "sink.mode",
+            format!(
+                "{WHY} needs every keyed step keyed by the source's partitioned_by fields ({}): a repartition topic needs transactions; use transactional",
+                pipeline.source.partitioned_by.join(", ")
+            ),
+        );
+    }
 }
 
 /// Deserializes one section, recording a problem located at `location` when it does not fit.
@@ -1176,12 +1228,6 @@ fn check_sink(raw: RawSink, source: Option<&Source>, problems: &mut ConfigErrors
     }
     if raw.format == Encoding::String {
         problems.push("sink.format", "a sink writes json or avro");
-    }
-    if raw.mode == SinkMode::IdempotentUpsert {
-        problems.push(
-            "sink.mode",
-            "idempotent_upsert is not available in this version of weir yet; use transactional",
-        );
     }
     if raw.key_format == Encoding::String {
         problems.push("sink.key_format", "keys are written as json or avro");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{json, Decoder, Encoder};
-use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline};
+use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline, SinkMode};
 use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
 pub use topology::ChangelogEntry;
 use topology::{ChainResult, Topology};
@@ -508,8 +508,17 @@ impl Engine {
                             continue;
                         }
                     };
+                    // Upsert mode: the key is the output's id, also in a header with its version.
+                    let (key, headers) = match self.pipeline.sink.mode {
+                        SinkMode::IdempotentUpsert => {
+                            let (id, version) = upsert_id(&record);
+                            let id = json::encode(&id);
+                            (Some(id.clone()), vec![(ID_HEADER.to_string(), id), (VERSION_HEADER.to_string(), version.to_string().into_bytes())])
+                        }
+                        SinkMode::Transactional => (key, Vec::new()),
+                    };
                     match self.encoder.encode(&record.fields) {
-                        Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers: Vec::new() },
+                        Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers },
                         Err(error) => {
                             self.unencodable(key, &record, &error, outputs)?;
                             continue;
@@ -597,6 +606,39 @@ impl Engine {
     /// The counts since the last call; called when a batch commits or aborts.
     pub fn take_counts(&mut self) -> BatchCounts {
         std::mem::take(&mut self.counts)
+    }
+}
+
+/// The headers of an output's id and version in `mode: idempotent_upsert`.
+pub const ID_HEADER: &str = "weir-id";
+pub const VERSION_HEADER: &str = "weir-version";
+
+/// A sink record's deterministic id in upsert mode, from its inputs, and its version:
+/// - a window's result: the group and `window_start`; version: its event time (window end - 1);
+/// - a dedup's output: the dedup key; version: the input offset;
+/// - anything else (pass-through, filter): the input's topic, partition and offset; version:
+///   the offset.
+///
+/// A replay from the same offsets rebuilds the same state, so it writes the same ids with
+/// the same values.
+fn upsert_id(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
+    match (&record.key, record.provenance) {
+        (Some(key), None) => {
+            let mut id = key.clone();
+            if let Some(start) = record.fields.get("window_start") {
+                id.insert("window_start".into(), start.clone());
+            }
+            (id, record.event_time)
+        }
+        (Some(key), Some(provenance)) => (key.clone(), provenance.offset),
+        (None, Some(provenance)) => {
+            let mut id = serde_json::Map::with_capacity(3);
+            id.insert("topic".into(), provenance.topic.into());
+            id.insert("partition".into(), provenance.partition.into());
+            id.insert("offset".into(), provenance.offset.into());
+            (id, provenance.offset)
+        }
+        (None, None) => (serde_json::Map::new(), record.event_time),
     }
 }
 

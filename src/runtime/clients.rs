@@ -33,6 +33,14 @@ pub fn producer_config(settings: &Settings, transactional_id: &str) -> ClientCon
     config
 }
 
+/// `mode: idempotent_upsert`: an idempotent producer (no duplicates or reordering from its
+/// own retries), without transactions.
+pub fn upsert_producer_config(settings: &Settings) -> ClientConfig {
+    let mut config = base(settings);
+    config.set("enable.idempotence", "true").set("acks", "all");
+    config
+}
+
 /// The consumer: manual offsets that are only ever committed inside our transactions.
 pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str) -> ClientConfig {
     let mut config = base(settings);

@@ -36,6 +36,10 @@ impl Health {
         self.waiting_for_registry.store(waiting, Ordering::Relaxed);
     }
 
+    pub fn is_waiting_for_registry(&self) -> bool {
+        self.waiting_for_registry.load(Ordering::Relaxed)
+    }
+
     pub fn set_lag_limit(&self, records: u64) {
         self.lag_limit.store(records, Ordering::Relaxed);
     }

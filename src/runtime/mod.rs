@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::codec::avro;
-use crate::codec::registry::{Registry, RegistryError};
-use crate::config::{Loaded, SourceTopics};
+use crate::codec::registry::Registry;
+use crate::config::{Loaded, SinkMode, SourceTopics};
 use crate::engine::{Destination, Engine, ForwardHeaders, InputRecord, Output, Stage};
 use state::{Changelogs, Restorer};
 use store::StateStore;
@@ -67,6 +67,8 @@ use transaction::{DeliveryWatch, Outcome, Transaction};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the loop waits for the registry before polling the consumer again.
+const REGISTRY_WAIT: Duration = Duration::from_secs(30);
 
 /// Per-process options from the command line.
 #[derive(Debug, Clone)]
@@ -90,7 +92,10 @@ pub fn run(
     let Loaded { settings, pipeline } = loaded;
     let mut engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
-    let changelogs = Changelogs::new(&pipeline.name, &engine.stateful_steps());
+    // Upsert mode keeps state in the local store alone, with the input offsets it is at.
+    let upsert = pipeline.sink.mode == SinkMode::IdempotentUpsert;
+    let changelog_steps = if upsert { Vec::new() } else { engine.stateful_steps() };
+    let changelogs = Changelogs::new(&pipeline.name, &changelog_steps);
 
     let repartitions: BTreeMap<usize, String> = engine.repartition_topics().into_iter().collect();
     clients::check_connection(settings)?;
@@ -125,7 +130,12 @@ pub fn run(
         false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone())?),
     };
 
-    let producer: BaseProducer<DeliveryWatch> = clients::producer_config(settings, &transactional_id)
+    let mut producer_config = match upsert {
+        true => clients::upsert_producer_config(settings),
+        false => clients::producer_config(settings, &transactional_id),
+    };
+    cap_record_size(&mut producer_config, settings, &[&pipeline.sink.topic, &pipeline.dlq_topic])?;
+    let producer: BaseProducer<DeliveryWatch> = producer_config
         .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
     let transaction = Transaction::new(
@@ -136,11 +146,15 @@ pub fn run(
         (pipeline.source.name.clone(), pipeline.join().map(|join| join.right.name.clone())),
         pipeline.sink.topic.clone(),
     );
+    let transaction = if upsert { transaction.without_transactions() } else { transaction };
     // Fence first: this aborts whatever a previous incarnation left open before we read
     // any offsets.
     transaction.initialize(|| !shutdown.is_cancelled())?;
     health.set_transactions_ready(true);
-    info!(transactional_id = %transactional_id, "transactions initialized");
+    match upsert {
+        true => info!("idempotent_upsert: an idempotent producer without transactions; offsets kept with the state"),
+        false => info!(transactional_id = %transactional_id, "transactions initialized"),
+    }
 
     let topics = OutputTopics {
         sink: pipeline.sink.topic.clone(),
@@ -304,12 +318,27 @@ impl Loop<'_> {
     fn restore_pending(&mut self) -> Result<(), RuntimeError> {
         let mut session = self.consumer.context().session();
         let pending = std::mem::take(&mut session.pending_restore);
-        let Some(restorer) = self.restorer else {
-            return Ok(());
-        };
         if pending.is_empty() {
             return Ok(());
         }
+        if !session.transaction.is_transactional() {
+            // Upsert mode: the local store has the state, at the offsets reading resumes from.
+            let Session { engine, store, owned, .. } = &mut *session;
+            if let Some(store) = store {
+                self.health.set_restoring(true);
+                for (topic, partition) in pending {
+                    if owned.contains_key(&(topic.clone(), partition)) {
+                        state::restore_local(engine, store, &topic, partition)?;
+                    }
+                }
+                self.health.set_restoring(false);
+            }
+            self.metrics.state_keys.set(session.engine.state_keys() as i64);
+            return Ok(());
+        }
+        let Some(restorer) = self.restorer else {
+            return Ok(());
+        };
         self.health.set_restoring(true);
         for (topic, partition) in pending {
             if session.owned.contains_key(&(topic.clone(), partition)) {
@@ -369,29 +398,34 @@ impl Loop<'_> {
         }
         let what = format!("fetching writer schema id {id}");
         let (health, status, shutdown) = (self.health, self.status, self.shutdown);
-        let mut aborted = false;
-        // Nothing waits in an open transaction while the registry is away.
-        let commit_first = || {
-            aborted = matches!(self.commit(None)?, Some(Outcome::Aborted { .. }));
-            Ok(())
+        let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
+        let mut waited = false;
+        // The registry is away: this record goes back to be read again (so no offset past
+        // it is committed), and the open batch commits, so no transaction stays open while
+        // we wait. The wait is bounded, so the consumer is polled well within
+        // max.poll.interval.ms; the record comes back at once and the wait goes on.
+        let set_aside = || {
+            waited = true;
+            self.consumer
+                .seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+                .map_err(|error| RuntimeError::Fatal(format!("seeking {topic}[{partition}] back to {offset}: {error}")))?;
+            self.commit(None).map(drop)
         };
-        let fetched = schemas::until_answered(&what, health, status, shutdown, commit_first, || {
+        let fetched = schemas::until_answered(&what, health, status, shutdown, Some(REGISTRY_WAIT), set_aside, || {
             registry.writer_schema(id)
         });
         match fetched {
             Ok(Some(schema)) => {
                 if let Err(reason) = &schema {
-                    warn!(id, %reason, "a writer schema id the registry cannot give; its records are bad records");
+                    warn!(id, %reason, "a writer schema id the registry does not know; its records are bad records");
                 }
                 writers.insert(id, schema);
-                Ok(!aborted)
+                // Set aside while waiting: it is read again, behind the rewind.
+                Ok(!waited)
             }
             Ok(None) => Ok(false),
             Err(schemas::WaitError::Runtime(error)) => Err(error),
-            Err(schemas::WaitError::Registry(error @ RegistryError::Unauthorized(_))) => {
-                Err(RuntimeError::Setup(format!("{what}: {error}")))
-            }
-            Err(schemas::WaitError::Registry(error)) => Err(RuntimeError::Fatal(format!("{what}: {error}"))),
+            Err(schemas::WaitError::Registry(error)) => Err(RuntimeError::Setup(format!("{what}: {error}"))),
         }
     }
 
@@ -550,15 +584,40 @@ impl Loop<'_> {
     }
 }
 
+/// librdkafka's defaults for the two limits below.
+const LIBRDKAFKA_MAX_BYTES: usize = 1_000_000;
+/// Room for a record batch's framing (61 bytes) and per-record overhead.
+const FRAMING_MARGIN: usize = 512;
+
+/// Keeps the producer under the smallest `max.message.bytes` of the topics weir writes
+/// results to. The broker refuses a whole record batch over that limit, and a refused
+/// batch aborts the transaction, so every replay would fail the same way. Under the cap,
+/// librdkafka builds smaller batches, and it refuses a record that is too large on its own
+/// at once; that record then follows on_error.produce.
+fn cap_record_size(config: &mut rdkafka::ClientConfig, settings: &crate::config::Settings, topics: &[&str]) -> Result<(), RuntimeError> {
+    let Some(limit) = topics::max_message_bytes(settings, topics)? else {
+        return Ok(());
+    };
+    let configured = |name: &str| settings.kafka.options.get(name).and_then(|value| value.parse::<usize>().ok()).unwrap_or(LIBRDKAFKA_MAX_BYTES);
+    let own = configured("message.max.bytes").min(configured("batch.size"));
+    if own + FRAMING_MARGIN <= limit {
+        return Ok(());
+    }
+    let capped = limit.saturating_sub(FRAMING_MARGIN).max(1000);
+    info!(topics = ?topics, max_message_bytes = limit, producer_limit = capped, "capping the producer's record and batch size under the topics' max.message.bytes");
+    config.set("message.max.bytes", capped.to_string()).set("batch.size", capped.to_string());
+    Ok(())
+}
+
 /// Writes a DLQ record. One too large for the producer (the original value was under the
-/// broker's limit, weir's `message.max.bytes` is lower) goes without its value, saying so:
-/// its provenance headers point at the original, which stays in the source topic.
+/// source topic's limit, the DLQ's or weir's `message.max.bytes` is lower) goes without its
+/// value, saying so: its provenance headers point at the original, which stays in the source.
 fn send_dead_letter(transaction: &Transaction, dlq: &str, dead_letter: &Output) -> Result<(), RuntimeError> {
     let fatal = |error: KafkaError| RuntimeError::Fatal(format!("producing to {dlq}: {error}"));
     let Err(error) = transaction.send(dlq, dead_letter) else {
         return Ok(());
     };
-    if error.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+    if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)) {
         return Err(fatal(error));
     }
     let size = dead_letter.value.as_ref().map_or(0, Vec::len);

@@ -246,6 +246,47 @@ impl LoopContext {
         }
     }
 
+    /// Upsert mode with state: where the local store says each partition's state is. A
+    /// partition the group has read before but whose state is not here cannot go on: its
+    /// state lives only in the store of the instance that had it.
+    fn upsert_positions(
+        &self,
+        consumer: &BaseConsumer<LoopContext>,
+        committed: &TopicPartitionList,
+    ) -> Result<BTreeMap<(String, i32), i64>, RuntimeError> {
+        let session = self.session();
+        let mut positions = BTreeMap::new();
+        let (false, Some(store)) = (session.transaction.is_transactional(), &session.store) else {
+            return Ok(positions);
+        };
+        for element in committed.elements() {
+            match (store.input_offset(element.topic(), element.partition())?, element.offset()) {
+                (Some(offset), _) => {
+                    positions.insert((element.topic().to_string(), element.partition()), offset);
+                }
+                (None, Offset::Offset(offset)) => {
+                    // Committed at the start of the log (a reset to the earliest): nothing
+                    // read is missing.
+                    let (low, _) = consumer
+                        .fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT)
+                        .map_err(|error| RuntimeError::Fatal(format!("reading the start of {}[{}]: {error}", element.topic(), element.partition())))?;
+                    if offset <= low {
+                        continue;
+                    }
+                    return Err(RuntimeError::Setup(format!(
+                        "{}[{}] was read up to offset {offset} by this pipeline, but its state is not in this instance's \
+                         state store: in mode idempotent_upsert state lives only in the store of the instance that built it. \
+                         Give the instance its state volume back, or start over with `weir reset --state --to-earliest`",
+                        element.topic(),
+                        element.partition()
+                    )));
+                }
+                (None, _) => {}
+            }
+        }
+        Ok(positions)
+    }
+
     /// Gives every newly assigned partition its committed offset, or the source's
     /// `starting_offsets` where nothing was committed yet.
     fn set_start_positions(
@@ -257,8 +298,14 @@ impl LoopContext {
             .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
             .map_err(|error| RuntimeError::Fatal(format!("reading committed offsets: {error}")))?;
         let mut by_time = TopicPartitionList::new();
+        let stored = self.upsert_positions(consumer, &committed)?;
         for element in committed.elements() {
-            let start = match element.offset() {
+            let key = (element.topic().to_string(), element.partition());
+            let committed_offset = match stored.get(&key) {
+                Some(offset) => Offset::Offset(*offset),
+                None => element.offset(),
+            };
+            let start = match committed_offset {
                 Offset::Offset(offset) => self.check_retention(consumer, element.topic(), element.partition(), offset)?,
                 _ => match self.starting_offsets {
                     StartingOffsets::Earliest => Offset::Beginning,
@@ -334,13 +381,16 @@ impl Session {
                     .map_err(|error| RuntimeError::Fatal(format!("producing to {topic}: {error}")))?;
             }
             for entry in self.engine.take_changes() {
-                let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
-                    return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
-                };
                 let (key, value) = state::encode(&entry);
-                self.transaction
-                    .send_to_partition(changelog, entry.partition, &key, value.as_deref())
-                    .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+                // Upsert mode keeps state in the local store alone, with the input offsets.
+                if self.transaction.is_transactional() {
+                    let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
+                        return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
+                    };
+                    self.transaction
+                        .send_to_partition(changelog, entry.partition, &key, value.as_deref())
+                        .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+                }
                 store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
             }
             let counts = self.engine.take_counts();
@@ -348,7 +398,9 @@ impl Session {
         }
         let outcome = self.transaction.commit(consumer, deadline)?;
         let delivered = self.transaction.take_delivered();
-        if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
+        if let (Some(Outcome::Committed { .. }), false) = (&outcome, self.transaction.is_transactional()) {
+            self.acknowledged(consumer, &store_writes)?;
+        } else if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
             // Committed: the cache may now hold these changes, with the changelog offsets
             // they reach (the next offset to read; the commit marker follows).
             // Only where this process is the changelog partition's one writer: otherwise others'
@@ -362,7 +414,7 @@ impl Session {
                     writers.iter().all(|writer| self.owned.contains_key(writer)).then_some((step, *partition, offset + 1))
                 })
                 .collect();
-            store.apply(&store_writes, &offsets)?;
+            store.apply(&store_writes, &offsets, &[])?;
         }
         self.after_outcome(outcome.as_ref());
         if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
@@ -386,6 +438,27 @@ impl Session {
             }
         }
         Ok(outcome)
+    }
+
+    /// Upsert mode, after every record of the batch is acknowledged: the state and the input
+    /// offsets it is at go to the store in one WriteBatch; then the offsets go to the group
+    /// too, for lag monitoring and for stateless pipelines (which have no store).
+    fn acknowledged<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, writes: &[StoreWrite]) -> Result<(), RuntimeError> {
+        let offsets = self.transaction.last_offsets();
+        if let Some(store) = &self.store {
+            store.apply(writes, &[], &offsets)?;
+        }
+        let mut list = TopicPartitionList::with_capacity(offsets.len());
+        for (topic, partition, next) in &offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+        }
+        if list.count() > 0
+            && let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async)
+        {
+            warn!(%error, "committing offsets to the group (upsert mode; the store has them)");
+        }
+        Ok(())
     }
 
     /// A source partition has become idle since the engine last heard: a batch must carry

@@ -14,14 +14,15 @@ use crate::codec::registry::{Registry, RegistryError};
 const FIRST_DELAY: Duration = Duration::from_millis(200);
 const MAX_DELAY: Duration = Duration::from_secs(5);
 
-/// Makes `call` until the registry answers; `Ok(None)` when shut down meanwhile.
-/// `on_wait` runs once, before the first wait (the loop commits its open batch there, so
-/// no transaction stays open across an outage).
+/// Makes `call` until the registry answers; `Ok(None)` when shut down meanwhile or after
+/// `max_wait`. `on_wait` runs once, before the first wait (the loop sets the record aside
+/// and commits its open batch there). Not ready from the first failure until an answer.
 pub fn until_answered<T>(
     what: &str,
     health: &Health,
     status: &Status,
     shutdown: &CancellationToken,
+    max_wait: Option<Duration>,
     mut on_wait: impl FnMut() -> Result<(), super::RuntimeError>,
     mut call: impl FnMut() -> Result<T, RegistryError>,
 ) -> Result<Option<T>, WaitError> {
@@ -31,9 +32,9 @@ pub fn until_answered<T>(
     loop {
         match call() {
             Ok(answer) => {
-                if waited {
+                if health.is_waiting_for_registry() {
                     health.set_waiting_for_registry(false);
-                    info!(what, waited_ms = started.elapsed().as_millis() as u64, "the schema registry answers again");
+                    info!(what, "the schema registry answers again");
                 }
                 return Ok(Some(answer));
             }
@@ -45,17 +46,19 @@ pub fn until_answered<T>(
                     health.set_waiting_for_registry(true);
                     on_wait().map_err(WaitError::Runtime)?;
                 }
-                if shutdown.is_cancelled() {
-                    health.set_waiting_for_registry(false);
+                let wake = Instant::now() + delay;
+                if max_wait.is_some_and(|max_wait| wake > started + max_wait) {
                     return Ok(None);
                 }
-                std::thread::sleep(delay);
+                while Instant::now() < wake {
+                    if shutdown.is_cancelled() {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 delay = (delay * 2).min(MAX_DELAY);
             }
-            Err(error) => {
-                health.set_waiting_for_registry(false);
-                return Err(WaitError::Registry(error));
-            }
+            Err(error) => return Err(WaitError::Registry(error)),
         }
     }
 }
@@ -76,7 +79,7 @@ pub fn register_sink(
     shutdown: &CancellationToken,
 ) -> Result<Option<u32>, super::RuntimeError> {
     let what = format!("registering the sink's schema under subject '{subject}'");
-    match until_answered(&what, health, status, shutdown, || Ok(()), || registry.register(subject, schema)) {
+    match until_answered(&what, health, status, shutdown, None, || Ok(()), || registry.register(subject, schema)) {
         Ok(id) => Ok(id),
         Err(WaitError::Runtime(error)) => Err(error),
         Err(WaitError::Registry(error)) => Err(super::RuntimeError::Setup(format!("{what}: {error}"))),

@@ -222,7 +222,7 @@ impl Restorer {
             // Entries may reach the store ahead of its recorded offset (a replay overwrites
             // them); the offset itself is recorded only at the end.
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
-                store.apply(&std::mem::take(&mut writes), &[])?;
+                store.apply(&std::mem::take(&mut writes), &[], &[])?;
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
@@ -258,8 +258,29 @@ impl Restorer {
         };
         let _ = self.consumer.unassign();
         if let Some(store) = store {
-            store.apply(&writes, &[(step, partition, reached)])?;
+            store.apply(&writes, &[(step, partition, reached)], &[])?;
         }
         Ok(restored)
     }
+}
+
+/// `mode: idempotent_upsert`: the state behind an input partition, from the local store
+/// alone (there are no changelogs; the store holds the offsets the state is at).
+pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, partition: i32) -> Result<u64, RuntimeError> {
+    let started = Instant::now();
+    engine.drop_input_partition(topic, partition);
+    let (steps, owner) = engine.restore_scope(topic);
+    let mut restored = 0u64;
+    for step in steps {
+        store.for_each_entry(step, partition, |key, value| {
+            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
+            if entry.topic == owner {
+                engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
+                restored += 1;
+            }
+            Ok(())
+        })?;
+    }
+    info!(%topic, partition, from_store = restored, elapsed_ms = started.elapsed().as_millis() as u64, "restored state");
+    Ok(restored)
 }

@@ -59,6 +59,11 @@ fn offset_key(step: usize, partition: i32) -> Vec<u8> {
     format!("{step}/{partition}").into_bytes()
 }
 
+/// `mode: idempotent_upsert`: the next input offset to read, kept with the state it produced.
+fn input_key(topic: &str, partition: i32) -> Vec<u8> {
+    format!("input/{partition}/{topic}").into_bytes()
+}
+
 impl StateStore {
     /// Opens (or creates) the store. Another process with the same instance may still hold
     /// it for a moment (a zombie being fenced), so a held lock is waited for.
@@ -122,6 +127,16 @@ impl StateStore {
         }))
     }
 
+    /// `mode: idempotent_upsert`: the next offset of an input partition, as of the state
+    /// stored with it.
+    pub fn input_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, RuntimeError> {
+        let value = self
+            .db
+            .get_cf(self.handle(OFFSETS)?, input_key(topic, partition))
+            .map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+        Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse().ok()))
+    }
+
     /// Calls `each` with every cached (key, value) of a step for one changelog partition.
     pub fn for_each_entry(
         &self,
@@ -140,8 +155,9 @@ impl StateStore {
         Ok(())
     }
 
-    /// Writes committed changes and the changelog offsets they reach, atomically.
-    pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)]) -> Result<(), RuntimeError> {
+    /// Writes committed changes and the changelog offsets they reach, atomically; in upsert
+    /// mode also the input offsets (topic, partition, next) the state is at.
+    pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[(String, i32, i64)]) -> Result<(), RuntimeError> {
         let mut batch = WriteBatch::default();
         for write in writes {
             let mut key = partition_prefix(write.partition);
@@ -156,6 +172,9 @@ impl StateStore {
         let written = now_millis();
         for (step, partition, offset) in offsets {
             batch.put_cf(offsets_handle, offset_key(*step, *partition), format!("{offset}@{written}"));
+        }
+        for (topic, partition, next) in inputs {
+            batch.put_cf(offsets_handle, input_key(topic, *partition), next.to_string());
         }
         self.db
             .write(batch)
@@ -181,7 +200,7 @@ impl StateStore {
             writes.push(StoreWrite { step, partition, key: key.to_vec(), value: None });
             Ok(())
         })?;
-        self.apply(&writes, &[])?;
+        self.apply(&writes, &[], &[])?;
         self.db
             .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
             .map_err(|error| RuntimeError::Fatal(format!("writing the state store: {error}")))

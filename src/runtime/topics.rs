@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -185,4 +185,28 @@ fn create_topic(
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The smallest `max.message.bytes` of `topics` (the sink and the DLQ): the broker refuses
+/// a record batch over it, for every record in it, so the producer must stay under it.
+pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Option<usize>, RuntimeError> {
+    let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
+        .create()
+        .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics.iter().map(|topic| ResourceSpecifier::Topic(topic)).collect();
+    let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| RuntimeError::Setup("reading topic configs needs the tokio runtime".into()))?;
+    let results = runtime
+        .block_on(admin.describe_configs(&specifiers, &options))
+        .map_err(|error| RuntimeError::Setup(format!("reading the configs of {topics:?}: {error}")))?;
+    let mut smallest: Option<usize> = None;
+    for (topic, result) in topics.iter().zip(results) {
+        let resource = result.map_err(|code| RuntimeError::Setup(format!("reading the config of topic '{topic}': {code}")))?;
+        let limit = resource.get("max.message.bytes").and_then(|entry| entry.value.as_deref()).and_then(|value| value.parse().ok());
+        if let Some(limit) = limit {
+            smallest = Some(smallest.map_or(limit, |smallest: usize| smallest.min(limit)));
+        }
+    }
+    Ok(smallest)
 }

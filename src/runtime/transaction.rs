@@ -95,6 +95,9 @@ pub enum Outcome {
 pub struct Transaction {
     producer: BaseProducer<DeliveryWatch>,
     transactional_id: String,
+    /// False in `mode: idempotent_upsert`: a batch is then what was produced and
+    /// acknowledged, and its offsets go to the state store, not into a transaction.
+    transactional: bool,
     open: bool,
     opened_at: Option<Instant>,
     partitions: Vec<PartitionBatch>,
@@ -121,6 +124,7 @@ impl Transaction {
         Transaction {
             producer,
             transactional_id,
+            transactional: true,
             open: false,
             opened_at: None,
             partitions: Vec::new(),
@@ -134,6 +138,16 @@ impl Transaction {
         }
     }
 
+    /// `mode: idempotent_upsert`: the producer is idempotent, without transactions.
+    pub fn without_transactions(mut self) -> Transaction {
+        self.transactional = false;
+        self
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.transactional
+    }
+
     pub fn transactional_id(&self) -> &str {
         &self.transactional_id
     }
@@ -142,6 +156,9 @@ impl Transaction {
     /// the same transactional id and aborting its open transaction. Retried until it answers
     /// or `keep_trying` says stop.
     pub fn initialize(&self, keep_trying: impl Fn() -> bool) -> Result<(), RuntimeError> {
+        if !self.transactional {
+            return Ok(());
+        }
         loop {
             match self.producer.init_transactions(self.call_timeout) {
                 Ok(()) => return Ok(()),
@@ -168,9 +185,11 @@ impl Transaction {
         if self.open {
             return Ok(());
         }
-        self.producer
-            .begin_transaction()
-            .map_err(|error| fatal(&error, &self.transactional_id))?;
+        if self.transactional {
+            self.producer
+                .begin_transaction()
+                .map_err(|error| fatal(&error, &self.transactional_id))?;
+        }
         self.open = true;
         self.opened_at = Some(Instant::now());
         Ok(())
@@ -246,6 +265,11 @@ impl Transaction {
         self.producer.context().take_delivered()
     }
 
+    /// The input offsets (topic, partition, next) the last committed batch reached.
+    pub fn last_offsets(&self) -> Vec<(String, i32, i64)> {
+        self.last_summary.as_ref().map(|summary| summary.offsets.clone()).unwrap_or_default()
+    }
+
     /// What the last committed batch did (once).
     pub fn take_summary(&mut self) -> Option<BatchSummary> {
         self.last_summary.take()
@@ -292,6 +316,9 @@ impl Transaction {
                 .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
         }
         self.drain_delivery_reports();
+        if !self.transactional {
+            return self.acknowledged(started, committed_offsets).map(Some);
+        }
         let Some(group) = consumer.group_metadata() else {
             return Err(RuntimeError::Fatal("the consumer has no group metadata".into()));
         };
@@ -306,6 +333,30 @@ impl Transaction {
         if !committed {
             return self.abort(deadline).map(Some);
         }
+        Ok(Some(self.committed(started, committed_offsets)))
+    }
+
+    /// Upsert mode: the batch is done when the broker has every record. A failed delivery
+    /// cannot be taken back: the run stops, and the restart replays from the stored offsets,
+    /// writing the same ids again.
+    fn acknowledged(&mut self, started: Instant, offsets: Vec<(String, i32, i64)>) -> Result<Outcome, RuntimeError> {
+        if self.producer.in_flight_count() > 0 {
+            return Err(RuntimeError::Fatal(format!(
+                "{} records were not acknowledged within {:?}; the restart replays them",
+                self.producer.in_flight_count(),
+                self.call_timeout
+            )));
+        }
+        let failures = self.producer.context().failures.swap(0, Ordering::Relaxed);
+        if failures > 0 {
+            return Err(RuntimeError::Fatal(format!(
+                "{failures} records of the batch could not be delivered; the restart replays the batch from the stored offsets"
+            )));
+        }
+        Ok(self.committed(started, offsets))
+    }
+
+    fn committed(&mut self, started: Instant, committed_offsets: Vec<(String, i32, i64)>) -> Outcome {
         let counts = std::mem::take(&mut self.counts);
         let records = self.records as u64;
         let (left, right) = &self.source_names;
@@ -319,7 +370,7 @@ impl Transaction {
             commit_duration: started.elapsed(),
         });
         self.close();
-        Ok(Some(Outcome::Committed { records }))
+        Outcome::Committed { records }
     }
 
     /// Waits until every produced record is acknowledged and its report served.
@@ -340,10 +391,15 @@ impl Transaction {
         // is queued and serve the reports first, or the abort blocks until it times out.
         self.producer.purge(PurgeConfig::default().queue().inflight());
         self.drain_delivery_reports();
-        let timeout = self.call_timeout;
-        let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
-        if !aborted {
-            return Err(RuntimeError::Fatal("the transaction could not be aborted".into()));
+        // Upsert mode: what was written stays written; the replay writes the same ids.
+        if self.transactional {
+            let timeout = self.call_timeout;
+            let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
+            if !aborted {
+                return Err(RuntimeError::Fatal("the transaction could not be aborted".into()));
+            }
+        } else {
+            self.producer.context().failures.store(0, Ordering::Relaxed);
         }
         let rewind = self
             .partitions

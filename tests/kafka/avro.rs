@@ -223,3 +223,67 @@ sink:
     assert_eq!(read_committed(&output).len(), 50);
     assert!(read_committed(&format!("{name}.dlq")).is_empty());
 }
+
+/// A record whose writer schema cannot be fetched (the registry went away after the first
+/// records) is set aside and read again, never skipped: the records before it commit, a stop
+/// during the wait loses nothing, and after a restart with the registry back every record is
+/// in the output once.
+#[test]
+fn a_record_met_while_the_registry_is_away_is_read_again_not_skipped() {
+    let Some(schemas_topic) = &schema_registry().schemas_topic else {
+        return; // An external registry cannot be stopped from here.
+    };
+    let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-aside"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let a_id = register_schema(&format!("{input}-value"), CLICK_V1);
+    let b_id = register_schema(&format!("{input}-value"), CLICK_V2);
+    let (v1, v2) = (Schema::parse_str(CLICK_V1).unwrap(), Schema::parse_str(CLICK_V2).unwrap());
+    let a = |n: u32| Input::keyed(format!("a{n}"), avro_record(a_id, &v1, click_v1(&format!("a{n}"), 1.0, i64::from(n))));
+    // weir's own registry over the same schemas, to stop and start.
+    let port = free_port();
+    let registry = start_schema_registry_on(port, schemas_topic, &[]);
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: avro
+    schema: {{ user: string }}
+sink:
+  topic: {output}
+"#
+    ));
+    let env = vec![
+        ("WEIR__SCHEMA_REGISTRY__URL".to_string(), format!("http://127.0.0.1:{port}")),
+        // One batch holds the records before the one that cannot be read yet.
+        ("WEIR__RUNTIME__COMMIT_INTERVAL".to_string(), "3s".to_string()),
+        ("WEIR__KAFKA__TRANSACTION_TIMEOUT".to_string(), "30s".to_string()),
+    ];
+    let users = |topic: &str| -> Vec<String> {
+        read_committed(topic).iter().map(|record| record.value_json()["user"].as_str().unwrap().to_string()).collect()
+    };
+    produce(&input, (0..10).map(a));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env: env.clone(), ..Default::default() });
+    wait_until(Duration::from_secs(60), "the first records", || users(&output).len() == 10);
+
+    assert!(std::process::Command::new("kill").args(["-9", &registry.to_string()]).status().unwrap().success());
+    let b = Input::keyed("b", avro_record(b_id, &v2, click_v2("b", 2.0, 100, "FR")));
+    produce(&input, (10..15).map(a).chain([b]).chain((15..20).map(a)));
+    wait_until(Duration::from_secs(60), "weir reports the unreachable registry", || {
+        weir.http_get("/status").is_some_and(|(_, body)| body.contains("schema registry is unreachable"))
+    });
+    weir.terminate();
+    assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
+    let expected_before: Vec<String> = (0..15).map(|n| format!("a{n}")).collect();
+    assert_eq!(users(&output), expected_before, "the records before the unreadable one, once");
+
+    start_schema_registry_on(port, schemas_topic, &[]);
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+    let mut expected: Vec<String> = (0..15).map(|n| format!("a{n}")).collect();
+    expected.push("b".into());
+    expected.extend((15..20).map(|n| format!("a{n}")));
+    assert_eq!(users(&output), expected);
+    assert!(read_committed(&format!("{name}.dlq")).is_empty());
+}

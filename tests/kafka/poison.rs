@@ -118,3 +118,31 @@ sink:
     assert!(by_key["produce"].value.is_none());
     assert!(by_key["produce"].headers["weir-value-omitted"].starts_with("30"), "{:?}", by_key["produce"].headers);
 }
+
+/// A sink topic with a small `max.message.bytes`: the broker would refuse a whole batch
+/// over it (aborting every replay). weir keeps its batches under the limit, and a result
+/// too large on its own follows on_error.produce while the rest flows on.
+#[test]
+fn a_sink_with_a_small_record_limit_gets_every_result_that_fits() {
+    let (input, output, name) = (unique("in"), unique("out"), unique("small-sink"));
+    create_topic(&input, 1);
+    create_topic_with(&output, 1, &[("max.message.bytes", "4000")]);
+    let mut inputs: Vec<Input> = (0..300).map(|id| Input::keyed(format!("k{id}"), event(id))).collect();
+    let big = format!(r#"{{"id":1000,"user":"{}","amount":5.5}}"#, "x".repeat(5_000));
+    inputs.insert(150, Input::keyed("big", big.clone()));
+    produce(&input, inputs);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  []"));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+    assert!(weir.log_text().contains("capping the producer's record and batch size"), "{}", weir.log_text());
+
+    let ids: Vec<u64> = read_committed(&output).iter().map(|record| record.value_json()["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (0..300).collect::<Vec<_>>());
+    let dlq = read_committed(&format!("{name}.dlq"));
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].headers["weir-error-stage"], "produce");
+    assert_eq!(dlq[0].headers["weir-source-offset"], "150");
+    // Over the capped limit too: written without its value, which stays in the source.
+    assert!(dlq[0].value.is_none());
+    assert!(dlq[0].headers.contains_key("weir-value-omitted"), "{:?}", dlq[0].headers);
+}

@@ -456,3 +456,73 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     weir.terminate();
     assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
 }
+
+/// `mode: idempotent_upsert`: a windowed pipeline SIGKILLed at random at least 10 times,
+/// without transactions. Replays write the same ids again; the last value per id equals
+/// the transactional run's result, no id is missing, and no id ever has a value the
+/// transactional run does not have.
+#[test]
+fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
+    const RECORDS: u64 = 200_000;
+    let input = unique("clicks");
+    create_topic(&input, 4);
+    let (golden, upserts) = (unique("upsert-golden"), unique("upserts"));
+    create_topic(&golden, 4);
+    create_topic(&upserts, 4);
+    let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
+    let upsert_text = |name: &str, output: &str| {
+        clicks_pipeline_text(name, &input, output, steps, "partitioned_by: [user]") + "  mode: idempotent_upsert\n"
+    };
+    let feeder = feed_with(&input, 0..RECORDS, 8_000, click);
+    let file = pipeline_file(&upsert_text(&unique("upsert"), &upserts));
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    let mut logs = Vec::new();
+    while kills < 10 || !feeder.is_finished() {
+        let mut process = WeirProcess::start(&file.path, WeirOptions::default());
+        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
+        while Instant::now() < deadline {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!("weir exited on its own with {status}:\n{}", process.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process.kill();
+        logs.push(process.log_text());
+        kills += 1;
+        assert!(kills < 80, "the input never finished flowing");
+    }
+    feeder.join().unwrap();
+    let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());
+    logs.push(last.log_text());
+    assert!(logs.iter().any(|log| log.contains("idempotent_upsert")), "{}", logs.last().unwrap());
+
+    let file = clicks_pipeline(&unique("upsert-golden"), &input, &golden, steps);
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(run.wait(Duration::from_secs(600)).success(), "golden run failed:\n{}", run.log_text());
+
+    // The transactional results by id: (group, window start).
+    let id_of = |value: &serde_json::Value| serde_json::json!({"user": value["user"], "window_start": value["window_start"]}).to_string();
+    let expected: BTreeMap<String, String> =
+        read_committed(&golden).iter().map(|record| (id_of(&record.value_json()), record.value_text())).collect();
+    assert!(expected.len() > 1_000, "the golden run produced only {} windows", expected.len());
+    let mut last_values: BTreeMap<String, String> = BTreeMap::new();
+    let mut foreign = Vec::new();
+    for record in read_committed(&upserts) {
+        let id = record.headers.get("weir-id").cloned().expect("every upsert output has a weir-id header");
+        assert_eq!(record.key.as_deref(), Some(id.as_bytes()), "the Kafka key is the id");
+        assert!(record.headers.contains_key("weir-version"));
+        if expected.get(&id) != Some(&record.value_text()) {
+            foreign.push((id.clone(), record.value_text()));
+        }
+        last_values.insert(id, record.value_text());
+    }
+    assert!(foreign.is_empty(), "{} outputs with a value the transactional run does not have, e.g. {:?}", foreign.len(), foreign.first());
+    let missing: Vec<&String> = expected.keys().filter(|id| !last_values.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "{} ids missing over {kills} kills, e.g. {:?}", missing.len(), missing.first());
+    assert_eq!(last_values, expected);
+    // Restarts resumed from the local store.
+    let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
+    assert!(restores.iter().any(|(store, _)| *store > 0), "no restart used the local store: {restores:?}");
+}

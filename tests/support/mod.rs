@@ -141,8 +141,16 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 pub fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]);
+}
+
+/// Creates a topic with topic configs, e.g. `("max.message.bytes", "4000")`.
+pub fn create_topic_with(name: &str, partitions: i32, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in config {
+        topic = topic.set(key, value);
+    }
     let results = block_on(admin.create_topics([&topic], &AdminOptions::new())).unwrap();
     for result in results {
         result.unwrap();
