@@ -391,6 +391,35 @@ sink:
     assert!(stderr.contains("steps[0].window.emit: idempotent_upsert writes each window once, with emit: final"), "{stderr}");
     assert!(stderr.contains("sink.key: idempotent_upsert keys every output by its id"), "{stderr}");
     assert!(stderr.contains("sink.mode: idempotent_upsert needs every keyed step keyed by the source's partitioned_by fields (user)"), "{stderr}");
+
+    // Several topics: ids of keyed results would collide; avro keys: the key is the id.
+    let several = text
+        .replace("topics: [clicks]", "topics: [clicks, more-clicks]")
+        .replace("  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }\n", "")
+        .replace("  - dedup: { key: [amount], within: 1m }", "  - dedup: { key: [user], within: 1m }")
+        .replace("  key: [user]\n", "  key_format: avro\n");
+    let (_dir, path) = write(&several);
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources.clicks: idempotent_upsert ids of window and dedup results are unique within one source topic"), "{stderr}");
+    assert!(stderr.contains("sink.key_format: idempotent_upsert keys every output by its id, as JSON"), "{stderr}");
+    assert!(stderr.contains("2 configuration problems"), "{stderr}");
+
+    // A join goes through a repartition topic.
+    let join = r#"
+name: upsert-join
+sources:
+  ads: { topics: [ads], format: json, schema: { ad: string, ts: long }, event_time: { field: ts }, watermark: { max_out_of_orderness: 1s } }
+  clicks: { topics: [clicks], format: json, schema: { ad: string, ts: long }, event_time: { field: ts }, watermark: { max_out_of_orderness: 1s } }
+join: { left: ads, right: clicks, on: [ad], within: { lower: 0s, upper: 1m } }
+sink: { topic: out, mode: idempotent_upsert }
+"#;
+    let (_dir, path) = write(join);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sink.mode: idempotent_upsert does not run joins yet"), "{stderr}");
 }
 
 /// `weir test` shows upsert ids: the input's position for a pass-through, the group and

@@ -706,6 +706,16 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     if !pipeline.sink.key.is_empty() {
         problems.push("sink.key", format!("{WHY} keys every output by its id (see README); remove sink.key"));
     }
+    let several_topics = match &pipeline.source.topics {
+        SourceTopics::List(topics) => topics.len() > 1,
+        SourceTopics::Pattern(_) => true,
+    };
+    if several_topics && pipeline.steps.iter().any(Step::is_stateful) {
+        problems.push(
+            format!("sources.{}", pipeline.source.name),
+            format!("{WHY} ids of window and dedup results are unique within one source topic; read a single topic"),
+        );
+    }
     if pipeline.sink.key_encoding == Encoding::Avro {
         problems.push("sink.key_format", format!("{WHY} keys every output by its id, as JSON"));
     }

@@ -134,7 +134,7 @@ pub fn run(
         true => clients::upsert_producer_config(settings),
         false => clients::producer_config(settings, &transactional_id),
     };
-    cap_record_size(&mut producer_config, settings, &[&pipeline.sink.topic, &pipeline.dlq_topic])?;
+    let record_limits = cap_batches(&mut producer_config, settings, &[&pipeline.sink.topic, &pipeline.dlq_topic]);
     let producer: BaseProducer<DeliveryWatch> = producer_config
         .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
@@ -147,6 +147,7 @@ pub fn run(
         pipeline.sink.topic.clone(),
     );
     let transaction = if upsert { transaction.without_transactions() } else { transaction };
+    let transaction = transaction.with_record_limits(record_limits);
     // Fence first: this aborts whatever a previous incarnation left open before we read
     // any offsets.
     transaction.initialize(|| !shutdown.is_cancelled())?;
@@ -584,29 +585,37 @@ impl Loop<'_> {
     }
 }
 
-/// librdkafka's defaults for the two limits below.
-const LIBRDKAFKA_MAX_BYTES: usize = 1_000_000;
+/// librdkafka's default `batch.size`.
+const LIBRDKAFKA_BATCH_BYTES: usize = 1_000_000;
 /// Room for a record batch's framing (61 bytes) and per-record overhead.
 const FRAMING_MARGIN: usize = 512;
 
-/// Keeps the producer under the smallest `max.message.bytes` of the topics weir writes
-/// results to. The broker refuses a whole record batch over that limit, and a refused
-/// batch aborts the transaction, so every replay would fail the same way. Under the cap,
-/// librdkafka builds smaller batches, and it refuses a record that is too large on its own
-/// at once; that record then follows on_error.produce.
-fn cap_record_size(config: &mut rdkafka::ClientConfig, settings: &crate::config::Settings, topics: &[&str]) -> Result<(), RuntimeError> {
-    let Some(limit) = topics::max_message_bytes(settings, topics)? else {
-        return Ok(());
+/// Keeps record batches under the smallest `max.message.bytes` of the topics weir writes
+/// results to: the broker refuses a whole batch over it, and the abort would repeat on
+/// every replay. Returns each topic's per-record limit where it is under librdkafka's
+/// batch size: `Transaction::send` fails a record over it at once, so it follows
+/// on_error.produce. Changelog and repartition records keep librdkafka's limits.
+/// Without permission to read topic configs, nothing is capped (and a too-large batch
+/// shows as repeated aborts, with the broker's reason in the log).
+fn cap_batches(config: &mut rdkafka::ClientConfig, settings: &crate::config::Settings, topics: &[&str]) -> Vec<(String, usize)> {
+    let limits = match topics::max_message_bytes(settings, topics) {
+        Ok(limits) => limits,
+        Err(error) => {
+            warn!(%error, "cannot read the sink's and DLQ's max.message.bytes; record batches are not capped under them");
+            return Vec::new();
+        }
     };
-    let configured = |name: &str| settings.kafka.options.get(name).and_then(|value| value.parse::<usize>().ok()).unwrap_or(LIBRDKAFKA_MAX_BYTES);
-    let own = configured("message.max.bytes").min(configured("batch.size"));
-    if own + FRAMING_MARGIN <= limit {
-        return Ok(());
+    let batch = settings.kafka.options.get("batch.size").and_then(|value| value.parse::<usize>().ok()).unwrap_or(LIBRDKAFKA_BATCH_BYTES);
+    let capped: Vec<(String, usize)> = limits
+        .into_iter()
+        .filter(|(_, limit)| batch + FRAMING_MARGIN > *limit)
+        .map(|(topic, limit)| (topic, limit.saturating_sub(FRAMING_MARGIN).max(1000)))
+        .collect();
+    if let Some(smallest) = capped.iter().map(|(_, limit)| *limit).min() {
+        info!(limits = ?capped, batch_size = smallest, "capping record batches (and these topics' records) under their max.message.bytes");
+        config.set("batch.size", smallest.to_string());
     }
-    let capped = limit.saturating_sub(FRAMING_MARGIN).max(1000);
-    info!(topics = ?topics, max_message_bytes = limit, producer_limit = capped, "capping the producer's record and batch size under the topics' max.message.bytes");
-    config.set("message.max.bytes", capped.to_string()).set("batch.size", capped.to_string());
-    Ok(())
+    capped
 }
 
 /// Writes a DLQ record. One too large for the producer (the original value was under the

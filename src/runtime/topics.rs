@@ -187,9 +187,9 @@ fn create_topic(
     Ok(())
 }
 
-/// The smallest `max.message.bytes` of `topics` (the sink and the DLQ): the broker refuses
-/// a record batch over it, for every record in it, so the producer must stay under it.
-pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Option<usize>, RuntimeError> {
+/// The `max.message.bytes` of each of `topics` (the sink and the DLQ): the broker refuses a
+/// record batch over it, for every record in it, so the producer must stay under it.
+pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Vec<(String, usize)>, RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
@@ -200,13 +200,13 @@ pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Option<
     let results = runtime
         .block_on(admin.describe_configs(&specifiers, &options))
         .map_err(|error| RuntimeError::Setup(format!("reading the configs of {topics:?}: {error}")))?;
-    let mut smallest: Option<usize> = None;
+    let mut limits = Vec::new();
     for (topic, result) in topics.iter().zip(results) {
         let resource = result.map_err(|code| RuntimeError::Setup(format!("reading the config of topic '{topic}': {code}")))?;
         let limit = resource.get("max.message.bytes").and_then(|entry| entry.value.as_deref()).and_then(|value| value.parse().ok());
         if let Some(limit) = limit {
-            smallest = Some(smallest.map_or(limit, |smallest: usize| smallest.min(limit)));
+            limits.push((topic.to_string(), limit));
         }
     }
-    Ok(smallest)
+    Ok(limits)
 }

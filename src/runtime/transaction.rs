@@ -98,6 +98,8 @@ pub struct Transaction {
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
     /// acknowledged, and its offsets go to the state store, not into a transaction.
     transactional: bool,
+    /// Topics whose records must stay under a size (their max.message.bytes, less framing).
+    record_limits: Vec<(String, usize)>,
     open: bool,
     opened_at: Option<Instant>,
     partitions: Vec<PartitionBatch>,
@@ -125,6 +127,7 @@ impl Transaction {
             producer,
             transactional_id,
             transactional: true,
+            record_limits: Vec::new(),
             open: false,
             opened_at: None,
             partitions: Vec::new(),
@@ -141,6 +144,13 @@ impl Transaction {
     /// `mode: idempotent_upsert`: the producer is idempotent, without transactions.
     pub fn without_transactions(mut self) -> Transaction {
         self.transactional = false;
+        self
+    }
+
+    /// Records to each topic over its limit (bytes) fail in `send`, as librdkafka fails its
+    /// own too-large records.
+    pub fn with_record_limits(mut self, limits: Vec<(String, usize)>) -> Transaction {
+        self.record_limits = limits;
         self
     }
 
@@ -213,6 +223,14 @@ impl Transaction {
     /// Queues one output in the open transaction. Errors are about this record (too large,
     /// for instance) or fatal; a full queue is waited out.
     pub fn send(&self, topic: &str, output: &Output) -> KafkaResult<()> {
+        if let Some((_, limit)) = self.record_limits.iter().find(|(limited, _)| limited == topic) {
+            let size = output.key.as_ref().map_or(0, Vec::len)
+                + output.value.as_ref().map_or(0, Vec::len)
+                + output.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
+            if size > *limit {
+                return Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+            }
+        }
         let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
         for (name, value) in &output.headers {
             headers = headers.insert(Header { key: name, value: Some(value) });

@@ -287,3 +287,60 @@ sink:
     assert_eq!(users(&output), expected);
     assert!(read_committed(&format!("{name}.dlq")).is_empty());
 }
+
+/// A registry that requires HTTP basic auth: the password from a file works, a wrong one
+/// ends the run saying the registry refused the credentials, and neither password shows in
+/// the log.
+#[test]
+fn registry_basic_auth_with_the_password_from_a_file() {
+    let Some(schemas_topic) = &schema_registry().schemas_topic else {
+        return; // An external registry: its auth is not ours to set up.
+    };
+    let password = format!("pw-{}", unique("secret"));
+    let port = start_schema_registry(schemas_topic, &["--require-auth", "--basic-user", &format!("weir:{password}")]);
+    let (input, output, name) = (unique("avro-in"), unique("avro-out"), unique("avro-auth"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let id = register_schema(&format!("{input}-value"), CLICK_V1);
+    let v1 = Schema::parse_str(CLICK_V1).unwrap();
+    produce(&input, (0..5).map(|n| Input::keyed(format!("k{n}"), avro_record(id, &v1, click_v1("ann", f64::from(n), 1)))));
+    let pipeline = pipeline_file(&format!(
+        r#"name: {name}
+sources:
+  clicks:
+    topics: [{input}]
+    format: avro
+    schema: {{ user: string, amount: double }}
+sink:
+  topic: {output}
+  format: avro
+"#
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    let run = |password: &str| {
+        let file = secrets.path().join(unique("password"));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        let env = vec![
+            ("WEIR__SCHEMA_REGISTRY__URL".to_string(), format!("http://127.0.0.1:{port}")),
+            ("WEIR__SCHEMA_REGISTRY__USERNAME".to_string(), "weir".to_string()),
+            ("WEIR__SCHEMA_REGISTRY__PASSWORD_FILE".to_string(), file.display().to_string()),
+            ("WEIR__LOGGING__LEVEL".to_string(), "debug".to_string()),
+        ];
+        let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
+        let status = weir.wait(Duration::from_secs(90));
+        (status, weir.log_text())
+    };
+    let wrong = format!("wrong-{}", unique("pw"));
+    let (status, log) = run(&wrong);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("the schema registry refused weir's credentials"), "{log}");
+    assert!(!log.contains(&wrong), "the wrong password shows in the log");
+    assert!(read_committed(&output).is_empty());
+
+    let (status, log) = run(&password);
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(&password), "the password shows in the log");
+    let values: Vec<serde_json::Value> = read_committed(&output).iter().map(|record| read_avro(record.value.as_deref().unwrap()).1).collect();
+    assert_eq!(values.len(), 5);
+    assert_eq!(values[4], json!({"user": "ann", "amount": 4.0}));
+}

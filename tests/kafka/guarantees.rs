@@ -11,6 +11,7 @@ use crate::support::*;
 /// group's committed offsets reach the end of the input.
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let _heavy = heavy_test();
     const RECORDS: u64 = 100_000;
     let (input, output) = (unique("in"), unique("out"));
     let name = unique("crash");

@@ -52,6 +52,7 @@ fn multiset(topic: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn a_full_join_survives_sigkills_exactly() {
+    let _heavy = heavy_test();
     const RECORDS: u64 = 100_000; // per side
     let (ads, clicks) = (unique("ads"), unique("clicks"));
     let (golden, crashed) = (unique("join-golden"), unique("join-crashed"));

@@ -32,6 +32,7 @@ fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
 
 #[test]
 fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
+    let _heavy = heavy_test();
     const RECORDS: u64 = 200_000;
     let input = unique("clicks");
     create_topic(&input, 4);
@@ -463,6 +464,7 @@ fn every_metric_family_agrees_with_a_stateful_run() {
 /// transactional run does not have.
 #[test]
 fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
+    let _heavy = heavy_test();
     const RECORDS: u64 = 200_000;
     let input = unique("clicks");
     create_topic(&input, 4);

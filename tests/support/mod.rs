@@ -847,3 +847,11 @@ fn avro_to_json(value: apache_avro::types::Value) -> serde_json::Value {
         other => panic!("unexpected Avro value in weir's output: {other:?}"),
     }
 }
+
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held by the tests that feed 200,000 records while killing processes: two of them at
+/// once on 2 shared cores starve each other's processes (killed before they ever commit).
+pub fn heavy_test() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
