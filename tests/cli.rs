@@ -340,27 +340,30 @@ sink:
     );
 }
 
+/// What `weir test` prints for `inputs` (input lines) through the pipeline at `path`.
+fn weir_test_lines(path: &str, inputs: &[&str]) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, inputs.join("\n") + "\n").unwrap();
+    let output = weir(&["test", "--pipeline", path, "--input", input.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
 /// `weir test` runs an Avro pipeline on JSON lines: no registry is involved.
 #[test]
 fn weir_test_takes_avro_records_as_json() {
     let pipeline = GOOD.replace("format: json", "format: avro").replace("key: [user_id]", "key: [user_id]\n  format: avro");
-    let (dir, path) = write(&pipeline);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(
-        &input,
-        concat!(
+    let (_dir, path) = write(&pipeline);
+    let lines = weir_test_lines(
+        &path,
+        &[
             r#"{"source":"clicks","partition":0,"key":null,"value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":1000}}"#,
-            "\n",
             r#"{"source":"clicks","partition":0,"key":null,"value":{"event_id":"e2","user_id":"bot","amount":1.0,"ts":2000}}"#,
-            "\n"
-        ),
-    )
-    .unwrap();
-    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.contains(r#""value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":1000}"#), "{stdout}");
+        ],
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["value"], serde_json::json!({"event_id": "e1", "user_id": "ann", "amount": 2.5, "ts": 1000}));
 }
 
 /// What idempotent_upsert runs in this version, and what it refuses, all at once.
@@ -427,22 +430,12 @@ sink: { topic: out, mode: idempotent_upsert }
 #[test]
 fn weir_test_shows_upsert_ids_and_versions() {
     let pass = GOOD.replace("  key: [user_id]\n", "  mode: idempotent_upsert\n");
-    let (dir, path) = write(&pass);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(
-        &input,
-        concat!(
-            r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":61000}}"#,
-            "\n",
-            r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e2","user_id":"ann","amount":1.0,"ts":62000}}"#,
-            "\n"
-        ),
-    )
-    .unwrap();
-    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let (_dir, path) = write(&pass);
+    let inputs = [
+        r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e1","user_id":"ann","amount":2.5,"ts":61000}}"#,
+        r#"{"source":"clicks","partition":2,"key":null,"value":{"event_id":"e2","user_id":"ann","amount":1.0,"ts":62000}}"#,
+    ];
+    let lines = weir_test_lines(&path, &inputs);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["key"], serde_json::json!({"topic": "clicks", "partition": 2, "offset": 1}));
     assert_eq!(lines[1]["headers"]["weir-id"], r#"{"topic":"clicks","partition":2,"offset":1}"#);
@@ -455,10 +448,7 @@ fn weir_test_shows_upsert_ids_and_versions() {
         )
         .replace("    watermark: { max_out_of_orderness: 5s }\n", "    watermark: { max_out_of_orderness: 5s }\n    partitioned_by: [user_id]\n");
     std::fs::write(&path, &window).unwrap();
-    let output = weir(&["test", "--pipeline", &path, "--input", input.to_str().unwrap()], &[]);
-    assert!(output.status.success(), "{}\n{window}", String::from_utf8_lossy(&output.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let lines = weir_test_lines(&path, &inputs);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["key"], serde_json::json!({"user_id": "ann", "window_start": 60000}));
     assert_eq!(lines[0]["headers"]["weir-id"], r#"{"user_id":"ann","window_start":60000}"#);

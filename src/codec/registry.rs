@@ -81,18 +81,22 @@ impl Registry {
     /// Registers `schema` (Avro JSON) under `subject`, or finds it there; returns its id.
     /// The registry refuses a schema its compatibility rules reject: `Rejected`.
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
-        let supplied = SuppliedSchema {
-            name: None,
-            schema_type: SchemaType::Avro,
-            schema: schema.to_string(),
-            references: Vec::new(),
-            properties: None,
-            tags: None,
-        };
         self.handle
-            .block_on(post_schema(&self.settings, subject.to_string(), supplied))
+            .block_on(post_schema(&self.settings, subject.to_string(), avro_schema(schema)))
             .map(|registered| registered.id)
             .map_err(|error| classify(&error))
+    }
+}
+
+/// An Avro schema (JSON text) as the registry client sends it.
+pub fn avro_schema(schema: &str) -> SuppliedSchema {
+    SuppliedSchema {
+        name: None,
+        schema_type: SchemaType::Avro,
+        schema: schema.to_string(),
+        references: Vec::new(),
+        properties: None,
+        tags: None,
     }
 }
 

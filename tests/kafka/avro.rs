@@ -36,6 +36,14 @@ fn click_v2(user: &str, amount: f64, ts: i64, country: &str) -> Avro {
     Avro::Record(fields)
 }
 
+/// A pipeline reading Avro clicks from `input` with the declared `fields` (YAML flow
+/// mapping body), with extra YAML for the source, the steps, and the sink.
+fn avro_pipeline(name: &str, input: &str, output: &str, fields: &str, source_extra: &str, steps: &str, sink_extra: &str) -> PipelineFile {
+    pipeline_file(&format!(
+        "name: {name}\nsources:\n  clicks:\n    topics: [{input}]\n    format: avro\n    schema: {{ {fields} }}\n{source_extra}{steps}sink:\n  topic: {output}\n{sink_extra}"
+    ))
+}
+
 fn registry_env() -> Vec<(String, String)> {
     vec![("WEIR__SCHEMA_REGISTRY__URL".into(), schema_registry().url.clone())]
 }
@@ -72,27 +80,7 @@ fn avro_in_window_avro_out_through_the_registry() {
         entry.1 += amount;
     }
     produce(&input, inputs);
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: avro
-    schema: {{ user: string, amount: double, ts: timestamp }}
-    event_time: {{ field: ts }}
-    watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [user]
-steps:
-  - window:
-      group_by: [user]
-      tumbling: 1m
-      aggregates: {{ clicks: count(), total: sum(amount) }}
-sink:
-  topic: {output}
-  format: avro
-  key_format: avro
-"#
-    ));
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double, ts: timestamp", "    event_time: { field: ts }\n    watermark: { max_out_of_orderness: 1s }\n    partitioned_by: [user]\n", "steps:\n  - window:\n      group_by: [user]\n      tumbling: 1m\n      aggregates: { clicks: count(), total: sum(amount) }\n", "  format: avro\n  key_format: avro\n");
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
     assert!(weir.wait(Duration::from_secs(120)).success(), "{}", weir.log_text());
 
@@ -148,17 +136,7 @@ fn evolved_writers_are_resolved_and_unreadable_records_go_to_the_dlq() {
         ],
     );
     // Declares `country` (only v2 has it) and not `ts` (both have it).
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: avro
-    schema: {{ user: string, amount: double, country: string }}
-sink:
-  topic: {output}
-"#
-    ));
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double, country: string", "", "", "");
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
     assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
 
@@ -193,17 +171,7 @@ fn an_unreachable_registry_is_waited_for_and_nothing_is_dead_lettered() {
     let v1_id = register_schema(&format!("{input}-value"), CLICK_V1);
     let v1 = Schema::parse_str(CLICK_V1).unwrap();
     produce(&input, (0..50).map(|n| Input::keyed(format!("k{n}"), avro_record(v1_id, &v1, click_v1("ann", n as f64, n)))));
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: avro
-    schema: {{ user: string, amount: double }}
-sink:
-  topic: {output}
-"#
-    ));
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double", "", "", "");
     let port = free_port();
     let env = vec![("WEIR__SCHEMA_REGISTRY__URL".to_string(), format!("http://127.0.0.1:{port}"))];
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
@@ -243,17 +211,7 @@ fn a_record_met_while_the_registry_is_away_is_read_again_not_skipped() {
     // weir's own registry over the same schemas, to stop and start.
     let port = free_port();
     let registry = start_schema_registry_on(port, schemas_topic, &[]);
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: avro
-    schema: {{ user: string }}
-sink:
-  topic: {output}
-"#
-    ));
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string", "", "", "");
     let env = vec![
         ("WEIR__SCHEMA_REGISTRY__URL".to_string(), format!("http://127.0.0.1:{port}")),
         // One batch holds the records before the one that cannot be read yet.
@@ -304,18 +262,7 @@ fn registry_basic_auth_with_the_password_from_a_file() {
     let id = register_schema(&format!("{input}-value"), CLICK_V1);
     let v1 = Schema::parse_str(CLICK_V1).unwrap();
     produce(&input, (0..5).map(|n| Input::keyed(format!("k{n}"), avro_record(id, &v1, click_v1("ann", f64::from(n), 1)))));
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: avro
-    schema: {{ user: string, amount: double }}
-sink:
-  topic: {output}
-  format: avro
-"#
-    ));
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double", "", "", "  format: avro\n");
     let secrets = tempfile::tempdir().unwrap();
     let run = |password: &str| {
         let file = secrets.path().join(unique("password"));

@@ -2,9 +2,8 @@
 //! repartition topic, and SIGKILLs at random change nothing in the read_committed output.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rand::Rng;
 
 use crate::support::*;
 
@@ -62,26 +61,12 @@ fn a_full_join_survives_sigkills_exactly() {
     let feeders = [feed_with(&ads, 0..RECORDS, 8_000, ad), feed_with(&clicks, 0..RECORDS, 8_000, click)];
 
     let file = join_pipeline(&unique("join"), &ads, &clicks, &crashed);
-    let mut rng = rand::rng();
-    let mut kills = 0;
-    let mut logs = Vec::new();
-    while kills < 10 || !feeders.iter().all(|feeder| feeder.is_finished()) {
-        let mut process = WeirProcess::start(&file.path, WeirOptions::default());
-        // Killed only once it runs (partitions assigned, state restored), so that every
-        // incarnation gets to commit something, on a loaded machine too.
-        wait_ready(&process, Duration::from_secs(120));
-        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
-        while Instant::now() < deadline {
-            if let Some(status) = process.child.try_wait().unwrap() {
-                panic!("weir exited on its own with {status}:\n{}", process.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        process.kill();
-        logs.push(process.log_text());
-        kills += 1;
-        assert!(kills < 80, "the input never finished flowing");
-    }
+    // Killed at a random moment after it has committed join state (or, once the input is
+    // all there, after it is ready): on a loaded machine a process can otherwise be killed
+    // before it ever commits, and no restart would have state to restore.
+    let fed = || feeders.iter().all(|feeder| feeder.is_finished());
+    let running = |process: &WeirProcess| has_committed_state(process, "0") || (fed() && is_ready(process));
+    let (kills, mut logs) = kill_repeatedly(&[&file.path], 10, running, fed);
     for feeder in feeders {
         feeder.join().unwrap();
     }

@@ -72,23 +72,8 @@ fn every_error_stage_dead_letters_with_its_stage_and_provenance() {
         Input::keyed("produce", click(102, &huge, "1", t0 + 21_000)),
     ]);
     produce(&input, inputs);
-    let pipeline = pipeline_file(&format!(
-        r#"name: {name}
-sources:
-  clicks:
-    topics: [{input}]
-    format: json
-    schema: {{ id: long, user: string, amount: long, ts: long }}
-    event_time: {{ field: ts }}
-    watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [id]
-steps:
-  - filter: "amount > 0"
-  - dedup: {{ key: [id], within: 1m }}
-sink:
-  topic: {output}
-"#
-    ));
+    let steps = "  - filter: \"amount > 0\"\n  - dedup: { key: [id], within: 1m }";
+    let pipeline = pipeline_file(&clicks_pipeline_text(&name, &input, &output, steps, "partitioned_by: [id]"));
     let env = vec![("WEIR__KAFKA__OPTIONS__MESSAGE_MAX_BYTES".to_string(), "20000".to_string())];
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });
     wait_until(Duration::from_secs(90), "four DLQ records", || read_committed(&format!("{name}.dlq")).len() >= 4);

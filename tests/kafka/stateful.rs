@@ -1,9 +1,9 @@
 //! Stateful steps on a real broker: state survives SIGKILLs through its changelog.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use rand::Rng;
 
 use crate::support::*;
 
@@ -61,28 +61,8 @@ fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
             (clicks_pipeline(&name, &input, output, steps), name)
         })
         .collect();
-    let mut rng = rand::rng();
-    let mut kills = 0;
-    let mut logs = Vec::new();
-    while kills < 10 || !feeder.is_finished() {
-        let mut processes: Vec<WeirProcess> =
-            crashed.iter().map(|(file, _)| WeirProcess::start(&file.path, WeirOptions::default())).collect();
-        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
-        while Instant::now() < deadline {
-            for process in &mut processes {
-                if let Some(status) = process.child.try_wait().unwrap() {
-                    panic!("weir exited on its own with {status}:\n{}", process.log_text());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for process in &mut processes {
-            process.kill();
-            logs.push(process.log_text());
-        }
-        kills += 1;
-        assert!(kills < 80, "the input never finished flowing");
-    }
+    let files: Vec<&Path> = crashed.iter().map(|(file, _)| file.path.as_path()).collect();
+    let (kills, mut logs) = kill_repeatedly(&files, 10, |_| true, || feeder.is_finished());
     feeder.join().unwrap();
     for (file, _) in &crashed {
         let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
@@ -477,23 +457,7 @@ fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
     };
     let feeder = feed_with(&input, 0..RECORDS, 8_000, click);
     let file = pipeline_file(&upsert_text(&unique("upsert"), &upserts));
-    let mut rng = rand::rng();
-    let mut kills = 0;
-    let mut logs = Vec::new();
-    while kills < 10 || !feeder.is_finished() {
-        let mut process = WeirProcess::start(&file.path, WeirOptions::default());
-        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
-        while Instant::now() < deadline {
-            if let Some(status) = process.child.try_wait().unwrap() {
-                panic!("weir exited on its own with {status}:\n{}", process.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        process.kill();
-        logs.push(process.log_text());
-        kills += 1;
-        assert!(kills < 80, "the input never finished flowing");
-    }
+    let (kills, mut logs) = kill_repeatedly(&[&file.path], 10, |_| true, || feeder.is_finished());
     feeder.join().unwrap();
     let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
     assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());

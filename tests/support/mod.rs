@@ -100,24 +100,24 @@ pub fn broker() -> &'static Broker {
             .expect("run scripts/kafka start");
         assert!(output.status.success(), "scripts/kafka start failed");
         let bootstrap = String::from_utf8(output.stdout).unwrap().trim().to_string();
-        // Stop the broker when this test process is gone, however it ends. The watchdog
-        // outlives us on purpose, so it is never waited for.
-        let watchdog = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; '{script}' clean --dir '{dir}' >/dev/null 2>&1",
-            pid = std::process::id(),
-            script = script.display(),
-            dir = run_dir.display()
-        );
-        #[allow(clippy::zombie_processes)]
-        Command::new("setsid")
-            .args(["bash", "-c", &watchdog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the broker watchdog");
+        when_this_process_ends(&format!("'{}' clean --dir '{}' >/dev/null 2>&1", script.display(), run_dir.display()));
         Broker { bootstrap, sasl: SaslListener::read(&run_dir), tls: TlsListener::read(&run_dir) }
     })
+}
+
+/// Runs the shell `command` once this test process is gone, however it ends (stopping the
+/// broker or a registry it started). The watchdog outlives us on purpose, so it is never
+/// waited for.
+fn when_this_process_ends(command: &str) {
+    let watchdog = format!("while kill -0 {} 2>/dev/null; do sleep 1; done; {command}", std::process::id());
+    #[allow(clippy::zombie_processes)]
+    Command::new("setsid")
+        .args(["bash", "-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a watchdog");
 }
 
 /// A fresh name, so tests never share topics, groups or transactional ids.
@@ -665,9 +665,19 @@ pub fn metric(process: &WeirProcess, name: &str, labels: &[(&str, &str)]) -> Opt
     sample(&scrape, name, labels)
 }
 
+/// Whether the process has committed state for the stateful step `step` (its gauge is set
+/// at each commit).
+pub fn has_committed_state(process: &WeirProcess, step: &str) -> bool {
+    metric(process, "weir_step_state_keys", &[("step", step)]).is_some_and(|keys| keys > 0.0)
+}
+
+pub fn is_ready(process: &WeirProcess) -> bool {
+    process.http_get("/health/ready").is_some_and(|(status, _)| status == 200)
+}
+
 pub fn wait_ready(process: &WeirProcess, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while process.http_get("/health/ready").is_none_or(|(status, _)| status != 200) {
+    while !is_ready(process) {
         assert!(Instant::now() < deadline, "weir not ready within {timeout:?}; log:\n{}", process.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -751,15 +761,7 @@ pub fn start_schema_registry_on(port: u16, schemas_topic: &str, extra: &[&str]) 
         .spawn()
         .expect("start the schema registry");
     let pid = child.id();
-    let watchdog = format!("while kill -0 {} 2>/dev/null; do sleep 1; done; kill {pid} 2>/dev/null", std::process::id());
-    #[allow(clippy::zombie_processes)]
-    Command::new("setsid")
-        .args(["bash", "-c", &watchdog])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the registry watchdog");
+    when_this_process_ends(&format!("kill {pid} 2>/dev/null"));
     std::mem::forget(child);
     // Up, and able to write: a registry that just joined its group answers 503 for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -777,16 +779,8 @@ pub fn start_schema_registry_on(port: u16, schemas_topic: &str, extra: &[&str]) 
 /// Registers an Avro schema under `subject` in the test registry; returns its id.
 pub fn register_schema(subject: &str, schema: &str) -> u32 {
     use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
-    use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
     let settings = SrSettings::new(schema_registry().url.clone());
-    let supplied = SuppliedSchema {
-        name: None,
-        schema_type: SchemaType::Avro,
-        schema: schema.to_string(),
-        references: Vec::new(),
-        properties: None,
-        tags: None,
-    };
+    let supplied = weir::codec::registry::avro_schema(schema);
     // A registry that just started may still be electing its writer (503): try for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -854,4 +848,43 @@ static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// once on 2 shared cores starve each other's processes (killed before they ever commit).
 pub fn heavy_test() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts the pipelines in `files` together and SIGKILLs them 1-7 s after each one is
+/// `running` (say, has committed state), again and again, until at least `min_kills`
+/// rounds are done and `finished()` says the input is all there. Returns the rounds and
+/// every log.
+pub fn kill_repeatedly(
+    files: &[&Path],
+    min_kills: usize,
+    running: impl Fn(&WeirProcess) -> bool,
+    finished: impl Fn() -> bool,
+) -> (usize, Vec<String>) {
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    let mut logs = Vec::new();
+    while kills < min_kills || !finished() {
+        let mut processes: Vec<WeirProcess> = files.iter().map(|file| WeirProcess::start(file, WeirOptions::default())).collect();
+        // The random moment counts from when it runs, so that every incarnation gets to
+        // do something, on a loaded machine too.
+        for process in &processes {
+            wait_until(Duration::from_secs(120), "the process runs", || running(process));
+        }
+        let deadline = Instant::now() + Duration::from_millis(rng.random_range(1_000..7_000));
+        while Instant::now() < deadline {
+            for process in &mut processes {
+                if let Some(status) = process.child.try_wait().unwrap() {
+                    panic!("weir exited on its own with {status}:\n{}", process.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for process in &mut processes {
+            process.kill();
+            logs.push(process.log_text());
+        }
+        kills += 1;
+        assert!(kills < 80, "the input never finished flowing");
+    }
+    (kills, logs)
 }
