@@ -234,7 +234,7 @@ pub struct AvroEncoder {
     schema: AvroSchema,
     text: String,
     /// Output field name, Avro field name, type: in the schema's order.
-    fields: Vec<(String, String, FieldType)>,
+    fields: Vec<AvroField>,
     /// The registry id, once registered.
     id: Option<u32>,
 }
@@ -279,50 +279,66 @@ pub fn avro_name(text: &str) -> String {
     name
 }
 
-type FieldNames = Vec<(String, String, FieldType)>;
+/// An output field as the derived schema writes it: its name in the output, its Avro name,
+/// its type, and a nested record's fields (worked out once, not per record).
+#[derive(Debug, Clone)]
+struct AvroField {
+    name: String,
+    avro_name: String,
+    field_type: FieldType,
+    nested: Vec<AvroField>,
+}
 
-fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, FieldNames), String> {
-    let mut names = Vec::with_capacity(schema.fields.len());
+fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroField>), String> {
+    let mut names: Vec<AvroField> = Vec::with_capacity(schema.fields.len());
     let mut avro_fields = Vec::with_capacity(schema.fields.len());
     for (name, field_type) in &schema.fields {
         let field_name = avro_name(name);
-        if let Some((other, _, _)) = names.iter().find(|(_, taken, _): &&(String, String, FieldType)| *taken == field_name) {
-            return Err(format!("output fields '{other}' and '{name}' both become the Avro field '{field_name}'"));
+        if let Some(other) = names.iter().find(|field| field.avro_name == field_name) {
+            return Err(format!("output fields '{}' and '{name}' both become the Avro field '{field_name}'", other.name));
         }
+        let mut nested = Vec::new();
         let field_schema = match field_type {
             FieldType::String => Value::from("string"),
             FieldType::Long => Value::from("long"),
             FieldType::Double => Value::from("double"),
             FieldType::Boolean => Value::from("boolean"),
             FieldType::Timestamp => serde_json::json!({"type": "long", "logicalType": "timestamp-millis"}),
-            FieldType::Object(inner) => writer_schema(inner, &format!("{record_name}_{field_name}"))?.0,
+            FieldType::Object(inner) => {
+                let (inner_schema, inner_fields) = writer_schema(inner, &format!("{record_name}_{field_name}"))?;
+                nested = inner_fields;
+                inner_schema
+            }
         };
         avro_fields.push(serde_json::json!({"name": field_name, "type": ["null", field_schema], "default": null}));
-        names.push((name.clone(), field_name, field_type.clone()));
+        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.clone(), nested });
     }
     let json = serde_json::json!({"type": "record", "name": record_name, "namespace": "weir", "fields": avro_fields});
     Ok((json, names))
 }
 
-fn encode_record(names: &FieldNames, fields: &Map<String, Value>, path: &str) -> Result<AvroValue, String> {
+fn encode_record(names: &[AvroField], fields: &Map<String, Value>, path: &str) -> Result<AvroValue, String> {
     // A field the schema lacks would be dropped without a word.
-    if let Some(extra) = fields.keys().find(|name| !names.iter().any(|(known, _, _)| known == *name)) {
+    if let Some(extra) = fields.keys().find(|name| !names.iter().any(|field| &field.name == *name)) {
         let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
         return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
     }
     let mut record = Vec::with_capacity(names.len());
-    for (name, avro_field, field_type) in names {
-        let field_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
-        let value = match fields.get(name) {
+    for field in names {
+        let value = match fields.get(&field.name) {
             None | Some(Value::Null) => AvroValue::Union(0, Box::new(AvroValue::Null)),
-            Some(value) => AvroValue::Union(1, Box::new(encode_value(field_type, value, &field_path)?)),
+            Some(value) => {
+                let field_path = if path.is_empty() { field.name.clone() } else { format!("{path}.{}", field.name) };
+                AvroValue::Union(1, Box::new(encode_value(field, value, &field_path)?))
+            }
         };
-        record.push((avro_field.clone(), value));
+        record.push((field.avro_name.clone(), value));
     }
     Ok(AvroValue::Record(record))
 }
 
-fn encode_value(field_type: &FieldType, value: &Value, path: &str) -> Result<AvroValue, String> {
+fn encode_value(field: &AvroField, value: &Value, path: &str) -> Result<AvroValue, String> {
+    let field_type = &field.field_type;
     let mismatch = || format!("output field '{path}' holds {value}, which is not a {}", type_name(field_type));
     Ok(match field_type {
         FieldType::String => match value {
@@ -333,13 +349,10 @@ fn encode_value(field_type: &FieldType, value: &Value, path: &str) -> Result<Avr
         FieldType::Timestamp => AvroValue::TimestampMillis(whole(value).ok_or_else(mismatch)?),
         FieldType::Double => AvroValue::Double(value.as_f64().ok_or_else(mismatch)?),
         FieldType::Boolean => AvroValue::Boolean(value.as_bool().ok_or_else(mismatch)?),
-        FieldType::Object(inner) => {
-            let (names, inner_fields) = match value {
-                Value::Object(inner_fields) => (writer_schema(inner, "_")?.1, inner_fields),
-                _ => return Err(mismatch()),
-            };
-            encode_record(&names, inner_fields, path)?
-        }
+        FieldType::Object(_) => match value {
+            Value::Object(inner_fields) => encode_record(&field.nested, inner_fields, path)?,
+            _ => return Err(mismatch()),
+        },
     })
 }
 

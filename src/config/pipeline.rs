@@ -70,6 +70,16 @@ pub enum FieldType {
 }
 
 impl Schema {
+    /// The type of a dotted path; a path the schema lacks (checked elsewhere) as a string.
+    fn type_or_string(&self, path: &str) -> FieldType {
+        self.field_type(path).cloned().unwrap_or(FieldType::String)
+    }
+
+    /// The schema of `fields` (dotted paths) taken from this one, in that order.
+    fn select(&self, fields: &[String]) -> Schema {
+        Schema { fields: fields.iter().map(|field| (field.clone(), self.type_or_string(field))).collect() }
+    }
+
     /// The dotted paths of fields whose names Avro does not allow.
     pub fn invalid_avro_names(&self) -> Vec<String> {
         let mut invalid = Vec::new();
@@ -264,9 +274,8 @@ impl Pipeline {
                 Step::Join(join) => schema = join.output.record_schema(),
                 Step::Window(window) => {
                     let input = schema;
-                    let type_of = |field: &str| input.field_type(field).cloned().unwrap_or(FieldType::String);
-                    let mut fields: Vec<(String, FieldType)> =
-                        window.group_by.iter().map(|field| (field.clone(), type_of(field))).collect();
+                    let type_of = |field: &str| input.type_or_string(field);
+                    let mut fields = input.select(&window.group_by).fields;
                     fields.push(("window_start".into(), FieldType::Timestamp));
                     fields.push(("window_end".into(), FieldType::Timestamp));
                     for (name, aggregate) in &window.aggregates {
@@ -295,9 +304,6 @@ impl Pipeline {
     /// plus `window_start` under `emit: update`). None: each input record's key is kept as
     /// it is (no keyed step and no `sink.key`).
     pub fn output_key_schema(&self) -> Option<Schema> {
-        let typed = |schema: &Schema, fields: &[String]| Schema {
-            fields: fields.iter().map(|field| (field.clone(), schema.field_type(field).cloned().unwrap_or(FieldType::String))).collect(),
-        };
         let mut key = None;
         // Whether the records are an update-mode window's: they keep their window's key,
         // whatever sink.key says (as the engine's emit does).
@@ -306,13 +312,13 @@ impl Pipeline {
             let input = self.schema_seen_by(index);
             match step {
                 Step::Filter(_) => {}
-                Step::Dedup(dedup) => key = Some(typed(&input, &dedup.key)),
+                Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
                 Step::Join(join) => {
-                    key = Some(typed(&self.source.record_schema(), &join.on));
+                    key = Some(self.source.record_schema().select(&join.on));
                     upsert = false;
                 }
                 Step::Window(window) => {
-                    let mut schema = typed(&input, &window.group_by);
+                    let mut schema = input.select(&window.group_by);
                     upsert = window.emit == EmitMode::Update;
                     if upsert {
                         schema.fields.push(("window_start".into(), FieldType::Timestamp));
@@ -323,7 +329,7 @@ impl Pipeline {
         }
         match upsert || self.sink.key.is_empty() {
             true => key,
-            false => Some(typed(&self.output_schema(), &self.sink.key)),
+            false => Some(self.output_schema().select(&self.sink.key)),
         }
     }
 

@@ -86,11 +86,7 @@ impl Output {
             .iter()
             .filter_map(|(name, value)| value.map(|bytes| (name.to_string(), bytes.to_vec())))
             .collect();
-        headers.push(("weir-error-stage".into(), stage.as_str().as_bytes().to_vec()));
-        headers.push(("weir-error".into(), error.as_bytes().to_vec()));
-        headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
-        headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
-        headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
+        error_headers(&mut headers, stage, error, Some(provenance));
         Output {
             destination: Destination::Dlq,
             partition: None,
@@ -103,16 +99,20 @@ impl Output {
     /// The DLQ record for a result the sink's format cannot encode: the result as JSON, with
     /// the provenance headers of the input it came from, when it came from one.
     fn unencodable(key: Option<Vec<u8>>, fields: &serde_json::Map<String, serde_json::Value>, error: &str, provenance: Option<&Provenance<'_>>) -> Output {
-        let mut headers = vec![
-            ("weir-error-stage".to_string(), Stage::Produce.as_str().as_bytes().to_vec()),
-            ("weir-error".to_string(), error.as_bytes().to_vec()),
-        ];
-        if let Some(provenance) = provenance {
-            headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
-            headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
-            headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
-        }
+        let mut headers = Vec::with_capacity(5);
+        error_headers(&mut headers, Stage::Produce, error, provenance);
         Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
+    }
+}
+
+/// The DLQ headers of PIPELINE.md: the stage, the error, and where the input was read.
+fn error_headers(headers: &mut Vec<(String, Vec<u8>)>, stage: Stage, error: &str, provenance: Option<&Provenance<'_>>) {
+    headers.push(("weir-error-stage".into(), stage.as_str().as_bytes().to_vec()));
+    headers.push(("weir-error".into(), error.as_bytes().to_vec()));
+    if let Some(provenance) = provenance {
+        headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
+        headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
+        headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
     }
 }
 
@@ -549,24 +549,10 @@ impl Engine {
     /// A result the sink's format cannot encode follows `on_error.produce`.
     fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         let error = format!("encoding the result for the sink: {error}");
-        match Stage::Produce.action(&self.pipeline.on_error) {
-            ErrorAction::Dlq => {
-                outputs.push(Output::unencodable(key, &record.fields, &error, record.provenance.as_ref()));
-                self.counts.dead_lettered[Stage::Produce.index()] += 1;
-                Ok(())
-            }
-            ErrorAction::Skip => {
-                self.counts.skipped[Stage::Produce.index()] += 1;
-                Ok(())
-            }
-            ErrorAction::Fail => Err(StageFailure {
-                stage: Stage::Produce,
-                error,
-                topic: record.provenance.map(|provenance| provenance.topic.to_string()).unwrap_or_default(),
-                partition: record.provenance.map_or(-1, |provenance| provenance.partition),
-                offset: record.provenance.map_or(-1, |provenance| provenance.offset),
-            }),
-        }
+        let provenance = record.provenance;
+        self.route(Stage::Produce, &error, provenance.as_ref(), outputs, || {
+            Output::unencodable(key, &record.fields, &error, provenance.as_ref())
+        })
     }
 
     /// Applies the stage's `on_error` action to a bad record.
@@ -577,9 +563,22 @@ impl Engine {
         error: &str,
         outputs: &mut Vec<Output>,
     ) -> Result<(), StageFailure> {
+        self.route(stage, error, Some(&input.provenance), outputs, || Output::dead_letter(input, stage, error))
+    }
+
+    /// Follows the stage's `on_error`: the DLQ record `dead_letter` makes, a skip, or a
+    /// failure naming where the input was read (-1 when no single input made it).
+    fn route(
+        &mut self,
+        stage: Stage,
+        error: &str,
+        provenance: Option<&Provenance<'_>>,
+        outputs: &mut Vec<Output>,
+        dead_letter: impl FnOnce() -> Output,
+    ) -> Result<(), StageFailure> {
         match stage.action(&self.pipeline.on_error) {
             ErrorAction::Dlq => {
-                outputs.push(Output::dead_letter(input, stage, error));
+                outputs.push(dead_letter());
                 self.counts.dead_lettered[stage.index()] += 1;
                 Ok(())
             }
@@ -590,9 +589,9 @@ impl Engine {
             ErrorAction::Fail => Err(StageFailure {
                 stage,
                 error: error.to_string(),
-                topic: input.provenance.topic.to_string(),
-                partition: input.provenance.partition,
-                offset: input.provenance.offset,
+                topic: provenance.map(|provenance| provenance.topic.to_string()).unwrap_or_default(),
+                partition: provenance.map_or(-1, |provenance| provenance.partition),
+                offset: provenance.map_or(-1, |provenance| provenance.offset),
             }),
         }
     }

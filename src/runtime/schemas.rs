@@ -69,7 +69,8 @@ pub enum WaitError {
     Runtime(super::RuntimeError),
 }
 
-/// Registers the sink's schema under `<topic>-value`; returns its id (None: shut down).
+/// Registers one of the sink's schemas (value or key) under `subject`; returns its id
+/// (None: shut down).
 pub fn register_sink(
     registry: &Registry,
     subject: &str,
