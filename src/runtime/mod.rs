@@ -394,7 +394,7 @@ impl Loop<'_> {
             }
             session.engine.writer_schemas().clone()
         };
-        if writers.contains(id) {
+        if !writers.needs_fetch(id) {
             return Ok(true);
         }
         let what = format!("fetching writer schema id {id}");
