@@ -15,7 +15,8 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{Pipeline, SourceTopics};
+use crate::codec::avro;
+use crate::config::{Encoding, Pipeline, SourceTopics};
 use crate::engine::{ChangelogEntry, Destination, Engine, InputRecord, Output, StageFailure};
 use crate::operators::Provenance;
 
@@ -59,7 +60,12 @@ pub fn run_with_restarts(
     batch_size: usize,
     restart_every: Option<usize>,
 ) -> Result<Vec<String>, TestError> {
-    // Avro records are given and shown as JSON: no registry is involved.
+    // Avro records are given and shown as JSON: no registry is involved. Avro sink records
+    // are shown with the field names their schema has (`ads.ad` as `ads_ad`).
+    let shown_names = AvroNames {
+        key: pipeline.sink.key_encoding == Encoding::Avro,
+        value: pipeline.sink.encoding == Encoding::Avro,
+    };
     let pipeline = &pipeline.with_json_codecs();
     let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
     let mut changelog: BTreeMap<(Option<String>, i32, usize, String), Value> = BTreeMap::new();
@@ -157,10 +163,10 @@ pub fn run_with_restarts(
                 }
             }
         }
-        render(pipeline, outputs.drain(..), &mut lines);
+        render(pipeline, shown_names, outputs.drain(..), &mut lines);
     }
     engine.finish(&mut outputs)?;
-    render(pipeline, outputs.drain(..), &mut lines);
+    render(pipeline, shown_names, outputs.drain(..), &mut lines);
     Ok(lines)
 }
 
@@ -179,14 +185,32 @@ fn shown(bytes: Option<&[u8]>) -> Value {
     }
 }
 
-fn render(pipeline: &Pipeline, outputs: impl Iterator<Item = Output>, lines: &mut Vec<String>) {
+/// Which parts of sink records the real sink writes in Avro, whose field names are Avro-safe.
+#[derive(Clone, Copy)]
+struct AvroNames {
+    key: bool,
+    value: bool,
+}
+
+/// `value` with every field name (nested ones too) as the derived Avro schema spells it.
+fn with_avro_names(value: Value) -> Value {
+    match value {
+        Value::Object(fields) => {
+            Value::Object(fields.into_iter().map(|(name, value)| (avro::avro_name(&name), with_avro_names(value))).collect())
+        }
+        other => other,
+    }
+}
+
+fn render(pipeline: &Pipeline, avro_names: AvroNames, outputs: impl Iterator<Item = Output>, lines: &mut Vec<String>) {
     for output in outputs {
-        let topic = match output.destination {
-            Destination::Sink => &pipeline.sink.topic,
-            Destination::Dlq => &pipeline.dlq_topic,
+        let (topic, avro_names) = match output.destination {
+            Destination::Sink => (&pipeline.sink.topic, avro_names),
+            Destination::Dlq => (&pipeline.dlq_topic, AvroNames { key: false, value: false }),
             // `weir test` runs every stage in process: nothing is forwarded.
             Destination::Repartition(_) => continue,
         };
+        let named = |avro: bool, value: Value| if avro { with_avro_names(value) } else { value };
         let headers: Map<String, Value> = output
             .headers
             .iter()
@@ -194,8 +218,8 @@ fn render(pipeline: &Pipeline, outputs: impl Iterator<Item = Output>, lines: &mu
             .collect();
         let mut line = Map::new();
         line.insert("topic".into(), Value::String(topic.clone()));
-        line.insert("key".into(), shown(output.key.as_deref()));
-        line.insert("value".into(), shown(output.value.as_deref()));
+        line.insert("key".into(), named(avro_names.key, shown(output.key.as_deref())));
+        line.insert("value".into(), named(avro_names.value, shown(output.value.as_deref())));
         line.insert("headers".into(), Value::Object(headers));
         lines.push(Value::Object(line).to_string());
     }

@@ -279,6 +279,15 @@ fn steps_after_a_join_use_dotted_paths() {
     };
     assert!(window("a").contains(r#""n":3"#) && window("a").contains(r#""first_ad":"a1""#), "{stdout}");
     assert!(window("c").contains(r#""n":1"#) && window("c").contains(r#""first_ad":"a5""#), "{stdout}");
+
+    // With an Avro sink, results show the field names the derived Avro schema writes.
+    let avro = pipeline.replace("format: json", "format: avro").replace("  topic: out", "  topic: out\n  format: avro\n  key_format: avro");
+    let (_avro_dir, avro_path) = write(&avro);
+    let lines = weir_test_lines_from(&avro_path, &case.join("input.jsonl"));
+    let result = lines.iter().find(|line| line["topic"] == "out" && line["value"]["ads_ad"] == "a").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(result["value"]["n"], 3, "{result}");
+    assert_eq!(result["key"]["ads_ad"], "a", "{result}");
+    assert!(lines.iter().all(|line| !line.to_string().contains("ads.ad")), "{lines:?}");
     drop(dir);
 }
 
@@ -345,6 +354,10 @@ fn weir_test_lines(path: &str, inputs: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.jsonl");
     std::fs::write(&input, inputs.join("\n") + "\n").unwrap();
+    weir_test_lines_from(path, &input)
+}
+
+fn weir_test_lines_from(path: &str, input: &std::path::Path) -> Vec<serde_json::Value> {
     let output = weir(&["test", "--pipeline", path, "--input", input.to_str().unwrap()], &[]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
