@@ -31,7 +31,7 @@ const MAGIC: u8 = 0;
 /// registry replica that had not caught up yet).
 #[derive(Debug)]
 pub struct WriterSchemas {
-    schemas: RwLock<HashMap<u32, (Result<Arc<AvroSchema>, String>, Instant)>>,
+    schemas: RwLock<HashMap<u32, (WriterSchema, Instant)>>,
     unknown_id_retry: Duration,
 }
 
@@ -40,6 +40,9 @@ impl Default for WriterSchemas {
         WriterSchemas::with_unknown_id_retry(UNKNOWN_ID_RETRY)
     }
 }
+
+/// A writer schema, or why the registry has none for its id.
+type WriterSchema = Result<Arc<AvroSchema>, String>;
 
 /// How long an id the registry did not know stays unknown before it is asked again.
 pub const UNKNOWN_ID_RETRY: Duration = Duration::from_secs(60);
@@ -357,11 +360,11 @@ fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, ou
         }
     }
     // A field the schema lacks would be dropped without a word.
-    if present != fields.len() {
-        if let Some(extra) = fields.keys().find(|name| !names.iter().any(|field| &field.name == *name)) {
-            let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
-            return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
-        }
+    if present != fields.len()
+        && let Some(extra) = fields.keys().find(|name| !names.iter().any(|field| &field.name == *name))
+    {
+        let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
+        return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
     }
     Ok(())
 }

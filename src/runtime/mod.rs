@@ -272,11 +272,8 @@ impl Loop<'_> {
             let idle = message.is_none();
             match message {
                 None => {}
-                Some(Ok(message)) => {
-                    if self.fetch_writer_schema(&message)? {
-                        self.process(&message)?;
-                    }
-                }
+                Some(Ok(message)) if self.fetch_writer_schema(&message)? => self.process(&message)?,
+                Some(Ok(_)) => {}
                 Some(Err(error)) => self.consumer_error(error)?,
             }
             let due = {
