@@ -42,7 +42,7 @@ impl Default for WriterSchemas {
 }
 
 /// A writer schema, or why the registry has none for its id.
-type WriterSchema = Result<Arc<AvroSchema>, String>;
+pub type WriterSchema = Result<Arc<AvroSchema>, String>;
 
 /// How long an id the registry did not know stays unknown before it is asked again.
 pub const UNKNOWN_ID_RETRY: Duration = Duration::from_secs(60);
@@ -61,11 +61,11 @@ impl WriterSchemas {
         }
     }
 
-    pub fn insert(&self, id: u32, schema: Result<Arc<AvroSchema>, String>) {
+    pub fn insert(&self, id: u32, schema: WriterSchema) {
         self.schemas.write().expect("writer schemas lock").insert(id, (schema, Instant::now()));
     }
 
-    fn get(&self, id: u32) -> Option<Result<Arc<AvroSchema>, String>> {
+    fn get(&self, id: u32) -> Option<WriterSchema> {
         self.schemas.read().expect("writer schemas lock").get(&id).map(|(schema, _)| schema.clone())
     }
 

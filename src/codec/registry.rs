@@ -11,6 +11,7 @@ use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use tokio::runtime::Handle;
 
+use super::avro::WriterSchema;
 use crate::config::RegistrySettings;
 
 /// Why a registry call failed.
@@ -57,7 +58,7 @@ impl Registry {
 
     /// The writer schema registered under `id`. `Ok(Err(..))`: the registry answered, and the
     /// id is no usable Avro schema (unknown, or not Avro): the records naming it are bad.
-    pub fn writer_schema(&self, id: u32) -> Result<Result<Arc<AvroSchema>, String>, RegistryError> {
+    pub fn writer_schema(&self, id: u32) -> Result<WriterSchema, RegistryError> {
         let registered = match self.handle.block_on(get_schema_by_id(id, &self.settings)) {
             Ok(registered) => registered,
             // Only the registry's own "schema not found" makes the id a bad one; any other
