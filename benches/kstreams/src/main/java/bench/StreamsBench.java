@@ -42,12 +42,16 @@ import org.apache.kafka.streams.state.WindowStoreIterator;
  *
  * <ul>
  *   <li>passthrough: values parsed with Jackson and written back unchanged.
- *   <li>dedup: drop a record if (user,id) was seen within 24h of event time (RocksDB window store,
- *       eviction by the store's segment retention, no punctuation).
- *   <li>window: count per user in 1s tumbling windows, grace 1s, suppress(untilWindowCloses),
- *       output {"user","window_start","window_end","count"} keyed by user.
- *   <li>join: INPUTS=LEFT,RIGHT; inner KStream-KStream join, JoinWindows.ofTimeDifferenceAndGrace,
- *       output {"left":...,"right":...}.
+ *   <li>dedup: drop a record if its --dedup-fields (default user,id) were seen within 24h of event
+ *       time (RocksDB window store, eviction by the store's segment retention, no punctuation).
+ *   <li>window: count per --group-field (default user) in --window-ms windows (default 1000)
+ *       advancing by --advance-ms (default: tumbling), grace --grace-ms (default 1000),
+ *       suppress(untilWindowCloses), output {GROUP,"window_start","window_end",COUNT} keyed by
+ *       the group, COUNT named by --count-field (default count).
+ *   <li>join: INPUTS=LEFT,RIGHT; inner KStream-KStream join, JoinWindows.ofTimeDifferenceAndGrace
+ *       (--join-window-ms, --join-grace-ms, and --join-before-ms to narrow how far the right
+ *       record may precede the left), output {LEFT_NAME:...,RIGHT_NAME:...} (--left-name,
+ *       --right-name, default left and right).
  * </ul>
  *
  * <p>Keys: by default the input is assumed keyed by the grouping/join key (the producer keys by
@@ -206,24 +210,31 @@ final class StreamsBench {
                 }
                 b.addStateStore(Stores.windowStoreBuilder(
                     Stores.persistentWindowStore(Dedup.STORE, Dedup.WITHIN, Dedup.WITHIN, false), ks, Serdes.Long()));
-                s.processValues(Dedup::new, Dedup.STORE)
+                String[] fields = o.getOrDefault("dedup-fields", "user,id").split(",");
+                s.processValues(() -> new Dedup(fields), Dedup.STORE)
                     .peek((k, v) -> OUT.incrementAndGet()).to(output, produced);
             }
             case "window" -> {
                 KStream<String, JsonNode> s = source(b, inputs[0], consumed);
+                String group = o.getOrDefault("group-field", "user");
+                String countField = o.getOrDefault("count-field", "count");
+                long size = Long.parseLong(o.getOrDefault("window-ms", "1000"));
+                long advance = Long.parseLong(o.getOrDefault("advance-ms", String.valueOf(size)));
+                long windowGrace = Long.parseLong(o.getOrDefault("grace-ms", "1000"));
                 KGroupedStream<String, JsonNode> g = rekey
-                    ? s.groupBy((k, v) -> v.path("user").asText(), Grouped.with("by-user", ks, vs))
+                    ? s.groupBy((k, v) -> v.path(group).asText(), Grouped.with("by-" + group, ks, vs))
                     : s.groupByKey(Grouped.with(ks, vs));
-                g.windowedBy(TimeWindows.ofSizeAndGrace(Duration.ofSeconds(1), Duration.ofSeconds(1)))
+                g.windowedBy(TimeWindows.ofSizeAndGrace(Duration.ofMillis(size), Duration.ofMillis(windowGrace))
+                        .advanceBy(Duration.ofMillis(advance)))
                     .count(Materialized.as("counts"))
                     .suppress(Suppressed.untilWindowCloses(Suppressed.BufferConfig.unbounded()))
                     .toStream()
                     .map((wk, count) -> {
                         ObjectNode n = Json.MAPPER.createObjectNode();
-                        n.put("user", wk.key());
+                        n.put(group, wk.key());
                         n.put("window_start", wk.window().start());
                         n.put("window_end", wk.window().end());
-                        n.put("count", count);
+                        n.put(countField, count);
                         return KeyValue.pair(wk.key(), (JsonNode) n);
                     })
                     .peek((k, v) -> OUT.incrementAndGet())
@@ -240,13 +251,20 @@ final class StreamsBench {
                 }
                 long win = Long.parseLong(o.getOrDefault("join-window-ms", "1000"));
                 long grace = Long.parseLong(o.getOrDefault("join-grace-ms", "1000"));
+                String leftName = o.getOrDefault("left-name", "left");
+                String rightName = o.getOrDefault("right-name", "right");
+                JoinWindows windows = JoinWindows.ofTimeDifferenceAndGrace(Duration.ofMillis(win), Duration.ofMillis(grace));
+                // --join-before-ms: how far the right record may precede the left (default: the window).
+                if (o.containsKey("join-before-ms")) {
+                    windows = windows.before(Duration.ofMillis(Long.parseLong(o.get("join-before-ms"))));
+                }
                 left.join(right, (l, r) -> {
                             ObjectNode n = Json.MAPPER.createObjectNode();
-                            n.set("left", l);
-                            n.set("right", r);
+                            n.set(leftName, l);
+                            n.set(rightName, r);
                             return (JsonNode) n;
                         },
-                        JoinWindows.ofTimeDifferenceAndGrace(Duration.ofMillis(win), Duration.ofMillis(grace)),
+                        windows,
                         StreamJoined.with(ks, vs, vs).withStoreName("join"))
                     .peek((k, v) -> OUT.incrementAndGet())
                     .to(output, produced);
@@ -264,12 +282,17 @@ final class StreamsBench {
         });
     }
 
-    /** Drops a record whose (user,id) was seen within WITHIN of its event time. */
+    /** Drops a record whose key fields were seen within WITHIN of its event time. */
     static final class Dedup implements FixedKeyProcessor<String, JsonNode, JsonNode> {
         static final String STORE = "dedup-store";
         static final Duration WITHIN = Duration.ofHours(24);
+        private final String[] fields;
         private FixedKeyProcessorContext<String, JsonNode> ctx;
         private WindowStore<String, Long> store;
+
+        Dedup(String[] fields) {
+            this.fields = fields;
+        }
 
         @Override
         public void init(FixedKeyProcessorContext<String, JsonNode> context) {
@@ -280,16 +303,17 @@ final class StreamsBench {
         @Override
         public void process(FixedKeyRecord<String, JsonNode> r) {
             JsonNode v = r.value();
-            String key = v.path("user").asText() + "|" + v.path("id").asText();
+            StringBuilder key = new StringBuilder();
+            for (String field : fields) key.append(v.path(field).asText()).append('|');
             long ts = r.timestamp();
             long within = WITHIN.toMillis();
-            try (WindowStoreIterator<Long> it = store.fetch(key, ts - within, ts + within)) {
+            try (WindowStoreIterator<Long> it = store.fetch(key.toString(), ts - within, ts + within)) {
                 if (it.hasNext()) {
                     DROPPED.incrementAndGet();
                     return;
                 }
             }
-            store.put(key, ts, ts);
+            store.put(key.toString(), ts, ts);
             ctx.forward(r);
         }
     }

@@ -1,0 +1,1059 @@
+//! The end-to-end benchmark (issue 7): one command, one broker, one run, every number checked.
+//!
+//! Run `scripts/bench` (builds the Kafka Streams baseline with Maven, then runs this) or
+//! `cargo bench --bench e2e -- [--bids N] [--seed S] [--latency-seconds S] [--out FILE]`.
+//!
+//! 1. Generates Nexmark-shaped events from a seed into three topics: persons, auctions and
+//!    bids, in Nexmark's proportions (1 : 3 : 46) and average sizes (200 B, 500 B, 100 B),
+//!    one event per millisecond of event time, about 10% of persons and bids up to 2 s out of
+//!    order, and every 20th bid sent twice (so a dedup has something to drop). Bids and
+//!    auctions are keyed by auction id, so both are partitioned by it.
+//! 2. Runs each workload over what the topics hold, from the beginning, timed from the
+//!    moment the reader owns its partitions to the moment everything is committed: the raw
+//!    rdkafka consume→produce loop (no state, no transactions; the physical baseline), then
+//!    weir and Kafka Streams (`exactly_once_v2`, 100 ms commit interval as weir's, RocksDB
+//!    stores) on pass-through, dedup, tumbling and hopping windows, and the auction ⋈ bid
+//!    interval join; weir's pass-through also without transactions (`idempotent_upsert`).
+//! 3. Checks every run's output against the answer computed here from the generated events:
+//!    counts and order-independent checksums, every window's count, every join pair. A fast
+//!    wrong answer fails the run.
+//! 4. Measures end-to-end latency (p50/p99, produce to read_committed consume) of each
+//!    pass-through at 50% and 70% of its own maximum rate from step 2, and the time from a
+//!    SIGKILL to the first committed output of a dedup holding one key per bid.
+//!
+//! CPU time is each process's user + system time from /proc (the raw loop runs inside this
+//! process); memory is the peak resident set, sampled every 20 ms.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use support::*;
+
+const PARTITIONS: i32 = 4;
+/// How far behind its place in the stream a late-sent event's time may be, at most.
+const MAX_DISORDER_MS: i64 = 2_000;
+/// The watermark's out-of-orderness (weir) and the grace (Kafka Streams): more than the
+/// largest disorder (2 s, and a duplicate is sent up to 2.5 s after its original's time), so
+/// no record is late in either; `generate` checks it.
+const OUT_OF_ORDERNESS_MS: i64 = 3_000;
+/// An auction takes bids for this long after it opens; bids pick auctions opened within
+/// the last 9 s of their own time.
+const AUCTION_LIFETIME_MS: i64 = 10_000;
+const WINDOW_MS: i64 = 10_000;
+const HOP_MS: i64 = 2_000;
+
+struct Options {
+    bids: u64,
+    seed: u64,
+    latency_seconds: u64,
+    out: Option<PathBuf>,
+    kstreams_jar: PathBuf,
+    /// Which parts run: throughput, latency (needs throughput's rates), recovery.
+    sections: Vec<String>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        bids: 1_000_000,
+        seed: 42,
+        latency_seconds: 15,
+        out: None,
+        kstreams_jar: std::env::var_os("KSTREAMS_JAR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("benches/kstreams/target/kstreams-bench.jar")),
+        sections: ["throughput", "latency", "recovery"].map(String::from).to_vec(),
+    };
+    let arguments: Vec<String> = std::env::args().skip(1).filter(|argument| argument != "--bench").collect();
+    let mut iter = arguments.iter();
+    while let Some(name) = iter.next() {
+        let mut value = || iter.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        match name.as_str() {
+            "--bids" => options.bids = value().parse().expect("--bids N"),
+            "--seed" => options.seed = value().parse().expect("--seed S"),
+            "--latency-seconds" => options.latency_seconds = value().parse().expect("--latency-seconds S"),
+            "--out" => options.out = Some(PathBuf::from(value())),
+            "--sections" => options.sections = value().split(',').map(String::from).collect(),
+            other => panic!("unknown argument {other}; see benches/e2e.rs"),
+        }
+    }
+    assert!(
+        options.kstreams_jar.is_file(),
+        "no Kafka Streams baseline at {}: run scripts/bench, which builds it (mvn package in benches/kstreams)",
+        options.kstreams_jar.display()
+    );
+    options
+}
+
+// ---------------------------------------------------------------------------------------
+// The Nexmark-shaped events.
+
+/// splitmix64: a small seeded generator, the same stream on every machine.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound.max(1)
+    }
+
+    fn text(&mut self, length: usize) -> String {
+        (0..length).map(|_| (b'a' + self.below(26) as u8) as char).collect()
+    }
+}
+
+#[derive(Clone)]
+struct Bid {
+    id: u64,
+    auction: u64,
+    price: u64,
+    ts: i64,
+    value: String,
+}
+
+struct Generated {
+    /// The first event's time, on a 10 s boundary, so that the last is a minute before the run
+    /// (recent: Kafka Streams' changelogs, whose retention counts from record times, keep it).
+    start: i64,
+    persons: Vec<(u64, String)>,
+    auctions: Vec<(u64, i64, String)>,
+    /// In the order they are sent, duplicates included.
+    bids: Vec<Bid>,
+}
+
+impl Generated {
+    fn events(&self) -> u64 {
+        (self.persons.len() + self.auctions.len() + self.bids.len()) as u64
+    }
+
+    fn max_bid_time(&self) -> i64 {
+        self.bids.iter().map(|bid| bid.ts).max().unwrap_or(self.start)
+    }
+}
+
+fn generate(distinct_bids: u64, seed: u64) -> Generated {
+    // Event time spans one millisecond per event, 50 events per 46 bids; it ends a minute ago.
+    let span = (distinct_bids * 50 / 46) as i64;
+    let start = (now_ms() - span - 60_000) / WINDOW_MS * WINDOW_MS;
+    let mut random = Random(seed);
+    let mut generated = Generated { start, persons: Vec::new(), auctions: Vec::new(), bids: Vec::new() };
+    // Auction open times, ascending (auctions are never sent late), for picking one by time.
+    let mut opened: Vec<i64> = Vec::new();
+    let mut resend: Vec<(u64, Bid)> = Vec::new();
+    let mut event: u64 = 0;
+    let mut next_bid = 0;
+    // Sent late: about 10% of persons and bids carry a time up to 2 s before their place.
+    let time_of = |random: &mut Random, event: u64| {
+        let nominal = start + event as i64;
+        match random.below(10) {
+            0 => nominal - 1 - random.below(MAX_DISORDER_MS as u64) as i64,
+            _ => nominal,
+        }
+    };
+    while next_bid < distinct_bids {
+        match event % 50 {
+            0 => {
+                let id = generated.persons.len() as u64;
+                let ts = time_of(&mut random, event);
+                let value = format!(
+                    r#"{{"id":{id},"name":"{} {}","email":"{}@{}.com","credit_card":"{:016}","city":"{}","state":"{}","ts":{ts},"extra":"{}"}}"#,
+                    random.text(6),
+                    random.text(8),
+                    random.text(7),
+                    random.text(5),
+                    random.below(10_000_000_000_000_000),
+                    random.text(9),
+                    random.text(2),
+                    random.text(60)
+                );
+                generated.persons.push((id, value));
+            }
+            1..=3 => {
+                let id = generated.auctions.len() as u64;
+                let ts = start + event as i64;
+                let value = format!(
+                    r#"{{"auction":{id},"item_name":"{}","description":"{}","initial_bid":{},"reserve":{},"ts":{ts},"expires":{},"seller":{},"category":{},"extra":"{}"}}"#,
+                    random.text(12),
+                    random.text(80),
+                    1 + random.below(1000),
+                    1000 + random.below(10_000),
+                    ts + AUCTION_LIFETIME_MS,
+                    random.below(generated.persons.len() as u64 + 1),
+                    10 + random.below(5),
+                    random.text(230)
+                );
+                opened.push(ts);
+                generated.auctions.push((id, ts, value));
+            }
+            _ => {
+                let id = next_bid;
+                next_bid += 1;
+                let ts = time_of(&mut random, event).max(opened[0]);
+                // Auctions open at or before the bid and within the last 9 s: half the bids go
+                // to the newest (the hot one), the rest anywhere in that range.
+                let newest = opened.partition_point(|open| *open <= ts) - 1;
+                let oldest = opened.partition_point(|open| *open < ts - (AUCTION_LIFETIME_MS - 1_000));
+                let auction = match random.below(2) {
+                    0 => newest,
+                    _ => oldest.min(newest) + random.below((newest - oldest.min(newest) + 1) as u64) as usize,
+                } as u64;
+                let price = 1 + random.below(100_000);
+                let value = format!(
+                    r#"{{"id":{id},"auction":{auction},"bidder":{},"price":{price},"channel":"{}","url":"https://{}.com/{}","ts":{ts},"extra":"{}"}}"#,
+                    random.below(generated.persons.len() as u64 + 1),
+                    ["web", "app", "partner", "api"][random.below(4) as usize],
+                    random.text(6),
+                    random.text(10),
+                    random.text(8)
+                );
+                let bid = Bid { id, auction, price, ts, value };
+                if id % 20 == 7 {
+                    resend.push((event + 500, bid.clone()));
+                }
+                generated.bids.push(bid);
+            }
+        }
+        event += 1;
+        // A duplicate goes out 500 events after its original.
+        while resend.first().is_some_and(|(due, _)| *due <= event) {
+            generated.bids.push(resend.remove(0).1);
+        }
+    }
+    generated.bids.extend(resend.into_iter().map(|(_, bid)| bid));
+    // The answers below assume no record is late: check how far behind the newest time
+    // already sent each bid is.
+    let mut newest = start;
+    for bid in &generated.bids {
+        assert!(newest - bid.ts < OUT_OF_ORDERNESS_MS, "bid {} is {} ms behind, more than the out-of-orderness", bid.id, newest - bid.ts);
+        newest = newest.max(bid.ts);
+    }
+    generated
+}
+
+struct Topics {
+    persons: String,
+    auctions: String,
+    bids: String,
+}
+
+fn produce_all(generated: &Generated) -> Topics {
+    let topics = Topics { persons: unique("nexmark-persons"), auctions: unique("nexmark-auctions"), bids: unique("nexmark-bids") };
+    for topic in [&topics.persons, &topics.auctions, &topics.bids] {
+        create_topic_with(topic, PARTITIONS, &[("retention.ms", "-1")]);
+    }
+    let producer = TestProducer::new();
+    for (id, value) in &generated.persons {
+        producer.send(&topics.persons, &Input::keyed(id.to_string(), value.as_str()));
+    }
+    for (id, _, value) in &generated.auctions {
+        producer.send(&topics.auctions, &Input::keyed(id.to_string(), value.as_str()));
+    }
+    for bid in &generated.bids {
+        producer.send(&topics.bids, &Input::keyed(bid.auction.to_string(), bid.value.as_str()));
+    }
+    producer.flush();
+    topics
+}
+
+// ---------------------------------------------------------------------------------------
+// Expected answers and checks.
+
+/// An order-independent checksum of a set of records: the wrapping sum of a mix of fields.
+fn mix(a: u64, b: u64) -> u64 {
+    support_hash(&[a.to_le_bytes(), b.to_le_bytes()].concat())
+}
+
+fn support_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[derive(Debug, PartialEq)]
+struct Sum {
+    count: u64,
+    checksum: u64,
+}
+
+impl Sum {
+    fn of(items: impl IntoIterator<Item = (u64, u64)>) -> Sum {
+        items.into_iter().fold(Sum { count: 0, checksum: 0 }, |sum, (a, b)| Sum { count: sum.count + 1, checksum: sum.checksum.wrapping_add(mix(a, b)) })
+    }
+}
+
+enum Expected {
+    /// Every bid once per time it was sent: (id, price).
+    Bids(Sum),
+    /// Every distinct bid once.
+    Distinct(Sum),
+    /// Counts per (auction, window start); windows ending at or before `must_close` must all be there.
+    Windows { counts: HashMap<(u64, i64), u64>, must_close: i64, count_field: &'static str },
+    /// One (auction, bid id) pair per bid sent.
+    Pairs(Sum),
+}
+
+fn field(value: &Value, path: &[&str]) -> u64 {
+    let mut current = value;
+    for name in path {
+        current = &current[*name];
+    }
+    current.as_u64().or_else(|| current.as_str().and_then(|text| text.parse().ok())).unwrap_or_else(|| panic!("output without {path:?}: {value}"))
+}
+
+fn window_counts(generated: &Generated, size: i64, slide: i64) -> HashMap<(u64, i64), u64> {
+    let mut counts = HashMap::new();
+    for bid in &generated.bids {
+        let last_start = bid.ts - bid.ts.rem_euclid(slide);
+        let mut start = last_start;
+        while start > bid.ts - size {
+            *counts.entry((bid.auction, start)).or_insert(0) += 1;
+            start -= slide;
+        }
+    }
+    counts
+}
+
+/// Checks an output topic against the expected answer; Err says what is wrong.
+fn check(output: &str, expected: &Expected) -> Result<String, String> {
+    let records = read_committed(output);
+    let values: Vec<Value> = records.iter().map(Seen::value_json).collect();
+    let compare = |what: &str, got: Sum, want: &Sum| match &got == want {
+        true => Ok(format!("{} {what}, checksum {:016x}", got.count, got.checksum)),
+        false => Err(format!("{what}: got {} (checksum {:016x}), expected {} ({:016x})", got.count, got.checksum, want.count, want.checksum)),
+    };
+    match expected {
+        Expected::Bids(want) => compare("bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
+        Expected::Distinct(want) => compare("distinct bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
+        Expected::Pairs(want) => {
+            compare("join pairs", Sum::of(values.iter().map(|v| (field(v, &["auctions", "auction"]), field(v, &["bids", "id"])))), want)
+        }
+        Expected::Windows { counts, must_close, count_field } => {
+            let mut seen = HashSet::new();
+            for value in &values {
+                let key = (field(value, &["auction"]), field(value, &["window_start"]) as i64);
+                let count = field(value, &[count_field]);
+                if counts.get(&key) != Some(&count) {
+                    return Err(format!("window {key:?} has count {count}, expected {:?}", counts.get(&key)));
+                }
+                if !seen.insert(key) {
+                    return Err(format!("window {key:?} emitted twice"));
+                }
+            }
+            let required: Vec<_> = counts.keys().filter(|(_, start)| start + WINDOW_MS <= *must_close).collect();
+            if required.is_empty() {
+                return Err("no window had to close: the input is too short to check windows (use more bids)".into());
+            }
+            let missing = required.iter().filter(|key| !seen.contains(**key)).count();
+            match missing {
+                0 => Ok(format!("{} windows, each count right ({} had to close)", seen.len(), required.len())),
+                _ => Err(format!("{missing} of {} windows that had to close are missing", required.len())),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running one workload.
+
+#[derive(Clone, Copy, PartialEq)]
+enum System {
+    Raw,
+    Weir,
+    WeirUpsert,
+    KafkaStreams,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            System::Raw => "raw rdkafka",
+            System::Weir => "weir",
+            System::WeirUpsert => "weir, no transactions (idempotent_upsert)",
+            System::KafkaStreams => "Kafka Streams 4.2",
+        }
+    }
+}
+
+struct Measured {
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+    state_bytes: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Workload {
+    PassThrough,
+    Dedup,
+    Tumbling,
+    Hopping,
+    Join,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Workload::PassThrough => "pass-through (bids)",
+            Workload::Dedup => "dedup by bid id",
+            Workload::Tumbling => "tumbling 10 s count per auction",
+            Workload::Hopping => "hopping 10 s / 2 s count per auction",
+            Workload::Join => "auction ⋈ bid within 10 s",
+        }
+    }
+}
+
+/// A bids (or auctions) source of a weir pipeline.
+fn weir_source(name: &str, topic: &str) -> String {
+    let schema = match name {
+        "bids" => "{ id: long, auction: long, bidder: long, price: long, channel: string, url: string, ts: long, extra: string }",
+        _ => "{ auction: long, item_name: string, description: string, initial_bid: long, reserve: long, ts: long, expires: long, seller: long, category: long, extra: string }",
+    };
+    format!(
+        "  {name}:\n    topics: [{topic}]\n    format: json\n    schema: {schema}\n    event_time: {{ field: ts, unit: millis }}\n    \
+         watermark: {{ max_out_of_orderness: {OUT_OF_ORDERNESS_MS}ms }}\n    partitioned_by: [auction]\n"
+    )
+}
+
+fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, upsert: bool) -> String {
+    let mode = if upsert { "  mode: idempotent_upsert\n" } else { "" };
+    let (sources, middle) = match workload {
+        Workload::PassThrough => (weir_source("bids", &topics.bids), String::new()),
+        Workload::Dedup => (weir_source("bids", &topics.bids), "steps:\n  - dedup: { key: [auction, id], within: 24h }\n".to_string()),
+        Workload::Tumbling => (
+            weir_source("bids", &topics.bids),
+            format!("steps:\n  - window: {{ group_by: [auction], tumbling: {WINDOW_MS}ms, aggregates: {{ bids: count() }} }}\n"),
+        ),
+        Workload::Hopping => (
+            weir_source("bids", &topics.bids),
+            format!("steps:\n  - window: {{ group_by: [auction], hopping: {{ size: {WINDOW_MS}ms, slide: {HOP_MS}ms }}, aggregates: {{ bids: count() }} }}\n"),
+        ),
+        Workload::Join => (
+            format!("{}{}", weir_source("auctions", &topics.auctions), weir_source("bids", &topics.bids)),
+            format!("join:\n  left: auctions\n  right: bids\n  type: inner\n  on: [auction]\n  within: {{ lower: 0s, upper: {AUCTION_LIFETIME_MS}ms }}\n"),
+        ),
+    };
+    format!("name: {name}\nsources:\n{sources}{middle}sink:\n  topic: {output}\n{mode}")
+}
+
+fn kstreams_arguments(workload: Workload, topics: &Topics, output: &str, app: &str, state: &Path, expect: u64) -> Vec<String> {
+    let (name, inputs, extra): (&str, String, Vec<String>) = match workload {
+        Workload::PassThrough => ("passthrough", topics.bids.clone(), vec![]),
+        Workload::Dedup => ("dedup", topics.bids.clone(), vec!["--dedup-fields".into(), "auction,id".into()]),
+        Workload::Tumbling | Workload::Hopping => {
+            let slide = if matches!(workload, Workload::Hopping) { HOP_MS } else { WINDOW_MS };
+            (
+                "window",
+                topics.bids.clone(),
+                ["--group-field", "auction", "--count-field", "bids", "--window-ms", &WINDOW_MS.to_string(), "--advance-ms", &slide.to_string(), "--grace-ms", &OUT_OF_ORDERNESS_MS.to_string()]
+                    .map(String::from)
+                    .to_vec(),
+            )
+        }
+        Workload::Join => (
+            "join",
+            format!("{},{}", topics.auctions, topics.bids),
+            [
+                "--join-window-ms",
+                &AUCTION_LIFETIME_MS.to_string(),
+                "--join-before-ms",
+                "0",
+                "--join-grace-ms",
+                &OUT_OF_ORDERNESS_MS.to_string(),
+                "--left-name",
+                "auctions",
+                "--right-name",
+                "bids",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    };
+    let mut arguments = vec!["run".to_string(), broker().bootstrap.clone(), name.into(), inputs, output.into(), app.into()];
+    arguments.extend(extra);
+    arguments.extend(["--state-dir".into(), state.display().to_string()]);
+    match expect {
+        // Until killed.
+        0 => arguments.extend(["--idle-sec", "0", "--timeout-sec", "3600"].map(String::from)),
+        _ => arguments.extend(["--expect".into(), expect.to_string(), "--idle-sec".into(), "60".into()]),
+    }
+    arguments
+}
+
+/// Starts the Kafka Streams baseline; its stdout (one RESULT line) is piped when `result`.
+/// `settings`: Streams or client settings, as the jar takes them (`-Dks.NAME=VALUE`).
+fn java(jar: &Path, arguments: &[String], log: &Path, result: bool, settings: &[(&str, &str)]) -> Child {
+    let java_options = std::env::var("JAVA_OPTS").unwrap_or_else(|_| "-Xms512m -Xmx2g".into());
+    let log_file = std::fs::File::create(log).unwrap();
+    Command::new("java")
+        .args(java_options.split_whitespace())
+        .args(settings.iter().map(|(name, value)| format!("-Dks.{name}={value}")))
+        .arg("-jar")
+        .arg(jar)
+        .args(arguments)
+        .stdin(Stdio::null())
+        .stdout(if result { Stdio::piped() } else { Stdio::null() })
+        .stderr(log_file)
+        .spawn()
+        .expect("start java (Kafka Streams baseline)")
+}
+
+/// Samples a process until it exits: (peak RSS in KiB, last CPU seconds seen). Kills it
+/// and fails after 30 minutes.
+fn sample_until_exit(child: &mut Child) -> (u64, f64, std::process::ExitStatus) {
+    let pid = child.id();
+    let (mut peak, mut cpu) = (0, 0.0f64);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (peak, cpu, status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {pid} still running after 30 minutes");
+        }
+        peak = peak.max(rss_kib(pid));
+        cpu = cpu.max(process_cpu_seconds(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_kstreams(jar: &Path, workload: Workload, topics: &Topics, output: &str, expect: u64) -> Measured {
+    let app = unique("ks-bench");
+    let state = tempfile::tempdir().unwrap();
+    let log = std::env::temp_dir().join(format!("{app}.log"));
+    let arguments = kstreams_arguments(workload, topics, output, &app, state.path(), expect);
+    let mut child = java(jar, &arguments, &log, true, &[]);
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).find(|line| line.starts_with("RESULT ")));
+    let (peak_kib, _, status) = sample_until_exit(&mut child);
+    let result = reader.join().unwrap().unwrap_or_default();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success() && !result.is_empty(), "Kafka Streams failed ({status}):\n{log_text}");
+    let value = |name: &str| -> f64 {
+        result
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {result}"))
+    };
+    Measured {
+        seconds: value("running_to_closed_s"),
+        cpu_seconds: value("cpu_since_running_s"),
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        state_bytes: directory_bytes(state.path()),
+    }
+}
+
+fn run_weir(pipeline: &str) -> Measured {
+    let file = pipeline_file(pipeline);
+    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    let pid = weir.child.id();
+    // Ready: it owns its partitions. Polled often, so the clock starts on time; a run that
+    // ends before it is seen ready is a failure, not a hang.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !is_ready(&weir) {
+        if let Some(status) = weir.child.try_wait().unwrap() {
+            panic!("weir exited ({status}) before it was ready:\n{}", weir.log_text());
+        }
+        assert!(Instant::now() < deadline, "weir not ready within 120 s:\n{}", weir.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu_at_ready = process_cpu_seconds(pid);
+    let started = Instant::now();
+    let (peak_kib, cpu, status) = sample_until_exit(&mut weir.child);
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
+    Measured {
+        seconds,
+        cpu_seconds: cpu - cpu_at_ready,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        state_bytes: directory_bytes(&file.path.parent().unwrap().join("state")),
+    }
+}
+
+/// The physical baseline: consume→produce with rdkafka, bytes as they are, no transactions.
+/// Stops after `records`; with `stop`, runs until told and returns no measure worth reading.
+fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<AtomicBool>>) -> Measured {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker().bootstrap);
+    let consumer: BaseConsumer = config
+        .clone()
+        .set("group.id", unique("bench-raw"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let producer: BaseProducer = config.set("linger.ms", "5").create().unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(input, partition, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let cpu_before = process_cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let mut forwarded = 0;
+    while forwarded < records && !stop.as_ref().is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+        let Some(message) = consumer.poll(Duration::from_millis(20)) else {
+            producer.poll(Duration::ZERO);
+            continue;
+        };
+        let message = message.unwrap();
+        let mut record = BaseRecord::<[u8], [u8]>::to(output);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        forwarded += 1;
+    }
+    while producer.in_flight_count() > 0 {
+        producer.poll(Duration::from_millis(1));
+    }
+    Measured {
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: process_cpu_seconds(std::process::id()) - cpu_before,
+        peak_rss_mib: 0.0,
+        state_bytes: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Latency at a fixed rate.
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A running system under a latency test; dropped to stop it.
+enum Running {
+    Raw(Arc<AtomicBool>, Option<std::thread::JoinHandle<Measured>>),
+    /// The pipeline file (and the state beside it) lives as long as the process.
+    Weir { process: WeirProcess, _file: Option<PipelineFile> },
+    KafkaStreams { child: Child, _state: Option<tempfile::TempDir> },
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        match self {
+            Running::Raw(stop, thread) => {
+                stop.store(true, Ordering::Relaxed);
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+            Running::Weir { process, .. } => process.kill(),
+            Running::KafkaStreams { child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Running {
+    match system {
+        System::Raw => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (input, output, flag) = (input.bids.clone(), output.to_string(), stop.clone());
+            Running::Raw(stop, Some(std::thread::spawn(move || raw_passthrough(&input, &output, u64::MAX, Some(flag)))))
+        }
+        System::Weir | System::WeirUpsert => {
+            let file = pipeline_file(&weir_pipeline(&unique("lat"), Workload::PassThrough, input, output, system == System::WeirUpsert));
+            let process = WeirProcess::start(&file.path, WeirOptions::default());
+            wait_ready(&process, Duration::from_secs(120));
+            Running::Weir { process, _file: Some(file) }
+        }
+        System::KafkaStreams => {
+            let state = tempfile::tempdir().unwrap();
+            let app = unique("ks-lat");
+            let log = std::env::temp_dir().join(format!("{app}.log"));
+            let child = java(jar, &kstreams_arguments(Workload::PassThrough, input, output, &app, state.path(), 0), &log, false, &[]);
+            Running::KafkaStreams { child, _state: Some(state) }
+        }
+    }
+}
+
+/// p50 and p99 of produce→consume latency in ms, at `rate` records/s for `seconds`.
+fn latency(system: System, jar: &Path, rate: f64, seconds: u64) -> (i64, i64) {
+    let topics = Topics { persons: String::new(), auctions: String::new(), bids: unique("lat-in") };
+    let output = unique("lat-out");
+    create_topic(&topics.bids, PARTITIONS);
+    create_topic(&output, PARTITIONS);
+    let _running = start_live(system, jar, &topics, &output);
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .set("group.id", unique("lat-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(&output, partition, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+
+    let producer = TestProducer::new();
+    let bid = |id: u64, ts: i64| {
+        format!(r#"{{"id":{id},"auction":{},"bidder":1,"price":{},"channel":"web","url":"https://a.com/b","ts":{ts},"extra":"latency"}}"#, id % 1000, id % 97)
+    };
+    // Warm up until the first record comes through (Kafka Streams reaches RUNNING in seconds).
+    let warm = Instant::now();
+    let mut id = 0;
+    loop {
+        producer.send(&topics.bids, &Input::keyed((id % 1000).to_string(), bid(id, now_ms())));
+        id += 1;
+        if consumer.poll(Duration::from_millis(200)).is_some_and(|message| message.is_ok()) {
+            break;
+        }
+        assert!(warm.elapsed() < Duration::from_secs(120), "{}: no output within 120 s", system.label());
+    }
+    // Drain the warm-up, then measure.
+    let drain_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < drain_until {
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    let measured_from = id;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (latencies, done) = (latencies.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) {
+                    let value: Value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or(Value::Null);
+                    if value["id"].as_u64().is_some_and(|id| id >= measured_from) {
+                        latencies.lock().unwrap().push(now_ms() - value["ts"].as_i64().unwrap_or(0));
+                    }
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let total = (rate * seconds as f64) as u64;
+    let mut sent = 0;
+    while sent < total {
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due.min(total) {
+            producer.send(&topics.bids, &Input::keyed(((id + sent) % 1000).to_string(), bid(id + sent, now_ms())));
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    producer.flush();
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    assert!(achieved >= rate * 0.95, "{}: the generator reached only {achieved:.0} of {rate:.0} records/s", system.label());
+    // Wait for the tail (at most 10 s), then stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while latencies.lock().unwrap().len() < total as usize && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let mut latencies = latencies.lock().unwrap().clone();
+    assert_eq!(latencies.len() as u64, total, "{}: {} of {total} records came through in the latency run", system.label(), latencies.len());
+    latencies.sort_unstable();
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    (percentile(0.50), percentile(0.99))
+}
+
+// ---------------------------------------------------------------------------------------
+// Recovery: SIGKILL to the first committed output, with one dedup key per bid in state.
+
+/// Each call adds 1,000 new bids to the input, with ids from `first_new_id`; a later call's
+/// first process outputs the earlier calls' too, which `expected_outputs` counts.
+fn recovery(system: System, jar: &Path, topics: &Topics, generated: &Generated, expected_outputs: u64, first_new_id: u64) -> f64 {
+    let output = unique("recover-out");
+    create_topic_with(&output, PARTITIONS, &[("retention.ms", "-1")]);
+    let file = pipeline_file(&weir_pipeline(&unique("recover"), Workload::Dedup, topics, &output, false));
+    let state = tempfile::tempdir().unwrap();
+    let app = unique("ks-recover");
+    // Both incarnations of a system share its state: weir's store beside the pipeline file,
+    // Kafka Streams' state directory and application id.
+    let start = || -> Running {
+        match system {
+            System::KafkaStreams => {
+                let log = std::env::temp_dir().join(format!("{}.log", unique("ks-recover")));
+                // Static membership and weir's session timeout, as weir runs: the restarted
+                // process takes its partitions back without waiting for the old one's session.
+                let settings = [("group.instance.id", app.as_str()), ("session.timeout.ms", "30000")];
+                let child = java(jar, &kstreams_arguments(Workload::Dedup, topics, &output, &app, state.path(), 0), &log, false, &settings);
+                Running::KafkaStreams { child, _state: None }
+            }
+            _ => Running::Weir { process: WeirProcess::start(&file.path, WeirOptions::default()), _file: None },
+        }
+    };
+    let first = start();
+    // End offsets count transaction markers too, so they run ahead of the outputs; then the
+    // committed count, which is slow to read, confirms.
+    wait_until(Duration::from_secs(900), "the dedup to write its whole input", || end_offsets(&output).iter().sum::<i64>() as u64 >= expected_outputs);
+    wait_until(Duration::from_secs(300), "the dedup to commit its whole input", || read_committed(&output).len() as u64 >= expected_outputs);
+    let ends = end_offsets(&output);
+    // Dropping a running system SIGKILLs it.
+    drop(first);
+    let killed_at = Instant::now();
+    // New bids for the restarted process to output.
+    let producer = TestProducer::new();
+    let ts = generated.max_bid_time();
+    for id in first_new_id..first_new_id + 1000 {
+        let value = format!(r#"{{"id":{id},"auction":1,"bidder":1,"price":1,"channel":"web","url":"https://a.com/b","ts":{ts},"extra":"after the kill"}}"#);
+        producer.send(&topics.bids, &Input::keyed("1", value));
+    }
+    producer.flush();
+    let _second = start();
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .set("group.id", unique("recover-reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for (partition, end) in ends.into_iter().enumerate() {
+        assignment.add_partition_offset(&output, partition as i32, Offset::Offset(end)).unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        match reader.poll(Duration::from_millis(10)) {
+            Some(Ok(_)) => return killed_at.elapsed().as_secs_f64(),
+            Some(Err(error)) => eprintln!("e2e: reading {output} after the restart: {error}"),
+            None => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: no output within 600 s of the restart; reading from {:?}, now at {:?}, end offsets {:?}, {} committed",
+            system.label(),
+            assignment,
+            reader.position(),
+            end_offsets(&output),
+            read_committed(&output).len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0.0) + fields.get(12).and_then(|t| t.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn directory_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
+            Ok(metadata) => metadata.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+struct Row {
+    workload: Workload,
+    system: System,
+    events: u64,
+    measured: Measured,
+    check: String,
+}
+
+fn main() {
+    let options = options();
+    let mut report = String::new();
+    let mut say = |line: String| {
+        println!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+    };
+    let generating = Instant::now();
+    let generated = generate(options.bids, options.seed);
+    let distinct = Sum::of(generated.bids.iter().map(|bid| (bid.id, bid.price)).collect::<BTreeMap<_, _>>());
+    let all_bids = Sum::of(generated.bids.iter().map(|bid| (bid.id, bid.price)));
+    let pairs = Sum::of(generated.bids.iter().map(|bid| (bid.auction, bid.id)));
+    let must_close = generated.max_bid_time() - OUT_OF_ORDERNESS_MS - 5_000;
+    let tumbling = Expected::Windows { counts: window_counts(&generated, WINDOW_MS, WINDOW_MS), must_close, count_field: "bids" };
+    let hopping = Expected::Windows { counts: window_counts(&generated, WINDOW_MS, HOP_MS), must_close, count_field: "bids" };
+    let topics = produce_all(&generated);
+    eprintln!("e2e: generated and produced {} events in {:.1} s", generated.events(), generating.elapsed().as_secs_f64());
+    let bids = generated.bids.len() as u64;
+    let auctions = generated.auctions.len() as u64;
+
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    say(format!("# weir end-to-end benchmark, {}", String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().unwrap().stdout).trim()));
+    say(String::new());
+    say(format!(
+        "Machine: {cores} cores, {}; broker: Apache Kafka (KRaft, single node) at {}, {PARTITIONS} partitions per topic.",
+        std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| info.lines().find(|line| line.starts_with("model name")).map(|line| line.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default(),
+        broker().bootstrap
+    ));
+    say(format!(
+        "Input (seed {}): {} persons, {auctions} auctions, {bids} bids ({} distinct, every 20th sent twice), about 10% of persons and bids up to {} s out of order.",
+        options.seed,
+        generated.persons.len(),
+        distinct.count,
+        MAX_DISORDER_MS / 1000
+    ));
+    say(format!(
+        "weir: release build, JSON with an explicit schema, 100 ms commit interval, sources declared `partitioned_by: [auction]`. \
+         Kafka Streams: exactly_once_v2, 100 ms commit interval, 1 stream thread, RocksDB stores, JAVA_OPTS {}.",
+        std::env::var("JAVA_OPTS").unwrap_or_else(|_| "-Xms512m -Xmx2g".into())
+    ));
+    say(String::new());
+
+    let mut rows: Vec<Row> = Vec::new();
+    let expectations: Vec<(Workload, Expected, u64)> = vec![
+        (Workload::PassThrough, Expected::Bids(Sum { count: all_bids.count, checksum: all_bids.checksum }), bids),
+        (Workload::Dedup, Expected::Distinct(Sum { count: distinct.count, checksum: distinct.checksum }), bids),
+        (Workload::Tumbling, tumbling, bids),
+        (Workload::Hopping, hopping, bids),
+        (Workload::Join, Expected::Pairs(Sum { count: pairs.count, checksum: pairs.checksum }), auctions + bids),
+    ];
+    let mut failures = Vec::new();
+    let mut record = |workload: Workload, system: System, events: u64, measured: Measured, output: &str, expected: &Expected| {
+        let check = match check(output, expected) {
+            Ok(summary) => format!("ok: {summary}"),
+            Err(problem) => {
+                failures.push(format!("{} / {}: {problem}", workload.label(), system.label()));
+                format!("WRONG: {problem}")
+            }
+        };
+        eprintln!("e2e: {} / {}: {:.0} events/s, {check}", workload.label(), system.label(), events as f64 / measured.seconds);
+        rows.push(Row { workload, system, events, measured, check });
+    };
+
+    let runs = |section: &str| options.sections.iter().any(|name| name == section);
+    for (workload, expected, events) in expectations.iter().filter(|_| runs("throughput")) {
+        let systems: &[System] = match workload {
+            Workload::PassThrough => &[System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams],
+            _ => &[System::Weir, System::KafkaStreams],
+        };
+        for system in systems {
+            let output = unique("e2e-out");
+            create_topic_with(&output, PARTITIONS, &[("retention.ms", "-1")]);
+            let measured = match system {
+                System::Raw => raw_passthrough(&topics.bids, &output, bids, None),
+                System::Weir | System::WeirUpsert => run_weir(&weir_pipeline(&unique("e2e"), *workload, &topics, &output, *system == System::WeirUpsert)),
+                System::KafkaStreams => run_kstreams(&options.kstreams_jar, *workload, &topics, &output, *events),
+            };
+            record(*workload, *system, *events, measured, &output, expected);
+        }
+    }
+
+    let rate = |row: &Row| row.events as f64 / row.measured.seconds;
+    let find = |workload: &str, system: System| rows.iter().find(|row| row.workload.label() == workload && row.system == system);
+    let raw_rate = find(Workload::PassThrough.label(), System::Raw).map_or(f64::NAN, rate);
+    say("## Throughput (each run reads its input from the beginning; time from owning the partitions to all committed)".into());
+    say(String::new());
+    say("| workload | system | events/s | × raw | × Kafka Streams | events per CPU-second | × Kafka Streams per core | peak RSS (MiB) | output check |".into());
+    say("|---|---|---|---|---|---|---|---|---|".into());
+    for row in &rows {
+        let kstreams = find(row.workload.label(), System::KafkaStreams);
+        let versus = |value: f64, other: Option<f64>| match (other, row.system) {
+            (_, System::KafkaStreams | System::Raw) | (None, _) => "".to_string(),
+            (Some(other), _) => format!("{:.2}", value / other),
+        };
+        let per_cpu = row.events as f64 / row.measured.cpu_seconds.max(0.01);
+        say(format!(
+            "| {} | {} | {:.0} | {:.2} | {} | {:.0} | {} | {} | {} |",
+            row.workload.label(),
+            row.system.label(),
+            rate(row),
+            rate(row) / raw_rate,
+            versus(rate(row), kstreams.map(rate)),
+            per_cpu,
+            versus(per_cpu, kstreams.map(|ks| ks.events as f64 / ks.measured.cpu_seconds.max(0.01))),
+            if row.system == System::Raw { "-".to_string() } else { format!("{:.0}", row.measured.peak_rss_mib) },
+            row.check
+        ));
+    }
+    say(String::new());
+    say("## State on disk per million keys (dedup, one key per distinct bid, after the run)".into());
+    say(String::new());
+    for system in [System::Weir, System::KafkaStreams] {
+        if let Some(row) = find(Workload::Dedup.label(), system) {
+            say(format!(
+                "- {}: {:.0} MiB per million keys ({:.1} MiB for {} keys)",
+                system.label(),
+                row.measured.state_bytes as f64 / 1_048_576.0 * 1_000_000.0 / distinct.count as f64,
+                row.measured.state_bytes as f64 / 1_048_576.0,
+                distinct.count
+            ));
+        }
+    }
+
+    say(String::new());
+    say(format!(
+        "## Latency, produce to read_committed consume, pass-through at 50% and 70% of each system's own maximum above ({} s per point)",
+        options.latency_seconds
+    ));
+    say(String::new());
+    say("| system | max events/s | at 50%: p50 / p99 (ms) | at 70%: p50 / p99 (ms) |".into());
+    say("|---|---|---|---|".into());
+    for system in [System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|_| runs("latency")) {
+        let Some(max) = find(Workload::PassThrough.label(), system).map(rate) else { continue };
+        let mut cells = Vec::new();
+        for load in [0.5, 0.7] {
+            let (p50, p99) = latency(system, &options.kstreams_jar, max * load, options.latency_seconds);
+            eprintln!("e2e: latency {} at {:.0}%: p50 {p50} ms, p99 {p99} ms", system.label(), load * 100.0);
+            cells.push(format!("{p50} / {p99}"));
+        }
+        say(format!("| {} | {max:.0} | {} | {} |", system.label(), cells[0], cells[1]));
+    }
+
+    say(String::new());
+    say(format!("## Recovery: SIGKILL to the first committed output of a dedup holding {} keys", distinct.count));
+    say(String::new());
+    let first_new_id = generated.bids.iter().map(|bid| bid.id).max().unwrap_or(0) + 1;
+    for (round, system) in [System::Weir, System::KafkaStreams].into_iter().filter(|_| runs("recovery")).enumerate() {
+        let added = 1000 * round as u64;
+        let seconds = recovery(system, &options.kstreams_jar, &topics, &generated, distinct.count + added, first_new_id + added);
+        eprintln!("e2e: recovery {}: {seconds:.1} s", system.label());
+        say(format!("- {}: {seconds:.1} s", system.label()));
+    }
+
+    if let Some(path) = &options.out {
+        let mut file = std::fs::File::create(path).unwrap();
+        file.write_all(report.as_bytes()).unwrap();
+    }
+    assert!(failures.is_empty(), "wrong answers:\n{}", failures.join("\n"));
+}
