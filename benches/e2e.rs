@@ -64,6 +64,9 @@ struct Options {
     kstreams_jar: PathBuf,
     /// Which parts run: throughput, latency (needs throughput's rates), recovery.
     sections: Vec<String>,
+    /// Which throughput workloads run (all when empty): passthrough, dedup, tumbling,
+    /// hopping, join.
+    workloads: Vec<String>,
 }
 
 fn options() -> Options {
@@ -76,6 +79,7 @@ fn options() -> Options {
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("benches/kstreams/target/kstreams-bench.jar")),
         sections: ["throughput", "latency", "recovery"].map(String::from).to_vec(),
+        workloads: Vec::new(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).filter(|argument| argument != "--bench").collect();
     let mut iter = arguments.iter();
@@ -87,6 +91,7 @@ fn options() -> Options {
             "--latency-seconds" => options.latency_seconds = value().parse().expect("--latency-seconds S"),
             "--out" => options.out = Some(PathBuf::from(value())),
             "--sections" => options.sections = value().split(',').map(String::from).collect(),
+            "--workloads" => options.workloads = value().split(',').map(String::from).collect(),
             other => panic!("unknown argument {other}; see benches/e2e.rs"),
         }
     }
@@ -399,7 +404,7 @@ struct Measured {
     state_bytes: u64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Workload {
     PassThrough,
     Dedup,
@@ -962,7 +967,11 @@ fn main() {
     };
 
     let runs = |section: &str| options.sections.iter().any(|name| name == section);
-    for (workload, expected, events) in expectations.iter().filter(|_| runs("throughput")) {
+    let chosen = |workload: &Workload| {
+        let name = format!("{workload:?}").to_lowercase();
+        options.workloads.is_empty() || options.workloads.contains(&name)
+    };
+    for (workload, expected, events) in expectations.iter().filter(|(workload, _, _)| runs("throughput") && chosen(workload)) {
         let systems: &[System] = match workload {
             Workload::PassThrough => &[System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams],
             _ => &[System::Weir, System::KafkaStreams],

@@ -77,6 +77,14 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
     let _ = writeln!(text, "pipeline {}", pipeline.name);
     for (stage, (indices, key)) in engine.stages().iter().enumerate() {
         match key {
+            None if engine.join_in_place().is_some() => {
+                let (left, right) = engine.join_in_place().unwrap_or_default();
+                let _ = writeln!(
+                    text,
+                    "  stage {stage}: one task per partition number p, reading {left}[p] and {right}[p] (both partitioned by [{}]; the join runs in place)",
+                    source.partitioned_by.join(", ")
+                );
+            }
             None => {
                 let partitioned = match source.partitioned_by.is_empty() {
                     true => String::new(),

@@ -422,7 +422,7 @@ sink:
     assert!(stderr.contains("sink.key_format: idempotent_upsert keys every output by its id, as JSON"), "{stderr}");
     assert!(stderr.contains("2 configuration problems"), "{stderr}");
 
-    // A join goes through a repartition topic.
+    // A join whose sources are not co-partitioned goes through a repartition topic.
     let join = r#"
 name: upsert-join
 sources:
@@ -435,7 +435,55 @@ sink: { topic: out, mode: idempotent_upsert }
     let output = weir(&["validate", "--pipeline", &path], &[]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("sink.mode: idempotent_upsert does not run joins yet"), "{stderr}");
+    assert!(
+        stderr.contains("sink.mode: idempotent_upsert runs a join only in place, without a repartition topic")
+            && stderr.contains("declare partitioned_by: [ad] on both"),
+        "{stderr}"
+    );
+
+    // Co-partitioned, it runs in place, and the plan says so.
+    let (_dir, path) = write(&co_partitioned(join));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("in place: partition p of ads joins partition p of clicks"), "{stdout}");
+    assert!(!stdout.contains("repartition"), "{stdout}");
+}
+
+/// Both sources of a one-line-per-source join declare `partitioned_by: [ad]`.
+fn co_partitioned(join: &str) -> String {
+    join.replace("watermark: { max_out_of_orderness: 1s } }", "watermark: { max_out_of_orderness: 1s }, partitioned_by: [ad] }")
+}
+
+/// A join in upsert mode: each result's id names where both of its records were read (an
+/// outer row's missing side is null), and its version is the result's event time.
+#[test]
+fn weir_test_shows_a_joins_upsert_ids() {
+    let join = co_partitioned(
+        r#"
+name: upsert-join
+sources:
+  ads: { topics: [ads], format: json, schema: { ad: string, ts: long }, event_time: { field: ts }, watermark: { max_out_of_orderness: 1s } }
+  clicks: { topics: [clicks], format: json, schema: { ad: string, ts: long }, event_time: { field: ts }, watermark: { max_out_of_orderness: 1s } }
+join: { left: ads, right: clicks, type: left, on: [ad], within: { lower: 0s, upper: 1m } }
+sink: { topic: out, mode: idempotent_upsert }
+"#,
+    );
+    let (_dir, path) = write(&join);
+    let inputs = [
+        r#"{"source":"ads","partition":1,"key":"a","value":{"ad":"a","ts":1000}}"#,
+        r#"{"source":"ads","partition":1,"key":"b","value":{"ad":"b","ts":2000}}"#,
+        r#"{"source":"clicks","partition":1,"key":"a","value":{"ad":"a","ts":5000}}"#,
+    ];
+    let lines = weir_test_lines(&path, &inputs);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let pair = serde_json::json!({"ads": {"topic": "ads", "partition": 1, "offset": 0}, "clicks": {"topic": "clicks", "partition": 1, "offset": 0}});
+    assert_eq!(lines[0]["key"], pair);
+    assert_eq!(lines[0]["headers"]["weir-id"], pair.to_string());
+    assert_eq!(lines[0]["headers"]["weir-version"], "5000");
+    let outer = serde_json::json!({"ads": {"topic": "ads", "partition": 1, "offset": 1}, "clicks": null});
+    assert_eq!(lines[1]["key"], outer, "{lines:?}");
+    assert_eq!(lines[1]["value"]["clicks"], serde_json::Value::Null);
 }
 
 /// `weir test` shows upsert ids: the input's position for a pass-through, the group and

@@ -444,10 +444,17 @@ mod join {
     use rand::{Rng, SeedableRng};
 
     fn pipeline(kind: &str, steps: &str) -> weir::config::Pipeline {
+        pipeline_of(kind, steps, false)
+    }
+
+    /// `in_place`: both sources say their producers key them by `k`, so the join runs in
+    /// the tasks of the partition pairs instead of after a repartition.
+    fn pipeline_of(kind: &str, steps: &str, in_place: bool) -> weir::config::Pipeline {
+        let keyed = if in_place { "    partitioned_by: [k]\n" } else { "" };
         let source = |name: &str| {
             format!(
                 "  {name}:\n    topics: [{name}]\n    format: json\n    schema: {{ id: string, k: string, v: long, ts: long }}\n    \
-                 event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 3s }}\n"
+                 event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 3s }}\n{keyed}"
             )
         };
         let text = format!(
@@ -461,7 +468,9 @@ mod join {
 
     /// Two partitions per side, each in roughly increasing event time (never behind its own
     /// watermark, so never behind the join's), keys repeating on both sides.
-    fn partitions(rng: &mut StdRng) -> Vec<Vec<String>> {
+    /// Keys k0..k4 anywhere; or, `co_partitioned`, k0..k5 with key n in partition n % 2 of
+    /// both sides.
+    fn partitions_of(rng: &mut StdRng, co_partitioned: bool) -> Vec<Vec<String>> {
         let mut partitions = vec![Vec::new(); 4];
         for (index, lines) in partitions.iter_mut().enumerate() {
             let source = if index < 2 { "ads" } else { "clicks" };
@@ -469,10 +478,13 @@ mod join {
             for id in 0..rng.random_range(20..60) {
                 base += rng.random_range(0..800);
                 let time = base + rng.random_range(0..3_000);
+                let key = match co_partitioned {
+                    true => 2 * rng.random_range(0..3) + index % 2,
+                    false => rng.random_range(0..5),
+                };
                 lines.push(format!(
-                    r#"{{"source":"{source}","partition":{},"value":{{"id":"{source}{index}-{id}","k":"k{}","v":{},"ts":{time}}}}}"#,
+                    r#"{{"source":"{source}","partition":{},"value":{{"id":"{source}{index}-{id}","k":"k{key}","v":{},"ts":{time}}}}}"#,
                     index % 2,
-                    rng.random_range(0..5),
                     rng.random_range(0..50),
                 ));
             }
@@ -482,19 +494,39 @@ mod join {
 
     fn check(kind: &str, steps: &str) {
         let pipeline = pipeline(kind, steps);
+        check_against(&pipeline, &pipeline, false, kind);
+    }
+
+    /// `pipeline`'s output over random interleavings and batch sizes, and with restores
+    /// every 2 batches, is `reference`'s output over one interleaving in large batches.
+    fn check_against(pipeline: &weir::config::Pipeline, reference_pipeline: &weir::config::Pipeline, co_partitioned: bool, label: &str) {
         for seed in 0..12u64 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let partitions = partitions(&mut rng);
-            let reference = weir::testing::run(&pipeline, &super::interleave(&mut rng, &partitions), 1000).unwrap();
+            let partitions = partitions_of(&mut rng, co_partitioned);
+            let reference = weir::testing::run(reference_pipeline, &super::interleave(&mut rng, &partitions), 1000).unwrap();
             assert!(reference.len() > 5, "seed {seed}: the join produced little: {reference:?}");
             assert!(reference.iter().all(|line| !line.contains("weir-error-stage")), "seed {seed}: input was meant to be on time");
             for batch_size in [1, 3, 50] {
                 let input = super::interleave(&mut rng, &partitions);
-                let output = weir::testing::run(&pipeline, &input, batch_size).unwrap();
-                assert_eq!(super::sorted(output.clone()), super::sorted(reference.clone()), "{kind} join, seed {seed}, batch size {batch_size}");
-                let restarted = weir::testing::run_with_restarts(&pipeline, &input, batch_size, Some(2)).unwrap();
-                assert_eq!(super::sorted(restarted), super::sorted(output), "{kind} join restored every 2 batches, seed {seed}, batch size {batch_size}");
+                let output = weir::testing::run(pipeline, &input, batch_size).unwrap();
+                assert_eq!(super::sorted(output.clone()), super::sorted(reference.clone()), "{label} join, seed {seed}, batch size {batch_size}");
+                let restarted = weir::testing::run_with_restarts(pipeline, &input, batch_size, Some(2)).unwrap();
+                assert_eq!(super::sorted(restarted), super::sorted(output), "{label} join restored every 2 batches, seed {seed}, batch size {batch_size}");
             }
+        }
+    }
+
+    /// Co-partitioned inputs: the join run in place (tasks of partition pairs, each with its
+    /// own watermark) gives the set the repartitioned join gives, for any batching and
+    /// interleaving, and after restores.
+    #[test]
+    fn a_join_in_place_gives_the_repartitioned_joins_set() {
+        for kind in ["inner", "left", "right", "full"] {
+            let (in_place, repartitioned) = (pipeline_of(kind, "  []", true), pipeline_of(kind, "  []", false));
+            let plan = weir::engine::Engine::new(&in_place).unwrap();
+            assert!(plan.join_in_place().is_some() && plan.stage_count() == 1, "{kind}: not in place");
+            assert_eq!(weir::engine::Engine::new(&repartitioned).unwrap().stage_count(), 2);
+            check_against(&in_place, &repartitioned, true, &format!("{kind} in place"));
         }
     }
 

@@ -183,6 +183,9 @@ pub struct Join {
     /// Milliseconds; either may be negative.
     pub lower: i64,
     pub upper: i64,
+    /// `mode: idempotent_upsert`: results' ids name where both sides were read, so the
+    /// buffered records keep it.
+    pub keep_sources: bool,
     /// What the steps after the join see: `{<left>: {...}, <right>: {...}}`.
     pub output: Source,
 }
@@ -655,7 +658,8 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
             }
         }
     let (name, source, mut steps, sink, on_error, dlq) = (name?, source?, steps?, sink?, on_error?, dlq?);
-    if let Some(join) = join {
+    if let Some(mut join) = join {
+        join.keep_sources = sink.mode == SinkMode::IdempotentUpsert;
         steps.insert(0, Step::Join(Box::new(join)));
     }
     let dlq_topic = dlq.topic.unwrap_or_else(|| format!("{name}.dlq"));
@@ -695,8 +699,19 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
 /// different values across a replay.
 fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     const WHY: &str = "idempotent_upsert";
-    if pipeline.join().is_some() {
-        problems.push("sink.mode", format!("{WHY} does not run joins yet (a join goes through a repartition topic, which needs transactions); use transactional"));
+    let engine = crate::engine::Engine::new(pipeline);
+    if let (Some(join), Ok(engine)) = (pipeline.join(), &engine)
+        && engine.join_in_place().is_none()
+    {
+        let on = join.on.join(", ");
+        problems.push(
+            "sink.mode",
+            format!(
+                "{WHY} runs a join only in place, without a repartition topic (which needs transactions): \
+                 read one topic per source, declare partitioned_by: [{on}] on both (their producers key records by [{on}]), \
+                 and key any later dedup or window by the join key; or use transactional"
+            ),
+        );
         return;
     }
     for (index, step) in pipeline.steps.iter().enumerate() {
@@ -725,7 +740,7 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     if pipeline.sink.key_encoding == Encoding::Avro {
         problems.push("sink.key_format", format!("{WHY} keys every output by its id, as JSON"));
     }
-    if let Ok(engine) = crate::engine::Engine::new(pipeline)
+    if let Ok(engine) = &engine
         && engine.stage_count() > 1
     {
         problems.push(
@@ -895,6 +910,7 @@ fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigError
         on: raw.on,
         lower: lower?,
         upper: upper?,
+        keep_sources: false,
         output,
     };
     Some((left, join))

@@ -305,7 +305,7 @@ impl Engine {
         }
     }
 
-    /// Distributed: the source partitions idle for `idle_timeout` (see PIPELINE.md).
+    /// The source partitions idle for `idle_timeout` (see PIPELINE.md).
     pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {
         self.topology.set_idle_inputs(idle);
     }
@@ -315,12 +315,14 @@ impl Engine {
         self.topology.is_idle_input(topic, partition)
     }
 
-    /// The source's `idle_timeout`, where repartitioning makes it matter.
+    /// The sources' `idle_timeout`, where repartitioning or a join run in place makes it
+    /// matter.
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
-        match self.stage_count() {
-            1 => None,
-            _ => self.pipeline.source.watermark.as_ref().and_then(|watermark| watermark.idle_timeout),
+        if self.stage_count() == 1 && self.join_in_place().is_none() {
+            return None;
         }
+        // A join's sources may each set one: the shorter applies.
+        self.pipeline.sources().iter().filter_map(|source| source.watermark.as_ref()?.idle_timeout).min()
     }
 
     /// Production: stages after the first are fed through repartition topics of `width`
@@ -341,13 +343,30 @@ impl Engine {
     }
 
     /// Which changelog entries make up the state behind a partition read: those of `steps`
-    /// whose entry topic is `entry_topic` (the source topic; None after a repartition).
-    pub fn restore_scope(&self, topic: &str) -> (Vec<usize>, Option<String>) {
+    /// whose entry topic is one of the owners (the source topic, both of a join run in
+    /// place; None after a repartition).
+    pub fn restore_scope(&self, topic: &str) -> (Vec<usize>, Vec<Option<String>>) {
         match self.stage_of_topic(topic) {
-            Some(stage) => (self.topology.stage_stateful_steps(stage), None),
+            Some(stage) => (self.topology.stage_stateful_steps(stage), vec![None]),
             // Stage 0's state, with the input watermarks.
-            None => (self.topology.stage_stateful_steps(0), Some(topic.to_string())),
+            None => (self.topology.stage_stateful_steps(0), self.topology.task_topics(topic).into_iter().map(Some).collect()),
         }
+    }
+
+    /// The partition read that names the task `topic`'s partition feeds: itself, or for a
+    /// join run in place, the left partition of the pair. State is restored (and an abort
+    /// replayed) per task, so a pair's two partitions go as one.
+    pub fn task_input(&self, topic: &str, partition: i32) -> (String, i32) {
+        match self.stage_of_topic(topic) {
+            Some(_) => (topic.to_string(), partition),
+            None => self.topology.task_input(topic, partition),
+        }
+    }
+
+    /// The join run in place, as (left topic, right topic): the consumer must be given
+    /// partition p of both together.
+    pub fn join_in_place(&self) -> Option<(&str, &str)> {
+        self.topology.join_in_place()
     }
 
     /// The partitions read whose state shares changelog partition `partition` of `step`:
@@ -358,10 +377,15 @@ impl Engine {
         {
             return vec![(topic.clone(), partition)];
         }
-        match &self.pipeline.source.topics {
+        let mut writers: Vec<(String, i32)> = match &self.pipeline.source.topics {
             crate::config::SourceTopics::List(topics) => topics.iter().map(|topic| (topic.clone(), partition)).collect(),
             crate::config::SourceTopics::Pattern(_) => Vec::new(),
+        };
+        // A join run in place keeps the right input's watermark there too.
+        if let Some((_, right)) = self.join_in_place() {
+            writers.push((right.to_string(), partition));
         }
+        writers
     }
 
     /// Each known input partition's watermark (`i64::MIN`: none yet).
@@ -407,6 +431,7 @@ impl Engine {
             provenance: Some(input.provenance),
             key: None,
             upsert: false,
+            id: None,
         };
         let mut emitted = Vec::new();
         let provenance = &input.provenance;
@@ -458,6 +483,8 @@ impl Engine {
                     provenance: Some(input.provenance),
                     key: forwarded.key.clone(),
                     upsert: forwarded.upsert,
+                    // Upsert mode has no repartition topics.
+                    id: None,
                 })
             }
         };
@@ -615,12 +642,17 @@ pub const VERSION_HEADER: &str = "weir-version";
 /// A sink record's deterministic id in upsert mode, from its inputs, and its version:
 /// - a window's result: the group and `window_start`; version: its event time (window end - 1);
 /// - a dedup's output: the dedup key; version: the input offset;
+/// - a join's result: where each side was read (`{<left>: {topic, partition, offset} | null,
+///   <right>: ...}`); version: its event time;
 /// - anything else (pass-through, filter): the input's topic, partition and offset; version:
 ///   the offset.
 ///
 /// A replay from the same offsets rebuilds the same state, so it writes the same ids with
 /// the same values.
 fn upsert_id(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
+    if let Some(id) = &record.id {
+        return (id.clone(), record.event_time);
+    }
     match (&record.key, record.provenance) {
         (Some(key), None) => {
             let mut id = key.clone();
@@ -631,11 +663,7 @@ fn upsert_id(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>
         }
         (Some(key), Some(provenance)) => (key.clone(), provenance.offset),
         (None, Some(provenance)) => {
-            let mut id = serde_json::Map::with_capacity(3);
-            id.insert("topic".into(), provenance.topic.into());
-            id.insert("partition".into(), provenance.partition.into());
-            id.insert("offset".into(), provenance.offset.into());
-            (id, provenance.offset)
+            (crate::operators::join::coordinates(provenance.topic, provenance.partition, provenance.offset), provenance.offset)
         }
         (None, None) => (serde_json::Map::new(), record.event_time),
     }

@@ -78,8 +78,6 @@ struct Distribution {
     senders: Vec<usize>,
     /// The watermark (and idleness) each (stage, sender) last broadcast to the next stage.
     broadcast: BTreeMap<(usize, String), (i64, bool)>,
-    /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
-    idle_inputs: std::collections::BTreeSet<(String, i32)>,
     /// Repartitioned tasks' watermarks (with their senders') last handed out for the changelog.
     saved: BTreeMap<(usize, u32), Value>,
 }
@@ -115,42 +113,19 @@ pub struct Topology {
     width: u32,
     /// Set in production, where stages are joined by repartition topics.
     distribution: Option<Distribution>,
+    /// A join run in place, (left topic, right topic): the task of left partition p also
+    /// takes right partition p, and its watermark is the minimum of the two.
+    in_place: Option<(String, String)>,
+    /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
+    idle_inputs: std::collections::BTreeSet<(String, i32)>,
 }
 
 impl Topology {
     pub fn new(pipeline: &Pipeline) -> Result<Topology, String> {
-        let source = &pipeline.source;
-        let mut stages = vec![StageSpec { steps: Vec::new(), indices: Vec::new(), repartition_by: None }];
-        let mut partitioned_by: Option<Vec<String>> =
-            (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
-        for (index, step) in pipeline.steps.iter().enumerate() {
-            let key = match step {
-                Step::Filter(_) => None,
-                Step::Dedup(dedup) => Some(&dedup.key),
-                Step::Window(window) => Some(&window.group_by),
-                // Both inputs meet in the tasks of a new stage, routed by the join key.
-                Step::Join(join) => {
-                    stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: Some(join.on.clone()) });
-                    partitioned_by = Some(join.output.partitioned_by.clone());
-                    continue;
-                }
-            };
-            // Records with equal keys share a task when they share the partitioning fields.
-            let co_partitioned = match (key, &partitioned_by) {
-                (None, _) => true,
-                (Some(key), Some(fields)) => fields.iter().all(|field| key.contains(field)),
-                (Some(_), None) => false,
-            };
-            if co_partitioned {
-                if let Some(stage) = stages.last_mut() {
-                    stage.steps.push(step.clone());
-                    stage.indices.push(index);
-                }
-            } else {
-                stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: key.cloned() });
-                partitioned_by = key.cloned();
-            }
-        }
+        // A co-partitioned join runs in the input partitions' tasks, unless a later step
+        // would repartition (its tasks' watermarks would then have to come from pairs).
+        let in_place = co_partitioned_join(pipeline).filter(|_| cut_stages(pipeline, true).len() == 1);
+        let stages = cut_stages(pipeline, in_place.is_some());
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
             Operator::build(step, pipeline.step_source(index))?;
@@ -164,7 +139,61 @@ impl Topology {
             saved_watermarks: BTreeMap::new(),
             width: 1,
             distribution: None,
+            in_place: in_place.map(|(left, right)| (left.to_string(), right.to_string())),
+            idle_inputs: Default::default(),
         })
+    }
+
+    /// The join run in place, as (left topic, right topic); None when it is repartitioned
+    /// (or there is none).
+    pub fn join_in_place(&self) -> Option<(&str, &str)> {
+        self.in_place.as_ref().map(|(left, right)| (left.as_str(), right.as_str()))
+    }
+
+    /// The stage-0 task an input partition feeds: its own, or for a join run in place, the
+    /// pair's (named by the left partition).
+    fn task_of_input(&self, topic: &str, partition: i32) -> TaskPartition {
+        match &self.in_place {
+            Some((left, right)) if right == topic => TaskPartition::Input(left.clone(), partition),
+            _ => TaskPartition::Input(topic.to_string(), partition),
+        }
+    }
+
+    /// The input partitions that feed a stage-0 task.
+    fn inputs_of_task(&self, topic: &str, partition: i32) -> Vec<(String, i32)> {
+        match &self.in_place {
+            Some((left, right)) if left == topic || right == topic => vec![(left.clone(), partition), (right.clone(), partition)],
+            _ => vec![(topic.to_string(), partition)],
+        }
+    }
+
+    /// The input partition that names the task `topic`'s partition feeds (the left one of a
+    /// pair); its state is restored and dropped as one.
+    pub fn task_input(&self, topic: &str, partition: i32) -> (String, i32) {
+        match self.task_of_input(topic, partition) {
+            TaskPartition::Input(topic, partition) => (topic, partition),
+            TaskPartition::Repartitioned(_) => (topic.to_string(), partition),
+        }
+    }
+
+    /// The topics whose changelog entries make up the state of the task `topic` feeds.
+    pub fn task_topics(&self, topic: &str) -> Vec<String> {
+        self.inputs_of_task(topic, 0).into_iter().map(|(topic, _)| topic).collect()
+    }
+
+    /// A stage-0 task's watermark: the minimum over its input partitions (one that has
+    /// delivered nothing holds it at -infinity), leaving out idle ones unless all are.
+    fn input_task_watermark(&self, topic: &str, partition: i32) -> i64 {
+        let own = || self.input_watermarks.get(&(topic.to_string(), partition)).copied().unwrap_or(i64::MIN);
+        match &self.in_place {
+            None => return own(),
+            Some((left, right)) if left != topic && right != topic => return own(),
+            Some(_) => {}
+        }
+        let inputs = self.inputs_of_task(topic, partition);
+        let watermark = |input: &(String, i32)| self.input_watermarks.get(input).copied().unwrap_or(i64::MIN);
+        let active = inputs.iter().filter(|input| !self.idle_inputs.contains(*input)).map(watermark).min();
+        active.unwrap_or_else(|| inputs.iter().map(watermark).min().unwrap_or(i64::MIN))
     }
 
     /// Production mode: stages hand records on through repartition topics of `width`
@@ -178,27 +207,19 @@ impl Topology {
                 _ => self.width as usize,
             })
             .collect();
-        self.distribution = Some(Distribution {
-            senders,
-            broadcast: BTreeMap::new(),
-            idle_inputs: Default::default(),
-            saved: BTreeMap::new(),
-        });
+        self.distribution = Some(Distribution { senders, broadcast: BTreeMap::new(), saved: BTreeMap::new() });
     }
 
-    /// Distributed: whether an input partition is currently counted as idle.
+    /// Whether an input partition is currently counted as idle.
     pub fn is_idle_input(&self, topic: &str, partition: i32) -> bool {
-        self.distribution
-            .as_ref()
-            .is_some_and(|distribution| distribution.idle_inputs.contains(&(topic.to_string(), partition)))
+        self.idle_inputs.contains(&(topic.to_string(), partition))
     }
 
-    /// Distributed: the input partitions that have been idle for `idle_timeout`; they stop
-    /// holding back the later stages' watermarks until their next record.
+    /// The input partitions that have been idle for `idle_timeout`; they stop holding back
+    /// the watermarks of a join's pair tasks and of the later stages until their next record
+    /// (the batch end moves what this frees).
     pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {
-        if let Some(distribution) = &mut self.distribution {
-            distribution.idle_inputs = idle.into_iter().collect();
-        }
+        self.idle_inputs = idle.into_iter().collect();
     }
 
     /// The pipeline index of each stage's first step (which names its repartition topic).
@@ -231,8 +252,12 @@ impl Topology {
             }
             for (step, index) in stage.steps.iter().zip(&stage.indices) {
                 // Steps were checked to build in `new`.
-                if let Ok(operator) = Operator::build(step, self.step_source(*index)) {
-                    lines.push(operator.describe());
+                let Ok(operator) = Operator::build(step, self.step_source(*index)) else { continue };
+                match (step, &self.in_place) {
+                    (Step::Join(_), Some((left, right))) => {
+                        lines.push(format!("{}, in place: partition p of {left} joins partition p of {right}", operator.describe()));
+                    }
+                    _ => lines.push(operator.describe()),
                 }
             }
         }
@@ -364,9 +389,10 @@ impl Topology {
             let input = (topic.to_string(), partition);
             let watermark = value.and_then(Value::as_i64).unwrap_or(i64::MIN);
             self.input_watermarks.insert(input.clone(), watermark);
-            self.saved_watermarks.insert(input.clone(), watermark);
-            if let Some(task) = self.tasks.get_mut(&(0, TaskPartition::Input(input.0, input.1))) {
-                task.watermark = watermark;
+            self.saved_watermarks.insert(input, watermark);
+            let task_watermark = self.input_task_watermark(topic, partition);
+            if let Some(task) = self.tasks.get_mut(&(0, self.task_of_input(topic, partition))) {
+                task.watermark = task_watermark;
             }
             self.shared_watermark = self.minimum_input_watermark();
             return Ok(());
@@ -380,7 +406,7 @@ impl Topology {
             return Err(format!("a changelog entry of step {step}, which this pipeline does not have"));
         };
         let id = match (stage, entry_topic) {
-            (0, Some(topic)) => TaskPartition::Input(topic.to_string(), partition),
+            (0, Some(topic)) => self.task_of_input(topic, partition),
             (stage, None) if stage > 0 => TaskPartition::Repartitioned(partition as u32),
             _ => return Err(format!("a changelog entry of step {step} for the wrong kind of task")),
         };
@@ -390,16 +416,18 @@ impl Topology {
 
     /// Forgets an input partition's tasks and watermark (it was revoked, or its uncommitted
     /// state must be replaced from the changelog).
+    /// A join's pair of partitions goes as one: both are restored together.
     pub fn drop_input_partition(&mut self, topic: &str, partition: i32) {
-        let input = (topic.to_string(), partition);
-        self.tasks.remove(&(0, TaskPartition::Input(input.0.clone(), input.1)));
-        self.input_watermarks.remove(&input);
-        self.saved_watermarks.remove(&input);
-        self.shared_watermark = self.minimum_input_watermark();
-        if let Some(distribution) = &mut self.distribution {
-            // What it broadcast may have been aborted: say it again once restored.
-            distribution.broadcast.remove(&(0, input_sender(topic, partition)));
+        self.tasks.remove(&(0, self.task_of_input(topic, partition)));
+        for input in self.inputs_of_task(topic, partition) {
+            self.input_watermarks.remove(&input);
+            self.saved_watermarks.remove(&input);
+            if let Some(distribution) = &mut self.distribution {
+                // What it broadcast may have been aborted: say it again once restored.
+                distribution.broadcast.remove(&(0, input_sender(&input.0, input.1)));
+            }
         }
+        self.shared_watermark = self.minimum_input_watermark();
     }
 
     /// Forgets the task of a repartitioned stage (its partition of the repartition topic was
@@ -453,12 +481,10 @@ impl Topology {
         if !self.input_watermarks.contains_key(&input) {
             self.set_input_partitions([input.clone()]);
         }
-        if let Some(distribution) = &mut self.distribution
-            && !distribution.idle_inputs.is_empty()
-        {
-            distribution.idle_inputs.remove(&input);
+        if !self.idle_inputs.is_empty() {
+            self.idle_inputs.remove(&input);
         }
-        let task = TaskPartition::Input(input.0.clone(), input.1);
+        let task = self.task_of_input(topic, partition);
         let mut result = ChainResult::Passed;
         self.run(0, task.clone(), Emitted::Record(record), out, &mut result)?;
 
@@ -470,7 +496,11 @@ impl Topology {
         let current = self.input_watermarks.get(&input).copied().unwrap_or(i64::MIN);
         if candidate > current {
             self.input_watermarks.insert(input, candidate);
-            self.advance_task(0, &task, candidate, out);
+            let watermark = match self.in_place {
+                Some(_) => self.input_task_watermark(topic, partition),
+                None => candidate,
+            };
+            self.advance_task(0, &task, watermark, out);
             let shared = self.minimum_input_watermark();
             if shared > self.shared_watermark && self.distribution.is_none() {
                 self.shared_watermark = shared;
@@ -517,6 +547,15 @@ impl Topology {
     /// The end of a batch: update-mode steps emit, stage by stage; distributed, every task
     /// whose watermark moved tells the next stage's tasks.
     pub fn end_batch<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        // A pair whose other side went idle moves on without it.
+        if self.in_place.is_some() && !self.idle_inputs.is_empty() {
+            for id in self.task_ids(0) {
+                if let TaskPartition::Input(topic, partition) = &id {
+                    let watermark = self.input_task_watermark(topic, *partition);
+                    self.advance_task(0, &id, watermark, out);
+                }
+            }
+        }
         for stage in 0..self.stages.len() {
             let ids: Vec<TaskPartition> = self.task_ids(stage);
             for id in ids {
@@ -537,8 +576,8 @@ impl Topology {
             .input_watermarks
             .iter()
             .map(|(input, watermark)| (input, *watermark))
-            .chain(distribution.idle_inputs.iter().filter(|input| !self.input_watermarks.contains_key(*input)).map(|input| (input, i64::MIN)))
-            .map(|(input, watermark)| (0, input_sender(&input.0, input.1), (watermark, distribution.idle_inputs.contains(input))))
+            .chain(self.idle_inputs.iter().filter(|input| !self.input_watermarks.contains_key(*input)).map(|input| (input, i64::MIN)))
+            .map(|(input, watermark)| (0, input_sender(&input.0, input.1), (watermark, self.idle_inputs.contains(input))))
             .collect();
         for ((stage, id), task) in &self.tasks {
             if let TaskPartition::Repartitioned(partition) = id
@@ -715,9 +754,7 @@ impl Topology {
 
     fn task_watermark(&self, stage: usize, id: &TaskPartition) -> i64 {
         match id {
-            TaskPartition::Input(topic, partition) if stage == 0 => {
-                self.input_watermarks.get(&(topic.clone(), *partition)).copied().unwrap_or(i64::MIN)
-            }
+            TaskPartition::Input(topic, partition) if stage == 0 => self.input_task_watermark(topic, *partition),
             _ if self.distribution.is_some() => self.tasks.get(&(stage, id.clone())).map_or(i64::MIN, |task| task.watermark),
             _ => self.shared_watermark,
         }
@@ -749,6 +786,66 @@ impl Topology {
         }
         self.tasks.get_mut(&key).ok_or_else(|| ProcessError("task vanished".into()))
     }
+}
+
+/// Cuts the steps into stages: a keyed step whose key the records are not partitioned by
+/// starts a new one. A join starts one too, unless it runs `in_place` (its inputs are
+/// co-partitioned by its key).
+fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<StageSpec> {
+    let mut stages = vec![StageSpec { steps: Vec::new(), indices: Vec::new(), repartition_by: None }];
+    let source = &pipeline.source;
+    let mut partitioned_by: Option<Vec<String>> = (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        let key = match step {
+            Step::Filter(_) => None,
+            Step::Dedup(dedup) => Some(&dedup.key),
+            Step::Window(window) => Some(&window.group_by),
+            Step::Join(join) => {
+                partitioned_by = Some(join.output.partitioned_by.clone());
+                match in_place {
+                    true => stages[0] = StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: None },
+                    // Both inputs meet in the tasks of a new stage, routed by the join key.
+                    false => stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: Some(join.on.clone()) }),
+                }
+                continue;
+            }
+        };
+        // Records with equal keys share a task when they share the partitioning fields.
+        let co_partitioned = match (key, &partitioned_by) {
+            (None, _) => true,
+            (Some(key), Some(fields)) => fields.iter().all(|field| key.contains(field)),
+            (Some(_), None) => false,
+        };
+        if co_partitioned {
+            if let Some(stage) = stages.last_mut() {
+                stage.steps.push(step.clone());
+                stage.indices.push(index);
+            }
+        } else {
+            stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: key.cloned() });
+            partitioned_by = key.cloned();
+        }
+    }
+    stages
+}
+
+/// A join whose inputs are co-partitioned by its key, as (left topic, right topic): one topic
+/// each, both declaring the same `partitioned_by`, made of `on` fields. Records with equal
+/// keys then sit in equally numbered partitions (the partition counts are checked when the
+/// topics are known).
+fn co_partitioned_join(pipeline: &Pipeline) -> Option<(&str, &str)> {
+    let join = pipeline.join()?;
+    let (left, right) = (&pipeline.source, &join.right);
+    let (crate::config::SourceTopics::List(left_topics), crate::config::SourceTopics::List(right_topics)) = (&left.topics, &right.topics) else {
+        return None;
+    };
+    let ([left_topic], [right_topic]) = (left_topics.as_slice(), right_topics.as_slice()) else {
+        return None;
+    };
+    let keyed = !left.partitioned_by.is_empty()
+        && left.partitioned_by == right.partitioned_by
+        && left.partitioned_by.iter().all(|field| join.on.contains(field));
+    keyed.then_some((left_topic.as_str(), right_topic.as_str()))
 }
 
 /// How a stage-0 task names itself to the tasks it forwards to.

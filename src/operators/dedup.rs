@@ -63,7 +63,9 @@ impl DedupOperator {
         self.expiries.insert((expiry, key_text.clone()));
         self.changed.insert(key_text.clone());
         self.first_seen.insert(key_text, record.event_time);
+        // Its id in upsert mode is this key.
         record.key = Some(key);
+        record.id = None;
         out.push(Emitted::Record(record));
         Outcome::Passed
     }

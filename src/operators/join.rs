@@ -63,6 +63,8 @@ pub struct JoinSpec {
     pub on: Vec<String>,
     pub lower: i64,
     pub upper: i64,
+    /// Upsert mode: buffered records keep where they were read, for their results' ids.
+    pub keep_sources: bool,
 }
 
 impl JoinSpec {
@@ -74,6 +76,7 @@ impl JoinSpec {
             on: join.on.clone(),
             lower: join.lower,
             upper: join.upper,
+            keep_sources: join.keep_sources,
         }
     }
 }
@@ -83,6 +86,8 @@ struct Buffered {
     time: i64,
     fields: Map<String, Value>,
     matched: bool,
+    /// Where it was read, as `{topic, partition, offset}` (upsert mode only).
+    source: Option<Map<String, Value>>,
 }
 
 #[derive(Default)]
@@ -160,6 +165,10 @@ impl JoinOperator {
         let seq = self.next_seq;
         self.next_seq += 1;
         let end = self.end_of(side, time);
+        let source = match self.spec.keep_sources {
+            true => record.provenance.map(|provenance| coordinates(provenance.topic, provenance.partition, provenance.offset)),
+            false => None,
+        };
         let state = self.keys.entry(key_text.clone()).or_insert_with(|| KeyState { key: key.clone(), ..KeyState::default() });
         let mut matched = false;
         let other_side = match side {
@@ -177,21 +186,14 @@ impl JoinOperator {
                     other.matched = true;
                     self.dirty.insert((key_text.clone(), other_side, other.seq));
                 }
-                let (left_fields, right_fields) = match side {
-                    Side::Left => (Some(&record.fields), Some(&other.fields)),
-                    Side::Right => (Some(&other.fields), Some(&record.fields)),
+                let (left, right) = match side {
+                    Side::Left => ((Some(&record.fields), source.as_ref()), (Some(&other.fields), other.source.as_ref())),
+                    Side::Right => ((Some(&other.fields), other.source.as_ref()), (Some(&record.fields), source.as_ref())),
                 };
-                out.push(Emitted::Record(joined(
-                    &self.spec,
-                    left_fields,
-                    right_fields,
-                    left_time.max(right_time),
-                    &key,
-                    record.provenance,
-                )));
+                out.push(Emitted::Record(joined(&self.spec, left, right, left_time.max(right_time), &key, record.provenance)));
             }
         }
-        state.side(side).push(Buffered { seq, time, fields: record.fields, matched });
+        state.side(side).push(Buffered { seq, time, fields: record.fields, matched, source });
         self.ends.insert((end, key_text.clone(), side, seq));
         self.dirty.insert((key_text, side, seq));
         Outcome::Passed
@@ -213,8 +215,8 @@ impl JoinOperator {
             self.dirty.insert((key_text.clone(), side, seq));
             if !entry.matched && keeps_unmatched(self.spec.kind, side) {
                 let (left, right) = match side {
-                    Side::Left => (Some(&entry.fields), None),
-                    Side::Right => (None, Some(&entry.fields)),
+                    Side::Left => ((Some(&entry.fields), entry.source.as_ref()), (None, None)),
+                    Side::Right => ((None, None), (Some(&entry.fields), entry.source.as_ref())),
                 };
                 out.push(Emitted::Record(joined(&self.spec, left, right, entry.time, &state.key, None)));
             }
@@ -236,7 +238,11 @@ impl JoinOperator {
                         Side::Right => &state.right,
                     };
                     buffered.iter().find(|entry| entry.seq == seq).map(|entry| {
-                        serde_json::json!({ "t": entry.time, "fields": entry.fields, "matched": entry.matched })
+                        let mut value = serde_json::json!({ "t": entry.time, "fields": entry.fields, "matched": entry.matched });
+                        if let Some(source) = &entry.source {
+                            value["src"] = Value::Object(source.clone());
+                        }
+                        value
                     })
                 });
                 let key = Value::from(vec![Value::String(key_text), Value::from(side.as_str()), Value::from(seq)]).to_string();
@@ -266,9 +272,10 @@ impl JoinOperator {
                 }
             }
             let matched = value["matched"].as_bool().unwrap_or(false);
+            let source = value.get("src").and_then(Value::as_object).cloned();
             let buffered = state.side(side);
             let position = buffered.partition_point(|entry| entry.seq < seq);
-            buffered.insert(position, Buffered { seq, time, fields: fields.clone(), matched });
+            buffered.insert(position, Buffered { seq, time, fields: fields.clone(), matched, source });
         }
         if state.left.is_empty() && state.right.is_empty() {
             self.keys.remove(&key_text);
@@ -293,12 +300,15 @@ impl JoinOperator {
     }
 }
 
+/// One side of an output record: its fields and where they were read (upsert mode).
+type SideOf<'s> = (Option<&'s Map<String, Value>>, Option<&'s Map<String, Value>>);
+
 /// The output record: `{ "<left>": {...} | null, "<right>": {...} | null }`, keyed by the
-/// `on` fields.
+/// `on` fields. In upsert mode its id names where both sides were read.
 fn joined<'a>(
     spec: &JoinSpec,
-    left: Option<&Map<String, Value>>,
-    right: Option<&Map<String, Value>>,
+    (left, left_source): SideOf<'_>,
+    (right, right_source): SideOf<'_>,
     event_time: i64,
     key: &Map<String, Value>,
     provenance: Option<super::Provenance<'a>>,
@@ -306,7 +316,22 @@ fn joined<'a>(
     let mut fields = Map::new();
     fields.insert(spec.left.clone(), left.map_or(Value::Null, |fields| Value::Object(fields.clone())));
     fields.insert(spec.right.clone(), right.map_or(Value::Null, |fields| Value::Object(fields.clone())));
-    Record { fields, event_time, provenance, key: Some(key.clone()), upsert: false }
+    let id = spec.keep_sources.then(|| {
+        let mut id = Map::new();
+        id.insert(spec.left.clone(), left_source.map_or(Value::Null, |source| Value::Object(source.clone())));
+        id.insert(spec.right.clone(), right_source.map_or(Value::Null, |source| Value::Object(source.clone())));
+        id
+    });
+    Record { fields, event_time, provenance, key: Some(key.clone()), upsert: false, id }
+}
+
+/// Where a record was read, as an upsert id names it.
+pub fn coordinates(topic: &str, partition: i32, offset: i64) -> Map<String, Value> {
+    let mut id = Map::with_capacity(3);
+    id.insert("topic".into(), topic.into());
+    id.insert("partition".into(), partition.into());
+    id.insert("offset".into(), offset.into());
+    id
 }
 
 #[cfg(test)]
@@ -314,12 +339,12 @@ mod tests {
     use super::*;
 
     fn spec(kind: JoinKind, lower: i64, upper: i64) -> JoinSpec {
-        JoinSpec { left: "ads".into(), right: "clicks".into(), kind, on: vec!["ad".into()], lower, upper }
+        JoinSpec { left: "ads".into(), right: "clicks".into(), kind, on: vec!["ad".into()], lower, upper, keep_sources: false }
     }
 
     fn record(ad: &str, id: u64, time: i64) -> Record<'static> {
         let fields = serde_json::json!({ "ad": ad, "id": id }).as_object().cloned().unwrap();
-        Record { fields, event_time: time, provenance: None, key: None, upsert: false }
+        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
     }
 
     /// Each emitted record as `(left id or null, right id or null, event time)`.

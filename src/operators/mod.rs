@@ -45,6 +45,9 @@ pub struct Record<'a> {
     pub key: Option<Map<String, Value>>,
     /// The key is part of an upsert stream and overrides `sink.key` (update-mode windows).
     pub upsert: bool,
+    /// Upsert mode: the output's id where neither the key nor one input names it (a join's
+    /// result: where both sides were read).
+    pub id: Option<Map<String, Value>>,
 }
 
 /// What a step hands downstream.

@@ -42,7 +42,10 @@ pub fn upsert_producer_config(settings: &Settings) -> ClientConfig {
 }
 
 /// The consumer: manual offsets that are only ever committed inside our transactions.
-pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str) -> ClientConfig {
+/// `co_partitioned`: a join runs in place, so partition p of both its inputs must be given
+/// to the same process. The range assignor does that when all members subscribe to the same
+/// topics of equal partition counts; it is eager (every rebalance revokes everything).
+pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str, co_partitioned: bool) -> ClientConfig {
     let mut config = base(settings);
     config
         .set("group.id", &pipeline.name)
@@ -52,7 +55,7 @@ pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str)
         // Never read records of aborted or still-open transactions.
         .set("isolation.level", "read_committed")
         // Partitions that stay with this process keep flowing during a rebalance.
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("partition.assignment.strategy", if co_partitioned { "range" } else { "cooperative-sticky" })
         .set("session.timeout.ms", millis(settings.kafka.session_timeout))
         // Start positions are set explicitly on assignment; this only applies when a committed
         // offset has fallen out of retention.

@@ -163,6 +163,10 @@ pub fn run(
         changelogs,
         repartitions: repartitions.clone(),
     };
+    let co_partitioned = engine.join_in_place().is_some();
+    if let Some((left, right)) = engine.join_in_place() {
+        info!(%left, %right, "the join runs in place: partition p of both inputs goes to the same task (range assignor)");
+    }
     let context = LoopContext::new(
         transaction,
         engine,
@@ -178,7 +182,7 @@ pub fn run(
             false => Some(purge::Purger::new(settings)?),
         },
     );
-    let consumer: BaseConsumer<LoopContext> = clients::consumer_config(settings, pipeline, &options.instance)
+    let consumer: BaseConsumer<LoopContext> = clients::consumer_config(settings, pipeline, &options.instance, co_partitioned)
         .create_with_context(context)
         .map_err(|error| RuntimeError::Setup(format!("creating the consumer: {error}")))?;
     let subscription = match (&pipeline.source.topics, pipeline.input_topics()) {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
@@ -143,7 +143,8 @@ impl LoopContext {
         for element in revoked.elements() {
             let key = (element.topic().to_string(), element.partition());
             session.engine.drop_input_partition(&key.0, key.1);
-            session.pending_restore.retain(|pending| pending != &key);
+            let task = session.engine.task_input(&key.0, key.1);
+            session.pending_restore.retain(|pending| pending != &task);
             session.owned.remove(&key);
             session.status.revoked(&key.0, key.1);
             session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
@@ -155,8 +156,13 @@ impl LoopContext {
         self.metrics.assigned_partitions.set(owned as i64);
         self.health.set_assigned(owned);
         info!(revoked = revoked.count(), lost, owned, "partitions revoked");
-        if let Err(error) = consumer.incremental_unassign(revoked) {
-            warn!(%error, "incremental unassign failed");
+        // A join run in place uses the eager range assignor (see `clients::consumer_config`).
+        let unassigned = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(revoked),
+            _ => consumer.unassign(),
+        };
+        if let Err(error) = unassigned {
+            warn!(%error, "unassign failed");
         }
     }
 
@@ -182,7 +188,7 @@ impl LoopContext {
             } else {
                 None
             };
-            session.pending_restore.push((element.topic().to_string(), element.partition()));
+            session.queue_restore(element.topic(), element.partition());
             session.status.assigned(element.topic(), element.partition());
             session.owned.insert(
                 (element.topic().to_string(), element.partition()),
@@ -198,10 +204,18 @@ impl LoopContext {
                 },
             );
         }
+        if let Some(unpaired) = session.unpaired_partition() {
+            session.failure = Some(unpaired);
+            return;
+        }
         let owned = session.owned.len();
         drop(session);
-        if let Err(error) = consumer.incremental_assign(assigned) {
-            self.session().failure = Some(RuntimeError::Fatal(format!("incremental assign failed: {error}")));
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
+            _ => consumer.assign(assigned),
+        };
+        if let Err(error) = result {
+            self.session().failure = Some(RuntimeError::Fatal(format!("assigning partitions failed: {error}")));
             return;
         }
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
@@ -495,6 +509,35 @@ impl Session {
         self.engine.set_idle_inputs(idle);
     }
 
+    /// Marks the state of the task `topic`'s partition feeds for rebuilding before its next
+    /// record (a join's pair of partitions once).
+    fn queue_restore(&mut self, topic: &str, partition: i32) {
+        let task = self.engine.task_input(topic, partition);
+        if !self.pending_restore.contains(&task) {
+            self.pending_restore.push(task);
+        }
+    }
+
+    /// A join run in place needs partition p of both inputs in the same process. The range
+    /// assignor gives them together when every member subscribes to both topics; a member
+    /// running another pipeline file (a rolling change of `partitioned_by`) may not.
+    fn unpaired_partition(&self) -> Option<RuntimeError> {
+        let (left, right) = self.engine.join_in_place()?;
+        let (topic, partition, missing) = self.owned.keys().find_map(|(topic, partition)| {
+            let partner = match topic.as_str() {
+                topic if topic == left => right,
+                topic if topic == right => left,
+                _ => return None,
+            };
+            (!self.owned.contains_key(&(partner.to_string(), *partition))).then(|| (topic.clone(), *partition, partner))
+        })?;
+        Some(RuntimeError::Fatal(format!(
+            "the join runs in place (both sources are partitioned_by its key), so partition {partition} of {topic} \
+             must come with partition {partition} of {missing}, but the group assigned it alone: every member of \
+             the consumer group must run the same pipeline file, with partition.assignment.strategy range"
+        )))
+    }
+
     /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
     pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
         let outcome = self.transaction.abort(deadline)?;
@@ -510,7 +553,7 @@ impl Session {
             self.engine.take_counts();
             for (topic, partition, _) in rewind {
                 self.engine.drop_input_partition(topic, *partition);
-                self.pending_restore.push((topic.clone(), *partition));
+                self.queue_restore(topic, *partition);
             }
         }
         self.metrics_state_keys = self.engine.state_keys();

@@ -136,9 +136,9 @@ impl Restorer {
         let started = Instant::now();
         engine.drop_input_partition(topic, partition);
         let (mut from_store, mut from_changelog) = (0u64, 0u64);
-        // The state behind `topic`: these steps' entries made for `owner` (the source topic,
-        // or None after a repartition).
-        let (steps, owner) = engine.restore_scope(topic);
+        // The state behind `topic`: these steps' entries made for its owners (the source
+        // topic, both of a join's pair, or None after a repartition).
+        let (steps, owners) = engine.restore_scope(topic);
         let changelogs: Vec<(usize, String)> = self
             .changelogs
             .topics
@@ -159,7 +159,7 @@ impl Restorer {
                     Some((reached, age)) if reached >= low && reached <= high && age < STORE_TRUSTED_FOR => {
                         store.for_each_entry(step, partition, |key, value| {
                             let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
-                            if entry.topic == owner {
+                            if owners.contains(&entry.topic) {
                                 engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
                                 from_store += 1;
                                 self.metrics.state_restored_records.inc();
@@ -180,7 +180,7 @@ impl Restorer {
             if high <= begin {
                 continue;
             }
-            from_changelog += self.read_changelog(engine, store, owner.as_deref(), step, &changelog, partition, start, high)?;
+            from_changelog += self.read_changelog(engine, store, &owners, step, &changelog, partition, start, high)?;
         }
         info!(
             %topic, partition, from_store, from_changelog,
@@ -196,7 +196,7 @@ impl Restorer {
         &self,
         engine: &mut Engine,
         store: Option<&StateStore>,
-        owner: Option<&str>,
+        owners: &[Option<String>],
         step: usize,
         changelog: &str,
         partition: i32,
@@ -231,7 +231,7 @@ impl Restorer {
                         .map_err(|error| RuntimeError::Fatal(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
                     writes.push(StoreWrite { step, partition, key: key.to_vec(), value: message.payload().map(<[u8]>::to_vec) });
                     // Several owners share changelog partition numbers.
-                    if entry.topic.as_deref() == owner {
+                    if owners.contains(&entry.topic) {
                         engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
                         restored += 1;
                         self.metrics.state_restored_records.inc();
@@ -269,12 +269,12 @@ impl Restorer {
 pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, partition: i32) -> Result<u64, RuntimeError> {
     let started = Instant::now();
     engine.drop_input_partition(topic, partition);
-    let (steps, owner) = engine.restore_scope(topic);
+    let (steps, owners) = engine.restore_scope(topic);
     let mut restored = 0u64;
     for step in steps {
         store.for_each_entry(step, partition, |key, value| {
             let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
-            if entry.topic == owner {
+            if owners.contains(&entry.topic) {
                 engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
                 restored += 1;
             }

@@ -1,5 +1,7 @@
 //! The interval join in `weir run`: both sources flow into the join's tasks through the
-//! repartition topic, and SIGKILLs at random change nothing in the read_committed output.
+//! repartition topic, or, co-partitioned, meet in place in the tasks of partition pairs;
+//! SIGKILLs at random change nothing in the read_committed output, and in
+//! `idempotent_upsert` mode the last value of every join result's id is the same.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,19 +28,28 @@ fn click(id: u64) -> Input {
 }
 
 fn join_pipeline(name: &str, ads: &str, clicks: &str, output: &str) -> PipelineFile {
+    pipeline_file(&join_pipeline_text(name, ads, clicks, output, ""))
+}
+
+/// `source_extra` goes into both sources (e.g. `partitioned_by`); anything after the sink
+/// topic follows it.
+fn join_pipeline_text(name: &str, ads: &str, clicks: &str, output: &str, source_extra: &str) -> String {
     let source = |source: &str, topic: &str| {
         format!(
             "  {source}:\n    topics: [{topic}]\n    format: json\n    schema: {{ ad: string, id: long, ts: long }}\n    \
-             event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 1s }}\n"
+             event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 1s }}\n{source_extra}"
         )
     };
-    pipeline_file(&format!(
+    format!(
         "name: {name}\nsources:\n{}{}join:\n  left: ads\n  right: clicks\n  type: full\n  on: [ad]\n  \
          within: {{ lower: 0s, upper: 5s }}\nsink:\n  topic: {output}\n",
         source("ads", ads),
         source("clicks", clicks)
-    ))
+    )
 }
+
+/// Both sources keyed by `ad` (as `ad` and `click` produce them): the join runs in place.
+const CO_PARTITIONED: &str = "    partitioned_by: [ad]\n";
 
 /// Every record as read_committed sees it, counted by value.
 fn multiset(topic: &str) -> BTreeMap<String, usize> {
@@ -52,42 +63,60 @@ fn multiset(topic: &str) -> BTreeMap<String, usize> {
 #[test]
 fn a_full_join_survives_sigkills_exactly() {
     let _heavy = heavy_test();
-    const RECORDS: u64 = 100_000; // per side
     let (ads, clicks) = (unique("ads"), unique("clicks"));
     let (golden, crashed) = (unique("join-golden"), unique("join-crashed"));
     for topic in [&ads, &clicks, &golden, &crashed] {
         create_topic(topic, 4);
     }
-    let feeders = [feed_with(&ads, 0..RECORDS, 8_000, ad), feed_with(&clicks, 0..RECORDS, 8_000, click)];
-
     let file = join_pipeline(&unique("join"), &ads, &clicks, &crashed);
+    let (kills, logs) = killed_while_fed(&ads, &clicks, &[&file]);
+    let expected = golden_results(&join_pipeline_text(&unique("join-golden"), &ads, &clicks, &golden, ""), &golden, 10_000);
+    assert_same_results(&expected, &multiset(&crashed), "", kills);
+    let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
+    assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
+}
+
+/// Feeds 100,000 ads and 100,000 clicks while the pipelines in `files` are SIGKILLed
+/// together at a random moment at least 10 times, then runs each to the end. Returns the
+/// kills and every log.
+fn killed_while_fed(ads: &str, clicks: &str, files: &[&PipelineFile]) -> (usize, Vec<String>) {
+    const RECORDS: u64 = 100_000; // per side
+    let feeders = [feed_with(ads, 0..RECORDS, 8_000, ad), feed_with(clicks, 0..RECORDS, 8_000, click)];
     // Killed at a random moment after it has committed join state (or, once the input is
     // all there, after it is ready): on a loaded machine a process can otherwise be killed
     // before it ever commits, and no restart would have state to restore.
     let fed = || feeders.iter().all(|feeder| feeder.is_finished());
     let running = |process: &WeirProcess| has_committed_state(process, "0") || (fed() && is_ready(process));
-    let (kills, mut logs) = kill_repeatedly(&[&file.path], 10, running, fed);
+    let paths: Vec<&std::path::Path> = files.iter().map(|file| file.path.as_path()).collect();
+    let (kills, mut logs) = kill_repeatedly(&paths, 10, running, fed);
     for feeder in feeders {
         feeder.join().unwrap();
     }
-    let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
-    assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());
-    logs.push(last.log_text());
+    for file in files {
+        let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());
+        logs.push(last.log_text());
+    }
+    (kills, logs)
+}
 
-    let reference = join_pipeline(&unique("join-golden"), &ads, &clicks, &golden);
-    let mut run = WeirProcess::start(&reference.path, WeirOptions { until_end: true, ..Default::default() });
+/// An uninterrupted run of `pipeline` to the end: its results in `output`, by value, which
+/// must hold more than `at_least` pairs and as many outer rows.
+fn golden_results(pipeline: &str, output: &str, at_least: usize) -> BTreeMap<String, usize> {
+    let file = pipeline_file(pipeline);
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
     assert!(run.wait(Duration::from_secs(600)).success(), "golden run failed:\n{}", run.log_text());
-
-    let expected = multiset(&golden);
+    let expected = multiset(output);
     let pairs = expected.keys().filter(|value| !value.contains("null")).count();
     let outer = expected.keys().filter(|value| value.contains("null")).count();
-    assert!(pairs > 10_000 && outer > 10_000, "the golden run should have pairs and outer rows: {pairs} and {outer}");
-    let actual = multiset(&crashed);
+    assert!(pairs > at_least && outer > at_least, "the golden run should have pairs and outer rows: {pairs} and {outer}");
+    expected
+}
+
+fn assert_same_results(expected: &BTreeMap<String, usize>, actual: &BTreeMap<String, usize>, what: &str, kills: usize) {
     let missing = expected.iter().filter(|(record, count)| actual.get(*record) != Some(count)).count();
     let extra = actual.iter().filter(|(record, count)| expected.get(*record) != Some(count)).count();
-    assert!(missing == 0 && extra == 0, "{missing} golden records missing or miscounted, {extra} unexpected, over {kills} kills");
-    let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
-    assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
+    assert!(missing == 0 && extra == 0, "{what}{missing} golden records missing or miscounted, {extra} unexpected, over {kills} kills");
 }
 
 /// Records in are counted per source, and the join's buffered records show as its state.
@@ -111,4 +140,105 @@ fn a_join_counts_records_per_source_and_its_state() {
     wait_until(Duration::from_secs(30), "the join's state to show", || {
         metric(&weir, "weir_step_state_keys", &[("step", "0")]) == Some(30.0)
     });
+}
+
+/// Co-partitioned sources: the join runs in the tasks of partition pairs, with no
+/// repartition topic. Two pipelines read the same input and are SIGKILLed together at least
+/// 10 times: a transactional one, whose read_committed output must equal an uninterrupted
+/// run's, and one in `idempotent_upsert` mode, whose last value per `weir-id` must give the
+/// same results, each id naming where both sides of its result were read.
+#[test]
+fn a_join_in_place_survives_sigkills_exactly_transactional_and_upsert() {
+    let _heavy = heavy_test();
+    let (ads, clicks) = (unique("ads"), unique("clicks"));
+    let (golden, crashed, upserts) = (unique("join-golden"), unique("join-crashed"), unique("join-upserts"));
+    for topic in [&ads, &clicks, &golden, &crashed, &upserts] {
+        create_topic(topic, 4);
+    }
+    let name = unique("join-in-place");
+    let transactional = pipeline_file(&join_pipeline_text(&name, &ads, &clicks, &crashed, CO_PARTITIONED));
+    let upsert_name = unique("join-upsert");
+    let upsert = pipeline_file(&(join_pipeline_text(&upsert_name, &ads, &clicks, &upserts, CO_PARTITIONED) + "  mode: idempotent_upsert\n"));
+    let (kills, logs) = killed_while_fed(&ads, &clicks, &[&transactional, &upsert]);
+    assert!(logs.iter().all(|log| log.contains("the join runs in place")), "{}", logs.last().unwrap());
+    for pipeline in [&name, &upsert_name] {
+        assert!(!topic_exists(&format!("{pipeline}-0-repartition")), "{pipeline} made a repartition topic");
+    }
+    let expected = golden_results(&join_pipeline_text(&unique("join-golden"), &ads, &clicks, &golden, CO_PARTITIONED), &golden, 10_000);
+    assert_same_results(&expected, &multiset(&crashed), "transactional: ", kills);
+    let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
+    assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
+
+    // Upsert: every value an id ever had is its one value, and the last values are the
+    // transactional results.
+    let mut by_id: BTreeMap<String, String> = BTreeMap::new();
+    let mut changed = Vec::new();
+    for record in read_committed(&upserts) {
+        let id = record.headers.get("weir-id").cloned().expect("every upsert output has a weir-id header");
+        assert_eq!(record.key.as_deref(), Some(id.as_bytes()), "the Kafka key is the id");
+        let value = record.value_json();
+        let named: serde_json::Value = serde_json::from_str(&id).expect("the id is JSON");
+        for (side, topic) in [("ads", &ads), ("clicks", &clicks)] {
+            match &value[side] {
+                serde_json::Value::Null => assert!(named[side].is_null(), "id {id} names a {side} record its result lacks"),
+                _ => assert_eq!(named[side]["topic"].as_str(), Some(topic.as_str()), "id {id} does not say where its {side} record was read"),
+            }
+        }
+        if let Some(previous) = by_id.insert(id.clone(), record.value_text())
+            && previous != record.value_text()
+        {
+            changed.push(id);
+        }
+    }
+    assert!(changed.is_empty(), "{} ids were written with different values, e.g. {:?}", changed.len(), changed.first());
+    let mut last_values: BTreeMap<String, usize> = BTreeMap::new();
+    for value in by_id.into_values() {
+        *last_values.entry(value).or_default() += 1;
+    }
+    assert_same_results(&expected, &last_values, "upsert, last value per id: ", kills);
+}
+
+/// A join in place moves between instances by pairs: a second instance joins mid-run,
+/// takes partition pairs (both sides, or it stops with an error), restores their state and
+/// commits; then it leaves, and the first takes everything back. The output equals an
+/// uninterrupted run's.
+#[test]
+fn a_join_in_place_moves_by_pairs_when_an_instance_joins_and_leaves() {
+    const RECORDS: u64 = 30_000; // per side
+    let (ads, clicks) = (unique("ads"), unique("clicks"));
+    let (golden, moved) = (unique("join-golden"), unique("join-moved"));
+    for topic in [&ads, &clicks, &golden, &moved] {
+        create_topic(topic, 4);
+    }
+    let feeders = [feed_with(&ads, 0..RECORDS, 4_000, ad), feed_with(&clicks, 0..RECORDS, 4_000, click)];
+    let name = unique("join-rebalanced");
+    let file = pipeline_file(&join_pipeline_text(&name, &ads, &clicks, &moved, CO_PARTITIONED));
+    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
+    let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env, ..Default::default() });
+    wait_ready(&second, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the joining instance to restore and commit", || {
+        metric(&second, "weir_batches_total", &[]).unwrap_or(0.0) > 0.0
+    });
+    // It owns whole pairs: as many partitions of each side.
+    let assigned = metric(&second, "weir_assigned_partitions", &[]).unwrap_or(0.0);
+    assert!(assigned > 0.0 && (assigned as u64).is_multiple_of(2), "the second instance owns {assigned} partitions:\n{}", second.log_text());
+    assert!(metric(&second, "weir_state_restored_records_total", &[]).unwrap_or(0.0) > 0.0, "{}", second.log_text());
+    std::thread::sleep(Duration::from_secs(2));
+    second.terminate();
+    assert!(second.wait(Duration::from_secs(30)).success(), "{}", second.log_text());
+    for feeder in feeders {
+        feeder.join().unwrap();
+    }
+    wait_until(Duration::from_secs(120), "the first instance to take everything back and reach the end", || {
+        committed_offsets(&name, &ads) == end_offsets(&ads) && committed_offsets(&name, &clicks) == end_offsets(&clicks)
+    });
+    first.terminate();
+    assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
+    assert!(first.log_text().contains("the join runs in place"), "{}", first.log_text());
+
+    let expected = golden_results(&join_pipeline_text(&unique("join-golden"), &ads, &clicks, &golden, CO_PARTITIONED), &golden, 3_000);
+    assert_same_results(&expected, &multiset(&moved), "", 0);
 }
