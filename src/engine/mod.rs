@@ -363,6 +363,12 @@ impl Engine {
         }
     }
 
+    /// Whether stateful steps run in the input partitions' tasks (so the changelogs are
+    /// numbered like the input partitions, and all source topics need one partition count).
+    pub fn has_input_state(&self) -> bool {
+        !self.topology.stage_stateful_steps(0).is_empty()
+    }
+
     /// The join run in place, as (left topic, right topic): the consumer must be given
     /// partition p of both together.
     pub fn join_in_place(&self) -> Option<(&str, &str)> {

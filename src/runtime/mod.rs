@@ -112,7 +112,7 @@ pub fn run(
             info!(%subject, id, "the sink's Avro schema is registered");
         }
     }
-    let layout = topics::prepare(settings, pipeline, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
+    let layout = topics::prepare(settings, pipeline, &engine, &changelogs, &repartitions.values().cloned().collect::<Vec<_>>())?;
     if let (Some(layout), false) = (layout, repartitions.is_empty()) {
         engine.distribute(layout.partitions as u32, layout.total);
         info!(topics = ?repartitions.values().collect::<Vec<_>>(), partitions = layout.partitions, "repartitioning through internal topics");

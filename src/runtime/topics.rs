@@ -16,6 +16,7 @@ use super::clients;
 use super::state::Changelogs;
 use super::error::RuntimeError;
 use crate::config::{Pipeline, Settings};
+use crate::engine::Engine;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,6 +35,7 @@ pub struct InputLayout {
 pub fn prepare(
     settings: &Settings,
     pipeline: &Pipeline,
+    engine: &Engine,
     changelogs: &Changelogs,
     repartitions: &[String],
 ) -> Result<Option<InputLayout>, RuntimeError> {
@@ -77,17 +79,31 @@ pub fn prepare(
     if changelogs.is_empty() && repartitions.is_empty() {
         return Ok(None);
     }
-    // State of input partition p lives in changelog partition p, and a repartitioned task p
-    // reads repartition partition p and keeps its state in changelog partition p: every
-    // source topic must have the same partition count, which the internal topics share.
+    // State of input partition p lives in changelog partition p, so with state in the input
+    // partitions' tasks every source topic must have the same partition count. A
+    // repartitioned task p reads repartition partition p and keeps its state in changelog
+    // partition p: the internal topics have the largest count.
     let Some(topics) = topics else {
         return Err(RuntimeError::Setup("stateful steps need a source with a topic list, not a pattern".into()));
     };
     let partitions = counts.iter().copied().max().unwrap_or(1);
     if counts.iter().any(|count| *count != partitions) {
-        return Err(RuntimeError::Setup(format!(
-            "the source topics {topics:?} have different partition counts {counts:?}; stateful steps need them equal"
-        )));
+        let listed: Vec<String> = topics.iter().zip(&counts).map(|(topic, count)| format!("{topic} has {count}")).collect();
+        if let Some((left, right)) = engine.join_in_place() {
+            return Err(RuntimeError::Setup(format!(
+                "the join's sources are declared co-partitioned (the same partitioned_by on both), but {}: equal keys \
+                 land in differently numbered partitions ({left} and {right} would need the same count). Give them the \
+                 same partition count, or drop partitioned_by from one source so that the join repartitions",
+                listed.join(" and ")
+            )));
+        }
+        if engine.has_input_state() {
+            return Err(RuntimeError::Setup(format!(
+                "the source topics have different partition counts ({}); steps that keep state in the input \
+                 partitions' tasks need them equal",
+                listed.join(", ")
+            )));
+        }
     }
     let internal = changelogs
         .topics()

@@ -242,3 +242,51 @@ fn a_join_in_place_moves_by_pairs_when_an_instance_joins_and_leaves() {
     let expected = golden_results(&join_pipeline_text(&unique("join-golden"), &ads, &clicks, &golden, CO_PARTITIONED), &golden, 3_000);
     assert_same_results(&expected, &multiset(&moved), "", 0);
 }
+
+/// Sources with different partition counts: declared co-partitioned, they cannot be (equal
+/// keys land in differently numbered partitions), and weir stops saying so before reading;
+/// undeclared, the join repartitions both into one set of tasks and finds every pair.
+#[test]
+fn sources_with_different_partition_counts_are_joined_through_a_repartition() {
+    const RECORDS: u64 = 5_000;
+    let (ads, clicks, output) = (unique("ads"), unique("clicks"), unique("join-out"));
+    create_topic(&ads, 2);
+    create_topic(&clicks, 3);
+    create_topic(&output, 2);
+    produce(&ads, (0..RECORDS).map(ad));
+    produce(&clicks, (0..RECORDS).map(click));
+    let inner = |text: String| text.replace("type: full", "type: inner");
+
+    let declared = pipeline_file(&inner(join_pipeline_text(&unique("join-declared"), &ads, &clicks, &output, CO_PARTITIONED)));
+    let mut refused = WeirProcess::start(&declared.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(!refused.wait(Duration::from_secs(60)).success(), "{}", refused.log_text());
+    let log = refused.log_text();
+    assert!(log.contains(&format!("{ads} has 2 and {clicks} has 3")) && log.contains("drop partitioned_by from one source"), "{log}");
+    assert!(read_committed(&output).is_empty());
+
+    let file = pipeline_file(&inner(join_pipeline_text(&unique("join-uneven"), &ads, &clicks, &output, "")));
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
+    // Every (ad, click) with equal keys and ad.ts <= click.ts <= ad.ts + 5 s, worked out here.
+    let parse = |input: Input| serde_json::from_slice::<serde_json::Value>(&input.value.unwrap()).unwrap();
+    let ads_by_key: BTreeMap<String, Vec<serde_json::Value>> = (0..RECORDS).map(|id| parse(ad(id))).fold(BTreeMap::new(), |mut by_key, ad| {
+        by_key.entry(ad["ad"].as_str().unwrap().to_string()).or_default().push(ad);
+        by_key
+    });
+    let mut expected = BTreeMap::new();
+    for click in (0..RECORDS).map(|id| parse(click(id))) {
+        for ad in ads_by_key.get(click["ad"].as_str().unwrap()).into_iter().flatten() {
+            let (ad_ts, click_ts) = (ad["ts"].as_i64().unwrap(), click["ts"].as_i64().unwrap());
+            if ad_ts <= click_ts && click_ts <= ad_ts + 5_000 {
+                *expected.entry((ad["id"].as_i64().unwrap(), click["id"].as_i64().unwrap())).or_insert(0) += 1;
+            }
+        }
+    }
+    let mut actual = BTreeMap::new();
+    for record in read_committed(&output) {
+        let value = record.value_json();
+        *actual.entry((value["ads"]["id"].as_i64().unwrap(), value["clicks"]["id"].as_i64().unwrap())).or_insert(0) += 1;
+    }
+    assert!(expected.len() > 500, "the input should have pairs: {}", expected.len());
+    assert_eq!(actual, expected);
+}
