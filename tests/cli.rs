@@ -379,7 +379,8 @@ fn weir_test_takes_avro_records_as_json() {
     assert_eq!(lines[0]["value"], serde_json::json!({"event_id": "e1", "user_id": "ann", "amount": 2.5, "ts": 1000}));
 }
 
-/// What idempotent_upsert runs in this version, and what it refuses, all at once.
+/// What idempotent_upsert runs in this version (one repartition at most), and what it
+/// refuses, all at once.
 #[test]
 fn idempotent_upsert_refuses_what_needs_transactions() {
     let text = r#"
@@ -395,6 +396,7 @@ sources:
 steps:
   - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }
   - dedup: { key: [amount], within: 1m }
+  - dedup: { key: [ts], within: 1m }
 sink:
   topic: out
   key: [user]
@@ -406,13 +408,13 @@ sink:
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("steps[0].window.emit: idempotent_upsert writes each window once, with emit: final"), "{stderr}");
     assert!(stderr.contains("sink.key: idempotent_upsert keys every output by its id"), "{stderr}");
-    assert!(stderr.contains("sink.mode: idempotent_upsert needs every keyed step keyed by the source's partitioned_by fields (user)"), "{stderr}");
+    assert!(stderr.contains("sink.mode: idempotent_upsert repartitions at most once"), "{stderr}");
 
     // Several topics: ids of keyed results would collide; avro keys: the key is the id.
     let several = text
         .replace("topics: [clicks]", "topics: [clicks, more-clicks]")
         .replace("  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }\n", "")
-        .replace("  - dedup: { key: [amount], within: 1m }", "  - dedup: { key: [user], within: 1m }")
+        .replace("  - dedup: { key: [amount], within: 1m }\n  - dedup: { key: [ts], within: 1m }", "  - dedup: { key: [user], within: 1m }")
         .replace("  key: [user]\n", "  key_format: avro\n");
     let (_dir, path) = write(&several);
     let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
@@ -422,7 +424,7 @@ sink:
     assert!(stderr.contains("sink.key_format: idempotent_upsert keys every output by its id, as JSON"), "{stderr}");
     assert!(stderr.contains("2 configuration problems"), "{stderr}");
 
-    // A join whose sources are not co-partitioned goes through a repartition topic.
+    // A join whose sources are not co-partitioned goes through a repartition topic, once.
     let join = r#"
 name: upsert-join
 sources:
@@ -433,13 +435,9 @@ sink: { topic: out, mode: idempotent_upsert }
 "#;
     let (_dir, path) = write(join);
     let output = weir(&["validate", "--pipeline", &path], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("sink.mode: idempotent_upsert runs a join only in place, without a repartition topic")
-            && stderr.contains("declare partitioned_by: [ad] on both"),
-        "{stderr}"
-    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("repartition topic: upsert-join-0-repartition"), "{stdout}");
 
     // Co-partitioned, it runs in place, and the plan says so.
     let (_dir, path) = write(&co_partitioned(join));

@@ -11,6 +11,11 @@ use serde_json::Value;
 const OUT_OF_ORDERNESS: i64 = 3_000;
 
 fn pipeline(steps: &str) -> weir::config::Pipeline {
+    pipeline_with(steps, "")
+}
+
+/// `sink_extra`: more lines of the sink section (e.g. its mode).
+fn pipeline_with(steps: &str, sink_extra: &str) -> weir::config::Pipeline {
     let text = format!(
         r#"name: props
 sources:
@@ -24,7 +29,7 @@ steps:
 {steps}
 sink:
   topic: out
-"#
+{sink_extra}"#
     );
     weir::config::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
 }
@@ -257,17 +262,7 @@ mod distributed {
 
         fn read_forwarded(&mut self, stage: usize, partition: i32) {
             let Some(record) = self.topics.get_mut(&(stage, partition)).and_then(VecDeque::pop_front) else { return };
-            let headers: Vec<(&str, Option<&[u8]>)> =
-                record.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
-            let forwarded = ForwardHeaders::parse(&headers).unwrap();
-            let (topic, source_partition, offset, _) = forwarded.source.clone().unwrap_or(("events".into(), 0, 0, None));
-            let input = InputRecord {
-                provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: &[], key: None },
-                key: None,
-                value: record.value.as_deref(),
-            };
-            let mut outputs = Vec::new();
-            self.engine.process_forwarded(&input, stage, partition, &forwarded, &mut outputs).unwrap();
+            let outputs = run_forwarded(&mut self.engine, stage, partition, &record);
             self.collect(outputs);
         }
 
@@ -300,6 +295,21 @@ mod distributed {
         fn waiting(&self) -> Vec<(usize, i32)> {
             self.topics.iter().filter(|(_, records)| !records.is_empty()).map(|(at, _)| *at).collect()
         }
+    }
+
+    /// Runs a record read from a repartition topic through `engine`, as the loop does.
+    fn run_forwarded(engine: &mut Engine, stage: usize, partition: i32, record: &Output) -> Vec<Output> {
+        let headers: Vec<(&str, Option<&[u8]>)> = record.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
+        let forwarded = ForwardHeaders::parse(&headers).unwrap();
+        let (topic, source_partition, offset, _) = forwarded.source.clone().unwrap_or(("events".into(), 0, 0, None));
+        let input = InputRecord {
+            provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: &[], key: None },
+            key: None,
+            value: record.value.as_deref(),
+        };
+        let mut outputs = Vec::new();
+        engine.process_forwarded(&input, stage, partition, &forwarded, &mut outputs).unwrap();
+        outputs
     }
 
     fn distributed(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
@@ -418,6 +428,115 @@ mod distributed {
         windows.sort();
         windows.dedup();
         assert_eq!((windows.len(), simulation.sink.len()), (26, 26), "{:?}", simulation.sink);
+    }
+
+    /// `mode: idempotent_upsert`, where nothing is transactional: a forward is in its
+    /// repartition topic once sent, and a crash loses what the store has not got, the state
+    /// and offsets of the batch under way. The stage-0 tasks then replay it, forwarding again
+    /// what they forwarded before, and the receiving tasks drop the copies. Returns the last
+    /// value of every id, and how many crashes there were.
+    fn upserted(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> (Vec<String>, usize) {
+        type Store = BTreeMap<(Option<String>, i32, usize, String), Value>;
+        let restored = |store: &Store| {
+            let mut engine = Simulation::engine(pipeline);
+            for ((topic, partition, step, key), value) in store {
+                let entry = ChangelogEntry { topic: topic.clone(), partition: *partition, step: *step, key: key.clone(), value: Some(value.clone()) };
+                engine.restore(&entry).unwrap();
+            }
+            engine
+        };
+        let mut engine = Simulation::engine(pipeline);
+        let mut topics: BTreeMap<(usize, i32), Vec<Output>> = BTreeMap::new();
+        // Records read so far from each (stage, repartition partition): now, and as stored.
+        let (mut read, mut saved_read) = (BTreeMap::<(usize, i32), usize>::new(), BTreeMap::<(usize, i32), usize>::new());
+        let (mut cursors, mut saved_cursors) = ([0usize; PARTITIONS], [0usize; PARTITIONS]);
+        let mut store = Store::new();
+        let mut last: BTreeMap<String, Value> = BTreeMap::new();
+        let collect = |outputs: Vec<Output>, topics: &mut BTreeMap<(usize, i32), Vec<Output>>, last: &mut BTreeMap<String, Value>| {
+            for output in outputs {
+                match output.destination {
+                    Destination::Repartition(stage) => topics.entry((stage, output.partition.unwrap())).or_default().push(output),
+                    Destination::Sink => {
+                        let id = output.headers.iter().find(|(name, _)| name == "weir-id").expect("an upsert output has an id");
+                        last.insert(String::from_utf8(id.1.clone()).unwrap(), serde_json::from_slice(output.value.as_deref().unwrap()).unwrap());
+                    }
+                    Destination::Dlq => panic!("nothing is late here: {output:?}"),
+                }
+            }
+        };
+        let (batch, mut steps, mut crashes) = (rng.random_range(1..12), 0, 0);
+        loop {
+            let inputs: Vec<usize> = (0..PARTITIONS).filter(|p| cursors[*p] < partitions[*p].len()).collect();
+            let waiting: Vec<(usize, i32)> =
+                topics.iter().filter(|(at, records)| read.get(*at).copied().unwrap_or(0) < records.len()).map(|(at, _)| *at).collect();
+            let mut outputs = Vec::new();
+            if !waiting.is_empty() && (inputs.is_empty() || rng.random_bool(0.5)) {
+                let at = waiting[rng.random_range(0..waiting.len())];
+                let position = read.entry(at).or_insert(0);
+                outputs = run_forwarded(&mut engine, at.0, at.1, &topics[&at][*position]);
+                *position += 1;
+            } else if let Some(&partition) = inputs.get(rng.random_range(0..inputs.len().max(1))) {
+                let line: Value = serde_json::from_str(&partitions[partition][cursors[partition]]).unwrap();
+                let value = line["value"].to_string().into_bytes();
+                let provenance = Provenance { topic: "events", partition: partition as i32, offset: cursors[partition] as i64, timestamp: None, headers: &[], key: None };
+                engine.process(&InputRecord { provenance, key: None, value: Some(&value) }, &mut outputs).unwrap();
+                cursors[partition] += 1;
+            }
+            collect(outputs, &mut topics, &mut last);
+            steps += 1;
+            let spent = inputs.is_empty() && waiting.is_empty();
+            if steps % batch == 0 || spent {
+                // A crash before the batch is stored (never once the input is spent).
+                if !spent && rng.random_bool(0.25) {
+                    engine = restored(&store);
+                    (cursors, read) = (saved_cursors, saved_read.clone());
+                    crashes += 1;
+                    continue;
+                }
+                let mut outputs = Vec::new();
+                engine.end_batch(&mut outputs).unwrap();
+                collect(outputs, &mut topics, &mut last);
+                for entry in engine.take_changes() {
+                    let key = (entry.topic, entry.partition, entry.step, entry.key);
+                    match entry.value {
+                        Some(value) => store.insert(key, value),
+                        None => store.remove(&key),
+                    };
+                }
+                (saved_cursors, saved_read) = (cursors, read.clone());
+                let unread = topics.iter().any(|(at, records)| read.get(at).copied().unwrap_or(0) < records.len());
+                if spent && !unread {
+                    break;
+                }
+            }
+        }
+        (closed_results(last.into_values()), crashes)
+    }
+
+    /// Upsert mode repartitions once: crashes that make stage-0 tasks forward again leave
+    /// the last value per id equal to the local run's results.
+    #[test]
+    fn upsert_replays_through_a_repartition_change_no_last_value() {
+        for steps in [
+            "  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v), f: first(id), l: last(id) } }",
+            "  - window: { group_by: [k], session: { gap: 2s }, aggregates: { n: count(), d: count_distinct(id) } }",
+        ] {
+            let (reference, upsert) = (super::pipeline(steps), super::pipeline_with(steps, "  mode: idempotent_upsert\n"));
+            assert_eq!(Engine::new(&upsert).unwrap().stage_count(), 2);
+            let mut crashes = 0;
+            for seed in 0..20u64 {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let partitions = with_flush(super::partitions(&mut rng));
+                let expected = local(&reference, &partitions, &mut rng);
+                assert!(!expected.is_empty(), "seed {seed}: nothing to compare");
+                for run in 0..3 {
+                    let (results, crashed) = upserted(&upsert, &partitions, &mut rng);
+                    assert_eq!(results, expected, "{steps}: seed {seed}, run {run}, {crashed} crashes");
+                    crashes += crashed;
+                }
+            }
+            assert!(crashes > 100, "too few crashes to tell: {crashes}");
+        }
     }
 
     #[test]

@@ -692,28 +692,15 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
     Some(pipeline)
 }
 
-/// What `mode: idempotent_upsert` runs in this version: every step in the tasks of the input
-/// partitions. A repartition topic (a join, or a keyed step not keyed by `partitioned_by`)
-/// is a Kafka hop whose consistency with state and offsets needs transactions; an
-/// `emit: update` window's outputs depend on where batches end, so their ids would carry
-/// different values across a replay.
+/// What `mode: idempotent_upsert` runs in this version: at most one repartition. Without
+/// transactions a stage-0 task that replays after a crash writes its forwards to the
+/// repartition topic again; each carries its place in its sender's sequence (the input
+/// offset), and the receiving task drops what it took before. Past a second repartition
+/// that sequence depends on how the first one's partitions interleaved. An `emit: update`
+/// window's outputs depend on where batches end, so their ids would carry different values
+/// across a replay.
 fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     const WHY: &str = "idempotent_upsert";
-    let engine = crate::engine::Engine::new(pipeline);
-    if let (Some(join), Ok(engine)) = (pipeline.join(), &engine)
-        && engine.join_in_place().is_none()
-    {
-        let on = join.on.join(", ");
-        problems.push(
-            "sink.mode",
-            format!(
-                "{WHY} runs a join only in place, without a repartition topic (which needs transactions): \
-                 read one topic per source, declare partitioned_by: [{on}] on both (their producers key records by [{on}]), \
-                 and key any later dedup or window by the join key; or use transactional"
-            ),
-        );
-        return;
-    }
     for (index, step) in pipeline.steps.iter().enumerate() {
         if let Step::Window(window) = step
             && window.emit == EmitMode::Update
@@ -740,14 +727,15 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     if pipeline.sink.key_encoding == Encoding::Avro {
         problems.push("sink.key_format", format!("{WHY} keys every output by its id, as JSON"));
     }
-    if let Ok(engine) = &engine
-        && engine.stage_count() > 1
+    if let Ok(engine) = crate::engine::Engine::new(pipeline)
+        && engine.stage_count() > 2
     {
         problems.push(
             "sink.mode",
             format!(
-                "{WHY} needs every keyed step keyed by the source's partitioned_by fields ({}): a repartition topic needs transactions; use transactional",
-                pipeline.source.partitioned_by.join(", ")
+                "{WHY} repartitions at most once: a replayed record is recognised by where its input partition put it, \
+                 which a second repartition topic no longer tells. Key the later steps by the first repartition's key, \
+                 or use transactional"
             ),
         );
     }

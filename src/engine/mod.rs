@@ -327,8 +327,11 @@ impl Engine {
 
     /// Production: stages after the first are fed through repartition topics of `width`
     /// partitions, from `input_partitions` source partitions in all.
+    /// Without transactions (upsert mode), forwards carry their position, so that what a
+    /// replaying sender sends again is dropped.
     pub fn distribute(&mut self, width: u32, input_partitions: usize) {
-        self.topology.distribute(width, input_partitions);
+        let positioned = self.pipeline.sink.mode == SinkMode::IdempotentUpsert;
+        self.topology.distribute(width, input_partitions, positioned);
     }
 
     /// The repartition topic in front of each stage after the first, by stage.
@@ -502,6 +505,7 @@ impl Engine {
             forwarded.watermark,
             forwarded.idle,
             record,
+            forwarded.position,
             &mut emitted,
         );
         self.settle(input, result, emitted, outputs)
@@ -686,6 +690,8 @@ pub struct ForwardHeaders {
     pub upsert: bool,
     /// Where the record entered the pipeline: (topic, partition, offset, timestamp).
     pub source: Option<(String, i32, i64, Option<i64>)>,
+    /// Upsert mode: the forward's position in its sender's sequence.
+    pub position: Option<(i64, u32)>,
 }
 
 const SENDER: &str = "weir-sender";
@@ -695,6 +701,7 @@ const RECORD_KEY: &str = "weir-record-key";
 const UPSERT: &str = "weir-upsert";
 const IDLE: &str = "weir-idle";
 const SOURCE: &str = "weir-source";
+const POSITION: &str = "weir-position";
 
 /// The repartition-topic record of a forward: the input's Kafka key, the fields as JSON (no
 /// value: a watermark alone), and the rest in headers.
@@ -705,6 +712,9 @@ fn forwarded(forward: Forward<'_>) -> Output {
     ];
     if forward.idle {
         headers.push((IDLE.to_string(), b"1".to_vec()));
+    }
+    if let Some((offset, made)) = forward.position {
+        headers.push((POSITION.to_string(), format!("{offset}/{made}").into_bytes()));
     }
     let (mut key, mut value) = (None, None);
     if let Some(record) = forward.record {
@@ -741,7 +751,16 @@ impl ForwardHeaders {
             None => None,
             Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-source is not [topic, partition, offset, timestamp]: {error}"))?),
         };
+        let position = match text(POSITION) {
+            None => None,
+            Some(text) => Some(
+                text.split_once('/')
+                    .and_then(|(offset, made)| Some((offset.parse::<i64>().ok()?, made.parse::<u32>().ok()?)))
+                    .ok_or_else(|| format!("weir-position is not <offset>/<count>: {text}"))?,
+            ),
+        };
         Ok(ForwardHeaders {
+            position,
             sender,
             watermark,
             idle: find(IDLE).is_some(),

@@ -70,6 +70,9 @@ struct Task {
     /// Distributed, after a repartition: the watermark each sender vouched for, and whether
     /// it is idle.
     senders: BTreeMap<String, (i64, bool)>,
+    /// Upsert mode: the position of the last record taken from each sender (see
+    /// [`Forward::position`]); a replay's copies of earlier ones are dropped.
+    received: BTreeMap<String, (i64, u32)>,
 }
 
 /// How stage boundaries are crossed in production (see the module documentation).
@@ -80,6 +83,10 @@ struct Distribution {
     broadcast: BTreeMap<(usize, String), (i64, bool)>,
     /// Repartitioned tasks' watermarks (with their senders') last handed out for the changelog.
     saved: BTreeMap<(usize, u32), Value>,
+    /// Upsert mode, without transactions: a stage-0 task that replays after a crash sends
+    /// again what it sent before, so forwards carry their position and receivers drop
+    /// copies.
+    positioned: bool,
 }
 
 /// One changed state entry of one task, bound for the changelog of its step, in the
@@ -118,6 +125,9 @@ pub struct Topology {
     in_place: Option<(String, String)>,
     /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
     idle_inputs: std::collections::BTreeSet<(String, i32)>,
+    /// The input record being processed, as (offset, forwards it has made so far): the
+    /// position its stage-0 task's next forward carries.
+    position: Option<(i64, u32)>,
 }
 
 impl Topology {
@@ -141,6 +151,7 @@ impl Topology {
             distribution: None,
             in_place: in_place.map(|(left, right)| (left.to_string(), right.to_string())),
             idle_inputs: Default::default(),
+            position: None,
         })
     }
 
@@ -197,8 +208,9 @@ impl Topology {
     }
 
     /// Production mode: stages hand records on through repartition topics of `width`
-    /// partitions, read from `input_partitions` input partitions in all.
-    pub fn distribute(&mut self, width: u32, input_partitions: usize) {
+    /// partitions, read from `input_partitions` input partitions in all. `positioned`:
+    /// without transactions, forwards carry positions so that replays are dropped.
+    pub fn distribute(&mut self, width: u32, input_partitions: usize, positioned: bool) {
         self.width = width.max(1);
         let senders = (0..self.stages.len())
             .map(|stage| match stage {
@@ -207,7 +219,7 @@ impl Topology {
                 _ => self.width as usize,
             })
             .collect();
-        self.distribution = Some(Distribution { senders, broadcast: BTreeMap::new(), saved: BTreeMap::new() });
+        self.distribution = Some(Distribution { senders, broadcast: BTreeMap::new(), saved: BTreeMap::new(), positioned });
     }
 
     /// Whether an input partition is currently counted as idle.
@@ -333,7 +345,12 @@ impl Topology {
                     .iter()
                     .map(|(sender, (watermark, idle))| (sender.clone(), serde_json::json!([watermark, idle])))
                     .collect();
-                let value = serde_json::json!({ "watermark": task.watermark, "senders": senders });
+                let mut value = serde_json::json!({ "watermark": task.watermark, "senders": senders });
+                if !task.received.is_empty() {
+                    let received: serde_json::Map<String, Value> =
+                        task.received.iter().map(|(sender, (offset, made))| (sender.clone(), serde_json::json!([offset, made]))).collect();
+                    value["received"] = Value::Object(received);
+                }
                 if (task.watermark > i64::MIN || !task.senders.is_empty())
                     && distribution.saved.get(&(*stage, *partition)) != Some(&value)
                 {
@@ -375,6 +392,13 @@ impl Topology {
                 let sender_watermark = state[0].as_i64().ok_or_else(|| format!("a watermark entry with a bad sender {sender}: {state}"))?;
                 senders.insert(sender.clone(), (sender_watermark, state[1].as_bool().unwrap_or(false)));
             }
+            let mut received = BTreeMap::new();
+            for (sender, position) in value.and_then(|value| value["received"].as_object()).into_iter().flatten() {
+                let (Some(offset), Some(made)) = (position[0].as_i64(), position[1].as_u64()) else {
+                    return Err(format!("a watermark entry with a bad position for sender {sender}: {position}"));
+                };
+                received.insert(sender.clone(), (offset, made as u32));
+            }
             let id = TaskPartition::Repartitioned(partition as u32);
             if let (Some(distribution), Some(value)) = (&mut self.distribution, value) {
                 distribution.saved.insert((stage, partition as u32), value.clone());
@@ -382,6 +406,7 @@ impl Topology {
             let task = self.task(stage, &id).map_err(|error| error.0)?;
             task.watermark = task.watermark.max(watermark);
             task.senders = senders;
+            task.received = received;
             return Ok(());
         }
         if key == WATERMARK_KEY {
@@ -486,6 +511,7 @@ impl Topology {
         }
         let task = self.task_of_input(topic, partition);
         let mut result = ChainResult::Passed;
+        self.position = record.provenance.map(|provenance| (provenance.offset, 0));
         self.run(0, task.clone(), Emitted::Record(record), out, &mut result)?;
 
         // The record is in; now the watermarks move and close what they close.
@@ -521,6 +547,7 @@ impl Topology {
         watermark: i64,
         idle: bool,
         record: Option<Record<'a>>,
+        position: Option<(i64, u32)>,
         out: &mut Vec<Emitted<'a>>,
     ) -> Result<ChainResult, ProcessError> {
         if stage == 0 || stage >= self.stages.len() {
@@ -528,7 +555,19 @@ impl Topology {
         }
         let id = TaskPartition::Repartitioned(partition as u32);
         let mut result = ChainResult::Passed;
-        if let Some(record) = record {
+        // A sender replaying after a crash (upsert mode) sends again what this task took.
+        let replayed = match position {
+            Some(position) => {
+                let task = self.task(stage, &id)?;
+                let taken = task.received.get(sender).is_some_and(|last| *last >= position);
+                if !taken {
+                    task.received.insert(sender.to_string(), position);
+                }
+                taken
+            }
+            None => false,
+        };
+        if let (Some(record), false) = (record, replayed) {
             self.run(stage, id.clone(), Emitted::Record(record), out, &mut result)?;
         }
         let expected = self.distribution.as_ref().map_or(0, |distribution| distribution.senders[stage]);
@@ -593,7 +632,15 @@ impl Topology {
             }
             distribution.broadcast.insert((stage, sender.clone()), state);
             for partition in 0..self.width {
-                out.push(Emitted::Forward(Forward { stage: stage + 1, partition, sender: sender.clone(), watermark, idle, record: None }));
+                out.push(Emitted::Forward(Forward {
+                    stage: stage + 1,
+                    partition,
+                    sender: sender.clone(),
+                    watermark,
+                    idle,
+                    record: None,
+                    position: None,
+                }));
             }
         }
     }
@@ -739,12 +786,18 @@ impl Topology {
             };
             let key = Value::Object(key_of(&record.fields, &key_fields)).to_string();
             let partition = (fnv1a(key.as_bytes()) % u64::from(self.width)) as u32;
-            if self.distribution.is_some() {
-                let sender = match from {
-                    TaskPartition::Input(topic, partition) => input_sender(topic, *partition),
-                    TaskPartition::Repartitioned(partition) => partition.to_string(),
+            if let Some(distribution) = &self.distribution {
+                let (sender, position) = match from {
+                    TaskPartition::Input(topic, partition) => {
+                        let position = self.position.filter(|_| distribution.positioned);
+                        if let Some((offset, made)) = position {
+                            self.position = Some((offset, made + 1));
+                        }
+                        (input_sender(topic, *partition), position)
+                    }
+                    TaskPartition::Repartitioned(partition) => (partition.to_string(), None),
                 };
-                out.push(Emitted::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record) }));
+                out.push(Emitted::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record), position }));
                 continue;
             }
             self.run(stage, TaskPartition::Repartitioned(partition), Emitted::Record(record), out, result)?;
@@ -782,7 +835,7 @@ impl Topology {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ProcessError)?;
             let watermark = self.task_watermark(stage, id);
-            self.tasks.insert(key.clone(), Task { operators, watermark, senders: BTreeMap::new() });
+            self.tasks.insert(key.clone(), Task { operators, watermark, senders: BTreeMap::new(), received: BTreeMap::new() });
         }
         self.tasks.get_mut(&key).ok_or_else(|| ProcessError("task vanished".into()))
     }

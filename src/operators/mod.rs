@@ -74,6 +74,10 @@ pub struct Forward<'a> {
     /// until it speaks again.
     pub idle: bool,
     pub record: Option<Record<'a>>,
+    /// Upsert mode, from a stage-0 task: (input offset, forwards made for that input so
+    /// far), increasing with every forward of the sender; a receiver drops what it has
+    /// taken already.
+    pub position: Option<(i64, u32)>,
 }
 
 /// What became of a record given to a step.

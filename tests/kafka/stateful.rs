@@ -438,9 +438,11 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
 }
 
-/// `mode: idempotent_upsert`: a windowed pipeline SIGKILLed at random at least 10 times,
-/// without transactions. Replays write the same ids again; the last value per id equals
-/// the transactional run's result, no id is missing, and no id ever has a value the
+/// `mode: idempotent_upsert`: windowed pipelines SIGKILLed together at random at least 10
+/// times, without transactions: one over input partitioned by the window's key, one that
+/// repartitions it first (its replays forward records again, which the window's tasks
+/// drop). Replays write the same ids again; for both, the last value per id equals the
+/// transactional run's result, no id is missing, and no id ever has a value the
 /// transactional run does not have.
 #[test]
 fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
@@ -448,21 +450,27 @@ fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
     const RECORDS: u64 = 200_000;
     let input = unique("clicks");
     create_topic(&input, 4);
-    let (golden, upserts) = (unique("upsert-golden"), unique("upserts"));
-    create_topic(&golden, 4);
-    create_topic(&upserts, 4);
+    let (golden, upserts, repartitioned) = (unique("upsert-golden"), unique("upserts"), unique("upserts-repartitioned"));
+    for topic in [&golden, &upserts, &repartitioned] {
+        create_topic(topic, 4);
+    }
     let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
-    let upsert_text = |name: &str, output: &str| {
-        clicks_pipeline_text(name, &input, output, steps, "partitioned_by: [user]") + "  mode: idempotent_upsert\n"
-    };
+    let upsert_text = |name: &str, output: &str, keyed: &str| clicks_pipeline_text(name, &input, output, steps, keyed) + "  mode: idempotent_upsert\n";
     let feeder = feed_with(&input, 0..RECORDS, 8_000, click);
-    let file = pipeline_file(&upsert_text(&unique("upsert"), &upserts));
-    let (kills, mut logs) = kill_repeatedly(&[&file.path], 10, |_| true, || feeder.is_finished());
+    let file = pipeline_file(&upsert_text(&unique("upsert"), &upserts, "partitioned_by: [user]"));
+    let repartitioned_name = unique("upsert-repartitioned");
+    let repartitioned_file = pipeline_file(&upsert_text(&repartitioned_name, &repartitioned, ""));
+    let files = [&file, &repartitioned_file];
+    let paths: Vec<&std::path::Path> = files.iter().map(|file| file.path.as_path()).collect();
+    let (kills, mut logs) = kill_repeatedly(&paths, 10, |_| true, || feeder.is_finished());
     feeder.join().unwrap();
-    let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
-    assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());
-    logs.push(last.log_text());
+    for file in files {
+        let mut last = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        assert!(last.wait(Duration::from_secs(600)).success(), "final run failed:\n{}", last.log_text());
+        logs.push(last.log_text());
+    }
     assert!(logs.iter().any(|log| log.contains("idempotent_upsert")), "{}", logs.last().unwrap());
+    assert!(topic_exists(&format!("{repartitioned_name}-0-repartition")), "the second pipeline should repartition");
 
     let file = clicks_pipeline(&unique("upsert-golden"), &input, &golden, steps);
     let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
@@ -473,21 +481,23 @@ fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
     let expected: BTreeMap<String, String> =
         read_committed(&golden).iter().map(|record| (id_of(&record.value_json()), record.value_text())).collect();
     assert!(expected.len() > 1_000, "the golden run produced only {} windows", expected.len());
-    let mut last_values: BTreeMap<String, String> = BTreeMap::new();
-    let mut foreign = Vec::new();
-    for record in read_committed(&upserts) {
-        let id = record.headers.get("weir-id").cloned().expect("every upsert output has a weir-id header");
-        assert_eq!(record.key.as_deref(), Some(id.as_bytes()), "the Kafka key is the id");
-        assert!(record.headers.contains_key("weir-version"));
-        if expected.get(&id) != Some(&record.value_text()) {
-            foreign.push((id.clone(), record.value_text()));
+    for output in [&upserts, &repartitioned] {
+        let mut last_values: BTreeMap<String, String> = BTreeMap::new();
+        let mut foreign = Vec::new();
+        for record in read_committed(output) {
+            let id = record.headers.get("weir-id").cloned().expect("every upsert output has a weir-id header");
+            assert_eq!(record.key.as_deref(), Some(id.as_bytes()), "the Kafka key is the id");
+            assert!(record.headers.contains_key("weir-version"));
+            if expected.get(&id) != Some(&record.value_text()) {
+                foreign.push((id.clone(), record.value_text()));
+            }
+            last_values.insert(id, record.value_text());
         }
-        last_values.insert(id, record.value_text());
+        assert!(foreign.is_empty(), "{output}: {} outputs with a value the transactional run does not have, e.g. {:?}", foreign.len(), foreign.first());
+        let missing: Vec<&String> = expected.keys().filter(|id| !last_values.contains_key(*id)).collect();
+        assert!(missing.is_empty(), "{output}: {} ids missing over {kills} kills, e.g. {:?}", missing.len(), missing.first());
+        assert_eq!(last_values, expected, "{output}");
     }
-    assert!(foreign.is_empty(), "{} outputs with a value the transactional run does not have, e.g. {:?}", foreign.len(), foreign.first());
-    let missing: Vec<&String> = expected.keys().filter(|id| !last_values.contains_key(*id)).collect();
-    assert!(missing.is_empty(), "{} ids missing over {kills} kills, e.g. {:?}", missing.len(), missing.first());
-    assert_eq!(last_values, expected);
     // Restarts resumed from the local store.
     let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().any(|(store, _)| *store > 0), "no restart used the local store: {restores:?}");
