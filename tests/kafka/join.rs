@@ -60,20 +60,26 @@ fn multiset(topic: &str) -> BTreeMap<String, usize> {
     counts
 }
 
+/// The join through a repartition topic, SIGKILLed at random at least 10 times: the
+/// transactional output equals an uninterrupted run's, and beside it, the same join in
+/// `idempotent_upsert` mode (whose replays forward records again) ends with the same
+/// results as the last value of each id.
 #[test]
 fn a_full_join_survives_sigkills_exactly() {
     let _heavy = heavy_test();
     let (ads, clicks) = (unique("ads"), unique("clicks"));
-    let (golden, crashed) = (unique("join-golden"), unique("join-crashed"));
-    for topic in [&ads, &clicks, &golden, &crashed] {
+    let (golden, crashed, upserts) = (unique("join-golden"), unique("join-crashed"), unique("join-upserts"));
+    for topic in [&ads, &clicks, &golden, &crashed, &upserts] {
         create_topic(topic, 4);
     }
     let file = join_pipeline(&unique("join"), &ads, &clicks, &crashed);
-    let (kills, logs) = killed_while_fed(&ads, &clicks, &[&file]);
+    let upsert = pipeline_file(&(join_pipeline_text(&unique("join-upsert"), &ads, &clicks, &upserts, "") + "  mode: idempotent_upsert\n"));
+    let (kills, logs) = killed_while_fed(&ads, &clicks, &[&file, &upsert]);
     let expected = golden_results(&join_pipeline_text(&unique("join-golden"), &ads, &clicks, &golden, ""), &golden, 10_000);
     assert_same_results(&expected, &multiset(&crashed), "", kills);
     let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
+    assert_upsert_results(&upserts, &ads, &clicks, &expected, kills);
 }
 
 /// Feeds 100,000 ads and 100,000 clicks while the pipelines in `files` are SIGKILLed
@@ -169,19 +175,23 @@ fn a_join_in_place_survives_sigkills_exactly_transactional_and_upsert() {
     let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().any(|(store, changelog)| store + changelog > 0), "no restart restored join state: {restores:?}");
 
-    // Upsert: every value an id ever had is its one value, and the last values are the
-    // transactional results.
+    assert_upsert_results(&upserts, &ads, &clicks, &expected, kills);
+}
+
+/// Upsert mode: every value an id ever had is its one value, each id names where the
+/// records of its result were read, and the last values are the transactional results.
+fn assert_upsert_results(upserts: &str, ads: &str, clicks: &str, expected: &BTreeMap<String, usize>, kills: usize) {
     let mut by_id: BTreeMap<String, String> = BTreeMap::new();
     let mut changed = Vec::new();
-    for record in read_committed(&upserts) {
+    for record in read_committed(upserts) {
         let id = record.headers.get("weir-id").cloned().expect("every upsert output has a weir-id header");
         assert_eq!(record.key.as_deref(), Some(id.as_bytes()), "the Kafka key is the id");
         let value = record.value_json();
         let named: serde_json::Value = serde_json::from_str(&id).expect("the id is JSON");
-        for (side, topic) in [("ads", &ads), ("clicks", &clicks)] {
+        for (side, topic) in [("ads", ads), ("clicks", clicks)] {
             match &value[side] {
                 serde_json::Value::Null => assert!(named[side].is_null(), "id {id} names a {side} record its result lacks"),
-                _ => assert_eq!(named[side]["topic"].as_str(), Some(topic.as_str()), "id {id} does not say where its {side} record was read"),
+                _ => assert_eq!(named[side]["topic"].as_str(), Some(topic), "id {id} does not say where its {side} record was read"),
             }
         }
         if let Some(previous) = by_id.insert(id.clone(), record.value_text())
@@ -195,7 +205,7 @@ fn a_join_in_place_survives_sigkills_exactly_transactional_and_upsert() {
     for value in by_id.into_values() {
         *last_values.entry(value).or_default() += 1;
     }
-    assert_same_results(&expected, &last_values, "upsert, last value per id: ", kills);
+    assert_same_results(expected, &last_values, "upsert, last value per id: ", kills);
 }
 
 /// A join in place moves between instances by pairs: a second instance joins mid-run,
