@@ -182,7 +182,9 @@ impl JoinOperator {
             };
             if left_time.saturating_add(lower) <= right_time && right_time <= left_time.saturating_add(upper) {
                 matched = true;
-                if !other.matched {
+                // Only an outer side's records need it in state (an inner side's are never
+                // emitted alone): no changelog write for the others.
+                if !other.matched && keeps_unmatched(self.spec.kind, other_side) {
                     other.matched = true;
                     self.dirty.insert((key_text.clone(), other_side, other.seq));
                 }
