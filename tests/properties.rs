@@ -647,6 +647,15 @@ mod join {
             assert_eq!(weir::engine::Engine::new(&repartitioned).unwrap().stage_count(), 2);
             check_against(&in_place, &repartitioned, true, &format!("{kind} in place"));
         }
+        // A later step that repartitions: the join stays in place, its pairs feeding the
+        // window's tasks. (Inner: an outer row can be late for the window, at a point that
+        // depends on the join's watermark, which differs between the plans.)
+        let window = "  - window: { group_by: [clicks.v], tumbling: 5s, aggregates: { n: count(), s: sum(ads.v), d: count_distinct(clicks.id) } }";
+        let (in_place, repartitioned) = (pipeline_of("inner", window, true), pipeline_of("inner", window, false));
+        let plan = weir::engine::Engine::new(&in_place).unwrap();
+        assert!(plan.join_in_place().is_some() && plan.stage_count() == 2, "a window after the join in place");
+        assert_eq!(weir::engine::Engine::new(&repartitioned).unwrap().stage_count(), 3);
+        check_against(&in_place, &repartitioned, true, "inner in place, then a repartitioned window,");
     }
 
     #[test]

@@ -132,9 +132,12 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(pipeline: &Pipeline) -> Result<Topology, String> {
-        // A co-partitioned join runs in the input partitions' tasks, unless a later step
-        // would repartition (its tasks' watermarks would then have to come from pairs).
-        let in_place = co_partitioned_join(pipeline).filter(|_| cut_stages(pipeline, true).len() == 1);
+        // A co-partitioned join runs in the input partitions' tasks.
+        let in_place = co_partitioned_join(pipeline).filter(|_| {
+            // Upsert mode's replay drops need a sender's forwards in its input's order, which
+            // a pair task, taking two inputs in whatever order they come, does not keep.
+            pipeline.sink.mode != crate::config::SinkMode::IdempotentUpsert || cut_stages(pipeline, true).len() == 1
+        });
         let stages = cut_stages(pipeline, in_place.is_some());
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
@@ -212,10 +215,13 @@ impl Topology {
     /// without transactions, forwards carry positions so that replays are dropped.
     pub fn distribute(&mut self, width: u32, input_partitions: usize, positioned: bool) {
         self.width = width.max(1);
+        // Stage 1 hears from every stage-0 task: one per input partition, or per pair of a
+        // join in place (whose sources have `width` partitions each).
+        let pairs = if self.in_place.is_some() { self.width as usize } else { 0 };
         let senders = (0..self.stages.len())
             .map(|stage| match stage {
                 0 => 0,
-                1 => input_partitions,
+                1 => input_partitions.saturating_sub(pairs),
                 _ => self.width as usize,
             })
             .collect();
@@ -605,19 +611,23 @@ impl Topology {
     }
 
     fn broadcast_watermarks<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+        if self.distribution.is_none() || self.stages.len() < 2 {
+            return;
+        }
+        // Stage 0's senders are its tasks: an input partition's, or a join pair's, with the
+        // pair's watermark; idle when all their inputs are.
+        let inputs: std::collections::BTreeSet<&(String, i32)> = self.input_watermarks.keys().chain(&self.idle_inputs).collect();
+        let tasks: std::collections::BTreeSet<(String, i32)> = inputs.into_iter().map(|(topic, partition)| self.task_input(topic, *partition)).collect();
+        let mut senders: Vec<(usize, String, (i64, bool))> = tasks
+            .into_iter()
+            .map(|(topic, partition)| {
+                let idle = self.inputs_of_task(&topic, partition).iter().all(|input| self.idle_inputs.contains(input));
+                (0, input_sender(&topic, partition), (self.input_task_watermark(&topic, partition), idle))
+            })
+            .collect();
         let Some(distribution) = &mut self.distribution else {
             return;
         };
-        if self.stages.len() < 2 {
-            return;
-        }
-        let mut senders: Vec<(usize, String, (i64, bool))> = self
-            .input_watermarks
-            .iter()
-            .map(|(input, watermark)| (input, *watermark))
-            .chain(self.idle_inputs.iter().filter(|input| !self.input_watermarks.contains_key(*input)).map(|input| (input, i64::MIN)))
-            .map(|(input, watermark)| (0, input_sender(&input.0, input.1), (watermark, self.idle_inputs.contains(input))))
-            .collect();
         for ((stage, id), task) in &self.tasks {
             if let TaskPartition::Repartitioned(partition) = id
                 && stage + 1 < self.stages.len()

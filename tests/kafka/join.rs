@@ -300,3 +300,33 @@ fn sources_with_different_partition_counts_are_joined_through_a_repartition() {
     assert!(expected.len() > 500, "the input should have pairs: {}", expected.len());
     assert_eq!(actual, expected);
 }
+
+/// A join in place followed by a window keyed otherwise: the pairs' tasks feed the window's
+/// through one repartition topic, each pair vouching for its own watermark. The windows
+/// equal those of the fully repartitioned plan over the same input.
+#[test]
+fn a_join_in_place_feeds_a_repartitioned_window() {
+    const RECORDS: u64 = 20_000;
+    let (ads, clicks) = (unique("ads"), unique("clicks"));
+    let (in_place_out, repartitioned_out) = (unique("windows-in-place"), unique("windows-repartitioned"));
+    for topic in [&ads, &clicks, &in_place_out, &repartitioned_out] {
+        create_topic(topic, 4);
+    }
+    produce(&ads, (0..RECORDS).map(ad));
+    produce(&clicks, (0..RECORDS).map(click));
+    let window = "steps:\n  - window: { group_by: [clicks.ad], tumbling: 1s, aggregates: { n: count(), s: sum(ads.id) } }\nsink:";
+    let pipeline = |name: &str, output: &str, keyed: &str| {
+        join_pipeline_text(name, &ads, &clicks, output, keyed).replace("type: full", "type: inner").replace("sink:", window)
+    };
+    let in_place_name = unique("join-window");
+    let mut results = Vec::new();
+    for (name, output, keyed) in [(in_place_name.as_str(), &in_place_out, CO_PARTITIONED), (&unique("join-window-golden"), &repartitioned_out, "")] {
+        let file = pipeline_file(&pipeline(name, output, keyed));
+        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+        assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.log_text());
+        results.push(multiset(output));
+    }
+    assert!(topic_exists(&format!("{in_place_name}-1-repartition")) && !topic_exists(&format!("{in_place_name}-0-repartition")));
+    assert!(results[1].len() > 1_000, "the repartitioned plan closed only {} windows", results[1].len());
+    assert_same_results(&results[1], &results[0], "windows after the join in place: ", 0);
+}
