@@ -665,6 +665,36 @@ mod join {
         }
     }
 
+    /// In place, a pair whose right partition says nothing holds the pair's watermark until
+    /// the runtime declares that partition idle (`idle_timeout`); the batch end then moves
+    /// the pair on its left partition alone, and the watermark ends what it passed.
+    #[test]
+    fn an_idle_side_stops_holding_back_its_pair() {
+        use weir::engine::{Engine, InputRecord};
+        use weir::operators::Provenance;
+        let mut engine = Engine::new(&pipeline_of("left", "  []", true)).unwrap();
+        assert!(engine.join_in_place().is_some());
+        assert!(engine.idle_timeout().is_none(), "no idle_timeout configured here");
+        let mut outputs = Vec::new();
+        for (offset, ts) in [(0, 1_000), (1, 2_000), (2, 30_000)] {
+            let value = format!(r#"{{"id":"a{offset}","k":"k1","v":1,"ts":{ts}}}"#);
+            let provenance = Provenance { topic: "ads", partition: 1, offset, timestamp: None, headers: &[], key: None };
+            engine.process(&InputRecord { provenance, key: None, value: Some(value.as_bytes()) }, &mut outputs).unwrap();
+        }
+        engine.end_batch(&mut outputs).unwrap();
+        assert!(outputs.is_empty(), "clicks partition 1 has not spoken: the pair waits: {outputs:?}");
+        engine.set_idle_inputs([("clicks".to_string(), 1)]);
+        engine.end_batch(&mut outputs).unwrap();
+        // The pair's watermark is now ads' alone, 30 s - 3 s: the ads at 1 s and 2 s end
+        // (past t + 4 s) unmatched, as left outer rows; the one at 30 s stays.
+        let ended: Vec<String> = outputs
+            .iter()
+            .map(|output| serde_json::from_slice::<serde_json::Value>(output.value.as_deref().unwrap()).unwrap()["ads"]["id"].to_string())
+            .collect();
+        assert_eq!(ended, [r#""a0""#, r#""a1""#]);
+        assert_eq!(engine.state_keys(), 1);
+    }
+
     /// A million records over keys that keep changing: the join's state follows the
     /// watermark, not the input's length. Its state-keys count (what the
     /// `weir_step_state_keys` metric reports) stays flat from the first tenth of the run on.
