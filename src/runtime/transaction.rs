@@ -235,11 +235,15 @@ impl Transaction {
                 return Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
             }
         }
-        let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
-        for (name, value) in &output.headers {
-            headers = headers.insert(Header { key: name, value: Some(value) });
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        // An empty header list is still a librdkafka allocation and free per record.
+        if !output.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
+            for (name, value) in &output.headers {
+                headers = headers.insert(Header { key: name, value: Some(value) });
+            }
+            record = record.headers(headers);
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
         if let Some(partition) = output.partition {
             record = record.partition(partition);
         }
