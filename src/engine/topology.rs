@@ -167,10 +167,8 @@ impl Topology {
     /// The stage-0 task an input partition feeds: its own, or for a join run in place, the
     /// pair's (named by the left partition).
     fn task_of_input(&self, topic: &str, partition: i32) -> TaskPartition {
-        match &self.in_place {
-            Some((left, right)) if right == topic => TaskPartition::Input(left.clone(), partition),
-            _ => TaskPartition::Input(topic.to_string(), partition),
-        }
+        let (topic, partition) = self.task_input(topic, partition);
+        TaskPartition::Input(topic, partition)
     }
 
     /// The input partitions that feed a stage-0 task.
@@ -184,9 +182,9 @@ impl Topology {
     /// The input partition that names the task `topic`'s partition feeds (the left one of a
     /// pair); its state is restored and dropped as one.
     pub fn task_input(&self, topic: &str, partition: i32) -> (String, i32) {
-        match self.task_of_input(topic, partition) {
-            TaskPartition::Input(topic, partition) => (topic, partition),
-            TaskPartition::Repartitioned(_) => (topic.to_string(), partition),
+        match &self.in_place {
+            Some((left, right)) if right == topic => (left.clone(), partition),
+            _ => (topic.to_string(), partition),
         }
     }
 
@@ -198,14 +196,13 @@ impl Topology {
     /// A stage-0 task's watermark: the minimum over its input partitions (one that has
     /// delivered nothing holds it at -infinity), leaving out idle ones unless all are.
     fn input_task_watermark(&self, topic: &str, partition: i32) -> i64 {
-        let own = || self.input_watermarks.get(&(topic.to_string(), partition)).copied().unwrap_or(i64::MIN);
+        let watermark = |input: &(String, i32)| self.input_watermarks.get(input).copied().unwrap_or(i64::MIN);
         match &self.in_place {
-            None => return own(),
-            Some((left, right)) if left != topic && right != topic => return own(),
-            Some(_) => {}
+            Some((left, right)) if left == topic || right == topic => {}
+            // One input: its own watermark, without building a list (called for every record).
+            _ => return watermark(&(topic.to_string(), partition)),
         }
         let inputs = self.inputs_of_task(topic, partition);
-        let watermark = |input: &(String, i32)| self.input_watermarks.get(input).copied().unwrap_or(i64::MIN);
         let active = inputs.iter().filter(|input| !self.idle_inputs.contains(*input)).map(watermark).min();
         active.unwrap_or_else(|| inputs.iter().map(watermark).min().unwrap_or(i64::MIN))
     }
