@@ -814,7 +814,12 @@ impl Topology {
 
     fn task_watermark(&self, stage: usize, id: &TaskPartition) -> i64 {
         match id {
-            TaskPartition::Input(topic, partition) if stage == 0 => self.input_task_watermark(topic, *partition),
+            // The task's own, which never goes back (a pair's inputs' minimum can, when an
+            // idle side speaks again); a task not made yet starts at its inputs'.
+            TaskPartition::Input(topic, partition) if stage == 0 => match self.tasks.get(&(0, id.clone())) {
+                Some(task) => task.watermark,
+                None => self.input_task_watermark(topic, *partition),
+            },
             _ if self.distribution.is_some() => self.tasks.get(&(stage, id.clone())).map_or(i64::MIN, |task| task.watermark),
             _ => self.shared_watermark,
         }
