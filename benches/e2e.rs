@@ -871,29 +871,6 @@ fn recovery(system: System, jar: &Path, topics: &Topics, generated: &Generated, 
     }
 }
 
-// ---------------------------------------------------------------------------------------
-
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0.0) + fields.get(12).and_then(|t| t.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn directory_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
-            Ok(metadata) => metadata.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 struct Row {
     workload: Workload,
     system: System,

@@ -158,19 +158,6 @@ sink:
     Measured { seconds: started.elapsed().as_secs_f64(), cpu_seconds: cpu_at_exit - cpu_at_ready }
 }
 
-/// User + system CPU time of a process, from /proc.
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|t| t.parse().ok()).unwrap_or(0.0);
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
-}
-
 fn count(topic: &str) -> u64 {
     read_committed(topic).len() as u64
 }

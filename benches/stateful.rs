@@ -158,14 +158,3 @@ fn run_named(name: &str, input: &str, steps: &str, expected_outputs: u64, partit
     Run { seconds, peak_rss_mib, file }
 }
 
-fn directory_bytes(path: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
-            Ok(metadata) => metadata.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}

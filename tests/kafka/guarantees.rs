@@ -89,15 +89,9 @@ fn a_process_joining_and_leaving_mid_run_keeps_exactly_once() {
     create_topic(&input, 4);
     create_topic(&output, 4);
     let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
-    // A short session timeout: a static member that leaves hands its partitions on quickly.
-    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
     let feeder = feed(&input, 0..RECORDS, 2_500);
 
-    let mut first = WeirProcess::start(&pipeline.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
-    wait_ready(&first, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(2));
-    let mut second = WeirProcess::start(&pipeline.path, WeirOptions { instance: "1", env, ..Default::default() });
-    wait_ready(&second, Duration::from_secs(60));
+    let (mut first, mut second) = start_then_join(&pipeline.path, Duration::from_secs(2));
     wait_until(Duration::from_secs(30), "the joining process to commit records", || {
         metric(&second, "weir_records_in_total", &[("source", "events")]).unwrap_or(0.0) > 0.0
     });

@@ -223,12 +223,7 @@ fn a_join_in_place_moves_by_pairs_when_an_instance_joins_and_leaves() {
     let feeders = [feed_with(&ads, 0..RECORDS, 4_000, ad), feed_with(&clicks, 0..RECORDS, 4_000, click)];
     let name = unique("join-rebalanced");
     let file = pipeline_file(&join_pipeline_text(&name, &ads, &clicks, &moved, CO_PARTITIONED));
-    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
-    let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
-    wait_ready(&first, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
-    let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env, ..Default::default() });
-    wait_ready(&second, Duration::from_secs(60));
+    let (mut first, mut second) = start_then_join(&file.path, Duration::from_secs(3));
     wait_until(Duration::from_secs(30), "the joining instance to restore and commit", || {
         metric(&second, "weir_batches_total", &[]).unwrap_or(0.0) > 0.0
     });

@@ -112,12 +112,7 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     let feeder = feed_with(&input, 0..RECORDS, 4_000, click);
 
     let file = clicks_pipeline(&unique("rebalanced"), &input, &moved, steps);
-    let env = vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
-    let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env: env.clone(), ..Default::default() });
-    wait_ready(&first, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
-    let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env, ..Default::default() });
-    wait_ready(&second, Duration::from_secs(60));
+    let (mut first, mut second) = start_then_join(&file.path, Duration::from_secs(3));
     wait_until(Duration::from_secs(30), "the joining instance to restore and commit", || {
         metric(&second, "weir_batches_total", &[]).unwrap_or(0.0) > 0.0
     });
@@ -169,7 +164,6 @@ fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
     produce(&input, (0..2_000).map(click));
     let name = unique("upgrade");
     // A stopped static member stays in the group for a session timeout, which reset waits out.
-    let short_session = || vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
     let one_second = clicks_pipeline(&name, &input, &output, "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count() } }");
     let mut first = WeirProcess::start(&one_second.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
     assert!(first.wait(Duration::from_secs(120)).success(), "{}", first.log_text());
@@ -278,7 +272,6 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     create_topic(&input, 2);
     create_topic(&output, 2);
     let name = unique("reset");
-    let short_session = || vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())];
     let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 24h }");
     let run_to_end = || {
         let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });

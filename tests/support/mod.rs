@@ -703,6 +703,48 @@ pub fn run_until_end_measured(file: &PipelineFile) -> (f64, f64) {
 }
 
 /// The resident memory of process `pid` in KiB (0 once it is gone).
+/// A 6 s session timeout: a static member that stops hands its partitions on quickly.
+pub fn short_session() -> Vec<(String, String)> {
+    vec![("WEIR__KAFKA__SESSION_TIMEOUT".to_string(), "6s".to_string())]
+}
+
+/// Instance 0 of `pipeline`, ready, then after `head_start` instance 1, ready too: the
+/// second joins the group and takes partitions from the first. Both use `short_session`.
+pub fn start_then_join(pipeline: &Path, head_start: Duration) -> (WeirProcess, WeirProcess) {
+    let first = WeirProcess::start(pipeline, WeirOptions { instance: "0", env: short_session(), ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    std::thread::sleep(head_start);
+    let second = WeirProcess::start(pipeline, WeirOptions { instance: "1", env: short_session(), ..Default::default() });
+    wait_ready(&second, Duration::from_secs(60));
+    (first, second)
+}
+
+/// User + system CPU time of a process, in seconds, from /proc.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|t| t.parse().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// The bytes of the files under `path` (0 when it is missing).
+pub fn directory_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
+            Ok(metadata) => metadata.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
