@@ -634,7 +634,7 @@ fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<Ato
                 Ok(()) => break,
                 Err((_, returned)) => {
                     record = returned;
-                    producer.poll(Duration::from_millis(1));
+                    serve_or_pause(&producer);
                 }
             }
         }
@@ -642,7 +642,7 @@ fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<Ato
         forwarded += 1;
     }
     while producer.in_flight_count() > 0 {
-        producer.poll(Duration::from_millis(1));
+        serve_or_pause(&producer);
     }
     Measured {
         seconds: started.elapsed().as_secs_f64(),

@@ -719,6 +719,18 @@ pub fn start_then_join(pipeline: &Path, head_start: Duration) -> (WeirProcess, W
     (first, second)
 }
 
+/// Serves the producer's delivery reports that are ready; if none was, sleeps 100 µs.
+/// rust-rdkafka's `poll(1 ms)` would spin for the whole millisecond (it hands librdkafka
+/// the time left in whole milliseconds, 0), taking CPU from a broker on the same cores;
+/// weir's own loop waits the same way (`Transaction::serve_or_pause`).
+pub fn serve_or_pause(producer: &BaseProducer) {
+    let before = producer.in_flight_count();
+    producer.poll(Duration::ZERO);
+    if producer.in_flight_count() == before {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// User + system CPU time of a process, in seconds, from /proc.
 pub fn process_cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
