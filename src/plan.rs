@@ -76,23 +76,22 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
     let mut text = String::new();
     let _ = writeln!(text, "pipeline {}", pipeline.name);
     for (stage, (indices, key)) in engine.stages().iter().enumerate() {
-        match key {
-            None if engine.join_in_place().is_some() => {
-                let (left, right) = engine.join_in_place().unwrap_or_default();
+        match (key, engine.join_in_place()) {
+            (None, Some((left, right))) => {
                 let _ = writeln!(
                     text,
                     "  stage {stage}: one task per partition number p, reading {left}[p] and {right}[p] (both partitioned by [{}]; the join runs in place)",
                     source.partitioned_by.join(", ")
                 );
             }
-            None => {
+            (None, None) => {
                 let partitioned = match source.partitioned_by.is_empty() {
                     true => String::new(),
                     false => format!(", partitioned by [{}]", source.partitioned_by.join(", ")),
                 };
                 let _ = writeln!(text, "  stage {stage}: one task per partition of {topics}{partitioned}");
             }
-            Some(key) => {
+            (Some(key), _) => {
                 let first = indices.first().copied().unwrap_or(0);
                 let _ = writeln!(
                     text,
