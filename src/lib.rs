@@ -17,6 +17,7 @@
 //! - [`http`]: health probes and Prometheus metrics over axum.
 //! - [`telemetry`]: metric definitions and logging setup.
 //! - [`plan`]: the plan `weir validate` prints.
+//! - [`panics`]: containing panics of libraries that read untrusted input.
 //! - [`testing`]: `weir test`, the broker-less harness over the same engine.
 //! - [`reset`]: `weir reset --state`.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod operators;
+pub mod panics;
 pub mod plan;
 pub mod reset;
 pub mod runtime;

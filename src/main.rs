@@ -23,6 +23,9 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Test builds only: fail points named in the FAILPOINTS environment variable.
+    #[cfg(feature = "failpoints")]
+    let _fail_points = fail::FailScenario::setup();
     match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Plan(args) => plan(&args),

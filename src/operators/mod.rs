@@ -138,6 +138,8 @@ impl Operator {
         watermark: i64,
         out: &mut Vec<Emitted<'a>>,
     ) -> Result<Outcome, ProcessError> {
+        #[cfg(feature = "failpoints")]
+        panic_at_failpoint(self.kind(), &record);
         match self {
             Operator::Filter(filter) => filter.process(record, out),
             Operator::Dedup(dedup) => Ok(dedup.process(record, watermark, out)),
@@ -197,6 +199,16 @@ impl Operator {
         }
     }
 
+    /// The step's kind, as in the pipeline file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Operator::Filter(_) => "filter",
+            Operator::Dedup(_) => "dedup",
+            Operator::Window(_) => "window",
+            Operator::Join(..) => "join",
+        }
+    }
+
     /// A short description for `weir validate`'s plan.
     pub fn describe(&self) -> String {
         match self {
@@ -205,5 +217,21 @@ impl Operator {
             Operator::Window(window) => window.describe(),
             Operator::Join(join, _) => join.describe(),
         }
+    }
+}
+
+/// Test builds only (feature `failpoints`): `FAILPOINTS='window=return(user=boom)'` makes the
+/// window step panic on a record whose field `user` is `boom`, so that tests can prove a
+/// panic in a step loses and duplicates nothing.
+#[cfg(feature = "failpoints")]
+fn panic_at_failpoint(kind: &str, record: &Record<'_>) {
+    let Some(Some(condition)) = fail::eval(kind, |argument| argument) else {
+        return;
+    };
+    let Some((path, expected)) = condition.split_once('=') else {
+        return;
+    };
+    if field_at(&record.fields, path).and_then(Value::as_str) == Some(expected) {
+        panic!("failpoint '{kind}' fired on {path}={expected}");
     }
 }

@@ -25,6 +25,9 @@ pub enum RuntimeError {
     /// The pipeline cannot run against what its earlier versions left (state, topics).
     #[error("{0}")]
     Incompatible(String),
+    /// A bug: the open batch was aborted, never committed, and is processed again on restart.
+    #[error("the processing loop panicked (the open batch was aborted and will be processed again): {0}")]
+    Panicked(String),
     #[error("shutdown deadline passed before the last batch committed; it will be processed again on restart")]
     DrainDeadline,
 }

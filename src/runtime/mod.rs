@@ -212,7 +212,14 @@ pub fn run(
                 .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?,
         ),
     };
-    let result = Loop {
+    // A panic on this thread must never commit: unwinding would drop the consumer, whose
+    // close delivers a revoke, and the revoke callback commits the open batch, including the
+    // panicking record's half-applied state but not its offset (audit R1). The guard marks
+    // the session abandoned first; catch_unwind turns the panic into an ordinary error, so
+    // the path below aborts the transaction before the consumer closes.
+    let abandon_on_unwind = AbandonOnUnwind(&consumer);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Loop {
         consumer: &consumer,
         repartition_ends: repartition_ends.as_ref(),
         restorer: restorer.as_ref(),
@@ -225,8 +232,10 @@ pub fn run(
         until_end: options.until_end,
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),
-    }
-    .run(settings.runtime.drain_timeout);
+        }
+        .run(settings.runtime.drain_timeout)
+    }))
+    .unwrap_or_else(|panic| Err(RuntimeError::Panicked(crate::panics::message(panic.as_ref()))));
 
     health.set_assigned(0);
     if let Some(purger) = &mut consumer.context().session().purger {
@@ -243,9 +252,23 @@ pub fn run(
     }
     // Dropping the consumer closes it: with cooperative rebalancing that revokes what is left
     // (nothing is open by now) and leaves the group.
+    drop(abandon_on_unwind);
     drop(consumer);
     result
 }
+
+/// Marks the session abandoned if it is dropped while the thread unwinds from a panic, so
+/// that no rebalance callback run by the consumer's close commits the open batch.
+struct AbandonOnUnwind<'a>(&'a BaseConsumer<LoopContext>);
+
+impl Drop for AbandonOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.context().session().abandoned = true;
+        }
+    }
+}
+
 
 struct Loop<'a> {
     consumer: &'a BaseConsumer<LoopContext>,

@@ -109,3 +109,50 @@ fn a_process_joining_and_leaving_mid_run_keeps_exactly_once() {
     assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.log_text());
     assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
 }
+
+/// Audit R1: a step that panics on one record must never commit that record's half-applied
+/// state. Here a dedup has stored the record's key when the window after it panics (a fail
+/// point). Committing then would have made the restarted process drop the record as a
+/// duplicate: no result and no DLQ record. The record must come out of the restart, or be
+/// in the DLQ, and every other record counted once.
+#[test]
+fn a_step_that_panics_on_a_record_never_drops_it() {
+    let (input, output, name) = (unique("in"), unique("out"), unique("panic"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let t0 = 1_700_000_000_000i64;
+    let click = |id: i64, user: &str, ts: i64| Input::keyed(user.to_string(), format!(r#"{{"id":{id},"user":"{user}","amount":1,"ts":{ts}}}"#));
+    let mut inputs: Vec<Input> = (0..10).map(|id| click(id, "a", t0 + id * 1000)).collect();
+    inputs.insert(4, click(100, "boom", t0 + 4500));
+    // Far enough ahead to close the first minute's windows.
+    inputs.push(click(200, "late-closer", t0 + 300_000));
+    produce(&input, inputs);
+    let steps = "  - dedup: { key: [id], within: 10m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { clicks: count() } }";
+    let pipeline = clicks_pipeline(&name, &input, &output, steps);
+
+    let env = vec![("FAILPOINTS".to_string(), "window=return(user=boom)".to_string())];
+    let mut first = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
+    let first_status = first.wait(Duration::from_secs(90));
+    let mut second = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(second.wait(Duration::from_secs(90)).success(), "{}", second.log_text());
+
+    let counts: std::collections::BTreeMap<String, i64> = read_committed(&output)
+        .iter()
+        .map(|record| {
+            let value = record.value_json();
+            (value["user"].as_str().unwrap().to_string(), value["clicks"].as_i64().unwrap())
+        })
+        .collect();
+    let dlq = read_committed(&format!("{name}.dlq"));
+    assert_eq!(counts.get("a"), Some(&10), "{counts:?}");
+    match (counts.get("boom"), dlq.as_slice()) {
+        // The panic ended the first run, and the restart processed the record.
+        (Some(1), []) => assert!(!first_status.success(), "{}", first.log_text()),
+        // The panic was contained: the record went to the DLQ.
+        (None, [dead]) => {
+            assert_eq!(dead.headers["weir-error-stage"], "process", "{:?}", dead.headers);
+            assert_eq!(dead.headers["weir-source-offset"], "4");
+        }
+        (boom, dlq) => panic!("the panicking record was lost or doubled: window {boom:?}, DLQ {dlq:?}\n{}", first.log_text()),
+    }
+}
