@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::codec::avro;
 use crate::config::{Encoding, Pipeline, SourceTopics};
-use crate::engine::{ChangelogEntry, Destination, Engine, InputRecord, Output, StageFailure};
+use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, StageFailure};
 use crate::operators::Provenance;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,15 +85,20 @@ pub fn run_with_restarts(
     // The partitions the file feeds: each holds the watermark after a repartition until it
     // delivers, as an assigned partition would.
     let mut partitions = std::collections::BTreeSet::new();
+    // `event_time.max_ahead` reads the wall clock as the largest input timestamp (PIPELINE.md).
+    let mut latest_timestamp = None;
     for text in input.lines().filter(|text| !text.trim().is_empty()) {
         if let Ok(line) = serde_json::from_str::<InputLine>(text)
             && let Some(topic) = topics.get(&line.source)
         {
             partitions.insert((topic.clone(), line.partition));
+            latest_timestamp = latest_timestamp.max(line.timestamp);
         }
     }
+    let clock = Clock::Fixed(latest_timestamp.unwrap_or(0));
     let inputs: Vec<(String, i32)> = partitions.into_iter().collect();
     engine.set_input_partitions(inputs.iter().cloned());
+    engine.set_clock(clock);
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut outputs = Vec::new();
     let mut lines = Vec::new();
@@ -149,6 +154,7 @@ pub fn run_with_restarts(
             if restart_every.is_some_and(|every| batches % every == 0) {
                 engine = Engine::new(pipeline).map_err(TestError::Setup)?;
                 engine.set_input_partitions(inputs.iter().cloned());
+                engine.set_clock(clock);
                 for ((entry_topic, partition, step, key), value) in &changelog {
                     let entry = ChangelogEntry {
                         topic: entry_topic.clone(),

@@ -514,3 +514,107 @@ fn weir_test_shows_upsert_ids_and_versions() {
     assert_eq!(lines[0]["headers"]["weir-version"], "119999");
     assert_eq!(lines[0]["value"]["total"], 3.5);
 }
+
+/// A windowed pipeline over clicks with `steps` (YAML lines) and source lines `extra`.
+fn windowed(steps: &str, extra: &str) -> String {
+    format!(
+        r#"
+name: limits
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: {{ user_id: string, amount: double, ts: long }}
+    event_time: {{ field: ts, unit: millis{extra} }}
+    watermark: {{ max_out_of_orderness: 5s }}
+steps:
+{steps}
+sink:
+  topic: out
+"#
+    )
+}
+
+/// Durations the runtime cannot honour (under 1ms where zero means nothing, fractions of a
+/// millisecond, over 100 years) and hopping windows that put a record in more than 1,000
+/// windows are config errors naming the key, all reported at once, exit 2.
+#[test]
+fn durations_and_hopping_windows_outside_the_limits_are_config_errors() {
+    let steps = r#"  - dedup: { key: [user_id], within: 100000000000d }
+  - window: { group_by: [user_id], hopping: { size: 1s, slide: 500us }, aggregates: { n: count() } }
+  - window: { group_by: [user_id], hopping: { size: 1d, slide: 1ms }, aggregates: { n: count() } }
+  - window: { group_by: [user_id], tumbling: 1500us, aggregates: { n: count() } }
+  - window: { group_by: [user_id], session: { gap: 0s }, aggregates: { n: count() } }"#;
+    let (_dir, path) = write(&windowed(steps, ", max_ahead: 0s"));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "steps[0].dedup.within: '",
+        "is longer than the limit of 100 years",
+        "steps[1].window.hopping.slide: '500us' is not a whole number of milliseconds",
+        "steps[2].window.hopping: size / slide puts each record in 86400000 windows, over the limit of 1000",
+        "steps[3].window.tumbling: '1ms 500us' is not a whole number of milliseconds",
+        "steps[4].window.session.gap: must be at least 1ms",
+        "sources.clicks.event_time.max_ahead: must be at least 1ms",
+    ] {
+        assert!(stderr.contains(expected), "missing '{expected}' in:\n{stderr}");
+    }
+    assert!(stderr.contains("6 configuration problems"), "{stderr}");
+
+    // The limits themselves are fine.
+    let steps = "  - dedup: { key: [user_id], within: 100y }\n  - window: { group_by: [user_id], hopping: { size: 1s, slide: 1ms }, aggregates: { n: count() } }";
+    let (_dir, path) = write(&windowed(steps, ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// An event time outside years 0001-9999 is a decode error (a DLQ record) that does not move
+/// the watermark: the records after it are processed as if it had not come, and no window
+/// end wraps around.
+#[test]
+fn an_event_time_at_the_end_of_i64_is_a_dlq_record_and_later_records_flow_on() {
+    let steps = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }";
+    let (_dir, path) = write(&windowed(steps, ""));
+    let lines = weir_test_lines(
+        &path,
+        &[
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":1000}}"#,
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":9223372036854775807}}"#,
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":2000}}"#,
+            r#"{"source":"clicks","partition":0,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":-9223372036854775808}}"#,
+        ],
+    );
+    let dlq: Vec<&serde_json::Value> = lines.iter().filter(|line| line["topic"] == "limits.dlq").collect();
+    assert_eq!(dlq.len(), 2, "{lines:?}");
+    for dead in &dlq {
+        assert_eq!(dead["headers"]["weir-error-stage"], "decode", "{dead}");
+        assert!(dead["headers"]["weir-error"].as_str().unwrap().contains("outside years 0001-9999"), "{dead}");
+    }
+    let results: Vec<&serde_json::Value> = lines.iter().filter(|line| line["topic"] == "out").collect();
+    assert_eq!(results.len(), 1, "{lines:?}");
+    assert_eq!(results[0]["value"]["n"], 2, "the record after the bad one is not late: {lines:?}");
+    assert_eq!(results[0]["value"]["window_end"], 60_000);
+}
+
+/// `event_time.max_ahead`: a record further ahead of the clock (in `weir test`, the largest
+/// input timestamp) is a decode error and does not move the watermark.
+#[test]
+fn max_ahead_sends_records_from_the_far_future_to_the_dlq() {
+    let steps = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }";
+    let (_dir, path) = write(&windowed(steps, ", max_ahead: 1h"));
+    let lines = weir_test_lines(
+        &path,
+        &[
+            r#"{"source":"clicks","partition":0,"timestamp":1000,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":1000}}"#,
+            r#"{"source":"clicks","partition":0,"timestamp":1000,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":86400000000}}"#,
+            r#"{"source":"clicks","partition":0,"timestamp":2000,"key":null,"value":{"user_id":"ann","amount":1.0,"ts":2000}}"#,
+        ],
+    );
+    let dlq: Vec<&serde_json::Value> = lines.iter().filter(|line| line["topic"] == "limits.dlq").collect();
+    assert_eq!(dlq.len(), 1, "{lines:?}");
+    assert!(dlq[0]["headers"]["weir-error"].as_str().unwrap().contains("max_ahead"), "{}", dlq[0]);
+    let results: Vec<&serde_json::Value> = lines.iter().filter(|line| line["topic"] == "out").collect();
+    assert_eq!(results.len(), 1, "{lines:?}");
+    assert_eq!(results[0]["value"]["n"], 2, "{lines:?}");
+}

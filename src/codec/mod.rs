@@ -45,7 +45,10 @@ impl Decoder {
         };
         match self {
             Decoder::Json(schema) => json::decode(schema, bytes),
-            Decoder::Avro(decoder) => decoder.decode(bytes),
+            // apache-avro reads lengths and counts from the bytes; a panic on a hostile
+            // record is that record's decode error.
+            Decoder::Avro(decoder) => crate::panics::contain(|| decoder.decode(bytes))
+                .unwrap_or_else(|panic| Err(DecodeError(format!("the Avro decoder failed on this record: {panic}")))),
             Decoder::String => {
                 let text = std::str::from_utf8(bytes)
                     .map_err(|error| DecodeError(format!("the value is not UTF-8 text: {error}")))?;

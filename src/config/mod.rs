@@ -12,7 +12,7 @@ mod settings;
 pub use error::{ConfigErrors, Problem};
 pub use pipeline::{
     Aggregate, DataLossPolicy, Dedup, EmitMode, Encoding, ErrorAction, ErrorPolicy, EventTime,
-    EventTimeUnit, FieldType, Filter, Join, JoinKind, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
+    EventTimeUnit, FieldType, TimeOrigin, MAX_DURATION, MAX_WINDOWS_PER_RECORD, millis, Filter, Join, JoinKind, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
     StartingOffsets, Step, Watermark, Window, WindowKind,
 };
 pub use settings::{

@@ -115,8 +115,18 @@ impl Schema {
     }
 }
 
+/// Where a source's records carry their event time, and how far ahead of the wall clock
+/// one may be.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EventTime {
+pub struct EventTime {
+    pub origin: TimeOrigin,
+    /// A record further ahead of the wall clock than this is a decode error and does not
+    /// move the watermark (PIPELINE.md "Limits").
+    pub max_ahead: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimeOrigin {
     Field { path: String, unit: EventTimeUnit },
     KafkaTimestamp,
 }
@@ -555,6 +565,8 @@ struct RawEventTime {
     unit: EventTimeUnit,
     #[serde(default)]
     kafka_timestamp: bool,
+    #[serde(default, with = "humantime_serde")]
+    max_ahead: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -819,10 +831,53 @@ fn signed_millis(text: &str) -> Result<i64, String> {
         Some(rest) => (-1, rest),
         None => (1, text.trim()),
     };
-    humantime::parse_duration(magnitude)
-        .map(|duration| sign * duration.as_millis() as i64)
-        .map_err(|error| format!("'{text}' is not a duration such as 0s, 10m or -5m ({error})"))
+    let duration = humantime::parse_duration(magnitude)
+        .map_err(|error| format!("'{text}' is not a duration such as 0s, 10m or -5m ({error})"))?;
+    let mut problems = ConfigErrors::default();
+    if !check_duration(duration, Zero::Allowed, "", &mut problems) {
+        return Err(problems.problems.into_iter().map(|problem| problem.message).collect());
+    }
+    Ok(sign * millis(duration))
 }
+
+/// The longest duration a pipeline may name: 100 years of 365.25 days (PIPELINE.md
+/// "Limits"). With event times inside years 0001-9999, every sum of an event time and such
+/// durations stays far inside i64 milliseconds.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+
+/// Whether a duration may be zero where it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    Allowed,
+    /// Zero means nothing there (a window size, `within`, a gap): at least 1ms.
+    Refused,
+}
+
+/// Records a problem unless `duration` is whole milliseconds, at most 100 years, and (where
+/// zero means nothing) at least 1ms. True when it is fine.
+fn check_duration(duration: Duration, zero: Zero, location: &str, problems: &mut ConfigErrors) -> bool {
+    let shown = humantime::format_duration(duration);
+    let message = if !duration.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("'{shown}' is not a whole number of milliseconds; durations are whole milliseconds (e.g. 500ms, 2s)")
+    } else if zero == Zero::Refused && duration.is_zero() {
+        "must be at least 1ms".to_string()
+    } else if duration > MAX_DURATION {
+        format!("'{shown}' is longer than the limit of 100 years")
+    } else {
+        return true;
+    };
+    problems.push(location, message);
+    false
+}
+
+/// Milliseconds of a duration that [`check_duration`] accepted (so it fits).
+pub fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The most windows one record may fall into (hopping `size / slide`): each is a piece of
+/// state and an output per key.
+pub const MAX_WINDOWS_PER_RECORD: u128 = 1_000;
 
 /// The join section, given the two sources: (left source, join).
 fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
@@ -961,9 +1016,13 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
             _ => schema.as_ref().and_then(|schema| schema.field_type(path).cloned()),
         }
     };
-    let event_time = match raw.event_time {
+    let max_ahead = raw.event_time.as_ref().and_then(|event_time| event_time.max_ahead);
+    if let Some(max_ahead) = max_ahead {
+        check_duration(max_ahead, Zero::Refused, &format!("{location}.event_time.max_ahead"), problems);
+    }
+    let origin = match raw.event_time {
         None => None,
-        Some(RawEventTime { field: Some(path), unit, kafka_timestamp: false }) => {
+        Some(RawEventTime { field: Some(path), unit, kafka_timestamp: false, .. }) => {
             match field_type(&path) {
                 None => problems.push(format!("{location}.event_time.field"), format!("'{path}' is not a field of the schema")),
                 Some(FieldType::Object(_) | FieldType::Boolean) => problems.push(
@@ -972,9 +1031,9 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
                 ),
                 Some(_) => {}
             }
-            Some(EventTime::Field { path, unit })
+            Some(TimeOrigin::Field { path, unit })
         }
-        Some(RawEventTime { field: None, kafka_timestamp: true, .. }) => Some(EventTime::KafkaTimestamp),
+        Some(RawEventTime { field: None, kafka_timestamp: true, .. }) => Some(TimeOrigin::KafkaTimestamp),
         Some(_) => {
             problems.push(
                 format!("{location}.event_time"),
@@ -983,6 +1042,14 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
             None
         }
     };
+    let event_time = origin.map(|origin| EventTime { origin, max_ahead });
+    if let Some(watermark) = &raw.watermark {
+        let location = format!("{location}.watermark");
+        check_duration(watermark.max_out_of_orderness, Zero::Allowed, &format!("{location}.max_out_of_orderness"), problems);
+        if let Some(idle_timeout) = watermark.idle_timeout {
+            check_duration(idle_timeout, Zero::Refused, &format!("{location}.idle_timeout"), problems);
+        }
+    }
     let starting_offsets = parse_starting_offsets(raw.starting_offsets.as_ref(), location, problems);
     for field in &raw.partitioned_by {
         if field_type(field).is_none() {
@@ -1124,9 +1191,7 @@ fn parse_steps(value: Option<&Yaml>, source: Option<&Source>, problems: &mut Con
                         problems.push(format!("{location}.dedup.key"), "must name at least one field");
                     }
                     check_fields(&dedup.key, source, &format!("{location}.dedup.key"), problems);
-                    if dedup.within.is_zero() {
-                        problems.push(format!("{location}.dedup.within"), "must be longer than zero");
-                    }
+                    check_duration(dedup.within, Zero::Refused, &format!("{location}.dedup.within"), problems);
                     if problems.problems.len() > before {
                         valid = false;
                     } else {
@@ -1171,26 +1236,40 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
     let before = problems.problems.len();
     check_fields(&raw.group_by, source, &format!("{location}.group_by"), problems);
     let kind = match (raw.tumbling, raw.hopping, raw.session) {
-        (Some(size), None, None) => Some(WindowKind::Tumbling { size }),
+        (Some(size), None, None) => {
+            check_duration(size, Zero::Refused, &format!("{location}.tumbling"), problems);
+            Some(WindowKind::Tumbling { size })
+        }
         (None, Some(RawHopping { size, slide }), None) => {
-            if slide.is_zero() || slide > size {
-                problems.push(format!("{location}.hopping.slide"), "must be longer than zero and at most size");
+            let size_fine = check_duration(size, Zero::Refused, &format!("{location}.hopping.size"), problems);
+            let slide_fine = check_duration(slide, Zero::Refused, &format!("{location}.hopping.slide"), problems);
+            if size_fine && slide_fine {
+                let windows = size.as_millis().div_ceil(slide.as_millis());
+                if slide > size {
+                    problems.push(format!("{location}.hopping.slide"), "must be at most size");
+                } else if windows > MAX_WINDOWS_PER_RECORD {
+                    problems.push(
+                        format!("{location}.hopping"),
+                        format!(
+                            "size / slide puts each record in {windows} windows, over the limit of {MAX_WINDOWS_PER_RECORD} \
+                             (each is state and a result per key); use a longer slide"
+                        ),
+                    );
+                }
             }
             Some(WindowKind::Hopping { size, slide })
         }
-        (None, None, Some(RawSession { gap })) => Some(WindowKind::Session { gap }),
+        (None, None, Some(RawSession { gap })) => {
+            check_duration(gap, Zero::Refused, &format!("{location}.session.gap"), problems);
+            Some(WindowKind::Session { gap })
+        }
         _ => {
             problems.push(location, "give exactly one of tumbling, hopping or session");
             None
         }
     };
-    let too_small = match kind {
-        Some(WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. }) => size.as_millis() == 0,
-        Some(WindowKind::Session { gap }) => gap.as_millis() == 0,
-        None => false,
-    };
-    if too_small {
-        problems.push(location, "window sizes and gaps must be at least 1ms");
+    if let Some(lateness) = raw.allowed_lateness {
+        check_duration(lateness, Zero::Allowed, &format!("{location}.allowed_lateness"), problems);
     }
     let emit = match raw.emit.as_deref() {
         None | Some("final") => EmitMode::Final,

@@ -167,6 +167,29 @@ pub struct Engine {
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
     repartition_topics: Vec<(usize, String)>,
+    /// What `event_time.max_ahead` measures against.
+    clock: Clock,
+}
+
+/// The wall clock that `event_time.max_ahead` compares event times with: the real one, or
+/// (in `weir test`) a fixed instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Clock {
+    #[default]
+    Wall,
+    /// Epoch milliseconds.
+    Fixed(i64),
+}
+
+impl Clock {
+    /// Epoch milliseconds, read only when `needed` (the wall clock is a system call).
+    fn now_if(self, needed: bool) -> i64 {
+        match (self, needed) {
+            (_, false) => 0,
+            (Clock::Fixed(now), true) => now,
+            (Clock::Wall, true) => chrono::Utc::now().timestamp_millis(),
+        }
+    }
 }
 
 impl Engine {
@@ -212,7 +235,13 @@ impl Engine {
             topology,
             counts: BatchCounts::default(),
             repartition_topics,
+            clock: Clock::Wall,
         })
+    }
+
+    /// Sets the clock `event_time.max_ahead` measures against (`weir test` fixes it).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     /// The Avro writer schemas the decoders read: the runtime adds each id it meets.
@@ -429,7 +458,7 @@ impl Engine {
         };
         let event_time = match event_time {
             None => None,
-            Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp) {
+            Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp, self.clock.now_if(spec.max_ahead.is_some())) {
                 Ok(time) => Some(time),
                 Err(error) => return self.reject(input, Stage::Decode, &error, outputs),
             },

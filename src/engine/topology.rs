@@ -832,7 +832,7 @@ impl Topology {
     /// The `max_out_of_orderness` of the source that reads `topic`, in milliseconds.
     fn out_of_orderness(&self, topic: &str) -> i64 {
         let source = self.pipeline.source_of_topic(topic);
-        source.watermark.as_ref().map_or(0, |watermark| watermark.max_out_of_orderness.as_millis() as i64)
+        source.watermark.as_ref().map_or(0, |watermark| crate::config::millis(watermark.max_out_of_orderness))
     }
 
     fn task(&mut self, stage: usize, id: &TaskPartition) -> Result<&mut Task, ProcessError> {

@@ -30,7 +30,7 @@ impl DedupOperator {
     pub fn new(spec: &Dedup) -> DedupOperator {
         DedupOperator {
             key: spec.key.clone(),
-            within: spec.within.as_millis() as i64,
+            within: crate::config::millis(spec.within),
             first_seen: HashMap::new(),
             expiries: BTreeSet::new(),
             expiries_stale: false,

@@ -115,7 +115,11 @@ impl FilterOperator {
             })
             .collect();
         scope.add_variable_from_value("_headers", headers);
-        match self.compiled.program.execute(&scope) {
+        // The CEL interpreter sees the record's values; a panic there is this record's
+        // process error.
+        let result = crate::panics::contain(|| self.compiled.program.execute(&scope))
+            .map_err(|panic| ProcessError(format!("filter '{}' failed: the expression panicked: {panic}", self.expression)))?;
+        match result {
             Ok(CelValue::Bool(keep)) => Ok(keep),
             Ok(other) => Err(ProcessError(format!(
                 "filter '{}' gave {other:?}, not a boolean",

@@ -96,7 +96,7 @@ impl WindowOperator {
         WindowOperator {
             group_by: spec.group_by.clone(),
             kind: spec.kind,
-            lateness: spec.allowed_lateness.as_millis() as i64,
+            lateness: crate::config::millis(spec.allowed_lateness),
             aggregates: spec.aggregates.clone(),
             sums_whole,
             emit: spec.emit,
@@ -141,32 +141,35 @@ impl WindowOperator {
         let group_text = serde_json::to_string(&key).unwrap_or_default();
         match self.kind {
             WindowKind::Tumbling { size } => {
-                let size = size.as_millis() as i64;
-                let start = time.div_euclid(size) * size;
-                if !open(start + size) {
+                let size = crate::config::millis(size);
+                let start = time.div_euclid(size).saturating_mul(size);
+                let end = start.saturating_add(size);
+                if !open(end) {
                     return self.late(time, watermark);
                 }
-                self.add(&group_text, &key, start, start + size, &record, sequence);
+                self.add(&group_text, &key, start, end, &record, sequence);
             }
             WindowKind::Hopping { size, slide } => {
-                let (size, slide) = (size.as_millis() as i64, slide.as_millis() as i64);
+                let (size, slide) = (crate::config::millis(size), crate::config::millis(slide));
                 // Windows [s, s + size) with s a multiple of slide and s <= time < s + size.
-                let last_start = time.div_euclid(slide) * slide;
+                // At most size / slide windows: the configuration bounds that.
+                let last_start = time.div_euclid(slide).saturating_mul(slide);
                 let mut start = last_start;
                 let mut added = false;
-                while start > time - size {
-                    if open(start + size) {
-                        self.add(&group_text, &key, start, start + size, &record, sequence);
+                while start > time.saturating_sub(size) {
+                    let end = start.saturating_add(size);
+                    if open(end) {
+                        self.add(&group_text, &key, start, end, &record, sequence);
                         added = true;
                     }
-                    start -= slide;
+                    start = start.saturating_sub(slide);
                 }
                 if !added {
                     return self.late(time, watermark);
                 }
             }
             WindowKind::Session { gap } => {
-                let end = time.saturating_add(gap.as_millis() as i64);
+                let end = time.saturating_add(crate::config::millis(gap));
                 if !open(end) {
                     return self.late(time, watermark);
                 }

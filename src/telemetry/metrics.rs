@@ -167,7 +167,7 @@ impl Metrics {
             }
             let labels = [topic.as_str(), &partition.to_string()];
             self.watermark.with_label_values(&labels).set(*watermark);
-            self.event_time_lag.with_label_values(&labels).set((now - watermark) as f64 / 1000.0);
+            self.event_time_lag.with_label_values(&labels).set(now.saturating_sub(*watermark) as f64 / 1000.0);
         }
     }
 
