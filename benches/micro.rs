@@ -7,14 +7,15 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use weir::codec::Decoder;
-use weir::config::{Encoding, parse_pipeline};
+use weir::config::Encoding;
+use weir::plan::parse_pipeline;
 use weir::engine::{Engine, InputRecord};
 use weir::operators::Provenance;
 use weir::runtime::store::{StateStore, StoreWrite};
 
 const CLICK: &[u8] = br#"{"id":123456,"user":"u123","amount":42,"ts":1700000001234}"#;
 
-fn pipeline(steps: &str) -> weir::config::Pipeline {
+fn pipeline(steps: &str) -> weir::plan::Pipeline {
     parse_pipeline(&format!(
         "name: micro\nsources:\n  clicks:\n    topics: [clicks]\n    format: json\n    \
          schema: {{ id: long, user: string, amount: long, ts: long }}\n    event_time: {{ field: ts, unit: millis }}\n    \

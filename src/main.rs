@@ -7,7 +7,8 @@ use tracing::{error, info};
 
 use weir::cli::{Cli, Command, ConfigArgs, PlanArgs, ResetArgs, RunArgs, TestArgs};
 use weir::testing;
-use weir::config::{self, redact, Loaded};
+use weir::config::redact;
+use weir::plan::{self, Loaded};
 use weir::engine::Engine;
 use weir::runtime::health::Health;
 use weir::runtime::{self, RunOptions};
@@ -84,7 +85,7 @@ fn reset(args: &ResetArgs) -> ExitCode {
 
 fn test(args: &TestArgs) -> ExitCode {
     // Only the pipeline: no broker, no registry, so no service settings.
-    let pipeline = match config::load_pipeline(&args.pipeline) {
+    let pipeline = match plan::load_pipeline(&args.pipeline) {
         Ok(pipeline) => pipeline,
         Err(problems) => {
             eprint!("weir: {problems}");
@@ -147,7 +148,7 @@ fn test(args: &TestArgs) -> ExitCode {
 }
 
 fn load(args: &ConfigArgs) -> Result<Loaded, ExitCode> {
-    config::load(args.config.as_deref(), &args.pipeline).map_err(|problems| {
+    plan::load(args.config.as_deref(), &args.pipeline).map_err(|problems| {
         eprint!("weir: {problems}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -160,7 +161,7 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     };
     match Engine::new(&loaded.pipeline) {
         Ok(engine) => {
-            print!("{}", weir::plan::describe(&loaded, &engine));
+            print!("{}", plan::describe(&loaded, &engine));
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -171,7 +172,7 @@ fn validate(args: &ConfigArgs) -> ExitCode {
 }
 
 fn plan(args: &PlanArgs) -> ExitCode {
-    use weir::plan::StoredState;
+    use plan::StoredState;
     let loaded = match load(&args.config) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -184,7 +185,7 @@ fn plan(args: &PlanArgs) -> ExitCode {
         }
     };
     if !args.check {
-        print!("{}", weir::plan::graph(&loaded, &engine, &|_| StoredState::Unknown));
+        print!("{}", plan::graph(&loaded, &engine, &|_| StoredState::Unknown));
         return ExitCode::SUCCESS;
     }
     let stored = match runtime::check_connection(&loaded.settings)
@@ -202,7 +203,7 @@ fn plan(args: &PlanArgs) -> ExitCode {
         Some(definition) if *definition == engine.step_definition(step) => StoredState::Unchanged,
         Some(definition) => StoredState::Changed(definition.clone()),
     };
-    print!("{}", weir::plan::graph(&loaded, &engine, &verdict));
+    print!("{}", plan::graph(&loaded, &engine, &verdict));
     let stateful = engine.stateful_steps();
     let gone: Vec<&usize> = stored.keys().filter(|step| !stateful.contains(step)).collect();
     for step in &gone {

@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::Loaded;
+use crate::plan::Loaded;
 use crate::engine::Engine;
 use crate::runtime::clients;
 use crate::runtime::definitions;

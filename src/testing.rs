@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::codec::avro;
-use crate::config::{Encoding, Pipeline, SourceTopics};
+use crate::config::{Encoding, SourceTopics};
+use crate::plan::Pipeline;
 use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, StageFailure};
 use crate::operators::Provenance;
 

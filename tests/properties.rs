@@ -10,12 +10,12 @@ use serde_json::Value;
 
 const OUT_OF_ORDERNESS: i64 = 3_000;
 
-fn pipeline(steps: &str) -> weir::config::Pipeline {
+fn pipeline(steps: &str) -> weir::plan::Pipeline {
     pipeline_with(steps, "")
 }
 
 /// `sink_extra`: more lines of the sink section (e.g. its mode).
-fn pipeline_with(steps: &str, sink_extra: &str) -> weir::config::Pipeline {
+fn pipeline_with(steps: &str, sink_extra: &str) -> weir::plan::Pipeline {
     let text = format!(
         r#"name: props
 sources:
@@ -31,7 +31,7 @@ sink:
   topic: out
 {sink_extra}"#
     );
-    weir::config::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+    weir::plan::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
 }
 
 /// Per partition, records in roughly increasing event time (never behind their own
@@ -211,7 +211,7 @@ mod distributed {
         results
     }
 
-    fn local(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
+    fn local(pipeline: &weir::plan::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
         let input = super::interleave(rng, partitions);
         let lines = weir::testing::run(pipeline, &input, 10).unwrap();
         let values = lines.iter().map(|line| serde_json::from_str::<Value>(line).unwrap()).filter(|line| line["topic"] == "out");
@@ -219,7 +219,7 @@ mod distributed {
     }
 
     struct Simulation<'p> {
-        pipeline: &'p weir::config::Pipeline,
+        pipeline: &'p weir::plan::Pipeline,
         engine: Engine,
         /// Committed records of each (stage, repartition partition), not yet read.
         topics: BTreeMap<(usize, i32), VecDeque<Output>>,
@@ -231,7 +231,7 @@ mod distributed {
     }
 
     impl Simulation<'_> {
-        fn engine(pipeline: &weir::config::Pipeline) -> Engine {
+        fn engine(pipeline: &weir::plan::Pipeline) -> Engine {
             let mut engine = Engine::new(pipeline).unwrap();
             engine.distribute(PARTITIONS as u32, PARTITIONS);
             engine
@@ -312,7 +312,7 @@ mod distributed {
         outputs
     }
 
-    fn distributed(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
+    fn distributed(pipeline: &weir::plan::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> Vec<String> {
         let mut simulation = Simulation {
             pipeline,
             engine: Simulation::engine(pipeline),
@@ -435,7 +435,7 @@ mod distributed {
     /// and offsets of the batch under way. The stage-0 tasks then replay it, forwarding again
     /// what they forwarded before, and the receiving tasks drop the copies. Returns the last
     /// value of every id, and how many crashes there were.
-    fn upserted(pipeline: &weir::config::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> (Vec<String>, usize) {
+    fn upserted(pipeline: &weir::plan::Pipeline, partitions: &[Vec<String>], rng: &mut StdRng) -> (Vec<String>, usize) {
         type Store = BTreeMap<(Option<String>, i32, usize, String), Value>;
         let restored = |store: &Store| {
             let mut engine = Simulation::engine(pipeline);
@@ -562,13 +562,13 @@ mod join {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn pipeline(kind: &str, steps: &str) -> weir::config::Pipeline {
+    fn pipeline(kind: &str, steps: &str) -> weir::plan::Pipeline {
         pipeline_of(kind, steps, false)
     }
 
     /// `in_place`: both sources say their producers key them by `k`, so the join runs in
     /// the tasks of the partition pairs instead of after a repartition.
-    fn pipeline_of(kind: &str, steps: &str, in_place: bool) -> weir::config::Pipeline {
+    fn pipeline_of(kind: &str, steps: &str, in_place: bool) -> weir::plan::Pipeline {
         let keyed = if in_place { "    partitioned_by: [k]\n" } else { "" };
         let source = |name: &str| {
             format!(
@@ -582,7 +582,7 @@ mod join {
             source("ads"),
             source("clicks")
         );
-        weir::config::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+        weir::plan::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
     }
 
     /// Two partitions per side, each in roughly increasing event time (never behind its own
@@ -618,7 +618,7 @@ mod join {
 
     /// `pipeline`'s output over random interleavings and batch sizes, and with restores
     /// every 2 batches, is `reference`'s output over one interleaving in large batches.
-    fn check_against(pipeline: &weir::config::Pipeline, reference_pipeline: &weir::config::Pipeline, co_partitioned: bool, label: &str) {
+    fn check_against(pipeline: &weir::plan::Pipeline, reference_pipeline: &weir::plan::Pipeline, co_partitioned: bool, label: &str) {
         for seed in 0..12u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let partitions = partitions_of(&mut rng, co_partitioned);

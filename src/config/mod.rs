@@ -1,68 +1,43 @@
-//! Configuration: the service settings (`config/default.toml`, an optional file, then
-//! `WEIR__SECTION__KEY` environment variables) and the pipeline file (YAML).
+//! Configuration as written: the service settings (`config/default.toml`, an optional file,
+//! then `WEIR__SECTION__KEY` environment variables) and the pipeline file (YAML).
 //!
-//! Both are parsed strictly (unknown keys are errors) and validated as a whole: every problem
-//! found is collected into one [`ConfigErrors`] so the user fixes them in one round, and
-//! nothing here touches the network.
+//! Both are parsed strictly (unknown keys are errors) and every problem found is collected
+//! into one [`ConfigErrors`], so the user fixes them in one round. This module is a leaf: it
+//! knows nothing of the plan, the engine, the codecs or the operators; a step's body is read
+//! by the step's own config, and the parts are checked against each other by
+//! [`crate::plan`]. Nothing here touches the network.
 
+mod duration;
 mod error;
 mod pipeline;
+mod schema;
 mod settings;
+mod source;
 
+pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
 pub use error::{ConfigErrors, Problem};
-pub use pipeline::{
-    Aggregate, DataLossPolicy, Dedup, EmitMode, Encoding, ErrorAction, ErrorPolicy, EventTime,
-    EventTimeUnit, FieldType, TimeOrigin, MAX_DURATION, MAX_WINDOWS_PER_RECORD, millis, Filter, Join, JoinKind, Pipeline, Schema, Sink, SinkMode, Source, SourceTopics,
-    StartingOffsets, Step, Watermark, Window, WindowKind,
-};
+pub use pipeline::{section, ErrorAction, ErrorPolicy, PipelineFile, Sink, SinkMode, StepEntry};
+pub use schema::{check_fields, FieldType, Schema};
 pub use settings::{
     is_secret_option, redact, HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RegistrySettings, RuntimeSettings, Settings, StateSettings,
+};
+pub use source::{
+    DataLossPolicy, Encoding, EventTime, EventTimeUnit, Source, SourceTopics, StartingOffsets, TimeOrigin, Watermark,
 };
 
 use std::path::Path;
 
-/// Everything `weir run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    pub settings: Settings,
-    pub pipeline: Pipeline,
+/// Reads the service settings; None when they have problems (recorded).
+pub fn load_settings(config_file: Option<&Path>, problems: &mut ConfigErrors) -> Option<Settings> {
+    settings::load(config_file, problems)
 }
 
-/// Parses and validates a pipeline document on its own (tests, tools).
-pub fn parse_pipeline(text: &str) -> Result<Pipeline, ConfigErrors> {
-    let mut problems = ConfigErrors::default();
-    match pipeline::parse(text, &mut problems) {
-        Some(pipeline) if problems.is_empty() => Ok(pipeline),
-        _ => Err(problems),
-    }
+/// Reads the pipeline file, each part checked on its own (see [`PipelineFile`]).
+pub fn read_pipeline_file(path: &Path, problems: &mut ConfigErrors) -> Option<PipelineFile> {
+    pipeline::load(path, problems)
 }
 
-/// Loads and validates the pipeline file alone (`weir test`: no service settings apply).
-pub fn load_pipeline(pipeline_file: &Path) -> Result<Pipeline, ConfigErrors> {
-    let mut problems = ConfigErrors::default();
-    match pipeline::load(pipeline_file, &mut problems) {
-        Some(pipeline) if problems.is_empty() => Ok(pipeline),
-        _ => Err(problems),
-    }
-}
-
-/// Loads and validates the settings and the pipeline together, so that one run reports the
-/// problems of both.
-pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, ConfigErrors> {
-    let mut problems = ConfigErrors::default();
-    let settings = settings::load(config_file, &mut problems);
-    let pipeline = pipeline::load(pipeline_file, &mut problems);
-    if let (Some(settings), Some(pipeline)) = (&settings, &pipeline)
-        && settings.schema_registry.urls.is_empty()
-        && let Some(user) = pipeline.avro_user()
-    {
-        problems.push(
-            "schema_registry.url (env WEIR__SCHEMA_REGISTRY__URL)",
-            format!("is required: {user} uses format avro"),
-        );
-    }
-    match (settings, pipeline) {
-        (Some(settings), Some(pipeline)) if problems.is_empty() => Ok(Loaded { settings, pipeline }),
-        _ => Err(problems),
-    }
+/// Reads a pipeline document given as text.
+pub fn parse_pipeline_file(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
+    pipeline::parse(text, problems)
 }

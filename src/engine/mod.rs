@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{json, Decoder, Encoder};
-use crate::config::{ErrorAction, ErrorPolicy, EventTime, Pipeline, SinkMode};
+use crate::config::{ErrorAction, ErrorPolicy, EventTime, SinkMode};
+use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
 pub use topology::ChangelogEntry;
 use topology::{ChainResult, Topology};

@@ -24,7 +24,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::config::{Pipeline, Source, Step};
+use crate::config::Source;
+use crate::operators::Step;
+use crate::plan::Pipeline;
 use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record};
 
 /// What became of the input record across all stages.
@@ -132,13 +134,16 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(pipeline: &Pipeline) -> Result<Topology, String> {
-        // A co-partitioned join runs in the input partitions' tasks.
-        let in_place = co_partitioned_join(pipeline).filter(|_| {
-            // Upsert mode's replay drops need a sender's forwards in its input's order, which
-            // a pair task, taking two inputs in whatever order they come, does not keep.
-            pipeline.sink.mode != crate::config::SinkMode::IdempotentUpsert || cut_stages(pipeline, true).len() == 1
-        });
-        let stages = cut_stages(pipeline, in_place.is_some());
+        let planned = pipeline.stages();
+        let stages = planned
+            .stages
+            .into_iter()
+            .map(|stage| StageSpec {
+                steps: stage.steps.iter().map(|index| pipeline.steps[*index].clone()).collect(),
+                indices: stage.steps,
+                repartition_by: stage.repartition_by,
+            })
+            .collect();
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
             Operator::build(step, pipeline.step_source(index))?;
@@ -152,7 +157,7 @@ impl Topology {
             saved_watermarks: BTreeMap::new(),
             width: 1,
             distribution: None,
-            in_place: in_place.map(|(left, right)| (left.to_string(), right.to_string())),
+            in_place: planned.join_in_place,
             idle_inputs: Default::default(),
             position: None,
         })
@@ -851,66 +856,6 @@ impl Topology {
         }
         self.tasks.get_mut(&key).ok_or_else(|| ProcessError("task vanished".into()))
     }
-}
-
-/// Cuts the steps into stages: a keyed step whose key the records are not partitioned by
-/// starts a new one. A join starts one too, unless it runs `in_place` (its inputs are
-/// co-partitioned by its key).
-fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<StageSpec> {
-    let mut stages = vec![StageSpec { steps: Vec::new(), indices: Vec::new(), repartition_by: None }];
-    let source = &pipeline.source;
-    let mut partitioned_by: Option<Vec<String>> = (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
-    for (index, step) in pipeline.steps.iter().enumerate() {
-        let key = match step {
-            Step::Filter(_) => None,
-            Step::Dedup(dedup) => Some(&dedup.key),
-            Step::Window(window) => Some(&window.group_by),
-            Step::Join(join) => {
-                partitioned_by = Some(join.output.partitioned_by.clone());
-                match in_place {
-                    true => stages[0] = StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: None },
-                    // Both inputs meet in the tasks of a new stage, routed by the join key.
-                    false => stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: Some(join.on.clone()) }),
-                }
-                continue;
-            }
-        };
-        // Records with equal keys share a task when they share the partitioning fields.
-        let co_partitioned = match (key, &partitioned_by) {
-            (None, _) => true,
-            (Some(key), Some(fields)) => fields.iter().all(|field| key.contains(field)),
-            (Some(_), None) => false,
-        };
-        if co_partitioned {
-            if let Some(stage) = stages.last_mut() {
-                stage.steps.push(step.clone());
-                stage.indices.push(index);
-            }
-        } else {
-            stages.push(StageSpec { steps: vec![step.clone()], indices: vec![index], repartition_by: key.cloned() });
-            partitioned_by = key.cloned();
-        }
-    }
-    stages
-}
-
-/// A join whose inputs are co-partitioned by its key, as (left topic, right topic): one topic
-/// each, both declaring the same `partitioned_by`, made of `on` fields. Records with equal
-/// keys then sit in equally numbered partitions (the partition counts are checked when the
-/// topics are known).
-fn co_partitioned_join(pipeline: &Pipeline) -> Option<(&str, &str)> {
-    let join = pipeline.join()?;
-    let (left, right) = (&pipeline.source, &join.right);
-    let (crate::config::SourceTopics::List(left_topics), crate::config::SourceTopics::List(right_topics)) = (&left.topics, &right.topics) else {
-        return None;
-    };
-    let ([left_topic], [right_topic]) = (left_topics.as_slice(), right_topics.as_slice()) else {
-        return None;
-    };
-    let keyed = !left.partitioned_by.is_empty()
-        && left.partitioned_by == right.partitioned_by
-        && left.partitioned_by.iter().all(|field| join.on.contains(field));
-    keyed.then_some((left_topic.as_str(), right_topic.as_str()))
 }
 
 /// How a stage-0 task names itself to the tasks it forwards to.

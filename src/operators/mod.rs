@@ -14,11 +14,15 @@ pub mod window;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Source, Step};
+use crate::config::{ConfigErrors, Schema, Source, StepEntry};
+use dedup::config::Dedup;
 use dedup::DedupOperator;
 use event_time::field_at;
+use filter::config::Filter;
 use filter::FilterOperator;
+use join::config::Join;
 use join::{JoinOperator, JoinSpec, Side};
+use window::config::Window;
 use window::WindowOperator;
 
 /// Where a record came from, for expressions (`_topic`, ...) and for DLQ provenance.
@@ -112,6 +116,46 @@ pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Valu
         .iter()
         .map(|name| (name.clone(), field_at(fields, name).cloned().unwrap_or(Value::Null)))
         .collect()
+}
+
+/// A step of the pipeline, as configured: the closed set of kinds, each read and checked by
+/// its own config (`<kind>/config.rs`) and run by its operator (`<kind>/mod.rs`).
+#[derive(Debug, Clone)]
+pub enum Step {
+    Filter(Filter),
+    Dedup(Dedup),
+    Window(Window),
+    /// The `join` of a two-source pipeline: always step 0, before the file's steps.
+    Join(Box<Join>),
+}
+
+impl Step {
+    /// Reads one entry of `steps` by its kind; `source` describes the records it sees.
+    pub fn parse(entry: &StepEntry, source: Option<&Source>, problems: &mut ConfigErrors) -> Option<Step> {
+        let (body, location) = (&entry.body, entry.location.as_str());
+        match entry.kind.as_str() {
+            "filter" => Filter::parse(body, source, location, problems).map(Step::Filter),
+            "dedup" => Dedup::parse(body, source, location, problems).map(Step::Dedup),
+            "window" => Window::parse(body, source, location, problems).map(Step::Window),
+            other => {
+                problems.push(location, format!("unknown step kind '{other}'; kinds: filter, dedup, window"));
+                None
+            }
+        }
+    }
+
+    pub fn is_stateful(&self) -> bool {
+        !matches!(self, Step::Filter(_))
+    }
+
+    /// The fields of the records it hands on, given those it receives.
+    pub fn output_schema(&self, input: Schema) -> Schema {
+        match self {
+            Step::Filter(_) | Step::Dedup(_) => input,
+            Step::Join(join) => join.output.record_schema(),
+            Step::Window(window) => window.output_schema(&input),
+        }
+    }
 }
 
 pub enum Operator {

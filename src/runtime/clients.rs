@@ -9,7 +9,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext};
 
 use super::error::RuntimeError;
-use crate::config::{DataLossPolicy, Pipeline, Settings};
+use crate::config::{DataLossPolicy, Settings};
+use crate::plan::Pipeline;
 
 fn base(settings: &Settings) -> ClientConfig {
     let mut config = ClientConfig::new();

@@ -14,7 +14,8 @@ use tracing::info;
 
 use super::clients;
 use super::error::RuntimeError;
-use crate::config::{Pipeline, Settings};
+use crate::config::Settings;
+use crate::plan::Pipeline;
 use crate::engine::Engine;
 
 const TIMEOUT: Duration = Duration::from_secs(30);

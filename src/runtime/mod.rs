@@ -54,7 +54,8 @@ use tracing::{info, warn};
 
 use crate::codec::avro;
 use crate::codec::registry::Registry;
-use crate::config::{Loaded, SinkMode, SourceTopics};
+use crate::config::{SinkMode, SourceTopics};
+use crate::plan::Loaded;
 use crate::engine::{Destination, Engine, ForwardHeaders, InputRecord, Output, Stage};
 use state::{Changelogs, Restorer};
 use store::StateStore;

@@ -15,7 +15,8 @@ use tracing::info;
 use super::clients;
 use super::state::Changelogs;
 use super::error::RuntimeError;
-use crate::config::{Pipeline, Settings};
+use crate::config::Settings;
+use crate::plan::Pipeline;
 use crate::engine::Engine;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);

@@ -9,7 +9,9 @@ use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
 use super::{Emitted, Outcome, Record, StateChange, key_of};
-use crate::config::Dedup;
+pub mod config;
+
+use config::Dedup;
 
 pub struct DedupOperator {
     key: Vec<String>,

@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::config::{Loaded, SourceTopics};
+use super::Loaded;
+use crate::config::SourceTopics;
 use crate::engine::Engine;
 
 pub fn describe(loaded: &Loaded, engine: &Engine) -> String {

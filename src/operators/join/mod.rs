@@ -23,7 +23,9 @@ use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
 use super::{Emitted, Outcome, Record, StateChange, key_of};
-use crate::config::{Join, JoinKind};
+pub mod config;
+
+use config::{Join, JoinKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Side {

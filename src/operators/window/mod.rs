@@ -14,7 +14,10 @@ use serde_json::{Map, Value};
 
 use super::event_time::field_at;
 use super::{Emitted, Outcome, Record, StateChange, key_of};
-use crate::config::{Aggregate, EmitMode, FieldType, Schema, Window, WindowKind};
+pub mod config;
+
+use config::{Aggregate, EmitMode, Window, WindowKind};
+use crate::config::{FieldType, Schema};
 
 pub struct WindowOperator {
     group_by: Vec<String>,

@@ -13,6 +13,8 @@ use cel::{Context, Env, Program};
 use serde_json::Value;
 
 use super::{Emitted, Outcome, ProcessError, Record};
+pub mod config;
+
 use crate::config::{Encoding, Source};
 
 const METADATA_VARIABLES: &[&str] = &["_topic", "_partition", "_offset", "_timestamp", "_headers"];

@@ -1,0 +1,135 @@
+//! The explicit field types of a source's records, and the check that fields named by steps
+//! are in them.
+
+use serde_yaml_ng::{Mapping, Value as Yaml};
+
+use super::source::{Encoding, Source};
+use super::ConfigErrors;
+
+/// The explicit field types of a JSON source; nested objects are schemas themselves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schema {
+    pub fields: Vec<(String, FieldType)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldType {
+    String,
+    Long,
+    Double,
+    Boolean,
+    /// Epoch milliseconds.
+    Timestamp,
+    Object(Schema),
+}
+
+impl Schema {
+    /// The type of a dotted path; a path the schema lacks (checked elsewhere) as a string.
+    pub fn type_or_string(&self, path: &str) -> FieldType {
+        self.field_type(path).cloned().unwrap_or(FieldType::String)
+    }
+
+    /// The schema of `fields` (dotted paths) taken from this one, in that order.
+    pub fn select(&self, fields: &[String]) -> Schema {
+        Schema { fields: fields.iter().map(|field| (field.clone(), self.type_or_string(field))).collect() }
+    }
+
+    /// The dotted paths of fields whose names Avro does not allow.
+    pub fn invalid_avro_names(&self) -> Vec<String> {
+        let mut invalid = Vec::new();
+        for (name, field_type) in &self.fields {
+            let mut chars = name.chars();
+            let valid = chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                invalid.push(name.clone());
+            }
+            if let FieldType::Object(inner) = field_type {
+                invalid.extend(inner.invalid_avro_names().into_iter().map(|path| format!("{name}.{path}")));
+            }
+        }
+        invalid
+    }
+
+    /// The type of a dotted path such as `user.id`, if the schema has it.
+    pub fn field_type(&self, path: &str) -> Option<&FieldType> {
+        let mut schema = self;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (_, field_type) = schema.fields.iter().find(|(name, _)| name == part)?;
+            if parts.peek().is_none() {
+                return Some(field_type);
+            }
+            match field_type {
+                FieldType::Object(inner) => schema = inner,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+pub fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErrors) -> Option<Schema> {
+    let mut fields = Vec::new();
+    let mut valid = true;
+    for (key, value) in mapping {
+        let Some(name) = key.as_str() else {
+            problems.push(location, "field names must be strings");
+            valid = false;
+            continue;
+        };
+        let field_location = format!("{location}.{name}");
+        let field_type = match value {
+            Yaml::String(type_name) => match type_name.as_str() {
+                "string" => FieldType::String,
+                "long" => FieldType::Long,
+                "double" => FieldType::Double,
+                "boolean" => FieldType::Boolean,
+                "timestamp" => FieldType::Timestamp,
+                other => {
+                    problems.push(
+                        field_location,
+                        format!("unknown type '{other}'; types: string, long, double, boolean, timestamp, or a nested mapping"),
+                    );
+                    valid = false;
+                    continue;
+                }
+            },
+            Yaml::Mapping(inner) => match parse_schema(inner, &field_location, problems) {
+                Some(schema) => FieldType::Object(schema),
+                None => {
+                    valid = false;
+                    continue;
+                }
+            },
+            _ => {
+                problems.push(field_location, "must be a type name or a nested mapping");
+                valid = false;
+                continue;
+            }
+        };
+        fields.push((name.to_string(), field_type));
+    }
+    if fields.is_empty() && valid {
+        problems.push(location, "must declare at least one field");
+        return None;
+    }
+    valid.then_some(Schema { fields })
+}
+
+/// Records a problem for each field that the source's records do not have.
+pub fn check_fields(fields: &[String], source: Option<&Source>, location: &str, problems: &mut ConfigErrors) {
+    let Some(source) = source else {
+        return;
+    };
+    for field in fields {
+        let known = match (&source.schema, source.encoding) {
+            (Some(schema), _) => schema.field_type(field).is_some(),
+            (None, Encoding::String) => field == "value",
+            _ => true,
+        };
+        if !known {
+            problems.push(location, format!("'{field}' is not a field of the record"));
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! A source of the pipeline file: its topics, format, schema, event time, watermark and where
+//! reading starts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value as Yaml};
+
+use super::duration::{check_duration, Zero};
+use super::pipeline::section;
+use super::schema::{parse_schema, FieldType, Schema};
+use super::ConfigErrors;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub name: String,
+    pub topics: SourceTopics,
+    pub encoding: Encoding,
+    pub schema: Option<Schema>,
+    pub event_time: Option<EventTime>,
+    pub watermark: Option<Watermark>,
+    pub starting_offsets: StartingOffsets,
+    pub on_data_loss: DataLossPolicy,
+    pub partitioned_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceTopics {
+    List(Vec<String>),
+    /// A regular expression matched against whole topic names.
+    Pattern(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Json,
+    Avro,
+    String,
+}
+
+/// Where a source's records carry their event time, and how far ahead of the wall clock
+/// one may be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventTime {
+    pub origin: TimeOrigin,
+    /// A record further ahead of the wall clock than this is a decode error and does not
+    /// move the watermark (PIPELINE.md "Limits").
+    pub max_ahead: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimeOrigin {
+    Field { path: String, unit: EventTimeUnit },
+    KafkaTimestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EventTimeUnit {
+    #[default]
+    Millis,
+    Seconds,
+    Rfc3339,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    #[serde(with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartingOffsets {
+    #[default]
+    Earliest,
+    Latest,
+    /// The first offset whose record timestamp is at or after this instant (epoch ms).
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataLossPolicy {
+    #[default]
+    Fail,
+    Earliest,
+}
+
+impl Source {
+    /// The fields its records have: the schema, or `{value: string}` for format string.
+    pub fn record_schema(&self) -> Schema {
+        match &self.schema {
+            Some(schema) => schema.clone(),
+            None => Schema { fields: vec![("value".into(), FieldType::String)] },
+        }
+    }
+
+    /// Whether this source reads `topic`.
+    pub fn reads(&self, topic: &str) -> bool {
+        match &self.topics {
+            SourceTopics::List(topics) => topics.iter().any(|name| name == topic),
+            SourceTopics::Pattern(pattern) => {
+                regex::Regex::new(&format!("^({pattern})$")).is_ok_and(|regex| regex.is_match(topic))
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    topics: Option<Vec<String>>,
+    pattern: Option<String>,
+    format: Encoding,
+    schema: Option<Mapping>,
+    event_time: Option<RawEventTime>,
+    watermark: Option<Watermark>,
+    #[serde(default)]
+    starting_offsets: Option<Yaml>,
+    #[serde(default)]
+    on_data_loss: DataLossPolicy,
+    #[serde(default)]
+    partitioned_by: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEventTime {
+    field: Option<String>,
+    #[serde(default)]
+    unit: EventTimeUnit,
+    #[serde(default)]
+    kafka_timestamp: bool,
+    #[serde(default, with = "humantime_serde")]
+    max_ahead: Option<Duration>,
+}
+
+/// One source, or two for a join; None if any is bad (each problem recorded).
+pub fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Vec<Source>> {
+    let sources: BTreeMap<String, Yaml> = section(value, "sources", problems)?;
+    if sources.is_empty() || sources.len() > 2 {
+        problems.push("sources", "must name one source, or two with a join");
+        return None;
+    }
+    let mut parsed = Vec::new();
+    let mut valid = true;
+    for (name, raw) in sources {
+        let location = format!("sources.{name}");
+        match section::<RawSource>(Some(&raw), &location, problems).and_then(|raw| check_source(name, raw, &location, problems)) {
+            Some(source) => parsed.push(source),
+            None => valid = false,
+        }
+    }
+    valid.then_some(parsed)
+}
+
+fn check_source(name: String, raw: RawSource, location: &str, problems: &mut ConfigErrors) -> Option<Source> {
+    let before = problems.problems.len();
+    let topics = match (raw.topics, raw.pattern) {
+        (Some(topics), None) if !topics.is_empty() => Some(SourceTopics::List(topics)),
+        (None, Some(pattern)) => match regex::Regex::new(&pattern) {
+            Ok(_) => Some(SourceTopics::Pattern(pattern)),
+            Err(error) => {
+                problems.push(format!("{location}.pattern"), format!("not a valid regular expression: {error}"));
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            problems.push(location, "give either topics or pattern, not both");
+            None
+        }
+        _ => {
+            problems.push(location, "needs topics (a non-empty list) or pattern");
+            None
+        }
+    };
+    let schema = match (raw.format, raw.schema) {
+        (Encoding::Json, None) => {
+            problems.push(format!("{location}.schema"), "is required for format json (field: type)");
+            None
+        }
+        (Encoding::Avro, None) => {
+            problems.push(
+                format!("{location}.schema"),
+                "is required for format avro: the fields to read (field: type), resolved against each record's writer schema",
+            );
+            None
+        }
+        (Encoding::Json, Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
+        (Encoding::Avro, Some(mapping)) => {
+            let schema = parse_schema(&mapping, &format!("{location}.schema"), problems);
+            if let Some(schema) = &schema {
+                for path in schema.invalid_avro_names() {
+                    problems.push(
+                        format!("{location}.schema.{path}"),
+                        "is not an Avro field name (letters, digits and _, not starting with a digit)",
+                    );
+                }
+            }
+            schema
+        }
+        (Encoding::String, Some(_)) => {
+            problems.push(format!("{location}.schema"), "format string has no schema: the record is {value: string}");
+            None
+        }
+        _ => None,
+    };
+    let field_type = |path: &str| -> Option<FieldType> {
+        match raw.format {
+            Encoding::String => (path == "value").then_some(FieldType::String),
+            _ => schema.as_ref().and_then(|schema| schema.field_type(path).cloned()),
+        }
+    };
+    let max_ahead = raw.event_time.as_ref().and_then(|event_time| event_time.max_ahead);
+    if let Some(max_ahead) = max_ahead {
+        check_duration(max_ahead, Zero::Refused, &format!("{location}.event_time.max_ahead"), problems);
+    }
+    let origin = match raw.event_time {
+        None => None,
+        Some(RawEventTime { field: Some(path), unit, kafka_timestamp: false, .. }) => {
+            match field_type(&path) {
+                None => problems.push(format!("{location}.event_time.field"), format!("'{path}' is not a field of the schema")),
+                Some(FieldType::Object(_) | FieldType::Boolean) => problems.push(
+                    format!("{location}.event_time.field"),
+                    format!("'{path}' must be a long, double, timestamp or string (rfc3339) field"),
+                ),
+                Some(_) => {}
+            }
+            Some(TimeOrigin::Field { path, unit })
+        }
+        Some(RawEventTime { field: None, kafka_timestamp: true, .. }) => Some(TimeOrigin::KafkaTimestamp),
+        Some(_) => {
+            problems.push(
+                format!("{location}.event_time"),
+                "give either field (with unit) or kafka_timestamp: true",
+            );
+            None
+        }
+    };
+    let event_time = origin.map(|origin| EventTime { origin, max_ahead });
+    if let Some(watermark) = &raw.watermark {
+        let location = format!("{location}.watermark");
+        check_duration(watermark.max_out_of_orderness, Zero::Allowed, &format!("{location}.max_out_of_orderness"), problems);
+        if let Some(idle_timeout) = watermark.idle_timeout {
+            check_duration(idle_timeout, Zero::Refused, &format!("{location}.idle_timeout"), problems);
+        }
+    }
+    let starting_offsets = parse_starting_offsets(raw.starting_offsets.as_ref(), location, problems);
+    for field in &raw.partitioned_by {
+        if field_type(field).is_none() {
+            problems.push(format!("{location}.partitioned_by"), format!("'{field}' is not a field of the schema"));
+        }
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    Some(Source {
+        name,
+        topics: topics?,
+        encoding: raw.format,
+        schema,
+        event_time,
+        watermark: raw.watermark,
+        starting_offsets: starting_offsets?,
+        on_data_loss: raw.on_data_loss,
+        partitioned_by: raw.partitioned_by,
+    })
+}
+
+fn parse_starting_offsets(value: Option<&Yaml>, location: &str, problems: &mut ConfigErrors) -> Option<StartingOffsets> {
+    let location = format!("{location}.starting_offsets");
+    let expected = "must be earliest, latest or {timestamp: <RFC 3339 time>}";
+    match value {
+        None => Some(StartingOffsets::Earliest),
+        Some(Yaml::String(word)) if word == "earliest" => Some(StartingOffsets::Earliest),
+        Some(Yaml::String(word)) if word == "latest" => Some(StartingOffsets::Latest),
+        Some(Yaml::Mapping(mapping)) if mapping.len() == 1 => {
+            let Some(text) = mapping.get("timestamp").and_then(Yaml::as_str) else {
+                problems.push(location, expected);
+                return None;
+            };
+            match chrono::DateTime::parse_from_rfc3339(text) {
+                Ok(instant) => Some(StartingOffsets::Timestamp(instant.timestamp_millis())),
+                Err(error) => {
+                    problems.push(location, format!("'{text}' is not an RFC 3339 time: {error}"));
+                    None
+                }
+            }
+        }
+        Some(_) => {
+            problems.push(location, expected);
+            None
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! `- filter: "<CEL expression>"`: its config and checks.
+
+use serde_yaml_ng::Value as Yaml;
+
+use super::FilterExpression;
+use crate::config::{ConfigErrors, Source};
+
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub expression: String,
+}
+
+impl Filter {
+    /// Reads a filter step's body; the expression must compile against the fields of the
+    /// records it sees (`source`), or at least parse when those are unknown.
+    pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Filter> {
+        let Some(expression) = body.as_str() else {
+            problems.push(format!("{location}.filter"), "must be an expression string");
+            return None;
+        };
+        let checked = match source {
+            Some(source) => FilterExpression::compile(expression, source).map(drop),
+            None => FilterExpression::check_syntax(expression),
+        };
+        if let Err(message) = checked {
+            problems.push(format!("{location}.filter"), message);
+            return None;
+        }
+        Some(Filter { expression: expression.to_string() })
+    }
+}

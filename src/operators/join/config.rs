@@ -1,0 +1,134 @@
+//! The `join:` section: a stream-stream interval join of the pipeline's two sources; its
+//! config and checks.
+
+use serde::Deserialize;
+use serde_yaml_ng::Value as Yaml;
+
+use crate::config::{check_fields, section, signed_millis, ConfigErrors, Encoding, FieldType, Schema, Source, SourceTopics};
+
+/// A stream-stream interval join (PIPELINE.md, "join"): `pipeline.source` is its left
+/// input, `right` its right one. A left record l and a right record r with equal `on` fields
+/// match when `l.t + lower <= r.t <= l.t + upper`.
+#[derive(Debug, Clone)]
+pub struct Join {
+    pub left: String,
+    pub right: Source,
+    pub kind: JoinKind,
+    pub on: Vec<String>,
+    /// Milliseconds; either may be negative.
+    pub lower: i64,
+    pub upper: i64,
+    /// `mode: idempotent_upsert`: results' ids name where both sides were read, so the
+    /// buffered records keep it.
+    pub keep_sources: bool,
+    /// What the steps after the join see: `{<left>: {...}, <right>: {...}}`.
+    pub output: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKind {
+    #[default]
+    Inner,
+    Left,
+    Right,
+    Full,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJoin {
+    left: String,
+    right: String,
+    #[serde(rename = "type", default)]
+    kind: JoinKind,
+    on: Vec<String>,
+    within: RawWithin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWithin {
+    lower: String,
+    upper: String,
+}
+
+/// The join section, given the two sources: (left source, join).
+pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
+    let raw: RawJoin = section(Some(value), "join", problems)?;
+    let before = problems.problems.len();
+    let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
+    for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {
+        if !names.contains(name) {
+            problems.push(location, format!("'{name}' is not a source; sources: {}", names.join(", ")));
+        }
+    }
+    if raw.left == raw.right {
+        problems.push("join.right", "must name the other source than join.left");
+    }
+    if raw.on.is_empty() {
+        problems.push("join.on", "must name at least one field (the same name on both sides)");
+    }
+    let lower = signed_millis(&raw.within.lower).map_err(|message| problems.push("join.within.lower", message)).ok();
+    let upper = signed_millis(&raw.within.upper).map_err(|message| problems.push("join.within.upper", message)).ok();
+    if let (Some(lower), Some(upper)) = (lower, upper)
+        && lower > upper
+    {
+        problems.push("join.within", format!("lower ({}) must not be after upper ({})", raw.within.lower, raw.within.upper));
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    let right_index = sources.iter().position(|source| source.name == raw.right)?;
+    let right = sources.remove(right_index);
+    let left = sources.pop()?;
+    for source in [&left, &right] {
+        let location = format!("sources.{}", source.name);
+        check_fields(&raw.on, Some(source), "join.on", problems);
+        if source.event_time.is_none() {
+            problems.push(format!("{location}.event_time"), "is required by the join");
+        }
+        if source.watermark.is_none() {
+            problems.push(format!("{location}.watermark"), "is required by the join");
+        }
+        if matches!(source.topics, SourceTopics::Pattern(_)) {
+            problems.push(format!("{location}.pattern"), "a join's sources name their topics (topics: [...])");
+        }
+    }
+    if let (SourceTopics::List(left_topics), SourceTopics::List(right_topics)) = (&left.topics, &right.topics)
+        && let Some(shared) = left_topics.iter().find(|topic| right_topics.contains(topic))
+    {
+        problems.push("join", format!("topic '{shared}' is read by both sources; each side needs its own topics"));
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    let side_schema = |source: &Source| match &source.schema {
+        Some(schema) => schema.clone(),
+        None => Schema { fields: vec![("value".to_string(), FieldType::String)] },
+    };
+    let output = Source {
+        name: format!("{}+{}", left.name, right.name),
+        schema: Some(Schema {
+            fields: vec![
+                (left.name.clone(), FieldType::Object(side_schema(&left))),
+                (right.name.clone(), FieldType::Object(side_schema(&right))),
+            ],
+        }),
+        encoding: Encoding::Json,
+        // Keyed steps after the join are co-partitioned when their key holds the join key.
+        partitioned_by: raw.on.iter().map(|field| format!("{}.{field}", left.name)).collect(),
+        ..left.clone()
+    };
+    let join = Join {
+        left: left.name.clone(),
+        right,
+        kind: raw.kind,
+        on: raw.on,
+        lower: lower?,
+        upper: upper?,
+        keep_sources: false,
+        output,
+    };
+    Some((left, join))
+}

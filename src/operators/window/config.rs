@@ -1,0 +1,245 @@
+//! `- window: {...}`: tumbling, hopping and session windows with their aggregates; the
+//! config, its checks and the schema of the results.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value as Yaml;
+
+use crate::config::{check_duration, check_fields, section, ConfigErrors, FieldType, Schema, Source, Zero};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub group_by: Vec<String>,
+    pub kind: WindowKind,
+    pub allowed_lateness: Duration,
+    pub aggregates: Vec<(String, Aggregate)>,
+    pub emit: EmitMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumbling { size: Duration },
+    Hopping { size: Duration, slide: Duration },
+    Session { gap: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aggregate {
+    Count,
+    Sum(String),
+    Avg(String),
+    Min(String),
+    Max(String),
+    First(String),
+    Last(String),
+    CountDistinct(String),
+}
+
+impl Aggregate {
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Aggregate::Count => None,
+            Aggregate::Sum(field)
+            | Aggregate::Avg(field)
+            | Aggregate::Min(field)
+            | Aggregate::Max(field)
+            | Aggregate::First(field)
+            | Aggregate::Last(field)
+            | Aggregate::CountDistinct(field) => Some(field),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Aggregate, String> {
+        let expected = "count(), sum(f), avg(f), min(f), max(f), first(f), last(f) or count_distinct(f)";
+        let text = text.trim();
+        let Some((function, rest)) = text.split_once('(') else {
+            return Err(format!("'{text}' is not an aggregate; use {expected}"));
+        };
+        let Some(argument) = rest.strip_suffix(')').map(str::trim) else {
+            return Err(format!("'{text}' is missing its closing parenthesis"));
+        };
+        let field = || {
+            if argument.is_empty() {
+                Err(format!("{function}() needs a field, e.g. {function}(amount)"))
+            } else {
+                Ok(argument.to_string())
+            }
+        };
+        match function.trim() {
+            "count" if argument.is_empty() => Ok(Aggregate::Count),
+            "count" => Err("count() takes no field; use count_distinct(field) to count values".into()),
+            "sum" => field().map(Aggregate::Sum),
+            "avg" => field().map(Aggregate::Avg),
+            "min" => field().map(Aggregate::Min),
+            "max" => field().map(Aggregate::Max),
+            "first" => field().map(Aggregate::First),
+            "last" => field().map(Aggregate::Last),
+            "count_distinct" => field().map(Aggregate::CountDistinct),
+            other => Err(format!("unknown aggregate '{other}'; use {expected}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmitMode {
+    #[default]
+    Final,
+    Update,
+}
+
+impl Window {
+    /// Reads a window step's body.
+    pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
+        let location = format!("{location}.window");
+        section::<RawWindow>(Some(body), &location, problems).and_then(|raw| check_window(raw, source, &location, problems))
+    }
+
+    /// The fields of its results: the group_by fields, the window bounds, then the
+    /// aggregates in the order written.
+    pub fn output_schema(&self, input: &Schema) -> Schema {
+        let type_of = |field: &str| input.type_or_string(field);
+        let mut fields = input.select(&self.group_by).fields;
+        fields.push(("window_start".into(), FieldType::Timestamp));
+        fields.push(("window_end".into(), FieldType::Timestamp));
+        for (name, aggregate) in &self.aggregates {
+            let field_type = match aggregate {
+                Aggregate::Count | Aggregate::CountDistinct(_) => FieldType::Long,
+                Aggregate::Avg(_) => FieldType::Double,
+                Aggregate::Sum(field) => match type_of(field) {
+                    FieldType::Long | FieldType::Timestamp => FieldType::Long,
+                    _ => FieldType::Double,
+                },
+                Aggregate::Min(field) | Aggregate::Max(field) | Aggregate::First(field) | Aggregate::Last(field) => type_of(field),
+            };
+            fields.push((name.clone(), field_type));
+        }
+        Schema { fields }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(default)]
+    group_by: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    tumbling: Option<Duration>,
+    hopping: Option<RawHopping>,
+    session: Option<RawSession>,
+    #[serde(default, with = "humantime_serde")]
+    allowed_lateness: Option<Duration>,
+    aggregates: serde_yaml_ng::Mapping,
+    #[serde(default)]
+    emit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHopping {
+    #[serde(with = "humantime_serde")]
+    size: Duration,
+    #[serde(with = "humantime_serde")]
+    slide: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    #[serde(with = "humantime_serde")]
+    gap: Duration,
+}
+
+/// The most windows one record may fall into (hopping `size / slide`): each is a piece of
+/// state and an output per key.
+pub const MAX_WINDOWS_PER_RECORD: u128 = 1_000;
+
+fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
+    let before = problems.problems.len();
+    check_fields(&raw.group_by, source, &format!("{location}.group_by"), problems);
+    let kind = match (raw.tumbling, raw.hopping, raw.session) {
+        (Some(size), None, None) => {
+            check_duration(size, Zero::Refused, &format!("{location}.tumbling"), problems);
+            Some(WindowKind::Tumbling { size })
+        }
+        (None, Some(RawHopping { size, slide }), None) => {
+            let size_fine = check_duration(size, Zero::Refused, &format!("{location}.hopping.size"), problems);
+            let slide_fine = check_duration(slide, Zero::Refused, &format!("{location}.hopping.slide"), problems);
+            if size_fine && slide_fine {
+                let windows = size.as_millis().div_ceil(slide.as_millis());
+                if slide > size {
+                    problems.push(format!("{location}.hopping.slide"), "must be at most size");
+                } else if windows > MAX_WINDOWS_PER_RECORD {
+                    problems.push(
+                        format!("{location}.hopping"),
+                        format!(
+                            "size / slide puts each record in {windows} windows, over the limit of {MAX_WINDOWS_PER_RECORD} \
+                             (each is state and a result per key); use a longer slide"
+                        ),
+                    );
+                }
+            }
+            Some(WindowKind::Hopping { size, slide })
+        }
+        (None, None, Some(RawSession { gap })) => {
+            check_duration(gap, Zero::Refused, &format!("{location}.session.gap"), problems);
+            Some(WindowKind::Session { gap })
+        }
+        _ => {
+            problems.push(location, "give exactly one of tumbling, hopping or session");
+            None
+        }
+    };
+    if let Some(lateness) = raw.allowed_lateness {
+        check_duration(lateness, Zero::Allowed, &format!("{location}.allowed_lateness"), problems);
+    }
+    let emit = match raw.emit.as_deref() {
+        None | Some("final") => EmitMode::Final,
+        Some("update") => EmitMode::Update,
+        Some("complete") => {
+            problems.push(
+                format!("{location}.emit"),
+                "complete mode keeps every window forever (state grows without bound); use final or update",
+            );
+            EmitMode::Final
+        }
+        Some(other) => {
+            problems.push(format!("{location}.emit"), format!("'{other}' is not final or update"));
+            EmitMode::Final
+        }
+    };
+    let mut aggregates = Vec::new();
+    for (name, definition) in &raw.aggregates {
+        let (Some(name), Some(definition)) = (name.as_str(), definition.as_str()) else {
+            problems.push(format!("{location}.aggregates"), "each aggregate is `name: function(field)`");
+            continue;
+        };
+        let aggregate_location = format!("{location}.aggregates.{name}");
+        if raw.group_by.iter().any(|field| field == name) || name == "window_start" || name == "window_end" {
+            problems.push(&aggregate_location, "clashes with a group_by field or window_start/window_end");
+        }
+        match Aggregate::parse(definition) {
+            Ok(aggregate) => {
+                if let Some(field) = aggregate.field() {
+                    check_fields(&[field.to_string()], source, &aggregate_location, problems);
+                }
+                aggregates.push((name.to_string(), aggregate));
+            }
+            Err(message) => problems.push(aggregate_location, message),
+        }
+    }
+    if aggregates.is_empty() && problems.problems.len() == before {
+        problems.push(format!("{location}.aggregates"), "must define at least one aggregate");
+    }
+    if problems.problems.len() > before {
+        return None;
+    }
+    Some(Window {
+        group_by: raw.group_by,
+        kind: kind?,
+        allowed_lateness: raw.allowed_lateness.unwrap_or_default(),
+        aggregates,
+        emit,
+    })
+}
