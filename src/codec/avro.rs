@@ -18,11 +18,29 @@ use std::time::{Duration, Instant};
 use apache_avro::types::Value as AvroValue;
 use apache_avro::Schema as AvroSchema;
 use serde_json::{Map, Number, Value};
+use tracing::warn;
 
 use super::DecodeError;
 use crate::config::{FieldType, Schema};
 
 const MAGIC: u8 = 0;
+
+/// The most apache-avro may reserve for one length it reads from a datum: a string's or
+/// bytes' length in bytes, or an array's or map's item count. Its default (512 MiB, counted in
+/// items for arrays and maps, while each item takes 40 bytes or more) lets a 10-byte record
+/// claiming 500M map entries ask for tens of GiB, and an allocation failure aborts the
+/// process, which no `catch_unwind` contains. 16 MiB is far above what a record can hold (1
+/// MiB by default on a topic, rarely raised past 10 MiB), so no honest record is refused,
+/// and a lie about a length is a decode error (a DLQ record) that reserves little.
+pub const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
+
+/// Sets apache-avro's allocation limit, process-wide, to [`MAX_DECODE_ALLOCATION`]; returns the
+/// limit in force. apache-avro keeps the first value it is given (a `OnceLock`), and its first
+/// decode sets its default, so this must run before any datum is decoded: every decoder is
+/// built through [`AvroDecoder::new`], which calls it.
+pub fn limit_decode_allocations() -> usize {
+    apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION)
+}
 
 /// The writer schemas met so far, by registry id: filled by the runtime (which may block on
 /// the registry), read by decoders (which never do). An id the registry does not know is kept
@@ -95,6 +113,10 @@ pub struct AvroDecoder {
 
 impl AvroDecoder {
     pub fn new(schema: Schema, writers: Arc<WriterSchemas>) -> AvroDecoder {
+        let limit = limit_decode_allocations();
+        if limit != MAX_DECODE_ALLOCATION {
+            warn!(limit, wanted = MAX_DECODE_ALLOCATION, "apache-avro's allocation limit was set before weir's; a record lying about a length may exhaust memory");
+        }
         AvroDecoder { schema, writers }
     }
 
@@ -569,6 +591,8 @@ mod tests {
         ]);
         let mut encoder = AvroEncoder::new(&output, "edges").unwrap();
         encoder.set_id(1);
+        // This test decodes without a decoder: set weir's limit before apache-avro sets its own.
+        limit_decode_allocations();
         let writer = AvroSchema::parse_str(encoder.schema_text()).unwrap();
         let numbers = [0, 1, -1, 63, -64, 64, -65, 8191, 8192, i64::from(i32::MAX) + 1, i64::MAX, i64::MIN];
         for (index, number) in numbers.into_iter().enumerate() {
@@ -612,6 +636,37 @@ mod tests {
         expired.insert(1, Err("not found".into()));
         expired.insert(2, Ok(schema));
         assert!(expired.needs_fetch(1) && !expired.needs_fetch(2));
+    }
+
+    /// A record that claims more items than it holds must be a bad record, not a request for
+    /// gigabytes that aborts the process (without the limit, this test's process aborts).
+    #[test]
+    fn a_datum_lying_about_a_count_is_a_decode_error() {
+        const COUNTED: &str = r#"{"type":"record","name":"Counted","fields":[
+            {"name":"tags","type":{"type":"map","values":"long"}},
+            {"name":"items","type":{"type":"array","items":"long"}}]}"#;
+        let reader = schema(&[("tags", FieldType::String)]);
+        let decoder = decoder(reader, &[(4, COUNTED)]);
+        assert_eq!(limit_decode_allocations(), MAX_DECODE_ALLOCATION, "another decode set apache-avro's limit first");
+        let claims = |prefix: &[u8], count: i64| {
+            let mut bytes = vec![0, 0, 0, 0, 4];
+            bytes.extend_from_slice(prefix);
+            write_long(count, &mut bytes);
+            bytes
+        };
+        // A map of 500M entries; after an empty map, an array of 500M items; a map block in
+        // the form with a negative count and its byte size.
+        let mut sized_block = claims(&[], -500_000_000);
+        write_long(1_000, &mut sized_block);
+        for bytes in [claims(&[], 500_000_000), claims(&[0], 500_000_000), sized_block] {
+            assert!(bytes.len() <= 12, "{bytes:02x?}");
+            let error = decoder.decode(&bytes).unwrap_err().0;
+            assert!(error.contains("not an Avro datum of writer schema id 4"), "{error}");
+        }
+        // A count just under the limit passes the check; the datum then ends, and the record is
+        // bad all the same.
+        let error = decoder.decode(&claims(&[], MAX_DECODE_ALLOCATION as i64)).unwrap_err().0;
+        assert!(error.contains("not an Avro datum of writer schema id 4"), "{error}");
     }
 
     #[test]
