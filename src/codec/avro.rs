@@ -12,7 +12,7 @@
 //! union with null (default null), registered under `<topic>-value` at start.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as AvroValue;
@@ -47,10 +47,33 @@ pub fn limit_decode_allocations() -> usize {
 /// as an error, so each of its records is a bad record without asking again, for
 /// [`UNKNOWN_ID_RETRY`]: then it is asked again, in case the id was registered since (a
 /// registry replica that had not caught up yet).
+///
+/// Garbage input (a zero byte, then random ids) must not grow memory or flood the registry:
+/// at most [`MAX_UNKNOWN_IDS`] unknown ids are kept (the oldest goes first; known schemas are
+/// bounded by the registry itself and never evicted), and lookups are rate-limited
+/// ([`WriterSchemas::take_lookup`]).
 #[derive(Debug)]
 pub struct WriterSchemas {
-    schemas: RwLock<HashMap<u32, (WriterSchema, Instant)>>,
+    cache: RwLock<Cache>,
     unknown_id_retry: Duration,
+    max_unknown_ids: usize,
+    lookups: Mutex<LookupBudget>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    schemas: HashMap<u32, Cached>,
+    /// How many of `schemas` are errors (ids the registry did not know).
+    unknown: usize,
+    /// Counts insertions, so that the oldest entry is known even within one clock tick.
+    inserted: u64,
+}
+
+#[derive(Debug)]
+struct Cached {
+    schema: WriterSchema,
+    since: Instant,
+    sequence: u64,
 }
 
 impl Default for WriterSchemas {
@@ -65,34 +88,120 @@ pub type WriterSchema = Result<Arc<AvroSchema>, String>;
 /// How long an id the registry did not know stays unknown before it is asked again.
 pub const UNKNOWN_ID_RETRY: Duration = Duration::from_secs(60);
 
+/// The most unknown ids remembered. At the lookup rate below, ids expire (after
+/// [`UNKNOWN_ID_RETRY`]) before this many pile up; the cap holds whatever the rate.
+pub const MAX_UNKNOWN_IDS: usize = 10_000;
+
+/// Registry lookups allowed at once, after a quiet spell: a pipeline meets its writers'
+/// handful of schema ids at start without waiting.
+pub const LOOKUP_BURST: u32 = 100;
+
+/// Registry lookups allowed per second, once the burst is spent.
+pub const LOOKUPS_PER_SECOND: u32 = 50;
+
 impl WriterSchemas {
     pub fn with_unknown_id_retry(unknown_id_retry: Duration) -> WriterSchemas {
-        WriterSchemas { schemas: RwLock::default(), unknown_id_retry }
+        WriterSchemas::with_limits(unknown_id_retry, MAX_UNKNOWN_IDS, LOOKUP_BURST, LOOKUPS_PER_SECOND)
+    }
+
+    fn with_limits(unknown_id_retry: Duration, max_unknown_ids: usize, burst: u32, per_second: u32) -> WriterSchemas {
+        WriterSchemas {
+            cache: RwLock::default(),
+            unknown_id_retry,
+            max_unknown_ids,
+            lookups: Mutex::new(LookupBudget::new(burst, per_second, Instant::now())),
+        }
     }
 
     /// Whether the registry must be asked for `id` before a record naming it is decoded.
     pub fn needs_fetch(&self, id: u32) -> bool {
-        match self.schemas.read().expect("writer schemas lock").get(&id) {
+        match self.cache.read().expect("writer schemas lock").schemas.get(&id) {
             None => true,
-            Some((Ok(_), _)) => false,
-            Some((Err(_), since)) => since.elapsed() >= self.unknown_id_retry,
+            Some(Cached { schema: Ok(_), .. }) => false,
+            Some(Cached { schema: Err(_), since, .. }) => since.elapsed() >= self.unknown_id_retry,
         }
     }
 
+    /// Takes one registry lookup from the budget; `Err(wait)` when it is spent, with the time
+    /// until the next one. The caller waits rather than dead-lettering the record: an id never
+    /// seen may be a writer's new schema, and its records must not go to the DLQ because
+    /// garbage came first. Waiting costs at most 1/[`LOOKUPS_PER_SECOND`] per lookup, so the
+    /// open transaction still commits on time; garbage then flows at the lookup rate instead
+    /// of at the registry's, and the registry is spared.
+    pub fn take_lookup(&self) -> Result<(), Duration> {
+        self.lookups.lock().expect("lookup budget lock").take(Instant::now())
+    }
+
     pub fn insert(&self, id: u32, schema: WriterSchema) {
-        self.schemas.write().expect("writer schemas lock").insert(id, (schema, Instant::now()));
+        let mut cache = self.cache.write().expect("writer schemas lock");
+        cache.inserted += 1;
+        let sequence = cache.inserted;
+        let unknown = schema.is_err();
+        let replaced = cache.schemas.insert(id, Cached { schema, since: Instant::now(), sequence });
+        if replaced.is_some_and(|replaced| replaced.schema.is_err()) {
+            cache.unknown -= 1;
+        }
+        if unknown {
+            cache.unknown += 1;
+            if cache.unknown > self.max_unknown_ids {
+                cache.forget_oldest_unknown();
+            }
+        }
     }
 
     fn get(&self, id: u32) -> Option<WriterSchema> {
-        self.schemas.read().expect("writer schemas lock").get(&id).map(|(schema, _)| schema.clone())
+        self.cache.read().expect("writer schemas lock").schemas.get(&id).map(|cached| cached.schema.clone())
     }
 
     pub fn len(&self) -> usize {
-        self.schemas.read().expect("writer schemas lock").len()
+        self.cache.read().expect("writer schemas lock").schemas.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Cache {
+    /// A scan, but it runs at most once per registry lookup, which the budget bounds.
+    fn forget_oldest_unknown(&mut self) {
+        let oldest = self
+            .schemas
+            .iter()
+            .filter(|(_, cached)| cached.schema.is_err())
+            .min_by_key(|(_, cached)| cached.sequence)
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.schemas.remove(&id);
+            self.unknown -= 1;
+        }
+    }
+}
+
+/// A token bucket: `burst` lookups at once, refilled at `per_second`.
+#[derive(Debug)]
+struct LookupBudget {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    refilled_at: Instant,
+}
+
+impl LookupBudget {
+    fn new(burst: u32, per_second: u32, now: Instant) -> LookupBudget {
+        LookupBudget { tokens: f64::from(burst), burst: f64::from(burst), per_second: f64::from(per_second.max(1)), refilled_at: now }
+    }
+
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+        }
     }
 }
 
@@ -667,6 +776,54 @@ mod tests {
         // bad all the same.
         let error = decoder.decode(&claims(&[], MAX_DECODE_ALLOCATION as i64)).unwrap_err().0;
         assert!(error.contains("not an Avro datum of writer schema id 4"), "{error}");
+    }
+
+    #[test]
+    fn unknown_ids_are_capped_and_known_ones_kept() {
+        let schema = Arc::new(AvroSchema::parse_str(r#""long""#).unwrap());
+        let cached = WriterSchemas::with_limits(UNKNOWN_ID_RETRY, 1_000, LOOKUP_BURST, LOOKUPS_PER_SECOND);
+        cached.insert(7, Ok(schema.clone()));
+        for id in 100..5_100 {
+            cached.insert(id, Err("not found".into()));
+        }
+        assert_eq!(cached.len(), 1_001, "one known schema and the newest 1,000 unknown ids");
+        assert!(!cached.needs_fetch(7), "a known schema is never evicted");
+        assert!(!cached.needs_fetch(5_099), "the newest unknown id is kept");
+        assert!(cached.needs_fetch(100), "the oldest unknown id went first");
+        // An unknown id that becomes known no longer counts against the cap.
+        cached.insert(5_099, Ok(schema));
+        cached.insert(6_000, Err("not found".into()));
+        assert_eq!(cached.len(), 1_002, "two known schemas and 1,000 unknown ids");
+        assert!(!cached.needs_fetch(5_099) && !cached.needs_fetch(6_000) && !cached.needs_fetch(4_100));
+        cached.insert(6_001, Err("not found".into()));
+        assert_eq!(cached.len(), 1_002);
+        assert!(cached.needs_fetch(4_100), "the oldest unknown id went");
+
+        // The real cap holds too.
+        let cached = WriterSchemas::default();
+        for id in 0..(MAX_UNKNOWN_IDS as u32 + 500) {
+            cached.insert(id, Err("not found".into()));
+        }
+        assert_eq!(cached.len(), MAX_UNKNOWN_IDS);
+    }
+
+    #[test]
+    fn registry_lookups_are_rate_limited_after_a_burst() {
+        let start = Instant::now();
+        let mut budget = LookupBudget::new(LOOKUP_BURST, LOOKUPS_PER_SECOND, start);
+        for lookup in 0..LOOKUP_BURST {
+            assert_eq!(budget.take(start), Ok(()), "lookup {lookup} of the burst");
+        }
+        let wait = budget.take(start).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1) / LOOKUPS_PER_SECOND, "{wait:?}");
+        // One second later: the rate's worth of lookups, and no more.
+        let later = start + Duration::from_secs(1);
+        let allowed = (0..LOOKUP_BURST).filter(|_| budget.take(later).is_ok()).count();
+        assert_eq!(allowed, LOOKUPS_PER_SECOND as usize);
+        // A long quiet spell refills the burst, not more.
+        let much_later = later + Duration::from_secs(3_600);
+        let allowed = (0..10 * LOOKUP_BURST).filter(|_| budget.take(much_later).is_ok()).count();
+        assert_eq!(allowed, LOOKUP_BURST as usize);
     }
 
     #[test]

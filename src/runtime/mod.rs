@@ -422,6 +422,13 @@ impl Loop<'_> {
         if !writers.needs_fetch(id) {
             return Ok(true);
         }
+        // The wait is short (one lookup's share of the rate), so the open batch stays open:
+        // the record waits its turn rather than going to the DLQ unlooked-up (see
+        // `WriterSchemas::take_lookup`).
+        while let Err(wait) = writers.take_lookup() {
+            tracing::debug!(id, ?wait, "registry lookups are rate-limited; waiting");
+            std::thread::sleep(wait);
+        }
         let what = format!("fetching writer schema id {id}");
         let (health, status, shutdown) = (self.health, self.status, self.shutdown);
         let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
