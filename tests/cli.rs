@@ -350,6 +350,26 @@ sink:
 }
 
 /// What `weir test` prints for `inputs` (input lines) through the pipeline at `path`.
+/// A password written into the registry URL would be shown wherever the URL is (errors,
+/// logs, /status): it is refused before anything connects, and never repeated.
+#[test]
+fn credentials_in_the_registry_url_are_refused_without_repeating_them() {
+    let (_dir, path) = write(GOOD);
+    for url in ["https://alice:hunter2-secret@registry:8081", "http://alice:hunter2%40secret@registry:8081/", "alice:hunter2-secret@registry:8081"] {
+        let started = Instant::now();
+        let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", url)]);
+        assert_eq!(output.status.code(), Some(2), "{url}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{url}: took {:?}", started.elapsed());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("schema_registry.url (env WEIR__SCHEMA_REGISTRY__URL): holds credentials"), "{url}: {stderr}");
+        assert!(stderr.contains("schema_registry.username") && stderr.contains("schema_registry.password_file"), "{url}: {stderr}");
+        assert!(!stderr.contains("hunter2") && !String::from_utf8_lossy(&output.stdout).contains("hunter2"), "{url}: {stderr}");
+    }
+    // The same registry without credentials in its URL is fine.
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "https://registry:8081")]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
 fn weir_test_lines(path: &str, inputs: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.jsonl");

@@ -307,7 +307,16 @@ impl KeyReader<'_> {
             .filter(|url| !url.is_empty())
             .collect();
         for url in &urls {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            // Credentials in the URL would travel with it into registry errors, logs and
+            // /status, where redaction by substring misses their URL-encoded forms: they have
+            // their own keys, whose values are never shown. The URL itself is not shown
+            // either, since it holds the password.
+            if has_user_info(url) {
+                self.problem(
+                    "schema_registry.url",
+                    "holds credentials (user info before '@'); remove them from the URL and set schema_registry.username and schema_registry.password_file (or schema_registry.password)",
+                );
+            } else if !(url.starts_with("http://") || url.starts_with("https://")) {
                 self.problem("schema_registry.url", format!("'{url}' is not an http:// or https:// URL"));
             }
         }
@@ -397,6 +406,18 @@ impl KeyReader<'_> {
             self.problems.push("kafka.options (env WEIR__KAFKA__OPTIONS__*)", redact(&error.to_string(), secret_values(&options)));
         }
         options
+    }
+}
+
+/// Whether a URL names a user (and maybe a password) before its host: `https://user:pw@host`.
+/// A URL without a scheme is read as if it had one, so `user:pw@host` counts too.
+fn has_user_info(url: &str) -> bool {
+    let with_scheme = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    match url::Url::parse(&with_scheme) {
+        Ok(parsed) => !parsed.username().is_empty() || parsed.password().is_some(),
+        // Not a URL at all: an '@' before the path is still taken for credentials, so that a
+        // malformed URL is never echoed with a password in it.
+        Err(_) => with_scheme.split("://").nth(1).is_some_and(|rest| rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))),
     }
 }
 
