@@ -127,7 +127,11 @@ impl LoopContext {
     fn on_revoke(&self, consumer: &BaseConsumer<LoopContext>, revoked: &TopicPartitionList) {
         let lost = consumer.assignment_lost();
         let mut session = self.session();
-        if session.transaction.is_open() && !session.abandoned {
+        // Pinned starts are committed before a partition moves, or its next owner would
+        // resolve the end again and skip what arrived meanwhile (lost partitions are
+        // someone else's already).
+        let pinned = !lost && session.transaction.has_pinned_starts();
+        if (session.transaction.is_open() || pinned) && !session.abandoned {
             // Lost partitions may already belong to someone else: committing would be fenced.
             let outcome = if lost {
                 session.abort(None)
@@ -146,6 +150,7 @@ impl LoopContext {
             let task = session.engine.task_input(&key.0, key.1);
             session.pending_restore.retain(|pending| pending != &task);
             session.owned.remove(&key);
+            session.transaction.unpin_start(&key.0, key.1);
             session.status.revoked(&key.0, key.1);
             session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
             self.metrics.forget_partition(element.topic(), element.partition());
@@ -167,11 +172,18 @@ impl LoopContext {
     }
 
     fn on_assign(&self, consumer: &BaseConsumer<LoopContext>, assigned: &mut TopicPartitionList) {
-        if let Err(error) = self.set_start_positions(consumer, assigned) {
-            self.session().failure = Some(error);
-            return;
-        }
+        let pinned_starts = match self.set_start_positions(consumer, assigned) {
+            Ok(pinned_starts) => pinned_starts,
+            Err(error) => {
+                self.session().failure = Some(error);
+                return;
+            }
+        };
         let mut session = self.session();
+        for (topic, partition, offset) in pinned_starts {
+            info!(topic, partition, offset, "no committed offset: starting at the end, committed as this partition's start");
+            session.transaction.pin_start(&topic, partition, offset);
+        }
         for element in assigned.elements() {
             let bounds_at_start = if self.until_end {
                 match consumer.fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT) {
@@ -302,12 +314,14 @@ impl LoopContext {
     }
 
     /// Gives every newly assigned partition its committed offset, or the source's
-    /// `starting_offsets` where nothing was committed yet.
+    /// `starting_offsets` where nothing was committed yet. Returns the starts resolved from a
+    /// partition's end, which must be committed (see `Transaction::pin_start`).
     fn set_start_positions(
         &self,
         consumer: &BaseConsumer<LoopContext>,
         assigned: &mut TopicPartitionList,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Vec<(String, i32, i64)>, RuntimeError> {
+        let mut pinned_starts = Vec::new();
         let committed = consumer
             .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
             .map_err(|error| RuntimeError::Fatal(format!("reading committed offsets: {error}")))?;
@@ -323,7 +337,11 @@ impl LoopContext {
                 Offset::Offset(offset) => self.check_retention(consumer, element.topic(), element.partition(), offset)?,
                 _ => match self.starting_offsets {
                     StartingOffsets::Earliest => Offset::Beginning,
-                    StartingOffsets::Latest => Offset::End,
+                    StartingOffsets::Latest => {
+                        let end = self.end_offset(consumer, element.topic(), element.partition())?;
+                        pinned_starts.push((element.topic().to_string(), element.partition(), end));
+                        Offset::Offset(end)
+                    }
                     StartingOffsets::Timestamp(millis) => {
                         by_time
                             .add_partition_offset(element.topic(), element.partition(), Offset::Offset(millis))
@@ -343,15 +361,30 @@ impl LoopContext {
             for element in found.elements() {
                 // No record at or after the time: start at the end.
                 let start = match element.offset() {
-                    Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
-                    _ => Offset::End,
+                    Offset::Offset(offset) if offset >= 0 => offset,
+                    _ => {
+                        let end = self.end_offset(consumer, element.topic(), element.partition())?;
+                        pinned_starts.push((element.topic().to_string(), element.partition(), end));
+                        end
+                    }
                 };
+                let start = Offset::Offset(start);
                 assigned
                     .set_partition_offset(element.topic(), element.partition(), start)
                     .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
             }
         }
-        Ok(())
+        Ok(pinned_starts)
+    }
+
+    /// A partition's end as a concrete offset, where `Offset::End` would be resolved anew at
+    /// each assignment. The consumer reads read_committed, so librdkafka's ListOffsets asks
+    /// for the last stable offset: records of a transaction still open are not skipped.
+    fn end_offset(&self, consumer: &BaseConsumer<LoopContext>, topic: &str, partition: i32) -> Result<i64, RuntimeError> {
+        let (_, end) = consumer
+            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+            .map_err(|error| RuntimeError::Fatal(format!("reading the end offset of {topic}[{partition}]: {error}")))?;
+        Ok(end)
     }
 }
 

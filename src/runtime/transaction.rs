@@ -116,6 +116,11 @@ pub struct Transaction {
     sink_topic: String,
     /// What the last committed batch did, for the progress report.
     last_summary: Option<BatchSummary>,
+    /// Start positions resolved from a partition's end (`starting_offsets: latest`, or a
+    /// timestamp after every record) that no batch has committed yet: (topic, partition,
+    /// offset). Until one is committed, a restart would resolve the end again and skip what
+    /// arrived meanwhile, so the next commit carries them, with or without records.
+    pinned_starts: Vec<(String, i32, i64)>,
 }
 
 impl Transaction {
@@ -137,6 +142,7 @@ impl Transaction {
             partitions: Vec::new(),
             counts: BatchCounts::default(),
             last_summary: None,
+            pinned_starts: Vec::new(),
             records: 0,
             call_timeout,
             metrics,
@@ -189,9 +195,30 @@ impl Transaction {
     }
 
 
-    /// Whether the open batch has run for `interval` or holds `max_records` records.
+    /// Whether the open batch has run for `interval` or holds `max_records` records; or no
+    /// batch is open but a pinned start waits to be committed.
     pub fn is_due(&self, interval: Duration, max_records: usize) -> bool {
-        self.open && (self.records >= max_records || self.opened_at.is_some_and(|at| at.elapsed() >= interval))
+        if !self.open {
+            return !self.pinned_starts.is_empty();
+        }
+        self.records >= max_records || self.opened_at.is_some_and(|at| at.elapsed() >= interval)
+    }
+
+    /// Commits `offset` as where `partition` of `topic` starts, with the next batch even if
+    /// that batch has no records. The transaction is begun only at that commit, so an
+    /// assignment does not hold one open through the restore of its state.
+    pub fn pin_start(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.unpin_start(topic, partition);
+        self.pinned_starts.push((topic.to_string(), partition, offset));
+    }
+
+    /// Forgets a pinned start (its partition was revoked).
+    pub fn unpin_start(&mut self, topic: &str, partition: i32) {
+        self.pinned_starts.retain(|(pinned, pinned_partition, _)| (pinned.as_str(), *pinned_partition) != (topic, partition));
+    }
+
+    pub fn has_pinned_starts(&self) -> bool {
+        !self.pinned_starts.is_empty()
     }
 
     /// Begins a transaction if none is open; called before the first output of a batch.
@@ -319,7 +346,11 @@ impl Transaction {
         deadline: Option<Instant>,
     ) -> Result<Option<Outcome>, RuntimeError> {
         if !self.open {
-            return Ok(None);
+            if self.pinned_starts.is_empty() {
+                return Ok(None);
+            }
+            // A transaction with offsets alone is what pins a start (see `pin_start`).
+            self.ensure_open()?;
         }
         let started = Instant::now();
         let positions = consumer.position().ok();
@@ -339,6 +370,15 @@ impl Transaction {
             offsets
                 .add_partition_offset(&batch.topic, batch.partition, Offset::Offset(next))
                 .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+        }
+        // A partition read in this batch commits where its records reached, past its start.
+        for (topic, partition, offset) in &self.pinned_starts {
+            if !self.partitions.iter().any(|batch| batch.partition == *partition && &batch.topic == topic) {
+                committed_offsets.push((topic.clone(), *partition, *offset));
+                offsets
+                    .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+            }
         }
         self.drain_delivery_reports();
         if !self.transactional {
@@ -394,6 +434,7 @@ impl Transaction {
             opened_at: self.opened_at,
             commit_duration: started.elapsed(),
         });
+        self.pinned_starts.clear();
         self.close();
         Outcome::Committed { records }
     }

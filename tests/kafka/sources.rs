@@ -41,6 +41,34 @@ sink:
     assert_exactly_once(&output, &expected);
 }
 
+/// `starting_offsets: latest` starts where a partition ended when the pipeline first got it,
+/// and commits that start at once, without waiting for a record: what arrives while weir is
+/// down is read after the restart (not skipped by resolving "latest" again), and
+/// `--until-end` knows where the end is and stops.
+#[test]
+fn a_latest_start_is_committed_before_any_record_arrives() {
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    // Before the pipeline's first start: skipped, as `latest` says.
+    produce(&input, (0..10).map(|id| Input::keyed(format!("k{id}"), event(id))));
+    let name = unique("latest");
+    let pipeline = pipeline_file(
+        &json_pipeline(&name, &input, &output, "  []").replace("    format: json\n", "    format: json\n    starting_offsets: latest\n"),
+    );
+    let mut first = WeirProcess::start(&pipeline.path, WeirOptions::default());
+    wait_ready(&first, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the start committed with no record read", || committed_offsets(&name, &input) == vec![10]);
+    first.kill();
+
+    produce(&input, (100..200).map(|id| Input::keyed(format!("k{id}"), event(id))));
+    let mut second = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(second.wait(Duration::from_secs(60)).success(), "{}", second.log_text());
+    let expected: Vec<u64> = (100..200).collect();
+    assert_exactly_once(&output, &expected);
+    assert_eq!(committed_offsets(&name, &input), vec![110]);
+}
+
 /// Deletes the records of `topic`'s partition 0 before `offset`, as retention would.
 fn delete_before(topic: &str, offset: i64) {
     use rdkafka::admin::{AdminClient, AdminOptions};
