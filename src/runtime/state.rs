@@ -14,11 +14,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::clients;
 use super::error::RuntimeError;
 use super::store::{StateStore, StoreWrite};
+use super::topics;
 use crate::config::Settings;
 use crate::engine::{ChangelogEntry, Engine};
 use crate::telemetry::metrics::Metrics;
@@ -73,15 +74,52 @@ fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Resu
     Ok(ChangelogEntry { topic, partition, step, key: state_key, value })
 }
 
-/// How long a local store's position in a changelog stays trustworthy: half the default
-/// `delete.retention.ms` of compacted topics.
+/// The longest a local store's position in a changelog stays trustworthy: half the 24 hours
+/// of `delete.retention.ms` weir gives the changelogs it creates.
 const STORE_TRUSTED_FOR: Duration = Duration::from_secs(12 * 3600);
+
+/// How long a local store's position in a changelog whose tombstones are kept for
+/// `delete_retention` stays trustworthy. A store older than that may have missed a deletion
+/// that compaction has since removed from the changelog, and would bring the deleted state
+/// back (a closed window emitted twice, an expired dedup key dropping new records); half the
+/// retention leaves room for clocks and for a store written just before a tombstone.
+pub fn store_trusted_for(delete_retention: Duration) -> Duration {
+    STORE_TRUSTED_FOR.min(delete_retention / 2)
+}
 
 /// How often a long restore logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Changelog entries written to the store at a time while restoring.
 const STORE_CHUNK: usize = 10_000;
+
+/// The store's trust window per stateful step, from its changelog's effective
+/// `delete.retention.ms` (which someone may have lowered, or which a changelog created before
+/// weir set it has from the cluster's default). Unreadable configs (no DescribeConfigs
+/// permission) leave the longest window, which matches the retention weir sets itself.
+fn trust_windows(settings: &Settings, changelogs: &Changelogs) -> BTreeMap<usize, Duration> {
+    let topics: Vec<&str> = changelogs.topics().map(String::as_str).collect();
+    if topics.is_empty() {
+        return BTreeMap::new();
+    }
+    let retention = match topics::delete_retention(settings, &topics) {
+        Ok(retention) => retention,
+        Err(error) => {
+            warn!(%error, trusted_for = ?STORE_TRUSTED_FOR, "cannot read the changelogs' delete.retention.ms; trusting the local store for the longest window");
+            return BTreeMap::new();
+        }
+    };
+    let mut windows = BTreeMap::new();
+    for (topic, delete_retention) in retention {
+        let Some(step) = changelogs.step(&topic) else { continue };
+        let trusted_for = store_trusted_for(delete_retention);
+        if trusted_for < STORE_TRUSTED_FOR {
+            info!(changelog = %topic, ?delete_retention, ?trusted_for, "the changelog keeps tombstones for less than a day; the local store is trusted for half of that");
+        }
+        windows.insert(step, trusted_for);
+    }
+    windows
+}
 
 /// Reads changelog partitions back into the engine.
 pub struct Restorer {
@@ -92,7 +130,8 @@ pub struct Restorer {
     metrics: Arc<Metrics>,
     /// How long an open transaction (of a crashed process) may hold the end of a changelog.
     patience: Duration,
-
+    /// How long the local store is trusted, per stateful step (see [`store_trusted_for`]).
+    trusted_for: BTreeMap<usize, Duration>,
 }
 
 impl Restorer {
@@ -115,12 +154,14 @@ impl Restorer {
             .set("isolation.level", "read_uncommitted")
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating the changelog reader: {error}")))?;
+        let trusted_for = trust_windows(settings, &changelogs);
         Ok(Restorer {
             consumer,
             bounds,
             changelogs,
             metrics,
             patience: settings.kafka.transaction_timeout * 3 + Duration::from_secs(30),
+            trusted_for,
         })
     }
 
@@ -156,7 +197,9 @@ impl Restorer {
                 match store.offset(step, partition)? {
                     // Older than that, compaction may have dropped tombstones the cache never
                     // saw (delete.retention.ms, 24 hours by default): rebuild instead.
-                    Some((reached, age)) if reached >= low && reached <= high && age < STORE_TRUSTED_FOR => {
+                    Some((reached, age))
+                        if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
+                    {
                         store.for_each_entry(step, partition, |key, value| {
                             let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
                             if owners.contains(&entry.topic) {
@@ -283,4 +326,18 @@ pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, parti
     }
     info!(%topic, partition, from_store = restored, elapsed_ms = started.elapsed().as_millis() as u64, "restored state");
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_is_trusted_for_half_the_tombstone_retention_and_never_over_twelve_hours() {
+        let hours = |hours: u64| Duration::from_secs(hours * 3600);
+        assert_eq!(store_trusted_for(hours(24)), hours(12), "the retention weir sets itself");
+        assert_eq!(store_trusted_for(hours(24 * 7)), hours(12), "a longer retention does not lengthen trust");
+        assert_eq!(store_trusted_for(Duration::from_secs(60)), Duration::from_secs(30));
+        assert_eq!(store_trusted_for(Duration::ZERO), Duration::ZERO, "tombstones dropped at once: never trusted");
+    }
 }

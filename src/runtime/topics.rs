@@ -21,6 +21,13 @@ use crate::engine::Engine;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A changelog keeps the last value per key; tombstones are kept 24 hours (set here, not
+/// left to the cluster's `log.cleaner.delete.retention.ms`, which may be far shorter): a
+/// local store older than the tombstones' retention may have missed deletions, so the store
+/// is trusted for half of it (see `state::store_trusted_for`).
+const CHANGELOG_CONFIG: &[(&str, &str)] = &[("cleanup.policy", "compact"), ("delete.retention.ms", "86400000")];
+const REPARTITION_CONFIG: &[(&str, &str)] = &[("cleanup.policy", "delete")];
+
 /// How long a missing source or sink topic is looked for before weir gives up.
 const MISSING_TOPIC_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -108,11 +115,11 @@ pub fn prepare(
     }
     let internal = changelogs
         .topics()
-        .map(|topic| (topic.as_str(), "changelog", [("cleanup.policy", "compact")]))
-        .chain(repartitions.iter().map(|topic| (topic.as_str(), "repartition topic", [("cleanup.policy", "delete")])));
+        .map(|topic| (topic.as_str(), "changelog", CHANGELOG_CONFIG))
+        .chain(repartitions.iter().map(|topic| (topic.as_str(), "repartition topic", REPARTITION_CONFIG)));
     for (topic, kind, config) in internal {
         match partition_count(&client, topic)? {
-            None => create_topic(settings, &client, topic, partitions, &config)?,
+            None => create_topic(settings, &client, topic, partitions, config)?,
             Some(count) if count == partitions => {}
             Some(count) => {
                 return Err(RuntimeError::Setup(format!(
@@ -207,6 +214,19 @@ fn create_topic(
 /// The `max.message.bytes` of each of `topics` (the sink and the DLQ): the broker refuses a
 /// record batch over it, for every record in it, so the producer must stay under it.
 pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Vec<(String, usize)>, RuntimeError> {
+    topic_config(settings, topics, "max.message.bytes")
+}
+
+/// The effective `delete.retention.ms` of each of `topics` (the changelogs): how long
+/// compaction keeps a tombstone.
+pub fn delete_retention(settings: &Settings, topics: &[&str]) -> Result<Vec<(String, Duration)>, RuntimeError> {
+    let found: Vec<(String, u64)> = topic_config(settings, topics, "delete.retention.ms")?;
+    Ok(found.into_iter().map(|(topic, millis)| (topic, Duration::from_millis(millis))).collect())
+}
+
+/// One config value of each of `topics`, where it is set and parses (the broker's default
+/// counts: describe_configs gives the effective value).
+fn topic_config<T: std::str::FromStr>(settings: &Settings, topics: &[&str], name: &str) -> Result<Vec<(String, T)>, RuntimeError> {
     let admin: AdminClient<DefaultClientContext> = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
@@ -217,13 +237,13 @@ pub fn max_message_bytes(settings: &Settings, topics: &[&str]) -> Result<Vec<(St
     let results = runtime
         .block_on(admin.describe_configs(&specifiers, &options))
         .map_err(|error| RuntimeError::Setup(format!("reading the configs of {topics:?}: {error}")))?;
-    let mut limits = Vec::new();
+    let mut values = Vec::new();
     for (topic, result) in topics.iter().zip(results) {
         let resource = result.map_err(|code| RuntimeError::Setup(format!("reading the config of topic '{topic}': {code}")))?;
-        let limit = resource.get("max.message.bytes").and_then(|entry| entry.value.as_deref()).and_then(|value| value.parse().ok());
-        if let Some(limit) = limit {
-            limits.push((topic.to_string(), limit));
+        let value = resource.get(name).and_then(|entry| entry.value.as_deref()).and_then(|value| value.parse().ok());
+        if let Some(value) = value {
+            values.push((topic.to_string(), value));
         }
     }
-    Ok(limits)
+    Ok(values)
 }

@@ -495,3 +495,38 @@ fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
     let restores: Vec<(u64, u64)> = logs.iter().flat_map(|log| restores(log)).collect();
     assert!(restores.iter().any(|(store, _)| *store > 0), "no restart used the local store: {restores:?}");
 }
+
+/// A changelog keeps tombstones for a day whatever the cluster's default, so a local store
+/// trusted for twelve hours cannot have missed a deletion that compaction already removed.
+#[test]
+fn created_changelogs_keep_tombstones_for_a_day() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let (input, output) = (unique("clicks"), unique("out"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    produce(&input, (0..10).map(click));
+    let name = unique("tombstones");
+    let pipeline = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [id], within: 1m }");
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+    let changelog = format!("{name}-0-changelog");
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker().bootstrap).create().unwrap();
+    let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&changelog)], &AdminOptions::new())).unwrap();
+    let config = described.into_iter().next().unwrap().unwrap();
+    // Set on the topic itself: the cluster's default (24 hours out of the box, but an
+    // operator may lower it) does not count.
+    let topic_value = |name: &str| {
+        config.get(name).filter(|entry| entry.source == ConfigSource::DynamicTopic).and_then(|entry| entry.value.clone())
+    };
+    assert_eq!(topic_value("delete.retention.ms").as_deref(), Some("86400000"), "{changelog}: {config:?}");
+    assert_eq!(topic_value("cleanup.policy").as_deref(), Some("compact"), "{changelog}");
+
+    // The restart reads the retention back and trusts its fresh local store.
+    let mut again = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(again.wait(Duration::from_secs(90)).success(), "{}", again.log_text());
+    let log = again.log_text();
+    assert!(!log.contains("cannot read the changelogs' delete.retention.ms"), "{log}");
+    assert!(restores(&log).iter().any(|(from_store, _)| *from_store > 0), "{log}");
+}
