@@ -307,6 +307,7 @@ impl Loop<'_> {
             let due = {
                 let mut session = self.consumer.context().session();
                 session.transaction.poll();
+                session.report_held_back_inputs();
                 if idle && !session.transaction.is_open() && session.idle_news() {
                     // Nothing to read, but a partition went idle: a batch of watermarks alone.
                     session.transaction.ensure_open()?;

@@ -34,6 +34,10 @@ use crate::telemetry::metrics::Metrics;
 const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a source partition may deliver nothing before it counts as holding back the
+/// watermarks that depend on it (where no `idle_timeout` lets them go on without it).
+const HELD_BACK_AFTER: Duration = Duration::from_secs(30);
+
 /// An input partition this process owns.
 #[derive(Debug, Clone)]
 pub struct OwnedPartition {
@@ -45,6 +49,8 @@ pub struct OwnedPartition {
     pub start: Option<i64>,
     /// When it was assigned or last had records in a committed batch (for `idle_timeout`).
     pub active: Instant,
+    /// Whether its silence holding back watermarks was reported (once per silence).
+    pub reported_held_back: bool,
 }
 
 /// State shared by the loop and the callbacks; only ever locked on the loop's thread.
@@ -213,6 +219,7 @@ impl LoopContext {
                         _ => None,
                     },
                     active: Instant::now(),
+                    reported_held_back: false,
                 },
             );
         }
@@ -528,18 +535,57 @@ impl Session {
     /// Tells the engine which source partitions have been idle for `idle_timeout`, before the
     /// batch end broadcasts watermarks.
     fn note_idle_inputs(&mut self) {
-        let Some(timeout) = self.engine.idle_timeout() else {
-            return;
-        };
+        // Kept with or without idle_timeout: `report_held_back_inputs` reads it too.
         let now = Instant::now();
         for (topic, partition) in self.transaction.batch_partitions() {
             if let Some(owned) = self.owned.get_mut(&(topic, partition)) {
                 owned.active = now;
+                owned.reported_held_back = false;
             }
         }
+        let Some(timeout) = self.engine.idle_timeout() else {
+            return;
+        };
         let idle: Vec<(String, i32)> =
             self.idle_inputs(timeout, now).map(|owned| (owned.topic.clone(), owned.partition)).collect();
         self.engine.set_idle_inputs(idle);
+    }
+
+    /// A source partition that delivers nothing holds back the watermark of every later
+    /// stage and join pair that depends on it, for good unless `idle_timeout` is set: their
+    /// windows stay open and their state grows (audit R22). Counts such partitions in
+    /// `weir_watermark_held_back_partitions` and warns once per partition per silence.
+    /// Cheap (a walk over the owned partitions); the loop calls it every turn.
+    pub fn report_held_back_inputs(&mut self) {
+        let depends_on_several = self.engine.stage_count() > 1 || self.engine.join_in_place().is_some();
+        if !depends_on_several || self.engine.idle_timeout().is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let Session { owned, engine, metrics, .. } = self;
+        let mut held_back = 0;
+        for partition in owned.values_mut() {
+            if engine.stage_of_topic(&partition.topic).is_some() {
+                continue;
+            }
+            let silent_for = now.saturating_duration_since(partition.active);
+            if silent_for < HELD_BACK_AFTER {
+                continue;
+            }
+            held_back += 1;
+            if !partition.reported_held_back {
+                partition.reported_held_back = true;
+                warn!(
+                    topic = %partition.topic,
+                    partition = partition.partition,
+                    silent_for_seconds = silent_for.as_secs(),
+                    "a source partition delivers nothing and holds back the watermark of the steps after it: their \
+                     windows stay open and their state grows until it delivers; set the source's watermark.idle_timeout \
+                     to go on without it"
+                );
+            }
+        }
+        metrics.watermark_held_back_partitions.set(held_back);
     }
 
     /// Marks the state of the task `topic`'s partition feeds for rebuilding before its next

@@ -31,6 +31,9 @@ pub struct Metrics {
     /// Records between the committed position and the end of each assigned partition.
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
+    /// Owned source partitions silent for a while that, with no `idle_timeout`, hold back
+    /// the watermark of the stages or join pairs that depend on them.
+    pub watermark_held_back_partitions: IntGauge,
     /// Rebalances seen, by kind (assign, revoke, lost).
     pub rebalances: IntCounterVec,
     /// Committed offsets that had fallen out of retention, by how weir went on.
@@ -89,6 +92,12 @@ impl Metrics {
         let assigned_partitions = IntGauge::new("weir_assigned_partitions", "Input partitions this process owns.")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(assigned_partitions.clone())).expect("each metric is registered once");
+        let watermark_held_back_partitions = IntGauge::new(
+            "weir_watermark_held_back_partitions",
+            "Owned source partitions that delivered nothing for a while and, with no idle_timeout, hold back watermarks.",
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(watermark_held_back_partitions.clone())).expect("each metric is registered once");
         let rebalances = counter_vec("weir_rebalances_total", "Consumer group rebalance events, by kind.", &["kind"]);
         let data_loss_events = counter_vec(
             "weir_data_loss_events_total",
@@ -146,6 +155,7 @@ impl Metrics {
             commit_duration,
             consumer_lag,
             assigned_partitions,
+            watermark_held_back_partitions,
             rebalances,
             data_loss_events,
             state_restored_records,

@@ -346,6 +346,16 @@ fn idle_timeout_lets_repartitioned_windows_close_past_an_empty_partition() {
         read_committed(&released).len() == closed_windows
     });
     assert!(read_committed(&held).is_empty(), "without idle_timeout an empty partition holds every window open");
+    // Without idle_timeout the held-back partition is reported, in the log and as a gauge.
+    wait_until(Duration::from_secs(90), "the empty partition reported as holding back", || {
+        metric(&processes[0], "weir_watermark_held_back_partitions", &[]).is_some_and(|count| count >= 1.0)
+    });
+    let log = processes[0].log_text();
+    let warning = log.lines().find(|line| line.contains("holds back the watermark")).unwrap_or_default().to_string();
+    assert!(warning.contains("partition=1") && warning.contains(&input), "{log}");
+    let reports = log.lines().filter(|line| line.contains("holds back the watermark") && line.contains("partition=1")).count();
+    assert_eq!(reports, 1, "once per silence: {log}");
+    assert_eq!(metric(&processes[1], "weir_watermark_held_back_partitions", &[]), Some(0.0), "idle_timeout lets them go on");
     for process in &mut processes {
         process.terminate();
         assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log_text());
