@@ -638,3 +638,39 @@ fn max_ahead_sends_records_from_the_far_future_to_the_dlq() {
     assert_eq!(results.len(), 1, "{lines:?}");
     assert_eq!(results[0]["value"]["n"], 2, "{lines:?}");
 }
+
+/// Four mistakes, two of them in one source: every one is reported with its key path, exit
+/// 2, before any connection to Kafka (serde alone stops at the first mistake of a mapping).
+#[test]
+fn four_mistakes_two_in_one_source_are_all_reported() {
+    let (_dir, path) = write(
+        r#"
+name: Clicks_Per_User
+sources:
+  clicks:
+    topics: [clicks]
+    format: jsn
+    schema: { user: string, ts: long }
+    event_time: { field: ts }
+    watermark: { max_out_of_orderness: five seconds }
+steps:
+  - dedup: { key: [user], within: 10m }
+sink:
+  format: json
+"#,
+    );
+    let started = Instant::now();
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(started.elapsed() < Duration::from_secs(5), "validation must not wait for Kafka");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "name: 'Clicks_Per_User' must be",
+        "sources.clicks.format: unknown variant `jsn`",
+        "sources.clicks.watermark.max_out_of_orderness: 'five seconds' is not a duration",
+        "sink.topic: is required",
+    ] {
+        assert!(stderr.contains(expected), "missing '{expected}' in:\n{stderr}");
+    }
+    assert!(stderr.contains("4 configuration problems"), "{stderr}");
+}

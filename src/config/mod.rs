@@ -9,6 +9,7 @@
 
 mod duration;
 mod error;
+mod fields;
 mod pipeline;
 mod schema;
 mod settings;
@@ -16,6 +17,7 @@ mod source;
 
 pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
 pub use error::{ConfigErrors, Problem};
+pub use fields::Fields;
 pub use pipeline::{section, ErrorAction, ErrorPolicy, PipelineFile, Sink, SinkMode, StepEntry};
 pub use schema::{check_fields, FieldType, Schema};
 pub use settings::{

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
+use super::fields::Fields;
 use super::source::{parse_sources, Encoding, Source};
 use super::ConfigErrors;
 
@@ -80,22 +81,33 @@ pub struct ErrorPolicy {
 
 // ---- raw shapes, as written in YAML -------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The sink as written; a key that did not fit is None or its default here, with its
+/// problem recorded.
 struct RawSink {
-    topic: String,
-    #[serde(default = "json_encoding")]
+    topic: Option<String>,
     format: Encoding,
-    #[serde(default)]
     key: Vec<String>,
-    #[serde(default = "json_encoding")]
     key_format: Encoding,
-    #[serde(default)]
     mode: SinkMode,
 }
 
-fn json_encoding() -> Encoding {
-    Encoding::Json
+impl RawSink {
+    fn read(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<RawSink> {
+        let Some(value) = value else {
+            problems.push("sink", "is required");
+            return None;
+        };
+        let mut fields = Fields::of(value, "sink", problems)?;
+        let raw = RawSink {
+            topic: fields.required("topic", problems),
+            format: fields.optional("format", problems).unwrap_or(Encoding::Json),
+            key: fields.or_default("key", problems),
+            key_format: fields.optional("key_format", problems).unwrap_or(Encoding::Json),
+            mode: fields.or_default("mode", problems),
+        };
+        fields.finish(problems);
+        Some(raw)
+    }
 }
 
 #[derive(Deserialize)]
@@ -141,7 +153,7 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
     let name = parse_name(top.get("name"), problems);
     let sources = parse_sources(top.get("sources"), problems);
     let steps = parse_steps(top.get("steps"), problems);
-    let sink = section::<RawSink>(top.get("sink"), "sink", problems).map(|raw| check_sink(raw, problems));
+    let sink = RawSink::read(top.get("sink"), problems).map(|raw| check_sink(raw, problems));
     let on_error = match top.get("on_error") {
         None => Some(ErrorPolicy::default()),
         value => section::<ErrorPolicy>(value, "on_error", problems),
@@ -212,7 +224,7 @@ fn parse_steps(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Vec<StepEnt
 
 /// The sink on its own; that `sink.key` names fields of the records is the plan's check.
 fn check_sink(raw: RawSink, problems: &mut ConfigErrors) -> Sink {
-    if raw.topic.trim().is_empty() {
+    if raw.topic.as_ref().is_some_and(|topic| topic.trim().is_empty()) {
         problems.push("sink.topic", "must name a topic");
     }
     if raw.format == Encoding::String {
@@ -221,5 +233,5 @@ fn check_sink(raw: RawSink, problems: &mut ConfigErrors) -> Sink {
     if raw.key_format == Encoding::String {
         problems.push("sink.key_format", "keys are written as json or avro");
     }
-    Sink { topic: raw.topic, encoding: raw.format, key: raw.key, key_encoding: raw.key_format, mode: raw.mode }
+    Sink { topic: raw.topic.unwrap_or_default(), encoding: raw.format, key: raw.key, key_encoding: raw.key_format, mode: raw.mode }
 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
 use super::duration::{check_duration, Zero};
+use super::fields::Fields;
 use super::pipeline::section;
 use super::schema::{parse_schema, FieldType, Schema};
 use super::ConfigErrors;
@@ -65,13 +66,21 @@ pub enum EventTimeUnit {
     Rfc3339,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watermark {
-    #[serde(with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
-    #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+}
+
+impl Watermark {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<Watermark> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let max_out_of_orderness = fields.required_duration("max_out_of_orderness", problems);
+        let idle_timeout = fields.duration("idle_timeout", problems);
+        let fine = fields.finish(problems);
+        let max_out_of_orderness = max_out_of_orderness?;
+        fine.then_some(Watermark { max_out_of_orderness, idle_timeout })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,33 +120,56 @@ impl Source {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A source as written; a key that did not fit is None here, with its problem recorded.
 struct RawSource {
     topics: Option<Vec<String>>,
     pattern: Option<String>,
-    format: Encoding,
+    format: Option<Encoding>,
     schema: Option<Mapping>,
     event_time: Option<RawEventTime>,
     watermark: Option<Watermark>,
-    #[serde(default)]
     starting_offsets: Option<Yaml>,
-    #[serde(default)]
     on_data_loss: DataLossPolicy,
-    #[serde(default)]
     partitioned_by: Vec<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawSource {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawSource> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let raw = RawSource {
+            topics: fields.optional("topics", problems),
+            pattern: fields.optional("pattern", problems),
+            format: fields.required("format", problems),
+            schema: fields.optional("schema", problems),
+            event_time: fields.raw("event_time").and_then(|value| RawEventTime::read(value, &format!("{location}.event_time"), problems)),
+            watermark: fields.raw("watermark").and_then(|value| Watermark::read(value, &format!("{location}.watermark"), problems)),
+            starting_offsets: fields.raw("starting_offsets").cloned(),
+            on_data_loss: fields.or_default("on_data_loss", problems),
+            partitioned_by: fields.or_default("partitioned_by", problems),
+        };
+        fields.finish(problems);
+        Some(raw)
+    }
+}
+
 struct RawEventTime {
     field: Option<String>,
-    #[serde(default)]
     unit: EventTimeUnit,
-    #[serde(default)]
     kafka_timestamp: bool,
-    #[serde(default, with = "humantime_serde")]
     max_ahead: Option<Duration>,
+}
+
+impl RawEventTime {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawEventTime> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let raw = RawEventTime {
+            field: fields.optional("field", problems),
+            unit: fields.or_default("unit", problems),
+            kafka_timestamp: fields.or_default("kafka_timestamp", problems),
+            max_ahead: fields.duration("max_ahead", problems),
+        };
+        fields.finish(problems).then_some(raw)
+    }
 }
 
 /// One source, or two for a join; None if any is bad (each problem recorded).
@@ -151,9 +183,10 @@ pub fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Optio
     let mut valid = true;
     for (name, raw) in sources {
         let location = format!("sources.{name}");
-        match section::<RawSource>(Some(&raw), &location, problems).and_then(|raw| check_source(name, raw, &location, problems)) {
-            Some(source) => parsed.push(source),
-            None => valid = false,
+        let before = problems.problems.len();
+        match RawSource::read(&raw, &location, problems).and_then(|raw| check_source(name, raw, &location, problems)) {
+            Some(source) if problems.problems.len() == before => parsed.push(source),
+            _ => valid = false,
         }
     }
     valid.then_some(parsed)
@@ -180,19 +213,19 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
         }
     };
     let schema = match (raw.format, raw.schema) {
-        (Encoding::Json, None) => {
+        (Some(Encoding::Json), None) => {
             problems.push(format!("{location}.schema"), "is required for format json (field: type)");
             None
         }
-        (Encoding::Avro, None) => {
+        (Some(Encoding::Avro), None) => {
             problems.push(
                 format!("{location}.schema"),
                 "is required for format avro: the fields to read (field: type), resolved against each record's writer schema",
             );
             None
         }
-        (Encoding::Json, Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
-        (Encoding::Avro, Some(mapping)) => {
+        (Some(Encoding::Json), Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
+        (Some(Encoding::Avro), Some(mapping)) => {
             let schema = parse_schema(&mapping, &format!("{location}.schema"), problems);
             if let Some(schema) = &schema {
                 for path in schema.invalid_avro_names() {
@@ -204,7 +237,9 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
             }
             schema
         }
-        (Encoding::String, Some(_)) => {
+        // The format did not read: the fields can still be checked.
+        (None, Some(mapping)) => parse_schema(&mapping, &format!("{location}.schema"), problems),
+        (Some(Encoding::String), Some(_)) => {
             problems.push(format!("{location}.schema"), "format string has no schema: the record is {value: string}");
             None
         }
@@ -212,7 +247,7 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
     };
     let field_type = |path: &str| -> Option<FieldType> {
         match raw.format {
-            Encoding::String => (path == "value").then_some(FieldType::String),
+            Some(Encoding::String) => (path == "value").then_some(FieldType::String),
             _ => schema.as_ref().and_then(|schema| schema.field_type(path).cloned()),
         }
     };
@@ -262,7 +297,7 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
     Some(Source {
         name,
         topics: topics?,
-        encoding: raw.format,
+        encoding: raw.format?,
         schema,
         event_time,
         watermark: raw.watermark,

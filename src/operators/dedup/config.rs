@@ -2,16 +2,13 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{check_duration, check_fields, section, ConfigErrors, Source, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Source, Zero};
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dedup {
     pub key: Vec<String>,
-    #[serde(with = "humantime_serde")]
     pub within: Duration,
 }
 
@@ -20,13 +17,21 @@ impl Dedup {
     /// least 1ms.
     pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Dedup> {
         let location = format!("{location}.dedup");
-        let dedup = section::<Dedup>(Some(body), &location, problems)?;
         let before = problems.problems.len();
-        if dedup.key.is_empty() {
-            problems.push(format!("{location}.key"), "must name at least one field");
+        let mut fields = Fields::of(body, &location, problems)?;
+        let key: Option<Vec<String>> = fields.required("key", problems);
+        let within = fields.required_duration("within", problems);
+        fields.finish(problems);
+        if let Some(key) = &key {
+            if key.is_empty() {
+                problems.push(format!("{location}.key"), "must name at least one field");
+            }
+            check_fields(key, source, &format!("{location}.key"), problems);
         }
-        check_fields(&dedup.key, source, &format!("{location}.key"), problems);
-        check_duration(dedup.within, Zero::Refused, &format!("{location}.within"), problems);
+        if let Some(within) = within {
+            check_duration(within, Zero::Refused, &format!("{location}.within"), problems);
+        }
+        let dedup = Dedup { key: key?, within: within? };
         (problems.problems.len() == before).then_some(dedup)
     }
 }

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{check_fields, section, signed_millis, ConfigErrors, Encoding, FieldType, Schema, Source, SourceTopics};
+use crate::config::{check_fields, signed_millis, Fields, ConfigErrors, Encoding, FieldType, Schema, Source, SourceTopics};
 
 /// A stream-stream interval join (PIPELINE.md, "join"): `pipeline.source` is its left
 /// input, `right` its right one. A left record l and a right record r with equal `on` fields
@@ -35,27 +35,50 @@ pub enum JoinKind {
     Full,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawJoin {
     left: String,
     right: String,
-    #[serde(rename = "type", default)]
     kind: JoinKind,
     on: Vec<String>,
     within: RawWithin,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawJoin {
+    /// The join section's keys, every one that is missing or does not fit reported.
+    fn read(value: &Yaml, problems: &mut ConfigErrors) -> Option<RawJoin> {
+        let mut fields = Fields::of(value, "join", problems)?;
+        let left = fields.required("left", problems);
+        let right = fields.required("right", problems);
+        let kind = fields.or_default("type", problems);
+        let on = fields.required("on", problems);
+        let within = fields.raw("within").and_then(|value| RawWithin::read(value, problems));
+        if within.is_none() && value.get("within").is_none() {
+            problems.push("join.within", "is required: {lower: <duration>, upper: <duration>}");
+        }
+        let fine = fields.finish(problems);
+        let join = RawJoin { left: left?, right: right?, kind, on: on?, within: within? };
+        fine.then_some(join)
+    }
+}
+
 struct RawWithin {
     lower: String,
     upper: String,
 }
 
+impl RawWithin {
+    fn read(value: &Yaml, problems: &mut ConfigErrors) -> Option<RawWithin> {
+        let mut fields = Fields::of(value, "join.within", problems)?;
+        let (lower, upper) = (fields.required("lower", problems), fields.required("upper", problems));
+        let fine = fields.finish(problems);
+        let within = RawWithin { lower: lower?, upper: upper? };
+        fine.then_some(within)
+    }
+}
+
 /// The join section, given the two sources: (left source, join).
 pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
-    let raw: RawJoin = section(Some(value), "join", problems)?;
+    let raw = RawJoin::read(value, problems)?;
     let before = problems.problems.len();
     let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
     for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {

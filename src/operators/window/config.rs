@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_yaml_ng::Value as Yaml;
+use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use crate::config::{check_duration, check_fields, section, ConfigErrors, FieldType, Schema, Source, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, FieldType, Fields, Schema, Source, Zero};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -93,7 +93,9 @@ impl Window {
     /// Reads a window step's body.
     pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
         let location = format!("{location}.window");
-        section::<RawWindow>(Some(body), &location, problems).and_then(|raw| check_window(raw, source, &location, problems))
+        let before = problems.problems.len();
+        let window = RawWindow::read(body, &location, problems).and_then(|raw| check_window(raw, source, &location, problems));
+        window.filter(|_| problems.problems.len() == before)
     }
 
     /// The fields of its results: the group_by fields, the window bounds, then the
@@ -119,36 +121,66 @@ impl Window {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A window as written; a key that did not fit is None or its default here, with its
+/// problem recorded.
 struct RawWindow {
-    #[serde(default)]
     group_by: Vec<String>,
-    #[serde(default, with = "humantime_serde")]
     tumbling: Option<Duration>,
     hopping: Option<RawHopping>,
     session: Option<RawSession>,
-    #[serde(default, with = "humantime_serde")]
+    /// How many of tumbling, hopping and session were written (read or not).
+    kinds_written: usize,
     allowed_lateness: Option<Duration>,
-    aggregates: serde_yaml_ng::Mapping,
-    #[serde(default)]
+    aggregates: Option<Mapping>,
     emit: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawWindow {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawWindow> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let kinds_written = ["tumbling", "hopping", "session"].iter().filter(|kind| value.get(**kind).is_some()).count();
+        let raw = RawWindow {
+            group_by: fields.or_default("group_by", problems),
+            tumbling: fields.duration("tumbling", problems),
+            hopping: fields.raw("hopping").and_then(|value| RawHopping::read(value, &format!("{location}.hopping"), problems)),
+            session: fields.raw("session").and_then(|value| RawSession::read(value, &format!("{location}.session"), problems)),
+            kinds_written,
+            allowed_lateness: fields.duration("allowed_lateness", problems),
+            aggregates: fields.required("aggregates", problems),
+            emit: fields.optional("emit", problems),
+        };
+        fields.finish(problems);
+        Some(raw)
+    }
+}
+
 struct RawHopping {
-    #[serde(with = "humantime_serde")]
     size: Duration,
-    #[serde(with = "humantime_serde")]
     slide: Duration,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawHopping {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawHopping> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let (size, slide) = (fields.required_duration("size", problems), fields.required_duration("slide", problems));
+        let fine = fields.finish(problems);
+        let hopping = RawHopping { size: size?, slide: slide? };
+        fine.then_some(hopping)
+    }
+}
+
 struct RawSession {
-    #[serde(with = "humantime_serde")]
     gap: Duration,
+}
+
+impl RawSession {
+    fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawSession> {
+        let mut fields = Fields::of(value, location, problems)?;
+        let gap = fields.required_duration("gap", problems);
+        let fine = fields.finish(problems);
+        let session = RawSession { gap: gap? };
+        fine.then_some(session)
+    }
 }
 
 /// The most windows one record may fall into (hopping `size / slide`): each is a piece of
@@ -186,6 +218,8 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
             check_duration(gap, Zero::Refused, &format!("{location}.session.gap"), problems);
             Some(WindowKind::Session { gap })
         }
+        // A kind that was written but did not read is reported already.
+        _ if raw.kinds_written == 1 => None,
         _ => {
             problems.push(location, "give exactly one of tumbling, hopping or session");
             None
@@ -210,7 +244,8 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
         }
     };
     let mut aggregates = Vec::new();
-    for (name, definition) in &raw.aggregates {
+    let written = raw.aggregates.is_some();
+    for (name, definition) in &raw.aggregates.unwrap_or_default() {
         let (Some(name), Some(definition)) = (name.as_str(), definition.as_str()) else {
             problems.push(format!("{location}.aggregates"), "each aggregate is `name: function(field)`");
             continue;
@@ -229,7 +264,7 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
             Err(message) => problems.push(aggregate_location, message),
         }
     }
-    if aggregates.is_empty() && problems.problems.len() == before {
+    if aggregates.is_empty() && written && problems.problems.len() == before {
         problems.push(format!("{location}.aggregates"), "must define at least one aggregate");
     }
     if problems.problems.len() > before {
