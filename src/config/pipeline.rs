@@ -44,7 +44,7 @@ pub struct StepEntry {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum SinkMode {
+pub enum DeliveryMode {
     #[default]
     Transactional,
     IdempotentUpsert,
@@ -58,7 +58,7 @@ pub struct Sink {
     pub key: Vec<String>,
     /// How keys that weir makes (from fields) are written: json or avro.
     pub key_encoding: Encoding,
-    pub mode: SinkMode,
+    pub mode: DeliveryMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -88,7 +88,7 @@ struct RawSink {
     format: Encoding,
     key: Vec<String>,
     key_format: Encoding,
-    mode: SinkMode,
+    mode: DeliveryMode,
 }
 
 impl RawSink {

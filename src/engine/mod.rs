@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{json, Decoder, Encoder};
-use crate::config::{ErrorAction, ErrorPolicy, EventTime, SinkMode};
+use crate::config::{ErrorAction, ErrorPolicy, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
 pub use topology::ChangelogEntry;
@@ -360,7 +360,7 @@ impl Engine {
     /// Without transactions (upsert mode), forwards carry their position, so that what a
     /// replaying sender sends again is dropped.
     pub fn distribute(&mut self, width: u32, input_partitions: usize) {
-        let positioned = self.pipeline.sink.mode == SinkMode::IdempotentUpsert;
+        let positioned = self.pipeline.sink.mode == DeliveryMode::IdempotentUpsert;
         self.topology.distribute(width, input_partitions, positioned);
     }
 
@@ -577,12 +577,12 @@ impl Engine {
                     };
                     // Upsert mode: the key is the output's id, also in a header with its version.
                     let (key, headers) = match self.pipeline.sink.mode {
-                        SinkMode::IdempotentUpsert => {
+                        DeliveryMode::IdempotentUpsert => {
                             let (id, version) = upsert_id(&record);
                             let id = json::encode(&id);
                             (Some(id.clone()), vec![(ID_HEADER.to_string(), id), (VERSION_HEADER.to_string(), version.to_string().into_bytes())])
                         }
-                        SinkMode::Transactional => (key, Vec::new()),
+                        DeliveryMode::Transactional => (key, Vec::new()),
                     };
                     match self.encoder.encode(&record.fields) {
                         Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers },

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::codec::avro::AvroEncoder;
 use crate::config::{
-    self, check_fields, ConfigErrors, Encoding, ErrorPolicy, FieldType, PipelineFile, Schema, Settings, Sink, SinkMode, Source,
+    self, check_fields, ConfigErrors, Encoding, ErrorPolicy, FieldType, PipelineFile, Schema, Settings, Sink, DeliveryMode, Source,
     SourceTopics,
 };
 use crate::operators::join::config::{parse_join, Join};
@@ -176,7 +176,7 @@ impl Pipeline {
         let in_place = co_partitioned_join(self).filter(|_| {
             // Upsert mode's replay drops need a sender's forwards in its input's order, which
             // a pair task, taking two inputs in whatever order they come, does not keep.
-            self.sink.mode != SinkMode::IdempotentUpsert || cut_stages(self, true).len() == 1
+            self.sink.mode != DeliveryMode::IdempotentUpsert || cut_stages(self, true).len() == 1
         });
         Stages {
             stages: cut_stages(self, in_place.is_some()),
@@ -334,7 +334,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     }
     let (name, source, mut steps, sink, on_error, dlq_topic) = (name?, source?, steps?, sink?, on_error?, dlq_topic?);
     if let Some(mut join) = join {
-        join.keep_sources = sink.mode == SinkMode::IdempotentUpsert;
+        join.keep_sources = sink.mode == DeliveryMode::IdempotentUpsert;
         steps.insert(0, Step::Join(Box::new(join)));
     }
     let dlq_topic = dlq_topic.unwrap_or_else(|| format!("{name}.dlq"));
@@ -347,7 +347,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     {
         problems.push("sink.format", problem);
     }
-    if pipeline.sink.mode == SinkMode::IdempotentUpsert {
+    if pipeline.sink.mode == DeliveryMode::IdempotentUpsert {
         check_upsert(&pipeline, problems);
     }
     if pipeline.sink.key_encoding == Encoding::Avro {

@@ -19,13 +19,13 @@ use tracing::{info, warn};
 
 use super::error::RuntimeError;
 use super::health::Health;
-use super::state::{self, Changelogs};
 use super::purge::Purger;
 use super::status::Status;
-use super::store::{StateStore, StoreWrite};
+use super::store::StateStore;
+use super::session::{OutputTopics, OwnedPartition, Session};
 use super::transaction::{Outcome, Transaction};
-use crate::engine::{Destination, Engine};
-use crate::config::{DataLossPolicy, StartingOffsets};
+use crate::engine::Engine;
+use crate::config::{DataLossPolicy, DeliveryMode, StartingOffsets};
 use crate::telemetry::metrics::Metrics;
 
 /// How long an assignment may wait for committed offsets. Under read_committed the broker
@@ -33,50 +33,6 @@ use crate::telemetry::metrics::Metrics;
 /// (KIP-447), which lasts at most the transaction timeout.
 const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a source partition may deliver nothing before it counts as holding back the
-/// watermarks that depend on it (where no `idle_timeout` lets them go on without it).
-const HELD_BACK_AFTER: Duration = Duration::from_secs(30);
-
-/// An input partition this process owns.
-#[derive(Debug, Clone)]
-pub struct OwnedPartition {
-    pub topic: String,
-    pub partition: i32,
-    /// With `--until-end`: the (low, end) offsets seen when the partition was assigned.
-    pub bounds_at_start: Option<(i64, i64)>,
-    /// The position reading starts from, when it is a concrete offset.
-    pub start: Option<i64>,
-    /// When it was assigned or last had records in a committed batch (for `idle_timeout`).
-    pub active: Instant,
-    /// Whether its silence holding back watermarks was reported (once per silence).
-    pub reported_held_back: bool,
-}
-
-/// State shared by the loop and the callbacks; only ever locked on the loop's thread.
-pub struct Session {
-    pub transaction: Transaction,
-    pub engine: Engine,
-    pub topics: OutputTopics,
-    /// The local cache of the changelogs, for pipelines with state.
-    pub store: Option<StateStore>,
-    /// Input partitions whose state must be rebuilt from the changelog before their next
-    /// record is processed (just assigned, or their batch aborted).
-    pub pending_restore: Vec<(String, i32)>,
-    pub owned: BTreeMap<(String, i32), OwnedPartition>,
-    /// An error raised inside a callback, for the loop to stop with.
-    pub failure: Option<RuntimeError>,
-    /// Positions to seek back to after an abort inside a callback.
-    pub rewind: Vec<(String, i32, i64)>,
-    /// The loop stopped on an error: callbacks must not commit anything any more.
-    pub abandoned: bool,
-    /// Keys and windows in state after the last commit, for the gauge.
-    pub metrics_state_keys: usize,
-    pub status: Arc<Status>,
-    pub metrics: Arc<Metrics>,
-    /// Deletes committed records from the repartition topics (pipelines that have them).
-    pub purger: Option<Purger>,
-}
 
 pub struct LoopContext {
     session: Mutex<Session>,
@@ -289,7 +245,7 @@ impl LoopContext {
     ) -> Result<BTreeMap<(String, i32), i64>, RuntimeError> {
         let session = self.session();
         let mut positions = BTreeMap::new();
-        let (false, Some(store)) = (session.transaction.is_transactional(), &session.store) else {
+        let (DeliveryMode::IdempotentUpsert, Some(store)) = (session.transaction.mode(), &session.store) else {
             return Ok(positions);
         };
         for element in committed.elements() {
@@ -392,250 +348,6 @@ impl LoopContext {
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
             .map_err(|error| RuntimeError::Fatal(format!("reading the end offset of {topic}[{partition}]: {error}")))?;
         Ok(end)
-    }
-}
-
-/// Where outputs go.
-#[derive(Debug, Clone)]
-pub struct OutputTopics {
-    pub sink: String,
-    pub dlq: String,
-    pub changelogs: Changelogs,
-    /// The repartition topic in front of each stage after the first.
-    pub repartitions: BTreeMap<usize, String>,
-}
-
-impl OutputTopics {
-    pub fn of(&self, destination: Destination) -> &str {
-        match destination {
-            Destination::Sink => &self.sink,
-            Destination::Dlq => &self.dlq,
-            Destination::Repartition(stage) => self.repartitions.get(&stage).map_or("", String::as_str),
-        }
-    }
-}
-
-impl Session {
-    /// Commits the open batch: first what the batch end emits (update-mode windows) and the
-    /// state changes for the changelogs, then the offsets and the transaction.
-    pub fn commit<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<Outcome>, RuntimeError> {
-        let mut store_writes = Vec::new();
-        if self.transaction.is_open() {
-            self.note_idle_inputs();
-            let mut outputs = Vec::new();
-            self.engine.end_batch(&mut outputs)?;
-            for output in &outputs {
-                let topic = self.topics.of(output.destination).to_string();
-                self.transaction
-                    .send(&topic, output)
-                    .map_err(|error| RuntimeError::Fatal(format!("producing to {topic}: {error}")))?;
-            }
-            for entry in self.engine.take_changes() {
-                let (key, value) = state::encode(&entry);
-                // Upsert mode keeps state in the local store alone, with the input offsets.
-                if self.transaction.is_transactional() {
-                    let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
-                        return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
-                    };
-                    self.transaction
-                        .send_to_partition(changelog, entry.partition, &key, value.as_deref())
-                        .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
-                }
-                store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
-            }
-            let counts = self.engine.take_counts();
-            self.transaction.add_counts(&counts);
-        }
-        let outcome = self.transaction.commit(consumer, deadline)?;
-        let delivered = self.transaction.take_delivered();
-        if let (Some(Outcome::Committed { .. }), false) = (&outcome, self.transaction.is_transactional()) {
-            self.acknowledged(consumer, &store_writes)?;
-        } else if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
-            // Committed: the cache may now hold these changes, with the changelog offsets
-            // they reach (the next offset to read; the commit marker follows).
-            // Only where this process is the changelog partition's one writer: otherwise others'
-            // entries lie between ours, and the store keeps the older offset (a restore then
-            // replays from there, which ours survive).
-            let offsets: Vec<(usize, i32, i64)> = delivered
-                .iter()
-                .filter_map(|((topic, partition), offset)| {
-                    let step = self.topics.changelogs.step(topic)?;
-                    let writers = self.engine.changelog_writers(step, *partition);
-                    writers.iter().all(|writer| self.owned.contains_key(writer)).then_some((step, *partition, offset + 1))
-                })
-                .collect();
-            store.apply(&store_writes, &offsets, &[])?;
-        }
-        self.after_outcome(outcome.as_ref());
-        if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
-            let watermarks = self.engine.input_watermarks();
-            self.status.committed(&summary, self.metrics_state_keys, &watermarks);
-            if let Some(purger) = &mut self.purger {
-                for (topic, partition, next) in &summary.offsets {
-                    if self.engine.stage_of_topic(topic).is_some() {
-                        purger.committed(topic, *partition, *next);
-                    }
-                }
-                purger.maybe_purge(false);
-            }
-            self.metrics.record_watermarks(&watermarks);
-            for (step, keys) in self.engine.state_keys_by_step() {
-                let label = step.to_string();
-                self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
-                if let Some(bytes) = self.store.as_ref().and_then(|store| store.live_bytes(step)) {
-                    self.metrics.step_state_bytes.with_label_values(&[&label]).set(bytes as i64);
-                }
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// Upsert mode, after every record of the batch is acknowledged: the state and the input
-    /// offsets it is at go to the store in one WriteBatch; then the offsets go to the group
-    /// too, for lag monitoring and for stateless pipelines (which have no store).
-    fn acknowledged<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, writes: &[StoreWrite]) -> Result<(), RuntimeError> {
-        let offsets = self.transaction.last_offsets();
-        if let Some(store) = &self.store {
-            store.apply(writes, &[], &offsets)?;
-        }
-        let mut list = TopicPartitionList::with_capacity(offsets.len());
-        for (topic, partition, next) in &offsets {
-            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
-        }
-        if list.count() > 0
-            && let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async)
-        {
-            warn!(%error, "committing offsets to the group (upsert mode; the store has them)");
-        }
-        Ok(())
-    }
-
-    /// A source partition has become idle since the engine last heard: a batch must carry
-    /// the news to the later stages even if no record is waiting.
-    pub fn idle_news(&self) -> bool {
-        let Some(timeout) = self.engine.idle_timeout() else {
-            return false;
-        };
-        self.idle_inputs(timeout, Instant::now())
-            .any(|owned| !self.engine.is_idle_input(&owned.topic, owned.partition))
-    }
-
-    /// The owned source partitions without records for `timeout` as of `now`.
-    fn idle_inputs(&self, timeout: Duration, now: Instant) -> impl Iterator<Item = &OwnedPartition> {
-        self.owned.values().filter(move |owned| {
-            self.engine.stage_of_topic(&owned.topic).is_none() && now.duration_since(owned.active) >= timeout
-        })
-    }
-
-    /// Tells the engine which source partitions have been idle for `idle_timeout`, before the
-    /// batch end broadcasts watermarks.
-    fn note_idle_inputs(&mut self) {
-        // Kept with or without idle_timeout: `report_held_back_inputs` reads it too.
-        let now = Instant::now();
-        for (topic, partition) in self.transaction.batch_partitions() {
-            if let Some(owned) = self.owned.get_mut(&(topic, partition)) {
-                owned.active = now;
-                owned.reported_held_back = false;
-            }
-        }
-        let Some(timeout) = self.engine.idle_timeout() else {
-            return;
-        };
-        let idle: Vec<(String, i32)> =
-            self.idle_inputs(timeout, now).map(|owned| (owned.topic.clone(), owned.partition)).collect();
-        self.engine.set_idle_inputs(idle);
-    }
-
-    /// A source partition that delivers nothing holds back the watermark of every later
-    /// stage and join pair that depends on it, for good unless `idle_timeout` is set: their
-    /// windows stay open and their state grows (audit R22). Counts such partitions in
-    /// `weir_watermark_held_back_partitions` and warns once per partition per silence.
-    /// Cheap (a walk over the owned partitions); the loop calls it every turn.
-    pub fn report_held_back_inputs(&mut self) {
-        let depends_on_several = self.engine.stage_count() > 1 || self.engine.join_in_place().is_some();
-        if !depends_on_several || self.engine.idle_timeout().is_some() {
-            return;
-        }
-        let now = Instant::now();
-        let Session { owned, engine, metrics, .. } = self;
-        let mut held_back = 0;
-        for partition in owned.values_mut() {
-            if engine.stage_of_topic(&partition.topic).is_some() {
-                continue;
-            }
-            let silent_for = now.saturating_duration_since(partition.active);
-            if silent_for < HELD_BACK_AFTER {
-                continue;
-            }
-            held_back += 1;
-            if !partition.reported_held_back {
-                partition.reported_held_back = true;
-                warn!(
-                    topic = %partition.topic,
-                    partition = partition.partition,
-                    silent_for_seconds = silent_for.as_secs(),
-                    "a source partition delivers nothing and holds back the watermark of the steps after it: their \
-                     windows stay open and their state grows until it delivers; set the source's watermark.idle_timeout \
-                     to go on without it"
-                );
-            }
-        }
-        metrics.watermark_held_back_partitions.set(held_back);
-    }
-
-    /// Marks the state of the task `topic`'s partition feeds for rebuilding before its next
-    /// record (a join's pair of partitions once).
-    fn queue_restore(&mut self, topic: &str, partition: i32) {
-        let task = self.engine.task_input(topic, partition);
-        if !self.pending_restore.contains(&task) {
-            self.pending_restore.push(task);
-        }
-    }
-
-    /// A join run in place needs partition p of both inputs in the same process. The range
-    /// assignor gives them together when every member subscribes to both topics; a member
-    /// running another pipeline file (a rolling change of `partitioned_by`) may not.
-    fn unpaired_partition(&self) -> Option<RuntimeError> {
-        let (left, right) = self.engine.join_in_place()?;
-        let (topic, partition, missing) = self.owned.keys().find_map(|(topic, partition)| {
-            let partner = match topic.as_str() {
-                topic if topic == left => right,
-                topic if topic == right => left,
-                _ => return None,
-            };
-            (!self.owned.contains_key(&(partner.to_string(), *partition))).then(|| (topic.clone(), *partition, partner))
-        })?;
-        Some(RuntimeError::Fatal(format!(
-            "the join runs in place (both sources are partitioned_by its key), so partition {partition} of {topic} \
-             must come with partition {partition} of {missing}, but the group assigned it alone: every member of \
-             the consumer group must run the same pipeline file, with partition.assignment.strategy range"
-        )))
-    }
-
-    /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
-    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
-        let outcome = self.transaction.abort(deadline)?;
-        self.transaction.take_delivered();
-        self.after_outcome(Some(&outcome));
-        Ok(outcome)
-    }
-
-    fn after_outcome(&mut self, outcome: Option<&Outcome>) {
-        if let Some(Outcome::Aborted { rewind }) = outcome {
-            self.status.aborted(&format!("a batch was aborted; {} partitions are replayed from its first offsets", rewind.len()));
-            // The aborted records changed in-memory state that was never committed.
-            self.engine.take_counts();
-            for (topic, partition, _) in rewind {
-                self.engine.drop_input_partition(topic, *partition);
-                self.queue_restore(topic, *partition);
-            }
-        }
-        self.metrics_state_keys = self.engine.state_keys();
     }
 }
 

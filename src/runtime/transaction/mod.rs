@@ -1,81 +1,63 @@
-//! The open batch: one Kafka transaction holding the batch's outputs and consumed offsets.
+//! The commit path: how a batch's outputs, state changes and consumed offsets reach Kafka
+//! together, and what happens when a step of that fails. Everything about "what if the commit
+//! fails" is in this module.
+//!
+//! # Design
+//! ```text
+//! start:  init_transactions ──► fences an older process with the same transactional id
+//!                               (`<name>-<instance>`) and aborts its open transaction,
+//!                               before any offset is read or any state restored
+//! batch:  begin (at the first output) ─► produce results, DLQ and repartition records
+//!         ─► batch end: update-mode windows emit; state changes go to the changelogs
+//!         ─► send_offsets_to_transaction (the next offsets to read, with group metadata)
+//!         ─► commit_transaction ─► the batch's state goes to the store in one WriteBatch,
+//!                                  with the changelog offsets it reaches
+//! ```
+//! [`Transaction`] is one Kafka transaction (or, in `idempotent_upsert` mode, one batch of an
+//! idempotent producer: see [`DeliveryMode`]); `batch` drives it for the session as a whole
+//! (engine, changelogs, store).
 //!
 //! # Failure handling
-//! Each transactional call's error is classified ([`classify`]): retriable errors repeat the
-//! same call (a commit that timed out without a verdict is retried, never assumed lost);
-//! errors that require an abort abort the transaction and hand back the batch's first offsets
-//! so the loop rewinds and processes the batch again; fatal errors (fencing) end the process.
+//! Each call's error is classified ([`classify`], librdkafka's classes):
+//! - **retriable**: the same call again (a commit that timed out without a verdict is
+//!   retried, never assumed lost or done);
+//! - **abort and rewind**: the transaction is aborted and the batch's first offsets are
+//!   handed back, so the loop seeks there, drops the batch's in-memory state, restores it
+//!   from the changelog and processes the batch again;
+//! - **fatal** (fenced by a newer process or by the group): the process stops without
+//!   committing; the next process with the same instance id aborts what was open.
+//!
+//! In `idempotent_upsert` mode nothing is transactional: a batch is done when the broker
+//! acknowledged every record, and then its state and input offsets go to the store together;
+//! a failed delivery stops the run, and the restart replays from the stored offsets, writing
+//! the same ids again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::status::BatchSummary;
-use super::error::{classify, fatal, ErrorClass, RuntimeError};
+mod batch;
+mod classes;
+
+pub use classes::{classify, fatal, ErrorClass};
+
+use super::delivery::DeliveryWatch;
+use super::error::RuntimeError;
+use crate::config::DeliveryMode;
 use crate::engine::{BatchCounts, Output};
 use crate::telemetry::metrics::Metrics;
 
 /// How long the loop sleeps while it waits for delivery reports (see `serve_or_pause`):
 /// short next to a broker round trip, long enough to leave the cores to the broker.
 const REPORT_PAUSE: Duration = Duration::from_micros(100);
-
-/// Counts failed deliveries; a failed delivery makes the transaction abortable, so the commit
-/// will report it and the batch is replayed.
-#[derive(Default)]
-pub struct DeliveryWatch {
-    pub failures: AtomicU64,
-    /// The topics whose delivered offsets matter (the changelogs).
-    tracked: Vec<String>,
-    /// The highest offset delivered per tracked (topic, partition) since the last take.
-    delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
-}
-
-impl DeliveryWatch {
-    /// Watches deliveries, remembering the offsets reached in `tracked` topics.
-    pub fn new(tracked: Vec<String>) -> DeliveryWatch {
-        DeliveryWatch { tracked, ..DeliveryWatch::default() }
-    }
-
-    /// The highest offset delivered per (topic, partition) since the last call.
-    pub fn take_delivered(&self) -> std::collections::HashMap<(String, i32), i64> {
-        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
-    }
-}
-
-impl ClientContext for DeliveryWatch {
-    fn error(&self, error: KafkaError, reason: &str) {
-        warn!(%error, reason, "producer client error");
-    }
-}
-
-impl ProducerContext for DeliveryWatch {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
-        match result {
-            Err((error, _)) => {
-                if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
-                    warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
-                }
-            }
-            Ok(message) if !self.tracked.is_empty() => {
-                if let Some(topic) = self.tracked.iter().find(|topic| topic.as_str() == message.topic()) {
-                    let mut delivered = self.delivered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    let reached = delivered.entry((topic.clone(), message.partition())).or_insert(message.offset());
-                    *reached = (*reached).max(message.offset());
-                }
-            }
-            Ok(_) => {}
-        }
-    }
-}
 
 /// Offsets of one input partition within the open batch.
 #[derive(Debug, Clone)]
@@ -101,7 +83,8 @@ pub struct Transaction {
     transactional_id: String,
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
     /// acknowledged, and its offsets go to the state store, not into a transaction.
-    transactional: bool,
+    /// Transactions, or an idempotent producer without them (`idempotent_upsert`).
+    mode: DeliveryMode,
     /// Topics whose records must stay under a size (their max.message.bytes, less framing).
     record_limits: Vec<(String, usize)>,
     open: bool,
@@ -135,7 +118,7 @@ impl Transaction {
         Transaction {
             producer,
             transactional_id,
-            transactional: true,
+            mode: DeliveryMode::Transactional,
             record_limits: Vec::new(),
             open: false,
             opened_at: None,
@@ -151,9 +134,10 @@ impl Transaction {
         }
     }
 
-    /// `mode: idempotent_upsert`: the producer is idempotent, without transactions.
-    pub fn without_transactions(mut self) -> Transaction {
-        self.transactional = false;
+    /// How batches are delivered: the producer must have been made for that mode
+    /// (`clients::producer_config` or `upsert_producer_config`).
+    pub fn with_mode(mut self, mode: DeliveryMode) -> Transaction {
+        self.mode = mode;
         self
     }
 
@@ -164,8 +148,8 @@ impl Transaction {
         self
     }
 
-    pub fn is_transactional(&self) -> bool {
-        self.transactional
+    pub fn mode(&self) -> DeliveryMode {
+        self.mode
     }
 
     pub fn transactional_id(&self) -> &str {
@@ -176,7 +160,7 @@ impl Transaction {
     /// the same transactional id and aborting its open transaction. Retried until it answers
     /// or `keep_trying` says stop.
     pub fn initialize(&self, keep_trying: impl Fn() -> bool) -> Result<(), RuntimeError> {
-        if !self.transactional {
+        if self.mode == DeliveryMode::IdempotentUpsert {
             return Ok(());
         }
         loop {
@@ -226,7 +210,7 @@ impl Transaction {
         if self.open {
             return Ok(());
         }
-        if self.transactional {
+        if self.mode == DeliveryMode::Transactional {
             self.producer
                 .begin_transaction()
                 .map_err(|error| fatal(&error, &self.transactional_id))?;
@@ -381,7 +365,7 @@ impl Transaction {
             }
         }
         self.drain_delivery_reports();
-        if !self.transactional {
+        if self.mode == DeliveryMode::IdempotentUpsert {
             return self.acknowledged(started, committed_offsets).map(Some);
         }
         let Some(group) = consumer.group_metadata() else {
@@ -471,7 +455,7 @@ impl Transaction {
         self.producer.purge(PurgeConfig::default().queue().inflight());
         self.drain_delivery_reports();
         // Upsert mode: what was written stays written; the replay writes the same ids.
-        if self.transactional {
+        if self.mode == DeliveryMode::Transactional {
             let timeout = self.call_timeout;
             let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
             if !aborted {

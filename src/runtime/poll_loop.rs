@@ -1,0 +1,400 @@
+//! The loop itself: poll a record, decode and run it through the steps, produce what comes
+//! out into the open transaction, and commit when the batch is due; act between polls on
+//! what the rebalance callbacks left (failures, rewinds, restores).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::Offset;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::error::RuntimeError;
+use super::health::Health;
+use super::rebalance::LoopContext;
+use super::session::Session;
+use super::state::{self, Restorer};
+use super::transaction::{self, Outcome, Transaction};
+use super::{schemas, status};
+use crate::codec::avro;
+use crate::codec::registry::Registry;
+use crate::config::DeliveryMode;
+use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, Stage};
+use crate::operators::Provenance;
+use crate::telemetry::metrics::Metrics;
+
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the loop waits for the registry before polling the consumer again.
+const REGISTRY_WAIT: Duration = Duration::from_secs(30);
+
+pub(super) struct Loop<'a> {
+    pub(super) consumer: &'a BaseConsumer<LoopContext>,
+    /// Reads the repartition topics' end offsets for `--until-end`.
+    pub(super) repartition_ends: Option<&'a BaseConsumer>,
+    pub(super) restorer: Option<&'a Restorer>,
+    pub(super) registry: Option<&'a Registry>,
+    pub(super) metrics: &'a Metrics,
+    pub(super) health: &'a Health,
+    pub(super) status: &'a status::Status,
+    pub(super) commit_interval: Duration,
+    pub(super) max_batch_records: usize,
+    pub(super) until_end: bool,
+    pub(super) shutdown: &'a CancellationToken,
+    pub(super) outputs: Vec<Output>,
+}
+
+impl Loop<'_> {
+    pub(super) fn run(mut self, drain_timeout: Duration) -> Result<(), RuntimeError> {
+        loop {
+            if self.shutdown.is_cancelled() {
+                info!("shutting down: committing the open batch");
+                let deadline = Instant::now() + drain_timeout;
+                return self.commit(Some(deadline)).map(drop);
+            }
+            let message = self.consumer.poll(POLL_TIMEOUT);
+            self.after_callbacks()?;
+            let idle = message.is_none();
+            match message {
+                None => {}
+                Some(Ok(message)) if self.fetch_writer_schema(&message)? => self.process(&message)?,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => self.consumer_error(error)?,
+            }
+            let due = {
+                let mut session = self.consumer.context().session();
+                session.transaction.poll();
+                session.report_held_back_inputs();
+                if idle && !session.transaction.is_open() && session.idle_news() {
+                    // Nothing to read, but a partition went idle: a batch of watermarks alone.
+                    session.transaction.ensure_open()?;
+                }
+                session.transaction.is_due(self.commit_interval, self.max_batch_records)
+            };
+            if due {
+                self.commit(None)?;
+            }
+            if self.until_end && (idle || due) && self.reached_end() {
+                self.commit(None)?;
+                if self.reached_end() {
+                    info!("reached the end offsets seen at start; stopping");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Acts on what the rebalance callbacks left behind during the last poll.
+    fn after_callbacks(&mut self) -> Result<(), RuntimeError> {
+        let (failure, rewind) = {
+            let mut session = self.consumer.context().session();
+            (session.failure.take(), std::mem::take(&mut session.rewind))
+        };
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        self.rewind(rewind)?;
+        self.restore_pending()
+    }
+
+    /// Rebuilds from the changelog the state of partitions just assigned or just aborted,
+    /// before any of their records is processed. Not ready meanwhile.
+    fn restore_pending(&mut self) -> Result<(), RuntimeError> {
+        let mut session = self.consumer.context().session();
+        let pending = std::mem::take(&mut session.pending_restore);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if session.transaction.mode() == DeliveryMode::IdempotentUpsert {
+            // Upsert mode: the local store has the state, at the offsets reading resumes from.
+            let Session { engine, store, owned, .. } = &mut *session;
+            if let Some(store) = store {
+                self.health.set_restoring(true);
+                for (topic, partition) in pending {
+                    if owned.contains_key(&(topic.clone(), partition)) {
+                        state::restore_local(engine, store, &topic, partition)?;
+                    }
+                }
+                self.health.set_restoring(false);
+            }
+            self.metrics.state_keys.set(session.engine.state_keys() as i64);
+            return Ok(());
+        }
+        let Some(restorer) = self.restorer else {
+            return Ok(());
+        };
+        self.health.set_restoring(true);
+        for (topic, partition) in pending {
+            if session.owned.contains_key(&(topic.clone(), partition)) {
+                let Session { engine, store, .. } = &mut *session;
+                restorer.restore(engine, store.as_ref(), &topic, partition)?;
+            }
+        }
+        self.health.set_restoring(false);
+        self.metrics.state_keys.set(session.engine.state_keys() as i64);
+        Ok(())
+    }
+
+    /// Seeks the partitions of an aborted batch back to its first offsets. librdkafka drops
+    /// what it had fetched past them (a seek raises the partition's version barrier), so
+    /// the next records polled from them are the replay.
+    fn rewind(&mut self, positions: Vec<(String, i32, i64)>) -> Result<(), RuntimeError> {
+        for (topic, partition, offset) in positions {
+            match self.consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
+                Ok(()) => info!(%topic, partition, offset, "rewound after abort"),
+                Err(error) => {
+                    let owned = self.consumer.context().session().owned.contains_key(&(topic.clone(), partition));
+                    // Not ours any more: the next owner starts from the committed offset anyway.
+                    if !owned {
+                        warn!(%topic, partition, %error, "could not rewind a partition no longer owned");
+                        continue;
+                    }
+                    // Reading on would skip the aborted records: stop, and let the restart
+                    // resume from the committed offsets.
+                    return Err(RuntimeError::Fatal(format!(
+                        "rewinding {topic}[{partition}] to {offset} after an abort failed: {error}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Before an Avro record is decoded: fetches the writer schema it names, the first time
+    /// an id is met. False when the record must not be processed now: the wait for the
+    /// registry ended in a shutdown, or its batch was aborted (it is read again).
+    fn fetch_writer_schema(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<bool, RuntimeError> {
+        let Some(registry) = self.registry else {
+            return Ok(true);
+        };
+        let Some(id) = message.payload().and_then(avro::schema_id) else {
+            return Ok(true);
+        };
+        let writers = {
+            let session = self.consumer.context().session();
+            if !session.engine.reads_avro(message.topic()) {
+                return Ok(true);
+            }
+            session.engine.writer_schemas().clone()
+        };
+        if !writers.needs_fetch(id) {
+            return Ok(true);
+        }
+        // The wait is short (one lookup's share of the rate), so the open batch stays open:
+        // the record waits its turn rather than going to the DLQ unlooked-up (see
+        // `WriterSchemas::take_lookup`).
+        while let Err(wait) = writers.take_lookup() {
+            tracing::debug!(id, ?wait, "registry lookups are rate-limited; waiting");
+            std::thread::sleep(wait);
+        }
+        let what = format!("fetching writer schema id {id}");
+        let (health, status, shutdown) = (self.health, self.status, self.shutdown);
+        let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
+        let mut waited = false;
+        // The registry is away: this record goes back to be read again (so no offset past
+        // it is committed), and the open batch commits, so no transaction stays open while
+        // we wait. The wait is bounded, so the consumer is polled well within
+        // max.poll.interval.ms; the record comes back at once and the wait goes on.
+        let set_aside = || {
+            waited = true;
+            self.consumer
+                .seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+                .map_err(|error| RuntimeError::Fatal(format!("seeking {topic}[{partition}] back to {offset}: {error}")))?;
+            self.commit(None).map(drop)
+        };
+        let fetched = schemas::until_answered(&what, health, status, shutdown, Some(REGISTRY_WAIT), set_aside, || {
+            registry.writer_schema(id)
+        });
+        match fetched {
+            Ok(Some(schema)) => {
+                if let Err(reason) = &schema {
+                    warn!(id, %reason, "a writer schema id the registry does not know; its records are bad records");
+                }
+                writers.insert(id, schema);
+                // Set aside while waiting: it is read again, behind the rewind.
+                Ok(!waited)
+            }
+            Ok(None) => Ok(false),
+            Err(schemas::WaitError::Runtime(error)) => Err(error),
+            Err(schemas::WaitError::Registry(error)) => Err(RuntimeError::Setup(format!("{what}: {error}"))),
+        }
+    }
+
+    fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let headers: Vec<(&str, Option<&[u8]>)> = message
+            .headers()
+            .map(|headers| headers.iter().map(|header| (header.key, header.value)).collect())
+            .unwrap_or_default();
+        let mut guard = self.consumer.context().session();
+        let Session { transaction, engine, topics, .. } = &mut *guard;
+        // From a repartition topic: our own records, so a malformed one is a bug, not bad input.
+        let forwarded = match engine.stage_of_topic(topic) {
+            None => None,
+            Some(stage) => Some((
+                stage,
+                ForwardHeaders::parse(&headers)
+                    .map_err(|error| RuntimeError::Fatal(format!("{topic}[{partition}]@{offset}: {error}")))?,
+            )),
+        };
+        // A forwarded record answers for the source record it came from.
+        let source = forwarded.as_ref().and_then(|(_, headers)| headers.source.clone());
+        let provenance = match &source {
+            Some((topic, partition, offset, timestamp)) => Provenance {
+                topic,
+                partition: *partition,
+                offset: *offset,
+                timestamp: *timestamp,
+                headers: &[],
+                key: message.key(),
+            },
+            None => Provenance {
+                topic,
+                partition,
+                offset,
+                timestamp: message.timestamp().to_millis(),
+                headers: &headers,
+                key: message.key(),
+            },
+        };
+        let input = InputRecord { provenance, key: message.key(), value: message.payload() };
+        transaction.ensure_open()?;
+        self.outputs.clear();
+        let processed = match &forwarded {
+            None => engine.process(&input, &mut self.outputs),
+            Some((stage, headers)) => engine.process_forwarded(&input, *stage, partition, headers, &mut self.outputs),
+        };
+        if let Err(failure) = processed {
+            engine.take_counts();
+            return Err(failure.into());
+        }
+        for output in self.outputs.drain(..) {
+            let destination = topics.of(output.destination);
+            if output.destination == Destination::Dlq {
+                send_dead_letter(transaction, destination, &output)?;
+                continue;
+            }
+            let Err(error) = transaction.send(destination, &output) else {
+                continue;
+            };
+            let record_specific = matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+            );
+            if !record_specific {
+                return Err(RuntimeError::Fatal(format!("producing to {destination}: {error}")));
+            }
+            // The result itself cannot be written: the input goes where on_error.produce says.
+            engine.unproduce();
+            let mut dead_letters = Vec::with_capacity(1);
+            engine.reject(&input, Stage::Produce, &error.to_string(), &mut dead_letters)?;
+            for dead_letter in &dead_letters {
+                send_dead_letter(transaction, &topics.dlq, dead_letter)?;
+            }
+        }
+        let counts = engine.take_counts();
+        transaction.consumed(topic, partition, offset, &counts);
+        Ok(())
+    }
+
+    fn consumer_error(&mut self, error: KafkaError) -> Result<(), RuntimeError> {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            return Err(self.data_loss(&error));
+        }
+        if let KafkaError::MessageConsumptionFatal(_) = error {
+            let transactional_id = self.consumer.context().session().transaction.transactional_id().to_string();
+            return Err(transaction::fatal(&error, &transactional_id));
+        }
+        if code == Some(RDKafkaErrorCode::FencedInstanceId) {
+            let transactional_id = self.consumer.context().session().transaction.transactional_id().to_string();
+            return Err(transaction::fatal(&error, &transactional_id));
+        }
+        warn!(%error, "consumer error; continuing");
+        Ok(())
+    }
+
+    fn data_loss(&self, error: &KafkaError) -> RuntimeError {
+        // librdkafka names the partition only in the message text.
+        warn!(%error, "committed offset out of range");
+        let session = self.consumer.context().session();
+        let text = error.to_string();
+        let owned = session
+            .owned
+            .values()
+            .find(|owned| text.contains(&format!("{} [{}]", owned.topic, owned.partition)))
+            .or_else(|| session.owned.values().next());
+        RuntimeError::DataLoss {
+            topic: owned.map(|owned| owned.topic.clone()).unwrap_or_default(),
+            partition: owned.map_or(-1, |owned| owned.partition),
+        }
+    }
+
+    fn commit(&mut self, deadline: Option<Instant>) -> Result<Option<Outcome>, RuntimeError> {
+        let outcome = {
+            let mut session = self.consumer.context().session();
+            let outcome = session.commit(self.consumer, deadline)?;
+            self.metrics.state_keys.set(session.metrics_state_keys as i64);
+            outcome
+        };
+        if let Some(Outcome::Aborted { rewind }) = &outcome {
+            self.rewind(rewind.clone())?;
+        }
+        Ok(outcome)
+    }
+
+    /// With `--until-end`: every owned partition has been read up to the end offset it had
+    /// when it was assigned.
+    fn reached_end(&self) -> bool {
+        let session = self.consumer.context().session();
+        if session.owned.is_empty() {
+            return false;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return false;
+        };
+        session.owned.values().all(|owned| {
+            // A repartition topic is fed by this run itself: drained means up to its end now.
+            let bounds = match (session.engine.stage_of_topic(&owned.topic), self.repartition_ends) {
+                (Some(_), Some(ends)) => ends.fetch_watermarks(&owned.topic, owned.partition, SEEK_TIMEOUT).ok(),
+                (Some(_), None) => None,
+                (None, _) => owned.bounds_at_start,
+            };
+            let Some((low, end)) = bounds else {
+                return false;
+            };
+            let position = positions
+                .find_partition(&owned.topic, owned.partition)
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                });
+            tracing::debug!(topic = %owned.topic, partition = owned.partition, low, end, ?position, start = ?owned.start, "until-end check");
+            low >= end || position.max(owned.start).is_some_and(|position| position >= end)
+        })
+    }
+}
+
+/// Writes a DLQ record. One too large for the producer (the original value was under the
+/// source topic's limit, the DLQ's or weir's `message.max.bytes` is lower) goes without its
+/// value, saying so: its provenance headers point at the original, which stays in the source.
+fn send_dead_letter(transaction: &Transaction, dlq: &str, dead_letter: &Output) -> Result<(), RuntimeError> {
+    let fatal = |error: KafkaError| RuntimeError::Fatal(format!("producing to {dlq}: {error}"));
+    let Err(error) = transaction.send(dlq, dead_letter) else {
+        return Ok(());
+    };
+    if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)) {
+        return Err(fatal(error));
+    }
+    let size = dead_letter.value.as_ref().map_or(0, Vec::len);
+    warn!(dlq, size, "a DLQ record is larger than message.max.bytes; writing it without its value");
+    let mut slim = dead_letter.clone();
+    slim.value = None;
+    slim.headers.push((
+        "weir-value-omitted".into(),
+        format!("{size} bytes, over message.max.bytes; the original is at weir-source-topic/-partition/-offset").into_bytes(),
+    ));
+    transaction.send(dlq, &slim).map_err(fatal)
+}

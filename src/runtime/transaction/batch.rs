@@ -1,0 +1,138 @@
+//! The batch as a whole: what the batch end emits, the state changes for the changelogs,
+//! the offsets and the transaction, then the store; or the abort and the replay.
+
+use std::time::Instant;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+use super::Outcome;
+use crate::config::DeliveryMode;
+use crate::runtime::error::RuntimeError;
+use crate::runtime::session::Session;
+use crate::runtime::state;
+use crate::runtime::store::StoreWrite;
+
+impl Session {
+    /// Commits the open batch: first what the batch end emits (update-mode windows) and the
+    /// state changes for the changelogs, then the offsets and the transaction.
+    pub fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Outcome>, RuntimeError> {
+        let mut store_writes = Vec::new();
+        if self.transaction.is_open() {
+            self.note_idle_inputs();
+            let mut outputs = Vec::new();
+            self.engine.end_batch(&mut outputs)?;
+            for output in &outputs {
+                let topic = self.topics.of(output.destination).to_string();
+                self.transaction
+                    .send(&topic, output)
+                    .map_err(|error| RuntimeError::Fatal(format!("producing to {topic}: {error}")))?;
+            }
+            for entry in self.engine.take_changes() {
+                let (key, value) = state::encode(&entry);
+                // Upsert mode keeps state in the local store alone, with the input offsets.
+                if self.transaction.mode() == DeliveryMode::Transactional {
+                    let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
+                        return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
+                    };
+                    self.transaction
+                        .send_to_partition(changelog, entry.partition, &key, value.as_deref())
+                        .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+                }
+                store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
+            }
+            let counts = self.engine.take_counts();
+            self.transaction.add_counts(&counts);
+        }
+        let outcome = self.transaction.commit(consumer, deadline)?;
+        let delivered = self.transaction.take_delivered();
+        if let (Some(Outcome::Committed { .. }), DeliveryMode::IdempotentUpsert) = (&outcome, self.transaction.mode()) {
+            self.acknowledged(consumer, &store_writes)?;
+        } else if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
+            // Committed: the cache may now hold these changes, with the changelog offsets
+            // they reach (the next offset to read; the commit marker follows).
+            // Only where this process is the changelog partition's one writer: otherwise others'
+            // entries lie between ours, and the store keeps the older offset (a restore then
+            // replays from there, which ours survive).
+            let offsets: Vec<(usize, i32, i64)> = delivered
+                .iter()
+                .filter_map(|((topic, partition), offset)| {
+                    let step = self.topics.changelogs.step(topic)?;
+                    let writers = self.engine.changelog_writers(step, *partition);
+                    writers.iter().all(|writer| self.owned.contains_key(writer)).then_some((step, *partition, offset + 1))
+                })
+                .collect();
+            store.apply(&store_writes, &offsets, &[])?;
+        }
+        self.after_outcome(outcome.as_ref());
+        if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
+            let watermarks = self.engine.input_watermarks();
+            self.status.committed(&summary, self.metrics_state_keys, &watermarks);
+            if let Some(purger) = &mut self.purger {
+                for (topic, partition, next) in &summary.offsets {
+                    if self.engine.stage_of_topic(topic).is_some() {
+                        purger.committed(topic, *partition, *next);
+                    }
+                }
+                purger.maybe_purge(false);
+            }
+            self.metrics.record_watermarks(&watermarks);
+            for (step, keys) in self.engine.state_keys_by_step() {
+                let label = step.to_string();
+                self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
+                if let Some(bytes) = self.store.as_ref().and_then(|store| store.live_bytes(step)) {
+                    self.metrics.step_state_bytes.with_label_values(&[&label]).set(bytes as i64);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Upsert mode, after every record of the batch is acknowledged: the state and the input
+    /// offsets it is at go to the store in one WriteBatch; then the offsets go to the group
+    /// too, for lag monitoring and for stateless pipelines (which have no store).
+    fn acknowledged<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, writes: &[StoreWrite]) -> Result<(), RuntimeError> {
+        let offsets = self.transaction.last_offsets();
+        if let Some(store) = &self.store {
+            store.apply(writes, &[], &offsets)?;
+        }
+        let mut list = TopicPartitionList::with_capacity(offsets.len());
+        for (topic, partition, next) in &offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+        }
+        if list.count() > 0
+            && let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async)
+        {
+            warn!(%error, "committing offsets to the group (upsert mode; the store has them)");
+        }
+        Ok(())
+    }
+
+    /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
+    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+        let outcome = self.transaction.abort(deadline)?;
+        self.transaction.take_delivered();
+        self.after_outcome(Some(&outcome));
+        Ok(outcome)
+    }
+
+    fn after_outcome(&mut self, outcome: Option<&Outcome>) {
+        if let Some(Outcome::Aborted { rewind }) = outcome {
+            self.status.aborted(&format!("a batch was aborted; {} partitions are replayed from its first offsets", rewind.len()));
+            // The aborted records changed in-memory state that was never committed.
+            self.engine.take_counts();
+            for (topic, partition, _) in rewind {
+                self.engine.drop_input_partition(topic, *partition);
+                self.queue_restore(topic, *partition);
+            }
+        }
+        self.metrics_state_keys = self.engine.state_keys();
+    }
+}
+
