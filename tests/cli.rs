@@ -123,8 +123,27 @@ fn validate_prints_the_plan_for_a_good_pipeline() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("pipeline clicks-filter: valid"), "{stdout}");
     assert!(stdout.contains("step 0: filter amount > 0.0 && user_id != 'bot'"), "{stdout}");
-    assert!(stdout.contains("sink: clicks-filtered"), "{stdout}");
+    assert!(stdout.contains("sink: clicks-filtered (json, key: user_id, transactional)"), "{stdout}");
     assert!(stdout.contains("dlq: clicks-filter.dlq"), "{stdout}");
+    // The schema of the source and of what each step hands on.
+    assert!(stdout.contains("fields: {event_id: string, user_id: string, amount: double, ts: long}"), "{stdout}");
+    assert!(stdout.contains("out: {event_id: string, user_id: string, amount: double, ts: long}"), "{stdout}");
+}
+
+/// A window's results have their own schema, and `validate` shows it under the step, with
+/// the format and mode as the file spells them.
+#[test]
+fn validate_prints_the_schema_each_step_hands_on() {
+    let steps = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count(), total: sum(amount), first_ts: first(ts) } }";
+    let (_dir, path) = write(&windowed(steps, "").replace("  topic: out", "  topic: out\n  format: avro\n  mode: idempotent_upsert"));
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://127.0.0.1:9")]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        stdout.contains("out: {user_id: string, window_start: timestamp, window_end: timestamp, n: long, total: double, first_ts: long}"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sink: out (avro, key: user_id, idempotent_upsert)"), "{stdout}");
 }
 
 /// `plan` without a broker: the stages and their tasks, the repartition a keyed step needs,

@@ -50,6 +50,16 @@ pub enum DeliveryMode {
     IdempotentUpsert,
 }
 
+impl DeliveryMode {
+    /// As written in the pipeline file (`sink.mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::Transactional => "transactional",
+            DeliveryMode::IdempotentUpsert => "idempotent_upsert",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Sink {
     pub topic: String,

@@ -51,6 +51,27 @@ impl Schema {
         invalid
     }
 
+    /// The fields and their types as the pipeline file writes them, e.g.
+    /// `{user: string, at: {ts: long}}`.
+    pub fn describe(&self) -> String {
+        let fields: Vec<String> = self
+            .fields
+            .iter()
+            .map(|(name, field_type)| {
+                let written = match field_type {
+                    FieldType::String => "string".to_string(),
+                    FieldType::Long => "long".to_string(),
+                    FieldType::Double => "double".to_string(),
+                    FieldType::Boolean => "boolean".to_string(),
+                    FieldType::Timestamp => "timestamp".to_string(),
+                    FieldType::Object(inner) => inner.describe(),
+                };
+                format!("{name}: {written}")
+            })
+            .collect();
+        format!("{{{}}}", fields.join(", "))
+    }
+
     /// The type of a dotted path such as `user.id`, if the schema has it.
     pub fn field_type(&self, path: &str) -> Option<&FieldType> {
         let mut schema = self;

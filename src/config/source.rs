@@ -41,6 +41,17 @@ pub enum Encoding {
     String,
 }
 
+impl Encoding {
+    /// As written in the pipeline file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Avro => "avro",
+            Encoding::String => "string",
+        }
+    }
+}
+
 /// Where a source's records carry their event time, and how far ahead of the wall clock
 /// one may be.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,9 +16,11 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
     };
     // Writing to a String cannot fail.
     let _ = writeln!(text, "pipeline {}: valid", pipeline.name);
-    let _ = writeln!(text, "  source {}: {topics} ({:?}, read_committed)", source.name, source.encoding);
+    let _ = writeln!(text, "  source {}: {topics} ({}, read_committed)", source.name, source.encoding.as_str());
+    let _ = writeln!(text, "    fields: {}", source.record_schema().describe());
     if let Some(join) = pipeline.join() {
-        let _ = writeln!(text, "  source {}: {} ({:?}, read_committed)", join.right.name, topics_of(&join.right), join.right.encoding);
+        let _ = writeln!(text, "  source {}: {} ({}, read_committed)", join.right.name, topics_of(&join.right), join.right.encoding.as_str());
+        let _ = writeln!(text, "    fields: {}", join.right.record_schema().describe());
     }
     let mut index = 0;
     for line in engine.describe_steps() {
@@ -27,10 +29,15 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
             continue;
         }
         let _ = writeln!(text, "  step {index}: {line}");
+        let _ = writeln!(text, "    out: {}", pipeline.schema_seen_by(index + 1).describe());
         index += 1;
     }
-    let key = if pipeline.sink.key.is_empty() { "input key".to_string() } else { pipeline.sink.key.join(", ") };
-    let _ = writeln!(text, "  sink: {} (json, key: {key}, {:?})", pipeline.sink.topic, pipeline.sink.mode);
+    let key = match pipeline.output_key_schema() {
+        Some(key) => key.fields.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
+        None => "the input record's key".to_string(),
+    };
+    let sink = &pipeline.sink;
+    let _ = writeln!(text, "  sink: {} ({}, key: {key}, {})", sink.topic, sink.encoding.as_str(), sink.mode.as_str());
     let _ = writeln!(text, "  dlq: {}", pipeline.dlq_topic);
     let _ = writeln!(text, "  consumer group: {}", pipeline.name);
     let _ = writeln!(text, "  transactional id: {}-<instance>", pipeline.name);
@@ -121,7 +128,7 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
         }
     }
     let key = if pipeline.sink.key.is_empty() { "the input key".to_string() } else { format!("[{}]", pipeline.sink.key.join(", ")) };
-    let _ = writeln!(text, "  sink: {} (key {key}, {:?})", pipeline.sink.topic, pipeline.sink.mode);
+    let _ = writeln!(text, "  sink: {} (key {key}, {})", pipeline.sink.topic, pipeline.sink.mode.as_str());
     let _ = writeln!(text, "topics");
     let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);
     let _ = writeln!(text, "  written: {} (results), {} (dead letters)", pipeline.sink.topic, pipeline.dlq_topic);
