@@ -1,3 +1,6 @@
+//! The `weir` binary: parses the command line, loads and plans the configuration (exit 2
+//! on any problem, before touching Kafka), then runs the command.
+
 use std::process::ExitCode;
 use std::sync::Arc;
 

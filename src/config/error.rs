@@ -1,3 +1,6 @@
+//! [`ConfigErrors`]: every problem found in the settings and the pipeline file, each with
+//! where it is (a key path, and the environment variable where one applies).
+
 use std::fmt;
 
 /// One thing wrong with the settings or the pipeline, located precisely enough to fix.

@@ -3,8 +3,10 @@
 //! for input partition p lives in changelog partition p. A batch's state changes are produced
 //! in the batch's transaction, so the changelog holds exactly the state of the committed
 //! offsets. A partition's state is rebuilt from its changelog when the partition is assigned
-//! and after an abort (which drops the aborted batch's in-memory changes).
-//! (Keeping the state in RocksDB, so a restart reads only the changelog's tail, comes next.)
+//! and after an abort (which drops the aborted batch's in-memory changes): first from the
+//! local RocksDB cache (`super::store`), which records the changelog offsets it reaches, then
+//! from the changelog's tail past them. The operators still hold their state in memory while
+//! they run (issue: state beyond memory).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,3 +1,5 @@
+//! Logging setup: `tracing` to stderr, as text or JSON lines, at the configured level.
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
