@@ -161,7 +161,8 @@ fn store(c: &mut Criterion) {
                 .for_each_entry(0, 0, |key, value| {
                     black_box((key, value));
                     read += 1;
-                    if read == 1000 { Err(weir::runtime::error::RuntimeError::Fatal("enough".into())) } else { Ok(()) }
+                    // Any error stops the walk: here, after 1000 entries.
+                    if read == 1000 { Err(weir::runtime::error::RuntimeError::DrainDeadline) } else { Ok(()) }
                 })
                 .ok();
         })

@@ -33,7 +33,7 @@ pub fn extract(spec: &EventTime, fields: &Map<String, Value>, kafka_timestamp: O
         if time > limit {
             return Err(format!(
                 "event time {time} ms is {} ms ahead of the clock ({now} ms), more than event_time.max_ahead ({})",
-                time - now,
+                time.saturating_sub(now),
                 humantime::format_duration(max_ahead)
             ));
         }

@@ -153,9 +153,7 @@ impl Loop<'_> {
                     }
                     // Reading on would skip the aborted records: stop, and let the restart
                     // resume from the committed offsets.
-                    return Err(RuntimeError::Fatal(format!(
-                        "rewinding {topic}[{partition}] to {offset} after an abort failed: {error}"
-                    )));
+                    return Err(RuntimeError::kafka(format!("rewinding {topic}[{partition}] to {offset} after an abort"), error));
                 }
             }
         }
@@ -201,7 +199,7 @@ impl Loop<'_> {
             waited = true;
             self.consumer
                 .seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
-                .map_err(|error| RuntimeError::Fatal(format!("seeking {topic}[{partition}] back to {offset}: {error}")))?;
+                .map_err(|error| RuntimeError::kafka(format!("seeking {topic}[{partition}] back to {offset}"), error))?;
             self.commit(None).map(drop)
         };
         let fetched = schemas::until_answered(&what, health, status, shutdown, Some(REGISTRY_WAIT), set_aside, || {
@@ -236,7 +234,7 @@ impl Loop<'_> {
             Some(stage) => Some((
                 stage,
                 ForwardHeaders::parse(&headers)
-                    .map_err(|error| RuntimeError::Fatal(format!("{topic}[{partition}]@{offset}: {error}")))?,
+                    .map_err(|error| RuntimeError::Replay(format!("a record of {topic}[{partition}]@{offset} has broken repartition headers: {error}")))?,
             )),
         };
         // A forwarded record answers for the source record it came from.
@@ -284,7 +282,7 @@ impl Loop<'_> {
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             );
             if !record_specific {
-                return Err(RuntimeError::Fatal(format!("producing to {destination}: {error}")));
+                return Err(RuntimeError::kafka(format!("producing to {destination}"), error));
             }
             // The result itself cannot be written: the input goes where on_error.produce says.
             engine.unproduce();
@@ -381,7 +379,7 @@ impl Loop<'_> {
 /// source topic's limit, the DLQ's or weir's `message.max.bytes` is lower) goes without its
 /// value, saying so: its provenance headers point at the original, which stays in the source.
 fn send_dead_letter(transaction: &Transaction, dlq: &str, dead_letter: &Output) -> Result<(), RuntimeError> {
-    let fatal = |error: KafkaError| RuntimeError::Fatal(format!("producing to {dlq}: {error}"));
+    let fatal = |error: KafkaError| RuntimeError::kafka(format!("producing to {dlq}"), error);
     let Err(error) = transaction.send(dlq, dead_letter) else {
         return Ok(());
     };

@@ -151,11 +151,10 @@ impl LoopContext {
                 match consumer.fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT) {
                     Ok(bounds) => Some(bounds),
                     Err(error) => {
-                        session.failure = Some(RuntimeError::Fatal(format!(
-                            "reading the end offset of {}[{}]: {error}",
-                            element.topic(),
-                            element.partition()
-                        )));
+                        session.failure = Some(RuntimeError::kafka(
+                            format!("reading the end offset of {}[{}]", element.topic(), element.partition()),
+                            error,
+                        ));
                         return;
                     }
                 }
@@ -190,7 +189,7 @@ impl LoopContext {
             _ => consumer.assign(assigned),
         };
         if let Err(error) = result {
-            self.session().failure = Some(RuntimeError::Fatal(format!("assigning partitions failed: {error}")));
+            self.session().failure = Some(RuntimeError::kafka("assigning partitions failed", error));
             return;
         }
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
@@ -211,7 +210,7 @@ impl LoopContext {
     ) -> Result<Offset, RuntimeError> {
         let (low, _) = consumer
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-            .map_err(|error| RuntimeError::Fatal(format!("reading the start offset of {topic}[{partition}]: {error}")))?;
+            .map_err(|error| RuntimeError::kafka(format!("reading the start offset of {topic}[{partition}]"), error))?;
         if committed >= low {
             return Ok(Offset::Offset(committed));
         }
@@ -258,7 +257,7 @@ impl LoopContext {
                     // read is missing.
                     let (low, _) = consumer
                         .fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT)
-                        .map_err(|error| RuntimeError::Fatal(format!("reading the start of {}[{}]: {error}", element.topic(), element.partition())))?;
+                        .map_err(|error| RuntimeError::kafka(format!("reading the start of {}[{}]", element.topic(), element.partition()), error))?;
                     if offset <= low {
                         continue;
                     }
@@ -287,7 +286,7 @@ impl LoopContext {
         let mut pinned_starts = Vec::new();
         let committed = consumer
             .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
-            .map_err(|error| RuntimeError::Fatal(format!("reading committed offsets: {error}")))?;
+            .map_err(|error| RuntimeError::kafka("reading committed offsets", error))?;
         let mut by_time = TopicPartitionList::new();
         let stored = self.upsert_positions(consumer, &committed)?;
         for element in committed.elements() {
@@ -308,19 +307,19 @@ impl LoopContext {
                     StartingOffsets::Timestamp(millis) => {
                         by_time
                             .add_partition_offset(element.topic(), element.partition(), Offset::Offset(millis))
-                            .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                            .map_err(|error| RuntimeError::kafka(format!("setting the start of {}[{}]", element.topic(), element.partition()), error))?;
                         continue;
                     }
                 },
             };
             assigned
                 .set_partition_offset(element.topic(), element.partition(), start)
-                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                .map_err(|error| RuntimeError::kafka(format!("setting the start of {}[{}]", element.topic(), element.partition()), error))?;
         }
         if by_time.count() > 0 {
             let found = consumer
                 .offsets_for_times(by_time, METADATA_TIMEOUT)
-                .map_err(|error| RuntimeError::Fatal(format!("looking up offsets by timestamp: {error}")))?;
+                .map_err(|error| RuntimeError::kafka("looking up offsets by timestamp", error))?;
             for element in found.elements() {
                 // No record at or after the time: start at the end.
                 let start = match element.offset() {
@@ -334,7 +333,7 @@ impl LoopContext {
                 let start = Offset::Offset(start);
                 assigned
                     .set_partition_offset(element.topic(), element.partition(), start)
-                    .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                    .map_err(|error| RuntimeError::kafka(format!("setting the start of {}[{}]", element.topic(), element.partition()), error))?;
             }
         }
         Ok(pinned_starts)
@@ -346,7 +345,7 @@ impl LoopContext {
     fn end_offset(&self, consumer: &BaseConsumer<LoopContext>, topic: &str, partition: i32) -> Result<i64, RuntimeError> {
         let (_, end) = consumer
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-            .map_err(|error| RuntimeError::Fatal(format!("reading the end offset of {topic}[{partition}]: {error}")))?;
+            .map_err(|error| RuntimeError::kafka(format!("reading the end offset of {topic}[{partition}]"), error))?;
         Ok(end)
     }
 }

@@ -178,7 +178,7 @@ impl Session {
             };
             (!self.owned.contains_key(&(partner.to_string(), *partition))).then(|| (topic.clone(), *partition, partner))
         })?;
-        Some(RuntimeError::Fatal(format!(
+        Some(RuntimeError::Assignment(format!(
             "the join runs in place (both sources are partitioned_by its key), so partition {partition} of {topic} \
              must come with partition {partition} of {missing}, but the group assigned it alone: every member of \
              the consumer group must run the same pipeline file, with partition.assignment.strategy range"

@@ -193,7 +193,7 @@ impl Restorer {
             let (low, high) = self
                 .bounds
                 .fetch_watermarks(&changelog, partition, Duration::from_secs(30))
-                .map_err(|error| RuntimeError::Fatal(format!("reading the end of {changelog}[{partition}]: {error}")))?;
+                .map_err(|error| RuntimeError::kafka(format!("reading the end of {changelog}[{partition}]"), error))?;
             let mut start = Offset::Beginning;
             if let Some(store) = store {
                 match store.offset(step, partition)? {
@@ -203,9 +203,9 @@ impl Restorer {
                         if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
                     {
                         store.for_each_entry(step, partition, |key, value| {
-                            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
+                            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::CorruptState)?;
                             if owners.contains(&entry.topic) {
-                                engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
+                                engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
                                 from_store += 1;
                                 self.metrics.state_restored_records.inc();
                             }
@@ -251,10 +251,10 @@ impl Restorer {
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(changelog, partition, start)
-            .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+            .map_err(|error| RuntimeError::kafka(format!("assigning {changelog}[{partition}]"), error))?;
         self.consumer
             .assign(&assignment)
-            .map_err(|error| RuntimeError::Fatal(format!("assigning {changelog}: {error}")))?;
+            .map_err(|error| RuntimeError::kafka(format!("assigning {changelog}"), error))?;
         let mut restored = 0u64;
         let mut writes = Vec::new();
         let deadline = Instant::now() + self.patience;
@@ -273,32 +273,29 @@ impl Restorer {
                 Some(Ok(message)) => {
                     let key = message.key().unwrap_or_default();
                     let entry = decode(step, partition, key, message.payload())
-                        .map_err(|error| RuntimeError::Fatal(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
+                        .map_err(|error| RuntimeError::CorruptState(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
                     writes.push(StoreWrite { step, partition, key: key.to_vec(), value: message.payload().map(<[u8]>::to_vec) });
                     // Several owners share changelog partition numbers.
                     if owners.contains(&entry.topic) {
-                        engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
+                        engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
                         restored += 1;
                         self.metrics.state_restored_records.inc();
                     }
                     continue;
                 }
-                Some(Err(error)) => return Err(RuntimeError::Fatal(format!("reading {changelog}: {error}"))),
+                Some(Err(error)) => return Err(RuntimeError::kafka(format!("reading {changelog}"), error)),
                 None => {}
             }
             // Positions move past transaction markers; under read_committed they stop at the
             // last stable offset, so this waits for any open transaction to end.
-            let positions = self.consumer.position().map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+            let positions = self.consumer.position().map_err(|error| RuntimeError::kafka(format!("reading the position in {changelog}"), error))?;
             if let Some(Offset::Offset(position)) = positions.find_partition(changelog, partition).map(|element| element.offset())
                 && position >= end
             {
                 break position;
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Fatal(format!(
-                    "restoring partition {partition} did not reach the end of {changelog} in {:?}; an open transaction may hold it",
-                    self.patience
-                )));
+                return Err(RuntimeError::ChangelogStuck { changelog: changelog.to_string(), partition, waited: self.patience });
             }
         };
         let _ = self.consumer.unassign();
@@ -318,9 +315,9 @@ pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, parti
     let mut restored = 0u64;
     for step in steps {
         store.for_each_entry(step, partition, |key, value| {
-            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::Fatal)?;
+            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::CorruptState)?;
             if owners.contains(&entry.topic) {
-                engine.restore(&entry).map_err(|error| RuntimeError::Fatal(format!("restoring state: {error}")))?;
+                engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
                 restored += 1;
             }
             Ok(())

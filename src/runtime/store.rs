@@ -111,7 +111,7 @@ impl StateStore {
     fn handle(&self, name: &str) -> Result<&rocksdb::ColumnFamily, RuntimeError> {
         self.db
             .cf_handle(name)
-            .ok_or_else(|| RuntimeError::Fatal(format!("the state store {} has no column family {name}", self.path.display())))
+            .ok_or_else(|| RuntimeError::store(format!("reading the state store {}", self.path.display()), format!("it has no column family {name}")))
     }
 
     /// The changelog offset the cache of (step, partition) has reached, and how long ago.
@@ -119,7 +119,7 @@ impl StateStore {
         let value = self
             .db
             .get_cf(self.handle(OFFSETS)?, offset_key(step, partition))
-            .map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+            .map_err(|error| RuntimeError::store("reading the state store", error))?;
         Ok(value.and_then(|bytes| {
             let (offset, written) = std::str::from_utf8(&bytes).ok()?.split_once('@')?;
             let age = now_millis().saturating_sub(written.parse().ok()?);
@@ -133,7 +133,7 @@ impl StateStore {
         let value = self
             .db
             .get_cf(self.handle(OFFSETS)?, input_key(topic, partition))
-            .map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+            .map_err(|error| RuntimeError::store("reading the state store", error))?;
         Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse().ok()))
     }
 
@@ -146,7 +146,7 @@ impl StateStore {
     ) -> Result<(), RuntimeError> {
         let prefix = partition_prefix(partition);
         for item in self.db.iterator_cf(self.handle(&family(step))?, IteratorMode::From(&prefix, Direction::Forward)) {
-            let (key, value) = item.map_err(|error| RuntimeError::Fatal(format!("reading the state store: {error}")))?;
+            let (key, value) = item.map_err(|error| RuntimeError::store("reading the state store", error))?;
             if !key.starts_with(&prefix) {
                 break;
             }
@@ -178,7 +178,7 @@ impl StateStore {
         }
         self.db
             .write(batch)
-            .map_err(|error| RuntimeError::Fatal(format!("writing the state store {}: {error}", self.path.display())))
+            .map_err(|error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error))
     }
 
     /// RocksDB's estimate of a step's live data, in bytes.
@@ -203,7 +203,7 @@ impl StateStore {
         self.apply(&writes, &[], &[])?;
         self.db
             .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
-            .map_err(|error| RuntimeError::Fatal(format!("writing the state store: {error}")))
+            .map_err(|error| RuntimeError::store("writing the state store", error))
     }
 }
 

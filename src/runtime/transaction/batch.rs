@@ -31,18 +31,18 @@ impl Session {
                 let topic = self.topics.of(output.destination).to_string();
                 self.transaction
                     .send(&topic, output)
-                    .map_err(|error| RuntimeError::Fatal(format!("producing to {topic}: {error}")))?;
+                    .map_err(|error| RuntimeError::kafka(format!("producing to {topic}"), error))?;
             }
             for entry in self.engine.take_changes() {
                 let (key, value) = state::encode(&entry);
                 // Upsert mode keeps state in the local store alone, with the input offsets.
                 if self.transaction.mode() == DeliveryMode::Transactional {
                     let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
-                        return Err(RuntimeError::Fatal(format!("no changelog for step {}", entry.step)));
+                        return Err(RuntimeError::Assignment(format!("no changelog for step {}", entry.step)));
                     };
                     self.transaction
                         .send_to_partition(changelog, entry.partition, &key, value.as_deref())
-                        .map_err(|error| RuntimeError::Fatal(format!("producing to {changelog}: {error}")))?;
+                        .map_err(|error| RuntimeError::kafka(format!("producing to {changelog}"), error))?;
                 }
                 store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
             }
@@ -104,7 +104,7 @@ impl Session {
         let mut list = TopicPartitionList::with_capacity(offsets.len());
         for (topic, partition, next) in &offsets {
             list.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                .map_err(|error| RuntimeError::kafka(format!("listing the offset of {topic}[{partition}]"), error))?;
         }
         if list.count() > 0
             && let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async)

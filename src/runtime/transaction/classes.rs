@@ -45,6 +45,6 @@ pub fn fatal(error: &KafkaError, transactional_id: &str) -> RuntimeError {
             detail: error.to_string(),
         }
     } else {
-        RuntimeError::Fatal(error.to_string())
+        RuntimeError::kafka("a transactional call failed for good", error.clone())
     }
 }

@@ -353,7 +353,7 @@ impl Transaction {
             committed_offsets.push((batch.topic.clone(), batch.partition, next));
             offsets
                 .add_partition_offset(&batch.topic, batch.partition, Offset::Offset(next))
-                .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                .map_err(|error| RuntimeError::kafka(format!("listing the offset of {}[{}]", batch.topic, batch.partition), error))?;
         }
         // A partition read in this batch commits where its records reached, past its start.
         for (topic, partition, offset) in &self.pinned_starts {
@@ -361,7 +361,7 @@ impl Transaction {
                 committed_offsets.push((topic.clone(), *partition, *offset));
                 offsets
                     .add_partition_offset(topic, *partition, Offset::Offset(*offset))
-                    .map_err(|error| RuntimeError::Fatal(error.to_string()))?;
+                    .map_err(|error| RuntimeError::kafka(format!("listing the offset of {topic}[{partition}]"), error))?;
             }
         }
         self.drain_delivery_reports();
@@ -369,7 +369,7 @@ impl Transaction {
             return self.acknowledged(started, committed_offsets).map(Some);
         }
         let Some(group) = consumer.group_metadata() else {
-            return Err(RuntimeError::Fatal("the consumer has no group metadata".into()));
+            return Err(RuntimeError::Assignment("the consumer has no group metadata to send offsets with".into()));
         };
         let timeout = self.call_timeout;
         let sent = self.retry("send offsets", deadline, |producer| {
@@ -390,17 +390,15 @@ impl Transaction {
     /// writing the same ids again.
     fn acknowledged(&mut self, started: Instant, offsets: Vec<(String, i32, i64)>) -> Result<Outcome, RuntimeError> {
         if self.producer.in_flight_count() > 0 {
-            return Err(RuntimeError::Fatal(format!(
-                "{} records were not acknowledged within {:?}; the restart replays them",
+            return Err(RuntimeError::Undelivered(format!(
+                "{} records were not acknowledged within {:?}",
                 self.producer.in_flight_count(),
                 self.call_timeout
             )));
         }
         let failures = self.producer.context().failures.swap(0, Ordering::Relaxed);
         if failures > 0 {
-            return Err(RuntimeError::Fatal(format!(
-                "{failures} records of the batch could not be delivered; the restart replays the batch from the stored offsets"
-            )));
+            return Err(RuntimeError::Undelivered(format!("{failures} records of the batch could not be delivered")));
         }
         Ok(self.committed(started, offsets))
     }
@@ -459,7 +457,7 @@ impl Transaction {
             let timeout = self.call_timeout;
             let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
             if !aborted {
-                return Err(RuntimeError::Fatal("the transaction could not be aborted".into()));
+                return Err(RuntimeError::Replay("the transaction could not be aborted; the restart replays the batch".into()));
             }
         } else {
             self.producer.context().failures.store(0, Ordering::Relaxed);
