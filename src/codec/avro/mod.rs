@@ -11,17 +11,20 @@
 //! Writing: the sink's schema is derived from the pipeline's output fields, every field a
 //! union with null (default null), registered under `<topic>-value` at start.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use apache_avro::types::Value as AvroValue;
-use apache_avro::Schema as AvroSchema;
 use serde_json::{Map, Number, Value};
 use tracing::warn;
 
 use super::DecodeError;
 use crate::config::{FieldType, Schema};
+
+mod encoder;
+mod writer_schemas;
+
+pub use encoder::{avro_name, AvroEncoder};
+pub use writer_schemas::{WriterSchema, WriterSchemas};
 
 const MAGIC: u8 = 0;
 
@@ -40,169 +43,6 @@ pub const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
 /// built through [`AvroDecoder::new`], which calls it.
 pub fn limit_decode_allocations() -> usize {
     apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION)
-}
-
-/// The writer schemas met so far, by registry id: filled by the runtime (which may block on
-/// the registry), read by decoders (which never do). An id the registry does not know is kept
-/// as an error, so each of its records is a bad record without asking again, for
-/// [`UNKNOWN_ID_RETRY`]: then it is asked again, in case the id was registered since (a
-/// registry replica that had not caught up yet).
-///
-/// Garbage input (a zero byte, then random ids) must not grow memory or flood the registry:
-/// at most [`MAX_UNKNOWN_IDS`] unknown ids are kept (the oldest goes first; known schemas are
-/// bounded by the registry itself and never evicted), and lookups are rate-limited
-/// ([`WriterSchemas::take_lookup`]).
-#[derive(Debug)]
-pub struct WriterSchemas {
-    cache: RwLock<Cache>,
-    unknown_id_retry: Duration,
-    max_unknown_ids: usize,
-    lookups: Mutex<LookupBudget>,
-}
-
-#[derive(Debug, Default)]
-struct Cache {
-    schemas: HashMap<u32, Cached>,
-    /// How many of `schemas` are errors (ids the registry did not know).
-    unknown: usize,
-    /// Counts insertions, so that the oldest entry is known even within one clock tick.
-    inserted: u64,
-}
-
-#[derive(Debug)]
-struct Cached {
-    schema: WriterSchema,
-    since: Instant,
-    sequence: u64,
-}
-
-impl Default for WriterSchemas {
-    fn default() -> WriterSchemas {
-        WriterSchemas::with_unknown_id_retry(UNKNOWN_ID_RETRY)
-    }
-}
-
-/// A writer schema, or why the registry has none for its id.
-pub type WriterSchema = Result<Arc<AvroSchema>, String>;
-
-/// How long an id the registry did not know stays unknown before it is asked again.
-pub const UNKNOWN_ID_RETRY: Duration = Duration::from_secs(60);
-
-/// The most unknown ids remembered. At the lookup rate below, ids expire (after
-/// [`UNKNOWN_ID_RETRY`]) before this many pile up; the cap holds whatever the rate.
-pub const MAX_UNKNOWN_IDS: usize = 10_000;
-
-/// Registry lookups allowed at once, after a quiet spell: a pipeline meets its writers'
-/// handful of schema ids at start without waiting.
-pub const LOOKUP_BURST: u32 = 100;
-
-/// Registry lookups allowed per second, once the burst is spent.
-pub const LOOKUPS_PER_SECOND: u32 = 50;
-
-impl WriterSchemas {
-    pub fn with_unknown_id_retry(unknown_id_retry: Duration) -> WriterSchemas {
-        WriterSchemas::with_limits(unknown_id_retry, MAX_UNKNOWN_IDS, LOOKUP_BURST, LOOKUPS_PER_SECOND)
-    }
-
-    fn with_limits(unknown_id_retry: Duration, max_unknown_ids: usize, burst: u32, per_second: u32) -> WriterSchemas {
-        WriterSchemas {
-            cache: RwLock::default(),
-            unknown_id_retry,
-            max_unknown_ids,
-            lookups: Mutex::new(LookupBudget::new(burst, per_second, Instant::now())),
-        }
-    }
-
-    /// Whether the registry must be asked for `id` before a record naming it is decoded.
-    pub fn needs_fetch(&self, id: u32) -> bool {
-        match self.cache.read().expect("writer schemas lock").schemas.get(&id) {
-            None => true,
-            Some(Cached { schema: Ok(_), .. }) => false,
-            Some(Cached { schema: Err(_), since, .. }) => since.elapsed() >= self.unknown_id_retry,
-        }
-    }
-
-    /// Takes one registry lookup from the budget; `Err(wait)` when it is spent, with the time
-    /// until the next one. The caller waits rather than dead-lettering the record: an id never
-    /// seen may be a writer's new schema, and its records must not go to the DLQ because
-    /// garbage came first. Waiting costs at most 1/[`LOOKUPS_PER_SECOND`] per lookup, so the
-    /// open transaction still commits on time; garbage then flows at the lookup rate instead
-    /// of at the registry's, and the registry is spared.
-    pub fn take_lookup(&self) -> Result<(), Duration> {
-        self.lookups.lock().expect("lookup budget lock").take(Instant::now())
-    }
-
-    pub fn insert(&self, id: u32, schema: WriterSchema) {
-        let mut cache = self.cache.write().expect("writer schemas lock");
-        cache.inserted += 1;
-        let sequence = cache.inserted;
-        let unknown = schema.is_err();
-        let replaced = cache.schemas.insert(id, Cached { schema, since: Instant::now(), sequence });
-        if replaced.is_some_and(|replaced| replaced.schema.is_err()) {
-            cache.unknown -= 1;
-        }
-        if unknown {
-            cache.unknown += 1;
-            if cache.unknown > self.max_unknown_ids {
-                cache.forget_oldest_unknown();
-            }
-        }
-    }
-
-    fn get(&self, id: u32) -> Option<WriterSchema> {
-        self.cache.read().expect("writer schemas lock").schemas.get(&id).map(|cached| cached.schema.clone())
-    }
-
-    pub fn len(&self) -> usize {
-        self.cache.read().expect("writer schemas lock").schemas.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl Cache {
-    /// A scan, but it runs at most once per registry lookup, which the budget bounds.
-    fn forget_oldest_unknown(&mut self) {
-        let oldest = self
-            .schemas
-            .iter()
-            .filter(|(_, cached)| cached.schema.is_err())
-            .min_by_key(|(_, cached)| cached.sequence)
-            .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.schemas.remove(&id);
-            self.unknown -= 1;
-        }
-    }
-}
-
-/// A token bucket: `burst` lookups at once, refilled at `per_second`.
-#[derive(Debug)]
-struct LookupBudget {
-    tokens: f64,
-    burst: f64,
-    per_second: f64,
-    refilled_at: Instant,
-}
-
-impl LookupBudget {
-    fn new(burst: u32, per_second: u32, now: Instant) -> LookupBudget {
-        LookupBudget { tokens: f64::from(burst), burst: f64::from(burst), per_second: f64::from(per_second.max(1)), refilled_at: now }
-    }
-
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        self.refilled_at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
-        }
-    }
 }
 
 /// The registry id a record's bytes name; None when they are not in the wire format.
@@ -373,7 +213,7 @@ fn kind(value: &AvroValue) -> &'static str {
     }
 }
 
-fn type_name(field_type: &FieldType) -> &'static str {
+pub(super) fn type_name(field_type: &FieldType) -> &'static str {
     match field_type {
         FieldType::String => "string",
         FieldType::Long => "long",
@@ -384,166 +224,13 @@ fn type_name(field_type: &FieldType) -> &'static str {
     }
 }
 
-/// Writes the sink's records with a schema derived from the pipeline's output fields.
-#[derive(Debug, Clone)]
-pub struct AvroEncoder {
-    text: String,
-    /// Output field name, Avro field name, type: in the schema's order.
-    fields: Vec<AvroField>,
-    /// The registry id, once registered.
-    id: Option<u32>,
-}
-
-impl AvroEncoder {
-    /// `name` becomes the record's name (in namespace `weir`). Fails when two output fields
-    /// map to the same Avro name (Avro names allow only letters, digits and `_`).
-    pub fn new(schema: &Schema, name: &str) -> Result<AvroEncoder, String> {
-        let (json, fields) = writer_schema(schema, &avro_name(name))?;
-        let text = json.to_string();
-        // What the registry is given must parse as Avro; records are then written directly.
-        AvroSchema::parse_str(&text).map_err(|error| format!("the derived Avro schema does not parse: {error}"))?;
-        Ok(AvroEncoder { text, fields, id: None })
-    }
-
-    /// The schema in Avro's JSON form, as registered.
-    pub fn schema_text(&self) -> &str {
-        &self.text
-    }
-
-    pub fn set_id(&mut self, id: u32) {
-        self.id = Some(id);
-    }
-
-    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, String> {
-        let id = self.id.ok_or("the sink's Avro schema is not registered yet")?;
-        let mut bytes = Vec::with_capacity(64);
-        bytes.push(MAGIC);
-        bytes.extend_from_slice(&id.to_be_bytes());
-        write_record(&self.fields, fields, "", &mut bytes)?;
-        Ok(bytes)
-    }
-}
-
-/// A valid Avro name for `text`: other characters become `_`, and a leading digit gets one.
-pub fn avro_name(text: &str) -> String {
-    let mut name: String = text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
-    if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
-        name.insert(0, '_');
-    }
-    name
-}
-
-/// An output field as the derived schema writes it: its name in the output, its Avro name,
-/// its type, and a nested record's fields (worked out once, not per record).
-#[derive(Debug, Clone)]
-struct AvroField {
-    name: String,
-    avro_name: String,
-    field_type: FieldType,
-    nested: Vec<AvroField>,
-}
-
-fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroField>), String> {
-    let mut names: Vec<AvroField> = Vec::with_capacity(schema.fields.len());
-    let mut avro_fields = Vec::with_capacity(schema.fields.len());
-    for (name, field_type) in &schema.fields {
-        let field_name = avro_name(name);
-        if let Some(other) = names.iter().find(|field| field.avro_name == field_name) {
-            return Err(format!("output fields '{}' and '{name}' both become the Avro field '{field_name}'", other.name));
-        }
-        let mut nested = Vec::new();
-        let field_schema = match field_type {
-            FieldType::String => Value::from("string"),
-            FieldType::Long => Value::from("long"),
-            FieldType::Double => Value::from("double"),
-            FieldType::Boolean => Value::from("boolean"),
-            FieldType::Timestamp => serde_json::json!({"type": "long", "logicalType": "timestamp-millis"}),
-            FieldType::Object(inner) => {
-                let (inner_schema, inner_fields) = writer_schema(inner, &format!("{record_name}_{field_name}"))?;
-                nested = inner_fields;
-                inner_schema
-            }
-        };
-        avro_fields.push(serde_json::json!({"name": field_name, "type": ["null", field_schema], "default": null}));
-        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.clone(), nested });
-    }
-    let json = serde_json::json!({"type": "record", "name": record_name, "namespace": "weir", "fields": avro_fields});
-    Ok((json, names))
-}
-
-/// Writes a record of the derived schema in Avro binary, straight from the JSON fields. Every
-/// field is a union of null (branch 0) and its type (branch 1), so no schema walk or
-/// intermediate Avro value is needed (README, "Micro benchmarks", has the gain).
-fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, out: &mut Vec<u8>) -> Result<(), String> {
-    let mut present = 0;
-    for field in names {
-        match fields.get(&field.name) {
-            None => out.push(0),
-            Some(Value::Null) => {
-                present += 1;
-                out.push(0);
-            }
-            Some(value) => {
-                present += 1;
-                out.push(2);
-                write_value(field, value, path, out)?;
-            }
-        }
-    }
-    // A field the schema lacks would be dropped without a word.
-    if present != fields.len()
-        && let Some(extra) = fields.keys().find(|name| !names.iter().any(|field| &field.name == *name))
-    {
-        let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
-        return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
-    }
-    Ok(())
-}
-
-fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>) -> Result<(), String> {
-    let path = || if parent.is_empty() { field.name.clone() } else { format!("{parent}.{}", field.name) };
-    let field_type = &field.field_type;
-    let mismatch = || format!("output field '{}' holds {value}, which is not a {}", path(), type_name(field_type));
-    match field_type {
-        FieldType::String => match value {
-            Value::String(text) => write_bytes(text.as_bytes(), out),
-            other => write_bytes(other.to_string().as_bytes(), out),
-        },
-        FieldType::Long | FieldType::Timestamp => write_long(whole(value).ok_or_else(mismatch)?, out),
-        FieldType::Double => out.extend_from_slice(&value.as_f64().ok_or_else(mismatch)?.to_le_bytes()),
-        FieldType::Boolean => out.push(u8::from(value.as_bool().ok_or_else(mismatch)?)),
-        FieldType::Object(_) => match value {
-            Value::Object(inner_fields) => write_record(&field.nested, inner_fields, &path(), out)?,
-            _ => return Err(mismatch()),
-        },
-    }
-    Ok(())
-}
-
-/// Avro's `long`: zig-zag, then a little-endian base-128 varint.
-fn write_long(number: i64, out: &mut Vec<u8>) {
-    let mut zigzag = ((number << 1) ^ (number >> 63)) as u64;
-    while zigzag >= 0x80 {
-        out.push((zigzag as u8) | 0x80);
-        zigzag >>= 7;
-    }
-    out.push(zigzag as u8);
-}
-
-/// Avro's `string` and `bytes`: the length as a long, then the bytes.
-fn write_bytes(bytes: &[u8], out: &mut Vec<u8>) {
-    write_long(bytes.len() as i64, out);
-    out.extend_from_slice(bytes);
-}
-
-/// A JSON number that is a whole number (a double with no fraction counts).
-fn whole(value: &Value) -> Option<i64> {
-    value.as_i64().or_else(|| value.as_f64().filter(|number| number.fract() == 0.0 && number.abs() < 9.2e18).map(|number| number as i64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::encoder::write_long;
+    use super::writer_schemas::*;
+    use apache_avro::Schema as AvroSchema;
+    use std::time::{Duration, Instant};
 
     fn schema(fields: &[(&str, FieldType)]) -> Schema {
         Schema { fields: fields.iter().map(|(name, field_type)| (name.to_string(), field_type.clone())).collect() }
