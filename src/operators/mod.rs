@@ -148,6 +148,11 @@ impl Step {
         !matches!(self, Step::Filter(_))
     }
 
+    /// Whether steps of this kind (as written in `steps`) keep state.
+    pub fn kind_is_stateful(kind: &str) -> bool {
+        matches!(kind, "dedup" | "window")
+    }
+
     /// The fields of the records it hands on, given those it receives.
     pub fn output_schema(&self, input: Schema) -> Schema {
         match self {

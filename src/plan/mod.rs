@@ -318,13 +318,13 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     // The steps see the joined records after a join.
     let steps_source = join.as_ref().map(|join| &join.output).or(source.as_ref());
     let steps: Vec<Option<Step>> = entries.iter().map(|entry| Step::parse(entry, steps_source, problems)).collect();
+    // Whether a stateful step is there, even one whose body has problems of its own.
+    let stateful = entries.iter().any(|entry| Step::kind_is_stateful(&entry.kind));
     let steps: Option<Vec<Step>> = steps.into_iter().collect();
     if let Some(sink) = &sink {
         check_fields(&sink.key, steps_source, "sink.key", problems);
     }
-    if let (Some(steps), Some(source), None) = (&steps, &source, &join)
-        && steps.iter().any(Step::is_stateful)
-    {
+    if let (true, Some(source), None) = (stateful, &source, &join) {
         if source.event_time.is_none() {
             problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
         }
@@ -411,5 +411,104 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
                  or use transactional"
             ),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(source_extra: &str, steps: &str) -> Pipeline {
+        let text = format!(
+            r#"
+name: p
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: {{ user: string, page: string, amount: long, ts: long }}
+    event_time: {{ field: ts }}
+    watermark: {{ max_out_of_orderness: 1s }}
+{source_extra}
+steps:
+{steps}
+sink:
+  topic: out
+"#
+        );
+        parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+    }
+
+    #[test]
+    fn a_keyed_step_not_partitioned_by_its_key_starts_a_stage() {
+        let steps = "  - filter: \"amount > 0\"\n  - dedup: { key: [user], within: 1m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [page], tumbling: 1h, aggregates: { n: count() } }";
+        let stages = planned("", steps).stages();
+        let cut: Vec<(Vec<usize>, Option<Vec<String>>)> = stages.stages.into_iter().map(|stage| (stage.steps, stage.repartition_by)).collect();
+        assert_eq!(
+            cut,
+            [
+                (vec![0], None),
+                (vec![1, 2], Some(vec!["user".to_string()])),
+                (vec![3], Some(vec!["page".to_string()])),
+            ]
+        );
+        assert_eq!(stages.join_in_place, None);
+    }
+
+    #[test]
+    fn steps_keyed_by_the_declared_partitioning_stay_in_stage_zero() {
+        let steps = "  - dedup: { key: [user, page], within: 1m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }";
+        let stages = planned("    partitioned_by: [user]", steps).stages();
+        assert_eq!(stages.stages.len(), 1);
+        assert_eq!(stages.stages[0].steps, [0, 1]);
+    }
+
+    #[test]
+    fn each_step_hands_on_the_schema_its_kind_makes() {
+        let steps = "  - filter: \"amount > 0\"\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count(), total: sum(amount), mean: avg(amount) } }";
+        let pipeline = planned("", steps);
+        assert_eq!(pipeline.schema_seen_by(1).describe(), "{user: string, page: string, amount: long, ts: long}");
+        assert_eq!(
+            pipeline.output_schema().describe(),
+            "{user: string, window_start: timestamp, window_end: timestamp, n: long, total: long, mean: double}"
+        );
+        let key: Vec<String> = pipeline.output_key_schema().unwrap().fields.into_iter().map(|(name, _)| name).collect();
+        assert_eq!(key, ["user"]);
+    }
+
+    #[test]
+    fn problems_of_every_part_come_together() {
+        let text = r#"
+name: p
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: { user: string, ts: long }
+steps:
+  - dedup: { key: [nobody], within: 1m }
+  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }
+  - explode: { field: items }
+sink:
+  topic: out
+  key: [missing]
+"#;
+        let problems = parse_pipeline(text).unwrap_err();
+        let locations: Vec<&str> = problems.problems.iter().map(|problem| problem.location.as_str()).collect();
+        for expected in ["steps[0].dedup.key", "steps[1].window.tumbling", "steps[2]", "sink.key", "sources.clicks.event_time"] {
+            assert!(locations.contains(&expected), "no problem at {expected}: {problems}");
+        }
+    }
+
+    #[test]
+    fn an_upsert_pipeline_repartitions_at_most_once() {
+        let steps = "  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [page], tumbling: 1h, aggregates: { n: count() } }";
+        let text = planned("", steps);
+        assert_eq!(text.stages().stages.len(), 3);
+        let mut upsert = text.clone();
+        upsert.sink.mode = DeliveryMode::IdempotentUpsert;
+        let mut problems = ConfigErrors::default();
+        check_upsert(&upsert, &mut problems);
+        assert!(problems.problems.iter().any(|problem| problem.location == "sink.mode"), "{problems}");
     }
 }
