@@ -1,0 +1,146 @@
+//! The broker for a test process, unique names, and waiting for conditions.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::ClientConfig;
+
+
+pub struct Broker {
+    pub bootstrap: String,
+    /// The listener that takes SASL (PLAIN, SCRAM-SHA-256/512), and its user.
+    pub sasl: Option<SaslListener>,
+    /// The listener that takes the same SASL over TLS, and the CA certificate (PEM file)
+    /// that verifies it.
+    pub tls: Option<TlsListener>,
+}
+
+pub struct TlsListener {
+    pub bootstrap: String,
+    pub ca_location: PathBuf,
+}
+
+impl TlsListener {
+    fn read(run_dir: &Path) -> Option<TlsListener> {
+        let bootstrap = std::fs::read_to_string(run_dir.join("tls_bootstrap")).ok()?.trim().to_string();
+        Some(TlsListener { bootstrap, ca_location: run_dir.join("tls/ca.pem") })
+    }
+
+    /// `KAFKA_TLS_BOOTSTRAP_SERVERS` and `KAFKA_TLS_CA_LOCATION` (with the SASL user above).
+    fn from_env() -> Option<TlsListener> {
+        let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+        Some(TlsListener {
+            bootstrap: variable("KAFKA_TLS_BOOTSTRAP_SERVERS")?,
+            ca_location: variable("KAFKA_TLS_CA_LOCATION")?.into(),
+        })
+    }
+}
+
+pub struct SaslListener {
+    pub bootstrap: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl SaslListener {
+    /// From `scripts/kafka`'s run dir: `sasl_bootstrap` and `sasl_user`.
+    fn read(run_dir: &Path) -> Option<SaslListener> {
+        let bootstrap = std::fs::read_to_string(run_dir.join("sasl_bootstrap")).ok()?.trim().to_string();
+        let user_file = std::fs::read_to_string(run_dir.join("sasl_user")).ok()?;
+        let field = |name: &str| user_file.lines().find_map(|line| line.strip_prefix(&format!("{name}="))).map(str::to_string);
+        Some(SaslListener { bootstrap, user: field("user")?, password: field("password")? })
+    }
+
+    /// `KAFKA_SASL_BOOTSTRAP_SERVERS`, `KAFKA_SASL_USERNAME` and `KAFKA_SASL_PASSWORD`, for a
+    /// broker the tests did not start.
+    fn from_env() -> Option<SaslListener> {
+        let variable = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+        Some(SaslListener {
+            bootstrap: variable("KAFKA_SASL_BOOTSTRAP_SERVERS")?,
+            user: variable("KAFKA_SASL_USERNAME")?,
+            password: variable("KAFKA_SASL_PASSWORD")?,
+        })
+    }
+}
+
+pub static BROKER: OnceLock<Broker> = OnceLock::new();
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The broker for this test process: `KAFKA_BOOTSTRAP_SERVERS`, or one started now and
+/// stopped by a watchdog when this process ends.
+pub fn broker() -> &'static Broker {
+    BROKER.get_or_init(|| {
+        if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            && !bootstrap.trim().is_empty() {
+                return Broker { bootstrap, sasl: SaslListener::from_env(), tls: TlsListener::from_env() };
+            }
+        let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
+        let script = repo_root().join("scripts/kafka");
+        let output = Command::new(&script)
+            .args(["start", "--dir"])
+            .arg(&run_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/kafka start");
+        assert!(output.status.success(), "scripts/kafka start failed");
+        let bootstrap = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        when_this_process_ends(&format!("'{}' clean --dir '{}' >/dev/null 2>&1", script.display(), run_dir.display()));
+        Broker { bootstrap, sasl: SaslListener::read(&run_dir), tls: TlsListener::read(&run_dir) }
+    })
+}
+
+/// Runs the shell `command` once this test process is gone, however it ends (stopping the
+/// broker or a registry it started). The watchdog outlives us on purpose, so it is never
+/// waited for.
+pub fn when_this_process_ends(command: &str) {
+    let watchdog = format!("while kill -0 {} 2>/dev/null; do sleep 1; done; {command}", std::process::id());
+    #[allow(clippy::zombie_processes)]
+    Command::new("setsid")
+        .args(["bash", "-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a watchdog");
+}
+
+/// A fresh name, so tests never share topics, groups or transactional ids.
+pub fn unique(prefix: &str) -> String {
+    let suffix: u64 = rand::rng().random();
+    format!("{prefix}-{:012x}", suffix & 0xffff_ffff_ffff)
+}
+
+pub fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker().bootstrap);
+    config
+}
+
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
