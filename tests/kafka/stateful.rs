@@ -218,7 +218,9 @@ fn click_keyed_by_id(id: u64) -> Input {
 /// One click per partition an hour after the others: every partition's watermark then
 /// passes every real window, so both runs close all of them.
 fn flush(topic: &str, partitions: i32) {
-    let value = r#"{"id":0,"user":"flush","amount":0,"ts":1700003600000000}"#;
+    // An hour after the clicks: it closes their windows (a time past year 9999 would be a
+    // decode error that moves no watermark).
+    let value = r#"{"id":0,"user":"flush","amount":0,"ts":1700003600000}"#;
     produce(topic, (0..partitions).map(|partition| Input { partition: Some(partition), ..Input::keyed("flush", value) }));
 }
 

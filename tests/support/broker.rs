@@ -132,8 +132,18 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// A port nothing listens on now, for a weir process's HTTP server. Taken outside Linux's
+/// ephemeral range (32768-60999): a port the kernel hands out there can be taken by any
+/// outgoing connection (a Kafka client's) before weir binds it, which failed a test with
+/// "Address already in use".
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
