@@ -1288,3 +1288,45 @@ sink:
         assert_eq!(locations, ["sources.events.watermark.max_out_of_orderness", "sources.events.watermark.idle_timeout"], "{errors}");
     }
 }
+
+/// Filter expressions from CEL's tokens, put together at random (bounded: CEL parsing is not
+/// this file's subject, only that nothing in a config or a record panics).
+mod filters {
+    use proptest::prelude::*;
+
+    use super::config;
+    use super::drive::run;
+
+    const TOKENS: &[&str] = &[
+        "v", "k", "ts", "_topic", "_offset", "_headers", "0", "1", "-1", "9223372036854775807", "18446744073709551615u", "1.5", "1e400", "'a'",
+        "b'x'", "true", "null", "==", "!=", "<", ">=", "+", "-", "*", "/", "%", "&&", "||", "!", "?", ":", "(", ")", "[", "]", "{", "}", ",", ".",
+        "in", "size(", "int(", "string(", "has(", "matches(", "timestamp(", "duration(", ".size()", "'\\u'", "\"",
+    ];
+
+    proptest! {
+        #![proptest_config(config(128))]
+
+        #[test]
+        fn any_filter_compiles_or_is_named_and_evaluates_or_dead_letters(tokens in prop::collection::vec(prop::sample::select(TOKENS), 0..12)) {
+            let expression = tokens.join(" ");
+            let text = format!(
+                "name: bad-filters\nsources:\n  events:\n    topics: [events]\n    format: json\n    schema: {{ v: long, k: string, ts: long }}\nsteps:\n  - filter: {}\nsink:\n  topic: out\n",
+                serde_json::Value::from(expression.as_str())
+            );
+            match weir::plan::parse_pipeline(&text) {
+                Err(errors) => prop_assert!(errors.problems.iter().all(|problem| problem.location == "steps[0].filter"), "{}", errors),
+                Ok(pipeline) => {
+                    let records: Vec<_> = [r#"{"v":1,"k":"a","ts":0}"#, r#"{"v":9223372036854775807,"k":null,"ts":-1}"#, r#"{"v":null}"#]
+                        .iter()
+                        .map(|value| (value.as_bytes().to_vec(), None))
+                        .collect();
+                    let outcome = run(&pipeline, &records, 0, 2).map_err(|failure| TestCaseError::fail(failure.to_string()))?;
+                    for (_, output) in &outcome.outputs {
+                        let stage = super::header(output, "weir-error-stage");
+                        prop_assert!(stage.is_none() || stage == Some("process"), "{:?}", output);
+                    }
+                }
+            }
+        }
+    }
+}
