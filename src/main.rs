@@ -245,7 +245,12 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     logging::init(&loaded.settings.logging);
-    let tokio = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // The loop runs on a blocking thread of this runtime and decodes records there; a datum
+    // nesting as deep as the Avro decoder allows (codec::avro's depth limit) takes more than
+    // the default 2 MiB of stack in an unoptimized build. Stacks are reserved, not used, so a
+    // large one costs only what is touched.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_stack_size(64 << 20).enable_all().build();
+    let tokio = match runtime {
         Ok(tokio) => tokio,
         Err(error) => {
             error!(%error, "cannot start the async runtime");

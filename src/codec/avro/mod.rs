@@ -11,15 +11,18 @@
 //! Writing: the sink's schema is derived from the pipeline's output fields, every field a
 //! union with null (default null), registered under `<topic>-value` at start.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use apache_avro::types::Value as AvroValue;
+use apache_avro::Schema as AvroSchema;
 use serde_json::{Map, Number, Value};
 use tracing::warn;
 
 use super::DecodeError;
 use crate::config::{FieldType, Schema};
 
+mod depth;
 mod encoder;
 mod writer_schemas;
 
@@ -58,6 +61,9 @@ pub fn schema_id(bytes: &[u8]) -> Option<u32> {
 pub struct AvroDecoder {
     schema: Schema,
     writers: Arc<WriterSchemas>,
+    /// By writer schema id: its named types when it is recursive (its datums are walked for
+    /// their depth first, see [`depth`]), None when it is not.
+    recursive: Arc<Mutex<HashMap<u32, Option<Arc<depth::Names>>>>>,
 }
 
 impl AvroDecoder {
@@ -66,11 +72,17 @@ impl AvroDecoder {
         if limit != MAX_DECODE_ALLOCATION {
             warn!(limit, wanted = MAX_DECODE_ALLOCATION, "apache-avro's allocation limit was set before weir's; a record lying about a length may exhaust memory");
         }
-        AvroDecoder { schema, writers }
+        AvroDecoder { schema, writers, recursive: Arc::default() }
     }
 
     pub fn writers(&self) -> &Arc<WriterSchemas> {
         &self.writers
+    }
+
+    /// A writer schema's named types if it is recursive, worked out once per schema id.
+    fn recursive_names(&self, id: u32, writer: &AvroSchema) -> Option<Arc<depth::Names>> {
+        let mut known = self.recursive.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        known.entry(id).or_insert_with(|| depth::recursive_names(writer).map(Arc::new)).clone()
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
@@ -87,6 +99,10 @@ impl AvroDecoder {
             None => return Err(DecodeError(format!("writer schema id {id} was not fetched from the schema registry"))),
         };
         let mut datum = &bytes[5..];
+        if let Some(names) = self.recursive_names(id, &writer) {
+            depth::check_depth(&writer, &names, datum, depth::MAX_DEPTH)
+                .map_err(|error| DecodeError(format!("not an Avro datum of writer schema id {id}: {error}")))?;
+        }
         let value = apache_avro::from_avro_datum(&writer, &mut datum, None)
             .map_err(|error| DecodeError(format!("not an Avro datum of writer schema id {id}: {error}")))?;
         if !datum.is_empty() {
@@ -229,7 +245,6 @@ mod tests {
     use super::*;
     use super::encoder::write_long;
     use super::writer_schemas::*;
-    use apache_avro::Schema as AvroSchema;
     use std::time::{Duration, Instant};
 
     fn schema(fields: &[(&str, FieldType)]) -> Schema {
