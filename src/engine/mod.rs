@@ -11,7 +11,7 @@ use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{json, Decoder, Encoder};
 use crate::config::{ErrorAction, ErrorPolicy, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
-use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record};
+use crate::operators::{event_time, key_of, Emitted, Forward, Provenance, Record, StateEntryLimit};
 pub use topology::ChangelogEntry;
 use topology::{ChainResult, Topology};
 
@@ -240,6 +240,13 @@ impl Engine {
         })
     }
 
+    /// Sets the largest state entry a stateful step may keep (the producer's limit for a
+    /// changelog record); the default fits librdkafka's default `message.max.bytes`. Set it
+    /// before the first record: tasks keep the limit they were built with.
+    pub fn set_state_entry_limit(&mut self, limit: StateEntryLimit) {
+        self.topology.set_state_entry_limit(limit);
+    }
+
     /// Sets the clock `event_time.max_ahead` measures against (`weir test` fixes it).
     pub fn set_clock(&mut self, clock: Clock) {
         self.clock = clock;
@@ -309,7 +316,9 @@ impl Engine {
             .pipeline
             .steps
             .get(step)
-            .and_then(|definition| crate::operators::Operator::build(definition, self.pipeline.step_source(step)).ok())
+            .and_then(|definition| {
+                crate::operators::Operator::build(definition, self.pipeline.step_source(step), StateEntryLimit::default()).ok()
+            })
             .map(|operator| operator.describe())
             .unwrap_or_default();
         match self.topology.stage_of_step(step) {

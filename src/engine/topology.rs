@@ -27,7 +27,7 @@ use serde_json::Value;
 use crate::config::Source;
 use crate::operators::Step;
 use crate::plan::Pipeline;
-use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record};
+use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record, StateEntryLimit};
 
 /// What became of the input record across all stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +130,8 @@ pub struct Topology {
     /// The input record being processed, as (offset, forwards it has made so far): the
     /// position its stage-0 task's next forward carries.
     position: Option<(i64, u32)>,
+    /// What the stateful steps of tasks built from now on may keep per state entry.
+    state_entry_limit: StateEntryLimit,
 }
 
 impl Topology {
@@ -146,7 +148,7 @@ impl Topology {
             .collect();
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
-            Operator::build(step, pipeline.step_source(index))?;
+            Operator::build(step, pipeline.step_source(index), StateEntryLimit::default())?;
         }
         Ok(Topology {
             pipeline: pipeline.clone(),
@@ -160,7 +162,13 @@ impl Topology {
             in_place: planned.join_in_place,
             idle_inputs: Default::default(),
             position: None,
+            state_entry_limit: StateEntryLimit::default(),
         })
+    }
+
+    /// See `Engine::set_state_entry_limit`.
+    pub fn set_state_entry_limit(&mut self, limit: StateEntryLimit) {
+        self.state_entry_limit = limit;
     }
 
     /// The join run in place, as (left topic, right topic); None when it is repartitioned
@@ -272,7 +280,7 @@ impl Topology {
             }
             for (step, index) in stage.steps.iter().zip(&stage.indices) {
                 // Steps were checked to build in `new`.
-                let Ok(operator) = Operator::build(step, self.step_source(*index)) else { continue };
+                let Ok(operator) = Operator::build(step, self.step_source(*index), self.state_entry_limit) else { continue };
                 match (step, &self.in_place) {
                     (Step::Join(_), Some((left, right))) => {
                         lines.push(format!("{}, in place: partition p of {left} joins partition p of {right}", operator.describe()));
@@ -848,7 +856,7 @@ impl Topology {
                 .steps
                 .iter()
                 .zip(&spec.indices)
-                .map(|(step, index)| Operator::build(step, self.step_source(*index)))
+                .map(|(step, index)| Operator::build(step, self.step_source(*index), self.state_entry_limit))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ProcessError)?;
             let watermark = self.task_watermark(stage, id);

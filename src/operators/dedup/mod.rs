@@ -8,7 +8,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
-use super::{Emitted, Outcome, Record, StateChange, key_of};
+use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
 pub mod config;
 
 use config::Dedup;
@@ -26,10 +26,14 @@ pub struct DedupOperator {
     expiries_stale: bool,
     /// Keys added or ended since the last `take_changes`.
     changed: BTreeSet<String>,
+    limit: StateEntryLimit,
 }
 
+/// A dedup entry's value: the first event time, at most 20 digits.
+const TIME_BYTES: usize = 20;
+
 impl DedupOperator {
-    pub fn new(spec: &Dedup) -> DedupOperator {
+    pub fn new(spec: &Dedup, limit: StateEntryLimit) -> DedupOperator {
         DedupOperator {
             key: spec.key.clone(),
             within: crate::config::millis(spec.within),
@@ -37,6 +41,7 @@ impl DedupOperator {
             expiries: BTreeSet::new(),
             expiries_stale: false,
             changed: BTreeSet::new(),
+            limit,
         }
     }
 
@@ -48,17 +53,26 @@ impl DedupOperator {
         self.first_seen.len()
     }
 
-    pub fn process<'a>(&mut self, mut record: Record<'a>, watermark: i64, out: &mut Vec<Emitted<'a>>) -> Outcome {
+    pub fn process<'a>(
+        &mut self,
+        mut record: Record<'a>,
+        watermark: i64,
+        out: &mut Vec<Emitted<'a>>,
+    ) -> Result<Outcome, ProcessError> {
         if record.event_time.saturating_add(self.within) <= watermark {
-            return Outcome::Late(format!(
+            return Ok(Outcome::Late(format!(
                 "event time {} + within {}ms is at or before the watermark {watermark}",
                 record.event_time, self.within
-            ));
+            )));
         }
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
         let key_text = Value::Object(key.clone()).to_string();
         if self.first_seen.contains_key(&key_text) {
-            return Outcome::Duplicate;
+            return Ok(Outcome::Duplicate);
+        }
+        // Quoting at most doubles the key: only a key near the limit is measured.
+        if 2 * key_text.len() + 2 + TIME_BYTES > self.limit.bytes() {
+            self.limit.check("dedup", quoted_len(&key_text) + TIME_BYTES)?;
         }
         let expiry = record.event_time.saturating_add(self.within);
         self.rebuild_expiries();
@@ -69,7 +83,7 @@ impl DedupOperator {
         record.key = Some(key);
         record.id = None;
         out.push(Emitted::Record(record));
-        Outcome::Passed
+        Ok(Outcome::Passed)
     }
 
     /// Forgets the keys whose state ended at this watermark.
@@ -114,5 +128,43 @@ impl DedupOperator {
             let within = self.within;
             self.expiries = self.first_seen.iter().map(|(key, time)| (time.saturating_add(within), key.clone())).collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn record(id: &str, time: i64) -> Record<'static> {
+        let fields = serde_json::json!({ "id": id }).as_object().cloned().unwrap_or_default();
+        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
+    }
+
+    /// A key whose changelog entry the producer could not send goes to `on_error.process`
+    /// and leaves the state as it was; the records after it are deduplicated as before.
+    #[test]
+    fn a_key_too_large_for_the_changelog_is_refused_and_the_state_left_alone() {
+        let spec = Dedup { key: vec!["id".into()], within: Duration::from_secs(60) };
+        let limit = StateEntryLimit::under_message_max_bytes(2000);
+        let mut dedup = DedupOperator::new(&spec, limit);
+        let mut out = Vec::new();
+        assert_eq!(dedup.process(record("a", 1), i64::MIN, &mut out), Ok(Outcome::Passed));
+        dedup.take_changes();
+        let large = "x".repeat(limit.bytes());
+        let refused = dedup.process(record(&large, 2), i64::MIN, &mut out);
+        assert!(refused.is_err_and(|error| error.0.contains("dedup state")), "refused");
+        assert_eq!((dedup.state_keys(), out.len()), (1, 1), "nothing kept or emitted");
+        assert_eq!(dedup.take_changes(), Vec::new(), "no changelog entry");
+        // Quotes are escaped once more in the changelog key: a key that fits only before
+        // that is refused too.
+        let quotes = "\"".repeat(limit.bytes() / 3);
+        assert!(dedup.process(record(&quotes, 3), i64::MIN, &mut out).is_err(), "escaped size counts");
+        let fitting = "y".repeat(limit.bytes() / 2 - 40);
+        assert_eq!(dedup.process(record(&fitting, 4), i64::MIN, &mut out), Ok(Outcome::Passed));
+        assert_eq!(dedup.process(record("b", 5), i64::MIN, &mut out), Ok(Outcome::Passed));
+        assert_eq!(dedup.process(record("a", 6), i64::MIN, &mut out), Ok(Outcome::Duplicate));
+        assert_eq!(dedup.state_keys(), 3);
     }
 }

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
-use super::{Emitted, Outcome, Record, StateChange, key_of};
+use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 use config::{Join, JoinKind};
@@ -120,11 +120,24 @@ pub struct JoinOperator {
     next_seq: u64,
     /// Entries added, changed (matched) or ended since the last `take_changes`.
     dirty: BTreeSet<(String, Side, u64)>,
+    limit: StateEntryLimit,
 }
 
+/// What a buffered record's changelog entry holds besides its key text and fields: the side,
+/// the sequence number, the event time, `matched` and the JSON around them.
+const ENTRY_OVERHEAD: usize = 120;
+
 impl JoinOperator {
-    pub fn new(spec: JoinSpec) -> JoinOperator {
-        JoinOperator { spec, keys: HashMap::new(), ends: BTreeSet::new(), ends_stale: false, next_seq: 0, dirty: BTreeSet::new() }
+    pub fn new(spec: JoinSpec, limit: StateEntryLimit) -> JoinOperator {
+        JoinOperator {
+            spec,
+            keys: HashMap::new(),
+            ends: BTreeSet::new(),
+            ends_stale: false,
+            next_seq: 0,
+            dirty: BTreeSet::new(),
+            limit,
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -154,14 +167,22 @@ impl JoinOperator {
     }
 
     /// Joins `record` (from `side`) with what the other side buffered under its key, then
-    /// buffers it. Judged against `watermark`, the watermark just before it.
-    pub fn process<'a>(&mut self, record: Record<'a>, side: Side, watermark: i64, out: &mut Vec<Emitted<'a>>) -> Outcome {
+    /// buffers it. Judged against `watermark`, the watermark just before it. A record whose
+    /// changelog entry would be over the limit is refused before it changes anything.
+    pub fn process<'a>(
+        &mut self,
+        record: Record<'a>,
+        side: Side,
+        watermark: i64,
+        out: &mut Vec<Emitted<'a>>,
+    ) -> Result<Outcome, ProcessError> {
         if record.event_time < watermark {
-            return Outcome::Late(format!("event time {} is before the watermark {watermark}", record.event_time));
+            return Ok(Outcome::Late(format!("event time {} is before the watermark {watermark}", record.event_time)));
         }
-        self.rebuild_ends();
         let key = key_of(&record.fields, &self.spec.on);
         let key_text = Value::Object(key.clone()).to_string();
+        self.check_entry_size(&key_text, &record)?;
+        self.rebuild_ends();
         let (lower, upper) = (self.spec.lower, self.spec.upper);
         let time = record.event_time;
         let seq = self.next_seq;
@@ -200,7 +221,28 @@ impl JoinOperator {
         state.side(side).push(Buffered { seq, time, fields: record.fields, matched, source });
         self.ends.insert((end, key_text.clone(), side, seq));
         self.dirty.insert((key_text, side, seq));
-        Outcome::Passed
+        Ok(Outcome::Passed)
+    }
+
+    /// Refuses a record whose buffered entry (`take_changes`) would be over the limit. The
+    /// fields are counted as JSON without writing them, once per record; the key text is
+    /// quoted twice on its way into the changelog key (inside the `[key, side, seq]` array,
+    /// then as the state key string), which at most quadruples it.
+    fn check_entry_size(&self, key_text: &str, record: &Record<'_>) -> Result<(), ProcessError> {
+        let fields = json_len(&record.fields);
+        let source = match (self.spec.keep_sources, record.provenance) {
+            (true, Some(provenance)) => quoted_len(provenance.topic) + 60,
+            _ => 0,
+        };
+        let rest = fields + source + ENTRY_OVERHEAD;
+        if 4 * key_text.len() + rest <= self.limit.bytes() {
+            return Ok(());
+        }
+        // Each quote or backslash of the key text takes 2 bytes in the array's text and 4 in
+        // the state key string; the key's own 2 quotes take 4 there.
+        let escaped = quoted_len(key_text) - key_text.len() - 2;
+        let key = key_text.len() + 4 + 3 * escaped;
+        self.limit.check("join", key + rest)
     }
 
     /// Ends the buffered records the watermark has passed, emitting the unmatched ones of
@@ -367,24 +409,24 @@ mod tests {
 
     #[test]
     fn pairs_match_at_both_bounds_inclusive_and_not_beyond() {
-        let mut join = JoinOperator::new(spec(JoinKind::Inner, 0, 10));
+        let mut join = JoinOperator::new(spec(JoinKind::Inner, 0, 10), StateEntryLimit::default());
         let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out);
+        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
         for (id, time) in [(10, 99), (11, 100), (12, 110), (13, 111)] {
-            join.process(record("a", id, time), Side::Right, i64::MIN, &mut out);
+            join.process(record("a", id, time), Side::Right, i64::MIN, &mut out).unwrap();
         }
         assert_eq!(pairs(&out), vec![(1.into(), 11.into(), 100), (1.into(), 12.into(), 110)]);
     }
 
     #[test]
     fn every_pair_when_keys_repeat_on_both_sides_whatever_the_order() {
-        let mut join = JoinOperator::new(spec(JoinKind::Inner, -5, 5));
+        let mut join = JoinOperator::new(spec(JoinKind::Inner, -5, 5), StateEntryLimit::default());
         let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out);
-        join.process(record("a", 10, 103), Side::Right, i64::MIN, &mut out);
-        join.process(record("b", 11, 100), Side::Right, i64::MIN, &mut out);
-        join.process(record("a", 2, 98), Side::Left, i64::MIN, &mut out);
-        join.process(record("a", 12, 96), Side::Right, i64::MIN, &mut out);
+        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
+        join.process(record("a", 10, 103), Side::Right, i64::MIN, &mut out).unwrap();
+        join.process(record("b", 11, 100), Side::Right, i64::MIN, &mut out).unwrap();
+        join.process(record("a", 2, 98), Side::Left, i64::MIN, &mut out).unwrap();
+        join.process(record("a", 12, 96), Side::Right, i64::MIN, &mut out).unwrap();
         let mut found = pairs(&out);
         found.sort_by_key(|(left, right, _)| (left.as_u64(), right.as_u64()));
         assert_eq!(
@@ -395,12 +437,12 @@ mod tests {
 
     #[test]
     fn outer_rows_come_when_the_watermark_proves_no_match_can_come() {
-        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10));
+        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), StateEntryLimit::default());
         let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out);
-        join.process(record("b", 20, 105), Side::Right, i64::MIN, &mut out);
-        join.process(record("c", 2, 100), Side::Left, i64::MIN, &mut out);
-        join.process(record("c", 21, 104), Side::Right, i64::MIN, &mut out);
+        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
+        join.process(record("b", 20, 105), Side::Right, i64::MIN, &mut out).unwrap();
+        join.process(record("c", 2, 100), Side::Left, i64::MIN, &mut out).unwrap();
+        join.process(record("c", 21, 104), Side::Right, i64::MIN, &mut out).unwrap();
         assert_eq!(pairs(&out), vec![(2.into(), 21.into(), 104)]);
         out.clear();
         // At 110 a right record at 110 could still match the left one at 100.
@@ -419,10 +461,10 @@ mod tests {
             (JoinKind::Left, vec![(1.into(), Value::Null, 100)]),
             (JoinKind::Right, vec![(Value::Null, 20.into(), 100)]),
         ] {
-            let mut join = JoinOperator::new(spec(kind, 0, 0));
+            let mut join = JoinOperator::new(spec(kind, 0, 0), StateEntryLimit::default());
             let mut out = Vec::new();
-            join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out);
-            join.process(record("b", 20, 100), Side::Right, i64::MIN, &mut out);
+            join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
+            join.process(record("b", 20, 100), Side::Right, i64::MIN, &mut out).unwrap();
             join.advance(i64::MAX, &mut out);
             assert_eq!(pairs(&out), expected, "{kind:?}");
         }
@@ -430,22 +472,22 @@ mod tests {
 
     #[test]
     fn a_record_before_the_watermark_is_late() {
-        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10));
+        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), StateEntryLimit::default());
         let mut out = Vec::new();
-        assert_eq!(join.process(record("a", 1, 100), Side::Left, 100, &mut out), Outcome::Passed);
-        assert!(matches!(join.process(record("a", 2, 99), Side::Right, 100, &mut out), Outcome::Late(_)));
+        assert_eq!(join.process(record("a", 1, 100), Side::Left, 100, &mut out), Ok(Outcome::Passed));
+        assert!(matches!(join.process(record("a", 2, 99), Side::Right, 100, &mut out), Ok(Outcome::Late(_))));
         assert_eq!(join.state_keys(), 1);
     }
 
     /// A restored operator matches, ends and emits exactly as the one whose changes it read.
     #[test]
     fn a_restored_join_goes_on_as_the_original() {
-        let mut original = JoinOperator::new(spec(JoinKind::Full, -5, 5));
+        let mut original = JoinOperator::new(spec(JoinKind::Full, -5, 5), StateEntryLimit::default());
         let mut changelog: std::collections::BTreeMap<String, Value> = Default::default();
         let mut out = Vec::new();
         let inputs = [("a", 1, 100, Side::Left), ("a", 10, 104, Side::Right), ("b", 2, 100, Side::Left), ("c", 11, 101, Side::Right)];
         for (ad, id, time, side) in inputs {
-            original.process(record(ad, id, time), side, i64::MIN, &mut out);
+            original.process(record(ad, id, time), side, i64::MIN, &mut out).unwrap();
         }
         original.advance(100, &mut out);
         for change in original.take_changes() {
@@ -454,14 +496,14 @@ mod tests {
                 None => changelog.remove(&change.key),
             };
         }
-        let mut restored = JoinOperator::new(spec(JoinKind::Full, -5, 5));
+        let mut restored = JoinOperator::new(spec(JoinKind::Full, -5, 5), StateEntryLimit::default());
         for (key, value) in &changelog {
             restored.restore(key, Some(value)).unwrap();
         }
         assert_eq!(restored.state_keys(), original.state_keys());
         let (mut from_original, mut from_restored) = (Vec::new(), Vec::new());
         for (join, out) in [(&mut original, &mut from_original), (&mut restored, &mut from_restored)] {
-            join.process(record("b", 12, 103), Side::Right, 100, out);
+            join.process(record("b", 12, 103), Side::Right, 100, out).unwrap();
             join.advance(i64::MAX, out);
         }
         assert_eq!(pairs(&from_restored), pairs(&from_original));
@@ -470,5 +512,29 @@ mod tests {
             vec![(2.into(), 12.into(), 103), (Value::Null, 11.into(), 101)],
             "a's pair was emitted before; c's right record is unmatched"
         );
+    }
+
+    /// A record whose buffered entry the producer could not send goes to `on_error.process`:
+    /// it neither matches nor is buffered, and the records after it join as before.
+    #[test]
+    fn a_record_too_large_for_the_changelog_is_refused_and_the_state_left_alone() {
+        let limit = StateEntryLimit::under_message_max_bytes(3000);
+        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), limit);
+        let mut out = Vec::new();
+        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
+        join.take_changes();
+        let mut large = record("a", 2, 101);
+        large.fields.insert("payload".into(), Value::from("p".repeat(limit.bytes())));
+        let refused = join.process(large, Side::Right, i64::MIN, &mut out);
+        assert!(refused.is_err_and(|error| error.0.contains("join state")), "refused");
+        assert!(out.is_empty(), "it matched nothing");
+        assert_eq!(join.state_keys(), 1, "nothing buffered");
+        assert_eq!(join.take_changes(), Vec::new(), "no changelog entry, not even the left record's `matched`");
+        // A key of quotes is escaped twice on its way into the changelog key.
+        let quotes = "\"".repeat(limit.bytes() / 5);
+        assert!(join.process(record(&quotes, 3, 101), Side::Right, i64::MIN, &mut out).is_err(), "escaped size counts");
+        join.process(record("a", 4, 102), Side::Right, i64::MIN, &mut out).unwrap();
+        assert_eq!(pairs(&out), vec![(1.into(), 4.into(), 102)]);
+        assert_eq!(join.state_keys(), 2);
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
-use super::{Emitted, Outcome, Record, StateChange, key_of};
+use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 use config::{Aggregate, EmitMode, Window, WindowKind};
@@ -41,7 +41,12 @@ pub struct WindowOperator {
     /// once while it lives, by its `dirty` flag; closed ones may repeat).
     dirty: Vec<(String, i64)>,
     sequence_changed: bool,
+    limit: StateEntryLimit,
 }
+
+/// What an aggregate's entry may grow by besides the values it keeps: counts, sums and the
+/// event time and sequence of first/last, as digits. Reserved in every window's estimate.
+const NUMBERS_RESERVE: usize = 48;
 
 /// The changelog key of the processing sequence (window keys are JSON arrays).
 const SEQUENCE_KEY: &str = "sequence";
@@ -60,6 +65,11 @@ struct WindowState {
     /// Listed in `dirty` since the last `take_changes`.
     #[serde(skip)]
     dirty: bool,
+    /// A running estimate of its changelog entry's size, at or above the real one: measured
+    /// when the window is made or first touched after a restore (None until then), then
+    /// moved by what each record adds, so records are not measured against the whole state.
+    #[serde(skip)]
+    bytes: Option<usize>,
 }
 
 /// Lists a live window as changed, once per `take_changes`.
@@ -85,7 +95,7 @@ enum AggregateState {
 }
 
 impl WindowOperator {
-    pub fn new(spec: &Window, schema: Option<&Schema>) -> WindowOperator {
+    pub fn new(spec: &Window, schema: Option<&Schema>, limit: StateEntryLimit) -> WindowOperator {
         let sums_whole = spec
             .aggregates
             .iter()
@@ -110,6 +120,7 @@ impl WindowOperator {
             sequence: 0,
             dirty: Vec::new(),
             sequence_changed: false,
+            limit,
         }
     }
 
@@ -133,53 +144,150 @@ impl WindowOperator {
         self.groups.values().map(|group| group.windows.len()).sum()
     }
 
-    pub fn process<'a>(&mut self, record: Record<'a>, watermark: i64, _out: &mut Vec<Emitted<'a>>) -> Outcome {
+    /// Adds a record to its windows. One that would make a window's changelog entry larger
+    /// than the limit is refused before any window changes.
+    pub fn process<'a>(&mut self, record: Record<'a>, watermark: i64, _out: &mut Vec<Emitted<'a>>) -> Result<Outcome, ProcessError> {
         let time = record.event_time;
         let lateness = self.lateness;
         let open = move |end: i64| end.saturating_add(lateness) > watermark;
+        let sequence_was_changed = self.sequence_changed;
         self.sequence += 1;
         self.sequence_changed = true;
         let sequence = self.sequence;
         let key = key_of(&record.fields, &self.group_by);
         let group_text = serde_json::to_string(&key).unwrap_or_default();
-        match self.kind {
+        let growth = self.growth_bound(&record);
+        let fits = match self.kind {
             WindowKind::Tumbling { size } => {
                 let size = crate::config::millis(size);
                 let start = time.div_euclid(size).saturating_mul(size);
                 let end = start.saturating_add(size);
                 if !open(end) {
-                    return self.late(time, watermark);
+                    return Ok(self.late(time, watermark));
                 }
-                self.add(&group_text, &key, start, end, &record, sequence);
+                self.check_window(&group_text, &key, start, end, &record, sequence, growth)
+                    .map(|()| self.add(&group_text, &key, start, end, &record, sequence))
             }
             WindowKind::Hopping { size, slide } => {
                 let (size, slide) = (crate::config::millis(size), crate::config::millis(slide));
                 // Windows [s, s + size) with s a multiple of slide and s <= time < s + size.
                 // At most size / slide windows: the configuration bounds that.
                 let last_start = time.div_euclid(slide).saturating_mul(slide);
-                let mut start = last_start;
-                let mut added = false;
-                while start > time.saturating_sub(size) {
-                    let end = start.saturating_add(size);
-                    if open(end) {
-                        self.add(&group_text, &key, start, end, &record, sequence);
-                        added = true;
-                    }
-                    start = start.saturating_sub(slide);
+                let windows = std::iter::successors(Some(last_start), |start| Some(start.saturating_sub(slide)))
+                    .take_while(|start| *start > time.saturating_sub(size))
+                    .map(|start| (start, start.saturating_add(size)))
+                    .filter(|(_, end)| open(*end));
+                if windows.clone().next().is_none() {
+                    return Ok(self.late(time, watermark));
                 }
-                if !added {
-                    return self.late(time, watermark);
-                }
+                // Every window is checked before any is changed.
+                windows
+                    .clone()
+                    .try_for_each(|(start, end)| self.check_window(&group_text, &key, start, end, &record, sequence, growth))
+                    .map(|()| windows.for_each(|(start, end)| self.add(&group_text, &key, start, end, &record, sequence)))
             }
             WindowKind::Session { gap } => {
                 let end = time.saturating_add(crate::config::millis(gap));
                 if !open(end) {
-                    return self.late(time, watermark);
+                    return Ok(self.late(time, watermark));
                 }
-                self.add_to_session(&group_text, &key, time, end, &record, sequence);
+                self.check_session(&group_text, &key, time, end, &record, sequence, growth)
+                    .map(|()| self.add_to_session(&group_text, &key, time, end, &record, sequence))
             }
+        };
+        if let Err(error) = fits {
+            // Refused: nothing changed, not even the processing order.
+            self.sequence -= 1;
+            self.sequence_changed = sequence_was_changed;
+            return Err(error);
         }
-        Outcome::Passed
+        Ok(Outcome::Passed)
+    }
+
+    /// The most `record` can add to one window's entry: each value it gives first, last,
+    /// min or max (which keep one value: at most all of it when the old one was empty), and
+    /// each value count_distinct keeps as a quoted JSON text. Counts, sums and averages only
+    /// change digits, reserved when a window is made.
+    fn growth_bound(&self, record: &Record<'_>) -> usize {
+        self.aggregates
+            .iter()
+            .map(|(_, aggregate)| {
+                let value = || aggregate.field().and_then(|field| field_at(&record.fields, field)).map_or(0, value_len);
+                match aggregate {
+                    Aggregate::Count | Aggregate::Sum(_) | Aggregate::Avg(_) => 0,
+                    Aggregate::Min(_) | Aggregate::Max(_) | Aggregate::First(_) | Aggregate::Last(_) => value(),
+                    Aggregate::CountDistinct(_) => 2 * value() + 3,
+                }
+            })
+            .sum()
+    }
+
+    /// Refuses a record that would take the window `[start, end)` of the group over the limit:
+    /// by its running estimate where that leaves room, else by measuring the window the
+    /// record would make.
+    #[allow(clippy::too_many_arguments)]
+    fn check_window(
+        &mut self,
+        group_text: &str,
+        key: &Map<String, Value>,
+        start: i64,
+        end: i64,
+        record: &Record<'_>,
+        sequence: u64,
+        growth: usize,
+    ) -> Result<(), ProcessError> {
+        let existing = self.groups.get_mut(group_text).and_then(|group| group.windows.get_mut(&start));
+        let estimate = match existing {
+            Some(window) => estimate(window, group_text, key, self.aggregates.len()),
+            // A new window: its key, the group in its value and the empty aggregates.
+            None => 4 * group_text.len() + 200 + self.aggregates.len() * (NUMBERS_RESERVE + 32),
+        };
+        if estimate.saturating_add(growth) <= self.limit.bytes() {
+            return Ok(());
+        }
+        let mut trial = match self.groups.get(group_text).and_then(|group| group.windows.get(&start)) {
+            Some(window) => WindowState { aggregates: window.aggregates.clone(), ..WindowState::new(window.end, Vec::new()) },
+            None => WindowState::new(end, initial(&self.aggregates, &self.sums_whole)),
+        };
+        accumulate(&mut trial.aggregates, &self.aggregates, record, sequence);
+        self.limit.check("window", measure(&trial, group_text, key, start))
+    }
+
+    /// As `check_window`, for the session the record makes with those it overlaps.
+    #[allow(clippy::too_many_arguments)]
+    fn check_session(
+        &mut self,
+        group_text: &str,
+        key: &Map<String, Value>,
+        start: i64,
+        end: i64,
+        record: &Record<'_>,
+        sequence: u64,
+        growth: usize,
+    ) -> Result<(), ProcessError> {
+        let aggregates = self.aggregates.len();
+        let mut estimate_sum = 4 * group_text.len() + 200 + aggregates * (NUMBERS_RESERVE + 32) + growth;
+        let Some(group) = self.groups.get_mut(group_text) else {
+            return match estimate_sum <= self.limit.bytes() {
+                true => Ok(()),
+                false => self.check_window(group_text, key, start, end, record, sequence, growth),
+            };
+        };
+        for (_, window) in group.windows.range_mut(..end).filter(|(_, window)| window.end > start) {
+            estimate_sum = estimate_sum.saturating_add(estimate(window, group_text, key, aggregates));
+        }
+        if estimate_sum <= self.limit.bytes() {
+            return Ok(());
+        }
+        let mut merged = WindowState::new(end, initial(&self.aggregates, &self.sums_whole));
+        let mut merged_start = start;
+        for (session_start, window) in group.windows.range(..end).filter(|(_, window)| window.end > start) {
+            merged_start = merged_start.min(*session_start);
+            merged.end = merged.end.max(window.end);
+            merge(&mut merged.aggregates, window.aggregates.clone());
+        }
+        accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
+        self.limit.check("window", measure(&merged, group_text, key, merged_start))
     }
 
     fn late(&self, time: i64, watermark: i64) -> Outcome {
@@ -197,9 +305,11 @@ impl WindowOperator {
         let group = self.groups.get_mut(group_text).expect("inserted above");
         let window = group.windows.entry(start).or_insert_with(|| {
             self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
-            WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false, dirty: false }
+            WindowState::new(end, initial(&self.aggregates, &self.sums_whole))
         });
-        accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
+        let before = estimate(window, group_text, key, self.aggregates.len());
+        let growth = accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
+        window.bytes = Some(before.saturating_add_signed(growth));
         mark(&mut self.dirty, window, group_text, start);
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), start));
@@ -218,7 +328,9 @@ impl WindowOperator {
             .filter(|(_, window)| window.end > start)
             .map(|(session_start, _)| *session_start)
             .collect();
-        let mut merged = WindowState { end, aggregates: initial(&self.aggregates, &self.sums_whole), emitted: false, dirty: false };
+        let mut merged = WindowState::new(end, initial(&self.aggregates, &self.sums_whole));
+        // Merging keeps at most what the parts held, so their estimates add up to one.
+        let mut merged_bytes = estimate(&mut merged, group_text, key, self.aggregates.len());
         let merged_start = overlapping.first().map_or(start, |first| (*first).min(start));
         for session_start in &overlapping {
             let Some(old) = group.windows.remove(session_start) else { continue };
@@ -226,6 +338,7 @@ impl WindowOperator {
             self.changed.remove(&(group_text.to_string(), *session_start));
             self.dirty.push((group_text.to_string(), *session_start));
             merged.end = merged.end.max(old.end);
+            merged_bytes = merged_bytes.saturating_add(old.bytes.unwrap_or_else(|| measure(&old, group_text, key, *session_start)));
             merge(&mut merged.aggregates, old.aggregates);
             if old.emitted {
                 if *session_start == merged_start {
@@ -236,7 +349,8 @@ impl WindowOperator {
                 }
             }
         }
-        accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
+        let growth = accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
+        merged.bytes = Some(merged_bytes.saturating_add_signed(growth));
         self.closing.insert((merged.end.saturating_add(self.lateness), group_text.to_string(), merged_start));
         // The merged session may take the key of one listed as removed just above.
         self.dirty.push((group_text.to_string(), merged_start));
@@ -403,8 +517,12 @@ fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -> Vec<Aggre
         .collect()
 }
 
-/// Adds one record; nulls are ignored by every aggregate but count().
-fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)], record: &Record<'_>, sequence: u64) {
+/// Adds one record; nulls are ignored by every aggregate but count(). Returns by how much the
+/// values kept grew (or shrank), as `value_len` counts them, for the window's estimate.
+fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)], record: &Record<'_>, sequence: u64) -> isize {
+    let mut growth = 0isize;
+    // A kept value replaced by another: the difference of their lengths.
+    let replaced = |old: Option<&Value>, new: &Value| value_len(new) as isize - old.map_or(0, value_len) as isize;
     for (state, (_, aggregate)) in states.iter_mut().zip(aggregates) {
         let value = aggregate.field().and_then(|field| field_at(&record.fields, field)).filter(|value| !value.is_null());
         match (state, value) {
@@ -422,31 +540,74 @@ fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)],
             }
             (AggregateState::Min(current), Some(value)) => {
                 if current.as_ref().is_none_or(|current| compare(value, current).is_lt()) {
+                    growth += replaced(current.as_ref(), value);
                     *current = Some(value.clone());
                 }
             }
             (AggregateState::Max(current), Some(value)) => {
                 if current.as_ref().is_none_or(|current| compare(value, current).is_gt()) {
+                    growth += replaced(current.as_ref(), value);
                     *current = Some(value.clone());
                 }
             }
             (AggregateState::First(current), Some(value)) => {
                 let candidate = (record.event_time, sequence);
                 if current.as_ref().is_none_or(|(time, seq, _)| candidate < (*time, *seq)) {
+                    growth += replaced(current.as_ref().map(|(_, _, old)| old), value);
                     *current = Some((record.event_time, sequence, value.clone()));
                 }
             }
             (AggregateState::Last(current), Some(value)) => {
                 let candidate = (record.event_time, sequence);
                 if current.as_ref().is_none_or(|(time, seq, _)| candidate > (*time, *seq)) {
+                    growth += replaced(current.as_ref().map(|(_, _, old)| old), value);
                     *current = Some((record.event_time, sequence, value.clone()));
                 }
             }
             (AggregateState::CountDistinct(values), Some(value)) => {
-                values.insert(value.to_string());
+                let text = value.to_string();
+                let len = quoted_len(&text) + 1;
+                if values.insert(text) {
+                    growth += len as isize;
+                }
             }
         }
     }
+    growth
+}
+
+/// A value's length as JSON, or a little more: strings by a scan, scalars by their longest
+/// form, and only arrays and objects written out (counted, not kept).
+fn value_len(value: &Value) -> usize {
+    match value {
+        Value::String(text) => quoted_len(text),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 24,
+        Value::Array(_) | Value::Object(_) => json_len(value),
+    }
+}
+
+impl WindowState {
+    fn new(end: i64, aggregates: Vec<AggregateState>) -> WindowState {
+        WindowState { end, aggregates, emitted: false, dirty: false, bytes: None }
+    }
+}
+
+/// A window's changelog entry size as `take_changes` writes it: the key `[group, start]`
+/// quoted as a state key (the group text is quoted twice: each quote or backslash of it
+/// takes 4 bytes), and the value with the group in it. Writes the window out (counted, not
+/// kept): for new, restored and near-limit windows only.
+fn measure(window: &WindowState, group_text: &str, key: &Map<String, Value>, start: i64) -> usize {
+    let escaped = quoted_len(group_text) - group_text.len() - 2;
+    let state_key = group_text.len() + 4 + 3 * escaped + json_len(&start) + 4;
+    state_key + json_len(window) + json_len(key) + r#","group":"#.len()
+}
+
+/// The window's running estimate, measured (with room for its numbers to grow) if unknown.
+fn estimate(window: &mut WindowState, group_text: &str, key: &Map<String, Value>, aggregates: usize) -> usize {
+    // The start does not change the estimate by more than the reserve.
+    let bytes = window.bytes.unwrap_or_else(|| measure(window, group_text, key, i64::MIN) + aggregates * NUMBERS_RESERVE);
+    window.bytes = Some(bytes);
+    bytes
 }
 
 /// Folds `other` (a session merged away) into `states`.
@@ -512,6 +673,98 @@ impl AggregateState {
                 value.as_ref().map_or(Value::Null, |(_, _, value)| value.clone())
             }
             AggregateState::CountDistinct(values) => Value::from(values.len() as u64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn window(kind: WindowKind, aggregates: &[(&str, Aggregate)]) -> Window {
+        Window {
+            group_by: vec!["user".into()],
+            kind,
+            allowed_lateness: Duration::ZERO,
+            aggregates: aggregates.iter().map(|(name, aggregate)| (name.to_string(), aggregate.clone())).collect(),
+            emit: EmitMode::Final,
+        }
+    }
+
+    fn record(user: &str, tag: &str, time: i64) -> Record<'static> {
+        let fields = serde_json::json!({ "user": user, "tag": tag }).as_object().cloned().unwrap_or_default();
+        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
+    }
+
+    /// The closed windows' results, as (user, tags, last tag).
+    fn results(out: &[Emitted<'_>]) -> Vec<(Value, Value, Value)> {
+        out.iter()
+            .filter_map(|item| match item {
+                Emitted::Record(record) => {
+                    Some((record.fields["user"].clone(), record.fields["tags"].clone(), record.fields["last"].clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A window whose changelog entry would outgrow what the producer can send refuses the
+    /// record that would do it, in every window it belongs to, and goes on with the others:
+    /// a single value too large, and a count_distinct set that grows past the limit.
+    #[test]
+    fn a_record_that_would_make_a_window_too_large_is_refused_and_the_windows_left_alone() {
+        let limit = StateEntryLimit::under_message_max_bytes(5000);
+        let aggregates =
+            [("tags", Aggregate::CountDistinct("tag".into())), ("last", Aggregate::Last("tag".into()))];
+        let kinds = [
+            WindowKind::Tumbling { size: Duration::from_millis(100) },
+            WindowKind::Hopping { size: Duration::from_millis(100), slide: Duration::from_millis(50) },
+            WindowKind::Session { gap: Duration::from_millis(100) },
+        ];
+        for kind in kinds {
+            let mut operator = WindowOperator::new(&window(kind, &aggregates), None, limit);
+            let mut out = Vec::new();
+            assert_eq!(operator.process(record("u", "a", 10), i64::MIN, &mut out), Ok(Outcome::Passed));
+            let windows = operator.state_keys();
+            operator.take_changes();
+            // One value over the limit alone.
+            let refused = operator.process(record("u", &"x".repeat(limit.bytes()), 20, ), i64::MIN, &mut out);
+            assert!(refused.is_err_and(|error| error.0.contains("window state")), "{kind:?}: one large value");
+            assert_eq!(operator.take_changes(), Vec::new(), "{kind:?}: nothing changed, not even the sequence");
+            // Distinct values that fit one by one, until the set would not.
+            let tag = |index: usize| format!("{index:04}{}", "t".repeat(600));
+            let mut kept = 1;
+            let mut refused_at = None;
+            for index in 0..10 {
+                match operator.process(record("u", &tag(index), 30), i64::MIN, &mut out) {
+                    Ok(Outcome::Passed) => kept += 1,
+                    Ok(other) => panic!("{kind:?}: {other:?}"),
+                    Err(_) => {
+                        refused_at = Some(index);
+                        break;
+                    }
+                }
+            }
+            let refused_at = refused_at.unwrap_or_else(|| panic!("{kind:?}: the set never reached the limit"));
+            // Five 600-byte tags and the last one fit under 3,976 bytes; a sixth does not.
+            assert_eq!(refused_at, 5, "{kind:?}: refused at {refused_at}");
+            // Whatever was refused, each entry written fits, as the producer will see it.
+            for change in operator.take_changes() {
+                let Some(value) = change.value else { continue };
+                let size = quoted_len(&change.key) + value.to_string().len();
+                assert!(size <= limit.bytes(), "{kind:?}: an entry of {size} bytes");
+            }
+            assert_eq!(operator.state_keys(), windows, "{kind:?}");
+            // A record that adds nothing new still counts, and the windows close as before.
+            assert_eq!(operator.process(record("u", "a", 40), i64::MIN, &mut out), Ok(Outcome::Passed));
+            operator.advance(i64::MAX, &mut out);
+            let found = results(&out);
+            assert!(!found.is_empty(), "{kind:?}");
+            for (user, tags, last) in found {
+                assert_eq!((user, tags, last), ("u".into(), kept.into(), "a".into()), "{kind:?}");
+            }
         }
     }
 }
