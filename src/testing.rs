@@ -68,6 +68,8 @@ pub fn run_with_restarts(
         value: pipeline.sink.encoding == Encoding::Avro,
     };
     let pipeline = &pipeline.with_json_codecs();
+    // The engine's default state entry limit is `weir run`'s with librdkafka's default
+    // message.max.bytes: a record whose state would be too large goes to the DLQ here too.
     let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
     let mut changelog: BTreeMap<(Option<String>, i32, usize, String), Value> = BTreeMap::new();
     let mut batches = 0;

@@ -10,6 +10,7 @@ use rdkafka::{ClientConfig, ClientContext};
 
 use super::error::RuntimeError;
 use crate::config::{DataLossPolicy, Settings};
+use crate::operators::StateEntryLimit;
 use crate::plan::Pipeline;
 
 fn base(settings: &Settings) -> ClientConfig {
@@ -79,6 +80,24 @@ pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str,
 /// A plain client for metadata and topic administration.
 pub fn admin_config(settings: &Settings) -> ClientConfig {
     base(settings)
+}
+
+/// The producer's `message.max.bytes`: the user's, or librdkafka's default, which weir leaves
+/// alone (raising it would let a sink record over the sink topic's limit reach the broker,
+/// which refuses it and makes the transaction abortable, where librdkafka refuses it at once).
+pub fn producer_message_max_bytes(settings: &Settings) -> usize {
+    settings
+        .kafka
+        .options
+        .get("message.max.bytes")
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(StateEntryLimit::LIBRDKAFKA_MESSAGE_MAX_BYTES)
+}
+
+/// The largest state entry a stateful step may keep: one whose changelog record the producer
+/// would refuse fails every commit (audit R8), so the step sends its record to the DLQ instead.
+pub fn state_entry_limit(settings: &Settings) -> StateEntryLimit {
+    StateEntryLimit::under_message_max_bytes(producer_message_max_bytes(settings))
 }
 
 fn millis(duration: std::time::Duration) -> String {

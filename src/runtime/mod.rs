@@ -100,6 +100,7 @@ pub fn run(
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
     let mut engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
+    engine.set_state_entry_limit(clients::state_entry_limit(settings));
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
     let mode = pipeline.sink.mode;
     let changelog_steps = match mode {

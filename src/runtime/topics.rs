@@ -113,9 +113,15 @@ pub fn prepare(
             )));
         }
     }
+    // A changelog takes every record the producer may send: a cluster whose default
+    // max.message.bytes is lower would otherwise refuse a state entry weir let through
+    // (and one whose default is higher gains nothing, as the producer's limit holds).
+    let message_max_bytes = clients::producer_message_max_bytes(settings).to_string();
+    let changelog_config: Vec<(&str, &str)> =
+        CHANGELOG_CONFIG.iter().copied().chain([("max.message.bytes", message_max_bytes.as_str())]).collect();
     let internal = changelogs
         .topics()
-        .map(|topic| (topic.as_str(), "changelog", CHANGELOG_CONFIG))
+        .map(|topic| (topic.as_str(), "changelog", changelog_config.as_slice()))
         .chain(repartitions.iter().map(|topic| (topic.as_str(), "repartition topic", REPARTITION_CONFIG)));
     for (topic, kind, config) in internal {
         match partition_count(&client, topic)? {
