@@ -693,3 +693,28 @@ sink:
     }
     assert!(stderr.contains("4 configuration problems"), "{stderr}");
 }
+
+/// A dedup key too large for a changelog record (a ~1.1 MB key field, over librdkafka's
+/// default message.max.bytes) sends its record to the DLQ with stage `process`, as `weir
+/// run` does, where it would otherwise fail every commit; the records after it flow on and
+/// are deduplicated as before.
+#[test]
+fn a_dedup_key_too_large_for_the_changelog_is_a_dlq_record_and_later_records_flow_on() {
+    let steps = "  - dedup: { key: [user_id], within: 10m }";
+    let (_dir, path) = write(&windowed(steps, ""));
+    let large = "x".repeat(1_100_000);
+    let record = |user: &str, ts: u64| {
+        serde_json::json!({ "source": "clicks", "partition": 0, "key": null, "value": { "user_id": user, "amount": 1.0, "ts": ts } })
+            .to_string()
+    };
+    let inputs = [record("ann", 1000), record(&large, 2000), record("bob", 3000), record("ann", 4000)];
+    let lines = weir_test_lines(&path, &inputs.iter().map(String::as_str).collect::<Vec<_>>());
+    let dlq: Vec<&serde_json::Value> = lines.iter().filter(|line| line["topic"] == "limits.dlq").collect();
+    assert_eq!(dlq.len(), 1, "one DLQ record");
+    assert_eq!(dlq[0]["headers"]["weir-error-stage"], "process");
+    let error = dlq[0]["headers"]["weir-error"].as_str().unwrap_or_default();
+    assert!(error.contains("dedup state") && error.contains("message.max.bytes"), "{error}");
+    let users: Vec<&serde_json::Value> =
+        lines.iter().filter(|line| line["topic"] == "out").map(|line| &line["value"]["user_id"]).collect();
+    assert_eq!(users, ["ann", "bob"], "the later records flow on; ann's second record is a duplicate");
+}
