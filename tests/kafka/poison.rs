@@ -130,3 +130,46 @@ fn a_sink_with_a_small_record_limit_gets_every_result_that_fits() {
     // The DLQ's own limit is the broker's default: the original value fits there.
     assert_eq!(dlq[0].value.as_deref(), Some(big.as_bytes()));
 }
+
+/// A record that fits its source topic (here `max.message.bytes` 2,000,000) but whose dedup
+/// key is too large for a changelog record under weir's `message.max.bytes` (librdkafka's
+/// default, 1,000,000): it goes to the DLQ with stage `process` (without its value, which is
+/// too large for the DLQ too), where its changelog entry would fail every commit and weir
+/// would crash-loop on it. The records around it reach the sink and the run ends cleanly.
+#[test]
+fn a_dedup_key_too_large_for_the_changelog_dead_letters_and_the_rest_flows_on() {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let (input, output, name) = (unique("in"), unique("out"), unique("large-state"));
+    create_topic_with(&input, 1, &[("max.message.bytes", "2000000")]);
+    create_topic(&output, 1);
+    let click = |id: u64, user: &str| format!(r#"{{"id":{id},"user":"{user}","amount":1,"ts":{}}}"#, 1_700_000_000_000 + id);
+    let large = "x".repeat(1_100_000);
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .expect("test producer");
+    for id in 0..11u64 {
+        let value = match id {
+            5 => click(id, &large),
+            _ => click(id, &format!("u{id}")),
+        };
+        let key = format!("k{id}");
+        producer.send(BaseRecord::to(&input).key(&key).payload(&value)).expect("queue a test record");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("test records acknowledged");
+    let steps = "  - dedup: { key: [user], within: 1m }";
+    let pipeline = pipeline_file(&clicks_pipeline_text(&name, &input, &output, steps, "partitioned_by: [user]"));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
+
+    let ids: Vec<i64> = read_committed(&output).iter().map(|record| record.value_json()["id"].as_i64().unwrap_or(-1)).collect();
+    assert_eq!(ids, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
+    let dlq = read_committed(&format!("{name}.dlq"));
+    assert_eq!(dlq.len(), 1, "{:?}", dlq.iter().map(|record| &record.headers).collect::<Vec<_>>());
+    assert_eq!(dlq[0].headers["weir-error-stage"], "process", "{:?}", dlq[0].headers);
+    assert!(dlq[0].headers["weir-error"].contains("dedup state"), "{:?}", dlq[0].headers);
+    assert_eq!(dlq[0].headers["weir-source-offset"], "5");
+    assert!(dlq[0].headers.contains_key("weir-value-omitted"), "{:?}", dlq[0].headers);
+}
