@@ -12,9 +12,12 @@ use weir::operators::event_time::{MAX_EVENT_TIME, MIN_EVENT_TIME};
 
 /// `cases` unless PROPTEST_CASES says otherwise; failures are printed (shrunk), not written
 /// to a regressions file: the ones worth keeping become named tests below.
+/// `cases` cases from a fixed seed, so that a CI run is repeatable; `PROPTEST_CASES` and
+/// `PROPTEST_RNG_SEED` explore further (a failure prints the seed that found it).
 fn config(cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|text| text.parse().ok()).unwrap_or(cases);
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    let seed = std::env::var("PROPTEST_RNG_SEED").ok().and_then(|text| text.parse().ok()).unwrap_or(0x005e_ed0f_0e1c);
+    ProptestConfig { cases, failure_persistence: None, rng_seed: proptest::test_runner::RngSeed::Fixed(seed), ..ProptestConfig::default() }
 }
 
 fn header<'o>(output: &'o Output, name: &str) -> Option<&'o str> {
@@ -1182,16 +1185,10 @@ sink:
         text: &str,
         verdicts: &BTreeMap<&'static str, Option<i64>>,
         unreadable: &[&'static str],
-        every_unreadable_named: bool,
         combined: Option<&'static str>,
         records: &[(&str, Input)],
     ) -> Result<(), TestCaseError> {
         let refused: Vec<&str> = verdicts.iter().filter(|(_, verdict)| verdict.is_none()).map(|(key, _)| *key).collect();
-        // KNOWN GAP (reported, not fixed here): a duration that does not read at all refuses
-        // its mapping before the limits of the other durations are checked (an idle_timeout
-        // of 0ns beside an unreadable max_out_of_orderness; join.within.upper beside a lower
-        // that is not a string), so those are named only once the unreadable one is fixed.
-        // See `limits_are_checked_beside_an_unreadable_duration` below.
         let unreadable: Vec<&str> = verdicts.keys().copied().filter(|key| unreadable.contains(key)).collect();
         match weir::plan::parse_pipeline(text) {
             Err(errors) => {
@@ -1203,12 +1200,6 @@ sink:
                     prop_assert!(!problem.message.is_empty());
                 }
                 let named = |key: &str| errors.problems.iter().any(|problem| problem.location == key);
-                // join.within is checked only once both sources are fine (the same gap), so
-                // there at least one refused key is named.
-                if !refused.is_empty() && !every_unreadable_named {
-                    prop_assert!(refused.iter().any(|key| named(key)), "none of {:?} is named: {}\n{}", refused, errors, text);
-                    return Ok(());
-                }
                 let must_be_named: Vec<&str> = if !unreadable.is_empty() {
                     unreadable
                 } else if !refused.is_empty() {
@@ -1246,33 +1237,30 @@ sink:
 
         #[test]
         fn any_duration_validates_or_is_named(durations in single()) {
-            const EVERY_UNREADABLE_NAMED: bool = true;
             let verdicts = durations.verdicts();
             let records: Vec<(&str, Input)> = times()
                 .into_iter()
                 .enumerate()
                 .map(|(index, time)| ("events", (format!(r#"{{"id":"e{}","k":"k{}","ts":{time}}}"#, index % 5, index % 2).into_bytes(), None)))
                 .collect();
-            check(&durations.yaml(), &verdicts, &durations.unreadable(), EVERY_UNREADABLE_NAMED, durations.combined_problem(&verdicts), &records)?;
+            check(&durations.yaml(), &verdicts, &durations.unreadable(), durations.combined_problem(&verdicts), &records)?;
         }
 
         #[test]
         fn any_join_duration_validates_or_is_named(durations in joined()) {
-            const EVERY_UNREADABLE_NAMED: bool = false;
             let verdicts = durations.verdicts();
             let records: Vec<(&str, Input)> = times()
                 .into_iter()
                 .enumerate()
                 .map(|(index, time)| (if index % 2 == 0 { "views" } else { "clicks" }, (format!(r#"{{"ad":"a{}","ts":{time}}}"#, index % 3).into_bytes(), None)))
                 .collect();
-            check(&durations.yaml(), &verdicts, &durations.unreadable(), EVERY_UNREADABLE_NAMED, durations.combined_problem(&verdicts), &records)?;
+            check(&durations.yaml(), &verdicts, &durations.unreadable(), durations.combined_problem(&verdicts), &records)?;
         }
     }
 
     /// KNOWN GAP (found here): PIPELINE.md and STYLE.md promise every problem at once, but a
     /// duration that does not read hides the limit problems of the durations beside it.
     #[test]
-    #[ignore = "gap: limits of a duration are not checked when a sibling duration does not read"]
     fn limits_are_checked_beside_an_unreadable_duration() {
         let durations = Single {
             max_ahead: None,

@@ -88,6 +88,13 @@ impl Watermark {
         let mut fields = Fields::of(value, location, problems)?;
         let max_out_of_orderness = fields.required_duration("max_out_of_orderness", problems);
         let idle_timeout = fields.duration("idle_timeout", problems);
+        // Each duration's limits are checked whatever became of the other.
+        if let Some(max_out_of_orderness) = max_out_of_orderness {
+            check_duration(max_out_of_orderness, Zero::Allowed, &fields.location_of("max_out_of_orderness"), problems);
+        }
+        if let Some(idle_timeout) = idle_timeout {
+            check_duration(idle_timeout, Zero::Refused, &fields.location_of("idle_timeout"), problems);
+        }
         let fine = fields.finish(problems);
         let max_out_of_orderness = max_out_of_orderness?;
         fine.then_some(Watermark { max_out_of_orderness, idle_timeout })
@@ -289,13 +296,6 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
         }
     };
     let event_time = origin.map(|origin| EventTime { origin, max_ahead });
-    if let Some(watermark) = &raw.watermark {
-        let location = format!("{location}.watermark");
-        check_duration(watermark.max_out_of_orderness, Zero::Allowed, &format!("{location}.max_out_of_orderness"), problems);
-        if let Some(idle_timeout) = watermark.idle_timeout {
-            check_duration(idle_timeout, Zero::Refused, &format!("{location}.idle_timeout"), problems);
-        }
-    }
     let starting_offsets = parse_starting_offsets(raw.starting_offsets.as_ref(), location, problems);
     for field in &raw.partitioned_by {
         if field_type(field).is_none() {

@@ -16,7 +16,7 @@ use crate::config::{
     self, check_fields, ConfigErrors, Encoding, ErrorPolicy, FieldType, PipelineFile, Schema, Settings, Sink, DeliveryMode, Source,
     SourceTopics,
 };
-use crate::operators::join::config::{parse_join, Join};
+use crate::operators::join::config::{check_section, parse_join, Join};
 use crate::operators::window::config::EmitMode;
 use crate::operators::Step;
 pub use describe::{describe, graph, StoredState};
@@ -299,7 +299,11 @@ pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, 
 pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline> {
     let PipelineFile { name, sources, join, steps: entries, sink, on_error, dlq_topic } = file;
     let (source, join) = match (sources, join.as_ref()) {
-        (None, _) => (None, None),
+        (None, Some(value)) => {
+            check_section(value, problems);
+            (None, None)
+        }
+        (None, None) => (None, None),
         (Some(mut sources), None) if sources.len() == 1 => (sources.pop(), None),
         (Some(sources), None) => {
             let names: Vec<&str> = sources.iter().map(|source| source.name.as_str()).collect();

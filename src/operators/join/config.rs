@@ -40,7 +40,8 @@ struct RawJoin {
     right: String,
     kind: JoinKind,
     on: Vec<String>,
-    within: RawWithin,
+    /// `within` in milliseconds: (lower, upper).
+    within: (i64, i64),
 }
 
 impl RawJoin {
@@ -51,8 +52,8 @@ impl RawJoin {
         let right = fields.required("right", problems);
         let kind = fields.or_default("type", problems);
         let on = fields.required("on", problems);
-        let within = fields.raw("within").and_then(|value| RawWithin::read(value, problems));
-        if within.is_none() && value.get("within").is_none() {
+        let within = fields.raw("within").and_then(|value| read_within(value, problems));
+        if value.get("within").is_none() {
             problems.push("join.within", "is required: {lower: <duration>, upper: <duration>}");
         }
         let fine = fields.finish(problems);
@@ -61,43 +62,56 @@ impl RawJoin {
     }
 }
 
-struct RawWithin {
-    lower: String,
-    upper: String,
-}
-
-impl RawWithin {
-    fn read(value: &Yaml, problems: &mut ConfigErrors) -> Option<RawWithin> {
-        let mut fields = Fields::of(value, "join.within", problems)?;
-        let (lower, upper) = (fields.required("lower", problems), fields.required("upper", problems));
-        let fine = fields.finish(problems);
-        let within = RawWithin { lower: lower?, upper: upper? };
-        fine.then_some(within)
+/// `within: {lower, upper}` in milliseconds, each bound's problems reported whatever the
+/// other's are.
+fn read_within(value: &Yaml, problems: &mut ConfigErrors) -> Option<(i64, i64)> {
+    let before = problems.problems.len();
+    let mut fields = Fields::of(value, "join.within", problems)?;
+    let (lower, upper): (Option<String>, Option<String>) = (fields.required("lower", problems), fields.required("upper", problems));
+    fields.finish(problems);
+    let millis = |text: &Option<String>, location: &str, problems: &mut ConfigErrors| {
+        text.as_deref().and_then(|text| signed_millis(text).map_err(|message| problems.push(location, message)).ok())
+    };
+    let (lower_millis, upper_millis) = (millis(&lower, "join.within.lower", problems), millis(&upper, "join.within.upper", problems));
+    let (lower_millis, upper_millis) = (lower_millis?, upper_millis?);
+    if lower_millis > upper_millis {
+        let (lower, upper) = (lower.unwrap_or_default(), upper.unwrap_or_default());
+        problems.push("join.within", format!("lower ({lower}) must not be after upper ({upper})"));
     }
+    (problems.problems.len() == before).then_some((lower_millis, upper_millis))
 }
 
-/// The join section, given the two sources: (left source, join).
-pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
+/// Checks the join section on its own, where the sources have problems of their own: what
+/// can be said of it without them is said.
+pub fn check_section(value: &Yaml, problems: &mut ConfigErrors) {
+    read_section(value, problems);
+}
+
+/// The join section's keys and what they say on their own: (raw section, lower, upper) in
+/// milliseconds, or None with every problem recorded.
+fn read_section(value: &Yaml, problems: &mut ConfigErrors) -> Option<(RawJoin, i64, i64)> {
     let raw = RawJoin::read(value, problems)?;
     let before = problems.problems.len();
-    let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
-    for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {
-        if !names.contains(name) {
-            problems.push(location, format!("'{name}' is not a source; sources: {}", names.join(", ")));
-        }
-    }
     if raw.left == raw.right {
         problems.push("join.right", "must name the other source than join.left");
     }
     if raw.on.is_empty() {
         problems.push("join.on", "must name at least one field (the same name on both sides)");
     }
-    let lower = signed_millis(&raw.within.lower).map_err(|message| problems.push("join.within.lower", message)).ok();
-    let upper = signed_millis(&raw.within.upper).map_err(|message| problems.push("join.within.upper", message)).ok();
-    if let (Some(lower), Some(upper)) = (lower, upper)
-        && lower > upper
-    {
-        problems.push("join.within", format!("lower ({}) must not be after upper ({})", raw.within.lower, raw.within.upper));
+    let (lower, upper) = raw.within;
+    (problems.problems.len() == before).then_some((raw, lower, upper))
+}
+
+/// The join section, given the two sources: (left source, join).
+pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigErrors) -> Option<(Source, Join)> {
+    let before = problems.problems.len();
+    let section = read_section(value, problems);
+    let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
+    let (raw, lower, upper) = section?;
+    for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {
+        if !names.contains(name) {
+            problems.push(location, format!("'{name}' is not a source; sources: {}", names.join(", ")));
+        }
     }
     if problems.problems.len() > before {
         return None;
@@ -148,8 +162,8 @@ pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigE
         right,
         kind: raw.kind,
         on: raw.on,
-        lower: lower?,
-        upper: upper?,
+        lower,
+        upper,
         keep_sources: false,
         output,
     };
