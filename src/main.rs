@@ -162,16 +162,8 @@ fn validate(args: &ConfigArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    match Engine::new(&loaded.pipeline) {
-        Ok(engine) => {
-            print!("{}", plan::describe(&loaded, &engine));
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("weir: {message}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
+    print!("{}", plan::describe(&loaded));
+    ExitCode::SUCCESS
 }
 
 fn plan(args: &PlanArgs) -> ExitCode {
@@ -180,15 +172,9 @@ fn plan(args: &PlanArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let engine = match Engine::new(&loaded.pipeline) {
-        Ok(engine) => engine,
-        Err(message) => {
-            eprintln!("weir: {message}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let pipeline = &loaded.pipeline;
     if !args.check {
-        print!("{}", plan::graph(&loaded, &engine, &|_| StoredState::Unknown));
+        print!("{}", plan::graph(&loaded, &|_| StoredState::Unknown));
         return ExitCode::SUCCESS;
     }
     let stored = match runtime::check_connection(&loaded.settings)
@@ -203,11 +189,11 @@ fn plan(args: &PlanArgs) -> ExitCode {
     };
     let verdict = |step: usize| match stored.get(&step) {
         None => StoredState::New,
-        Some(definition) if *definition == engine.step_definition(step) => StoredState::Unchanged,
+        Some(definition) if *definition == pipeline.step_definition(step) => StoredState::Unchanged,
         Some(definition) => StoredState::Changed(definition.clone()),
     };
-    print!("{}", plan::graph(&loaded, &engine, &verdict));
-    let stateful = engine.stateful_steps();
+    print!("{}", plan::graph(&loaded, &verdict));
+    let stateful = pipeline.stateful_steps();
     let gone: Vec<&usize> = stored.keys().filter(|step| !stateful.contains(step)).collect();
     for step in &gone {
         println!("state of step {step} was written by `{}`, which is no longer a stateful step", stored[step]);

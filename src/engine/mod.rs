@@ -297,10 +297,9 @@ impl Engine {
         self.topology.stages()
     }
 
-    /// A short, stable fingerprint of a stateful step's definition: equal fingerprints read
-    /// each other's state.
+    /// See [`Pipeline::state_fingerprint`].
     pub fn state_fingerprint(&self, step: usize) -> String {
-        format!("{:016x}", topology::fnv1a(self.step_definition(step).as_bytes()))
+        self.pipeline.state_fingerprint(step)
     }
 
     /// The pipeline indices of the stateful steps (each has a changelog topic).
@@ -308,23 +307,9 @@ impl Engine {
         self.topology.stateful_steps()
     }
 
-    /// What a stateful step's state depends on, in words (kept to detect changed steps).
-    /// Whether it runs after a repartition is part of it: that decides which task (input
-    /// partition or repartitioned key) each piece of state belongs to.
+    /// See [`Pipeline::step_definition`].
     pub fn step_definition(&self, step: usize) -> String {
-        let described = self
-            .pipeline
-            .steps
-            .get(step)
-            .and_then(|definition| {
-                crate::operators::Operator::build(definition, self.pipeline.step_source(step), StateEntryLimit::default()).ok()
-            })
-            .map(|operator| operator.describe())
-            .unwrap_or_default();
-        match self.topology.stage_of_step(step) {
-            Some(stage) if stage > 0 => format!("{described}, after a repartition"),
-            _ => described,
-        }
+        self.pipeline.step_definition(step)
     }
 
     /// Changed state for the changelogs; call after `end_batch`, before committing.

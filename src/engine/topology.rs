@@ -805,7 +805,7 @@ impl Topology {
                 Emitted::Record(record) => record,
             };
             let key = Value::Object(key_of(&record.fields, &key_fields)).to_string();
-            let partition = (fnv1a(key.as_bytes()) % u64::from(self.width)) as u32;
+            let partition = (crate::plan::stable_hash(key.as_bytes()) % u64::from(self.width)) as u32;
             if let Some(distribution) = &self.distribution {
                 let (sender, position) = match from {
                     TaskPartition::Input(topic, partition) => {
@@ -876,7 +876,3 @@ fn stage_first_stateful(stage: &StageSpec) -> Option<usize> {
     stage.steps.iter().zip(&stage.indices).find(|(step, _)| step.is_stateful()).map(|(_, index)| *index)
 }
 
-/// A stable hash for routing keys (the same on every run and machine).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
-}

@@ -4,9 +4,8 @@ use std::fmt::Write;
 
 use super::Loaded;
 use crate::config::SourceTopics;
-use crate::engine::Engine;
 
-pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
+pub fn describe(loaded: &Loaded) -> String {
     let Loaded { settings, pipeline } = loaded;
     let source = &pipeline.source;
     let mut text = String::new();
@@ -23,7 +22,7 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
         let _ = writeln!(text, "    fields: {}", join.right.record_schema().describe());
     }
     let mut index = 0;
-    for line in engine.describe_steps() {
+    for line in pipeline.describe_steps() {
         if line.starts_with("repartition by") {
             let _ = writeln!(text, "  then {line}");
             continue;
@@ -48,10 +47,10 @@ pub fn describe(loaded: &Loaded, engine: &Engine) -> String {
         settings.runtime.max_batch_records
     );
     let _ = writeln!(text, "  kafka: {}", settings.kafka.bootstrap_servers);
-    for step in engine.stateful_steps() {
+    for step in pipeline.stateful_steps() {
         let _ = writeln!(text, "  state of step {step}: changelog topic {}-{step}-changelog", pipeline.name);
     }
-    for (_, topic) in engine.repartition_topics() {
+    for (_, topic) in pipeline.repartition_topics() {
         let _ = writeln!(text, "  repartition topic: {topic} (records move to the task that owns their key)");
     }
     text
@@ -72,10 +71,10 @@ pub enum StoredState {
 /// The plan printed by `weir plan`: the stages and their tasks, each stateful step's state
 /// fingerprint and changelog, and every topic the pipeline reads, writes or owns.
 /// `stored` says, per stateful step, how it compares with the state already in Kafka.
-pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredState) -> String {
+pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
     let Loaded { pipeline, .. } = loaded;
     let source = &pipeline.source;
-    let described = engine.describe_steps();
+    let described = pipeline.describe_steps();
     let steps: Vec<String> = described.iter().filter(|line| !line.starts_with("repartition by")).cloned().collect();
     let topics = match pipeline.input_topics() {
         Some(topics) => topics.join(", "),
@@ -83,8 +82,10 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
     };
     let mut text = String::new();
     let _ = writeln!(text, "pipeline {}", pipeline.name);
-    for (stage, (indices, key)) in engine.stages().iter().enumerate() {
-        match (key, engine.join_in_place()) {
+    let stages = pipeline.stages();
+    for (stage, planned) in stages.stages.iter().enumerate() {
+        let (indices, key) = (&planned.steps, &planned.repartition_by);
+        match (key, &stages.join_in_place) {
             (None, Some((left, right))) => {
                 let _ = writeln!(
                     text,
@@ -111,7 +112,7 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
         }
         for index in indices {
             let _ = writeln!(text, "    step {index}: {}", steps.get(*index).map_or("", String::as_str));
-            if engine.stateful_steps().contains(index) {
+            if pipeline.stateful_steps().contains(index) {
                 let verdict = match stored(*index) {
                     StoredState::Unknown => String::new(),
                     StoredState::New => ", no state yet (starts empty)".to_string(),
@@ -121,7 +122,7 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
                 let _ = writeln!(
                     text,
                     "      state fingerprint {}, changelog {}-{index}-changelog{verdict}",
-                    engine.state_fingerprint(*index),
+                    pipeline.state_fingerprint(*index),
                     pipeline.name
                 );
             }
@@ -132,11 +133,11 @@ pub fn graph(loaded: &Loaded, engine: &Engine, stored: &dyn Fn(usize) -> StoredS
     let _ = writeln!(text, "topics");
     let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);
     let _ = writeln!(text, "  written: {} (results), {} (dead letters)", pipeline.sink.topic, pipeline.dlq_topic);
-    let stateful = engine.stateful_steps();
+    let stateful = pipeline.stateful_steps();
     for step in &stateful {
         let _ = writeln!(text, "  internal: {}-{step}-changelog (compacted; the state of step {step})", pipeline.name);
     }
-    for (stage, topic) in engine.repartition_topics() {
+    for (stage, topic) in pipeline.repartition_topics() {
         let _ = writeln!(text, "  internal: {topic} (delete, purged once consumed; feeds stage {stage})");
     }
     if !stateful.is_empty() {

@@ -18,7 +18,7 @@ use crate::config::{
 };
 use crate::operators::join::config::{check_section, parse_join, Join};
 use crate::operators::window::config::EmitMode;
-use crate::operators::Step;
+use crate::operators::{Operator, StateEntryLimit, Step};
 pub use describe::{describe, graph, StoredState};
 
 #[derive(Debug, Clone)]
@@ -170,6 +170,72 @@ pub struct Stage {
 }
 
 impl Pipeline {
+    /// The pipeline indices of the stateful steps (each has a changelog topic).
+    pub fn stateful_steps(&self) -> Vec<usize> {
+        self.steps.iter().enumerate().filter(|(_, step)| step.is_stateful()).map(|(index, _)| index).collect()
+    }
+
+    /// The repartition topic in front of each stage after the first: `<name>-<its first
+    /// step>-repartition`.
+    pub fn repartition_topics(&self) -> Vec<(usize, String)> {
+        self.stages()
+            .stages
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(stage, planned)| (stage, format!("{}-{}-repartition", self.name, planned.steps.first().copied().unwrap_or(0))))
+            .collect()
+    }
+
+    /// One line per step (and per repartition in front of a stage), as `weir validate` and
+    /// `weir plan` show them.
+    pub fn describe_steps(&self) -> Vec<String> {
+        let stages = self.stages();
+        let mut lines = Vec::new();
+        for stage in &stages.stages {
+            if let Some(key) = &stage.repartition_by {
+                lines.push(format!("repartition by [{}]", key.join(", ")));
+            }
+            for index in &stage.steps {
+                let described = self.describe_step(*index);
+                match (&self.steps[*index], &stages.join_in_place) {
+                    (Step::Join(_), Some((left, right))) => {
+                        lines.push(format!("{described}, in place: partition p of {left} joins partition p of {right}"));
+                    }
+                    _ => lines.push(described),
+                }
+            }
+        }
+        lines
+    }
+
+    /// A step in words, as its operator describes itself.
+    fn describe_step(&self, index: usize) -> String {
+        self.steps
+            .get(index)
+            .and_then(|step| Operator::build(step, self.step_source(index), StateEntryLimit::default()).ok())
+            .map(|operator| operator.describe())
+            .unwrap_or_default()
+    }
+
+    /// What a stateful step's state depends on, in words (kept to detect changed steps).
+    /// Whether it runs after a repartition is part of it: that decides which task (input
+    /// partition or repartitioned key) each piece of state belongs to.
+    pub fn step_definition(&self, index: usize) -> String {
+        let described = self.describe_step(index);
+        let stage = self.stages().stages.iter().position(|stage| stage.steps.contains(&index));
+        match stage {
+            Some(stage) if stage > 0 => format!("{described}, after a repartition"),
+            _ => described,
+        }
+    }
+
+    /// A short, stable fingerprint of a stateful step's definition: equal fingerprints read
+    /// each other's state.
+    pub fn state_fingerprint(&self, index: usize) -> String {
+        format!("{:016x}", stable_hash(self.step_definition(index).as_bytes()))
+    }
+
     /// The stages, and whether the join runs in place.
     pub fn stages(&self) -> Stages {
         // A co-partitioned join runs in the input partitions' tasks.
@@ -183,6 +249,12 @@ impl Pipeline {
             join_in_place: in_place.map(|(left, right)| (left.to_string(), right.to_string())),
         }
     }
+}
+
+/// A stable hash (FNV-1a, 64 bits): the same on every run and machine, for routing keys to
+/// repartition topic partitions and for state fingerprints.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Cuts the steps into stages: a keyed step whose key the records are not partitioned by

@@ -40,8 +40,8 @@ struct RawJoin {
     right: String,
     kind: JoinKind,
     on: Vec<String>,
-    /// `within` in milliseconds: (lower, upper).
-    within: (i64, i64),
+    /// `within` in milliseconds: (lower, upper); None when it has problems (recorded).
+    within: Option<(i64, i64)>,
 }
 
 impl RawJoin {
@@ -52,12 +52,14 @@ impl RawJoin {
         let right = fields.required("right", problems);
         let kind = fields.or_default("type", problems);
         let on = fields.required("on", problems);
-        let within = fields.raw("within").and_then(|value| read_within(value, problems));
-        if value.get("within").is_none() {
+        let within = fields.raw("within");
+        if within.is_none() {
             problems.push("join.within", "is required: {lower: <duration>, upper: <duration>}");
         }
         let fine = fields.finish(problems);
-        let join = RawJoin { left: left?, right: right?, kind, on: on?, within: within? };
+        // Read after the section's own keys: its problems are its own.
+        let within = within.and_then(|value| read_within(value, problems));
+        let join = RawJoin { left: left?, right: right?, kind, on: on?, within };
         fine.then_some(join)
     }
 }
@@ -89,17 +91,15 @@ pub fn check_section(value: &Yaml, problems: &mut ConfigErrors) {
 
 /// The join section's keys and what they say on their own: (raw section, lower, upper) in
 /// milliseconds, or None with every problem recorded.
-fn read_section(value: &Yaml, problems: &mut ConfigErrors) -> Option<(RawJoin, i64, i64)> {
+fn read_section(value: &Yaml, problems: &mut ConfigErrors) -> Option<RawJoin> {
     let raw = RawJoin::read(value, problems)?;
-    let before = problems.problems.len();
     if raw.left == raw.right {
         problems.push("join.right", "must name the other source than join.left");
     }
     if raw.on.is_empty() {
         problems.push("join.on", "must name at least one field (the same name on both sides)");
     }
-    let (lower, upper) = raw.within;
-    (problems.problems.len() == before).then_some((raw, lower, upper))
+    Some(raw)
 }
 
 /// The join section, given the two sources: (left source, join).
@@ -107,12 +107,13 @@ pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigE
     let before = problems.problems.len();
     let section = read_section(value, problems);
     let names: Vec<String> = sources.iter().map(|source| source.name.clone()).collect();
-    let (raw, lower, upper) = section?;
+    let raw = section?;
     for (location, name) in [("join.left", &raw.left), ("join.right", &raw.right)] {
         if !names.contains(name) {
             problems.push(location, format!("'{name}' is not a source; sources: {}", names.join(", ")));
         }
     }
+    let (lower, upper) = raw.within?;
     if problems.problems.len() > before {
         return None;
     }
