@@ -1,0 +1,133 @@
+//! The headers that carry a record (or a watermark alone) to a later stage through a
+//! repartition topic, and the ids of outputs in `idempotent_upsert` mode.
+
+use crate::codec::json;
+use super::records::{Destination, Output};
+use crate::operators::{Forward, Record};
+
+/// The headers of an output's id and version in `mode: idempotent_upsert`.
+pub const ID_HEADER: &str = "weir-id";
+pub const VERSION_HEADER: &str = "weir-version";
+
+/// A sink record's deterministic id in upsert mode, from its inputs, and its version:
+/// - a window's result: the group and `window_start`; version: its event time (window end - 1);
+/// - a dedup's output: the dedup key; version: the input offset;
+/// - a join's result: where each side was read (`{<left>: {topic, partition, offset} | null,
+///   <right>: ...}`); version: its event time;
+/// - anything else (pass-through, filter): the input's topic, partition and offset; version:
+///   the offset.
+///
+/// A replay from the same offsets rebuilds the same state, so it writes the same ids with
+/// the same values.
+pub(super) fn upsert_id(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
+    if let Some(id) = &record.id {
+        return (id.clone(), record.event_time);
+    }
+    match (&record.key, record.provenance) {
+        (Some(key), None) => {
+            let mut id = key.clone();
+            if let Some(start) = record.fields.get("window_start") {
+                id.insert("window_start".into(), start.clone());
+            }
+            (id, record.event_time)
+        }
+        (Some(key), Some(provenance)) => (key.clone(), provenance.offset),
+        (None, Some(provenance)) => {
+            (crate::operators::join::coordinates(provenance.topic, provenance.partition, provenance.offset), provenance.offset)
+        }
+        (None, None) => (serde_json::Map::new(), record.event_time),
+    }
+}
+
+/// What a record read from a repartition topic carries besides its value, in headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardHeaders {
+    pub sender: String,
+    pub watermark: i64,
+    pub idle: bool,
+    pub event_time: i64,
+    pub key: Option<serde_json::Map<String, serde_json::Value>>,
+    pub upsert: bool,
+    /// Where the record entered the pipeline: (topic, partition, offset, timestamp).
+    pub source: Option<(String, i32, i64, Option<i64>)>,
+    /// Upsert mode: the forward's position in its sender's sequence.
+    pub position: Option<(i64, u32)>,
+}
+
+const SENDER: &str = "weir-sender";
+const WATERMARK: &str = "weir-watermark";
+const EVENT_TIME: &str = "weir-event-time";
+const RECORD_KEY: &str = "weir-record-key";
+const UPSERT: &str = "weir-upsert";
+const IDLE: &str = "weir-idle";
+const SOURCE: &str = "weir-source";
+const POSITION: &str = "weir-position";
+
+/// The repartition-topic record of a forward: the input's Kafka key, the fields as JSON (no
+/// value: a watermark alone), and the rest in headers.
+pub(super) fn forwarded(forward: Forward<'_>) -> Output {
+    let mut headers = vec![
+        (SENDER.to_string(), forward.sender.into_bytes()),
+        (WATERMARK.to_string(), forward.watermark.to_string().into_bytes()),
+    ];
+    if forward.idle {
+        headers.push((IDLE.to_string(), b"1".to_vec()));
+    }
+    if let Some((offset, made)) = forward.position {
+        headers.push((POSITION.to_string(), format!("{offset}/{made}").into_bytes()));
+    }
+    let (mut key, mut value) = (None, None);
+    if let Some(record) = forward.record {
+        headers.push((EVENT_TIME.to_string(), record.event_time.to_string().into_bytes()));
+        if let Some(record_key) = &record.key {
+            headers.push((RECORD_KEY.to_string(), json::encode(record_key)));
+        }
+        if record.upsert {
+            headers.push((UPSERT.to_string(), b"1".to_vec()));
+        }
+        if let Some(provenance) = record.provenance {
+            let source = serde_json::json!([provenance.topic, provenance.partition, provenance.offset, provenance.timestamp]);
+            headers.push((SOURCE.to_string(), source.to_string().into_bytes()));
+            key = provenance.key.map(<[u8]>::to_vec);
+        }
+        value = Some(json::encode(&record.fields));
+    }
+    Output { destination: Destination::Repartition(forward.stage), partition: Some(forward.partition as i32), key, value, headers }
+}
+
+impl ForwardHeaders {
+    /// Reads the headers `forwarded` wrote.
+    pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, String> {
+        let find = |name: &str| headers.iter().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
+        let text = |name: &str| find(name).and_then(|bytes| std::str::from_utf8(bytes).ok());
+        let number = |name: &str| text(name).and_then(|text| text.parse::<i64>().ok());
+        let sender = text(SENDER).ok_or("a repartitioned record without its weir-sender header")?.to_string();
+        let watermark = number(WATERMARK).ok_or("a repartitioned record without a numeric weir-watermark header")?;
+        let key = match find(RECORD_KEY) {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-record-key is not a JSON object: {error}"))?),
+        };
+        let source = match find(SOURCE) {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-source is not [topic, partition, offset, timestamp]: {error}"))?),
+        };
+        let position = match text(POSITION) {
+            None => None,
+            Some(text) => Some(
+                text.split_once('/')
+                    .and_then(|(offset, made)| Some((offset.parse::<i64>().ok()?, made.parse::<u32>().ok()?)))
+                    .ok_or_else(|| format!("weir-position is not <offset>/<count>: {text}"))?,
+            ),
+        };
+        Ok(ForwardHeaders {
+            position,
+            sender,
+            watermark,
+            idle: find(IDLE).is_some(),
+            event_time: number(EVENT_TIME).unwrap_or(i64::MIN),
+            key,
+            upsert: find(UPSERT).is_some(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! What goes into the engine and what comes out: an input record, the outputs (sink, DLQ,
+//! repartition records), the stage a failure happened at, and what a batch did.
+
+use crate::codec::json;
+use crate::config::{ErrorAction, ErrorPolicy};
+use crate::operators::Provenance;
+
+/// Where an error happened; the value of the `weir-error-stage` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Decode,
+    Late,
+    Process,
+    Produce,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Decode, Stage::Late, Stage::Process, Stage::Produce];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Late => "late",
+            Stage::Process => "process",
+            Stage::Produce => "produce",
+        }
+    }
+
+    pub(super) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn action(self, policy: &ErrorPolicy) -> ErrorAction {
+        match self {
+            Stage::Decode => policy.decode,
+            Stage::Late => policy.late,
+            Stage::Process => policy.process,
+            Stage::Produce => policy.produce,
+        }
+    }
+}
+
+/// One input record as read from Kafka, borrowed from the consumer's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRecord<'a> {
+    pub provenance: Provenance<'a>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Sink,
+    Dlq,
+    /// The repartition topic in front of this stage.
+    Repartition(usize),
+}
+
+/// A record to produce, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub destination: Destination,
+    /// Set for repartition topics (routed by a hash of the step's key); else by the key.
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Output {
+    /// The DLQ record for `input`: its original key, value and headers, plus the provenance
+    /// headers of PIPELINE.md.
+    pub fn dead_letter(input: &InputRecord<'_>, stage: Stage, error: &str) -> Output {
+        let provenance = &input.provenance;
+        let mut headers: Vec<(String, Vec<u8>)> = provenance
+            .headers
+            .iter()
+            .filter_map(|(name, value)| value.map(|bytes| (name.to_string(), bytes.to_vec())))
+            .collect();
+        error_headers(&mut headers, stage, error, Some(provenance));
+        Output {
+            destination: Destination::Dlq,
+            partition: None,
+            key: input.key.map(<[u8]>::to_vec),
+            value: input.value.map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// The DLQ record for a result the sink's format cannot encode: the result as JSON, with
+    /// the provenance headers of the input it came from, when it came from one.
+    pub(super) fn unencodable(key: Option<Vec<u8>>, fields: &serde_json::Map<String, serde_json::Value>, error: &str, provenance: Option<&Provenance<'_>>) -> Output {
+        let mut headers = Vec::with_capacity(5);
+        error_headers(&mut headers, Stage::Produce, error, provenance);
+        Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
+    }
+}
+
+/// The DLQ headers of PIPELINE.md: the stage, the error, and where the input was read.
+fn error_headers(headers: &mut Vec<(String, Vec<u8>)>, stage: Stage, error: &str, provenance: Option<&Provenance<'_>>) {
+    headers.push(("weir-error-stage".into(), stage.as_str().as_bytes().to_vec()));
+    headers.push(("weir-error".into(), error.as_bytes().to_vec()));
+    if let Some(provenance) = provenance {
+        headers.push(("weir-source-topic".into(), provenance.topic.as_bytes().to_vec()));
+        headers.push(("weir-source-partition".into(), provenance.partition.to_string().into_bytes()));
+        headers.push(("weir-source-offset".into(), provenance.offset.to_string().into_bytes()));
+    }
+}
+
+/// What one batch did, added to the metrics only when the batch commits, so that counters
+/// agree with what a read_committed reader sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub records_in: u64,
+    /// Of `records_in`, those read from a join's right source.
+    pub right_records_in: u64,
+    pub records_out: u64,
+    pub records_filtered: u64,
+    /// Records a dedup step dropped as duplicates.
+    pub duplicates_dropped: u64,
+    pub dead_lettered: [u64; 4],
+    pub skipped: [u64; 4],
+}
+
+impl BatchCounts {
+    pub fn dead_lettered(&self, stage: Stage) -> u64 {
+        self.dead_lettered[stage.index()]
+    }
+
+    pub fn skipped(&self, stage: Stage) -> u64 {
+        self.skipped[stage.index()]
+    }
+}
+
+/// A record failed at a stage whose policy is `fail`: the batch must not commit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{stage} error at {topic}[{partition}]@{offset} with on_error.{stage}: fail: {error}", stage = stage.as_str())]
+pub struct StageFailure {
+    pub stage: Stage,
+    pub error: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl BatchCounts {
+    pub fn add(&mut self, other: &BatchCounts) {
+        self.records_in += other.records_in;
+        self.right_records_in += other.right_records_in;
+        self.records_out += other.records_out;
+        self.records_filtered += other.records_filtered;
+        self.duplicates_dropped += other.duplicates_dropped;
+        for index in 0..4 {
+            self.dead_lettered[index] += other.dead_lettered[index];
+            self.skipped[index] += other.skipped[index];
+        }
+    }
+}
