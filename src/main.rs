@@ -61,7 +61,7 @@ fn reset(args: &ResetArgs) -> ExitCode {
     };
     let name = &loaded.pipeline.name;
     let result = runtime::check_connection(&loaded.settings)
-        .map_err(|error| error.to_string())
+        .map_err(weir::reset::ResetError::from)
         .and_then(|()| weir::reset::wait_for_an_empty_group(&loaded))
         .and_then(|()| {
         // State first: offsets moved over old state would replay into it.
@@ -79,8 +79,8 @@ fn reset(args: &ResetArgs) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("weir: {}", redact(&message, loaded.settings.secrets()));
+        Err(error) => {
+            eprintln!("weir: {}", redact(&error.to_string(), loaded.settings.secrets()));
             ExitCode::FAILURE
         }
     }

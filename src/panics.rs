@@ -8,9 +8,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Runs `work`; a panic becomes `Err` with its message. Only for calls whose side effects
 /// are confined to what they return (decoding, evaluating an expression).
-pub fn contain<T>(work: impl FnOnce() -> T) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(work)).map_err(|panic| message(panic.as_ref()))
+pub fn contain<T>(work: impl FnOnce() -> T) -> Result<T, Panic> {
+    catch_unwind(AssertUnwindSafe(work)).map_err(|panic| Panic(message(panic.as_ref())))
 }
+
+/// A contained panic, with the text it carried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Panic(pub String);
 
 /// The text a panic carried.
 pub fn message(panic: &(dyn Any + Send)) -> String {
@@ -28,7 +33,7 @@ mod tests {
     #[test]
     fn a_panic_becomes_its_message() {
         assert_eq!(contain(|| 7), Ok(7));
-        assert_eq!(contain(|| -> i32 { panic!("bad {}", "input") }), Err("bad input".to_string()));
-        assert_eq!(contain(|| -> i32 { std::panic::panic_any(3u8) }), Err("a panic without a message".to_string()));
+        assert_eq!(contain(|| -> i32 { panic!("bad {}", "input") }), Err(Panic("bad input".to_string())));
+        assert_eq!(contain(|| -> i32 { std::panic::panic_any(3u8) }), Err(Panic("a panic without a message".to_string())));
     }
 }

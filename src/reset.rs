@@ -25,12 +25,40 @@ pub enum OffsetTarget {
     Time(i64),
 }
 
+/// Why a reset did not happen (or not all of it).
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// A call to the Kafka cluster failed.
+    #[error("{action}: {source}")]
+    Kafka {
+        action: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// Instances of the pipeline still run: a reset under them would be undone.
+    #[error("{0}")]
+    GroupActive(String),
+    /// What the reset needs is not there (a topic list, a topic, a deletion).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Setup(#[from] crate::engine::SetupError),
+    #[error("{0}")]
+    Runtime(#[from] crate::runtime::RuntimeError),
+}
+
+impl ResetError {
+    fn kafka(action: impl Into<String>, source: rdkafka::error::KafkaError) -> ResetError {
+        ResetError::Kafka { action: action.into(), source }
+    }
+}
+
 /// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
 /// static member until its session times out, so that long is waited out before deciding
 /// that an instance is still running.
-pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), String> {
+pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
     let Loaded { settings, pipeline } = loaded;
-    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| format!("creating a Kafka client: {error}"))?;
+    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
     let patience = Instant::now() + settings.kafka.session_timeout + Duration::from_secs(5);
     let mut members = live_members(&client, &pipeline.name)?;
     if members > 0 {
@@ -45,47 +73,47 @@ pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), String> {
         members = live_members(&client, &pipeline.name)?;
     }
     if members > 0 {
-        return Err(format!(
+        return Err(ResetError::GroupActive(format!(
             "consumer group {} still has {members} live member(s): stop every instance of the pipeline first",
             pipeline.name
-        ));
+        )));
     }
     Ok(())
 }
 
 /// Commits, for the pipeline's group, the offsets `target` names on every partition of the
 /// source topics; returns them. Call after `wait_for_an_empty_group`.
-pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(String, i32, i64)>, String> {
+pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(String, i32, i64)>, ResetError> {
     let pipeline = &loaded.pipeline;
     let Some(topics) = pipeline.input_topics() else {
-        return Err("resetting offsets needs a source with a topic list, not a pattern".into());
+        return Err(ResetError::Refused("resetting offsets needs a source with a topic list, not a pattern".into()));
     };
     let consumer: BaseConsumer = clients::admin_config(&loaded.settings)
         .set("group.id", &pipeline.name)
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(|error| format!("creating a Kafka client: {error}"))?;
+        .map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
     let mut chosen = Vec::new();
     for topic in &topics {
-        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| format!("reading metadata of {topic}: {error}"))?;
+        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| ResetError::kafka(format!("reading metadata of {topic}"), error))?;
         let partitions = metadata
             .topics()
             .iter()
             .find(|found| found.name() == topic && found.error().is_none())
             .map(|found| found.partitions().len() as i32)
-            .ok_or_else(|| format!("source topic {topic} does not exist"))?;
+            .ok_or_else(|| ResetError::Refused(format!("source topic {topic} does not exist")))?;
         for partition in 0..partitions {
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, TIMEOUT)
-                .map_err(|error| format!("reading the offsets of {topic}[{partition}]: {error}"))?;
+                .map_err(|error| ResetError::kafka(format!("reading the offsets of {topic}[{partition}]"), error))?;
             let offset = match target {
                 OffsetTarget::Earliest => low,
                 OffsetTarget::Time(millis) => {
                     let mut query = TopicPartitionList::new();
-                    query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| error.to_string())?;
+                    query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| ResetError::kafka("listing offsets", error))?;
                     let found = consumer
                         .offsets_for_times(query, TIMEOUT)
-                        .map_err(|error| format!("looking up {topic}[{partition}] by time: {error}"))?;
+                        .map_err(|error| ResetError::kafka(format!("looking up {topic}[{partition}] by time"), error))?;
                     match found.find_partition(topic, partition).map(|element| element.offset()) {
                         Some(Offset::Offset(offset)) if offset >= 0 => offset,
                         // No record at or after the time.
@@ -98,21 +126,21 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(Strin
     }
     let mut list = TopicPartitionList::new();
     for (topic, partition, offset) in &chosen {
-        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| error.to_string())?;
+        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| ResetError::kafka("listing offsets", error))?;
     }
     consumer
         .commit(&list, CommitMode::Sync)
-        .map_err(|error| format!("committing the new offsets of group {}: {error}", pipeline.name))?;
+        .map_err(|error| ResetError::kafka(format!("committing the new offsets of group {}", pipeline.name), error))?;
     Ok(chosen)
 }
 
 /// Deletes the state topics of the pipeline and returns their names. Records in flight
 /// between stages (in repartition topics) belong to the old state and go with it.
-pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
+pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
     let Loaded { pipeline, .. } = loaded;
     let engine = Engine::new(pipeline)?;
     let config = clients::admin_config(&loaded.settings);
-    let client: BaseConsumer = config.create().map_err(|error| format!("creating a Kafka client: {error}"))?;
+    let client: BaseConsumer = config.create().map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
 
     let mut candidates: Vec<String> = engine
         .stateful_steps()
@@ -125,33 +153,33 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, String> {
     if existing.is_empty() {
         return Ok(existing);
     }
-    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|error| format!("creating an admin client: {error}"))?;
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|error| ResetError::kafka("creating an admin client", error))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|error| format!("starting a runtime: {error}"))?;
+        .map_err(|error| ResetError::Refused(format!("starting a runtime: {error}")))?;
     let names: Vec<&str> = existing.iter().map(String::as_str).collect();
     let results = runtime
         .block_on(admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(TIMEOUT))))
-        .map_err(|error| format!("deleting {names:?}: {error}"))?;
+        .map_err(|error| ResetError::kafka(format!("deleting {names:?}"), error))?;
     for result in results {
-        result.map_err(|(topic, code)| format!("deleting {topic}: {code}"))?;
+        result.map_err(|(topic, code)| ResetError::Refused(format!("deleting {topic}: {code}")))?;
     }
     // Deletion completes in the background; the next run must not find the old topics.
     let deadline = Instant::now() + Duration::from_secs(60);
     while existing.iter().any(|topic| exists(&client, topic)) {
         if Instant::now() > deadline {
-            return Err(format!("the topics {existing:?} were not gone within a minute"));
+            return Err(ResetError::Refused(format!("the topics {existing:?} were not gone within a minute")));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(existing)
 }
 
-fn live_members(client: &BaseConsumer, group: &str) -> Result<usize, String> {
+fn live_members(client: &BaseConsumer, group: &str) -> Result<usize, ResetError> {
     let groups = client
         .fetch_group_list(Some(group), TIMEOUT)
-        .map_err(|error| format!("describing consumer group {group}: {error}"))?;
+        .map_err(|error| ResetError::kafka(format!("describing consumer group {group}"), error))?;
     Ok(groups.groups().iter().map(|group| group.members().len()).sum())
 }
 

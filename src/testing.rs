@@ -70,7 +70,7 @@ pub fn run_with_restarts(
     let pipeline = &pipeline.with_json_codecs();
     // The engine's default state entry limit is `weir run`'s with librdkafka's default
     // message.max.bytes: a record whose state would be too large goes to the DLQ here too.
-    let mut engine = Engine::new(pipeline).map_err(TestError::Setup)?;
+    let mut engine = Engine::new(pipeline).map_err(|error| TestError::Setup(error.to_string()))?;
     let mut changelog: BTreeMap<(Option<String>, i32, usize, String), Value> = BTreeMap::new();
     let mut batches = 0;
     // Each source's records come from its first topic (a pattern's: one named after it).
@@ -155,7 +155,7 @@ pub fn run_with_restarts(
             }
             batches += 1;
             if restart_every.is_some_and(|every| batches % every == 0) {
-                engine = Engine::new(pipeline).map_err(TestError::Setup)?;
+                engine = Engine::new(pipeline).map_err(|error| TestError::Setup(error.to_string()))?;
                 engine.set_input_partitions(inputs.iter().cloned());
                 engine.set_clock(clock);
                 for ((entry_topic, partition, step, key), value) in &changelog {

@@ -18,6 +18,18 @@ use avro::{AvroDecoder, AvroEncoder, WriterSchemas};
 #[error("{0}")]
 pub struct DecodeError(pub String);
 
+/// Why a result cannot be written in the sink's format; that result goes where
+/// `on_error.produce` says.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct EncodeError(pub String);
+
+/// Why the sink's Avro schema cannot be derived from the output fields, or the schema
+/// registry cannot be used as configured: a configuration problem.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaError(pub String);
+
 /// Decodes record values of one source.
 #[derive(Debug, Clone)]
 pub enum Decoder {
@@ -68,7 +80,7 @@ pub enum Encoder {
 }
 
 impl Encoder {
-    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, String> {
+    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, EncodeError> {
         match self {
             Encoder::Json => Ok(json::encode(fields)),
             Encoder::Avro(encoder) => encoder.encode(fields),

@@ -11,7 +11,8 @@ use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use tokio::runtime::Handle;
 
-use super::avro::WriterSchema;
+use super::avro::{NoWriterSchema, WriterSchema};
+use super::SchemaError;
 use crate::config::RegistrySettings;
 
 /// Why a registry call failed.
@@ -41,8 +42,8 @@ pub struct Registry {
 
 impl Registry {
     /// Needs to be called within the service's tokio runtime (its handle is kept).
-    pub fn new(settings: &RegistrySettings) -> Result<Registry, String> {
-        let (first, rest) = settings.urls.split_first().ok_or("no schema_registry.url is set")?;
+    pub fn new(settings: &RegistrySettings) -> Result<Registry, SchemaError> {
+        let (first, rest) = settings.urls.split_first().ok_or_else(|| SchemaError("no schema_registry.url is set".into()))?;
         let mut builder = SrSettings::new_builder(first.clone());
         for url in rest {
             builder.add_url(url.clone());
@@ -51,8 +52,8 @@ impl Registry {
             builder.set_basic_authorization(username, settings.password.as_deref());
         }
         builder.set_timeout(settings.timeout);
-        let settings = builder.build().map_err(|error| format!("setting up the schema registry client: {}", describe(&error)))?;
-        let handle = Handle::try_current().map_err(|_| "the schema registry client needs a tokio runtime".to_string())?;
+        let settings = builder.build().map_err(|error| SchemaError(format!("setting up the schema registry client: {}", describe(&error))))?;
+        let handle = Handle::try_current().map_err(|_| SchemaError("the schema registry client needs a tokio runtime".to_string()))?;
         Ok(Registry { settings, handle })
     }
 
@@ -64,19 +65,19 @@ impl Registry {
             // Only the registry's own "schema not found" makes the id a bad one; any other
             // refusal (a wrong URL behind a proxy, say) is a setup problem, not a bad record.
             Err(error) if schema_not_found(&error) => {
-                return Ok(Err(format!("the schema registry does not know it ({})", describe(&error))));
+                return Ok(Err(NoWriterSchema(format!("the schema registry does not know it ({})", describe(&error)))));
             }
             Err(error) => return Err(classify(&error)),
         };
         if registered.schema_type != SchemaType::Avro {
-            return Ok(Err(format!("the schema registry says it is a {:?} schema, not Avro", registered.schema_type)));
+            return Ok(Err(NoWriterSchema(format!("the schema registry says it is a {:?} schema, not Avro", registered.schema_type))));
         }
         if !registered.references.is_empty() {
             return Ok(Err("it references other schemas, which weir does not resolve yet".into()));
         }
         Ok(AvroSchema::parse_str(&registered.schema)
             .map(Arc::new)
-            .map_err(|error| format!("the registered schema is not valid Avro: {error}")))
+            .map_err(|error| NoWriterSchema(format!("the registered schema is not valid Avro: {error}"))))
     }
 
     /// Registers `schema` (Avro JSON) under `subject`, or finds it there; returns its id.

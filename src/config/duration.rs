@@ -5,19 +5,21 @@ use std::time::Duration;
 
 use super::ConfigErrors;
 
-/// A duration that may be negative, such as `-5m`, in milliseconds.
-pub fn signed_millis(text: &str) -> Result<i64, String> {
+/// A duration that may be negative, such as `-5m`, in milliseconds; None with a problem at
+/// `location` when it is not one or is past the limits.
+pub fn signed_millis(text: &str, location: &str, problems: &mut ConfigErrors) -> Option<i64> {
     let (sign, magnitude) = match text.trim().strip_prefix('-') {
         Some(rest) => (-1, rest),
         None => (1, text.trim()),
     };
-    let duration = humantime::parse_duration(magnitude)
-        .map_err(|error| format!("'{text}' is not a duration such as 0s, 10m or -5m ({error})"))?;
-    let mut problems = ConfigErrors::default();
-    if !check_duration(duration, Zero::Allowed, "", &mut problems) {
-        return Err(problems.problems.into_iter().map(|problem| problem.message).collect());
-    }
-    Ok(sign * millis(duration))
+    let duration = match humantime::parse_duration(magnitude) {
+        Ok(duration) => duration,
+        Err(error) => {
+            problems.push(location, format!("'{text}' is not a duration such as 0s, 10m or -5m ({error})"));
+            return None;
+        }
+    };
+    check_duration(duration, Zero::Allowed, location, problems).then(|| sign * millis(duration))
 }
 
 /// The longest duration a pipeline may name: 100 years of 365.25 days (PIPELINE.md

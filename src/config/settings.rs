@@ -389,7 +389,7 @@ impl KeyReader<'_> {
                 } else {
                     text
                 };
-                if let Err(problem) = check_kafka_option(&name, &value) {
+                if let Some(problem) = kafka_option_problem(&name, &value) {
                     self.problems.push(option_location, problem);
                     continue;
                 }
@@ -433,15 +433,16 @@ pub fn is_secret_option(name: &str) -> bool {
 
 /// What librdkafka says of one option (an unknown name, a bad value), with the value of a
 /// secret never repeated.
-fn check_kafka_option(name: &str, value: &str) -> Result<(), String> {
+/// What librdkafka says is wrong with an option, if anything (a secret's value redacted).
+fn kafka_option_problem(name: &str, value: &str) -> Option<String> {
     let mut config = rdkafka::ClientConfig::new();
     config.set(name, value);
     match config.create_native_config() {
-        Ok(_) => Ok(()),
+        Ok(_) => None,
         Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) => {
-            Err(if is_secret_option(name) { redact(&description, [value]) } else { description })
+            Some(if is_secret_option(name) { redact(&description, [value]) } else { description })
         }
-        Err(error) => Err(error.to_string()),
+        Err(error) => Some(error.to_string()),
     }
 }
 

@@ -5,6 +5,12 @@ use crate::codec::json;
 use super::records::{Destination, Output};
 use crate::operators::{Forward, Record};
 
+/// A record on a repartition topic whose weir headers do not read (written by something
+/// other than weir, or damaged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokenForward(pub String);
+
 /// The headers of an output's id and version in `mode: idempotent_upsert`.
 pub const ID_HEADER: &str = "weir-id";
 pub const VERSION_HEADER: &str = "weir-version";
@@ -97,26 +103,26 @@ pub(super) fn forwarded(forward: Forward<'_>) -> Output {
 
 impl ForwardHeaders {
     /// Reads the headers `forwarded` wrote.
-    pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, String> {
+    pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, BrokenForward> {
         let find = |name: &str| headers.iter().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
         let text = |name: &str| find(name).and_then(|bytes| std::str::from_utf8(bytes).ok());
         let number = |name: &str| text(name).and_then(|text| text.parse::<i64>().ok());
-        let sender = text(SENDER).ok_or("a repartitioned record without its weir-sender header")?.to_string();
-        let watermark = number(WATERMARK).ok_or("a repartitioned record without a numeric weir-watermark header")?;
+        let sender = text(SENDER).ok_or_else(|| BrokenForward("a repartitioned record without its weir-sender header".to_string()))?.to_string();
+        let watermark = number(WATERMARK).ok_or_else(|| BrokenForward("a repartitioned record without a numeric weir-watermark header".to_string()))?;
         let key = match find(RECORD_KEY) {
             None => None,
-            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-record-key is not a JSON object: {error}"))?),
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| BrokenForward(format!("weir-record-key is not a JSON object: {error}")))?),
         };
         let source = match find(SOURCE) {
             None => None,
-            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("weir-source is not [topic, partition, offset, timestamp]: {error}"))?),
+            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| BrokenForward(format!("weir-source is not [topic, partition, offset, timestamp]: {error}")))?),
         };
         let position = match text(POSITION) {
             None => None,
             Some(text) => Some(
                 text.split_once('/')
                     .and_then(|(offset, made)| Some((offset.parse::<i64>().ok()?, made.parse::<u32>().ok()?)))
-                    .ok_or_else(|| format!("weir-position is not <offset>/<count>: {text}"))?,
+                    .ok_or_else(|| BrokenForward(format!("weir-position is not <offset>/<count>: {text}")))?,
             ),
         };
         Ok(ForwardHeaders {

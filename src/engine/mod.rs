@@ -14,7 +14,7 @@ pub use records::{BatchCounts, Destination, InputRecord, Output, Stage, StageFai
 use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
-use crate::codec::{json, Decoder, Encoder};
+use crate::codec::{json, Decoder, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Emitted, Provenance, Record, StateEntryLimit};
@@ -61,13 +61,27 @@ impl Clock {
     }
 }
 
+/// Why an engine cannot be built for a pipeline. The plan checks all of this first, so a
+/// planned pipeline builds; `weir run` reports it as a setup failure if one ever does not.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("source '{0}': no decoder for its format")]
+    NoDecoder(String),
+    #[error("the sink's schema: {0}")]
+    Schema(#[from] SchemaError),
+    #[error("avro keys need sink.key or a keyed step")]
+    NoKeySchema,
+    #[error("{0}")]
+    Step(#[from] crate::operators::BuildError),
+}
+
 impl Engine {
-    pub fn new(pipeline: &Pipeline) -> Result<Engine, String> {
+    pub fn new(pipeline: &Pipeline) -> Result<Engine, SetupError> {
         let source = &pipeline.source;
         let writers = Arc::new(WriterSchemas::default());
         let decoder_of = |source: &crate::config::Source| {
             Decoder::new(source.encoding, source.schema.as_ref(), &writers)
-                .ok_or_else(|| format!("source '{}': no decoder for its format", source.name))
+                .ok_or_else(|| SetupError::NoDecoder(source.name.clone()))
         };
         let encoder = match pipeline.sink.encoding {
             crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)?),
@@ -77,7 +91,7 @@ impl Engine {
             (crate::config::Encoding::Avro, Some(schema)) => {
                 Encoder::Avro(AvroEncoder::new(&schema, &format!("{}-key", pipeline.name))?)
             }
-            (crate::config::Encoding::Avro, None) => return Err("avro keys need sink.key or a keyed step".into()),
+            (crate::config::Encoding::Avro, None) => return Err(SetupError::NoKeySchema),
             _ => Encoder::Json,
         };
         let decoder = decoder_of(source)?;
@@ -185,7 +199,7 @@ impl Engine {
         self.topology.take_changes()
     }
 
-    pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), String> {
+    pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), crate::operators::CorruptState> {
         self.topology.restore(entry.topic.as_deref(), entry.partition, entry.step, &entry.key, entry.value.as_ref())
     }
 
@@ -323,7 +337,7 @@ impl Engine {
             None => None,
             Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp, self.clock.now_if(spec.max_ahead.is_some())) {
                 Ok(time) => Some(time),
-                Err(error) => return self.reject(input, Stage::Decode, &error, outputs),
+                Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
             },
         };
         let record = Record {
@@ -449,7 +463,7 @@ impl Engine {
                     match self.encoder.encode(&record.fields) {
                         Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers },
                         Err(error) => {
-                            self.unencodable(key, &record, &error, outputs)?;
+                            self.unencodable(key, &record, &error.to_string(), outputs)?;
                             continue;
                         }
                     }

@@ -192,6 +192,16 @@ pub(crate) fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     counter.0
 }
 
+/// A step that cannot be built from its config: an expression that does not compile.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+/// State read back from a changelog or the local store that does not fit the step reading it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct CorruptState(pub String);
+
 /// The named fields of a record, as a JSON object (missing ones as null).
 pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Value> {
     names
@@ -255,7 +265,7 @@ pub enum Operator {
 
 impl Operator {
     /// `limit` bounds the state entries a stateful step keeps (see [`StateEntryLimit`]).
-    pub fn build(step: &Step, source: &Source, limit: StateEntryLimit) -> Result<Operator, String> {
+    pub fn build(step: &Step, source: &Source, limit: StateEntryLimit) -> Result<Operator, BuildError> {
         match step {
             Step::Filter(filter) => FilterOperator::new(&filter.expression, source).map(Operator::Filter),
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup, limit))),
@@ -312,7 +322,7 @@ impl Operator {
     }
 
     /// Puts back one state entry read from the changelog (None deletes it).
-    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         match self {
             Operator::Filter(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),

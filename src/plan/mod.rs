@@ -421,7 +421,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     if pipeline.sink.encoding == Encoding::Avro
         && let Err(problem) = AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)
     {
-        problems.push("sink.format", problem);
+        problems.push("sink.format", problem.to_string());
     }
     if pipeline.sink.mode == DeliveryMode::IdempotentUpsert {
         check_upsert(&pipeline, problems);
@@ -435,7 +435,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
             ),
             Some(schema) => {
                 if let Err(problem) = AvroEncoder::new(&schema, &format!("{}-key", pipeline.name)) {
-                    problems.push("sink.key_format", problem);
+                    problems.push("sink.key_format", problem.to_string());
                 }
             }
         }

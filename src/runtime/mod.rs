@@ -99,7 +99,7 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
-    let mut engine = Engine::new(pipeline).map_err(RuntimeError::Setup)?;
+    let mut engine = Engine::new(pipeline).map_err(|error| RuntimeError::Setup(error.to_string()))?;
     engine.set_state_entry_limit(clients::state_entry_limit(settings));
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
     let mode = pipeline.sink.mode;
@@ -114,7 +114,7 @@ pub fn run(
     clients::check_connection(settings)?;
     let registry = match pipeline.avro_user() {
         None => None,
-        Some(_) => Some(Registry::new(&settings.schema_registry).map_err(RuntimeError::Setup)?),
+        Some(_) => Some(Registry::new(&settings.schema_registry).map_err(|error| RuntimeError::Setup(error.to_string()))?),
     };
     if let Some(registry) = &registry {
         for (subject, encoder) in engine.avro_sink() {

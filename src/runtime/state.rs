@@ -23,6 +23,7 @@ use super::error::RuntimeError;
 use super::store::{StateStore, StoreWrite};
 use super::topics;
 use crate::config::Settings;
+use crate::operators::CorruptState;
 use crate::engine::{ChangelogEntry, Engine};
 use crate::telemetry::metrics::Metrics;
 
@@ -66,12 +67,12 @@ pub fn encode(entry: &ChangelogEntry) -> (Vec<u8>, Option<Vec<u8>>) {
     (key.to_string().into_bytes(), entry.value.as_ref().map(|value| value.to_string().into_bytes()))
 }
 
-fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<ChangelogEntry, String> {
+fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<ChangelogEntry, CorruptState> {
     let (topic, state_key): (Option<String>, String) =
-        serde_json::from_slice(key).map_err(|error| format!("changelog key is not [topic, key]: {error}"))?;
+        serde_json::from_slice(key).map_err(|error| CorruptState(format!("changelog key is not [topic, key]: {error}")))?;
     let value = match value {
         None => None,
-        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| format!("changelog value is not JSON: {error}"))?),
+        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| CorruptState(format!("changelog value is not JSON: {error}")))?),
     };
     Ok(ChangelogEntry { topic, partition, step, key: state_key, value })
 }
@@ -203,9 +204,9 @@ impl Restorer {
                         if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
                     {
                         store.for_each_entry(step, partition, |key, value| {
-                            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::CorruptState)?;
+                            let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
                             if owners.contains(&entry.topic) {
-                                engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
+                                engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
                                 from_store += 1;
                                 self.metrics.state_restored_records.inc();
                             }
@@ -277,7 +278,7 @@ impl Restorer {
                     writes.push(StoreWrite { step, partition, key: key.to_vec(), value: message.payload().map(<[u8]>::to_vec) });
                     // Several owners share changelog partition numbers.
                     if owners.contains(&entry.topic) {
-                        engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
+                        engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
                         restored += 1;
                         self.metrics.state_restored_records.inc();
                     }
@@ -315,9 +316,9 @@ pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, parti
     let mut restored = 0u64;
     for step in steps {
         store.for_each_entry(step, partition, |key, value| {
-            let entry = decode(step, partition, key, Some(value)).map_err(RuntimeError::CorruptState)?;
+            let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
             if owners.contains(&entry.topic) {
-                engine.restore(&entry).map_err(RuntimeError::CorruptState)?;
+                engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
                 restored += 1;
             }
             Ok(())

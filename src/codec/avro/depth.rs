@@ -17,6 +17,11 @@ use apache_avro::Schema as AvroSchema;
 /// loop's stack (see `main.rs`) holds while apache-avro decodes it.
 pub const MAX_DEPTH: usize = 200;
 
+/// Why a datum cannot be read: it nests too deep, or its bytes end or lie.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DepthError(pub String);
+
 /// The named types of a recursive writer schema, by name.
 pub type Names = HashMap<Name, AvroSchema>;
 
@@ -43,7 +48,7 @@ fn refers_to_a_name(schema: &AvroSchema) -> bool {
 
 /// Checks that `datum` nests at most `max_depth` levels deep. Errors say why it cannot be read
 /// (too deep, or cut short); a datum that passes may still fail to decode for other reasons.
-pub fn check_depth(schema: &AvroSchema, names: &Names, datum: &[u8], max_depth: usize) -> Result<(), String> {
+pub fn check_depth(schema: &AvroSchema, names: &Names, datum: &[u8], max_depth: usize) -> Result<(), DepthError> {
     let mut reader = Reader { bytes: datum, position: 0 };
     // Work still to do: a schema to read at a depth, or the rest of an array's or map's block.
     enum Work<'s> {
@@ -75,7 +80,7 @@ pub fn check_depth(schema: &AvroSchema, names: &Names, datum: &[u8], max_depth: 
             }
         };
         if depth > max_depth {
-            return Err(format!("the datum nests deeper than {max_depth} levels"));
+            return Err(DepthError(format!("the datum nests deeper than {max_depth} levels")));
         }
         match schema {
             AvroSchema::Null => {}
@@ -106,7 +111,7 @@ pub fn check_depth(schema: &AvroSchema, names: &Names, datum: &[u8], max_depth: 
                 let index = reader.long()?;
                 let variant = usize::try_from(index).ok().and_then(|index| union.variants().get(index));
                 let Some(variant) = variant else {
-                    return Err(format!("union branch {index} does not exist"));
+                    return Err(DepthError(format!("union branch {index} does not exist")));
                 };
                 stack.push(Work::Value(variant, depth + 1));
             }
@@ -119,7 +124,7 @@ pub fn check_depth(schema: &AvroSchema, names: &Names, datum: &[u8], max_depth: 
             AvroSchema::Ref { name } => {
                 let found = names.get(name).or_else(|| names.iter().find(|(known, _)| known.name == name.name).map(|(_, schema)| schema));
                 let Some(found) = found else {
-                    return Err(format!("the schema refers to '{}', which it does not define", name.name));
+                    return Err(DepthError(format!("the schema refers to '{}', which it does not define", name.name)));
                 };
                 stack.push(Work::Value(found, depth));
             }
@@ -144,49 +149,49 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn skip(&mut self, count: usize) -> Result<(), String> {
+    fn skip(&mut self, count: usize) -> Result<(), DepthError> {
         let end = self.position.checked_add(count).filter(|end| *end <= self.bytes.len());
         match end {
             Some(end) => {
                 self.position = end;
                 Ok(())
             }
-            None => Err("the datum ends early".to_string()),
+            None => Err(DepthError("the datum ends early".to_string())),
         }
     }
 
     /// A zigzag varint, as Avro writes int and long.
-    fn long(&mut self) -> Result<i64, String> {
+    fn long(&mut self) -> Result<i64, DepthError> {
         let mut value: u64 = 0;
         for shift in (0..70).step_by(7) {
             let Some(byte) = self.bytes.get(self.position).copied() else {
-                return Err("the datum ends early".to_string());
+                return Err(DepthError("the datum ends early".to_string()));
             };
             self.position += 1;
             if shift >= 64 {
-                return Err("a number is longer than 10 bytes".to_string());
+                return Err(DepthError("a number is longer than 10 bytes".to_string()));
             }
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
                 return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
             }
         }
-        Err("a number is longer than 10 bytes".to_string())
+        Err(DepthError("a number is longer than 10 bytes".to_string()))
     }
 
-    fn skip_length(&mut self) -> Result<(), String> {
+    fn skip_length(&mut self) -> Result<(), DepthError> {
         let length = self.long()?;
-        let length = usize::try_from(length).map_err(|_| format!("a negative length {length}"))?;
+        let length = usize::try_from(length).map_err(|_| DepthError(format!("a negative length {length}")))?;
         self.skip(length)
     }
 
     /// The item count of the next block of an array or map (0 at the end); a negative count
     /// is followed by the block's size in bytes.
-    fn block_count(&mut self) -> Result<i64, String> {
+    fn block_count(&mut self) -> Result<i64, DepthError> {
         let count = self.long()?;
         if count < 0 {
             self.long()?;
-            return count.checked_neg().ok_or_else(|| "an item count out of range".to_string());
+            return count.checked_neg().ok_or_else(|| DepthError("an item count out of range".to_string()));
         }
         Ok(count)
     }
@@ -222,7 +227,7 @@ mod tests {
         // Each list level is a record inside a union: two levels of depth.
         assert_eq!(check_depth(&schema, &names, &list(90), MAX_DEPTH), Ok(()));
         let error = check_depth(&schema, &names, &list(100_000), MAX_DEPTH).unwrap_err();
-        assert!(error.contains("deeper than 200"), "{error}");
+        assert!(error.0.contains("deeper than 200"), "{error}");
         // What passes the walk decodes as before (a short list: apache-avro's recursion takes
         // much stack in an unoptimized test build).
         assert_eq!(check_depth(&schema, &names, &list(5), MAX_DEPTH), Ok(()));

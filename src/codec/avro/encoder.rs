@@ -5,6 +5,7 @@ use apache_avro::Schema as AvroSchema;
 use serde_json::{Map, Value};
 
 use super::{type_name, MAGIC};
+use crate::codec::{EncodeError, SchemaError};
 use crate::config::{FieldType, Schema};
 
 /// Writes the sink's records with a schema derived from the pipeline's output fields.
@@ -20,11 +21,11 @@ pub struct AvroEncoder {
 impl AvroEncoder {
     /// `name` becomes the record's name (in namespace `weir`). Fails when two output fields
     /// map to the same Avro name (Avro names allow only letters, digits and `_`).
-    pub fn new(schema: &Schema, name: &str) -> Result<AvroEncoder, String> {
+    pub fn new(schema: &Schema, name: &str) -> Result<AvroEncoder, SchemaError> {
         let (json, fields) = writer_schema(schema, &avro_name(name))?;
         let text = json.to_string();
         // What the registry is given must parse as Avro; records are then written directly.
-        AvroSchema::parse_str(&text).map_err(|error| format!("the derived Avro schema does not parse: {error}"))?;
+        AvroSchema::parse_str(&text).map_err(|error| SchemaError(format!("the derived Avro schema does not parse: {error}")))?;
         Ok(AvroEncoder { text, fields, id: None })
     }
 
@@ -37,8 +38,8 @@ impl AvroEncoder {
         self.id = Some(id);
     }
 
-    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, String> {
-        let id = self.id.ok_or("the sink's Avro schema is not registered yet")?;
+    pub fn encode(&self, fields: &Map<String, Value>) -> Result<Vec<u8>, EncodeError> {
+        let id = self.id.ok_or_else(|| EncodeError("the sink's Avro schema is not registered yet".into()))?;
         let mut bytes = Vec::with_capacity(64);
         bytes.push(MAGIC);
         bytes.extend_from_slice(&id.to_be_bytes());
@@ -66,13 +67,13 @@ struct AvroField {
     nested: Vec<AvroField>,
 }
 
-fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroField>), String> {
+fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroField>), SchemaError> {
     let mut names: Vec<AvroField> = Vec::with_capacity(schema.fields.len());
     let mut avro_fields = Vec::with_capacity(schema.fields.len());
     for (name, field_type) in &schema.fields {
         let field_name = avro_name(name);
         if let Some(other) = names.iter().find(|field| field.avro_name == field_name) {
-            return Err(format!("output fields '{}' and '{name}' both become the Avro field '{field_name}'", other.name));
+            return Err(SchemaError(format!("output fields '{}' and '{name}' both become the Avro field '{field_name}'", other.name)));
         }
         let mut nested = Vec::new();
         let field_schema = match field_type {
@@ -97,7 +98,7 @@ fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroF
 /// Writes a record of the derived schema in Avro binary, straight from the JSON fields. Every
 /// field is a union of null (branch 0) and its type (branch 1), so no schema walk or
 /// intermediate Avro value is needed (README, "Micro benchmarks", has the gain).
-fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, out: &mut Vec<u8>) -> Result<(), String> {
+fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut present = 0;
     for field in names {
         match fields.get(&field.name) {
@@ -118,15 +119,15 @@ fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, ou
         && let Some(extra) = fields.keys().find(|name| !names.iter().any(|field| &field.name == *name))
     {
         let at = if path.is_empty() { String::new() } else { format!(" in '{path}'") };
-        return Err(format!("field '{extra}'{at} is not in the derived Avro schema"));
+        return Err(EncodeError(format!("field '{extra}'{at} is not in the derived Avro schema")));
     }
     Ok(())
 }
 
-fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>) -> Result<(), String> {
+fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let path = || if parent.is_empty() { field.name.clone() } else { format!("{parent}.{}", field.name) };
     let field_type = &field.field_type;
-    let mismatch = || format!("output field '{}' holds {value}, which is not a {}", path(), type_name(field_type));
+    let mismatch = || EncodeError(format!("output field '{}' holds {value}, which is not a {}", path(), type_name(field_type)));
     match field_type {
         FieldType::String => match value {
             Value::String(text) => write_bytes(text.as_bytes(), out),

@@ -48,7 +48,19 @@ impl Default for WriterSchemas {
 }
 
 /// A writer schema, or why the registry has none for its id.
-pub type WriterSchema = Result<Arc<AvroSchema>, String>;
+pub type WriterSchema = Result<Arc<AvroSchema>, NoWriterSchema>;
+
+/// Why an id names no usable writer schema (unknown to the registry, not Avro, not valid):
+/// the records that name it are bad records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoWriterSchema(pub String);
+
+impl From<&str> for NoWriterSchema {
+    fn from(text: &str) -> NoWriterSchema {
+        NoWriterSchema(text.to_string())
+    }
+}
 
 /// How long an id the registry did not know stays unknown before it is asked again.
 pub const UNKNOWN_ID_RETRY: Duration = Duration::from_secs(60);

@@ -30,7 +30,7 @@ use serde_json::Value;
 use crate::config::Source;
 use crate::operators::Step;
 use crate::plan::Pipeline;
-use crate::operators::{key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record, StateEntryLimit};
+use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record, StateEntryLimit};
 
 /// What became of the input record across all stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,7 +138,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn new(pipeline: &Pipeline) -> Result<Topology, String> {
+    pub fn new(pipeline: &Pipeline) -> Result<Topology, BuildError> {
         let planned = pipeline.stages();
         let stages = planned
             .stages
@@ -560,7 +560,7 @@ impl Topology {
                 .zip(&spec.indices)
                 .map(|(step, index)| Operator::build(step, self.step_source(*index), self.state_entry_limit))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(ProcessError)?;
+                .map_err(|error| ProcessError(error.0))?;
             let watermark = self.task_watermark(stage, id);
             self.tasks.insert(key.clone(), Task { operators, watermark, senders: BTreeMap::new(), received: BTreeMap::new() });
         }

@@ -93,20 +93,20 @@ impl Topology {
     }
 
     /// Puts back one changelog entry.
-    pub fn restore(&mut self, entry_topic: Option<&str>, partition: i32, step: usize, key: &str, value: Option<&Value>) -> Result<(), String> {
+    pub fn restore(&mut self, entry_topic: Option<&str>, partition: i32, step: usize, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         if key == WATERMARK_KEY && entry_topic.is_none() {
             // A repartitioned task's watermark: where it restarts, never going back.
-            let stage = self.stage_of_step(step).ok_or_else(|| format!("a watermark of step {step}, which this pipeline does not have"))?;
+            let stage = self.stage_of_step(step).ok_or_else(|| CorruptState(format!("a watermark of step {step}, which this pipeline does not have")))?;
             let watermark = value.and_then(|value| value["watermark"].as_i64()).unwrap_or(i64::MIN);
             let mut senders = BTreeMap::new();
             for (sender, state) in value.and_then(|value| value["senders"].as_object()).into_iter().flatten() {
-                let sender_watermark = state[0].as_i64().ok_or_else(|| format!("a watermark entry with a bad sender {sender}: {state}"))?;
+                let sender_watermark = state[0].as_i64().ok_or_else(|| CorruptState(format!("a watermark entry with a bad sender {sender}: {state}")))?;
                 senders.insert(sender.clone(), (sender_watermark, state[1].as_bool().unwrap_or(false)));
             }
             let mut received = BTreeMap::new();
             for (sender, position) in value.and_then(|value| value["received"].as_object()).into_iter().flatten() {
                 let (Some(offset), Some(made)) = (position[0].as_i64(), position[1].as_u64()) else {
-                    return Err(format!("a watermark entry with a bad position for sender {sender}: {position}"));
+                    return Err(CorruptState(format!("a watermark entry with a bad position for sender {sender}: {position}")));
                 };
                 received.insert(sender.clone(), (offset, made as u32));
             }
@@ -114,14 +114,14 @@ impl Topology {
             if let (Some(distribution), Some(value)) = (&mut self.distribution, value) {
                 distribution.saved.insert((stage, partition as u32), value.clone());
             }
-            let task = self.task(stage, &id).map_err(|error| error.0)?;
+            let task = self.task(stage, &id).map_err(|error| CorruptState(error.0))?;
             task.watermark = task.watermark.max(watermark);
             task.senders = senders;
             task.received = received;
             return Ok(());
         }
         if key == WATERMARK_KEY {
-            let topic = entry_topic.ok_or("a watermark entry without its input topic")?;
+            let topic = entry_topic.ok_or_else(|| CorruptState("a watermark entry without its input topic".into()))?;
             let input = (topic.to_string(), partition);
             let watermark = value.and_then(Value::as_i64).unwrap_or(i64::MIN);
             self.input_watermarks.insert(input.clone(), watermark);
@@ -139,14 +139,14 @@ impl Topology {
             .enumerate()
             .find_map(|(stage, spec)| spec.indices.iter().position(|index| *index == step).map(|position| (stage, position)))
         else {
-            return Err(format!("a changelog entry of step {step}, which this pipeline does not have"));
+            return Err(CorruptState(format!("a changelog entry of step {step}, which this pipeline does not have")));
         };
         let id = match (stage, entry_topic) {
             (0, Some(topic)) => self.task_of_input(topic, partition),
             (stage, None) if stage > 0 => TaskPartition::Repartitioned(partition as u32),
-            _ => return Err(format!("a changelog entry of step {step} for the wrong kind of task")),
+            _ => return Err(CorruptState(format!("a changelog entry of step {step} for the wrong kind of task"))),
         };
-        let task = self.task(stage, &id).map_err(|error| error.0)?;
+        let task = self.task(stage, &id).map_err(|error| CorruptState(error.0))?;
         task.operators[position].restore(key, value)
     }
 

@@ -8,7 +8,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
-use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
+use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
 pub mod config;
 
 use config::Dedup;
@@ -111,13 +111,13 @@ impl DedupOperator {
             .collect()
     }
 
-    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         self.expiries_stale = true;
         let Some(value) = value else {
             self.first_seen.remove(key);
             return Ok(());
         };
-        let time = value.as_i64().ok_or_else(|| format!("dedup state for {key} is not a time: {value}"))?;
+        let time = value.as_i64().ok_or_else(|| CorruptState(format!("dedup state for {key} is not a time: {value}")))?;
         self.first_seen.insert(key.to_string(), time);
         Ok(())
     }

@@ -23,7 +23,7 @@ impl Filter {
             None => FilterExpression::check_syntax(expression),
         };
         if let Err(message) = checked {
-            problems.push(format!("{location}.filter"), message);
+            problems.push(format!("{location}.filter"), message.to_string());
             return None;
         }
         Some(Filter { expression: expression.to_string() })

@@ -12,7 +12,7 @@ use cel::objects::{Key, Value as CelValue};
 use cel::{Context, Env, Program};
 use serde_json::Value;
 
-use super::{Emitted, Outcome, ProcessError, Record};
+use super::{BuildError, Emitted, Outcome, ProcessError, Record};
 pub mod config;
 
 use crate::config::{Encoding, Source};
@@ -26,12 +26,12 @@ pub struct FilterExpression {
 
 impl FilterExpression {
     /// Checks only that `expression` parses.
-    pub fn check_syntax(expression: &str) -> Result<(), String> {
+    pub fn check_syntax(expression: &str) -> Result<(), BuildError> {
         parse(expression).map(drop)
     }
 
     /// Compiles `expression`; the error names what is wrong in words a user can act on.
-    pub fn compile(expression: &str, source: &Source) -> Result<FilterExpression, String> {
+    pub fn compile(expression: &str, source: &Source) -> Result<FilterExpression, BuildError> {
         let program = parse(expression)?;
         let fields: Vec<&str> = match (&source.schema, source.encoding) {
             (Some(schema), _) => schema.fields.iter().map(|(name, _)| name.as_str()).collect(),
@@ -46,19 +46,19 @@ impl FilterExpression {
             .collect();
         unknown.sort_unstable();
         if !unknown.is_empty() {
-            return Err(format!(
+            return Err(BuildError(format!(
                 "'{expression}' names {} not in the record; fields: {}; metadata: {}",
                 unknown.iter().map(|name| format!("'{name}'")).collect::<Vec<_>>().join(", "),
                 fields.join(", "),
                 METADATA_VARIABLES.join(", ")
-            ));
+            )));
         }
         Ok(FilterExpression { program })
     }
 }
 
-fn parse(expression: &str) -> Result<Program, String> {
-    Program::compile(expression).map_err(|error| format!("'{expression}' is not a valid CEL expression: {error}"))
+fn parse(expression: &str) -> Result<Program, BuildError> {
+    Program::compile(expression).map_err(|error| BuildError(format!("'{expression}' is not a valid CEL expression: {error}")))
 }
 
 pub struct FilterOperator {
@@ -70,7 +70,7 @@ pub struct FilterOperator {
 }
 
 impl FilterOperator {
-    pub fn new(expression: &str, source: &Source) -> Result<FilterOperator, String> {
+    pub fn new(expression: &str, source: &Source) -> Result<FilterOperator, BuildError> {
         Ok(FilterOperator {
             expression: expression.to_string(),
             compiled: FilterExpression::compile(expression, source)?,

@@ -72,7 +72,7 @@ fn read_within(value: &Yaml, problems: &mut ConfigErrors) -> Option<(i64, i64)> 
     let (lower, upper): (Option<String>, Option<String>) = (fields.required("lower", problems), fields.required("upper", problems));
     fields.finish(problems);
     let millis = |text: &Option<String>, location: &str, problems: &mut ConfigErrors| {
-        text.as_deref().and_then(|text| signed_millis(text).map_err(|message| problems.push(location, message)).ok())
+        text.as_deref().and_then(|text| signed_millis(text, location, problems))
     };
     let (lower_millis, upper_millis) = (millis(&lower, "join.within.lower", problems), millis(&upper, "join.within.upper", problems));
     let (lower_millis, upper_millis) = (lower_millis?, upper_millis?);

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
-use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 use config::{Join, JoinKind};
@@ -298,21 +298,21 @@ impl JoinOperator {
     }
 
     /// Puts back one changelog entry (None deletes it).
-    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         let (key_text, side, seq): (String, String, u64) =
-            serde_json::from_str(key).map_err(|error| format!("join state key {key}: {error}"))?;
-        let side = Side::parse(&side).ok_or_else(|| format!("join state key {key}: no side {side}"))?;
+            serde_json::from_str(key).map_err(|error| CorruptState(format!("join state key {key}: {error}")))?;
+        let side = Side::parse(&side).ok_or_else(|| CorruptState(format!("join state key {key}: no side {side}")))?;
         self.ends_stale = true;
         self.next_seq = self.next_seq.max(seq + 1);
         let state = self.keys.entry(key_text.clone()).or_default();
         state.side(side).retain(|entry| entry.seq != seq);
         if let Some(value) = value {
-            let time = value["t"].as_i64().ok_or_else(|| format!("join state {key} has no time: {value}"))?;
+            let time = value["t"].as_i64().ok_or_else(|| CorruptState(format!("join state {key} has no time: {value}")))?;
             let Some(Value::Object(fields)) = value.get("fields") else {
-                return Err(format!("join state {key} has no fields: {value}"));
+                return Err(CorruptState(format!("join state {key} has no fields: {value}")));
             };
             if state.key.is_empty() {
-                let parsed: Value = serde_json::from_str(&key_text).map_err(|error| format!("join state key {key}: {error}"))?;
+                let parsed: Value = serde_json::from_str(&key_text).map_err(|error| CorruptState(format!("join state key {key}: {error}")))?;
                 if let Value::Object(parsed) = parsed {
                     state.key = parsed;
                 }

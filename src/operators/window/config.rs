@@ -24,6 +24,11 @@ pub enum WindowKind {
     Session { gap: Duration },
 }
 
+/// Why an aggregate's text is not one (its message becomes a config problem).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AggregateError(pub String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Aggregate {
     Count,
@@ -50,25 +55,34 @@ impl Aggregate {
         }
     }
 
-    fn parse(text: &str) -> Result<Aggregate, String> {
+    /// Reads `function(field)`; None with a problem at `location` when it is not one.
+    fn parse(text: &str, location: &str, problems: &mut ConfigErrors) -> Option<Aggregate> {
+        let parsed = Self::read(text);
+        if let Err(message) = &parsed {
+            problems.push(location, message.to_string());
+        }
+        parsed.ok()
+    }
+
+    fn read(text: &str) -> Result<Aggregate, AggregateError> {
         let expected = "count(), sum(f), avg(f), min(f), max(f), first(f), last(f) or count_distinct(f)";
         let text = text.trim();
         let Some((function, rest)) = text.split_once('(') else {
-            return Err(format!("'{text}' is not an aggregate; use {expected}"));
+            return Err(AggregateError(format!("'{text}' is not an aggregate; use {expected}")));
         };
         let Some(argument) = rest.strip_suffix(')').map(str::trim) else {
-            return Err(format!("'{text}' is missing its closing parenthesis"));
+            return Err(AggregateError(format!("'{text}' is missing its closing parenthesis")));
         };
         let field = || {
             if argument.is_empty() {
-                Err(format!("{function}() needs a field, e.g. {function}(amount)"))
+                Err(AggregateError(format!("{function}() needs a field, e.g. {function}(amount)")))
             } else {
                 Ok(argument.to_string())
             }
         };
         match function.trim() {
             "count" if argument.is_empty() => Ok(Aggregate::Count),
-            "count" => Err("count() takes no field; use count_distinct(field) to count values".into()),
+            "count" => Err(AggregateError("count() takes no field; use count_distinct(field) to count values".into())),
             "sum" => field().map(Aggregate::Sum),
             "avg" => field().map(Aggregate::Avg),
             "min" => field().map(Aggregate::Min),
@@ -76,7 +90,7 @@ impl Aggregate {
             "first" => field().map(Aggregate::First),
             "last" => field().map(Aggregate::Last),
             "count_distinct" => field().map(Aggregate::CountDistinct),
-            other => Err(format!("unknown aggregate '{other}'; use {expected}")),
+            other => Err(AggregateError(format!("unknown aggregate '{other}'; use {expected}"))),
         }
     }
 }
@@ -254,14 +268,11 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
         if raw.group_by.iter().any(|field| field == name) || name == "window_start" || name == "window_end" {
             problems.push(&aggregate_location, "clashes with a group_by field or window_start/window_end");
         }
-        match Aggregate::parse(definition) {
-            Ok(aggregate) => {
-                if let Some(field) = aggregate.field() {
-                    check_fields(&[field.to_string()], source, &aggregate_location, problems);
-                }
-                aggregates.push((name.to_string(), aggregate));
+        if let Some(aggregate) = Aggregate::parse(definition, &aggregate_location, problems) {
+            if let Some(field) = aggregate.field() {
+                check_fields(&[field.to_string()], source, &aggregate_location, problems);
             }
-            Err(message) => problems.push(aggregate_location, message),
+            aggregates.push((name.to_string(), aggregate));
         }
     }
     if aggregates.is_empty() && written && problems.problems.len() == before {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
-use super::{Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 mod aggregates;
@@ -416,13 +416,13 @@ impl WindowOperator {
         changes
     }
 
-    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), String> {
+    pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         if key == SEQUENCE_KEY {
             self.sequence = value.and_then(Value::as_u64).unwrap_or(0);
             return Ok(());
         }
         let (group_text, start): (String, i64) =
-            serde_json::from_str(key).map_err(|error| format!("window state key {key}: {error}"))?;
+            serde_json::from_str(key).map_err(|error| CorruptState(format!("window state key {key}: {error}")))?;
         if let Some(group) = self.groups.get_mut(&group_text) {
             if let Some(old) = group.windows.remove(&start) {
                 self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.clone(), start));
@@ -436,10 +436,10 @@ impl WindowOperator {
         };
         let group_key = match value.get("group") {
             Some(Value::Object(key)) => key.clone(),
-            _ => return Err(format!("window state {key} has no group")),
+            _ => return Err(CorruptState(format!("window state {key} has no group"))),
         };
         let window: WindowState =
-            serde_json::from_value(value.clone()).map_err(|error| format!("window state {key}: {error}"))?;
+            serde_json::from_value(value.clone()).map_err(|error| CorruptState(format!("window state {key}: {error}")))?;
         self.closing.insert((window.end.saturating_add(self.lateness), group_text.clone(), start));
         self.groups
             .entry(group_text)
