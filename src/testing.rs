@@ -28,7 +28,7 @@ pub enum TestError {
     #[error("{0}")]
     Setup(String),
     #[error("{0}")]
-    Stage(#[from] StageFailure),
+    ErrorStage(#[from] StageFailure),
 }
 
 #[derive(Deserialize)]

@@ -520,7 +520,7 @@ mod drive {
 mod event_times {
     use proptest::prelude::*;
     use serde_json::Value;
-    use weir::engine::{Destination, Stage};
+    use weir::engine::{Destination, ErrorStage};
 
     use super::drive::{run, Input, Run};
     use super::{config, header, pipeline, MAX_EVENT_TIME, MIN_EVENT_TIME};
@@ -741,11 +741,11 @@ sink:
             prop_assert!(dead.iter().all(|(_, error)| !error.is_empty()), "record {}: a DLQ record without its error", offset);
             match expected {
                 None => prop_assert!(
-                    dead.len() == 1 && dead[0].0 == Stage::Decode.as_str(),
+                    dead.len() == 1 && dead[0].0 == ErrorStage::Decode.as_str(),
                     "record {} has no event time in range, yet its DLQ records are {:?}", offset, dead
                 ),
                 Some(_) => {
-                    prop_assert!(dead.iter().all(|(stage, _)| *stage == Stage::Late.as_str()), "record {} (in range): {:?}", offset, dead);
+                    prop_assert!(dead.iter().all(|(stage, _)| *stage == ErrorStage::Late.as_str()), "record {} (in range): {:?}", offset, dead);
                     prop_assert!(dead.len() <= 1, "record {}: {:?}", offset, dead);
                     late += dead.len();
                 }
@@ -877,7 +877,7 @@ mod durations {
     use proptest::prelude::*;
     use serde_json::Value;
     use weir::config::MAX_DURATION;
-    use weir::engine::{Destination, Stage};
+    use weir::engine::{Destination, ErrorStage};
 
     use super::drive::{run_topics, Input};
     use super::{config, header, MAX_EVENT_TIME, MIN_EVENT_TIME};
@@ -1218,7 +1218,7 @@ sink:
                     match output.destination {
                         Destination::Dlq => {
                             let stage = header(output, "weir-error-stage");
-                            prop_assert!([Stage::Decode, Stage::Late, Stage::Process].iter().any(|known| Some(known.as_str()) == stage), "{:?}", output);
+                            prop_assert!([ErrorStage::Decode, ErrorStage::Late, ErrorStage::Process].iter().any(|known| Some(known.as_str()) == stage), "{:?}", output);
                         }
                         _ => {
                             let value: Value = serde_json::from_slice(output.value.as_deref().unwrap()).unwrap();

@@ -9,7 +9,7 @@ mod topology;
 
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
 use forward::{forwarded, upsert_id};
-pub use records::{BatchCounts, Destination, InputRecord, Output, Stage, StageFailure};
+pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, StageFailure};
 
 use std::sync::Arc;
 
@@ -331,13 +331,13 @@ impl Engine {
         };
         let fields = match decoder.decode(input.value) {
             Ok(fields) => fields,
-            Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
+            Err(error) => return self.on_error(input, ErrorStage::Decode, &error.to_string(), outputs),
         };
         let event_time = match event_time {
             None => None,
             Some(spec) => match event_time::extract(spec, &fields, input.provenance.timestamp, self.clock.now_if(spec.max_ahead.is_some())) {
                 Ok(time) => Some(time),
-                Err(error) => return self.reject(input, Stage::Decode, &error.to_string(), outputs),
+                Err(error) => return self.on_error(input, ErrorStage::Decode, &error.to_string(), outputs),
             },
         };
         let record = Record {
@@ -366,8 +366,8 @@ impl Engine {
             Ok(ChainResult::Passed) => {}
             Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
             Ok(ChainResult::Duplicate) => self.counts.duplicates_dropped += 1,
-            Ok(ChainResult::Late(reason)) => self.reject(input, Stage::Late, &reason, outputs)?,
-            Err(error) => return self.reject(input, Stage::Process, &error.to_string(), outputs),
+            Ok(ChainResult::Late(reason)) => self.on_error(input, ErrorStage::Late, &reason, outputs)?,
+            Err(error) => return self.on_error(input, ErrorStage::Process, &error.to_string(), outputs),
         }
         self.emit(emitted, outputs)
     }
@@ -389,7 +389,7 @@ impl Engine {
                 let fields: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(value) {
                     Ok(fields) => fields,
                     Err(error) => {
-                        return self.reject(input, Stage::Decode, &format!("a repartitioned record that is not a JSON object: {error}"), outputs);
+                        return self.on_error(input, ErrorStage::Decode, &format!("a repartitioned record that is not a JSON object: {error}"), outputs);
                     }
                 };
                 Some(Record {
@@ -493,36 +493,36 @@ impl Engine {
     fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
         let error = format!("encoding the result for the sink: {error}");
         let provenance = record.provenance;
-        self.route(Stage::Produce, &error, provenance.as_ref(), outputs, || {
+        self.route(ErrorStage::Produce, &error, provenance.as_ref(), outputs, || {
             Output::unencodable(key, &record.fields, &error, provenance.as_ref())
         })
     }
 
     /// Applies the stage's `on_error` action to a bad record.
-    pub fn reject(
+    pub fn on_error(
         &mut self,
         input: &InputRecord<'_>,
-        stage: Stage,
+        stage: ErrorStage,
         error: &str,
         outputs: &mut Vec<Output>,
     ) -> Result<(), StageFailure> {
-        self.route(stage, error, Some(&input.provenance), outputs, || Output::dead_letter(input, stage, error))
+        self.route(stage, error, Some(&input.provenance), outputs, || Output::dlq_record(input, stage, error))
     }
 
-    /// Follows the stage's `on_error`: the DLQ record `dead_letter` makes, a skip, or a
+    /// Follows the stage's `on_error`: the DLQ record `dlq_record` makes, a skip, or a
     /// failure naming where the input was read (-1 when no single input made it).
     fn route(
         &mut self,
-        stage: Stage,
+        stage: ErrorStage,
         error: &str,
         provenance: Option<&Provenance<'_>>,
         outputs: &mut Vec<Output>,
-        dead_letter: impl FnOnce() -> Output,
+        dlq_record: impl FnOnce() -> Output,
     ) -> Result<(), StageFailure> {
         match stage.action(&self.pipeline.on_error) {
             ErrorAction::Dlq => {
-                outputs.push(dead_letter());
-                self.counts.dead_lettered[stage.index()] += 1;
+                outputs.push(dlq_record());
+                self.counts.dlq_records[stage.index()] += 1;
                 Ok(())
             }
             ErrorAction::Skip => {

@@ -7,22 +7,22 @@ use crate::operators::Provenance;
 
 /// Where an error happened; the value of the `weir-error-stage` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub enum ErrorStage {
     Decode,
     Late,
     Process,
     Produce,
 }
 
-impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Decode, Stage::Late, Stage::Process, Stage::Produce];
+impl ErrorStage {
+    pub const ALL: [ErrorStage; 4] = [ErrorStage::Decode, ErrorStage::Late, ErrorStage::Process, ErrorStage::Produce];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Stage::Decode => "decode",
-            Stage::Late => "late",
-            Stage::Process => "process",
-            Stage::Produce => "produce",
+            ErrorStage::Decode => "decode",
+            ErrorStage::Late => "late",
+            ErrorStage::Process => "process",
+            ErrorStage::Produce => "produce",
         }
     }
 
@@ -32,10 +32,10 @@ impl Stage {
 
     pub fn action(self, policy: &ErrorPolicy) -> ErrorAction {
         match self {
-            Stage::Decode => policy.decode,
-            Stage::Late => policy.late,
-            Stage::Process => policy.process,
-            Stage::Produce => policy.produce,
+            ErrorStage::Decode => policy.decode,
+            ErrorStage::Late => policy.late,
+            ErrorStage::Process => policy.process,
+            ErrorStage::Produce => policy.produce,
         }
     }
 }
@@ -70,7 +70,7 @@ pub struct Output {
 impl Output {
     /// The DLQ record for `input`: its original key, value and headers, plus the provenance
     /// headers of PIPELINE.md.
-    pub fn dead_letter(input: &InputRecord<'_>, stage: Stage, error: &str) -> Output {
+    pub fn dlq_record(input: &InputRecord<'_>, stage: ErrorStage, error: &str) -> Output {
         let provenance = &input.provenance;
         let mut headers: Vec<(String, Vec<u8>)> = provenance
             .headers
@@ -91,13 +91,13 @@ impl Output {
     /// the provenance headers of the input it came from, when it came from one.
     pub(super) fn unencodable(key: Option<Vec<u8>>, fields: &serde_json::Map<String, serde_json::Value>, error: &str, provenance: Option<&Provenance<'_>>) -> Output {
         let mut headers = Vec::with_capacity(5);
-        error_headers(&mut headers, Stage::Produce, error, provenance);
+        error_headers(&mut headers, ErrorStage::Produce, error, provenance);
         Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
     }
 }
 
 /// The DLQ headers of PIPELINE.md: the stage, the error, and where the input was read.
-fn error_headers(headers: &mut Vec<(String, Vec<u8>)>, stage: Stage, error: &str, provenance: Option<&Provenance<'_>>) {
+fn error_headers(headers: &mut Vec<(String, Vec<u8>)>, stage: ErrorStage, error: &str, provenance: Option<&Provenance<'_>>) {
     headers.push(("weir-error-stage".into(), stage.as_str().as_bytes().to_vec()));
     headers.push(("weir-error".into(), error.as_bytes().to_vec()));
     if let Some(provenance) = provenance {
@@ -118,16 +118,16 @@ pub struct BatchCounts {
     pub records_filtered: u64,
     /// Records a dedup step dropped as duplicates.
     pub duplicates_dropped: u64,
-    pub dead_lettered: [u64; 4],
+    pub dlq_records: [u64; 4],
     pub skipped: [u64; 4],
 }
 
 impl BatchCounts {
-    pub fn dead_lettered(&self, stage: Stage) -> u64 {
-        self.dead_lettered[stage.index()]
+    pub fn dlq_records(&self, stage: ErrorStage) -> u64 {
+        self.dlq_records[stage.index()]
     }
 
-    pub fn skipped(&self, stage: Stage) -> u64 {
+    pub fn skipped(&self, stage: ErrorStage) -> u64 {
         self.skipped[stage.index()]
     }
 }
@@ -136,7 +136,7 @@ impl BatchCounts {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{stage} error at {topic}[{partition}]@{offset} with on_error.{stage}: fail: {error}", stage = stage.as_str())]
 pub struct StageFailure {
-    pub stage: Stage,
+    pub stage: ErrorStage,
     pub error: String,
     pub topic: String,
     pub partition: i32,
@@ -151,7 +151,7 @@ impl BatchCounts {
         self.records_filtered += other.records_filtered;
         self.duplicates_dropped += other.duplicates_dropped;
         for index in 0..4 {
-            self.dead_lettered[index] += other.dead_lettered[index];
+            self.dlq_records[index] += other.dlq_records[index];
             self.skipped[index] += other.skipped[index];
         }
     }

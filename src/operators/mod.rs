@@ -86,7 +86,7 @@ pub struct Forward<'a> {
 
 /// What became of a record given to a step.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum StepOutcome {
     /// Kept (and possibly emitted now or later).
     Passed,
     /// Dropped by a filter.
@@ -279,7 +279,7 @@ impl Operator {
         record: Record<'a>,
         watermark: i64,
         out: &mut Vec<Emitted<'a>>,
-    ) -> Result<Outcome, ProcessError> {
+    ) -> Result<StepOutcome, ProcessError> {
         #[cfg(feature = "failpoints")]
         panic_at_failpoint(self.kind(), &record);
         match self {

@@ -49,7 +49,7 @@ pub enum RuntimeError {
     #[error("{0}")]
     Assignment(String),
     #[error("{0}")]
-    Stage(#[from] StageFailure),
+    ErrorStage(#[from] StageFailure),
     #[error(
         "data loss: the committed offset of {topic}[{partition}] is no longer in the log (retention deleted it); \
          set on_data_loss: earliest on the source to go on from the earliest offset kept"

@@ -16,7 +16,7 @@
 //! - the loop (`poll_loop`): poll, decode, steps, produce, commit when due;
 //! - the commit path and its failure classes (`transaction`): begin, produce, send offsets,
 //!   commit or abort and rewind;
-//! - what the loop and the callbacks share (`session`), and the rebalance callbacks with the
+//! - what the loop and the callbacks share (`loop_state`), and the rebalance callbacks with the
 //!   start positions of newly assigned partitions (`rebalance`);
 //! - restoring state from changelogs (`state`) into the local RocksDB cache (`store`).
 //!
@@ -47,7 +47,7 @@ mod purge;
 mod rebalance;
 mod poll_loop;
 mod schemas;
-mod session;
+mod loop_state;
 mod state;
 pub mod status;
 pub mod store;
@@ -76,8 +76,8 @@ pub use error::RuntimeError;
 use health::Health;
 use delivery::DeliveryWatch;
 use rebalance::LoopContext;
-use session::OutputTopics;
-use transaction::Transaction;
+use loop_state::OutputTopics;
+use transaction::BatchProducer;
 
 /// Per-process options from the command line.
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ pub fn run(
     let producer: BaseProducer<DeliveryWatch> = producer_config
         .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
-    let transaction = Transaction::new(
+    let transaction = BatchProducer::new(
         producer,
         transactional_id.clone(),
         settings.kafka.transaction_timeout.max(Duration::from_secs(10)),
@@ -290,7 +290,7 @@ const FRAMING_MARGIN: usize = 512;
 /// Keeps record batches under the smallest `max.message.bytes` of the topics weir writes
 /// results to: the broker refuses a whole batch over it, and the abort would repeat on
 /// every replay. Returns each topic's per-record limit where it is under librdkafka's
-/// batch size: `Transaction::send` fails a record over it at once, so it follows
+/// batch size: `BatchProducer::send` fails a record over it at once, so it follows
 /// on_error.produce. Changelog and repartition records keep librdkafka's limits.
 /// Without permission to read topic configs, nothing is capped (and a too-large batch
 /// shows as repeated aborts, with the broker's reason in the log).

@@ -14,14 +14,14 @@ use tracing::{info, warn};
 use super::error::RuntimeError;
 use super::health::Health;
 use super::rebalance::LoopContext;
-use super::session::Session;
+use super::loop_state::LoopState;
 use super::state::{self, Restorer};
-use super::transaction::{self, Outcome, Transaction};
+use super::transaction::{self, BatchOutcome, BatchProducer};
 use super::{schemas, status};
 use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::DeliveryMode;
-use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, Stage};
+use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, ErrorStage};
 use crate::operators::Provenance;
 use crate::telemetry::metrics::Metrics;
 
@@ -109,7 +109,7 @@ impl Loop<'_> {
         }
         if session.transaction.mode() == DeliveryMode::IdempotentUpsert {
             // Upsert mode: the local store has the state, at the offsets reading resumes from.
-            let Session { engine, store, owned, .. } = &mut *session;
+            let LoopState { engine, store, owned, .. } = &mut *session;
             if let Some(store) = store {
                 self.health.set_restoring(true);
                 for (topic, partition) in pending {
@@ -128,7 +128,7 @@ impl Loop<'_> {
         self.health.set_restoring(true);
         for (topic, partition) in pending {
             if session.owned.contains_key(&(topic.clone(), partition)) {
-                let Session { engine, store, .. } = &mut *session;
+                let LoopState { engine, store, .. } = &mut *session;
                 restorer.restore(engine, store.as_ref(), &topic, partition)?;
             }
         }
@@ -227,7 +227,7 @@ impl Loop<'_> {
             .map(|headers| headers.iter().map(|header| (header.key, header.value)).collect())
             .unwrap_or_default();
         let mut guard = self.consumer.context().session();
-        let Session { transaction, engine, topics, .. } = &mut *guard;
+        let LoopState { transaction, engine, topics, .. } = &mut *guard;
         // From a repartition topic: our own records, so a malformed one is a bug, not bad input.
         let forwarded = match engine.stage_of_topic(topic) {
             None => None,
@@ -271,7 +271,7 @@ impl Loop<'_> {
         for output in self.outputs.drain(..) {
             let destination = topics.of(output.destination);
             if output.destination == Destination::Dlq {
-                send_dead_letter(transaction, destination, &output)?;
+                send_dlq_record(transaction, destination, &output)?;
                 continue;
             }
             let Err(error) = transaction.send(destination, &output) else {
@@ -286,10 +286,10 @@ impl Loop<'_> {
             }
             // The result itself cannot be written: the input goes where on_error.produce says.
             engine.unproduce();
-            let mut dead_letters = Vec::with_capacity(1);
-            engine.reject(&input, Stage::Produce, &error.to_string(), &mut dead_letters)?;
-            for dead_letter in &dead_letters {
-                send_dead_letter(transaction, &topics.dlq, dead_letter)?;
+            let mut dlq_records_made = Vec::with_capacity(1);
+            engine.on_error(&input, ErrorStage::Produce, &error.to_string(), &mut dlq_records_made)?;
+            for dlq_record in &dlq_records_made {
+                send_dlq_record(transaction, &topics.dlq, dlq_record)?;
             }
         }
         let counts = engine.take_counts();
@@ -330,14 +330,14 @@ impl Loop<'_> {
         }
     }
 
-    fn commit(&mut self, deadline: Option<Instant>) -> Result<Option<Outcome>, RuntimeError> {
+    fn commit(&mut self, deadline: Option<Instant>) -> Result<Option<BatchOutcome>, RuntimeError> {
         let outcome = {
             let mut session = self.consumer.context().session();
             let outcome = session.commit(self.consumer, deadline)?;
             self.metrics.state_keys.set(session.metrics_state_keys as i64);
             outcome
         };
-        if let Some(Outcome::Aborted { rewind }) = &outcome {
+        if let Some(BatchOutcome::Aborted { rewind }) = &outcome {
             self.rewind(rewind.clone())?;
         }
         Ok(outcome)
@@ -378,17 +378,17 @@ impl Loop<'_> {
 /// Writes a DLQ record. One too large for the producer (the original value was under the
 /// source topic's limit, the DLQ's or weir's `message.max.bytes` is lower) goes without its
 /// value, saying so: its provenance headers point at the original, which stays in the source.
-fn send_dead_letter(transaction: &Transaction, dlq: &str, dead_letter: &Output) -> Result<(), RuntimeError> {
+fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) -> Result<(), RuntimeError> {
     let fatal = |error: KafkaError| RuntimeError::kafka(format!("producing to {dlq}"), error);
-    let Err(error) = transaction.send(dlq, dead_letter) else {
+    let Err(error) = transaction.send(dlq, dlq_record) else {
         return Ok(());
     };
     if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)) {
         return Err(fatal(error));
     }
-    let size = dead_letter.value.as_ref().map_or(0, Vec::len);
+    let size = dlq_record.value.as_ref().map_or(0, Vec::len);
     warn!(dlq, size, "a DLQ record is larger than message.max.bytes; writing it without its value");
-    let mut slim = dead_letter.clone();
+    let mut slim = dlq_record.clone();
     slim.value = None;
     slim.headers.push((
         "weir-value-omitted".into(),

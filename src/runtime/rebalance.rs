@@ -22,8 +22,8 @@ use super::health::Health;
 use super::purge::Purger;
 use super::status::Status;
 use super::store::StateStore;
-use super::session::{OutputTopics, OwnedPartition, Session};
-use super::transaction::{Outcome, Transaction};
+use super::loop_state::{OutputTopics, OwnedPartition, LoopState};
+use super::transaction::{BatchOutcome, BatchProducer};
 use crate::engine::Engine;
 use crate::config::{DataLossPolicy, DeliveryMode, StartingOffsets};
 use crate::telemetry::metrics::Metrics;
@@ -35,7 +35,7 @@ const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct LoopContext {
-    session: Mutex<Session>,
+    session: Mutex<LoopState>,
     starting_offsets: StartingOffsets,
     on_data_loss: DataLossPolicy,
     until_end: bool,
@@ -46,7 +46,7 @@ pub struct LoopContext {
 impl LoopContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        transaction: Transaction,
+        transaction: BatchProducer,
         engine: Engine,
         topics: OutputTopics,
         store: Option<StateStore>,
@@ -58,7 +58,7 @@ impl LoopContext {
         purger: Option<Purger>,
     ) -> LoopContext {
         LoopContext {
-            session: Mutex::new(Session {
+            session: Mutex::new(LoopState {
                 transaction,
                 engine,
                 topics,
@@ -81,7 +81,7 @@ impl LoopContext {
         }
     }
 
-    pub fn session(&self) -> MutexGuard<'_, Session> {
+    pub fn session(&self) -> MutexGuard<'_, LoopState> {
         // A poisoned lock means a panic on the loop thread, which already ends the process.
         self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -98,11 +98,11 @@ impl LoopContext {
             let outcome = if lost {
                 session.abort(None)
             } else {
-                session.commit(consumer, None).map(|outcome| outcome.unwrap_or(Outcome::Committed { records: 0 }))
+                session.commit(consumer, None).map(|outcome| outcome.unwrap_or(BatchOutcome::Committed { records: 0 }))
             };
             match outcome {
-                Ok(Outcome::Committed { records }) => info!(records, "committed the open batch before giving up partitions"),
-                Ok(Outcome::Aborted { rewind }) => session.rewind.extend(rewind),
+                Ok(BatchOutcome::Committed { records }) => info!(records, "committed the open batch before giving up partitions"),
+                Ok(BatchOutcome::Aborted { rewind }) => session.rewind.extend(rewind),
                 Err(error) => session.failure = Some(error),
             }
         }
@@ -277,7 +277,7 @@ impl LoopContext {
 
     /// Gives every newly assigned partition its committed offset, or the source's
     /// `starting_offsets` where nothing was committed yet. Returns the starts resolved from a
-    /// partition's end, which must be committed (see `Transaction::pin_start`).
+    /// partition's end, which must be committed (see `BatchProducer::pin_start`).
     fn set_start_positions(
         &self,
         consumer: &BaseConsumer<LoopContext>,

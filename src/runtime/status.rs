@@ -145,7 +145,7 @@ impl Status {
             committed_at: now_text(),
             input_rows: counts.records_in,
             output_rows: counts.records_out,
-            dlq_rows: counts.dead_lettered.iter().sum(),
+            dlq_rows: counts.dlq_records.iter().sum(),
             filtered_rows: counts.records_filtered,
             duplicate_rows: counts.duplicates_dropped,
             duration_ms: duration.as_millis() as u64,

@@ -6,7 +6,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::engine::{BatchCounts, Stage};
+use crate::engine::{BatchCounts, ErrorStage};
 
 pub struct Metrics {
     registry: Registry,
@@ -138,7 +138,7 @@ impl Metrics {
         for kind in ["assign", "revoke", "lost"] {
             rebalances.with_label_values(&[kind]);
         }
-        for stage in Stage::ALL {
+        for stage in ErrorStage::ALL {
             dlq_records.with_label_values(&[stage.as_str()]);
             skipped_records.with_label_values(&[stage.as_str()]);
         }
@@ -200,9 +200,9 @@ impl Metrics {
         self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
         self.records_filtered.inc_by(counts.records_filtered);
         self.duplicates_dropped.inc_by(counts.duplicates_dropped);
-        self.late_records.inc_by(counts.dead_lettered(Stage::Late) + counts.skipped(Stage::Late));
-        for stage in Stage::ALL {
-            self.dlq_records.with_label_values(&[stage.as_str()]).inc_by(counts.dead_lettered(stage));
+        self.late_records.inc_by(counts.dlq_records(ErrorStage::Late) + counts.skipped(ErrorStage::Late));
+        for stage in ErrorStage::ALL {
+            self.dlq_records.with_label_values(&[stage.as_str()]).inc_by(counts.dlq_records(stage));
             self.skipped_records.with_label_values(&[stage.as_str()]).inc_by(counts.skipped(stage));
         }
         self.batches.inc();

@@ -30,7 +30,7 @@ use serde_json::Value;
 use crate::config::Source;
 use crate::operators::Step;
 use crate::plan::Pipeline;
-use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, Outcome, ProcessError, Record, StateEntryLimit};
+use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
 
 /// What became of the input record across all stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -466,10 +466,10 @@ impl Topology {
                     // Tombstones delete earlier upserts downstream; no step reinterprets them.
                     Emitted::Tombstone(_) | Emitted::Forward(_) => next.push(item),
                     Emitted::Record(record) => match operator.process(record, watermark, &mut next)? {
-                        Outcome::Passed => {}
-                        Outcome::Dropped => result.merge(ChainResult::Dropped),
-                        Outcome::Duplicate => result.merge(ChainResult::Duplicate),
-                        Outcome::Late(reason) => result.merge(ChainResult::Late(reason)),
+                        StepOutcome::Passed => {}
+                        StepOutcome::Dropped => result.merge(ChainResult::Dropped),
+                        StepOutcome::Duplicate => result.merge(ChainResult::Duplicate),
+                        StepOutcome::Late(reason) => result.merge(ChainResult::Late(reason)),
                     },
                 }
             }

@@ -8,7 +8,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
-use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
 pub mod config;
 
 use config::Dedup;
@@ -58,9 +58,9 @@ impl DedupOperator {
         mut record: Record<'a>,
         watermark: i64,
         out: &mut Vec<Emitted<'a>>,
-    ) -> Result<Outcome, ProcessError> {
+    ) -> Result<StepOutcome, ProcessError> {
         if record.event_time.saturating_add(self.within) <= watermark {
-            return Ok(Outcome::Late(format!(
+            return Ok(StepOutcome::Late(format!(
                 "event time {} + within {}ms is at or before the watermark {watermark}",
                 record.event_time, self.within
             )));
@@ -68,7 +68,7 @@ impl DedupOperator {
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
         let key_text = Value::Object(key.clone()).to_string();
         if self.first_seen.contains_key(&key_text) {
-            return Ok(Outcome::Duplicate);
+            return Ok(StepOutcome::Duplicate);
         }
         // Quoting at most doubles the key: only a key near the limit is measured.
         if 2 * key_text.len() + 2 + TIME_BYTES > self.limit.bytes() {
@@ -83,7 +83,7 @@ impl DedupOperator {
         record.key = Some(key);
         record.id = None;
         out.push(Emitted::Record(record));
-        Ok(Outcome::Passed)
+        Ok(StepOutcome::Passed)
     }
 
     /// Forgets the keys whose state ended at this watermark.
@@ -150,7 +150,7 @@ mod tests {
         let limit = StateEntryLimit::under_message_max_bytes(2000);
         let mut dedup = DedupOperator::new(&spec, limit);
         let mut out = Vec::new();
-        assert_eq!(dedup.process(record("a", 1), i64::MIN, &mut out), Ok(Outcome::Passed));
+        assert_eq!(dedup.process(record("a", 1), i64::MIN, &mut out), Ok(StepOutcome::Passed));
         dedup.take_changes();
         let large = "x".repeat(limit.bytes());
         let refused = dedup.process(record(&large, 2), i64::MIN, &mut out);
@@ -162,9 +162,9 @@ mod tests {
         let quotes = "\"".repeat(limit.bytes() / 3);
         assert!(dedup.process(record(&quotes, 3), i64::MIN, &mut out).is_err(), "escaped size counts");
         let fitting = "y".repeat(limit.bytes() / 2 - 40);
-        assert_eq!(dedup.process(record(&fitting, 4), i64::MIN, &mut out), Ok(Outcome::Passed));
-        assert_eq!(dedup.process(record("b", 5), i64::MIN, &mut out), Ok(Outcome::Passed));
-        assert_eq!(dedup.process(record("a", 6), i64::MIN, &mut out), Ok(Outcome::Duplicate));
+        assert_eq!(dedup.process(record(&fitting, 4), i64::MIN, &mut out), Ok(StepOutcome::Passed));
+        assert_eq!(dedup.process(record("b", 5), i64::MIN, &mut out), Ok(StepOutcome::Passed));
+        assert_eq!(dedup.process(record("a", 6), i64::MIN, &mut out), Ok(StepOutcome::Duplicate));
         assert_eq!(dedup.state_keys(), 3);
     }
 }

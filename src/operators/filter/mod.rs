@@ -12,7 +12,7 @@ use cel::objects::{Key, Value as CelValue};
 use cel::{Context, Env, Program};
 use serde_json::Value;
 
-use super::{BuildError, Emitted, Outcome, ProcessError, Record};
+use super::{BuildError, Emitted, StepOutcome, ProcessError, Record};
 pub mod config;
 
 use crate::config::{Encoding, Source};
@@ -82,13 +82,13 @@ impl FilterOperator {
         &self.expression
     }
 
-    pub fn process<'a>(&mut self, record: Record<'a>, out: &mut Vec<Emitted<'a>>) -> Result<Outcome, ProcessError> {
+    pub fn process<'a>(&mut self, record: Record<'a>, out: &mut Vec<Emitted<'a>>) -> Result<StepOutcome, ProcessError> {
         let keep = self.matches(&record)?;
         if keep {
             out.push(Emitted::Record(record));
-            Ok(Outcome::Passed)
+            Ok(StepOutcome::Passed)
         } else {
-            Ok(Outcome::Dropped)
+            Ok(StepOutcome::Dropped)
         }
     }
 

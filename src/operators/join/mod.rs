@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
-use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 use config::{Join, JoinKind};
@@ -175,9 +175,9 @@ impl JoinOperator {
         side: Side,
         watermark: i64,
         out: &mut Vec<Emitted<'a>>,
-    ) -> Result<Outcome, ProcessError> {
+    ) -> Result<StepOutcome, ProcessError> {
         if record.event_time < watermark {
-            return Ok(Outcome::Late(format!("event time {} is before the watermark {watermark}", record.event_time)));
+            return Ok(StepOutcome::Late(format!("event time {} is before the watermark {watermark}", record.event_time)));
         }
         let key = key_of(&record.fields, &self.spec.on);
         let key_text = Value::Object(key.clone()).to_string();
@@ -221,7 +221,7 @@ impl JoinOperator {
         state.side(side).push(Buffered { seq, time, fields: record.fields, matched, source });
         self.ends.insert((end, key_text.clone(), side, seq));
         self.dirty.insert((key_text, side, seq));
-        Ok(Outcome::Passed)
+        Ok(StepOutcome::Passed)
     }
 
     /// Refuses a record whose buffered entry (`take_changes`) would be over the limit. The
@@ -474,8 +474,8 @@ mod tests {
     fn a_record_before_the_watermark_is_late() {
         let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), StateEntryLimit::default());
         let mut out = Vec::new();
-        assert_eq!(join.process(record("a", 1, 100), Side::Left, 100, &mut out), Ok(Outcome::Passed));
-        assert!(matches!(join.process(record("a", 2, 99), Side::Right, 100, &mut out), Ok(Outcome::Late(_))));
+        assert_eq!(join.process(record("a", 1, 100), Side::Left, 100, &mut out), Ok(StepOutcome::Passed));
+        assert!(matches!(join.process(record("a", 2, 99), Side::Right, 100, &mut out), Ok(StepOutcome::Late(_))));
         assert_eq!(join.state_keys(), 1);
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
-use super::{CorruptState, Emitted, Outcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
 mod aggregates;
@@ -134,7 +134,7 @@ impl WindowOperator {
 
     /// Adds a record to its windows. One that would make a window's changelog entry larger
     /// than the limit is refused before any window changes.
-    pub fn process<'a>(&mut self, record: Record<'a>, watermark: i64, _out: &mut Vec<Emitted<'a>>) -> Result<Outcome, ProcessError> {
+    pub fn process<'a>(&mut self, record: Record<'a>, watermark: i64, _out: &mut Vec<Emitted<'a>>) -> Result<StepOutcome, ProcessError> {
         let time = record.event_time;
         let lateness = self.lateness;
         let open = move |end: i64| end.saturating_add(lateness) > watermark;
@@ -189,7 +189,7 @@ impl WindowOperator {
             self.sequence_changed = sequence_was_changed;
             return Err(error);
         }
-        Ok(Outcome::Passed)
+        Ok(StepOutcome::Passed)
     }
 
     /// The most `record` can add to one window's entry: each value it gives first, last,
@@ -278,8 +278,8 @@ impl WindowOperator {
         self.limit.check("window", measure(&merged, group_text, key, merged_start))
     }
 
-    fn late(&self, time: i64, watermark: i64) -> Outcome {
-        Outcome::Late(format!(
+    fn late(&self, time: i64, watermark: i64) -> StepOutcome {
+        StepOutcome::Late(format!(
             "event time {time}: every window it belongs to closed (end + allowed lateness {}ms at or before the watermark {watermark})",
             self.lateness
         ))
@@ -542,7 +542,7 @@ mod tests {
         for kind in kinds {
             let mut operator = WindowOperator::new(&window(kind, &aggregates), None, limit);
             let mut out = Vec::new();
-            assert_eq!(operator.process(record("u", "a", 10), i64::MIN, &mut out), Ok(Outcome::Passed));
+            assert_eq!(operator.process(record("u", "a", 10), i64::MIN, &mut out), Ok(StepOutcome::Passed));
             let windows = operator.state_keys();
             operator.take_changes();
             // One value over the limit alone.
@@ -555,7 +555,7 @@ mod tests {
             let mut refused_at = None;
             for index in 0..10 {
                 match operator.process(record("u", &tag(index), 30), i64::MIN, &mut out) {
-                    Ok(Outcome::Passed) => kept += 1,
+                    Ok(StepOutcome::Passed) => kept += 1,
                     Ok(other) => panic!("{kind:?}: {other:?}"),
                     Err(_) => {
                         refused_at = Some(index);
@@ -574,7 +574,7 @@ mod tests {
             }
             assert_eq!(operator.state_keys(), windows, "{kind:?}");
             // A record that adds nothing new still counts, and the windows close as before.
-            assert_eq!(operator.process(record("u", "a", 40), i64::MIN, &mut out), Ok(Outcome::Passed));
+            assert_eq!(operator.process(record("u", "a", 40), i64::MIN, &mut out), Ok(StepOutcome::Passed));
             operator.advance(i64::MAX, &mut out);
             let found = results(&out);
             assert!(!found.is_empty(), "{kind:?}");

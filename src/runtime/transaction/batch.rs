@@ -7,21 +7,21 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use super::Outcome;
+use super::BatchOutcome;
 use crate::config::DeliveryMode;
 use crate::runtime::error::RuntimeError;
-use crate::runtime::session::Session;
+use crate::runtime::loop_state::LoopState;
 use crate::runtime::state;
 use crate::runtime::store::StoreWrite;
 
-impl Session {
+impl LoopState {
     /// Commits the open batch: first what the batch end emits (update-mode windows) and the
     /// state changes for the changelogs, then the offsets and the transaction.
     pub fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         deadline: Option<Instant>,
-    ) -> Result<Option<Outcome>, RuntimeError> {
+    ) -> Result<Option<BatchOutcome>, RuntimeError> {
         let mut store_writes = Vec::new();
         if self.transaction.is_open() {
             self.note_idle_inputs();
@@ -51,9 +51,9 @@ impl Session {
         }
         let outcome = self.transaction.commit(consumer, deadline)?;
         let delivered = self.transaction.take_delivered();
-        if let (Some(Outcome::Committed { .. }), DeliveryMode::IdempotentUpsert) = (&outcome, self.transaction.mode()) {
+        if let (Some(BatchOutcome::Committed { .. }), DeliveryMode::IdempotentUpsert) = (&outcome, self.transaction.mode()) {
             self.acknowledged(consumer, &store_writes)?;
-        } else if let (Some(Outcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
+        } else if let (Some(BatchOutcome::Committed { .. }), Some(store)) = (&outcome, &self.store) {
             // Committed: the cache may now hold these changes, with the changelog offsets
             // they reach (the next offset to read; the commit marker follows).
             // Only where this process is the changelog partition's one writer: otherwise others'
@@ -70,7 +70,7 @@ impl Session {
             store.apply(&store_writes, &offsets, &[])?;
         }
         self.after_outcome(outcome.as_ref());
-        if let (Some(Outcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
+        if let (Some(BatchOutcome::Committed { .. }), Some(summary)) = (&outcome, self.transaction.take_summary()) {
             let watermarks = self.engine.input_watermarks();
             self.status.committed(&summary, self.metrics_state_keys, &watermarks);
             if let Some(purger) = &mut self.purger {
@@ -115,15 +115,15 @@ impl Session {
     }
 
     /// Aborts the open batch; its partitions' state is rebuilt from the changelog.
-    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<BatchOutcome, RuntimeError> {
         let outcome = self.transaction.abort(deadline)?;
         self.transaction.take_delivered();
         self.after_outcome(Some(&outcome));
         Ok(outcome)
     }
 
-    fn after_outcome(&mut self, outcome: Option<&Outcome>) {
-        if let Some(Outcome::Aborted { rewind }) = outcome {
+    fn after_outcome(&mut self, outcome: Option<&BatchOutcome>) {
+        if let Some(BatchOutcome::Aborted { rewind }) = outcome {
             self.status.aborted(&format!("a batch was aborted; {} partitions are replayed from its first offsets", rewind.len()));
             // The aborted records changed in-memory state that was never committed.
             self.engine.take_counts();

@@ -13,7 +13,7 @@
 //!         ─► commit_transaction ─► the batch's state goes to the store in one WriteBatch,
 //!                                  with the changelog offsets it reaches
 //! ```
-//! [`Transaction`] is one Kafka transaction (or, in `idempotent_upsert` mode, one batch of an
+//! [`BatchProducer`] is one Kafka transaction (or, in `idempotent_upsert` mode, one batch of an
 //! idempotent producer: see [`DeliveryMode`]); `batch` drives it for the session as a whole
 //! (engine, changelogs, store).
 //!
@@ -72,13 +72,13 @@ struct PartitionBatch {
 
 /// What became of a batch.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum BatchOutcome {
     Committed { records: u64 },
     /// The transaction was aborted; each (topic, partition, offset) must be read again.
     Aborted { rewind: Vec<(String, i32, i64)> },
 }
 
-pub struct Transaction {
+pub struct BatchProducer {
     producer: BaseProducer<DeliveryWatch>,
     transactional_id: String,
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
@@ -106,7 +106,7 @@ pub struct Transaction {
     pinned_starts: Vec<(String, i32, i64)>,
 }
 
-impl Transaction {
+impl BatchProducer {
     pub fn new(
         producer: BaseProducer<DeliveryWatch>,
         transactional_id: String,
@@ -114,8 +114,8 @@ impl Transaction {
         metrics: Arc<Metrics>,
         source_names: (String, Option<String>),
         sink_topic: String,
-    ) -> Transaction {
-        Transaction {
+    ) -> BatchProducer {
+        BatchProducer {
             producer,
             transactional_id,
             mode: DeliveryMode::Transactional,
@@ -136,14 +136,14 @@ impl Transaction {
 
     /// How batches are delivered: the producer must have been made for that mode
     /// (`clients::producer_config` or `upsert_producer_config`).
-    pub fn with_mode(mut self, mode: DeliveryMode) -> Transaction {
+    pub fn with_mode(mut self, mode: DeliveryMode) -> BatchProducer {
         self.mode = mode;
         self
     }
 
     /// Records to each topic over its limit (bytes) fail in `send`, as librdkafka fails its
     /// own too-large records.
-    pub fn with_record_limits(mut self, limits: Vec<(String, usize)>) -> Transaction {
+    pub fn with_record_limits(mut self, limits: Vec<(String, usize)>) -> BatchProducer {
         self.record_limits = limits;
         self
     }
@@ -328,7 +328,7 @@ impl Transaction {
         &mut self,
         consumer: &BaseConsumer<C>,
         deadline: Option<Instant>,
-    ) -> Result<Option<Outcome>, RuntimeError> {
+    ) -> Result<Option<BatchOutcome>, RuntimeError> {
         if !self.open {
             if self.pinned_starts.is_empty() {
                 return Ok(None);
@@ -388,7 +388,7 @@ impl Transaction {
     /// Upsert mode: the batch is done when the broker has every record. A failed delivery
     /// cannot be taken back: the run stops, and the restart replays from the stored offsets,
     /// writing the same ids again.
-    fn acknowledged(&mut self, started: Instant, offsets: Vec<(String, i32, i64)>) -> Result<Outcome, RuntimeError> {
+    fn acknowledged(&mut self, started: Instant, offsets: Vec<(String, i32, i64)>) -> Result<BatchOutcome, RuntimeError> {
         if self.producer.in_flight_count() > 0 {
             return Err(RuntimeError::Undelivered(format!(
                 "{} records were not acknowledged within {:?}",
@@ -403,7 +403,7 @@ impl Transaction {
         Ok(self.committed(started, offsets))
     }
 
-    fn committed(&mut self, started: Instant, committed_offsets: Vec<(String, i32, i64)>) -> Outcome {
+    fn committed(&mut self, started: Instant, committed_offsets: Vec<(String, i32, i64)>) -> BatchOutcome {
         let counts = std::mem::take(&mut self.counts);
         let records = self.records as u64;
         let (left, right) = &self.source_names;
@@ -418,7 +418,7 @@ impl Transaction {
         });
         self.pinned_starts.clear();
         self.close();
-        Outcome::Committed { records }
+        BatchOutcome::Committed { records }
     }
 
     /// Waits until every produced record is acknowledged and its report served.
@@ -446,7 +446,7 @@ impl Transaction {
     }
 
     /// Aborts the open batch; its records will be read again from the returned offsets.
-    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<Outcome, RuntimeError> {
+    pub fn abort(&mut self, deadline: Option<Instant>) -> Result<BatchOutcome, RuntimeError> {
         // librdkafka's abort waits until every queued delivery report has been served, and
         // rust-rdkafka's abort_transaction (unlike its commit) does not serve them: drop what
         // is queued and serve the reports first, or the abort blocks until it times out.
@@ -470,7 +470,7 @@ impl Transaction {
         self.metrics.aborts.inc();
         info!(records = self.records, "transaction aborted; the batch will be processed again");
         self.close();
-        Ok(Outcome::Aborted { rewind })
+        Ok(BatchOutcome::Aborted { rewind })
     }
 
     fn close(&mut self) {

@@ -1,4 +1,4 @@
-//! The state the loop and the rebalance callbacks share ([`Session`]): the open
+//! The state the loop and the rebalance callbacks share ([`LoopState`]): the open
 //! transaction, the engine, the store, the owned partitions and what the callbacks leave for
 //! the loop. Only ever locked on the loop's thread. Committing and aborting it is the commit
 //! path's business (`super::transaction`).
@@ -14,7 +14,7 @@ use super::purge::Purger;
 use super::state::Changelogs;
 use super::status::Status;
 use super::store::StateStore;
-use super::transaction::Transaction;
+use super::transaction::BatchProducer;
 use crate::engine::{Destination, Engine};
 use crate::telemetry::metrics::Metrics;
 
@@ -38,8 +38,8 @@ pub struct OwnedPartition {
 }
 
 /// State shared by the loop and the callbacks; only ever locked on the loop's thread.
-pub struct Session {
-    pub transaction: Transaction,
+pub struct LoopState {
+    pub transaction: BatchProducer,
     pub engine: Engine,
     pub topics: OutputTopics,
     /// The local cache of the changelogs, for pipelines with state.
@@ -82,7 +82,7 @@ impl OutputTopics {
     }
 }
 
-impl Session {
+impl LoopState {
     /// A source partition has become idle since the engine last heard: a batch must carry
     /// the news to the later stages even if no record is waiting.
     pub fn idle_news(&self) -> bool {
@@ -130,7 +130,7 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        let Session { owned, engine, metrics, .. } = self;
+        let LoopState { owned, engine, metrics, .. } = self;
         let mut held_back = 0;
         for partition in owned.values_mut() {
             if engine.stage_of_topic(&partition.topic).is_some() {
