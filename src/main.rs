@@ -71,7 +71,7 @@ fn reset(args: &ResetArgs) -> ExitCode {
             false => println!("deleted the state of pipeline {name}: {}", deleted.join(", ")),
         }
         if let Some(target) = target {
-            for (topic, partition, offset) in weir::reset::reset_offsets(&loaded, target)? {
+            for runtime::TopicPartitionOffset { topic, partition, offset } in weir::reset::reset_offsets(&loaded, target)? {
                 println!("{topic}[{partition}]: next offset {offset}");
             }
         }

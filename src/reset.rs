@@ -3,6 +3,7 @@
 //! offsets. Both refuse while any process of the pipeline is still a member of its consumer
 //! group.
 
+use crate::runtime::TopicPartitionOffset;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -83,7 +84,7 @@ pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
 
 /// Commits, for the pipeline's group, the offsets `target` names on every partition of the
 /// source topics; returns them. Call after `wait_for_an_empty_group`.
-pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(String, i32, i64)>, ResetError> {
+pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicPartitionOffset>, ResetError> {
     let pipeline = &loaded.pipeline;
     let Some(topics) = pipeline.input_topics() else {
         return Err(ResetError::Refused("resetting offsets needs a source with a topic list, not a pattern".into()));
@@ -121,11 +122,11 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<(Strin
                     }
                 }
             };
-            chosen.push((topic.clone(), partition, offset));
+            chosen.push(TopicPartitionOffset::new(topic.clone(), partition, offset));
         }
     }
     let mut list = TopicPartitionList::new();
-    for (topic, partition, offset) in &chosen {
+    for TopicPartitionOffset { topic, partition, offset } in &chosen {
         list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| ResetError::kafka("listing offsets", error))?;
     }
     consumer

@@ -3,6 +3,7 @@
 //! the loop. Only ever locked on the loop's thread. Committing and aborting it is the commit
 //! path's business (`super::transaction`).
 
+use crate::runtime::TopicPartitionOffset;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ pub struct LoopState {
     /// An error raised inside a callback, for the loop to stop with.
     pub failure: Option<RuntimeError>,
     /// Positions to seek back to after an abort inside a callback.
-    pub rewind: Vec<(String, i32, i64)>,
+    pub rewind: Vec<TopicPartitionOffset>,
     /// The loop stopped on an error: callbacks must not commit anything any more.
     pub abandoned: bool,
     /// Keys and windows in state after the last commit, for the gauge.

@@ -46,6 +46,8 @@ pub mod health;
 mod purge;
 mod rebalance;
 mod poll_loop;
+mod positions;
+pub use positions::TopicPartitionOffset;
 mod schemas;
 mod loop_state;
 mod state;

@@ -2,6 +2,7 @@
 //! out into the open transaction, and commit when the batch is due; act between polls on
 //! what the rebalance callbacks left (failures, rewinds, restores).
 
+use crate::runtime::TopicPartitionOffset;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -140,8 +141,8 @@ impl Loop<'_> {
     /// Seeks the partitions of an aborted batch back to its first offsets. librdkafka drops
     /// what it had fetched past them (a seek raises the partition's version barrier), so
     /// the next records polled from them are the replay.
-    fn rewind(&mut self, positions: Vec<(String, i32, i64)>) -> Result<(), RuntimeError> {
-        for (topic, partition, offset) in positions {
+    fn rewind(&mut self, positions: Vec<TopicPartitionOffset>) -> Result<(), RuntimeError> {
+        for TopicPartitionOffset { topic, partition, offset } in positions {
             match self.consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
                 Ok(()) => info!(%topic, partition, offset, "rewound after abort"),
                 Err(error) => {

@@ -6,6 +6,7 @@
 //! assignment every new partition gets an explicit start position: its committed offset, or
 //! the source's `starting_offsets` when it has none.
 
+use crate::runtime::TopicPartitionOffset;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -114,7 +115,7 @@ impl LoopContext {
             session.owned.remove(&key);
             session.transaction.unpin_start(&key.0, key.1);
             session.status.revoked(&key.0, key.1);
-            session.rewind.retain(|(topic, partition, _)| (topic.as_str(), *partition) != (key.0.as_str(), key.1));
+            session.rewind.retain(|position| !position.is_in(&key.0, key.1));
             self.metrics.forget_partition(element.topic(), element.partition());
         }
         let owned = session.owned.len();
@@ -142,7 +143,7 @@ impl LoopContext {
             }
         };
         let mut session = self.session();
-        for (topic, partition, offset) in pinned_starts {
+        for TopicPartitionOffset { topic, partition, offset } in pinned_starts {
             info!(topic, partition, offset, "no committed offset: starting at the end, committed as this partition's start");
             session.transaction.pin_start(&topic, partition, offset);
         }
@@ -282,7 +283,7 @@ impl LoopContext {
         &self,
         consumer: &BaseConsumer<LoopContext>,
         assigned: &mut TopicPartitionList,
-    ) -> Result<Vec<(String, i32, i64)>, RuntimeError> {
+    ) -> Result<Vec<TopicPartitionOffset>, RuntimeError> {
         let mut pinned_starts = Vec::new();
         let committed = consumer
             .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
@@ -301,7 +302,7 @@ impl LoopContext {
                     StartingOffsets::Earliest => Offset::Beginning,
                     StartingOffsets::Latest => {
                         let end = self.end_offset(consumer, element.topic(), element.partition())?;
-                        pinned_starts.push((element.topic().to_string(), element.partition(), end));
+                        pinned_starts.push(TopicPartitionOffset::new(element.topic(), element.partition(), end));
                         Offset::Offset(end)
                     }
                     StartingOffsets::Timestamp(millis) => {
@@ -326,7 +327,7 @@ impl LoopContext {
                     Offset::Offset(offset) if offset >= 0 => offset,
                     _ => {
                         let end = self.end_offset(consumer, element.topic(), element.partition())?;
-                        pinned_starts.push((element.topic().to_string(), element.partition(), end));
+                        pinned_starts.push(TopicPartitionOffset::new(element.topic(), element.partition(), end));
                         end
                     }
                 };

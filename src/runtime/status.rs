@@ -3,6 +3,7 @@
 //! partition's committed offset, lag and watermark, the state size, and the last error.
 //! Updated by the loop at each commit; read by the HTTP server.
 
+use crate::runtime::TopicPartitionOffset;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -77,7 +78,7 @@ pub struct ErrorReport {
 #[derive(Debug, Clone)]
 pub struct BatchSummary {
     pub counts: BatchCounts,
-    pub offsets: Vec<(String, i32, i64)>,
+    pub offsets: Vec<TopicPartitionOffset>,
     pub opened_at: Option<Instant>,
     pub commit_duration: Duration,
 }
@@ -153,9 +154,9 @@ impl Status {
             input_rows_per_second: rate(since_previous),
             processed_rows_per_second: rate(duration),
             state_keys,
-            offsets: summary.offsets.iter().map(|(topic, partition, offset)| (partition_name(topic, *partition), *offset)).collect(),
+            offsets: summary.offsets.iter().map(|position| (partition_name(&position.topic, position.partition), position.offset)).collect(),
         };
-        for (topic, partition, offset) in &summary.offsets {
+        for TopicPartitionOffset { topic, partition, offset } in &summary.offsets {
             report.partitions.entry(partition_name(topic, *partition)).or_default().committed_offset = Some(*offset);
         }
         for ((topic, partition), watermark) in watermarks {

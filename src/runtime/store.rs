@@ -8,6 +8,7 @@
 //! loads the cache and then reads only the changelog from the recorded offset on; a crash at
 //! any point leaves the cache at or behind the changelog, never ahead, and never wiped.
 
+use crate::runtime::TopicPartitionOffset;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -157,7 +158,7 @@ impl StateStore {
 
     /// Writes committed changes and the changelog offsets they reach, atomically; in upsert
     /// mode also the input offsets (topic, partition, next) the state is at.
-    pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[(String, i32, i64)]) -> Result<(), RuntimeError> {
+    pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[TopicPartitionOffset]) -> Result<(), RuntimeError> {
         let mut batch = WriteBatch::default();
         for write in writes {
             let mut key = partition_prefix(write.partition);
@@ -173,7 +174,7 @@ impl StateStore {
         for (step, partition, offset) in offsets {
             batch.put_cf(offsets_handle, offset_key(*step, *partition), format!("{offset}@{written}"));
         }
-        for (topic, partition, next) in inputs {
+        for TopicPartitionOffset { topic, partition, offset: next } in inputs {
             batch.put_cf(offsets_handle, input_key(topic, *partition), next.to_string());
         }
         self.db

@@ -1,6 +1,7 @@
 //! The batch as a whole: what the batch end emits, the state changes for the changelogs,
 //! the offsets and the transaction, then the store; or the abort and the replay.
 
+use crate::runtime::TopicPartitionOffset;
 use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -74,7 +75,7 @@ impl LoopState {
             let watermarks = self.engine.input_watermarks();
             self.status.committed(&summary, self.metrics_state_keys, &watermarks);
             if let Some(purger) = &mut self.purger {
-                for (topic, partition, next) in &summary.offsets {
+                for TopicPartitionOffset { topic, partition, offset: next } in &summary.offsets {
                     if self.engine.stage_of_topic(topic).is_some() {
                         purger.committed(topic, *partition, *next);
                     }
@@ -102,7 +103,7 @@ impl LoopState {
             store.apply(writes, &[], &offsets)?;
         }
         let mut list = TopicPartitionList::with_capacity(offsets.len());
-        for (topic, partition, next) in &offsets {
+        for TopicPartitionOffset { topic, partition, offset: next } in &offsets {
             list.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|error| RuntimeError::kafka(format!("listing the offset of {topic}[{partition}]"), error))?;
         }
@@ -127,7 +128,7 @@ impl LoopState {
             self.status.aborted(&format!("a batch was aborted; {} partitions are replayed from its first offsets", rewind.len()));
             // The aborted records changed in-memory state that was never committed.
             self.engine.take_counts();
-            for (topic, partition, _) in rewind {
+            for TopicPartitionOffset { topic, partition, .. } in rewind {
                 self.engine.drop_input_partition(topic, *partition);
                 self.queue_restore(topic, *partition);
             }

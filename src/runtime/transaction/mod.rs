@@ -32,6 +32,7 @@
 //! a failed delivery stops the run, and the restart replays from the stored offsets, writing
 //! the same ids again.
 
+use crate::runtime::TopicPartitionOffset;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -75,7 +76,7 @@ struct PartitionBatch {
 pub enum BatchOutcome {
     Committed { records: u64 },
     /// The transaction was aborted; each (topic, partition, offset) must be read again.
-    Aborted { rewind: Vec<(String, i32, i64)> },
+    Aborted { rewind: Vec<TopicPartitionOffset> },
 }
 
 pub struct BatchProducer {
@@ -103,7 +104,7 @@ pub struct BatchProducer {
     /// timestamp after every record) that no batch has committed yet: (topic, partition,
     /// offset). Until one is committed, a restart would resolve the end again and skip what
     /// arrived meanwhile, so the next commit carries them, with or without records.
-    pinned_starts: Vec<(String, i32, i64)>,
+    pinned_starts: Vec<TopicPartitionOffset>,
 }
 
 impl BatchProducer {
@@ -193,12 +194,12 @@ impl BatchProducer {
     /// assignment does not hold one open through the restore of its state.
     pub fn pin_start(&mut self, topic: &str, partition: i32, offset: i64) {
         self.unpin_start(topic, partition);
-        self.pinned_starts.push((topic.to_string(), partition, offset));
+        self.pinned_starts.push(TopicPartitionOffset::new(topic, partition, offset));
     }
 
     /// Forgets a pinned start (its partition was revoked).
     pub fn unpin_start(&mut self, topic: &str, partition: i32) {
-        self.pinned_starts.retain(|(pinned, pinned_partition, _)| (pinned.as_str(), *pinned_partition) != (topic, partition));
+        self.pinned_starts.retain(|pinned| !pinned.is_in(topic, partition));
     }
 
     pub fn has_pinned_starts(&self) -> bool {
@@ -302,7 +303,7 @@ impl BatchProducer {
     }
 
     /// The input offsets (topic, partition, next) the last committed batch reached.
-    pub fn last_offsets(&self) -> Vec<(String, i32, i64)> {
+    pub fn last_offsets(&self) -> Vec<TopicPartitionOffset> {
         self.last_summary.as_ref().map(|summary| summary.offsets.clone()).unwrap_or_default()
     }
 
@@ -350,15 +351,15 @@ impl BatchProducer {
                 })
                 .unwrap_or(batch.next);
             let next = batch.next.max(position);
-            committed_offsets.push((batch.topic.clone(), batch.partition, next));
+            committed_offsets.push(TopicPartitionOffset::new(batch.topic.clone(), batch.partition, next));
             offsets
                 .add_partition_offset(&batch.topic, batch.partition, Offset::Offset(next))
                 .map_err(|error| RuntimeError::kafka(format!("listing the offset of {}[{}]", batch.topic, batch.partition), error))?;
         }
         // A partition read in this batch commits where its records reached, past its start.
-        for (topic, partition, offset) in &self.pinned_starts {
+        for TopicPartitionOffset { topic, partition, offset } in &self.pinned_starts {
             if !self.partitions.iter().any(|batch| batch.partition == *partition && &batch.topic == topic) {
-                committed_offsets.push((topic.clone(), *partition, *offset));
+                committed_offsets.push(TopicPartitionOffset::new(topic.clone(), *partition, *offset));
                 offsets
                     .add_partition_offset(topic, *partition, Offset::Offset(*offset))
                     .map_err(|error| RuntimeError::kafka(format!("listing the offset of {topic}[{partition}]"), error))?;
@@ -388,7 +389,7 @@ impl BatchProducer {
     /// Upsert mode: the batch is done when the broker has every record. A failed delivery
     /// cannot be taken back: the run stops, and the restart replays from the stored offsets,
     /// writing the same ids again.
-    fn acknowledged(&mut self, started: Instant, offsets: Vec<(String, i32, i64)>) -> Result<BatchOutcome, RuntimeError> {
+    fn acknowledged(&mut self, started: Instant, offsets: Vec<TopicPartitionOffset>) -> Result<BatchOutcome, RuntimeError> {
         if self.producer.in_flight_count() > 0 {
             return Err(RuntimeError::Undelivered(format!(
                 "{} records were not acknowledged within {:?}",
@@ -403,7 +404,7 @@ impl BatchProducer {
         Ok(self.committed(started, offsets))
     }
 
-    fn committed(&mut self, started: Instant, committed_offsets: Vec<(String, i32, i64)>) -> BatchOutcome {
+    fn committed(&mut self, started: Instant, committed_offsets: Vec<TopicPartitionOffset>) -> BatchOutcome {
         let counts = std::mem::take(&mut self.counts);
         let records = self.records as u64;
         let (left, right) = &self.source_names;
@@ -465,7 +466,7 @@ impl BatchProducer {
         let rewind = self
             .partitions
             .iter()
-            .map(|batch| (batch.topic.clone(), batch.partition, batch.first))
+            .map(|batch| TopicPartitionOffset::new(batch.topic.clone(), batch.partition, batch.first))
             .collect();
         self.metrics.aborts.inc();
         info!(records = self.records, "transaction aborted; the batch will be processed again");
