@@ -17,6 +17,9 @@ pub enum ErrorClass {
 
 pub fn classify(error: &KafkaError) -> ErrorClass {
     match error {
+        // rust-rdkafka's commit_transaction flushes first; records still unacknowledged when
+        // the flush times out say nothing about the transaction: call commit again (audit R18).
+        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => ErrorClass::Retriable,
         KafkaError::Transaction(inner) if inner.is_fatal() => ErrorClass::Fatal,
         KafkaError::Transaction(inner) if inner.txn_requires_abort() => ErrorClass::Abort,
         KafkaError::Transaction(inner) if inner.is_retriable() => ErrorClass::Retriable,
@@ -46,5 +49,26 @@ pub fn fatal(error: &KafkaError, transactional_id: &str) -> RuntimeError {
         }
     } else {
         RuntimeError::kafka("a transactional call failed for good", error.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_that_timed_out_inside_commit_is_retried() {
+        assert_eq!(classify(&KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)), ErrorClass::Retriable);
+        assert_eq!(classify(&KafkaError::Flush(RDKafkaErrorCode::Fenced)), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn fencing_errors_say_fenced_and_others_keep_their_kafka_error() {
+        let fenced = KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced);
+        assert!(is_fencing(&fenced));
+        assert!(matches!(fatal(&fenced, "p-0"), RuntimeError::Fenced { transactional_id, .. } if transactional_id == "p-0"));
+        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord);
+        assert!(!is_fencing(&refused));
+        assert!(matches!(fatal(&refused, "p-0"), RuntimeError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord), .. }));
     }
 }
