@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::codec::avro;
 use crate::config::{Encoding, SourceTopics};
 use crate::plan::Pipeline;
-use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, StageFailure};
+use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, RecordFailure};
 use crate::operators::Provenance;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ pub enum TestError {
     #[error("{0}")]
     Setup(String),
     #[error("{0}")]
-    ErrorStage(#[from] StageFailure),
+    RecordFailed(#[from] RecordFailure),
 }
 
 #[derive(Deserialize)]

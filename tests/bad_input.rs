@@ -472,7 +472,7 @@ mod decoders {
 
 /// Drives an engine over records of one partition, as the loop does with `on_error: dlq`.
 mod drive {
-    use weir::engine::{BatchCounts, Clock, Engine, InputRecord, Output, StageFailure};
+    use weir::engine::{BatchCounts, Clock, Engine, InputRecord, Output, RecordFailure};
     use weir::operators::Provenance;
 
     /// A record's value bytes and Kafka timestamp.
@@ -486,14 +486,14 @@ mod drive {
 
     /// Runs records of the topic `events`; a batch ends every `batch` records; the end of the
     /// input closes everything.
-    pub fn run(pipeline: &weir::plan::Pipeline, records: &[Input], now: i64, batch: usize) -> Result<Run, StageFailure> {
+    pub fn run(pipeline: &weir::plan::Pipeline, records: &[Input], now: i64, batch: usize) -> Result<Run, RecordFailure> {
         let records: Vec<(&str, Input)> = records.iter().map(|record| ("events", record.clone())).collect();
         run_topics(pipeline, &records, now, batch)
     }
 
     /// Like [`run`], each record from its own topic (partition 0). Offsets count over all
     /// topics, so that each names one input.
-    pub fn run_topics(pipeline: &weir::plan::Pipeline, records: &[(&str, Input)], now: i64, batch: usize) -> Result<Run, StageFailure> {
+    pub fn run_topics(pipeline: &weir::plan::Pipeline, records: &[(&str, Input)], now: i64, batch: usize) -> Result<Run, RecordFailure> {
         let mut engine = Engine::new(pipeline).unwrap_or_else(|error| panic!("a valid pipeline builds no engine: {error}"));
         let mut topics: Vec<(String, i32)> = records.iter().map(|(topic, _)| (topic.to_string(), 0)).collect();
         topics.sort();

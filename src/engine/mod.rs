@@ -9,7 +9,7 @@ mod topology;
 
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
 use forward::{forwarded, upsert_id};
-pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, StageFailure};
+pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, RecordFailure};
 
 use std::sync::Arc;
 
@@ -319,7 +319,7 @@ impl Engine {
     }
 
     /// Runs one record through the pipeline, appending what should be produced to `outputs`.
-    pub fn process(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+    pub fn process(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         self.counts.records_in += 1;
         // A join's right records have their own format and event time.
         let (decoder, event_time) = match &self.right {
@@ -361,7 +361,7 @@ impl Engine {
         result: Result<ChainResult, crate::operators::ProcessError>,
         emitted: Vec<Emitted<'_>>,
         outputs: &mut Vec<Output>,
-    ) -> Result<(), StageFailure> {
+    ) -> Result<(), RecordFailure> {
         match result {
             Ok(ChainResult::Passed) => {}
             Ok(ChainResult::Dropped) => self.counts.records_filtered += 1,
@@ -382,7 +382,7 @@ impl Engine {
         partition: i32,
         forwarded: &ForwardHeaders,
         outputs: &mut Vec<Output>,
-    ) -> Result<(), StageFailure> {
+    ) -> Result<(), RecordFailure> {
         let record = match input.value {
             None => None,
             Some(value) => {
@@ -418,7 +418,7 @@ impl Engine {
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
-    pub fn end_batch(&mut self, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+    pub fn end_batch(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         let mut emitted = Vec::new();
         self.topology.end_batch(&mut emitted);
         self.emit(emitted, outputs)
@@ -426,13 +426,13 @@ impl Engine {
 
     /// The end of a bounded input (`weir test`): every watermark goes to +infinity, closing
     /// every window and ending all state, then the last batch ends.
-    pub fn finish(&mut self, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+    pub fn finish(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         let mut emitted = Vec::new();
         self.topology.finish(&mut emitted);
         self.emit(emitted, outputs)
     }
 
-    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         for item in emitted {
             let output = match item {
                 Emitted::Record(record) => {
@@ -490,7 +490,7 @@ impl Engine {
     }
 
     /// A result the sink's format cannot encode follows `on_error.produce`.
-    fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), StageFailure> {
+    fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         let error = format!("encoding the result for the sink: {error}");
         let provenance = record.provenance;
         self.route(ErrorStage::Produce, &error, provenance.as_ref(), outputs, || {
@@ -505,7 +505,7 @@ impl Engine {
         stage: ErrorStage,
         error: &str,
         outputs: &mut Vec<Output>,
-    ) -> Result<(), StageFailure> {
+    ) -> Result<(), RecordFailure> {
         self.route(stage, error, Some(&input.provenance), outputs, || Output::dlq_record(input, stage, error))
     }
 
@@ -518,7 +518,7 @@ impl Engine {
         provenance: Option<&Provenance<'_>>,
         outputs: &mut Vec<Output>,
         dlq_record: impl FnOnce() -> Output,
-    ) -> Result<(), StageFailure> {
+    ) -> Result<(), RecordFailure> {
         match stage.action(&self.pipeline.on_error) {
             ErrorAction::Dlq => {
                 outputs.push(dlq_record());
@@ -529,7 +529,7 @@ impl Engine {
                 self.counts.skipped[stage.index()] += 1;
                 Ok(())
             }
-            ErrorAction::Fail => Err(StageFailure {
+            ErrorAction::Fail => Err(RecordFailure {
                 stage,
                 error: error.to_string(),
                 topic: provenance.map(|provenance| provenance.topic.to_string()).unwrap_or_default(),

@@ -135,7 +135,7 @@ impl BatchCounts {
 /// A record failed at a stage whose policy is `fail`: the batch must not commit.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{stage} error at {topic}[{partition}]@{offset} with on_error.{stage}: fail: {error}", stage = stage.as_str())]
-pub struct StageFailure {
+pub struct RecordFailure {
     pub stage: ErrorStage,
     pub error: String,
     pub topic: String,

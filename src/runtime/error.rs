@@ -2,9 +2,9 @@
 //! local store, state that does not read back, a record the broker would not take, fencing,
 //! a configuration the cluster or the stored state contradicts.
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::engine::StageFailure;
+use crate::engine::RecordFailure;
 
 /// Why the exactly-once loop stopped. Every variant ends the process with a non-zero status;
 /// a supervisor (Kubernetes) restarts it and the loop resumes from committed offsets.
@@ -48,8 +48,9 @@ pub enum RuntimeError {
     /// pair, a step with no changelog).
     #[error("{0}")]
     Assignment(String),
+    /// A record failed at a stage whose `on_error` is `fail`.
     #[error("{0}")]
-    ErrorStage(#[from] StageFailure),
+    RecordFailed(#[from] RecordFailure),
     #[error(
         "data loss: the committed offset of {topic}[{partition}] is no longer in the log (retention deleted it); \
          set on_data_loss: earliest on the source to go on from the earliest offset kept"
@@ -74,5 +75,69 @@ impl RuntimeError {
     /// A failure of the local state store, saying what weir was doing.
     pub fn store(action: impl Into<String>, detail: impl std::fmt::Display) -> RuntimeError {
         RuntimeError::Store { action: action.into(), detail: detail.to_string() }
+    }
+}
+
+/// What a failure means for the run (DESIGN.md "Errors map to librdkafka's transaction
+/// classes"): today every one ends the process; the retry policy of the faults issue waits
+/// out the retriable ones and aborts and rewinds for the abortable ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The cluster may answer later (broker away, coordinator moving, a timeout).
+    Retriable,
+    /// The batch cannot commit: abort it, rewind to the committed offsets and replay.
+    Abort,
+    /// Nothing this process can do: another process took over, state is broken, a bug.
+    Fatal,
+    /// The operator must change something: the configuration, the cluster, the stored state.
+    Config,
+}
+
+impl RuntimeError {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            RuntimeError::Kafka { source, .. } => match source.rdkafka_error_code() {
+                Some(
+                    RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::NetworkException
+                    | RDKafkaErrorCode::CoordinatorNotAvailable
+                    | RDKafkaErrorCode::NotCoordinator
+                    | RDKafkaErrorCode::CoordinatorLoadInProgress
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition,
+                ) => FailureClass::Retriable,
+                Some(RDKafkaErrorCode::State) => FailureClass::Abort,
+                _ => FailureClass::Fatal,
+            },
+            RuntimeError::ChangelogStuck { .. } | RuntimeError::Undelivered(_) => FailureClass::Retriable,
+            RuntimeError::Replay(_) | RuntimeError::DrainDeadline => FailureClass::Abort,
+            RuntimeError::Fenced { .. } | RuntimeError::Store { .. } | RuntimeError::CorruptState(_) | RuntimeError::Panicked(_) => {
+                FailureClass::Fatal
+            }
+            RuntimeError::RecordFailed(_) => FailureClass::Fatal,
+            RuntimeError::Setup(_) | RuntimeError::Assignment(_) | RuntimeError::DataLoss { .. } | RuntimeError::Incompatible(_) => {
+                FailureClass::Config
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_that_is_away_is_retriable_and_a_refused_record_is_not() {
+        let away = RuntimeError::kafka("reading committed offsets", KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown));
+        assert_eq!(away.class(), FailureClass::Retriable);
+        let state = RuntimeError::kafka("producing to out", KafkaError::MessageProduction(RDKafkaErrorCode::State));
+        assert_eq!(state.class(), FailureClass::Abort);
+        let refused = RuntimeError::kafka("producing to out", KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord));
+        assert_eq!(refused.class(), FailureClass::Fatal);
+        assert_eq!(RuntimeError::Fenced { transactional_id: "p-0".into(), detail: String::new() }.class(), FailureClass::Fatal);
+        assert_eq!(RuntimeError::Incompatible("changed".into()).class(), FailureClass::Config);
     }
 }
