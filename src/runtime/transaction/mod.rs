@@ -451,8 +451,20 @@ impl BatchProducer {
         // librdkafka's abort waits until every queued delivery report has been served, and
         // rust-rdkafka's abort_transaction (unlike its commit) does not serve them: drop what
         // is queued and serve the reports first, or the abort blocks until it times out.
-        self.producer.purge(PurgeConfig::default().queue().inflight());
+        // Only the queue: a request already at the broker that is purged here (without an
+        // epoch bump) can still land after the abort, in the next transaction if that one
+        // has added the partition (audit R6). Those are waited for instead.
+        self.producer.purge(PurgeConfig::default().queue());
         self.drain_delivery_reports();
+        if self.mode == DeliveryMode::Transactional && self.producer.in_flight_count() > 0 {
+            // Still unanswered: stop rather than begin a transaction they could land in.
+            // The restart's init_transactions bumps the epoch, which fences them.
+            return Err(RuntimeError::Replay(format!(
+                "{} records of an aborted batch were still unanswered after {:?}; stopping so that none lands in a later transaction",
+                self.producer.in_flight_count(),
+                self.call_timeout
+            )));
+        }
         // Upsert mode: what was written stays written; the replay writes the same ids.
         if self.mode == DeliveryMode::Transactional {
             let timeout = self.call_timeout;
