@@ -11,11 +11,9 @@
 //! Writing: the sink's schema is derived from the pipeline's output fields, every field a
 //! union with null (default null), registered under `<topic>-value` at start.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use apache_avro::types::Value as AvroValue;
-use apache_avro::Schema as AvroSchema;
 use serde_json::{Map, Number, Value};
 use tracing::warn;
 
@@ -61,9 +59,6 @@ pub fn schema_id(bytes: &[u8]) -> Option<u32> {
 pub struct AvroDecoder {
     schema: Schema,
     writers: Arc<WriterSchemas>,
-    /// By writer schema id: its named types when it is recursive (its datums are walked for
-    /// their depth first, see [`depth`]), None when it is not.
-    recursive: Arc<Mutex<HashMap<u32, Option<Arc<depth::Names>>>>>,
 }
 
 impl AvroDecoder {
@@ -72,17 +67,11 @@ impl AvroDecoder {
         if limit != MAX_DECODE_ALLOCATION {
             warn!(limit, wanted = MAX_DECODE_ALLOCATION, "apache-avro's allocation limit was set before weir's; a record lying about a length may exhaust memory");
         }
-        AvroDecoder { schema, writers, recursive: Arc::default() }
+        AvroDecoder { schema, writers }
     }
 
     pub fn writers(&self) -> &Arc<WriterSchemas> {
         &self.writers
-    }
-
-    /// A writer schema's named types if it is recursive, worked out once per schema id.
-    fn recursive_names(&self, id: u32, writer: &AvroSchema) -> Option<Arc<depth::Names>> {
-        let mut known = self.recursive.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        known.entry(id).or_insert_with(|| depth::recursive_names(writer).map(Arc::new)).clone()
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
@@ -93,13 +82,13 @@ impl AvroDecoder {
                 &bytes[..bytes.len().min(5)]
             )));
         };
-        let writer = match self.writers.get(id) {
-            Some(Ok(writer)) => writer,
-            Some(Err(error)) => return Err(DecodeError(format!("writer schema id {id}: {error}"))),
+        let (writer, recursive) = match self.writers.get(id) {
+            Some((Ok(writer), recursive)) => (writer, recursive),
+            Some((Err(error), _)) => return Err(DecodeError(format!("writer schema id {id}: {error}"))),
             None => return Err(DecodeError(format!("writer schema id {id} was not fetched from the schema registry"))),
         };
         let mut datum = &bytes[5..];
-        if let Some(names) = self.recursive_names(id, &writer) {
+        if let Some(names) = recursive {
             depth::check_depth(&writer, &names, datum, depth::MAX_DEPTH)
                 .map_err(|error| DecodeError(format!("not an Avro datum of writer schema id {id}: {error}")))?;
         }
@@ -245,6 +234,7 @@ mod tests {
     use super::*;
     use super::encoder::write_long;
     use super::writer_schemas::*;
+    use apache_avro::Schema as AvroSchema;
     use std::time::{Duration, Instant};
 
     fn schema(fields: &[(&str, FieldType)]) -> Schema {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use apache_avro::Schema as AvroSchema;
 
+use super::depth::{recursive_names, Names};
+
 /// The writer schemas met so far, by registry id: filled by the runtime (which may block on
 /// the registry), read by decoders (which never do). An id the registry does not know is kept
 /// as an error, so each of its records is a bad record without asking again, for
@@ -37,6 +39,9 @@ struct Cache {
 #[derive(Debug)]
 struct Cached {
     schema: WriterSchema,
+    /// The schema's named types when it is recursive (its datums are walked for their depth
+    /// before decoding, see `super::depth`); worked out once, here, not per record.
+    recursive: Option<Arc<Names>>,
     since: Instant,
     sequence: u64,
 }
@@ -114,7 +119,8 @@ impl WriterSchemas {
         cache.inserted += 1;
         let sequence = cache.inserted;
         let unknown = schema.is_err();
-        let replaced = cache.schemas.insert(id, Cached { schema, since: Instant::now(), sequence });
+        let recursive = schema.as_ref().ok().and_then(|schema| recursive_names(schema)).map(Arc::new);
+        let replaced = cache.schemas.insert(id, Cached { schema, recursive, since: Instant::now(), sequence });
         if replaced.is_some_and(|replaced| replaced.schema.is_err()) {
             cache.unknown -= 1;
         }
@@ -126,8 +132,10 @@ impl WriterSchemas {
         }
     }
 
-    pub(super) fn get(&self, id: u32) -> Option<WriterSchema> {
-        self.cache.read().expect("writer schemas lock").schemas.get(&id).map(|cached| cached.schema.clone())
+    /// The writer schema of `id`, with its named types when it is recursive.
+    pub(super) fn get(&self, id: u32) -> Option<(WriterSchema, Option<Arc<Names>>)> {
+        let cache = self.cache.read().expect("writer schemas lock");
+        cache.schemas.get(&id).map(|cached| (cached.schema.clone(), cached.recursive.clone()))
     }
 
     pub fn len(&self) -> usize {
