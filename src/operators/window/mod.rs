@@ -82,6 +82,17 @@ fn mark(dirty: &mut Vec<(String, i64)>, window: &mut WindowState, group_text: &s
     }
 }
 
+/// A record about to be added to one or more of its group's windows, for the size checks.
+#[derive(Clone, Copy)]
+struct Addition<'a, 'r> {
+    group_text: &'a str,
+    key: &'a Map<String, Value>,
+    record: &'a Record<'r>,
+    sequence: u64,
+    /// At most how much the record makes a window's state grow (`growth_bound`).
+    growth: usize,
+}
+
 impl WindowOperator {
     pub fn new(spec: &Window, schema: Option<&Schema>, limit: StateEntryLimit) -> WindowOperator {
         let sums_whole = spec
@@ -145,6 +156,7 @@ impl WindowOperator {
         let key = key_of(&record.fields, &self.group_by);
         let group_text = serde_json::to_string(&key).unwrap_or_default();
         let growth = self.growth_bound(&record);
+        let addition = Addition { group_text: &group_text, key: &key, record: &record, sequence, growth };
         let fits = match self.kind {
             WindowKind::Tumbling { size } => {
                 let size = crate::config::millis(size);
@@ -153,8 +165,7 @@ impl WindowOperator {
                 if !open(end) {
                     return Ok(self.late(time, watermark));
                 }
-                self.check_window(&group_text, &key, start, end, &record, sequence, growth)
-                    .map(|()| self.add(&group_text, &key, start, end, &record, sequence))
+                self.check_window(&addition, start, end).map(|()| self.add(&group_text, &key, start, end, &record, sequence))
             }
             WindowKind::Hopping { size, slide } => {
                 let (size, slide) = (crate::config::millis(size), crate::config::millis(slide));
@@ -171,7 +182,7 @@ impl WindowOperator {
                 // Every window is checked before any is changed.
                 windows
                     .clone()
-                    .try_for_each(|(start, end)| self.check_window(&group_text, &key, start, end, &record, sequence, growth))
+                    .try_for_each(|(start, end)| self.check_window(&addition, start, end))
                     .map(|()| windows.for_each(|(start, end)| self.add(&group_text, &key, start, end, &record, sequence)))
             }
             WindowKind::Session { gap } => {
@@ -179,7 +190,7 @@ impl WindowOperator {
                 if !open(end) {
                     return Ok(self.late(time, watermark));
                 }
-                self.check_session(&group_text, &key, time, end, &record, sequence, growth)
+                self.check_session(&addition, time, end)
                     .map(|()| self.add_to_session(&group_text, &key, time, end, &record, sequence))
             }
         };
@@ -213,22 +224,13 @@ impl WindowOperator {
     /// Refuses a record that would take the window `[start, end)` of the group over the limit:
     /// by its running estimate where that leaves room, else by measuring the window the
     /// record would make.
-    #[allow(clippy::too_many_arguments)]
-    fn check_window(
-        &mut self,
-        group_text: &str,
-        key: &Map<String, Value>,
-        start: i64,
-        end: i64,
-        record: &Record<'_>,
-        sequence: u64,
-        growth: usize,
-    ) -> Result<(), ProcessError> {
+    fn check_window(&mut self, addition: &Addition<'_, '_>, start: i64, end: i64) -> Result<(), ProcessError> {
+        let Addition { group_text, key, record, sequence, growth } = *addition;
+        let new_window = self.new_window_estimate(group_text);
         let existing = self.groups.get_mut(group_text).and_then(|group| group.windows.get_mut(&start));
         let estimate = match existing {
             Some(window) => estimate(window, group_text, key, self.aggregates.len()),
-            // A new window: its key, the group in its value and the empty aggregates.
-            None => 4 * group_text.len() + 200 + self.aggregates.len() * (NUMBERS_RESERVE + 32),
+            None => new_window,
         };
         if estimate.saturating_add(growth) <= self.limit.bytes() {
             return Ok(());
@@ -242,23 +244,14 @@ impl WindowOperator {
     }
 
     /// As `check_window`, for the session the record makes with those it overlaps.
-    #[allow(clippy::too_many_arguments)]
-    fn check_session(
-        &mut self,
-        group_text: &str,
-        key: &Map<String, Value>,
-        start: i64,
-        end: i64,
-        record: &Record<'_>,
-        sequence: u64,
-        growth: usize,
-    ) -> Result<(), ProcessError> {
+    fn check_session(&mut self, addition: &Addition<'_, '_>, start: i64, end: i64) -> Result<(), ProcessError> {
+        let Addition { group_text, key, record, sequence, growth } = *addition;
         let aggregates = self.aggregates.len();
-        let mut estimate_sum = 4 * group_text.len() + 200 + aggregates * (NUMBERS_RESERVE + 32) + growth;
+        let mut estimate_sum = self.new_window_estimate(group_text) + growth;
         let Some(group) = self.groups.get_mut(group_text) else {
             return match estimate_sum <= self.limit.bytes() {
                 true => Ok(()),
-                false => self.check_window(group_text, key, start, end, record, sequence, growth),
+                false => self.check_window(addition, start, end),
             };
         };
         for (_, window) in group.windows.range_mut(..end).filter(|(_, window)| window.end > start) {
@@ -276,6 +269,12 @@ impl WindowOperator {
         }
         accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
         self.limit.check("window", measure(&merged, group_text, key, merged_start))
+    }
+
+    /// What a new window of the group takes before any record: its key, the group in its
+    /// value and the empty aggregates.
+    fn new_window_estimate(&self, group_text: &str) -> usize {
+        4 * group_text.len() + 200 + self.aggregates.len() * (NUMBERS_RESERVE + 32)
     }
 
     fn late(&self, time: i64, watermark: i64) -> StepOutcome {
