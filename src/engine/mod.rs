@@ -100,13 +100,7 @@ impl Engine {
             None => None,
         };
         let topology = Topology::new(pipeline)?;
-        let repartition_topics = topology
-            .stage_first_steps()
-            .into_iter()
-            .enumerate()
-            .skip(1)
-            .map(|(stage, step)| (stage, format!("{}-{step}-repartition", pipeline.name)))
-            .collect();
+        let repartition_topics = pipeline.repartition_topics();
         Ok(Engine {
             pipeline: pipeline.clone(),
             decoder,
@@ -164,34 +158,14 @@ impl Engine {
         self.topology.set_input_partitions(partitions);
     }
 
-    pub fn describe_steps(&self) -> Vec<String> {
-        self.topology.describe()
-    }
-
     /// How many stages the steps form; more than one means repartitioning.
     pub fn stage_count(&self) -> usize {
         self.topology.stage_count()
     }
 
-    /// Each stage's steps (pipeline indices) and the key that routes records into it (None
-    /// for stage 0, whose tasks are the input partitions).
-    pub fn stages(&self) -> Vec<(Vec<usize>, Option<Vec<String>>)> {
-        self.topology.stages()
-    }
-
-    /// See [`Pipeline::state_fingerprint`].
-    pub fn state_fingerprint(&self, step: usize) -> String {
-        self.pipeline.state_fingerprint(step)
-    }
-
     /// The pipeline indices of the stateful steps (each has a changelog topic).
     pub fn stateful_steps(&self) -> Vec<usize> {
-        self.topology.stateful_steps()
-    }
-
-    /// See [`Pipeline::step_definition`].
-    pub fn step_definition(&self, step: usize) -> String {
-        self.pipeline.step_definition(step)
+        self.pipeline.stateful_steps()
     }
 
     /// Changed state for the changelogs; call after `end_batch`, before committing.

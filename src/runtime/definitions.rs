@@ -16,7 +16,6 @@ use super::clients;
 use super::error::RuntimeError;
 use crate::config::Settings;
 use crate::plan::Pipeline;
-use crate::engine::Engine;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,9 +30,9 @@ const GENERATION_KEY: &str = "generation";
 /// Compares the pipeline's stateful steps with the definitions that wrote the state, records
 /// the definitions of steps that have no state yet, and returns the state generation (None
 /// for a pipeline without state).
-pub fn check(settings: &Settings, pipeline: &Pipeline, engine: &Engine) -> Result<Option<String>, RuntimeError> {
+pub fn check(settings: &Settings, pipeline: &Pipeline) -> Result<Option<String>, RuntimeError> {
     let current: BTreeMap<usize, String> =
-        engine.stateful_steps().into_iter().map(|step| (step, engine.step_definition(step))).collect();
+        pipeline.stateful_steps().into_iter().map(|step| (step, pipeline.step_definition(step))).collect();
     if current.is_empty() {
         return Ok(None);
     }

@@ -132,7 +132,7 @@ pub fn run(
         engine.distribute(layout.partitions as u32, layout.total);
         info!(topics = ?repartitions.values().collect::<Vec<_>>(), partitions = layout.partitions, "repartitioning through internal topics");
     }
-    let generation = definitions::check(settings, pipeline, &engine)?;
+    let generation = definitions::check(settings, pipeline)?;
     let store = match &generation {
         None => None,
         Some(generation) => {

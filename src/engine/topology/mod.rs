@@ -253,11 +253,6 @@ impl Topology {
         self.idle_inputs = idle.into_iter().collect();
     }
 
-    /// The pipeline index of each stage's first step (which names its repartition topic).
-    pub fn stage_first_steps(&self) -> Vec<usize> {
-        self.stages.iter().map(|stage| stage.indices.first().copied().unwrap_or(0)).collect()
-    }
-
     /// The stateful steps whose state belongs to the tasks of `stage`.
     pub fn stage_stateful_steps(&self, stage: usize) -> Vec<usize> {
         self.stages.get(stage).map_or_else(Vec::new, |spec| {
@@ -275,32 +270,6 @@ impl Topology {
         self.shared_watermark = self.minimum_input_watermark();
     }
 
-    pub fn describe(&self) -> Vec<String> {
-        let mut lines = Vec::new();
-        for stage in &self.stages {
-            if let Some(key) = &stage.repartition_by {
-                lines.push(format!("repartition by [{}]", key.join(", ")));
-            }
-            for (step, index) in stage.steps.iter().zip(&stage.indices) {
-                // Steps were checked to build in `new`.
-                let Ok(operator) = Operator::build(step, self.step_source(*index), self.state_entry_limit) else { continue };
-                match (step, &self.in_place) {
-                    (Step::Join(_), Some((left, right))) => {
-                        lines.push(format!("{}, in place: partition p of {left} joins partition p of {right}", operator.describe()));
-                    }
-                    _ => lines.push(operator.describe()),
-                }
-            }
-        }
-        lines
-    }
-
-    /// Each stage's steps (pipeline indices) and the key its records are repartitioned by
-    /// (None for stage 0).
-    pub fn stages(&self) -> Vec<(Vec<usize>, Option<Vec<String>>)> {
-        self.stages.iter().map(|stage| (stage.indices.clone(), stage.repartition_by.clone())).collect()
-    }
-
     /// How many stages (1 + repartitions) the steps form.
     pub fn stage_count(&self) -> usize {
         self.stages.len()
@@ -308,12 +277,7 @@ impl Topology {
 
     /// The pipeline indices of the stateful steps, which have changelogs.
     pub fn stateful_steps(&self) -> Vec<usize> {
-        self.stages
-            .iter()
-            .flat_map(|stage| stage.steps.iter().zip(&stage.indices))
-            .filter(|(step, _)| step.is_stateful())
-            .map(|(_, index)| *index)
-            .collect()
+        self.pipeline.stateful_steps()
     }
 
     /// Runs an input record from its input partition through every stage, then moves the
