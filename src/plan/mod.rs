@@ -117,8 +117,8 @@ impl Pipeline {
         // Whether the records are an update-mode window's: they keep their window's key,
         // whatever sink.key says (as the engine's emit does).
         let mut upsert = false;
-        for (index, step) in self.steps.iter().enumerate() {
-            let input = self.schema_seen_by(index);
+        let mut input = self.source.record_schema();
+        for step in &self.steps {
             match step {
                 Step::Filter(_) => {}
                 Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
@@ -135,6 +135,7 @@ impl Pipeline {
                     key = Some(schema);
                 }
             }
+            input = step.output_schema(input);
         }
         match upsert || self.sink.key.is_empty() {
             true => key,
