@@ -4,8 +4,8 @@
 //! Both are parsed strictly (unknown keys are errors) and every problem found is collected
 //! into one [`ConfigErrors`], so the user fixes them in one round. This module is a leaf: it
 //! knows nothing of the plan, the engine, the codecs or the operators; a step's body is read
-//! by the step's own config, and the parts are checked against each other by
-//! [`crate::plan`]. Nothing here touches the network.
+//! by the step's own config, and the parts are checked against each other by the plan.
+//! Nothing here touches the network.
 
 mod duration;
 mod error;

@@ -3,9 +3,8 @@
 //!
 //! The YAML is read section by section, so a mistake in one source or step does not hide the
 //! mistakes in the others. What a step's body means is its own config's business (beside each
-//! operator, in `crate::operators`); checking the parts against each other (fields named by
-//! steps, expressions, formats, modes) is the plan's (`crate::plan`). Nothing here knows the
-//! engine, the codecs or the operators.
+//! operator); checking the parts against each other (fields named by steps, expressions,
+//! formats, modes) is the plan's. Nothing here knows the engine, the codecs or the operators.
 
 use std::path::Path;
 
