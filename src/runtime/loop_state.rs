@@ -124,7 +124,8 @@ impl LoopState {
     /// stage and join pair that depends on it, for good unless `idle_timeout` is set: their
     /// windows stay open and their state grows (audit R22). Counts such partitions in
     /// `weir_watermark_held_back_partitions` and warns once per partition per silence.
-    /// Cheap (a walk over the owned partitions); the loop calls it every turn.
+    /// A walk over the owned partitions; the loop calls it when a batch is due or a poll
+    /// found nothing.
     pub fn report_held_back_inputs(&mut self) {
         let depends_on_several = self.engine.stage_count() > 1 || self.engine.join_in_place().is_some();
         if !depends_on_several || self.engine.idle_timeout().is_some() {

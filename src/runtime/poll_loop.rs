@@ -67,12 +67,17 @@ impl Loop<'_> {
             let due = {
                 let mut session = self.consumer.context().session();
                 session.transaction.poll();
-                session.report_held_back_inputs();
                 if idle && !session.transaction.is_open() && session.idle_news() {
                     // Nothing to read, but a partition went idle: a batch of watermarks alone.
                     session.transaction.ensure_open()?;
                 }
-                session.transaction.is_due(self.commit_interval, self.max_batch_records)
+                let due = session.transaction.is_due(self.commit_interval, self.max_batch_records);
+                // A partition's activity changes only at commits: looking once a batch (or
+                // once an empty poll) is enough, and keeps the walk off the per-record path.
+                if idle || due {
+                    session.report_held_back_inputs();
+                }
+                due
             };
             if due {
                 self.commit(None)?;
