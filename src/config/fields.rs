@@ -55,12 +55,17 @@ impl<'a> Fields<'a> {
 
     /// The value of `key`, which must be there.
     pub fn required<T: DeserializeOwned>(&mut self, key: &'static str, problems: &mut ConfigErrors) -> Option<T> {
-        if !self.mapping.contains_key(key) {
-            self.known.push(key);
-            problems.push(self.location_of(key), "is required");
-            return None;
+        self.is_there(key, problems).then(|| self.optional(key, problems)).flatten()
+    }
+
+    /// Whether `key` is there; a problem when it is not.
+    fn is_there(&mut self, key: &'static str, problems: &mut ConfigErrors) -> bool {
+        if self.mapping.contains_key(key) {
+            return true;
         }
-        self.optional(key, problems)
+        self.known.push(key);
+        problems.push(self.location_of(key), "is required");
+        false
     }
 
     /// The value of `key`, or the type's default when it is absent or does not fit (then with
@@ -87,12 +92,7 @@ impl<'a> Fields<'a> {
 
     /// A duration that must be there.
     pub fn required_duration(&mut self, key: &'static str, problems: &mut ConfigErrors) -> Option<Duration> {
-        if !self.mapping.contains_key(key) {
-            self.known.push(key);
-            problems.push(self.location_of(key), "is required");
-            return None;
-        }
-        self.duration(key, problems)
+        self.is_there(key, problems).then(|| self.duration(key, problems)).flatten()
     }
 
     /// Reports every key that was not read, and says whether this mapping had no problem.
