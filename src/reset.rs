@@ -3,7 +3,6 @@
 //! offsets. Both refuse while any process of the pipeline is still a member of its consumer
 //! group.
 
-use crate::runtime::TopicPartitionOffset;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -13,8 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::plan::Loaded;
 use crate::engine::Engine;
-use crate::runtime::clients;
-use crate::runtime::definitions;
+use crate::runtime::{clients, definitions, RuntimeError, TopicPartitionOffset};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -29,13 +27,6 @@ pub enum OffsetTarget {
 /// Why a reset did not happen (or not all of it).
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
-    /// A call to the Kafka cluster failed.
-    #[error("{action}: {source}")]
-    Kafka {
-        action: String,
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
     /// Instances of the pipeline still run: a reset under them would be undone.
     #[error("{0}")]
     GroupActive(String),
@@ -44,14 +35,9 @@ pub enum ResetError {
     Refused(String),
     #[error("{0}")]
     Setup(#[from] crate::engine::SetupError),
+    /// A call to the cluster failed (`RuntimeError::Kafka`), or the connection check did.
     #[error("{0}")]
-    Runtime(#[from] crate::runtime::RuntimeError),
-}
-
-impl ResetError {
-    fn kafka(action: impl Into<String>, source: rdkafka::error::KafkaError) -> ResetError {
-        ResetError::Kafka { action: action.into(), source }
-    }
+    Runtime(#[from] RuntimeError),
 }
 
 /// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
@@ -59,7 +45,7 @@ impl ResetError {
 /// that an instance is still running.
 pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
     let Loaded { settings, pipeline } = loaded;
-    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
+    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
     let patience = Instant::now() + settings.kafka.session_timeout + Duration::from_secs(5);
     let mut members = live_members(&client, &pipeline.name)?;
     if members > 0 {
@@ -93,10 +79,10 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicP
         .set("group.id", &pipeline.name)
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
+        .map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
     let mut chosen = Vec::new();
     for topic in &topics {
-        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| ResetError::kafka(format!("reading metadata of {topic}"), error))?;
+        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| RuntimeError::kafka(format!("reading metadata of {topic}"), error))?;
         let partitions = metadata
             .topics()
             .iter()
@@ -106,15 +92,15 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicP
         for partition in 0..partitions {
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, TIMEOUT)
-                .map_err(|error| ResetError::kafka(format!("reading the offsets of {topic}[{partition}]"), error))?;
+                .map_err(|error| RuntimeError::kafka(format!("reading the offsets of {topic}[{partition}]"), error))?;
             let offset = match target {
                 OffsetTarget::Earliest => low,
                 OffsetTarget::Time(millis) => {
                     let mut query = TopicPartitionList::new();
-                    query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| ResetError::kafka("listing offsets", error))?;
+                    query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| RuntimeError::kafka("listing offsets", error))?;
                     let found = consumer
                         .offsets_for_times(query, TIMEOUT)
-                        .map_err(|error| ResetError::kafka(format!("looking up {topic}[{partition}] by time"), error))?;
+                        .map_err(|error| RuntimeError::kafka(format!("looking up {topic}[{partition}] by time"), error))?;
                     match found.find_partition(topic, partition).map(|element| element.offset()) {
                         Some(Offset::Offset(offset)) if offset >= 0 => offset,
                         // No record at or after the time.
@@ -127,11 +113,11 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicP
     }
     let mut list = TopicPartitionList::new();
     for TopicPartitionOffset { topic, partition, offset } in &chosen {
-        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| ResetError::kafka("listing offsets", error))?;
+        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| RuntimeError::kafka("listing offsets", error))?;
     }
     consumer
         .commit(&list, CommitMode::Sync)
-        .map_err(|error| ResetError::kafka(format!("committing the new offsets of group {}", pipeline.name), error))?;
+        .map_err(|error| RuntimeError::kafka(format!("committing the new offsets of group {}", pipeline.name), error))?;
     Ok(chosen)
 }
 
@@ -141,7 +127,7 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
     let Loaded { pipeline, .. } = loaded;
     let engine = Engine::new(pipeline)?;
     let config = clients::admin_config(&loaded.settings);
-    let client: BaseConsumer = config.create().map_err(|error| ResetError::kafka("creating a Kafka client", error))?;
+    let client: BaseConsumer = config.create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
 
     let mut candidates: Vec<String> = engine
         .stateful_steps()
@@ -154,7 +140,7 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
     if existing.is_empty() {
         return Ok(existing);
     }
-    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|error| ResetError::kafka("creating an admin client", error))?;
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|error| RuntimeError::kafka("creating an admin client", error))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -162,7 +148,7 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
     let names: Vec<&str> = existing.iter().map(String::as_str).collect();
     let results = runtime
         .block_on(admin.delete_topics(&names, &AdminOptions::new().operation_timeout(Some(TIMEOUT))))
-        .map_err(|error| ResetError::kafka(format!("deleting {names:?}"), error))?;
+        .map_err(|error| RuntimeError::kafka(format!("deleting {names:?}"), error))?;
     for result in results {
         result.map_err(|(topic, code)| ResetError::Refused(format!("deleting {topic}: {code}")))?;
     }
@@ -180,7 +166,7 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
 fn live_members(client: &BaseConsumer, group: &str) -> Result<usize, ResetError> {
     let groups = client
         .fetch_group_list(Some(group), TIMEOUT)
-        .map_err(|error| ResetError::kafka(format!("describing consumer group {group}"), error))?;
+        .map_err(|error| RuntimeError::kafka(format!("describing consumer group {group}"), error))?;
     Ok(groups.groups().iter().map(|group| group.members().len()).sum())
 }
 

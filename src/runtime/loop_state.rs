@@ -3,7 +3,6 @@
 //! the loop. Only ever locked on the loop's thread. Committing and aborting it is the commit
 //! path's business (`super::transaction`).
 
-use crate::runtime::TopicPartitionOffset;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use super::state::Changelogs;
 use super::status::Status;
 use super::store::StateStore;
 use super::transaction::BatchProducer;
+use crate::runtime::TopicPartitionOffset;
 use crate::engine::{Destination, Engine};
 use crate::telemetry::metrics::Metrics;
 

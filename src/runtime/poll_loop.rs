@@ -2,7 +2,6 @@
 //! out into the open transaction, and commit when the batch is due; act between polls on
 //! what the rebalance callbacks left (failures, rewinds, restores).
 
-use crate::runtime::TopicPartitionOffset;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,6 +18,7 @@ use super::loop_state::LoopState;
 use super::state::{self, Restorer};
 use super::transaction::{self, BatchOutcome, BatchProducer};
 use super::{schemas, status};
+use crate::runtime::TopicPartitionOffset;
 use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::DeliveryMode;

@@ -6,7 +6,6 @@
 //! assignment every new partition gets an explicit start position: its committed offset, or
 //! the source's `starting_offsets` when it has none.
 
-use crate::runtime::TopicPartitionOffset;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,6 +24,7 @@ use super::status::Status;
 use super::store::StateStore;
 use super::loop_state::{OutputTopics, OwnedPartition, LoopState};
 use super::transaction::{BatchOutcome, BatchProducer};
+use crate::runtime::TopicPartitionOffset;
 use crate::engine::Engine;
 use crate::config::{DataLossPolicy, DeliveryMode, StartingOffsets};
 use crate::telemetry::metrics::Metrics;

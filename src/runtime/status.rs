@@ -3,13 +3,13 @@
 //! partition's committed offset, lag and watermark, the state size, and the last error.
 //! Updated by the loop at each commit; read by the HTTP server.
 
-use crate::runtime::TopicPartitionOffset;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::runtime::TopicPartitionOffset;
 use crate::config::redact;
 use crate::engine::BatchCounts;
 

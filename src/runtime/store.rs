@@ -8,7 +8,6 @@
 //! loads the cache and then reads only the changelog from the recorded offset on; a crash at
 //! any point leaves the cache at or behind the changelog, never ahead, and never wiped.
 
-use crate::runtime::TopicPartitionOffset;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 use tracing::warn;
 
 use super::error::RuntimeError;
+use crate::runtime::TopicPartitionOffset;
 
 const OFFSETS: &str = "offsets";
 

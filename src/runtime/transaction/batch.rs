@@ -1,7 +1,6 @@
 //! The batch as a whole: what the batch end emits, the state changes for the changelogs,
 //! the offsets and the transaction, then the store; or the abort and the replay.
 
-use crate::runtime::TopicPartitionOffset;
 use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -9,6 +8,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::BatchOutcome;
+use crate::runtime::TopicPartitionOffset;
 use crate::config::DeliveryMode;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::loop_state::LoopState;

@@ -32,7 +32,6 @@
 //! a failed delivery stops the run, and the restart replays from the stored offsets, writing
 //! the same ids again.
 
-use crate::runtime::TopicPartitionOffset;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -52,6 +51,7 @@ pub use classes::{classify, fatal, ErrorClass};
 
 use super::delivery::DeliveryWatch;
 use super::error::RuntimeError;
+use crate::runtime::TopicPartitionOffset;
 use crate::config::DeliveryMode;
 use crate::engine::{BatchCounts, Output};
 use crate::telemetry::metrics::Metrics;
