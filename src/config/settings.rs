@@ -65,6 +65,9 @@ pub struct RuntimeSettings {
     pub commit_interval: Duration,
     pub max_batch_records: NonZeroUsize,
     pub drain_timeout: Duration,
+    /// Exit once one fault (the cluster away, transactions timing out) has lasted this long;
+    /// None (`0s`, the default): keep waiting, not ready meanwhile.
+    pub give_up_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +95,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         "kafka",
         &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options", "option_files"],
     ),
-    ("runtime", &["commit_interval", "max_batch_records", "drain_timeout"]),
+    ("runtime", &["commit_interval", "max_batch_records", "drain_timeout", "give_up_after"]),
     ("http", &["listen", "ready_max_lag"]),
     ("state", &["dir"]),
     ("logging", &["format", "level"]),
@@ -142,6 +145,7 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         commit_interval: reader.duration("runtime.commit_interval"),
         max_batch_records: reader.non_zero("runtime.max_batch_records"),
         drain_timeout: reader.duration("runtime.drain_timeout"),
+        give_up_after: Some(reader.duration("runtime.give_up_after")).filter(|limit| !limit.is_zero()),
     };
     let http = HttpSettings {
         listen: reader

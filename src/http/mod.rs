@@ -54,8 +54,14 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-async fn live() -> &'static str {
-    "ok\n"
+/// Alive while the loop beats (see `runtime::health`): a loop stuck in one call for longer
+/// than any call may take is restarted by Kubernetes.
+async fn live(State(shared): State<Shared>) -> impl IntoResponse {
+    if shared.health.is_live() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stuck: the processing loop has not made progress\n")
+    }
 }
 
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {

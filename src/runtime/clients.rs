@@ -148,10 +148,11 @@ pub fn check_connection(settings: &Settings) -> Result<(), RuntimeError> {
             }
             (Err(error), last) if Instant::now() >= deadline => {
                 let reason = last.map_or_else(|| error.to_string(), |(_, reason)| reason);
-                return Err(RuntimeError::Setup(format!(
-                    "cannot reach the Kafka cluster at {} within {CONNECT_TIMEOUT:?}: {reason}",
-                    settings.kafka.bootstrap_servers
-                )));
+                return Err(RuntimeError::Unreachable {
+                    servers: settings.kafka.bootstrap_servers.clone(),
+                    waited: CONNECT_TIMEOUT,
+                    reason,
+                });
             }
             (Err(_), _) => {}
         }

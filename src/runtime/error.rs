@@ -6,17 +6,41 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::engine::RecordFailure;
 
-/// Why the exactly-once loop stopped. Every variant ends the process with a non-zero status;
-/// a supervisor (Kubernetes) restarts it and the loop resumes from committed offsets.
+/// Why a run of the exactly-once loop stopped. What happens next depends on its
+/// [`class`](RuntimeError::class): a retriable or abortable failure is waited out by starting
+/// again in place from the committed state (see `recovery`); the others end the process with
+/// a non-zero status.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("setup failed: {0}")]
     Setup(String),
+    /// The cluster did not answer at start (no broker reachable).
+    #[error("cannot reach the Kafka cluster at {servers} within {waited:?}: {reason}")]
+    Unreachable { servers: String, waited: std::time::Duration, reason: String },
+    /// A call to the cluster got no answer in time (metadata that did not appear, a topic
+    /// that was not read to its end).
+    #[error("{action}: no answer within {waited:?}")]
+    TimedOut { action: String, waited: std::time::Duration },
+    /// The open transaction ran longer than the transaction timeout (a broker that was away or
+    /// paused, a stall): the coordinator ends it, and librdkafka reports that as fencing, or
+    /// its calls kept failing until then. Nobody else took over: a new producer resolves it
+    /// and the batch is replayed.
+    #[error(
+        "the transaction of '{transactional_id}' was open for {open_for:?}, longer than the transaction timeout \
+         ({detail}); a new producer takes over and the batch is replayed"
+    )]
+    TransactionTimedOut { transactional_id: String, open_for: std::time::Duration, detail: String },
     #[error(
         "fenced: another process took over transactional id '{transactional_id}' or this member's place in the group ({detail}); \
          give each running process its own --instance"
     )]
-    Fenced { transactional_id: String, detail: String },
+    Fenced {
+        transactional_id: String,
+        detail: String,
+        /// The group fenced this member (another process joined with the same static
+        /// instance id), rather than the transaction coordinator this producer.
+        by_group: bool,
+    },
     /// A call to the Kafka cluster failed (reading offsets or metadata, seeking, consuming,
     /// producing, restoring). Many of these pass when the cluster is back; the error keeps
     /// librdkafka's code for whoever decides.
@@ -72,6 +96,20 @@ impl RuntimeError {
         RuntimeError::Kafka { action: action.into(), source }
     }
 
+    /// The transaction coordinator fenced this producer (not the group this member). Either a
+    /// newer process with the same transactional id took over, or the coordinator ended a
+    /// transaction that ran past the transaction timeout (librdkafka reports both alike).
+    pub fn is_producer_fencing(&self) -> bool {
+        match self {
+            RuntimeError::Fenced { by_group, .. } => !by_group,
+            RuntimeError::Kafka { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+            ),
+            _ => false,
+        }
+    }
+
     /// A failure of the local state store, saying what weir was doing.
     pub fn store(action: impl Into<String>, detail: impl std::fmt::Display) -> RuntimeError {
         RuntimeError::Store { action: action.into(), detail: detail.to_string() }
@@ -79,8 +117,8 @@ impl RuntimeError {
 }
 
 /// What a failure means for the run (DESIGN.md "Errors map to librdkafka's transaction
-/// classes"): today every one ends the process; the retry policy of the faults issue waits
-/// out the retriable ones and aborts and rewinds for the abortable ones.
+/// classes"): the retriable and abortable ones are waited out (`recovery` starts the run
+/// again from the committed state), the fatal and configuration ones end the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// The cluster may answer later (broker away, coordinator moving, a timeout).
@@ -96,24 +134,12 @@ pub enum FailureClass {
 impl RuntimeError {
     pub fn class(&self) -> FailureClass {
         match self {
-            RuntimeError::Kafka { source, .. } => match source.rdkafka_error_code() {
-                Some(
-                    RDKafkaErrorCode::AllBrokersDown
-                    | RDKafkaErrorCode::BrokerTransportFailure
-                    | RDKafkaErrorCode::OperationTimedOut
-                    | RDKafkaErrorCode::RequestTimedOut
-                    | RDKafkaErrorCode::NetworkException
-                    | RDKafkaErrorCode::CoordinatorNotAvailable
-                    | RDKafkaErrorCode::NotCoordinator
-                    | RDKafkaErrorCode::CoordinatorLoadInProgress
-                    | RDKafkaErrorCode::LeaderNotAvailable
-                    | RDKafkaErrorCode::NotLeaderForPartition,
-                ) => FailureClass::Retriable,
-                Some(RDKafkaErrorCode::State) => FailureClass::Abort,
-                _ => FailureClass::Fatal,
-            },
-            RuntimeError::ChangelogStuck { .. } | RuntimeError::Undelivered(_) => FailureClass::Retriable,
-            RuntimeError::Replay(_) | RuntimeError::DrainDeadline => FailureClass::Abort,
+            RuntimeError::Kafka { source, .. } => kafka_class(source),
+            RuntimeError::Unreachable { .. }
+            | RuntimeError::TimedOut { .. }
+            | RuntimeError::ChangelogStuck { .. }
+            | RuntimeError::Undelivered(_) => FailureClass::Retriable,
+            RuntimeError::TransactionTimedOut { .. } | RuntimeError::Replay(_) | RuntimeError::DrainDeadline => FailureClass::Abort,
             RuntimeError::Fenced { .. } | RuntimeError::Store { .. } | RuntimeError::CorruptState(_) | RuntimeError::Panicked(_) => {
                 FailureClass::Fatal
             }
@@ -125,19 +151,69 @@ impl RuntimeError {
     }
 }
 
+/// A failed call to the cluster is worth waiting out unless it says something waiting cannot
+/// change: another process took over, the credentials or permissions are wrong, or the
+/// request itself is invalid. A broker that is away shows as many different codes (transport
+/// failures, timeouts, leaders and coordinators moving, "unknown" partitions while metadata
+/// is rebuilt), so the list is of what is permanent, not of what is transient.
+fn kafka_class(source: &KafkaError) -> FailureClass {
+    if matches!(source, KafkaError::MessageConsumptionFatal(_)) {
+        return FailureClass::Fatal;
+    }
+    match source.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::State) => FailureClass::Abort,
+        Some(
+            RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::FencedInstanceId
+            | RDKafkaErrorCode::InvalidProducerEpoch,
+        ) => FailureClass::Fatal,
+        Some(
+            RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::SSL
+            | RDKafkaErrorCode::UnsupportedSASLMechanism
+            | RDKafkaErrorCode::IllegalSASLState
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+            | RDKafkaErrorCode::InvalidArgument
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::UnsupportedVersion
+            | RDKafkaErrorCode::UnsupportedFeature,
+        ) => FailureClass::Config,
+        _ => FailureClass::Retriable,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_broker_that_is_away_is_retriable_and_a_refused_record_is_not() {
+    fn a_broker_that_is_away_is_retriable_and_wrong_permissions_or_fencing_are_not() {
         let away = RuntimeError::kafka("reading committed offsets", KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown));
         assert_eq!(away.class(), FailureClass::Retriable);
         let state = RuntimeError::kafka("producing to out", KafkaError::MessageProduction(RDKafkaErrorCode::State));
         assert_eq!(state.class(), FailureClass::Abort);
-        let refused = RuntimeError::kafka("producing to out", KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord));
-        assert_eq!(refused.class(), FailureClass::Fatal);
-        assert_eq!(RuntimeError::Fenced { transactional_id: "p-0".into(), detail: String::new() }.class(), FailureClass::Fatal);
+        let transport = RuntimeError::kafka("reading a changelog", KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure));
+        assert_eq!(transport.class(), FailureClass::Retriable);
+        let denied = RuntimeError::kafka("reading committed offsets", KafkaError::OffsetFetch(RDKafkaErrorCode::GroupAuthorizationFailed));
+        assert_eq!(denied.class(), FailureClass::Config);
+        let fatal = RuntimeError::kafka("consuming", KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::Fatal));
+        assert_eq!(fatal.class(), FailureClass::Fatal);
+        let timed_out = RuntimeError::TransactionTimedOut {
+            transactional_id: "p-0".into(),
+            open_for: std::time::Duration::from_secs(25),
+            detail: "Local: This instance has been fenced by a newer instance".into(),
+        };
+        assert_eq!(timed_out.class(), FailureClass::Abort);
+        assert_eq!(RuntimeError::Fenced { transactional_id: "p-0".into(), detail: String::new(), by_group: false }.class(), FailureClass::Fatal);
         assert_eq!(RuntimeError::Incompatible("changed".into()).class(), FailureClass::Config);
     }
 }

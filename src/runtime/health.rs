@@ -1,6 +1,32 @@
 //! What the HTTP probes report, updated by the loop.
+//!
+//! Liveness is a heartbeat: the loop beats on every turn, and so do the waits that are part
+//! of its work (a restore, a retried transactional call, the pause between recoveries). A
+//! loop that has not beaten for [`Health::live_within`] is stuck, and `/health/live` says so
+//! for Kubernetes to restart the process (audit R16).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The loop's last heartbeat, in milliseconds since [`epoch`]. A process has one loop, so
+/// one heartbeat: a static spares threading it through every call that waits.
+static LAST_BEAT: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// The loop is alive and making progress (or deliberately waiting).
+pub fn beat() {
+    LAST_BEAT.store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+/// Time since the last [`beat`].
+pub fn since_last_beat() -> Duration {
+    epoch().elapsed().saturating_sub(Duration::from_millis(LAST_BEAT.load(Ordering::Relaxed)))
+}
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -13,6 +39,11 @@ pub struct Health {
     max_lag: AtomicI64,
     /// The loop waits for an unreachable schema registry.
     waiting_for_registry: AtomicBool,
+    /// A fault is being waited out: the run stopped and starts again from the committed
+    /// state, or a transactional call is being retried.
+    recovering: AtomicBool,
+    /// How long the loop may go without a heartbeat and still count as alive (0: not set).
+    live_within_ms: AtomicU64,
 }
 
 impl Health {
@@ -40,6 +71,34 @@ impl Health {
         self.waiting_for_registry.load(Ordering::Relaxed)
     }
 
+    pub fn set_recovering(&self, recovering: bool) {
+        self.recovering.store(recovering, Ordering::Relaxed);
+    }
+
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(Ordering::Relaxed)
+    }
+
+    /// The longest the loop may go without a heartbeat: longer than any single call it makes
+    /// to the cluster, so only a loop that is really stuck fails liveness.
+    pub fn set_live_within(&self, bound: Duration) {
+        self.live_within_ms.store(bound.as_millis() as u64, Ordering::Relaxed);
+        beat();
+    }
+
+    /// Whether the loop has beaten recently (always, before a bound is set).
+    pub fn is_live(&self) -> bool {
+        self.is_live_after(since_last_beat())
+    }
+
+    /// Whether a loop whose last heartbeat was `quiet` ago counts as alive.
+    fn is_live_after(&self, quiet: Duration) -> bool {
+        match self.live_within_ms.load(Ordering::Relaxed) {
+            0 => true,
+            bound => quiet <= Duration::from_millis(bound),
+        }
+    }
+
     pub fn set_lag_limit(&self, records: u64) {
         self.lag_limit.store(records, Ordering::Relaxed);
     }
@@ -56,12 +115,15 @@ impl Health {
             && self.assigned_partitions() > 0
             && !self.restoring.load(Ordering::Relaxed)
             && !self.waiting_for_registry.load(Ordering::Relaxed)
+            && !self.recovering.load(Ordering::Relaxed)
             && (limit == 0 || self.max_lag.load(Ordering::Relaxed) <= limit as i64)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::Health;
 
     #[test]
@@ -77,5 +139,19 @@ mod tests {
         assert!(health.is_ready());
         health.set_restoring(true);
         assert!(!health.is_ready());
+        health.set_restoring(false);
+        health.set_recovering(true);
+        assert!(!health.is_ready(), "waiting out a fault");
+    }
+
+    #[test]
+    fn a_loop_that_stops_beating_is_not_live() {
+        let health = Health::default();
+        assert!(health.is_live_after(Duration::from_secs(3600)), "no bound yet: the process is starting");
+        health.set_live_within(Duration::from_secs(120));
+        assert!(health.is_live_after(Duration::from_secs(119)));
+        assert!(!health.is_live_after(Duration::from_secs(121)), "no heartbeat for longer than the bound");
+        super::beat();
+        assert!(health.is_live(), "just beaten");
     }
 }

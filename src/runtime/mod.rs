@@ -21,10 +21,15 @@
 //! - restoring state from changelogs (`state`) into the local RocksDB cache (`store`).
 //!
 //! # Failure handling
-//! - A transactional call's retriable error repeats the call; an abortable one aborts the
-//!   transaction and rewinds the batch's partitions to its first offsets, so the batch is
-//!   processed again; a fatal one (fencing by a newer process with the same instance id, or
-//!   by the group) ends the process with a non-zero status. See `transaction`.
+//! - A transactional call's retriable error repeats the call (while the transaction is younger
+//!   than its timeout); an abortable one aborts the transaction and rewinds the batch's
+//!   partitions to its first offsets, so the batch is processed again. See `transaction`.
+//! - Any other retriable or abortable failure (the cluster away at start, during a restore, a
+//!   rebalance or a commit; the coordinator ending a transaction that ran past its timeout)
+//!   stops the run, and `recovery` starts it again in place from the committed state after a
+//!   pause, not ready meanwhile. Fencing by a newer process with the same instance id (or by
+//!   the group), a panic, a broken store and configuration problems end the process with a
+//!   non-zero status.
 //! - A crash at any point leaves the transaction open; the next process with the same
 //!   transactional id aborts it in `init_transactions`, and reading resumes from the offsets
 //!   committed with the last committed batch, so every output is seen exactly once by
@@ -45,6 +50,7 @@ pub mod error;
 pub mod health;
 mod purge;
 mod rebalance;
+mod recovery;
 mod poll_loop;
 mod positions;
 pub use positions::TopicPartitionOffset;
@@ -90,9 +96,34 @@ pub struct RunOptions {
     pub until_end: bool,
 }
 
-/// Runs the pipeline until shutdown (or, with `--until-end`, until caught up). Blocking: call
-/// it from a thread of its own.
+/// Runs the pipeline until shutdown (or, with `--until-end`, until caught up), waiting out
+/// faults (see `recovery`). Blocking: call it from a thread of its own.
 pub fn run(
+    loaded: &Loaded,
+    options: &RunOptions,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    status: Arc<status::Status>,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let settings = &loaded.settings;
+    // Longer than any one call the loop makes to the cluster (a commit, a restore's wait for
+    // an open transaction, the first contact), so only a stuck loop fails liveness.
+    health.set_live_within((settings.kafka.transaction_timeout * 4).max(Duration::from_secs(120)));
+    recovery::supervise(
+        || run_once(loaded, options, metrics.clone(), health.clone(), status.clone(), shutdown.clone()),
+        recovery::Policy::new(settings.runtime.give_up_after),
+        &metrics,
+        &health,
+        &status,
+        &shutdown,
+    )
+}
+
+/// One run: start-up (topics, schemas, the store, `init_transactions`, the subscription),
+/// then the loop, until it ends or fails. Whatever fails, the open transaction is aborted (or
+/// left to the coordinator) and nothing is committed on the way out.
+fn run_once(
     loaded: &Loaded,
     options: &RunOptions,
     metrics: Arc<Metrics>,
@@ -156,15 +187,15 @@ pub fn run(
     let transaction = BatchProducer::new(
         producer,
         transactional_id.clone(),
-        settings.kafka.transaction_timeout.max(Duration::from_secs(10)),
+        settings.kafka.transaction_timeout,
         metrics.clone(),
         (pipeline.source.name.clone(), pipeline.join().map(|join| join.right.name.clone())),
         pipeline.sink.topic.clone(),
     );
-    let transaction = transaction.with_mode(mode).with_record_limits(record_limits);
-    // Fence first: this aborts whatever a previous incarnation left open before we read
-    // any offsets.
-    transaction.initialize(|| !shutdown.is_cancelled())?;
+    let transaction = transaction.with_mode(mode).with_record_limits(record_limits).with_health(health.clone());
+    // Fence first: this aborts whatever a previous incarnation (or a failed run of this
+    // process) left open before we read any offsets.
+    transaction.initialize()?;
     health.set_transactions_ready(true);
     match mode {
         DeliveryMode::IdempotentUpsert => info!("idempotent_upsert: an idempotent producer without transactions; offsets kept with the state"),
@@ -252,15 +283,18 @@ pub fn run(
     .unwrap_or_else(|panic| Err(RuntimeError::Panicked(crate::panics::message(panic.as_ref()))));
 
     health.set_assigned(0);
+    health.set_transactions_ready(false);
     if let Some(purger) = &mut consumer.context().session().purger {
         purger.maybe_purge(true);
     }
+    let result = result.map_err(|error| timed_out_or(error, &consumer.context().session().transaction));
     if let Err(error) = &result {
         status.failed(&error.to_string());
-        // Whatever is open can only be aborted now; the next process replays it.
+        // Whatever is open can only be aborted now; the next run replays it.
         let mut session = consumer.context().session();
         session.abandoned = true;
-        if session.transaction.is_open() && !matches!(error, RuntimeError::Fenced { .. }) {
+        let fenced = error.is_producer_fencing() || matches!(error, RuntimeError::Fenced { .. } | RuntimeError::TransactionTimedOut { .. });
+        if session.transaction.is_open() && !fenced {
             let _ = session.abort(Some(Instant::now() + Duration::from_secs(5)));
         }
     }
@@ -269,6 +303,24 @@ pub fn run(
     drop(abandon_on_unwind);
     drop(consumer);
     result
+}
+
+/// Producer fencing while the transaction has been open for longer than the transaction
+/// timeout is the coordinator ending that transaction (a broker that was away or paused, a
+/// stall): nobody took over, and a new producer goes on (audit R5). librdkafka reports both
+/// alike (it has no KIP-890 "transaction version 2"); only a transaction younger than the
+/// timeout can have been fenced by another process.
+fn timed_out_or(error: RuntimeError, transaction: &BatchProducer) -> RuntimeError {
+    match transaction.open_for() {
+        Some(open_for) if error.is_producer_fencing() && open_for >= transaction.transaction_timeout() => {
+            RuntimeError::TransactionTimedOut {
+                transactional_id: transaction.transactional_id().to_string(),
+                open_for,
+                detail: error.to_string(),
+            }
+        }
+        _ => error,
+    }
 }
 
 /// Marks the session abandoned if it is dropped while the thread unwinds from a panic, so

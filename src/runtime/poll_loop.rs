@@ -55,6 +55,7 @@ impl Loop<'_> {
                 let deadline = Instant::now() + drain_timeout;
                 return self.commit(Some(deadline)).map(drop);
             }
+            super::health::beat();
             let message = self.consumer.poll(POLL_TIMEOUT);
             self.after_callbacks()?;
             let idle = message.is_none();
@@ -76,6 +77,11 @@ impl Loop<'_> {
                 // once an empty poll) is enough, and keeps the walk off the per-record path.
                 if idle || due {
                     session.report_held_back_inputs();
+                    // Back at work after a fault: assigned, restored, transactions ready.
+                    if self.health.is_ready() {
+                        self.status.recovered();
+                        self.metrics.recovering.set(0);
+                    }
                 }
                 due
             };

@@ -37,6 +37,22 @@ pub struct Report {
     /// By `topic[partition]`, for the partitions this process owns.
     pub partitions: BTreeMap<String, PartitionProgress>,
     pub last_error: Option<ErrorReport>,
+    /// Set while weir waits out a fault: the run stopped, and starts again from the committed
+    /// state until a batch commits.
+    pub recovering: Option<RecoveryReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryReport {
+    /// When the first failed run of this fault ended.
+    pub since: String,
+    /// Runs started again since then.
+    pub attempts: u32,
+    /// retriable (the cluster may answer later) or abort (the batch is replayed).
+    pub class: String,
+    pub reason: String,
+    /// The wait before the next run.
+    pub next_attempt_in_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +124,7 @@ impl Status {
                 recent_batches: VecDeque::new(),
                 partitions: BTreeMap::new(),
                 last_error: None,
+                recovering: None,
             }),
             last_commit: Mutex::new(Some(Instant::now())),
         }
@@ -137,6 +154,7 @@ impl Status {
             _ => 0.0,
         };
         let mut report = self.report();
+        report.recovering = None;
         report.batches_committed += 1;
         report.records_in += counts.records_in;
         report.records_out += counts.records_out;
@@ -181,6 +199,35 @@ impl Status {
     pub fn failed(&self, message: &str) {
         let message = redact(message, self.secrets.iter().map(String::as_str));
         self.report().last_error = Some(ErrorReport { at: now_text(), message });
+    }
+
+    /// A fault stopped the run; it starts again in `wait`. Also the last error.
+    pub fn recovering(&self, class: &str, reason: &str, wait: Duration) {
+        let reason = redact(reason, self.secrets.iter().map(String::as_str));
+        let mut report = self.report();
+        let now = now_text();
+        let (since, attempts) = report.recovering.as_ref().map_or((now.clone(), 1), |earlier| (earlier.since.clone(), earlier.attempts + 1));
+        report.last_error = Some(ErrorReport { at: now, message: reason.clone() });
+        report.recovering = Some(RecoveryReport {
+            since,
+            attempts,
+            class: class.to_string(),
+            reason,
+            next_attempt_in_ms: wait.as_millis() as u64,
+        });
+    }
+
+    /// The run that followed a fault is at work again.
+    pub fn recovered(&self) {
+        let mut report = self.report();
+        if report.recovering.is_some() {
+            report.recovering = None;
+        }
+    }
+
+    /// Batches committed since the start of the process.
+    pub fn batches_committed(&self) -> u64 {
+        self.report().batches_committed
     }
 
     pub fn assigned(&self, topic: &str, partition: i32) {

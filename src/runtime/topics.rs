@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 use tracing::info;
 
@@ -160,17 +160,14 @@ pub fn exists(settings: &Settings, topic: &str) -> Result<bool, RuntimeError> {
 fn partition_count(client: &BaseConsumer, topic: &str) -> Result<Option<i32>, RuntimeError> {
     let metadata: Metadata = client
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-        .map_err(|error| RuntimeError::Setup(format!("reading metadata of topic '{topic}': {error}")))?;
+        .map_err(|error| RuntimeError::kafka(format!("reading metadata of topic '{topic}'"), error))?;
     let Some(found) = metadata.topics().iter().find(|found| found.name() == topic) else {
         return Ok(None);
     };
     match found.error() {
         None => Ok(Some(found.partitions().len() as i32)),
         Some(error) if RDKafkaErrorCode::from(error) == RDKafkaErrorCode::UnknownTopicOrPartition => Ok(None),
-        Some(error) => Err(RuntimeError::Setup(format!(
-            "topic '{topic}': {}",
-            RDKafkaErrorCode::from(error)
-        ))),
+        Some(error) => Err(RuntimeError::kafka(format!("reading metadata of topic '{topic}'"), KafkaError::MetadataFetch(RDKafkaErrorCode::from(error)))),
     }
 }
 
@@ -195,13 +192,13 @@ fn create_topic(
         .map_err(|_| RuntimeError::Setup("topic creation needs the tokio runtime".into()))?;
     let results = runtime
         .block_on(admin.create_topics([&new_topic], &options))
-        .map_err(|error| RuntimeError::Setup(format!("creating topic '{topic}': {error}")))?;
+        .map_err(|error| RuntimeError::kafka(format!("creating topic '{topic}'"), error))?;
     for result in results {
         match result {
             Ok(_) => info!(topic, partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(RuntimeError::Setup(format!("creating topic '{name}': {code}")));
+                return Err(RuntimeError::kafka(format!("creating topic '{name}'"), KafkaError::AdminOp(code)));
             }
         }
     }
@@ -210,7 +207,7 @@ fn create_topic(
     let deadline = Instant::now() + METADATA_TIMEOUT;
     while partition_count(client, topic)?.is_none_or(|count| count < partitions) {
         if Instant::now() > deadline {
-            return Err(RuntimeError::Setup(format!("topic '{topic}' was created but its metadata did not appear within {METADATA_TIMEOUT:?}")));
+            return Err(RuntimeError::TimedOut { action: format!("waiting for the metadata of the new topic '{topic}'"), waited: METADATA_TIMEOUT });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -242,10 +239,10 @@ fn topic_config<T: std::str::FromStr>(settings: &Settings, topics: &[&str], name
         .map_err(|_| RuntimeError::Setup("reading topic configs needs the tokio runtime".into()))?;
     let results = runtime
         .block_on(admin.describe_configs(&specifiers, &options))
-        .map_err(|error| RuntimeError::Setup(format!("reading the configs of {topics:?}: {error}")))?;
+        .map_err(|error| RuntimeError::kafka(format!("reading the configs of {topics:?}"), error))?;
     let mut values = Vec::new();
     for (topic, result) in topics.iter().zip(results) {
-        let resource = result.map_err(|code| RuntimeError::Setup(format!("reading the config of topic '{topic}': {code}")))?;
+        let resource = result.map_err(|code| RuntimeError::kafka(format!("reading the config of topic '{topic}'"), KafkaError::AdminOp(code)))?;
         let value = resource.get(name).and_then(|entry| entry.value.as_deref()).and_then(|value| value.parse().ok());
         if let Some(value) = value {
             values.push((topic.to_string(), value));

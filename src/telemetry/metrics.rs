@@ -26,6 +26,10 @@ pub struct Metrics {
     pub batches: IntCounter,
     /// Aborted transactions (their records are read and processed again).
     pub aborts: IntCounter,
+    /// Runs of the loop ended by a fault and started again in place, by failure class.
+    pub recoveries: IntCounterVec,
+    /// 1 while the loop waits out a fault (between a failed run and the next that commits).
+    pub recovering: IntGauge,
     /// Time from the end of a batch to its committed transaction.
     pub commit_duration: Histogram,
     /// Records between the committed position and the end of each assigned partition.
@@ -77,6 +81,14 @@ impl Metrics {
         let skipped_records = counter_vec("weir_skipped_records_total", "Bad records dropped by on_error: skip, by stage.", &["stage"]);
         let batches = counter("weir_batches_total", "Committed batches (Kafka transactions).");
         let aborts = counter("weir_transaction_aborts_total", "Aborted transactions; their records are processed again.");
+        let recoveries = counter_vec(
+            "weir_recoveries_total",
+            "Times the loop was stopped by a fault (broker away, transaction timed out, aborted batch) and started again from the committed state, by class.",
+            &["class"],
+        );
+        let recovering = IntGauge::new("weir_recovering", "1 while weir waits out a fault and starts again from the committed state.")
+            .expect("metric definitions are static and valid");
+        registry.register(Box::new(recovering.clone())).expect("each metric is registered once");
         let commit_duration = Histogram::with_opts(
             HistogramOpts::new("weir_commit_duration_seconds", "Time to commit a batch's transaction.")
                 .buckets(vec![0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
@@ -135,6 +147,9 @@ impl Metrics {
         for policy in ["fail", "earliest"] {
             data_loss_events.with_label_values(&[policy]);
         }
+        for class in ["retriable", "abort"] {
+            recoveries.with_label_values(&[class]);
+        }
         for kind in ["assign", "revoke", "lost"] {
             rebalances.with_label_values(&[kind]);
         }
@@ -152,6 +167,8 @@ impl Metrics {
             skipped_records,
             batches,
             aborts,
+            recoveries,
+            recovering,
             commit_duration,
             consumer_lag,
             assigned_partitions,

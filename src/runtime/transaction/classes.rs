@@ -46,6 +46,7 @@ pub fn fatal(error: &KafkaError, transactional_id: &str) -> RuntimeError {
         RuntimeError::Fenced {
             transactional_id: transactional_id.to_string(),
             detail: error.to_string(),
+            by_group: error.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId),
         }
     } else {
         RuntimeError::kafka("a transactional call failed for good", error.clone())

@@ -50,6 +50,7 @@ mod classes;
 pub use classes::{classify, fatal, ErrorClass};
 
 use super::delivery::DeliveryWatch;
+use super::health::{self, Health};
 use super::error::RuntimeError;
 use crate::runtime::TopicPartitionOffset;
 use crate::config::DeliveryMode;
@@ -94,7 +95,11 @@ pub struct BatchProducer {
     counts: BatchCounts,
     records: usize,
     call_timeout: Duration,
+    /// `kafka.transaction_timeout`: a transaction open longer than this has been, or will
+    /// be, ended by the coordinator; retrying its calls is pointless.
+    transaction_timeout: Duration,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
     /// The source's name, and a join's right source's.
     source_names: (String, Option<String>),
     sink_topic: String,
@@ -111,7 +116,7 @@ impl BatchProducer {
     pub fn new(
         producer: BaseProducer<DeliveryWatch>,
         transactional_id: String,
-        call_timeout: Duration,
+        transaction_timeout: Duration,
         metrics: Arc<Metrics>,
         source_names: (String, Option<String>),
         sink_topic: String,
@@ -128,8 +133,11 @@ impl BatchProducer {
             last_summary: None,
             pinned_starts: Vec::new(),
             records: 0,
-            call_timeout,
+            // A call waits at least 10 s: short timeouts make a slow broker look like an outage.
+            call_timeout: transaction_timeout.max(Duration::from_secs(10)),
+            transaction_timeout,
             metrics,
+            health: None,
             source_names,
             sink_topic,
         }
@@ -149,6 +157,12 @@ impl BatchProducer {
         self
     }
 
+    /// Readiness goes false while a transactional call is being retried.
+    pub fn with_health(mut self, health: Arc<Health>) -> BatchProducer {
+        self.health = Some(health);
+        self
+    }
+
     pub fn mode(&self) -> DeliveryMode {
         self.mode
     }
@@ -158,21 +172,27 @@ impl BatchProducer {
     }
 
     /// Registers the producer with the transaction coordinator, fencing any older process with
-    /// the same transactional id and aborting its open transaction. Retried until it answers
-    /// or `keep_trying` says stop.
-    pub fn initialize(&self, keep_trying: impl Fn() -> bool) -> Result<(), RuntimeError> {
+    /// the same transactional id and aborting its open transaction (or completing one whose
+    /// commit had begun). A retriable failure is returned as such: the run starts again.
+    pub fn initialize(&self) -> Result<(), RuntimeError> {
         if self.mode == DeliveryMode::IdempotentUpsert {
             return Ok(());
         }
-        loop {
-            match self.producer.init_transactions(self.call_timeout) {
-                Ok(()) => return Ok(()),
-                Err(error) if classify(&error) == ErrorClass::Retriable && keep_trying() => {
-                    warn!(%error, transactional_id = %self.transactional_id, "initializing transactions; retrying");
-                }
-                Err(error) => return Err(fatal(&error, &self.transactional_id)),
-            }
+        match self.producer.init_transactions(self.call_timeout) {
+            Ok(()) => Ok(()),
+            Err(error) if classify(&error) == ErrorClass::Retriable => Err(RuntimeError::kafka("initializing transactions", error)),
+            Err(error) => Err(fatal(&error, &self.transactional_id)),
         }
+    }
+
+    /// How long the open transaction has been open.
+    pub fn open_for(&self) -> Option<Duration> {
+        self.opened_at.map(|at| at.elapsed())
+    }
+
+    /// The transaction timeout the producer was made with.
+    pub fn transaction_timeout(&self) -> Duration {
+        self.transaction_timeout
     }
 
     pub fn is_open(&self) -> bool {
@@ -365,14 +385,14 @@ impl BatchProducer {
                     .map_err(|error| RuntimeError::kafka(format!("listing the offset of {topic}[{partition}]"), error))?;
             }
         }
-        self.drain_delivery_reports();
         if self.mode == DeliveryMode::IdempotentUpsert {
             return self.acknowledged(started, committed_offsets).map(Some);
         }
+        self.drain_delivery_reports(deadline);
         let Some(group) = consumer.group_metadata() else {
             return Err(RuntimeError::Assignment("the consumer has no group metadata to send offsets with".into()));
         };
-        let timeout = self.call_timeout;
+        let timeout = self.call_timeout_within(deadline);
         let sent = self.retry("send offsets", deadline, |producer| {
             producer.send_offsets_to_transaction(&offsets, &group, timeout)
         })?;
@@ -389,7 +409,21 @@ impl BatchProducer {
     /// Upsert mode: the batch is done when the broker has every record. A failed delivery
     /// cannot be taken back: the run stops, and the restart replays from the stored offsets,
     /// writing the same ids again.
+    /// The producer retries each record for `message.timeout.ms` (5 minutes by default), so a
+    /// broker that is away is waited out here, not ready meanwhile (audit R9); only records it
+    /// gave up on stop the run.
     fn acknowledged(&mut self, started: Instant, offsets: Vec<TopicPartitionOffset>) -> Result<BatchOutcome, RuntimeError> {
+        let patient_until = Instant::now() + self.call_timeout;
+        while self.producer.in_flight_count() > 0 && self.producer.context().failures.load(Ordering::Relaxed) == 0 {
+            health::beat();
+            if let Some(health) = self.health.as_ref().filter(|_| Instant::now() > patient_until) {
+                health.set_recovering(true);
+            }
+            self.serve_or_pause();
+        }
+        if let Some(health) = &self.health {
+            health.set_recovering(false);
+        }
         if self.producer.in_flight_count() > 0 {
             return Err(RuntimeError::Undelivered(format!(
                 "{} records were not acknowledged within {:?}",
@@ -426,8 +460,8 @@ impl BatchProducer {
     /// rust-rdkafka's commit_transaction flushes with poll(100 ms), and its poll always runs
     /// to its deadline, so flushing there costs at least 100 ms per commit; serving reports
     /// here as they come leaves it nothing to wait for.
-    fn drain_delivery_reports(&self) {
-        let deadline = Instant::now() + self.call_timeout;
+    fn drain_delivery_reports(&self, deadline: Option<Instant>) {
+        let deadline = (Instant::now() + self.call_timeout).min(deadline.unwrap_or(Instant::now() + self.call_timeout));
         while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
             self.serve_or_pause();
         }
@@ -455,7 +489,7 @@ impl BatchProducer {
         // epoch bump) can still land after the abort, in the next transaction if that one
         // has added the partition (audit R6). Those are waited for instead.
         self.producer.purge(PurgeConfig::default().queue());
-        self.drain_delivery_reports();
+        self.drain_delivery_reports(deadline);
         if self.mode == DeliveryMode::Transactional && self.producer.in_flight_count() > 0 {
             // Still unanswered: stop rather than begin a transaction they could land in.
             // The restart's init_transactions bumps the epoch, which fences them.
@@ -467,7 +501,7 @@ impl BatchProducer {
         }
         // Upsert mode: what was written stays written; the replay writes the same ids.
         if self.mode == DeliveryMode::Transactional {
-            let timeout = self.call_timeout;
+            let timeout = self.call_timeout_within(deadline);
             let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
             if !aborted {
                 return Err(RuntimeError::Replay("the transaction could not be aborted; the restart replays the batch".into()));
@@ -486,6 +520,15 @@ impl BatchProducer {
         Ok(BatchOutcome::Aborted { rewind })
     }
 
+    /// The time a transactional call may take: the usual, or what is left before `deadline`
+    /// (a shutdown's drain deadline, audit R19).
+    fn call_timeout_within(&self, deadline: Option<Instant>) -> Duration {
+        match deadline {
+            None => self.call_timeout,
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(1), self.call_timeout),
+        }
+    }
+
     fn close(&mut self) {
         self.open = false;
         self.opened_at = None;
@@ -495,8 +538,24 @@ impl BatchProducer {
     }
 
     /// Runs a transactional call until it succeeds (true), needs an abort (false) or fails
-    /// fatally (error). Retriable errors repeat the same call until `deadline`.
+    /// fatally (error). Retriable errors repeat the same call until `deadline`, and only while
+    /// the transaction is younger than the transaction timeout: past it the coordinator ends
+    /// the transaction anyway, and the way on is a new producer, whose `init_transactions`
+    /// resolves this one (audit R16). Not ready while it retries.
     fn retry(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+    ) -> Result<bool, RuntimeError> {
+        let result = self.retry_calls(what, deadline, call);
+        if let Some(health) = &self.health {
+            health.set_recovering(false);
+        }
+        result
+    }
+
+    fn retry_calls(
         &self,
         what: &str,
         deadline: Option<Instant>,
@@ -504,13 +563,24 @@ impl BatchProducer {
     ) -> Result<bool, RuntimeError> {
         let mut backoff = Duration::from_millis(50);
         loop {
+            health::beat();
             let error = match call(&self.producer) {
                 Ok(()) => return Ok(true),
                 Err(error) => error,
             };
             match classify(&error) {
+                ErrorClass::Retriable if self.open_for().is_some_and(|open_for| open_for > self.transaction_timeout) => {
+                    return Err(RuntimeError::TransactionTimedOut {
+                        transactional_id: self.transactional_id.clone(),
+                        open_for: self.open_for().unwrap_or_default(),
+                        detail: format!("{what} kept failing: {error}"),
+                    });
+                }
                 ErrorClass::Retriable if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
                     warn!(%error, call = what, transactional_id = %self.transactional_id, "transactional call failed; retrying");
+                    if let Some(health) = &self.health {
+                        health.set_recovering(true);
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
