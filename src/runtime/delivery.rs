@@ -9,6 +9,8 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 use tracing::warn;
 
+use super::transaction::refuses_record;
+
 /// Counts failed deliveries; a failed delivery makes the transaction abortable, so the commit
 /// will report it and the batch is replayed.
 #[derive(Default)]
@@ -18,6 +20,9 @@ pub struct DeliveryWatch {
     tracked: Vec<String>,
     /// The highest offset delivered per tracked (topic, partition) since the last take.
     delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
+    /// Records the broker refused for good, by origin (see `transaction::refused`), with
+    /// its reason, since the last take.
+    refused: std::sync::Mutex<Vec<(usize, String)>>,
 }
 
 impl DeliveryWatch {
@@ -30,6 +35,11 @@ impl DeliveryWatch {
     pub fn take_delivered(&self) -> std::collections::HashMap<(String, i32), i64> {
         std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
+
+    /// The origins of records the broker refused for good since the last call, with why.
+    pub fn take_refused(&self) -> Vec<(usize, String)> {
+        std::mem::take(&mut *self.refused.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
 }
 
 impl ClientContext for DeliveryWatch {
@@ -39,11 +49,19 @@ impl ClientContext for DeliveryWatch {
 }
 
 impl ProducerContext for DeliveryWatch {
-    type DeliveryOpaque = ();
+    /// The record's origin in the batch (`transaction::refused::Origin`).
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, origin: usize) {
         match result {
-            Err((error, _)) => {
+            Err((error, message)) => {
+                if let Some(code) = error.rdkafka_error_code()
+                    && origin != 0
+                    && refuses_record(code)
+                {
+                    warn!(%error, topic = message.topic(), "the broker refused a record; its input goes where on_error.produce says on the replay");
+                    self.refused.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((origin, error.to_string()));
+                }
                 if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
                     warn!(%error, "delivery failed; the transaction will abort and the batch will be replayed");
                 }

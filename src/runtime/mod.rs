@@ -110,8 +110,10 @@ pub fn run(
     // Longer than any one call the loop makes to the cluster (a commit, a restore's wait for
     // an open transaction, the first contact), so only a stuck loop fails liveness.
     health.set_live_within((settings.kafka.transaction_timeout * 4).max(Duration::from_secs(120)));
+    // Inputs whose results the broker refused, remembered from one run to the next.
+    let refused = Arc::new(transaction::RefusedInputs::default());
     recovery::supervise(
-        || run_once(loaded, options, metrics.clone(), health.clone(), status.clone(), shutdown.clone()),
+        || run_once(loaded, options, metrics.clone(), health.clone(), status.clone(), shutdown.clone(), refused.clone()),
         recovery::Policy::new(settings.runtime.give_up_after),
         &metrics,
         &health,
@@ -130,6 +132,7 @@ fn run_once(
     health: Arc<Health>,
     status: Arc<status::Status>,
     shutdown: CancellationToken,
+    refused: Arc<transaction::RefusedInputs>,
 ) -> Result<(), RuntimeError> {
     let Loaded { settings, pipeline } = loaded;
     let mut engine = Engine::new(pipeline).map_err(|error| RuntimeError::Setup(error.to_string()))?;
@@ -192,7 +195,7 @@ fn run_once(
         (pipeline.source.name.clone(), pipeline.join().map(|join| join.right.name.clone())),
         pipeline.sink.topic.clone(),
     );
-    let transaction = transaction.with_mode(mode).with_record_limits(record_limits).with_health(health.clone());
+    let transaction = transaction.with_mode(mode).with_record_limits(record_limits).with_health(health.clone()).with_refused(refused);
     // Fence first: this aborts whatever a previous incarnation (or a failed run of this
     // process) left open before we read any offsets.
     transaction.initialize()?;

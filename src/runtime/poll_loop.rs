@@ -16,7 +16,7 @@ use super::health::Health;
 use super::rebalance::LoopContext;
 use super::loop_state::LoopState;
 use super::state::{self, Restorer};
-use super::transaction::{self, BatchOutcome, BatchProducer};
+use super::transaction::{self, BatchOutcome, BatchProducer, Refusal};
 use super::{schemas, status};
 use crate::runtime::TopicPartitionOffset;
 use crate::codec::avro;
@@ -234,6 +234,23 @@ impl Loop<'_> {
 
     fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        // The broker refused a record batch this input's results were in (audit R2): its
+        // results go alone, in a transaction of their own, after what comes before commits.
+        let refusal = self.consumer.context().session().transaction.refusal(topic, partition, offset);
+        let alone = refusal == Some(Refusal::Suspect);
+        if alone && matches!(self.commit(None)?, Some(BatchOutcome::Aborted { .. })) {
+            // Rewound to before this record: it comes again.
+            return Ok(());
+        }
+        self.process_record(message, refusal)?;
+        if alone {
+            self.commit(None)?;
+        }
+        Ok(())
+    }
+
+    fn process_record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, refusal: Option<Refusal>) -> Result<(), RuntimeError> {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let headers: Vec<(&str, Option<&[u8]>)> = message
             .headers()
             .map(|headers| headers.iter().map(|header| (header.key, header.value)).collect())
@@ -271,6 +288,9 @@ impl Loop<'_> {
         };
         let input = InputRecord { provenance, key: message.key(), value: message.payload() };
         transaction.ensure_open()?;
+        if refusal == Some(Refusal::Suspect) {
+            transaction.send_alone(TopicPartitionOffset::new(topic, partition, offset));
+        }
         self.outputs.clear();
         let processed = match &forwarded {
             None => engine.process(&input, &mut self.outputs),
@@ -280,13 +300,27 @@ impl Loop<'_> {
             engine.take_counts();
             return Err(failure.into());
         }
+        // The broker refused this input's results when they were sent alone (the batch was
+        // aborted and is being replayed): the input goes where on_error.produce says instead.
+        let refused = match refusal {
+            Some(Refusal::Refused(reason)) => Some(reason),
+            _ => None,
+        };
+        let origin = match (&refused, self.outputs.is_empty()) {
+            (None, false) => transaction.origin(topic, partition, offset),
+            _ => 0,
+        };
         for output in self.outputs.drain(..) {
             let destination = topics.of(output.destination);
             if output.destination == Destination::Dlq {
                 send_dlq_record(transaction, destination, &output)?;
                 continue;
             }
-            let Err(error) = transaction.send(destination, &output) else {
+            if refused.is_some() {
+                engine.unproduce();
+                continue;
+            }
+            let Err(error) = transaction.send(destination, &output, origin) else {
                 continue;
             };
             let record_specific = matches!(
@@ -300,6 +334,14 @@ impl Loop<'_> {
             engine.unproduce();
             let mut dlq_records_made = Vec::with_capacity(1);
             engine.on_error(&input, ErrorStage::Produce, &error.to_string(), &mut dlq_records_made)?;
+            for dlq_record in &dlq_records_made {
+                send_dlq_record(transaction, &topics.dlq, dlq_record)?;
+            }
+        }
+        if let Some(reason) = refused {
+            let mut dlq_records_made = Vec::with_capacity(1);
+            let error = format!("the broker refused the record made from this input: {reason}");
+            engine.on_error(&input, ErrorStage::Produce, &error, &mut dlq_records_made)?;
             for dlq_record in &dlq_records_made {
                 send_dlq_record(transaction, &topics.dlq, dlq_record)?;
             }
@@ -392,7 +434,7 @@ impl Loop<'_> {
 /// value, saying so: its provenance headers point at the original, which stays in the source.
 fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) -> Result<(), RuntimeError> {
     let fatal = |error: KafkaError| RuntimeError::kafka(format!("producing to {dlq}"), error);
-    let Err(error) = transaction.send(dlq, dlq_record) else {
+    let Err(error) = transaction.send(dlq, dlq_record, 0) else {
         return Ok(());
     };
     if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)) {
@@ -406,5 +448,5 @@ fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) 
         "weir-value-omitted".into(),
         format!("{size} bytes, over message.max.bytes; the original is at weir-source-topic/-partition/-offset").into_bytes(),
     ));
-    transaction.send(dlq, &slim).map_err(fatal)
+    transaction.send(dlq, &slim, 0).map_err(fatal)
 }

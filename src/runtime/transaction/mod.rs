@@ -46,8 +46,11 @@ use tracing::{debug, info, warn};
 use super::status::BatchSummary;
 mod batch;
 mod classes;
+mod refused;
 
 pub use classes::{classify, fatal, ErrorClass};
+pub use refused::{refuses_record, Origin, Refusal, RefusedInputs};
+use refused::Origins;
 
 use super::delivery::DeliveryWatch;
 use super::health::{self, Health};
@@ -103,6 +106,12 @@ pub struct BatchProducer {
     /// The source's name, and a join's right source's.
     source_names: (String, Option<String>),
     sink_topic: String,
+    /// Where the open batch's sink records came from, and the inputs whose records the
+    /// broker refused (kept across runs): see `refused`.
+    origins: Origins,
+    refused: Arc<RefusedInputs>,
+    /// The open transaction holds one suspect input's records alone (see `refused`).
+    alone: Option<TopicPartitionOffset>,
     /// What the last committed batch did, for the progress report.
     last_summary: Option<BatchSummary>,
     /// Start positions resolved from a partition's end (`starting_offsets: latest`, or a
@@ -131,6 +140,9 @@ impl BatchProducer {
             partitions: Vec::new(),
             counts: BatchCounts::default(),
             last_summary: None,
+            origins: Origins::default(),
+            refused: Arc::default(),
+            alone: None,
             pinned_starts: Vec::new(),
             records: 0,
             // A call waits at least 10 s: short timeouts make a slow broker look like an outage.
@@ -155,6 +167,39 @@ impl BatchProducer {
     pub fn with_record_limits(mut self, limits: Vec<(String, usize)>) -> BatchProducer {
         self.record_limits = limits;
         self
+    }
+
+    /// Inputs whose records the broker refused, shared with the runs before and after this one.
+    pub fn with_refused(mut self, refused: Arc<RefusedInputs>) -> BatchProducer {
+        self.refused = refused;
+        self
+    }
+
+    /// What the broker said about the sink records of this input before, if it refused them.
+    pub fn refusal(&self, topic: &str, partition: i32, offset: i64) -> Option<Refusal> {
+        self.refused.refusal(topic, partition, offset)
+    }
+
+    /// The open transaction (nothing else in it yet) is for this suspect input alone.
+    pub fn send_alone(&mut self, input: TopicPartitionOffset) {
+        self.alone = Some(input);
+    }
+
+    /// The origin to give the sink records of the input at `offset` of `partition` of `topic`.
+    pub fn origin(&mut self, topic: &str, partition: i32, offset: i64) -> Origin {
+        self.origins.push(topic, partition, offset)
+    }
+
+    /// Remembers the inputs of the records the broker refused (before the batch's origins
+    /// are forgotten).
+    fn note_refused(&mut self) {
+        for (origin, reason) in self.producer.context().take_refused() {
+            if let Some(input) = self.origins.get(origin) {
+                let alone = self.alone.as_ref() == Some(&input);
+                warn!(%input, %reason, alone, "the broker refused a record made from this input");
+                self.refused.insert(input, reason, alone);
+            }
+        }
     }
 
     /// Readiness goes false while a transactional call is being retried.
@@ -257,8 +302,8 @@ impl BatchProducer {
     }
 
     /// Queues one output in the open transaction. Errors are about this record (too large,
-    /// for instance) or fatal; a full queue is waited out.
-    pub fn send(&self, topic: &str, output: &Output) -> KafkaResult<()> {
+    /// for instance) or fatal; a full queue is waited out. `origin`: the input it came from.
+    pub fn send(&self, topic: &str, output: &Output, origin: Origin) -> KafkaResult<()> {
         if let Some((_, limit)) = self.record_limits.iter().find(|(limited, _)| limited == topic) {
             let size = output.key.as_ref().map_or(0, Vec::len)
                 + output.value.as_ref().map_or(0, Vec::len)
@@ -267,7 +312,7 @@ impl BatchProducer {
                 return Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
             }
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        let mut record: BaseRecord<'_, [u8], [u8], Origin> = BaseRecord::with_opaque_to(topic, origin);
         // An empty header list is still a librdkafka allocation and free per record.
         if !output.headers.is_empty() {
             let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
@@ -289,7 +334,7 @@ impl BatchProducer {
     }
 
     /// Hands a record to librdkafka, waiting out a full queue.
-    fn enqueue(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> KafkaResult<()> {
+    fn enqueue(&self, mut record: BaseRecord<'_, [u8], [u8], Origin>) -> KafkaResult<()> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -309,7 +354,7 @@ impl BatchProducer {
 
     /// Queues a changelog record for one partition in the open transaction.
     pub fn send_to_partition(&self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) -> KafkaResult<()> {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).key(key);
+        let mut record: BaseRecord<'_, [u8], [u8], Origin> = BaseRecord::with_opaque_to(topic, 0).partition(partition).key(key);
         if let Some(value) = value {
             record = record.payload(value);
         }
@@ -452,6 +497,9 @@ impl BatchProducer {
             commit_duration: started.elapsed(),
         });
         self.pinned_starts.clear();
+        if let Some(input) = &self.alone {
+            self.refused.accepted(input);
+        }
         self.close();
         BatchOutcome::Committed { records }
     }
@@ -490,6 +538,7 @@ impl BatchProducer {
         // has added the partition (audit R6). Those are waited for instead.
         self.producer.purge(PurgeConfig::default().queue());
         self.drain_delivery_reports(deadline);
+        self.note_refused();
         if self.mode == DeliveryMode::Transactional && self.producer.in_flight_count() > 0 {
             // Still unanswered: stop rather than begin a transaction they could land in.
             // The restart's init_transactions bumps the epoch, which fences them.
@@ -530,6 +579,8 @@ impl BatchProducer {
     }
 
     fn close(&mut self) {
+        self.origins.clear();
+        self.alone = None;
         self.open = false;
         self.opened_at = None;
         self.partitions.clear();
