@@ -24,8 +24,15 @@
 //! - **abort and rewind**: the transaction is aborted and the batch's first offsets are
 //!   handed back, so the loop seeks there, drops the batch's in-memory state, restores it
 //!   from the changelog and processes the batch again;
-//! - **fatal** (fenced by a newer process or by the group): the process stops without
-//!   committing; the next process with the same instance id aborts what was open.
+//! - **fatal** (fenced by a newer process or by the group): the run stops without
+//!   committing; the next process with the same instance id aborts what was open. Fencing
+//!   of a transaction older than the transaction timeout is the coordinator ending it, not a
+//!   twin: `recovery` starts the run again with a new producer. Retries stop once the
+//!   transaction is past its timeout, for the same reason.
+//!
+//! A record the broker refuses for good (seen in its delivery report) makes the transaction
+//! abortable; `refused` finds the input it came from, so that the replay sends that input to
+//! `on_error.produce` instead.
 //!
 //! In `idempotent_upsert` mode nothing is transactional: a batch is done when the broker
 //! acknowledged every record, and then its state and input offsets go to the store together;
@@ -47,6 +54,7 @@ use super::status::BatchSummary;
 mod batch;
 mod classes;
 mod refused;
+mod retry;
 
 pub use classes::{classify, fatal, ErrorClass};
 pub use refused::{refuses_record, Origin, Refusal, RefusedInputs};
@@ -569,15 +577,6 @@ impl BatchProducer {
         Ok(BatchOutcome::Aborted { rewind })
     }
 
-    /// The time a transactional call may take: the usual, or what is left before `deadline`
-    /// (a shutdown's drain deadline, audit R19).
-    fn call_timeout_within(&self, deadline: Option<Instant>) -> Duration {
-        match deadline {
-            None => self.call_timeout,
-            Some(deadline) => deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(1), self.call_timeout),
-        }
-    }
-
     fn close(&mut self) {
         self.origins.clear();
         self.alone = None;
@@ -588,60 +587,4 @@ impl BatchProducer {
         self.records = 0;
     }
 
-    /// Runs a transactional call until it succeeds (true), needs an abort (false) or fails
-    /// fatally (error). Retriable errors repeat the same call until `deadline`, and only while
-    /// the transaction is younger than the transaction timeout: past it the coordinator ends
-    /// the transaction anyway, and the way on is a new producer, whose `init_transactions`
-    /// resolves this one (audit R16). Not ready while it retries.
-    fn retry(
-        &self,
-        what: &str,
-        deadline: Option<Instant>,
-        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
-    ) -> Result<bool, RuntimeError> {
-        let result = self.retry_calls(what, deadline, call);
-        if let Some(health) = &self.health {
-            health.set_recovering(false);
-        }
-        result
-    }
-
-    fn retry_calls(
-        &self,
-        what: &str,
-        deadline: Option<Instant>,
-        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
-    ) -> Result<bool, RuntimeError> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            health::beat();
-            let error = match call(&self.producer) {
-                Ok(()) => return Ok(true),
-                Err(error) => error,
-            };
-            match classify(&error) {
-                ErrorClass::Retriable if self.open_for().is_some_and(|open_for| open_for > self.transaction_timeout) => {
-                    return Err(RuntimeError::TransactionTimedOut {
-                        transactional_id: self.transactional_id.clone(),
-                        open_for: self.open_for().unwrap_or_default(),
-                        detail: format!("{what} kept failing: {error}"),
-                    });
-                }
-                ErrorClass::Retriable if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
-                    warn!(%error, call = what, transactional_id = %self.transactional_id, "transactional call failed; retrying");
-                    if let Some(health) = &self.health {
-                        health.set_recovering(true);
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                ErrorClass::Retriable => return Err(RuntimeError::DrainDeadline),
-                ErrorClass::Abort => {
-                    warn!(%error, call = what, "transaction must be aborted");
-                    return Ok(false);
-                }
-                ErrorClass::Fatal => return Err(fatal(&error, &self.transactional_id)),
-            }
-        }
-    }
 }

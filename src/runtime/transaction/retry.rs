@@ -1,0 +1,81 @@
+//! Retrying a transactional call: how long, and when retrying is pointless (the transaction
+//! is past its timeout, or a shutdown's deadline passed).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::BaseProducer;
+use tracing::warn;
+
+use super::{classify, fatal, BatchProducer, ErrorClass};
+use crate::runtime::delivery::DeliveryWatch;
+use crate::runtime::error::RuntimeError;
+use crate::runtime::health;
+
+impl BatchProducer {
+    /// The time a transactional call may take: the usual, or what is left before `deadline`
+    /// (a shutdown's drain deadline, audit R19).
+    pub(super) fn call_timeout_within(&self, deadline: Option<Instant>) -> Duration {
+        match deadline {
+            None => self.call_timeout,
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(1), self.call_timeout),
+        }
+    }
+
+    /// Runs a transactional call until it succeeds (true), needs an abort (false) or fails
+    /// fatally (error). Retriable errors repeat the same call until `deadline`, and only while
+    /// the transaction is younger than the transaction timeout: past it the coordinator ends
+    /// the transaction anyway, and the way on is a new producer, whose `init_transactions`
+    /// resolves this one (audit R16). Not ready while it retries.
+    pub(super) fn retry(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+    ) -> Result<bool, RuntimeError> {
+        let result = self.retry_calls(what, deadline, call);
+        if let Some(health) = &self.health {
+            health.set_recovering(false);
+        }
+        result
+    }
+
+    fn retry_calls(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+    ) -> Result<bool, RuntimeError> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            health::beat();
+            let error = match call(&self.producer) {
+                Ok(()) => return Ok(true),
+                Err(error) => error,
+            };
+            match classify(&error) {
+                ErrorClass::Retriable if self.open_for().is_some_and(|open_for| open_for > self.transaction_timeout) => {
+                    return Err(RuntimeError::TransactionTimedOut {
+                        transactional_id: self.transactional_id.clone(),
+                        open_for: self.open_for().unwrap_or_default(),
+                        detail: format!("{what} kept failing: {error}"),
+                    });
+                }
+                ErrorClass::Retriable if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
+                    warn!(%error, call = what, transactional_id = %self.transactional_id, "transactional call failed; retrying");
+                    if let Some(health) = &self.health {
+                        health.set_recovering(true);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                ErrorClass::Retriable => return Err(RuntimeError::DrainDeadline),
+                ErrorClass::Abort => {
+                    warn!(%error, call = what, "transaction must be aborted");
+                    return Ok(false);
+                }
+                ErrorClass::Fatal => return Err(fatal(&error, &self.transactional_id)),
+            }
+        }
+    }
+}
