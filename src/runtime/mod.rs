@@ -212,6 +212,7 @@ fn run_once(
         repartitions: repartitions.clone(),
     };
     let co_partitioned = engine.join_in_place().is_some();
+    let restart_on_abort = !engine.stateful_steps().is_empty() || !repartitions.is_empty();
     if let Some((left, right)) = engine.join_in_place() {
         info!(%left, %right, "the join runs in place: partition p of both inputs goes to the same task (range assignor)");
     }
@@ -278,6 +279,7 @@ fn run_once(
         commit_interval: settings.runtime.commit_interval,
         max_batch_records: settings.runtime.max_batch_records.get(),
         until_end: options.until_end,
+        restart_on_abort,
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),
         }

@@ -43,6 +43,8 @@ pub(super) struct Loop<'a> {
     pub(super) commit_interval: Duration,
     pub(super) max_batch_records: usize,
     pub(super) until_end: bool,
+    /// Stateful steps or repartitions: an abort restarts the run (see `after_abort`).
+    pub(super) restart_on_abort: bool,
     pub(super) shutdown: &'a CancellationToken,
     pub(super) outputs: Vec<Output>,
 }
@@ -107,8 +109,35 @@ impl Loop<'_> {
         if let Some(failure) = failure {
             return Err(failure);
         }
+        if !rewind.is_empty() {
+            self.after_abort()?;
+        }
         self.rewind(rewind)?;
+        // Newly assigned partitions restore their state first. Commit the open batch before
+        // that: a restore can outlast the transaction timeout, and the coordinator would end
+        // the transaction under it (audit R4).
+        let restores_wait = {
+            let session = self.consumer.context().session();
+            !session.pending_restore.is_empty() && session.transaction.is_open()
+        };
+        if restores_wait {
+            self.commit(None)?;
+        }
         self.restore_pending()
+    }
+
+    /// A stateful pipeline's aborted batch may have changed tasks that read no record in it
+    /// (a join's idle partner evicting rows, the news that a partition went idle, audit R13
+    /// and R14), so dropping only its partitions' state is not enough. Aborts are rare: the
+    /// run stops, and `recovery` starts it again with every task rebuilt from the committed
+    /// state. A stateless pipeline replays from the rewind in place.
+    fn after_abort(&self) -> Result<(), RuntimeError> {
+        match self.restart_on_abort {
+            true => Err(RuntimeError::Replay(
+                "a batch was aborted; every task's state is rebuilt from the committed state and the batch replayed".into(),
+            )),
+            false => Ok(()),
+        }
     }
 
     /// Rebuilds from the changelog the state of partitions just assigned or just aborted,
@@ -392,6 +421,7 @@ impl Loop<'_> {
             outcome
         };
         if let Some(BatchOutcome::Aborted { rewind }) = &outcome {
+            self.after_abort()?;
             self.rewind(rewind.clone())?;
         }
         Ok(outcome)
