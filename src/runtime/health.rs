@@ -42,6 +42,8 @@ pub struct Health {
     /// A fault is being waited out: the run stopped and starts again from the committed
     /// state, or a transactional call is being retried.
     recovering: AtomicBool,
+    /// The consumer lost every broker connection (and has not had one back since).
+    cluster_unreachable: AtomicBool,
     /// How long the loop may go without a heartbeat and still count as alive (0: not set).
     live_within_ms: AtomicU64,
 }
@@ -73,6 +75,10 @@ impl Health {
 
     pub fn set_recovering(&self, recovering: bool) {
         self.recovering.store(recovering, Ordering::Relaxed);
+    }
+
+    pub fn set_cluster_unreachable(&self, unreachable: bool) {
+        self.cluster_unreachable.store(unreachable, Ordering::Relaxed);
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -116,6 +122,7 @@ impl Health {
             && !self.restoring.load(Ordering::Relaxed)
             && !self.waiting_for_registry.load(Ordering::Relaxed)
             && !self.recovering.load(Ordering::Relaxed)
+            && !self.cluster_unreachable.load(Ordering::Relaxed)
             && (limit == 0 || self.max_lag.load(Ordering::Relaxed) <= limit as i64)
     }
 }

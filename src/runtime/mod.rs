@@ -289,6 +289,7 @@ fn run_once(
 
     health.set_assigned(0);
     health.set_transactions_ready(false);
+    health.set_cluster_unreachable(false);
     if let Some(purger) = &mut consumer.context().session().purger {
         purger.maybe_purge(true);
     }

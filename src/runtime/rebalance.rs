@@ -377,9 +377,18 @@ impl ClientContext for LoopContext {
             }
         }
         self.health.set_max_lag(max_lag);
+        // Back in touch with the cluster once a broker connection is up again.
+        if statistics.brokers.values().any(|broker| broker.nodeid >= 0 && broker.state == "UP") {
+            self.health.set_cluster_unreachable(false);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // No broker answers: not ready until one does (see `stats`), whether or not the loop
+        // has a call to the cluster that fails meanwhile.
+        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_cluster_unreachable(true);
+        }
         warn!(%error, reason, "consumer client error");
     }
 }
