@@ -25,6 +25,9 @@ pub fn topic_name(pipeline_name: &str) -> String {
 
 /// The key of the state generation: an id made when the state starts from nothing, so that
 /// local caches of an older generation (before a `weir reset --state`) are thrown away.
+/// Written as `generation/<id>`, so that compaction keeps every one written: instances that
+/// start together on a fresh pipeline may each write one, and all take the first (R23).
+/// Earlier versions wrote the bare key.
 const GENERATION_KEY: &str = "generation";
 
 /// Compares the pipeline's stateful steps with the definitions that wrote the state, records
@@ -62,31 +65,34 @@ pub fn check(settings: &Settings, pipeline: &Pipeline) -> Result<Option<String>,
         .filter(|(step, _)| !stored.contains_key(step))
         .map(|(step, definition)| (step.to_string(), definition.clone()))
         .collect();
-    let generation = match generation {
-        Some(generation) => generation,
-        None => {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_nanos());
-            let generation = format!("{nanos:x}-{:x}", std::process::id());
-            missing.push((GENERATION_KEY.to_string(), generation.clone()));
-            generation
-        }
-    };
+    let new_generation = generation.is_none();
+    if new_generation {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_nanos());
+        let generation = format!("{nanos:x}-{:x}", std::process::id());
+        missing.push((format!("{GENERATION_KEY}/{generation}"), generation));
+    }
     if !missing.is_empty() {
         let producer: BaseProducer = clients::admin_config(settings)
             .set("enable.idempotence", "true")
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating a producer for {topic}: {error}")))?;
+        let action = format!("recording step definitions in {topic}");
         for (key, definition) in &missing {
             producer
                 .send(BaseRecord::to(&topic).key(key).payload(definition))
-                .map_err(|(error, _)| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
+                .map_err(|(error, _)| RuntimeError::kafka(action.clone(), error))?;
         }
-        producer
-            .flush(TIMEOUT)
-            .map_err(|error| RuntimeError::Setup(format!("recording step definitions in {topic}: {error}")))?;
+        producer.flush(TIMEOUT).map_err(|error| RuntimeError::kafka(action.clone(), error))?;
         info!(%topic, "recorded the definitions of the stateful steps");
     }
-    Ok(Some(generation))
+    match generation {
+        Some(generation) => Ok(Some(generation)),
+        // Read back: another instance may have written its generation first.
+        None => match read(settings, &topic)?.1 {
+            Some(generation) => Ok(Some(generation)),
+            None => Err(RuntimeError::TimedOut { action: format!("reading back the state generation written to {topic}"), waited: TIMEOUT }),
+        },
+    }
 }
 
 /// The definitions that wrote the pipeline's state, by step, without changing anything
@@ -106,9 +112,8 @@ fn read(settings: &Settings, topic: &str) -> Result<(BTreeMap<usize, String>, Op
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, TIMEOUT)
-        .map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+    let action = format!("reading {topic}");
+    let (low, high) = consumer.fetch_watermarks(topic, 0, TIMEOUT).map_err(|error| RuntimeError::kafka(action.clone(), error))?;
     let mut stored = BTreeMap::new();
     let mut generation = None;
     if high <= low {
@@ -118,15 +123,16 @@ fn read(settings: &Settings, topic: &str) -> Result<(BTreeMap<usize, String>, Op
     assignment
         .add_partition_offset(topic, 0, Offset::Beginning)
         .map_err(|error| RuntimeError::Setup(error.to_string()))?;
-    consumer.assign(&assignment).map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+    consumer.assign(&assignment).map_err(|error| RuntimeError::kafka(action.clone(), error))?;
     let deadline = Instant::now() + TIMEOUT;
     loop {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            let message = message.map_err(|error| RuntimeError::Setup(format!("reading {topic}: {error}")))?;
+            let message = message.map_err(|error| RuntimeError::kafka(action.clone(), error))?;
             let key = message.key().and_then(|key| std::str::from_utf8(key).ok()).unwrap_or_default();
             let value = message.payload().map(|value| String::from_utf8_lossy(value).into_owned());
-            if key == GENERATION_KEY {
-                generation = value;
+            if key.strip_prefix(GENERATION_KEY).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) {
+                // The first one written is the generation (see GENERATION_KEY).
+                generation = generation.or(value);
             } else if let Ok(step) = key.parse::<usize>() {
                 match value {
                     Some(definition) => stored.insert(step, definition),
@@ -139,7 +145,7 @@ fn read(settings: &Settings, topic: &str) -> Result<(BTreeMap<usize, String>, Op
             continue;
         }
         if Instant::now() > deadline {
-            return Err(RuntimeError::Setup(format!("reading {topic} did not reach its end in {TIMEOUT:?}")));
+            return Err(RuntimeError::TimedOut { action: format!("reading {topic} to its end"), waited: TIMEOUT });
         }
     }
 }

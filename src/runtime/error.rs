@@ -56,10 +56,11 @@ pub enum RuntimeError {
     /// State read back from a changelog or the local store does not fit the step reading it.
     #[error("restoring state: {0}")]
     CorruptState(String),
-    /// A changelog's end stayed behind an open transaction for longer than weir waits.
+    /// A restore made no progress for longer than weir waits: the changelog's end stays
+    /// behind an open transaction.
     #[error(
-        "restoring partition {partition} did not reach the end of {changelog} in {waited:?}; an open transaction may hold it \
-         (its producer crashed, or a transaction timeout is long)"
+        "restoring partition {partition} made no progress in {changelog} for {waited:?}; an open transaction may hold its end \
+         (its producer crashed, or a transaction timeout is long: `kafka-transactions.sh --find-hanging` names it)"
     )]
     ChangelogStuck { changelog: String, partition: i32, waited: std::time::Duration },
     /// Upsert mode: records the broker did not acknowledge, or refused.

@@ -29,10 +29,12 @@ use crate::engine::Engine;
 use crate::config::{DataLossPolicy, DeliveryMode, StartingOffsets};
 use crate::telemetry::metrics::Metrics;
 
-/// How long an assignment may wait for committed offsets. Under read_committed the broker
-/// holds the answer while the previous owner's transactional offset commit is pending
-/// (KIP-447), which lasts at most the transaction timeout.
-const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an assignment may wait for committed offsets beyond the transaction timeout.
+/// Under read_committed the broker holds the answer while the previous owner's
+/// transactional offset commit is pending (KIP-447), which lasts at most the transaction
+/// timeout (audit R12).
+const COMMITTED_OFFSETS_SLACK: Duration = Duration::from_secs(30);
+const COMMITTED_OFFSETS_AT_LEAST: Duration = Duration::from_secs(60);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct LoopContext {
@@ -40,6 +42,8 @@ pub struct LoopContext {
     starting_offsets: StartingOffsets,
     on_data_loss: DataLossPolicy,
     until_end: bool,
+    /// How long an assignment waits for its committed offsets (see `COMMITTED_OFFSETS_SLACK`).
+    committed_offsets_timeout: Duration,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -58,6 +62,7 @@ impl LoopContext {
         status: Arc<Status>,
         purger: Option<Purger>,
     ) -> LoopContext {
+        let committed_offsets_timeout = (transaction.transaction_timeout() + COMMITTED_OFFSETS_SLACK).max(COMMITTED_OFFSETS_AT_LEAST);
         LoopContext {
             session: Mutex::new(LoopState {
                 transaction,
@@ -77,6 +82,7 @@ impl LoopContext {
             starting_offsets,
             on_data_loss,
             until_end,
+            committed_offsets_timeout,
             metrics,
             health,
         }
@@ -286,7 +292,7 @@ impl LoopContext {
     ) -> Result<Vec<TopicPartitionOffset>, RuntimeError> {
         let mut pinned_starts = Vec::new();
         let committed = consumer
-            .committed_offsets(assigned.clone(), COMMITTED_OFFSETS_TIMEOUT)
+            .committed_offsets(assigned.clone(), self.committed_offsets_timeout)
             .map_err(|error| RuntimeError::kafka("reading committed offsets", error))?;
         let mut by_time = TopicPartitionList::new();
         let stored = self.upsert_positions(consumer, &committed)?;

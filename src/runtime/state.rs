@@ -19,6 +19,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::clients;
+use super::health;
 use super::error::RuntimeError;
 use super::store::{StateStore, StoreWrite};
 use super::topics;
@@ -131,7 +132,8 @@ pub struct Restorer {
     bounds: BaseConsumer,
     changelogs: Changelogs,
     metrics: Arc<Metrics>,
-    /// How long an open transaction (of a crashed process) may hold the end of a changelog.
+    /// How long a restore may make no progress: an open transaction (of a crashed process)
+    /// may hold the end of a changelog that long.
     patience: Duration,
     /// How long the local store is trusted, per stateful step (see [`store_trusted_for`]).
     trusted_for: BTreeMap<usize, Duration>,
@@ -146,7 +148,10 @@ impl Restorer {
             // Only committed state: an aborted batch's changes must never come back.
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // A start outside the changelog (records deleted under it) is an error the restore
+            // answers by reading again from the start, never a silent jump to the end (R20).
+            .set("auto.offset.reset", "error");
         let consumer = config
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating the changelog reader: {error}")))?;
@@ -178,6 +183,46 @@ impl Restorer {
         partition: i32,
     ) -> Result<(u64, u64), RuntimeError> {
         let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            match self.restore_once(engine, store, topic, partition)? {
+                Restored::Reached { from_store, from_changelog } => {
+                    info!(
+                        %topic, partition, from_store, from_changelog,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "restored state"
+                    );
+                    return Ok((from_store, from_changelog));
+                }
+                Restored::OutOfRange { step, changelog } if attempts < OUT_OF_RANGE_ATTEMPTS => {
+                    attempts += 1;
+                    warn!(
+                        %changelog, partition,
+                        "the changelog no longer holds the offset the restore reads from (records were deleted under it); \
+                         restoring again from its start, without the local store. State only the deleted records held is lost"
+                    );
+                    if let Some(store) = store {
+                        store.clear(step, partition)?;
+                    }
+                }
+                Restored::OutOfRange { changelog, .. } => {
+                    return Err(RuntimeError::Replay(format!(
+                        "restoring partition {partition} from {changelog}: its start moved {OUT_OF_RANGE_ATTEMPTS} times while it was read; \
+                         the run starts again"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`Self::restore`].
+    fn restore_once(
+        &self,
+        engine: &mut Engine,
+        store: Option<&StateStore>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Restored, RuntimeError> {
         engine.drop_input_partition(topic, partition);
         let (mut from_store, mut from_changelog) = (0u64, 0u64);
         // The state behind `topic`: these steps' entries made for its owners (the source
@@ -226,17 +271,18 @@ impl Restorer {
             if high <= begin {
                 continue;
             }
-            from_changelog += self.read_changelog(engine, store, &owners, step, &changelog, partition, start, high)?;
+            match self.read_changelog(engine, store, &owners, step, &changelog, partition, start, high)? {
+                Some(restored) => from_changelog += restored,
+                None => return Ok(Restored::OutOfRange { step, changelog }),
+            }
         }
-        info!(
-            %topic, partition, from_store, from_changelog,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "restored state"
-        );
-        Ok((from_store, from_changelog))
+        Ok(Restored::Reached { from_store, from_changelog })
     }
 
     /// Reads one changelog partition from `start` to `end` into the engine and the store.
+    /// Gives up only when it makes no progress for `patience`; a long read records its
+    /// position in the store every chunk, so a read cut short goes on from there (R3). None:
+    /// `start` is no longer in the changelog.
     #[allow(clippy::too_many_arguments)]
     fn read_changelog(
         &self,
@@ -248,7 +294,7 @@ impl Restorer {
         partition: i32,
         start: Offset,
         end: i64,
-    ) -> Result<u64, RuntimeError> {
+    ) -> Result<Option<u64>, RuntimeError> {
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(changelog, partition, start)
@@ -258,17 +304,24 @@ impl Restorer {
             .map_err(|error| RuntimeError::kafka(format!("assigning {changelog}"), error))?;
         let mut restored = 0u64;
         let mut writes = Vec::new();
-        let deadline = Instant::now() + self.patience;
+        // The offset after the last entry read, and when the read last moved.
+        let mut next = match start {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        };
+        let mut position_seen = None;
+        let mut progressed = Instant::now();
         let mut next_report = Instant::now() + PROGRESS_EVERY;
         let reached = loop {
+            // A long restore is the loop at work, not a stuck loop.
+            health::beat();
             if Instant::now() >= next_report {
                 next_report = Instant::now() + PROGRESS_EVERY;
-                info!(%changelog, partition, restored, end, "restoring state");
+                info!(%changelog, partition, restored, position = next, end, "restoring state");
             }
-            // Entries may reach the store ahead of its recorded offset (a replay overwrites
-            // them); the offset itself is recorded only at the end.
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
-                store.apply(&std::mem::take(&mut writes), &[], &[])?;
+                let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
+                store.apply(&std::mem::take(&mut writes), &reached, &[])?;
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
@@ -282,7 +335,13 @@ impl Restorer {
                         restored += 1;
                         self.metrics.state_restored_records.inc();
                     }
+                    next = Some(message.offset() + 1);
+                    progressed = Instant::now();
                     continue;
+                }
+                Some(Err(error)) if is_out_of_range(&error) => {
+                    let _ = self.consumer.unassign();
+                    return Ok(None);
                 }
                 Some(Err(error)) => return Err(RuntimeError::kafka(format!("reading {changelog}"), error)),
                 None => {}
@@ -290,12 +349,20 @@ impl Restorer {
             // Positions move past transaction markers; under read_committed they stop at the
             // last stable offset, so this waits for any open transaction to end.
             let positions = self.consumer.position().map_err(|error| RuntimeError::kafka(format!("reading the position in {changelog}"), error))?;
-            if let Some(Offset::Offset(position)) = positions.find_partition(changelog, partition).map(|element| element.offset())
+            let position = match positions.find_partition(changelog, partition).map(|element| element.offset()) {
+                Some(Offset::Offset(position)) => Some(position),
+                _ => None,
+            };
+            if let Some(position) = position
                 && position >= end
             {
                 break position;
             }
-            if Instant::now() > deadline {
+            if position != position_seen {
+                position_seen = position;
+                progressed = Instant::now();
+            }
+            if progressed.elapsed() > self.patience {
                 return Err(RuntimeError::ChangelogStuck { changelog: changelog.to_string(), partition, waited: self.patience });
             }
         };
@@ -303,8 +370,24 @@ impl Restorer {
         if let Some(store) = store {
             store.apply(&writes, &[(step, partition, reached)], &[])?;
         }
-        Ok(restored)
+        Ok(Some(restored))
     }
+}
+
+/// How often a restore starts again when the changelog's start moves past its position.
+const OUT_OF_RANGE_ATTEMPTS: u32 = 3;
+
+/// How one restore attempt ended.
+enum Restored {
+    Reached { from_store: u64, from_changelog: u64 },
+    /// `step`'s changelog no longer holds the offset the read was at.
+    OutOfRange { step: usize, changelog: String },
+}
+
+/// The restore consumer's answer to a position outside the log (`auto.offset.reset=error`).
+fn is_out_of_range(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode;
+    matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
 }
 
 /// `mode: idempotent_upsert`: the state behind an input partition, from the local store

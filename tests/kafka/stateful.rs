@@ -542,3 +542,39 @@ fn created_changelogs_keep_tombstones_for_a_day() {
     assert!(!log.contains("cannot read the changelogs' delete.retention.ms"), "{log}");
     assert!(restores(&log).iter().any(|(from_store, _)| *from_store > 0), "{log}");
 }
+
+/// Two instances deployed at once on a fresh stateful pipeline (a StatefulSet with parallel
+/// pod management) may both find no state generation and each write one (audit R23). They
+/// must agree on one, or at the next restart one instance's local store counts as "from
+/// before a state reset" and is deleted, forcing a full restore.
+#[test]
+fn instances_started_together_on_a_fresh_pipeline_agree_on_one_state_generation() {
+    let input = unique("clicks");
+    let output = unique("counts");
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count() } }";
+    let file = clicks_pipeline(&unique("together"), &input, &output, steps);
+    let name = file_name(&file);
+    for round in 0..2 {
+        let mut instances: Vec<WeirProcess> = ["0", "1"]
+            .into_iter()
+            .map(|instance| WeirProcess::start(&file.path, WeirOptions { instance, env: short_session(), ..Default::default() }))
+            .collect();
+        for instance in &instances {
+            wait_ready(instance, Duration::from_secs(120));
+        }
+        for instance in &mut instances {
+            instance.terminate();
+            assert!(instance.wait(Duration::from_secs(60)).success(), "{}", instance.log_text());
+            if round == 1 {
+                let log = instance.log_text();
+                assert!(!log.contains("before a state reset"), "a restart deleted a store of the current state:\n{log}");
+            }
+        }
+    }
+    let generation = |instance: &str| {
+        std::fs::read_to_string(file.path.parent().unwrap().join("state").join(format!("{name}-{instance}")).join("GENERATION")).unwrap()
+    };
+    assert_eq!(generation("0"), generation("1"));
+}

@@ -18,6 +18,8 @@ pub struct Broker {
     /// The listener that takes the same SASL over TLS, and the CA certificate (PEM file)
     /// that verifies it.
     pub tls: Option<TlsListener>,
+    /// `scripts/kafka`'s run dir, for a broker these tests started (and may restart).
+    pub run_dir: Option<PathBuf>,
 }
 
 pub struct TlsListener {
@@ -80,8 +82,22 @@ pub fn broker() -> &'static Broker {
     BROKER.get_or_init(|| {
         if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
             && !bootstrap.trim().is_empty() {
-                return Broker { bootstrap, sasl: SaslListener::from_env(), tls: TlsListener::from_env() };
+                return Broker { bootstrap, sasl: SaslListener::from_env(), tls: TlsListener::from_env(), run_dir: None };
             }
+        start_broker()
+    })
+}
+
+/// A broker of this test process's own, even where `KAFKA_BOOTSTRAP_SERVERS` names one: for
+/// tests that restart or pause it.
+pub fn own_broker() -> &'static Broker {
+    let broker = BROKER.get_or_init(start_broker);
+    assert!(broker.run_dir.is_some(), "this test binary restarts its broker: run it before anything reads KAFKA_BOOTSTRAP_SERVERS");
+    broker
+}
+
+fn start_broker() -> Broker {
+    {
         let run_dir = std::env::temp_dir().join(format!("weir-test-kafka-{}", std::process::id()));
         let script = repo_root().join("scripts/kafka");
         let output = Command::new(&script)
@@ -93,8 +109,70 @@ pub fn broker() -> &'static Broker {
         assert!(output.status.success(), "scripts/kafka start failed");
         let bootstrap = String::from_utf8(output.stdout).unwrap().trim().to_string();
         when_this_process_ends(&format!("'{}' clean --dir '{}' >/dev/null 2>&1", script.display(), run_dir.display()));
-        Broker { bootstrap, sasl: SaslListener::read(&run_dir), tls: TlsListener::read(&run_dir) }
-    })
+        Broker { bootstrap, sasl: SaslListener::read(&run_dir), tls: TlsListener::read(&run_dir), run_dir: Some(run_dir) }
+    }
+}
+
+/// Stops the test broker and starts it again on the same port with the same data.
+pub fn restart_broker() {
+    let run_dir = own_broker().run_dir.as_ref().expect("a broker of our own");
+    let output = Command::new(repo_root().join("scripts/kafka"))
+        .args(["restart", "--dir"])
+        .arg(run_dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/kafka restart");
+    assert!(output.status.success(), "scripts/kafka restart failed");
+}
+
+/// Freezes the test broker's process (SIGSTOP) for `pause`, then lets it go on (SIGCONT):
+/// its connections stay open and nothing answers, as with a broker stuck in a long GC.
+pub fn pause_broker(pause: Duration) {
+    let run_dir = own_broker().run_dir.as_ref().expect("a broker of our own");
+    let pid = std::fs::read_to_string(run_dir.join("kafka.pid")).expect("the broker's pid").trim().to_string();
+    let signal = |name: &str| {
+        assert!(Command::new("kill").args([name, &pid]).status().expect("run kill").success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    std::thread::sleep(pause);
+    signal("-CONT");
+}
+
+/// Limits every client of the test broker to fetching `bytes_per_second` (a default
+/// `consumer_byte_rate` quota, as an operator's `kafka-configs` would set) until the guard is
+/// dropped: a slow network or a busy broker for the changelog reads of a restore.
+pub fn throttle_fetches(bytes_per_second: u64) -> FetchThrottle {
+    set_default_quota(&format!("--add-config=consumer_byte_rate={bytes_per_second}"));
+    FetchThrottle
+}
+
+pub struct FetchThrottle;
+
+impl Drop for FetchThrottle {
+    fn drop(&mut self) {
+        set_default_quota("--delete-config=consumer_byte_rate");
+    }
+}
+
+/// Alters the default client quota with Kafka's own ConfigCommand, from the jars
+/// `scripts/kafka install` fetched.
+fn set_default_quota(change: &str) {
+    let home = std::env::var("WEIR_KAFKA_HOME").map(PathBuf::from).unwrap_or_else(|_| repo_root().join(".kafka"));
+    let home = if home.is_absolute() { home } else { repo_root().join(home) };
+    let libs = std::fs::read_dir(&home)
+        .expect("the Kafka jars (scripts/kafka install)")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("libs"))
+        .find(|libs| libs.is_dir())
+        .expect("a kafka-<version>/libs directory");
+    let java = std::env::var("JAVA_HOME").map(|java_home| format!("{java_home}/bin/java")).unwrap_or_else(|_| "java".into());
+    let output = Command::new(java)
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .args(["kafka.admin.ConfigCommand", "--bootstrap-server", &own_broker().bootstrap, "--alter", "--entity-type", "clients", "--entity-default", change])
+        .output()
+        .expect("run kafka.admin.ConfigCommand");
+    assert!(output.status.success(), "ConfigCommand {change} failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 /// Runs the shell `command` once this test process is gone, however it ends (stopping the

@@ -15,6 +15,13 @@ pub fn event(id: u64) -> String {
     format!(r#"{{"id":{id},"user":"u{}","amount":{}.5}}"#, id % 97, id % 1000)
 }
 
+/// A click `{id, user, amount, ts}` for [`clicks_pipeline_text`], keyed `k<id>`, 1 ms of
+/// event time after the one before.
+pub fn timed_event(id: u64) -> Input {
+    let ts = 1_700_000_000_000 + id;
+    Input::keyed(format!("k{id}"), format!(r#"{{"id":{id},"user":"u{}","amount":{},"ts":{ts}}}"#, id % 97, id % 1000))
+}
+
 /// Produces `event(id)` for each id in `ids`, keyed `k<id>`, at about `per_second`, on a
 /// thread of its own (input that flows while processes come and go).
 pub fn feed(topic: &str, ids: std::ops::Range<u64>, per_second: u64) -> std::thread::JoinHandle<()> {
