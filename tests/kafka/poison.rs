@@ -173,3 +173,35 @@ fn a_dedup_key_too_large_for_the_changelog_dead_letters_and_the_rest_flows_on() 
     assert_eq!(dlq[0].headers["weir-source-offset"], "5");
     assert!(dlq[0].headers.contains_key("weir-value-omitted"), "{:?}", dlq[0].headers);
 }
+
+/// A result the broker refuses for good, in the middle of the input (audit R2): here a
+/// record without a key for a compacted sink, refused by the broker only in its delivery
+/// report, after the transaction took other records. weir aborts, finds the one input whose
+/// result was refused (sending suspects alone), writes it to the DLQ with stage `produce`
+/// and goes on; the records around it reach the sink exactly once (with the input's keys:
+/// a pipeline without keyed steps), and the run ends cleanly instead of crash-looping.
+#[test]
+fn a_result_the_broker_refuses_goes_to_the_dlq_and_the_rest_flows_on() {
+    let (input, output, name) = (unique("in"), unique("out"), unique("refused"));
+    create_topic(&input, 1);
+    create_topic_with(&output, 1, &[("cleanup.policy", "compact")]);
+    let mut inputs: Vec<Input> = (0..3_000).map(|id| Input::keyed(format!("k{id}"), event(id))).collect();
+    inputs[1_500].key = None;
+    produce(&input, inputs);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    let status = weir.wait(Duration::from_secs(180));
+    let log = weir.log_text();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("the broker refused a record"), "the refusal was not seen, so this test proves nothing:\n{log}");
+
+    let mut ids: Vec<u64> = read_committed(&output).iter().map(|record| record.value_json()["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    let expected: Vec<u64> = kept_by_amount_filter(0..3_000).into_iter().filter(|id| *id != 1_500).collect();
+    assert_eq!(ids, expected, "every other result exactly once");
+    let dlq = read_committed(&format!("{name}.dlq"));
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].headers["weir-error-stage"], "produce");
+    assert_eq!(dlq[0].headers["weir-source-offset"], "1500");
+    assert!(dlq[0].headers["weir-error"].contains("refused"), "{:?}", dlq[0].headers);
+}

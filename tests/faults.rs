@@ -1,0 +1,254 @@
+//! Faults of the cluster under a running weir (issue 17): the broker restarted again and
+//! again, or frozen for longer than the transaction timeout, while input flows. weir must
+//! wait these out (not ready meanwhile) and never exit, and read_committed readers must see
+//! exactly what an uninterrupted run writes.
+//!
+//! This binary restarts and pauses its broker, so it always starts one of its own (see
+//! `own_broker`), and its tests take turns (`FAULTS`).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One test at a time: each one restarts or pauses the broker all the others use.
+static FAULTS: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    let guard = FAULTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    own_broker();
+    guard
+}
+
+/// Every record as read_committed sees it, counted by (key, value).
+fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    for record in read_committed(topic) {
+        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+        *counts.entry((key, record.value_text())).or_default() += 1;
+    }
+    counts
+}
+
+/// How `actual` differs from `expected`: (records missing or miscounted, records unexpected).
+fn difference(expected: &BTreeMap<(String, String), usize>, actual: &BTreeMap<(String, String), usize>) -> (usize, usize) {
+    let missing = expected.iter().filter(|(record, count)| actual.get(*record) != Some(count)).count();
+    let extra = actual.iter().filter(|(record, count)| expected.get(*record) != Some(count)).count();
+    (missing, extra)
+}
+
+/// A click of user `id % 40`, keyed by user, 5 ms of event time apart with some disorder.
+fn click(id: u64) -> Input {
+    let user = format!("u{}", id % 40);
+    let ts = 1_700_000_000_000 + id * 5 + (id * 7919) % 400;
+    Input::keyed(user.clone(), format!(r#"{{"id":{id},"user":"{user}","amount":{},"ts":{ts}}}"#, id % 100))
+}
+
+/// An ad or a click for the join: key `a<n>`, 10 ms of event time apart; clicks come 2 s
+/// after their ad for a scattered ad key, so some find their ad and some do not.
+fn ad(id: u64) -> Input {
+    let key = format!("a{}", id % 2_000);
+    let ts = 1_700_000_000_000 + id * 10 + (id * 7919) % 400;
+    Input::keyed(key.clone(), format!(r#"{{"ad":"{key}","id":{id},"ts":{ts}}}"#))
+}
+
+fn ad_click(id: u64) -> Input {
+    let key = format!("a{}", (id * 13) % 2_000);
+    let ts = 1_700_000_002_000 + id * 10 + (id * 104_729) % 400;
+    Input::keyed(key.clone(), format!(r#"{{"ad":"{key}","id":{id},"ts":{ts}}}"#))
+}
+
+fn join_pipeline(name: &str, ads: &str, clicks: &str, output: &str) -> String {
+    let source = |source: &str, topic: &str| {
+        format!(
+            "  {source}:\n    topics: [{topic}]\n    format: json\n    schema: {{ ad: string, id: long, ts: long }}\n    \
+             event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 1s }}\n"
+        )
+    };
+    format!(
+        "name: {name}\nsources:\n{}{}join:\n  left: ads\n  right: clicks\n  type: full\n  on: [ad]\n  \
+         within: {{ lower: 0s, upper: 5s }}\nsink:\n  topic: {output}\n",
+        source("ads", ads),
+        source("clicks", clicks)
+    )
+}
+
+/// Panics with its log if the process has exited.
+fn assert_running(process: &mut WeirProcess, what: &str) {
+    if let Some(status) = process.child.try_wait().unwrap() {
+        panic!("the {what} pipeline's weir exited ({status}) during the faults:\n{}", process.log_text());
+    }
+}
+
+/// Waits, checking that none of `processes` exits, until `condition` holds (true) or
+/// `timeout` passes (false).
+fn wait_running(processes: &mut [(&str, &mut WeirProcess)], timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        for (name, process) in processes.iter_mut() {
+            assert_running(process, name);
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    true
+}
+
+/// Runs `pipeline` uninterrupted with `--until-end` and returns what it wrote to `output`.
+fn golden(pipeline: &str, output: &str) -> BTreeMap<(String, String), usize> {
+    let file = pipeline_file(pipeline);
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(run.wait(Duration::from_secs(600)).success(), "golden run failed:\n{}", run.log_text());
+    multiset(output)
+}
+
+/// A window pipeline and a join pipeline run while input flows and the broker is restarted
+/// five times. Neither process exits; each goes not ready while the broker is away and
+/// ready again after; in the end each one's output equals an uninterrupted run's.
+#[test]
+fn window_and_join_pipelines_wait_out_five_broker_restarts() {
+    let _turn = one_at_a_time();
+    const RECORDS: u64 = 60_000;
+    let (clicks, ads, ad_clicks) = (unique("clicks"), unique("ads"), unique("ad-clicks"));
+    let (windows, joined, windows_golden, joined_golden) = (unique("windows"), unique("joined"), unique("windows-golden"), unique("joined-golden"));
+    for topic in [&clicks, &ads, &ad_clicks, &windows, &joined, &windows_golden, &joined_golden] {
+        create_topic(topic, 4);
+    }
+    let window_steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
+    let window_file = clicks_pipeline(&unique("restarts-window"), &clicks, &windows, window_steps);
+    let join_file = pipeline_file(&join_pipeline(&unique("restarts-join"), &ads, &ad_clicks, &joined));
+    let mut window = WeirProcess::start(&window_file.path, WeirOptions::default());
+    let mut join = WeirProcess::start(&join_file.path, WeirOptions::default());
+    wait_ready(&window, Duration::from_secs(120));
+    wait_ready(&join, Duration::from_secs(120));
+
+    let feeders = [
+        feed_with(&clicks, 0..RECORDS, 1_000, click),
+        feed_with(&ads, 0..RECORDS, 1_000, ad),
+        feed_with(&ad_clicks, 0..RECORDS, 1_000, ad_click),
+    ];
+    let mut not_ready_seen = false;
+    for restart in 0..5 {
+        // Let them work between restarts (and commit state), then pull the broker away.
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            assert_running(&mut window, "window");
+            assert_running(&mut join, "join");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let restarting = std::thread::spawn(restart_broker);
+        while !restarting.is_finished() {
+            not_ready_seen |= !is_ready(&window) || !is_ready(&join);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        restarting.join().unwrap();
+        eprintln!("broker restart {} done", restart + 1);
+    }
+    for feeder in feeders {
+        feeder.join().unwrap();
+    }
+    assert!(not_ready_seen, "neither process went not ready while the broker restarted");
+
+    let expected_windows = golden(&clicks_pipeline_text(&unique("golden-window"), &clicks, &windows_golden, window_steps, "partitioned_by: [user]"), &windows_golden);
+    let expected_joined = golden(&join_pipeline(&unique("golden-join"), &ads, &ad_clicks, &joined_golden), &joined_golden);
+    assert!(expected_windows.len() > 1_000 && expected_joined.len() > 1_000, "the golden runs wrote too little");
+    let mut processes = [("window", &mut window), ("join", &mut join)];
+    let caught_up = wait_running(&mut processes, Duration::from_secs(300), || {
+        multiset(&windows) == expected_windows && multiset(&joined) == expected_joined
+    });
+    assert!(
+        caught_up,
+        "the outputs differ from the uninterrupted runs' (records missing or miscounted, unexpected): window {:?}, join {:?}",
+        difference(&expected_windows, &multiset(&windows)),
+        difference(&expected_joined, &multiset(&joined))
+    );
+    for (name, process) in processes {
+        assert!(is_ready(process), "{name}: not ready after the faults");
+        process.terminate();
+        assert!(process.wait(Duration::from_secs(60)).success(), "{name}: did not stop cleanly:\n{}", process.log_text());
+    }
+}
+
+/// The broker frozen for longer than the transaction timeout under a filter pipeline with
+/// continuous input (audit R5): the coordinator ends the open transaction when it wakes up,
+/// which librdkafka reports as fencing. weir must not take that for a twin: it makes a new
+/// producer, replays the batch and goes on, every record exactly once.
+#[test]
+fn a_broker_frozen_longer_than_the_transaction_timeout_is_waited_out() {
+    let _turn = one_at_a_time();
+    const RECORDS: u64 = 30_000;
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let name = unique("frozen");
+    let file = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let env = vec![("WEIR__KAFKA__TRANSACTION_TIMEOUT".to_string(), "5s".to_string()), ("WEIR__RUNTIME__DRAIN_TIMEOUT".to_string(), "4s".to_string())];
+    let mut weir = WeirProcess::start(&file.path, WeirOptions { env, ..Default::default() });
+    wait_ready(&weir, Duration::from_secs(120));
+    let feeder = feed(&input, 0..RECORDS, 1_000);
+    std::thread::sleep(Duration::from_secs(5));
+
+    let frozen = std::thread::spawn(|| pause_broker(Duration::from_secs(25)));
+    let mut not_ready_seen = false;
+    while !frozen.is_finished() {
+        assert_running(&mut weir, "filter");
+        not_ready_seen |= !is_ready(&weir);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    frozen.join().unwrap();
+    assert!(not_ready_seen, "weir stayed ready through 25 s of a frozen broker");
+    feeder.join().unwrap();
+
+    let mut processes = [("filter", &mut weir)];
+    let caught_up = wait_running(&mut processes, Duration::from_secs(300), || committed_offsets(&name, &input) == end_offsets(&input));
+    assert!(caught_up, "the input was not committed to its end:\n{}", weir.log_text());
+    assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
+    let log = weir.log_text();
+    assert!(!log.contains("fenced: another process"), "a timed-out transaction was taken for a twin:\n{log}");
+    assert!(is_ready(&weir), "not ready after the broker came back");
+    weir.terminate();
+    assert!(weir.wait(Duration::from_secs(60)).success(), "did not stop cleanly:\n{}", weir.log_text());
+}
+
+/// A fresh instance restores a large dedup state through a throttled link (audit R3): the
+/// restore takes longer than weir waits for a changelog that does not move (3 × the
+/// transaction timeout + 30 s, here 36 s), but it moves all the while, so it must finish,
+/// not fail and start over. It reports progress as it goes, and every record comes out once.
+#[test]
+fn a_restore_slower_than_the_changelog_patience_finishes_while_it_moves() {
+    let _turn = one_at_a_time();
+    const RECORDS: u64 = 200_000;
+    const PATIENCE: Duration = Duration::from_secs(36);
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&input, 1);
+    create_topic(&output, 1);
+    let steps = "  - dedup: { key: [id], within: 1d }";
+    let file = pipeline_file(&clicks_pipeline_text(&unique("slow-restore"), &input, &output, steps, "partitioned_by: [id]"));
+    let env = vec![("WEIR__KAFKA__TRANSACTION_TIMEOUT".to_string(), "2s".to_string()), ("WEIR__RUNTIME__DRAIN_TIMEOUT".to_string(), "1s".to_string())];
+    produce(&input, (0..RECORDS).map(timed_event));
+    let mut first = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: env.clone(), ..Default::default() });
+    assert!(first.wait(Duration::from_secs(600)).success(), "the first run failed:\n{}", first.log_text());
+
+    // A new pod without the old one's volume, and input that repeats old ids among new ones.
+    std::fs::remove_dir_all(file.path.parent().unwrap().join("state")).unwrap();
+    produce(&input, (0..100).flat_map(|n| [timed_event(RECORDS + n), timed_event(n * 1_000)]));
+    let throttle = throttle_fetches(300_000);
+    let started = Instant::now();
+    let mut second = WeirProcess::start(&file.path, WeirOptions { until_end: true, env, ..Default::default() });
+    let status = second.wait(Duration::from_secs(900));
+    let took = started.elapsed();
+    drop(throttle);
+    let log = second.log_text();
+    assert!(status.success(), "the slow restore failed:\n{log}");
+    assert!(took > PATIENCE, "the restore took {took:?}: too fast to show anything; lower the throttle");
+    assert!(restores(&log).iter().any(|(_, from_changelog)| *from_changelog >= RECORDS), "no restore of all {RECORDS} keys:\n{log}");
+    assert!(log.contains("restoring state"), "no progress report during a {took:?} restore:\n{log}");
+    assert_exactly_once(&output, &(0..RECORDS + 100).collect::<Vec<_>>());
+}
+
