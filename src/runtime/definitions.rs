@@ -65,8 +65,7 @@ pub fn check(settings: &Settings, pipeline: &Pipeline) -> Result<Option<String>,
         .filter(|(step, _)| !stored.contains_key(step))
         .map(|(step, definition)| (step.to_string(), definition.clone()))
         .collect();
-    let new_generation = generation.is_none();
-    if new_generation {
+    if generation.is_none() {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_nanos());
         let generation = format!("{nanos:x}-{:x}", std::process::id());
         missing.push((format!("{GENERATION_KEY}/{generation}"), generation));

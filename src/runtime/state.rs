@@ -199,7 +199,7 @@ impl Restorer {
                     warn!(
                         %changelog, partition,
                         "the changelog no longer holds the offset the restore reads from (records were deleted under it); \
-                         restoring again from its start, without the local store. State only the deleted records held is lost"
+                         restoring again from its start, without the local store's copy of it. State only the deleted records held is lost"
                     );
                     if let Some(store) = store {
                         store.clear(step, partition)?;
