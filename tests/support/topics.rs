@@ -263,3 +263,21 @@ pub fn end_offsets(topic: &str) -> Vec<i64> {
         .map(|partition| consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap().1)
         .collect()
 }
+
+/// Deletes the records of `topic`[`partition`] before `offset`, as an operator's
+/// `kafka-delete-records` would, after giving the topic the delete policy the broker requires
+/// for that (and no time limit, so nothing else goes).
+pub fn delete_records_before(topic: &str, partition: i32, offset: i64) {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
+    let policy = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("cleanup.policy", "compact,delete").set("retention.ms", "-1");
+    for result in block_on(admin.alter_configs([&policy], &AdminOptions::new())).unwrap() {
+        result.unwrap_or_else(|error| panic!("altering {topic}: {error:?}"));
+    }
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(topic, partition, Offset::Offset(offset)).unwrap();
+    let deleted = block_on(admin.delete_records(&offsets, &AdminOptions::new())).unwrap();
+    for element in deleted.elements() {
+        assert!(element.error().is_ok(), "deleting records of {topic}[{partition}]: {:?}", element.error());
+    }
+}
