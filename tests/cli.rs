@@ -434,8 +434,8 @@ sources:
     partitioned_by: [user]
 steps:
   - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }
-  - dedup: { key: [amount], within: 1m }
-  - dedup: { key: [ts], within: 1m }
+  - dedup: { key: [n], within: 1m }
+  - dedup: { key: [window_start], within: 1m }
 sink:
   topic: out
   key: [user]
@@ -453,7 +453,7 @@ sink:
     let several = text
         .replace("topics: [clicks]", "topics: [clicks, more-clicks]")
         .replace("  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }\n", "")
-        .replace("  - dedup: { key: [amount], within: 1m }\n  - dedup: { key: [ts], within: 1m }", "  - dedup: { key: [user], within: 1m }")
+        .replace("  - dedup: { key: [n], within: 1m }\n  - dedup: { key: [window_start], within: 1m }", "  - dedup: { key: [user], within: 1m }")
         .replace("  key: [user]\n", "  key_format: avro\n");
     let (_dir, path) = write(&several);
     let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
@@ -728,4 +728,118 @@ fn a_dedup_key_too_large_for_the_changelog_is_a_dlq_record_and_later_records_flo
     let users: Vec<&serde_json::Value> =
         lines.iter().filter(|line| line["topic"] == "out").map(|line| &line["value"]["user_id"]).collect();
     assert_eq!(users, ["ann", "bob"], "the later records flow on; ann's second record is a duplicate");
+}
+
+/// Each step is checked against the schema the step before it made: a filter reads a
+/// window's results, `validate` prints what set, drop and select make, and a field a step
+/// took away, an expression mixing int and double or a type no field can hold are config
+/// problems naming the step and the field, all reported at once.
+#[test]
+fn steps_see_the_schema_the_step_before_made() {
+    let steps = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count(), total: sum(amount) } }\n  \
+                 - filter: \"n > 2\"\n  \
+                 - set: { mean: \"total / double(n)\", user.id: user_id }\n  \
+                 - drop: [total]\n  \
+                 - select: { who: user.id, clicks: n, mean: mean, topic: _topic }";
+    let (_dir, path) = write(&windowed(steps, ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for expected in [
+        "step 2: set mean = total / double(n), user.id = user_id\n    \
+         out: {user_id: string, window_start: timestamp, window_end: timestamp, n: long, total: double, mean: double, user: {id: string}}",
+        "step 3: drop total\n    out: {user_id: string, window_start: timestamp, window_end: timestamp, n: long, mean: double, user: {id: string}}",
+        "out: {who: string, clicks: long, mean: double, topic: string}",
+    ] {
+        assert!(stdout.contains(expected), "missing '{expected}' in:\n{stdout}");
+    }
+
+    let steps = "  - drop: [amount]\n  \
+                 - filter: \"amount > 1.0\"\n  \
+                 - select: { uid: user_id, ts: ts }\n  \
+                 - dedup: { key: [user_id], within: 1m }";
+    let (_dir, path) = write(&windowed(steps, "").replace("  topic: out", "  topic: out\n  key: [user_id]"));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_config_problems(
+        &output,
+        3,
+        &[
+            "steps[1].filter: 'amount > 1.0' names 'amount' not in the record; fields: user_id, ts",
+            "steps[3].dedup.key: 'user_id' is not a field of the record",
+            "sink.key: 'user_id' is not a field of the record",
+        ],
+    );
+    let steps = "  - set: { cents: \"amount * 100\", tags: \"[1, 2]\", ratio: \"ts * 1.5\", user_id.first: \"'x'\" }";
+    let (_dir, path) = write(&windowed(steps, ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_config_problems(
+        &output,
+        3,
+        &[
+            "steps[0].set.cents: 'amount * 100': mixes int and double, which CEL does not do on its own",
+            "steps[0].set.tags: '[1, 2]' gives a type known only at run time, which a record field cannot hold; convert it with",
+            "steps[0].set.ratio: 'ts * 1.5': mixes int and double",
+        ],
+    );
+}
+
+/// A step that rewrites the field the input is partitioned by makes the next keyed step
+/// repartition, where it would otherwise have run in place.
+#[test]
+fn rewriting_the_partitioning_field_makes_a_keyed_step_repartition() {
+    let dedup = "  - dedup: { key: [user_id], within: 1m }";
+    let plan_of = |steps: &str| {
+        let (_dir, path) = write(&windowed(steps, "").replace("    watermark:", "    partitioned_by: [user_id]\n    watermark:"));
+        let output = weir(&["plan", "--pipeline", &path], &[]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(!plan_of(dedup).contains("repartition"), "{}", plan_of(dedup));
+    let kept = plan_of(&format!("  - select: {{ user_id: user_id, ts: ts }}\n{dedup}"));
+    assert!(!kept.contains("repartition"), "{kept}");
+    let rewritten = plan_of(&format!("  - set: {{ user_id: \"'u-' + user_id\" }}\n{dedup}"));
+    assert!(rewritten.contains("records routed by a hash of [user_id]"), "{rewritten}");
+}
+
+/// In upsert mode a window result's id includes its `window_start`: a step after the window
+/// that changes or removes that field would give results of different windows one id.
+#[test]
+fn idempotent_upsert_keeps_window_start_after_a_window() {
+    let window = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }";
+    let upsert = |steps: &str| windowed(&format!("{window}\n{steps}"), "").replace("  topic: out", "  topic: out\n  mode: idempotent_upsert");
+    let (_dir, path) = write(&upsert("  - select: { user_id: user_id, n: n }"));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 configuration problem:\n  - steps[1]: idempotent_upsert ids of window results are their group and window_start"), "{stderr}");
+    let (_dir, path) = write(&upsert("  - select: { user_id: user_id, window_start: window_start, n: n }\n  - set: { doubled: \"n * 2\" }"));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// `sink.headers`: pass-through is refused where outputs merge several inputs (a window's
+/// results), and a header expression must give text, a number or a boolean.
+#[test]
+fn sink_headers_are_checked_against_what_the_sink_receives() {
+    let steps = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }";
+    let text = windowed(steps, "").replace(
+        "  topic: out",
+        "  topic: out\n  headers:\n    pass_through: true\n    set: { user: user_id, count: n, all: _headers, later: amount }",
+    );
+    let (_dir, path) = write(&text);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_config_problems(
+        &output,
+        3,
+        &[
+            "sink.headers.pass_through: a window's results come from several input records, whose headers differ",
+            "sink.headers.set.all: '_headers' must give text, a number or a boolean",
+            "sink.headers.set.later: 'amount' names 'amount' not in the record; fields: user_id, window_start, window_end, n",
+        ],
+    );
+    let (_dir, path) = write(&text.replace("    pass_through: true\n", "").replace(", all: _headers, later: amount", ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("  sink headers: none of the input record's, then user = user_id, count = n\n"), "{stdout}");
 }

@@ -68,6 +68,24 @@ pub struct Sink {
     /// How keys that weir makes (from fields) are written: json or avro.
     pub key_encoding: Encoding,
     pub mode: DeliveryMode,
+    pub headers: SinkHeaders,
+}
+
+impl Sink {
+    /// Whether sink records carry their input record's headers (the plan settles the default).
+    pub fn passes_headers(&self) -> bool {
+        self.headers.pass_through.unwrap_or(false)
+    }
+}
+
+/// `sink.headers`: which headers the sink records carry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SinkHeaders {
+    /// Copy the input record's headers; None as written means the default (true where each
+    /// output comes from one input record), which the plan settles.
+    pub pass_through: Option<bool>,
+    /// Header name → CEL expression over the sink's records, in the order written.
+    pub set: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -98,6 +116,7 @@ struct RawSink {
     key: Vec<String>,
     key_format: Encoding,
     mode: DeliveryMode,
+    headers: SinkHeaders,
 }
 
 impl RawSink {
@@ -113,10 +132,35 @@ impl RawSink {
             key: fields.or_default("key", problems),
             key_format: fields.optional("key_format", problems).unwrap_or(Encoding::Json),
             mode: fields.or_default("mode", problems),
+            headers: fields.raw("headers").map(|value| read_sink_headers(value, problems)).unwrap_or_default(),
         };
         fields.finish(problems);
         Some(raw)
     }
+}
+
+/// `sink.headers: {pass_through: <bool>, set: {<name>: <expression>}}`.
+fn read_sink_headers(value: &Yaml, problems: &mut ConfigErrors) -> SinkHeaders {
+    let Some(mut fields) = Fields::of(value, "sink.headers", problems) else {
+        return SinkHeaders::default();
+    };
+    let pass_through = fields.optional("pass_through", problems);
+    let mut set = Vec::new();
+    if let Some(written) = fields.raw("set") {
+        match written.as_mapping() {
+            Some(mapping) => {
+                for (name, expression) in mapping {
+                    match (name.as_str(), expression.as_str()) {
+                        (Some(name), Some(expression)) if !name.is_empty() => set.push((name.to_string(), expression.to_string())),
+                        _ => problems.push("sink.headers.set", "each entry is `header-name: \"<expression>\"`"),
+                    }
+                }
+            }
+            None => problems.push("sink.headers.set", "must be a mapping of header names to expressions"),
+        }
+    }
+    fields.finish(problems);
+    SinkHeaders { pass_through, set }
 }
 
 #[derive(Deserialize)]
@@ -242,5 +286,12 @@ fn check_sink(raw: RawSink, problems: &mut ConfigErrors) -> Sink {
     if raw.key_format == Encoding::String {
         problems.push("sink.key_format", "keys are written as json or avro");
     }
-    Sink { topic: raw.topic.unwrap_or_default(), encoding: raw.format, key: raw.key, key_encoding: raw.key_format, mode: raw.mode }
+    Sink {
+        topic: raw.topic.unwrap_or_default(),
+        encoding: raw.format,
+        key: raw.key,
+        key_encoding: raw.key_format,
+        mode: raw.mode,
+        headers: raw.headers,
+    }
 }

@@ -3,7 +3,6 @@
 
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use super::source::{Encoding, Source};
 use super::ConfigErrors;
 
 /// The explicit field types of a JSON source; nested objects are schemas themselves.
@@ -21,6 +20,20 @@ pub enum FieldType {
     /// Epoch milliseconds.
     Timestamp,
     Object(Schema),
+}
+
+impl FieldType {
+    /// The type as the pipeline file writes it.
+    pub fn describe(&self) -> String {
+        match self {
+            FieldType::String => "string".to_string(),
+            FieldType::Long => "long".to_string(),
+            FieldType::Double => "double".to_string(),
+            FieldType::Boolean => "boolean".to_string(),
+            FieldType::Timestamp => "timestamp".to_string(),
+            FieldType::Object(inner) => inner.describe(),
+        }
+    }
 }
 
 impl Schema {
@@ -54,22 +67,58 @@ impl Schema {
     /// The fields and their types as the pipeline file writes them, e.g.
     /// `{user: string, at: {ts: long}}`.
     pub fn describe(&self) -> String {
-        let fields: Vec<String> = self
-            .fields
-            .iter()
-            .map(|(name, field_type)| {
-                let written = match field_type {
-                    FieldType::String => "string".to_string(),
-                    FieldType::Long => "long".to_string(),
-                    FieldType::Double => "double".to_string(),
-                    FieldType::Boolean => "boolean".to_string(),
-                    FieldType::Timestamp => "timestamp".to_string(),
-                    FieldType::Object(inner) => inner.describe(),
-                };
-                format!("{name}: {written}")
-            })
-            .collect();
+        let fields: Vec<String> = self.fields.iter().map(|(name, field_type)| format!("{name}: {}", field_type.describe())).collect();
         format!("{{{}}}", fields.join(", "))
+    }
+
+    /// This schema with the field at a dotted path added (at the end of its object) or its
+    /// type replaced; the objects on the way are made when missing. Err: a part of the way
+    /// is a field that is not an object.
+    pub fn with_field(&self, path: &str, field_type: FieldType) -> Result<Schema, String> {
+        let mut schema = self.clone();
+        let mut target = &mut schema;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let position = target.fields.iter().position(|(name, _)| name == part);
+            if parts.peek().is_none() {
+                match position {
+                    Some(position) => target.fields[position].1 = field_type,
+                    None => target.fields.push((part.to_string(), field_type)),
+                }
+                break;
+            }
+            let position = position.unwrap_or_else(|| {
+                target.fields.push((part.to_string(), FieldType::Object(Schema { fields: Vec::new() })));
+                target.fields.len() - 1
+            });
+            target = match &mut target.fields[position].1 {
+                FieldType::Object(inner) => inner,
+                other => return Err(format!("'{part}' is a {}, not an object with fields", other.describe())),
+            };
+        }
+        Ok(schema)
+    }
+
+    /// This schema without the field at a dotted path. Err: the schema has no such field.
+    pub fn without_field(&self, path: &str) -> Result<Schema, String> {
+        if self.field_type(path).is_none() {
+            return Err(format!("'{path}' is not a field of the record"));
+        }
+        let mut schema = self.clone();
+        let mut target = &mut schema;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let position = target.fields.iter().position(|(name, _)| name == part).ok_or_else(|| format!("'{path}' is not a field"))?;
+            if parts.peek().is_none() {
+                target.fields.remove(position);
+                break;
+            }
+            match &mut target.fields[position].1 {
+                FieldType::Object(inner) => target = inner,
+                _ => return Err(format!("'{path}' is not a field of the record")),
+            }
+        }
+        Ok(schema)
     }
 
     /// The type of a dotted path such as `user.id`, if the schema has it.
@@ -138,18 +187,14 @@ pub fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErro
     valid.then_some(Schema { fields })
 }
 
-/// Records a problem for each field that the source's records do not have.
-pub fn check_fields(fields: &[String], source: Option<&Source>, location: &str, problems: &mut ConfigErrors) {
-    let Some(source) = source else {
+/// Records a problem for each field that the records (of this schema; None: not known, after
+/// a step with problems) do not have.
+pub fn check_fields(fields: &[String], schema: Option<&Schema>, location: &str, problems: &mut ConfigErrors) {
+    let Some(schema) = schema else {
         return;
     };
     for field in fields {
-        let known = match (&source.schema, source.encoding) {
-            (Some(schema), _) => schema.field_type(field).is_some(),
-            (None, Encoding::String) => field == "value",
-            _ => true,
-        };
-        if !known {
+        if schema.field_type(field).is_none() {
             problems.push(location, format!("'{field}' is not a field of the record"));
         }
     }

@@ -58,6 +58,8 @@ pub struct ForwardHeaders {
     pub source: Option<(String, i32, i64, Option<i64>)>,
     /// Upsert mode: the forward's position in its sender's sequence.
     pub position: Option<(i64, u32)>,
+    /// How many of the record's headers, from the first, are the input record's.
+    pub input_headers: usize,
 }
 
 const SENDER: &str = "weir-sender";
@@ -69,13 +71,20 @@ const IDLE: &str = "weir-idle";
 const SOURCE: &str = "weir-source";
 const POSITION: &str = "weir-position";
 
+/// The names of the headers weir adds to a repartition-topic record.
+const FORWARD_HEADERS: &[&str] = &[SENDER, WATERMARK, EVENT_TIME, RECORD_KEY, UPSERT, IDLE, SOURCE, POSITION];
+
 /// The repartition-topic record of a forward: the input's Kafka key, the fields as JSON (no
-/// value: a watermark alone), and the rest in headers.
+/// value: a watermark alone), the input record's headers, then weir's own after them.
 pub(super) fn forwarded(forward: Forward<'_>) -> Output {
-    let mut headers = vec![
-        (SENDER.to_string(), forward.sender.into_bytes()),
-        (WATERMARK.to_string(), forward.watermark.to_string().into_bytes()),
-    ];
+    let mut headers: Vec<(String, Vec<u8>)> = forward
+        .record
+        .as_ref()
+        .and_then(|record| record.provenance)
+        .map(|provenance| provenance.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect())
+        .unwrap_or_default();
+    headers.push((SENDER.to_string(), forward.sender.into_bytes()));
+    headers.push((WATERMARK.to_string(), forward.watermark.to_string().into_bytes()));
     if forward.idle {
         headers.push((IDLE.to_string(), b"1".to_vec()));
     }
@@ -102,8 +111,11 @@ pub(super) fn forwarded(forward: Forward<'_>) -> Output {
 }
 
 impl ForwardHeaders {
-    /// Reads the headers `forwarded` wrote.
+    /// Reads the headers `forwarded` wrote: weir's own at the end, after the input record's
+    /// (the first `input_headers` of them).
     pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, BrokenForward> {
+        let input_headers = headers.len() - headers.iter().rev().take_while(|(name, _)| FORWARD_HEADERS.contains(name)).count();
+        let headers = &headers[input_headers..];
         let find = |name: &str| headers.iter().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
         let text = |name: &str| find(name).and_then(|bytes| std::str::from_utf8(bytes).ok());
         let number = |name: &str| text(name).and_then(|text| text.parse::<i64>().ok());
@@ -126,6 +138,7 @@ impl ForwardHeaders {
             ),
         };
         Ok(ForwardHeaders {
+            input_headers,
             position,
             sender,
             watermark,

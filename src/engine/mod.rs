@@ -5,6 +5,7 @@
 
 mod forward;
 mod records;
+mod sink_headers;
 mod topology;
 
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
@@ -19,6 +20,7 @@ use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Emitted, Provenance, Record, StateEntryLimit};
 pub use topology::ChangelogEntry;
+use sink_headers::SinkHeaders;
 use topology::{ChainResult, Topology};
 
 pub struct Engine {
@@ -33,6 +35,7 @@ pub struct Engine {
     /// For the keys weir makes from fields.
     key_encoder: Encoder,
     topology: Topology,
+    sink_headers: SinkHeaders,
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
     repartition_topics: Vec<(usize, String)>,
@@ -100,6 +103,7 @@ impl Engine {
             None => None,
         };
         let topology = Topology::new(pipeline)?;
+        let sink_headers = SinkHeaders::new(pipeline)?;
         let repartition_topics = pipeline.repartition_topics();
         Ok(Engine {
             pipeline: pipeline.clone(),
@@ -110,6 +114,7 @@ impl Engine {
             encoder,
             key_encoder,
             topology,
+            sink_headers,
             counts: BatchCounts::default(),
             repartition_topics,
             clock: Clock::Wall,
@@ -425,14 +430,23 @@ impl Engine {
                             continue;
                         }
                     };
+                    let mut headers = match self.sink_headers.of(&record) {
+                        Ok(headers) => headers,
+                        Err(error) => {
+                            self.failed_at_sink(key, &record, ErrorStage::Process, &format!("sink.headers: {error}"), outputs)?;
+                            continue;
+                        }
+                    };
                     // Upsert mode: the key is the output's id, also in a header with its version.
-                    let (key, headers) = match self.pipeline.sink.mode {
+                    let key = match self.pipeline.sink.mode {
                         DeliveryMode::IdempotentUpsert => {
                             let (id, version) = upsert_id(&record);
                             let id = json::encode(&id);
-                            (Some(id.clone()), vec![(ID_HEADER.to_string(), id), (VERSION_HEADER.to_string(), version.to_string().into_bytes())])
+                            sink_headers::replace(&mut headers, ID_HEADER, Some(id.clone()));
+                            sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
+                            Some(id)
                         }
-                        DeliveryMode::Transactional => (key, Vec::new()),
+                        DeliveryMode::Transactional => key,
                     };
                     match self.encoder.encode(&record.fields) {
                         Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers },
@@ -465,11 +479,21 @@ impl Engine {
 
     /// A result the sink's format cannot encode follows `on_error.produce`.
     fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
-        let error = format!("encoding the result for the sink: {error}");
+        self.failed_at_sink(key, record, ErrorStage::Produce, &format!("encoding the result for the sink: {error}"), outputs)
+    }
+
+    /// A result that cannot become a sink record goes where the stage's `on_error` says, as
+    /// JSON with the provenance of the input it came from.
+    fn failed_at_sink(
+        &mut self,
+        key: Option<Vec<u8>>,
+        record: &Record<'_>,
+        stage: ErrorStage,
+        error: &str,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), RecordFailure> {
         let provenance = record.provenance;
-        self.route(ErrorStage::Produce, &error, provenance.as_ref(), outputs, || {
-            Output::unencodable(key, &record.fields, &error, provenance.as_ref())
-        })
+        self.route(stage, error, provenance.as_ref(), outputs, || Output::unencodable(key, &record.fields, stage, error, provenance.as_ref()))
     }
 
     /// Applies the stage's `on_error` action to a bad record.

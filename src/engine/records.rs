@@ -87,11 +87,21 @@ impl Output {
         }
     }
 
-    /// The DLQ record for a result the sink's format cannot encode: the result as JSON, with
-    /// the provenance headers of the input it came from, when it came from one.
-    pub(super) fn unencodable(key: Option<Vec<u8>>, fields: &serde_json::Map<String, serde_json::Value>, error: &str, provenance: Option<&Provenance<'_>>) -> Output {
-        let mut headers = Vec::with_capacity(5);
-        error_headers(&mut headers, ErrorStage::Produce, error, provenance);
+    /// The DLQ record for a result that cannot become a sink record (its format cannot encode
+    /// it, a header expression failed): the result as JSON, with the provenance headers of the
+    /// input it came from, when it came from one.
+    pub(super) fn unencodable(
+        key: Option<Vec<u8>>,
+        fields: &serde_json::Map<String, serde_json::Value>,
+        stage: ErrorStage,
+        error: &str,
+        provenance: Option<&Provenance<'_>>,
+    ) -> Output {
+        // The input's own headers first, as for an input sent to the DLQ as it was.
+        let mut headers: Vec<(String, Vec<u8>)> = provenance
+            .map(|provenance| provenance.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect())
+            .unwrap_or_default();
+        error_headers(&mut headers, stage, error, provenance);
         Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
     }
 }

@@ -8,13 +8,17 @@
 
 pub mod dedup;
 pub mod event_time;
+pub mod expression;
 pub mod filter;
 pub mod join;
+pub mod reshape;
 pub mod window;
 
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigErrors, Schema, Source, StepEntry};
+use reshape::config::{Assignments, Drop};
+use reshape::ReshapeOperator;
 use dedup::config::Dedup;
 use dedup::DedupOperator;
 use event_time::field_at;
@@ -215,6 +219,9 @@ pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Valu
 #[derive(Debug, Clone)]
 pub enum Step {
     Filter(Filter),
+    Set(Assignments),
+    Select(Assignments),
+    Drop(Drop),
     Dedup(Dedup),
     Window(Window),
     /// The `join` of a two-source pipeline: always step 0, before the file's steps.
@@ -222,22 +229,29 @@ pub enum Step {
 }
 
 impl Step {
-    /// Reads one entry of `steps` by its kind; `source` describes the records it sees.
-    pub fn parse(entry: &StepEntry, source: Option<&Source>, problems: &mut ConfigErrors) -> Option<Step> {
+    /// The kinds a pipeline file's `steps` may hold.
+    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "dedup", "window"];
+
+    /// Reads one entry of `steps` by its kind; `input` is the schema of the records it sees
+    /// (None: not known, after a step with problems).
+    pub fn parse(entry: &StepEntry, input: Option<&Schema>, problems: &mut ConfigErrors) -> Option<Step> {
         let (body, location) = (&entry.body, entry.location.as_str());
         match entry.kind.as_str() {
-            "filter" => Filter::parse(body, source, location, problems).map(Step::Filter),
-            "dedup" => Dedup::parse(body, source, location, problems).map(Step::Dedup),
-            "window" => Window::parse(body, source, location, problems).map(Step::Window),
+            "filter" => Filter::parse(body, input, location, problems).map(Step::Filter),
+            "set" => Assignments::parse("set", body, input, location, problems).map(Step::Set),
+            "select" => Assignments::parse("select", body, input, location, problems).map(Step::Select),
+            "drop" => Drop::parse(body, input, location, problems).map(Step::Drop),
+            "dedup" => Dedup::parse(body, input, location, problems).map(Step::Dedup),
+            "window" => Window::parse(body, input, location, problems).map(Step::Window),
             other => {
-                problems.push(location, format!("unknown step kind '{other}'; kinds: filter, dedup, window"));
+                problems.push(location, format!("unknown step kind '{other}'; kinds: {}", Self::KINDS.join(", ")));
                 None
             }
         }
     }
 
     pub fn is_stateful(&self) -> bool {
-        !matches!(self, Step::Filter(_))
+        matches!(self, Step::Dedup(_) | Step::Window(_) | Step::Join(_))
     }
 
     /// Whether steps of this kind (as written in `steps`) keep state.
@@ -245,18 +259,40 @@ impl Step {
         matches!(kind, "dedup" | "window")
     }
 
-    /// The fields of the records it hands on, given those it receives.
+    /// Whether steps of this kind hand on the records' fields as they received them.
+    pub fn kind_keeps_schema(kind: &str) -> bool {
+        matches!(kind, "filter" | "dedup")
+    }
+
+    /// The fields of the records it hands on, given those it receives (checked when the step
+    /// was read, so a problem cannot come back here; should one, the input goes on).
     pub fn output_schema(&self, input: Schema) -> Schema {
         match self {
             Step::Filter(_) | Step::Dedup(_) => input,
+            Step::Set(assignments) => assignments.output_schema(false, &input).unwrap_or(input),
+            Step::Select(assignments) => assignments.output_schema(true, &input).unwrap_or(input),
+            Step::Drop(drop) => drop.output_schema(&input).unwrap_or(input),
             Step::Join(join) => join.output.record_schema(),
             Step::Window(window) => window.output_schema(&input),
+        }
+    }
+
+    /// Whether the records it hands on may hold another value in `field` than those it
+    /// received (so they are no longer partitioned by it).
+    pub fn rewrites(&self, field: &str) -> bool {
+        match self {
+            Step::Set(assignments) => assignments.writes(field),
+            Step::Select(assignments) => !assignments.keeps(field),
+            Step::Drop(drop) => drop.removes(field),
+            Step::Filter(_) | Step::Dedup(_) | Step::Window(_) | Step::Join(_) => false,
         }
     }
 }
 
 pub enum Operator {
     Filter(FilterOperator),
+    /// `set`, `select` and `drop`.
+    Reshape(ReshapeOperator),
     Dedup(DedupOperator),
     Window(WindowOperator),
     /// With the right source, which tells a record's side by its topic.
@@ -264,12 +300,16 @@ pub enum Operator {
 }
 
 impl Operator {
-    /// `limit` bounds the state entries a stateful step keeps (see [`StateEntryLimit`]).
-    pub fn build(step: &Step, source: &Source, limit: StateEntryLimit) -> Result<Operator, BuildError> {
+    /// `input` is the schema of the records the step sees; `limit` bounds the state entries
+    /// a stateful step keeps (see [`StateEntryLimit`]).
+    pub fn build(step: &Step, input: &Schema, limit: StateEntryLimit) -> Result<Operator, BuildError> {
         match step {
-            Step::Filter(filter) => FilterOperator::new(&filter.expression, source).map(Operator::Filter),
+            Step::Filter(filter) => FilterOperator::new(&filter.expression, input).map(Operator::Filter),
+            Step::Set(assignments) => ReshapeOperator::assign(assignments, false, input).map(Operator::Reshape),
+            Step::Select(assignments) => ReshapeOperator::assign(assignments, true, input).map(Operator::Reshape),
+            Step::Drop(drop) => Ok(Operator::Reshape(ReshapeOperator::drop(drop))),
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup, limit))),
-            Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, source.schema.as_ref(), limit))),
+            Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, Some(input), limit))),
             Step::Join(join) => Ok(Operator::Join(JoinOperator::new(JoinSpec::of(join), limit), join.right.clone())),
         }
     }
@@ -284,6 +324,7 @@ impl Operator {
         panic_at_failpoint(self.kind(), &record);
         match self {
             Operator::Filter(filter) => filter.process(record, out),
+            Operator::Reshape(reshape) => reshape.process(record, out),
             Operator::Dedup(dedup) => dedup.process(record, watermark, out),
             Operator::Window(window) => window.process(record, watermark, out),
             Operator::Join(join, right) => {
@@ -298,7 +339,7 @@ impl Operator {
 
     pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
         match self {
-            Operator::Filter(_) => {}
+            Operator::Filter(_) | Operator::Reshape(_) => {}
             Operator::Dedup(dedup) => dedup.advance(watermark),
             Operator::Window(window) => window.advance(watermark, out),
             Operator::Join(join, _) => join.advance(watermark, out),
@@ -314,7 +355,7 @@ impl Operator {
     /// State entries changed since the last call (stateless steps have none).
     pub fn take_changes(&mut self) -> Vec<StateChange> {
         match self {
-            Operator::Filter(_) => Vec::new(),
+            Operator::Filter(_) | Operator::Reshape(_) => Vec::new(),
             Operator::Dedup(dedup) => dedup.take_changes(),
             Operator::Window(window) => window.take_changes(),
             Operator::Join(join, _) => join.take_changes(),
@@ -324,7 +365,7 @@ impl Operator {
     /// Puts back one state entry read from the changelog (None deletes it).
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         match self {
-            Operator::Filter(_) => Ok(()),
+            Operator::Filter(_) | Operator::Reshape(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),
             Operator::Window(window) => window.restore(key, value),
             Operator::Join(join, _) => join.restore(key, value),
@@ -334,7 +375,7 @@ impl Operator {
     /// Keys (dedup) or windows held in state.
     pub fn state_keys(&self) -> usize {
         match self {
-            Operator::Filter(_) => 0,
+            Operator::Filter(_) | Operator::Reshape(_) => 0,
             Operator::Dedup(dedup) => dedup.state_keys(),
             Operator::Window(window) => window.state_keys(),
             Operator::Join(join, _) => join.state_keys(),
@@ -345,6 +386,7 @@ impl Operator {
     pub fn kind(&self) -> &'static str {
         match self {
             Operator::Filter(_) => "filter",
+            Operator::Reshape(reshape) => reshape.kind(),
             Operator::Dedup(_) => "dedup",
             Operator::Window(_) => "window",
             Operator::Join(..) => "join",
@@ -355,6 +397,7 @@ impl Operator {
     pub fn describe(&self) -> String {
         match self {
             Operator::Filter(filter) => format!("filter {}", filter.expression()),
+            Operator::Reshape(reshape) => reshape.describe(),
             Operator::Dedup(dedup) => dedup.describe(),
             Operator::Window(window) => window.describe(),
             Operator::Join(join, _) => join.describe(),

@@ -37,6 +37,10 @@ pub fn describe(loaded: &Loaded) -> String {
     };
     let sink = &pipeline.sink;
     let _ = writeln!(text, "  sink: {} ({}, key: {key}, {})", sink.topic, sink.encoding.as_str(), sink.mode.as_str());
+    let passed = if sink.passes_headers() { "the input record's" } else { "none of the input record's" };
+    let set: Vec<String> = sink.headers.set.iter().map(|(name, expression)| format!("{name} = {expression}")).collect();
+    let set = if set.is_empty() { String::new() } else { format!(", then {}", set.join(", ")) };
+    let _ = writeln!(text, "  sink headers: {passed}{set}");
     let _ = writeln!(text, "  dlq: {}", pipeline.dlq_topic);
     let _ = writeln!(text, "  consumer group: {}", pipeline.name);
     let _ = writeln!(text, "  transactional id: {}-<instance>", pipeline.name);

@@ -16,6 +16,7 @@ use crate::config::{
     self, check_fields, ConfigErrors, Encoding, ErrorPolicy, FieldType, PipelineFile, Schema, Settings, Sink, DeliveryMode, Source,
     SourceTopics,
 };
+use crate::operators::expression::{Expression, ValueType};
 use crate::operators::join::config::{check_section, parse_join, Join};
 use crate::operators::window::config::EmitMode;
 use crate::operators::{Operator, StateEntryLimit, Step};
@@ -37,14 +38,6 @@ impl Pipeline {
         match self.steps.first() {
             Some(Step::Join(join)) => Some(join.as_ref()),
             _ => None,
-        }
-    }
-
-    /// The records a step (by pipeline index) sees: the source's, or the joined ones.
-    pub fn step_source(&self, index: usize) -> &Source {
-        match self.join() {
-            Some(join) if index > 0 => &join.output,
-            _ => &self.source,
         }
     }
 
@@ -120,7 +113,7 @@ impl Pipeline {
         let mut input = self.source.record_schema();
         for step in &self.steps {
             match step {
-                Step::Filter(_) => {}
+                Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) => {}
                 Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
                 Step::Join(join) => {
                     key = Some(self.source.record_schema().select(&join.on));
@@ -214,7 +207,7 @@ impl Pipeline {
     fn describe_step(&self, index: usize) -> String {
         self.steps
             .get(index)
-            .and_then(|step| Operator::build(step, self.step_source(index), StateEntryLimit::default()).ok())
+            .and_then(|step| Operator::build(step, &self.schema_seen_by(index), StateEntryLimit::default()).ok())
             .map(|operator| operator.describe())
             .unwrap_or_default()
     }
@@ -266,8 +259,13 @@ fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<Stage> {
     let source = &pipeline.source;
     let mut partitioned_by: Option<Vec<String>> = (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
     for (index, step) in pipeline.steps.iter().enumerate() {
+        // A step that writes a partitioning field leaves the records partitioned by nothing
+        // weir can name.
+        if partitioned_by.as_ref().is_some_and(|fields| fields.iter().any(|field| step.rewrites(field))) {
+            partitioned_by = None;
+        }
         let key = match step {
-            Step::Filter(_) => None,
+            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) => None,
             Step::Dedup(dedup) => Some(&dedup.key),
             Step::Window(window) => Some(&window.group_by),
             Step::Join(join) => {
@@ -394,12 +392,24 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     };
     // The steps see the joined records after a join.
     let steps_source = join.as_ref().map(|join| &join.output).or(source.as_ref());
-    let steps: Vec<Option<Step>> = entries.iter().map(|entry| Step::parse(entry, steps_source, problems)).collect();
+    // Each step is read against the schema of the records it sees: the one the step before
+    // it makes (not known after a step with problems, whose followers are then checked less).
+    let mut input = steps_source.map(Source::record_schema);
+    let mut steps: Vec<Option<Step>> = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let step = Step::parse(entry, input.as_ref(), problems);
+        input = match (&step, input) {
+            (Some(step), Some(schema)) => Some(step.output_schema(schema)),
+            (None, Some(schema)) if Step::kind_keeps_schema(&entry.kind) => Some(schema),
+            _ => None,
+        };
+        steps.push(step);
+    }
     // Whether a stateful step is there, even one whose body has problems of its own.
     let stateful = entries.iter().any(|entry| Step::kind_is_stateful(&entry.kind));
     let steps: Option<Vec<Step>> = steps.into_iter().collect();
     if let Some(sink) = &sink {
-        check_fields(&sink.key, steps_source, "sink.key", problems);
+        check_fields(&sink.key, input.as_ref(), "sink.key", problems);
     }
     if let (true, Some(source), None) = (stateful, &source, &join) {
         if source.event_time.is_none() {
@@ -418,7 +428,8 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     if dlq_topic == sink.topic {
         problems.push("dlq.topic", "must differ from sink.topic");
     }
-    let pipeline = Pipeline { name, source, steps, sink, on_error, dlq_topic };
+    let mut pipeline = Pipeline { name, source, steps, sink, on_error, dlq_topic };
+    settle_sink_headers(&mut pipeline, problems);
     if pipeline.sink.encoding == Encoding::Avro
         && let Err(problem) = AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)
     {
@@ -444,6 +455,39 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     Some(pipeline)
 }
 
+/// Settles `sink.headers.pass_through` (default: true where each output comes from one input
+/// record, the only place it is allowed) and checks the `set` expressions against the
+/// sink's records: each must give text, a number or a boolean.
+fn settle_sink_headers(pipeline: &mut Pipeline, problems: &mut ConfigErrors) {
+    let merging = pipeline.steps.iter().find(|step| matches!(step, Step::Window(_) | Step::Join(_)));
+    let headers = &pipeline.sink.headers;
+    let pass_through = match (headers.pass_through, merging) {
+        (Some(true), Some(step)) => {
+            let kind = if matches!(step, Step::Window(_)) { "a window's" } else { "a join's" };
+            problems.push(
+                "sink.headers.pass_through",
+                format!("{kind} results come from several input records, whose headers differ; remove pass_through or set it false"),
+            );
+            false
+        }
+        (Some(written), _) => written,
+        (None, merging) => merging.is_none(),
+    };
+    let schema = pipeline.output_schema();
+    for (name, expression) in &headers.set {
+        let location = format!("sink.headers.set.{name}");
+        match Expression::compile(expression, &schema).map(|compiled| compiled.value_type().clone()) {
+            Ok(ValueType::Known(FieldType::Object(_)) | ValueType::Headers | ValueType::Unknown) => problems.push(
+                location,
+                format!("'{expression}' must give text, a number or a boolean; convert it with string()"),
+            ),
+            Ok(_) => {}
+            Err(problem) => problems.push(location, problem.to_string()),
+        }
+    }
+    pipeline.sink.headers.pass_through = Some(pass_through);
+}
+
 /// What `mode: idempotent_upsert` runs in this version: at most one repartition. Without
 /// transactions a stage-0 task that replays after a crash writes its forwards to the
 /// repartition topic again; each carries its place in its sender's sequence (the input
@@ -460,6 +504,17 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
             problems.push(
                 format!("steps[{index}].window.emit"),
                 format!("{WHY} writes each window once, with emit: final; emit: update results depend on batch boundaries"),
+            );
+        }
+    }
+    // A window result's id is its group and its `window_start` field as the result leaves
+    // the steps: a step after the window must leave that field as it is.
+    let first_window = pipeline.steps.iter().position(|step| matches!(step, Step::Window(_)));
+    for (index, step) in pipeline.steps.iter().enumerate().skip(first_window.map_or(usize::MAX, |window| window + 1)) {
+        if step.rewrites("window_start") {
+            problems.push(
+                format!("steps[{index}]"),
+                format!("{WHY} ids of window results are their group and window_start; leave window_start as the window made it"),
             );
         }
     }
@@ -518,7 +573,7 @@ sink:
 
     #[test]
     fn a_keyed_step_not_partitioned_by_its_key_starts_a_stage() {
-        let steps = "  - filter: \"amount > 0\"\n  - dedup: { key: [user], within: 1m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [page], tumbling: 1h, aggregates: { n: count() } }";
+        let steps = "  - filter: \"amount > 0\"\n  - dedup: { key: [user], within: 1m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [n], tumbling: 1h, aggregates: { users: count() } }";
         let stages = planned("", steps).stages();
         let cut: Vec<(Vec<usize>, Option<Vec<String>>)> = stages.stages.into_iter().map(|stage| (stage.steps, stage.repartition_by)).collect();
         assert_eq!(
@@ -526,7 +581,7 @@ sink:
             [
                 (vec![0], None),
                 (vec![1, 2], Some(vec!["user".to_string()])),
-                (vec![3], Some(vec!["page".to_string()])),
+                (vec![3], Some(vec!["n".to_string()])),
             ]
         );
         assert_eq!(stages.join_in_place, None);
@@ -572,14 +627,20 @@ sink:
 "#;
         let problems = parse_pipeline(text).unwrap_err();
         let locations: Vec<&str> = problems.problems.iter().map(|problem| problem.location.as_str()).collect();
-        for expected in ["steps[0].dedup.key", "steps[1].window.tumbling", "steps[2]", "sink.key", "sources.clicks.event_time"] {
+        for expected in ["steps[0].dedup.key", "steps[1].window.tumbling", "steps[2]", "sources.clicks.event_time"] {
             assert!(locations.contains(&expected), "no problem at {expected}: {problems}");
         }
+        // Fields are checked against the schema the steps make, while it is known: a filter
+        // or dedup with problems hands on what it received.
+        let text = text.replace("  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }\n  - explode: { field: items }\n", "");
+        let problems = parse_pipeline(&text.replace("dedup: {", "filter: \"nobody > 1\"\n  - dedup: {")).unwrap_err();
+        let locations: Vec<&str> = problems.problems.iter().map(|problem| problem.location.as_str()).collect();
+        assert_eq!(locations, ["steps[0].filter", "steps[1].dedup.key", "sink.key", "sources.clicks.event_time", "sources.clicks.watermark"], "{problems}");
     }
 
     #[test]
     fn an_upsert_pipeline_repartitions_at_most_once() {
-        let steps = "  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [page], tumbling: 1h, aggregates: { n: count() } }";
+        let steps = "  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }\n  - window: { group_by: [n], tumbling: 1h, aggregates: { users: count() } }";
         let text = planned("", steps);
         assert_eq!(text.stages().stages.len(), 3);
         let mut upsert = text.clone();

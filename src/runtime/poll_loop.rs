@@ -296,14 +296,14 @@ impl Loop<'_> {
             )),
         };
         // A forwarded record answers for the source record it came from.
-        let source = forwarded.as_ref().and_then(|(_, headers)| headers.source.clone());
+        let source = forwarded.as_ref().and_then(|(_, forward)| Some((forward.source.clone()?, forward.input_headers)));
         let provenance = match &source {
-            Some((topic, partition, offset, timestamp)) => Provenance {
+            Some(((topic, partition, offset, timestamp), input_headers)) => Provenance {
                 topic,
                 partition: *partition,
                 offset: *offset,
                 timestamp: *timestamp,
-                headers: &[],
+                headers: &headers[..*input_headers],
                 key: message.key(),
             },
             None => Provenance {

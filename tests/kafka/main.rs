@@ -12,4 +12,5 @@ mod poison;
 mod security;
 mod sources;
 mod stateful;
+mod transform;
 mod visibility;

@@ -25,7 +25,7 @@ fn bad_records_go_to_the_dlq_with_provenance_and_the_rest_flows_on() {
         match bad {
             Some((key, value, error)) => {
                 poison.insert(id as i64, (key, value.clone(), error));
-                inputs.push(Input { key: key.map(Into::into), value: value.map(Into::into), partition: None });
+                inputs.push(Input { key: key.map(Into::into), value: value.map(Into::into), partition: None, headers: Vec::new() });
             }
             None => inputs.push(Input::keyed(format!("k{id}"), event(id))),
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -37,15 +37,21 @@ pub struct Input {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub partition: Option<i32>,
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Input {
     pub fn value(value: impl Into<Vec<u8>>) -> Input {
-        Input { key: None, value: Some(value.into()), partition: None }
+        Input { key: None, value: Some(value.into()), partition: None, headers: Vec::new() }
     }
 
     pub fn keyed(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Input {
-        Input { key: Some(key.into()), value: Some(value.into()), partition: None }
+        Input { key: Some(key.into()), value: Some(value.into()), partition: None, headers: Vec::new() }
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Input {
+        self.headers.push((name.to_string(), value.into()));
+        self
     }
 }
 
@@ -74,6 +80,13 @@ impl TestProducer {
         }
         if let Some(partition) = input.partition {
             record = record.partition(partition);
+        }
+        if !input.headers.is_empty() {
+            let headers = input
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new(), |headers, (key, value)| headers.insert(Header { key, value: Some(value.as_slice()) }));
+            record = record.headers(headers);
         }
         loop {
             match self.producer.send(record) {

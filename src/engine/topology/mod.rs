@@ -27,7 +27,6 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::config::Source;
 use crate::operators::Step;
 use crate::plan::Pipeline;
 use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
@@ -151,7 +150,7 @@ impl Topology {
             .collect();
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
-            Operator::build(step, pipeline.step_source(index), StateEntryLimit::default())?;
+            Operator::build(step, &pipeline.schema_seen_by(index), StateEntryLimit::default())?;
         }
         Ok(Topology {
             pipeline: pipeline.clone(),
@@ -504,10 +503,6 @@ impl Topology {
         }
     }
 
-    fn step_source(&self, index: usize) -> &Source {
-        self.pipeline.step_source(index)
-    }
-
     /// The `max_out_of_orderness` of the source that reads `topic`, in milliseconds.
     fn out_of_orderness(&self, topic: &str) -> i64 {
         let source = self.pipeline.source_of_topic(topic);
@@ -522,7 +517,7 @@ impl Topology {
                 .steps
                 .iter()
                 .zip(&spec.indices)
-                .map(|(step, index)| Operator::build(step, self.step_source(*index), self.state_entry_limit))
+                .map(|(step, index)| Operator::build(step, &self.pipeline.schema_seen_by(*index), self.state_entry_limit))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| ProcessError(error.0))?;
             let watermark = self.task_watermark(stage, id);

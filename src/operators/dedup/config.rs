@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Source, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Schema, Zero};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dedup {
@@ -15,7 +15,7 @@ pub struct Dedup {
 impl Dedup {
     /// Reads a dedup step's body: a key of fields the records have, and a `within` of at
     /// least 1ms.
-    pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Dedup> {
+    pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Dedup> {
         let location = format!("{location}.dedup");
         let before = problems.problems.len();
         let mut fields = Fields::of(body, &location, problems)?;
@@ -26,7 +26,7 @@ impl Dedup {
             if key.is_empty() {
                 problems.push(format!("{location}.key"), "must name at least one field");
             }
-            check_fields(key, source, &format!("{location}.key"), problems);
+            check_fields(key, input, &format!("{location}.key"), problems);
         }
         if let Some(within) = within {
             check_duration(within, Zero::Refused, &format!("{location}.within"), problems);

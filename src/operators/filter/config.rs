@@ -3,7 +3,7 @@
 use serde_yaml_ng::Value as Yaml;
 
 use super::FilterExpression;
-use crate::config::{ConfigErrors, Source};
+use crate::config::{ConfigErrors, Schema};
 
 #[derive(Debug, Clone)]
 pub struct Filter {
@@ -12,14 +12,14 @@ pub struct Filter {
 
 impl Filter {
     /// Reads a filter step's body; the expression must compile against the fields of the
-    /// records it sees (`source`), or at least parse when those are unknown.
-    pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Filter> {
+    /// records it sees (`input`), or at least parse when those are unknown.
+    pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Filter> {
         let Some(expression) = body.as_str() else {
             problems.push(format!("{location}.filter"), "must be an expression string");
             return None;
         };
-        let checked = match source {
-            Some(source) => FilterExpression::compile(expression, source).map(drop),
+        let checked = match input {
+            Some(input) => FilterExpression::compile(expression, input).map(drop),
             None => FilterExpression::check_syntax(expression),
         };
         if let Err(message) = checked {

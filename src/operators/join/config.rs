@@ -122,7 +122,7 @@ pub fn parse_join(value: &Yaml, mut sources: Vec<Source>, problems: &mut ConfigE
     let left = sources.pop()?;
     for source in [&left, &right] {
         let location = format!("sources.{}", source.name);
-        check_fields(&raw.on, Some(source), "join.on", problems);
+        check_fields(&raw.on, Some(&source.record_schema()), "join.on", problems);
         if source.event_time.is_none() {
             problems.push(format!("{location}.event_time"), "is required by the join");
         }

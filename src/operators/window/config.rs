@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use crate::config::{check_duration, check_fields, ConfigErrors, FieldType, Fields, Schema, Source, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, FieldType, Fields, Schema, Zero};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -105,10 +105,10 @@ pub enum EmitMode {
 
 impl Window {
     /// Reads a window step's body.
-    pub fn parse(body: &Yaml, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
+    pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
         let location = format!("{location}.window");
         let before = problems.problems.len();
-        let window = RawWindow::read(body, &location, problems).and_then(|raw| check_window(raw, source, &location, problems));
+        let window = RawWindow::read(body, &location, problems).and_then(|raw| check_window(raw, input, &location, problems));
         window.filter(|_| problems.problems.len() == before)
     }
 
@@ -201,9 +201,9 @@ impl RawSession {
 /// state and an output per key.
 pub const MAX_WINDOWS_PER_RECORD: u128 = 1_000;
 
-fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
+fn check_window(raw: RawWindow, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Window> {
     let before = problems.problems.len();
-    check_fields(&raw.group_by, source, &format!("{location}.group_by"), problems);
+    check_fields(&raw.group_by, input, &format!("{location}.group_by"), problems);
     let kind = match (raw.tumbling, raw.hopping, raw.session) {
         (Some(size), None, None) => {
             check_duration(size, Zero::Refused, &format!("{location}.tumbling"), problems);
@@ -270,7 +270,7 @@ fn check_window(raw: RawWindow, source: Option<&Source>, location: &str, problem
         }
         if let Some(aggregate) = Aggregate::parse(definition, &aggregate_location, problems) {
             if let Some(field) = aggregate.field() {
-                check_fields(&[field.to_string()], source, &aggregate_location, problems);
+                check_fields(&[field.to_string()], input, &aggregate_location, problems);
             }
             aggregates.push((name.to_string(), aggregate));
         }
