@@ -843,3 +843,19 @@ fn sink_headers_are_checked_against_what_the_sink_receives() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("  sink headers: none of the input record's, then user = user_id, count = n\n"), "{stdout}");
 }
+
+/// An Avro sink writes the schema the last step makes: a field a step named outside Avro's
+/// rules is a config problem at that step; the join's side names at the join.
+#[test]
+fn an_avro_sink_refuses_field_names_avro_cannot_hold_where_a_step_made_them() {
+    let steps = "  - set: { total-cents: \"int(amount * 100.0)\" }\n  - select: { user_id: user_id, 2nd: ts }";
+    let text = windowed(steps, "").replace("  topic: out", "  topic: out\n  format: avro");
+    let (_dir, path) = write(&text);
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 configuration problem:\n  - steps[1]: '2nd' is not an Avro field name"), "{stderr}");
+    let (_dir, path) = write(&text.replace("2nd: ts", "second: ts"));
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}

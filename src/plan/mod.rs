@@ -430,10 +430,26 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     }
     let mut pipeline = Pipeline { name, source, steps, sink, on_error, dlq_topic };
     settle_sink_headers(&mut pipeline, problems);
-    if pipeline.sink.encoding == Encoding::Avro
-        && let Err(problem) = AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)
-    {
-        problems.push("sink.format", problem.to_string());
+    if pipeline.sink.encoding == Encoding::Avro {
+        let output = pipeline.output_schema();
+        for path in output.invalid_avro_names() {
+            // The step that wrote it, for a field a step made.
+            let made_by = (0..pipeline.steps.len()).rev().find(|index| {
+                pipeline.schema_seen_by(*index + 1).field_type(&path).is_some() && pipeline.schema_seen_by(*index).field_type(&path).is_none()
+            });
+            let location = match made_by.map(|index| (index, &pipeline.steps[index])) {
+                None => "sink.format".to_string(),
+                Some((_, Step::Join(_))) => "join".to_string(),
+                Some((index, _)) => format!("steps[{}]", file_index(&pipeline, index)),
+            };
+            problems.push(
+                location,
+                format!("'{path}' is not an Avro field name (letters, digits and _, not starting with a digit), and the sink writes avro"),
+            );
+        }
+        if let Err(problem) = AvroEncoder::new(&output, &pipeline.name) {
+            problems.push("sink.format", problem.to_string());
+        }
     }
     if pipeline.sink.mode == DeliveryMode::IdempotentUpsert {
         check_upsert(&pipeline, problems);
@@ -453,6 +469,12 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         }
     }
     Some(pipeline)
+}
+
+/// The position in the file's `steps` of the pipeline's step `index` (a join is step 0 of
+/// the pipeline but not in the file's list).
+fn file_index(pipeline: &Pipeline, index: usize) -> usize {
+    index.saturating_sub(usize::from(pipeline.join().is_some()))
 }
 
 /// Settles `sink.headers.pass_through` (default: true where each output comes from one input
