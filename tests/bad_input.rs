@@ -56,11 +56,13 @@ mod decoders {
             ("count", FieldType::Long),
             ("ok", FieldType::Boolean),
             ("ts", FieldType::Timestamp),
-            ("user", FieldType::Object(user)),
+            ("user", FieldType::Object(user.clone())),
+            ("tags", FieldType::Array(Box::new(FieldType::Long))),
+            ("users", FieldType::Array(Box::new(FieldType::Object(user)))),
         ])
     }
 
-    const NAMES: &[&str] = &["id", "amount", "count", "ok", "ts", "user", "name", "address", "city"];
+    const NAMES: &[&str] = &["id", "amount", "count", "ok", "ts", "user", "name", "address", "city", "tags", "users"];
 
     /// Numbers at the edges of what JSON, i64, u64 and f64 hold, as JSON text.
     const EDGE_NUMBERS: &[&str] = &[
@@ -112,19 +114,24 @@ mod decoders {
         let object = document.as_object()?;
         let mut fields = Map::new();
         for (name, field_type) in &schema.fields {
-            let value = object.get(name).unwrap_or(&Value::Null);
-            let read = match (field_type, value) {
-                (_, Value::Null) => Value::Null,
-                (FieldType::String, Value::String(_)) | (FieldType::Boolean, Value::Bool(_)) => value.clone(),
-                // A long is a whole number within i64, written without a fraction.
-                (FieldType::Long | FieldType::Timestamp, Value::Number(number)) => Value::from(number.as_i64()?),
-                (FieldType::Double, Value::Number(number)) => Value::from(number.as_f64()?),
-                (FieldType::Object(inner), Value::Object(_)) => Value::Object(projected(inner, value)?),
-                _ => return None,
-            };
-            fields.insert(name.clone(), read);
+            fields.insert(name.clone(), project_value(field_type, object.get(name).unwrap_or(&Value::Null))?);
         }
         Some(fields)
+    }
+
+    fn project_value(field_type: &FieldType, value: &Value) -> Option<Value> {
+        Some(match (field_type, value) {
+            (_, Value::Null) => Value::Null,
+            (FieldType::String, Value::String(_)) | (FieldType::Boolean, Value::Bool(_)) => value.clone(),
+            // A long is a whole number within i64, written without a fraction.
+            (FieldType::Long | FieldType::Timestamp, Value::Number(number)) => Value::from(number.as_i64()?),
+            (FieldType::Double, Value::Number(number)) => Value::from(number.as_f64()?),
+            (FieldType::Object(inner), Value::Object(_)) => Value::Object(projected(inner, value)?),
+            (FieldType::Array(element), Value::Array(items)) => {
+                Value::Array(items.iter().map(|item| project_value(element, item)).collect::<Option<Vec<_>>>()?)
+            }
+            _ => return None,
+        })
     }
 
     fn json_decoder() -> Decoder {

@@ -844,18 +844,41 @@ fn sink_headers_are_checked_against_what_the_sink_receives() {
     assert!(stdout.contains("  sink headers: none of the input record's, then user = user_id, count = n\n"), "{stdout}");
 }
 
-/// An Avro sink writes the schema the last step makes: a field a step named outside Avro's
-/// rules is a config problem at that step; the join's side names at the join.
+/// List types: `[T]` in a schema, an explode of a list, and the problems of each spelled
+/// out: a list of two types, an explode of a field that is not a list, explode in upsert
+/// mode (one id for several outputs).
 #[test]
-fn an_avro_sink_refuses_field_names_avro_cannot_hold_where_a_step_made_them() {
-    let steps = "  - set: { total-cents: \"int(amount * 100.0)\" }\n  - select: { user_id: user_id, 2nd: ts }";
-    let text = windowed(steps, "").replace("  topic: out", "  topic: out\n  format: avro");
-    let (_dir, path) = write(&text);
-    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
+fn list_types_and_explode_are_checked() {
+    let text = r#"
+name: lists
+sources:
+  orders:
+    topics: [orders]
+    format: json
+    schema: { id: string, tags: [string], pairs: [string, long], lines: [{ sku: string }] }
+steps:
+  - explode: { field: id }
+  - explode: { field: lines }
+sink:
+  topic: out
+  mode: idempotent_upsert
+"#;
+    let (_dir, path) = write(text);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 configuration problem:\n  - steps[1]: '2nd' is not an Avro field name"), "{stderr}");
-    let (_dir, path) = write(&text.replace("2nd: ts", "second: ts"));
-    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__SCHEMA_REGISTRY__URL", "http://registry:8081")]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stderr.contains("1 configuration problem:\n  - sources.orders.schema.pairs: a list type names one element type"), "{stderr}");
+    let (_dir, path) = write(&text.replace(" pairs: [string, long],", ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 configuration problem:\n  - steps[0].explode.field: 'id' is a string, not a list ([T])"), "{stderr}");
+    let (_dir, path) = write(&text.replace(" pairs: [string, long],", "").replace("  - explode: { field: id }\n", ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("steps[0].explode: idempotent_upsert gives each output the id of its input"), "{stderr}");
+    let (_dir, path) = write(&text.replace(" pairs: [string, long],", "").replace("  - explode: { field: id }\n", "").replace("  mode: idempotent_upsert\n", ""));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("step 0: explode lines as lines\n    out: {id: string, tags: [string], lines: {sku: string}}"), "{stdout}");
 }

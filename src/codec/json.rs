@@ -151,6 +151,7 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
                 // Null is fine for an object too; anything else must be an object.
                 deserializer.deserialize_any(NullableObject { schema, path: &self.path() })
             }
+            FieldType::Array(element) => deserializer.deserialize_any(NullableArray { element, path: &self.path() }),
             _ => deserializer.deserialize_any(self),
         }
     }
@@ -272,6 +273,60 @@ impl<'de> Visitor<'de> for NullableObject<'_> {
     }
 }
 
+/// A list field, or null; each element is read as a field of the element type.
+struct NullableArray<'a> {
+    element: &'a FieldType,
+    path: &'a str,
+}
+
+impl<'de> Visitor<'de> for NullableArray<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("an array")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Value, A::Error> {
+        let mut values = Vec::with_capacity(items.size_hint().unwrap_or(0).min(4096));
+        loop {
+            let name = format!("[{}]", values.len());
+            let Some(value) = items.next_element_seed(FieldSeed { field_type: self.element, parent: "", name: &format!("{}{name}", self.path) })? else {
+                break;
+            };
+            values.push(value);
+        }
+        Ok(Value::Array(values))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an array, found a string", self.path)))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Value, E> {
+        Err(E::custom(format!("field '{}': expected an array, found a boolean", self.path)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(serde::de::Error::custom(format!("field '{}': expected an array, found an object", self.path)))
+    }
+}
+
 fn type_name(field_type: &FieldType) -> &'static str {
     match field_type {
         FieldType::String => "a string",
@@ -280,6 +335,7 @@ fn type_name(field_type: &FieldType) -> &'static str {
         FieldType::Boolean => "a boolean",
         FieldType::Timestamp => "epoch milliseconds (timestamp)",
         FieldType::Object(_) => "an object",
+        FieldType::Array(_) => "an array",
     }
 }
 
@@ -327,6 +383,29 @@ mod tests {
                 ("count".into(), FieldType::Long),
                 ("user".into(), FieldType::Object(Schema { fields: vec![("name".into(), FieldType::String)] })),
             ],
+        }
+    }
+
+    #[test]
+    fn lists_are_read_element_by_element() {
+        let line = FieldType::Object(Schema { fields: vec![("sku".into(), FieldType::String), ("qty".into(), FieldType::Long)] });
+        let lists = Schema {
+            fields: vec![
+                ("tags".into(), FieldType::Array(Box::new(FieldType::String))),
+                ("lines".into(), FieldType::Array(Box::new(line))),
+            ],
+        };
+        let fields = decode(&lists, br#"{"lines":[{"qty":1,"sku":"a","x":0},null],"tags":["x",null]}"#).unwrap();
+        assert_eq!(Value::Object(fields).to_string(), r#"{"tags":["x",null],"lines":[{"sku":"a","qty":1},null]}"#);
+        assert_eq!(decode(&lists, br#"{"tags":null}"#).unwrap()["tags"], Value::Null);
+        for (text, error) in [
+            (r#"{"tags":"x"}"#, "field 'tags': expected an array, found a string"),
+            (r#"{"tags":[1]}"#, "field 'tags[0]': expected a string, found a number 1"),
+            (r#"{"lines":[{"sku":"a"},{"qty":"2"}]}"#, "field 'lines[1].qty': expected a whole number (long), found a string \"2\""),
+            (r#"{"lines":{"sku":"a"}}"#, "field 'lines': expected an array, found an object"),
+        ] {
+            let found = decode(&lists, text.as_bytes()).unwrap_err().0;
+            assert!(found.contains(error), "{text}: {found}");
         }
     }
 

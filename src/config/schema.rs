@@ -20,6 +20,8 @@ pub enum FieldType {
     /// Epoch milliseconds.
     Timestamp,
     Object(Schema),
+    /// `[T]`: a list of values of one type (elements may be null).
+    Array(Box<FieldType>),
 }
 
 impl FieldType {
@@ -32,6 +34,7 @@ impl FieldType {
             FieldType::Boolean => "boolean".to_string(),
             FieldType::Timestamp => "timestamp".to_string(),
             FieldType::Object(inner) => inner.describe(),
+            FieldType::Array(element) => format!("[{}]", element.describe()),
         }
     }
 }
@@ -57,7 +60,11 @@ impl Schema {
             if !valid {
                 invalid.push(name.clone());
             }
-            if let FieldType::Object(inner) = field_type {
+            let mut element = field_type;
+            while let FieldType::Array(inner) = element {
+                element = inner;
+            }
+            if let FieldType::Object(inner) = element {
                 invalid.extend(inner.invalid_avro_names().into_iter().map(|path| format!("{name}.{path}")));
             }
         }
@@ -148,43 +155,46 @@ pub fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErro
             valid = false;
             continue;
         };
-        let field_location = format!("{location}.{name}");
-        let field_type = match value {
-            Yaml::String(type_name) => match type_name.as_str() {
-                "string" => FieldType::String,
-                "long" => FieldType::Long,
-                "double" => FieldType::Double,
-                "boolean" => FieldType::Boolean,
-                "timestamp" => FieldType::Timestamp,
-                other => {
-                    problems.push(
-                        field_location,
-                        format!("unknown type '{other}'; types: string, long, double, boolean, timestamp, or a nested mapping"),
-                    );
-                    valid = false;
-                    continue;
-                }
-            },
-            Yaml::Mapping(inner) => match parse_schema(inner, &field_location, problems) {
-                Some(schema) => FieldType::Object(schema),
-                None => {
-                    valid = false;
-                    continue;
-                }
-            },
-            _ => {
-                problems.push(field_location, "must be a type name or a nested mapping");
-                valid = false;
-                continue;
-            }
-        };
-        fields.push((name.to_string(), field_type));
+        match parse_type(value, &format!("{location}.{name}"), problems) {
+            Some(field_type) => fields.push((name.to_string(), field_type)),
+            None => valid = false,
+        }
     }
     if fields.is_empty() && valid {
         problems.push(location, "must declare at least one field");
         return None;
     }
     valid.then_some(Schema { fields })
+}
+
+/// One field's type as written: a type name, a nested mapping, or `[T]` (a list of T).
+fn parse_type(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<FieldType> {
+    const TYPES: &str = "types: string, long, double, boolean, timestamp, a nested mapping, or [T] for a list";
+    match value {
+        Yaml::String(type_name) => match type_name.as_str() {
+            "string" => Some(FieldType::String),
+            "long" => Some(FieldType::Long),
+            "double" => Some(FieldType::Double),
+            "boolean" => Some(FieldType::Boolean),
+            "timestamp" => Some(FieldType::Timestamp),
+            other => {
+                problems.push(location, format!("unknown type '{other}'; {TYPES}"));
+                None
+            }
+        },
+        Yaml::Mapping(inner) => parse_schema(inner, location, problems).map(FieldType::Object),
+        Yaml::Sequence(items) => match items.as_slice() {
+            [element] => parse_type(element, &format!("{location}[]"), problems).map(|element| FieldType::Array(Box::new(element))),
+            _ => {
+                problems.push(location, "a list type names one element type, e.g. [string] or [{sku: string}]");
+                None
+            }
+        },
+        _ => {
+            problems.push(location, format!("must be a type; {TYPES}"));
+            None
+        }
+    }
 }
 
 /// Records a problem for each field that the records (of this schema; None: not known, after

@@ -278,7 +278,7 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
         Some(RawEventTime { field: Some(path), unit, kafka_timestamp: false, .. }) => {
             match field_type(&path) {
                 None => problems.push(format!("{location}.event_time.field"), format!("'{path}' is not a field of the schema")),
-                Some(FieldType::Object(_) | FieldType::Boolean) => problems.push(
+                Some(FieldType::Object(_) | FieldType::Array(_) | FieldType::Boolean) => problems.push(
                     format!("{location}.event_time.field"),
                     format!("'{path}' must be a long, double, timestamp or string (rfc3339) field"),
                 ),

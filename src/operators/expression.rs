@@ -221,6 +221,9 @@ pub fn from_cel(value: &CelValue, expected: Option<&FieldType>) -> Result<Value,
         },
         (CelValue::String(text), None | Some(FieldType::String)) => Ok(Value::String(text.as_str().to_string())),
         (CelValue::List(items), None) => items.iter().map(|item| from_cel(item, None)).collect::<Result<Vec<_>, _>>().map(Value::Array),
+        (CelValue::List(items), Some(FieldType::Array(element))) => {
+            items.iter().map(|item| from_cel(item, Some(element))).collect::<Result<Vec<_>, _>>().map(Value::Array)
+        }
         (CelValue::Map(map), Some(FieldType::Object(schema))) => {
             let mut object = Map::new();
             for (name, field_type) in &schema.fields {
@@ -357,6 +360,7 @@ fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, String> 
                 },
                 operators::INDEX | operators::OPT_INDEX => match args.first() {
                     Some(Headers) => Ok(Known(FieldType::String)),
+                    Some(Known(FieldType::Array(element))) => Ok(Known((**element).clone())),
                     _ => Ok(Unknown),
                 },
                 "int" | "uint" | "size" => Ok(long()),
@@ -411,7 +415,9 @@ mod tests {
                 ("id".into(), FieldType::String),
                 ("amount".into(), FieldType::Double),
                 ("count".into(), FieldType::Long),
-                ("item".into(), FieldType::Object(item)),
+                ("item".into(), FieldType::Object(item.clone())),
+                ("tags".into(), FieldType::Array(Box::new(FieldType::String))),
+                ("lines".into(), FieldType::Array(Box::new(FieldType::Object(item)))),
             ],
         }
     }
@@ -433,6 +439,10 @@ mod tests {
         assert_eq!(type_text("_offset + 1").unwrap(), "long");
         assert_eq!(type_text("count > 2 ? id : null").unwrap(), "string");
         assert_eq!(type_text("item").unwrap(), "{sku: string, qty: long, price: double}");
+        assert_eq!(type_text("tags").unwrap(), "[string]");
+        assert_eq!(type_text("tags[0] + '!'").unwrap(), "string");
+        assert_eq!(type_text("size(tags) > 1").unwrap(), "boolean");
+        assert_eq!(type_text("lines[1].qty * 2").unwrap(), "long");
         assert!(type_text("count > 2 ? id : count").unwrap_err().contains("the branches give string and long"));
         assert!(type_text("item.colour").unwrap_err().contains("'colour' is not a field of {sku: string"));
         assert!(type_text("colour == 'red'").unwrap_err().contains("names 'colour' not in the record"));

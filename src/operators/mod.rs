@@ -8,6 +8,7 @@
 
 pub mod dedup;
 pub mod event_time;
+pub mod explode;
 pub mod expression;
 pub mod filter;
 pub mod join;
@@ -17,6 +18,8 @@ pub mod window;
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigErrors, Schema, Source, StepEntry};
+use explode::config::Explode;
+use explode::ExplodeOperator;
 use reshape::config::{Assignments, Drop};
 use reshape::ReshapeOperator;
 use dedup::config::Dedup;
@@ -222,6 +225,7 @@ pub enum Step {
     Set(Assignments),
     Select(Assignments),
     Drop(Drop),
+    Explode(Explode),
     Dedup(Dedup),
     Window(Window),
     /// The `join` of a two-source pipeline: always step 0, before the file's steps.
@@ -230,7 +234,7 @@ pub enum Step {
 
 impl Step {
     /// The kinds a pipeline file's `steps` may hold.
-    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "dedup", "window"];
+    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window"];
 
     /// Reads one entry of `steps` by its kind; `input` is the schema of the records it sees
     /// (None: not known, after a step with problems).
@@ -241,6 +245,7 @@ impl Step {
             "set" => Assignments::parse("set", body, input, location, problems).map(Step::Set),
             "select" => Assignments::parse("select", body, input, location, problems).map(Step::Select),
             "drop" => Drop::parse(body, input, location, problems).map(Step::Drop),
+            "explode" => Explode::parse(body, input, location, problems).map(Step::Explode),
             "dedup" => Dedup::parse(body, input, location, problems).map(Step::Dedup),
             "window" => Window::parse(body, input, location, problems).map(Step::Window),
             other => {
@@ -272,6 +277,7 @@ impl Step {
             Step::Set(assignments) => assignments.output_schema(false, &input).unwrap_or(input),
             Step::Select(assignments) => assignments.output_schema(true, &input).unwrap_or(input),
             Step::Drop(drop) => drop.output_schema(&input).unwrap_or(input),
+            Step::Explode(explode) => explode.output_schema(&input).unwrap_or(input),
             Step::Join(join) => join.output.record_schema(),
             Step::Window(window) => window.output_schema(&input),
         }
@@ -284,6 +290,7 @@ impl Step {
             Step::Set(assignments) => assignments.writes(field),
             Step::Select(assignments) => !assignments.keeps(field),
             Step::Drop(drop) => drop.removes(field),
+            Step::Explode(explode) => field == explode.field || field == explode.name,
             Step::Filter(_) | Step::Dedup(_) | Step::Window(_) | Step::Join(_) => false,
         }
     }
@@ -293,6 +300,7 @@ pub enum Operator {
     Filter(FilterOperator),
     /// `set`, `select` and `drop`.
     Reshape(ReshapeOperator),
+    Explode(ExplodeOperator),
     Dedup(DedupOperator),
     Window(WindowOperator),
     /// With the right source, which tells a record's side by its topic.
@@ -308,6 +316,7 @@ impl Operator {
             Step::Set(assignments) => ReshapeOperator::assign(assignments, false, input).map(Operator::Reshape),
             Step::Select(assignments) => ReshapeOperator::assign(assignments, true, input).map(Operator::Reshape),
             Step::Drop(drop) => Ok(Operator::Reshape(ReshapeOperator::drop(drop))),
+            Step::Explode(explode) => Ok(Operator::Explode(ExplodeOperator::new(explode))),
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup, limit))),
             Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, Some(input), limit))),
             Step::Join(join) => Ok(Operator::Join(JoinOperator::new(JoinSpec::of(join), limit), join.right.clone())),
@@ -325,6 +334,7 @@ impl Operator {
         match self {
             Operator::Filter(filter) => filter.process(record, out),
             Operator::Reshape(reshape) => reshape.process(record, out),
+            Operator::Explode(explode) => explode.process(record, out),
             Operator::Dedup(dedup) => dedup.process(record, watermark, out),
             Operator::Window(window) => window.process(record, watermark, out),
             Operator::Join(join, right) => {
@@ -339,7 +349,7 @@ impl Operator {
 
     pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) => {}
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => {}
             Operator::Dedup(dedup) => dedup.advance(watermark),
             Operator::Window(window) => window.advance(watermark, out),
             Operator::Join(join, _) => join.advance(watermark, out),
@@ -355,7 +365,7 @@ impl Operator {
     /// State entries changed since the last call (stateless steps have none).
     pub fn take_changes(&mut self) -> Vec<StateChange> {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) => Vec::new(),
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Vec::new(),
             Operator::Dedup(dedup) => dedup.take_changes(),
             Operator::Window(window) => window.take_changes(),
             Operator::Join(join, _) => join.take_changes(),
@@ -365,7 +375,7 @@ impl Operator {
     /// Puts back one state entry read from the changelog (None deletes it).
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) => Ok(()),
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),
             Operator::Window(window) => window.restore(key, value),
             Operator::Join(join, _) => join.restore(key, value),
@@ -375,7 +385,7 @@ impl Operator {
     /// Keys (dedup) or windows held in state.
     pub fn state_keys(&self) -> usize {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) => 0,
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => 0,
             Operator::Dedup(dedup) => dedup.state_keys(),
             Operator::Window(window) => window.state_keys(),
             Operator::Join(join, _) => join.state_keys(),
@@ -387,6 +397,7 @@ impl Operator {
         match self {
             Operator::Filter(_) => "filter",
             Operator::Reshape(reshape) => reshape.kind(),
+            Operator::Explode(_) => "explode",
             Operator::Dedup(_) => "dedup",
             Operator::Window(_) => "window",
             Operator::Join(..) => "join",
@@ -398,6 +409,7 @@ impl Operator {
         match self {
             Operator::Filter(filter) => format!("filter {}", filter.expression()),
             Operator::Reshape(reshape) => reshape.describe(),
+            Operator::Explode(explode) => explode.describe(),
             Operator::Dedup(dedup) => dedup.describe(),
             Operator::Window(window) => window.describe(),
             Operator::Join(join, _) => join.describe(),

@@ -113,7 +113,7 @@ impl Pipeline {
         let mut input = self.source.record_schema();
         for step in &self.steps {
             match step {
-                Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) => {}
+                Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => {}
                 Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
                 Step::Join(join) => {
                     key = Some(self.source.record_schema().select(&join.on));
@@ -265,7 +265,7 @@ fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<Stage> {
             partitioned_by = None;
         }
         let key = match step {
-            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) => None,
+            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => None,
             Step::Dedup(dedup) => Some(&dedup.key),
             Step::Window(window) => Some(&window.group_by),
             Step::Join(join) => {
@@ -432,21 +432,6 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     settle_sink_headers(&mut pipeline, problems);
     if pipeline.sink.encoding == Encoding::Avro {
         let output = pipeline.output_schema();
-        for path in output.invalid_avro_names() {
-            // The step that wrote it, for a field a step made.
-            let made_by = (0..pipeline.steps.len()).rev().find(|index| {
-                pipeline.schema_seen_by(*index + 1).field_type(&path).is_some() && pipeline.schema_seen_by(*index).field_type(&path).is_none()
-            });
-            let location = match made_by.map(|index| (index, &pipeline.steps[index])) {
-                None => "sink.format".to_string(),
-                Some((_, Step::Join(_))) => "join".to_string(),
-                Some((index, _)) => format!("steps[{}]", file_index(&pipeline, index)),
-            };
-            problems.push(
-                location,
-                format!("'{path}' is not an Avro field name (letters, digits and _, not starting with a digit), and the sink writes avro"),
-            );
-        }
         if let Err(problem) = AvroEncoder::new(&output, &pipeline.name) {
             problems.push("sink.format", problem.to_string());
         }
@@ -537,6 +522,14 @@ fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
             problems.push(
                 format!("steps[{index}]"),
                 format!("{WHY} ids of window results are their group and window_start; leave window_start as the window made it"),
+            );
+        }
+    }
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        if let Step::Explode(_) = step {
+            problems.push(
+                format!("steps[{}].explode", file_index(pipeline, index)),
+                format!("{WHY} gives each output the id of its input; explode makes several outputs of one input; use transactional"),
             );
         }
     }
@@ -642,7 +635,7 @@ sources:
 steps:
   - dedup: { key: [nobody], within: 1m }
   - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }
-  - explode: { field: items }
+  - lookup: { table: customers }
 sink:
   topic: out
   key: [missing]
@@ -654,7 +647,7 @@ sink:
         }
         // Fields are checked against the schema the steps make, while it is known: a filter
         // or dedup with problems hands on what it received.
-        let text = text.replace("  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }\n  - explode: { field: items }\n", "");
+        let text = text.replace("  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }\n  - lookup: { table: customers }\n", "");
         let problems = parse_pipeline(&text.replace("dedup: {", "filter: \"nobody > 1\"\n  - dedup: {")).unwrap_err();
         let locations: Vec<&str> = problems.problems.iter().map(|problem| problem.location.as_str()).collect();
         assert_eq!(locations, ["steps[0].filter", "steps[1].dedup.key", "sink.key", "sources.clicks.event_time", "sources.clicks.watermark"], "{problems}");

@@ -61,10 +61,13 @@ pub fn avro_name(text: &str) -> String {
 /// its type, and a nested record's fields (worked out once, not per record).
 #[derive(Debug, Clone)]
 struct AvroField {
+    /// Empty for a list's element, whose path is its list's with the index.
     name: String,
     avro_name: String,
     field_type: FieldType,
     nested: Vec<AvroField>,
+    /// A list's element.
+    element: Option<Box<AvroField>>,
 }
 
 fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroField>), SchemaError> {
@@ -75,24 +78,34 @@ fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroF
         if let Some(other) = names.iter().find(|field| field.avro_name == field_name) {
             return Err(SchemaError(format!("output fields '{}' and '{name}' both become the Avro field '{field_name}'", other.name)));
         }
-        let mut nested = Vec::new();
-        let field_schema = match field_type {
-            FieldType::String => Value::from("string"),
-            FieldType::Long => Value::from("long"),
-            FieldType::Double => Value::from("double"),
-            FieldType::Boolean => Value::from("boolean"),
-            FieldType::Timestamp => serde_json::json!({"type": "long", "logicalType": "timestamp-millis"}),
-            FieldType::Object(inner) => {
-                let (inner_schema, inner_fields) = writer_schema(inner, &format!("{record_name}_{field_name}"))?;
-                nested = inner_fields;
-                inner_schema
-            }
-        };
+        let (field_schema, nested, element) = value_schema(field_type, &format!("{record_name}_{field_name}"))?;
         avro_fields.push(serde_json::json!({"name": field_name, "type": ["null", field_schema], "default": null}));
-        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.clone(), nested });
+        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.clone(), nested, element });
     }
     let json = serde_json::json!({"type": "record", "name": record_name, "namespace": "weir", "fields": avro_fields});
     Ok((json, names))
+}
+
+/// The Avro schema of a value of `field_type` (without the null union around it), with a
+/// record's fields or a list's element as the writer needs them.
+#[allow(clippy::type_complexity)]
+fn value_schema(field_type: &FieldType, record_name: &str) -> Result<(Value, Vec<AvroField>, Option<Box<AvroField>>), SchemaError> {
+    Ok(match field_type {
+        FieldType::String => (Value::from("string"), Vec::new(), None),
+        FieldType::Long => (Value::from("long"), Vec::new(), None),
+        FieldType::Double => (Value::from("double"), Vec::new(), None),
+        FieldType::Boolean => (Value::from("boolean"), Vec::new(), None),
+        FieldType::Timestamp => (serde_json::json!({"type": "long", "logicalType": "timestamp-millis"}), Vec::new(), None),
+        FieldType::Object(inner) => {
+            let (schema, fields) = writer_schema(inner, record_name)?;
+            (schema, fields, None)
+        }
+        FieldType::Array(element_type) => {
+            let (items, nested, inner) = value_schema(element_type, &format!("{record_name}_item"))?;
+            let element = AvroField { name: String::new(), avro_name: String::new(), field_type: (**element_type).clone(), nested, element: inner };
+            (serde_json::json!({"type": "array", "items": ["null", items]}), Vec::new(), Some(Box::new(element)))
+        }
+    })
 }
 
 /// Writes a record of the derived schema in Avro binary, straight from the JSON fields. Every
@@ -125,7 +138,11 @@ fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, ou
 }
 
 fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let path = || if parent.is_empty() { field.name.clone() } else { format!("{parent}.{}", field.name) };
+    let path = || match (parent.is_empty(), field.name.is_empty()) {
+        (_, true) => parent.to_string(),
+        (true, false) => field.name.clone(),
+        (false, false) => format!("{parent}.{}", field.name),
+    };
     let field_type = &field.field_type;
     let mismatch = || EncodeError(format!("output field '{}' holds {value}, which is not a {}", path(), type_name(field_type)));
     match field_type {
@@ -138,6 +155,24 @@ fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>
         FieldType::Boolean => out.push(u8::from(value.as_bool().ok_or_else(mismatch)?)),
         FieldType::Object(_) => match value {
             Value::Object(inner_fields) => write_record(&field.nested, inner_fields, &path(), out)?,
+            _ => return Err(mismatch()),
+        },
+        // One block of every item (null: branch 0 of the element's union), then the end.
+        FieldType::Array(_) => match (value, field.element.as_deref()) {
+            (Value::Array(items), Some(element)) => {
+                if !items.is_empty() {
+                    write_long(items.len() as i64, out);
+                    for (index, item) in items.iter().enumerate() {
+                        if item.is_null() {
+                            out.push(0);
+                        } else {
+                            out.push(2);
+                            write_value(element, item, &format!("{}[{index}]", path()), out)?;
+                        }
+                    }
+                }
+                write_long(0, out);
+            }
             _ => return Err(mismatch()),
         },
     }

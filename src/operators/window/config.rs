@@ -271,6 +271,16 @@ fn check_window(raw: RawWindow, input: Option<&Schema>, location: &str, problems
         if let Some(aggregate) = Aggregate::parse(definition, &aggregate_location, problems) {
             if let Some(field) = aggregate.field() {
                 check_fields(&[field.to_string()], input, &aggregate_location, problems);
+                // Sums, means and extremes are over numbers (min and max over text too).
+                let numeric = matches!(aggregate, Aggregate::Sum(_) | Aggregate::Avg(_));
+                let ordered = matches!(aggregate, Aggregate::Min(_) | Aggregate::Max(_));
+                match input.and_then(|schema| schema.field_type(field)) {
+                    Some(FieldType::Object(_) | FieldType::Array(_) | FieldType::Boolean) if numeric || ordered => {
+                        problems.push(&aggregate_location, format!("'{field}' is not a number; {definition} needs one"))
+                    }
+                    Some(FieldType::String) if numeric => problems.push(&aggregate_location, format!("'{field}' is text; {definition} needs a number")),
+                    _ => {}
+                }
             }
             aggregates.push((name.to_string(), aggregate));
         }
