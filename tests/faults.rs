@@ -77,6 +77,12 @@ fn join_pipeline(name: &str, ads: &str, clicks: &str, output: &str) -> String {
     )
 }
 
+/// The pipeline name written in a pipeline file.
+fn file_name(file: &PipelineFile) -> String {
+    let text = std::fs::read_to_string(&file.path).unwrap();
+    text.lines().find_map(|line| line.strip_prefix("name: ")).expect("a name line").trim().to_string()
+}
+
 /// Panics with its log if the process has exited.
 fn assert_running(process: &mut WeirProcess, what: &str) {
     if let Some(status) = process.child.try_wait().unwrap() {
@@ -242,11 +248,27 @@ fn a_restore_slower_than_the_changelog_patience_finishes_while_it_moves() {
     let throttle = throttle_fetches(200_000);
     let started = Instant::now();
     let mut second = WeirProcess::start(&file.path, WeirOptions { until_end: true, env, ..Default::default() });
-    let status = second.wait(Duration::from_secs(900));
+    // While it restores, /status shows how far it got.
+    let changelog = format!("{}-0-changelog[0]", file_name(&file));
+    let mut shown: Vec<(u64, i64)> = Vec::new();
+    while second.child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(900) {
+        if let Some((200, text)) = second.http_get("/status")
+            && let Ok(report) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(progress) = report["restoring"].get(&changelog)
+        {
+            shown.push((progress["restored"].as_u64().unwrap_or(0), progress["end"].as_i64().unwrap_or(0)));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let status = second.wait(Duration::from_secs(60));
     let took = started.elapsed();
     drop(throttle);
     let log = second.log_text();
     assert!(status.success(), "the slow restore failed:\n{log}");
+    assert!(
+        shown.windows(2).any(|pair| pair[1].0 > pair[0].0) && shown.iter().all(|(_, end)| *end >= RECORDS as i64),
+        "/status did not show the restore moving toward the changelog's end: {shown:?}"
+    );
     // Longer than the patience, and longer than the fixed 60 s a restore once had.
     assert!(took > PATIENCE.max(Duration::from_secs(60)), "the restore took {took:?}: too fast to show anything; lower the throttle");
     assert!(restores(&log).iter().any(|(_, from_changelog)| *from_changelog >= RECORDS), "no restore of all {RECORDS} keys:\n{log}");

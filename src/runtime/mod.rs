@@ -176,7 +176,7 @@ fn run_once(
     };
     let restorer = match changelogs.is_empty() {
         true => None,
-        false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone())?),
+        false => Some(Restorer::new(settings, &pipeline.name, changelogs.clone(), metrics.clone(), status.clone())?),
     };
 
     let mut producer_config = match mode {

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::clients;
 use super::health;
+use super::status::Status;
 use super::error::RuntimeError;
 use super::store::{StateStore, StoreWrite};
 use super::topics;
@@ -94,6 +95,22 @@ pub fn store_trusted_for(delete_retention: Duration) -> Duration {
 /// How often a long restore logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// How often a restore's progress on /status is brought up to date.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// A restore shown on /status, taken off when it ends.
+struct ShownRestore<'a> {
+    status: &'a Status,
+    changelog: &'a str,
+    partition: i32,
+}
+
+impl Drop for ShownRestore<'_> {
+    fn drop(&mut self) {
+        self.status.restored(self.changelog, self.partition);
+    }
+}
+
 /// Changelog entries written to the store at a time while restoring.
 const STORE_CHUNK: usize = 10_000;
 
@@ -132,6 +149,8 @@ pub struct Restorer {
     bounds: BaseConsumer,
     changelogs: Changelogs,
     metrics: Arc<Metrics>,
+    /// Where a restore shows its progress (`/status`).
+    status: Arc<Status>,
     /// How long a restore may make no progress: an open transaction (of a crashed process)
     /// may hold the end of a changelog that long.
     patience: Duration,
@@ -140,7 +159,13 @@ pub struct Restorer {
 }
 
 impl Restorer {
-    pub fn new(settings: &Settings, pipeline_name: &str, changelogs: Changelogs, metrics: Arc<Metrics>) -> Result<Restorer, RuntimeError> {
+    pub fn new(
+        settings: &Settings,
+        pipeline_name: &str,
+        changelogs: Changelogs,
+        metrics: Arc<Metrics>,
+        status: Arc<Status>,
+    ) -> Result<Restorer, RuntimeError> {
         let mut config = clients::admin_config(settings);
         config
             // librdkafka's assign needs a group id; this consumer never joins or commits.
@@ -168,6 +193,7 @@ impl Restorer {
             bounds,
             changelogs,
             metrics,
+            status,
             patience: settings.kafka.transaction_timeout * 3 + Duration::from_secs(30),
             trusted_for,
         })
@@ -310,11 +336,19 @@ impl Restorer {
             _ => None,
         };
         let mut position_seen = None;
+        let started = Instant::now();
         let mut progressed = Instant::now();
         let mut next_report = Instant::now() + PROGRESS_EVERY;
+        let mut next_status = Instant::now();
+        // Off /status however the read ends.
+        let _shown = ShownRestore { status: &self.status, changelog, partition };
         let reached = loop {
             // A long restore is the loop at work, not a stuck loop.
             health::beat();
+            if Instant::now() >= next_status {
+                next_status = Instant::now() + STATUS_EVERY;
+                self.status.restoring(changelog, partition, restored, next, end, started);
+            }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + PROGRESS_EVERY;
                 info!(%changelog, partition, restored, position = next, end, "restoring state");

@@ -40,6 +40,20 @@ pub struct Report {
     /// Set while weir waits out a fault: the run stopped, and starts again from the committed
     /// state until a batch commits.
     pub recovering: Option<RecoveryReport>,
+    /// The changelog partitions being read back into state right now, by `topic[partition]`.
+    pub restoring: BTreeMap<String, RestoreProgress>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreProgress {
+    pub started_at: String,
+    /// Entries read so far.
+    pub restored: u64,
+    /// The next offset to read, once one was read.
+    pub position: Option<i64>,
+    /// The offset the restore reads to.
+    pub end: i64,
+    pub records_per_second: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +139,7 @@ impl Status {
                 partitions: BTreeMap::new(),
                 last_error: None,
                 recovering: None,
+                restoring: BTreeMap::new(),
             }),
             last_commit: Mutex::new(Some(Instant::now())),
         }
@@ -136,6 +151,31 @@ impl Status {
 
     pub fn snapshot(&self) -> Report {
         self.report().clone()
+    }
+
+    /// A restore of `changelog[partition]` has read `restored` entries since `started`.
+    pub fn restoring(&self, changelog: &str, partition: i32, restored: u64, position: Option<i64>, end: i64, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        let mut report = self.report();
+        let started_at = report
+            .restoring
+            .get(&partition_name(changelog, partition))
+            .map_or_else(now_text, |progress| progress.started_at.clone());
+        report.restoring.insert(
+            partition_name(changelog, partition),
+            RestoreProgress {
+                started_at,
+                restored,
+                position,
+                end,
+                records_per_second: if seconds > 0.0 { restored as f64 / seconds } else { 0.0 },
+            },
+        );
+    }
+
+    /// The restore of `changelog[partition]` ended (done or failed).
+    pub fn restored(&self, changelog: &str, partition: i32) {
+        self.report().restoring.remove(&partition_name(changelog, partition));
     }
 
     /// A batch committed; `watermarks` are the input partitions' after it.
