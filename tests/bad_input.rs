@@ -46,8 +46,34 @@ mod decoders {
         Schema { fields: fields.iter().map(|(name, field_type)| (name.to_string(), field_type.clone())).collect() }
     }
 
-    /// The declared fields both the JSON and the Avro decoder read: every type, nested twice.
+    /// The declared fields both the JSON and the Avro decoder read: every type, nested twice,
+    /// each nullable (`?`), so that null or absent reads as null (strict fields are checked
+    /// by the decoders' own tests).
     fn declared() -> Schema {
+        nullable(declared_strict())
+    }
+
+    fn nullable(schema: Schema) -> Schema {
+        Schema {
+            fields: schema
+                .fields
+                .into_iter()
+                .map(|(name, field_type)| {
+                    let field_type = match field_type {
+                        FieldType::Object(inner) => FieldType::Object(nullable(inner)),
+                        FieldType::Array(element) => FieldType::Array(Box::new(match *element {
+                            FieldType::Object(inner) => FieldType::Object(nullable(inner)),
+                            other => other,
+                        })),
+                        other => other,
+                    };
+                    (name, field_type.nullable())
+                })
+                .collect(),
+        }
+    }
+
+    fn declared_strict() -> Schema {
         let address = fields(&[("city", FieldType::String)]);
         let user = fields(&[("name", FieldType::String), ("address", FieldType::Object(address))]);
         fields(&[
@@ -130,6 +156,7 @@ mod decoders {
             (FieldType::Array(element), Value::Array(items)) => {
                 Value::Array(items.iter().map(|item| project_value(element, item)).collect::<Option<Vec<_>>>()?)
             }
+            (FieldType::Nullable(inner), _) => project_value(inner, value)?,
             _ => return None,
         })
     }
@@ -308,7 +335,7 @@ mod decoders {
             ("uuid", FieldType::String),
             ("user", FieldType::Object(fields(&[("name", FieldType::String), ("address", FieldType::Object(fields(&[("city", FieldType::String)])))]))),
         ]);
-        Decoder::new(Encoding::Avro, Some(&reader), &writers).unwrap()
+        Decoder::new(Encoding::Avro, Some(&nullable(reader)), &writers).unwrap()
     }
 
     fn wire(id: u32, datum: &[u8]) -> Vec<u8> {
@@ -596,7 +623,7 @@ sources:
   events:
     topics: [events]
     format: json
-    schema: {{ id: string, k: string, ts: {ts_type} }}
+    schema: {{ id: string, k: string, ts: {ts_type}? }}
     event_time: {{ {event_time}{max_ahead} }}
     watermark: {{ max_out_of_orderness: {} }}
 steps:
@@ -1304,7 +1331,7 @@ mod filters {
         fn any_filter_compiles_or_is_named_and_evaluates_or_dead_letters(tokens in prop::collection::vec(prop::sample::select(TOKENS), 0..12)) {
             let expression = tokens.join(" ");
             let text = format!(
-                "name: bad-filters\nsources:\n  events:\n    topics: [events]\n    format: json\n    schema: {{ v: long, k: string, ts: long }}\nsteps:\n  - filter: {}\nsink:\n  topic: out\n",
+                "name: bad-filters\nsources:\n  events:\n    topics: [events]\n    format: json\n    schema: {{ v: long?, k: string?, ts: long? }}\nsteps:\n  - filter: {}\nsink:\n  topic: out\n",
                 serde_json::Value::from(expression.as_str())
             );
             match weir::plan::parse_pipeline(&text) {

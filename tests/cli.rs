@@ -882,3 +882,31 @@ sink:
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("step 0: explode lines as lines\n    out: {id: string, tags: [string], lines: {sku: string}}"), "{stdout}");
 }
+
+/// `T?` (or `name?:` for a mapping or list) declares a field that may be null or absent;
+/// `validate` prints it with its `?`.
+#[test]
+fn nullable_fields_are_declared_with_a_question_mark() {
+    let text = r#"
+name: nullable
+sources:
+  orders:
+    topics: [orders]
+    format: json
+    schema: { id: string, coupon: string?, user?: { name: string }, tags?: [string], price: doubel? }
+steps:
+  - set: { code: "coupon == null ? 'none' : coupon" }
+sink:
+  topic: out
+"#;
+    let (_dir, path) = write(text);
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources.orders.schema.price: unknown type 'doubel'"), "{stderr}");
+    let (_dir, path) = write(&text.replace("doubel?", "double?"));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("fields: {id: string, coupon: string?, user: {name: string}?, tags: [string]?, price: double?}"), "{stdout}");
+    assert!(stdout.contains("code: string}"), "{stdout}");
+}

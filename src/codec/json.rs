@@ -1,5 +1,6 @@
 //! JSON with an explicit schema: the declared fields are read and type-checked, in the
-//! schema's order; undeclared fields are dropped; a missing field or `null` reads as null.
+//! schema's order; undeclared fields are dropped; a missing field or `null` is an error
+//! unless its type says `?` (then it reads as null).
 
 use std::fmt;
 
@@ -51,20 +52,35 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut slots: Vec<Value> = vec![Value::Null; self.schema.fields.len()];
+        let mut slots: Vec<Option<Value>> = vec![None; self.schema.fields.len()];
         while let Some(key) = map.next_key_seed(KeySeed)? {
             let position = self.schema.fields.iter().position(|(name, _)| name.as_str() == key.as_ref());
             match position {
                 Some(index) => {
                     let (name, field_type) = &self.schema.fields[index];
-                    slots[index] = map.next_value_seed(FieldSeed { field_type, parent: self.path, name })?;
+                    slots[index] = Some(map.next_value_seed(FieldSeed::new(field_type, self.path, name))?);
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(self.schema.fields.iter().map(|(name, _)| name.clone()).zip(slots).collect())
+        let mut fields = Map::with_capacity(slots.len());
+        for ((name, field_type), slot) in self.schema.fields.iter().zip(slots) {
+            let value = match slot {
+                Some(value) => value,
+                None if field_type.is_nullable() => Value::Null,
+                None => {
+                    let path = if self.path.is_empty() { name.clone() } else { format!("{}.{name}", self.path) };
+                    return Err(serde::de::Error::custom(format!(
+                        "field '{path}' is missing; {} if it may be absent",
+                        crate::config::nullable_hint(name, field_type)
+                    )));
+                }
+            };
+            fields.insert(name.clone(), value);
+        }
+        Ok(fields)
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
@@ -133,9 +149,11 @@ impl<'de> Visitor<'de> for KeySeed {
     }
 }
 
-/// Reads one declared field, checking its type; null is always allowed.
+/// Reads one declared field, checking its type; null only where the type says `?`.
 struct FieldSeed<'a> {
+    /// Without its `?`.
     field_type: &'a FieldType,
+    nullable: bool,
     /// The path of the object the field is in ("" at the top), and the field's name: the
     /// field's dotted path is only put together when needed (errors, nested objects).
     parent: &'a str,
@@ -146,18 +164,26 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let nullable = self.nullable;
         match self.field_type {
-            FieldType::Object(schema) => {
-                // Null is fine for an object too; anything else must be an object.
-                deserializer.deserialize_any(NullableObject { schema, path: &self.path() })
-            }
-            FieldType::Array(element) => deserializer.deserialize_any(NullableArray { element, path: &self.path() }),
+            FieldType::Object(schema) => deserializer.deserialize_any(NullableObject { schema, path: &self.path(), nullable }),
+            FieldType::Array(element) => deserializer.deserialize_any(NullableArray { element, path: &self.path(), nullable }),
             _ => deserializer.deserialize_any(self),
         }
     }
 }
 
-impl FieldSeed<'_> {
+/// The error for a null where the type has no `?`.
+fn null_refused<E: serde::de::Error>(path: &str, field_type: &FieldType) -> E {
+    let name = path.rsplit('.').next().unwrap_or(path);
+    E::custom(format!("field '{path}' is null; {} if it may be", crate::config::nullable_hint(name, field_type)))
+}
+
+impl<'a> FieldSeed<'a> {
+    fn new(declared: &'a FieldType, parent: &'a str, name: &'a str) -> FieldSeed<'a> {
+        FieldSeed { field_type: declared.base(), nullable: declared.is_nullable(), parent, name }
+    }
+
     fn path(&self) -> String {
         if self.parent.is_empty() { self.name.to_string() } else { format!("{}.{}", self.parent, self.name) }
     }
@@ -175,7 +201,10 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        match self.nullable {
+            true => Ok(Value::Null),
+            false => Err(null_refused(&self.path(), self.field_type)),
+        }
     }
 
     fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Value, E> {
@@ -227,10 +256,11 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     }
 }
 
-/// A nested object field, or null.
+/// A nested object field, or null where its type allows.
 struct NullableObject<'a> {
     schema: &'a Schema,
     path: &'a str,
+    nullable: bool,
 }
 
 impl<'de> Visitor<'de> for NullableObject<'_> {
@@ -241,7 +271,10 @@ impl<'de> Visitor<'de> for NullableObject<'_> {
     }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        match self.nullable {
+            true => Ok(Value::Null),
+            false => Err(null_refused(self.path, &FieldType::Object(self.schema.clone()))),
+        }
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
@@ -273,10 +306,12 @@ impl<'de> Visitor<'de> for NullableObject<'_> {
     }
 }
 
-/// A list field, or null; each element is read as a field of the element type.
+/// A list field, or null where its type allows; each element is read as a field of the
+/// element type.
 struct NullableArray<'a> {
     element: &'a FieldType,
     path: &'a str,
+    nullable: bool,
 }
 
 impl<'de> Visitor<'de> for NullableArray<'_> {
@@ -287,14 +322,20 @@ impl<'de> Visitor<'de> for NullableArray<'_> {
     }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        match self.nullable {
+            true => Ok(Value::Null),
+            false => Err(null_refused(self.path, &FieldType::Array(Box::new(self.element.clone())))),
+        }
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Value, A::Error> {
         let mut values = Vec::with_capacity(items.size_hint().unwrap_or(0).min(4096));
         loop {
             let name = format!("[{}]", values.len());
-            let Some(value) = items.next_element_seed(FieldSeed { field_type: self.element, parent: "", name: &format!("{}{name}", self.path) })? else {
+            // A list's elements may be null.
+            let path = format!("{}{name}", self.path);
+            let seed = FieldSeed { nullable: true, ..FieldSeed::new(self.element, "", &path) };
+            let Some(value) = items.next_element_seed(seed)? else {
                 break;
             };
             values.push(value);
@@ -336,6 +377,7 @@ fn type_name(field_type: &FieldType) -> &'static str {
         FieldType::Timestamp => "epoch milliseconds (timestamp)",
         FieldType::Object(_) => "an object",
         FieldType::Array(_) => "an array",
+        FieldType::Nullable(inner) => type_name(inner),
     }
 }
 
@@ -369,7 +411,8 @@ mod tests {
     #[test]
     fn doubles_are_read_exactly() {
         for text in ["2.0981483000393818e-272", "1.7976931348623157e308", "5e-324", "0.1", "123456789.12345679"] {
-            let fields = decode(&schema(), format!(r#"{{"amount":{text}}}"#).as_bytes()).unwrap();
+            let amount = Schema { fields: vec![("amount".into(), FieldType::Double)] };
+            let fields = decode(&amount, format!(r#"{{"amount":{text}}}"#).as_bytes()).unwrap();
             let expected: f64 = text.parse().unwrap();
             assert_eq!(fields["amount"].as_f64().map(f64::to_bits), Some(expected.to_bits()), "{text}");
         }
@@ -397,12 +440,17 @@ mod tests {
         };
         let fields = decode(&lists, br#"{"lines":[{"qty":1,"sku":"a","x":0},null],"tags":["x",null]}"#).unwrap();
         assert_eq!(Value::Object(fields).to_string(), r#"{"tags":["x",null],"lines":[{"sku":"a","qty":1},null]}"#);
-        assert_eq!(decode(&lists, br#"{"tags":null}"#).unwrap()["tags"], Value::Null);
+        // Elements may be null; the list itself only where it is declared `tags?: [...]`.
+        assert!(decode(&lists, br#"{"tags":null,"lines":[]}"#).unwrap_err().0.starts_with("field 'tags' is null; declare it nullable (`tags?: ...`)"));
+        let mut nullable = lists.clone();
+        nullable.fields[0].1 = nullable.fields[0].1.clone().nullable();
+        assert_eq!(decode(&nullable, br#"{"tags":null,"lines":[]}"#).unwrap()["tags"], Value::Null);
         for (text, error) in [
-            (r#"{"tags":"x"}"#, "field 'tags': expected an array, found a string"),
-            (r#"{"tags":[1]}"#, "field 'tags[0]': expected a string, found a number 1"),
-            (r#"{"lines":[{"sku":"a"},{"qty":"2"}]}"#, "field 'lines[1].qty': expected a whole number (long), found a string \"2\""),
-            (r#"{"lines":{"sku":"a"}}"#, "field 'lines': expected an array, found an object"),
+            (r#"{"tags":"x","lines":[]}"#, "field 'tags': expected an array, found a string"),
+            (r#"{"tags":[1],"lines":[]}"#, "field 'tags[0]': expected a string, found a number 1"),
+            (r#"{"tags":[],"lines":[{"sku":"a","qty":1},{"sku":"b","qty":"2"}]}"#, "field 'lines[1].qty': expected a whole number (long), found a string \"2\""),
+            (r#"{"tags":[],"lines":[{"sku":"a"}]}"#, "field 'lines[0].qty' is missing"),
+            (r#"{"tags":[],"lines":{"sku":"a"}}"#, "field 'lines': expected an array, found an object"),
         ] {
             let found = decode(&lists, text.as_bytes()).unwrap_err().0;
             assert!(found.contains(error), "{text}: {found}");
@@ -416,9 +464,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_fields_read_as_null() {
-        let fields = decode(&schema(), br#"{"id":"a"}"#).unwrap();
-        assert_eq!(fields["amount"], Value::Null);
+    fn only_nullable_fields_may_be_missing_or_null() {
+        let error = decode(&schema(), br#"{"id":"a","count":1,"user":{"name":"x"}}"#).unwrap_err();
+        assert!(error.0.starts_with("field 'amount' is missing; declare it nullable (`amount: double?`) if it may be absent"), "{error}");
+        let error = decode(&schema(), br#"{"id":"a","amount":null,"count":1,"user":{"name":"x"}}"#).unwrap_err();
+        assert!(error.0.starts_with("field 'amount' is null; declare it nullable (`amount: double?`) if it may be"), "{error}");
+        let error = decode(&schema(), br#"{"id":"a","amount":1,"count":1,"user":{}}"#).unwrap_err();
+        assert!(error.0.starts_with("field 'user.name' is missing"), "{error}");
+        let error = decode(&schema(), br#"{"id":"a","amount":1,"count":1,"user":null}"#).unwrap_err();
+        assert!(error.0.starts_with("field 'user' is null; declare it nullable (`user?: ...`) if it may be"), "{error}");
+        let mut nullable = schema();
+        for (_, field_type) in &mut nullable.fields {
+            *field_type = field_type.clone().nullable();
+        }
+        let fields = decode(&nullable, br#"{"id":"a","count":null}"#).unwrap();
+        assert_eq!(Value::Object(fields).to_string(), r#"{"id":"a","amount":null,"count":null,"user":null}"#);
     }
 
     #[test]

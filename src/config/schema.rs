@@ -20,8 +20,10 @@ pub enum FieldType {
     /// Epoch milliseconds.
     Timestamp,
     Object(Schema),
-    /// `[T]`: a list of values of one type (elements may be null).
+    /// `[T]`: a list of values of one type.
     Array(Box<FieldType>),
+    /// `T?`: a T, or null (also when absent). A field without `?` must be there and not null.
+    Nullable(Box<FieldType>),
 }
 
 impl FieldType {
@@ -35,6 +37,27 @@ impl FieldType {
             FieldType::Timestamp => "timestamp".to_string(),
             FieldType::Object(inner) => inner.describe(),
             FieldType::Array(element) => format!("[{}]", element.describe()),
+            FieldType::Nullable(inner) => format!("{}?", inner.describe()),
+        }
+    }
+
+    /// The type without its `?`.
+    pub fn base(&self) -> &FieldType {
+        match self {
+            FieldType::Nullable(inner) => inner.base(),
+            other => other,
+        }
+    }
+
+    pub fn is_nullable(&self) -> bool {
+        matches!(self, FieldType::Nullable(_))
+    }
+
+    /// This type, nullable.
+    pub fn nullable(self) -> FieldType {
+        match self {
+            FieldType::Nullable(_) => self,
+            other => FieldType::Nullable(Box::new(other)),
         }
     }
 }
@@ -60,9 +83,9 @@ impl Schema {
             if !valid {
                 invalid.push(name.clone());
             }
-            let mut element = field_type;
+            let mut element = field_type.base();
             while let FieldType::Array(inner) = element {
-                element = inner;
+                element = inner.base();
             }
             if let FieldType::Object(inner) = element {
                 invalid.extend(inner.invalid_avro_names().into_iter().map(|path| format!("{name}.{path}")));
@@ -98,9 +121,10 @@ impl Schema {
                 target.fields.push((part.to_string(), FieldType::Object(Schema { fields: Vec::new() })));
                 target.fields.len() - 1
             });
-            target = match &mut target.fields[position].1 {
-                FieldType::Object(inner) => inner,
-                other => return Err(format!("'{part}' is a {}, not an object with fields", other.describe())),
+            let found = target.fields[position].1.describe();
+            target = match object_mut(&mut target.fields[position].1) {
+                Some(inner) => inner,
+                None => return Err(format!("'{part}' is a {found}, not an object with fields")),
             };
         }
         Ok(schema)
@@ -120,16 +144,22 @@ impl Schema {
                 target.fields.remove(position);
                 break;
             }
-            match &mut target.fields[position].1 {
-                FieldType::Object(inner) => target = inner,
-                _ => return Err(format!("'{path}' is not a field of the record")),
+            match object_mut(&mut target.fields[position].1) {
+                Some(inner) => target = inner,
+                None => return Err(format!("'{path}' is not a field of the record")),
             }
         }
         Ok(schema)
     }
 
     /// The type of a dotted path such as `user.id`, if the schema has it.
+    /// (Without its `?`: see [`Schema::declared_type`].)
     pub fn field_type(&self, path: &str) -> Option<&FieldType> {
+        self.declared_type(path).map(FieldType::base)
+    }
+
+    /// The type of a dotted path as declared, `?` included.
+    pub fn declared_type(&self, path: &str) -> Option<&FieldType> {
         let mut schema = self;
         let mut parts = path.split('.').peekable();
         while let Some(part) = parts.next() {
@@ -137,12 +167,29 @@ impl Schema {
             if parts.peek().is_none() {
                 return Some(field_type);
             }
-            match field_type {
+            match field_type.base() {
                 FieldType::Object(inner) => schema = inner,
                 _ => return None,
             }
         }
         None
+    }
+}
+
+/// How to declare the field `name` of `field_type` nullable, for error messages.
+pub fn nullable_hint(name: &str, field_type: &FieldType) -> String {
+    match field_type.base() {
+        FieldType::Object(_) | FieldType::Array(_) => format!("declare it nullable (`{name}?: ...`)"),
+        base => format!("declare it nullable (`{name}: {}?`)", base.describe()),
+    }
+}
+
+/// The fields of an object type (nullable or not).
+fn object_mut(field_type: &mut FieldType) -> Option<&mut Schema> {
+    match field_type {
+        FieldType::Object(inner) => Some(inner),
+        FieldType::Nullable(inner) => object_mut(inner),
+        _ => None,
     }
 }
 
@@ -155,7 +202,13 @@ pub fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErro
             valid = false;
             continue;
         };
+        // `coupon: string?`, or `coupon?: ...` for a nested mapping or list.
+        let (name, nullable) = match name.strip_suffix('?') {
+            Some(name) => (name, true),
+            None => (name, false),
+        };
         match parse_type(value, &format!("{location}.{name}"), problems) {
+            Some(field_type) if nullable => fields.push((name.to_string(), field_type.nullable())),
             Some(field_type) => fields.push((name.to_string(), field_type)),
             None => valid = false,
         }
@@ -169,8 +222,11 @@ pub fn parse_schema(mapping: &Mapping, location: &str, problems: &mut ConfigErro
 
 /// One field's type as written: a type name, a nested mapping, or `[T]` (a list of T).
 fn parse_type(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<FieldType> {
-    const TYPES: &str = "types: string, long, double, boolean, timestamp, a nested mapping, or [T] for a list";
+    const TYPES: &str = "types: string, long, double, boolean, timestamp, a nested mapping, or [T] for a list; T? (or name?: T) may be null or absent";
     match value {
+        Yaml::String(type_name) if type_name.ends_with('?') && type_name.len() > 1 => {
+            parse_type(&Yaml::String(type_name[..type_name.len() - 1].to_string()), location, problems).map(FieldType::nullable)
+        }
         Yaml::String(type_name) => match type_name.as_str() {
             "string" => Some(FieldType::String),
             "long" => Some(FieldType::Long),

@@ -135,8 +135,8 @@ fn evolved_writers_are_resolved_and_unreadable_records_go_to_the_dlq() {
             Input::keyed("e", avro_record(v2_id, &v2, click_v2("eve", 3.5, 3_000, "DE"))),
         ],
     );
-    // Declares `country` (only v2 has it) and not `ts` (both have it).
-    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double, country: string", "", "", "");
+    // Declares `country` (only v2 has it, so it may be absent: `?`) and not `ts` (both have it).
+    let pipeline = avro_pipeline(&name, &input, &output, "user: string, amount: double, country: string?", "", "", "");
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env: registry_env(), ..Default::default() });
     assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
 

@@ -18,8 +18,10 @@ fn bad_records_go_to_the_dlq_with_provenance_and_the_rest_flows_on() {
             7 => Some((Some("bad-json"), Some("{not json".to_string()), "not valid JSON")),
             19 => Some((Some("bad-type"), Some(r#"{"id":"x","user":"u","amount":1.0}"#.to_string()), "field 'id'")),
             31 => Some((Some("tombstone"), None, "no value")),
-            // Decodes, but the filter cannot compare a null amount: a process error.
-            43 => Some((Some("null-amount"), Some(r#"{"id":1,"user":"u"}"#.to_string()), "filter")),
+            // A field without `?` is missing: a decode error.
+            43 => Some((Some("no-amount"), Some(r#"{"id":1,"user":"u"}"#.to_string()), "field 'amount' is missing")),
+            // Decodes, but the filter divides by zero: a process error.
+            47 => Some((Some("zero-amount"), Some(r#"{"id":1,"user":"u","amount":-1.0}"#.to_string()), "filter")),
             _ => None,
         };
         match bad {
@@ -31,7 +33,7 @@ fn bad_records_go_to_the_dlq_with_provenance_and_the_rest_flows_on() {
         }
     }
     produce(&input, inputs);
-    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 0.0\""));
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"100 / (int(amount) + 1) >= 0\""));
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
     assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
 
@@ -47,6 +49,7 @@ fn bad_records_go_to_the_dlq_with_provenance_and_the_rest_flows_on() {
         assert_eq!(record.headers["weir-source-topic"], input);
         assert_eq!(record.headers["weir-source-partition"], "0");
         let stage = if *error == "filter" { "process" } else { "decode" };
+        let error = if *error == "filter" { "Division by zero" } else { error };
         assert_eq!(record.headers["weir-error-stage"], stage);
         assert!(record.headers["weir-error"].contains(error), "{:?}", record.headers);
     }
@@ -67,12 +70,13 @@ fn every_error_stage_dead_letters_with_its_stage_and_provenance() {
     let huge = "x".repeat(30_000);
     inputs.extend([
         Input::keyed("decode", "{not json"),
-        Input::keyed("process", r#"{"id":100,"user":"u","ts":1700000020000}"#),
+        // Decodes, but the filter divides by zero.
+        Input::keyed("process", click(100, "u", "0", t0 + 20_000)),
         Input::keyed("late", click(101, "u", "1", t0 - 600_000)),
         Input::keyed("produce", click(102, &huge, "1", t0 + 21_000)),
     ]);
     produce(&input, inputs);
-    let steps = "  - filter: \"amount > 0\"\n  - dedup: { key: [id], within: 1m }";
+    let steps = "  - filter: \"100 / amount > 0\"\n  - dedup: { key: [id], within: 1m }";
     let pipeline = pipeline_file(&clicks_pipeline_text(&name, &input, &output, steps, "partitioned_by: [id]"));
     let env = vec![("WEIR__KAFKA__OPTIONS__MESSAGE_MAX_BYTES".to_string(), "20000".to_string())];
     let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });

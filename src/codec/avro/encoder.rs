@@ -80,7 +80,7 @@ fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroF
         }
         let (field_schema, nested, element) = value_schema(field_type, &format!("{record_name}_{field_name}"))?;
         avro_fields.push(serde_json::json!({"name": field_name, "type": ["null", field_schema], "default": null}));
-        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.clone(), nested, element });
+        names.push(AvroField { name: name.clone(), avro_name: field_name, field_type: field_type.base().clone(), nested, element });
     }
     let json = serde_json::json!({"type": "record", "name": record_name, "namespace": "weir", "fields": avro_fields});
     Ok((json, names))
@@ -90,7 +90,8 @@ fn writer_schema(schema: &Schema, record_name: &str) -> Result<(Value, Vec<AvroF
 /// record's fields or a list's element as the writer needs them.
 #[allow(clippy::type_complexity)]
 fn value_schema(field_type: &FieldType, record_name: &str) -> Result<(Value, Vec<AvroField>, Option<Box<AvroField>>), SchemaError> {
-    Ok(match field_type {
+    // Every value is written in a union with null already.
+    Ok(match field_type.base() {
         FieldType::String => (Value::from("string"), Vec::new(), None),
         FieldType::Long => (Value::from("long"), Vec::new(), None),
         FieldType::Double => (Value::from("double"), Vec::new(), None),
@@ -102,9 +103,10 @@ fn value_schema(field_type: &FieldType, record_name: &str) -> Result<(Value, Vec
         }
         FieldType::Array(element_type) => {
             let (items, nested, inner) = value_schema(element_type, &format!("{record_name}_item"))?;
-            let element = AvroField { name: String::new(), avro_name: String::new(), field_type: (**element_type).clone(), nested, element: inner };
+            let element = AvroField { name: String::new(), avro_name: String::new(), field_type: element_type.base().clone(), nested, element: inner };
             (serde_json::json!({"type": "array", "items": ["null", items]}), Vec::new(), Some(Box::new(element)))
         }
+        FieldType::Nullable(inner) => return value_schema(inner, record_name),
     })
 }
 
@@ -175,6 +177,11 @@ fn write_value(field: &AvroField, value: &Value, parent: &str, out: &mut Vec<u8>
             }
             _ => return Err(mismatch()),
         },
+        // The writer keeps base types (see `writer_schema`); a nullable one is written as its base.
+        FieldType::Nullable(inner) => {
+            let base = AvroField { field_type: (**inner).clone(), ..field.clone() };
+            write_value(&base, value, parent, out)?;
+        }
     }
     Ok(())
 }

@@ -116,8 +116,14 @@ fn resolve_record(schema: &Schema, value: AvroValue, path: &str) -> Result<Map<S
         let field_path = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
         let value = match written.iter().position(|(written_name, _)| written_name == name) {
             Some(position) => resolve_value(field_type, written.swap_remove(position).1, &field_path)?,
-            // The reader's default: every declared field is optional.
-            None => Value::Null,
+            // The reader's default for a nullable field; the others must be written.
+            None if field_type.is_nullable() => Value::Null,
+            None => {
+                return Err(DecodeError(format!(
+                    "field '{field_path}' is not in the writer's schema; {} if it may be absent",
+                    crate::config::nullable_hint(name, field_type)
+                )));
+            }
         };
         fields.insert(name.clone(), value);
     }
@@ -133,8 +139,15 @@ fn resolve_value(field_type: &FieldType, value: AvroValue, path: &str) -> Result
         value => value,
     };
     if value == AvroValue::Null {
-        return Ok(Value::Null);
+        return match field_type.is_nullable() {
+            true => Ok(Value::Null),
+            false => Err(DecodeError(format!(
+                "field '{path}' is null; {} if it may be",
+                crate::config::nullable_hint(path.rsplit('.').next().unwrap_or(path), field_type)
+            ))),
+        };
     }
+    let field_type = field_type.base();
     Ok(match field_type {
         FieldType::String => match value {
             AvroValue::String(text) | AvroValue::Enum(_, text) => Value::String(text),
@@ -184,15 +197,20 @@ fn resolve_value(field_type: &FieldType, value: AvroValue, path: &str) -> Result
         },
         FieldType::Object(inner) => Value::Object(resolve_record(inner, value, path)?),
         FieldType::Array(element) => match value {
-            AvroValue::Array(items) => Value::Array(
-                items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, item)| resolve_value(element, item, &format!("{path}[{index}]")))
-                    .collect::<Result<_, _>>()?,
-            ),
+            // A list's elements may be null.
+            AvroValue::Array(items) => {
+                let element = (**element).clone().nullable();
+                Value::Array(
+                    items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, item)| resolve_value(&element, item, &format!("{path}[{index}]")))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
             other => return Err(mismatch(&other)),
         },
+        FieldType::Nullable(inner) => return resolve_value(inner, value, path),
     })
 }
 
@@ -237,8 +255,10 @@ pub(super) fn type_name(field_type: &FieldType) -> &'static str {
         FieldType::Timestamp => "timestamp",
         FieldType::Object(_) => "a record",
         FieldType::Array(_) => "an array",
+        FieldType::Nullable(inner) => type_name(inner),
     }
 }
+
 
 #[cfg(test)]
 mod tests {
@@ -297,8 +317,17 @@ mod tests {
         let read = decoder.decode(&wire(2, &v2, new.clone())).unwrap();
         assert_eq!(Value::Object(read), serde_json::json!({"user": "bob", "amount": 4.0, "ts": 1_700_000_000_001i64}));
 
-        // A newer reader: a field the old writer lacks reads as null.
-        let newer = schema(&[("user", FieldType::String), ("country", FieldType::String)]);
+        // A newer reader: a field the old writer lacks reads as null where it is declared
+        // nullable, and is a decode error where it is not.
+        let strict = decoder_with(schema(&[("user", FieldType::String), ("country", FieldType::String)]), &decoder);
+        let old_record = AvroValue::Record(vec![
+            ("user".into(), AvroValue::String("ann".into())),
+            ("amount".into(), AvroValue::Int(3)),
+            ("ts".into(), AvroValue::TimestampMillis(1)),
+        ]);
+        let error = strict.decode(&wire(1, &v1, old_record)).unwrap_err();
+        assert_eq!(error.0, "field 'country' is not in the writer's schema; declare it nullable (`country: string?`) if it may be absent");
+        let newer = schema(&[("user", FieldType::String), ("country", FieldType::String.nullable())]);
         let decoder = decoder_with(newer, &decoder);
         let old = AvroValue::Record(vec![
             ("user".into(), AvroValue::String("ann".into())),
@@ -375,7 +404,7 @@ mod tests {
             ("window_start", FieldType::Timestamp),
             ("total", FieldType::Double),
             ("n", FieldType::Long),
-            ("seen", FieldType::Boolean),
+            ("seen", FieldType::Boolean.nullable()),
             ("inner", FieldType::Object(schema(&[("x", FieldType::Long)]))),
         ]);
         let decoder = decoder(reader, &[(7, encoder.schema_text())]);
@@ -440,10 +469,10 @@ mod tests {
     /// which apache-avro reads, and which the decoder reads back into the same JSON.
     #[test]
     fn lists_are_written_and_read_back() {
-        let line = FieldType::Object(schema(&[("sku", FieldType::String), ("qty", FieldType::Long)]));
+        let line = FieldType::Object(schema(&[("sku", FieldType::String.nullable()), ("qty", FieldType::Long)]));
         let output = schema(&[
             ("tags", FieldType::Array(Box::new(FieldType::String))),
-            ("lines", FieldType::Array(Box::new(line))),
+            ("lines", FieldType::Array(Box::new(line)).nullable()),
             ("grid", FieldType::Array(Box::new(FieldType::Array(Box::new(FieldType::Long))))),
         ]);
         let mut encoder = AvroEncoder::new(&output, "lists").unwrap();
