@@ -695,6 +695,19 @@ fn on_topic<'l>(lines: &'l [serde_json::Value], topic: &str) -> Vec<&'l serde_js
     lines.iter().filter(|line| line["topic"] == topic).collect()
 }
 
+/// `weir validate` of a pipeline text.
+fn validate(text: &str) -> Output {
+    let (_dir, path) = write(text);
+    weir(&["validate", "--pipeline", &path], &[])
+}
+
+/// Exit 2 with exactly one configuration problem, starting with `expected`.
+fn assert_one_config_problem(output: &Output, expected: &str) {
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("1 configuration problem:\n  - {expected}")), "{stderr}");
+}
+
 /// Exit 2 with exactly `count` configuration problems, among them each of `expected`.
 fn assert_config_problems(output: &Output, count: usize, expected: &[&str]) {
     assert_eq!(output.status.code(), Some(2));
@@ -807,13 +820,9 @@ fn rewriting_the_partitioning_field_makes_a_keyed_step_repartition() {
 fn idempotent_upsert_keeps_window_start_after_a_window() {
     let window = "  - window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } }";
     let upsert = |steps: &str| windowed(&format!("{window}\n{steps}"), "").replace("  topic: out", "  topic: out\n  mode: idempotent_upsert");
-    let (_dir, path) = write(&upsert("  - select: { user_id: user_id, n: n }"));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 configuration problem:\n  - steps[1]: idempotent_upsert ids of window results are their group and window_start"), "{stderr}");
-    let (_dir, path) = write(&upsert("  - select: { user_id: user_id, window_start: window_start, n: n }\n  - set: { doubled: \"n * 2\" }"));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
+    let output = validate(&upsert("  - select: { user_id: user_id, n: n }"));
+    assert_one_config_problem(&output, "steps[1]: idempotent_upsert ids of window results are their group and window_start");
+    let output = validate(&upsert("  - select: { user_id: user_id, window_start: window_start, n: n }\n  - set: { doubled: \"n * 2\" }"));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
@@ -863,22 +872,12 @@ sink:
   topic: out
   mode: idempotent_upsert
 "#;
-    let (_dir, path) = write(text);
-    let output = weir(&["validate", "--pipeline", &path], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 configuration problem:\n  - sources.orders.schema.pairs: a list type names one element type"), "{stderr}");
-    let (_dir, path) = write(&text.replace(" pairs: [string, long],", ""));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 configuration problem:\n  - steps[0].explode.field: 'id' is a string, not a list ([T])"), "{stderr}");
-    let (_dir, path) = write(&text.replace(" pairs: [string, long],", "").replace("  - explode: { field: id }\n", ""));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("steps[0].explode: idempotent_upsert gives each output the id of its input"), "{stderr}");
-    let (_dir, path) = write(&text.replace(" pairs: [string, long],", "").replace("  - explode: { field: id }\n", "").replace("  mode: idempotent_upsert\n", ""));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_one_config_problem(&validate(text), "sources.orders.schema.pairs: a list type names one element type");
+    let text = text.replace(" pairs: [string, long],", "");
+    assert_one_config_problem(&validate(&text), "steps[0].explode.field: 'id' is a string, not a list ([T])");
+    let text = text.replace("  - explode: { field: id }\n", "");
+    assert_one_config_problem(&validate(&text), "steps[0].explode: idempotent_upsert gives each output the id of its input");
+    let output = validate(&text.replace("  mode: idempotent_upsert\n", ""));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("step 0: explode lines as lines\n    out: {id: string, tags: [string], lines: {sku: string}}"), "{stdout}");
 }
@@ -899,13 +898,8 @@ steps:
 sink:
   topic: out
 "#;
-    let (_dir, path) = write(text);
-    let output = weir(&["validate", "--pipeline", &path], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("sources.orders.schema.price: unknown type 'doubel'"), "{stderr}");
-    let (_dir, path) = write(&text.replace("doubel?", "double?"));
-    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert_one_config_problem(&validate(text), "sources.orders.schema.price: unknown type 'doubel'");
+    let output = validate(&text.replace("doubel?", "double?"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("fields: {id: string, coupon: string?, user: {name: string}?, tags: [string]?, price: double?}"), "{stdout}");
     assert!(stdout.contains("code: string}"), "{stdout}");

@@ -116,7 +116,9 @@ impl ForwardHeaders {
     pub fn parse(headers: &[(&str, Option<&[u8]>)]) -> Result<ForwardHeaders, BrokenForward> {
         let input_headers = headers.len() - headers.iter().rev().take_while(|(name, _)| FORWARD_HEADERS.contains(name)).count();
         let headers = &headers[input_headers..];
-        let find = |name: &str| headers.iter().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
+        // The last of a name is weir's own: an input header of the same name (which then
+        // does not pass on) came before it.
+        let find = |name: &str| headers.iter().rev().find(|(key, _)| *key == name).and_then(|(_, value)| *value);
         let text = |name: &str| find(name).and_then(|bytes| std::str::from_utf8(bytes).ok());
         let number = |name: &str| text(name).and_then(|text| text.parse::<i64>().ok());
         let sender = text(SENDER).ok_or_else(|| BrokenForward("a repartitioned record without its weir-sender header".to_string()))?.to_string();
@@ -148,5 +150,28 @@ impl ForwardHeaders {
             upsert: find(UPSERT).is_some(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operators::Provenance;
+
+    /// The input's headers travel ahead of weir's own and come back as the input's; one that
+    /// takes the name of one of weir's cannot change what weir reads.
+    #[test]
+    fn input_headers_travel_with_a_forward() {
+        let input: [(&str, Option<&[u8]>); 3] = [("trace", Some(b"t1")), ("empty", None), ("weir-watermark", Some(b"999"))];
+        let provenance = Provenance { topic: "in", partition: 1, offset: 7, timestamp: Some(5), headers: &input, key: Some(b"k") };
+        let record = Record { fields: serde_json::Map::new(), event_time: 42, provenance: Some(provenance), key: None, upsert: false, id: None };
+        let forward = Forward { stage: 1, partition: 0, sender: "in[1]".into(), watermark: 40, idle: false, record: Some(record), position: None };
+        let output = forwarded(forward);
+        let written: Vec<(&str, Option<&[u8]>)> = output.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
+        let parsed = ForwardHeaders::parse(&written).unwrap();
+        assert_eq!((parsed.watermark, parsed.event_time, parsed.sender.as_str()), (40, 42, "in[1]"));
+        // A null header has no bytes to carry; the one named like weir's is not passed on.
+        assert_eq!(&written[..parsed.input_headers], &[("trace", Some(&b"t1"[..]))]);
+        assert_eq!(parsed.source, Some(("in".to_string(), 1, 7, Some(5))));
     }
 }
