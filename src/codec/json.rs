@@ -154,22 +154,19 @@ struct FieldSeed<'a> {
     /// Without its `?`.
     field_type: &'a FieldType,
     nullable: bool,
-    /// The path of the object the field is in ("" at the top), and the field's name: the
-    /// field's dotted path is only put together when needed (errors, nested objects).
+    /// The path of the object the field is in ("" at the top), and the field's name (or, in
+    /// a list, its index): the field's path is only put together when needed (errors,
+    /// nested objects).
     parent: &'a str,
     name: &'a str,
+    index: Option<usize>,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        let nullable = self.nullable;
-        match self.field_type {
-            FieldType::Object(schema) => deserializer.deserialize_any(NullableObject { schema, path: &self.path(), nullable }),
-            FieldType::Array(element) => deserializer.deserialize_any(NullableArray { element, path: &self.path(), nullable }),
-            _ => deserializer.deserialize_any(self),
-        }
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -181,11 +178,15 @@ fn null_refused<E: serde::de::Error>(path: &str, field_type: &FieldType) -> E {
 
 impl<'a> FieldSeed<'a> {
     fn new(declared: &'a FieldType, parent: &'a str, name: &'a str) -> FieldSeed<'a> {
-        FieldSeed { field_type: declared.base(), nullable: declared.is_nullable(), parent, name }
+        FieldSeed { field_type: declared.base(), nullable: declared.is_nullable(), parent, name, index: None }
     }
 
     fn path(&self) -> String {
-        if self.parent.is_empty() { self.name.to_string() } else { format!("{}.{}", self.parent, self.name) }
+        match self.index {
+            Some(index) => format!("{}[{index}]", self.parent),
+            None if self.parent.is_empty() => self.name.to_string(),
+            None => format!("{}.{}", self.parent, self.name),
+        }
     }
 
     fn mismatch<E: serde::de::Error>(&self, found: String) -> E {
@@ -247,94 +248,15 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
         }
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
-        Err(self.mismatch("an array".to_string()))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
-        Err(self.mismatch("an object".to_string()))
-    }
-}
-
-/// A nested object field, or null where its type allows.
-struct NullableObject<'a> {
-    schema: &'a Schema,
-    path: &'a str,
-    nullable: bool,
-}
-
-impl<'de> Visitor<'de> for NullableObject<'_> {
-    type Value = Value;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("an object")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        match self.nullable {
-            true => Ok(Value::Null),
-            false => Err(null_refused(self.path, &FieldType::Object(self.schema.clone()))),
-        }
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
-        ObjectSeed { schema: self.schema, path: self.path }.visit_map(map).map(Value::Object)
-    }
-
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an object, found a string", self.path)))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an object, found a number", self.path)))
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an object, found a boolean", self.path)))
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
-        Err(serde::de::Error::custom(format!("field '{}': expected an object, found an array", self.path)))
-    }
-}
-
-/// A list field, or null where its type allows; each element is read as a field of the
-/// element type.
-struct NullableArray<'a> {
-    element: &'a FieldType,
-    path: &'a str,
-    nullable: bool,
-}
-
-impl<'de> Visitor<'de> for NullableArray<'_> {
-    type Value = Value;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("an array")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
-        match self.nullable {
-            true => Ok(Value::Null),
-            false => Err(null_refused(self.path, &FieldType::Array(Box::new(self.element.clone())))),
-        }
-    }
-
+    /// A list's elements, each read as a field of the element type; they may be null.
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Value, A::Error> {
+        let FieldType::Array(element) = self.field_type else {
+            return Err(self.mismatch("an array".to_string()));
+        };
+        let path = self.path();
         let mut values = Vec::with_capacity(items.size_hint().unwrap_or(0).min(4096));
         loop {
-            let name = format!("[{}]", values.len());
-            // A list's elements may be null.
-            let path = format!("{}{name}", self.path);
-            let seed = FieldSeed { nullable: true, ..FieldSeed::new(self.element, "", &path) };
+            let seed = FieldSeed { field_type: element.base(), nullable: true, parent: &path, name: "", index: Some(values.len()) };
             let Some(value) = items.next_element_seed(seed)? else {
                 break;
             };
@@ -343,28 +265,11 @@ impl<'de> Visitor<'de> for NullableArray<'_> {
         Ok(Value::Array(values))
     }
 
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an array, found a string", self.path)))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an array, found a number", self.path)))
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Value, E> {
-        Err(E::custom(format!("field '{}': expected an array, found a boolean", self.path)))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
-        Err(serde::de::Error::custom(format!("field '{}': expected an array, found an object", self.path)))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        let FieldType::Object(schema) = self.field_type else {
+            return Err(self.mismatch("an object".to_string()));
+        };
+        ObjectSeed { schema, path: &self.path() }.visit_map(map).map(Value::Object)
     }
 }
 

@@ -77,12 +77,7 @@ const FORWARD_HEADERS: &[&str] = &[SENDER, WATERMARK, EVENT_TIME, RECORD_KEY, UP
 /// The repartition-topic record of a forward: the input's Kafka key, the fields as JSON (no
 /// value: a watermark alone), the input record's headers, then weir's own after them.
 pub(super) fn forwarded(forward: Forward<'_>) -> Output {
-    let mut headers: Vec<(String, Vec<u8>)> = forward
-        .record
-        .as_ref()
-        .and_then(|record| record.provenance)
-        .map(|provenance| provenance.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect())
-        .unwrap_or_default();
+    let mut headers = forward.record.as_ref().and_then(|record| record.provenance).map(|provenance| provenance.owned_headers()).unwrap_or_default();
     headers.push((SENDER.to_string(), forward.sender.into_bytes()));
     headers.push((WATERMARK.to_string(), forward.watermark.to_string().into_bytes()));
     if forward.idle {

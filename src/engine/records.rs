@@ -72,11 +72,7 @@ impl Output {
     /// headers of PIPELINE.md.
     pub fn dlq_record(input: &InputRecord<'_>, stage: ErrorStage, error: &str) -> Output {
         let provenance = &input.provenance;
-        let mut headers: Vec<(String, Vec<u8>)> = provenance
-            .headers
-            .iter()
-            .filter_map(|(name, value)| value.map(|bytes| (name.to_string(), bytes.to_vec())))
-            .collect();
+        let mut headers = provenance.owned_headers();
         error_headers(&mut headers, stage, error, Some(provenance));
         Output {
             destination: Destination::Dlq,
@@ -98,9 +94,7 @@ impl Output {
         provenance: Option<&Provenance<'_>>,
     ) -> Output {
         // The input's own headers first, as for an input sent to the DLQ as it was.
-        let mut headers: Vec<(String, Vec<u8>)> = provenance
-            .map(|provenance| provenance.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect())
-            .unwrap_or_default();
+        let mut headers = provenance.map(Provenance::owned_headers).unwrap_or_default();
         error_headers(&mut headers, stage, error, provenance);
         Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
     }

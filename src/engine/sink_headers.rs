@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cel::Env;
 use serde_json::Value;
 
-use crate::operators::expression::{standard_environment, Bindings, Expression};
+use crate::operators::expression::{headers_read, standard_environment, Bindings, Expression};
 use crate::operators::{BuildError, ProcessError, Record};
 use crate::plan::Pipeline;
 
@@ -29,21 +29,17 @@ impl SinkHeaders {
             .iter()
             .map(|(name, expression)| Ok((name.clone(), Expression::compile(expression, &schema)?)))
             .collect::<Result<Vec<_>, BuildError>>()?;
-        let mut wanted: Vec<String> = set.iter().flat_map(|(_, expression)| expression.headers().iter().cloned()).collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = headers_read(set.iter().map(|(_, expression)| expression));
         Ok(SinkHeaders { pass_through: pipeline.sink.passes_headers(), set, wanted, environment: standard_environment() })
     }
 
     /// The headers of the sink record made from `record`. Err: a `set` expression failed
     /// for it (a process error of that record).
     pub fn of(&self, record: &Record<'_>) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
-        let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
-        if self.pass_through
-            && let Some(provenance) = record.provenance
-        {
-            headers.extend(provenance.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))));
-        }
+        let mut headers = match (self.pass_through, record.provenance) {
+            (true, Some(provenance)) => provenance.owned_headers(),
+            _ => Vec::new(),
+        };
         if self.set.is_empty() {
             return Ok(headers);
         }

@@ -176,6 +176,15 @@ impl Bindings {
     }
 }
 
+/// The header names any of `expressions` reads by name, once each: what [`Bindings::of`]
+/// needs for them all.
+pub fn headers_read<'e>(expressions: impl Iterator<Item = &'e Expression>) -> Vec<String> {
+    let mut names: Vec<String> = expressions.flat_map(|expression| expression.headers().iter().cloned()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 /// The standard functions, shared by a step's expressions.
 pub fn standard_environment() -> Arc<Env> {
     Arc::new(Env::stdlib())

@@ -44,6 +44,14 @@ pub struct Provenance<'a> {
     pub key: Option<&'a [u8]>,
 }
 
+impl Provenance<'_> {
+    /// The input record's headers, owned, as an output carries them (a header without a
+    /// value has nothing to carry and is left out).
+    pub fn owned_headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect()
+    }
+}
+
 /// A decoded record on its way through the steps.
 #[derive(Debug, Clone)]
 pub struct Record<'a> {

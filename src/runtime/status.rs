@@ -156,13 +156,11 @@ impl Status {
     /// A restore of `changelog[partition]` has read `restored` entries since `started`.
     pub fn restoring(&self, changelog: &str, partition: i32, restored: u64, position: Option<i64>, end: i64, started: Instant) {
         let seconds = started.elapsed().as_secs_f64();
+        let name = partition_name(changelog, partition);
         let mut report = self.report();
-        let started_at = report
-            .restoring
-            .get(&partition_name(changelog, partition))
-            .map_or_else(now_text, |progress| progress.started_at.clone());
+        let started_at = report.restoring.get(&name).map_or_else(now_text, |progress| progress.started_at.clone());
         report.restoring.insert(
-            partition_name(changelog, partition),
+            name,
             RestoreProgress {
                 started_at,
                 restored,

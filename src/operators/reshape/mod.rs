@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cel::Env;
 use serde_json::{Map, Value};
 
-use super::expression::{standard_environment, Bindings, Expression};
+use super::expression::{headers_read, standard_environment, Bindings, Expression};
 use super::{BuildError, Emitted, ProcessError, Record, StepOutcome};
 use crate::config::Schema;
 use config::{Assignments, Drop};
@@ -38,9 +38,7 @@ impl ReshapeOperator {
             .collect::<Result<Vec<_>, BuildError>>()?;
         let written: Vec<String> =
             assignments.assignments.iter().map(|assignment| format!("{} = {}", assignment.path, assignment.expression)).collect();
-        let mut headers: Vec<String> = compiled.iter().flat_map(|(_, expression)| expression.headers().iter().cloned()).collect();
-        headers.sort_unstable();
-        headers.dedup();
+        let headers = headers_read(compiled.iter().map(|(_, expression)| expression));
         let (reshape, kind) = match select {
             true => (Reshape::Select(compiled), "select"),
             false => (Reshape::Set(compiled), "set"),
