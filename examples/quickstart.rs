@@ -15,6 +15,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const INPUT: &str = "clicks";
 const OUTPUT: &str = "clicks-filtered";
+/// The second output: the big clicks.
+const BIG: &str = "clicks-big";
 const EVENTS: u64 = 10_000;
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ fn prepare(config: &ClientConfig) -> anyhow::Result<()> {
     let topics = [
         NewTopic::new(INPUT, 3, TopicReplication::Fixed(1)),
         NewTopic::new(OUTPUT, 3, TopicReplication::Fixed(1)),
+        NewTopic::new(BIG, 3, TopicReplication::Fixed(1)),
     ];
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     for result in runtime.block_on(admin.create_topics(&topics, &AdminOptions::new()))? {
@@ -78,7 +81,7 @@ fn prepare(config: &ClientConfig) -> anyhow::Result<()> {
 }
 
 fn show(config: &ClientConfig) -> anyhow::Result<()> {
-    for (topic, sample) in [(OUTPUT, 5), ("clicks-filter.dlq", 2)] {
+    for (topic, sample) in [(OUTPUT, 3), (BIG, 3), ("clicks-filter.dlq", 2)] {
         let records = read_committed(config, topic)?;
         println!("\n{topic}: {} records (read_committed); a sample:", records.len());
         for (key, value, headers) in records.iter().take(sample) {

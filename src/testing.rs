@@ -63,10 +63,10 @@ pub fn run_with_restarts(
 ) -> Result<Vec<String>, TestError> {
     // Avro records are given and shown as JSON: no registry is involved. Avro sink records
     // are shown with the field names their schema has (`ads.ad` as `ads_ad`).
-    let shown_names = AvroNames {
-        key: pipeline.sink.key_encoding == Encoding::Avro,
-        value: pipeline.sink.encoding == Encoding::Avro,
-    };
+    let shown_names: Vec<AvroNames> = pipeline
+        .sinks()
+        .map(|sink| AvroNames { key: sink.key_encoding == Encoding::Avro, value: sink.encoding == Encoding::Avro })
+        .collect();
     let pipeline = &pipeline.with_json_codecs();
     // The engine's default state entry limit is `weir run`'s with librdkafka's default
     // message.max.bytes: a record whose state would be too large goes to the DLQ here too.
@@ -172,10 +172,10 @@ pub fn run_with_restarts(
                 }
             }
         }
-        render(pipeline, shown_names, outputs.drain(..), &mut lines);
+        render(pipeline, &shown_names, outputs.drain(..), &mut lines);
     }
     engine.finish(&mut outputs)?;
-    render(pipeline, shown_names, outputs.drain(..), &mut lines);
+    render(pipeline, &shown_names, outputs.drain(..), &mut lines);
     Ok(lines)
 }
 
@@ -211,10 +211,10 @@ fn with_avro_names(value: Value) -> Value {
     }
 }
 
-fn render(pipeline: &Pipeline, avro_names: AvroNames, outputs: impl Iterator<Item = Output>, lines: &mut Vec<String>) {
+fn render(pipeline: &Pipeline, avro_names: &[AvroNames], outputs: impl Iterator<Item = Output>, lines: &mut Vec<String>) {
     for output in outputs {
         let (topic, avro_names) = match output.destination {
-            Destination::Sink => (&pipeline.sink.topic, avro_names),
+            Destination::Sink(index) => (&pipeline.outputs[index].sink.topic, avro_names[index]),
             Destination::Dlq => (&pipeline.dlq_topic, AvroNames { key: false, value: false }),
             // `weir test` runs every stage in process: nothing is forwarded.
             Destination::Repartition(_) => continue,

@@ -786,7 +786,7 @@ sink:
             }
         }
         let mut counted = 0;
-        for (_, output) in run.outputs.iter().filter(|(_, output)| output.destination == Destination::Sink) {
+        for (_, output) in run.outputs.iter().filter(|(_, output)| output.destination == Destination::Sink(0)) {
             let value: Value = serde_json::from_slice(output.value.as_deref().unwrap_or(b"null")).unwrap();
             let (start, end) = window_bounds(&value);
             prop_assert!(end > start, "{}", value);
@@ -896,7 +896,7 @@ sink:
         let windows: Vec<Value> = outcome
             .outputs
             .iter()
-            .filter(|(_, output)| output.destination == Destination::Sink)
+            .filter(|(_, output)| output.destination == Destination::Sink(0))
             .map(|(_, output)| serde_json::from_slice(output.value.as_deref().unwrap()).unwrap())
             .collect();
         let counts: Vec<i64> = windows.iter().map(|window| window["n"].as_i64().unwrap()).collect();

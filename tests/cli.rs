@@ -1,6 +1,7 @@
 //! The command line without a broker: bad settings and pipelines exit 2 listing every
 //! problem before any connection to Kafka; `validate` prints the plan.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -903,4 +904,44 @@ sink:
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("fields: {id: string, coupon: string?, user: {name: string}?, tags: [string]?, price: double?}"), "{stdout}");
     assert!(stdout.contains("code: string}"), "{stdout}");
+}
+
+/// `outputs:` under `weir validate`: each output with where it branches off, its own steps
+/// numbered after the main ones, the schema each hands on, and its sink; the example the
+/// quickstart runs validates.
+#[test]
+fn validate_prints_each_output_with_its_steps_and_sink() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/clicks-filter.yaml");
+    let output = weir(&["validate", "--pipeline", example.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let expected = [
+        "  output paid: from step 1\n    sink: clicks-filtered (json, key: user_id, transactional)\n",
+        "  output big: from step 1\n    step 2: when amount >= 5.0\n",
+        "    step 3: set cents = int(amount * 100.0)\n      out: {user_id: string, event_id: string, amount: double, read_from: string, cents: long}\n    sink: clicks-big (json, key: user_id, transactional)\n",
+    ];
+    for part in expected {
+        assert!(stdout.contains(part), "missing\n{part}in\n{stdout}");
+    }
+}
+
+/// Every problem of every output, each named by where it is, in one run (exit 2).
+#[test]
+fn output_problems_are_listed_together() {
+    let outputs = "outputs:\n  a:\n    from: dedup\n    sink: { topic: a }\n  b:\n    when: \"ghost > 1\"\n    sink: { topic: b, format: text }\n  c:\n    steps: [ { window: { group_by: [user_id], tumbling: 1m, aggregates: { n: count() } } } ]\n    sink: { topic: c, headers: { pass_through: true } }\n";
+    let text = GOOD.replace("sink:\n  topic: clicks-filtered\n  key: [user_id]\n", outputs);
+    let output = validate(&text);
+    assert_config_problems(
+        &output,
+        4,
+        &[
+            "outputs.a.from: no step is a dedup (the steps: filter); name a step by its kind or number",
+            "outputs.b.when:",
+            "outputs.b.sink.format:",
+            "outputs.c.sink.headers.pass_through: a window's results come from several input records",
+        ],
+    );
+    // `sink:` and `outputs:` together, or neither.
+    let both = format!("{GOOD}outputs:\n  a:\n    sink: {{ topic: a }}\n");
+    assert_one_config_problem(&validate(&both), "outputs: a pipeline has `sink:` (one output) or `outputs:` (several), not both");
 }

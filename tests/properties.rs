@@ -16,7 +16,12 @@ fn pipeline(steps: &str) -> weir::plan::Pipeline {
 
 /// `sink_extra`: more lines of the sink section (e.g. its mode).
 fn pipeline_with(steps: &str, sink_extra: &str) -> weir::plan::Pipeline {
-    let text = format!(
+    let text = pipeline_text(steps, sink_extra);
+    weir::plan::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+}
+
+fn pipeline_text(steps: &str, sink_extra: &str) -> String {
+    format!(
         r#"name: props
 sources:
   events:
@@ -30,8 +35,7 @@ steps:
 sink:
   topic: out
 {sink_extra}"#
-    );
-    weir::plan::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+    )
 }
 
 /// Per partition, records in roughly increasing event time (never behind their own
@@ -226,7 +230,8 @@ mod distributed {
         /// Forwarded in the open batch: visible once it commits.
         pending: Vec<Output>,
         changelog: BTreeMap<(Option<String>, i32, usize, String), Value>,
-        sink: Vec<Value>,
+        /// (output index, value) of every sink record.
+        sink: Vec<(usize, Value)>,
         dlq: Vec<Output>,
     }
 
@@ -241,7 +246,7 @@ mod distributed {
             for output in outputs {
                 match output.destination {
                     Destination::Repartition(_) => self.pending.push(output),
-                    Destination::Sink => self.sink.push(serde_json::from_slice(output.value.as_deref().unwrap()).unwrap()),
+                    Destination::Sink(index) => self.sink.push((index, serde_json::from_slice(output.value.as_deref().unwrap()).unwrap())),
                     Destination::Dlq => self.dlq.push(output),
                 }
             }
@@ -355,7 +360,10 @@ mod distributed {
             }
         }
         assert!(simulation.dlq.is_empty(), "nothing is late here: {:?}", simulation.dlq);
-        closed_results(simulation.sink.into_iter())
+        closed_results(simulation.sink.into_iter().map(|(output, value)| match pipeline.outputs.len() {
+            1 => value,
+            _ => serde_json::json!([output, value]),
+        }))
     }
 
     fn check(steps: &str) {
@@ -407,7 +415,7 @@ mod distributed {
         drain(&mut simulation);
         // The watermark is 59.5 s - 3 s: windows up to [50 s, 55 s) close, for both keys.
         assert_eq!(simulation.sink.len(), 22, "{:?}", simulation.sink);
-        assert!(simulation.sink.iter().all(|result| result["window_end"].as_i64().unwrap() <= 55_000));
+        assert!(simulation.sink.iter().all(|(_, result)| result["window_end"].as_i64().unwrap() <= 55_000));
 
         // Partition 2 speaks again, far behind: the watermark does not go back (its record is
         // late). Once its messages reach every task it counts again: with it at 77 s and the
@@ -423,7 +431,7 @@ mod distributed {
         let mut windows: Vec<(String, i64)> = simulation
             .sink
             .iter()
-            .map(|result| (result["k"].as_str().unwrap().to_string(), result["window_end"].as_i64().unwrap()))
+            .map(|(_, result)| (result["k"].as_str().unwrap().to_string(), result["window_end"].as_i64().unwrap()))
             .collect();
         windows.sort();
         windows.dedup();
@@ -456,7 +464,7 @@ mod distributed {
             for output in outputs {
                 match output.destination {
                     Destination::Repartition(stage) => topics.entry((stage, output.partition.unwrap())).or_default().push(output),
-                    Destination::Sink => {
+                    Destination::Sink(_) => {
                         let id = output.headers.iter().find(|(name, _)| name == "weir-id").expect("an upsert output has an id");
                         last.insert(String::from_utf8(id.1.clone()).unwrap(), serde_json::from_slice(output.value.as_deref().unwrap()).unwrap());
                     }
@@ -548,6 +556,53 @@ mod distributed {
     fn repartitioned_windows_equal_the_local_run() {
         check("  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v), f: first(id), l: last(id) } }");
         check("  - window: { group_by: [k], session: { gap: 2s }, aggregates: { n: count(), d: count_distinct(id) } }");
+    }
+
+    /// Outputs branching off one filter, each with its own steps (a dedup and a window, each
+    /// repartitioned on its own, and a stateless `when`), run distributed with restarts:
+    /// each output's records are those of its steps written as a pipeline of their own.
+    #[test]
+    fn each_output_equals_its_steps_run_alone() {
+        let main = "  - filter: \"v >= 0\"";
+        let branches = [
+            ("  - dedup: { key: [id], within: 5s }", ""),
+            ("  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count(), s: sum(v) } }", ""),
+            ("", "\"v > 25\""),
+        ];
+        let mut outputs = String::new();
+        for (index, (steps, when)) in branches.iter().enumerate() {
+            outputs.push_str(&format!("  o{index}:\n    sink: {{ topic: out-{index} }}\n"));
+            if !when.is_empty() {
+                outputs.push_str(&format!("    when: {when}\n"));
+            }
+            if !steps.is_empty() {
+                outputs.push_str(&format!("    steps:\n{}\n", steps.replace("  - ", "      - ")));
+            }
+        }
+        let text = super::pipeline_text(main, "").replace("sink:\n  topic: out\n", &format!("outputs:\n{outputs}"));
+        let branched = weir::plan::parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}\n{text}"));
+        assert_eq!(branched.stages().stages.len(), 3, "{text}");
+        let alone: Vec<weir::plan::Pipeline> = branches
+            .iter()
+            .map(|(steps, when)| {
+                let when = if when.is_empty() { String::new() } else { format!("\n  - filter: {when}") };
+                super::pipeline(&format!("{main}{when}\n{steps}").trim_end().replace("\n\n", "\n"))
+            })
+            .collect();
+        for seed in 0..12u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let partitions = with_flush(super::partitions(&mut rng));
+            let mut expected: Vec<String> = Vec::new();
+            for (index, pipeline) in alone.iter().enumerate() {
+                let values = local(pipeline, &partitions, &mut rng);
+                assert!(!values.is_empty(), "seed {seed}: output {index} has nothing to compare");
+                expected.extend(values.iter().map(|value| serde_json::json!([index, serde_json::from_str::<Value>(value).unwrap()]).to_string()));
+            }
+            expected.sort();
+            for run in 0..2 {
+                assert_eq!(distributed(&branched, &partitions, &mut rng), expected, "seed {seed}, run {run}");
+            }
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub struct PipelineFile {
     pub join: Option<Yaml>,
     /// The steps whose shape is right (one key: the kind).
     pub steps: Vec<StepEntry>,
-    pub sink: Option<Sink>,
+    /// `sink:` (one output) or the entries of `outputs:`; None when any of them is bad.
+    pub outputs: Option<Vec<OutputEntry>>,
     pub on_error: Option<ErrorPolicy>,
     /// `dlq.topic`: Some(None) when the DLQ topic is left to its default.
     pub dlq_topic: Option<Option<String>>,
@@ -39,6 +40,41 @@ pub struct StepEntry {
     pub body: Yaml,
     /// Where it is in the file, e.g. `steps[2]`.
     pub location: String,
+}
+
+/// One output: a branch of the steps ending in a sink. `sink:` alone is one output whose
+/// records are the last step's.
+#[derive(Debug, Clone)]
+pub struct OutputEntry {
+    /// Its name under `outputs:`; `sink` for a lone `sink:`.
+    pub name: String,
+    /// The step whose results it takes, as written; None: the last of `steps`.
+    pub from: Option<StepRef>,
+    /// A CEL expression a record must satisfy to enter this output.
+    pub when: Option<String>,
+    /// Its own steps, run after `from` on the records that enter it.
+    pub steps: Vec<StepEntry>,
+    pub sink: Sink,
+    /// Where it is in the file: `outputs.<name>`, or `` for a lone `sink:`.
+    pub location: String,
+}
+
+/// A step named by `from:`: its number as `weir validate` prints it, or its kind (when one
+/// step has it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum StepRef {
+    Number(usize),
+    Kind(String),
+}
+
+impl std::fmt::Display for StepRef {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepRef::Number(number) => write!(formatter, "{number}"),
+            StepRef::Kind(kind) => formatter.write_str(kind),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -61,6 +97,8 @@ impl DeliveryMode {
 
 #[derive(Debug, Clone)]
 pub struct Sink {
+    /// Where it is in the file (`sink`, `outputs.<name>.sink`), for problems to name.
+    pub location: String,
     pub topic: String,
     pub encoding: Encoding,
     /// Fields forming the Kafka key; empty keeps each input record's key.
@@ -120,19 +158,19 @@ struct RawSink {
 }
 
 impl RawSink {
-    fn read(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<RawSink> {
+    fn read(value: Option<&Yaml>, location: &str, problems: &mut ConfigErrors) -> Option<RawSink> {
         let Some(value) = value else {
-            problems.push("sink", "is required");
+            problems.push(location, "is required");
             return None;
         };
-        let mut fields = Fields::of(value, "sink", problems)?;
+        let mut fields = Fields::of(value, location, problems)?;
         let raw = RawSink {
             topic: fields.required("topic", problems),
             format: fields.optional("format", problems).unwrap_or(Encoding::Json),
             key: fields.or_default("key", problems),
             key_format: fields.optional("key_format", problems).unwrap_or(Encoding::Json),
             mode: fields.or_default("mode", problems),
-            headers: fields.raw("headers").map(|value| read_sink_headers(value, problems)).unwrap_or_default(),
+            headers: fields.raw("headers").map(|value| read_sink_headers(value, location, problems)).unwrap_or_default(),
         };
         fields.finish(problems);
         Some(raw)
@@ -140,8 +178,9 @@ impl RawSink {
 }
 
 /// `sink.headers: {pass_through: <bool>, set: {<name>: <expression>}}`.
-fn read_sink_headers(value: &Yaml, problems: &mut ConfigErrors) -> SinkHeaders {
-    let Some(mut fields) = Fields::of(value, "sink.headers", problems) else {
+fn read_sink_headers(value: &Yaml, sink: &str, problems: &mut ConfigErrors) -> SinkHeaders {
+    let location = format!("{sink}.headers");
+    let Some(mut fields) = Fields::of(value, &location, problems) else {
         return SinkHeaders::default();
     };
     let pass_through = fields.optional("pass_through", problems);
@@ -152,11 +191,11 @@ fn read_sink_headers(value: &Yaml, problems: &mut ConfigErrors) -> SinkHeaders {
                 for (name, expression) in mapping {
                     match (name.as_str(), expression.as_str()) {
                         (Some(name), Some(expression)) if !name.is_empty() => set.push((name.to_string(), expression.to_string())),
-                        _ => problems.push("sink.headers.set", "each entry is `header-name: \"<expression>\"`"),
+                        _ => problems.push(format!("{location}.set"), "each entry is `header-name: \"<expression>\"`"),
                     }
                 }
             }
-            None => problems.push("sink.headers.set", "must be a mapping of header names to expressions"),
+            None => problems.push(format!("{location}.set"), "must be a mapping of header names to expressions"),
         }
     }
     fields.finish(problems);
@@ -169,7 +208,7 @@ struct RawDlq {
     topic: Option<String>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["name", "sources", "steps", "join", "sink", "on_error", "dlq"];
+const TOP_LEVEL_KEYS: &[&str] = &["name", "sources", "steps", "join", "sink", "outputs", "on_error", "dlq"];
 
 pub(super) fn load(path: &Path, problems: &mut ConfigErrors) -> Option<PipelineFile> {
     let file = path.display().to_string();
@@ -205,8 +244,8 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
     }
     let name = parse_name(top.get("name"), problems);
     let sources = parse_sources(top.get("sources"), problems);
-    let steps = parse_steps(top.get("steps"), problems);
-    let sink = RawSink::read(top.get("sink"), problems).map(|raw| check_sink(raw, problems));
+    let steps = parse_steps(top.get("steps"), "steps", problems);
+    let outputs = parse_outputs(top.get("sink"), top.get("outputs"), problems);
     let on_error = match top.get("on_error") {
         None => Some(ErrorPolicy::default()),
         value => section::<ErrorPolicy>(value, "on_error", problems),
@@ -215,7 +254,7 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
         None => Some(None),
         value => section::<RawDlq>(value, "dlq", problems).map(|dlq| dlq.topic),
     };
-    Some(PipelineFile { name, sources, join: top.get("join").cloned(), steps, sink, on_error, dlq_topic })
+    Some(PipelineFile { name, sources, join: top.get("join").cloned(), steps, outputs, on_error, dlq_topic })
 }
 
 /// Deserializes one section, recording a problem located at `location` when it does not fit.
@@ -254,17 +293,17 @@ fn parse_name(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Strin
 }
 
 /// The entries of `steps` whose shape is right; a problem for each other one.
-fn parse_steps(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Vec<StepEntry> {
+fn parse_steps(value: Option<&Yaml>, at: &str, problems: &mut ConfigErrors) -> Vec<StepEntry> {
     let Some(value) = value else {
         return Vec::new();
     };
     let Yaml::Sequence(items) = value else {
-        problems.push("steps", "must be a list of steps such as `- filter: \"amount > 0\"`");
+        problems.push(at, "must be a list of steps such as `- filter: \"amount > 0\"`");
         return Vec::new();
     };
     let mut entries = Vec::new();
     for (index, item) in items.iter().enumerate() {
-        let location = format!("steps[{index}]");
+        let location = format!("{at}[{index}]");
         match item.as_mapping().filter(|mapping| mapping.len() == 1).and_then(|mapping| mapping.iter().next()) {
             Some((kind, body)) => {
                 entries.push(StepEntry { kind: kind.as_str().unwrap_or("").to_string(), body: body.clone(), location });
@@ -275,18 +314,79 @@ fn parse_steps(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Vec<StepEnt
     entries
 }
 
+/// `sink:` (one output) or `outputs:` (several), each output on its own; None when any is
+/// bad (its problems recorded).
+fn parse_outputs(sink: Option<&Yaml>, outputs: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Vec<OutputEntry>> {
+    let written = match (sink, outputs) {
+        (Some(_), Some(_)) => {
+            problems.push("outputs", "a pipeline has `sink:` (one output) or `outputs:` (several), not both");
+            return None;
+        }
+        (None, None) => {
+            problems.push("sink", "is required (or `outputs:`, for several)");
+            return None;
+        }
+        (Some(sink), None) => {
+            let sink = read_sink(sink, "sink", problems)?;
+            let lone = OutputEntry { name: "sink".into(), from: None, when: None, steps: Vec::new(), sink, location: String::new() };
+            return Some(vec![lone]);
+        }
+        (None, Some(outputs)) => outputs,
+    };
+    let Some(mapping) = written.as_mapping().filter(|mapping| !mapping.is_empty()) else {
+        problems.push("outputs", "must map output names to outputs, e.g. `outputs: { big: { when: \"total > 100.0\", sink: { topic: big } } }`");
+        return None;
+    };
+    let mut entries = Some(Vec::with_capacity(mapping.len()));
+    for (name, body) in mapping {
+        let entry = read_output(name.as_str().unwrap_or(""), body, problems);
+        entries = entries.zip(entry).map(|(mut entries, entry)| {
+            entries.push(entry);
+            entries
+        });
+    }
+    entries
+}
+
+/// One entry of `outputs:`.
+fn read_output(name: &str, body: &Yaml, problems: &mut ConfigErrors) -> Option<OutputEntry> {
+    let location = format!("outputs.{name}");
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        problems.push(location, "an output's name is letters, digits, '_' and '-'");
+        return None;
+    }
+    let mut fields = Fields::of(body, &location, problems)?;
+    let from = fields.optional("from", problems);
+    let when = fields.optional("when", problems);
+    let steps = fields.raw("steps").map(|steps| parse_steps(Some(steps), &format!("{location}.steps"), problems)).unwrap_or_default();
+    let sink = match fields.raw("sink") {
+        Some(sink) => read_sink(sink, &format!("{location}.sink"), problems),
+        None => {
+            problems.push(format!("{location}.sink"), "is required");
+            None
+        }
+    };
+    fields.finish(problems);
+    Some(OutputEntry { name: name.to_string(), from, when, steps, sink: sink?, location })
+}
+
+fn read_sink(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<Sink> {
+    RawSink::read(Some(value), location, problems).map(|raw| check_sink(raw, location, problems))
+}
+
 /// The sink on its own; that `sink.key` names fields of the records is the plan's check.
-fn check_sink(raw: RawSink, problems: &mut ConfigErrors) -> Sink {
+fn check_sink(raw: RawSink, location: &str, problems: &mut ConfigErrors) -> Sink {
     if raw.topic.as_ref().is_some_and(|topic| topic.trim().is_empty()) {
-        problems.push("sink.topic", "must name a topic");
+        problems.push(format!("{location}.topic"), "must name a topic");
     }
     if raw.format == Encoding::String {
-        problems.push("sink.format", "a sink writes json or avro");
+        problems.push(format!("{location}.format"), "a sink writes json or avro");
     }
     if raw.key_format == Encoding::String {
-        problems.push("sink.key_format", "keys are written as json or avro");
+        problems.push(format!("{location}.key_format"), "keys are written as json or avro");
     }
     Sink {
+        location: location.to_string(),
         topic: raw.topic.unwrap_or_default(),
         encoding: raw.format,
         key: raw.key,

@@ -18,10 +18,10 @@ use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{json, Decoder, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
-use crate::operators::{event_time, key_of, Emitted, Provenance, Record, StateEntryLimit};
+use crate::operators::{event_time, key_of, Provenance, Record, StateEntryLimit};
 pub use topology::ChangelogEntry;
 use sink_headers::SinkHeaders;
-use topology::{ChainResult, Topology};
+use topology::{ChainResult, Leaving, Topology};
 
 pub struct Engine {
     pipeline: Pipeline,
@@ -31,11 +31,9 @@ pub struct Engine {
     right: Option<(Decoder, Option<EventTime>)>,
     /// Avro writer schemas by registry id, shared by both sources' decoders.
     writers: Arc<WriterSchemas>,
-    encoder: Encoder,
-    /// For the keys weir makes from fields.
-    key_encoder: Encoder,
+    /// One per output, in the outputs' order.
+    sinks: Vec<OutputWriter>,
     topology: Topology,
-    sink_headers: SinkHeaders,
     counts: BatchCounts,
     /// The repartition topic in front of each stage after the first, by stage.
     repartition_topics: Vec<(usize, String)>,
@@ -64,6 +62,43 @@ impl Clock {
     }
 }
 
+/// How one output's records become sink records: its encoders, key fields and headers.
+struct OutputWriter {
+    topic: String,
+    /// Where its sink is written in the file, for errors to name.
+    location: String,
+    encoder: Encoder,
+    /// For the keys weir makes from fields.
+    key_encoder: Encoder,
+    /// `sink.key`: empty keeps the key a step gave (or the input's).
+    key: Vec<String>,
+    headers: SinkHeaders,
+}
+
+impl OutputWriter {
+    fn new(pipeline: &Pipeline, output: usize) -> Result<OutputWriter, SetupError> {
+        let sink = &pipeline.outputs[output].sink;
+        let name = pipeline.avro_record_name(output);
+        let encoder = match sink.encoding {
+            crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(output), &name)?),
+            _ => Encoder::Json,
+        };
+        let key_encoder = match (sink.key_encoding, pipeline.output_key_schema(output)) {
+            (crate::config::Encoding::Avro, Some(schema)) => Encoder::Avro(AvroEncoder::new(&schema, &format!("{name}-key"))?),
+            (crate::config::Encoding::Avro, None) => return Err(SetupError::NoKeySchema),
+            _ => Encoder::Json,
+        };
+        Ok(OutputWriter {
+            topic: sink.topic.clone(),
+            location: sink.location.clone(),
+            encoder,
+            key_encoder,
+            key: sink.key.clone(),
+            headers: SinkHeaders::new(pipeline, output)?,
+        })
+    }
+}
+
 /// Why an engine cannot be built for a pipeline. The plan checks all of this first, so a
 /// planned pipeline builds; `weir run` reports it as a setup failure if one ever does not.
 #[derive(Debug, thiserror::Error)]
@@ -86,24 +121,13 @@ impl Engine {
             Decoder::new(source.encoding, source.schema.as_ref(), &writers)
                 .ok_or_else(|| SetupError::NoDecoder(source.name.clone()))
         };
-        let encoder = match pipeline.sink.encoding {
-            crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(), &pipeline.name)?),
-            _ => Encoder::Json,
-        };
-        let key_encoder = match (pipeline.sink.key_encoding, pipeline.output_key_schema()) {
-            (crate::config::Encoding::Avro, Some(schema)) => {
-                Encoder::Avro(AvroEncoder::new(&schema, &format!("{}-key", pipeline.name))?)
-            }
-            (crate::config::Encoding::Avro, None) => return Err(SetupError::NoKeySchema),
-            _ => Encoder::Json,
-        };
+        let sinks = (0..pipeline.outputs.len()).map(|output| OutputWriter::new(pipeline, output)).collect::<Result<_, _>>()?;
         let decoder = decoder_of(source)?;
         let right = match pipeline.join() {
             Some(join) => Some((decoder_of(&join.right)?, join.right.event_time.clone())),
             None => None,
         };
         let topology = Topology::new(pipeline)?;
-        let sink_headers = SinkHeaders::new(pipeline)?;
         let repartition_topics = pipeline.repartition_topics();
         Ok(Engine {
             pipeline: pipeline.clone(),
@@ -111,10 +135,8 @@ impl Engine {
             event_time: source.event_time.clone(),
             right,
             writers,
-            encoder,
-            key_encoder,
+            sinks,
             topology,
-            sink_headers,
             counts: BatchCounts::default(),
             repartition_topics,
             clock: Clock::Wall,
@@ -143,16 +165,18 @@ impl Engine {
         self.stage_of_topic(topic).is_none() && self.pipeline.source_of_topic(topic).encoding == crate::config::Encoding::Avro
     }
 
-    /// The sink's Avro encoders, to register their schemas and set the ids: the value's
-    /// (subject `<topic>-value`) and the key's (`<topic>-key`).
+    /// The sinks' Avro encoders, to register their schemas and set the ids: each output's
+    /// value's (subject `<topic>-value`) and key's (`<topic>-key`).
     pub fn avro_sink(&mut self) -> Vec<(String, &mut AvroEncoder)> {
-        let topic = &self.pipeline.sink.topic;
         let mut encoders = Vec::new();
-        if let Encoder::Avro(encoder) = &mut self.encoder {
-            encoders.push((format!("{topic}-value"), encoder));
-        }
-        if let Encoder::Avro(encoder) = &mut self.key_encoder {
-            encoders.push((format!("{topic}-key"), encoder));
+        for writer in &mut self.sinks {
+            let topic = &writer.topic;
+            if let Encoder::Avro(encoder) = &mut writer.encoder {
+                encoders.push((format!("{topic}-value"), encoder));
+            }
+            if let Encoder::Avro(encoder) = &mut writer.key_encoder {
+                encoders.push((format!("{topic}-key"), encoder));
+            }
         }
         encoders
     }
@@ -215,7 +239,7 @@ impl Engine {
     /// Without transactions (upsert mode), forwards carry their position, so that what a
     /// replaying sender sends again is dropped.
     pub fn distribute(&mut self, width: u32, input_partitions: usize) {
-        let positioned = self.pipeline.sink.mode == DeliveryMode::IdempotentUpsert;
+        let positioned = self.pipeline.mode() == DeliveryMode::IdempotentUpsert;
         self.topology.distribute(width, input_partitions, positioned);
     }
 
@@ -327,7 +351,7 @@ impl Engine {
             upsert: false,
             id: None,
         };
-        let mut emitted = Vec::new();
+        let mut emitted: Vec<Leaving<'_>> = Vec::new();
         let provenance = &input.provenance;
         let result = self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted);
         self.settle(input, result, emitted, outputs)
@@ -338,7 +362,7 @@ impl Engine {
         &mut self,
         input: &InputRecord<'_>,
         result: Result<ChainResult, crate::operators::ProcessError>,
-        emitted: Vec<Emitted<'_>>,
+        emitted: Vec<Leaving<'_>>,
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
         match result {
@@ -382,7 +406,7 @@ impl Engine {
                 })
             }
         };
-        let mut emitted = Vec::new();
+        let mut emitted: Vec<Leaving<'_>> = Vec::new();
         let result = self.topology.process_forwarded(
             stage,
             partition,
@@ -398,7 +422,7 @@ impl Engine {
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
     pub fn end_batch(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
-        let mut emitted = Vec::new();
+        let mut emitted: Vec<Leaving<'_>> = Vec::new();
         self.topology.end_batch(&mut emitted);
         self.emit(emitted, outputs)
     }
@@ -406,58 +430,23 @@ impl Engine {
     /// The end of a bounded input (`weir test`): every watermark goes to +infinity, closing
     /// every window and ending all state, then the last batch ends.
     pub fn finish(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
-        let mut emitted = Vec::new();
+        let mut emitted: Vec<Leaving<'_>> = Vec::new();
         self.topology.finish(&mut emitted);
         self.emit(emitted, outputs)
     }
 
-    fn emit(&mut self, emitted: Vec<Emitted<'_>>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
+    fn emit(&mut self, emitted: Vec<Leaving<'_>>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         for item in emitted {
             let output = match item {
-                Emitted::Record(record) => {
-                    let key = if record.upsert || self.pipeline.sink.key.is_empty() {
-                        match &record.key {
-                            Some(key) => self.key_encoder.encode(key).map(Some),
-                            None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
-                        }
-                    } else {
-                        self.key_encoder.encode(&key_of(&record.fields, &self.pipeline.sink.key)).map(Some)
-                    };
-                    let key = match key {
-                        Ok(key) => key,
-                        Err(error) => {
-                            self.unencodable(None, &record, &format!("the key: {error}"), outputs)?;
-                            continue;
-                        }
-                    };
-                    let mut headers = match self.sink_headers.of(&record) {
-                        Ok(headers) => headers,
-                        Err(error) => {
-                            self.failed_at_sink(key, &record, ErrorStage::Process, &format!("sink.headers: {error}"), outputs)?;
-                            continue;
-                        }
-                    };
-                    // Upsert mode: the key is the output's id, also in a header with its version.
-                    let key = match self.pipeline.sink.mode {
-                        DeliveryMode::IdempotentUpsert => {
-                            let (id, version) = upsert_id(&record);
-                            let id = json::encode(&id);
-                            sink_headers::replace(&mut headers, ID_HEADER, Some(id.clone()));
-                            sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
-                            Some(id)
-                        }
-                        DeliveryMode::Transactional => key,
-                    };
-                    match self.encoder.encode(&record.fields) {
-                        Ok(value) => Output { destination: Destination::Sink, partition: None, key, value: Some(value), headers },
-                        Err(error) => {
-                            self.unencodable(key, &record, &error.to_string(), outputs)?;
-                            continue;
-                        }
+                Leaving::Record(index, record) => match self.sink_record(index, &record) {
+                    Ok(output) => output,
+                    Err(Unwritable { key, stage, error }) => {
+                        self.failed_at_sink(key, &record, stage, &error, outputs)?;
+                        continue;
                     }
-                }
-                Emitted::Tombstone(key) => match self.key_encoder.encode(&key) {
-                    Ok(bytes) => Output { destination: Destination::Sink, partition: None, key: Some(bytes), value: None, headers: Vec::new() },
+                },
+                Leaving::Tombstone(index, key) => match self.sinks[index].key_encoder.encode(&key) {
+                    Ok(bytes) => Output { destination: Destination::Sink(index), partition: None, key: Some(bytes), value: None, headers: Vec::new() },
                     // Keys are derived from typed fields; only a bug gets here. The tombstone
                     // is then not written: the merged-away session's last value stays.
                     Err(error) => {
@@ -465,21 +454,53 @@ impl Engine {
                         continue;
                     }
                 },
-                Emitted::Forward(forward) => {
+                Leaving::Forward(forward) => {
                     // Internal traffic: not counted as output.
                     outputs.push(forwarded(forward));
                     continue;
                 }
             };
+            if let Destination::Sink(index) = output.destination {
+                self.counts.count_out(index, 1);
+            }
             outputs.push(output);
-            self.counts.records_out += 1;
         }
         Ok(())
     }
 
-    /// A result the sink's format cannot encode follows `on_error.produce`.
-    fn unencodable(&mut self, key: Option<Vec<u8>>, record: &Record<'_>, error: &str, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
-        self.failed_at_sink(key, record, ErrorStage::Produce, &format!("encoding the result for the sink: {error}"), outputs)
+    /// The record output `index` writes for `record`: its key (the output's `sink.key`, else
+    /// the key a step gave it, else the input's), headers and encoded value.
+    fn sink_record(&self, index: usize, record: &Record<'_>) -> Result<Output, Unwritable> {
+        let writer = &self.sinks[index];
+        let key = if record.upsert || writer.key.is_empty() {
+            match &record.key {
+                Some(key) => writer.key_encoder.encode(key).map(Some),
+                None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
+            }
+        } else {
+            writer.key_encoder.encode(&key_of(&record.fields, &writer.key)).map(Some)
+        };
+        let key = key.map_err(|error| Unwritable::encoding(None, format!("the key: {error}")))?;
+        let mut headers = writer.headers.of(record).map_err(|error| Unwritable {
+            key: key.clone(),
+            stage: ErrorStage::Process,
+            error: format!("{}.headers: {error}", writer.location),
+        })?;
+        // Upsert mode: the key is the output's id, also in a header with its version.
+        let key = match self.pipeline.mode() {
+            DeliveryMode::IdempotentUpsert => {
+                let (id, version) = upsert_id(record);
+                let id = json::encode(&id);
+                sink_headers::replace(&mut headers, ID_HEADER, Some(id.clone()));
+                sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
+                Some(id)
+            }
+            DeliveryMode::Transactional => key,
+        };
+        match writer.encoder.encode(&record.fields) {
+            Ok(value) => Ok(Output { destination: Destination::Sink(index), partition: None, key, value: Some(value), headers }),
+            Err(error) => Err(Unwritable::encoding(key, error.to_string())),
+        }
     }
 
     /// A result that cannot become a sink record goes where the stage's `on_error` says, as
@@ -539,13 +560,30 @@ impl Engine {
 
     /// Undoes the counting of a produced record that was turned into a DLQ record or skipped
     /// after all (produce-stage errors).
-    pub fn unproduce(&mut self) {
-        self.counts.records_out = self.counts.records_out.saturating_sub(1);
+    pub fn unproduce(&mut self, destination: Destination) {
+        if let Destination::Sink(output) = destination {
+            self.counts.count_out(output, -1);
+        }
     }
 
     /// The counts since the last call; called when a batch commits or aborts.
     pub fn take_counts(&mut self) -> BatchCounts {
         std::mem::take(&mut self.counts)
+    }
+}
+
+/// Why a result cannot become a sink record: its key (when made), the stage whose
+/// `on_error` applies, and the error.
+struct Unwritable {
+    key: Option<Vec<u8>>,
+    stage: ErrorStage,
+    error: String,
+}
+
+impl Unwritable {
+    /// A result the sink's format cannot encode: it follows `on_error.produce`.
+    fn encoding(key: Option<Vec<u8>>, error: String) -> Unwritable {
+        Unwritable { key, stage: ErrorStage::Produce, error: format!("encoding the result for the sink: {error}") }
     }
 }
 

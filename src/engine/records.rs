@@ -50,7 +50,8 @@ pub struct InputRecord<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
-    Sink,
+    /// The sink of the output with this index.
+    Sink(usize),
     Dlq,
     /// The repartition topic in front of this stage.
     Repartition(usize),
@@ -119,6 +120,8 @@ pub struct BatchCounts {
     /// Of `records_in`, those read from a join's right source.
     pub right_records_in: u64,
     pub records_out: u64,
+    /// Of `records_out`, how many each output wrote (by output index).
+    pub records_out_by_output: Vec<u64>,
     pub records_filtered: u64,
     /// Records a dedup step dropped as duplicates.
     pub duplicates_dropped: u64,
@@ -133,6 +136,16 @@ impl BatchCounts {
 
     pub fn skipped(&self, stage: ErrorStage) -> u64 {
         self.skipped[stage.index()]
+    }
+
+    /// Counts a record written by output `output` (`by` -1: one taken back).
+    pub(super) fn count_out(&mut self, output: usize, by: i64) {
+        if self.records_out_by_output.len() <= output {
+            self.records_out_by_output.resize(output + 1, 0);
+        }
+        let count = &mut self.records_out_by_output[output];
+        *count = count.saturating_add_signed(by);
+        self.records_out = self.records_out.saturating_add_signed(by);
     }
 }
 
@@ -152,6 +165,10 @@ impl BatchCounts {
         self.records_in += other.records_in;
         self.right_records_in += other.right_records_in;
         self.records_out += other.records_out;
+        for (output, count) in other.records_out_by_output.iter().enumerate() {
+            self.count_out(output, 0);
+            self.records_out_by_output[output] += count;
+        }
         self.records_filtered += other.records_filtered;
         self.duplicates_dropped += other.duplicates_dropped;
         for index in 0..4 {

@@ -20,17 +20,18 @@ pub struct SinkHeaders {
 }
 
 impl SinkHeaders {
-    pub fn new(pipeline: &Pipeline) -> Result<SinkHeaders, BuildError> {
-        let schema = pipeline.output_schema();
-        let set = pipeline
-            .sink
+    /// The headers of output `output`'s sink records.
+    pub fn new(pipeline: &Pipeline, output: usize) -> Result<SinkHeaders, BuildError> {
+        let schema = pipeline.output_schema(output);
+        let sink = &pipeline.outputs[output].sink;
+        let set = sink
             .headers
             .set
             .iter()
             .map(|(name, expression)| Ok((name.clone(), Expression::compile(expression, &schema)?)))
             .collect::<Result<Vec<_>, BuildError>>()?;
         let wanted = headers_read(set.iter().map(|(_, expression)| expression));
-        Ok(SinkHeaders { pass_through: pipeline.sink.passes_headers(), set, wanted, environment: standard_environment() })
+        Ok(SinkHeaders { pass_through: sink.passes_headers(), set, wanted, environment: standard_environment() })
     }
 
     /// The headers of the sink record made from `record`. Err: a `set` expression failed

@@ -21,26 +21,30 @@ pub fn describe(loaded: &Loaded) -> String {
         let _ = writeln!(text, "  source {}: {} ({}, read_committed)", join.right.name, topics_of(&join.right), join.right.encoding.as_str());
         let _ = writeln!(text, "    fields: {}", join.right.record_schema().describe());
     }
-    let mut index = 0;
-    for line in pipeline.describe_steps() {
-        if line.starts_with("repartition by") {
-            let _ = writeln!(text, "  then {line}");
-            continue;
-        }
-        let _ = writeln!(text, "  step {index}: {line}");
-        let _ = writeln!(text, "    out: {}", pipeline.schema_seen_by(index + 1).describe());
-        index += 1;
+    let main: Vec<usize> = (0..pipeline.main_steps).collect();
+    describe_steps(pipeline, &main, "  ", &mut text);
+    let named = pipeline.has_named_outputs();
+    for (index, output) in pipeline.outputs.iter().enumerate() {
+        let indent = match named {
+            false => "  ",
+            true => {
+                let from = output.from.map_or("the source".to_string(), |step| format!("step {step}"));
+                let _ = writeln!(text, "  output {}: from {from}", output.name);
+                describe_steps(pipeline, &output.steps, "    ", &mut text);
+                "    "
+            }
+        };
+        let key = match pipeline.output_key_schema(index) {
+            Some(key) => key.fields.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
+            None => "the input record's key".to_string(),
+        };
+        let sink = &output.sink;
+        let _ = writeln!(text, "{indent}sink: {} ({}, key: {key}, {})", sink.topic, sink.encoding.as_str(), sink.mode.as_str());
+        let passed = if sink.passes_headers() { "the input record's" } else { "none of the input record's" };
+        let set: Vec<String> = sink.headers.set.iter().map(|(name, expression)| format!("{name} = {expression}")).collect();
+        let set = if set.is_empty() { String::new() } else { format!(", then {}", set.join(", ")) };
+        let _ = writeln!(text, "{indent}sink headers: {passed}{set}");
     }
-    let key = match pipeline.output_key_schema() {
-        Some(key) => key.fields.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
-        None => "the input record's key".to_string(),
-    };
-    let sink = &pipeline.sink;
-    let _ = writeln!(text, "  sink: {} ({}, key: {key}, {})", sink.topic, sink.encoding.as_str(), sink.mode.as_str());
-    let passed = if sink.passes_headers() { "the input record's" } else { "none of the input record's" };
-    let set: Vec<String> = sink.headers.set.iter().map(|(name, expression)| format!("{name} = {expression}")).collect();
-    let set = if set.is_empty() { String::new() } else { format!(", then {}", set.join(", ")) };
-    let _ = writeln!(text, "  sink headers: {passed}{set}");
     let _ = writeln!(text, "  dlq: {}", pipeline.dlq_topic);
     let _ = writeln!(text, "  consumer group: {}", pipeline.name);
     let _ = writeln!(text, "  transactional id: {}-<instance>", pipeline.name);
@@ -58,6 +62,17 @@ pub fn describe(loaded: &Loaded) -> String {
         let _ = writeln!(text, "  repartition topic: {topic} (records move to the task that owns their key)");
     }
     text
+}
+
+/// Steps in order, each with the schema it hands on and the repartition in front of it.
+fn describe_steps(pipeline: &super::Pipeline, steps: &[usize], indent: &str, text: &mut String) {
+    for index in steps {
+        if let Some(key) = pipeline.repartitioned_before(*index) {
+            let _ = writeln!(text, "{indent}then repartition by [{}]", key.join(", "));
+        }
+        let _ = writeln!(text, "{indent}step {index}: {}", pipeline.describe_step(*index));
+        let _ = writeln!(text, "{indent}  out: {}", pipeline.schema_after(*index).describe());
+    }
 }
 
 /// What `weir plan --check` found for a stateful step, against the definitions that wrote
@@ -78,8 +93,6 @@ pub enum StoredState {
 pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
     let Loaded { pipeline, .. } = loaded;
     let source = &pipeline.source;
-    let described = pipeline.describe_steps();
-    let steps: Vec<String> = described.iter().filter(|line| !line.starts_with("repartition by")).cloned().collect();
     let topics = match pipeline.input_topics() {
         Some(topics) => topics.join(", "),
         None => topics_of(source),
@@ -115,7 +128,7 @@ pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
             }
         }
         for index in indices {
-            let _ = writeln!(text, "    step {index}: {}", steps.get(*index).map_or("", String::as_str));
+            let _ = writeln!(text, "    step {index}: {}", pipeline.describe_step(*index));
             if pipeline.stateful_steps().contains(index) {
                 let verdict = match stored(*index) {
                     StoredState::Unknown => String::new(),
@@ -132,11 +145,20 @@ pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
             }
         }
     }
-    let key = if pipeline.sink.key.is_empty() { "the input key".to_string() } else { format!("[{}]", pipeline.sink.key.join(", ")) };
-    let _ = writeln!(text, "  sink: {} (key {key}, {})", pipeline.sink.topic, pipeline.sink.mode.as_str());
+    for output in &pipeline.outputs {
+        let sink = &output.sink;
+        let key = if sink.key.is_empty() { "the input key".to_string() } else { format!("[{}]", sink.key.join(", ")) };
+        let name = if pipeline.has_named_outputs() { format!("output {}: ", output.name) } else { String::new() };
+        let from = match (pipeline.has_named_outputs(), output.steps.last().copied().or(output.from)) {
+            (true, Some(step)) => format!(", after step {step}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(text, "  {name}sink: {} (key {key}, {}{from})", sink.topic, sink.mode.as_str());
+    }
     let _ = writeln!(text, "topics");
     let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);
-    let _ = writeln!(text, "  written: {} (results), {} (dead letters)", pipeline.sink.topic, pipeline.dlq_topic);
+    let sinks: Vec<&str> = pipeline.sinks().map(|sink| sink.topic.as_str()).collect();
+    let _ = writeln!(text, "  written: {} (results), {} (dead letters)", sinks.join(", "), pipeline.dlq_topic);
     let stateful = pipeline.stateful_steps();
     for step in &stateful {
         let _ = writeln!(text, "  internal: {}-{step}-changelog (compacted; the state of step {step})", pipeline.name);

@@ -2,36 +2,65 @@
 //! runtime executes (DESIGN.md "Shape of the code": config → plan → runtime).
 //!
 //! [`build`] reads each step's body through the step's own config (beside its operator),
-//! checks the fields steps and the sink name against the schema each step sees, the formats
-//! and the delivery mode, and cuts the steps into stages ([`Pipeline::stages`]: where records
-//! move through repartition topics). [`describe`] prints it for `weir validate` and
-//! `weir plan`. Nothing here touches Kafka.
+//! checks the fields steps and sinks name against the schema each step sees, the formats
+//! and the delivery mode. The steps form a tree: the main steps in a line, then each
+//! output's own steps, branching off the step its `from` names and ending in its sink
+//! ([`Pipeline::targets`]). [`stages`] cuts the tree where records move through repartition
+//! topics. [`describe`] prints it for `weir validate` and `weir plan`. Nothing here touches
+//! Kafka.
 
+mod build;
 pub mod describe;
 mod sink;
+mod stages;
 
-use sink::{check_upsert, settle_sink_headers};
+pub use build::build;
+pub use describe::{describe, graph, StoredState};
+pub use stages::{stable_hash, Stage, Stages};
 
 use std::path::Path;
 
-use crate::codec::avro::AvroEncoder;
-use crate::config::{
-    self, check_fields, ConfigErrors, Encoding, ErrorPolicy, FieldType, PipelineFile, Schema, Settings, Sink, DeliveryMode, Source,
-    SourceTopics,
-};
-use crate::operators::join::config::{check_section, parse_join, Join};
+use crate::config::{self, ConfigErrors, DeliveryMode, Encoding, ErrorPolicy, FieldType, Schema, Settings, Sink, Source, SourceTopics};
+use crate::operators::join::config::Join;
 use crate::operators::window::config::EmitMode;
 use crate::operators::{Operator, StateEntryLimit, Step};
-pub use describe::{describe, graph, StoredState};
 
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     pub name: String,
     pub source: Source,
+    /// Every step: the main ones (a join first, then the file's `steps`), then each output's
+    /// own, output after output. A step's index here names its changelog and state.
     pub steps: Vec<Step>,
-    pub sink: Sink,
+    /// How many of `steps` are the main ones.
+    pub main_steps: usize,
+    /// Where each step is written in the file (`steps[2]`, `outputs.big.when`, `join`).
+    pub step_locations: Vec<String>,
+    /// At least one; all with the same delivery mode.
+    pub outputs: Vec<Output>,
     pub on_error: ErrorPolicy,
     pub dlq_topic: String,
+}
+
+/// One output: the records of step `from`, through the output's own steps, to its sink.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `sink` for a pipeline written with `sink:` alone.
+    pub name: String,
+    /// The main step whose results it takes; None: the records as read (no main steps).
+    pub from: Option<usize>,
+    /// Its own steps (indices into [`Pipeline::steps`]); its `when` is the first, a filter.
+    pub steps: Vec<usize>,
+    pub when: Option<String>,
+    pub sink: Sink,
+}
+
+/// Where records go after a step (or after the source): into a step, or out to an output's
+/// sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Step(usize),
+    Output(usize),
 }
 
 impl Pipeline {
@@ -60,6 +89,21 @@ impl Pipeline {
         Some(topics)
     }
 
+    /// Every output's sink, in the outputs' order.
+    pub fn sinks(&self) -> impl Iterator<Item = &Sink> {
+        self.outputs.iter().map(|output| &output.sink)
+    }
+
+    /// The delivery mode, which all outputs share (the plan checks it).
+    pub fn mode(&self) -> DeliveryMode {
+        self.outputs.first().map_or(DeliveryMode::Transactional, |output| output.sink.mode)
+    }
+
+    /// Whether the pipeline was written with `outputs:` rather than one `sink:`.
+    pub fn has_named_outputs(&self) -> bool {
+        !(self.outputs.len() == 1 && self.outputs[0].name == "sink" && self.outputs[0].sink.location == "sink")
+    }
+
     /// The same pipeline reading and writing JSON where it has Avro (`weir test`, whose
     /// records are JSON lines).
     pub fn with_json_codecs(&self) -> Pipeline {
@@ -70,8 +114,10 @@ impl Pipeline {
             }
         };
         to_json(&mut pipeline.source.encoding);
-        to_json(&mut pipeline.sink.encoding);
-        to_json(&mut pipeline.sink.key_encoding);
+        for output in &mut pipeline.outputs {
+            to_json(&mut output.sink.encoding);
+            to_json(&mut output.sink.key_encoding);
+        }
         if let Some(Step::Join(join)) = pipeline.steps.first_mut() {
             to_json(&mut join.right.encoding);
         }
@@ -80,40 +126,107 @@ impl Pipeline {
 
     /// The first part of the pipeline that reads or writes Avro, in words; None without Avro.
     pub fn avro_user(&self) -> Option<String> {
-        self.sources()
-            .into_iter()
-            .find(|source| source.encoding == Encoding::Avro)
-            .map(|source| format!("source '{}'", source.name))
-            .or_else(|| (self.sink.encoding == Encoding::Avro).then(|| "the sink".to_string()))
-            .or_else(|| (self.sink.key_encoding == Encoding::Avro).then(|| "the sink's key".to_string()))
-    }
-
-    /// The fields of the records the sink receives, with their types: the last step's
-    /// output (a window's group_by fields, window bounds and aggregates), else its input.
-    pub fn output_schema(&self) -> Schema {
-        self.schema_seen_by(self.steps.len())
-    }
-
-    /// The fields of the records step `index` receives (`steps.len()`: the sink's).
-    pub fn schema_seen_by(&self, index: usize) -> Schema {
-        let mut schema = self.source.record_schema();
-        for step in &self.steps[..index.min(self.steps.len())] {
-            schema = step.output_schema(schema);
+        let source = self.sources().into_iter().find(|source| source.encoding == Encoding::Avro);
+        if let Some(source) = source {
+            return Some(format!("source '{}'", source.name));
         }
-        schema
+        self.sinks().find_map(|sink| match (sink.encoding, sink.key_encoding) {
+            (Encoding::Avro, _) => Some(sink.location.clone()),
+            (_, Encoding::Avro) => Some(format!("{}.key_format", sink.location)),
+            _ => None,
+        })
     }
 
-    /// The fields of the Kafka keys weir makes for the sink, with their types: `sink.key`, or
-    /// the key of the last step that sets one (a dedup's or join's key, a window's group,
-    /// plus `window_start` under `emit: update`). None: each input record's key is kept as
-    /// it is (no keyed step and no `sink.key`).
-    pub fn output_key_schema(&self) -> Option<Schema> {
+    /// The name an output's derived Avro schemas carry: the pipeline's, for a lone `sink:`
+    /// (as before outputs existed, so registered schemas stay compatible), else
+    /// `<pipeline>-<output>`.
+    pub fn avro_record_name(&self, output: usize) -> String {
+        match self.has_named_outputs() {
+            false => self.name.clone(),
+            true => format!("{}-{}", self.name, self.outputs[output].name),
+        }
+    }
+
+    /// The step whose records step `index` receives; None: the source's.
+    pub fn parent(&self, index: usize) -> Option<usize> {
+        if index < self.main_steps {
+            return index.checked_sub(1);
+        }
+        self.outputs.iter().find_map(|output| {
+            let position = output.steps.iter().position(|step| *step == index)?;
+            Some(match position {
+                0 => output.from,
+                _ => Some(output.steps[position - 1]),
+            })
+        })?
+    }
+
+    /// The steps a record passes on its way to and through `step`, in order (empty for None).
+    pub fn lineage(&self, step: Option<usize>) -> Vec<usize> {
+        let mut lineage = Vec::new();
+        let mut current = step;
+        while let Some(index) = current {
+            lineage.push(index);
+            current = self.parent(index);
+        }
+        lineage.reverse();
+        lineage
+    }
+
+    /// Every step the records of output `output` pass, in order.
+    pub fn chain(&self, output: usize) -> Vec<usize> {
+        let output = &self.outputs[output];
+        let mut chain = self.lineage(output.from);
+        chain.extend(&output.steps);
+        chain
+    }
+
+    /// Where the records leaving step `from` (None: the source) go: the steps fed by it and
+    /// the outputs whose last step it is, in the order of the outputs they lead to (so that
+    /// what one record makes comes out in the order the outputs are written).
+    pub fn targets(&self, from: Option<usize>) -> Vec<Target> {
+        let steps = (0..self.steps.len()).filter(|index| self.parent(*index) == from).map(Target::Step);
+        let outputs = self.outputs.iter().enumerate().filter(|(_, output)| output.steps.last().copied().or(output.from) == from);
+        let mut targets: Vec<Target> = steps.chain(outputs.map(|(index, _)| Target::Output(index))).collect();
+        let first_output = |target: &Target| match target {
+            Target::Output(output) => *output,
+            Target::Step(step) => (0..self.outputs.len()).find(|output| self.chain(*output).contains(step)).unwrap_or(usize::MAX),
+        };
+        targets.sort_by_key(first_output);
+        targets
+    }
+
+    fn schema_through(&self, steps: &[usize]) -> Schema {
+        steps.iter().fold(self.source.record_schema(), |schema, index| self.steps[*index].output_schema(schema))
+    }
+
+    /// The fields of the records step `index` receives.
+    pub fn schema_seen_by(&self, index: usize) -> Schema {
+        self.schema_through(&self.lineage(self.parent(index)))
+    }
+
+    /// The fields of the records step `index` hands on.
+    pub fn schema_after(&self, index: usize) -> Schema {
+        self.schema_through(&self.lineage(Some(index)))
+    }
+
+    /// The fields of the records output `output` writes, with their types.
+    pub fn output_schema(&self, output: usize) -> Schema {
+        self.schema_through(&self.chain(output))
+    }
+
+    /// The fields of the Kafka keys weir makes for output `output`'s sink, with their types:
+    /// `sink.key`, or the key of the last step that sets one (a dedup's or join's key, a
+    /// window's group, plus `window_start` under `emit: update`). None: each input record's
+    /// key is kept as it is (no keyed step and no `sink.key`).
+    pub fn output_key_schema(&self, output: usize) -> Option<Schema> {
         let mut key = None;
         // Whether the records are an update-mode window's: they keep their window's key,
         // whatever sink.key says (as the engine's emit does).
         let mut upsert = false;
         let mut input = self.source.record_schema();
-        for step in &self.steps {
+        for index in self.chain(output) {
+            let step = &self.steps[index];
             match step {
                 Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => {}
                 Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
@@ -132,9 +245,10 @@ impl Pipeline {
             }
             input = step.output_schema(input);
         }
-        match upsert || self.sink.key.is_empty() {
+        let sink = &self.outputs[output].sink;
+        match upsert || sink.key.is_empty() {
             true => key,
-            false => Some(self.output_schema().select(&self.sink.key)),
+            false => Some(input.select(&sink.key)),
         }
     }
 
@@ -145,176 +259,20 @@ impl Pipeline {
             _ => &self.source,
         }
     }
-}
 
-/// How the steps are cut into stages (PIPELINE.md "Partitioning"): each stage after the
-/// first is fed through a repartition topic, routed by its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stages {
-    pub stages: Vec<Stage>,
-    /// The join, run in place: (left topic, right topic).
-    pub join_in_place: Option<(String, String)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stage {
-    /// The pipeline indices of its steps.
-    pub steps: Vec<usize>,
-    /// The key records are routed by into this stage; None for stage 0, whose tasks are
-    /// the input partitions.
-    pub repartition_by: Option<Vec<String>>,
-}
-
-impl Pipeline {
     /// The pipeline indices of the stateful steps (each has a changelog topic).
     pub fn stateful_steps(&self) -> Vec<usize> {
         self.steps.iter().enumerate().filter(|(_, step)| step.is_stateful()).map(|(index, _)| index).collect()
     }
 
-    /// The repartition topic in front of each stage after the first: `<name>-<its first
-    /// step>-repartition`.
-    pub fn repartition_topics(&self) -> Vec<(usize, String)> {
-        self.stages()
-            .stages
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(stage, planned)| (stage, format!("{}-{}-repartition", self.name, planned.steps.first().copied().unwrap_or(0))))
-            .collect()
-    }
-
-    /// One line per step (and per repartition in front of a stage), as `weir validate` and
-    /// `weir plan` show them.
-    pub fn describe_steps(&self) -> Vec<String> {
-        let stages = self.stages();
-        let mut lines = Vec::new();
-        for stage in &stages.stages {
-            if let Some(key) = &stage.repartition_by {
-                lines.push(format!("repartition by [{}]", key.join(", ")));
-            }
-            for index in &stage.steps {
-                let described = self.describe_step(*index);
-                match (&self.steps[*index], &stages.join_in_place) {
-                    (Step::Join(_), Some((left, right))) => {
-                        lines.push(format!("{described}, in place: partition p of {left} joins partition p of {right}"));
-                    }
-                    _ => lines.push(described),
-                }
-            }
-        }
-        lines
-    }
-
     /// A step in words, as its operator describes itself.
-    fn describe_step(&self, index: usize) -> String {
+    fn operator_description(&self, index: usize) -> String {
         self.steps
             .get(index)
             .and_then(|step| Operator::build(step, &self.schema_seen_by(index), StateEntryLimit::default()).ok())
             .map(|operator| operator.describe())
             .unwrap_or_default()
     }
-
-    /// What a stateful step's state depends on, in words (kept to detect changed steps).
-    /// Whether it runs after a repartition is part of it: that decides which task (input
-    /// partition or repartitioned key) each piece of state belongs to.
-    pub fn step_definition(&self, index: usize) -> String {
-        let described = self.describe_step(index);
-        let stage = self.stages().stages.iter().position(|stage| stage.steps.contains(&index));
-        match stage {
-            Some(stage) if stage > 0 => format!("{described}, after a repartition"),
-            _ => described,
-        }
-    }
-
-    /// A short, stable fingerprint of a stateful step's definition: equal fingerprints read
-    /// each other's state.
-    pub fn state_fingerprint(&self, index: usize) -> String {
-        format!("{:016x}", stable_hash(self.step_definition(index).as_bytes()))
-    }
-
-    /// The stages, and whether the join runs in place.
-    pub fn stages(&self) -> Stages {
-        // A co-partitioned join runs in the input partitions' tasks.
-        let in_place = co_partitioned_join(self).filter(|_| {
-            // Upsert mode's replay drops need a sender's forwards in its input's order, which
-            // a pair task, taking two inputs in whatever order they come, does not keep.
-            self.sink.mode != DeliveryMode::IdempotentUpsert || cut_stages(self, true).len() == 1
-        });
-        Stages {
-            stages: cut_stages(self, in_place.is_some()),
-            join_in_place: in_place.map(|(left, right)| (left.to_string(), right.to_string())),
-        }
-    }
-}
-
-/// A stable hash (FNV-1a, 64 bits): the same on every run and machine, for routing keys to
-/// repartition topic partitions and for state fingerprints.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// Cuts the steps into stages: a keyed step whose key the records are not partitioned by
-/// starts a new one. A join starts one too, unless it runs `in_place` (its inputs are
-/// co-partitioned by its key).
-fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<Stage> {
-    let mut stages = vec![Stage { steps: Vec::new(), repartition_by: None }];
-    let source = &pipeline.source;
-    let mut partitioned_by: Option<Vec<String>> = (!source.partitioned_by.is_empty()).then(|| source.partitioned_by.clone());
-    for (index, step) in pipeline.steps.iter().enumerate() {
-        // A step that writes a partitioning field leaves the records partitioned by nothing
-        // weir can name.
-        if partitioned_by.as_ref().is_some_and(|fields| fields.iter().any(|field| step.rewrites(field))) {
-            partitioned_by = None;
-        }
-        let key = match step {
-            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => None,
-            Step::Dedup(dedup) => Some(&dedup.key),
-            Step::Window(window) => Some(&window.group_by),
-            Step::Join(join) => {
-                partitioned_by = Some(join.output.partitioned_by.clone());
-                match in_place {
-                    true => stages[0] = Stage { steps: vec![index], repartition_by: None },
-                    // Both inputs meet in the tasks of a new stage, routed by the join key.
-                    false => stages.push(Stage { steps: vec![index], repartition_by: Some(join.on.clone()) }),
-                }
-                continue;
-            }
-        };
-        // Records with equal keys share a task when they share the partitioning fields.
-        let co_partitioned = match (key, &partitioned_by) {
-            (None, _) => true,
-            (Some(key), Some(fields)) => fields.iter().all(|field| key.contains(field)),
-            (Some(_), None) => false,
-        };
-        if co_partitioned {
-            if let Some(stage) = stages.last_mut() {
-                stage.steps.push(index);
-            }
-        } else {
-            stages.push(Stage { steps: vec![index], repartition_by: key.cloned() });
-            partitioned_by = key.cloned();
-        }
-    }
-    stages
-}
-
-/// A join whose inputs are co-partitioned by its key, as (left topic, right topic): one topic
-/// each, both declaring the same `partitioned_by`, made of `on` fields. Records with equal
-/// keys then sit in equally numbered partitions (the partition counts are checked when the
-/// topics are known).
-fn co_partitioned_join(pipeline: &Pipeline) -> Option<(&str, &str)> {
-    let join = pipeline.join()?;
-    let (left, right) = (&pipeline.source, &join.right);
-    let (SourceTopics::List(left_topics), SourceTopics::List(right_topics)) = (&left.topics, &right.topics) else {
-        return None;
-    };
-    let ([left_topic], [right_topic]) = (left_topics.as_slice(), right_topics.as_slice()) else {
-        return None;
-    };
-    let keyed = !left.partitioned_by.is_empty()
-        && left.partitioned_by == right.partitioned_by
-        && left.partitioned_by.iter().all(|field| join.on.contains(field));
-    keyed.then_some((left_topic.as_str(), right_topic.as_str()))
 }
 
 /// Everything `weir run` needs, validated.
@@ -363,99 +321,6 @@ pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, 
         (Some(settings), Some(pipeline)) if problems.is_empty() => Ok(Loaded { settings, pipeline }),
         _ => Err(problems),
     }
-}
-
-/// Checks the parts of a pipeline file against each other and builds the pipeline: each
-/// step's config from its body (read by the step's own config), the fields steps and the sink
-/// name, the formats, the mode. Every problem goes into `problems`; None when any part is
-/// missing.
-pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline> {
-    let PipelineFile { name, sources, join, steps: entries, sink, on_error, dlq_topic } = file;
-    let (source, join) = match (sources, join.as_ref()) {
-        (None, Some(value)) => {
-            check_section(value, problems);
-            (None, None)
-        }
-        (None, None) => (None, None),
-        (Some(mut sources), None) if sources.len() == 1 => (sources.pop(), None),
-        (Some(sources), None) => {
-            let names: Vec<&str> = sources.iter().map(|source| source.name.as_str()).collect();
-            problems.push("join", format!("is required with two sources ({}): say how they join", names.join(", ")));
-            (None, None)
-        }
-        (Some(sources), Some(_)) if sources.len() != 2 => {
-            problems.push("sources", "a join needs exactly two sources");
-            (None, None)
-        }
-        (Some(sources), Some(value)) => match parse_join(value, sources, problems) {
-            Some((left, join)) => (Some(left), Some(join)),
-            None => (None, None),
-        },
-    };
-    // The steps see the joined records after a join.
-    let steps_source = join.as_ref().map(|join| &join.output).or(source.as_ref());
-    // Each step is read against the schema of the records it sees: the one the step before
-    // it makes (not known after a step with problems, whose followers are then checked less).
-    let mut input = steps_source.map(Source::record_schema);
-    let mut steps: Vec<Option<Step>> = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        let step = Step::parse(entry, input.as_ref(), problems);
-        input = match (&step, input) {
-            (Some(step), Some(schema)) => Some(step.output_schema(schema)),
-            (None, Some(schema)) if Step::kind_keeps_schema(&entry.kind) => Some(schema),
-            _ => None,
-        };
-        steps.push(step);
-    }
-    // Whether a stateful step is there, even one whose body has problems of its own.
-    let stateful = entries.iter().any(|entry| Step::kind_is_stateful(&entry.kind));
-    let steps: Option<Vec<Step>> = steps.into_iter().collect();
-    if let Some(sink) = &sink {
-        check_fields(&sink.key, input.as_ref(), "sink.key", problems);
-    }
-    if let (true, Some(source), None) = (stateful, &source, &join) {
-        if source.event_time.is_none() {
-            problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
-        }
-        if source.watermark.is_none() {
-            problems.push(format!("sources.{}.watermark", source.name), "is required by dedup and window steps");
-        }
-    }
-    let (name, source, mut steps, sink, on_error, dlq_topic) = (name?, source?, steps?, sink?, on_error?, dlq_topic?);
-    if let Some(mut join) = join {
-        join.keep_sources = sink.mode == DeliveryMode::IdempotentUpsert;
-        steps.insert(0, Step::Join(Box::new(join)));
-    }
-    let dlq_topic = dlq_topic.unwrap_or_else(|| format!("{name}.dlq"));
-    if dlq_topic == sink.topic {
-        problems.push("dlq.topic", "must differ from sink.topic");
-    }
-    let mut pipeline = Pipeline { name, source, steps, sink, on_error, dlq_topic };
-    settle_sink_headers(&mut pipeline, problems);
-    if pipeline.sink.encoding == Encoding::Avro {
-        let output = pipeline.output_schema();
-        if let Err(problem) = AvroEncoder::new(&output, &pipeline.name) {
-            problems.push("sink.format", problem.to_string());
-        }
-    }
-    if pipeline.sink.mode == DeliveryMode::IdempotentUpsert {
-        check_upsert(&pipeline, problems);
-    }
-    if pipeline.sink.key_encoding == Encoding::Avro {
-        match pipeline.output_key_schema() {
-            None => problems.push(
-                "sink.key_format",
-                "avro keys are made from fields: set sink.key, or use a dedup, window or join (whose key it is); \
-                 a pipeline without one keeps each input record's key bytes as they are",
-            ),
-            Some(schema) => {
-                if let Err(problem) = AvroEncoder::new(&schema, &format!("{}-key", pipeline.name)) {
-                    problems.push("sink.key_format", problem.to_string());
-                }
-            }
-        }
-    }
-    Some(pipeline)
 }
 
 #[cfg(test)]
@@ -513,10 +378,10 @@ sink:
         let pipeline = planned("", steps);
         assert_eq!(pipeline.schema_seen_by(1).describe(), "{user: string, page: string, amount: long, ts: long}");
         assert_eq!(
-            pipeline.output_schema().describe(),
+            pipeline.output_schema(0).describe(),
             "{user: string, window_start: timestamp, window_end: timestamp, n: long, total: long, mean: double}"
         );
-        let key: Vec<String> = pipeline.output_key_schema().unwrap().fields.into_iter().map(|(name, _)| name).collect();
+        let key: Vec<String> = pipeline.output_key_schema(0).unwrap().fields.into_iter().map(|(name, _)| name).collect();
         assert_eq!(key, ["user"]);
     }
 
@@ -556,9 +421,84 @@ sink:
         let text = planned("", steps);
         assert_eq!(text.stages().stages.len(), 3);
         let mut upsert = text.clone();
-        upsert.sink.mode = DeliveryMode::IdempotentUpsert;
+        upsert.outputs[0].sink.mode = DeliveryMode::IdempotentUpsert;
         let mut problems = ConfigErrors::default();
-        check_upsert(&upsert, &mut problems);
+        sink::check_upsert(&upsert, &mut problems);
         assert!(problems.problems.iter().any(|problem| problem.location == "sink.mode"), "{problems}");
+    }
+    fn with_outputs(steps: &str, outputs: &str) -> Result<Pipeline, ConfigErrors> {
+        let text = format!(
+            r#"
+name: p
+sources:
+  clicks:
+    topics: [clicks]
+    format: json
+    schema: {{ user: string, page: string, amount: long, ts: long }}
+    event_time: {{ field: ts }}
+    watermark: {{ max_out_of_orderness: 1s }}
+steps:
+{steps}
+outputs:
+{outputs}
+"#
+        );
+        parse_pipeline(&text)
+    }
+
+    fn locations(problems: &ConfigErrors) -> Vec<&str> {
+        problems.problems.iter().map(|problem| problem.location.as_str()).collect()
+    }
+
+    #[test]
+    fn outputs_branch_off_the_step_their_from_names() {
+        let steps = "  - filter: \"amount > 0\"\n  - set: { cents: \"amount * 100\" }";
+        let outputs = "  all:\n    sink: { topic: all }\n  raw:\n    from: filter\n    when: \"amount > 10\"\n    steps: [ { select: { user: user } } ]\n    sink: { topic: raw }\n  first:\n    from: 0\n    steps: [ { dedup: { key: [user], within: 1m } } ]\n    sink: { topic: firsts }";
+        let pipeline = with_outputs(steps, outputs).unwrap_or_else(|problems| panic!("{problems}"));
+        // The main steps, then each output's own (a `when` is a filter step).
+        assert_eq!(pipeline.main_steps, 2);
+        let own: Vec<(Option<usize>, Vec<usize>)> = pipeline.outputs.iter().map(|output| (output.from, output.steps.clone())).collect();
+        assert_eq!(own, [(Some(1), vec![]), (Some(0), vec![2, 3]), (Some(0), vec![4])]);
+        assert_eq!(pipeline.chain(1), [0, 2, 3]);
+        assert_eq!(pipeline.output_schema(0).describe(), "{user: string, page: string, amount: long, ts: long, cents: long}");
+        assert_eq!(pipeline.output_schema(1).describe(), "{user: string}");
+        // Records leaving the filter go on in the order of the outputs they lead to.
+        assert_eq!(pipeline.targets(Some(0)), [Target::Step(1), Target::Step(2), Target::Step(4)]);
+        assert_eq!(pipeline.targets(Some(1)), [Target::Output(0)]);
+        // The dedup (keyed by user, not how the input is partitioned) starts a stage of its
+        // own, fed by stage 0.
+        let stages = pipeline.stages().stages;
+        assert_eq!(stages.len(), 2);
+        assert_eq!((stages[0].steps.clone(), stages[1].steps.clone(), stages[1].parent), (vec![0, 1, 2, 3], vec![4], Some(0)));
+        assert_eq!(pipeline.step_locations[2], "outputs.raw.when");
+    }
+
+    #[test]
+    fn a_lone_sink_keeps_its_steps_and_fingerprints() {
+        let steps = "  - dedup: { key: [user], within: 1m }";
+        let lone = planned("", steps);
+        let named = with_outputs(steps, "  only:\n    sink: { topic: out }").unwrap_or_else(|problems| panic!("{problems}"));
+        assert_eq!(lone.state_fingerprint(0), named.state_fingerprint(0));
+        assert!(!lone.has_named_outputs() && named.has_named_outputs());
+        assert_eq!(lone.avro_record_name(0), "p");
+        assert_eq!(named.avro_record_name(0), "p-only");
+    }
+
+    #[test]
+    fn output_problems_name_the_output() {
+        let steps = "  - filter: \"amount > 0\"\n  - filter: \"amount < 9\"";
+        let outputs = "  a:\n    from: filter\n    sink: { topic: x }\n  b:\n    from: 7\n    sink: { topic: y }\n  c:\n    from: window\n    sink: { topic: z }\n  d:\n    when: \"nobody > 1\"\n    steps: [ { drop: [ghost] } ]\n    sink: { topic: w }\n  e:\n    sink: { topic: v, key: [ghost] }";
+        let problems = with_outputs(steps, outputs).unwrap_err();
+        assert_eq!(
+            locations(&problems),
+            ["outputs.a.from", "outputs.b.from", "outputs.c.from", "outputs.d.when", "outputs.d.steps[0].drop", "outputs.e.sink.key"],
+            "{problems}"
+        );
+        let text = problems.to_string();
+        assert!(text.contains("steps 0 and 1 are all filters") && text.contains("there is no step 7"), "{text}");
+        // Outputs share one topic, one mode and never the DLQ's topic.
+        let outputs = "  a:\n    sink: { topic: x }\n  b:\n    sink: { topic: x, mode: idempotent_upsert }\n  c:\n    sink: { topic: p.dlq }";
+        let problems = with_outputs(steps, outputs).unwrap_err();
+        assert_eq!(locations(&problems), ["outputs.b.sink.topic", "outputs.b.sink.mode", "dlq.topic"], "{problems}");
     }
 }

@@ -1,29 +1,27 @@
-//! The sink checked against the rest of the plan: its headers (what may pass through, what
-//! the `set` expressions give) and what `mode: idempotent_upsert` can run.
+//! The sinks checked against the rest of the plan: their headers (what may pass through,
+//! what the `set` expressions give), their formats, and what `mode: idempotent_upsert` can
+//! run.
 
 use super::Pipeline;
+use crate::codec::avro::AvroEncoder;
 use crate::config::{ConfigErrors, Encoding, FieldType, SourceTopics};
 use crate::operators::expression::{Expression, ValueType};
 use crate::operators::window::config::EmitMode;
 use crate::operators::Step;
 
-/// The position in the file's `steps` of the pipeline's step `index` (a join is step 0 of
-/// the pipeline but not in the file's list).
-fn file_index(pipeline: &Pipeline, index: usize) -> usize {
-    index.saturating_sub(usize::from(pipeline.join().is_some()))
-}
-
-/// Settles `sink.headers.pass_through` (default: true where each output comes from one input
-/// record, the only place it is allowed) and checks the `set` expressions against the
-/// sink's records: each must give text, a number or a boolean.
-pub(super) fn settle_sink_headers(pipeline: &mut Pipeline, problems: &mut ConfigErrors) {
-    let merging = pipeline.steps.iter().find(|step| matches!(step, Step::Window(_) | Step::Join(_)));
-    let headers = &pipeline.sink.headers;
+/// Settles an output's `sink.headers.pass_through` (default: true where each record comes
+/// from one input record, the only place it is allowed) and checks the `set` expressions
+/// against the sink's records: each must give text, a number or a boolean.
+pub(super) fn settle_sink_headers(pipeline: &mut Pipeline, output: usize, problems: &mut ConfigErrors) {
+    let chain = pipeline.chain(output);
+    let merging = chain.iter().map(|index| &pipeline.steps[*index]).find(|step| matches!(step, Step::Window(_) | Step::Join(_)));
+    let sink = &pipeline.outputs[output].sink;
+    let headers = &sink.headers;
     let pass_through = match (headers.pass_through, merging) {
         (Some(true), Some(step)) => {
             let kind = if matches!(step, Step::Window(_)) { "a window's" } else { "a join's" };
             problems.push(
-                "sink.headers.pass_through",
+                format!("{}.headers.pass_through", sink.location),
                 format!("{kind} results come from several input records, whose headers differ; remove pass_through or set it false"),
             );
             false
@@ -31,9 +29,9 @@ pub(super) fn settle_sink_headers(pipeline: &mut Pipeline, problems: &mut Config
         (Some(written), _) => written,
         (None, merging) => merging.is_none(),
     };
-    let schema = pipeline.output_schema();
+    let schema = pipeline.output_schema(output);
     for (name, expression) in &headers.set {
-        let location = format!("sink.headers.set.{name}");
+        let location = format!("{}.headers.set.{name}", sink.location);
         match Expression::compile(expression, &schema).map(|compiled| compiled.value_type().clone()) {
             Ok(ValueType::Known(FieldType::Object(_)) | ValueType::Headers | ValueType::Unknown) => problems.push(
                 location,
@@ -43,7 +41,36 @@ pub(super) fn settle_sink_headers(pipeline: &mut Pipeline, problems: &mut Config
             Err(problem) => problems.push(location, problem.to_string()),
         }
     }
-    pipeline.sink.headers.pass_through = Some(pass_through);
+    pipeline.outputs[output].sink.headers.pass_through = Some(pass_through);
+}
+
+/// An output's formats against its records: an Avro writer schema must derive from them,
+/// and Avro keys need fields to be made from.
+pub(super) fn check_formats(pipeline: &Pipeline, output: usize, problems: &mut ConfigErrors) {
+    let sink = &pipeline.outputs[output].sink;
+    if sink.encoding == Encoding::Avro
+        && let Err(problem) = AvroEncoder::new(&pipeline.output_schema(output), &pipeline.avro_record_name(output))
+    {
+        problems.push(format!("{}.format", sink.location), problem.to_string());
+    }
+    if sink.key_encoding == Encoding::Avro {
+        let location = format!("{}.key_format", sink.location);
+        match pipeline.output_key_schema(output) {
+            None => problems.push(
+                location,
+                format!(
+                    "avro keys are made from fields: set {}.key, or use a dedup, window or join (whose key it is); \
+                     records without one keep each input record's key bytes as they are",
+                    sink.location
+                ),
+            ),
+            Some(schema) => {
+                if let Err(problem) = AvroEncoder::new(&schema, &format!("{}-key", pipeline.avro_record_name(output))) {
+                    problems.push(location, problem.to_string());
+                }
+            }
+        }
+    }
 }
 
 /// What `mode: idempotent_upsert` runs in this version: at most one repartition. Without
@@ -60,18 +87,18 @@ pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
             && window.emit == EmitMode::Update
         {
             problems.push(
-                format!("steps[{index}].window.emit"),
+                format!("{}.window.emit", pipeline.step_locations[index]),
                 format!("{WHY} writes each window once, with emit: final; emit: update results depend on batch boundaries"),
             );
         }
     }
     // A window result's id is its group and its `window_start` field as the result leaves
     // the steps: a step after the window must leave that field as it is.
-    let first_window = pipeline.steps.iter().position(|step| matches!(step, Step::Window(_)));
-    for (index, step) in pipeline.steps.iter().enumerate().skip(first_window.map_or(usize::MAX, |window| window + 1)) {
-        if step.rewrites("window_start") {
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        let after_window = pipeline.lineage(pipeline.parent(index)).iter().any(|earlier| matches!(pipeline.steps[*earlier], Step::Window(_)));
+        if after_window && step.rewrites("window_start") {
             problems.push(
-                format!("steps[{index}]"),
+                pipeline.step_locations[index].clone(),
                 format!("{WHY} ids of window results are their group and window_start; leave window_start as the window made it"),
             );
         }
@@ -79,13 +106,18 @@ pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     for (index, step) in pipeline.steps.iter().enumerate() {
         if let Step::Explode(_) = step {
             problems.push(
-                format!("steps[{}].explode", file_index(pipeline, index)),
+                format!("{}.explode", pipeline.step_locations[index]),
                 format!("{WHY} gives each output the id of its input; explode makes several outputs of one input; use transactional"),
             );
         }
     }
-    if !pipeline.sink.key.is_empty() {
-        problems.push("sink.key", format!("{WHY} keys every output by its id (see README); remove sink.key"));
+    for sink in pipeline.sinks() {
+        if !sink.key.is_empty() {
+            problems.push(format!("{}.key", sink.location), format!("{WHY} keys every output by its id (see README); remove the key"));
+        }
+        if sink.key_encoding == Encoding::Avro {
+            problems.push(format!("{}.key_format", sink.location), format!("{WHY} keys every output by its id, as JSON"));
+        }
     }
     let several_topics = match &pipeline.source.topics {
         SourceTopics::List(topics) => topics.len() > 1,
@@ -97,12 +129,10 @@ pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
             format!("{WHY} ids of window and dedup results are unique within one source topic; read a single topic"),
         );
     }
-    if pipeline.sink.key_encoding == Encoding::Avro {
-        problems.push("sink.key_format", format!("{WHY} keys every output by its id, as JSON"));
-    }
-    if pipeline.stages().stages.len() > 2 {
+    // Each repartition is fed by stage 0's tasks, the input partitions'.
+    if pipeline.stages().stages.iter().any(|stage| stage.parent.is_some_and(|parent| parent > 0)) {
         problems.push(
-            "sink.mode",
+            format!("{}.mode", pipeline.outputs[0].sink.location),
             format!(
                 "{WHY} repartitions at most once: a replayed record is recognised by where its input partition put it, \
                  which a second repartition topic no longer tells. Key the later steps by the first repartition's key, \

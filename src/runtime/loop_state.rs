@@ -66,7 +66,8 @@ pub struct LoopState {
 /// Where outputs go.
 #[derive(Debug, Clone)]
 pub struct OutputTopics {
-    pub sink: String,
+    /// Each output's sink topic, by output index.
+    pub sinks: Vec<String>,
     pub dlq: String,
     pub changelogs: Changelogs,
     /// The repartition topic in front of each stage after the first.
@@ -76,7 +77,7 @@ pub struct OutputTopics {
 impl OutputTopics {
     pub fn of(&self, destination: Destination) -> &str {
         match destination {
-            Destination::Sink => &self.sink,
+            Destination::Sink(output) => self.sinks.get(output).map_or("", String::as_str),
             Destination::Dlq => &self.dlq,
             Destination::Repartition(stage) => self.repartitions.get(&stage).map_or("", String::as_str),
         }

@@ -138,7 +138,7 @@ fn run_once(
     let mut engine = Engine::new(pipeline).map_err(|error| RuntimeError::Setup(error.to_string()))?;
     engine.set_state_entry_limit(clients::state_entry_limit(settings));
     let transactional_id = format!("{}-{}", pipeline.name, options.instance);
-    let mode = pipeline.sink.mode;
+    let mode = pipeline.mode();
     let changelog_steps = match mode {
         DeliveryMode::Transactional => engine.stateful_steps(),
         // Upsert mode keeps state in the local store alone, with the input offsets it is at.
@@ -183,7 +183,9 @@ fn run_once(
         DeliveryMode::IdempotentUpsert => clients::upsert_producer_config(settings),
         DeliveryMode::Transactional => clients::producer_config(settings, &transactional_id),
     };
-    let record_limits = cap_batches(&mut producer_config, settings, &[&pipeline.sink.topic, &pipeline.dlq_topic]);
+    let sink_topics: Vec<String> = pipeline.sinks().map(|sink| sink.topic.clone()).collect();
+    let written: Vec<&str> = sink_topics.iter().chain([&pipeline.dlq_topic]).map(String::as_str).collect();
+    let record_limits = cap_batches(&mut producer_config, settings, &written);
     let producer: BaseProducer<DeliveryWatch> = producer_config
         .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
@@ -193,7 +195,7 @@ fn run_once(
         settings.kafka.transaction_timeout,
         metrics.clone(),
         (pipeline.source.name.clone(), pipeline.join().map(|join| join.right.name.clone())),
-        pipeline.sink.topic.clone(),
+        sink_topics.clone(),
     );
     let transaction = transaction.with_mode(mode).with_record_limits(record_limits).with_health(health.clone()).with_refused(refused);
     // Fence first: this aborts whatever a previous incarnation (or a failed run of this
@@ -206,7 +208,7 @@ fn run_once(
     }
 
     let topics = OutputTopics {
-        sink: pipeline.sink.topic.clone(),
+        sinks: sink_topics,
         dlq: pipeline.dlq_topic.clone(),
         changelogs,
         repartitions: repartitions.clone(),

@@ -346,7 +346,7 @@ impl Loop<'_> {
                 continue;
             }
             if refused.is_some() {
-                engine.unproduce();
+                engine.unproduce(output.destination);
                 continue;
             }
             let Err(error) = transaction.send(destination, &output, origin) else {
@@ -360,7 +360,7 @@ impl Loop<'_> {
                 return Err(RuntimeError::kafka(format!("producing to {destination}"), error));
             }
             // The result itself cannot be written: the input goes where on_error.produce says.
-            engine.unproduce();
+            engine.unproduce(output.destination);
             let mut dlq_records_made = Vec::with_capacity(1);
             engine.on_error(&input, ErrorStage::Produce, &error.to_string(), &mut dlq_records_made)?;
             for dlq_record in &dlq_records_made {

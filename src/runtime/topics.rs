@@ -64,8 +64,10 @@ pub fn prepare(
                 None => missing.push(format!("source topic '{topic}'")),
             }
         }
-        if partition_count(&client, &pipeline.sink.topic)?.is_none() {
-            missing.push(format!("sink topic '{}'", pipeline.sink.topic));
+        for sink in pipeline.sinks() {
+            if partition_count(&client, &sink.topic)?.is_none() {
+                missing.push(format!("sink topic '{}'", sink.topic));
+            }
         }
         if missing.is_empty() || Instant::now() > deadline {
             break (missing, counts);

@@ -208,13 +208,16 @@ impl Metrics {
 
     /// Adds a committed batch's counts.
     /// `sources`: the source, and a join's right source, whose records `right_records_in` counts.
-    pub fn record_batch(&self, sources: (&str, Option<&str>), sink: &str, counts: &BatchCounts) {
+    /// Adds a committed batch's counts; `sinks`: each output's sink topic, by output index.
+    pub fn record_batch(&self, sources: (&str, Option<&str>), sinks: &[String], counts: &BatchCounts) {
         let (left, right) = sources;
         self.records_in.with_label_values(&[left]).inc_by(counts.records_in - counts.right_records_in);
         if let Some(right) = right {
             self.records_in.with_label_values(&[right]).inc_by(counts.right_records_in);
         }
-        self.records_out.with_label_values(&[sink]).inc_by(counts.records_out);
+        for (sink, count) in sinks.iter().zip(&counts.records_out_by_output) {
+            self.records_out.with_label_values(&[sink]).inc_by(*count);
+        }
         self.records_filtered.inc_by(counts.records_filtered);
         self.duplicates_dropped.inc_by(counts.duplicates_dropped);
         self.late_records.inc_by(counts.dlq_records(ErrorStage::Late) + counts.skipped(ErrorStage::Late));

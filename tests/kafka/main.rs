@@ -7,6 +7,7 @@ mod avro;
 mod guarantees;
 mod join;
 mod operations;
+mod outputs;
 mod passthrough;
 mod poison;
 mod security;

@@ -27,9 +27,21 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use serde_json::Map;
+
 use crate::operators::Step;
-use crate::plan::Pipeline;
+use crate::plan::{Pipeline, Target};
 use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
+
+/// What leaves the steps: a record or tombstone for an output's sink (by output index), or a
+/// forward to a later stage's repartition topic.
+#[derive(Debug)]
+pub enum Leaving<'a> {
+    Record(usize, Record<'a>),
+    /// Deletes an earlier upsert under this key in the output's sink.
+    Tombstone(usize, Map<String, Value>),
+    Forward(Forward<'a>),
+}
 
 /// What became of the input record across all stages.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +77,10 @@ struct StageSpec {
     indices: Vec<usize>,
     /// The key records are routed by into this stage; None for stage 0.
     repartition_by: Option<Vec<String>>,
+    /// The stage that sends records here; None for stage 0.
+    parent: Option<usize>,
+    /// The stages this one sends records to.
+    children: Vec<usize>,
 }
 
 struct Task {
@@ -134,20 +150,36 @@ pub struct Topology {
     position: Option<(i64, u32)>,
     /// What the stateful steps of tasks built from now on may keep per state entry.
     state_entry_limit: StateEntryLimit,
+    /// Where records go after the source (slot 0) and after each step (slot step + 1).
+    targets: Vec<Vec<Target>>,
+    /// Each step's stage, and its position among the stage's steps (its task's operators).
+    stage_of: Vec<usize>,
+    position_of: Vec<usize>,
 }
 
 impl Topology {
     pub fn new(pipeline: &Pipeline) -> Result<Topology, BuildError> {
         let planned = pipeline.stages();
+        let parents: Vec<Option<usize>> = planned.stages.iter().map(|stage| stage.parent).collect();
+        let (mut stage_of, mut position_of) = (vec![0; pipeline.steps.len()], vec![0; pipeline.steps.len()]);
         let stages = planned
             .stages
             .into_iter()
-            .map(|stage| StageSpec {
-                steps: stage.steps.iter().map(|index| pipeline.steps[*index].clone()).collect(),
-                indices: stage.steps,
-                repartition_by: stage.repartition_by,
+            .enumerate()
+            .map(|(number, stage)| {
+                for (position, index) in stage.steps.iter().enumerate() {
+                    (stage_of[*index], position_of[*index]) = (number, position);
+                }
+                StageSpec {
+                    steps: stage.steps.iter().map(|index| pipeline.steps[*index].clone()).collect(),
+                    indices: stage.steps,
+                    repartition_by: stage.repartition_by,
+                    parent: stage.parent,
+                    children: (0..parents.len()).filter(|child| parents[*child] == Some(number)).collect(),
+                }
             })
             .collect();
+        let targets = std::iter::once(None).chain((0..pipeline.steps.len()).map(Some)).map(|from| pipeline.targets(from)).collect();
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
             Operator::build(step, &pipeline.schema_seen_by(index), StateEntryLimit::default())?;
@@ -165,6 +197,9 @@ impl Topology {
             idle_inputs: Default::default(),
             position: None,
             state_entry_limit: StateEntryLimit::default(),
+            targets,
+            stage_of,
+            position_of,
         })
     }
 
@@ -230,11 +265,13 @@ impl Topology {
         // Stage 1 hears from every stage-0 task: one per input partition, or per pair of a
         // join in place (whose sources have `width` partitions each).
         let pairs = if self.in_place.is_some() { self.width as usize } else { 0 };
-        let senders = (0..self.stages.len())
-            .map(|stage| match stage {
-                0 => 0,
-                1 => input_partitions.saturating_sub(pairs),
-                _ => self.width as usize,
+        let senders = self
+            .stages
+            .iter()
+            .map(|stage| match stage.parent {
+                None => 0,
+                Some(0) => input_partitions.saturating_sub(pairs),
+                Some(_) => self.width as usize,
             })
             .collect();
         self.distribution = Some(Distribution { senders, broadcast: BTreeMap::new(), saved: BTreeMap::new(), positioned });
@@ -287,7 +324,7 @@ impl Topology {
         topic: &str,
         partition: i32,
         event_time: Option<i64>,
-        out: &mut Vec<Emitted<'a>>,
+        out: &mut Vec<Leaving<'a>>,
     ) -> Result<ChainResult, ProcessError> {
         let input = (topic.to_string(), partition);
         if !self.input_watermarks.contains_key(&input) {
@@ -299,7 +336,8 @@ impl Topology {
         let task = self.task_of_input(topic, partition);
         let mut result = ChainResult::Passed;
         self.position = record.provenance.map(|provenance| (provenance.offset, 0));
-        self.run(0, task.clone(), Emitted::Record(record), out, &mut result)?;
+        let watermark = self.task_watermark(0, &task);
+        self.deliver(0, &task, None, Emitted::Record(record), watermark, out, &mut result)?;
 
         // The record is in; now the watermarks move and close what they close.
         let Some(time) = event_time else {
@@ -335,7 +373,7 @@ impl Topology {
         idle: bool,
         record: Option<Record<'a>>,
         position: Option<(i64, u32)>,
-        out: &mut Vec<Emitted<'a>>,
+        out: &mut Vec<Leaving<'a>>,
     ) -> Result<ChainResult, ProcessError> {
         if stage == 0 || stage >= self.stages.len() {
             return Err(ProcessError(format!("a forwarded record for stage {stage}, which this pipeline does not have")));
@@ -355,7 +393,7 @@ impl Topology {
             None => false,
         };
         if let (Some(record), false) = (record, replayed) {
-            self.run(stage, id.clone(), Emitted::Record(record), out, &mut result)?;
+            self.enter(stage, &id, record, out, &mut result)?;
         }
         let expected = self.distribution.as_ref().map_or(0, |distribution| distribution.senders[stage]);
         let task = self.task(stage, &id)?;
@@ -371,123 +409,143 @@ impl Topology {
     }
 
     /// Calls `action` on each step of a task in order; what a step produces goes through the
-    /// steps after it and on to the next stages.
+    /// steps after it and on to the next stages and the outputs.
     fn for_each_step<'a>(
         &mut self,
         stage: usize,
         id: &TaskPartition,
-        out: &mut Vec<Emitted<'a>>,
+        out: &mut Vec<Leaving<'a>>,
         action: impl Fn(&mut Operator, &mut Vec<Emitted<'a>>),
     ) {
-        let steps = self.stages[stage].steps.len();
-        for index in 0..steps {
+        for position in 0..self.stages[stage].indices.len() {
+            let step = self.stages[stage].indices[position];
             let mut produced = Vec::new();
             let Some(task) = self.tasks.get_mut(&(stage, id.clone())) else {
                 return;
             };
-            action(&mut task.operators[index], &mut produced);
+            action(&mut task.operators[position], &mut produced);
             let watermark = task.watermark;
             for item in produced {
                 let mut ignored = ChainResult::Passed;
                 // Results a step derives on its own (closed windows) have no input record to
                 // send to the DLQ; a failure or lateness downstream drops them.
-                let _ = self.run_from(stage, id.clone(), index + 1, item, watermark, out, &mut ignored);
+                let _ = self.deliver(stage, id, Some(step), item, watermark, out, &mut ignored);
             }
         }
     }
 
-    /// Runs `item` through the whole of `stage` in task `id`, then routes what comes out.
-    fn run<'a>(
+    /// Runs a record that reached task `id` of a later stage through the stage's first step.
+    fn enter<'a>(
         &mut self,
         stage: usize,
-        id: TaskPartition,
-        item: Emitted<'a>,
-        out: &mut Vec<Emitted<'a>>,
+        id: &TaskPartition,
+        record: Record<'a>,
+        out: &mut Vec<Leaving<'a>>,
         result: &mut ChainResult,
     ) -> Result<(), ProcessError> {
-        let watermark = self.task_watermark(stage, &id);
-        self.run_from(stage, id, 0, item, watermark, out, result)
+        let Some(first) = self.stages.get(stage).and_then(|spec| spec.indices.first().copied()) else {
+            return Err(ProcessError(format!("stage {stage} has no steps")));
+        };
+        let watermark = self.task_watermark(stage, id);
+        self.run_step(stage, id, first, record, watermark, out, result)
     }
 
+    /// Hands `item`, made by step `from` (None: read from the source) in task (`stage`, `id`),
+    /// to every target after it: the steps it feeds (moving to their task when they run in
+    /// another stage) and the outputs whose last step it is. Several targets get copies.
     #[allow(clippy::too_many_arguments)]
-    fn run_from<'a>(
+    fn deliver<'a>(
         &mut self,
         stage: usize,
-        id: TaskPartition,
-        first_step: usize,
+        id: &TaskPartition,
+        from: Option<usize>,
         item: Emitted<'a>,
         watermark: i64,
-        out: &mut Vec<Emitted<'a>>,
+        out: &mut Vec<Leaving<'a>>,
         result: &mut ChainResult,
     ) -> Result<(), ProcessError> {
-        let task = self.task(stage, &id)?;
-        let mut current = vec![item];
-        for operator in task.operators.iter_mut().skip(first_step) {
-            let mut next = Vec::new();
-            for item in current.drain(..) {
-                match item {
-                    // Tombstones delete earlier upserts downstream; no step reinterprets them.
-                    Emitted::Tombstone(_) | Emitted::Forward(_) => next.push(item),
-                    Emitted::Record(record) => match operator.process(record, watermark, &mut next)? {
-                        StepOutcome::Passed => {}
-                        StepOutcome::Dropped => result.merge(ChainResult::Dropped),
-                        StepOutcome::Duplicate => result.merge(ChainResult::Duplicate),
-                        StepOutcome::Late(reason) => result.merge(ChainResult::Late(reason)),
-                    },
+        let slot = from.map_or(0, |step| step + 1);
+        let count = self.targets[slot].len();
+        let mut item = Some(item);
+        for index in 0..count {
+            let target = self.targets[slot][index];
+            let copy = if index + 1 == count { item.take() } else { item.clone() };
+            let Some(copy) = copy else {
+                break;
+            };
+            match (target, copy) {
+                (_, Emitted::Forward(forward)) => out.push(Leaving::Forward(forward)),
+                (Target::Output(output), Emitted::Record(record)) => out.push(Leaving::Record(output, record)),
+                (Target::Output(output), Emitted::Tombstone(key)) => out.push(Leaving::Tombstone(output, key)),
+                // Tombstones delete earlier upserts downstream; no step reinterprets them.
+                (Target::Step(step), tombstone @ Emitted::Tombstone(_)) => {
+                    self.deliver(stage, id, Some(step), tombstone, watermark, out, result)?;
                 }
-            }
-            current = next;
-            if current.is_empty() {
-                return Ok(());
+                (Target::Step(step), Emitted::Record(record)) if self.stage_of[step] != stage => {
+                    self.route(self.stage_of[step], id, watermark, record, out, result)?;
+                }
+                (Target::Step(step), Emitted::Record(record)) => self.run_step(stage, id, step, record, watermark, out, result)?,
             }
         }
-        self.route(stage + 1, &id, watermark, current, out, result)
+        Ok(())
     }
 
-    /// Sends what a stage produced to the next stage's tasks by key, or out after the last.
-    /// Distributed, records leave as forwards from task `from`, stamped with its watermark.
+    /// Runs a record through step `step` of task (`stage`, `id`), then hands on what it made.
     #[allow(clippy::too_many_arguments)]
+    fn run_step<'a>(
+        &mut self,
+        stage: usize,
+        id: &TaskPartition,
+        step: usize,
+        record: Record<'a>,
+        watermark: i64,
+        out: &mut Vec<Leaving<'a>>,
+        result: &mut ChainResult,
+    ) -> Result<(), ProcessError> {
+        let position = self.position_of[step];
+        let task = self.task(stage, id)?;
+        let mut produced = Vec::new();
+        match task.operators[position].process(record, watermark, &mut produced)? {
+            StepOutcome::Passed => {}
+            StepOutcome::Dropped => result.merge(ChainResult::Dropped),
+            StepOutcome::Duplicate => result.merge(ChainResult::Duplicate),
+            StepOutcome::Late(reason) => result.merge(ChainResult::Late(reason)),
+        }
+        for item in produced {
+            self.deliver(stage, id, Some(step), item, watermark, out, result)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a record into task of `stage` that owns its key. Distributed, it leaves as a
+    /// forward from task `from`, stamped with its watermark.
     fn route<'a>(
         &mut self,
         stage: usize,
         from: &TaskPartition,
         watermark: i64,
-        items: Vec<Emitted<'a>>,
-        out: &mut Vec<Emitted<'a>>,
+        record: Record<'a>,
+        out: &mut Vec<Leaving<'a>>,
         result: &mut ChainResult,
     ) -> Result<(), ProcessError> {
-        let Some(spec) = self.stages.get(stage) else {
-            out.extend(items);
-            return Ok(());
-        };
-        let key_fields = spec.repartition_by.clone().unwrap_or_default();
-        for item in items {
-            let record = match item {
-                Emitted::Tombstone(_) | Emitted::Forward(_) => {
-                    out.push(item);
-                    continue;
-                }
-                Emitted::Record(record) => record,
-            };
-            let key = Value::Object(key_of(&record.fields, &key_fields)).to_string();
-            let partition = (crate::plan::stable_hash(key.as_bytes()) % u64::from(self.width)) as u32;
-            if let Some(distribution) = &self.distribution {
-                let (sender, position) = match from {
-                    TaskPartition::Input(topic, partition) => {
-                        let position = self.position.filter(|_| distribution.positioned);
-                        if let Some((offset, made)) = position {
-                            self.position = Some((offset, made + 1));
-                        }
-                        (input_sender(topic, *partition), position)
+        let key_fields = self.stages[stage].repartition_by.as_deref().unwrap_or_default();
+        let key = Value::Object(key_of(&record.fields, key_fields)).to_string();
+        let partition = (crate::plan::stable_hash(key.as_bytes()) % u64::from(self.width)) as u32;
+        if let Some(distribution) = &self.distribution {
+            let (sender, position) = match from {
+                TaskPartition::Input(topic, partition) => {
+                    let position = self.position.filter(|_| distribution.positioned);
+                    if let Some((offset, made)) = position {
+                        self.position = Some((offset, made + 1));
                     }
-                    TaskPartition::Repartitioned(partition) => (partition.to_string(), None),
-                };
-                out.push(Emitted::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record), position }));
-                continue;
-            }
-            self.run(stage, TaskPartition::Repartitioned(partition), Emitted::Record(record), out, result)?;
+                    (input_sender(topic, *partition), position)
+                }
+                TaskPartition::Repartitioned(partition) => (partition.to_string(), None),
+            };
+            out.push(Leaving::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record), position }));
+            return Ok(());
         }
-        Ok(())
+        self.enter(stage, &TaskPartition::Repartitioned(partition), record, out, result)
     }
 
     fn task_watermark(&self, stage: usize, id: &TaskPartition) -> i64 {

@@ -31,10 +31,10 @@ fn click(user: &str, ts: i64) -> Record<'static> {
     Record { fields, event_time: ts, provenance: None, key: None, upsert: false, id: None }
 }
 
-fn results(out: &[Emitted<'_>]) -> Vec<(String, i64, i64)> {
+fn results(out: &[Leaving<'_>]) -> Vec<(String, i64, i64)> {
     out.iter()
         .filter_map(|emitted| match emitted {
-            Emitted::Record(record) => Some((
+            Leaving::Record(_, record) => Some((
                 record.fields["user"].as_str().unwrap_or_default().to_string(),
                 record.fields["window_start"].as_i64().unwrap_or_default(),
                 record.fields["n"].as_i64().unwrap_or_default(),

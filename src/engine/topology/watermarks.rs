@@ -5,8 +5,8 @@ use super::*;
 
 impl Topology {
     /// The end of a batch: update-mode steps emit, stage by stage; distributed, every task
-    /// whose watermark moved tells the next stage's tasks.
-    pub fn end_batch<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+    /// whose watermark moved tells the tasks of the stages it sends to.
+    pub fn end_batch<'a>(&mut self, out: &mut Vec<Leaving<'a>>) {
         // A pair whose other side went idle moves on without it.
         if self.in_place.is_some() && !self.idle_inputs.is_empty() {
             for id in self.task_ids(0) {
@@ -25,7 +25,7 @@ impl Topology {
         self.broadcast_watermarks(out);
     }
 
-    pub(super) fn broadcast_watermarks<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+    pub(super) fn broadcast_watermarks<'a>(&mut self, out: &mut Vec<Leaving<'a>>) {
         if self.distribution.is_none() || self.stages.len() < 2 {
             return;
         }
@@ -45,7 +45,7 @@ impl Topology {
         };
         for ((stage, id), task) in &self.tasks {
             if let TaskPartition::Repartitioned(partition) = id
-                && stage + 1 < self.stages.len()
+                && !self.stages[*stage].children.is_empty()
             {
                 senders.push((*stage, partition.to_string(), (task.watermark, false)));
             }
@@ -56,22 +56,24 @@ impl Topology {
                 continue;
             }
             distribution.broadcast.insert((stage, sender.clone()), state);
-            for partition in 0..self.width {
-                out.push(Emitted::Forward(Forward {
-                    stage: stage + 1,
-                    partition,
-                    sender: sender.clone(),
-                    watermark,
-                    idle,
-                    record: None,
-                    position: None,
-                }));
+            for child in &self.stages[stage].children {
+                for partition in 0..self.width {
+                    out.push(Leaving::Forward(Forward {
+                        stage: *child,
+                        partition,
+                        sender: sender.clone(),
+                        watermark,
+                        idle,
+                        record: None,
+                        position: None,
+                    }));
+                }
             }
         }
     }
 
     /// The end of a bounded input: every watermark reaches +infinity.
-    pub fn finish<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
+    pub fn finish<'a>(&mut self, out: &mut Vec<Leaving<'a>>) {
         for watermark in self.input_watermarks.values_mut() {
             *watermark = i64::MAX;
         }
@@ -91,7 +93,7 @@ impl Topology {
         self.tasks.keys().filter(|(task_stage, _)| *task_stage == stage).map(|(_, id)| id.clone()).collect()
     }
 
-    pub(super) fn advance_stages_from<'a>(&mut self, first: usize, watermark: i64, out: &mut Vec<Emitted<'a>>) {
+    pub(super) fn advance_stages_from<'a>(&mut self, first: usize, watermark: i64, out: &mut Vec<Leaving<'a>>) {
         for stage in first..self.stages.len() {
             for id in self.task_ids(stage) {
                 self.advance_task(stage, &id, watermark, out);
@@ -99,7 +101,7 @@ impl Topology {
         }
     }
 
-    pub(super) fn advance_task<'a>(&mut self, stage: usize, id: &TaskPartition, watermark: i64, out: &mut Vec<Emitted<'a>>) {
+    pub(super) fn advance_task<'a>(&mut self, stage: usize, id: &TaskPartition, watermark: i64, out: &mut Vec<Leaving<'a>>) {
         let Some(task) = self.tasks.get_mut(&(stage, id.clone())) else {
             return;
         };

@@ -18,12 +18,18 @@ impl Filter {
             problems.push(format!("{location}.filter"), "must be an expression string");
             return None;
         };
+        Filter::check(expression, input, &format!("{location}.filter"), problems)
+    }
+
+    /// A filter from an expression written elsewhere (an output's `when`), its problems
+    /// located at `location`.
+    pub fn check(expression: &str, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Filter> {
         let checked = match input {
             Some(input) => FilterExpression::compile(expression, input).map(drop),
             None => FilterExpression::check_syntax(expression),
         };
         if let Err(message) = checked {
-            problems.push(format!("{location}.filter"), message.to_string());
+            problems.push(location, message.to_string());
             return None;
         }
         Some(Filter { expression: expression.to_string() })

@@ -113,7 +113,8 @@ pub struct BatchProducer {
     health: Option<Arc<Health>>,
     /// The source's name, and a join's right source's.
     source_names: (String, Option<String>),
-    sink_topic: String,
+    /// Each output's sink topic, by output index.
+    sink_topics: Vec<String>,
     /// Where the open batch's sink records came from, and the inputs whose records the
     /// broker refused (kept across runs): see `refused`.
     origins: Origins,
@@ -136,7 +137,7 @@ impl BatchProducer {
         transaction_timeout: Duration,
         metrics: Arc<Metrics>,
         source_names: (String, Option<String>),
-        sink_topic: String,
+        sink_topics: Vec<String>,
     ) -> BatchProducer {
         BatchProducer {
             producer,
@@ -159,7 +160,7 @@ impl BatchProducer {
             metrics,
             health: None,
             source_names,
-            sink_topic,
+            sink_topics,
         }
     }
 
@@ -495,7 +496,7 @@ impl BatchProducer {
         let counts = std::mem::take(&mut self.counts);
         let records = self.records as u64;
         let (left, right) = &self.source_names;
-        self.metrics.record_batch((left, right.as_deref()), &self.sink_topic, &counts);
+        self.metrics.record_batch((left, right.as_deref()), &self.sink_topics, &counts);
         self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
         debug!(records, partitions = self.partitions.len(), "batch committed");
         self.last_summary = Some(BatchSummary {
