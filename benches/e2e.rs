@@ -313,6 +313,8 @@ enum Expected {
     Windows { counts: HashMap<(u64, i64), u64>, must_close: i64, count_field: &'static str },
     /// One (auction, bid id) pair per bid sent.
     Pairs(Sum),
+    /// Two outputs: this output as the first says, and `<output>-2` as the second does.
+    TwoOutputs(Box<Expected>, Box<Expected>),
 }
 
 fn field(value: &Value, path: &[&str]) -> u64 {
@@ -338,6 +340,10 @@ fn window_counts(generated: &Generated, size: i64, slide: i64) -> HashMap<(u64, 
 
 /// Checks an output topic against the expected answer; Err says what is wrong.
 fn check(output: &str, expected: &Expected) -> Result<String, String> {
+    if let Expected::TwoOutputs(first, second) = expected {
+        let (first, second) = (check(output, first)?, check(&format!("{output}-2"), second)?);
+        return Ok(format!("{first}; {second}"));
+    }
     let records = read_committed(output);
     let values: Vec<Value> = records.iter().map(Seen::value_json).collect();
     let compare = |what: &str, got: Sum, want: &Sum| match &got == want {
@@ -346,6 +352,7 @@ fn check(output: &str, expected: &Expected) -> Result<String, String> {
     };
     match expected {
         Expected::Bids(want) => compare("bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
+        Expected::TwoOutputs(..) => Err("checked above".into()),
         Expected::Distinct(want) => compare("distinct bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
         Expected::Pairs(want) => {
             compare("join pairs", Sum::of(values.iter().map(|v| (field(v, &["auctions", "auction"]), field(v, &["bids", "id"])))), want)
@@ -383,6 +390,8 @@ enum System {
     Raw,
     Weir,
     WeirUpsert,
+    /// One weir process per output of a two-output pipeline, reading the same topic.
+    WeirSeparate,
     KafkaStreams,
 }
 
@@ -392,6 +401,7 @@ impl System {
             System::Raw => "raw rdkafka",
             System::Weir => "weir",
             System::WeirUpsert => "weir, no transactions (idempotent_upsert)",
+            System::WeirSeparate => "weir, one pipeline per output (two processes)",
             System::KafkaStreams => "Kafka Streams 4.2",
         }
     }
@@ -411,6 +421,10 @@ enum Workload {
     Tumbling,
     Hopping,
     Join,
+    /// Nexmark q1/q2-like: a filter on the auction, a computed price, a select.
+    Projection,
+    /// Pass-through and the projection as two outputs of one pipeline.
+    TwoOutputs,
 }
 
 impl Workload {
@@ -421,6 +435,8 @@ impl Workload {
             Workload::Tumbling => "tumbling 10 s count per auction",
             Workload::Hopping => "hopping 10 s / 2 s count per auction",
             Workload::Join => "auction ⋈ bid within 10 s",
+            Workload::Projection => "projection: filter + set + select",
+            Workload::TwoOutputs => "two outputs: pass-through + projection",
         }
     }
 }
@@ -437,10 +453,29 @@ fn weir_source(name: &str, topic: &str) -> String {
     )
 }
 
+/// The projection's steps: Nexmark q2's kind of filter (some auctions), q1's currency
+/// conversion (in integers, so the check is exact), and a select of five fields.
+const PROJECTION: &str = "  - filter: \"auction % 10 < 7\"\n  - set: { price_eur: \"price * 908 / 1000\" }\n  \
+                          - select: { id: id, auction: auction, bidder: bidder, price: price_eur, ts: ts }\n";
+
+/// What the projection makes of the bids: (id, converted price) of those it keeps.
+fn projected(bids: &[Bid]) -> Sum {
+    Sum::of(bids.iter().filter(|bid| bid.auction % 10 < 7).map(|bid| (bid.id, bid.price * 908 / 1000)))
+}
+
 fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, upsert: bool) -> String {
     let mode = if upsert { "  mode: idempotent_upsert\n" } else { "" };
+    if let Workload::TwoOutputs = workload {
+        let steps = PROJECTION.replace("  - ", "      - ");
+        return format!(
+            "name: {name}\nsources:\n{}outputs:\n  all:\n    sink: {{ topic: {output} }}\n  projected:\n    steps:\n{steps}    sink: {{ topic: {output}-2 }}\n",
+            weir_source("bids", &topics.bids)
+        );
+    }
     let (sources, middle) = match workload {
         Workload::PassThrough => (weir_source("bids", &topics.bids), String::new()),
+        Workload::Projection => (weir_source("bids", &topics.bids), format!("steps:\n{PROJECTION}")),
+        Workload::TwoOutputs => unreachable!("written above"),
         Workload::Dedup => (weir_source("bids", &topics.bids), "steps:\n  - dedup: { key: [auction, id], within: 24h }\n".to_string()),
         Workload::Tumbling => (
             weir_source("bids", &topics.bids),
@@ -460,6 +495,7 @@ fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, 
 
 fn kstreams_arguments(workload: Workload, topics: &Topics, output: &str, app: &str, state: &Path, expect: u64) -> Vec<String> {
     let (name, inputs, extra): (&str, String, Vec<String>) = match workload {
+        Workload::Projection | Workload::TwoOutputs => unreachable!("weir's workloads alone"),
         Workload::PassThrough => ("passthrough", topics.bids.clone(), vec![]),
         Workload::Dedup => ("dedup", topics.bids.clone(), vec!["--dedup-fields".into(), "auction,id".into()]),
         Workload::Tumbling | Workload::Hopping => {
@@ -568,29 +604,53 @@ fn run_kstreams(jar: &Path, workload: Workload, topics: &Topics, output: &str, e
 }
 
 fn run_weir(pipeline: &str) -> Measured {
-    let file = pipeline_file(pipeline);
-    let mut weir = WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() });
-    let pid = weir.child.id();
-    // Ready: it owns its partitions. Polled often, so the clock starts on time; a run that
+    run_weirs(&[pipeline.to_string()])
+}
+
+/// Runs each pipeline in a weir process of its own, all at once, to the end of their input:
+/// the time from all owning their partitions to all done, their CPU and peak memory summed.
+fn run_weirs(pipelines: &[String]) -> Measured {
+    let files: Vec<PipelineFile> = pipelines.iter().map(|pipeline| pipeline_file(pipeline)).collect();
+    let mut processes: Vec<WeirProcess> =
+        files.iter().map(|file| WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() })).collect();
+    // Ready: they own their partitions. Polled often, so the clock starts on time; a run that
     // ends before it is seen ready is a failure, not a hang.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !is_ready(&weir) {
-        if let Some(status) = weir.child.try_wait().unwrap() {
-            panic!("weir exited ({status}) before it was ready:\n{}", weir.log_text());
+    for weir in &mut processes {
+        while !is_ready(weir) {
+            if let Some(status) = weir.child.try_wait().unwrap() {
+                panic!("weir exited ({status}) before it was ready:\n{}", weir.log_text());
+            }
+            assert!(Instant::now() < deadline, "weir not ready within 120 s:\n{}", weir.log_text());
+            std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(Instant::now() < deadline, "weir not ready within 120 s:\n{}", weir.log_text());
-        std::thread::sleep(Duration::from_millis(5));
     }
-    let cpu_at_ready = process_cpu_seconds(pid);
+    let pids: Vec<u32> = processes.iter().map(|weir| weir.child.id()).collect();
+    let cpu_at_ready: Vec<f64> = pids.iter().map(|pid| process_cpu_seconds(*pid)).collect();
     let started = Instant::now();
-    let (peak_kib, cpu, status) = sample_until_exit(&mut weir.child);
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
+    let (mut peak_kib, mut cpu) = (vec![0u64; pids.len()], cpu_at_ready.clone());
+    let mut running: Vec<bool> = vec![true; pids.len()];
+    while running.iter().any(|running| *running) {
+        for (index, weir) in processes.iter_mut().enumerate() {
+            if !running[index] {
+                continue;
+            }
+            if let Some(status) = weir.child.try_wait().unwrap() {
+                assert!(status.success(), "weir failed: {status}\n{}", weir.log_text());
+                running[index] = false;
+                continue;
+            }
+            peak_kib[index] = peak_kib[index].max(rss_kib(pids[index]));
+            cpu[index] = cpu[index].max(process_cpu_seconds(pids[index]));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "weir still running after 30 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Measured {
-        seconds,
-        cpu_seconds: cpu - cpu_at_ready,
-        peak_rss_mib: peak_kib as f64 / 1024.0,
-        state_bytes: directory_bytes(&file.path.parent().unwrap().join("state")),
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: cpu.iter().zip(&cpu_at_ready).map(|(last, first)| last - first).sum(),
+        peak_rss_mib: peak_kib.iter().sum::<u64>() as f64 / 1024.0,
+        state_bytes: files.iter().map(|file| directory_bytes(&file.path.parent().unwrap().join("state"))).sum(),
     }
 }
 
@@ -692,7 +752,7 @@ fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Runni
             let (input, output, flag) = (input.bids.clone(), output.to_string(), stop.clone());
             Running::Raw(stop, Some(std::thread::spawn(move || raw_passthrough(&input, &output, u64::MAX, Some(flag)))))
         }
-        System::Weir | System::WeirUpsert => {
+        System::Weir | System::WeirUpsert | System::WeirSeparate => {
             let file = pipeline_file(&weir_pipeline(&unique("lat"), Workload::PassThrough, input, output, system == System::WeirUpsert));
             let process = WeirProcess::start(&file.path, WeirOptions::default());
             wait_ready(&process, Duration::from_secs(120));
@@ -929,6 +989,12 @@ fn main() {
         (Workload::Tumbling, tumbling, bids),
         (Workload::Hopping, hopping, bids),
         (Workload::Join, Expected::Pairs(Sum { count: pairs.count, checksum: pairs.checksum }), auctions + bids),
+        (Workload::Projection, Expected::Bids(projected(&generated.bids)), bids),
+        (
+            Workload::TwoOutputs,
+            Expected::TwoOutputs(Box::new(Expected::Bids(all_bids)), Box::new(Expected::Bids(projected(&generated.bids)))),
+            bids,
+        ),
     ];
     let mut failures = Vec::new();
     let mut record = |workload: Workload, system: System, events: u64, measured: Measured, output: &str, expected: &Expected| {
@@ -951,13 +1017,22 @@ fn main() {
     for (workload, expected, events) in expectations.iter().filter(|(workload, _, _)| runs("throughput") && chosen(workload)) {
         let systems: &[System] = match workload {
             Workload::PassThrough => &[System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams],
+            Workload::Projection => &[System::Weir],
+            Workload::TwoOutputs => &[System::Weir, System::WeirSeparate],
             _ => &[System::Weir, System::KafkaStreams],
         };
         for system in systems {
             let output = unique("e2e-out");
             create_topic_with(&output, PARTITIONS, &[("retention.ms", "-1")]);
+            if let Workload::TwoOutputs = workload {
+                create_topic_with(&format!("{output}-2"), PARTITIONS, &[("retention.ms", "-1")]);
+            }
             let measured = match system {
                 System::Raw => raw_passthrough(&topics.bids, &output, bids, None),
+                System::WeirSeparate => run_weirs(&[
+                    weir_pipeline(&unique("e2e"), Workload::PassThrough, &topics, &output, false),
+                    weir_pipeline(&unique("e2e"), Workload::Projection, &topics, &format!("{output}-2"), false),
+                ]),
                 System::Weir | System::WeirUpsert => run_weir(&weir_pipeline(&unique("e2e"), *workload, &topics, &output, *system == System::WeirUpsert)),
                 System::KafkaStreams => run_kstreams(&options.kstreams_jar, *workload, &topics, &output, *events),
             };
