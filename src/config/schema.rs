@@ -62,6 +62,21 @@ impl FieldType {
     }
 }
 
+/// Why a step cannot make its records' schema from the one it receives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("'{0}' is not a field of the record")]
+    NoSuchField(String),
+    #[error("'{part}' is a {found}, not an object with fields")]
+    NotAnObject { part: String, found: String },
+    #[error("'{field}' is a {found}, not a list ([T])")]
+    NotAList { field: String, found: String },
+    #[error("'{path}' cannot be written: {reason}")]
+    Unwritable { path: String, reason: Box<ShapeError> },
+    #[error("would drop every field; a record needs at least one")]
+    NoFieldLeft,
+}
+
 impl Schema {
     /// The type of a dotted path; a path the schema lacks (checked elsewhere) as a string.
     pub fn type_or_string(&self, path: &str) -> FieldType {
@@ -104,7 +119,7 @@ impl Schema {
     /// This schema with the field at a dotted path added (at the end of its object) or its
     /// type replaced; the objects on the way are made when missing. Err: a part of the way
     /// is a field that is not an object.
-    pub fn with_field(&self, path: &str, field_type: FieldType) -> Result<Schema, String> {
+    pub fn with_field(&self, path: &str, field_type: FieldType) -> Result<Schema, ShapeError> {
         let mut schema = self.clone();
         let mut target = &mut schema;
         let mut parts = path.split('.').peekable();
@@ -124,29 +139,30 @@ impl Schema {
             let found = target.fields[position].1.describe();
             target = match object_mut(&mut target.fields[position].1) {
                 Some(inner) => inner,
-                None => return Err(format!("'{part}' is a {found}, not an object with fields")),
+                None => return Err(ShapeError::NotAnObject { part: part.to_string(), found }),
             };
         }
         Ok(schema)
     }
 
     /// This schema without the field at a dotted path. Err: the schema has no such field.
-    pub fn without_field(&self, path: &str) -> Result<Schema, String> {
+    pub fn without_field(&self, path: &str) -> Result<Schema, ShapeError> {
+        let missing = || ShapeError::NoSuchField(path.to_string());
         if self.field_type(path).is_none() {
-            return Err(format!("'{path}' is not a field of the record"));
+            return Err(missing());
         }
         let mut schema = self.clone();
         let mut target = &mut schema;
         let mut parts = path.split('.').peekable();
         while let Some(part) = parts.next() {
-            let position = target.fields.iter().position(|(name, _)| name == part).ok_or_else(|| format!("'{path}' is not a field"))?;
+            let position = target.fields.iter().position(|(name, _)| name == part).ok_or_else(missing)?;
             if parts.peek().is_none() {
                 target.fields.remove(position);
                 break;
             }
             match object_mut(&mut target.fields[position].1) {
                 Some(inner) => target = inner,
-                None => return Err(format!("'{path}' is not a field of the record")),
+                None => return Err(missing()),
             }
         }
         Ok(schema)

@@ -214,19 +214,19 @@ pub fn to_cel(value: &Value) -> CelValue {
 
 /// A CEL value as a field value; `expected` (when known) orders an object's fields and
 /// checks the kind of value. The error says what the value was.
-pub fn from_cel(value: &CelValue, expected: Option<&FieldType>) -> Result<Value, String> {
-    let mismatch = |what: &str| Err(format!("{what}, not a {}", expected.map(FieldType::describe).unwrap_or_default()));
+pub fn from_cel(value: &CelValue, expected: Option<&FieldType>) -> Result<Value, ProcessError> {
+    let mismatch = |what: &str| Err(ProcessError(format!("{what}, not a {}", expected.map(FieldType::describe).unwrap_or_default())));
     match (value, expected) {
         (CelValue::Null, _) => Ok(Value::Null),
         (CelValue::Bool(flag), None | Some(FieldType::Boolean)) => Ok(Value::Bool(*flag)),
         (CelValue::Int(whole), None | Some(FieldType::Long | FieldType::Timestamp)) => Ok(Value::from(*whole)),
         (CelValue::UInt(whole), None | Some(FieldType::Long | FieldType::Timestamp)) => match i64::try_from(*whole) {
             Ok(whole) => Ok(Value::from(whole)),
-            Err(_) => Err(format!("{whole}, over the largest long")),
+            Err(_) => Err(ProcessError(format!("{whole}, over the largest long"))),
         },
         (CelValue::Float(number), None | Some(FieldType::Double)) => match serde_json::Number::from_f64(*number) {
             Some(number) => Ok(Value::Number(number)),
-            None => Err(format!("{number}, which no record field can hold")),
+            None => Err(ProcessError(format!("{number}, which no record field can hold"))),
         },
         (CelValue::String(text), None | Some(FieldType::String)) => Ok(Value::String(text.as_str().to_string())),
         (CelValue::List(items), None) => items.iter().map(|item| from_cel(item, None)).collect::<Result<Vec<_>, _>>().map(Value::Array),
@@ -245,7 +245,7 @@ pub fn from_cel(value: &CelValue, expected: Option<&FieldType>) -> Result<Value,
             let mut object = Map::new();
             for (key, value) in map.map.iter() {
                 let Key::String(name) = key else {
-                    return Err(format!("a map with the key {key:?}, not text"));
+                    return Err(ProcessError(format!("a map with the key {key:?}, not text")));
                 };
                 object.insert(name.as_str().to_string(), from_cel(value, None)?);
             }
@@ -258,7 +258,7 @@ pub fn from_cel(value: &CelValue, expected: Option<&FieldType>) -> Result<Value,
         (CelValue::String(text), _) => mismatch(&format!("'{text}'")),
         (CelValue::List(_), _) => mismatch("a list"),
         (CelValue::Map(_), _) => mismatch("a map"),
-        (other, _) => Err(format!("{:?}, which no record field can hold", other.type_of())),
+        (other, _) => Err(ProcessError(format!("{:?}, which no record field can hold", other.type_of()))),
     }
 }
 
@@ -307,7 +307,7 @@ fn header_names(expression: &IdedExpr, names: &mut Vec<String>) {
 
 /// The type of an expression, from the schema of the record it reads. Err: it cannot
 /// work (int and double mixed, an object without the field named, branches of two types).
-fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, String> {
+fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, BuildError> {
     use ValueType::{Headers, Known, Null, Unknown};
     let long = || Known(FieldType::Long);
     match &expression.expr {
@@ -330,14 +330,14 @@ fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, String> 
         Expr::Select(select) => match type_of(&select.operand, schema)? {
             Known(FieldType::Object(inner)) => match inner.field_type(&select.field) {
                 Some(field_type) => Ok(Known(field_type.clone())),
-                None => Err(format!(
+                None => Err(BuildError(format!(
                     "'{}' is not a field of {}",
                     select.field,
                     inner.describe()
-                )),
+                ))),
             },
             Headers => Ok(Known(FieldType::String)),
-            Known(other) => Err(format!("'.{}' reads a field of a {}, which has none", select.field, other.describe())),
+            Known(other) => Err(BuildError(format!("'.{}' reads a field of a {}, which has none", select.field, other.describe()))),
             _ => Ok(Unknown),
         },
         Expr::Call(call) => {
@@ -360,11 +360,11 @@ fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, String> 
                     (Some(yes), Some(no)) if yes == no => Ok(yes.clone()),
                     (Some(Null), Some(other)) | (Some(other), Some(Null)) => Ok(other.clone()),
                     (Some(Unknown), _) | (_, Some(Unknown)) => Ok(Unknown),
-                    (Some(yes), Some(no)) => Err(format!(
+                    (Some(yes), Some(no)) => Err(BuildError(format!(
                         "the branches give {} and {}; convert one so both give the same type",
                         yes.describe(),
                         no.describe()
-                    )),
+                    ))),
                     _ => Ok(Unknown),
                 },
                 operators::INDEX | operators::OPT_INDEX => match args.first() {
@@ -385,7 +385,7 @@ fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, String> 
 
 /// The type of `+ - * / %` over operands of these types: CEL does not mix int and double,
 /// so an expression that does would fail on every record.
-fn arithmetic(operator: &str, args: &[ValueType]) -> Result<ValueType, String> {
+fn arithmetic(operator: &str, args: &[ValueType]) -> Result<ValueType, BuildError> {
     use FieldType::{Double, Long, String as Text, Timestamp};
     let numeric = |value: &ValueType| match value {
         ValueType::Known(Long | Timestamp) => Some(Long),
@@ -397,11 +397,13 @@ fn arithmetic(operator: &str, args: &[ValueType]) -> Result<ValueType, String> {
         [left, right] => match (numeric(left), numeric(right)) {
             (Some(left), Some(right)) if left == right => Ok(ValueType::Known(left)),
             (Some(_), Some(_)) => Err(
-                "mixes int and double, which CEL does not do on its own; write a double literal (100.0) or convert with double() or int()"
-                    .to_string(),
+                BuildError(
+                    "mixes int and double, which CEL does not do on its own; write a double literal (100.0) or convert with double() or int()"
+                        .to_string(),
+                ),
             ),
             _ if [left, right].iter().any(|arg| matches!(arg, ValueType::Known(FieldType::Boolean | FieldType::Object(_)))) => {
-                Err(format!("{} {} {} cannot work", left.describe(), symbol(operator), right.describe()))
+                Err(BuildError(format!("{} {} {} cannot work", left.describe(), symbol(operator), right.describe())))
             }
             _ => Ok(ValueType::Unknown),
         },
@@ -431,8 +433,9 @@ mod tests {
         }
     }
 
-    fn type_text(text: &str) -> Result<String, String> {
-        Expression::compile(text, &schema()).map(|expression| expression.value_type().describe()).map_err(|error| error.0)
+    /// The type an expression gives, or the problem with it, in words.
+    fn type_text(text: &str) -> Result<String, BuildError> {
+        Expression::compile(text, &schema()).map(|expression| expression.value_type().describe())
     }
 
     #[test]
@@ -440,7 +443,7 @@ mod tests {
         assert_eq!(type_text("int(amount * 100.0)").unwrap(), "long");
         assert_eq!(type_text("amount * 100.0").unwrap(), "double");
         assert_eq!(type_text("item.qty * count").unwrap(), "long");
-        assert_eq!(type_text("item.qty * item.price").unwrap_err(), "'item.qty * item.price': mixes int and double, which CEL does not do on its own; write a double literal (100.0) or convert with double() or int()");
+        assert_eq!(type_text("item.qty * item.price").unwrap_err().to_string(), "'item.qty * item.price': mixes int and double, which CEL does not do on its own; write a double literal (100.0) or convert with double() or int()");
         assert_eq!(type_text("id + '-' + item.sku").unwrap(), "string");
         assert_eq!(type_text("_headers.region").unwrap(), "string");
         assert_eq!(type_text("_headers['region']").unwrap(), "string");
@@ -452,9 +455,9 @@ mod tests {
         assert_eq!(type_text("tags[0] + '!'").unwrap(), "string");
         assert_eq!(type_text("size(tags) > 1").unwrap(), "boolean");
         assert_eq!(type_text("lines[1].qty * 2").unwrap(), "long");
-        assert!(type_text("count > 2 ? id : count").unwrap_err().contains("the branches give string and long"));
-        assert!(type_text("item.colour").unwrap_err().contains("'colour' is not a field of {sku: string"));
-        assert!(type_text("colour == 'red'").unwrap_err().contains("names 'colour' not in the record"));
+        assert!(type_text("count > 2 ? id : count").unwrap_err().to_string().contains("the branches give string and long"));
+        assert!(type_text("item.colour").unwrap_err().to_string().contains("'colour' is not a field of {sku: string"));
+        assert!(type_text("colour == 'red'").unwrap_err().to_string().contains("names 'colour' not in the record"));
     }
 
     #[test]
@@ -468,8 +471,8 @@ mod tests {
         let object = FieldType::Object(Schema { fields: vec![("b".into(), FieldType::Long), ("a".into(), FieldType::String)] });
         let map: HashMap<Key, CelValue> = [(Key::from("a".to_string()), CelValue::from("x")), (Key::from("b".to_string()), CelValue::Int(1))].into();
         assert_eq!(from_cel(&CelValue::from(map), Some(&object)).unwrap().to_string(), r#"{"b":1,"a":"x"}"#);
-        assert_eq!(from_cel(&CelValue::Float(f64::NAN), Some(&FieldType::Double)).unwrap_err(), "NaN, which no record field can hold");
-        assert_eq!(from_cel(&CelValue::UInt(u64::MAX), None).unwrap_err(), "18446744073709551615, over the largest long");
-        assert_eq!(from_cel(&CelValue::Int(3), Some(&FieldType::String)).unwrap_err(), "3, not a string");
+        assert_eq!(from_cel(&CelValue::Float(f64::NAN), Some(&FieldType::Double)).unwrap_err().to_string(), "NaN, which no record field can hold");
+        assert_eq!(from_cel(&CelValue::UInt(u64::MAX), None).unwrap_err().to_string(), "18446744073709551615, over the largest long");
+        assert_eq!(from_cel(&CelValue::Int(3), Some(&FieldType::String)).unwrap_err().to_string(), "3, not a string");
     }
 }

@@ -327,8 +327,9 @@ pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, 
 mod tests {
     use super::*;
 
-    fn planned(source_extra: &str, steps: &str) -> Pipeline {
-        let text = format!(
+    /// A pipeline over clicks with `steps` and `ending` (its sink or outputs section).
+    fn text(source_extra: &str, steps: &str, ending: &str) -> String {
+        format!(
             r#"
 name: p
 sources:
@@ -341,11 +342,13 @@ sources:
 {source_extra}
 steps:
 {steps}
-sink:
-  topic: out
+{ending}
 "#
-        );
-        parse_pipeline(&text).unwrap_or_else(|problems| panic!("{problems}"))
+        )
+    }
+
+    fn planned(source_extra: &str, steps: &str) -> Pipeline {
+        parse_pipeline(&text(source_extra, steps, "sink:\n  topic: out")).unwrap_or_else(|problems| panic!("{problems}"))
     }
 
     #[test]
@@ -426,24 +429,9 @@ sink:
         sink::check_upsert(&upsert, &mut problems);
         assert!(problems.problems.iter().any(|problem| problem.location == "sink.mode"), "{problems}");
     }
+
     fn with_outputs(steps: &str, outputs: &str) -> Result<Pipeline, ConfigErrors> {
-        let text = format!(
-            r#"
-name: p
-sources:
-  clicks:
-    topics: [clicks]
-    format: json
-    schema: {{ user: string, page: string, amount: long, ts: long }}
-    event_time: {{ field: ts }}
-    watermark: {{ max_out_of_orderness: 1s }}
-steps:
-{steps}
-outputs:
-{outputs}
-"#
-        );
-        parse_pipeline(&text)
+        parse_pipeline(&text("", steps, &format!("outputs:\n{outputs}")))
     }
 
     fn locations(problems: &ConfigErrors) -> Vec<&str> {

@@ -2,7 +2,7 @@
 
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{ConfigErrors, FieldType, Fields, Schema};
+use crate::config::{ConfigErrors, FieldType, Fields, Schema, ShapeError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Explode {
@@ -31,18 +31,18 @@ impl Explode {
             && problems.problems.len() == before
             && let Err(problem) = explode.output_schema(input)
         {
-            problems.push(format!("{location}.field"), problem);
+            problems.push(format!("{location}.field"), problem.to_string());
         }
         (problems.problems.len() == before && input.is_some()).then_some(explode)
     }
 
     /// The records it hands on: the list field gone, its element under `name` (in the
     /// list's place for a top-level list, else last).
-    pub fn output_schema(&self, input: &Schema) -> Result<Schema, String> {
+    pub fn output_schema(&self, input: &Schema) -> Result<Schema, ShapeError> {
         let element = match input.field_type(&self.field) {
             Some(FieldType::Array(element)) => (**element).clone(),
-            Some(other) => return Err(format!("'{}' is a {}, not a list ([T])", self.field, other.describe())),
-            None => return Err(format!("'{}' is not a field of the record", self.field)),
+            Some(other) => return Err(ShapeError::NotAList { field: self.field.clone(), found: other.describe() }),
+            None => return Err(ShapeError::NoSuchField(self.field.clone())),
         };
         let mut schema = input.clone();
         match schema.fields.iter().position(|(name, _)| *name == self.field) {

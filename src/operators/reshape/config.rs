@@ -11,7 +11,7 @@
 use serde_yaml_ng::Value as Yaml;
 
 use super::super::expression::Expression;
-use crate::config::{ConfigErrors, FieldType, Schema};
+use crate::config::{ConfigErrors, FieldType, Schema, ShapeError};
 
 /// One `path: expression` of a `set` or `select`, with the type the expression gives.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,14 +73,14 @@ impl Assignments {
             && problems.problems.len() == before
             && let Err(problem) = parsed.output_schema(kind == "select", input)
         {
-            problems.push(&location, problem);
+            problems.push(&location, problem.to_string());
         }
         (problems.problems.len() == before && input.is_some()).then_some(parsed)
     }
 
     /// The schema of the records it hands on: `input` with the assignments written in
     /// (`set`), or the assignments alone (`select`).
-    pub fn output_schema(&self, select: bool, input: &Schema) -> Result<Schema, String> {
+    pub fn output_schema(&self, select: bool, input: &Schema) -> Result<Schema, ShapeError> {
         let mut schema = match select {
             true => Schema { fields: Vec::new() },
             false => input.clone(),
@@ -88,7 +88,7 @@ impl Assignments {
         for assignment in &self.assignments {
             schema = schema
                 .with_field(&assignment.path, assignment.field_type.clone())
-                .map_err(|problem| format!("'{}' cannot be written: {problem}", assignment.path))?;
+                .map_err(|problem| ShapeError::Unwritable { path: assignment.path.clone(), reason: Box::new(problem) })?;
         }
         Ok(schema)
     }
@@ -120,19 +120,19 @@ impl Drop {
         if let Some(input) = input
             && let Err(problem) = drop.output_schema(input)
         {
-            problems.push(location, problem);
+            problems.push(location, problem.to_string());
             return None;
         }
         input.map(|_| drop)
     }
 
-    pub fn output_schema(&self, input: &Schema) -> Result<Schema, String> {
+    pub fn output_schema(&self, input: &Schema) -> Result<Schema, ShapeError> {
         let mut schema = input.clone();
         for path in &self.paths {
             schema = schema.without_field(path)?;
         }
         if schema.fields.is_empty() {
-            return Err("would drop every field; a record needs at least one".into());
+            return Err(ShapeError::NoFieldLeft);
         }
         Ok(schema)
     }
