@@ -144,7 +144,7 @@ fn validate_prints_the_schema_each_step_hands_on() {
         stdout.contains("out: {user_id: string, window_start: timestamp, window_end: timestamp, n: long, total: double, first_ts: long}"),
         "{stdout}"
     );
-    assert!(stdout.contains("sink: out (avro, key: user_id, idempotent_upsert)"), "{stdout}");
+    assert!(stdout.contains("sink: out (avro, key: each record's id, as in weir-id, idempotent_upsert)"), "{stdout}");
 }
 
 /// `plan` without a broker: the stages and their tasks, the repartition a keyed step needs,

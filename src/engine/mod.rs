@@ -73,6 +73,8 @@ struct OutputWriter {
     /// `sink.key`: empty keeps the key a step gave (or the input's).
     key: Vec<String>,
     headers: SinkHeaders,
+    /// `idempotent_upsert`: each record is keyed by its id.
+    mode: DeliveryMode,
 }
 
 impl OutputWriter {
@@ -95,6 +97,7 @@ impl OutputWriter {
             key_encoder,
             key: sink.key.clone(),
             headers: SinkHeaders::new(pipeline, output)?,
+            mode: sink.mode,
         })
     }
 }
@@ -487,7 +490,7 @@ impl Engine {
             error: format!("{}.headers: {error}", writer.location),
         })?;
         // Upsert mode: the key is the output's id, also in a header with its version.
-        let key = match self.pipeline.mode() {
+        let key = match writer.mode {
             DeliveryMode::IdempotentUpsert => {
                 let (id, version) = upsert_id(record);
                 let id = json::encode(&id);

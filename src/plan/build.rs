@@ -78,13 +78,14 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         }
     }
     let (name, source, on_error, dlq_topic) = (name?, source?, on_error?, dlq_topic?);
-    let first = outputs.first()?;
-    let (mode, mode_location) = (first.sink.mode, format!("{}.mode", first.sink.location));
+    outputs.first()?;
+    // Upsert outputs' ids of join results name where each side was read.
+    let upsert = outputs.iter().any(|output| output.sink.mode == DeliveryMode::IdempotentUpsert);
     // The join is step 0: its own step, not read from `steps`.
     let mut steps: Vec<Step> = Vec::new();
     let mut step_locations = Vec::new();
     if let Some(mut join) = join {
-        join.keep_sources = mode == DeliveryMode::IdempotentUpsert;
+        join.keep_sources = upsert;
         steps.push(Step::Join(Box::new(join)));
         step_locations.push("join".to_string());
     }
@@ -123,23 +124,13 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
                 format!("output '{}' writes '{}' too: give each output its own topic", other.name, sink.topic),
             );
         }
-        if sink.mode != mode {
-            problems.push(
-                format!("{}.mode", sink.location),
-                format!(
-                    "every output has the same mode ({} here is {}): the outputs of a batch commit in one transaction, or none does",
-                    mode_location,
-                    mode.as_str()
-                ),
-            );
-        }
     }
     let mut pipeline = Pipeline { name, source, steps, main_steps, step_locations, outputs: planned, on_error, dlq_topic };
     for output in 0..pipeline.outputs.len() {
         settle_sink_headers(&mut pipeline, output, problems);
         check_formats(&pipeline, output, problems);
     }
-    if mode == DeliveryMode::IdempotentUpsert {
+    if upsert {
         check_upsert(&pipeline, problems);
     }
     complete.then_some(pipeline)

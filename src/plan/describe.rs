@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::Loaded;
-use crate::config::SourceTopics;
+use crate::config::{DeliveryMode, SourceTopics};
 
 pub fn describe(loaded: &Loaded) -> String {
     let Loaded { settings, pipeline } = loaded;
@@ -34,11 +34,8 @@ pub fn describe(loaded: &Loaded) -> String {
                 "    "
             }
         };
-        let key = match pipeline.output_key_schema(index) {
-            Some(key) => key.fields.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
-            None => "the input record's key".to_string(),
-        };
         let sink = &output.sink;
+        let key = sink_key(pipeline, index);
         let _ = writeln!(text, "{indent}sink: {} ({}, key: {key}, {})", sink.topic, sink.encoding.as_str(), sink.mode.as_str());
         let passed = if sink.passes_headers() { "the input record's" } else { "none of the input record's" };
         let set: Vec<String> = sink.headers.set.iter().map(|(name, expression)| format!("{name} = {expression}")).collect();
@@ -62,6 +59,15 @@ pub fn describe(loaded: &Loaded) -> String {
         let _ = writeln!(text, "  repartition topic: {topic} (records move to the task that owns their key)");
     }
     text
+}
+
+/// The Kafka key an output's records get, in words.
+fn sink_key(pipeline: &super::Pipeline, output: usize) -> String {
+    match (pipeline.outputs[output].sink.mode, pipeline.output_key_schema(output)) {
+        (DeliveryMode::IdempotentUpsert, _) => "each record's id, as in weir-id".to_string(),
+        (_, Some(key)) => key.fields.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
+        (_, None) => "the input record's key".to_string(),
+    }
 }
 
 /// Steps in order, each with the schema it hands on and the repartition in front of it.
@@ -145,15 +151,15 @@ pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
             }
         }
     }
-    for output in &pipeline.outputs {
+    for (index, output) in pipeline.outputs.iter().enumerate() {
         let sink = &output.sink;
-        let key = if sink.key.is_empty() { "the input key".to_string() } else { format!("[{}]", sink.key.join(", ")) };
+        let key = sink_key(pipeline, index);
         let name = if pipeline.has_named_outputs() { format!("output {}: ", output.name) } else { String::new() };
         let from = match (pipeline.has_named_outputs(), output.steps.last().copied().or(output.from)) {
             (true, Some(step)) => format!(", after step {step}"),
             _ => String::new(),
         };
-        let _ = writeln!(text, "  {name}sink: {} (key {key}, {}{from})", sink.topic, sink.mode.as_str());
+        let _ = writeln!(text, "  {name}sink: {} (key: {key}, {}{from})", sink.topic, sink.mode.as_str());
     }
     let _ = writeln!(text, "topics");
     let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);

@@ -94,9 +94,14 @@ impl Pipeline {
         self.outputs.iter().map(|output| &output.sink)
     }
 
-    /// The delivery mode, which all outputs share (the plan checks it).
+    /// How the pipeline commits: in transactions when any output is transactional (an
+    /// upsert output is then written in the transaction too, with its ids); without (an
+    /// idempotent producer) when every output is `idempotent_upsert`.
     pub fn mode(&self) -> DeliveryMode {
-        self.outputs.first().map_or(DeliveryMode::Transactional, |output| output.sink.mode)
+        match self.sinks().all(|sink| sink.mode == DeliveryMode::IdempotentUpsert) {
+            true => DeliveryMode::IdempotentUpsert,
+            false => DeliveryMode::Transactional,
+        }
     }
 
     /// Whether the pipeline was written with `outputs:` rather than one `sink:`.
@@ -484,9 +489,26 @@ sink:
         );
         let text = problems.to_string();
         assert!(text.contains("steps 0 and 1 are all filters") && text.contains("there is no step 7"), "{text}");
-        // Outputs share one topic, one mode and never the DLQ's topic.
-        let outputs = "  a:\n    sink: { topic: x }\n  b:\n    sink: { topic: x, mode: idempotent_upsert }\n  c:\n    sink: { topic: p.dlq }";
+        // Outputs never share a topic, nor write the DLQ's.
+        let outputs = "  a:\n    sink: { topic: x }\n  b:\n    sink: { topic: x }\n  c:\n    sink: { topic: p.dlq }";
         let problems = with_outputs(steps, outputs).unwrap_err();
-        assert_eq!(locations(&problems), ["outputs.b.sink.topic", "outputs.b.sink.mode", "dlq.topic"], "{problems}");
+        assert_eq!(locations(&problems), ["outputs.b.sink.topic", "dlq.topic"], "{problems}");
+    }
+
+    #[test]
+    fn an_upsert_output_is_checked_along_its_own_steps() {
+        let steps = "  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() }, emit: update }";
+        // A transactional output may follow an update-mode window; an upsert one may not.
+        let outputs = "  live:\n    sink: { topic: live }\n  ids:\n    sink: { topic: ids, mode: idempotent_upsert, key: [user] }";
+        let problems = with_outputs(steps, outputs).unwrap_err();
+        assert_eq!(locations(&problems), ["steps[0].window.emit", "outputs.ids.sink.key"], "{problems}");
+        // With one transactional output, the pipeline commits in transactions: an upsert
+        // output there may sit behind two repartitions.
+        let steps = "  - dedup: { key: [page], within: 1m }\n  - window: { group_by: [user], tumbling: 1m, aggregates: { n: count() } }";
+        let outputs = "  all:\n    sink: { topic: all }\n  ids:\n    sink: { topic: ids, mode: idempotent_upsert }";
+        let mixed = with_outputs(steps, outputs).unwrap_or_else(|problems| panic!("{problems}"));
+        assert_eq!(mixed.mode(), DeliveryMode::Transactional);
+        let alone = with_outputs(steps, "  ids:\n    sink: { topic: ids, mode: idempotent_upsert }").unwrap_err();
+        assert_eq!(locations(&alone), ["outputs.ids.sink.mode"], "{alone}");
     }
 }

@@ -2,9 +2,11 @@
 //! what the `set` expressions give), their formats, and what `mode: idempotent_upsert` can
 //! run.
 
+use std::collections::BTreeSet;
+
 use super::Pipeline;
 use crate::codec::avro::AvroEncoder;
-use crate::config::{ConfigErrors, Encoding, FieldType, SourceTopics};
+use crate::config::{ConfigErrors, DeliveryMode, Encoding, FieldType, SourceTopics};
 use crate::operators::expression::{Expression, ValueType};
 use crate::operators::window::config::EmitMode;
 use crate::operators::Step;
@@ -73,45 +75,51 @@ pub(super) fn check_formats(pipeline: &Pipeline, output: usize, problems: &mut C
     }
 }
 
-/// What `mode: idempotent_upsert` runs in this version: at most one repartition. Without
-/// transactions a stage-0 task that replays after a crash writes its forwards to the
+/// What an output with `mode: idempotent_upsert` can be given. Its records carry ids made
+/// from their inputs, the same on every replay: an `emit: update` window's results depend on
+/// where batches end, an explode gives one input's id to several records, a step after a
+/// window that rewrites `window_start` changes a window result's id, and ids of window and
+/// dedup results are unique within one source topic.
+///
+/// A pipeline whose outputs are all upsert runs without transactions, so it repartitions at
+/// most once: a stage-0 task that replays after a crash writes its forwards to the
 /// repartition topic again; each carries its place in its sender's sequence (the input
-/// offset), and the receiving task drops what it took before. Past a second repartition
-/// that sequence depends on how the first one's partitions interleaved. An `emit: update`
-/// window's outputs depend on where batches end, so their ids would carry different values
-/// across a replay.
+/// offset), and the receiving task drops what it took before. Past a second repartition that
+/// sequence depends on how the first one's partitions interleaved. (An upsert output of a
+/// pipeline with a transactional one is written in the transaction, with its ids.)
 pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
     const WHY: &str = "idempotent_upsert";
-    for (index, step) in pipeline.steps.iter().enumerate() {
+    let upserting: Vec<usize> =
+        (0..pipeline.outputs.len()).filter(|output| pipeline.outputs[*output].sink.mode == DeliveryMode::IdempotentUpsert).collect();
+    // The steps the upsert outputs' records pass, each once, in order.
+    let steps: BTreeSet<usize> = upserting.iter().flat_map(|output| pipeline.chain(*output)).collect();
+    for index in &steps {
+        let (step, location) = (&pipeline.steps[*index], &pipeline.step_locations[*index]);
         if let Step::Window(window) = step
             && window.emit == EmitMode::Update
         {
             problems.push(
-                format!("{}.window.emit", pipeline.step_locations[index]),
+                format!("{location}.window.emit"),
                 format!("{WHY} writes each window once, with emit: final; emit: update results depend on batch boundaries"),
             );
         }
-    }
-    // A window result's id is its group and its `window_start` field as the result leaves
-    // the steps: a step after the window must leave that field as it is.
-    for (index, step) in pipeline.steps.iter().enumerate() {
-        let after_window = pipeline.lineage(pipeline.parent(index)).iter().any(|earlier| matches!(pipeline.steps[*earlier], Step::Window(_)));
+        // A window result's id is its group and its `window_start` field as the result
+        // leaves the steps: a step after the window must leave that field as it is.
+        let after_window = pipeline.lineage(pipeline.parent(*index)).iter().any(|earlier| matches!(pipeline.steps[*earlier], Step::Window(_)));
         if after_window && step.rewrites("window_start") {
             problems.push(
-                pipeline.step_locations[index].clone(),
+                location.clone(),
                 format!("{WHY} ids of window results are their group and window_start; leave window_start as the window made it"),
             );
         }
-    }
-    for (index, step) in pipeline.steps.iter().enumerate() {
         if let Step::Explode(_) = step {
             problems.push(
-                format!("{}.explode", pipeline.step_locations[index]),
+                format!("{location}.explode"),
                 format!("{WHY} gives each output the id of its input; explode makes several outputs of one input; use transactional"),
             );
         }
     }
-    for sink in pipeline.sinks() {
+    for sink in upserting.iter().map(|output| &pipeline.outputs[*output].sink) {
         if !sink.key.is_empty() {
             problems.push(format!("{}.key", sink.location), format!("{WHY} keys every output by its id (see README); remove the key"));
         }
@@ -123,14 +131,17 @@ pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
         SourceTopics::List(topics) => topics.len() > 1,
         SourceTopics::Pattern(_) => true,
     };
-    if several_topics && pipeline.steps.iter().any(Step::is_stateful) {
+    if several_topics && steps.iter().any(|index| pipeline.steps[*index].is_stateful()) {
         problems.push(
             format!("sources.{}", pipeline.source.name),
             format!("{WHY} ids of window and dedup results are unique within one source topic; read a single topic"),
         );
     }
-    // Each repartition is fed by stage 0's tasks, the input partitions'.
-    if pipeline.stages().stages.iter().any(|stage| stage.parent.is_some_and(|parent| parent > 0)) {
+    // Without transactions, each repartition is fed by stage 0's tasks, the input
+    // partitions'.
+    if pipeline.mode() == DeliveryMode::IdempotentUpsert
+        && pipeline.stages().stages.iter().any(|stage| stage.parent.is_some_and(|parent| parent > 0))
+    {
         problems.push(
             format!("{}.mode", pipeline.outputs[0].sink.location),
             format!(
