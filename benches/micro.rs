@@ -1,6 +1,7 @@
 //! Micro benchmarks (criterion) of the parts every record goes through: JSON and Avro
-//! decoding and encoding, each step kind through the engine (filter, dedup, tumbling window, interval
-//! join), and the local state store's writes and reads. Run: `cargo bench --bench micro`.
+//! decoding and encoding, each step kind through the engine (filter, set, select, a
+//! projection of the three, dedup, tumbling window, interval join), and the local state
+//! store's writes and reads. Run: `cargo bench --bench micro`.
 //! Figures are per record (or per entry) on this machine; compare ratios within one run.
 
 use std::hint::black_box;
@@ -73,6 +74,12 @@ fn steps(c: &mut Criterion) {
     for (label, steps) in [
         ("no steps", "  []"),
         ("filter", "  - filter: \"amount > 10 && user != 'bot'\""),
+        ("set", "  - set: { cents: \"amount * 100\" }"),
+        ("select (3 fields)", "  - select: { id: id, user: user, cents: \"amount * 100\" }"),
+        (
+            "projection: filter + set + select",
+            "  - filter: \"id % 10 < 7\"\n  - set: { cents: \"amount * 908 / 1000\" }\n  - select: { id: id, user: user, cents: cents, ts: ts }",
+        ),
         ("dedup (new keys)", "  - dedup: { key: [user, id], within: 10s }"),
         ("tumbling 1s count by user", "  - window: { group_by: [user], tumbling: 1s, aggregates: { n: count(), s: sum(amount) } }"),
     ] {

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use cel::Env;
 use serde_json::Value;
 
-use crate::operators::expression::{headers_read, standard_environment, Bindings, Expression};
+use crate::operators::expression::{standard_environment, Bindings, Expression, Reads};
 use crate::operators::{BuildError, ProcessError, Record};
 use crate::plan::Pipeline;
 
 pub struct SinkHeaders {
     pass_through: bool,
     set: Vec<(String, Expression)>,
-    /// The header names the expressions read by name.
-    wanted: Vec<String>,
+    /// What the expressions read of a record.
+    wanted: Reads,
     environment: Arc<Env>,
 }
 
@@ -30,7 +30,7 @@ impl SinkHeaders {
             .iter()
             .map(|(name, expression)| Ok((name.clone(), Expression::compile(expression, &schema)?)))
             .collect::<Result<Vec<_>, BuildError>>()?;
-        let wanted = headers_read(set.iter().map(|(_, expression)| expression));
+        let wanted = Reads::of(set.iter().map(|(_, expression)| expression));
         Ok(SinkHeaders { pass_through: sink.passes_headers(), set, wanted, environment: standard_environment() })
     }
 

@@ -49,9 +49,49 @@ pub struct Expression {
     text: String,
     program: Program,
     value_type: ValueType,
-    /// The header names it reads by name (`_headers.region`, `_headers['x-id']`): an absent
-    /// one reads as null, not as a failure.
+    /// What it reads of a record: the variables it names, and the headers it reads by name
+    /// (an absent one reads as null, not as a failure).
+    reads: Reads,
+}
+
+/// What expressions read of a record: the top-level variables they name (fields, metadata)
+/// and the header names they read by name (`_headers.region`, `_headers['x-id']`). A
+/// record's bindings hold these alone: making a CEL value of every field for every record
+/// cost more than evaluating the expressions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    variables: Vec<String>,
     headers: Vec<String>,
+}
+
+impl Reads {
+    /// What any of `expressions` reads, each name once.
+    pub fn of<'e>(expressions: impl IntoIterator<Item = &'e Expression>) -> Reads {
+        let mut reads = Reads::default();
+        for expression in expressions {
+            reads.variables.extend(expression.reads.variables.iter().cloned());
+            reads.headers.extend(expression.reads.headers.iter().cloned());
+        }
+        for names in [&mut reads.variables, &mut reads.headers] {
+            names.sort_unstable();
+            names.dedup();
+        }
+        reads
+    }
+
+    /// `reads` with each name once.
+    fn of_one(mut reads: Reads) -> Reads {
+        for names in [&mut reads.variables, &mut reads.headers] {
+            names.sort_unstable();
+            names.dedup();
+        }
+        reads
+    }
+
+    /// The header names read by name.
+    pub fn headers(&self) -> &[String] {
+        &self.headers
+    }
 }
 
 impl std::fmt::Debug for Expression {
@@ -84,7 +124,9 @@ impl Expression {
         let value_type = type_of(program.expression(), schema).map_err(|problem| BuildError(format!("'{text}': {problem}")))?;
         let mut headers = Vec::new();
         header_names(program.expression(), &mut headers);
-        Ok(Expression { text: text.to_string(), program, value_type, headers })
+        let variables = references.variables().into_iter().map(str::to_string).collect();
+        let reads = Reads { variables, headers };
+        Ok(Expression { text: text.to_string(), program, value_type, reads: Reads::of_one(reads) })
     }
 
     /// Checks only that `text` parses (the fields it may name are not known).
@@ -100,9 +142,9 @@ impl Expression {
         &self.value_type
     }
 
-    /// The header names it reads by name (see [`Bindings::of`]).
-    pub fn headers(&self) -> &[String] {
-        &self.headers
+    /// What it reads of a record (see [`Bindings::of`]).
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 
     /// The field type this expression's values have, for a schema: a known type, or an
@@ -155,34 +197,37 @@ pub struct Bindings {
 }
 
 impl Bindings {
-    /// `headers`: the names the expressions read by name, null when the record lacks them.
-    pub fn of(record: &Record<'_>, environment: &Arc<Env>, headers: &[String]) -> Bindings {
-        let mut variables: Vec<(String, CelValue)> = Vec::with_capacity(record.fields.len() + METADATA_VARIABLES.len());
-        variables.extend(record.fields.iter().map(|(name, value)| (name.clone(), to_cel(value))));
+    /// The variables `reads` names, of `record`: its fields, and the metadata (which wins
+    /// over a field of the same name); a header read by name that the record lacks is null.
+    pub fn of(record: &Record<'_>, environment: &Arc<Env>, reads: &Reads) -> Bindings {
         let provenance = record.provenance;
         let text = |bytes: &[u8]| CelValue::from(String::from_utf8_lossy(bytes).into_owned());
-        variables.push(("_topic".into(), provenance.map_or(CelValue::Null, |p| CelValue::from(p.topic))));
-        variables.push(("_partition".into(), provenance.map_or(CelValue::Null, |p| CelValue::Int(i64::from(p.partition)))));
-        variables.push(("_offset".into(), provenance.map_or(CelValue::Null, |p| CelValue::Int(p.offset))));
-        variables.push(("_timestamp".into(), provenance.and_then(|p| p.timestamp).map_or(CelValue::Null, CelValue::Int)));
-        variables.push(("_key".into(), provenance.and_then(|p| p.key).map_or(CelValue::Null, text)));
-        let mut map: HashMap<Key, CelValue> = headers.iter().map(|name| (Key::from(name.clone()), CelValue::Null)).collect();
-        // As Kafka keeps them, in order: of a name given twice, the last one counts.
-        for (name, value) in provenance.map(|provenance| provenance.headers).unwrap_or_default() {
-            map.insert(Key::from(name.to_string()), value.map_or(CelValue::Null, text));
+        let mut variables: Vec<(String, CelValue)> = Vec::with_capacity(reads.variables.len());
+        for name in &reads.variables {
+            let value = match name.as_str() {
+                "_topic" => provenance.map_or(CelValue::Null, |p| CelValue::from(p.topic)),
+                "_partition" => provenance.map_or(CelValue::Null, |p| CelValue::Int(i64::from(p.partition))),
+                "_offset" => provenance.map_or(CelValue::Null, |p| CelValue::Int(p.offset)),
+                "_timestamp" => provenance.and_then(|p| p.timestamp).map_or(CelValue::Null, CelValue::Int),
+                "_key" => provenance.and_then(|p| p.key).map_or(CelValue::Null, text),
+                "_headers" => {
+                    let mut map: HashMap<Key, CelValue> = reads.headers.iter().map(|name| (Key::from(name.clone()), CelValue::Null)).collect();
+                    // As Kafka keeps them, in order: of a name given twice, the last one counts.
+                    for (name, value) in provenance.map(|provenance| provenance.headers).unwrap_or_default() {
+                        map.insert(Key::from(name.to_string()), value.map_or(CelValue::Null, text));
+                    }
+                    CelValue::from(map)
+                }
+                // A field the record does not have stays unbound, as the interpreter expects.
+                field => match record.fields.get(field) {
+                    Some(value) => to_cel(value),
+                    None => continue,
+                },
+            };
+            variables.push((name.clone(), value));
         }
-        variables.push(("_headers".into(), CelValue::from(map)));
         Bindings { environment: environment.clone(), variables }
     }
-}
-
-/// The header names any of `expressions` reads by name, once each: what [`Bindings::of`]
-/// needs for them all.
-pub fn headers_read<'e>(expressions: impl Iterator<Item = &'e Expression>) -> Vec<String> {
-    let mut names: Vec<String> = expressions.flat_map(|expression| expression.headers().iter().cloned()).collect();
-    names.sort_unstable();
-    names.dedup();
-    names
 }
 
 /// The standard functions, shared by a step's expressions.

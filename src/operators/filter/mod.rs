@@ -67,7 +67,7 @@ impl FilterOperator {
     }
 
     fn matches(&self, record: &Record<'_>) -> Result<bool, ProcessError> {
-        let bindings = Bindings::of(record, &self.environment, self.compiled.expression.headers());
+        let bindings = Bindings::of(record, &self.environment, self.compiled.expression.reads());
         match self.compiled.expression.evaluate(&bindings) {
             Ok(CelValue::Bool(keep)) => Ok(keep),
             Ok(other) => Err(ProcessError(format!("filter '{}' gave {other:?}, not a boolean", self.expression()))),

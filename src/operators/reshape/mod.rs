@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cel::Env;
 use serde_json::{Map, Value};
 
-use super::expression::{headers_read, standard_environment, Bindings, Expression};
+use super::expression::{standard_environment, Bindings, Expression, Reads};
 use super::{BuildError, Emitted, ProcessError, Record, StepOutcome};
 use crate::config::Schema;
 use config::{Assignments, Drop};
@@ -23,7 +23,8 @@ pub enum Reshape {
 pub struct ReshapeOperator {
     reshape: Reshape,
     /// The header names its expressions read by name.
-    headers: Vec<String>,
+    /// What its expressions read of a record.
+    reads: Reads,
     description: String,
     environment: Arc<Env>,
 }
@@ -38,18 +39,18 @@ impl ReshapeOperator {
             .collect::<Result<Vec<_>, BuildError>>()?;
         let written: Vec<String> =
             assignments.assignments.iter().map(|assignment| format!("{} = {}", assignment.path, assignment.expression)).collect();
-        let headers = headers_read(compiled.iter().map(|(_, expression)| expression));
+        let reads = Reads::of(compiled.iter().map(|(_, expression)| expression));
         let (reshape, kind) = match select {
             true => (Reshape::Select(compiled), "select"),
             false => (Reshape::Set(compiled), "set"),
         };
-        Ok(ReshapeOperator { reshape, headers, description: format!("{kind} {}", written.join(", ")), environment: standard_environment() })
+        Ok(ReshapeOperator { reshape, reads, description: format!("{kind} {}", written.join(", ")), environment: standard_environment() })
     }
 
     pub fn drop(drop: &Drop) -> ReshapeOperator {
         ReshapeOperator {
             reshape: Reshape::Drop(drop.paths.iter().map(|path| split(path)).collect()),
-            headers: Vec::new(),
+            reads: Reads::default(),
             description: format!("drop {}", drop.paths.join(", ")),
             environment: standard_environment(),
         }
@@ -71,13 +72,13 @@ impl ReshapeOperator {
     pub fn process<'a>(&mut self, mut record: Record<'a>, out: &mut Vec<Emitted<'a>>) -> Result<StepOutcome, ProcessError> {
         match &self.reshape {
             Reshape::Set(assignments) => {
-                let values = evaluate(assignments, &record, &self.environment, &self.headers)?;
+                let values = evaluate(assignments, &record, &self.environment, &self.reads)?;
                 for ((path, _), value) in assignments.iter().zip(values) {
                     write_path(&mut record.fields, path, value);
                 }
             }
             Reshape::Select(assignments) => {
-                let values = evaluate(assignments, &record, &self.environment, &self.headers)?;
+                let values = evaluate(assignments, &record, &self.environment, &self.reads)?;
                 let mut fields = Map::with_capacity(assignments.len());
                 for ((path, _), value) in assignments.iter().zip(values) {
                     write_path(&mut fields, path, value);
@@ -104,9 +105,9 @@ fn evaluate(
     assignments: &[(Vec<String>, Expression)],
     record: &Record<'_>,
     environment: &Arc<Env>,
-    headers: &[String],
+    reads: &Reads,
 ) -> Result<Vec<Value>, ProcessError> {
-    let bindings = Bindings::of(record, environment, headers);
+    let bindings = Bindings::of(record, environment, reads);
     assignments.iter().map(|(_, expression)| expression.evaluate_field(&bindings)).collect()
 }
 
