@@ -388,6 +388,8 @@ fn check(output: &str, expected: &Expected) -> Result<String, String> {
 #[derive(Clone, Copy, PartialEq)]
 enum System {
     Raw,
+    /// The raw loop inside transactions, committing every 100 ms.
+    RawTransactional,
     Weir,
     WeirUpsert,
     /// One weir process per output of a two-output pipeline, reading the same topic.
@@ -399,6 +401,7 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             System::Raw => "raw rdkafka",
+            System::RawTransactional => "raw rdkafka, transactions every 100 ms",
             System::Weir => "weir",
             System::WeirUpsert => "weir, no transactions (idempotent_upsert)",
             System::WeirSeparate => "weir, one pipeline per output (two processes)",
@@ -654,29 +657,67 @@ fn run_weirs(pipelines: &[String]) -> Measured {
     }
 }
 
-/// The physical baseline: consume→produce with rdkafka, bytes as they are, no transactions.
-/// Stops after `records`; with `stop`, runs until told and returns no measure worth reading.
-fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<AtomicBool>>) -> Measured {
+/// The physical baseline: consume→produce with rdkafka, bytes as they are, no state, as fast
+/// as a plain loop goes here (DESIGN.md "Performance"): the consumer prefetches large
+/// batches, each record is handed to the producer without waiting for it (delivery reports
+/// are served every 1,024 records), and the producer batches freely. `transactional`: the
+/// same loop inside transactions, committing the consumed offsets with the records every
+/// 100 ms as weir does (`send_offsets_to_transaction`, `commit_transaction`), the fair
+/// baseline for weir's exactly-once pass-through. Stops after `records`; with `stop`, runs
+/// until told and returns no measure worth reading.
+fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<AtomicBool>>, transactional: bool) -> Measured {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &broker().bootstrap);
     let consumer: BaseConsumer = config
         .clone()
         .set("group.id", unique("bench-raw"))
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "200000")
         .create()
         .unwrap();
-    let producer: BaseProducer = config.set("linger.ms", "5").create().unwrap();
+    let mut producer_config = config;
+    producer_config.set("linger.ms", "5").set("batch.num.messages", "10000").set("queue.buffering.max.messages", "1000000");
+    if transactional {
+        producer_config.set("transactional.id", unique("bench-raw-tx"));
+    }
+    let producer: BaseProducer = producer_config.create().unwrap();
     let mut assignment = TopicPartitionList::new();
     for partition in 0..PARTITIONS {
         assignment.add_partition_offset(input, partition, Offset::Beginning).unwrap();
     }
     consumer.assign(&assignment).unwrap();
+    const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+    let timeout = Duration::from_secs(30);
+    if transactional {
+        producer.init_transactions(timeout).unwrap();
+        producer.begin_transaction().unwrap();
+    }
+    // The next offset of each partition, for the transaction's offsets.
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    // Commits the open transaction with the consumed offsets; `again`: opens the next.
+    let commit = |next: &HashMap<i32, i64>, again: bool| {
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in next {
+            offsets.add_partition_offset(input, *partition, Offset::Offset(*offset)).unwrap();
+        }
+        producer.send_offsets_to_transaction(&offsets, &consumer.group_metadata().unwrap(), timeout).unwrap();
+        producer.commit_transaction(timeout).unwrap();
+        if again {
+            producer.begin_transaction().unwrap();
+        }
+    };
     let cpu_before = process_cpu_seconds(std::process::id());
     let started = Instant::now();
-    let mut forwarded = 0;
+    let mut last_commit = Instant::now();
+    let mut forwarded = 0u64;
     while forwarded < records && !stop.as_ref().is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+        if transactional && last_commit.elapsed() >= COMMIT_INTERVAL && !next.is_empty() {
+            commit(&next, true);
+            last_commit = Instant::now();
+        }
         let Some(message) = consumer.poll(Duration::from_millis(20)) else {
             producer.poll(Duration::ZERO);
             continue;
@@ -698,8 +739,14 @@ fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<Ato
                 }
             }
         }
-        producer.poll(Duration::ZERO);
+        next.insert(message.partition(), message.offset() + 1);
         forwarded += 1;
+        if forwarded.is_multiple_of(1024) {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    if transactional {
+        commit(&next, false);
     }
     while producer.in_flight_count() > 0 {
         serve_or_pause(&producer);
@@ -747,10 +794,11 @@ impl Drop for Running {
 
 fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Running {
     match system {
-        System::Raw => {
+        System::Raw | System::RawTransactional => {
             let stop = Arc::new(AtomicBool::new(false));
             let (input, output, flag) = (input.bids.clone(), output.to_string(), stop.clone());
-            Running::Raw(stop, Some(std::thread::spawn(move || raw_passthrough(&input, &output, u64::MAX, Some(flag)))))
+            let transactional = system == System::RawTransactional;
+            Running::Raw(stop, Some(std::thread::spawn(move || raw_passthrough(&input, &output, u64::MAX, Some(flag), transactional))))
         }
         System::Weir | System::WeirUpsert | System::WeirSeparate => {
             let file = pipeline_file(&weir_pipeline(&unique("lat"), Workload::PassThrough, input, output, system == System::WeirUpsert));
@@ -1016,7 +1064,7 @@ fn main() {
     };
     for (workload, expected, events) in expectations.iter().filter(|(workload, _, _)| runs("throughput") && chosen(workload)) {
         let systems: &[System] = match workload {
-            Workload::PassThrough => &[System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams],
+            Workload::PassThrough => &[System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams],
             Workload::Projection => &[System::Weir],
             Workload::TwoOutputs => &[System::Weir, System::WeirSeparate],
             _ => &[System::Weir, System::KafkaStreams],
@@ -1028,7 +1076,8 @@ fn main() {
                 create_topic_with(&format!("{output}-2"), PARTITIONS, &[("retention.ms", "-1")]);
             }
             let measured = match system {
-                System::Raw => raw_passthrough(&topics.bids, &output, bids, None),
+                System::Raw => raw_passthrough(&topics.bids, &output, bids, None, false),
+                System::RawTransactional => raw_passthrough(&topics.bids, &output, bids, None, true),
                 System::WeirSeparate => run_weirs(&[
                     weir_pipeline(&unique("e2e"), Workload::PassThrough, &topics, &output, false),
                     weir_pipeline(&unique("e2e"), Workload::Projection, &topics, &format!("{output}-2"), false),
@@ -1050,7 +1099,7 @@ fn main() {
     for row in &rows {
         let kstreams = find(row.workload.label(), System::KafkaStreams);
         let versus = |value: f64, other: Option<f64>| match (other, row.system) {
-            (_, System::KafkaStreams | System::Raw) | (None, _) => "".to_string(),
+            (_, System::KafkaStreams | System::Raw | System::RawTransactional) | (None, _) => "".to_string(),
             (Some(other), _) => format!("{:.2}", value / other),
         };
         let per_cpu = row.events as f64 / row.measured.cpu_seconds.max(0.01);
@@ -1063,7 +1112,7 @@ fn main() {
             versus(rate(row), kstreams.map(rate)),
             per_cpu,
             versus(per_cpu, kstreams.map(|ks| ks.events as f64 / ks.measured.cpu_seconds.max(0.01))),
-            if row.system == System::Raw { "-".to_string() } else { format!("{:.0}", row.measured.peak_rss_mib) },
+            if matches!(row.system, System::Raw | System::RawTransactional) { "-".to_string() } else { format!("{:.0}", row.measured.peak_rss_mib) },
             row.check
         ));
     }
