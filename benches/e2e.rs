@@ -37,7 +37,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
@@ -657,106 +656,10 @@ fn run_weirs(pipelines: &[String]) -> Measured {
     }
 }
 
-/// The physical baseline: consume→produce with rdkafka, bytes as they are, no state, as fast
-/// as a plain loop goes here (DESIGN.md "Performance"): the consumer prefetches large
-/// batches, each record is handed to the producer without waiting for it (delivery reports
-/// are served every 1,024 records), and the producer batches freely. `transactional`: the
-/// same loop inside transactions, committing the consumed offsets with the records every
-/// 100 ms as weir does (`send_offsets_to_transaction`, `commit_transaction`), the fair
-/// baseline for weir's exactly-once pass-through. Stops after `records`; with `stop`, runs
-/// until told and returns no measure worth reading.
+/// The physical baseline ([`support::raw_loop`]): at-least-once, or `transactional`.
 fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<AtomicBool>>, transactional: bool) -> Measured {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &broker().bootstrap);
-    let consumer: BaseConsumer = config
-        .clone()
-        .set("group.id", unique("bench-raw"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
-        .set("queued.min.messages", "200000")
-        .create()
-        .unwrap();
-    let mut producer_config = config;
-    producer_config.set("linger.ms", "5").set("batch.num.messages", "10000").set("queue.buffering.max.messages", "1000000");
-    if transactional {
-        producer_config.set("transactional.id", unique("bench-raw-tx"));
-    }
-    let producer: BaseProducer = producer_config.create().unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset(input, partition, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-    let timeout = Duration::from_secs(30);
-    if transactional {
-        producer.init_transactions(timeout).unwrap();
-        producer.begin_transaction().unwrap();
-    }
-    // The next offset of each partition, for the transaction's offsets.
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    // Commits the open transaction with the consumed offsets; `again`: opens the next.
-    let commit = |next: &HashMap<i32, i64>, again: bool| {
-        let mut offsets = TopicPartitionList::new();
-        for (partition, offset) in next {
-            offsets.add_partition_offset(input, *partition, Offset::Offset(*offset)).unwrap();
-        }
-        producer.send_offsets_to_transaction(&offsets, &consumer.group_metadata().unwrap(), timeout).unwrap();
-        producer.commit_transaction(timeout).unwrap();
-        if again {
-            producer.begin_transaction().unwrap();
-        }
-    };
-    let cpu_before = process_cpu_seconds(std::process::id());
-    let started = Instant::now();
-    let mut last_commit = Instant::now();
-    let mut forwarded = 0u64;
-    while forwarded < records && !stop.as_ref().is_some_and(|stop| stop.load(Ordering::Relaxed)) {
-        if transactional && last_commit.elapsed() >= COMMIT_INTERVAL && !next.is_empty() {
-            commit(&next, true);
-            last_commit = Instant::now();
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(20)) else {
-            producer.poll(Duration::ZERO);
-            continue;
-        };
-        let message = message.unwrap();
-        let mut record = BaseRecord::<[u8], [u8]>::to(output);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, returned)) => {
-                    record = returned;
-                    serve_or_pause(&producer);
-                }
-            }
-        }
-        next.insert(message.partition(), message.offset() + 1);
-        forwarded += 1;
-        if forwarded.is_multiple_of(1024) {
-            producer.poll(Duration::ZERO);
-        }
-    }
-    if transactional {
-        commit(&next, false);
-    }
-    while producer.in_flight_count() > 0 {
-        serve_or_pause(&producer);
-    }
-    Measured {
-        seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: process_cpu_seconds(std::process::id()) - cpu_before,
-        peak_rss_mib: 0.0,
-        state_bytes: 0,
-    }
+    let (seconds, cpu_seconds) = raw_loop(input, output, PARTITIONS, records, stop, transactional);
+    Measured { seconds, cpu_seconds, peak_rss_mib: 0.0, state_bytes: 0 }
 }
 
 // ---------------------------------------------------------------------------------------

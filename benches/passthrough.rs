@@ -12,11 +12,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
 use support::*;
 
 const PARTITIONS: i32 = 4;
@@ -73,58 +68,10 @@ fn produce_input(topic: &str, records: u64, value_size: usize) {
     producer.flush();
 }
 
+/// The physical baseline, at-least-once ([`support::raw_loop`]).
 fn raw_passthrough(input: &str, output: &str, records: u64) -> Measured {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &broker().bootstrap);
-    let consumer: BaseConsumer = config
-        .clone()
-        .set("group.id", unique("bench-raw"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let producer: BaseProducer = config.create().unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset(input, partition, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let cpu_before = process_cpu_seconds(std::process::id());
-    let started = Instant::now();
-    let mut forwarded = 0;
-    while forwarded < records {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message.unwrap();
-        let mut record = BaseRecord::<[u8], [u8]>::to(output);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, returned)) => {
-                    record = returned;
-                    serve_or_pause(&producer);
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-        forwarded += 1;
-    }
-    // rust-rdkafka's flush polls in 100 ms steps that always run to their end; serve the
-    // reports as they come so the baseline is not charged for that.
-    while producer.in_flight_count() > 0 {
-        serve_or_pause(&producer);
-    }
-    Measured {
-        seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: process_cpu_seconds(std::process::id()) - cpu_before,
-    }
+    let (seconds, cpu_seconds) = raw_loop(input, output, PARTITIONS, records, None, false);
+    Measured { seconds, cpu_seconds }
 }
 
 fn weir_passthrough(input: &str, output: &str) -> Measured {
