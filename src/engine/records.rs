@@ -119,8 +119,7 @@ pub struct BatchCounts {
     pub records_in: u64,
     /// Of `records_in`, those read from a join's right source.
     pub right_records_in: u64,
-    pub records_out: u64,
-    /// Of `records_out`, how many each output wrote (by output index).
+    /// How many records each output wrote (by output index).
     pub records_out_by_output: Vec<u64>,
     pub records_filtered: u64,
     /// Records a dedup step dropped as duplicates.
@@ -138,6 +137,11 @@ impl BatchCounts {
         self.skipped[stage.index()]
     }
 
+    /// The records written, over every output.
+    pub fn records_out(&self) -> u64 {
+        self.records_out_by_output.iter().sum()
+    }
+
     /// Counts a record written by output `output` (`by` -1: one taken back).
     pub(super) fn count_out(&mut self, output: usize, by: i64) {
         if self.records_out_by_output.len() <= output {
@@ -145,7 +149,6 @@ impl BatchCounts {
         }
         let count = &mut self.records_out_by_output[output];
         *count = count.saturating_add_signed(by);
-        self.records_out = self.records_out.saturating_add_signed(by);
     }
 }
 
@@ -164,10 +167,11 @@ impl BatchCounts {
     pub fn add(&mut self, other: &BatchCounts) {
         self.records_in += other.records_in;
         self.right_records_in += other.right_records_in;
-        self.records_out += other.records_out;
-        for (output, count) in other.records_out_by_output.iter().enumerate() {
-            self.count_out(output, 0);
-            self.records_out_by_output[output] += count;
+        if self.records_out_by_output.len() < other.records_out_by_output.len() {
+            self.records_out_by_output.resize(other.records_out_by_output.len(), 0);
+        }
+        for (mine, theirs) in self.records_out_by_output.iter_mut().zip(&other.records_out_by_output) {
+            *mine += theirs;
         }
         self.records_filtered += other.records_filtered;
         self.duplicates_dropped += other.duplicates_dropped;

@@ -72,20 +72,16 @@ impl Reads {
             reads.variables.extend(expression.reads.variables.iter().cloned());
             reads.headers.extend(expression.reads.headers.iter().cloned());
         }
-        for names in [&mut reads.variables, &mut reads.headers] {
-            names.sort_unstable();
-            names.dedup();
-        }
-        reads
+        reads.deduplicated()
     }
 
-    /// `reads` with each name once.
-    fn of_one(mut reads: Reads) -> Reads {
-        for names in [&mut reads.variables, &mut reads.headers] {
+    /// These reads with each name once.
+    fn deduplicated(mut self) -> Reads {
+        for names in [&mut self.variables, &mut self.headers] {
             names.sort_unstable();
             names.dedup();
         }
-        reads
+        self
     }
 
     /// The header names read by name.
@@ -125,8 +121,8 @@ impl Expression {
         let mut headers = Vec::new();
         header_names(program.expression(), &mut headers);
         let variables = references.variables().into_iter().map(str::to_string).collect();
-        let reads = Reads { variables, headers };
-        Ok(Expression { text: text.to_string(), program, value_type, reads: Reads::of_one(reads) })
+        let reads = Reads { variables, headers }.deduplicated();
+        Ok(Expression { text: text.to_string(), program, value_type, reads })
     }
 
     /// Checks only that `text` parses (the fields it may name are not known).

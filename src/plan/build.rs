@@ -78,7 +78,6 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         }
     }
     let (name, source, on_error, dlq_topic) = (name?, source?, on_error?, dlq_topic?);
-    outputs.first()?;
     // Upsert outputs' ids of join results name where each side was read.
     let upsert = outputs.iter().any(|output| output.sink.mode == DeliveryMode::IdempotentUpsert);
     // The join is step 0: its own step, not read from `steps`.
@@ -99,8 +98,8 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         let first = steps.len();
         match (from, branch.take_into(&mut steps, &mut step_locations)) {
             (Ok(from), Some(())) => {
-                let OutputEntry { name, when, sink, .. } = output;
-                planned.push(Output { name, from, steps: (first..steps.len()).collect(), when, sink });
+                let OutputEntry { name, sink, .. } = output;
+                planned.push(Output { name, from, steps: (first..steps.len()).collect(), sink });
             }
             _ => {
                 steps.truncate(first);

@@ -51,7 +51,6 @@ pub struct Output {
     pub from: Option<usize>,
     /// Its own steps (indices into [`Pipeline::steps`]); its `when` is the first, a filter.
     pub steps: Vec<usize>,
-    pub when: Option<String>,
     pub sink: Sink,
 }
 

@@ -195,13 +195,13 @@ impl Status {
         report.recovering = None;
         report.batches_committed += 1;
         report.records_in += counts.records_in;
-        report.records_out += counts.records_out;
+        report.records_out += counts.records_out();
         report.state_keys = state_keys;
         let batch = BatchProgress {
             batch: report.batches_committed,
             committed_at: now_text(),
             input_rows: counts.records_in,
-            output_rows: counts.records_out,
+            output_rows: counts.records_out(),
             dlq_rows: counts.dlq_records.iter().sum(),
             filtered_rows: counts.records_filtered,
             duplicate_rows: counts.duplicates_dropped,
