@@ -170,12 +170,6 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     }
 }
 
-/// The error for a null where the type has no `?`.
-fn null_refused<E: serde::de::Error>(path: &str, field_type: &FieldType) -> E {
-    let name = path.rsplit('.').next().unwrap_or(path);
-    E::custom(format!("field '{path}' is null; {} if it may be", crate::config::nullable_hint(name, field_type)))
-}
-
 impl<'a> FieldSeed<'a> {
     fn new(declared: &'a FieldType, parent: &'a str, name: &'a str) -> FieldSeed<'a> {
         FieldSeed { field_type: declared.base(), nullable: declared.is_nullable(), parent, name, index: None }
@@ -204,7 +198,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
         match self.nullable {
             true => Ok(Value::Null),
-            false => Err(null_refused(&self.path(), self.field_type)),
+            false => Err(E::custom(crate::config::null_refused(&self.path(), self.field_type))),
         }
     }
 

@@ -19,7 +19,7 @@ pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
 pub use error::{ConfigErrors, Problem};
 pub use fields::Fields;
 pub use pipeline::{section, DeliveryMode, ErrorAction, ErrorPolicy, OutputEntry, PipelineFile, Sink, SinkHeaders, StepEntry, StepRef};
-pub use schema::{check_fields, nullable_hint, FieldType, Schema, ShapeError};
+pub use schema::{check_fields, null_refused, nullable_hint, FieldType, Schema, ShapeError};
 pub use settings::{
     is_secret_option, redact, HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RegistrySettings, RuntimeSettings, Settings, StateSettings,
 };

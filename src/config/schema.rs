@@ -200,6 +200,12 @@ pub fn nullable_hint(name: &str, field_type: &FieldType) -> String {
     }
 }
 
+/// The decode error for a null (or absent-as-null) value at `path` whose type has no `?`.
+pub fn null_refused(path: &str, field_type: &FieldType) -> String {
+    let name = path.rsplit('.').next().unwrap_or(path);
+    format!("field '{path}' is null; {} if it may be", nullable_hint(name, field_type))
+}
+
 /// The fields of an object type (nullable or not).
 fn object_mut(field_type: &mut FieldType) -> Option<&mut Schema> {
     match field_type {

@@ -141,10 +141,7 @@ fn resolve_value(field_type: &FieldType, value: AvroValue, path: &str) -> Result
     if value == AvroValue::Null {
         return match field_type.is_nullable() {
             true => Ok(Value::Null),
-            false => Err(DecodeError(format!(
-                "field '{path}' is null; {} if it may be",
-                crate::config::nullable_hint(path.rsplit('.').next().unwrap_or(path), field_type)
-            ))),
+            false => Err(DecodeError(crate::config::null_refused(path, field_type))),
         };
     }
     let field_type = field_type.base();
@@ -258,7 +255,6 @@ pub(super) fn type_name(field_type: &FieldType) -> &'static str {
         FieldType::Nullable(inner) => type_name(inner),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
