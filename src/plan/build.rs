@@ -39,15 +39,18 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     // The steps see the joined records after a join.
     let steps_source = join.as_ref().map(|join| &join.output).or(source.as_ref());
     let start = steps_source.map(Source::record_schema);
-    // The main steps, each with the schema of the records it hands on; a join is step 0 (its
-    // kind and schema here, the step itself added below).
+    let outputs = outputs.unwrap_or_default();
+    // Upsert outputs' ids of join results name where each side was read.
+    let upsert = outputs.iter().any(|output| output.sink.mode == DeliveryMode::IdempotentUpsert);
+    // The main steps, each with the schema of the records it hands on; a join is step 0, its
+    // own step, not read from `steps`.
     let mut main = Branch::default();
-    if join.is_some() {
-        main.kinds.push("join".into());
-        main.schemas.push(start.clone());
+    let joined = join.is_some();
+    if let Some(mut join) = join {
+        join.keep_sources = upsert;
+        main.push(Some(Step::Join(Box::new(join))), "join", "join".to_string(), start.clone());
     }
     main.read(&entries, start.clone(), problems);
-    let outputs = outputs.unwrap_or_default();
     let mut branches = Vec::with_capacity(outputs.len());
     for output in &outputs {
         let from = resolve_from(output, &main.kinds, problems);
@@ -69,7 +72,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     }
     // Whether a stateful step is there, even one whose body has problems of its own.
     let stateful = entries.iter().chain(outputs.iter().flat_map(|output| &output.steps)).any(|entry| Step::kind_is_stateful(&entry.kind));
-    if let (true, Some(source), None) = (stateful, &source, &join) {
+    if let (true, Some(source), false) = (stateful, &source, joined) {
         if source.event_time.is_none() {
             problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
         }
@@ -78,16 +81,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         }
     }
     let (name, source, on_error, dlq_topic) = (name?, source?, on_error?, dlq_topic?);
-    // Upsert outputs' ids of join results name where each side was read.
-    let upsert = outputs.iter().any(|output| output.sink.mode == DeliveryMode::IdempotentUpsert);
-    // The join is step 0: its own step, not read from `steps`.
-    let mut steps: Vec<Step> = Vec::new();
-    let mut step_locations = Vec::new();
-    if let Some(mut join) = join {
-        join.keep_sources = upsert;
-        steps.push(Step::Join(Box::new(join)));
-        step_locations.push("join".to_string());
-    }
+    let (mut steps, mut step_locations) = (Vec::new(), Vec::new());
     main.take_into(&mut steps, &mut step_locations)?;
     let main_steps = steps.len();
     // An output with problems of its own is left out, so that the others are still checked
@@ -101,11 +95,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
                 let OutputEntry { name, sink, .. } = output;
                 planned.push(Output { name, from, steps: (first..steps.len()).collect(), sink });
             }
-            _ => {
-                steps.truncate(first);
-                step_locations.truncate(first);
-                complete = false;
-            }
+            _ => complete = false,
         }
     }
     if planned.is_empty() {
