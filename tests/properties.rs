@@ -1,6 +1,6 @@
 //! Property tests: for input that is not late, `emit: final`, dedup, and the last value per
-//! (key, window) of `emit: update` do not depend on batch sizes or on how partitions
-//! interleave.
+//! (key, window) of `emit: update` and per key of a running aggregate do not depend on batch
+//! sizes or on how partitions interleave.
 
 use std::collections::BTreeMap;
 
@@ -145,6 +145,15 @@ fn update_mode_ends_with_the_same_value_per_key_and_window() {
     check("  - window: { group_by: [k], session: { gap: 2s }, emit: update, aggregates: { n: count(), s: sum(v) } }", true);
 }
 
+/// A running aggregate's last value per key (every function: `first`/`last` follow event
+/// time, so neither interleaving nor batching changes them) whatever the batches and the
+/// interleaving; the same after a dedup.
+#[test]
+fn running_aggregates_end_with_the_same_value_per_key() {
+    check("  - aggregate: { group_by: [k], aggregates: { n: count(), s: sum(v), a: avg(v), lo: min(v), hi: max(v), d: count_distinct(id) } }", true);
+    check("  - dedup: { key: [id], within: 5s }\n  - aggregate: { group_by: [k], aggregates: { n: count(), s: sum(v) } }", true);
+}
+
 #[test]
 fn dedup_then_window_is_the_same_set() {
     check("  - dedup: { key: [id], within: 5s }\n  - window: { group_by: [k], tumbling: 5s, aggregates: { n: count() } }", false);
@@ -160,6 +169,8 @@ fn restoring_state_from_the_changelog_changes_nothing() {
         "  - window: { group_by: [k], hopping: { size: 6s, slide: 2s }, aggregates: { n: count(), lo: min(v), hi: max(v) } }",
         "  - window: { group_by: [k], session: { gap: 2s }, emit: update, aggregates: { n: count(), s: sum(v) } }",
         "  - dedup: { key: [id], within: 5s }\n  - window: { group_by: [k], tumbling: 5s, emit: update, aggregates: { n: count() } }",
+        "  - aggregate: { group_by: [k], aggregates: { n: count(), s: sum(v), f: first(id), l: last(id), d: count_distinct(id), a: avg(v) } }",
+        "  - aggregate: { group_by: [k], aggregates: { n: count(), l: last(id) }, ttl: 4s, on_expire: tombstone }",
     ];
     for steps in cases {
         let pipeline = pipeline(steps);

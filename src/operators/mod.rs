@@ -6,6 +6,7 @@
 //! watermark as it was just before it), then `advance` when the watermark moves (windows close,
 //! dedup state ends), and `commit` at the end of each batch (update-mode windows emit).
 
+pub mod aggregate;
 pub mod dedup;
 pub mod event_time;
 pub mod explode;
@@ -18,6 +19,8 @@ pub mod window;
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigErrors, Schema, Source, StepEntry};
+use aggregate::config::RunningAggregate;
+use aggregate::AggregateOperator;
 use explode::config::Explode;
 use explode::ExplodeOperator;
 use reshape::config::{Assignments, Drop};
@@ -236,13 +239,14 @@ pub enum Step {
     Explode(Explode),
     Dedup(Dedup),
     Window(Window),
+    Aggregate(RunningAggregate),
     /// The `join` of a two-source pipeline: always step 0, before the file's steps.
     Join(Box<Join>),
 }
 
 impl Step {
     /// The kinds a pipeline file's `steps` may hold.
-    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window"];
+    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window", "aggregate"];
 
     /// Reads one entry of `steps` by its kind; `input` is the schema of the records it sees
     /// (None: not known, after a step with problems).
@@ -256,6 +260,7 @@ impl Step {
             "explode" => Explode::parse(body, input, location, problems).map(Step::Explode),
             "dedup" => Dedup::parse(body, input, location, problems).map(Step::Dedup),
             "window" => Window::parse(body, input, location, problems).map(Step::Window),
+            "aggregate" => RunningAggregate::parse(body, input, location, problems).map(Step::Aggregate),
             other => {
                 problems.push(location, format!("unknown step kind '{other}'; kinds: {}", Self::KINDS.join(", ")));
                 None
@@ -264,12 +269,17 @@ impl Step {
     }
 
     pub fn is_stateful(&self) -> bool {
-        matches!(self, Step::Dedup(_) | Step::Window(_) | Step::Join(_))
+        matches!(self, Step::Dedup(_) | Step::Window(_) | Step::Aggregate(_) | Step::Join(_))
     }
 
-    /// Whether steps of this kind (as written in `steps`) keep state.
-    pub fn kind_is_stateful(kind: &str) -> bool {
-        matches!(kind, "dedup" | "window")
+    /// Whether a step as written reads event times and the watermark: dedup and window
+    /// steps, and an aggregate with a ttl (without one, it keeps every key for good).
+    pub fn entry_needs_event_time(entry: &StepEntry) -> bool {
+        match entry.kind.as_str() {
+            "dedup" | "window" => true,
+            "aggregate" => entry.body.get("ttl").is_some(),
+            _ => false,
+        }
     }
 
     /// Whether steps of this kind hand on the records' fields as they received them.
@@ -288,6 +298,7 @@ impl Step {
             Step::Explode(explode) => explode.output_schema(&input).unwrap_or(input),
             Step::Join(join) => join.output.record_schema(),
             Step::Window(window) => window.output_schema(&input),
+            Step::Aggregate(aggregate) => aggregate.output_schema(&input),
         }
     }
 
@@ -299,7 +310,7 @@ impl Step {
             Step::Select(assignments) => !assignments.keeps(field),
             Step::Drop(drop) => drop.removes(field),
             Step::Explode(explode) => field == explode.field || field == explode.name,
-            Step::Filter(_) | Step::Dedup(_) | Step::Window(_) | Step::Join(_) => false,
+            Step::Filter(_) | Step::Dedup(_) | Step::Window(_) | Step::Aggregate(_) | Step::Join(_) => false,
         }
     }
 }
@@ -311,6 +322,7 @@ pub enum Operator {
     Explode(ExplodeOperator),
     Dedup(DedupOperator),
     Window(WindowOperator),
+    Aggregate(AggregateOperator),
     /// With the right source, which tells a record's side by its topic.
     Join(JoinOperator, Source),
 }
@@ -327,6 +339,7 @@ impl Operator {
             Step::Explode(explode) => Ok(Operator::Explode(ExplodeOperator::new(explode))),
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup, limit))),
             Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, Some(input), limit))),
+            Step::Aggregate(aggregate) => Ok(Operator::Aggregate(AggregateOperator::new(aggregate, Some(input), limit))),
             Step::Join(join) => Ok(Operator::Join(JoinOperator::new(JoinSpec::of(join), limit), join.right.clone())),
         }
     }
@@ -345,6 +358,7 @@ impl Operator {
             Operator::Explode(explode) => explode.process(record, out),
             Operator::Dedup(dedup) => dedup.process(record, watermark, out),
             Operator::Window(window) => window.process(record, watermark, out),
+            Operator::Aggregate(aggregate) => aggregate.process(record, watermark, out),
             Operator::Join(join, right) => {
                 let side = match record.provenance.is_some_and(|provenance| right.reads(provenance.topic)) {
                     true => Side::Right,
@@ -360,13 +374,16 @@ impl Operator {
             Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => {}
             Operator::Dedup(dedup) => dedup.advance(watermark),
             Operator::Window(window) => window.advance(watermark, out),
+            Operator::Aggregate(aggregate) => aggregate.advance(watermark, out),
             Operator::Join(join, _) => join.advance(watermark, out),
         }
     }
 
     pub fn commit<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
-        if let Operator::Window(window) = self {
-            window.commit(out);
+        match self {
+            Operator::Window(window) => window.commit(out),
+            Operator::Aggregate(aggregate) => aggregate.commit(out),
+            _ => {}
         }
     }
 
@@ -376,6 +393,7 @@ impl Operator {
             Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Vec::new(),
             Operator::Dedup(dedup) => dedup.take_changes(),
             Operator::Window(window) => window.take_changes(),
+            Operator::Aggregate(aggregate) => aggregate.take_changes(),
             Operator::Join(join, _) => join.take_changes(),
         }
     }
@@ -386,6 +404,7 @@ impl Operator {
             Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),
             Operator::Window(window) => window.restore(key, value),
+            Operator::Aggregate(aggregate) => aggregate.restore(key, value),
             Operator::Join(join, _) => join.restore(key, value),
         }
     }
@@ -396,6 +415,7 @@ impl Operator {
             Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => 0,
             Operator::Dedup(dedup) => dedup.state_keys(),
             Operator::Window(window) => window.state_keys(),
+            Operator::Aggregate(aggregate) => aggregate.state_keys(),
             Operator::Join(join, _) => join.state_keys(),
         }
     }
@@ -408,6 +428,7 @@ impl Operator {
             Operator::Explode(_) => "explode",
             Operator::Dedup(_) => "dedup",
             Operator::Window(_) => "window",
+            Operator::Aggregate(_) => "aggregate",
             Operator::Join(..) => "join",
         }
     }
@@ -420,6 +441,7 @@ impl Operator {
             Operator::Explode(explode) => explode.describe(),
             Operator::Dedup(dedup) => dedup.describe(),
             Operator::Window(window) => window.describe(),
+            Operator::Aggregate(aggregate) => aggregate.describe(),
             Operator::Join(join, _) => join.describe(),
         }
     }

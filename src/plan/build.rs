@@ -70,14 +70,16 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         check_fields(&output.sink.key, schema.as_ref(), &format!("{}.key", output.sink.location), problems);
         branches.push((from, branch));
     }
-    // Whether a stateful step is there, even one whose body has problems of its own.
-    let stateful = entries.iter().chain(outputs.iter().flat_map(|output| &output.steps)).any(|entry| Step::kind_is_stateful(&entry.kind));
-    if let (true, Some(source), false) = (stateful, &source, joined) {
+    // Whether a step that reads the watermark is there, even one whose body has problems of
+    // its own.
+    let timed = entries.iter().chain(outputs.iter().flat_map(|output| &output.steps)).any(Step::entry_needs_event_time);
+    if let (true, Some(source), false) = (timed, &source, joined) {
+        const WHY: &str = "is required by dedup and window steps and an aggregate's ttl";
         if source.event_time.is_none() {
-            problems.push(format!("sources.{}.event_time", source.name), "is required by dedup and window steps");
+            problems.push(format!("sources.{}.event_time", source.name), WHY);
         }
         if source.watermark.is_none() {
-            problems.push(format!("sources.{}.watermark", source.name), "is required by dedup and window steps");
+            problems.push(format!("sources.{}.watermark", source.name), WHY);
         }
     }
     let (name, source, on_error, dlq_topic) = (name?, source?, on_error?, dlq_topic?);

@@ -221,12 +221,12 @@ impl Pipeline {
 
     /// The fields of the Kafka keys weir makes for output `output`'s sink, with their types:
     /// `sink.key`, or the key of the last step that sets one (a dedup's or join's key, a
-    /// window's group, plus `window_start` under `emit: update`). None: each input record's
-    /// key is kept as it is (no keyed step and no `sink.key`).
+    /// window's group, plus `window_start` under `emit: update`; an aggregate's group).
+    /// None: each input record's key is kept as it is (no keyed step and no `sink.key`).
     pub fn output_key_schema(&self, output: usize) -> Option<Schema> {
         let mut key = None;
-        // Whether the records are an update-mode window's: they keep their window's key,
-        // whatever sink.key says (as the engine's emit does).
+        // Whether the records are an update-mode window's or an aggregate's: they keep
+        // their group's key, whatever sink.key says (as the engine's emit does).
         let mut upsert = false;
         let mut input = self.source.record_schema();
         for index in self.chain(output) {
@@ -237,6 +237,10 @@ impl Pipeline {
                 Step::Join(join) => {
                     key = Some(self.source.record_schema().select(&join.on));
                     upsert = false;
+                }
+                Step::Aggregate(aggregate) => {
+                    key = Some(input.select(&aggregate.group_by));
+                    upsert = true;
                 }
                 Step::Window(window) => {
                     let mut schema = input.select(&window.group_by);

@@ -16,12 +16,19 @@ use crate::operators::Step;
 /// against the sink's records: each must give text, a number or a boolean.
 pub(super) fn settle_sink_headers(pipeline: &mut Pipeline, output: usize, problems: &mut ConfigErrors) {
     let chain = pipeline.chain(output);
-    let merging = chain.iter().map(|index| &pipeline.steps[*index]).find(|step| matches!(step, Step::Window(_) | Step::Join(_)));
+    let merging = chain
+        .iter()
+        .map(|index| &pipeline.steps[*index])
+        .find(|step| matches!(step, Step::Window(_) | Step::Aggregate(_) | Step::Join(_)));
     let sink = &pipeline.outputs[output].sink;
     let headers = &sink.headers;
     let pass_through = match (headers.pass_through, merging) {
         (Some(true), Some(step)) => {
-            let kind = if matches!(step, Step::Window(_)) { "a window's" } else { "a join's" };
+            let kind = match step {
+                Step::Window(_) => "a window's",
+                Step::Aggregate(_) => "an aggregate's",
+                _ => "a join's",
+            };
             problems.push(
                 format!("{}.headers.pass_through", sink.location),
                 format!("{kind} results come from several input records, whose headers differ; remove pass_through or set it false"),
@@ -101,6 +108,12 @@ pub(super) fn check_upsert(pipeline: &Pipeline, problems: &mut ConfigErrors) {
             problems.push(
                 format!("{location}.window.emit"),
                 format!("{WHY} writes each window once, with emit: final; emit: update results depend on batch boundaries"),
+            );
+        }
+        if let Step::Aggregate(_) = step {
+            problems.push(
+                format!("{location}.aggregate"),
+                format!("{WHY} writes each result once; an aggregate's updates depend on batch boundaries; use transactional"),
             );
         }
         // A window result's id is its group and its `window_start` field as the result

@@ -120,6 +120,7 @@ fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<Stage> {
             Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => None,
             Step::Dedup(dedup) => Some(&dedup.key),
             Step::Window(window) => Some(&window.group_by),
+            Step::Aggregate(aggregate) => Some(&aggregate.group_by),
             Step::Join(join) => {
                 let partitioned_by = Some(join.output.partitioned_by.clone());
                 match in_place {

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod aggregate;
 mod avro;
 mod guarantees;
 mod join;

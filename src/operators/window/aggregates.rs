@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::*;
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
-pub(super) enum AggregateState {
+pub(crate) enum AggregateState {
     Count(i64),
     SumWhole(Option<i64>),
     SumDouble(Option<f64>),
@@ -21,7 +21,7 @@ pub(super) enum AggregateState {
     CountDistinct(HashSet<String>),
 }
 
-pub(super) fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -> Vec<AggregateState> {
+pub(crate) fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -> Vec<AggregateState> {
     aggregates
         .iter()
         .zip(sums_whole)
@@ -41,7 +41,7 @@ pub(super) fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -
 
 /// Adds one record; nulls are ignored by every aggregate but count(). Returns by how much the
 /// values kept grew (or shrank), as `value_len` counts them, for the window's estimate.
-pub(super) fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)], record: &Record<'_>, sequence: u64) -> isize {
+pub(crate) fn accumulate(states: &mut [AggregateState], aggregates: &[(String, Aggregate)], record: &Record<'_>, sequence: u64) -> isize {
     let mut growth = 0isize;
     // A kept value replaced by another: the difference of their lengths.
     let replaced = |old: Option<&Value>, new: &Value| value_len(new) as isize - old.map_or(0, value_len) as isize;
@@ -98,9 +98,27 @@ pub(super) fn accumulate(states: &mut [AggregateState], aggregates: &[(String, A
     growth
 }
 
+/// The most `record` can add to the entry of one piece of state (a window, a running
+/// aggregate's key): each value it gives first, last, min or max (which keep one value: at
+/// most all of it when the old one was empty), and each value count_distinct keeps as a quoted
+/// JSON text. Counts, sums and averages only change digits, reserved when the state is made.
+pub(crate) fn growth_bound(aggregates: &[(String, Aggregate)], record: &Record<'_>) -> usize {
+    aggregates
+        .iter()
+        .map(|(_, aggregate)| {
+            let value = || aggregate.field().and_then(|field| field_at(&record.fields, field)).map_or(0, value_len);
+            match aggregate {
+                Aggregate::Count | Aggregate::Sum(_) | Aggregate::Avg(_) => 0,
+                Aggregate::Min(_) | Aggregate::Max(_) | Aggregate::First(_) | Aggregate::Last(_) => value(),
+                Aggregate::CountDistinct(_) => 2 * value() + 3,
+            }
+        })
+        .sum()
+}
+
 /// A value's length as JSON, or a little more: strings by a scan, scalars by their longest
 /// form, and only arrays and objects written out (counted, not kept).
-pub(super) fn value_len(value: &Value) -> usize {
+pub(crate) fn value_len(value: &Value) -> usize {
     match value {
         Value::String(text) => quoted_len(text),
         Value::Null | Value::Bool(_) | Value::Number(_) => 24,
@@ -177,7 +195,7 @@ pub(super) fn compare(left: &Value, right: &Value) -> std::cmp::Ordering {
 }
 
 impl AggregateState {
-    pub(super) fn value(&self) -> Value {
+    pub(crate) fn value(&self) -> Value {
         match self {
             AggregateState::Count(count) => Value::from(*count),
             AggregateState::SumWhole(sum) => sum.map_or(Value::Null, Value::from),

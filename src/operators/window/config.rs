@@ -41,6 +41,23 @@ pub enum Aggregate {
     CountDistinct(String),
 }
 
+/// As written in the pipeline file: `count()`, `sum(amount)`, ...
+impl std::fmt::Display for Aggregate {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let function = match self {
+            Aggregate::Count => "count",
+            Aggregate::Sum(_) => "sum",
+            Aggregate::Avg(_) => "avg",
+            Aggregate::Min(_) => "min",
+            Aggregate::Max(_) => "max",
+            Aggregate::First(_) => "first",
+            Aggregate::Last(_) => "last",
+            Aggregate::CountDistinct(_) => "count_distinct",
+        };
+        write!(formatter, "{function}({})", self.field().unwrap_or(""))
+    }
+}
+
 impl Aggregate {
     pub fn field(&self) -> Option<&str> {
         match self {
@@ -56,12 +73,38 @@ impl Aggregate {
     }
 
     /// Reads `function(field)`; None with a problem at `location` when it is not one.
-    fn parse(text: &str, location: &str, problems: &mut ConfigErrors) -> Option<Aggregate> {
+    pub(crate) fn parse(text: &str, location: &str, problems: &mut ConfigErrors) -> Option<Aggregate> {
         let parsed = Self::read(text);
         if let Err(message) = &parsed {
             problems.push(location, message.to_string());
         }
         parsed.ok()
+    }
+
+    /// The type of its result over records of `input`: counts are longs, averages doubles,
+    /// sums keep a long field's type, and the others the field's.
+    pub fn output_type(&self, input: &Schema) -> FieldType {
+        match self {
+            Aggregate::Count | Aggregate::CountDistinct(_) => FieldType::Long,
+            Aggregate::Avg(_) => FieldType::Double,
+            Aggregate::Sum(field) => match input.type_or_string(field) {
+                FieldType::Long | FieldType::Timestamp => FieldType::Long,
+                _ => FieldType::Double,
+            },
+            Aggregate::Min(field) | Aggregate::Max(field) | Aggregate::First(field) | Aggregate::Last(field) => {
+                input.type_or_string(field)
+            }
+        }
+    }
+
+    /// Whether it is a `sum` of whole numbers (a long field) rather than of doubles.
+    pub fn sums_whole(&self, input: Option<&Schema>) -> bool {
+        match self {
+            Aggregate::Sum(field) => {
+                matches!(input.and_then(|schema| schema.field_type(field)), Some(FieldType::Long | FieldType::Timestamp))
+            }
+            _ => false,
+        }
     }
 
     fn read(text: &str) -> Result<Aggregate, AggregateError> {
@@ -115,21 +158,11 @@ impl Window {
     /// The fields of its results: the group_by fields, the window bounds, then the
     /// aggregates in the order written.
     pub fn output_schema(&self, input: &Schema) -> Schema {
-        let type_of = |field: &str| input.type_or_string(field);
         let mut fields = input.select(&self.group_by).fields;
         fields.push(("window_start".into(), FieldType::Timestamp));
         fields.push(("window_end".into(), FieldType::Timestamp));
         for (name, aggregate) in &self.aggregates {
-            let field_type = match aggregate {
-                Aggregate::Count | Aggregate::CountDistinct(_) => FieldType::Long,
-                Aggregate::Avg(_) => FieldType::Double,
-                Aggregate::Sum(field) => match type_of(field) {
-                    FieldType::Long | FieldType::Timestamp => FieldType::Long,
-                    _ => FieldType::Double,
-                },
-                Aggregate::Min(field) | Aggregate::Max(field) | Aggregate::First(field) | Aggregate::Last(field) => type_of(field),
-            };
-            fields.push((name.clone(), field_type));
+            fields.push((name.clone(), aggregate.output_type(input)));
         }
         Schema { fields }
     }
@@ -257,16 +290,41 @@ fn check_window(raw: RawWindow, input: Option<&Schema>, location: &str, problems
             EmitMode::Final
         }
     };
+    let mut reserved: Vec<&str> = raw.group_by.iter().map(String::as_str).collect();
+    reserved.extend(["window_start", "window_end"]);
+    let aggregates = parse_aggregates(raw.aggregates.as_ref(), &reserved, input, location, problems);
+    if problems.problems.len() > before {
+        return None;
+    }
+    Some(Window {
+        group_by: raw.group_by,
+        kind: kind?,
+        allowed_lateness: raw.allowed_lateness.unwrap_or_default(),
+        aggregates,
+        emit,
+    })
+}
+
+/// Reads an `aggregates:` mapping of `name: function(field)` (a window's or an aggregate
+/// step's), checking each field against `input` and each name against the `reserved` ones the
+/// results already have. Problems go to `<location>.aggregates...`.
+pub(crate) fn parse_aggregates(
+    written: Option<&Mapping>,
+    reserved: &[&str],
+    input: Option<&Schema>,
+    location: &str,
+    problems: &mut ConfigErrors,
+) -> Vec<(String, Aggregate)> {
+    let before = problems.problems.len();
     let mut aggregates = Vec::new();
-    let written = raw.aggregates.is_some();
-    for (name, definition) in &raw.aggregates.unwrap_or_default() {
+    for (name, definition) in written.into_iter().flatten() {
         let (Some(name), Some(definition)) = (name.as_str(), definition.as_str()) else {
             problems.push(format!("{location}.aggregates"), "each aggregate is `name: function(field)`");
             continue;
         };
         let aggregate_location = format!("{location}.aggregates.{name}");
-        if raw.group_by.iter().any(|field| field == name) || name == "window_start" || name == "window_end" {
-            problems.push(&aggregate_location, "clashes with a group_by field or window_start/window_end");
+        if reserved.contains(&name) {
+            problems.push(&aggregate_location, format!("clashes with a field the results already have ({})", reserved.join(", ")));
         }
         if let Some(aggregate) = Aggregate::parse(definition, &aggregate_location, problems) {
             if let Some(field) = aggregate.field() {
@@ -285,17 +343,8 @@ fn check_window(raw: RawWindow, input: Option<&Schema>, location: &str, problems
             aggregates.push((name.to_string(), aggregate));
         }
     }
-    if aggregates.is_empty() && written && problems.problems.len() == before {
+    if aggregates.is_empty() && written.is_some() && problems.problems.len() == before {
         problems.push(format!("{location}.aggregates"), "must define at least one aggregate");
     }
-    if problems.problems.len() > before {
-        return None;
-    }
-    Some(Window {
-        group_by: raw.group_by,
-        kind: kind?,
-        allowed_lateness: raw.allowed_lateness.unwrap_or_default(),
-        aggregates,
-        emit,
-    })
+    aggregates
 }

@@ -16,10 +16,10 @@ use super::event_time::field_at;
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 
-mod aggregates;
+pub(crate) mod aggregates;
 use aggregates::*;
 use config::{Aggregate, EmitMode, Window, WindowKind};
-use crate::config::{FieldType, Schema};
+use crate::config::Schema;
 
 pub struct WindowOperator {
     group_by: Vec<String>,
@@ -48,7 +48,7 @@ pub struct WindowOperator {
 
 /// What an aggregate's entry may grow by besides the values it keeps: counts, sums and the
 /// event time and sequence of first/last, as digits. Reserved in every window's estimate.
-const NUMBERS_RESERVE: usize = 48;
+pub(crate) const NUMBERS_RESERVE: usize = 48;
 
 /// The changelog key of the processing sequence (window keys are JSON arrays).
 const SEQUENCE_KEY: &str = "sequence";
@@ -95,16 +95,7 @@ struct Addition<'a, 'r> {
 
 impl WindowOperator {
     pub fn new(spec: &Window, schema: Option<&Schema>, limit: StateEntryLimit) -> WindowOperator {
-        let sums_whole = spec
-            .aggregates
-            .iter()
-            .map(|(_, aggregate)| match aggregate {
-                Aggregate::Sum(field) => {
-                    matches!(schema.and_then(|schema| schema.field_type(field)), Some(FieldType::Long | FieldType::Timestamp))
-                }
-                _ => false,
-            })
-            .collect();
+        let sums_whole = spec.aggregates.iter().map(|(_, aggregate)| aggregate.sums_whole(schema)).collect();
         WindowOperator {
             group_by: spec.group_by.clone(),
             kind: spec.kind,
@@ -129,12 +120,15 @@ impl WindowOperator {
             WindowKind::Hopping { size, slide } => format!("hopping {}ms every {}ms", size.as_millis(), slide.as_millis()),
             WindowKind::Session { gap } => format!("session gap {}ms", gap.as_millis()),
         };
-        let aggregates: Vec<String> = self.aggregates.iter().map(|(name, aggregate)| format!("{name}={aggregate:?}")).collect();
+        let aggregates: Vec<String> = self.aggregates.iter().map(|(name, aggregate)| format!("{name}={aggregate}")).collect();
         format!(
-            "window {kind} by [{}], lateness {}ms, emit {:?}: {}",
+            "window {kind} by [{}], lateness {}ms, emit {}: {}",
             self.group_by.join(", "),
             self.lateness,
-            self.emit,
+            match self.emit {
+                EmitMode::Final => "final",
+                EmitMode::Update => "update",
+            },
             aggregates.join(", ")
         )
     }
@@ -155,7 +149,7 @@ impl WindowOperator {
         let sequence = self.sequence;
         let key = key_of(&record.fields, &self.group_by);
         let group_text = serde_json::to_string(&key).unwrap_or_default();
-        let growth = self.growth_bound(&record);
+        let growth = growth_bound(&self.aggregates, &record);
         let addition = Addition { group_text: &group_text, key: &key, record: &record, sequence, growth };
         let fits = match self.kind {
             WindowKind::Tumbling { size } => {
@@ -201,24 +195,6 @@ impl WindowOperator {
             return Err(error);
         }
         Ok(StepOutcome::Passed)
-    }
-
-    /// The most `record` can add to one window's entry: each value it gives first, last,
-    /// min or max (which keep one value: at most all of it when the old one was empty), and
-    /// each value count_distinct keeps as a quoted JSON text. Counts, sums and averages only
-    /// change digits, reserved when a window is made.
-    fn growth_bound(&self, record: &Record<'_>) -> usize {
-        self.aggregates
-            .iter()
-            .map(|(_, aggregate)| {
-                let value = || aggregate.field().and_then(|field| field_at(&record.fields, field)).map_or(0, value_len);
-                match aggregate {
-                    Aggregate::Count | Aggregate::Sum(_) | Aggregate::Avg(_) => 0,
-                    Aggregate::Min(_) | Aggregate::Max(_) | Aggregate::First(_) | Aggregate::Last(_) => value(),
-                    Aggregate::CountDistinct(_) => 2 * value() + 3,
-                }
-            })
-            .sum()
     }
 
     /// Refuses a record that would take the window `[start, end)` of the group over the limit:

@@ -1,0 +1,92 @@
+//! Running aggregates under `weir run`: the last value per key a read_committed reader sees
+//! is the one the input makes, whatever SIGKILLs happen.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::*;
+
+const RECORDS: u64 = 60_000;
+const USERS: u64 = 40;
+
+/// A click of user `id % USERS`, keyed by user, with event times 5 ms apart give or take
+/// 200 ms (so they arrive out of order), and `amount` `id % 100`.
+fn click(id: u64) -> Input {
+    let user = format!("u{}", id % USERS);
+    let ts = 1_700_000_000_000 + id * 5 + (id * 7919) % 400;
+    Input::keyed(user.clone(), format!(r#"{{"id":{id},"user":"{user}","amount":{},"ts":{ts}}}"#, id % 100))
+}
+
+/// What a compacted topic would keep: the last value per key, in offset order per partition
+/// (a key always lands in one partition).
+fn last_per_key(topic: &str) -> BTreeMap<String, serde_json::Value> {
+    read_committed(topic)
+        .into_iter()
+        .map(|record| (String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned(), record.value_json()))
+        .collect()
+}
+
+/// Two running aggregates in one pipeline, one per output: per user (the input's
+/// partitioning, in place) and per amount (through a repartition topic). While 60,000
+/// records flow, weir is SIGKILLed at random at least 8 times; then the last value per key
+/// equals the counts, sums and latest event times the generator's arithmetic gives: a batch
+/// counted twice or lost across a crash would show in them.
+#[test]
+fn running_aggregates_survive_sigkills_with_the_right_last_values() {
+    let _heavy = heavy_test();
+    let (input, per_user, per_amount) = (unique("in"), unique("per-user"), unique("per-amount"));
+    let name = unique("aggregate");
+    create_topic(&input, 4);
+    create_topic(&per_user, 2);
+    create_topic(&per_amount, 2);
+    let outputs = format!(
+        "outputs:\n  \
+           per_user:\n    \
+             steps: [ {{ aggregate: {{ group_by: [user], aggregates: {{ clicks: count(), total: sum(amount), latest: max(ts) }} }} }} ]\n    \
+             sink: {{ topic: {per_user} }}\n  \
+           per_amount:\n    \
+             steps: [ {{ aggregate: {{ group_by: [amount], aggregates: {{ clicks: count(), users: count_distinct(user) }} }} }} ]\n    \
+             sink: {{ topic: {per_amount} }}\n"
+    );
+    let text = clicks_pipeline_text(&name, &input, "unused", "  - filter: \"amount >= 0\"", "partitioned_by: [user]")
+        .replace("sink:\n  topic: unused\n", &outputs);
+    let pipeline = pipeline_file(&text);
+    let feeder = feed_with(&input, 0..RECORDS, 4_000, click);
+    // Step 1 is the per-user aggregate.
+    let running = |process: &WeirProcess| has_committed_state(process, "1") || (feeder.is_finished() && is_ready(process));
+    let (kills, _) = kill_repeatedly(&[pipeline.path.as_path()], 8, running, || feeder.is_finished());
+    feeder.join().unwrap();
+    let mut last = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(last.wait(Duration::from_secs(300)).success(), "final run failed:\n{}", last.log_text());
+    assert!(kills >= 8);
+
+    let mut users: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut amounts: BTreeMap<String, (u64, std::collections::BTreeSet<u64>)> = BTreeMap::new();
+    for id in 0..RECORDS {
+        let ts = 1_700_000_000_000 + id * 5 + (id * 7919) % 400;
+        let user = users.entry(format!(r#"{{"user":"u{}"}}"#, id % USERS)).or_default();
+        user.0 += 1;
+        user.1 += id % 100;
+        user.2 = user.2.max(ts);
+        let amount = amounts.entry(format!(r#"{{"amount":{}}}"#, id % 100)).or_default();
+        amount.0 += 1;
+        amount.1.insert(id % USERS);
+    }
+    let expected_users: BTreeMap<String, serde_json::Value> = users
+        .into_iter()
+        .map(|(key, (clicks, total, latest))| {
+            let user = key.trim_start_matches(r#"{"user":""#).trim_end_matches(r#""}"#).to_string();
+            (key, serde_json::json!({ "user": user, "clicks": clicks, "total": total, "latest": latest }))
+        })
+        .collect();
+    assert_eq!(last_per_key(&per_user), expected_users, "over {kills} kills");
+    let expected_amounts: BTreeMap<String, serde_json::Value> = amounts
+        .into_iter()
+        .map(|(key, (clicks, users))| {
+            let amount: u64 = key.trim_start_matches(r#"{"amount":"#).trim_end_matches('}').parse().unwrap();
+            (key, serde_json::json!({ "amount": amount, "clicks": clicks, "users": users.len() }))
+        })
+        .collect();
+    assert_eq!(last_per_key(&per_amount), expected_amounts, "over {kills} kills");
+    assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
+}
