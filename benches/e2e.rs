@@ -314,6 +314,8 @@ enum Expected {
     Pairs(Sum),
     /// Two outputs: this output as the first says, and `<output>-2` as the second does.
     TwoOutputs(Box<Expected>, Box<Expected>),
+    /// The last (bids, total) per auction an upsert reader keeps.
+    Totals(BTreeMap<u64, (u64, u64)>),
 }
 
 fn field(value: &Value, path: &[&str]) -> u64 {
@@ -355,6 +357,19 @@ fn check(output: &str, expected: &Expected) -> Result<String, String> {
         Expected::Distinct(want) => compare("distinct bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
         Expected::Pairs(want) => {
             compare("join pairs", Sum::of(values.iter().map(|v| (field(v, &["auctions", "auction"]), field(v, &["bids", "id"])))), want)
+        }
+        Expected::Totals(want) => {
+            let mut last = BTreeMap::new();
+            for value in &values {
+                last.insert(field(value, &["auction"]), (field(value, &["bids"]), field(value, &["total"])));
+            }
+            match &last == want {
+                true => Ok(format!("{} auctions, each last count and sum right ({} updates)", last.len(), values.len())),
+                false => {
+                    let wrong = want.iter().filter(|(auction, totals)| last.get(*auction) != Some(*totals)).count();
+                    Err(format!("{wrong} of {} auctions end with a wrong count or sum ({} auctions seen)", want.len(), last.len()))
+                }
+            }
         }
         Expected::Windows { counts, must_close, count_field } => {
             let mut seen = HashSet::new();
@@ -427,6 +442,8 @@ enum Workload {
     Projection,
     /// Pass-through and the projection as two outputs of one pipeline.
     TwoOutputs,
+    /// A running count and sum of prices per auction, without windows.
+    Aggregate,
 }
 
 impl Workload {
@@ -439,6 +456,7 @@ impl Workload {
             Workload::Join => "auction ⋈ bid within 10 s",
             Workload::Projection => "projection: filter + set + select",
             Workload::TwoOutputs => "two outputs: pass-through + projection",
+            Workload::Aggregate => "running count + sum per auction",
         }
     }
 }
@@ -459,6 +477,17 @@ fn weir_source(name: &str, topic: &str) -> String {
 /// conversion (in integers, so the check is exact), and a select of five fields.
 const PROJECTION: &str = "  - filter: \"auction % 10 < 7\"\n  - set: { price_eur: \"price * 908 / 1000\" }\n  \
                           - select: { id: id, auction: auction, bidder: bidder, price: price_eur, ts: ts }\n";
+
+/// Per auction, how many bids were sent (duplicates included) and the sum of their prices.
+fn totals(bids: &[Bid]) -> BTreeMap<u64, (u64, u64)> {
+    let mut totals: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for bid in bids {
+        let entry = totals.entry(bid.auction).or_default();
+        entry.0 += 1;
+        entry.1 += bid.price;
+    }
+    totals
+}
 
 /// What the projection makes of the bids: (id, converted price) of those it keeps.
 fn projected(bids: &[Bid]) -> Sum {
@@ -487,6 +516,10 @@ fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, 
             weir_source("bids", &topics.bids),
             format!("steps:\n  - window: {{ group_by: [auction], hopping: {{ size: {WINDOW_MS}ms, slide: {HOP_MS}ms }}, aggregates: {{ bids: count() }} }}\n"),
         ),
+        Workload::Aggregate => (
+            weir_source("bids", &topics.bids),
+            "steps:\n  - aggregate: { group_by: [auction], aggregates: { bids: count(), total: sum(price) } }\n".to_string(),
+        ),
         Workload::Join => (
             format!("{}{}", weir_source("auctions", &topics.auctions), weir_source("bids", &topics.bids)),
             format!("join:\n  left: auctions\n  right: bids\n  type: inner\n  on: [auction]\n  within: {{ lower: 0s, upper: {AUCTION_LIFETIME_MS}ms }}\n"),
@@ -500,6 +533,7 @@ fn kstreams_arguments(workload: Workload, topics: &Topics, output: &str, app: &s
         Workload::Projection | Workload::TwoOutputs => unreachable!("weir's workloads alone"),
         Workload::PassThrough => ("passthrough", topics.bids.clone(), vec![]),
         Workload::Dedup => ("dedup", topics.bids.clone(), vec!["--dedup-fields".into(), "auction,id".into()]),
+        Workload::Aggregate => ("aggregate", topics.bids.clone(), ["--group-field", "auction", "--sum-field", "price"].map(String::from).to_vec()),
         Workload::Tumbling | Workload::Hopping => {
             let slide = if matches!(workload, Workload::Hopping) { HOP_MS } else { WINDOW_MS };
             (
@@ -940,6 +974,7 @@ fn main() {
         (Workload::Tumbling, tumbling, bids),
         (Workload::Hopping, hopping, bids),
         (Workload::Join, Expected::Pairs(Sum { count: pairs.count, checksum: pairs.checksum }), auctions + bids),
+        (Workload::Aggregate, Expected::Totals(totals(&generated.bids)), bids),
         (Workload::Projection, Expected::Bids(projected(&generated.bids)), bids),
         (
             Workload::TwoOutputs,

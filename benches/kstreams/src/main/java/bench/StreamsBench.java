@@ -240,6 +240,30 @@ final class StreamsBench {
                     .peek((k, v) -> OUT.incrementAndGet())
                     .to(output, produced);
             }
+            case "aggregate" -> {
+                // A running count and sum per group, without windows: groupByKey().aggregate(),
+                // its updates leaving through the record cache at each commit.
+                KStream<String, JsonNode> s = source(b, inputs[0], consumed);
+                String group = o.getOrDefault("group-field", "user");
+                String sumField = o.getOrDefault("sum-field", "price");
+                KGroupedStream<String, JsonNode> g = rekey
+                    ? s.groupBy((k, v) -> v.path(group).asText(), Grouped.with("by-" + group, ks, vs))
+                    : s.groupByKey(Grouped.with(ks, vs));
+                g.aggregate(
+                        () -> (JsonNode) Json.MAPPER.createObjectNode(),
+                        (k, v, total) -> {
+                            ObjectNode n = Json.MAPPER.createObjectNode();
+                            n.put(group, v.path(group).asLong());
+                            n.put("bids", total.path("bids").asLong() + 1);
+                            n.put("total", total.path("total").asLong() + v.path(sumField).asLong());
+                            return (JsonNode) n;
+                        },
+                        Materialized.<String, JsonNode, org.apache.kafka.streams.state.KeyValueStore<org.apache.kafka.common.utils.Bytes, byte[]>>as("totals")
+                            .withKeySerde(ks).withValueSerde(vs))
+                    .toStream()
+                    .peek((k, v) -> OUT.incrementAndGet())
+                    .to(output, produced);
+            }
             case "join" -> {
                 if (inputs.length != 2) throw new IllegalArgumentException("join needs INPUTS=LEFT,RIGHT");
                 KStream<String, JsonNode> left = source(b, inputs[0], consumed);
