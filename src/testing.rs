@@ -77,6 +77,7 @@ pub fn run_with_restarts(
     let topics: BTreeMap<String, String> = pipeline
         .sources()
         .into_iter()
+        .chain(&pipeline.tables)
         .map(|source| {
             let topic = match &source.topics {
                 SourceTopics::List(topics) => topics.first().cloned().unwrap_or_else(|| source.name.clone()),
@@ -93,6 +94,7 @@ pub fn run_with_restarts(
     for text in input.lines().filter(|text| !text.trim().is_empty()) {
         if let Ok(line) = serde_json::from_str::<InputLine>(text)
             && let Some(topic) = topics.get(&line.source)
+            && !engine.is_table_topic(topic)
         {
             partitions.insert((topic.clone(), line.partition));
             latest_timestamp = latest_timestamp.max(line.timestamp);
@@ -103,6 +105,7 @@ pub fn run_with_restarts(
     engine.set_input_partitions(inputs.iter().cloned());
     engine.set_clock(clock);
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut table_log: Vec<TableLine> = Vec::new();
     let mut outputs = Vec::new();
     let mut lines = Vec::new();
     let mut in_batch = 0;
@@ -141,7 +144,15 @@ pub fn run_with_restarts(
             value: value.as_deref(),
         };
         *offset += 1;
-        engine.process(&input, &mut outputs)?;
+        // Table lines are applied in file order, and kept: a restarted engine reads its
+        // tables again, as `weir run` reads a table's topic.
+        match engine.is_table_topic(topic) {
+            true => {
+                engine.apply_table_record(&input, &mut outputs)?;
+                table_log.push((topic.clone(), parsed.partition, *offset - 1, key.clone(), value.clone()));
+            }
+            false => engine.process(&input, &mut outputs)?,
+        }
         in_batch += 1;
         if in_batch == batch_size {
             engine.end_batch(&mut outputs)?;
@@ -158,6 +169,12 @@ pub fn run_with_restarts(
                 engine = Engine::new(pipeline).map_err(|error| TestError::Setup(error.to_string()))?;
                 engine.set_input_partitions(inputs.iter().cloned());
                 engine.set_clock(clock);
+                let mut ignored = Vec::new();
+                for (topic, partition, offset, key, value) in &table_log {
+                    let provenance =
+                        Provenance { topic, partition: *partition, offset: *offset, timestamp: None, headers: &[], key: key.as_deref() };
+                    engine.apply_table_record(&InputRecord { provenance, key: key.as_deref(), value: value.as_deref() }, &mut ignored)?;
+                }
                 for ((entry_topic, partition, step, key), value) in &changelog {
                     let entry = ChangelogEntry {
                         topic: entry_topic.clone(),
@@ -178,6 +195,10 @@ pub fn run_with_restarts(
     render(pipeline, &shown_names, outputs.drain(..), &mut lines);
     Ok(lines)
 }
+
+/// A table line read so far, to read the table again after a restart: (topic, partition,
+/// offset, key, value).
+type TableLine = (String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
 
 fn raw_bytes(value: &Value) -> Option<Vec<u8>> {
     match value {

@@ -945,3 +945,18 @@ fn output_problems_are_listed_together() {
     let both = format!("{GOOD}outputs:\n  a:\n    sink: {{ topic: a }}\n");
     assert_one_config_problem(&validate(&both), "outputs: a pipeline has `sink:` (one output) or `outputs:` (several), not both");
 }
+
+/// A pipeline with a table source validates and runs under `weir test`, but the service
+/// does not read table topics yet: `weir run` says so and exits 2 before touching Kafka
+/// (an unreachable broker here), rather than running lookups against empty tables.
+#[test]
+fn run_refuses_a_table_source_it_cannot_read_yet() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/lookup/pipeline.yaml");
+    let path = golden.to_string_lossy();
+    let validated = weir(&["validate", "--pipeline", &path], &[]);
+    assert!(validated.status.success(), "{}", String::from_utf8_lossy(&validated.stderr));
+    let output = weir(&["run", "--pipeline", &path], &[("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources.customers.table") && stderr.contains("does not read a table's topic yet"), "{stderr}");
+}

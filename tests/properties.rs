@@ -803,3 +803,23 @@ mod join {
         check("inner", "  - filter: \"clicks.v >= 10\"\n  - window: { group_by: [ads.k], tumbling: 5s, aggregates: { n: count(), s: sum(clicks.v) } }");
     }
 }
+
+/// A restarted engine reads its tables again (as `weir run` reads a table's topic) and its
+/// other state from the changelog: lookups and what follows them give what the
+/// uninterrupted run gives.
+#[test]
+fn restarts_keep_the_tables_lookups_read() {
+    for case in ["lookup", "revenue-by-country"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case);
+        let pipeline = weir::plan::load_pipeline(&dir.join("pipeline.yaml")).unwrap_or_else(|problems| panic!("{problems}"));
+        let input = std::fs::read_to_string(dir.join("input.jsonl")).unwrap();
+        for batch_size in [1, 2, 3] {
+            let straight = weir::testing::run(&pipeline, &input, batch_size).unwrap();
+            assert!(straight.len() >= 2, "{case}: {straight:?}");
+            for every in [1, 2] {
+                let restarted = weir::testing::run_with_restarts(&pipeline, &input, batch_size, Some(every)).unwrap();
+                assert_eq!(restarted, straight, "{case}: batch size {batch_size}, restart every {every}");
+            }
+        }
+    }
+}

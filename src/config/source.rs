@@ -24,6 +24,9 @@ pub struct Source {
     pub starting_offsets: StartingOffsets,
     pub on_data_loss: DataLossPolicy,
     pub partitioned_by: Vec<String>,
+    /// `table: {key: [...]}`: read as the latest value per key (a lookup's table), not as a
+    /// stream; the key fields, in the order written.
+    pub table: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +150,10 @@ struct RawSource {
     event_time: Option<RawEventTime>,
     watermark: Option<Watermark>,
     starting_offsets: Option<Yaml>,
-    on_data_loss: DataLossPolicy,
+    on_data_loss: Option<DataLossPolicy>,
     partitioned_by: Vec<String>,
+    /// `table.key`, when `table` is there (an empty list when it did not read).
+    table: Option<Vec<String>>,
 }
 
 impl RawSource {
@@ -162,8 +167,9 @@ impl RawSource {
             event_time: fields.raw("event_time").and_then(|value| RawEventTime::read(value, &format!("{location}.event_time"), problems)),
             watermark: fields.raw("watermark").and_then(|value| Watermark::read(value, &format!("{location}.watermark"), problems)),
             starting_offsets: fields.raw("starting_offsets").cloned(),
-            on_data_loss: fields.or_default("on_data_loss", problems),
+            on_data_loss: fields.optional("on_data_loss", problems),
             partitioned_by: fields.or_default("partitioned_by", problems),
+            table: fields.raw("table").map(|value| read_table(value, &format!("{location}.table"), problems)),
         };
         fields.finish(problems);
         Some(raw)
@@ -190,11 +196,27 @@ impl RawEventTime {
     }
 }
 
-/// One source, or two for a join; None if any is bad (each problem recorded).
+/// `table: {key: [...]}`: the key fields (an empty list, with a problem, when they did not
+/// read).
+fn read_table(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Vec<String> {
+    let Some(mut fields) = Fields::of(value, location, problems) else {
+        return Vec::new();
+    };
+    let key: Vec<String> = fields.required("key", problems).unwrap_or_default();
+    let fine = fields.finish(problems);
+    if fine && key.is_empty() {
+        problems.push(format!("{location}.key"), "must name at least one field");
+    }
+    key
+}
+
+/// One source, or two for a join, and any tables; None if any is bad (each problem
+/// recorded).
 pub fn parse_sources(value: Option<&Yaml>, problems: &mut ConfigErrors) -> Option<Vec<Source>> {
     let sources: BTreeMap<String, Yaml> = section(value, "sources", problems)?;
-    if sources.is_empty() || sources.len() > 2 {
-        problems.push("sources", "must name one source, or two with a join");
+    let streams = sources.values().filter(|source| source.get("table").is_none()).count();
+    if streams == 0 || streams > 2 {
+        problems.push("sources", "must name one source read as a stream, or two with a join (and any tables)");
         return None;
     }
     let mut parsed = Vec::new();
@@ -269,6 +291,33 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
             _ => schema.as_ref().and_then(|schema| schema.field_type(path).cloned()),
         }
     };
+    // A table is read whole, from its beginning, without event time: what streams are read
+    // by has no place there.
+    if raw.table.is_some() {
+        let written = [
+            ("event_time", raw.event_time.is_some()),
+            ("watermark", raw.watermark.is_some()),
+            ("partitioned_by", !raw.partitioned_by.is_empty()),
+            ("starting_offsets", raw.starting_offsets.is_some()),
+            ("on_data_loss", raw.on_data_loss.is_some()),
+        ];
+        for (key, _) in written.iter().filter(|(_, written)| *written) {
+            problems.push(format!("{location}.{key}"), "a table is read whole, from its beginning, as the latest value per key: remove it");
+        }
+        if raw.format == Some(Encoding::String) {
+            problems.push(format!("{location}.format"), "a table needs a schema to find its key in: use json or avro");
+        }
+        for field in raw.table.iter().flatten() {
+            match schema.as_ref().and_then(|schema| schema.declared_type(field)) {
+                None => problems.push(format!("{location}.table.key"), format!("'{field}' is not a field of the schema")),
+                Some(FieldType::Object(_) | FieldType::Array(_) | FieldType::Nullable(_)) => problems.push(
+                    format!("{location}.table.key"),
+                    format!("'{field}' must be a string, long, double, boolean or timestamp that is always there (no ?)"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
     let max_ahead = raw.event_time.as_ref().and_then(|event_time| event_time.max_ahead);
     if let Some(max_ahead) = max_ahead {
         check_duration(max_ahead, Zero::Refused, &format!("{location}.event_time.max_ahead"), problems);
@@ -313,8 +362,9 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
         event_time,
         watermark: raw.watermark,
         starting_offsets: starting_offsets?,
-        on_data_loss: raw.on_data_loss,
+        on_data_loss: raw.on_data_loss.unwrap_or_default(),
         partitioned_by: raw.partitioned_by,
+        table: raw.table,
     })
 }
 

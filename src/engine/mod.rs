@@ -3,11 +3,14 @@
 //! into zero or more outputs (sink or DLQ) and counts what it did, so the exactly-once loop
 //! and a broker-less test harness can drive the same code.
 
+mod clock;
 mod forward;
 mod records;
 mod sink_headers;
+mod tables;
 mod topology;
 
+pub use clock::Clock;
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
 use forward::{forwarded, upsert_id};
 pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, RecordFailure};
@@ -39,27 +42,8 @@ pub struct Engine {
     repartition_topics: Vec<(usize, String)>,
     /// What `event_time.max_ahead` measures against.
     clock: Clock,
-}
-
-/// The wall clock that `event_time.max_ahead` compares event times with: the real one, or
-/// (in `weir test`) a fixed instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Clock {
-    #[default]
-    Wall,
-    /// Epoch milliseconds.
-    Fixed(i64),
-}
-
-impl Clock {
-    /// Epoch milliseconds, read only when `needed` (the wall clock is a system call).
-    fn now_if(self, needed: bool) -> i64 {
-        match (self, needed) {
-            (_, false) => 0,
-            (Clock::Fixed(now), true) => now,
-            (Clock::Wall, true) => chrono::Utc::now().timestamp_millis(),
-        }
-    }
+    /// The table sources' readers, which fill the rows lookups read.
+    tables: Vec<tables::TableReader>,
 }
 
 /// How one output's records become sink records: its encoders, key fields and headers.
@@ -130,7 +114,8 @@ impl Engine {
             Some(join) => Some((decoder_of(&join.right)?, join.right.event_time.clone())),
             None => None,
         };
-        let topology = Topology::new(pipeline)?;
+        let (tables, rows) = tables::table_readers(pipeline, &writers)?;
+        let topology = Topology::new(pipeline, rows)?;
         let repartition_topics = pipeline.repartition_topics();
         Ok(Engine {
             pipeline: pipeline.clone(),
@@ -143,6 +128,7 @@ impl Engine {
             counts: BatchCounts::default(),
             repartition_topics,
             clock: Clock::Wall,
+            tables,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod explode;
 pub mod expression;
 pub mod filter;
 pub mod join;
+pub mod lookup;
 pub mod reshape;
 pub mod window;
 
@@ -32,6 +33,8 @@ use filter::config::Filter;
 use filter::FilterOperator;
 use join::config::Join;
 use join::{JoinOperator, JoinSpec, Side};
+use lookup::config::Lookup;
+use lookup::{LookupOperator, Tables};
 use window::config::Window;
 use window::WindowOperator;
 
@@ -228,6 +231,13 @@ pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Valu
         .collect()
 }
 
+/// A record with these fields at this event time, as a step's unit tests give one.
+#[cfg(test)]
+pub(crate) fn test_record(fields: Value, event_time: i64) -> Record<'static> {
+    let fields = fields.as_object().cloned().unwrap_or_default();
+    Record { fields, event_time, provenance: None, key: None, upsert: false, id: None }
+}
+
 /// A step of the pipeline, as configured: the closed set of kinds, each read and checked by
 /// its own config (`<kind>/config.rs`) and run by its operator (`<kind>/mod.rs`).
 #[derive(Debug, Clone)]
@@ -240,17 +250,19 @@ pub enum Step {
     Dedup(Dedup),
     Window(Window),
     Aggregate(RunningAggregate),
+    Lookup(Lookup),
     /// The `join` of a two-source pipeline: always step 0, before the file's steps.
     Join(Box<Join>),
 }
 
 impl Step {
     /// The kinds a pipeline file's `steps` may hold.
-    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window", "aggregate"];
+    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window", "aggregate", "lookup"];
 
     /// Reads one entry of `steps` by its kind; `input` is the schema of the records it sees
-    /// (None: not known, after a step with problems).
-    pub fn parse(entry: &StepEntry, input: Option<&Schema>, problems: &mut ConfigErrors) -> Option<Step> {
+    /// (None: not known, after a step with problems); `tables` are the table sources (None:
+    /// not known, the sources had problems).
+    pub fn parse(entry: &StepEntry, input: Option<&Schema>, tables: Option<&[Source]>, problems: &mut ConfigErrors) -> Option<Step> {
         let (body, location) = (&entry.body, entry.location.as_str());
         match entry.kind.as_str() {
             "filter" => Filter::parse(body, input, location, problems).map(Step::Filter),
@@ -261,6 +273,7 @@ impl Step {
             "dedup" => Dedup::parse(body, input, location, problems).map(Step::Dedup),
             "window" => Window::parse(body, input, location, problems).map(Step::Window),
             "aggregate" => RunningAggregate::parse(body, input, location, problems).map(Step::Aggregate),
+            "lookup" => Lookup::parse(body, input, tables, location, problems).map(Step::Lookup),
             other => {
                 problems.push(location, format!("unknown step kind '{other}'; kinds: {}", Self::KINDS.join(", ")));
                 None
@@ -299,6 +312,7 @@ impl Step {
             Step::Join(join) => join.output.record_schema(),
             Step::Window(window) => window.output_schema(&input),
             Step::Aggregate(aggregate) => aggregate.output_schema(&input),
+            Step::Lookup(lookup) => lookup.output_schema(&input),
         }
     }
 
@@ -310,6 +324,7 @@ impl Step {
             Step::Select(assignments) => !assignments.keeps(field),
             Step::Drop(drop) => drop.removes(field),
             Step::Explode(explode) => field == explode.field || field == explode.name,
+            Step::Lookup(lookup) => field == lookup.name || field.starts_with(&format!("{}.", lookup.name)),
             Step::Filter(_) | Step::Dedup(_) | Step::Window(_) | Step::Aggregate(_) | Step::Join(_) => false,
         }
     }
@@ -323,14 +338,15 @@ pub enum Operator {
     Dedup(DedupOperator),
     Window(WindowOperator),
     Aggregate(AggregateOperator),
+    Lookup(LookupOperator),
     /// With the right source, which tells a record's side by its topic.
     Join(JoinOperator, Source),
 }
 
 impl Operator {
     /// `input` is the schema of the records the step sees; `limit` bounds the state entries
-    /// a stateful step keeps (see [`StateEntryLimit`]).
-    pub fn build(step: &Step, input: &Schema, limit: StateEntryLimit) -> Result<Operator, BuildError> {
+    /// a stateful step keeps (see [`StateEntryLimit`]); `tables` holds the rows lookups read.
+    pub fn build(step: &Step, input: &Schema, limit: StateEntryLimit, tables: &mut Tables) -> Result<Operator, BuildError> {
         match step {
             Step::Filter(filter) => FilterOperator::new(&filter.expression, input).map(Operator::Filter),
             Step::Set(assignments) => ReshapeOperator::assign(assignments, false, input).map(Operator::Reshape),
@@ -340,6 +356,7 @@ impl Operator {
             Step::Dedup(dedup) => Ok(Operator::Dedup(DedupOperator::new(dedup, limit))),
             Step::Window(window) => Ok(Operator::Window(WindowOperator::new(window, Some(input), limit))),
             Step::Aggregate(aggregate) => Ok(Operator::Aggregate(AggregateOperator::new(aggregate, Some(input), limit))),
+            Step::Lookup(lookup) => Ok(Operator::Lookup(LookupOperator::new(lookup, tables))),
             Step::Join(join) => Ok(Operator::Join(JoinOperator::new(JoinSpec::of(join), limit), join.right.clone())),
         }
     }
@@ -359,6 +376,7 @@ impl Operator {
             Operator::Dedup(dedup) => dedup.process(record, watermark, out),
             Operator::Window(window) => window.process(record, watermark, out),
             Operator::Aggregate(aggregate) => aggregate.process(record, watermark, out),
+            Operator::Lookup(lookup) => lookup.process(record, out),
             Operator::Join(join, right) => {
                 let side = match record.provenance.is_some_and(|provenance| right.reads(provenance.topic)) {
                     true => Side::Right,
@@ -371,7 +389,7 @@ impl Operator {
 
     pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => {}
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) | Operator::Lookup(_) => {}
             Operator::Dedup(dedup) => dedup.advance(watermark),
             Operator::Window(window) => window.advance(watermark, out),
             Operator::Aggregate(aggregate) => aggregate.advance(watermark, out),
@@ -390,7 +408,7 @@ impl Operator {
     /// State entries changed since the last call (stateless steps have none).
     pub fn take_changes(&mut self) -> Vec<StateChange> {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Vec::new(),
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) | Operator::Lookup(_) => Vec::new(),
             Operator::Dedup(dedup) => dedup.take_changes(),
             Operator::Window(window) => window.take_changes(),
             Operator::Aggregate(aggregate) => aggregate.take_changes(),
@@ -401,7 +419,7 @@ impl Operator {
     /// Puts back one state entry read from the changelog (None deletes it).
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => Ok(()),
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) | Operator::Lookup(_) => Ok(()),
             Operator::Dedup(dedup) => dedup.restore(key, value),
             Operator::Window(window) => window.restore(key, value),
             Operator::Aggregate(aggregate) => aggregate.restore(key, value),
@@ -412,7 +430,7 @@ impl Operator {
     /// Keys (dedup) or windows held in state.
     pub fn state_keys(&self) -> usize {
         match self {
-            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) => 0,
+            Operator::Filter(_) | Operator::Reshape(_) | Operator::Explode(_) | Operator::Lookup(_) => 0,
             Operator::Dedup(dedup) => dedup.state_keys(),
             Operator::Window(window) => window.state_keys(),
             Operator::Aggregate(aggregate) => aggregate.state_keys(),
@@ -429,6 +447,7 @@ impl Operator {
             Operator::Dedup(_) => "dedup",
             Operator::Window(_) => "window",
             Operator::Aggregate(_) => "aggregate",
+            Operator::Lookup(_) => "lookup",
             Operator::Join(..) => "join",
         }
     }
@@ -442,6 +461,7 @@ impl Operator {
             Operator::Dedup(dedup) => dedup.describe(),
             Operator::Window(window) => window.describe(),
             Operator::Aggregate(aggregate) => aggregate.describe(),
+            Operator::Lookup(lookup) => lookup.describe(),
             Operator::Join(join, _) => join.describe(),
         }
     }

@@ -15,6 +15,14 @@ use crate::operators::Step;
 /// `problems`; None when any part is missing.
 pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline> {
     let PipelineFile { name, sources, join, steps: entries, outputs, on_error, dlq_topic } = file;
+    // Tables are read whole for lookups; the other sources are the streams.
+    let (tables, sources): (Option<Vec<Source>>, Option<Vec<Source>>) = match sources {
+        Some(sources) => {
+            let (tables, streams) = sources.into_iter().partition(|source| source.table.is_some());
+            (Some(tables), Some(streams))
+        }
+        None => (None, None),
+    };
     let (source, join) = match (sources, join.as_ref()) {
         (None, Some(value)) => {
             check_section(value, problems);
@@ -50,7 +58,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
         join.keep_sources = upsert;
         main.push(Some(Step::Join(Box::new(join))), "join", "join".to_string(), start.clone());
     }
-    main.read(&entries, start.clone(), problems);
+    main.read(&entries, start.clone(), tables.as_deref(), problems);
     let mut branches = Vec::with_capacity(outputs.len());
     for output in &outputs {
         let from = resolve_from(output, &main.kinds, problems);
@@ -65,7 +73,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
             let filter = Filter::check(when, input.as_ref(), &location, problems).map(Step::Filter);
             branch.push(filter, "filter", location, input.clone());
         }
-        branch.read(&output.steps, input.clone(), problems);
+        branch.read(&output.steps, input.clone(), tables.as_deref(), problems);
         let schema = branch.schemas.last().cloned().unwrap_or(input);
         check_fields(&output.sink.key, schema.as_ref(), &format!("{}.key", output.sink.location), problems);
         branches.push((from, branch));
@@ -116,7 +124,7 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
             );
         }
     }
-    let mut pipeline = Pipeline { name, source, steps, main_steps, step_locations, outputs: planned, on_error, dlq_topic };
+    let mut pipeline = Pipeline { name, source, steps, main_steps, step_locations, outputs: planned, on_error, dlq_topic, tables: tables.unwrap_or_default() };
     for output in 0..pipeline.outputs.len() {
         settle_sink_headers(&mut pipeline, output, problems);
         check_formats(&pipeline, output, problems);
@@ -139,10 +147,10 @@ struct Branch {
 }
 
 impl Branch {
-    fn read(&mut self, entries: &[StepEntry], input: Option<Schema>, problems: &mut ConfigErrors) {
+    fn read(&mut self, entries: &[StepEntry], input: Option<Schema>, tables: Option<&[Source]>, problems: &mut ConfigErrors) {
         let mut input = input;
         for entry in entries {
-            let step = Step::parse(entry, input.as_ref(), problems);
+            let step = Step::parse(entry, input.as_ref(), tables, problems);
             input = match (&step, input) {
                 (Some(step), Some(schema)) => Some(step.output_schema(schema)),
                 (None, Some(schema)) if Step::kind_keeps_schema(&entry.kind) => Some(schema),

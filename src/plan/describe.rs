@@ -21,6 +21,11 @@ pub fn describe(loaded: &Loaded) -> String {
         let _ = writeln!(text, "  source {}: {} ({}, read_committed)", join.right.name, topics_of(&join.right), join.right.encoding.as_str());
         let _ = writeln!(text, "    fields: {}", join.right.record_schema().describe());
     }
+    for table in &pipeline.tables {
+        let key = table.table.as_deref().unwrap_or_default().join(", ");
+        let _ = writeln!(text, "  table {}: {} ({}, latest row per [{key}], read whole)", table.name, topics_of(table), table.encoding.as_str());
+        let _ = writeln!(text, "    fields: {}", table.record_schema().describe());
+    }
     let main: Vec<usize> = (0..pipeline.main_steps).collect();
     describe_steps(pipeline, &main, "  ", &mut text);
     let named = pipeline.has_named_outputs();

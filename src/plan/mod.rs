@@ -40,6 +40,8 @@ pub struct Pipeline {
     pub outputs: Vec<Output>,
     pub on_error: ErrorPolicy,
     pub dlq_topic: String,
+    /// The table sources (`table: {key: [...]}`), read whole for lookups.
+    pub tables: Vec<Source>,
 }
 
 /// One output: the records of step `from`, through the output's own steps, to its sink.
@@ -232,7 +234,7 @@ impl Pipeline {
         for index in self.chain(output) {
             let step = &self.steps[index];
             match step {
-                Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => {}
+                Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) | Step::Lookup(_) => {}
                 Step::Dedup(dedup) => key = Some(input.select(&dedup.key)),
                 Step::Join(join) => {
                     key = Some(self.source.record_schema().select(&join.on));
@@ -277,7 +279,7 @@ impl Pipeline {
     fn operator_description(&self, index: usize) -> String {
         self.steps
             .get(index)
-            .and_then(|step| Operator::build(step, &self.schema_seen_by(index), StateEntryLimit::default()).ok())
+            .and_then(|step| Operator::build(step, &self.schema_seen_by(index), StateEntryLimit::default(), &mut Default::default()).ok())
             .map(|operator| operator.describe())
             .unwrap_or_default()
     }
@@ -408,7 +410,7 @@ sources:
 steps:
   - dedup: { key: [nobody], within: 1m }
   - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }
-  - lookup: { table: customers }
+  - enrich: { table: customers }
 sink:
   topic: out
   key: [missing]
@@ -420,7 +422,7 @@ sink:
         }
         // Fields are checked against the schema the steps make, while it is known: a filter
         // or dedup with problems hands on what it received.
-        let text = text.replace("  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }\n  - lookup: { table: customers }\n", "");
+        let text = text.replace("  - window: { group_by: [user], tumbling: 0s, aggregates: { n: count() } }\n  - enrich: { table: customers }\n", "");
         let problems = parse_pipeline(&text.replace("dedup: {", "filter: \"nobody > 1\"\n  - dedup: {")).unwrap_err();
         let locations: Vec<&str> = problems.problems.iter().map(|problem| problem.location.as_str()).collect();
         assert_eq!(locations, ["steps[0].filter", "steps[1].dedup.key", "sink.key", "sources.clicks.event_time", "sources.clicks.watermark"], "{problems}");

@@ -117,7 +117,7 @@ fn cut_stages(pipeline: &Pipeline, in_place: bool) -> Vec<Stage> {
             partitioned_by = None;
         }
         let key = match step {
-            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) => None,
+            Step::Filter(_) | Step::Set(_) | Step::Select(_) | Step::Drop(_) | Step::Explode(_) | Step::Lookup(_) => None,
             Step::Dedup(dedup) => Some(&dedup.key),
             Step::Window(window) => Some(&window.group_by),
             Step::Aggregate(aggregate) => Some(&aggregate.group_by),

@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::operators::lookup::Tables;
 use crate::operators::Step;
 use crate::plan::{Pipeline, Target};
 use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
@@ -158,10 +159,13 @@ pub struct Topology {
     /// Each step's stage, and its position among the stage's steps (its task's operators).
     stage_of: Vec<usize>,
     position_of: Vec<usize>,
+    /// The rows every task's lookups read.
+    tables: Tables,
 }
 
 impl Topology {
-    pub fn new(pipeline: &Pipeline) -> Result<Topology, BuildError> {
+    /// `tables`: the rows its lookups read (the engine applies the tables' records to them).
+    pub fn new(pipeline: &Pipeline, mut tables: Tables) -> Result<Topology, BuildError> {
         let planned = pipeline.stages();
         let parents: Vec<Option<usize>> = planned.stages.iter().map(|stage| stage.parent).collect();
         let (mut stage_of, mut position_of) = (vec![0; pipeline.steps.len()], vec![0; pipeline.steps.len()]);
@@ -185,7 +189,7 @@ impl Topology {
         let targets = std::iter::once(None).chain((0..pipeline.steps.len()).map(Some)).map(|from| pipeline.targets(from)).collect();
         // Every step must build (expressions compile) before any record arrives.
         for (index, step) in pipeline.steps.iter().enumerate() {
-            Operator::build(step, &pipeline.schema_seen_by(index), StateEntryLimit::default())?;
+            Operator::build(step, &pipeline.schema_seen_by(index), StateEntryLimit::default(), &mut tables)?;
         }
         Ok(Topology {
             pipeline: pipeline.clone(),
@@ -203,6 +207,7 @@ impl Topology {
             targets,
             stage_of,
             position_of,
+            tables,
         })
     }
 
@@ -438,7 +443,7 @@ impl Topology {
                 .steps
                 .iter()
                 .zip(&spec.indices)
-                .map(|(step, index)| Operator::build(step, &self.pipeline.schema_seen_by(*index), self.state_entry_limit))
+                .map(|(step, index)| Operator::build(step, &self.pipeline.schema_seen_by(*index), self.state_entry_limit, &mut self.tables))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| ProcessError(error.0))?;
             let watermark = self.task_watermark(stage, id);

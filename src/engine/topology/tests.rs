@@ -23,7 +23,7 @@ sink:
 "#,
     )
     .unwrap();
-    Topology::new(&pipeline).unwrap()
+    Topology::new(&pipeline, Default::default()).unwrap()
 }
 
 fn click(user: &str, ts: i64) -> Record<'static> {

@@ -268,8 +268,7 @@ mod tests {
     }
 
     fn record(user: &str, tag: &str, time: i64) -> Record<'static> {
-        let fields = serde_json::json!({ "user": user, "tag": tag }).as_object().cloned().unwrap_or_default();
-        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
+        crate::operators::test_record(serde_json::json!({ "user": user, "tag": tag }), time)
     }
 
     /// (user, n, last) of each result, or (user, null, null) for a tombstone.

@@ -138,8 +138,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str, time: i64) -> Record<'static> {
-        let fields = serde_json::json!({ "id": id }).as_object().cloned().unwrap_or_default();
-        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
+        crate::operators::test_record(serde_json::json!({ "id": id }), time)
     }
 
     /// A key whose changelog entry the producer could not send goes to `on_error.process`
