@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
 
-use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState};
+use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
 use super::{json_len, key_of, quoted_len, CorruptState, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
@@ -38,14 +38,9 @@ pub struct AggregateOperator {
     changed: BTreeSet<String>,
     /// Groups changed or ended since the last `take_changes`.
     dirty: BTreeSet<String>,
-    /// Processing order, to break event-time ties in first/last.
-    sequence: u64,
-    sequence_changed: bool,
+    sequence: Sequence,
     limit: StateEntryLimit,
 }
-
-/// The changelog key of the processing sequence (group keys are JSON objects).
-const SEQUENCE_KEY: &str = "sequence";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct GroupState {
@@ -71,8 +66,7 @@ impl AggregateOperator {
             expiries: BTreeSet::new(),
             changed: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            sequence: 0,
-            sequence_changed: false,
+            sequence: Sequence::default(),
             limit,
         }
     }
@@ -103,8 +97,7 @@ impl AggregateOperator {
         let group = key_of(&record.fields, &self.group_by);
         let group_text = Value::Object(group.clone()).to_string();
         self.check_size(&group_text, &group, &record)?;
-        self.sequence += 1;
-        self.sequence_changed = true;
+        let sequence = self.sequence.next();
         let state = self.groups.entry(group_text.clone()).or_insert_with(|| GroupState {
             aggregates: initial(&self.aggregates, &self.sums_whole),
             last: i64::MIN,
@@ -112,7 +105,7 @@ impl AggregateOperator {
             group,
         });
         let before = estimate(state, &group_text, self.aggregates.len());
-        let growth = accumulate(&mut state.aggregates, &self.aggregates, &record, self.sequence);
+        let growth = accumulate(&mut state.aggregates, &self.aggregates, &record, sequence);
         state.bytes = Some(before.saturating_add_signed(growth));
         if time > state.last {
             if let Some(ttl) = self.ttl {
@@ -142,7 +135,7 @@ impl AggregateOperator {
             Some(state) => GroupState { group: state.group.clone(), aggregates: state.aggregates.clone(), last: state.last, bytes: None },
             None => GroupState { group: group.clone(), aggregates: initial(&self.aggregates, &self.sums_whole), last: i64::MIN, bytes: None },
         };
-        accumulate(&mut trial.aggregates, &self.aggregates, record, self.sequence + 1);
+        accumulate(&mut trial.aggregates, &self.aggregates, record, self.sequence.peek());
         self.limit.check("aggregate", measure(&trial, group_text))
     }
 
@@ -199,15 +192,12 @@ impl AggregateOperator {
             let value = self.groups.get(&group_text).map(|state| serde_json::to_value(state).unwrap_or(Value::Null));
             changes.push(StateChange { key: group_text, value });
         }
-        if std::mem::take(&mut self.sequence_changed) {
-            changes.push(StateChange { key: SEQUENCE_KEY.into(), value: Some(Value::from(self.sequence)) });
-        }
+        changes.extend(self.sequence.take_change());
         changes
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
-        if key == SEQUENCE_KEY {
-            self.sequence = value.and_then(Value::as_u64).unwrap_or(0);
+        if self.sequence.restore(key, value) {
             return Ok(());
         }
         if let Some(old) = self.groups.remove(key)

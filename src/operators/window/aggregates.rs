@@ -21,6 +21,44 @@ pub(crate) enum AggregateState {
     CountDistinct(HashSet<String>),
 }
 
+/// The order records were processed in, which breaks event-time ties in first/last; kept
+/// in the step's changelog under [`Sequence::KEY`] (state keys are JSON arrays or objects).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sequence {
+    last: u64,
+    changed: bool,
+}
+
+impl Sequence {
+    const KEY: &str = "sequence";
+
+    /// The next record's place.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.last += 1;
+        self.changed = true;
+        self.last
+    }
+
+    /// The place the next record will get, without taking it.
+    pub(crate) fn peek(&self) -> u64 {
+        self.last + 1
+    }
+
+    /// Its changelog entry, when it moved since the last call.
+    pub(crate) fn take_change(&mut self) -> Option<StateChange> {
+        std::mem::take(&mut self.changed).then(|| StateChange { key: Self::KEY.into(), value: Some(Value::from(self.last)) })
+    }
+
+    /// Takes a changelog entry back if it is the sequence's; false for any other key.
+    pub(crate) fn restore(&mut self, key: &str, value: Option<&Value>) -> bool {
+        if key != Self::KEY {
+            return false;
+        }
+        self.last = value.and_then(Value::as_u64).unwrap_or(0);
+        true
+    }
+}
+
 pub(crate) fn initial(aggregates: &[(String, Aggregate)], sums_whole: &[bool]) -> Vec<AggregateState> {
     aggregates
         .iter()

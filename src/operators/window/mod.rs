@@ -37,12 +37,10 @@ pub struct WindowOperator {
     changed: BTreeSet<(String, i64)>,
     /// Sessions merged away since the last commit that had been emitted: (group, start).
     merged_away: Vec<(Map<String, Value>, i64)>,
-    /// Processing order, to break event-time ties in first/last.
-    sequence: u64,
+    sequence: Sequence,
     /// Windows added, updated or closed since the last `take_changes` (a window is listed
     /// once while it lives, by its `dirty` flag; closed ones may repeat).
     dirty: Vec<(String, i64)>,
-    sequence_changed: bool,
     limit: StateEntryLimit,
 }
 
@@ -50,8 +48,6 @@ pub struct WindowOperator {
 /// event time and sequence of first/last, as digits. Reserved in every window's estimate.
 pub(crate) const NUMBERS_RESERVE: usize = 48;
 
-/// The changelog key of the processing sequence (window keys are JSON arrays).
-const SEQUENCE_KEY: &str = "sequence";
 
 struct Group {
     key: Map<String, Value>,
@@ -107,9 +103,8 @@ impl WindowOperator {
             closing: BTreeSet::new(),
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
-            sequence: 0,
+            sequence: Sequence::default(),
             dirty: Vec::new(),
-            sequence_changed: false,
             limit,
         }
     }
@@ -143,10 +138,8 @@ impl WindowOperator {
         let time = record.event_time;
         let lateness = self.lateness;
         let open = move |end: i64| end.saturating_add(lateness) > watermark;
-        let sequence_was_changed = self.sequence_changed;
-        self.sequence += 1;
-        self.sequence_changed = true;
-        let sequence = self.sequence;
+        let sequence_before = self.sequence;
+        let sequence = self.sequence.next();
         let key = key_of(&record.fields, &self.group_by);
         let group_text = serde_json::to_string(&key).unwrap_or_default();
         let growth = growth_bound(&self.aggregates, &record);
@@ -190,8 +183,7 @@ impl WindowOperator {
         };
         if let Err(error) = fits {
             // Refused: nothing changed, not even the processing order.
-            self.sequence -= 1;
-            self.sequence_changed = sequence_was_changed;
+            self.sequence = sequence_before;
             return Err(error);
         }
         Ok(StepOutcome::Passed)
@@ -385,15 +377,12 @@ impl WindowOperator {
             });
             changes.push(StateChange { key, value });
         }
-        if std::mem::take(&mut self.sequence_changed) {
-            changes.push(StateChange { key: SEQUENCE_KEY.into(), value: Some(Value::from(self.sequence)) });
-        }
+        changes.extend(self.sequence.take_change());
         changes
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
-        if key == SEQUENCE_KEY {
-            self.sequence = value.and_then(Value::as_u64).unwrap_or(0);
+        if self.sequence.restore(key, value) {
             return Ok(());
         }
         let (group_text, start): (String, i64) =
