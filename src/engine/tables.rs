@@ -91,9 +91,4 @@ impl Engine {
         self.counts.table_records_in += 1;
         Ok(())
     }
-
-    /// How many rows each table holds.
-    pub fn table_sizes(&self) -> Vec<(String, usize)> {
-        self.tables.iter().map(|table| (table.source.name.clone(), crate::operators::lookup::read(&table.rows).len())).collect()
-    }
 }

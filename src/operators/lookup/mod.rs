@@ -32,14 +32,6 @@ impl Tables {
     pub fn table(&mut self, name: &str) -> Table {
         self.tables.entry(name.to_string()).or_default().clone()
     }
-
-    /// How many rows each table holds.
-    pub fn sizes(&self) -> Vec<(String, usize)> {
-        let mut sizes: Vec<(String, usize)> =
-            self.tables.iter().map(|(name, table)| (name.clone(), read(table).len())).collect();
-        sizes.sort();
-        sizes
-    }
 }
 
 /// The rows, also after a panic elsewhere poisoned the lock (rows are replaced whole, never
