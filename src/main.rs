@@ -212,20 +212,6 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    // Table sources plan, validate and run under `weir test`; the service does not read
-    // their topics yet, and a lookup against tables it never filled would drop or null
-    // every record.
-    if !loaded.pipeline.tables.is_empty() {
-        let mut problems = weir::config::ConfigErrors::default();
-        for table in &loaded.pipeline.tables {
-            problems.push(
-                format!("sources.{}.table", table.name),
-                "table sources run in `weir validate` and `weir test` in this version; `weir run` does not read a table's topic yet",
-            );
-        }
-        eprint!("weir: {problems}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     match Engine::new(&loaded.pipeline) {
         Ok(_) => {}
         Err(message) => {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::codec::avro;
 use crate::config::{Encoding, SourceTopics};
 use crate::plan::Pipeline;
-use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, RecordFailure};
+use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, RecordFailure, TableRecordError};
 use crate::operators::Provenance;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +148,7 @@ pub fn run_with_restarts(
         // tables again, as `weir run` reads a table's topic.
         match engine.is_table_topic(topic) {
             true => {
-                engine.apply_table_record(&input, &mut outputs)?;
+                apply_table_line(&mut engine, &input, true)?;
                 table_log.push((topic.clone(), parsed.partition, *offset - 1, key.clone(), value.clone()));
             }
             false => engine.process(&input, &mut outputs)?,
@@ -169,11 +169,10 @@ pub fn run_with_restarts(
                 engine = Engine::new(pipeline).map_err(|error| TestError::Setup(error.to_string()))?;
                 engine.set_input_partitions(inputs.iter().cloned());
                 engine.set_clock(clock);
-                let mut ignored = Vec::new();
                 for (topic, partition, offset, key, value) in &table_log {
                     let provenance =
                         Provenance { topic, partition: *partition, offset: *offset, timestamp: None, headers: &[], key: key.as_deref() };
-                    engine.apply_table_record(&InputRecord { provenance, key: key.as_deref(), value: value.as_deref() }, &mut ignored)?;
+                    apply_table_line(&mut engine, &InputRecord { provenance, key: key.as_deref(), value: value.as_deref() }, false)?;
                 }
                 for ((entry_topic, partition, step, key), value) in &changelog {
                     let entry = ChangelogEntry {
@@ -194,6 +193,22 @@ pub fn run_with_restarts(
     engine.finish(&mut outputs)?;
     render(pipeline, &shown_names, outputs.drain(..), &mut lines);
     Ok(lines)
+}
+
+/// Applies a table line. One that cannot be applied is reported on stderr (`report`: the
+/// first time it is read), as `weir run` logs it, and changes nothing.
+fn apply_table_line(engine: &mut Engine, input: &InputRecord<'_>, report: bool) -> Result<(), TestError> {
+    match engine.apply_table_record(input) {
+        Ok(()) => Ok(()),
+        Err(TableRecordError::Bad(reason)) => {
+            if report {
+                let at = &input.provenance;
+                eprintln!("skipped a table record at {}[{}]@{}: {reason}", at.topic, at.partition, at.offset);
+            }
+            Ok(())
+        }
+        Err(TableRecordError::Store(reason)) => Err(TestError::Setup(reason)),
+    }
 }
 
 /// A table line read so far, to read the table again after a restart: (topic, partition,

@@ -33,7 +33,40 @@ pub struct Source {
 pub enum SourceTopics {
     List(Vec<String>),
     /// A regular expression matched against whole topic names.
-    Pattern(String),
+    Pattern(TopicPattern),
+}
+
+/// A source's `pattern`, compiled once: which topics a record came from is asked per record.
+#[derive(Debug, Clone)]
+pub struct TopicPattern {
+    text: String,
+    /// `^(text)$`: the pattern matches whole topic names.
+    whole: regex::Regex,
+}
+
+impl TopicPattern {
+    pub fn new(text: &str) -> Result<TopicPattern, regex::Error> {
+        regex::Regex::new(text)?;
+        Ok(TopicPattern { text: text.to_string(), whole: regex::Regex::new(&format!("^({text})$"))? })
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        self.whole.is_match(topic)
+    }
+}
+
+impl PartialEq for TopicPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for TopicPattern {}
+
+impl std::fmt::Display for TopicPattern {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.text)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -134,9 +167,7 @@ impl Source {
     pub fn reads(&self, topic: &str) -> bool {
         match &self.topics {
             SourceTopics::List(topics) => topics.iter().any(|name| name == topic),
-            SourceTopics::Pattern(pattern) => {
-                regex::Regex::new(&format!("^({pattern})$")).is_ok_and(|regex| regex.is_match(topic))
-            }
+            SourceTopics::Pattern(pattern) => pattern.matches(topic),
         }
     }
 }
@@ -236,8 +267,8 @@ fn check_source(name: String, raw: RawSource, location: &str, problems: &mut Con
     let before = problems.problems.len();
     let topics = match (raw.topics, raw.pattern) {
         (Some(topics), None) if !topics.is_empty() => Some(SourceTopics::List(topics)),
-        (None, Some(pattern)) => match regex::Regex::new(&pattern) {
-            Ok(_) => Some(SourceTopics::Pattern(pattern)),
+        (None, Some(pattern)) => match TopicPattern::new(&pattern) {
+            Ok(pattern) => Some(SourceTopics::Pattern(pattern)),
             Err(error) => {
                 problems.push(format!("{location}.pattern"), format!("not a valid regular expression: {error}"));
                 None

@@ -11,6 +11,7 @@ mod tables;
 mod topology;
 
 pub use clock::Clock;
+pub use tables::TableRecordError;
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
 use forward::{forwarded, upsert_id};
 pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, RecordFailure};

@@ -119,8 +119,6 @@ pub struct BatchCounts {
     pub records_in: u64,
     /// Of `records_in`, those read from a join's right source.
     pub right_records_in: u64,
-    /// Records of table sources applied to their tables (not counted in `records_in`).
-    pub table_records_in: u64,
     /// How many records each output wrote (by output index).
     pub records_out_by_output: Vec<u64>,
     pub records_filtered: u64,
@@ -169,7 +167,6 @@ impl BatchCounts {
     pub fn add(&mut self, other: &BatchCounts) {
         self.records_in += other.records_in;
         self.right_records_in += other.right_records_in;
-        self.table_records_in += other.table_records_in;
         if self.records_out_by_output.len() < other.records_out_by_output.len() {
             self.records_out_by_output.resize(other.records_out_by_output.len(), 0);
         }

@@ -132,7 +132,7 @@ impl Pipeline {
 
     /// The first part of the pipeline that reads or writes Avro, in words; None without Avro.
     pub fn avro_user(&self) -> Option<String> {
-        let source = self.sources().into_iter().find(|source| source.encoding == Encoding::Avro);
+        let source = self.sources().into_iter().chain(&self.tables).find(|source| source.encoding == Encoding::Avro);
         if let Some(source) = source {
             return Some(format!("source '{}'", source.name));
         }

@@ -33,6 +33,8 @@ pub struct Health {
     transactions_ready: AtomicBool,
     assigned_partitions: AtomicUsize,
     restoring: AtomicBool,
+    /// Table sources are being read before the first stream record.
+    tables_loading: AtomicBool,
     /// `http.ready_max_lag`; 0: lag does not count.
     lag_limit: AtomicU64,
     /// The largest lag of an owned partition at the last statistics report.
@@ -63,6 +65,10 @@ impl Health {
 
     pub fn set_restoring(&self, restoring: bool) {
         self.restoring.store(restoring, Ordering::Relaxed);
+    }
+
+    pub fn set_tables_loading(&self, loading: bool) {
+        self.tables_loading.store(loading, Ordering::Relaxed);
     }
 
     pub fn set_waiting_for_registry(&self, waiting: bool) {
@@ -114,12 +120,13 @@ impl Health {
     }
 
     /// Ready to do work: the transactional producer is initialized, partitions are assigned,
-    /// their state is restored, the schema registry (if used) answers, and (with `http.ready_max_lag`) no partition lags further.
+    /// their state is restored, the tables are read, the schema registry (if used) answers, and (with `http.ready_max_lag`) no partition lags further.
     pub fn is_ready(&self) -> bool {
         let limit = self.lag_limit.load(Ordering::Relaxed);
         self.transactions_ready.load(Ordering::Relaxed)
             && self.assigned_partitions() > 0
             && !self.restoring.load(Ordering::Relaxed)
+            && !self.tables_loading.load(Ordering::Relaxed)
             && !self.waiting_for_registry.load(Ordering::Relaxed)
             && !self.recovering.load(Ordering::Relaxed)
             && !self.cluster_unreachable.load(Ordering::Relaxed)

@@ -18,7 +18,9 @@
 //!   commit or abort and rewind;
 //! - what the loop and the callbacks share (`loop_state`), and the rebalance callbacks with the
 //!   start positions of newly assigned partitions (`rebalance`);
-//! - restoring state from changelogs (`state`) into the local RocksDB cache (`store`).
+//! - restoring state from changelogs (`state`) into the local RocksDB cache (`store`);
+//! - table sources (`tables`), read whole before the first stream record and then between
+//!   batches, into their local store (`table_store`).
 //!
 //! # Failure handling
 //! - A transactional call's retriable error repeats the call (while the transaction is younger
@@ -59,6 +61,8 @@ mod loop_state;
 mod state;
 pub mod status;
 pub mod store;
+mod table_store;
+mod tables;
 pub mod topics;
 mod transaction;
 
@@ -207,6 +211,18 @@ fn run_once(
         DeliveryMode::Transactional => info!(transactional_id = %transactional_id, "transactions initialized"),
     }
 
+    // Tables are read before the group subscription: the first stream record meets them
+    // whole, and a long first read keeps no group member from polling.
+    let mut tables = match pipeline.tables.is_empty() {
+        true => None,
+        false => Some(tables::TableFeed::open(settings, pipeline, &options.instance, &mut engine, metrics.clone(), status.clone())?),
+    };
+    if let Some(tables) = &mut tables
+        && !tables.bootstrap(&mut engine, registry.as_ref(), &health, &shutdown)?
+    {
+        return Ok(());
+    }
+
     let topics = OutputTopics {
         sinks: sink_topics,
         dlq: pipeline.dlq_topic.clone(),
@@ -274,6 +290,7 @@ fn run_once(
         consumer: &consumer,
         repartition_ends: repartition_ends.as_ref(),
         restorer: restorer.as_ref(),
+        tables,
         registry: registry.as_ref(),
         metrics: &metrics,
         health: &health,

@@ -16,6 +16,7 @@ use super::health::Health;
 use super::rebalance::LoopContext;
 use super::loop_state::LoopState;
 use super::state::{self, Restorer};
+use super::tables::TableFeed;
 use super::transaction::{self, BatchOutcome, BatchProducer, Refusal};
 use super::{schemas, status};
 use crate::runtime::TopicPartitionOffset;
@@ -36,6 +37,8 @@ pub(super) struct Loop<'a> {
     /// Reads the repartition topics' end offsets for `--until-end`.
     pub(super) repartition_ends: Option<&'a BaseConsumer>,
     pub(super) restorer: Option<&'a Restorer>,
+    /// The table sources' readers, applied between batches.
+    pub(super) tables: Option<TableFeed>,
     pub(super) registry: Option<&'a Registry>,
     pub(super) metrics: &'a Metrics,
     pub(super) health: &'a Health,
@@ -90,6 +93,10 @@ impl Loop<'_> {
             if due {
                 self.commit(None)?;
             }
+            if (idle || due) && !self.apply_table_updates()? {
+                // Shut down while waiting for the schema registry: commit and stop above.
+                continue;
+            }
             if self.until_end && (idle || due) && self.reached_end() {
                 self.commit(None)?;
                 if self.reached_end() {
@@ -98,6 +105,16 @@ impl Loop<'_> {
                 }
             }
         }
+    }
+
+    /// Applies what arrived on the tables' topics since the last batch. False when shut
+    /// down while waiting for the schema registry.
+    fn apply_table_updates(&mut self) -> Result<bool, RuntimeError> {
+        let Some(tables) = &mut self.tables else {
+            return Ok(true);
+        };
+        let mut session = self.consumer.context().session();
+        tables.drain(&mut session.engine, self.registry, self.health, self.shutdown)
     }
 
     /// Acts on what the rebalance callbacks left behind during the last poll.

@@ -42,6 +42,30 @@ pub struct Report {
     pub recovering: Option<RecoveryReport>,
     /// The changelog partitions being read back into state right now, by `topic[partition]`.
     pub restoring: BTreeMap<String, RestoreProgress>,
+    /// The table sources, by name.
+    pub tables: BTreeMap<String, TableProgress>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableProgress {
+    /// bootstrapping (read before the first stream record) or live.
+    pub state: String,
+    /// Where this run started reading: the beginning, or the stored positions.
+    pub read_from: String,
+    /// Records between the start positions and the ends seen at start.
+    pub bootstrap_records: u64,
+    /// Records read by this run.
+    pub records_read: u64,
+    /// While bootstrapping: records read per second.
+    pub records_per_second: f64,
+    pub bootstrap_seconds: Option<f64>,
+    /// Records written to the table's topic and not read yet.
+    pub lag: i64,
+    /// The store's estimate.
+    pub rows_estimated: u64,
+    /// Records that could not be applied (see the log), and the last one.
+    pub skipped_records: u64,
+    pub last_skipped: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +164,7 @@ impl Status {
                 last_error: None,
                 recovering: None,
                 restoring: BTreeMap::new(),
+                tables: BTreeMap::new(),
             }),
             last_commit: Mutex::new(Some(Instant::now())),
         }
@@ -169,6 +194,11 @@ impl Status {
                 records_per_second: if seconds > 0.0 { restored as f64 / seconds } else { 0.0 },
             },
         );
+    }
+
+    /// Updates the progress of table `name`.
+    pub fn table(&self, name: &str, update: impl FnOnce(&mut TableProgress)) {
+        update(self.report().tables.entry(name.to_string()).or_default());
     }
 
     /// The restore of `changelog[partition]` ended (done or failed).

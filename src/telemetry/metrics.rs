@@ -57,6 +57,13 @@ pub struct Metrics {
     /// Records that came too late (after the watermark closed what they belong to), whatever
     /// `on_error.late` did with them.
     pub late_records: IntCounter,
+    /// Table sources: rows (the store's estimate), records not read yet, records read and
+    /// records that could not be applied, by table; and how long the last bootstrap took.
+    pub table_rows: IntGaugeVec,
+    pub table_lag: IntGaugeVec,
+    pub table_records: IntCounterVec,
+    pub table_records_skipped: IntCounterVec,
+    pub table_bootstrap_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -143,6 +150,20 @@ impl Metrics {
         .expect("metric definitions are static and valid");
         registry.register(Box::new(event_time_lag.clone())).expect("each metric is registered once");
         let late_records = counter("weir_late_records_total", "Records too late for the watermark, in committed batches.");
+        let table_rows = gauge_vec("weir_table_rows", "Rows of each table source (the local store's estimate).", &["table"]);
+        let table_lag = gauge_vec("weir_table_lag_records", "Records of each table's topic not read yet.", &["table"]);
+        let table_records = counter_vec("weir_table_records_total", "Records of each table's topic applied to its rows.", &["table"]);
+        let table_records_skipped = counter_vec(
+            "weir_table_records_skipped_total",
+            "Records of a table's topic that could not be applied (no key, not decodable); the log says which.",
+            &["table"],
+        );
+        let table_bootstrap_seconds = GaugeVec::new(
+            Opts::new("weir_table_bootstrap_seconds", "How long reading each table before the first stream record took, last time."),
+            &["table"],
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(table_bootstrap_seconds.clone())).expect("each metric is registered once");
         // Known label values start at zero, so that a dashboard sees them before they happen.
         for policy in ["fail", "earliest"] {
             data_loss_events.with_label_values(&[policy]);
@@ -182,6 +203,11 @@ impl Metrics {
             watermark,
             event_time_lag,
             late_records,
+            table_rows,
+            table_lag,
+            table_records,
+            table_records_skipped,
+            table_bootstrap_seconds,
         }
     }
 

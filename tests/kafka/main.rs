@@ -7,6 +7,7 @@ mod aggregate;
 mod avro;
 mod guarantees;
 mod join;
+mod lookup;
 mod operations;
 mod outputs;
 mod passthrough;

@@ -14,8 +14,64 @@ pub mod config;
 
 use config::{Lookup, LookupKind};
 
-/// One table's rows: key (the key fields as a JSON object, in the table's key order) → row.
-pub type Rows = HashMap<String, Map<String, Value>>;
+/// Where a table's rows are kept outside memory (`weir run` keeps them in a local RocksDB,
+/// so a table need not fit in memory and a restart need not read its topic again). Rows
+/// are stored as JSON objects under their key text.
+pub trait RowStore: Send + Sync {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    fn put(&self, key: &str, row: &[u8]) -> Result<(), String>;
+    fn delete(&self, key: &str) -> Result<(), String>;
+}
+
+/// One table's rows: key (the key fields as a JSON object, in the table's key order) → row;
+/// in memory (`weir test`, `weir validate`) or in a [`RowStore`] (`weir run`).
+pub enum Rows {
+    Memory(HashMap<String, Map<String, Value>>),
+    Stored(Box<dyn RowStore>),
+}
+
+impl Default for Rows {
+    fn default() -> Self {
+        Rows::Memory(HashMap::new())
+    }
+}
+
+impl Rows {
+    /// The row under `key`. A stored row that cannot be read is an error of the store, not
+    /// of the record looking it up.
+    pub fn get(&self, key: &str) -> Result<Option<Map<String, Value>>, String> {
+        match self {
+            Rows::Memory(rows) => Ok(rows.get(key).cloned()),
+            Rows::Stored(store) => match store.get(key)? {
+                None => Ok(None),
+                Some(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(Value::Object(row)) => Ok(Some(row)),
+                    Ok(_) | Err(_) => Err(format!("the stored row under {key} is not a JSON object")),
+                },
+            },
+        }
+    }
+
+    pub fn put(&mut self, key: String, row: Map<String, Value>) -> Result<(), String> {
+        match self {
+            Rows::Memory(rows) => {
+                rows.insert(key, row);
+                Ok(())
+            }
+            Rows::Stored(store) => store.put(&key, Value::Object(row).to_string().as_bytes()),
+        }
+    }
+
+    pub fn delete(&mut self, key: &str) -> Result<(), String> {
+        match self {
+            Rows::Memory(rows) => {
+                rows.remove(key);
+                Ok(())
+            }
+            Rows::Stored(store) => store.delete(key),
+        }
+    }
+}
 
 /// A table's rows, shared by the engine that applies its records and the lookups that read
 /// them.
@@ -87,7 +143,12 @@ impl LookupOperator {
 
     pub fn process<'a>(&mut self, mut record: Record<'a>, out: &mut Vec<Emitted<'a>>) -> Result<StepOutcome, ProcessError> {
         let key = row_key(self.on.iter().map(|(stream, table)| (table.as_str(), field_at(&record.fields, stream))));
-        let row = key.and_then(|key| read(&self.table).get(&key).cloned());
+        let row = match key {
+            None => None,
+            Some(key) => read(&self.table)
+                .get(&key)
+                .map_err(|error| ProcessError(format!("looking up table {}: {error}", self.table_name)))?,
+        };
         let value = match (row, self.kind) {
             (Some(row), _) => Value::Object(row),
             (None, LookupKind::Inner) => return Ok(StepOutcome::Dropped),
