@@ -258,10 +258,41 @@ struct Topics {
     persons: String,
     auctions: String,
     bids: String,
+    /// The enrichment's table (filled only when that workload runs).
+    accounts: String,
+}
+
+/// Rows of the enrichment's table; a bid looks up account `id % ACCOUNTS`.
+const ACCOUNTS: u64 = 1_000_000;
+
+/// Account `n`'s row, about 110 bytes, keyed by `n`.
+fn account(n: u64) -> String {
+    format!(r#"{{"account":{n},"name":"account {n:07}","country":"c{:02}","tier":{},"since":"2024-01-01","extra":"{:020}"}}"#, n % 50, n % 5, n * 7)
+}
+
+/// Writes the enrichment's table: one row per account, keyed by its number as text.
+fn produce_accounts(topics: &mut Topics) {
+    topics.accounts = unique("accounts");
+    create_topic_with(&topics.accounts, PARTITIONS, &[("retention.ms", "-1"), ("cleanup.policy", "compact")]);
+    let producer = TestProducer::new();
+    for n in 0..ACCOUNTS {
+        producer.send(&topics.accounts, &Input::keyed(n.to_string(), account(n)));
+    }
+    producer.flush();
+}
+
+/// What each enriched bid carries of its account: its number and tier, in one value.
+fn account_mark(account: u64, tier: u64) -> u64 {
+    account * 8 + tier
 }
 
 fn produce_all(generated: &Generated) -> Topics {
-    let topics = Topics { persons: unique("nexmark-persons"), auctions: unique("nexmark-auctions"), bids: unique("nexmark-bids") };
+    let topics = Topics {
+        persons: unique("nexmark-persons"),
+        auctions: unique("nexmark-auctions"),
+        bids: unique("nexmark-bids"),
+        accounts: String::new(),
+    };
     for topic in [&topics.persons, &topics.auctions, &topics.bids] {
         create_topic_with(topic, PARTITIONS, &[("retention.ms", "-1")]);
     }
@@ -316,6 +347,8 @@ enum Expected {
     TwoOutputs(Box<Expected>, Box<Expected>),
     /// The last (bids, total) per auction an upsert reader keeps.
     Totals(BTreeMap<u64, (u64, u64)>),
+    /// Every bid once per time it was sent, with its account: (id, account mark).
+    Enriched(Sum),
 }
 
 fn field(value: &Value, path: &[&str]) -> u64 {
@@ -355,6 +388,10 @@ fn check(output: &str, expected: &Expected) -> Result<String, String> {
         Expected::Bids(want) => compare("bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
         Expected::TwoOutputs(..) => Err("checked above".into()),
         Expected::Distinct(want) => compare("distinct bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), field(v, &["price"])))), want),
+        Expected::Enriched(want) => {
+            let mark = |v: &Value| account_mark(field(v, &["accounts", "account"]), field(v, &["accounts", "tier"]));
+            compare("enriched bids", Sum::of(values.iter().map(|v| (field(v, &["id"]), mark(v)))), want)
+        }
         Expected::Pairs(want) => {
             compare("join pairs", Sum::of(values.iter().map(|v| (field(v, &["auctions", "auction"]), field(v, &["bids", "id"])))), want)
         }
@@ -429,6 +466,9 @@ struct Measured {
     cpu_seconds: f64,
     peak_rss_mib: f64,
     state_bytes: u64,
+    /// From the start to processing: weir's table read (its log), Kafka Streams' start to
+    /// RUNNING (global tables are read before it).
+    startup_seconds: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -444,6 +484,9 @@ enum Workload {
     TwoOutputs,
     /// A running count and sum of prices per auction, without windows.
     Aggregate,
+    /// Each bid enriched from a table of a million accounts (a lookup; Kafka Streams'
+    /// KStream-GlobalKTable join).
+    Enrich,
 }
 
 impl Workload {
@@ -457,6 +500,7 @@ impl Workload {
             Workload::Projection => "projection: filter + set + select",
             Workload::TwoOutputs => "two outputs: pass-through + projection",
             Workload::Aggregate => "running count + sum per auction",
+            Workload::Enrich => "enrich from a 1M-row table",
         }
     }
 }
@@ -520,6 +564,15 @@ fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, 
             weir_source("bids", &topics.bids),
             "steps:\n  - aggregate: { group_by: [auction], aggregates: { bids: count(), total: sum(price) } }\n".to_string(),
         ),
+        Workload::Enrich => (
+            format!(
+                "{}  accounts:\n    topics: [{}]\n    format: json\n    \
+                 schema: {{ account: long, name: string, country: string, tier: long, since: string, extra: string }}\n    table: {{ key: [account] }}\n",
+                weir_source("bids", &topics.bids),
+                topics.accounts
+            ),
+            format!("steps:\n  - set: {{ account: \"id % {ACCOUNTS}\" }}\n  - lookup: {{ table: accounts, on: {{ account: account }} }}\n"),
+        ),
         Workload::Join => (
             format!("{}{}", weir_source("auctions", &topics.auctions), weir_source("bids", &topics.bids)),
             format!("join:\n  left: auctions\n  right: bids\n  type: inner\n  on: [auction]\n  within: {{ lower: 0s, upper: {AUCTION_LIFETIME_MS}ms }}\n"),
@@ -534,6 +587,7 @@ fn kstreams_arguments(workload: Workload, topics: &Topics, output: &str, app: &s
         Workload::PassThrough => ("passthrough", topics.bids.clone(), vec![]),
         Workload::Dedup => ("dedup", topics.bids.clone(), vec!["--dedup-fields".into(), "auction,id".into()]),
         Workload::Aggregate => ("aggregate", topics.bids.clone(), ["--group-field", "auction", "--sum-field", "price"].map(String::from).to_vec()),
+        Workload::Enrich => ("enrich", format!("{},{}", topics.bids, topics.accounts), vec!["--table-size".into(), ACCOUNTS.to_string()]),
         Workload::Tumbling | Workload::Hopping => {
             let slide = if matches!(workload, Workload::Hopping) { HOP_MS } else { WINDOW_MS };
             (
@@ -636,6 +690,7 @@ fn run_kstreams(jar: &Path, workload: Workload, topics: &Topics, output: &str, e
         cpu_seconds: value("cpu_since_running_s"),
         peak_rss_mib: peak_kib as f64 / 1024.0,
         state_bytes: directory_bytes(state.path()),
+        startup_seconds: Some(value("startup_to_running_s")),
     }
 }
 
@@ -651,20 +706,23 @@ fn run_weirs(pipelines: &[String]) -> Measured {
         files.iter().map(|file| WeirProcess::start(&file.path, WeirOptions { until_end: true, ..Default::default() })).collect();
     // Ready: they own their partitions. Polled often, so the clock starts on time; a run that
     // ends before it is seen ready is a failure, not a hang.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for weir in &mut processes {
+    // (A table read before the first record, as in the enrichment, counts in the memory.)
+    let pids: Vec<u32> = processes.iter().map(|weir| weir.child.id()).collect();
+    let mut peak_kib = vec![0u64; pids.len()];
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for (index, weir) in processes.iter_mut().enumerate() {
         while !is_ready(weir) {
             if let Some(status) = weir.child.try_wait().unwrap() {
                 panic!("weir exited ({status}) before it was ready:\n{}", weir.log_text());
             }
-            assert!(Instant::now() < deadline, "weir not ready within 120 s:\n{}", weir.log_text());
+            assert!(Instant::now() < deadline, "weir not ready within 600 s:\n{}", weir.log_text());
+            peak_kib[index] = peak_kib[index].max(rss_kib(pids[index]));
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let pids: Vec<u32> = processes.iter().map(|weir| weir.child.id()).collect();
     let cpu_at_ready: Vec<f64> = pids.iter().map(|pid| process_cpu_seconds(*pid)).collect();
     let started = Instant::now();
-    let (mut peak_kib, mut cpu) = (vec![0u64; pids.len()], cpu_at_ready.clone());
+    let mut cpu = cpu_at_ready.clone();
     let mut running: Vec<bool> = vec![true; pids.len()];
     while running.iter().any(|running| *running) {
         for (index, weir) in processes.iter_mut().enumerate() {
@@ -687,13 +745,20 @@ fn run_weirs(pipelines: &[String]) -> Measured {
         cpu_seconds: cpu.iter().zip(&cpu_at_ready).map(|(last, first)| last - first).sum(),
         peak_rss_mib: peak_kib.iter().sum::<u64>() as f64 / 1024.0,
         state_bytes: files.iter().map(|file| directory_bytes(&file.path.parent().unwrap().join("state"))).sum(),
+        startup_seconds: processes.iter().find_map(|weir| table_read_seconds(&weir.log_text())),
     }
+}
+
+/// The seconds weir's log says reading the tables took, if it read any.
+fn table_read_seconds(log: &str) -> Option<f64> {
+    let line = log.lines().find(|line| line.contains("tables read"))?;
+    line.split("seconds=").nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
 /// The physical baseline ([`support::raw_loop`]): at-least-once, or `transactional`.
 fn raw_passthrough(input: &str, output: &str, records: u64, stop: Option<Arc<AtomicBool>>, transactional: bool) -> Measured {
     let (seconds, cpu_seconds) = raw_loop(input, output, PARTITIONS, records, stop, transactional);
-    Measured { seconds, cpu_seconds, peak_rss_mib: 0.0, state_bytes: 0 }
+    Measured { seconds, cpu_seconds, peak_rss_mib: 0.0, state_bytes: 0, startup_seconds: None }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -755,7 +820,7 @@ fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Runni
 
 /// p50 and p99 of produce→consume latency in ms, at `rate` records/s for `seconds`.
 fn latency(system: System, jar: &Path, rate: f64, seconds: u64) -> (i64, i64) {
-    let topics = Topics { persons: String::new(), auctions: String::new(), bids: unique("lat-in") };
+    let topics = Topics { persons: String::new(), auctions: String::new(), bids: unique("lat-in"), accounts: String::new() };
     let output = unique("lat-out");
     create_topic(&topics.bids, PARTITIONS);
     create_topic(&output, PARTITIONS);
@@ -940,7 +1005,7 @@ fn main() {
     let must_close = generated.max_bid_time() - OUT_OF_ORDERNESS_MS - 5_000;
     let tumbling = Expected::Windows { counts: window_counts(&generated, WINDOW_MS, WINDOW_MS), must_close, count_field: "bids" };
     let hopping = Expected::Windows { counts: window_counts(&generated, WINDOW_MS, HOP_MS), must_close, count_field: "bids" };
-    let topics = produce_all(&generated);
+    let mut topics = produce_all(&generated);
     eprintln!("e2e: generated and produced {} events in {:.1} s", generated.events(), generating.elapsed().as_secs_f64());
     let bids = generated.bids.len() as u64;
     let auctions = generated.auctions.len() as u64;
@@ -975,6 +1040,11 @@ fn main() {
         (Workload::Hopping, hopping, bids),
         (Workload::Join, Expected::Pairs(Sum { count: pairs.count, checksum: pairs.checksum }), auctions + bids),
         (Workload::Aggregate, Expected::Totals(totals(&generated.bids)), bids),
+        (
+            Workload::Enrich,
+            Expected::Enriched(Sum::of(generated.bids.iter().map(|bid| (bid.id, account_mark(bid.id % ACCOUNTS, (bid.id % ACCOUNTS) % 5))))),
+            bids,
+        ),
         (Workload::Projection, Expected::Bids(projected(&generated.bids)), bids),
         (
             Workload::TwoOutputs,
@@ -1000,6 +1070,11 @@ fn main() {
         let name = format!("{workload:?}").to_lowercase();
         options.workloads.is_empty() || options.workloads.contains(&name)
     };
+    if runs("throughput") && chosen(&Workload::Enrich) {
+        let producing = Instant::now();
+        produce_accounts(&mut topics);
+        eprintln!("e2e: produced {ACCOUNTS} accounts in {:.1} s", producing.elapsed().as_secs_f64());
+    }
     for (workload, expected, events) in expectations.iter().filter(|(workload, _, _)| runs("throughput") && chosen(workload)) {
         let systems: &[System] = match workload {
             Workload::PassThrough => &[System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams],
@@ -1066,6 +1141,28 @@ fn main() {
                 row.measured.state_bytes as f64 / 1_048_576.0,
                 distinct.count
             ));
+        }
+    }
+
+    if rows.iter().any(|row| matches!(row.workload, Workload::Enrich)) {
+        say(String::new());
+        say(format!("## The enrichment's table ({ACCOUNTS} rows of about 110 bytes): read before the first record"));
+        say(String::new());
+        for system in [System::Weir, System::KafkaStreams] {
+            if let Some(row) = find(Workload::Enrich.label(), system) {
+                let what = match system {
+                    System::KafkaStreams => "start to RUNNING (the global table is read first)",
+                    _ => "reading the table (log: tables read)",
+                };
+                say(format!(
+                    "- {}: {} {:.1} s; peak RSS {:.0} MiB; state on disk {:.0} MiB",
+                    system.label(),
+                    what,
+                    row.measured.startup_seconds.unwrap_or(f64::NAN),
+                    row.measured.peak_rss_mib,
+                    row.measured.state_bytes as f64 / 1_048_576.0
+                ));
+            }
         }
     }
 

@@ -84,6 +84,15 @@ impl Engine {
         }
     }
 
+    /// Writes the table rows applied so far to their store (`weir run` gathers a read's
+    /// worth into one write), before the positions after them are recorded.
+    pub fn flush_tables(&self) -> Result<(), TableRecordError> {
+        for table in &self.tables {
+            write(&table.rows).flush().map_err(|error| TableRecordError::Store(format!("table {}: {error}", table.source.name)))?;
+        }
+        Ok(())
+    }
+
     /// Applies one record of a table's topic: its row replaces the key's, and a null value
     /// (a tombstone) deletes the key named by the Kafka key. A record that does not decode,
     /// or whose key cannot be told, changes nothing and says why: every instance reads every

@@ -10,7 +10,7 @@
 //! from the topics, with a log line saying why.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
@@ -96,7 +96,7 @@ impl TableStore {
 
     /// Where `table`'s rows are read and written.
     pub fn rows(&self, table: &str) -> Box<dyn RowStore> {
-        Box::new(StoredRows { db: self.db.clone(), family: family(table) })
+        Box::new(StoredRows { db: self.db.clone(), family: family(table), pending: Mutex::new(WriteBatch::default()) })
     }
 
     /// The next offset to read of a table partition, as recorded.
@@ -198,28 +198,50 @@ fn open_db(directory: &Path, tables: &[Source]) -> Result<DB, OpenError> {
     Ok(db)
 }
 
+/// One table's rows in the store. Writes are gathered into one WriteBatch until `flush`
+/// (a write per record would be a write-ahead-log append, a system call, each).
 struct StoredRows {
     db: Arc<DB>,
     family: String,
+    pending: Mutex<WriteBatch>,
 }
 
 impl StoredRows {
     fn handle(&self) -> Result<&rocksdb::ColumnFamily, String> {
         self.db.cf_handle(&self.family).ok_or_else(|| format!("the table store has no family {}", self.family))
     }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, WriteBatch> {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl RowStore for StoredRows {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        if !self.pending().is_empty() {
+            self.flush()?;
+        }
         self.db.get_cf(self.handle()?, key).map_err(|error| error.to_string())
     }
 
     fn put(&self, key: &str, row: &[u8]) -> Result<(), String> {
-        self.db.put_cf(self.handle()?, key, row).map_err(|error| error.to_string())
+        let handle = self.handle()?;
+        self.pending().put_cf(handle, key, row);
+        Ok(())
     }
 
     fn delete(&self, key: &str) -> Result<(), String> {
-        self.db.delete_cf(self.handle()?, key).map_err(|error| error.to_string())
+        let handle = self.handle()?;
+        self.pending().delete_cf(handle, key);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), String> {
+        let batch = std::mem::take(&mut *self.pending());
+        match batch.is_empty() {
+            true => Ok(()),
+            false => self.db.write(batch).map_err(|error| error.to_string()),
+        }
     }
 }
 

@@ -42,6 +42,8 @@ const MISSING_TOPIC_PATIENCE: Duration = Duration::from_secs(5);
 /// Between batches the loop applies at most this many table records per topic, so that a
 /// burst of table updates delays the stream by a bounded amount; the rest waits a batch.
 const DRAIN_RECORDS: usize = 20_000;
+/// How long librdkafka waits before fetching more for a partition whose queue was full.
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 /// How often positions, gauges and `/status` are brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -222,6 +224,7 @@ impl TableFeed {
         limit: usize,
     ) -> Result<bool, RuntimeError> {
         let mut wait = first_wait;
+        let mut stopped = false;
         let TopicReader { table, topic, avro, consumer, partitions } = &mut self.readers[index];
         let context = Context { registry, health, status: &self.status, metrics: &self.metrics, shutdown };
         for _ in 0..limit {
@@ -251,11 +254,15 @@ impl TableFeed {
             };
             match applied {
                 Applied::Record => self.metrics.table_records.with_label_values(&[table.as_str()]).inc(),
-                Applied::Stopped => return Ok(false),
+                Applied::Stopped => {
+                    stopped = true;
+                    break;
+                }
                 Applied::EndOfPartition | Applied::Nothing => {}
             }
         }
-        Ok(true)
+        engine.flush_tables().map_err(|error| RuntimeError::store("writing table rows", error))?;
+        Ok(!stopped)
     }
 
     /// Writes the positions reached and brings gauges and `/status` up to date.
@@ -412,7 +419,8 @@ fn open_table(settings: &Settings, source: &Source, store: &TableStore, group: &
     }
     let mut readers = Vec::new();
     for (topic, layout) in layouts {
-        let consumer: BaseConsumer<Ends> = clients::admin_config(settings)
+        let mut config = clients::admin_config(settings);
+        config
             // librdkafka assigns only with a group id; this one never joins (no subscription)
             // and never commits.
             .set("group.id", group)
@@ -424,7 +432,14 @@ fn open_table(settings: &Settings, source: &Source, store: &TableStore, group: &
             // A position that fell out of retention is reported (and the table read anew).
             .set("auto.offset.reset", "error")
             // Feeds the lag gauge.
-            .set("statistics.interval.ms", "1000")
+            .set("statistics.interval.ms", "1000");
+        // librdkafka stops fetching a partition for fetch.queue.backoff.ms (1 s) once its
+        // queue is full; a bootstrap empties the queue well within that and then waits,
+        // which took half of a million-row read. The user's value wins.
+        if !settings.kafka.options.contains_key("fetch.queue.backoff.ms") {
+            config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        }
+        let consumer: BaseConsumer<Ends> = config
             .create_with_context(Ends::default())
             .map_err(|error| RuntimeError::Setup(format!("creating the consumer of table {}: {error}", source.name)))?;
         let mut assignment = TopicPartitionList::new();

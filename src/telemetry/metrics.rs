@@ -152,7 +152,7 @@ impl Metrics {
         let late_records = counter("weir_late_records_total", "Records too late for the watermark, in committed batches.");
         let table_rows = gauge_vec("weir_table_rows", "Rows of each table source (the local store's estimate).", &["table"]);
         let table_lag = gauge_vec("weir_table_lag_records", "Records of each table's topic not read yet.", &["table"]);
-        let table_records = counter_vec("weir_table_records_total", "Records of each table's topic applied to its rows.", &["table"]);
+        let table_records = counter_vec("weir_table_records_total", "Records of each table's topic read (applied, or skipped as weir_table_records_skipped_total counts).", &["table"]);
         let table_records_skipped = counter_vec(
             "weir_table_records_skipped_total",
             "Records of a table's topic that could not be applied (no key, not decodable); the log says which.",

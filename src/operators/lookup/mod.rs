@@ -17,10 +17,12 @@ use config::{Lookup, LookupKind};
 /// Where a table's rows are kept outside memory (`weir run` keeps them in a local RocksDB,
 /// so a table need not fit in memory and a restart need not read its topic again). Rows
 /// are stored as JSON objects under their key text.
+/// Writes may be buffered until [`RowStore::flush`]; a `get` sees every write before it.
 pub trait RowStore: Send + Sync {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
     fn put(&self, key: &str, row: &[u8]) -> Result<(), String>;
     fn delete(&self, key: &str) -> Result<(), String>;
+    fn flush(&self) -> Result<(), String>;
 }
 
 /// One table's rows: key (the key fields as a JSON object, in the table's key order) → row;
@@ -69,6 +71,14 @@ impl Rows {
                 Ok(())
             }
             Rows::Stored(store) => store.delete(key),
+        }
+    }
+
+    /// Writes what is buffered (a stored table's rows are written a read at a time).
+    pub fn flush(&self) -> Result<(), String> {
+        match self {
+            Rows::Memory(_) => Ok(()),
+            Rows::Stored(store) => store.flush(),
         }
     }
 }

@@ -17,6 +17,7 @@ import org.apache.kafka.streams.StreamsBuilder;
 import org.apache.kafka.streams.StreamsConfig;
 import org.apache.kafka.streams.Topology;
 import org.apache.kafka.streams.kstream.Consumed;
+import org.apache.kafka.streams.kstream.GlobalKTable;
 import org.apache.kafka.streams.kstream.Grouped;
 import org.apache.kafka.streams.kstream.JoinWindows;
 import org.apache.kafka.streams.kstream.KStream;
@@ -48,6 +49,9 @@ import org.apache.kafka.streams.state.WindowStoreIterator;
  *       advancing by --advance-ms (default: tumbling), grace --grace-ms (default 1000),
  *       suppress(untilWindowCloses), output {GROUP,"window_start","window_end",COUNT} keyed by
  *       the group, COUNT named by --count-field (default count).
+ *   <li>enrich: INPUTS=STREAM,TABLE; each record joined with the row of a GlobalKTable under
+ *       key id % --table-size (default 1000000), output the record plus "account" and
+ *       "accounts" (the row).
  *   <li>join: INPUTS=LEFT,RIGHT; inner KStream-KStream join, JoinWindows.ofTimeDifferenceAndGrace
  *       (--join-window-ms, --join-grace-ms, and --join-before-ms to narrow how far the right
  *       record may precede the left), output {LEFT_NAME:...,RIGHT_NAME:...} (--left-name,
@@ -261,6 +265,26 @@ final class StreamsBench {
                         Materialized.<String, JsonNode, org.apache.kafka.streams.state.KeyValueStore<org.apache.kafka.common.utils.Bytes, byte[]>>as("totals")
                             .withKeySerde(ks).withValueSerde(vs))
                     .toStream()
+                    .peek((k, v) -> OUT.incrementAndGet())
+                    .to(output, produced);
+            }
+            case "enrich" -> {
+                // INPUTS=STREAM,TABLE: each record joined with the row of account id % --table-size
+                // from a GlobalKTable (every instance reads the whole table into RocksDB first).
+                if (inputs.length != 2) throw new IllegalArgumentException("enrich needs INPUTS=STREAM,TABLE");
+                KStream<String, JsonNode> s = source(b, inputs[0], consumed);
+                long tableSize = Long.parseLong(o.getOrDefault("table-size", "1000000"));
+                GlobalKTable<String, JsonNode> accounts = b.globalTable(inputs[1], Consumed.with(ks, vs),
+                    Materialized.<String, JsonNode, org.apache.kafka.streams.state.KeyValueStore<org.apache.kafka.common.utils.Bytes, byte[]>>as("accounts")
+                        .withKeySerde(ks).withValueSerde(vs));
+                s.join(accounts,
+                        (k, v) -> String.valueOf(v.path("id").asLong() % tableSize),
+                        (v, row) -> {
+                            ObjectNode n = v.deepCopy();
+                            n.put("account", v.path("id").asLong() % tableSize);
+                            n.set("accounts", row);
+                            return (JsonNode) n;
+                        })
                     .peek((k, v) -> OUT.incrementAndGet())
                     .to(output, produced);
             }
