@@ -216,6 +216,15 @@ impl StoredRows {
     }
 }
 
+/// Rows applied but not yet written are written when the engine lets go of its tables.
+impl Drop for StoredRows {
+    fn drop(&mut self) {
+        if let Err(error) = self.flush() {
+            warn!(family = %self.family, %error, "writing the last table rows at stop; the next start reads them again");
+        }
+    }
+}
+
 impl RowStore for StoredRows {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
         if !self.pending().is_empty() {
