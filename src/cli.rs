@@ -26,8 +26,9 @@ pub enum Command {
     Test(TestArgs),
     /// Reset a stopped pipeline: `--state` deletes its state (changelog, repartition and
     /// definitions topics), so changed stateful steps start empty from the committed
-    /// offsets; `--to-earliest` or `--to-datetime` moves the committed offsets (and resets
-    /// any state).
+    /// offsets; `--to-earliest`, `--to-latest`, `--to-datetime` or `--by-duration` moves the
+    /// committed offsets (and resets any state). Without `--execute` it only shows what it
+    /// would do.
     Reset(ResetArgs),
 }
 
@@ -41,13 +42,28 @@ pub struct ResetArgs {
     /// Move the pipeline's committed source offsets to the beginning of each partition.
     /// A pipeline with state also has its state deleted: replayed input over old state
     /// would be judged as duplicates and late.
-    #[arg(long, conflicts_with = "to_datetime")]
+    #[arg(long, group = "target")]
     pub to_earliest: bool,
+    /// Move the committed source offsets to the end of each partition: what is there now
+    /// is skipped. State as with --to-earliest.
+    #[arg(long, group = "target")]
+    pub to_latest: bool,
     /// Move the committed source offsets to the first record at or after this time
     /// (RFC 3339, e.g. 2026-11-22T10:00:00Z; the end where there is none). State as with
     /// --to-earliest.
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", group = "target")]
     pub to_datetime: Option<String>,
+    /// Move the committed source offsets to the first record at or after this long ago
+    /// (e.g. 30m, 2h, 1d). State as with --to-earliest.
+    #[arg(long, value_name = "DURATION", group = "target")]
+    pub by_duration: Option<String>,
+    /// Show what the reset would delete and where the offsets would go, and change
+    /// nothing (what happens without --execute too).
+    #[arg(long, conflicts_with = "execute")]
+    pub dry_run: bool,
+    /// Do the reset.
+    #[arg(long)]
+    pub execute: bool,
 }
 
 #[derive(Debug, Args)]

@@ -40,19 +40,15 @@ fn main() -> ExitCode {
 }
 
 fn reset(args: &ResetArgs) -> ExitCode {
-    let target = match (&args.to_datetime, args.to_earliest) {
-        (Some(text), _) => match chrono::DateTime::parse_from_rfc3339(text) {
-            Ok(time) => Some(weir::reset::OffsetTarget::Time(time.timestamp_millis())),
-            Err(error) => {
-                eprintln!("weir: 1 configuration problem:\n  - --to-datetime: '{text}' is not an RFC 3339 time ({error}), e.g. 2026-11-22T10:00:00Z");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        (None, true) => Some(weir::reset::OffsetTarget::Earliest),
-        (None, false) => None,
+    let target = match reset_target(args) {
+        Ok(target) => target,
+        Err(problem) => {
+            eprintln!("weir: 1 configuration problem:\n  - {problem}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     if !args.state && target.is_none() {
-        eprintln!("weir: say what to reset: --state, --to-earliest or --to-datetime TIME");
+        eprintln!("weir: say what to reset: --state, --to-earliest, --to-latest, --to-datetime TIME or --by-duration DURATION");
         return ExitCode::from(EXIT_CONFIG);
     }
     let loaded = match load(&args.config) {
@@ -62,27 +58,71 @@ fn reset(args: &ResetArgs) -> ExitCode {
     let name = &loaded.pipeline.name;
     let result = runtime::check_connection(&loaded.settings)
         .map_err(weir::reset::ResetError::from)
-        .and_then(|()| weir::reset::wait_for_an_empty_group(&loaded))
-        .and_then(|()| {
-        // State first: offsets moved over old state would replay into it.
-        let deleted = weir::reset::reset_state(&loaded)?;
-        match deleted.is_empty() {
-            true => println!("pipeline {name} has no state to reset"),
-            false => println!("deleted the state of pipeline {name}: {}", deleted.join(", ")),
-        }
-        if let Some(target) = target {
-            for runtime::TopicPartitionOffset { topic, partition, offset } in weir::reset::reset_offsets(&loaded, target)? {
-                println!("{topic}[{partition}]: next offset {offset}");
+        .and_then(|()| weir::reset::plan(&loaded, args.state, target))
+        .and_then(|plan| {
+            if !args.execute {
+                print_reset_plan(&loaded, &plan);
+                return Ok(());
             }
-        }
-        Ok(())
-    });
+            weir::reset::execute(&loaded, &plan)?;
+            match plan.state_topics.is_empty() {
+                true => println!("pipeline {name} has no state to reset"),
+                false => println!("deleted the state of pipeline {name}: {}", plan.state_topics.join(", ")),
+            }
+            for weir::reset::OffsetMove { topic, partition, committed, next } in &plan.offsets {
+                println!("{topic}[{partition}]: next offset {next} (was {})", committed.map_or("none".to_string(), |offset| offset.to_string()));
+            }
+            Ok(())
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("weir: {}", redact(&error.to_string(), loaded.settings.secrets()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where `--to-*` / `--by-duration` move the offsets (None: they stay).
+fn reset_target(args: &ResetArgs) -> Result<Option<weir::reset::OffsetTarget>, String> {
+    use weir::reset::OffsetTarget;
+    if let Some(text) = &args.to_datetime {
+        return match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) => Ok(Some(OffsetTarget::Time(time.timestamp_millis()))),
+            Err(error) => Err(format!("--to-datetime: '{text}' is not an RFC 3339 time ({error}), e.g. 2026-11-22T10:00:00Z")),
+        };
+    }
+    if let Some(text) = &args.by_duration {
+        return match humantime::parse_duration(text) {
+            Ok(duration) => Ok(Some(OffsetTarget::Time(chrono::Utc::now().timestamp_millis() - duration.as_millis() as i64))),
+            Err(error) => Err(format!("--by-duration: '{text}' is not a duration ({error}), e.g. 30m, 2h or 1d")),
+        };
+    }
+    Ok(match (args.to_earliest, args.to_latest) {
+        (true, _) => Some(OffsetTarget::Earliest),
+        (_, true) => Some(OffsetTarget::Latest),
+        _ => None,
+    })
+}
+
+/// The dry run: what `--execute` would do, and what stands in its way.
+fn print_reset_plan(loaded: &weir::plan::Loaded, plan: &weir::reset::ResetPlan) {
+    let name = &loaded.pipeline.name;
+    println!("dry run: nothing was changed; add --execute to reset");
+    if plan.live_members > 0 {
+        println!(
+            "consumer group {name} has {} live member(s) now: --execute waits up to the session timeout ({}) for them to leave, then refuses",
+            plan.live_members,
+            humantime::format_duration(loaded.settings.kafka.session_timeout)
+        );
+    }
+    match plan.state_topics.is_empty() {
+        true => println!("pipeline {name} has no state to delete"),
+        false => println!("would delete the state of pipeline {name}: {}", plan.state_topics.join(", ")),
+    }
+    for weir::reset::OffsetMove { topic, partition, committed, next } in &plan.offsets {
+        let committed = committed.map_or("none committed".to_string(), |offset| format!("committed {offset}"));
+        println!("would move {topic}[{partition}]: {committed} -> next offset {next}");
     }
 }
 
@@ -200,7 +240,7 @@ fn plan(args: &PlanArgs) -> ExitCode {
     }
     let changed = !gone.is_empty() || stateful.iter().any(|step| matches!(verdict(*step), StoredState::Changed(_)));
     if changed {
-        println!("a run would refuse this pipeline: `weir reset --state` drops the old state first");
+        println!("a run would refuse this pipeline: `weir reset --state --execute` drops the old state first");
         return ExitCode::from(EXIT_CONFIG);
     }
     println!("a run would accept this pipeline's state");

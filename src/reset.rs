@@ -1,7 +1,8 @@
 //! `weir reset`: `--state` drops a pipeline's state (its changelog and repartition topics
-//! and step definitions); `--to-earliest` / `--to-datetime` move its committed source
-//! offsets. Both refuse while any process of the pipeline is still a member of its consumer
-//! group.
+//! and step definitions); `--to-earliest`, `--to-latest`, `--to-datetime` and
+//! `--by-duration` move its committed source offsets. [`plan`] finds what a reset would do
+//! and changes nothing (the dry run); [`execute`] does it, and refuses while any process
+//! of the pipeline is still a member of its consumer group.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetTarget {
     Earliest,
+    /// The end of each partition: what is there now is skipped.
+    Latest,
     /// The first record at or after this time (epoch millis).
     Time(i64),
 }
@@ -40,10 +43,57 @@ pub enum ResetError {
     Runtime(#[from] RuntimeError),
 }
 
+/// What a reset would do, found without changing anything.
+#[derive(Debug)]
+pub struct ResetPlan {
+    /// Members of the pipeline's consumer group now (`execute` waits for none).
+    pub live_members: usize,
+    /// The state topics that exist and would be deleted.
+    pub state_topics: Vec<String>,
+    /// Where the committed offsets would go.
+    pub offsets: Vec<OffsetMove>,
+}
+
+/// One partition's committed offset, and the one a reset commits instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetMove {
+    pub topic: String,
+    pub partition: i32,
+    /// None: the group has committed nothing for it.
+    pub committed: Option<i64>,
+    pub next: i64,
+}
+
+/// Finds what a reset would do: the state topics (with `state`, or any `target`: replayed
+/// input over old state would be dropped as duplicates or late) and the offsets `target`
+/// names. Changes nothing.
+pub fn plan(loaded: &Loaded, state: bool, target: Option<OffsetTarget>) -> Result<ResetPlan, ResetError> {
+    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
+    let live_members = live_members(&client, &loaded.pipeline.name)?;
+    let state_topics = match state || target.is_some() {
+        true => state_topics(loaded)?,
+        false => Vec::new(),
+    };
+    let offsets = match target {
+        Some(target) => offset_moves(loaded, target)?,
+        None => Vec::new(),
+    };
+    Ok(ResetPlan { live_members, state_topics, offsets })
+}
+
+/// Does what `plan` found: waits for the group to empty (or refuses), deletes the state
+/// topics first (offsets moved over old state would replay into it), then commits the new
+/// offsets.
+pub fn execute(loaded: &Loaded, plan: &ResetPlan) -> Result<(), ResetError> {
+    wait_for_an_empty_group(loaded)?;
+    delete_topics(loaded, &plan.state_topics)?;
+    commit_offsets(loaded, &plan.offsets)
+}
+
 /// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
 /// static member until its session times out, so that long is waited out before deciding
 /// that an instance is still running.
-pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
+fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
     let Loaded { settings, pipeline } = loaded;
     let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
     let patience = Instant::now() + settings.kafka.session_timeout + Duration::from_secs(5);
@@ -68,18 +118,23 @@ pub fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
     Ok(())
 }
 
-/// Commits, for the pipeline's group, the offsets `target` names on every partition of the
-/// source topics; returns them. Call after `wait_for_an_empty_group`.
-pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicPartitionOffset>, ResetError> {
+/// A client of the pipeline's group, to read and commit its offsets (it never joins).
+fn group_client(loaded: &Loaded) -> Result<BaseConsumer, ResetError> {
+    Ok(clients::admin_config(&loaded.settings)
+        .set("group.id", &loaded.pipeline.name)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?)
+}
+
+/// The offsets `target` names on every partition of the source topics, beside the ones the
+/// group has committed.
+fn offset_moves(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<OffsetMove>, ResetError> {
     let pipeline = &loaded.pipeline;
     let Some(topics) = pipeline.input_topics() else {
         return Err(ResetError::Refused("resetting offsets needs a source with a topic list, not a pattern".into()));
     };
-    let consumer: BaseConsumer = clients::admin_config(&loaded.settings)
-        .set("group.id", &pipeline.name)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
+    let consumer = group_client(loaded)?;
     let mut chosen = Vec::new();
     for topic in &topics {
         let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(|error| RuntimeError::kafka(format!("reading metadata of {topic}"), error))?;
@@ -95,6 +150,7 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicP
                 .map_err(|error| RuntimeError::kafka(format!("reading the offsets of {topic}[{partition}]"), error))?;
             let offset = match target {
                 OffsetTarget::Earliest => low,
+                OffsetTarget::Latest => high,
                 OffsetTarget::Time(millis) => {
                     let mut query = TopicPartitionList::new();
                     query.add_partition_offset(topic, partition, Offset::Offset(millis)).map_err(|error| RuntimeError::kafka("listing offsets", error))?;
@@ -112,22 +168,45 @@ pub fn reset_offsets(loaded: &Loaded, target: OffsetTarget) -> Result<Vec<TopicP
         }
     }
     let mut list = TopicPartitionList::new();
-    for TopicPartitionOffset { topic, partition, offset } in &chosen {
-        list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).map_err(|error| RuntimeError::kafka("listing offsets", error))?;
+    for TopicPartitionOffset { topic, partition, .. } in &chosen {
+        list.add_partition(topic, *partition);
     }
-    consumer
-        .commit(&list, CommitMode::Sync)
-        .map_err(|error| RuntimeError::kafka(format!("committing the new offsets of group {}", pipeline.name), error))?;
-    Ok(chosen)
+    let committed = consumer
+        .committed_offsets(list, TIMEOUT)
+        .map_err(|error| RuntimeError::kafka(format!("reading the committed offsets of group {}", pipeline.name), error))?;
+    Ok(chosen
+        .into_iter()
+        .map(|TopicPartitionOffset { topic, partition, offset }| {
+            let committed = match committed.find_partition(&topic, partition).map(|element| element.offset()) {
+                Some(Offset::Offset(offset)) => Some(offset),
+                _ => None,
+            };
+            OffsetMove { topic, partition, committed, next: offset }
+        })
+        .collect())
 }
 
-/// Deletes the state topics of the pipeline and returns their names. Records in flight
-/// between stages (in repartition topics) belong to the old state and go with it.
-pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
+/// Commits the new offsets for the pipeline's group.
+fn commit_offsets(loaded: &Loaded, moves: &[OffsetMove]) -> Result<(), ResetError> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let mut list = TopicPartitionList::new();
+    for OffsetMove { topic, partition, next, .. } in moves {
+        list.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|error| RuntimeError::kafka("listing offsets", error))?;
+    }
+    group_client(loaded)?
+        .commit(&list, CommitMode::Sync)
+        .map_err(|error| RuntimeError::kafka(format!("committing the new offsets of group {}", loaded.pipeline.name), error))?;
+    Ok(())
+}
+
+/// The state topics of the pipeline that exist. Records in flight between stages (in
+/// repartition topics) belong to the old state and go with it.
+fn state_topics(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
     let Loaded { pipeline, .. } = loaded;
     let engine = Engine::new(pipeline)?;
-    let config = clients::admin_config(&loaded.settings);
-    let client: BaseConsumer = config.create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
+    let client: BaseConsumer = clients::admin_config(&loaded.settings).create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
 
     let mut candidates: Vec<String> = engine
         .stateful_steps()
@@ -136,10 +215,16 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
         .collect();
     candidates.extend(engine.repartition_topics().into_iter().map(|(_, topic)| topic));
     candidates.push(definitions::topic_name(&pipeline.name));
-    let existing: Vec<String> = candidates.into_iter().filter(|topic| exists(&client, topic)).collect();
+    Ok(candidates.into_iter().filter(|topic| exists(&client, topic)).collect())
+}
+
+/// Deletes `existing` and waits until they are gone.
+fn delete_topics(loaded: &Loaded, existing: &[String]) -> Result<(), ResetError> {
     if existing.is_empty() {
-        return Ok(existing);
+        return Ok(());
     }
+    let config = clients::admin_config(&loaded.settings);
+    let client: BaseConsumer = config.create().map_err(|error| RuntimeError::kafka("creating a Kafka client", error))?;
     let admin: AdminClient<DefaultClientContext> = config.create().map_err(|error| RuntimeError::kafka("creating an admin client", error))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -160,7 +245,7 @@ pub fn reset_state(loaded: &Loaded) -> Result<Vec<String>, ResetError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(existing)
+    Ok(())
 }
 
 fn live_members(client: &BaseConsumer, group: &str) -> Result<usize, ResetError> {

@@ -223,6 +223,20 @@ fn reset_needs_to_be_told_what_to_reset() {
 }
 
 #[test]
+fn reset_takes_one_target_and_a_duration_it_can_read() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(&["reset", "--to-earliest", "--to-latest", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = weir(&["reset", "--by-duration", "a while", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--by-duration") && stderr.contains("'a while'") && stderr.contains("30m"), "{stderr}");
+    let output = weir(&["reset", "--state", "--dry-run", "--execute", "--pipeline", &path], &[]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
 fn reset_refuses_a_time_that_is_not_rfc_3339_before_touching_kafka() {
     let (_dir, path) = write(GOOD);
     let output = weir(&["reset", "--to-datetime", "yesterday", "--pipeline", &path], &[("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")]);

@@ -54,7 +54,7 @@ pub fn check(settings: &Settings, pipeline: &Pipeline) -> Result<Option<String>,
         return Err(RuntimeError::Incompatible(format!(
             "the pipeline '{name}' has state written by different step definitions: {}. The saved state cannot be read \
              by the new definitions. To drop the state and start the changed steps empty from the committed offsets, \
-             stop every instance and run `weir reset --state --pipeline <file>`; to start over from the input's \
+             stop every instance and run `weir reset --state --execute --pipeline <file>`; to start over from the input's \
              starting offsets, give the pipeline a new name",
             changed.join("; "),
             name = pipeline.name

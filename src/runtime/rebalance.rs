@@ -271,7 +271,7 @@ impl LoopContext {
                     return Err(RuntimeError::Setup(format!(
                         "{}[{}] was read up to offset {offset} by this pipeline, but its state is not in this instance's \
                          state store: in mode idempotent_upsert state lives only in the store of the instance that built it. \
-                         Give the instance its state volume back, or start over with `weir reset --state --to-earliest`",
+                         Give the instance its state volume back, or start over with `weir reset --state --to-earliest --execute`",
                         element.topic(),
                         element.partition()
                     )));

@@ -194,7 +194,7 @@ fn a_changed_window_over_existing_state_is_refused_until_the_state_is_reset() {
     assert!(log.contains("weir reset --state"), "{log}");
 
     let reset = std::process::Command::new(weir_binary())
-        .args(["reset", "--state", "--pipeline"])
+        .args(["reset", "--state", "--execute", "--pipeline"])
         .arg(&two_seconds.path)
         .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", &broker().bootstrap)
         .env("WEIR__KAFKA__SESSION_TIMEOUT", "6s")
@@ -303,17 +303,36 @@ fn reset_moves_the_offsets_and_clears_the_state() {
 
     run_to_end();
     assert_eq!(count(), 1000);
+    // Without --execute: what it would do, and nothing done.
+    let ends = end_offsets(&input);
     let said = reset(&["--to-earliest"]);
-    assert!(said.contains(&format!("{name}-0-changelog")) && said.contains(&format!("{input}[0]: next offset 0")), "{said}");
+    assert!(said.contains("dry run: nothing was changed"), "{said}");
+    assert!(said.contains(&format!("would delete the state of pipeline {name}: {name}-0-changelog")), "{said}");
+    assert!(said.contains(&format!("would move {input}[0]: committed {} -> next offset 0", ends[0])), "{said}");
+    assert_eq!(committed_offsets(&name, &input), ends);
+    assert!(topic_exists(&format!("{name}-0-changelog")));
+
+    let said = reset(&["--to-earliest", "--execute"]);
+    assert!(said.contains(&format!("{name}-0-changelog")) && said.contains(&format!("{input}[0]: next offset 0 (was {})", ends[0])), "{said}");
     assert_eq!(committed_offsets(&name, &input), vec![0, 0]);
     run_to_end();
     assert_eq!(count(), 2000, "everything again: the dedup state went with the reset");
 
-    let said = reset(&["--to-datetime", &middle.to_rfc3339()]);
+    // Back to `middle`, given as a duration before now.
+    let ago = (chrono::Utc::now() - middle).num_milliseconds();
+    let said = reset(&["--by-duration", &format!("{ago}ms"), "--execute"]);
     assert!(said.contains(&format!("{input}[1]: next offset")), "{said}");
     run_to_end();
     assert_eq!(count(), 2600, "the 600 records produced after {middle} once more");
     assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
+
+    // To the end: what is there now is skipped.
+    let said = reset(&["--to-datetime", &middle.to_rfc3339(), "--execute"]);
+    assert!(said.contains(&format!("{input}[1]: next offset")), "{said}");
+    reset(&["--to-latest", "--execute"]);
+    assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
+    run_to_end();
+    assert_eq!(count(), 2600, "nothing again after --to-latest");
 }
 
 /// After a repartition, an input partition that never delivers holds every window open;
