@@ -978,3 +978,34 @@ fn weir_test_reports_table_records_it_cannot_apply() {
     assert!(skipped[1].contains("customers[0]@5") && skipped[1].contains("does not name its key"), "{stderr}");
     assert!(!String::from_utf8_lossy(&output.stdout).contains(".dlq"));
 }
+
+/// SIGTERM while `weir run` is still trying to reach the cluster (nothing listens on the
+/// address) stops it at once, cleanly, instead of after the start-up wait.
+#[test]
+fn run_stops_on_sigterm_while_it_waits_for_the_cluster() {
+    let (dir, path) = write(GOOD);
+    let state = dir.path().join("state");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "--pipeline", &path])
+        .env("WEIR__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9")
+        .env("WEIR__HTTP__LISTEN", "127.0.0.1:0")
+        .env("WEIR__STATE__DIR", &state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(child.try_wait().unwrap().is_none(), "weir should still be waiting for the cluster");
+    let signalled = std::time::Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let deadline = signalled + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "weir did not stop within 10 s of SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(signalled.elapsed() < std::time::Duration::from_secs(5), "took {:?}", signalled.elapsed());
+}

@@ -151,7 +151,9 @@ fn run_once(
     let changelogs = Changelogs::new(&pipeline.name, &changelog_steps);
 
     let repartitions: BTreeMap<usize, String> = engine.repartition_topics().into_iter().collect();
-    clients::check_connection(settings)?;
+    if !clients::check_connection_unless(settings, &shutdown)? {
+        return Ok(());
+    }
     let registry = match pipeline.avro_user() {
         None => None,
         Some(_) => Some(Registry::new(&settings.schema_registry).map_err(|error| RuntimeError::Setup(error.to_string()))?),
