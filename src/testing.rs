@@ -271,7 +271,8 @@ fn render(pipeline: &Pipeline, avro_names: &[AvroNames], outputs: impl Iterator<
 }
 
 /// Compares actual output lines with expected ones (as JSON values); None when equal,
-/// otherwise a readable report of what differs.
+/// otherwise a readable report of what differs: a minimal diff (a line missing from the
+/// middle is one difference, not a shift of every line after it).
 pub fn compare(actual: &[String], expected: &str) -> Result<Option<String>, TestError> {
     let mut wanted = Vec::new();
     for (index, text) in expected.lines().enumerate() {
@@ -289,22 +290,79 @@ pub fn compare(actual: &[String], expected: &str) -> Result<Option<String>, Test
     if got == wanted {
         return Ok(None);
     }
-    let mut report = String::new();
-    let _ = writeln!(report, "output differs from the expected lines ({} actual, {} expected):", got.len(), wanted.len());
-    for index in 0..got.len().max(wanted.len()) {
-        match (got.get(index), wanted.get(index)) {
-            (Some(got), Some(wanted)) if got == wanted => {}
-            (Some(got), Some(wanted)) => {
-                let _ = writeln!(report, "line {}:\n  - expected {wanted}\n  + actual   {got}", index + 1);
+    let operations = similar::capture_diff_slices(similar::Algorithm::Myers, &wanted, &got);
+    let mut differences = String::new();
+    let mut count = 0;
+    for operation in operations {
+        let (_, expected_lines, actual_lines) = operation.as_tag_tuple();
+        let (expected_lines, actual_lines) = (&wanted[expected_lines], &got[actual_lines.clone()]);
+        match operation {
+            similar::DiffOp::Equal { .. } => continue,
+            similar::DiffOp::Delete { old_index, .. } => {
+                for (offset, line) in expected_lines.iter().enumerate() {
+                    let _ = writeln!(differences, "line {} of the expected output:\n  - missing    {line}", old_index + offset + 1);
+                }
             }
-            (Some(got), None) => {
-                let _ = writeln!(report, "line {}:\n  + unexpected {got}", index + 1);
+            similar::DiffOp::Insert { new_index, .. } => {
+                for (offset, line) in actual_lines.iter().enumerate() {
+                    let _ = writeln!(differences, "line {} of the output:\n  + unexpected {line}", new_index + offset + 1);
+                }
             }
-            (None, Some(wanted)) => {
-                let _ = writeln!(report, "line {}:\n  - missing  {wanted}", index + 1);
+            similar::DiffOp::Replace { old_index, new_index, .. } => {
+                let _ = writeln!(
+                    differences,
+                    "line {} of the expected output, line {} of the output:",
+                    old_index + 1,
+                    new_index + 1
+                );
+                for line in expected_lines {
+                    let _ = writeln!(differences, "  - expected   {line}");
+                }
+                for line in actual_lines {
+                    let _ = writeln!(differences, "  + actual     {line}");
+                }
             }
-            (None, None) => {}
         }
+        count += 1;
     }
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "output differs from the expected lines ({} actual, {} expected; {count} difference{}):",
+        got.len(),
+        wanted.len(),
+        if count == 1 { "" } else { "s" }
+    );
+    report.push_str(&differences);
     Ok(Some(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare;
+
+    fn lines(values: &[u32]) -> Vec<String> {
+        values.iter().map(|value| format!(r#"{{"n":{value}}}"#)).collect()
+    }
+
+    #[test]
+    fn a_line_missing_from_the_middle_is_one_difference() {
+        let expected = lines(&[1, 2, 3, 4, 5]).join("\n");
+        let report = compare(&lines(&[1, 2, 4, 5]), &expected).unwrap().expect("a difference");
+        assert!(report.contains("1 difference)"), "{report}");
+        assert!(report.contains("line 3 of the expected output:\n  - missing    {\"n\":3}"), "{report}");
+        assert!(!report.contains("{\"n\":4}") && !report.contains("{\"n\":5}"), "{report}");
+    }
+
+    #[test]
+    fn changed_extra_and_equal_lines() {
+        let expected = lines(&[1, 2, 3]).join("\n");
+        let report = compare(&lines(&[1, 20, 3, 4]), &expected).unwrap().expect("differences");
+        assert!(report.contains("2 differences)"), "{report}");
+        assert!(report.contains("line 2 of the expected output, line 2 of the output:\n  - expected   {\"n\":2}\n  + actual     {\"n\":20}"), "{report}");
+        assert!(report.contains("line 4 of the output:\n  + unexpected {\"n\":4}"), "{report}");
+        // Spacing does not count (field order does: it is what the sink writes).
+        assert_eq!(compare(&[r#"{"a":1,"b":2}"#.to_string()], r#"{ "a": 1, "b": 2 }"#).unwrap(), None);
+        assert!(compare(&[r#"{"a":1,"b":2}"#.to_string()], r#"{"b":2,"a":1}"#).unwrap().is_some());
+    }
 }

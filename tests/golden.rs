@@ -107,5 +107,5 @@ fn a_difference_is_reported_with_exit_status_1() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let report = String::from_utf8_lossy(&output.stdout);
-    assert!(report.contains("line 5:") && report.contains(r#""n":80"#) && report.contains(r#""n":8"#), "{report}");
+    assert!(report.contains("line 5 of the expected output") && report.contains(r#""n":80"#) && report.contains(r#""n":8"#), "{report}");
 }
