@@ -74,6 +74,17 @@ pub struct PlanArgs {
     /// changed) and say, step by step, whether a run would accept it; exit 2 if not.
     #[arg(long)]
     pub check: bool,
+    /// Print something other than the plan: `acls`, the Kafka ACLs the pipeline needs, as a
+    /// Strimzi KafkaUser.
+    #[arg(long, value_enum, conflicts_with = "check")]
+    pub emit: Option<Emit>,
+}
+
+/// What `weir plan --emit` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Emit {
+    /// The Kafka ACLs the pipeline needs, as a Strimzi KafkaUser.
+    Acls,
 }
 
 #[derive(Debug, Args)]

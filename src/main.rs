@@ -213,6 +213,10 @@ fn plan(args: &PlanArgs) -> ExitCode {
         Err(code) => return code,
     };
     let pipeline = &loaded.pipeline;
+    if let Some(weir::cli::Emit::Acls) = args.emit {
+        print!("{}", plan::acls::kafka_user(pipeline));
+        return ExitCode::SUCCESS;
+    }
     if !args.check {
         print!("{}", plan::graph(&loaded, &|_| StoredState::Unknown));
         return ExitCode::SUCCESS;
@@ -284,11 +288,15 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let options = RunOptions { instance: args.instance, until_end: args.until_end };
+    // With JSON logs every line weir writes is JSON: the reason goes in the log record alone.
+    let json_logs = matches!(loaded.settings.logging.format, weir::config::LogFormat::Json);
     match tokio.block_on(serve_and_run(loaded, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {
             error!(error = %message, "weir stopped");
-            eprintln!("weir: {message}");
+            if !json_logs {
+                eprintln!("weir: {message}");
+            }
             ExitCode::from(code)
         }
     }

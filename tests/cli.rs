@@ -1009,3 +1009,64 @@ fn run_stops_on_sigterm_while_it_waits_for_the_cluster() {
     assert!(status.success(), "{status}");
     assert!(signalled.elapsed() < std::time::Duration::from_secs(5), "took {:?}", signalled.elapsed());
 }
+
+/// `weir plan --emit acls` prints a Strimzi KafkaUser with every ACL the pipeline needs:
+/// read on its source and table topics, write on its sink and DLQ (created if missing),
+/// the internal topics and transactional ids under the `<name>-` prefix, and its group.
+#[test]
+fn plan_emits_the_acls_a_pipeline_needs() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/revenue-by-country/pipeline.yaml");
+    let output = weir(&["plan", "--emit", "acls", "--pipeline", golden.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    let user: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|error| panic!("{error}:\n{text}"));
+    assert_eq!(user["kind"].as_str(), Some("KafkaUser"));
+    let acls = user["spec"]["authorization"]["acls"].as_sequence().expect("acls");
+    let rule = |kind: &str, name: &str| -> (String, Vec<String>) {
+        let found = acls
+            .iter()
+            .find(|acl| acl["resource"]["type"].as_str() == Some(kind) && acl["resource"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no {kind} {name} in\n{text}"));
+        let operations = found["operations"].as_sequence().unwrap().iter().map(|op| op.as_str().unwrap().to_string()).collect();
+        (found["resource"]["patternType"].as_str().unwrap().to_string(), operations)
+    };
+    let has = |kind: &str, name: &str, pattern: &str, wanted: &[&str]| {
+        let (found_pattern, operations) = rule(kind, name);
+        assert_eq!(found_pattern, pattern, "{kind} {name}");
+        for operation in wanted {
+            assert!(operations.iter().any(|found| found == operation), "{kind} {name} lacks {operation}: {operations:?}");
+        }
+    };
+    has("topic", "orders", "literal", &["Read", "Describe"]);
+    has("topic", "customers", "literal", &["Read"]);
+    has("topic", "revenue-by-country", "literal", &["Write", "DescribeConfigs"]);
+    has("topic", "revenue-by-country.dlq", "literal", &["Write", "Create"]);
+    has("topic", "revenue-by-country-", "prefix", &["Read", "Write", "Create", "DeleteRecords", "Delete"]);
+    has("group", "revenue-by-country", "literal", &["Read"]);
+    has("group", "revenue-by-country-tables", "literal", &["Read"]);
+    has("transactionalId", "revenue-by-country-", "prefix", &["Write", "Describe"]);
+    assert_eq!(acls.len(), 8, "{text}");
+}
+
+/// A misspelt key, step kind or setting gets the name it was probably meant to be.
+#[test]
+fn misspelt_names_get_a_suggestion() {
+    let text = GOOD.replace("  - filter:", "  - filtre:").replace("  key: [user_id]", "  kee: [user_id]").replace("    format: json", "    fromat: json");
+    let (_dir, path) = write(&text);
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__KAFKA__BOOTSTRAP_SERVER", "x:9092"), ("WEIR__LOGING__LEVEL", "info")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "unknown step kind 'filtre'; did you mean 'filter'?",
+        "sink.kee: unknown key 'kee'; did you mean 'key'?",
+        "sources.clicks.fromat: unknown key 'fromat'; did you mean 'format'?",
+        "unknown setting 'bootstrap_server'; did you mean 'bootstrap_servers'?",
+        "unknown section 'loging'; did you mean 'logging'?",
+    ] {
+        assert!(stderr.contains(expected), "no {expected:?} in\n{stderr}");
+    }
+    // Nothing near enough: no suggestion, only the list.
+    let (_dir, path) = write(&GOOD.replace("  key: [user_id]", "  compression: zstd"));
+    let stderr = String::from_utf8_lossy(&weir(&["validate", "--pipeline", &path], &[]).stderr).into_owned();
+    assert!(stderr.contains("unknown key 'compression'; known keys:") && !stderr.contains("did you mean"), "{stderr}");
+}

@@ -18,6 +18,24 @@ impl fmt::Display for Problem {
     }
 }
 
+/// "unknown <what> '<name>'; did you mean '<closest>'? known <what>s: a, b, c": the closest
+/// known name is offered when it is near enough to be a slip: a letter or two wrong,
+/// missing, extra or swapped (one per four letters).
+pub fn unknown(what: &str, name: &str, known: &[&str]) -> String {
+    let name_lower = name.to_lowercase();
+    let allowed = (name.chars().count() / 4).max(1);
+    let closest = known
+        .iter()
+        .map(|candidate| (strsim::osa_distance(&name_lower, &candidate.to_lowercase()), *candidate))
+        .filter(|(distance, _)| *distance <= allowed)
+        .min_by_key(|(distance, _)| *distance);
+    let hint = match closest {
+        Some((_, candidate)) => format!("; did you mean '{candidate}'?"),
+        None => ";".to_string(),
+    };
+    format!("unknown {what} '{name}'{hint} known {what}s: {}", known.join(", "))
+}
+
 /// All the problems found in one load; never empty when returned as an error.
 #[derive(Debug, Clone, Default, thiserror::Error)]
 pub struct ConfigErrors {

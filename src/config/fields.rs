@@ -100,10 +100,7 @@ impl<'a> Fields<'a> {
         for key in self.mapping.keys() {
             let name = key.as_str().unwrap_or("?");
             if !self.known.contains(&name) {
-                problems.push(
-                    format!("{}.{name}", self.location),
-                    format!("unknown key; known keys: {}", self.known.join(", ")),
-                );
+                problems.push(format!("{}.{name}", self.location), super::error::unknown("key", name, &self.known));
             }
         }
         problems.problems.len() == self.problems_before

@@ -16,7 +16,7 @@ mod settings;
 mod source;
 
 pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
-pub use error::{ConfigErrors, Problem};
+pub use error::{unknown, ConfigErrors, Problem};
 pub use fields::Fields;
 pub use pipeline::{section, DeliveryMode, ErrorAction, ErrorPolicy, OutputEntry, PipelineFile, Sink, SinkHeaders, StepEntry, StepRef};
 pub use schema::{check_fields, null_refused, nullable_hint, FieldType, Schema, ShapeError};

@@ -239,7 +239,7 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
     for key in top.keys() {
         let key = key.as_str().unwrap_or("?");
         if !TOP_LEVEL_KEYS.contains(&key) {
-            problems.push(key, format!("unknown key; known keys: {}", TOP_LEVEL_KEYS.join(", ")));
+            problems.push(key, super::error::unknown("key", key, TOP_LEVEL_KEYS));
         }
     }
     let name = parse_name(top.get("name"), problems);

@@ -205,13 +205,8 @@ fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
     };
     for (section, value) in top {
         let Some((_, keys)) = KNOWN_KEYS.iter().find(|(name, _)| *name == section) else {
-            problems.push(
-                location(&section),
-                format!(
-                    "unknown section; known sections: {}",
-                    KNOWN_KEYS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
-                ),
-            );
+            let sections: Vec<&str> = KNOWN_KEYS.iter().map(|(name, _)| *name).collect();
+            problems.push(location(&section), super::error::unknown("section", &section, &sections));
             continue;
         };
         let Ok(table) = value.into_table() else {
@@ -220,10 +215,7 @@ fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
         };
         for key in table.keys() {
             if !keys.contains(&key.as_str()) {
-                problems.push(
-                    location(&format!("{section}.{key}")),
-                    format!("unknown setting; known settings of [{section}]: {}", keys.join(", ")),
-                );
+                problems.push(location(&format!("{section}.{key}")), super::error::unknown("setting", key, keys));
             }
         }
     }

@@ -79,6 +79,7 @@ async fn status_report(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
+    shared.metrics.ready.set(i64::from(shared.health.is_ready()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         shared.metrics.render(),

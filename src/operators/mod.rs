@@ -275,7 +275,7 @@ impl Step {
             "aggregate" => RunningAggregate::parse(body, input, location, problems).map(Step::Aggregate),
             "lookup" => Lookup::parse(body, input, tables, location, problems).map(Step::Lookup),
             other => {
-                problems.push(location, format!("unknown step kind '{other}'; kinds: {}", Self::KINDS.join(", ")));
+                problems.push(location, crate::config::unknown("step kind", other, Self::KINDS));
                 None
             }
         }

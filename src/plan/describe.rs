@@ -168,6 +168,9 @@ pub fn graph(loaded: &Loaded, stored: &dyn Fn(usize) -> StoredState) -> String {
     }
     let _ = writeln!(text, "topics");
     let _ = writeln!(text, "  read: {topics} (read_committed, consumer group {})", pipeline.name);
+    for table in &pipeline.tables {
+        let _ = writeln!(text, "  read: {} (table {}: every partition by every instance, read_committed)", topics_of(table), table.name);
+    }
     let sinks: Vec<&str> = pipeline.sinks().map(|sink| sink.topic.as_str()).collect();
     let _ = writeln!(text, "  written: {} (results), {} (dead letters)", sinks.join(", "), pipeline.dlq_topic);
     let stateful = pipeline.stateful_steps();

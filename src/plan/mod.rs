@@ -9,6 +9,7 @@
 //! topics. [`describe`] prints it for `weir validate` and `weir plan`. Nothing here touches
 //! Kafka.
 
+pub mod acls;
 mod build;
 pub mod describe;
 mod sink;

@@ -23,10 +23,20 @@ fn base(settings: &Settings) -> ClientConfig {
     config
 }
 
+/// Names the client to the brokers (their logs, quotas and request metrics), as Kafka
+/// Streams names its clients after the application: `<name>-<instance>`, with a suffix for
+/// the table readers. A `client.id` in `kafka.options` wins.
+pub fn name_client(config: &mut ClientConfig, settings: &Settings, id: &str) {
+    if !settings.kafka.options.contains_key("client.id") {
+        config.set("client.id", id);
+    }
+}
+
 /// The transactional producer: one per process, its id stable across restarts so that a
 /// restarted process aborts its own dangling transaction at once.
 pub fn producer_config(settings: &Settings, transactional_id: &str) -> ClientConfig {
     let mut config = base(settings);
+    name_client(&mut config, settings, transactional_id);
     config
         .set("transactional.id", transactional_id)
         // Bounds how long a crashed process's open transaction blocks read_committed readers.
@@ -38,8 +48,9 @@ pub fn producer_config(settings: &Settings, transactional_id: &str) -> ClientCon
 
 /// `mode: idempotent_upsert`: an idempotent producer (no duplicates or reordering from its
 /// own retries), without transactions.
-pub fn upsert_producer_config(settings: &Settings) -> ClientConfig {
+pub fn upsert_producer_config(settings: &Settings, client_id: &str) -> ClientConfig {
     let mut config = base(settings);
+    name_client(&mut config, settings, client_id);
     config.set("enable.idempotence", "true").set("acks", "all");
     config
 }
@@ -73,6 +84,7 @@ pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str,
         // Feeds the consumer lag gauges.
         .set("statistics.interval.ms", "1000");
     keep_fetching(&mut config, settings);
+    name_client(&mut config, settings, &format!("{}-{instance}", pipeline.name));
     if settings.kafka.static_membership {
         config.set("group.instance.id", format!("{}-{}", pipeline.name, instance));
     }

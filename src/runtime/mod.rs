@@ -186,7 +186,7 @@ fn run_once(
     };
 
     let mut producer_config = match mode {
-        DeliveryMode::IdempotentUpsert => clients::upsert_producer_config(settings),
+        DeliveryMode::IdempotentUpsert => clients::upsert_producer_config(settings, &transactional_id),
         DeliveryMode::Transactional => clients::producer_config(settings, &transactional_id),
     };
     let sink_topics: Vec<String> = pipeline.sinks().map(|sink| sink.topic.clone()).collect();

@@ -123,7 +123,8 @@ impl TableFeed {
         engine.store_tables(|source| store.rows(&source.name));
         let mut readers = Vec::new();
         for source in &pipeline.tables {
-            readers.extend(open_table(settings, source, &store, &format!("{}-tables", pipeline.name))?);
+            let names = (format!("{}-tables", pipeline.name), format!("{}-{instance}", pipeline.name));
+            readers.extend(open_table(settings, source, &store, &names)?);
         }
         Ok(TableFeed { readers, store, metrics, status, last_report: Instant::now() })
     }
@@ -381,7 +382,9 @@ fn apply(
 /// A consumer per topic of `source`, assigned every partition from the stored position (or
 /// the beginning, for a table read for the first time or whose stored position no longer
 /// fits its topic).
-fn open_table(settings: &Settings, source: &Source, store: &TableStore, group: &str) -> Result<Vec<TopicReader>, RuntimeError> {
+/// `names`: the group id the consumers carry (never joined) and the prefix of their client ids.
+fn open_table(settings: &Settings, source: &Source, store: &TableStore, names: &(String, String)) -> Result<Vec<TopicReader>, RuntimeError> {
+    let (group, client_prefix) = names;
     let metadata_client: BaseConsumer = clients::admin_config(settings)
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating a metadata client: {error}")))?;
@@ -432,6 +435,7 @@ fn open_table(settings: &Settings, source: &Source, store: &TableStore, group: &
             // Feeds the lag gauge.
             .set("statistics.interval.ms", "1000");
         clients::keep_fetching(&mut config, settings);
+        clients::name_client(&mut config, settings, &format!("{client_prefix}-table-{}", source.name));
         let consumer: BaseConsumer<Ends> = config
             .create_with_context(Ends::default())
             .map_err(|error| RuntimeError::Setup(format!("creating the consumer of table {}: {error}", source.name)))?;

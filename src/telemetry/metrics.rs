@@ -64,6 +64,12 @@ pub struct Metrics {
     pub table_records: IntCounterVec,
     pub table_records_skipped: IntCounterVec,
     pub table_bootstrap_seconds: GaugeVec,
+    /// 1, labelled with weir's version (`weir_build_info`).
+    pub build_info: IntGaugeVec,
+    /// When the last batch committed, Unix seconds: alert on it not moving.
+    pub last_commit_timestamp: prometheus::Gauge,
+    /// 1 while /health/ready says ready (set when /metrics is scraped).
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -164,6 +170,21 @@ impl Metrics {
         )
         .expect("metric definitions are static and valid");
         registry.register(Box::new(table_bootstrap_seconds.clone())).expect("each metric is registered once");
+        // process_cpu_seconds_total, process_resident_memory_bytes, open fds, start time.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("the process collector is registered once");
+        let build_info = gauge_vec("weir_build_info", "Always 1; the labels say which weir this is.", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let last_commit_timestamp = prometheus::Gauge::new(
+            "weir_last_commit_timestamp_seconds",
+            "When the last batch committed (Unix time); 0 before the first.",
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(last_commit_timestamp.clone())).expect("each metric is registered once");
+        let ready = IntGauge::new("weir_ready", "1 while /health/ready answers 200.").expect("metric definitions are static and valid");
+        registry.register(Box::new(ready.clone())).expect("each metric is registered once");
         // Known label values start at zero, so that a dashboard sees them before they happen.
         for policy in ["fail", "earliest"] {
             data_loss_events.with_label_values(&[policy]);
@@ -208,6 +229,9 @@ impl Metrics {
             table_records,
             table_records_skipped,
             table_bootstrap_seconds,
+            build_info,
+            last_commit_timestamp,
+            ready,
         }
     }
 
@@ -252,6 +276,7 @@ impl Metrics {
             self.skipped_records.with_label_values(&[stage.as_str()]).inc_by(counts.skipped(stage));
         }
         self.batches.inc();
+        self.last_commit_timestamp.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
     }
 
     /// The Prometheus text exposition of every metric.

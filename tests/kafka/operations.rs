@@ -21,6 +21,11 @@ fn health_metrics_and_graceful_shutdown() {
     wait_until(Duration::from_secs(60), "/health/ready", || {
         weir.http_get("/health/ready").is_some_and(|(status, _)| status == 200)
     });
+    // The group member tells the brokers who it is: `<name>-<instance>`.
+    let admin: rdkafka::consumer::BaseConsumer = client_config().create().unwrap();
+    let groups = rdkafka::consumer::Consumer::fetch_group_list(&admin, Some(&name), Duration::from_secs(10)).unwrap();
+    let clients: Vec<&str> = groups.groups().iter().flat_map(|group| group.members()).map(|member| member.client_id()).collect();
+    assert_eq!(clients, vec![format!("{name}-0")], "the group's members' client ids");
 
     // 1000 records: ids whose amount (id % 1000 + 0.5) > 100 pass; every 100th is poison.
     let inputs: Vec<Input> = (0..1000u64)
@@ -39,6 +44,12 @@ fn health_metrics_and_graceful_shutdown() {
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
         sample(&scrape, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
     };
+    assert_eq!(value("weir_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert_eq!(value("weir_ready", &[]), 1.0);
+    let now = chrono::Utc::now().timestamp() as f64;
+    let last_commit = value("weir_last_commit_timestamp_seconds", &[]);
+    assert!(last_commit > now - 120.0 && last_commit <= now + 1.0, "{last_commit} vs {now}");
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
     assert_eq!(value("weir_records_in_total", &[("source", "events")]), 1000.0);
     assert_eq!(value("weir_records_out_total", &[("sink", output.as_str())]), passed);
     assert_eq!(value("weir_dlq_records_total", &[("stage", "decode")]), poison);
@@ -81,4 +92,23 @@ fn health_metrics_and_graceful_shutdown() {
     let status = weir.wait(Duration::from_secs(30));
     assert!(status.success(), "SIGTERM should drain and exit 0: {status}\n{}", weir.log_text());
     assert!(weir.log_text().contains("shutting down"));
+}
+
+/// With `logging.format: json` every line weir writes is a JSON object, down to the reason
+/// it stopped (here a sink topic that does not exist).
+#[test]
+fn json_logs_are_json_to_the_last_line() {
+    let input = unique("in");
+    create_topic(&input, 1);
+    let pipeline = pipeline_file(&json_pipeline(&unique("json-logs"), &input, &unique("missing-out"), "  - filter: \"amount > 0.0\""));
+    let mut process =
+        WeirProcess::start(&pipeline.path, WeirOptions { env: vec![("WEIR__LOGGING__FORMAT".into(), "json".into())], ..Default::default() });
+    let status = process.wait(Duration::from_secs(60));
+    let log = process.log_text();
+    assert!(!status.success(), "{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok_and(|value| value.is_object()), "not a JSON object: {line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().expect("a log")).unwrap();
+    assert!(last.to_string().contains("weir stopped") && last.to_string().contains("does not exist"), "{log}");
 }
