@@ -129,3 +129,141 @@ fn secret_volumes_are_mounted_read_only() {
     let volume = spec["volumes"].as_sequence().unwrap().iter().find(|volume| volume["name"] == "kafka-credentials").expect("a volume");
     assert_eq!(volume["secret"]["secretName"], "weir-kafka");
 }
+
+fn render(extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut arguments = vec!["template", "clicks", chart.to_str().unwrap(), "--kube-version", "1.30"];
+    arguments.extend_from_slice(extra);
+    let rendered = run(&arguments);
+    serde_yaml_ng::Deserializer::from_str(&rendered)
+        .map(|document| Value::deserialize(document).unwrap())
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+fn kind<'a>(documents: &'a [Value], kind: &str) -> Option<&'a Value> {
+    documents.iter().find(|document| document["kind"] == kind)
+}
+
+/// values.schema.json: a misspelt key or a mistyped value fails the render (and so install
+/// and upgrade) with the path, instead of being ignored.
+#[test]
+fn the_values_schema_refuses_misspelt_and_mistyped_values() {
+    let chart = chart();
+    for (setting, said) in [
+        ("serviceMonitor.enable=true", "additional properties 'enable' not allowed"),
+        ("replicaCount=three", "/replicaCount"),
+        ("instanceId.source=hostname", "/instanceId/source"),
+    ] {
+        let output = Command::new(helm())
+            .args(["template", "clicks", chart.to_str().unwrap(), "--kube-version", "1.30", "--set", setting])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{setting} rendered");
+        assert!(stderr.contains(said), "{setting}: {stderr}");
+    }
+}
+
+/// The defaults: no service account token in the pod, a PDB that never holds a drain for
+/// unready pods, the grace period derived from the drain timeout weir is given, and a
+/// `helm test` pod that asks for /health/ready.
+#[test]
+fn the_defaults_are_hardened() {
+    let documents = render(&[]);
+    let pdb = kind(&documents, "PodDisruptionBudget").expect("a PDB");
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    let pod = &kind(&documents, "StatefulSet").expect("a StatefulSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+    let env = pod["containers"][0]["env"].as_sequence().unwrap();
+    let drain = env.iter().find(|variable| variable["name"] == "WEIR__RUNTIME__DRAIN_TIMEOUT").expect("the drain timeout");
+    assert_eq!(drain["value"], "8s");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    let test = documents.iter().find(|document| document["metadata"]["annotations"]["helm.sh/hook"] == "test").expect("a test pod");
+    let command = test["spec"]["containers"][0]["command"].as_sequence().unwrap();
+    assert!(command.iter().any(|part| part.as_str().is_some_and(|part| part.ends_with(":8080/health/ready"))), "{command:?}");
+}
+
+/// What the review asked to be values: probes, security contexts, a service account, extra
+/// volumes, topology spread, an existing ConfigMap for the pipeline, the drain timeout.
+#[test]
+fn overrides_reach_the_pod() {
+    let documents = render(&[
+        // Helm merges maps with the defaults: a key is dropped by setting it to null.
+        "--set-json",
+        r#"podSecurityContext={"runAsUser":null,"runAsGroup":null,"fsGroup":null}"#,
+        "--set-json",
+        r#"livenessProbe={"httpGet":{"path":"/health/live","port":"http"},"initialDelaySeconds":20}"#,
+        "--set",
+        "serviceAccount.create=true",
+        "--set",
+        "serviceAccount.annotations.team=streams",
+        "--set-json",
+        r#"extraVolumes=[{"name":"certs","csi":{"driver":"secrets-store.csi.k8s.io"}}]"#,
+        "--set-json",
+        r#"extraVolumeMounts=[{"name":"certs","mountPath":"/etc/certs"}]"#,
+        "--set-json",
+        r#"topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway"}]"#,
+        "--set",
+        "existingConfigMap=clicks-pipeline-from-git",
+        "--set",
+        "drainTimeoutSeconds=5",
+    ]);
+    assert!(kind(&documents, "ConfigMap").is_none(), "no ConfigMap of the chart's own with existingConfigMap");
+    let account = kind(&documents, "ServiceAccount").expect("a ServiceAccount");
+    assert_eq!(account["metadata"]["annotations"]["team"], "streams");
+    let statefulset = kind(&documents, "StatefulSet").unwrap();
+    let pod = &statefulset["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    assert!(pod["securityContext"]["runAsUser"].is_null(), "OpenShift-style: no fixed user");
+    let container = &pod["containers"][0];
+    assert_eq!(container["livenessProbe"]["initialDelaySeconds"], 20);
+    assert!(container["volumeMounts"].as_sequence().unwrap().iter().any(|mount| mount["mountPath"] == "/etc/certs"));
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    assert!(volumes.iter().any(|volume| volume["name"] == "certs"));
+    assert!(volumes.iter().any(|volume| volume["configMap"]["name"] == "clicks-pipeline-from-git"));
+    assert!(statefulset["spec"]["template"]["metadata"]["annotations"]["checksum/pipeline"].is_null());
+    assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "topology.kubernetes.io/zone");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 27);
+}
+
+/// `prometheusRule.enabled` renders every alert the operations review asked for, each with
+/// a runbook link to its section of docs/runbooks.md; `dashboards.enabled` renders the
+/// Grafana dashboard as JSON in a ConfigMap labelled for the Grafana sidecar.
+#[test]
+fn alerts_link_their_runbooks_and_the_dashboard_is_labelled_for_grafana() {
+    let documents = render(&["--set", "prometheusRule.enabled=true", "--set", "dashboards.enabled=true"]);
+    let rule = kind(&documents, "PrometheusRule").expect("a PrometheusRule");
+    let rules = rule["spec"]["groups"][0]["rules"].as_sequence().unwrap();
+    let runbooks = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks.md")).unwrap();
+    let alerts: Vec<&str> = rules.iter().map(|rule| rule["alert"].as_str().unwrap()).collect();
+    for alert in ["WeirNoCommit", "WeirLagRising", "WeirAborts", "WeirDeadLetters", "WeirNotReady", "WeirEventTimeLag", "WeirDataLoss"] {
+        assert!(alerts.contains(&alert), "no {alert} in {alerts:?}");
+    }
+    for rule in rules {
+        assert!(rule["expr"].as_str().unwrap().contains(r#"job="clicks-weir""#), "{rule:?}");
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+        let anchor = url.split_once('#').expect("an anchor").1;
+        assert!(url.starts_with("docs/runbooks.md#"), "{url}");
+        assert!(runbooks.contains(&format!("<a id=\"{anchor}\"></a>")), "docs/runbooks.md has no section {anchor}");
+    }
+    let dashboards = documents
+        .iter()
+        .find(|document| document["kind"] == "ConfigMap" && document["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("a dashboard ConfigMap for the sidecar");
+    let dashboard: serde_json::Value = serde_json::from_str(dashboards["data"]["weir.json"].as_str().unwrap()).unwrap();
+    assert_eq!(dashboard["title"], "weir");
+    let metrics = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/telemetry/metrics.rs")).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            // Every weir metric a panel reads is one weir exports.
+            for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|word| word.starts_with("weir_")) {
+                let exported = name.trim_end_matches("_bucket");
+                assert!(metrics.contains(&format!("\"{exported}\"")), "panel {} reads {name}, which weir does not export", panel["title"]);
+            }
+        }
+    }
+}

@@ -21,6 +21,15 @@ label built from the name, and labels stop at 63.
 {{- end }}
 {{- end }}
 
+{{/* The service account the pods run as. */}}
+{{- define "weir.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "weir.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{- define "weir.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
