@@ -1070,3 +1070,18 @@ fn misspelt_names_get_a_suggestion() {
     let stderr = String::from_utf8_lossy(&weir(&["validate", "--pipeline", &path], &[]).stderr).into_owned();
     assert!(stderr.contains("unknown key 'compression'; known keys:") && !stderr.contains("did you mean"), "{stderr}");
 }
+
+/// Topic configs for the topics weir creates are checked with the other settings:
+/// cleanup.policy is weir's, and the replication factor is a number.
+#[test]
+fn topic_settings_are_checked_before_touching_kafka() {
+    let (_dir, path) = write(GOOD);
+    let output = weir(
+        &["validate", "--pipeline", &path],
+        &[("WEIR__KAFKA__TOPIC_CONFIGS__CLEANUP_POLICY", "delete"), ("WEIR__KAFKA__REPLICATION_FACTOR", "two")],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("kafka.topic_configs.cleanup.policy (env WEIR__KAFKA__TOPIC_CONFIGS__CLEANUP_POLICY): weir sets it"), "{stderr}");
+    assert!(stderr.contains("kafka.replication_factor") && stderr.contains("'two'"), "{stderr}");
+}

@@ -58,6 +58,12 @@ pub struct KafkaSettings {
     pub static_membership: bool,
     pub session_timeout: Duration,
     pub options: BTreeMap<String, String>,
+    /// The replication factor of the topics weir creates (DLQ, changelogs, repartition and
+    /// definitions topics); None: the broker's default.
+    pub replication_factor: Option<i32>,
+    /// Topic configs for the topics weir creates (e.g. min.insync.replicas), under the
+    /// ones each kind needs (a changelog is compacted whatever this says).
+    pub topic_configs: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +99,16 @@ pub struct LoggingSettings {
 const KNOWN_KEYS: &[(&str, &[&str])] = &[
     (
         "kafka",
-        &["bootstrap_servers", "transaction_timeout", "static_membership", "session_timeout", "options", "option_files"],
+        &[
+            "bootstrap_servers",
+            "transaction_timeout",
+            "static_membership",
+            "session_timeout",
+            "options",
+            "option_files",
+            "replication_factor",
+            "topic_configs",
+        ],
     ),
     ("runtime", &["commit_interval", "max_batch_records", "drain_timeout", "give_up_after"]),
     ("http", &["listen", "ready_max_lag"]),
@@ -140,6 +155,10 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         static_membership: reader.boolean("kafka.static_membership"),
         session_timeout: reader.duration("kafka.session_timeout"),
         options: reader.kafka_options(),
+        replication_factor: reader
+            .parsed::<i32>("kafka.replication_factor", "a whole number (0: the broker's default)")
+            .filter(|factor| *factor > 0),
+        topic_configs: reader.topic_configs(),
     };
     let runtime = RuntimeSettings {
         commit_interval: reader.duration("runtime.commit_interval"),
@@ -342,6 +361,30 @@ impl KeyReader<'_> {
         RegistrySettings { urls, username, password, timeout }
     }
 
+    /// `kafka.topic_configs`: configs for the topics weir creates. `cleanup.policy` is
+    /// weir's to choose per kind of topic (a changelog must be compacted).
+    fn topic_configs(&mut self) -> BTreeMap<String, String> {
+        let mut configs = BTreeMap::new();
+        let Ok(table) = self.layered.get_table("kafka.topic_configs") else {
+            return configs;
+        };
+        for (key, value) in table {
+            // As with kafka.options: MIN_INSYNC_REPLICAS stands for min.insync.replicas.
+            let name = key.replace('_', ".");
+            let location = format!("kafka.topic_configs.{name} (env WEIR__KAFKA__TOPIC_CONFIGS__{})", name.replace('.', "_").to_uppercase());
+            match value.into_string() {
+                Err(_) => self.problems.push(location, "must be a string, number or boolean"),
+                Ok(_) if name == "cleanup.policy" => {
+                    self.problems.push(location, "weir sets it per topic (changelogs are compacted, repartition topics not); remove it")
+                }
+                Ok(text) => {
+                    configs.insert(name, text);
+                }
+            }
+        }
+        configs
+    }
+
     /// `kafka.options`, plus `kafka.option_files` (an option's value read from a file, such
     /// as a mounted Secret), each checked against librdkafka without connecting anywhere.
     fn kafka_options(&mut self) -> BTreeMap<String, String> {
@@ -468,6 +511,8 @@ impl std::fmt::Debug for KafkaSettings {
             .field("static_membership", &self.static_membership)
             .field("session_timeout", &self.session_timeout)
             .field("options", &options)
+            .field("replication_factor", &self.replication_factor)
+            .field("topic_configs", &self.topic_configs)
             .finish()
     }
 }

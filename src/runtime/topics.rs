@@ -185,8 +185,12 @@ fn create_topic(
         .create()
         .map_err(|error| RuntimeError::Setup(format!("creating an admin client: {error}")))?;
     // -1: the broker's default replication factor.
-    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
-    for (key, value) in config {
+    let replication = settings.kafka.replication_factor.unwrap_or(-1);
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    // The user's configs first, then what this kind of topic needs (which wins).
+    let mut configs: std::collections::BTreeMap<&str, &str> = settings.kafka.topic_configs.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
+    configs.extend(config.iter().copied());
+    for (key, value) in configs {
         new_topic = new_topic.set(key, value);
     }
     let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));

@@ -529,6 +529,8 @@ fn an_upsert_window_killed_ten_times_ends_with_the_transactional_results() {
 
 /// A changelog keeps tombstones for a day whatever the cluster's default, so a local store
 /// trusted for twelve hours cannot have missed a deletion that compaction already removed.
+/// `kafka.topic_configs` and `kafka.replication_factor` reach the topics weir creates (the
+/// changelog and the DLQ), under what each kind needs.
 #[test]
 fn created_changelogs_keep_tombstones_for_a_day() {
     use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
@@ -539,9 +541,15 @@ fn created_changelogs_keep_tombstones_for_a_day() {
     produce(&input, (0..10).map(click));
     let name = unique("tombstones");
     let pipeline = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [id], within: 1m }");
-    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    let env = vec![
+        ("WEIR__KAFKA__TOPIC_CONFIGS__MIN_INSYNC_REPLICAS".to_string(), "1".to_string()),
+        ("WEIR__KAFKA__TOPIC_CONFIGS__RETENTION_BYTES".to_string(), "1073741824".to_string()),
+        ("WEIR__KAFKA__REPLICATION_FACTOR".to_string(), "1".to_string()),
+    ];
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, env, ..Default::default() });
     assert!(weir.wait(Duration::from_secs(90)).success(), "{}", weir.log_text());
     let changelog = format!("{name}-0-changelog");
+    let dlq = format!("{name}.dlq");
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &broker().bootstrap).create().unwrap();
     let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&changelog)], &AdminOptions::new())).unwrap();
@@ -553,6 +561,12 @@ fn created_changelogs_keep_tombstones_for_a_day() {
     };
     assert_eq!(topic_value("delete.retention.ms").as_deref(), Some("86400000"), "{changelog}: {config:?}");
     assert_eq!(topic_value("cleanup.policy").as_deref(), Some("compact"), "{changelog}");
+    assert_eq!(topic_value("min.insync.replicas").as_deref(), Some("1"), "{changelog}: {config:?}");
+    assert_eq!(topic_value("retention.bytes").as_deref(), Some("1073741824"), "{changelog}");
+    let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&dlq)], &AdminOptions::new())).unwrap();
+    let dlq_config = described.into_iter().next().unwrap().unwrap();
+    let retention = dlq_config.get("retention.bytes").filter(|entry| entry.source == ConfigSource::DynamicTopic);
+    assert_eq!(retention.and_then(|entry| entry.value.clone()).as_deref(), Some("1073741824"), "{dlq}");
 
     // The restart reads the retention back and trusts its fresh local store.
     let mut again = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
