@@ -50,8 +50,11 @@ pub struct Metrics {
     pub step_state_keys: IntGaugeVec,
     /// The local store's estimate of its live data, by stateful step.
     pub step_state_bytes: IntGaugeVec,
-    /// Each owned input partition's event-time watermark (epoch milliseconds).
+    /// Each owned input partition's event-time watermark (epoch milliseconds; kept beside
+    /// the seconds one, which follows Prometheus' base units, until dashboards move).
     pub watermark: IntGaugeVec,
+    /// The same in Unix seconds (`_timestamp_seconds`, Prometheus' convention).
+    pub watermark_seconds: GaugeVec,
     /// Wall-clock time minus each owned input partition's watermark.
     pub event_time_lag: GaugeVec,
     /// Records that came too late (after the watermark closed what they belong to), whatever
@@ -149,6 +152,12 @@ impl Metrics {
             "Event-time watermark of each owned input partition, epoch milliseconds.",
             &["topic", "partition"],
         );
+        let watermark_seconds = GaugeVec::new(
+            Opts::new("weir_watermark_timestamp_seconds", "Event-time watermark of each owned input partition, Unix seconds."),
+            &["topic", "partition"],
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(watermark_seconds.clone())).expect("each metric is registered once");
         let event_time_lag = GaugeVec::new(
             Opts::new("weir_event_time_lag_seconds", "Wall-clock time minus the watermark, by owned input partition."),
             &["topic", "partition"],
@@ -222,6 +231,7 @@ impl Metrics {
             step_state_keys,
             step_state_bytes,
             watermark,
+            watermark_seconds,
             event_time_lag,
             late_records,
             table_rows,
@@ -244,6 +254,7 @@ impl Metrics {
             }
             let labels = [topic.as_str(), &partition.to_string()];
             self.watermark.with_label_values(&labels).set(*watermark);
+            self.watermark_seconds.with_label_values(&labels).set(*watermark as f64 / 1000.0);
             self.event_time_lag.with_label_values(&labels).set(now.saturating_sub(*watermark) as f64 / 1000.0);
         }
     }
@@ -253,6 +264,7 @@ impl Metrics {
         let labels = [topic, &partition.to_string()];
         self.consumer_lag.remove_label_values(&labels).ok();
         self.watermark.remove_label_values(&labels).ok();
+        self.watermark_seconds.remove_label_values(&labels).ok();
         self.event_time_lag.remove_label_values(&labels).ok();
     }
 

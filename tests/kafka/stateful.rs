@@ -441,6 +441,7 @@ fn every_metric_family_agrees_with_a_stateful_run() {
         assert!(value("weir_event_time_lag_seconds", &labels) > 3600.0, "the input's event times are from 2023");
         // Max event time (the last record of the partition's ids) minus the 1 s out-of-orderness.
         assert!(value("weir_watermark_milliseconds", &labels) >= 1_700_000_000_000.0 - 1000.0);
+        assert_eq!(value("weir_watermark_timestamp_seconds", &labels), value("weir_watermark_milliseconds", &labels) / 1000.0);
     }
     let highest = ["0", "1"]
         .iter()
