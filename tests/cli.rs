@@ -184,8 +184,11 @@ fn plan_shows_the_stages_state_fingerprints_and_topics() {
     assert!(changed_text.contains(fingerprints[0]) && !changed_text.contains(fingerprints[1]), "{changed_text}");
 }
 
+/// Every example in config/examples validates, and has an input and the output it makes
+/// beside it (`<name>.input.jsonl`, `<name>.expected.jsonl`): `weir test --expect` agrees,
+/// so the examples the docs point to keep working.
 #[test]
-fn the_shipped_examples_validate() {
+fn the_shipped_examples_validate_and_make_their_expected_output() {
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
     let mut checked = 0;
     for entry in std::fs::read_dir(&examples).unwrap() {
@@ -193,10 +196,19 @@ fn the_shipped_examples_validate() {
         if path.extension().is_some_and(|extension| extension == "yaml") {
             let output = weir(&["validate", "--pipeline", path.to_str().unwrap()], &[]);
             assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            let (input, expected) = (path.with_extension("input.jsonl"), path.with_extension("expected.jsonl"));
+            assert!(input.is_file() && expected.is_file(), "{} has no {} and {}", path.display(), input.display(), expected.display());
+            let output = weir(
+                &["test", "--pipeline", path.to_str().unwrap(), "--input", input.to_str().unwrap(), "--expect", expected.to_str().unwrap()],
+                &[],
+            );
+            assert!(output.status.success(), "{}:\n{}{}", path.display(), String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            let expected_lines = std::fs::read_to_string(&expected).unwrap().lines().filter(|line| !line.trim().is_empty()).count();
+            assert!(expected_lines > 0, "{}: an example should show some output", expected.display());
             checked += 1;
         }
     }
-    assert!(checked > 0, "no examples found in {}", examples.display());
+    assert!(checked >= 4, "examples missing in {}", examples.display());
 }
 
 #[test]
