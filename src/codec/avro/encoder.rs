@@ -112,7 +112,7 @@ fn value_schema(field_type: &FieldType, record_name: &str) -> Result<(Value, Vec
 
 /// Writes a record of the derived schema in Avro binary, straight from the JSON fields. Every
 /// field is a union of null (branch 0) and its type (branch 1), so no schema walk or
-/// intermediate Avro value is needed (README, "Micro benchmarks", has the gain).
+/// intermediate Avro value is needed (BENCHMARKS.md, "Micro benchmarks", has the gain).
 fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut present = 0;
     for field in names {
