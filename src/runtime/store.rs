@@ -93,19 +93,9 @@ impl StateStore {
         // every log file alive.)
         options.set_max_total_wal_size(WAL_LIMIT);
         let names: Vec<String> = steps.iter().map(|step| family(*step)).chain([OFFSETS.to_string()]).collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let families = names.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options()));
-            match DB::open_cf_descriptors(&options, directory, families) {
-                Ok(db) => return Ok(StateStore { db, path: directory.to_path_buf(), families: names }),
-                Err(error) if error.to_string().contains("lock") && Instant::now() < deadline => {
-                    warn!(path = %directory.display(), %error, "state store is locked by another process; waiting");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(error) => {
-                    return Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display())));
-                }
-            }
+        match open_waiting_for_lock(&options, directory, &names, family_options, "the state store") {
+            Ok(db) => Ok(StateStore { db, path: directory.to_path_buf(), families: names }),
+            Err(error) => Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display()))),
         }
     }
 
@@ -206,6 +196,38 @@ impl StateStore {
             .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
             .map_err(|error| RuntimeError::store("writing the state store", error))
     }
+}
+
+/// How long a store held by another process is waited for.
+const LOCK_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Opens the RocksDB database in `directory` with `families` (each with `family_options`).
+/// Another process with the same instance may still hold it for a moment (a zombie being
+/// fenced), so a held lock is waited for, up to a minute; any other error comes back at once.
+pub(super) fn open_waiting_for_lock(
+    options: &Options,
+    directory: &Path,
+    families: &[String],
+    family_options: fn() -> Options,
+    what: &str,
+) -> Result<DB, rocksdb::Error> {
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    loop {
+        let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options()));
+        match DB::open_cf_descriptors(options, directory, descriptors) {
+            Err(error) if is_lock_held(&error) && Instant::now() < deadline => {
+                warn!(path = %directory.display(), %error, "{what} is locked by another process; waiting");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether opening failed because another process holds the database's lock (RocksDB says
+/// so only in the message).
+pub(super) fn is_lock_held(error: &rocksdb::Error) -> bool {
+    error.to_string().contains("lock")
 }
 
 /// A clean stop flushes: a restart then opens the store without replaying its log.

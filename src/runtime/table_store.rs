@@ -11,9 +11,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use rocksdb::{Options, WriteBatch, DB};
 use tracing::warn;
 
 use super::error::RuntimeError;
@@ -51,7 +50,7 @@ impl TableStore {
     /// dropped; a store RocksDB cannot open (corrupt, or of an unknown format) is deleted
     /// and made anew: the tables' topics hold everything it had.
     pub fn open(directory: &Path, tables: &[Source]) -> Result<TableStore, RuntimeError> {
-        let mut db = match open_db(directory, tables) {
+        let db = match open_db(directory, tables) {
             Ok(db) => db,
             Err(OpenError::Runtime(error)) => return Err(error),
             Err(OpenError::Unusable(reason)) => {
@@ -64,34 +63,27 @@ impl TableStore {
                 })?
             }
         };
+        let families = tables.iter().map(|source| family(&source.name)).chain([POSITIONS.to_string()]).collect();
+        let store = TableStore { db: Arc::new(db), path: directory.to_path_buf(), families };
         for source in tables {
             let wanted = definition(source);
-            let positions = db.cf_handle(POSITIONS).ok_or_else(|| RuntimeError::store("opening the table store", "no positions family"))?;
-            let stored = db.get_cf(positions, definition_key(&source.name)).map_err(|error| RuntimeError::store("reading the table store", error))?;
+            let stored = store
+                .db
+                .get_cf(store.positions()?, definition_key(&source.name))
+                .map_err(|error| RuntimeError::store("reading the table store", error))?;
             if stored.as_deref() == Some(wanted.as_bytes()) {
                 continue;
             }
             if stored.is_some() {
                 warn!(table = %source.name, "the table's definition changed since its rows were stored; reading it again from the beginning");
             }
-            let store_error = |error: rocksdb::Error| RuntimeError::store(format!("resetting table {} in the store", source.name), error);
-            db.drop_cf(&family(&source.name)).map_err(store_error)?;
-            db.create_cf(family(&source.name), &Options::default()).map_err(store_error)?;
-            let positions = db.cf_handle(POSITIONS).ok_or_else(|| RuntimeError::store("opening the table store", "no positions family"))?;
-            let mut batch = WriteBatch::default();
-            let prefix = format!("position/{}/", source.name);
-            for item in db.prefix_iterator_cf(positions, prefix.as_bytes()) {
-                let (key, _) = item.map_err(store_error)?;
-                if !key.starts_with(prefix.as_bytes()) {
-                    break;
-                }
-                batch.delete_cf(positions, key);
-            }
-            batch.put_cf(positions, definition_key(&source.name), wanted.as_bytes());
-            db.write(batch).map_err(store_error)?;
+            store.clear(&source.name)?;
+            store
+                .db
+                .put_cf(store.positions()?, definition_key(&source.name), wanted.as_bytes())
+                .map_err(|error| RuntimeError::store(format!("writing the table store {}", directory.display()), error))?;
         }
-        let families = tables.iter().map(|source| family(&source.name)).chain([POSITIONS.to_string()]).collect();
-        Ok(TableStore { db: Arc::new(db), path: directory.to_path_buf(), families })
+        Ok(store)
     }
 
     /// Where `table`'s rows are read and written.
@@ -174,21 +166,12 @@ fn open_db(directory: &Path, tables: &[Source]) -> Result<DB, OpenError> {
     let mut names: Vec<String> = tables.iter().map(|source| family(&source.name)).chain([POSITIONS.to_string()]).collect();
     let stale: Vec<String> = existing.iter().filter(|name| !names.contains(name) && *name != "default").cloned().collect();
     names.extend(stale.iter().cloned());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut db = loop {
-        let families = names.iter().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        match DB::open_cf_descriptors(&options, directory, families) {
-            Ok(db) => break db,
-            // Another process with the same instance may hold it for a moment (being fenced).
-            Err(error) if error.to_string().contains("lock") && Instant::now() < deadline => {
-                warn!(path = %directory.display(), %error, "the table store is locked by another process; waiting");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(error) if error.to_string().contains("lock") => {
-                return Err(OpenError::Runtime(RuntimeError::Setup(format!("opening the table store {}: {error}", directory.display()))));
-            }
-            Err(error) => return Err(OpenError::Unusable(error.to_string())),
+    let mut db = match super::store::open_waiting_for_lock(&options, directory, &names, Options::default, "the table store") {
+        Ok(db) => db,
+        Err(error) if super::store::is_lock_held(&error) => {
+            return Err(OpenError::Runtime(RuntimeError::Setup(format!("opening the table store {}: {error}", directory.display()))));
         }
+        Err(error) => return Err(OpenError::Unusable(error.to_string())),
     };
     for name in stale {
         if let Err(error) = db.drop_cf(&name) {
