@@ -238,13 +238,6 @@ impl Loop<'_> {
         if !writers.needs_fetch(id) {
             return Ok(true);
         }
-        // The wait is short (one lookup's share of the rate), so the open batch stays open:
-        // the record waits its turn rather than going to the DLQ unlooked-up (see
-        // `WriterSchemas::take_lookup`).
-        while let Err(wait) = writers.take_lookup() {
-            tracing::debug!(id, ?wait, "registry lookups are rate-limited; waiting");
-            std::thread::sleep(wait);
-        }
         let what = format!("fetching writer schema id {id}");
         let (health, status, shutdown) = (self.health, self.status, self.shutdown);
         let (topic, partition, offset) = (message.topic().to_string(), message.partition(), message.offset());
@@ -260,22 +253,9 @@ impl Loop<'_> {
                 .map_err(|error| RuntimeError::kafka(format!("seeking {topic}[{partition}] back to {offset}"), error))?;
             self.commit(None).map(drop)
         };
-        let fetched = schemas::until_answered(&what, health, status, shutdown, Some(REGISTRY_WAIT), set_aside, || {
-            registry.writer_schema(id)
-        });
-        match fetched {
-            Ok(Some(schema)) => {
-                if let Err(reason) = &schema {
-                    warn!(id, %reason, "a writer schema id the registry does not know; its records are bad records");
-                }
-                writers.insert(id, schema);
-                // Set aside while waiting: it is read again, behind the rewind.
-                Ok(!waited)
-            }
-            Ok(None) => Ok(false),
-            Err(schemas::WaitError::Runtime(error)) => Err(error),
-            Err(schemas::WaitError::Registry(error)) => Err(RuntimeError::Setup(format!("{what}: {error}"))),
-        }
+        let fetched = schemas::fetch_writer_schema(registry, &writers, id, &what, health, status, shutdown, Some(REGISTRY_WAIT), set_aside)?;
+        // Set aside while waiting: it is read again, behind the rewind.
+        Ok(fetched && !waited)
     }
 
     fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::health::Health;
 use super::status::Status;
+use crate::codec::avro::WriterSchemas;
 use crate::codec::registry::{Registry, RegistryError};
 
 const FIRST_DELAY: Duration = Duration::from_millis(200);
@@ -60,6 +61,41 @@ pub fn until_answered<T>(
             }
             Err(error) => return Err(WaitError::Registry(error)),
         }
+    }
+}
+
+/// Fetches writer schema `id` into `writers` (a schema the registry does not know is cached
+/// as such: its records are bad records), within the registry lookup budget, waiting for the
+/// registry as [`until_answered`] does. `Ok(false)`: shut down or `max_wait` passed first.
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_writer_schema(
+    registry: &Registry,
+    writers: &WriterSchemas,
+    id: u32,
+    what: &str,
+    health: &Health,
+    status: &Status,
+    shutdown: &CancellationToken,
+    max_wait: Option<Duration>,
+    on_wait: impl FnMut() -> Result<(), super::RuntimeError>,
+) -> Result<bool, super::RuntimeError> {
+    // The wait is short (one lookup's share of the rate): the record waits its turn rather
+    // than going to the DLQ unlooked-up (see `WriterSchemas::take_lookup`).
+    while let Err(wait) = writers.take_lookup() {
+        tracing::debug!(id, ?wait, "registry lookups are rate-limited; waiting");
+        std::thread::sleep(wait);
+    }
+    match until_answered(what, health, status, shutdown, max_wait, on_wait, || registry.writer_schema(id)) {
+        Ok(Some(schema)) => {
+            if let Err(reason) = &schema {
+                warn!(id, %reason, "a writer schema id the registry does not know; its records are bad records");
+            }
+            writers.insert(id, schema);
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(WaitError::Runtime(error)) => Err(error),
+        Err(WaitError::Registry(error)) => Err(super::RuntimeError::Setup(format!("{what}: {error}"))),
     }
 }
 

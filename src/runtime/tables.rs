@@ -122,8 +122,8 @@ impl TableFeed {
         let store = TableStore::open(&directory, &pipeline.tables)?;
         engine.store_tables(|source| store.rows(&source.name));
         let mut readers = Vec::new();
+        let names = (format!("{}-tables", pipeline.name), format!("{}-{instance}", pipeline.name));
         for source in &pipeline.tables {
-            let names = (format!("{}-tables", pipeline.name), format!("{}-{instance}", pipeline.name));
             readers.extend(open_table(settings, source, &store, &names)?);
         }
         Ok(TableFeed { readers, store, metrics, status, last_report: Instant::now() })
@@ -171,15 +171,16 @@ impl TableFeed {
             }
         }
         self.report(Some(started))?;
+        let seconds = started.elapsed().as_secs_f64();
         for reader in &self.readers {
             self.status.table(&reader.table, |progress| {
                 progress.state = "live".into();
-                progress.bootstrap_seconds = Some(started.elapsed().as_secs_f64());
+                progress.bootstrap_seconds = Some(seconds);
             });
-            self.metrics.table_bootstrap_seconds.with_label_values(&[&reader.table]).set(started.elapsed().as_secs_f64());
+            self.metrics.table_bootstrap_seconds.with_label_values(&[&reader.table]).set(seconds);
         }
         let rows: Vec<(String, u64)> = self.tables().map(|table| (table.to_string(), self.store.estimated_rows(table))).collect();
-        info!(seconds = started.elapsed().as_secs_f64(), rows = ?rows, "tables read");
+        info!(seconds, rows = ?rows, "tables read");
         health.set_tables_loading(false);
         Ok(true)
     }
@@ -346,16 +347,9 @@ fn apply(
     if let (true, Some(registry), Some(id)) = (avro, registry, message.payload().and_then(avro::schema_id)) {
         let writers = engine.writer_schemas().clone();
         if writers.needs_fetch(id) {
-            while let Err(wait) = writers.take_lookup() {
-                std::thread::sleep(wait);
-            }
             let what = format!("fetching writer schema id {id} of table {table}");
-            let fetched = schemas::until_answered(&what, health, status, shutdown, None, || Ok(()), || registry.writer_schema(id));
-            match fetched {
-                Ok(Some(schema)) => writers.insert(id, schema),
-                Ok(None) => return Ok(Applied::Stopped),
-                Err(schemas::WaitError::Runtime(error)) => return Err(error),
-                Err(schemas::WaitError::Registry(error)) => return Err(RuntimeError::Setup(format!("{what}: {error}"))),
+            if !schemas::fetch_writer_schema(registry, &writers, id, &what, health, status, shutdown, None, || Ok(()))? {
+                return Ok(Applied::Stopped);
             }
         }
     }
