@@ -144,6 +144,11 @@ impl Metrics {
             registry.register(Box::new(metric.clone())).expect("each metric is registered once");
             metric
         };
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = GaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
+            registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+            metric
+        };
         let step_state_keys = gauge_vec("weir_step_state_keys", "Keys and windows held in state, by stateful step.", &["step"]);
         let step_state_bytes =
             gauge_vec("weir_step_state_bytes", "Estimated live bytes of the local state store, by stateful step.", &["step"]);
@@ -152,18 +157,13 @@ impl Metrics {
             "Event-time watermark of each owned input partition, epoch milliseconds.",
             &["topic", "partition"],
         );
-        let watermark_seconds = GaugeVec::new(
-            Opts::new("weir_watermark_timestamp_seconds", "Event-time watermark of each owned input partition, Unix seconds."),
+        let watermark_seconds = float_gauge_vec(
+            "weir_watermark_timestamp_seconds",
+            "Event-time watermark of each owned input partition, Unix seconds.",
             &["topic", "partition"],
-        )
-        .expect("metric definitions are static and valid");
-        registry.register(Box::new(watermark_seconds.clone())).expect("each metric is registered once");
-        let event_time_lag = GaugeVec::new(
-            Opts::new("weir_event_time_lag_seconds", "Wall-clock time minus the watermark, by owned input partition."),
-            &["topic", "partition"],
-        )
-        .expect("metric definitions are static and valid");
-        registry.register(Box::new(event_time_lag.clone())).expect("each metric is registered once");
+        );
+        let event_time_lag =
+            float_gauge_vec("weir_event_time_lag_seconds", "Wall-clock time minus the watermark, by owned input partition.", &["topic", "partition"]);
         let late_records = counter("weir_late_records_total", "Records too late for the watermark, in committed batches.");
         let table_rows = gauge_vec("weir_table_rows", "Rows of each table source (the local store's estimate).", &["table"]);
         let table_lag = gauge_vec("weir_table_lag_records", "Records of each table's topic not read yet.", &["table"]);
@@ -173,12 +173,11 @@ impl Metrics {
             "Records of a table's topic that could not be applied (no key, not decodable); the log says which.",
             &["table"],
         );
-        let table_bootstrap_seconds = GaugeVec::new(
-            Opts::new("weir_table_bootstrap_seconds", "How long reading each table before the first stream record took, last time."),
+        let table_bootstrap_seconds = float_gauge_vec(
+            "weir_table_bootstrap_seconds",
+            "How long reading each table before the first stream record took, last time.",
             &["table"],
-        )
-        .expect("metric definitions are static and valid");
-        registry.register(Box::new(table_bootstrap_seconds.clone())).expect("each metric is registered once");
+        );
         // process_cpu_seconds_total, process_resident_memory_bytes, open fds, start time.
         #[cfg(target_os = "linux")]
         registry
