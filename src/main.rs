@@ -58,13 +58,12 @@ fn reset(args: &ResetArgs) -> ExitCode {
     let name = &loaded.pipeline.name;
     let result = runtime::check_connection(&loaded.settings)
         .map_err(weir::reset::ResetError::from)
-        .and_then(|()| weir::reset::plan(&loaded, args.state, target))
-        .and_then(|plan| {
+        .and_then(|()| {
             if !args.execute {
-                print_reset_plan(&loaded, &plan);
+                print_reset_plan(&loaded, &weir::reset::plan(&loaded, args.state, target)?);
                 return Ok(());
             }
-            weir::reset::execute(&loaded, &plan)?;
+            let plan = weir::reset::execute(&loaded, args.state, target)?;
             match plan.state_topics.is_empty() {
                 true => println!("pipeline {name} has no state to reset"),
                 false => println!("deleted the state of pipeline {name}: {}", plan.state_topics.join(", ")),

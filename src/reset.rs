@@ -81,13 +81,16 @@ pub fn plan(loaded: &Loaded, state: bool, target: Option<OffsetTarget>) -> Resul
     Ok(ResetPlan { live_members, state_topics, offsets })
 }
 
-/// Does what `plan` found: waits for the group to empty (or refuses), deletes the state
-/// topics first (offsets moved over old state would replay into it), then commits the new
-/// offsets.
-pub fn execute(loaded: &Loaded, plan: &ResetPlan) -> Result<(), ResetError> {
+/// Does the reset: waits for the group to empty (or refuses), then finds what to do as
+/// [`plan`] does (the offsets a target names are read once nobody reads any more), deletes
+/// the state topics first (offsets moved over old state would replay into it) and commits
+/// the new offsets. Returns what it did.
+pub fn execute(loaded: &Loaded, state: bool, target: Option<OffsetTarget>) -> Result<ResetPlan, ResetError> {
     wait_for_an_empty_group(loaded)?;
+    let plan = plan(loaded, state, target)?;
     delete_topics(loaded, &plan.state_topics)?;
-    commit_offsets(loaded, &plan.offsets)
+    commit_offsets(loaded, &plan.offsets)?;
+    Ok(plan)
 }
 
 /// Waits for the pipeline's consumer group to have no members. A stopped instance stays a
