@@ -30,6 +30,23 @@ pub enum Command {
     /// committed offsets (and resets any state). Without `--execute` it only shows what it
     /// would do.
     Reset(ResetArgs),
+    /// Print the JSON Schema of the pipeline file or of the settings file, for editors
+    /// (e.g. yaml-language-server's `# yaml-language-server: $schema=<file>` header).
+    Schema(SchemaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    #[arg(value_enum)]
+    pub of: SchemaOf,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SchemaOf {
+    /// The pipeline file (YAML).
+    Pipeline,
+    /// The settings file given with --config (TOML).
+    Settings,
 }
 
 #[derive(Debug, Args)]

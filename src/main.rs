@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use weir::cli::{Cli, Command, ConfigArgs, PlanArgs, ResetArgs, RunArgs, TestArgs};
+use weir::cli::{Cli, Command, ConfigArgs, PlanArgs, ResetArgs, RunArgs, SchemaArgs, SchemaOf, TestArgs};
 use weir::testing;
 use weir::config::redact;
 use weir::plan::{self, Loaded};
@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Test(args) => test(&args),
         Command::Reset(args) => reset(&args),
+        Command::Schema(args) => schema(&args),
     }
 }
 
@@ -349,4 +350,21 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = terminate => info!("SIGTERM received"),
     }
     shutdown.cancel();
+}
+
+fn schema(args: &SchemaArgs) -> ExitCode {
+    let schema = match args.of {
+        SchemaOf::Pipeline => weir::plan::schema::pipeline(),
+        SchemaOf::Settings => weir::plan::schema::settings(),
+    };
+    match serde_json::to_string_pretty(&schema) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("weir: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

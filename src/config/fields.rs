@@ -1,28 +1,34 @@
 //! Reading a mapping key by key, so that every wrong key of one struct is reported: serde
 //! stops at the first. Each read records its own problem, located at `<mapping>.<key>`, and
-//! [`Fields::finish`] reports the keys nobody read (unknown keys) and whether the mapping was
-//! free of problems.
+//! [`Fields::finish`] reports the keys its section lacks (unknown keys) and whether the mapping was
+//! free of problems. The keys a mapping may have are its [`Section`]'s, the one description
+//! that `weir schema` prints too.
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
+use super::shape::Section;
 use super::ConfigErrors;
 
 pub struct Fields<'a> {
     mapping: &'a Mapping,
     location: String,
-    known: Vec<&'static str>,
+    section: &'static Section,
     problems_before: usize,
+    /// The keys asked for: each of the section's must be (debug builds check), so that a
+    /// section never lists a key its reader ignores.
+    asked: Vec<&'static str>,
 }
 
 impl<'a> Fields<'a> {
-    /// The keys of `value` at `location`; None (with a problem) when it is not a mapping.
-    pub fn of(value: &'a Yaml, location: &str, problems: &mut ConfigErrors) -> Option<Fields<'a>> {
+    /// The keys of `value` at `location`, which `section` describes; None (with a problem)
+    /// when it is not a mapping.
+    pub fn of(value: &'a Yaml, location: &str, section: &'static Section, problems: &mut ConfigErrors) -> Option<Fields<'a>> {
         let problems_before = problems.problems.len();
         match value {
-            Yaml::Mapping(mapping) => Some(Fields { mapping, location: location.to_string(), known: Vec::new(), problems_before }),
+            Yaml::Mapping(mapping) => Some(Fields { mapping, location: location.to_string(), section, problems_before, asked: Vec::new() }),
             _ => {
                 problems.push(location, "must be a mapping of keys to values");
                 None
@@ -37,7 +43,8 @@ impl<'a> Fields<'a> {
 
     /// The raw value of `key`, if present.
     pub fn raw(&mut self, key: &'static str) -> Option<&'a Yaml> {
-        self.known.push(key);
+        debug_assert!(self.section.key(key).is_some(), "{}: '{key}' is read but not in its section", self.location);
+        self.asked.push(key);
         self.mapping.get(key)
     }
 
@@ -60,10 +67,11 @@ impl<'a> Fields<'a> {
 
     /// Whether `key` is there; a problem when it is not.
     fn is_there(&mut self, key: &'static str, problems: &mut ConfigErrors) -> bool {
+        debug_assert!(self.section.key(key).is_some_and(|key| key.required), "{}: '{key}' is required but not so in its section", self.location);
+        self.asked.push(key);
         if self.mapping.contains_key(key) {
             return true;
         }
-        self.known.push(key);
         problems.push(self.location_of(key), "is required");
         false
     }
@@ -97,10 +105,15 @@ impl<'a> Fields<'a> {
 
     /// Reports every key that was not read, and says whether this mapping had no problem.
     pub fn finish(self, problems: &mut ConfigErrors) -> bool {
+        debug_assert!(
+            self.section.keys.iter().all(|key| self.asked.contains(&key.name)),
+            "{}: a key of its section is never read",
+            self.location
+        );
         for key in self.mapping.keys() {
             let name = key.as_str().unwrap_or("?");
-            if !self.known.contains(&name) {
-                problems.push(format!("{}.{name}", self.location), super::error::unknown("key", name, &self.known));
+            if self.section.key(name).is_none() {
+                problems.push(format!("{}.{name}", self.location), super::error::unknown("key", name, &self.section.names()));
             }
         }
         problems.problems.len() == self.problems_before
@@ -110,12 +123,23 @@ impl<'a> Fields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::shape::{Key, Shape};
+
+    const THING: Section = Section {
+        about: "",
+        keys: &[
+            Key::optional("count", Shape::Count, ""),
+            Key::optional("every", Shape::Duration, ""),
+            Key::required("name", Shape::String, ""),
+            Key::required("topic", Shape::String, ""),
+        ],
+    };
 
     #[test]
     fn every_wrong_key_of_one_mapping_is_reported() {
         let value: Yaml = serde_yaml_ng::from_str("{ count: many, every: five seconds, extra: 1, name: ok }").unwrap();
         let mut problems = ConfigErrors::default();
-        let mut fields = Fields::of(&value, "thing", &mut problems).unwrap();
+        let mut fields = Fields::of(&value, "thing", &THING, &mut problems).unwrap();
         assert_eq!(fields.optional::<u32>("count", &mut problems), None);
         assert_eq!(fields.duration("every", &mut problems), None);
         assert_eq!(fields.required::<String>("name", &mut problems), Some("ok".to_string()));

@@ -13,14 +13,18 @@ mod fields;
 mod pipeline;
 mod schema;
 mod settings;
+mod shape;
 mod source;
 
 pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
 pub use error::{unknown, ConfigErrors, Problem};
 pub use fields::Fields;
+pub use pipeline::PIPELINE;
+pub use shape::{document, Context, Key, Section, Shape};
 pub use pipeline::{section, DeliveryMode, ErrorAction, ErrorPolicy, OutputEntry, PipelineFile, Sink, SinkHeaders, StepEntry, StepRef};
 pub use schema::{check_fields, null_refused, nullable_hint, FieldType, Schema, ShapeError};
 pub use settings::{
+    SETTINGS,
     is_secret_option, redact, HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RegistrySettings, RuntimeSettings, Settings, StateSettings,
 };
 pub use source::{

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
 use super::fields::Fields;
+use super::shape::{Key, Section, Shape};
 use super::source::{parse_sources, Encoding, Source};
 use super::ConfigErrors;
 
@@ -31,6 +32,8 @@ pub struct PipelineFile {
     pub on_error: Option<ErrorPolicy>,
     /// `dlq.topic`: Some(None) when the DLQ topic is left to its default.
     pub dlq_topic: Option<Option<String>>,
+    /// The document as read, for debug builds to check that the JSON Schema takes it.
+    pub document: Yaml,
 }
 
 /// One entry of `steps`: its kind and the body that kind's config reads.
@@ -163,7 +166,7 @@ impl RawSink {
             problems.push(location, "is required");
             return None;
         };
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &SINK, problems)?;
         let raw = RawSink {
             topic: fields.required("topic", problems),
             format: fields.optional("format", problems).unwrap_or(Encoding::Json),
@@ -180,7 +183,7 @@ impl RawSink {
 /// `sink.headers: {pass_through: <bool>, set: {<name>: <expression>}}`.
 fn read_sink_headers(value: &Yaml, sink: &str, problems: &mut ConfigErrors) -> SinkHeaders {
     let location = format!("{sink}.headers");
-    let Some(mut fields) = Fields::of(value, &location, problems) else {
+    let Some(mut fields) = Fields::of(value, &location, &HEADERS, problems) else {
         return SinkHeaders::default();
     };
     let pass_through = fields.optional("pass_through", problems);
@@ -208,7 +211,67 @@ struct RawDlq {
     topic: Option<String>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["name", "sources", "steps", "join", "sink", "outputs", "on_error", "dlq"];
+/// The pipeline file's top level.
+pub const PIPELINE: Section = Section {
+    about: "a weir pipeline: its sources, steps and sink (or outputs)",
+    keys: &[
+        Key::required("name", Shape::String, "1-100 characters of a-z, 0-9 and '-': names the group, transactional ids and internal topics"),
+        Key::required("sources", Shape::MapOf(&Shape::Section(&super::source::SOURCE)), "source name → source: one stream, or two with a join, and any tables"),
+        Key::optional("steps", Shape::Steps, "the steps every record goes through, in order"),
+        Key::optional("join", Shape::Join, "a stream-stream interval join of the two stream sources"),
+        Key::optional("sink", Shape::Section(&SINK), "where the results go (or `outputs`, for several)"),
+        Key::optional("outputs", Shape::MapOf(&Shape::Section(&OUTPUT)), "output name → output, instead of `sink`"),
+        Key::optional("on_error", Shape::Section(&ON_ERROR), "what happens to a record that fails"),
+        Key::optional("dlq", Shape::Section(&DLQ), "the dead-letter topic"),
+    ],
+};
+
+const SINK: Section = Section {
+    about: "the topic results are written to",
+    keys: &[
+        Key::required("topic", Shape::String, "the output topic"),
+        Key::optional("format", Shape::OneOf(&["json", "avro"]), "how record values are written (default json)"),
+        Key::optional("key", Shape::Strings, "fields forming the Kafka key (default: each input record's key)"),
+        Key::optional("key_format", Shape::OneOf(&["json", "avro"]), "how keys made from fields are written (default json)"),
+        Key::optional("mode", Shape::OneOf(&["transactional", "idempotent_upsert"]), "how results are delivered (default transactional)"),
+        Key::optional("headers", Shape::Section(&HEADERS), "the headers results carry"),
+    ],
+};
+
+const HEADERS: Section = Section {
+    about: "the headers results carry",
+    keys: &[
+        Key::optional("pass_through", Shape::Bool, "copy the input record's headers"),
+        Key::optional("set", Shape::MapOf(&Shape::String), "header name → expression over the result"),
+    ],
+};
+
+const OUTPUT: Section = Section {
+    about: "one output: a branch of the steps ending in a sink",
+    keys: &[
+        Key::optional("from", Shape::AnyOf(&[Shape::Count, Shape::String]), "the step whose results it takes: its number or kind (default the last step)"),
+        Key::optional("when", Shape::String, "an expression a record must satisfy to enter this output"),
+        Key::optional("steps", Shape::Steps, "this output's own steps"),
+        Key::required("sink", Shape::Section(&SINK), "where this output's results go"),
+    ],
+};
+
+const ERROR_ACTIONS: Shape = Shape::OneOf(&["dlq", "skip", "fail"]);
+
+const ON_ERROR: Section = Section {
+    about: "what happens to a record that fails, per kind of failure (each defaults to dlq)",
+    keys: &[
+        Key::optional("decode", ERROR_ACTIONS, "a record that cannot be decoded or does not fit the schema"),
+        Key::optional("late", ERROR_ACTIONS, "a record behind the watermark"),
+        Key::optional("process", ERROR_ACTIONS, "a step failing on a record"),
+        Key::optional("produce", ERROR_ACTIONS, "a result the broker refuses"),
+    ],
+};
+
+const DLQ: Section = Section {
+    about: "the dead-letter topic",
+    keys: &[Key::optional("topic", Shape::String, "its name (default <name>.dlq)")],
+};
 
 pub(super) fn load(path: &Path, problems: &mut ConfigErrors) -> Option<PipelineFile> {
     let file = path.display().to_string();
@@ -232,14 +295,14 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
             return None;
         }
     };
-    let Yaml::Mapping(top) = document else {
+    let Yaml::Mapping(top) = &document else {
         problems.push("pipeline", "must be a mapping with name, sources, steps and sink");
         return None;
     };
     for key in top.keys() {
         let key = key.as_str().unwrap_or("?");
-        if !TOP_LEVEL_KEYS.contains(&key) {
-            problems.push(key, super::error::unknown("key", key, TOP_LEVEL_KEYS));
+        if PIPELINE.key(key).is_none() {
+            problems.push(key, super::error::unknown("key", key, &PIPELINE.names()));
         }
     }
     let name = parse_name(top.get("name"), problems);
@@ -254,7 +317,8 @@ pub fn parse(text: &str, problems: &mut ConfigErrors) -> Option<PipelineFile> {
         None => Some(None),
         value => section::<RawDlq>(value, "dlq", problems).map(|dlq| dlq.topic),
     };
-    Some(PipelineFile { name, sources, join: top.get("join").cloned(), steps, outputs, on_error, dlq_topic })
+    let join = top.get("join").cloned();
+    Some(PipelineFile { name, sources, join, steps, outputs, on_error, dlq_topic, document })
 }
 
 /// Deserializes one section, recording a problem located at `location` when it does not fit.
@@ -355,7 +419,7 @@ fn read_output(name: &str, body: &Yaml, problems: &mut ConfigErrors) -> Option<O
         problems.push(location, "an output's name is letters, digits, '_' and '-'");
         return None;
     }
-    let mut fields = Fields::of(body, &location, problems)?;
+    let mut fields = Fields::of(body, &location, &OUTPUT, problems)?;
     let from = fields.optional("from", problems);
     let when = fields.optional("when", problems);
     let steps = fields.raw("steps").map(|steps| parse_steps(Some(steps), &format!("{location}.steps"), problems)).unwrap_or_default();

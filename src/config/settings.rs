@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 
+use super::shape::{Key, Section, Shape};
 use super::ConfigErrors;
 
 const DEFAULTS: &str = include_str!("../../config/default.toml");
@@ -95,27 +96,81 @@ pub struct LoggingSettings {
     pub level: String,
 }
 
-/// The sections and keys weir knows; anything else in a file or the environment is an error.
-const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    (
-        "kafka",
-        &[
-            "bootstrap_servers",
-            "transaction_timeout",
-            "static_membership",
-            "session_timeout",
-            "options",
-            "option_files",
-            "replication_factor",
-            "topic_configs",
-        ],
-    ),
-    ("runtime", &["commit_interval", "max_batch_records", "drain_timeout", "give_up_after"]),
-    ("http", &["listen", "ready_max_lag"]),
-    ("state", &["dir"]),
-    ("logging", &["format", "level"]),
-    ("schema_registry", &["url", "username", "password", "password_file", "timeout"]),
-];
+/// A number or a boolean may be written as one or as a string (environment variables are
+/// strings).
+const WHOLE: Shape = Shape::AnyOf(&[Shape::Count, Shape::String]);
+const FLAG: Shape = Shape::AnyOf(&[Shape::Bool, Shape::String]);
+const OPTIONS: Shape = Shape::MapOf(&Shape::Scalar);
+
+/// The settings file: its sections and keys; anything else in a file or the environment is
+/// an error. `weir schema settings` prints it.
+pub const SETTINGS: Section = Section {
+    about: "weir's service settings (a --config TOML file; each key also WEIR__<SECTION>__<KEY>)",
+    keys: &[
+        Key::optional("kafka", Shape::Section(&KAFKA), ""),
+        Key::optional("runtime", Shape::Section(&RUNTIME), ""),
+        Key::optional("http", Shape::Section(&HTTP), ""),
+        Key::optional("state", Shape::Section(&STATE), ""),
+        Key::optional("logging", Shape::Section(&LOGGING), ""),
+        Key::optional("schema_registry", Shape::Section(&REGISTRY), ""),
+    ],
+};
+
+const KAFKA: Section = Section {
+    about: "the Kafka cluster weir reads from and writes to",
+    keys: &[
+        Key::optional("bootstrap_servers", Shape::String, "comma-separated host:port list (default 127.0.0.1:9092)"),
+        Key::optional("transaction_timeout", Shape::Duration, "how long a crashed process's open transaction can hold readers back (default 10s)"),
+        Key::optional("static_membership", FLAG, "group.instance.id = <name>-<instance> (default true)"),
+        Key::optional("session_timeout", Shape::Duration, "how long a static member may be away before its partitions move (default 30s)"),
+        Key::optional("options", OPTIONS, "librdkafka options passed through as given"),
+        Key::optional("option_files", Shape::MapOf(&Shape::String), "librdkafka options read from files (e.g. sasl.password from a mounted Secret)"),
+        Key::optional("replication_factor", WHOLE, "of the topics weir creates; 0: the broker's default"),
+        Key::optional("topic_configs", OPTIONS, "topic configs for the topics weir creates, e.g. min.insync.replicas"),
+    ],
+};
+
+const RUNTIME: Section = Section {
+    about: "batches, shutdown and faults",
+    keys: &[
+        Key::optional("commit_interval", Shape::Duration, "a batch (one transaction) ends after this long (default 100ms)"),
+        Key::optional("max_batch_records", WHOLE, "or after this many records (default 10000)"),
+        Key::optional("drain_timeout", Shape::Duration, "on SIGTERM: finish the batch, commit and leave within this (default 8s)"),
+        Key::optional("give_up_after", Shape::Duration, "exit after one fault has lasted this long; 0s keeps waiting (default)"),
+    ],
+};
+
+const HTTP: Section = Section {
+    about: "/health/live, /health/ready, /metrics and /status",
+    keys: &[
+        Key::optional("listen", Shape::String, "address to serve on (default 0.0.0.0:8080)"),
+        Key::optional("ready_max_lag", WHOLE, "ready also needs every owned partition's lag at or under this; 0: no limit"),
+    ],
+};
+
+const STATE: Section = Section {
+    about: "the local state store (RocksDB)",
+    keys: &[Key::optional("dir", Shape::String, "where it lives (default weir-state)")],
+};
+
+const LOGGING: Section = Section {
+    about: "logs on stderr",
+    keys: &[
+        Key::optional("format", Shape::OneOf(&["text", "json"]), "default text"),
+        Key::optional("level", Shape::String, "a level (info, debug, ...) or directives such as weir=debug,rdkafka=warn"),
+    ],
+};
+
+const REGISTRY: Section = Section {
+    about: "the Confluent-compatible schema registry of Avro sources and sinks",
+    keys: &[
+        Key::optional("url", Shape::String, "comma-separated base URLs, tried in order"),
+        Key::optional("username", Shape::String, "HTTP basic auth"),
+        Key::optional("password", Shape::String, "HTTP basic auth (or password_file)"),
+        Key::optional("password_file", Shape::String, "a file holding the password"),
+        Key::optional("timeout", Shape::Duration, "per request (default 10s)"),
+    ],
+};
 
 /// Names a key the way a user can set it: the dotted key and its environment variable.
 fn location(key: &str) -> String {
@@ -223,9 +278,8 @@ fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
         return;
     };
     for (section, value) in top {
-        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(name, _)| *name == section) else {
-            let sections: Vec<&str> = KNOWN_KEYS.iter().map(|(name, _)| *name).collect();
-            problems.push(location(&section), super::error::unknown("section", &section, &sections));
+        let Some(Shape::Section(keys)) = SETTINGS.key(&section).map(|key| key.shape) else {
+            problems.push(location(&section), super::error::unknown("section", &section, &SETTINGS.names()));
             continue;
         };
         let Ok(table) = value.into_table() else {
@@ -233,8 +287,8 @@ fn report_unknown_keys(layered: &Config, problems: &mut ConfigErrors) {
             continue;
         };
         for key in table.keys() {
-            if !keys.contains(&key.as_str()) {
-                problems.push(location(&format!("{section}.{key}")), super::error::unknown("setting", key, keys));
+            if keys.key(key).is_none() {
+                problems.push(location(&format!("{section}.{key}")), super::error::unknown("setting", key, &keys.names()));
             }
         }
     }

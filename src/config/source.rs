@@ -11,6 +11,7 @@ use super::duration::{check_duration, Zero};
 use super::fields::Fields;
 use super::pipeline::section;
 use super::schema::{parse_schema, FieldType, Schema};
+use super::shape::{Key, Section, Shape};
 use super::ConfigErrors;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +122,7 @@ pub struct Watermark {
 
 impl Watermark {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<Watermark> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &WATERMARK, problems)?;
         let max_out_of_orderness = fields.required_duration("max_out_of_orderness", problems);
         let idle_timeout = fields.duration("idle_timeout", problems);
         // Each duration's limits are checked whatever became of the other.
@@ -172,6 +173,55 @@ impl Source {
     }
 }
 
+/// `sources.<name>`.
+pub const SOURCE: Section = Section {
+    about: "a source: the topics it reads and how their records are written",
+    keys: &[
+        Key::optional("topics", Shape::Strings, "the topics it reads (or `pattern`)"),
+        Key::optional("pattern", Shape::String, "a regular expression over topic names, instead of `topics`"),
+        Key::required("format", Shape::OneOf(&["json", "avro", "string"]), "how record values are written"),
+        Key::optional("schema", Shape::FieldTypes, "the fields of a json source's records and their types"),
+        Key::optional("event_time", Shape::Section(&EVENT_TIME), "where a record's event time is"),
+        Key::optional("watermark", Shape::Section(&WATERMARK), "how far event times may be out of order"),
+        Key::optional(
+            "starting_offsets",
+            Shape::AnyOf(&[Shape::OneOf(&["earliest", "latest"]), Shape::Section(&STARTING_AT)]),
+            "where a group without committed offsets starts (default earliest)",
+        ),
+        Key::optional("on_data_loss", Shape::OneOf(&["fail", "earliest"]), "when committed offsets were deleted by retention (default fail)"),
+        Key::optional("partitioned_by", Shape::Strings, "fields the input topics are already partitioned by"),
+        Key::optional("table", Shape::Section(&TABLE), "read this source as a table (latest row per key) for lookups"),
+    ],
+};
+
+const EVENT_TIME: Section = Section {
+    about: "where a record's event time is: a field, or the Kafka timestamp",
+    keys: &[
+        Key::optional("field", Shape::String, "the field (a dotted path) holding the event time"),
+        Key::optional("unit", Shape::OneOf(&["millis", "seconds", "rfc3339"]), "how the field writes it (default millis)"),
+        Key::optional("kafka_timestamp", Shape::Bool, "use the Kafka record timestamp instead of a field"),
+        Key::optional("max_ahead", Shape::Duration, "a record further ahead of the wall clock is a decode error"),
+    ],
+};
+
+const WATERMARK: Section = Section {
+    about: "the watermark: the event time below which no more records are expected",
+    keys: &[
+        Key::required("max_out_of_orderness", Shape::Duration, "how far behind the highest event time seen records may still arrive"),
+        Key::optional("idle_timeout", Shape::Duration, "a partition silent this long no longer holds the watermark back"),
+    ],
+};
+
+const STARTING_AT: Section = Section {
+    about: "start at the first record at or after this time",
+    keys: &[Key::required("timestamp", Shape::String, "an RFC 3339 time, e.g. 2026-01-01T00:00:00Z")],
+};
+
+const TABLE: Section = Section {
+    about: "a table source: the latest record per key, for lookup steps",
+    keys: &[Key::required("key", Shape::Strings, "the fields forming a row's key")],
+};
+
 /// A source as written; a key that did not fit is None here, with its problem recorded.
 struct RawSource {
     topics: Option<Vec<String>>,
@@ -189,7 +239,7 @@ struct RawSource {
 
 impl RawSource {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawSource> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &SOURCE, problems)?;
         let raw = RawSource {
             topics: fields.optional("topics", problems),
             pattern: fields.optional("pattern", problems),
@@ -216,7 +266,7 @@ struct RawEventTime {
 
 impl RawEventTime {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawEventTime> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &EVENT_TIME, problems)?;
         let raw = RawEventTime {
             field: fields.optional("field", problems),
             unit: fields.or_default("unit", problems),
@@ -230,7 +280,7 @@ impl RawEventTime {
 /// `table: {key: [...]}`: the key fields (an empty list, with a problem, when they did not
 /// read).
 fn read_table(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Vec<String> {
-    let Some(mut fields) = Fields::of(value, location, problems) else {
+    let Some(mut fields) = Fields::of(value, location, &TABLE, problems) else {
         return Vec::new();
     };
     let key: Vec<String> = fields.required("key", problems).unwrap_or_default();

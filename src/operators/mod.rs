@@ -19,7 +19,7 @@ pub mod window;
 
 use serde_json::{Map, Value};
 
-use crate::config::{ConfigErrors, Schema, Source, StepEntry};
+use crate::config::{ConfigErrors, Schema, Shape, Source, StepEntry};
 use aggregate::config::RunningAggregate;
 use aggregate::AggregateOperator;
 use explode::config::Explode;
@@ -256,8 +256,18 @@ pub enum Step {
 }
 
 impl Step {
-    /// The kinds a pipeline file's `steps` may hold.
-    pub const KINDS: &[&str] = &["filter", "set", "drop", "select", "explode", "dedup", "window", "aggregate", "lookup"];
+    /// The kinds a pipeline file's `steps` may hold, each with the shape of its body.
+    pub const BODIES: &[(&str, Shape)] = &[
+        ("filter", Shape::String),
+        ("set", Shape::MapOf(&Shape::Scalar)),
+        ("drop", Shape::Strings),
+        ("select", Shape::MapOf(&Shape::Scalar)),
+        ("explode", Shape::Section(&explode::config::SECTION)),
+        ("dedup", Shape::Section(&dedup::config::SECTION)),
+        ("window", Shape::Section(&window::config::SECTION)),
+        ("aggregate", Shape::Section(&aggregate::config::SECTION)),
+        ("lookup", Shape::Section(&lookup::config::SECTION)),
+    ];
 
     /// Reads one entry of `steps` by its kind; `input` is the schema of the records it sees
     /// (None: not known, after a step with problems); `tables` are the table sources (None:
@@ -275,7 +285,8 @@ impl Step {
             "aggregate" => RunningAggregate::parse(body, input, location, problems).map(Step::Aggregate),
             "lookup" => Lookup::parse(body, input, tables, location, problems).map(Step::Lookup),
             other => {
-                problems.push(location, crate::config::unknown("step kind", other, Self::KINDS));
+                let kinds: Vec<&str> = Self::BODIES.iter().map(|(kind, _)| *kind).collect();
+                problems.push(location, crate::config::unknown("step kind", other, &kinds));
                 None
             }
         }

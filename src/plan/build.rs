@@ -14,7 +14,7 @@ use crate::operators::Step;
 /// name, the outputs' `from` and `when`, the formats, the mode. Every problem goes into
 /// `problems`; None when any part is missing.
 pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline> {
-    let PipelineFile { name, sources, join, steps: entries, outputs, on_error, dlq_topic } = file;
+    let PipelineFile { name, sources, join, steps: entries, outputs, on_error, dlq_topic, document } = file;
     // Tables are read whole for lookups; the other sources are the streams.
     let (tables, sources): (Option<Vec<Source>>, Option<Vec<Source>>) = match sources {
         Some(sources) => {
@@ -132,6 +132,11 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     if upsert {
         check_upsert(&pipeline, problems);
     }
+    // `weir schema pipeline` must take every file weir takes (tests run debug builds).
+    debug_assert!(
+        !(complete && problems.is_empty()) || super::schema::pipeline_accepts(&document),
+        "the JSON Schema refuses a pipeline weir takes: {document:?}"
+    );
     complete.then_some(pipeline)
 }
 

@@ -12,6 +12,7 @@
 pub mod acls;
 mod build;
 pub mod describe;
+pub mod schema;
 mod sink;
 mod stages;
 

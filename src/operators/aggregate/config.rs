@@ -5,7 +5,19 @@ use std::time::Duration;
 
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Schema, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Key, Schema, Section, Shape, Zero};
+
+/// The body of an `aggregate` step.
+pub const SECTION: Section = Section {
+    about: "a running aggregate per key, updated at every commit",
+    keys: &[
+        Key::required("group_by", Shape::Strings, "the fields forming the key"),
+        Key::required("aggregates", Shape::MapOf(&Shape::String), "result field → aggregate, e.g. count(), sum(amount), max(price), latest(status)"),
+        Key::optional("ttl", Shape::Duration, "a key's state ends when the watermark passes its last event time + ttl"),
+        Key::optional("on_expire", Shape::OneOf(&["keep", "tombstone"]), "what downstream sees when a key's state ends (default keep)"),
+        Key::optional("emit", Shape::OneOf(&["update"]), "an aggregate emits each changed key's value at every commit"),
+    ],
+};
 use crate::operators::window::config::{parse_aggregates, Aggregate};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +43,7 @@ impl RunningAggregate {
     pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<RunningAggregate> {
         let location = format!("{location}.aggregate");
         let before = problems.problems.len();
-        let mut fields = Fields::of(body, &location, problems)?;
+        let mut fields = Fields::of(body, &location, &SECTION, problems)?;
         let group_by: Option<Vec<String>> = fields.required("group_by", problems);
         let written: Option<Mapping> = fields.required("aggregates", problems);
         let ttl = fields.duration("ttl", problems);

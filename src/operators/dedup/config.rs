@@ -4,7 +4,16 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Schema, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, Fields, Key, Schema, Section, Shape, Zero};
+
+/// The body of a `dedup` step.
+pub const SECTION: Section = Section {
+    about: "drop a record whose key was seen within the time given (event time)",
+    keys: &[
+        Key::required("key", Shape::Strings, "the fields that make two records the same"),
+        Key::required("within", Shape::Duration, "how long (event time) a key is remembered"),
+    ],
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dedup {
@@ -18,7 +27,7 @@ impl Dedup {
     pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Dedup> {
         let location = format!("{location}.dedup");
         let before = problems.problems.len();
-        let mut fields = Fields::of(body, &location, problems)?;
+        let mut fields = Fields::of(body, &location, &SECTION, problems)?;
         let key: Option<Vec<String>> = fields.required("key", problems);
         let within = fields.required_duration("within", problems);
         fields.finish(problems);

@@ -2,7 +2,16 @@
 
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{ConfigErrors, FieldType, Fields, Schema, ShapeError};
+use crate::config::{ConfigErrors, FieldType, Fields, Key, Schema, Section, Shape, ShapeError};
+
+/// The body of an `explode` step.
+pub const SECTION: Section = Section {
+    about: "one record per element of a list field",
+    keys: &[
+        Key::required("field", Shape::String, "the list field (a dotted path)"),
+        Key::optional("as", Shape::String, "the name each element gets (default: the field's last part)"),
+    ],
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Explode {
@@ -17,7 +26,7 @@ impl Explode {
     pub fn parse(body: &Yaml, input: Option<&Schema>, location: &str, problems: &mut ConfigErrors) -> Option<Explode> {
         let location = format!("{location}.explode");
         let before = problems.problems.len();
-        let mut fields = Fields::of(body, &location, problems)?;
+        let mut fields = Fields::of(body, &location, &SECTION, problems)?;
         let field: Option<String> = fields.required("field", problems);
         let name: Option<String> = fields.optional("as", problems);
         fields.finish(problems);

@@ -4,7 +4,27 @@
 use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
-use crate::config::{check_fields, signed_millis, Fields, ConfigErrors, Encoding, FieldType, Schema, Source, SourceTopics};
+use crate::config::{check_fields, signed_millis, ConfigErrors, Encoding, FieldType, Fields, Key, Schema, Section, Shape, Source, SourceTopics};
+
+/// The `join:` section.
+pub const SECTION: Section = Section {
+    about: "a stream-stream interval join of the pipeline's two stream sources",
+    keys: &[
+        Key::required("left", Shape::String, "the left source's name"),
+        Key::required("right", Shape::String, "the right source's name"),
+        Key::optional("type", Shape::OneOf(&["inner", "left", "right", "full"]), "which unmatched records are kept (default inner)"),
+        Key::required("on", Shape::Strings, "the fields (same name on both sides) that must be equal"),
+        Key::required("within", Shape::Section(&WITHIN), "how far the right record's time may be from the left's"),
+    ],
+};
+
+const WITHIN: Section = Section {
+    about: "l.t + lower <= r.t <= l.t + upper",
+    keys: &[
+        Key::required("lower", Shape::String, "a duration, which may be negative (e.g. -5m)"),
+        Key::required("upper", Shape::String, "a duration, which may be negative"),
+    ],
+};
 
 /// A stream-stream interval join (PIPELINE.md, "join"): `pipeline.source` is its left
 /// input, `right` its right one. A left record l and a right record r with equal `on` fields
@@ -47,7 +67,7 @@ struct RawJoin {
 impl RawJoin {
     /// The join section's keys, every one that is missing or does not fit reported.
     fn read(value: &Yaml, problems: &mut ConfigErrors) -> Option<RawJoin> {
-        let mut fields = Fields::of(value, "join", problems)?;
+        let mut fields = Fields::of(value, "join", &SECTION, problems)?;
         let left = fields.required("left", problems);
         let right = fields.required("right", problems);
         let kind = fields.or_default("type", problems);
@@ -68,7 +88,7 @@ impl RawJoin {
 /// other's are.
 fn read_within(value: &Yaml, problems: &mut ConfigErrors) -> Option<(i64, i64)> {
     let before = problems.problems.len();
-    let mut fields = Fields::of(value, "join.within", problems)?;
+    let mut fields = Fields::of(value, "join.within", &WITHIN, problems)?;
     let (lower, upper): (Option<String>, Option<String>) = (fields.required("lower", problems), fields.required("upper", problems));
     fields.finish(problems);
     let millis = |text: &Option<String>, location: &str, problems: &mut ConfigErrors| {

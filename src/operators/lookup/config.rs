@@ -3,7 +3,18 @@
 
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use crate::config::{ConfigErrors, FieldType, Fields, Schema, Source};
+use crate::config::{ConfigErrors, FieldType, Fields, Key, Schema, Section, Shape, Source};
+
+/// The body of a `lookup` step.
+pub const SECTION: Section = Section {
+    about: "join each record with the row of a table source under its key",
+    keys: &[
+        Key::required("table", Shape::String, "the table source's name"),
+        Key::required("on", Shape::MapOf(&Shape::String), "record field → the table's key field, for each key field"),
+        Key::optional("type", Shape::OneOf(&["inner", "left"]), "inner drops a record the table has no row for; left keeps it with a null row (default inner)"),
+        Key::optional("as", Shape::String, "the field the row appears as (default: the table's name)"),
+    ],
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lookup {
@@ -33,7 +44,7 @@ impl Lookup {
     pub fn parse(body: &Yaml, input: Option<&Schema>, tables: Option<&[Source]>, location: &str, problems: &mut ConfigErrors) -> Option<Lookup> {
         let location = format!("{location}.lookup");
         let before = problems.problems.len();
-        let mut fields = Fields::of(body, &location, problems)?;
+        let mut fields = Fields::of(body, &location, &SECTION, problems)?;
         let table_name: Option<String> = fields.required("table", problems);
         let on: Option<Mapping> = fields.required("on", problems);
         let kind: Option<String> = fields.optional("type", problems);

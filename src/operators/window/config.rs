@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
-use crate::config::{check_duration, check_fields, ConfigErrors, FieldType, Fields, Schema, Zero};
+use crate::config::{check_duration, check_fields, ConfigErrors, FieldType, Fields, Key, Schema, Section, Shape, Zero};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -168,6 +168,30 @@ impl Window {
     }
 }
 
+/// The body of a `window` step.
+pub const SECTION: Section = Section {
+    about: "event-time windowed aggregates per key: tumbling, hopping or session",
+    keys: &[
+        Key::optional("group_by", Shape::Strings, "the fields forming the key (default: one window for all records)"),
+        Key::optional("tumbling", Shape::Duration, "fixed windows of this size"),
+        Key::optional("hopping", Shape::Section(&HOPPING), "windows of `size` starting every `slide`"),
+        Key::optional("session", Shape::Section(&SESSION), "a key's window ends after a `gap` without records"),
+        Key::optional("allowed_lateness", Shape::Duration, "how long after its end a window still takes late records"),
+        Key::required("aggregates", Shape::MapOf(&Shape::String), "result field → aggregate, e.g. count(), sum(amount), avg(price)"),
+        Key::optional("emit", Shape::OneOf(&["final", "update"]), "final: once, when the window closes; update: at every commit while open (default final)"),
+    ],
+};
+
+const HOPPING: Section = Section {
+    about: "hopping windows",
+    keys: &[Key::required("size", Shape::Duration, "each window's length"), Key::required("slide", Shape::Duration, "how often a window starts")],
+};
+
+const SESSION: Section = Section {
+    about: "session windows",
+    keys: &[Key::required("gap", Shape::Duration, "the silence that ends a key's session")],
+};
+
 /// A window as written; a key that did not fit is None or its default here, with its
 /// problem recorded.
 struct RawWindow {
@@ -184,7 +208,7 @@ struct RawWindow {
 
 impl RawWindow {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawWindow> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &SECTION, problems)?;
         let kinds_written = ["tumbling", "hopping", "session"].iter().filter(|kind| value.get(**kind).is_some()).count();
         let raw = RawWindow {
             group_by: fields.or_default("group_by", problems),
@@ -208,7 +232,7 @@ struct RawHopping {
 
 impl RawHopping {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawHopping> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &HOPPING, problems)?;
         let (size, slide) = (fields.required_duration("size", problems), fields.required_duration("slide", problems));
         let fine = fields.finish(problems);
         let hopping = RawHopping { size: size?, slide: slide? };
@@ -222,7 +246,7 @@ struct RawSession {
 
 impl RawSession {
     fn read(value: &Yaml, location: &str, problems: &mut ConfigErrors) -> Option<RawSession> {
-        let mut fields = Fields::of(value, location, problems)?;
+        let mut fields = Fields::of(value, location, &SESSION, problems)?;
         let gap = fields.required_duration("gap", problems);
         let fine = fields.finish(problems);
         let session = RawSession { gap: gap? };
