@@ -1083,6 +1083,23 @@ fn misspelt_names_get_a_suggestion() {
     assert!(stderr.contains("unknown key 'compression'; known keys:") && !stderr.contains("did you mean"), "{stderr}");
 }
 
+/// A pipeline problem says where in the file it is (line and column, both from 1), found from
+/// its key path; a settings problem names its environment variable instead.
+#[test]
+fn pipeline_problems_name_their_line_and_column() {
+    let text = GOOD.replace("  key: [user_id]", "  kee: [user_id]");
+    let (_dir, path) = write(&text);
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__RUNTIME__COMMIT_INTERVAL", "soon")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (line, written) = text.lines().enumerate().find(|(_, line)| line.contains("kee:")).unwrap();
+    let column = written.find("kee").unwrap() + 1;
+    let expected = format!("sink.kee: unknown key 'kee'; did you mean 'key'? known keys: topic, format, key, key_format, mode, headers (line {}, column {column})", line + 1);
+    assert!(stderr.contains(&expected), "no {expected:?} in\n{stderr}");
+    let setting = stderr.lines().find(|line| line.contains("runtime.commit_interval")).unwrap();
+    assert!(!setting.contains("(line "), "{setting}");
+}
+
 /// Topic configs for the topics weir creates are checked with the other settings:
 /// cleanup.policy is weir's, and the replication factor is a number.
 #[test]

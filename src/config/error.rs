@@ -10,11 +10,23 @@ pub struct Problem {
     /// `steps[1].filter`.
     pub location: String,
     pub message: String,
+    /// Where in the pipeline file, when it is there.
+    pub position: Option<Position>,
+}
+
+/// A line and column, both counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "{}: {}", self.location, self.message)
+        match self.position {
+            Some(Position { line, column }) => write!(formatter, "{}: {} (line {line}, column {column})", self.location, self.message),
+            None => write!(formatter, "{}: {}", self.location, self.message),
+        }
     }
 }
 
@@ -47,6 +59,7 @@ impl ConfigErrors {
         self.problems.push(Problem {
             location: location.into(),
             message: message.into(),
+            position: None,
         });
     }
 

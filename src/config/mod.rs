@@ -11,13 +11,15 @@ mod duration;
 mod error;
 mod fields;
 mod pipeline;
+mod positions;
 mod schema;
 mod settings;
 mod shape;
 mod source;
 
 pub use duration::{check_duration, millis, signed_millis, Zero, MAX_DURATION};
-pub use error::{unknown, ConfigErrors, Problem};
+pub use error::{unknown, ConfigErrors, Position, Problem};
+pub use positions::place;
 pub use fields::Fields;
 pub use pipeline::PIPELINE;
 pub use shape::{document, Context, Key, Section, Shape};
@@ -38,9 +40,9 @@ pub fn load_settings(config_file: Option<&Path>, problems: &mut ConfigErrors) ->
     settings::load(config_file, problems)
 }
 
-/// Reads the pipeline file, each part checked on its own (see [`PipelineFile`]).
-pub fn read_pipeline_file(path: &Path, problems: &mut ConfigErrors) -> Option<PipelineFile> {
-    pipeline::load(path, problems)
+/// The pipeline file's text; None (with a problem) when it cannot be read.
+pub fn read_pipeline_text(path: &Path, problems: &mut ConfigErrors) -> Option<String> {
+    pipeline::read(path, problems)
 }
 
 /// Reads a pipeline document given as text.

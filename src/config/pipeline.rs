@@ -273,16 +273,15 @@ const DLQ: Section = Section {
     keys: &[Key::optional("topic", Shape::String, "its name (default <name>.dlq)")],
 };
 
-pub(super) fn load(path: &Path, problems: &mut ConfigErrors) -> Option<PipelineFile> {
-    let file = path.display().to_string();
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+/// The pipeline file's text; None (with a problem) when it cannot be read.
+pub(super) fn read(path: &Path, problems: &mut ConfigErrors) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
         Err(error) => {
-            problems.push("--pipeline (env WEIR_PIPELINE)", format!("cannot read {file}: {error}"));
-            return None;
+            problems.push("--pipeline (env WEIR_PIPELINE)", format!("cannot read {}: {error}", path.display()));
+            None
         }
-    };
-    parse(&text, problems)
+    }
 }
 
 /// Reads a pipeline document; every problem goes into `problems`. None only when the

@@ -294,10 +294,19 @@ pub struct Loaded {
     pub pipeline: Pipeline,
 }
 
+/// Reads and plans a pipeline document; its problems (after any already in `problems`) get
+/// their line and column in `text`.
+fn plan_text(text: &str, problems: &mut ConfigErrors) -> Option<Pipeline> {
+    let before = problems.problems.len();
+    let pipeline = config::parse_pipeline_file(text, problems).and_then(|file| build(file, problems));
+    config::place(text, &mut problems.problems[before..]);
+    pipeline
+}
+
 /// Plans a pipeline document on its own (tests, tools).
 pub fn parse_pipeline(text: &str) -> Result<Pipeline, ConfigErrors> {
     let mut problems = ConfigErrors::default();
-    let pipeline = config::parse_pipeline_file(text, &mut problems).and_then(|file| build(file, &mut problems));
+    let pipeline = plan_text(text, &mut problems);
     match pipeline {
         Some(pipeline) if problems.is_empty() => Ok(pipeline),
         _ => Err(problems),
@@ -307,7 +316,7 @@ pub fn parse_pipeline(text: &str) -> Result<Pipeline, ConfigErrors> {
 /// Loads and plans the pipeline file alone (`weir test`: no service settings apply).
 pub fn load_pipeline(pipeline_file: &Path) -> Result<Pipeline, ConfigErrors> {
     let mut problems = ConfigErrors::default();
-    let pipeline = config::read_pipeline_file(pipeline_file, &mut problems).and_then(|file| build(file, &mut problems));
+    let pipeline = config::read_pipeline_text(pipeline_file, &mut problems).and_then(|text| plan_text(&text, &mut problems));
     match pipeline {
         Some(pipeline) if problems.is_empty() => Ok(pipeline),
         _ => Err(problems),
@@ -319,7 +328,7 @@ pub fn load_pipeline(pipeline_file: &Path) -> Result<Pipeline, ConfigErrors> {
 pub fn load(config_file: Option<&Path>, pipeline_file: &Path) -> Result<Loaded, ConfigErrors> {
     let mut problems = ConfigErrors::default();
     let settings = config::load_settings(config_file, &mut problems);
-    let pipeline = config::read_pipeline_file(pipeline_file, &mut problems).and_then(|file| build(file, &mut problems));
+    let pipeline = config::read_pipeline_text(pipeline_file, &mut problems).and_then(|text| plan_text(&text, &mut problems));
     if let (Some(settings), Some(pipeline)) = (&settings, &pipeline)
         && settings.schema_registry.urls.is_empty()
         && let Some(user) = pipeline.avro_user()
