@@ -13,6 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::plan::Loaded;
 use crate::engine::Engine;
+use crate::runtime::backoff::Backoff;
 use crate::runtime::{clients, definitions, RuntimeError, TopicPartitionOffset};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,8 +109,9 @@ fn wait_for_an_empty_group(loaded: &Loaded) -> Result<(), ResetError> {
             pipeline.name
         );
     }
+    let mut pauses = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
     while members > 0 && Instant::now() < patience {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(pauses.pause());
         members = live_members(&client, &pipeline.name)?;
     }
     if members > 0 {
@@ -242,11 +244,12 @@ fn delete_topics(loaded: &Loaded, existing: &[String]) -> Result<(), ResetError>
     }
     // Deletion completes in the background; the next run must not find the old topics.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut pauses = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     while existing.iter().any(|topic| exists(&client, topic)) {
         if Instant::now() > deadline {
             return Err(ResetError::Refused(format!("the topics {existing:?} were not gone within a minute")));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(pauses.pause());
     }
     Ok(())
 }

@@ -48,6 +48,7 @@ pub(crate) mod clients;
 pub use clients::check_connection;
 pub mod definitions;
 mod delivery;
+pub mod backoff;
 pub mod error;
 pub mod health;
 mod purge;

@@ -21,12 +21,12 @@
 //! fault (default: never), or when one batch aborts [`MAX_ABORTS_IN_A_ROW`] times in a row
 //! with nothing committed between (that repeats forever otherwise, and needs a person).
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::backoff::Backoff;
 use super::error::{FailureClass, RuntimeError};
 use super::health::{self, Health};
 use super::status::Status;
@@ -55,33 +55,6 @@ impl Policy {
     }
 }
 
-/// Capped exponential pauses with jitter: each is drawn from [half, all] of the current step,
-/// so that replicas which failed together do not come back together.
-#[derive(Debug)]
-struct Pauses {
-    step: Duration,
-    first: Duration,
-    longest: Duration,
-}
-
-impl Pauses {
-    fn new(policy: &Policy) -> Pauses {
-        Pauses { step: policy.first_pause, first: policy.first_pause, longest: policy.longest_pause }
-    }
-
-    fn start_over(&mut self) {
-        self.step = self.first;
-    }
-
-    fn next(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.longest);
-        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
-        step.mul_f64(fraction)
-    }
-}
-
 /// Runs `attempt` until it ends cleanly or with a failure waiting cannot fix; see the module
 /// documentation.
 pub fn supervise(
@@ -92,7 +65,7 @@ pub fn supervise(
     status: &Status,
     shutdown: &CancellationToken,
 ) -> Result<(), RuntimeError> {
-    let mut pauses = Pauses::new(&policy);
+    let mut pauses = Backoff::new(policy.first_pause, policy.longest_pause);
     let mut fault_since: Option<Instant> = None;
     let mut aborts_in_a_row = 0u32;
     loop {
@@ -135,7 +108,7 @@ pub fn supervise(
                 return Err(error);
             }
         }
-        let pause = pauses.next();
+        let pause = pauses.pause();
         warn!(%error, class, pause_ms = pause.as_millis() as u64, fault_for_ms = since.elapsed().as_millis() as u64,
             "the run stopped on a fault; starting again from the committed state");
         metrics.recoveries.with_label_values(&[class]).inc();
@@ -173,19 +146,6 @@ mod tests {
     /// Short pauses, so that the tests do not wait out real ones.
     fn quick(give_up_after: Option<Duration>) -> Policy {
         Policy { give_up_after, first_pause: Duration::from_millis(10), longest_pause: Duration::from_millis(40) }
-    }
-
-    #[test]
-    fn pauses_grow_to_a_cap_with_jitter() {
-        let mut pauses = Pauses::new(&Policy::new(None));
-        let first = pauses.next();
-        assert!(first >= FIRST_PAUSE / 2 && first <= FIRST_PAUSE, "{first:?}");
-        let later: Vec<Duration> = (0..20).map(|_| pauses.next()).collect();
-        assert!(later.iter().all(|pause| *pause <= LONGEST_PAUSE), "{later:?}");
-        assert!(later.last().is_some_and(|pause| *pause >= LONGEST_PAUSE / 2), "{later:?}");
-        assert!(later.windows(2).any(|pair| pair[0] != pair[1]), "jitter: {later:?}");
-        pauses.start_over();
-        assert!(pauses.next() <= FIRST_PAUSE);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::backoff::Backoff;
 use super::health::Health;
 use super::status::Status;
 use crate::codec::avro::WriterSchemas;
@@ -28,7 +29,7 @@ pub fn until_answered<T>(
     mut call: impl FnMut() -> Result<T, RegistryError>,
 ) -> Result<Option<T>, WaitError> {
     let started = Instant::now();
-    let mut delay = FIRST_DELAY;
+    let mut delays = Backoff::new(FIRST_DELAY, MAX_DELAY);
     let mut waited = false;
     loop {
         match call() {
@@ -40,6 +41,7 @@ pub fn until_answered<T>(
                 return Ok(Some(answer));
             }
             Err(error) if error.is_retriable() => {
+                let delay = delays.pause();
                 warn!(what, %error, retry_in_ms = delay.as_millis() as u64, "waiting for the schema registry");
                 status.failed(&format!("{what}: {error}"));
                 if !waited {
@@ -57,7 +59,6 @@ pub fn until_answered<T>(
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                delay = (delay * 2).min(MAX_DELAY);
             }
             Err(error) => return Err(WaitError::Registry(error)),
         }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
 use tracing::warn;
 
+use super::backoff::Backoff;
 use super::error::RuntimeError;
 use crate::runtime::TopicPartitionOffset;
 
@@ -212,12 +213,13 @@ pub(super) fn open_waiting_for_lock(
     what: &str,
 ) -> Result<DB, rocksdb::Error> {
     let deadline = Instant::now() + LOCK_PATIENCE;
+    let mut pauses = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options()));
         match DB::open_cf_descriptors(options, directory, descriptors) {
             Err(error) if is_lock_held(&error) && Instant::now() < deadline => {
                 warn!(path = %directory.display(), %error, "{what} is locked by another process; waiting");
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(pauses.pause());
             }
             opened => return opened,
         }

@@ -23,6 +23,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::backoff::Backoff;
 use super::error::RuntimeError;
 use super::health::{self, Health};
 use super::status::Status;
@@ -461,6 +462,7 @@ fn open_table(settings: &Settings, source: &Source, store: &TableStore, names: &
 /// The partitions of a table topic, waiting a moment for one created just before.
 fn partitions_of(client: &BaseConsumer, topic: &str, table: &str) -> Result<Vec<i32>, RuntimeError> {
     let deadline = Instant::now() + MISSING_TOPIC_PATIENCE;
+    let mut pauses = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         let metadata = client
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
@@ -477,6 +479,6 @@ fn partitions_of(client: &BaseConsumer, topic: &str, table: &str) -> Result<Vec<
         if Instant::now() > deadline {
             return Err(RuntimeError::Setup(format!("table topic '{topic}' (of table {table}) does not exist; create it first")));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(pauses.pause());
     }
 }

@@ -12,6 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 use tracing::info;
 
+use super::backoff::Backoff;
 use super::clients;
 use super::state::Changelogs;
 use super::error::RuntimeError;
@@ -55,6 +56,7 @@ pub fn prepare(
     // The partition count of each source topic (a pattern's are not known up front).
     let topics = pipeline.input_topics();
     let deadline = Instant::now() + MISSING_TOPIC_PATIENCE;
+    let mut pauses = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     let (missing, counts) = loop {
         let mut missing = Vec::new();
         let mut counts = Vec::new();
@@ -72,7 +74,7 @@ pub fn prepare(
         if missing.is_empty() || Instant::now() > deadline {
             break (missing, counts);
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(pauses.pause());
     };
     if !missing.is_empty() {
         return Err(RuntimeError::Setup(format!(
@@ -211,11 +213,12 @@ fn create_topic(
     // The controller has the topic; a broker's metadata may not show it for a moment, and
     // reading it before then fails with an unknown partition.
     let deadline = Instant::now() + METADATA_TIMEOUT;
+    let mut pauses = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
     while partition_count(client, topic)?.is_none_or(|count| count < partitions) {
         if Instant::now() > deadline {
             return Err(RuntimeError::TimedOut { action: format!("waiting for the metadata of the new topic '{topic}'"), waited: METADATA_TIMEOUT });
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(pauses.pause());
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use rdkafka::producer::BaseProducer;
 use tracing::warn;
 
 use super::{classify, fatal, BatchProducer, ErrorClass};
+use crate::runtime::backoff::Backoff;
 use crate::runtime::delivery::DeliveryWatch;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::health;
@@ -46,7 +47,7 @@ impl BatchProducer {
         deadline: Option<Instant>,
         call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
     ) -> Result<bool, RuntimeError> {
-        let mut backoff = Duration::from_millis(50);
+        let mut pauses = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             health::beat();
             let error = match call(&self.producer) {
@@ -66,8 +67,7 @@ impl BatchProducer {
                     if let Some(health) = &self.health {
                         health.set_recovering(true);
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    std::thread::sleep(pauses.pause());
                 }
                 ErrorClass::Retriable => return Err(RuntimeError::DrainDeadline),
                 ErrorClass::Abort => {
