@@ -314,6 +314,7 @@ impl Engine {
     /// Runs one record through the pipeline, appending what should be produced to `outputs`.
     pub fn process(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         self.counts.records_in += 1;
+        self.counts.input_at(input.provenance.timestamp);
         // A join's right records have their own format and event time.
         let (decoder, event_time) = match &self.right {
             Some((decoder, event_time)) if self.pipeline.join().is_some_and(|join| join.right.reads(input.provenance.topic)) => {
@@ -376,6 +377,7 @@ impl Engine {
         forwarded: &ForwardHeaders,
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
+        self.counts.input_at(input.provenance.timestamp);
         let record = match input.value {
             None => None,
             Some(value) => {

@@ -126,6 +126,9 @@ pub struct BatchCounts {
     pub duplicates_dropped: u64,
     pub dlq_records: [u64; 4],
     pub skipped: [u64; 4],
+    /// The earliest Kafka timestamp (epoch ms) of the batch's input records (of a
+    /// forwarded record: its source record's), for the end-to-end latency.
+    pub oldest_input: Option<i64>,
 }
 
 impl BatchCounts {
@@ -135,6 +138,13 @@ impl BatchCounts {
 
     pub fn skipped(&self, stage: ErrorStage) -> u64 {
         self.skipped[stage.index()]
+    }
+
+    /// Notes an input record's Kafka timestamp.
+    pub fn input_at(&mut self, timestamp: Option<i64>) {
+        if let Some(timestamp) = timestamp {
+            self.oldest_input = Some(self.oldest_input.map_or(timestamp, |oldest| oldest.min(timestamp)));
+        }
     }
 
     /// The records written, over every output.
@@ -175,6 +185,7 @@ impl BatchCounts {
         }
         self.records_filtered += other.records_filtered;
         self.duplicates_dropped += other.duplicates_dropped;
+        self.input_at(other.oldest_input);
         for index in 0..4 {
             self.dlq_records[index] += other.dlq_records[index];
             self.skipped[index] += other.skipped[index];

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub recovering: IntGauge,
     /// Time from the end of a batch to its committed transaction.
     pub commit_duration: Histogram,
+    pub end_to_end_latency: Histogram,
     /// Records between the committed position and the end of each assigned partition.
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
@@ -111,6 +112,15 @@ impl Metrics {
         )
         .expect("metric definitions are static and valid");
         registry.register(Box::new(commit_duration.clone())).expect("each metric is registered once");
+        let end_to_end_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_end_to_end_latency_seconds",
+                "Per committed batch: from the Kafka timestamp of its oldest input record to the commit that made its results visible to read_committed readers.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .expect("metric definitions are static and valid");
+        registry.register(Box::new(end_to_end_latency.clone())).expect("each metric is registered once");
         let consumer_lag = IntGaugeVec::new(
             Opts::new("weir_consumer_lag_records", "Records between the consumer position and the end of the partition."),
             &["topic", "partition"],
@@ -220,6 +230,7 @@ impl Metrics {
             recoveries,
             recovering,
             commit_duration,
+            end_to_end_latency,
             consumer_lag,
             assigned_partitions,
             watermark_held_back_partitions,
@@ -287,7 +298,12 @@ impl Metrics {
             self.skipped_records.with_label_values(&[stage.as_str()]).inc_by(counts.skipped(stage));
         }
         self.batches.inc();
-        self.last_commit_timestamp.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        let now = chrono::Utc::now().timestamp_millis();
+        self.last_commit_timestamp.set(now as f64 / 1000.0);
+        if let Some(oldest) = counts.oldest_input {
+            // A producer clock ahead of ours would make it negative.
+            self.end_to_end_latency.observe(now.saturating_sub(oldest).max(0) as f64 / 1000.0);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -58,6 +58,15 @@ fn health_metrics_and_graceful_shutdown() {
     assert_eq!(value("weir_assigned_partitions", &[]), 2.0);
     let families: HashMap<&str, ()> = scrape.docs.keys().map(|name| (name.as_str(), ())).collect();
     assert!(families.contains_key("weir_commit_duration_seconds"), "{text}");
+    // End-to-end latency: one observation per committed batch with input, from its oldest
+    // record's Kafka timestamp (produced moments ago) to the commit.
+    let line_value = |prefix: &str| -> f64 {
+        let line = text.lines().find(|line| line.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+        line[prefix.len()..].trim().parse().unwrap()
+    };
+    let (latencies, latency_sum) = (line_value("weir_end_to_end_latency_seconds_count "), line_value("weir_end_to_end_latency_seconds_sum "));
+    assert!(latencies >= 1.0 && latencies <= value("weir_batches_total", &[]), "{text}");
+    assert!(latency_sum > 0.0 && latency_sum / latencies < 60.0, "{latency_sum} over {latencies} batches");
     assert_eq!(read_committed(&output).len() as f64, passed);
     wait_until(Duration::from_secs(10), "consumer lag gauges at zero", || {
         let (_, text) = weir.http_get("/metrics").unwrap();
