@@ -116,3 +116,38 @@ fn the_shipped_schema_files_are_what_weir_schema_prints() {
         );
     }
 }
+
+/// docs/settings.md's table and the settings schema (the keys weir reads) name the same
+/// settings, each with its environment variable, so neither drifts from the other.
+#[test]
+fn the_settings_table_lists_exactly_the_settings_weir_reads() {
+    let settings = schema("settings");
+    let mut known = Vec::new();
+    for (section, body) in settings["properties"].as_object().unwrap() {
+        for key in body["properties"].as_object().unwrap().keys() {
+            known.push(format!("{section}.{key}"));
+        }
+    }
+    let table = std::fs::read_to_string(repository().join("docs/settings.md")).unwrap();
+    let rows: Vec<(String, String)> = table
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|row| {
+            let (name, rest) = row.split_once('`')?;
+            let env = rest.split('`').nth(1)?.to_string();
+            // `kafka.options.<option>`: the key is the map.
+            let name = name.split(".<").next()?.to_string();
+            Some((name, env))
+        })
+        .filter(|(_, env)| env.starts_with("WEIR__"))
+        .collect();
+    let listed: Vec<&str> = rows.iter().map(|(name, _)| name.as_str()).collect();
+    for key in &known {
+        assert!(listed.contains(&key.as_str()), "docs/settings.md does not list {key}");
+    }
+    for (name, env) in &rows {
+        assert!(known.contains(name), "docs/settings.md lists {name}, which weir does not read");
+        let expected = format!("WEIR__{}", name.replace('.', "__").to_uppercase());
+        assert!(env.starts_with(&expected), "{name}: {env} is not {expected}");
+    }
+}

@@ -12,7 +12,7 @@ pub const SECTION: Section = Section {
     about: "a running aggregate per key, updated at every commit",
     keys: &[
         Key::required("group_by", Shape::Strings, "the fields forming the key"),
-        Key::required("aggregates", Shape::MapOf(&Shape::String), "result field → aggregate, e.g. count(), sum(amount), max(price), latest(status)"),
+        Key::required("aggregates", Shape::MapOf(&Shape::String), "result field → aggregate, e.g. count(), sum(amount), max(price), last(status)"),
         Key::optional("ttl", Shape::Duration, "a key's state ends when the watermark passes its last event time + ttl"),
         Key::optional("on_expire", Shape::OneOf(&["keep", "tombstone"]), "what downstream sees when a key's state ends (default keep)"),
         Key::optional("emit", Shape::OneOf(&["update"]), "an aggregate emits each changed key's value at every commit"),
