@@ -304,6 +304,7 @@ fn run_once(
         restart_on_abort,
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),
+        since_upkeep: 0,
         }
         .run(settings.runtime.drain_timeout)
     }))

@@ -256,11 +256,13 @@ impl BatchProducer {
 
     /// Whether the open batch has run for `interval` or holds `max_records` records; or no
     /// batch is open but a pinned start waits to be committed.
-    pub fn is_due(&self, interval: Duration, max_records: usize) -> bool {
+    /// Whether the open batch should commit: full, or open for `interval` (the clock is
+    /// read only when `look_at_clock`: the loop does so every few records).
+    pub fn is_due(&self, interval: Duration, max_records: usize, look_at_clock: bool) -> bool {
         if !self.open {
             return !self.pinned_starts.is_empty();
         }
-        self.records >= max_records || self.opened_at.is_some_and(|at| at.elapsed() >= interval)
+        self.records >= max_records || (look_at_clock && self.opened_at.is_some_and(|at| at.elapsed() >= interval))
     }
 
     /// Commits `offset` as where `partition` of `topic` starts, with the next batch even if
