@@ -1100,6 +1100,23 @@ fn pipeline_problems_name_their_line_and_column() {
     assert!(!setting.contains("(line "), "{setting}");
 }
 
+/// A function the CEL interpreter does not have is refused by `weir validate` (it used to
+/// pass and send every record to the DLQ); the functions it has still pass.
+#[test]
+fn functions_the_interpreter_lacks_are_config_errors() {
+    for (expression, missing) in [("user_id.lowerAscii() != 'bot'", "lowerAscii"), ("max(amount, 1.0) > 2.0", "max"), ("shout(user_id)", "shout")] {
+        let (_dir, path) = write(&GOOD.replace("amount > 0.0 && user_id != 'bot'", expression));
+        let output = weir(&["validate", "--pipeline", &path], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{expression}: {stderr}");
+        assert!(stderr.contains(&format!("calls '{missing}', which weir's CEL interpreter does not have")), "{stderr}");
+    }
+    let works = "user_id.startsWith('u') && size(user_id) > 1 && user_id.matches('^u') && int(amount) >= 0 && timestamp('2026-01-01T00:00:00Z') > timestamp('2025-01-01T00:00:00Z')";
+    let (_dir, path) = write(&GOOD.replace("amount > 0.0 && user_id != 'bot'", works));
+    let output = weir(&["validate", "--pipeline", &path], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
 /// Topic configs for the topics weir creates are checked with the other settings:
 /// cleanup.policy is weir's, and the replication factor is a number.
 #[test]

@@ -117,6 +117,12 @@ impl Expression {
                 METADATA_VARIABLES.join(", ")
             )));
         }
+        if let Some(missing) = references.functions().into_iter().find(|name| !interpreter_has(name)) {
+            return Err(BuildError(format!(
+                "'{text}' calls '{missing}', which weir's CEL interpreter does not have (it would fail on every record); \
+                 see \"Functions that work\" in docs/pipeline.md"
+            )));
+        }
         let value_type = type_of(program.expression(), schema).map_err(|problem| BuildError(format!("'{text}': {problem}")))?;
         let mut headers = Vec::new();
         header_names(program.expression(), &mut headers);
@@ -224,6 +230,24 @@ impl Bindings {
         }
         Bindings { environment: environment.clone(), variables }
     }
+}
+
+/// Whether the CEL interpreter has a function `name`, as a global or a member function. Its
+/// parser takes any name and only running a call tells, so a call of each form is run once
+/// with no arguments: an unknown name is an undeclared reference, a known one fails on its
+/// arguments (or works).
+fn interpreter_has(name: &str) -> bool {
+    static ENVIRONMENT: std::sync::OnceLock<Arc<Env>> = std::sync::OnceLock::new();
+    let environment = ENVIRONMENT.get_or_init(standard_environment);
+    let context = Context::with_env(environment.clone());
+    [format!("{name}()"), format!("null.{name}()")].iter().any(|probe| match environment.compile(probe) {
+        Ok(program) => !matches!(
+            crate::panics::contain(|| program.execute(&context)),
+            Ok(Err(cel::ExecutionError::UndeclaredReference(reference))) if reference.as_str() == name
+        ),
+        // Not a call the parser takes alone (a macro such as `exists`): not this check's business.
+        Err(_) => true,
+    })
 }
 
 /// The standard functions, shared by a step's expressions.
@@ -415,8 +439,7 @@ fn type_of(expression: &IdedExpr, schema: &Schema) -> Result<ValueType, BuildErr
                 },
                 "int" | "uint" | "size" => Ok(long()),
                 "double" => Ok(Known(FieldType::Double)),
-                "string" | "lowerAscii" | "upperAscii" | "trim" => Ok(Known(FieldType::String)),
-                "max" | "min" => Ok(args.into_iter().reduce(|left, right| if left == right { left } else { Unknown }).unwrap_or(Unknown)),
+                "string" => Ok(Known(FieldType::String)),
                 _ => Ok(Unknown),
             }
         }
