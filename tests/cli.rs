@@ -1117,6 +1117,18 @@ fn functions_the_interpreter_lacks_are_config_errors() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// A topic pattern with stateful steps is refused by `weir validate` (state is numbered like
+/// the input partitions, which a pattern does not fix); it used to pass and fail at `weir run`.
+#[test]
+fn a_pattern_source_with_stateful_steps_is_a_config_error() {
+    let text = GOOD.replace("topics: [clicks]", "pattern: \"clicks-.*\"").replace("  - filter:", "  - dedup: { key: [event_id], within: 10m }\n  - filter:");
+    let (_dir, path) = write(&text);
+    assert_one_config_problem(&weir(&["validate", "--pipeline", &path], &[]), "sources.clicks.pattern: 'clicks-.*': stateful steps");
+    // Without the dedup the pattern is fine.
+    let (_dir, path) = write(&GOOD.replace("topics: [clicks]", "pattern: \"clicks-.*\""));
+    assert!(weir(&["validate", "--pipeline", &path], &[]).status.success());
+}
+
 /// Topic configs for the topics weir creates are checked with the other settings:
 /// cleanup.policy is weir's, and the replication factor is a number.
 #[test]

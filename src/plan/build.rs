@@ -4,7 +4,7 @@
 
 use super::sink::{check_formats, check_upsert, settle_sink_headers};
 use super::{Output, Pipeline};
-use crate::config::{check_fields, ConfigErrors, DeliveryMode, OutputEntry, PipelineFile, Schema, Source, StepEntry, StepRef};
+use crate::config::{check_fields, ConfigErrors, DeliveryMode, OutputEntry, PipelineFile, Schema, Source, SourceTopics, StepEntry, StepRef};
 use crate::operators::filter::config::Filter;
 use crate::operators::join::config::{check_section, parse_join};
 use crate::operators::Step;
@@ -132,12 +132,30 @@ pub fn build(file: PipelineFile, problems: &mut ConfigErrors) -> Option<Pipeline
     if upsert {
         check_upsert(&pipeline, problems);
     }
+    check_patterns(&pipeline, problems);
     // `weir schema pipeline` must take every file weir takes (tests run debug builds).
     debug_assert!(
         !(complete && problems.is_empty()) || super::schema::pipeline_accepts(&document),
         "the JSON Schema refuses a pipeline weir takes: {document:?}"
     );
     complete.then_some(pipeline)
+}
+
+/// State lives in changelog partitions numbered like the input's partitions, which a topic
+/// pattern does not fix (a topic that appears later may have another count): stateful steps
+/// need a topic list. Said here rather than when `weir run` reaches the cluster.
+fn check_patterns(pipeline: &Pipeline, problems: &mut ConfigErrors) {
+    if pipeline.stateful_steps().is_empty() {
+        return;
+    }
+    for source in pipeline.sources() {
+        if let SourceTopics::Pattern(pattern) = &source.topics {
+            problems.push(
+                format!("sources.{}.pattern", source.name),
+                format!("'{pattern}': stateful steps (dedup, window, aggregate, join) need the source's topics listed (`topics: [...]`), not a pattern"),
+            );
+        }
+    }
 }
 
 /// Steps read in a line, each against the schema of the records the one before it hands on.
