@@ -151,3 +151,27 @@ fn the_settings_table_lists_exactly_the_settings_weir_reads() {
         assert!(env.starts_with(&expected), "{name}: {env} is not {expected}");
     }
 }
+
+/// Where the settings schema's help names a default (`(default 10s)`), it is the value in
+/// config/default.toml, the one weir starts from.
+#[test]
+fn the_defaults_the_settings_schema_names_are_config_default_toml_s() {
+    let settings = schema("settings");
+    let defaults: Json = toml::from_str(&std::fs::read_to_string(repository().join("config/default.toml")).unwrap()).unwrap();
+    let mut checked = 0;
+    for (section, body) in settings["properties"].as_object().unwrap() {
+        for (key, property) in body["properties"].as_object().unwrap() {
+            let about = property["description"].as_str().unwrap_or_default();
+            let Some(named) = about.split("(default ").nth(1).and_then(|rest| rest.split(')').next()) else {
+                continue;
+            };
+            let written = match &defaults[section][key] {
+                Json::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            assert_eq!(named, written, "{section}.{key}: the schema says default {named}, config/default.toml {written}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} defaults named");
+}

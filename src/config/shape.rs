@@ -3,9 +3,11 @@
 //! a JSON Schema (draft 2020-12) for editors (yaml-language-server, taplo).
 //!
 //! The readers stay the judge of a file (they check far more than shapes: fields named by
-//! steps, expressions, durations' limits). The schema must never refuse what they accept:
-//! in debug builds [`super::Fields::finish`] checks every value it read without a problem
-//! against its key's shape, so each test that reads a pipeline checks the schema too.
+//! steps, expressions, durations' limits). The schema must never refuse what they accept.
+//! Debug builds check both ends: [`super::Fields`] asserts that every key it reads is in its
+//! section (required ones marked so) and every section key is read, and the plan asserts that
+//! [`Shape::accepts`] takes every pipeline it accepts; so each test that plans a pipeline
+//! checks the schema too.
 
 use serde_json::{json, Map, Value as Json};
 use serde_yaml_ng::Value as Yaml;
@@ -53,7 +55,6 @@ pub enum Shape {
     Section(&'static Section),
     /// A mapping from names of one's choosing to values of one shape.
     MapOf(&'static Shape),
-    ListOf(&'static Shape),
     AnyOf(&'static [Shape]),
     /// A record schema: field name → type (`string`, `long?`, `[string]`, a nested mapping).
     FieldTypes,
@@ -108,7 +109,6 @@ impl Shape {
             Shape::Scalar => json!({ "type": ["string", "number", "boolean"] }),
             Shape::Section(section) => section_json(section, context),
             Shape::MapOf(value) => json!({ "type": "object", "additionalProperties": value.json(context) }),
-            Shape::ListOf(item) => json!({ "type": "array", "items": item.json(context) }),
             Shape::AnyOf(shapes) => json!({ "anyOf": shapes.iter().map(|shape| shape.json(context)).collect::<Vec<_>>() }),
             Shape::FieldTypes => json!({
                 "type": "object",
@@ -153,7 +153,6 @@ impl Shape {
             Shape::MapOf(shape) => value.as_mapping().is_some_and(|mapping| {
                 mapping.iter().all(|(name, value)| name.is_string() && shape.accepts(value, context))
             }),
-            Shape::ListOf(shape) => value.as_sequence().is_some_and(|items| items.iter().all(|item| shape.accepts(item, context))),
             Shape::AnyOf(shapes) => shapes.iter().any(|shape| shape.accepts(value, context)),
             Shape::FieldTypes => value.as_mapping().is_some_and(|mapping| mapping.values().all(accepts_field_type)),
             Shape::Join => context.join.accepts(value, context),
