@@ -139,7 +139,7 @@ fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec
 /// entries back as a restore does.
 fn store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = StateStore::open(dir.path(), &[0], "bench").unwrap();
+    let store = StateStore::open(dir.path(), &[0], "bench", &|_, _| None).unwrap();
     let mut group = c.benchmark_group("state store");
     group.throughput(Throughput::Elements(1000));
     let mut batch = 0u64;
@@ -148,11 +148,9 @@ fn store(c: &mut Criterion) {
             || {
                 batch += 1;
                 let writes = (0..1000u64)
-                    .map(|i| StoreWrite {
-                        step: 0,
-                        partition: 0,
-                        key: format!(r#"["clicks","{{\"id\":{},\"user\":\"u{}\"}}"]"#, batch * 1000 + i, i).into_bytes(),
-                        value: Some(b"1700000000000".to_vec()),
+                    .map(|i| {
+                        let key = format!(r#"["clicks","{{\"id\":{},\"user\":\"u{}\"}}"]"#, batch * 1000 + i, i).into_bytes();
+                        StoreWrite::state(0, 0, key, Some(b"1700000000000".to_vec()))
                     })
                     .collect::<Vec<_>>();
                 (writes, batch as i64)

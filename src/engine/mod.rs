@@ -23,7 +23,7 @@ use crate::codec::{json, Decoder, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Provenance, Record, StateEntryLimit};
-pub use topology::ChangelogEntry;
+pub use topology::{ChangelogEntry, TimerEntry, WATERMARK_KEY};
 use sink_headers::SinkHeaders;
 use topology::{ChainResult, Leaving, Topology};
 
@@ -190,6 +190,29 @@ impl Engine {
     /// Changed state for the changelogs; call after `end_batch`, before committing.
     pub fn take_changes(&mut self) -> Vec<ChangelogEntry> {
         self.topology.take_changes()
+    }
+
+    /// Store timers set and cleared by the batch; call after `take_changes`.
+    pub fn take_timers(&mut self) -> Vec<TimerEntry> {
+        self.topology.take_timers()
+    }
+
+    /// From now on, steps that can read their committed state in place do, through
+    /// `backing` (the local store). Set before the first record.
+    pub fn set_backing(&mut self, backing: Arc<dyn crate::operators::committed::StateBacking>) {
+        self.topology.set_backing(backing);
+    }
+
+    /// Whether `step` reads its committed state through the store (a restore then fills the
+    /// store, not the step).
+    pub fn reads_through_store(&self, step: usize) -> bool {
+        self.topology.reads_through_store(step)
+    }
+
+    /// The store timer a committed state entry of `step` needs (None: the step has none, or
+    /// the entry is a tombstone or not the step's state).
+    pub fn timer_of(&self, step: usize, value: Option<&serde_json::Value>) -> Option<i64> {
+        self.topology.timer_of(step, value?)
     }
 
     pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), crate::operators::CorruptState> {

@@ -7,6 +7,7 @@
 //! dedup state ends), and `commit` at the end of each batch (update-mode windows emit).
 
 pub mod aggregate;
+pub mod committed;
 pub mod dedup;
 pub mod event_time;
 pub mod explode;
@@ -22,6 +23,7 @@ use serde_json::{Map, Value};
 use crate::config::{ConfigErrors, Schema, Shape, Source, StepEntry};
 use aggregate::config::RunningAggregate;
 use aggregate::AggregateOperator;
+use committed::{CommittedState, TimerChange};
 use explode::config::Explode;
 use explode::ExplodeOperator;
 use reshape::config::{Assignments, Drop};
@@ -292,6 +294,22 @@ impl Step {
         }
     }
 
+    /// Whether the step reads its committed state through the local store (see
+    /// [`committed`]) rather than holding it in memory.
+    pub fn reads_through_store(&self) -> bool {
+        matches!(self, Step::Dedup(_))
+    }
+
+    /// The timer a committed state entry of this step needs in the store (for a step that
+    /// reads through it): a dedup key's expiry. None for other steps, or a value that is not
+    /// the step's state.
+    pub fn timer_of(&self, value: &Value) -> Option<i64> {
+        match self {
+            Step::Dedup(dedup) => Some(DedupOperator::expiry(crate::config::millis(dedup.within), value.as_i64()?)),
+            _ => None,
+        }
+    }
+
     pub fn is_stateful(&self) -> bool {
         matches!(self, Step::Dedup(_) | Step::Window(_) | Step::Aggregate(_) | Step::Join(_))
     }
@@ -424,6 +442,22 @@ impl Operator {
             Operator::Window(window) => window.take_changes(),
             Operator::Aggregate(aggregate) => aggregate.take_changes(),
             Operator::Join(join, _) => join.take_changes(),
+        }
+    }
+
+    /// Reads committed state through `view` from now on, if the step can (see
+    /// [`Step::reads_through_store`]); call before the first record.
+    pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
+        if let Operator::Dedup(dedup) = self {
+            dedup.read_through(view);
+        }
+    }
+
+    /// The store's timer changes since the last `take_changes` (steps reading through it).
+    pub fn take_timers(&mut self) -> Vec<TimerChange> {
+        match self {
+            Operator::Dedup(dedup) => dedup.take_timers(),
+            _ => Vec::new(),
         }
     }
 

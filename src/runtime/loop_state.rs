@@ -159,6 +159,24 @@ impl LoopState {
         metrics.watermark_held_back_partitions.set(held_back);
     }
 
+    /// Keys or windows in state by stateful step: counted in memory, or, for a step that
+    /// reads through the store, RocksDB's estimate of the keys the store holds for it (every
+    /// partition it has held, so it can run ahead of what this instance owns).
+    pub(super) fn state_keys_by_step(&self) -> std::collections::BTreeMap<usize, usize> {
+        let mut keys = self.engine.state_keys_by_step();
+        for (step, count) in keys.iter_mut() {
+            if let (true, Some(store)) = (self.engine.reads_through_store(*step), &self.store) {
+                *count += store.estimated_keys(*step).unwrap_or(0) as usize;
+            }
+        }
+        keys
+    }
+
+    /// Keys or windows in state, over every step (see [`Self::state_keys_by_step`]).
+    pub(super) fn state_keys(&self) -> usize {
+        self.state_keys_by_step().values().sum()
+    }
+
     /// Marks the state of the task `topic`'s partition feeds for rebuilding before its next
     /// record (a join's pair of partitions once).
     pub(super) fn queue_restore(&mut self, topic: &str, partition: i32) {

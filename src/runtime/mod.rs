@@ -178,7 +178,10 @@ fn run_once(
         None => None,
         Some(generation) => {
             let directory = settings.state.dir.join(format!("{}-{}", pipeline.name, options.instance));
-            Some(StateStore::open(&directory, &engine.stateful_steps(), generation)?)
+            let timer_of = |step: usize, value: &[u8]| engine.timer_of(step, serde_json::from_slice(value).ok().as_ref());
+            let store = StateStore::open(&directory, &engine.stateful_steps(), generation, &timer_of)?;
+            engine.set_backing(store.backing());
+            Some(store)
         }
     };
     let restorer = match changelogs.is_empty() {

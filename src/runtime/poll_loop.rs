@@ -195,7 +195,7 @@ impl Loop<'_> {
                 }
                 self.health.set_restoring(false);
             }
-            self.metrics.state_keys.set(session.engine.state_keys() as i64);
+            self.metrics.state_keys.set(session.state_keys() as i64);
             return Ok(());
         }
         let Some(restorer) = self.restorer else {
@@ -209,7 +209,7 @@ impl Loop<'_> {
             }
         }
         self.health.set_restoring(false);
-        self.metrics.state_keys.set(session.engine.state_keys() as i64);
+        self.metrics.state_keys.set(session.state_keys() as i64);
         Ok(())
     }
 

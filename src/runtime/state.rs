@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
 use tracing::{info, warn};
 
 use super::clients;
@@ -26,7 +25,7 @@ use super::store::{StateStore, StoreWrite};
 use super::topics;
 use crate::config::Settings;
 use crate::operators::CorruptState;
-use crate::engine::{ChangelogEntry, Engine};
+use crate::engine::{ChangelogEntry, Engine, WATERMARK_KEY};
 use crate::telemetry::metrics::Metrics;
 
 /// The changelog topic of each stateful step.
@@ -62,11 +61,8 @@ impl Changelogs {
 /// The Kafka key and value of a changelog record: key `[input topic or null, state key]`
 /// (what compaction keeps the last value of), value the state as JSON, or none to delete.
 pub fn encode(entry: &ChangelogEntry) -> (Vec<u8>, Option<Vec<u8>>) {
-    let key = Value::from(vec![
-        entry.topic.clone().map_or(Value::Null, Value::String),
-        Value::String(entry.key.clone()),
-    ]);
-    (key.to_string().into_bytes(), entry.value.as_ref().map(|value| value.to_string().into_bytes()))
+    let key = super::store::changelog_key(entry.topic.as_deref(), &entry.key);
+    (key, entry.value.as_ref().map(|value| value.to_string().into_bytes()))
 }
 
 fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<ChangelogEntry, CorruptState> {
@@ -274,15 +270,8 @@ impl Restorer {
                     Some((reached, age))
                         if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
                     {
-                        store.for_each_entry(step, partition, |key, value| {
-                            let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
-                            if owners.contains(&entry.topic) {
-                                engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
-                                from_store += 1;
-                                self.metrics.state_restored_records.inc();
-                            }
-                            Ok(())
-                        })?;
+                        from_store += load_from_store(engine, store, step, partition, &owners)?;
+                        self.metrics.state_restored_records.inc_by(from_store);
                         start = Offset::Offset(reached);
                     }
                     // The changelog was recreated or truncated since: the cache is worthless.
@@ -362,9 +351,17 @@ impl Restorer {
                     let key = message.key().unwrap_or_default();
                     let entry = decode(step, partition, key, message.payload())
                         .map_err(|error| RuntimeError::CorruptState(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
-                    writes.push(StoreWrite { step, partition, key: key.to_vec(), value: message.payload().map(<[u8]>::to_vec) });
-                    // Several owners share changelog partition numbers.
-                    if owners.contains(&entry.topic) {
+                    writes.push(StoreWrite::state(step, partition, key.to_vec(), message.payload().map(<[u8]>::to_vec)));
+                    if engine.reads_through_store(step) && entry.key != WATERMARK_KEY {
+                        // The step reads the store: it needs the entry's timer there, not
+                        // the entry in memory.
+                        if let Some(time) = engine.timer_of(step, entry.value.as_ref()) {
+                            writes.push(StoreWrite::timer(step, partition, entry.topic.as_deref(), time, &entry.key, true));
+                        }
+                        restored += 1;
+                        self.metrics.state_restored_records.inc();
+                    } else if owners.contains(&entry.topic) {
+                        // Several owners share changelog partition numbers.
                         engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
                         restored += 1;
                         self.metrics.state_restored_records.inc();
@@ -424,6 +421,32 @@ fn is_out_of_range(error: &rdkafka::error::KafkaError) -> bool {
     matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
 }
 
+/// Puts a step's committed state of one changelog partition back into the engine from the
+/// store, for the tasks of `owners`. A step that reads through the store needs only the
+/// input watermarks kept with its entries; the others get every entry. Returns the entries
+/// put back.
+fn load_from_store(engine: &mut Engine, store: &StateStore, step: usize, partition: i32, owners: &[Option<String>]) -> Result<u64, RuntimeError> {
+    let mut loaded = 0u64;
+    let mut put_back = |engine: &mut Engine, key: &[u8], value: &[u8]| {
+        let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
+        if owners.contains(&entry.topic) {
+            engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
+            loaded += 1;
+        }
+        Ok::<(), RuntimeError>(())
+    };
+    if engine.reads_through_store(step) {
+        for owner in owners {
+            if let Some(value) = store.get(step, partition, owner.as_deref(), WATERMARK_KEY)? {
+                put_back(engine, &super::store::changelog_key(owner.as_deref(), WATERMARK_KEY), &value)?;
+            }
+        }
+    } else {
+        store.for_each_entry(step, partition, |key, value| put_back(engine, key, value))?;
+    }
+    Ok(loaded)
+}
+
 /// `mode: idempotent_upsert`: the state behind an input partition, from the local store
 /// alone (there are no changelogs; the store holds the offsets the state is at).
 pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, partition: i32) -> Result<u64, RuntimeError> {
@@ -432,14 +455,7 @@ pub fn restore_local(engine: &mut Engine, store: &StateStore, topic: &str, parti
     let (steps, owners) = engine.restore_scope(topic);
     let mut restored = 0u64;
     for step in steps {
-        store.for_each_entry(step, partition, |key, value| {
-            let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
-            if owners.contains(&entry.topic) {
-                engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
-                restored += 1;
-            }
-            Ok(())
-        })?;
+        restored += load_from_store(engine, store, step, partition, &owners)?;
     }
     info!(%topic, partition, from_store = restored, elapsed_ms = started.elapsed().as_millis() as u64, "restored state");
     Ok(restored)

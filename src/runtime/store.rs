@@ -7,50 +7,143 @@
 //! transaction committed, so the cache never holds uncommitted state. Restoring a partition
 //! loads the cache and then reads only the changelog from the recorded offset on; a crash at
 //! any point leaves the cache at or behind the changelog, never ahead, and never wiped.
+//!
+//! Steps that read their committed state in place ([`crate::operators::committed`]) do so
+//! through a [`StoreView`], and keep their timers in a `timers-<step>` family, ordered by
+//! time under each (partition, owner topic). Timers are not in the changelog: they follow
+//! from the state, and whatever writes state here (a commit, a restore) writes them too. A
+//! store made before timers existed (no `format` entry) gets them built once when it opens.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
-use tracing::warn;
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB};
+use tracing::{info, warn};
 
 use super::backoff::Backoff;
 use super::error::RuntimeError;
+use crate::operators::committed::{CommittedState, StateBacking};
 use crate::runtime::TopicPartitionOffset;
 
 const OFFSETS: &str = "offsets";
+
+/// The entry of the `offsets` family that says how the store is laid out; a store without it
+/// was made before timers were kept (see [`StateStore::open`]).
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"2";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;
 const WAL_LIMIT: u64 = 64 << 20;
 
-fn family_options() -> Options {
+/// The block cache all families share: what state reads keep in memory.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+/// Each family's options: bloom filters (a dedup asks mostly for keys that are not there) and
+/// the shared block cache, which also holds the index and filter blocks, so that memory stays
+/// bounded however large the state grows.
+fn family_options(cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut options = Options::default();
     options.set_write_buffer_size(MEMTABLE_BYTES);
+    options.set_block_based_table_factory(&table);
     options
 }
 
 pub struct StateStore {
-    db: DB,
+    db: Arc<DB>,
     path: PathBuf,
     /// Every column family's name.
     families: Vec<String>,
+    /// The first read a [`StoreView`] could not make (a broken store): the batch it served
+    /// must not commit.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
-/// One committed write: the step's changelog key, and the value (None deletes).
+/// Which family a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// A step's state, by changelog key.
+    State,
+    /// A step's timers, by [`timer_key`].
+    Timers,
+}
+
+/// One committed write: the step's changelog key (or timer key), and the value (None
+/// deletes).
 pub struct StoreWrite {
     pub step: usize,
     pub partition: i32,
+    pub family: Family,
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
+}
+
+impl StoreWrite {
+    /// A state entry, by its changelog key.
+    pub fn state(step: usize, partition: i32, key: Vec<u8>, value: Option<Vec<u8>>) -> StoreWrite {
+        StoreWrite { step, partition, family: Family::State, key, value }
+    }
+
+    /// A timer at `time` for `key`, set or cleared.
+    pub fn timer(step: usize, partition: i32, owner: Option<&str>, time: i64, key: &str, set: bool) -> StoreWrite {
+        let value = set.then(Vec::new);
+        StoreWrite { step, partition, family: Family::Timers, key: timer_key(owner, time, key), value }
+    }
 }
 
 fn family(step: usize) -> String {
     format!("step-{step}")
 }
 
+fn timer_family(step: usize) -> String {
+    format!("timers-{step}")
+}
+
 fn partition_prefix(partition: i32) -> Vec<u8> {
     format!("{partition:010}/").into_bytes()
+}
+
+/// The first key after every key of a partition.
+fn partition_end(partition: i32) -> Vec<u8> {
+    format!("{partition:010}0").into_bytes()
+}
+
+/// The changelog key of a state entry, `[owner topic or null, state key]`: the key the
+/// changelog record and the store use.
+pub fn changelog_key(owner: Option<&str>, key: &str) -> Vec<u8> {
+    // Serializing a pair of strings cannot fail.
+    serde_json::to_vec(&(owner, key)).unwrap_or_default()
+}
+
+/// A timer's key under its partition: the owner topic as JSON (which holds no NUL), a NUL,
+/// the time as big-endian bytes with the sign flipped (so bytes sort as times do), the state
+/// key.
+fn timer_key(owner: Option<&str>, time: i64, key: &str) -> Vec<u8> {
+    let mut bytes = timer_owner(owner);
+    bytes.extend_from_slice(&time_bytes(time));
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
+fn timer_owner(owner: Option<&str>) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&owner).unwrap_or_default();
+    bytes.push(0);
+    bytes
+}
+
+fn time_bytes(time: i64) -> [u8; 8] {
+    ((time as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_of(bytes: &[u8]) -> Option<i64> {
+    Some((u64::from_be_bytes(bytes.try_into().ok()?) ^ (1 << 63)) as i64)
 }
 
 fn now_millis() -> u64 {
@@ -66,12 +159,17 @@ fn input_key(topic: &str, partition: i32) -> Vec<u8> {
     format!("input/{partition}/{topic}").into_bytes()
 }
 
+/// The timer a step needs for a committed value (the JSON text of a state entry), or None.
+pub type TimerOf<'a> = &'a dyn Fn(usize, &[u8]) -> Option<i64>;
+
 impl StateStore {
     /// Opens (or creates) the store. Another process with the same instance may still hold
     /// it for a moment (a zombie being fenced), so a held lock is waited for.
     /// A store of another state generation (the state was reset since) is a stale cache and
     /// is deleted first.
-    pub fn open(directory: &Path, steps: &[usize], generation: &str) -> Result<StateStore, RuntimeError> {
+    /// `timer_of` gives the timer a step's committed value needs (steps that read through
+    /// the store), for building the timers of a store made before they were kept.
+    pub fn open(directory: &Path, steps: &[usize], generation: &str, timer_of: TimerOf) -> Result<StateStore, RuntimeError> {
         let generation_file = directory.join("GENERATION");
         let cached = std::fs::read_to_string(&generation_file).ok();
         if cached.as_deref().is_some_and(|cached| cached.trim() != generation) {
@@ -93,11 +191,75 @@ impl StateStore {
         // (The `offsets` family takes a tiny write every batch and would otherwise keep
         // every log file alive.)
         options.set_max_total_wal_size(WAL_LIMIT);
-        let names: Vec<String> = steps.iter().map(|step| family(*step)).chain([OFFSETS.to_string()]).collect();
-        match open_waiting_for_lock(&options, directory, &names, family_options, "the state store") {
-            Ok(db) => Ok(StateStore { db, path: directory.to_path_buf(), families: names }),
-            Err(error) => Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display()))),
+        let names: Vec<String> = steps
+            .iter()
+            .flat_map(|step| [family(*step), timer_family(*step)])
+            .chain([OFFSETS.to_string()])
+            .collect();
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let store = match open_waiting_for_lock(&options, directory, &names, &|| family_options(&cache), "the state store") {
+            Ok(db) => StateStore { db: Arc::new(db), path: directory.to_path_buf(), families: names, failure: Arc::default() },
+            Err(error) => return Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display()))),
+        };
+        store.upgrade(steps, timer_of)?;
+        Ok(store)
+    }
+
+    /// A store without a `format` entry was made before timers were kept: builds the timers
+    /// of every committed entry once, then records the format.
+    fn upgrade(&self, steps: &[usize], timer_of: TimerOf) -> Result<(), RuntimeError> {
+        let offsets = self.handle(OFFSETS)?;
+        if self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?.is_some() {
+            return Ok(());
         }
+        let started = Instant::now();
+        let mut built = 0u64;
+        for step in steps {
+            let mut writes = Vec::new();
+            for item in self.db.iterator_cf(self.handle(&family(*step))?, IteratorMode::Start) {
+                let (key, value) = item.map_err(|error| RuntimeError::store("reading the state store", error))?;
+                let Some(time) = timer_of(*step, &value) else { continue };
+                // `0000000003/` then the changelog key.
+                let Some((partition, changelog)) = key.split_at_checked(11) else { continue };
+                let Some(partition) = std::str::from_utf8(&partition[..10]).ok().and_then(|digits| digits.parse().ok()) else { continue };
+                let Ok((owner, state_key)) = serde_json::from_slice::<(Option<String>, String)>(changelog) else { continue };
+                writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true));
+                if writes.len() >= 10_000 {
+                    built += writes.len() as u64;
+                    self.apply(&std::mem::take(&mut writes), &[], &[])?;
+                }
+            }
+            built += writes.len() as u64;
+            self.apply(&writes, &[], &[])?;
+        }
+        if built > 0 {
+            info!(path = %self.path.display(), timers = built, elapsed_ms = started.elapsed().as_millis() as u64, "the local state store was made by an earlier weir: its timers are built once");
+        }
+        self.db.put_cf(offsets, FORMAT_KEY, FORMAT).map_err(|error| RuntimeError::store("writing the state store", error))
+    }
+
+    /// What steps that read through the store read it with.
+    pub fn backing(&self) -> Arc<dyn StateBacking> {
+        Arc::new(Backing { db: self.db.clone(), failure: self.failure.clone() })
+    }
+
+    /// The first read a view of this store could not make, if any: the batch it served must
+    /// not commit.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok()?.clone()
+    }
+
+    /// The committed value of one state entry (an input watermark, read on restore).
+    pub fn get(&self, step: usize, partition: i32, owner: Option<&str>, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let mut full = partition_prefix(partition);
+        full.extend_from_slice(&changelog_key(owner, key));
+        self.db.get_cf(self.handle(&family(step))?, full).map_err(|error| RuntimeError::store("reading the state store", error))
+    }
+
+    /// RocksDB's estimate of the keys in a step's state, over every partition it holds.
+    pub fn estimated_keys(&self, step: usize) -> Option<u64> {
+        let handle = self.handle(&family(step)).ok()?;
+        self.db.property_int_value_cf(handle, "rocksdb.estimate-num-keys").ok().flatten()
     }
 
     fn handle(&self, name: &str) -> Result<&rocksdb::ColumnFamily, RuntimeError> {
@@ -154,7 +316,11 @@ impl StateStore {
         for write in writes {
             let mut key = partition_prefix(write.partition);
             key.extend_from_slice(&write.key);
-            let handle = self.handle(&family(write.step))?;
+            let name = match write.family {
+                Family::State => family(write.step),
+                Family::Timers => timer_family(write.step),
+            };
+            let handle = self.handle(&name)?;
             match &write.value {
                 Some(value) => batch.put_cf(handle, key, value),
                 None => batch.delete_cf(handle, key),
@@ -187,15 +353,115 @@ impl StateStore {
 
     /// Forgets a partition's cache of a step (its recorded offset no longer fits the changelog).
     pub fn clear(&self, step: usize, partition: i32) -> Result<(), RuntimeError> {
-        let mut writes = Vec::new();
-        self.for_each_entry(step, partition, |key, _| {
-            writes.push(StoreWrite { step, partition, key: key.to_vec(), value: None });
-            Ok(())
-        })?;
-        self.apply(&writes, &[], &[])?;
-        self.db
-            .delete_cf(self.handle(OFFSETS)?, offset_key(step, partition))
-            .map_err(|error| RuntimeError::store("writing the state store", error))
+        let mut batch = WriteBatch::default();
+        for name in [family(step), timer_family(step)] {
+            batch.delete_range_cf(self.handle(&name)?, partition_prefix(partition), partition_end(partition));
+        }
+        batch.delete_cf(self.handle(OFFSETS)?, offset_key(step, partition));
+        self.db.write(batch).map_err(|error| RuntimeError::store("writing the state store", error))
+    }
+}
+
+/// [`StateStore::backing`].
+struct Backing {
+    db: Arc<DB>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl StateBacking for Backing {
+    fn view(&self, step: usize, partition: i32, owner: Option<&str>) -> Box<dyn CommittedState> {
+        // `["owner",""]` less its `""]`.
+        let empty = changelog_key(owner, "");
+        let mut state_prefix = partition_prefix(partition);
+        state_prefix.extend_from_slice(&empty[..empty.len() - 3]);
+        let mut timer_prefix = partition_prefix(partition);
+        timer_prefix.extend_from_slice(&timer_owner(owner));
+        Box::new(StoreView {
+            db: self.db.clone(),
+            state: family(step),
+            timers: timer_family(step),
+            state_prefix,
+            timer_prefix,
+            scratch: RefCell::new(Vec::new()),
+            failure: self.failure.clone(),
+        })
+    }
+}
+
+/// One task's view of one step's state and timers in the store.
+pub struct StoreView {
+    db: Arc<DB>,
+    state: String,
+    timers: String,
+    /// `0000000003/["owner",` : a state key follows as a JSON string, then `]`.
+    state_prefix: Vec<u8>,
+    /// `0000000003/"owner"\0` : a timer's time and key follow.
+    timer_prefix: Vec<u8>,
+    /// The key being looked up, built in place.
+    scratch: RefCell<Vec<u8>>,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl StoreView {
+    fn failed(&self, what: &str, error: impl std::fmt::Display) {
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert_with(|| format!("{what} of the state store: {error}"));
+        }
+    }
+
+    fn family(&self, name: &str) -> Option<&rocksdb::ColumnFamily> {
+        let handle = self.db.cf_handle(name);
+        if handle.is_none() {
+            self.failed("reading", format!("it has no column family {name}"));
+        }
+        handle
+    }
+}
+
+impl CommittedState for StoreView {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let handle = self.family(&self.state)?;
+        let mut full = self.scratch.borrow_mut();
+        full.clear();
+        full.extend_from_slice(&self.state_prefix);
+        // Writing a string to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *full, key);
+        full.push(b']');
+        match self.db.get_pinned_cf(handle, &*full) {
+            Ok(value) => value.map(|value| value.to_vec()),
+            Err(error) => {
+                self.failed("reading", error);
+                None
+            }
+        }
+    }
+
+    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) {
+        let Some(handle) = self.family(&self.timers) else { return };
+        let mut start = self.timer_prefix.clone();
+        start.extend_from_slice(&time_bytes(after.saturating_add(1)));
+        let mut end = self.timer_prefix.clone();
+        match until.checked_add(1) {
+            Some(next) => end.extend_from_slice(&time_bytes(next)),
+            // Every time: up to the owner's NUL plus one.
+            None => {
+                end.pop();
+                end.push(1);
+            }
+        }
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        for item in self.db.iterator_cf_opt(handle, options, IteratorMode::From(&start, Direction::Forward)) {
+            let key = match item {
+                Ok((key, _)) => key,
+                Err(error) => return self.failed("reading the timers", error),
+            };
+            let Some(rest) = key.strip_prefix(self.timer_prefix.as_slice()) else { break };
+            let (Some(time), Ok(state_key)) = (rest.get(..8).and_then(time_of), std::str::from_utf8(rest.get(8..).unwrap_or_default())) else {
+                continue;
+            };
+            each(time, state_key);
+        }
     }
 }
 
@@ -209,7 +475,7 @@ pub(super) fn open_waiting_for_lock(
     options: &Options,
     directory: &Path,
     families: &[String],
-    family_options: fn() -> Options,
+    family_options: &dyn Fn() -> Options,
     what: &str,
 ) -> Result<DB, rocksdb::Error> {
     let deadline = Instant::now() + LOCK_PATIENCE;
@@ -240,3 +506,7 @@ impl Drop for StateStore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -146,7 +146,7 @@ impl Metrics {
             "weir_state_restored_records_total",
             "State entries read back from changelog topics.",
         );
-        let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state.")
+        let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state (a dedup's: estimated by the local store).")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(state_keys.clone())).expect("each metric is registered once");
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -159,7 +159,7 @@ impl Metrics {
             registry.register(Box::new(metric.clone())).expect("each metric is registered once");
             metric
         };
-        let step_state_keys = gauge_vec("weir_step_state_keys", "Keys and windows held in state, by stateful step.", &["step"]);
+        let step_state_keys = gauge_vec("weir_step_state_keys", "Keys and windows held in state, by stateful step (a dedup's: estimated by the local store).", &["step"]);
         let step_state_bytes =
             gauge_vec("weir_step_state_bytes", "Estimated live bytes of the local state store, by stateful step.", &["step"]);
         let watermark = gauge_vec(

@@ -432,8 +432,14 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     assert_eq!(value("weir_assigned_partitions", &[]), 2.0);
     assert!(value("weir_rebalances_total", &[("kind", "assign")]) >= 1.0, "{text}");
     assert_eq!(value("weir_state_restored_records_total", &[]), 0.0);
-    assert_eq!(value("weir_state_keys", &[]), 100.0);
-    assert_eq!(value("weir_step_state_keys", &[("step", "1")]), 100.0);
+    // A dedup's keys live in the store: their number is RocksDB's estimate, which also
+    // counts the input watermarks kept beside them and each rewrite of one not yet flushed.
+    let estimated = |name: &str, labels: &[(&str, &str)]| {
+        let keys = value(name, labels);
+        assert!((100.0..=110.0).contains(&keys), "{name}: {keys} estimated for 100 keys");
+    };
+    estimated("weir_state_keys", &[]);
+    estimated("weir_step_state_keys", &[("step", "1")]);
     assert!(value("weir_step_state_bytes", &[("step", "1")]) >= 0.0);
     for partition in ["0", "1"] {
         let labels = [("topic", input.as_str()), ("partition", partition)];

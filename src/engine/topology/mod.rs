@@ -29,9 +29,11 @@ mod state;
 mod watermarks;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::operators::committed::{StateBacking, TimerChange};
 use crate::operators::lookup::Tables;
 use crate::operators::Step;
 use crate::plan::{Pipeline, Target};
@@ -125,6 +127,17 @@ pub struct ChangelogEntry {
     pub value: Option<Value>,
 }
 
+/// A store timer of one task's step, set or cleared by a batch (see
+/// [`crate::operators::committed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerEntry {
+    /// As in [`ChangelogEntry`].
+    pub topic: Option<String>,
+    pub partition: i32,
+    pub step: usize,
+    pub change: TimerChange,
+}
+
 /// The changelog key under which an input partition's watermark is kept, in the changelog of
 /// the first stateful step (state keys are JSON, so they never look like this).
 pub const WATERMARK_KEY: &str = "watermark";
@@ -161,6 +174,9 @@ pub struct Topology {
     position_of: Vec<usize>,
     /// The rows every task's lookups read.
     tables: Tables,
+    /// Where steps that can read their committed state in place find it (production: the
+    /// local store); None keeps all state in memory.
+    backing: Option<Arc<dyn StateBacking>>,
 }
 
 impl Topology {
@@ -208,12 +224,28 @@ impl Topology {
             stage_of,
             position_of,
             tables,
+            backing: None,
         })
     }
 
     /// See `Engine::set_state_entry_limit`.
     pub fn set_state_entry_limit(&mut self, limit: StateEntryLimit) {
         self.state_entry_limit = limit;
+    }
+
+    /// From now on, tasks' steps that can read their committed state through `backing` do.
+    pub fn set_backing(&mut self, backing: Arc<dyn StateBacking>) {
+        self.backing = Some(backing);
+    }
+
+    /// Whether `step` (a pipeline index) reads its committed state through the backing.
+    pub fn reads_through_store(&self, step: usize) -> bool {
+        self.backing.is_some() && self.pipeline.steps.get(step).is_some_and(Step::reads_through_store)
+    }
+
+    /// The store timer a committed entry of `step` needs, where it reads through the store.
+    pub fn timer_of(&self, step: usize, value: &Value) -> Option<i64> {
+        self.pipeline.steps.get(step)?.timer_of(value)
     }
 
     /// The join run in place, as (left topic, right topic); None when it is repartitioned
@@ -446,6 +478,18 @@ impl Topology {
                 .map(|(step, index)| Operator::build(step, &self.pipeline.schema_seen_by(*index), self.state_entry_limit, &mut self.tables))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| ProcessError(error.0))?;
+            let mut operators = operators;
+            if let Some(backing) = &self.backing {
+                let (owner, partition) = match id {
+                    TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
+                    TaskPartition::Repartitioned(partition) => (None, *partition as i32),
+                };
+                for ((operator, step), index) in operators.iter_mut().zip(&spec.steps).zip(&spec.indices) {
+                    if step.reads_through_store() {
+                        operator.read_through(backing.view(*index, partition, owner));
+                    }
+                }
+            }
             let watermark = self.task_watermark(stage, id);
             self.tasks.insert(key.clone(), Task { operators, watermark, senders: BTreeMap::new(), received: BTreeMap::new() });
         }

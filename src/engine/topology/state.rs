@@ -92,6 +92,24 @@ impl Topology {
         entries
     }
 
+    /// The store timers set and cleared since the last call, by task: (owner topic,
+    /// partition, step, change). Call after `take_changes`.
+    pub fn take_timers(&mut self) -> Vec<TimerEntry> {
+        let mut timers = Vec::new();
+        for ((stage, id), task) in self.tasks.iter_mut() {
+            let (topic, partition) = match id {
+                TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
+                TaskPartition::Repartitioned(partition) => (None, *partition as i32),
+            };
+            for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
+                for change in operator.take_timers() {
+                    timers.push(TimerEntry { topic: topic.map(str::to_string), partition, step: *step, change });
+                }
+            }
+        }
+        timers
+    }
+
     /// Puts back one changelog entry.
     pub fn restore(&mut self, entry_topic: Option<&str>, partition: i32, step: usize, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         if key == WATERMARK_KEY && entry_topic.is_none() {

@@ -1,6 +1,10 @@
 //! `dedup`: the first record of each key passes; later records with the same key are dropped
 //! while the key's state lives, which ends when the watermark reaches the first record's
 //! event time + `within` (Spark's dropDuplicatesWithinWatermark).
+//!
+//! With a [`CommittedState`] view (production) the keys of earlier batches are read from the
+//! local store and their expiries come from its timers; memory holds only this batch's keys.
+//! Without one (`weir test`), every key is kept in memory.
 
 use std::collections::BTreeSet;
 
@@ -8,6 +12,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
+use super::committed::{CommittedState, TimerChange};
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
 pub mod config;
 
@@ -16,14 +21,24 @@ use config::Dedup;
 pub struct DedupOperator {
     key: Vec<String>,
     within: i64,
-    /// Key (as JSON text) → event time of its first record. A fast hash with a random
-    /// seed per map: keys come from the input, so they must not be able to collide on purpose.
-    first_seen: HashMap<String, i64>,
-    /// (expiry, key), to evict in watermark order.
+    /// Key (as JSON text) → event time of its first record, or None once its state ended. A
+    /// fast hash with a random seed per map: keys come from the input, so they must not be
+    /// able to collide on purpose. With a committed view, only what this batch changed
+    /// (emptied at each `take_changes`); without one, every live key (never None).
+    pending: HashMap<String, Option<i64>>,
+    /// The committed state, when it lives in the store.
+    committed: Option<Box<dyn CommittedState>>,
+    /// (expiry, key) of the keys in `pending`, to evict in watermark order.
     expiries: BTreeSet<(i64, String)>,
-    /// Restoring fills `first_seen` alone; `expiries` is then built once, in bulk (sorting
+    /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (sorting
     /// beats a B-tree insert per entry several times over), before it is next used.
     expiries_stale: bool,
+    /// The committed timers up to this time have been handled (this batch clears them).
+    scanned_to: i64,
+    /// Timer changes for the store since the last `take_changes`, taken by `take_timers`.
+    timer_changes: Vec<TimerChange>,
+    /// Committed timers fired in this batch.
+    fired: Vec<(i64, String)>,
     /// Keys added or ended since the last `take_changes`.
     changed: BTreeSet<String>,
     limit: StateEntryLimit,
@@ -37,20 +52,48 @@ impl DedupOperator {
         DedupOperator {
             key: spec.key.clone(),
             within: crate::config::millis(spec.within),
-            first_seen: HashMap::new(),
+            pending: HashMap::new(),
+            committed: None,
             expiries: BTreeSet::new(),
             expiries_stale: false,
+            scanned_to: i64::MIN,
+            timer_changes: Vec::new(),
+            fired: Vec::new(),
             changed: BTreeSet::new(),
             limit,
         }
+    }
+
+    /// Reads earlier batches' state through `view` from now on (call before the first
+    /// record).
+    pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
+        self.committed = Some(view);
+    }
+
+    /// When the state of a key first seen at `time` ends.
+    pub fn expiry(within: i64, time: i64) -> i64 {
+        time.saturating_add(within)
     }
 
     pub fn describe(&self) -> String {
         format!("dedup key [{}] within {}ms", self.key.join(", "), self.within)
     }
 
+    /// Keys held in memory: all of them without a committed view, this batch's with one
+    /// (the store estimates the rest).
     pub fn state_keys(&self) -> usize {
-        self.first_seen.len()
+        self.pending.values().filter(|time| time.is_some()).count()
+    }
+
+    /// The first event time of a live key.
+    fn first_seen(&self, key: &str) -> Option<i64> {
+        if let Some(time) = self.pending.get(key) {
+            return *time;
+        }
+        let bytes = self.committed.as_ref()?.get(key)?;
+        // A value that is not a time was refused when it was restored or written; read as
+        // absent, the key passes once more rather than blocking every later record.
+        std::str::from_utf8(&bytes).ok()?.trim().parse().ok()
     }
 
     pub fn process<'a>(
@@ -67,18 +110,18 @@ impl DedupOperator {
         }
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
         let key_text = Value::Object(key.clone()).to_string();
-        if self.first_seen.contains_key(&key_text) {
+        if self.first_seen(&key_text).is_some() {
             return Ok(StepOutcome::Duplicate);
         }
         // Quoting at most doubles the key: only a key near the limit is measured.
         if 2 * key_text.len() + 2 + TIME_BYTES > self.limit.bytes() {
             self.limit.check("dedup", quoted_len(&key_text) + TIME_BYTES)?;
         }
-        let expiry = record.event_time.saturating_add(self.within);
+        let expiry = Self::expiry(self.within, record.event_time);
         self.rebuild_expiries();
         self.expiries.insert((expiry, key_text.clone()));
         self.changed.insert(key_text.clone());
-        self.first_seen.insert(key_text, record.event_time);
+        self.pending.insert(key_text, Some(record.event_time));
         // Its id in upsert mode is this key.
         record.key = Some(key);
         record.id = None;
@@ -93,40 +136,85 @@ impl DedupOperator {
             if *expiry > watermark {
                 break;
             }
-            if let Some((_, key)) = self.expiries.pop_first() {
-                self.first_seen.remove(&key);
-                self.changed.insert(key);
+            if let Some((expiry, key)) = self.expiries.pop_first() {
+                self.end(expiry, key);
             }
+        }
+        if watermark <= self.scanned_to {
+            return;
+        }
+        let Some(committed) = &self.committed else { return };
+        let mut due = Vec::new();
+        committed.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
+        self.scanned_to = watermark;
+        for (time, key) in due {
+            self.fired.push((time, key.clone()));
+            self.end(time, key);
         }
     }
 
-    /// What changed since the last call: (key, first event time, or None once ended).
+    /// Ends a key's state for a timer at `expiry`, unless the timer is stale (the key ended
+    /// and came back since, with another expiry).
+    fn end(&mut self, expiry: i64, key: String) {
+        if self.first_seen(&key).map(|time| Self::expiry(self.within, time)) != Some(expiry) {
+            return;
+        }
+        match self.committed {
+            Some(_) => {
+                self.pending.insert(key.clone(), None);
+            }
+            None => {
+                self.pending.remove(&key);
+            }
+        }
+        self.changed.insert(key);
+    }
+
+    /// What changed since the last call: (key, first event time, or None once ended). With a
+    /// committed view, the batch's memory is handed over here: the store holds it once the
+    /// batch commits, and a batch that fails drops this task.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
-        std::mem::take(&mut self.changed)
+        let changes = std::mem::take(&mut self.changed)
             .into_iter()
             .map(|key| {
-                let value = self.first_seen.get(&key).map(|time| Value::from(*time));
+                let value = self.pending.get(&key).copied().flatten().map(Value::from);
                 StateChange { key, value }
             })
-            .collect()
+            .collect();
+        if self.committed.is_some() {
+            self.pending.clear();
+            let set = std::mem::take(&mut self.expiries).into_iter().map(|(time, key)| TimerChange { time, key, set: true });
+            let cleared = self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false });
+            self.timer_changes.extend(set.chain(cleared));
+        }
+        changes
+    }
+
+    /// The timers set and cleared since the last call (with a committed view only).
+    pub fn take_timers(&mut self) -> Vec<TimerChange> {
+        std::mem::take(&mut self.timer_changes)
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         self.expiries_stale = true;
         let Some(value) = value else {
-            self.first_seen.remove(key);
+            self.pending.remove(key);
             return Ok(());
         };
         let time = value.as_i64().ok_or_else(|| CorruptState(format!("dedup state for {key} is not a time: {value}")))?;
-        self.first_seen.insert(key.to_string(), time);
+        self.pending.insert(key.to_string(), Some(time));
         Ok(())
     }
 
-    /// Rebuilds the expiry index from `first_seen` after restores.
+    /// Rebuilds the expiry index from `pending` after restores.
     fn rebuild_expiries(&mut self) {
         if std::mem::take(&mut self.expiries_stale) {
             let within = self.within;
-            self.expiries = self.first_seen.iter().map(|(key, time)| (time.saturating_add(within), key.clone())).collect();
+            self.expiries = self
+                .pending
+                .iter()
+                .filter_map(|(key, time)| Some((Self::expiry(within, (*time)?), key.clone())))
+                .collect();
         }
     }
 }

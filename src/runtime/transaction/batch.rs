@@ -45,7 +45,15 @@ impl LoopState {
                         .send_to_partition(changelog, entry.partition, &key, value.as_deref())
                         .map_err(|error| RuntimeError::kafka(format!("producing to {changelog}"), error))?;
                 }
-                store_writes.push(StoreWrite { step: entry.step, partition: entry.partition, key, value });
+                store_writes.push(StoreWrite::state(entry.step, entry.partition, key, value));
+            }
+            for timer in self.engine.take_timers() {
+                let (owner, change) = (timer.topic.as_deref(), &timer.change);
+                store_writes.push(StoreWrite::timer(timer.step, timer.partition, owner, change.time, &change.key, change.set));
+            }
+            // A read the steps could not make: this batch saw a store it cannot trust.
+            if let Some(failure) = self.store.as_ref().and_then(|store| store.failure()) {
+                return Err(RuntimeError::store("processing the batch", failure));
             }
             let counts = self.engine.take_counts();
             self.transaction.add_counts(&counts);
@@ -83,7 +91,7 @@ impl LoopState {
                 purger.maybe_purge(false);
             }
             self.metrics.record_watermarks(&watermarks);
-            for (step, keys) in self.engine.state_keys_by_step() {
+            for (step, keys) in self.state_keys_by_step() {
                 let label = step.to_string();
                 self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
                 if let Some(bytes) = self.store.as_ref().and_then(|store| store.live_bytes(step)) {
@@ -133,7 +141,7 @@ impl LoopState {
                 self.queue_restore(topic, *partition);
             }
         }
-        self.metrics_state_keys = self.engine.state_keys();
+        self.metrics_state_keys = self.state_keys();
     }
 }
 

@@ -1,0 +1,209 @@
+//! A dedup reading through the store, committing, aborting and restarting at random points,
+//! against a plain model of dedup's semantics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::operators::dedup::config::Dedup;
+use crate::operators::dedup::DedupOperator;
+use crate::operators::{Emitted, StateEntryLimit, StepOutcome};
+
+const WITHIN: i64 = 100;
+const OWNER: &str = "input";
+const PARTITION: i32 = 3;
+
+fn spec() -> Dedup {
+    Dedup { key: vec!["id".into()], within: Duration::from_millis(WITHIN as u64) }
+}
+
+fn timer_of(_step: usize, value: &[u8]) -> Option<i64> {
+    let time: i64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    Some(DedupOperator::expiry(WITHIN, time))
+}
+
+fn open(directory: &Path) -> StateStore {
+    StateStore::open(directory, &[0], "generation", &timer_of).expect("the store opens")
+}
+
+fn reading_through(store: &StateStore) -> DedupOperator {
+    let mut dedup = DedupOperator::new(&spec(), StateEntryLimit::default());
+    dedup.read_through(store.backing().view(0, PARTITION, Some(OWNER)));
+    dedup
+}
+
+/// What the runtime does when a batch commits: the changes and timers go to the store.
+fn commit(store: &StateStore, dedup: &mut DedupOperator) {
+    let mut writes: Vec<StoreWrite> = dedup
+        .take_changes()
+        .into_iter()
+        .map(|change| {
+            let value = change.value.map(|value| value.to_string().into_bytes());
+            StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), &change.key), value)
+        })
+        .collect();
+    for timer in dedup.take_timers() {
+        writes.push(StoreWrite::timer(0, PARTITION, Some(OWNER), timer.time, &timer.key, timer.set));
+    }
+    store.apply(&writes, &[], &[]).expect("the store takes the batch");
+    assert_eq!(store.failure(), None);
+}
+
+/// Dedup's contract, kept plainly: key -> first event time, ended once the watermark reaches
+/// it + within.
+#[derive(Clone, Default)]
+struct Model {
+    first_seen: BTreeMap<String, i64>,
+    watermark: i64,
+}
+
+impl Model {
+    fn process(&mut self, key: &str, time: i64) -> StepOutcome {
+        if time + WITHIN <= self.watermark {
+            return StepOutcome::Late(String::new());
+        }
+        if self.first_seen.contains_key(key) {
+            return StepOutcome::Duplicate;
+        }
+        self.first_seen.insert(key.to_string(), time);
+        StepOutcome::Passed
+    }
+
+    fn advance(&mut self, watermark: i64) {
+        self.watermark = self.watermark.max(watermark);
+        let now = self.watermark;
+        self.first_seen.retain(|_, time| *time + WITHIN > now);
+    }
+}
+
+fn kind(outcome: &StepOutcome) -> &'static str {
+    match outcome {
+        StepOutcome::Passed => "passed",
+        StepOutcome::Duplicate => "duplicate",
+        StepOutcome::Late(_) => "late",
+        StepOutcome::Dropped => "dropped",
+    }
+}
+
+/// Random keys and out-of-order times, processed in batches that commit, abort (the batch
+/// replays from the last commit with a fresh operator) or end in a restart (the store is
+/// closed and opened again): every outcome matches the model's.
+#[test]
+fn a_dedup_reading_through_the_store_matches_the_model_across_commits_aborts_and_restarts() {
+    for seed in 0..10u64 {
+        let mut random = StdRng::seed_from_u64(seed);
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let records: Vec<(String, i64)> = (0..3000)
+            .map(|index| (format!("k{}", random.random_range(0..60)), index as i64 / 4 + random.random_range(-30..30)))
+            .collect();
+        let mut store = Some(open(directory.path()));
+        let mut dedup = reading_through(store.as_ref().expect("open"));
+        let (mut model, mut committed_model) = (Model { watermark: i64::MIN, ..Model::default() }, None::<(usize, Model)>);
+        let mut position = 0;
+        let mut checked = 0;
+        while position < records.len() {
+            let (key, time) = &records[position];
+            let mut out = Vec::new();
+            let record = crate::operators::test_record(json!({ "id": key }), *time);
+            let outcome = dedup.process(record, model.watermark, &mut out).expect("no record is refused");
+            let expected = model.process(&Value::Object(crate::operators::key_of(&json!({ "id": key }).as_object().cloned().unwrap_or_default(), &["id".into()])).to_string(), *time);
+            assert_eq!(kind(&outcome), kind(&expected), "seed {seed}, record {position} ({key} at {time})");
+            assert_eq!(out.iter().filter(|emitted| matches!(emitted, Emitted::Record(_))).count(), usize::from(outcome == StepOutcome::Passed));
+            checked += 1;
+            position += 1;
+            let watermark = model.watermark.max(time - 20);
+            if watermark > model.watermark {
+                dedup.advance(watermark);
+                model.advance(watermark);
+            }
+            match random.random_range(0..100) {
+                0..=5 => {
+                    commit(store.as_ref().expect("open"), &mut dedup);
+                    committed_model = Some((position, model.clone()));
+                }
+                6 => {
+                    // Abort: the batch's changes are dropped with the task; replay from the
+                    // last commit.
+                    let (at, state) = committed_model.clone().unwrap_or((0, Model { watermark: i64::MIN, ..Model::default() }));
+                    (position, model) = (at, state);
+                    dedup = reading_through(store.as_ref().expect("open"));
+                }
+                7 => {
+                    commit(store.as_ref().expect("open"), &mut dedup);
+                    committed_model = Some((position, model.clone()));
+                    drop(dedup);
+                    drop(store.take());
+                    store = Some(open(directory.path()));
+                    dedup = reading_through(store.as_ref().expect("open"));
+                }
+                _ => {}
+            }
+        }
+        assert!(checked >= records.len());
+    }
+}
+
+/// Only this batch's keys are in memory once a batch commits; the rest is read from disk.
+#[test]
+fn committed_keys_leave_memory_and_are_still_seen() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let store = open(directory.path());
+    let mut dedup = reading_through(&store);
+    let mut out = Vec::new();
+    for index in 0..1000 {
+        let record = crate::operators::test_record(json!({ "id": format!("k{index}") }), 10);
+        assert_eq!(dedup.process(record, i64::MIN, &mut out), Ok(StepOutcome::Passed));
+    }
+    assert_eq!(dedup.state_keys(), 1000);
+    commit(&store, &mut dedup);
+    assert_eq!(dedup.state_keys(), 0, "committed keys are in the store only");
+    let again = crate::operators::test_record(json!({ "id": "k7" }), 20);
+    assert_eq!(dedup.process(again, i64::MIN, &mut out), Ok(StepOutcome::Duplicate));
+    // Another task's view (another partition) sees none of them.
+    let mut other = DedupOperator::new(&spec(), StateEntryLimit::default());
+    other.read_through(store.backing().view(0, PARTITION + 1, Some(OWNER)));
+    let record = crate::operators::test_record(json!({ "id": "k7" }), 20);
+    assert_eq!(other.process(record, i64::MIN, &mut out), Ok(StepOutcome::Passed));
+    // The watermark passing their expiry ends them all, from the store's timers.
+    dedup.advance(10 + WITHIN);
+    let changes = dedup.take_changes();
+    assert_eq!(changes.iter().filter(|change| change.value.is_none()).count(), 1000, "every key ended");
+}
+
+/// A store made before timers were kept gets them when it opens, and its keys still expire.
+#[test]
+fn a_store_without_timers_gets_them_built_when_it_opens() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    {
+        let store = open(directory.path());
+        let writes: Vec<StoreWrite> = (0..50)
+            .map(|index| StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), &format!("{{\"id\":\"k{index}\"}}")), Some(b"5".to_vec())))
+            .collect();
+        store.apply(&writes, &[], &[]).expect("written");
+        // As an earlier weir left it: no format entry, no timers.
+        store.db.delete_cf(store.handle(OFFSETS).expect("offsets"), FORMAT_KEY).expect("deleted");
+    }
+    let store = open(directory.path());
+    let mut dedup = reading_through(&store);
+    let mut out = Vec::new();
+    let record = crate::operators::test_record(json!({ "id": "k3" }), 50);
+    assert_eq!(dedup.process(record, i64::MIN, &mut out), Ok(StepOutcome::Duplicate), "the old state is read");
+    dedup.advance(5 + WITHIN);
+    let ended = dedup.take_changes().into_iter().filter(|change| change.value.is_none()).count();
+    assert_eq!(ended, 50, "the built timers end every old key");
+}
+
+#[test]
+fn timer_keys_sort_as_their_times() {
+    let times = [i64::MIN, -5, -1, 0, 1, 7, 1 << 40, i64::MAX];
+    let keys: Vec<Vec<u8>> = times.iter().map(|time| timer_key(Some(OWNER), *time, "k")).collect();
+    assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
+    for time in times {
+        assert_eq!(time_of(&time_bytes(time)), Some(time));
+    }
+}
+
