@@ -1,9 +1,11 @@
 //! State beyond memory: a dedup over growing numbers of distinct keys (none expire), each in
-//! the same run: the rate, the peak resident memory, the store on disk, the restart time to
-//! the first new committed output (over the state the run left), and the restore rate of the
-//! whole changelog into an empty store (the local state deleted, as on a new owner).
-//! Run: `cargo bench --bench state` (`-- 10000 1000000 3000000` sets the key counts, which
-//! are also the record counts).
+//! the same run and over the same number of input records (so that what differs is the
+//! state, not the length of the run): the rate, the peak resident memory, the store on disk,
+//! the restart time to the first new committed output (over the state the run left), and the
+//! restore rate of the whole changelog into an empty store (the local state deleted, as on a
+//! new owner).
+//! Run: `cargo bench --bench state` (`-- --records 3000000 10000 1000000 3000000`: the
+//! records per run, default the largest key count, then the key counts).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -18,6 +20,7 @@ const STEPS: &str = "  - dedup: { key: [user, id], within: 24h }";
 
 struct Measured {
     keys: u64,
+    records: u64,
     seconds: f64,
     peak_rss_mib: f64,
     store_mib: f64,
@@ -28,12 +31,23 @@ struct Measured {
 }
 
 fn main() {
-    let mut counts: Vec<u64> = std::env::args().skip(1).filter_map(|argument| argument.parse().ok()).collect();
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let records_given = arguments.iter().position(|argument| argument == "--records").and_then(|at| arguments.get(at + 1)?.parse().ok());
+    let mut counts: Vec<u64> = arguments
+        .iter()
+        .enumerate()
+        .filter(|(at, _)| *at == 0 || arguments[at - 1] != "--records")
+        .filter_map(|(_, argument)| argument.parse().ok())
+        .collect();
     if counts.is_empty() {
         counts = vec![10_000, 1_000_000, 3_000_000];
     }
-    println!("broker: {}, dedup over N distinct keys (records of about 80 B, {PARTITIONS} partitions), key counts {counts:?}", broker().bootstrap);
-    let results: Vec<Measured> = counts.iter().map(|keys| measure(*keys)).collect();
+    let records = records_given.unwrap_or_else(|| counts.iter().copied().max().unwrap_or(0));
+    println!(
+        "broker: {}, dedup over N distinct keys, {records} input records each (about 80 B, {PARTITIONS} partitions), key counts {counts:?}",
+        broker().bootstrap
+    );
+    let results: Vec<Measured> = counts.iter().map(|keys| measure(*keys, records.max(*keys))).collect();
     println!();
     println!("| distinct keys | records/s | peak RSS (MiB) | store on disk (MiB) | restart to first new output (s) | changelog restore, slowest partition (entries/s) |");
     println!("|---|---|---|---|---|---|");
@@ -41,7 +55,7 @@ fn main() {
         println!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} ({} entries) |",
             result.keys,
-            result.keys as f64 / result.seconds,
+            result.records as f64 / result.seconds,
             result.peak_rss_mib,
             result.store_mib,
             result.restart_seconds,
@@ -61,12 +75,13 @@ fn main() {
     }
 }
 
-fn measure(keys: u64) -> Measured {
+/// `records` records over `keys` distinct keys (record n has key n mod keys).
+fn measure(keys: u64, records: u64) -> Measured {
     let input = unique("bench-state-in");
     create_topic(&input, PARTITIONS);
     let producer = TestProducer::new();
-    for id in 0..keys {
-        producer.send(&input, &click(id));
+    for n in 0..records {
+        producer.send(&input, &click(n % keys, n));
     }
     producer.flush();
     let name = unique("bench-state");
@@ -78,14 +93,14 @@ fn measure(keys: u64) -> Measured {
     assert_eq!(produced, keys, "every key once");
     let state = file.path.parent().expect("the pipeline's directory").join("state");
     let store_mib = directory_bytes(&state) as f64 / (1024.0 * 1024.0);
-    println!("{keys} keys: {:.0} records/s, peak RSS {peak_rss_mib:.0} MiB, store {store_mib:.0} MiB", keys as f64 / seconds);
+    println!("{keys} keys, {records} records: {:.0} records/s, peak RSS {peak_rss_mib:.0} MiB, store {store_mib:.0} MiB", records as f64 / seconds);
 
     // The restart over the state the run left, timed from the start of the new process to
     // its first committed output (of 1000 new records, produced before it starts).
-    let restart_seconds = restart(&file, &input, &output, keys, 1).0;
+    let restart_seconds = restart(&file, &input, &output, keys, records, 1).0;
     // A new owner: the local state is gone, the changelog is read back whole.
     std::fs::remove_dir_all(&state).expect("the state directory is deleted");
-    let (_, log) = restart(&file, &input, &output, keys + 1000, 2);
+    let (_, log) = restart(&file, &input, &output, keys + 1000, records + 1000, 2);
     let restores = restore_lines(&log);
     let restore_entries = restores.iter().map(|(entries, _)| entries).sum();
     let restore_rate = restores
@@ -93,22 +108,23 @@ fn measure(keys: u64) -> Measured {
         .filter(|(entries, _)| *entries > 0)
         .map(|(entries, millis)| *entries as f64 * 1000.0 / (*millis).max(1) as f64)
         .fold(f64::INFINITY, f64::min);
-    Measured { keys, seconds, peak_rss_mib, store_mib, restart_seconds, restore_entries, restore_rate }
+    Measured { keys, records, seconds, peak_rss_mib, store_mib, restart_seconds, restore_entries, restore_rate }
 }
 
-fn click(id: u64) -> Input {
+/// The record with key `id`, the `n`th of the input (its event time).
+fn click(id: u64, n: u64) -> Input {
     let user = format!("u{}", id % USERS);
-    let value = format!(r#"{{"id":{id},"user":"{user}","amount":{},"ts":{}}}"#, id % 100, 1_700_000_000_000 + id);
+    let value = format!(r#"{{"id":{id},"user":"{user}","amount":{},"ts":{}}}"#, id % 100, 1_700_000_000_000 + n);
     Input::keyed(user, value)
 }
 
-/// Produces 1000 records with new ids from `first_id`, starts the pipeline over the state its
-/// last process left and times it to its `round`-th thousand of committed output beyond the
-/// first run's; returns the seconds and the new process's log.
-fn restart(file: &PipelineFile, input: &str, output: &str, first_id: u64, round: u64) -> (f64, String) {
+/// Produces 1000 records with new ids from `first_id` (the input's `first_n`th on), starts
+/// the pipeline over the state its last process left and times it to its first committed
+/// output; returns the seconds and the new process's log.
+fn restart(file: &PipelineFile, input: &str, output: &str, first_id: u64, first_n: u64, round: u64) -> (f64, String) {
     let producer = TestProducer::new();
-    for id in first_id..first_id + 1000 {
-        producer.send(input, &click(id));
+    for offset in 0..1000 {
+        producer.send(input, &click(first_id + offset, first_n + offset));
     }
     producer.flush();
     let started = Instant::now();

@@ -267,3 +267,29 @@ fn alerts_link_their_runbooks_and_the_dashboard_is_labelled_for_grafana() {
         }
     }
 }
+
+/// The memory request and limit follow the store's memory settings, which reach weir as
+/// environment variables; a memory the user sets wins.
+#[test]
+fn the_memory_request_and_limit_follow_the_state_store_settings() {
+    let container = |extra: &[&str]| {
+        let documents = render(extra);
+        kind(&documents, "StatefulSet").unwrap()["spec"]["template"]["spec"]["containers"][0].clone()
+    };
+    let env = |container: &Value, name: &str| {
+        container["env"].as_sequence().unwrap().iter().find(|variable| variable["name"] == name).map(|variable| variable["value"].clone())
+    };
+    let defaults = container(&[]);
+    assert_eq!(defaults["resources"]["requests"]["memory"], "256Mi", "128 base + 64 cache + 64 write buffers");
+    assert_eq!(defaults["resources"]["limits"]["memory"], "384Mi");
+    assert_eq!(env(&defaults, "WEIR__STATE__CACHE_MIB"), Some(Value::from("64")));
+    let larger = container(&["--set", "stateMemory.cacheMiB=512", "--set", "stateMemory.writeBuffersMiB=128"]);
+    assert_eq!(larger["resources"]["requests"]["memory"], "768Mi");
+    assert_eq!(larger["resources"]["limits"]["memory"], "1152Mi");
+    assert_eq!(env(&larger, "WEIR__STATE__CACHE_MIB"), Some(Value::from("512")));
+    assert_eq!(env(&larger, "WEIR__STATE__WRITE_BUFFERS_MIB"), Some(Value::from("128")));
+    let set = container(&["--set", "resources.limits.memory=2Gi", "--set", "resources.requests.memory=1Gi"]);
+    assert_eq!(set["resources"]["requests"]["memory"], "1Gi");
+    assert_eq!(set["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(set["resources"]["requests"]["cpu"], "100m");
+}

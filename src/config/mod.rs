@@ -13,6 +13,7 @@ mod fields;
 mod pipeline;
 mod positions;
 mod schema;
+mod secrets;
 mod settings;
 mod shape;
 mod source;
@@ -25,9 +26,10 @@ pub use pipeline::PIPELINE;
 pub use shape::{document, Context, Key, Section, Shape};
 pub use pipeline::{section, DeliveryMode, ErrorAction, ErrorPolicy, OutputEntry, PipelineFile, Sink, SinkHeaders, StepEntry, StepRef};
 pub use schema::{check_fields, null_refused, nullable_hint, FieldType, Schema, ShapeError};
+pub use secrets::{is_secret_option, redact};
 pub use settings::{
     SETTINGS,
-    is_secret_option, redact, HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RegistrySettings, RuntimeSettings, Settings, StateSettings,
+    HttpSettings, KafkaSettings, LogFormat, LoggingSettings, RegistrySettings, RuntimeSettings, Settings, StateSettings,
 };
 pub use source::{
     DataLossPolicy, Encoding, EventTime, EventTimeUnit, Source, SourceTopics, StartingOffsets, TimeOrigin, Watermark,

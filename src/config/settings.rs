@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 
+use super::secrets::{has_user_info, kafka_option_problem, redact, secret_values};
 use super::shape::{Key, Section, Shape};
 use super::ConfigErrors;
 
@@ -50,6 +51,10 @@ pub struct RegistrySettings {
 #[derive(Debug, Clone)]
 pub struct StateSettings {
     pub dir: std::path::PathBuf,
+    /// The block cache every step's state shares, in MiB.
+    pub cache_mib: usize,
+    /// All memtables together (writes not yet flushed), in MiB.
+    pub write_buffers_mib: usize,
 }
 
 #[derive(Clone)]
@@ -150,7 +155,11 @@ const HTTP: Section = Section {
 
 const STATE: Section = Section {
     about: "the local state store (RocksDB)",
-    keys: &[Key::optional("dir", Shape::String, "where it lives (default weir-state)")],
+    keys: &[
+        Key::optional("dir", Shape::String, "where it lives (default weir-state)"),
+        Key::optional("cache_mib", WHOLE, "the block cache all steps' state shares, MiB (default 64)"),
+        Key::optional("write_buffers_mib", WHOLE, "all memtables together (writes not yet flushed), MiB (default 64)"),
+    ],
 };
 
 const LOGGING: Section = Section {
@@ -263,7 +272,11 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         );
     }
 
-    let state = StateSettings { dir: reader.string("state.dir").into() };
+    let state = StateSettings {
+        dir: reader.string("state.dir").into(),
+        cache_mib: reader.non_zero("state.cache_mib").get(),
+        write_buffers_mib: reader.non_zero("state.write_buffers_mib").get(),
+    };
     if state.dir.as_os_str().is_empty() {
         reader.problem("state.dir", "must name a directory");
     }
@@ -499,102 +512,5 @@ impl KeyReader<'_> {
             self.problems.push("kafka.options (env WEIR__KAFKA__OPTIONS__*)", redact(&error.to_string(), secret_values(&options)));
         }
         options
-    }
-}
-
-/// Whether a URL names a user (and maybe a password) before its host: `https://user:pw@host`.
-/// A URL without a scheme is read as if it had one, so `user:pw@host` counts too.
-fn has_user_info(url: &str) -> bool {
-    let with_scheme = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    match url::Url::parse(&with_scheme) {
-        Ok(parsed) => !parsed.username().is_empty() || parsed.password().is_some(),
-        // Not a URL at all: an '@' before the path is still taken for credentials, so that a
-        // malformed URL is never echoed with a password in it.
-        Err(_) => with_scheme.split("://").nth(1).is_some_and(|rest| rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))),
-    }
-}
-
-/// The values of the options that hold credentials.
-fn secret_values(options: &BTreeMap<String, String>) -> Vec<&str> {
-    options.iter().filter(|(name, _)| is_secret_option(name)).map(|(_, value)| value.as_str()).collect()
-}
-
-/// Whether an option holds a credential, whose value is never shown.
-pub fn is_secret_option(name: &str) -> bool {
-    ["password", "secret", "jaas", ".pem", "token", "oauthbearer.config"].iter().any(|word| name.contains(word))
-}
-
-/// What librdkafka says of one option (an unknown name, a bad value), with the value of a
-/// secret never repeated.
-/// What librdkafka says is wrong with an option, if anything (a secret's value redacted).
-fn kafka_option_problem(name: &str, value: &str) -> Option<String> {
-    let mut config = rdkafka::ClientConfig::new();
-    config.set(name, value);
-    match config.create_native_config() {
-        Ok(_) => None,
-        Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) => {
-            Some(if is_secret_option(name) { redact(&description, [value]) } else { description })
-        }
-        Err(error) => Some(error.to_string()),
-    }
-}
-
-/// `text` with every occurrence of the given secrets replaced.
-pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
-    let mut text = text.to_string();
-    for secret in secrets {
-        if !secret.is_empty() {
-            text = text.replace(secret, "[redacted]");
-        }
-    }
-    text
-}
-
-/// Never shows a credential, wherever settings end up printed.
-impl std::fmt::Debug for KafkaSettings {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let options: BTreeMap<&str, &str> = self
-            .options
-            .iter()
-            .map(|(name, value)| (name.as_str(), if is_secret_option(name) { "[redacted]" } else { value.as_str() }))
-            .collect();
-        formatter
-            .debug_struct("KafkaSettings")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("transaction_timeout", &self.transaction_timeout)
-            .field("static_membership", &self.static_membership)
-            .field("session_timeout", &self.session_timeout)
-            .field("options", &options)
-            .field("replication_factor", &self.replication_factor)
-            .field("topic_configs", &self.topic_configs)
-            .finish()
-    }
-}
-
-impl KafkaSettings {
-    /// The values of the options that hold credentials.
-    pub fn secrets(&self) -> Vec<&str> {
-        secret_values(&self.options)
-    }
-}
-
-impl std::fmt::Debug for RegistrySettings {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("RegistrySettings")
-            .field("urls", &self.urls)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-impl Settings {
-    /// Every credential in the settings, for redaction.
-    pub fn secrets(&self) -> Vec<&str> {
-        let mut secrets = self.kafka.secrets();
-        secrets.extend(self.schema_registry.password.as_deref());
-        secrets
     }
 }

@@ -209,10 +209,10 @@ impl Engine {
         self.topology.reads_through_store(step)
     }
 
-    /// The store timer a committed state entry of `step` needs (None: the step has none, or
-    /// the entry is a tombstone or not the step's state).
-    pub fn timer_of(&self, step: usize, value: Option<&serde_json::Value>) -> Option<i64> {
-        self.topology.timer_of(step, value?)
+    /// The store timer a committed state entry of `step` needs, from its changelog value
+    /// (None: the step has none, or the value is not the step's state).
+    pub fn timer_of(&self, step: usize, value: &[u8]) -> Option<i64> {
+        self.topology.timer_of(step, value)
     }
 
     pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), crate::operators::CorruptState> {

@@ -19,8 +19,9 @@ pub trait CommittedState: Send {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
 
     /// Calls `each` with the committed timers at times in (`after`, `until`], in time order
-    /// (a timer is a time and the state key it is for).
-    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str));
+    /// (a timer is a time and the state key it is for); returns the time of the first timer
+    /// after `until`, if there is one, so that the caller need not look again before then.
+    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64>;
 }
 
 /// Makes the views: the runtime's local store.

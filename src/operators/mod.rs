@@ -301,11 +301,14 @@ impl Step {
     }
 
     /// The timer a committed state entry of this step needs in the store (for a step that
-    /// reads through it): a dedup key's expiry. None for other steps, or a value that is not
-    /// the step's state.
-    pub fn timer_of(&self, value: &Value) -> Option<i64> {
+    /// reads through it), from the entry's value as the changelog holds it (JSON text): a
+    /// dedup key's expiry. None for other steps, or a value that is not the step's state.
+    pub fn timer_of(&self, value: &[u8]) -> Option<i64> {
         match self {
-            Step::Dedup(dedup) => Some(DedupOperator::expiry(crate::config::millis(dedup.within), value.as_i64()?)),
+            Step::Dedup(dedup) => {
+                let time = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+                Some(DedupOperator::expiry(crate::config::millis(dedup.within), time))
+            }
             _ => None,
         }
     }

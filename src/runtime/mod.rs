@@ -83,7 +83,7 @@ use crate::config::{DeliveryMode, SourceTopics};
 use crate::plan::Loaded;
 use crate::engine::Engine;
 use state::{Changelogs, Restorer};
-use store::StateStore;
+use store::{StateStore, StoreMemory};
 use crate::telemetry::metrics::Metrics;
 pub use error::RuntimeError;
 use health::Health;
@@ -178,8 +178,8 @@ fn run_once(
         None => None,
         Some(generation) => {
             let directory = settings.state.dir.join(format!("{}-{}", pipeline.name, options.instance));
-            let timer_of = |step: usize, value: &[u8]| engine.timer_of(step, serde_json::from_slice(value).ok().as_ref());
-            let store = StateStore::open(&directory, &engine.stateful_steps(), generation, &timer_of)?;
+            let timer_of = |step: usize, value: &[u8]| engine.timer_of(step, value);
+            let store = StateStore::open(&directory, &engine.stateful_steps(), generation, StoreMemory::of(&settings.state), &timer_of)?;
             engine.set_backing(store.backing());
             Some(store)
         }

@@ -65,9 +65,13 @@ pub fn encode(entry: &ChangelogEntry) -> (Vec<u8>, Option<Vec<u8>>) {
     (key, entry.value.as_ref().map(|value| value.to_string().into_bytes()))
 }
 
+/// A changelog key: (owner topic, state key).
+fn decode_key(key: &[u8]) -> Result<(Option<String>, String), CorruptState> {
+    serde_json::from_slice(key).map_err(|error| CorruptState(format!("changelog key is not [topic, key]: {error}")))
+}
+
 fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<ChangelogEntry, CorruptState> {
-    let (topic, state_key): (Option<String>, String) =
-        serde_json::from_slice(key).map_err(|error| CorruptState(format!("changelog key is not [topic, key]: {error}")))?;
+    let (topic, state_key) = decode_key(key)?;
     let value = match value {
         None => None,
         Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| CorruptState(format!("changelog value is not JSON: {error}")))?),
@@ -173,6 +177,9 @@ impl Restorer {
             // A start outside the changelog (records deleted under it) is an error the restore
             // answers by reading again from the start, never a silent jump to the end (R20).
             .set("auto.offset.reset", "error");
+        // A restore empties the prefetch queue faster than librdkafka's 1 s backoff once it
+        // is full: without this, the read stood idle most of the time.
+        clients::keep_fetching(&mut config, settings);
         let consumer = config
             .create()
             .map_err(|error| RuntimeError::Setup(format!("creating the changelog reader: {error}")))?;
@@ -270,8 +277,9 @@ impl Restorer {
                     Some((reached, age))
                         if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
                     {
-                        from_store += load_from_store(engine, store, step, partition, &owners)?;
-                        self.metrics.state_restored_records.inc_by(from_store);
+                        let loaded = load_from_store(engine, store, step, partition, &owners)?;
+                        from_store += loaded;
+                        self.metrics.state_restored_records.inc_by(loaded);
                         start = Offset::Offset(reached);
                     }
                     // The changelog was recreated or truncated since: the cache is worthless.
@@ -319,6 +327,7 @@ impl Restorer {
             .map_err(|error| RuntimeError::kafka(format!("assigning {changelog}"), error))?;
         let mut restored = 0u64;
         let mut writes = Vec::new();
+        let through = engine.reads_through_store(step);
         // The offset after the last entry read, and when the read last moved.
         let mut next = match start {
             Offset::Offset(offset) => Some(offset),
@@ -348,26 +357,31 @@ impl Restorer {
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
-                    let key = message.key().unwrap_or_default();
-                    let entry = decode(step, partition, key, message.payload())
-                        .map_err(|error| RuntimeError::CorruptState(format!("{changelog}[{partition}]@{}: {error}", message.offset())))?;
-                    writes.push(StoreWrite::state(step, partition, key.to_vec(), message.payload().map(<[u8]>::to_vec)));
-                    if engine.reads_through_store(step) && entry.key != WATERMARK_KEY {
+                    let (key, value) = (message.key().unwrap_or_default(), message.payload());
+                    let corrupt = |error: CorruptState| RuntimeError::CorruptState(format!("{changelog}[{partition}]@{}: {error}", message.offset()));
+                    writes.push(StoreWrite::state(step, partition, key.to_vec(), value.map(<[u8]>::to_vec)));
+                    next = Some(message.offset() + 1);
+                    progressed = Instant::now();
+                    if through {
                         // The step reads the store: it needs the entry's timer there, not
-                        // the entry in memory.
-                        if let Some(time) = engine.timer_of(step, entry.value.as_ref()) {
-                            writes.push(StoreWrite::timer(step, partition, entry.topic.as_deref(), time, &entry.key, true));
+                        // the entry in memory (only the input watermarks go to the engine).
+                        let (owner, state_key) = decode_key(key).map_err(corrupt)?;
+                        if state_key != WATERMARK_KEY {
+                            if let Some(time) = value.and_then(|value| engine.timer_of(step, value)) {
+                                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true));
+                            }
+                            restored += 1;
+                            self.metrics.state_restored_records.inc();
+                            continue;
                         }
-                        restored += 1;
-                        self.metrics.state_restored_records.inc();
-                    } else if owners.contains(&entry.topic) {
-                        // Several owners share changelog partition numbers.
+                    }
+                    let entry = decode(step, partition, key, value).map_err(corrupt)?;
+                    // Several owners share changelog partition numbers.
+                    if owners.contains(&entry.topic) {
                         engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
                         restored += 1;
                         self.metrics.state_restored_records.inc();
                     }
-                    next = Some(message.offset() + 1);
-                    progressed = Instant::now();
                     continue;
                 }
                 Some(Err(error)) if is_out_of_range(&error) => {

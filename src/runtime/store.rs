@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 use tracing::{info, warn};
 
 use super::backoff::Backoff;
@@ -38,20 +38,49 @@ const FORMAT: &[u8] = b"2";
 const MEMTABLE_BYTES: usize = 16 << 20;
 const WAL_LIMIT: u64 = 64 << 20;
 
-/// The block cache all families share: what state reads keep in memory.
-const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// How much memory the store may use (`state.cache_mib`, `state.write_buffers_mib`).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreMemory {
+    /// The block cache all families share: what state reads keep in memory, with the index
+    /// and filter blocks.
+    pub cache_bytes: usize,
+    /// All memtables together; a family's memtable is flushed early to stay under it.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreMemory {
+    fn default() -> StoreMemory {
+        StoreMemory { cache_bytes: 64 << 20, write_buffer_bytes: 64 << 20 }
+    }
+}
+
+impl StoreMemory {
+    pub fn of(settings: &crate::config::StateSettings) -> StoreMemory {
+        StoreMemory { cache_bytes: settings.cache_mib << 20, write_buffer_bytes: settings.write_buffers_mib << 20 }
+    }
+}
 
 /// Each family's options: bloom filters (a dedup asks mostly for keys that are not there) and
 /// the shared block cache, which also holds the index and filter blocks, so that memory stays
-/// bounded however large the state grows.
-fn family_options(cache: &Cache) -> Options {
+/// bounded however large the state grows. Filters and indexes are partitioned: a whole-file
+/// filter of a large file (megabytes) does not fit a shard of the cache, and was read back
+/// from disk on every lookup.
+fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
-    table.set_bloom_filter(10.0, false);
+    // Timers are only scanned, never looked up one by one: no filter for them.
+    if !name.starts_with("timers-") {
+        table.set_bloom_filter(10.0, false);
+    }
+    table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_metadata_block_size(4096);
     table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_top_level_index_and_filter(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_optimize_filters_for_memory(true);
     let mut options = Options::default();
-    options.set_write_buffer_size(MEMTABLE_BYTES);
+    options.set_write_buffer_size(MEMTABLE_BYTES.min(memory.write_buffer_bytes / 2).max(1 << 20));
     options.set_block_based_table_factory(&table);
     options
 }
@@ -169,7 +198,7 @@ impl StateStore {
     /// is deleted first.
     /// `timer_of` gives the timer a step's committed value needs (steps that read through
     /// the store), for building the timers of a store made before they were kept.
-    pub fn open(directory: &Path, steps: &[usize], generation: &str, timer_of: TimerOf) -> Result<StateStore, RuntimeError> {
+    pub fn open(directory: &Path, steps: &[usize], generation: &str, memory: StoreMemory, timer_of: TimerOf) -> Result<StateStore, RuntimeError> {
         let generation_file = directory.join("GENERATION");
         let cached = std::fs::read_to_string(&generation_file).ok();
         if cached.as_deref().is_some_and(|cached| cached.trim() != generation) {
@@ -196,8 +225,14 @@ impl StateStore {
             .flat_map(|step| [family(*step), timer_family(*step)])
             .chain([OFFSETS.to_string()])
             .collect();
-        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let store = match open_waiting_for_lock(&options, directory, &names, &|| family_options(&cache), "the state store") {
+        // 16 shards rather than 64: each shard holds a sixteenth of the cache.
+        let mut cache_options = LruCacheOptions::default();
+        cache_options.set_capacity(memory.cache_bytes);
+        cache_options.set_num_shard_bits(4);
+        let cache = Cache::new_lru_cache_opts(&cache_options);
+        let manager = WriteBufferManager::new_write_buffer_manager(memory.write_buffer_bytes, false);
+        options.set_write_buffer_manager(&manager);
+        let store = match open_waiting_for_lock(&options, directory, &names, &|name| family_options(name, &cache, memory), "the state store") {
             Ok(db) => StateStore { db: Arc::new(db), path: directory.to_path_buf(), families: names, failure: Arc::default() },
             Err(error) => return Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display()))),
         };
@@ -436,32 +471,34 @@ impl CommittedState for StoreView {
         }
     }
 
-    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) {
-        let Some(handle) = self.family(&self.timers) else { return };
+    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64> {
+        let handle = self.family(&self.timers)?;
         let mut start = self.timer_prefix.clone();
         start.extend_from_slice(&time_bytes(after.saturating_add(1)));
+        // Every time of this owner: up to its NUL plus one.
         let mut end = self.timer_prefix.clone();
-        match until.checked_add(1) {
-            Some(next) => end.extend_from_slice(&time_bytes(next)),
-            // Every time: up to the owner's NUL plus one.
-            None => {
-                end.pop();
-                end.push(1);
-            }
-        }
+        end.pop();
+        end.push(1);
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(end);
         for item in self.db.iterator_cf_opt(handle, options, IteratorMode::From(&start, Direction::Forward)) {
             let key = match item {
                 Ok((key, _)) => key,
-                Err(error) => return self.failed("reading the timers", error),
+                Err(error) => {
+                    self.failed("reading the timers", error);
+                    return None;
+                }
             };
             let Some(rest) = key.strip_prefix(self.timer_prefix.as_slice()) else { break };
             let (Some(time), Ok(state_key)) = (rest.get(..8).and_then(time_of), std::str::from_utf8(rest.get(8..).unwrap_or_default())) else {
                 continue;
             };
+            if time > until {
+                return Some(time);
+            }
             each(time, state_key);
         }
+        None
     }
 }
 
@@ -475,13 +512,13 @@ pub(super) fn open_waiting_for_lock(
     options: &Options,
     directory: &Path,
     families: &[String],
-    family_options: &dyn Fn() -> Options,
+    family_options: &dyn Fn(&str) -> Options,
     what: &str,
 ) -> Result<DB, rocksdb::Error> {
     let deadline = Instant::now() + LOCK_PATIENCE;
     let mut pauses = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
-        let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options()));
+        let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
         match DB::open_cf_descriptors(options, directory, descriptors) {
             Err(error) if is_lock_held(&error) && Instant::now() < deadline => {
                 warn!(path = %directory.display(), %error, "{what} is locked by another process; waiting");

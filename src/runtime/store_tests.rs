@@ -27,7 +27,7 @@ fn timer_of(_step: usize, value: &[u8]) -> Option<i64> {
 }
 
 fn open(directory: &Path) -> StateStore {
-    StateStore::open(directory, &[0], "generation", &timer_of).expect("the store opens")
+    StateStore::open(directory, &[0], "generation", StoreMemory::default(), &timer_of).expect("the store opens")
 }
 
 fn reading_through(store: &StateStore) -> DedupOperator {
@@ -97,8 +97,16 @@ fn a_dedup_reading_through_the_store_matches_the_model_across_commits_aborts_and
     for seed in 0..10u64 {
         let mut random = StdRng::seed_from_u64(seed);
         let directory = tempfile::tempdir().expect("a temporary directory");
+        // Now and then event time jumps past every key's expiry, so that the store is left
+        // without timers and then gets new ones.
+        let mut jump = 0;
         let records: Vec<(String, i64)> = (0..3000)
-            .map(|index| (format!("k{}", random.random_range(0..60)), index as i64 / 4 + random.random_range(-30..30)))
+            .map(|index| {
+                if random.random_range(0..200) == 0 {
+                    jump += 500;
+                }
+                (format!("k{}", random.random_range(0..60)), jump + index as i64 / 4 + random.random_range(-30..30))
+            })
             .collect();
         let mut store = Some(open(directory.path()));
         let mut dedup = reading_through(store.as_ref().expect("open"));

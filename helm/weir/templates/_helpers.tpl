@@ -64,3 +64,19 @@ does not set the label.
 {{- fail (printf "instanceId.source must be podIndex or podName, not %q" .Values.instanceId.source) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The container's resources: .Values.resources, with a memory request and limit derived from
+stateMemory where it names none (request: base + cache + write buffers; limit: 1.5 times).
+*/}}
+{{- define "weir.resources" -}}
+{{- $resources := deepCopy (.Values.resources | default dict) -}}
+{{- $memory := add .Values.stateMemory.baseMiB .Values.stateMemory.cacheMiB .Values.stateMemory.writeBuffersMiB -}}
+{{- $requests := get $resources "requests" | default dict -}}
+{{- if not (get $requests "memory") }}{{ $_ := set $requests "memory" (printf "%dMi" $memory) }}{{ end -}}
+{{- $_ := set $resources "requests" $requests -}}
+{{- $limits := get $resources "limits" | default dict -}}
+{{- if not (get $limits "memory") }}{{ $_ := set $limits "memory" (printf "%dMi" (div (mul $memory 3) 2)) }}{{ end -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- toYaml $resources -}}
+{{- end -}}

@@ -244,7 +244,7 @@ impl Topology {
     }
 
     /// The store timer a committed entry of `step` needs, where it reads through the store.
-    pub fn timer_of(&self, step: usize, value: &Value) -> Option<i64> {
+    pub fn timer_of(&self, step: usize, value: &[u8]) -> Option<i64> {
         self.pipeline.steps.get(step)?.timer_of(value)
     }
 

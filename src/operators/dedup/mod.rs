@@ -35,6 +35,10 @@ pub struct DedupOperator {
     expiries_stale: bool,
     /// The committed timers up to this time have been handled (this batch clears them).
     scanned_to: i64,
+    /// The earliest committed timer after `scanned_to`, as far as known (None: not known,
+    /// look; `i64::MAX`: there is none): the store is only asked once the watermark reaches
+    /// it, not at every advance.
+    next_due: Option<i64>,
     /// Timer changes for the store since the last `take_changes`, taken by `take_timers`.
     timer_changes: Vec<TimerChange>,
     /// Committed timers fired in this batch.
@@ -57,6 +61,7 @@ impl DedupOperator {
             expiries: BTreeSet::new(),
             expiries_stale: false,
             scanned_to: i64::MIN,
+            next_due: None,
             timer_changes: Vec::new(),
             fired: Vec::new(),
             changed: BTreeSet::new(),
@@ -144,8 +149,13 @@ impl DedupOperator {
             return;
         }
         let Some(committed) = &self.committed else { return };
+        if self.next_due.is_some_and(|next| watermark < next) {
+            self.scanned_to = watermark;
+            return;
+        }
         let mut due = Vec::new();
-        committed.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
+        let next = committed.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
+        self.next_due = Some(next.unwrap_or(i64::MAX));
         self.scanned_to = watermark;
         for (time, key) in due {
             self.fired.push((time, key.clone()));
@@ -183,6 +193,11 @@ impl DedupOperator {
             .collect();
         if self.committed.is_some() {
             self.pending.clear();
+            // Timers set now are committed with this batch: the earliest may come before the
+            // one the store was last asked for.
+            if let (Some(next), Some((first, _))) = (self.next_due, self.expiries.first()) {
+                self.next_due = Some(next.min(*first));
+            }
             let set = std::mem::take(&mut self.expiries).into_iter().map(|(time, key)| TimerChange { time, key, set: true });
             let cleared = self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false });
             self.timer_changes.extend(set.chain(cleared));
