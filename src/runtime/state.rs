@@ -8,6 +8,7 @@
 //! from the changelog's tail past them. The operators still hold their state in memory while
 //! they run (issue: state beyond memory).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,13 +66,18 @@ pub fn encode(entry: &ChangelogEntry) -> (Vec<u8>, Option<Vec<u8>>) {
     (key, entry.value.as_ref().map(|value| value.to_string().into_bytes()))
 }
 
-/// A changelog key: (owner topic, state key).
-fn decode_key(key: &[u8]) -> Result<(Option<String>, String), CorruptState> {
+/// A changelog key, `[owner topic or null, state key]`, borrowed where it has no escapes
+/// (a topic name never has any).
+#[derive(serde::Deserialize)]
+struct ChangelogKey<'a>(#[serde(borrow)] Option<Cow<'a, str>>, #[serde(borrow)] Cow<'a, str>);
+
+fn decode_key(key: &[u8]) -> Result<ChangelogKey<'_>, CorruptState> {
     serde_json::from_slice(key).map_err(|error| CorruptState(format!("changelog key is not [topic, key]: {error}")))
 }
 
 fn decode(step: usize, partition: i32, key: &[u8], value: Option<&[u8]>) -> Result<ChangelogEntry, CorruptState> {
-    let (topic, state_key) = decode_key(key)?;
+    let ChangelogKey(topic, state_key) = decode_key(key)?;
+    let (topic, state_key) = (topic.map(Cow::into_owned), state_key.into_owned());
     let value = match value {
         None => None,
         Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|error| CorruptState(format!("changelog value is not JSON: {error}")))?),
@@ -110,6 +116,9 @@ impl Drop for ShownRestore<'_> {
         self.status.restored(self.changelog, self.partition);
     }
 }
+
+/// Changelog entries read between looks at the clock while restoring.
+const CLOCK_EVERY: u32 = 256;
 
 /// Changelog entries written to the store at a time while restoring.
 const STORE_CHUNK: usize = 10_000;
@@ -325,7 +334,7 @@ impl Restorer {
         self.consumer
             .assign(&assignment)
             .map_err(|error| RuntimeError::kafka(format!("assigning {changelog}"), error))?;
-        let mut restored = 0u64;
+        let (mut restored, mut bytes) = (0u64, 0u64);
         let mut writes = Vec::new();
         let through = engine.reads_through_store(step);
         // The offset after the last entry read, and when the read last moved.
@@ -340,16 +349,26 @@ impl Restorer {
         let mut next_status = Instant::now();
         // Off /status however the read ends.
         let _shown = ShownRestore { status: &self.status, changelog, partition };
+        // Entries read since the clock was last looked at: once per CLOCK_EVERY entries, and
+        // whenever the read waits.
+        let mut unclocked = 0u32;
         let reached = loop {
-            // A long restore is the loop at work, not a stuck loop.
-            health::beat();
-            if Instant::now() >= next_status {
-                next_status = Instant::now() + STATUS_EVERY;
-                self.status.restoring(changelog, partition, restored, next, end, started);
-            }
-            if Instant::now() >= next_report {
-                next_report = Instant::now() + PROGRESS_EVERY;
-                info!(%changelog, partition, restored, position = next, end, "restoring state");
+            if unclocked == 0 || unclocked >= CLOCK_EVERY {
+                let now = Instant::now();
+                if unclocked > 0 {
+                    progressed = now;
+                }
+                unclocked = 0;
+                // A long restore is the loop at work, not a stuck loop.
+                health::beat();
+                if now >= next_status {
+                    next_status = now + STATUS_EVERY;
+                    self.status.restoring(changelog, partition, (restored, bytes), next, end, started);
+                }
+                if now >= next_report {
+                    next_report = now + PROGRESS_EVERY;
+                    info!(%changelog, partition, restored, position = next, end, "restoring state");
+                }
             }
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
                 let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
@@ -358,14 +377,15 @@ impl Restorer {
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
                     let (key, value) = (message.key().unwrap_or_default(), message.payload());
+                    bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
                     let corrupt = |error: CorruptState| RuntimeError::CorruptState(format!("{changelog}[{partition}]@{}: {error}", message.offset()));
                     writes.push(StoreWrite::state(step, partition, key.to_vec(), value.map(<[u8]>::to_vec)));
                     next = Some(message.offset() + 1);
-                    progressed = Instant::now();
+                    unclocked += 1;
                     if through {
                         // The step reads the store: it needs the entry's timer there, not
                         // the entry in memory (only the input watermarks go to the engine).
-                        let (owner, state_key) = decode_key(key).map_err(corrupt)?;
+                        let ChangelogKey(owner, state_key) = decode_key(key).map_err(corrupt)?;
                         if state_key != WATERMARK_KEY {
                             if let Some(time) = value.and_then(|value| engine.timer_of(step, value)) {
                                 writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true));
@@ -390,6 +410,10 @@ impl Restorer {
                 }
                 Some(Err(error)) => return Err(RuntimeError::kafka(format!("reading {changelog}"), error)),
                 None => {}
+            }
+            if unclocked > 0 {
+                progressed = Instant::now();
+                unclocked = 0;
             }
             // Positions move past transaction markers; under read_committed they stop at the
             // last stable offset, so this waits for any open transaction to end.

@@ -78,6 +78,12 @@ pub struct RestoreProgress {
     /// The offset the restore reads to.
     pub end: i64,
     pub records_per_second: f64,
+    /// Bytes read so far (keys and values).
+    pub bytes: u64,
+    /// Offsets left to read (an upper bound on the entries: compaction and transaction
+    /// markers leave gaps), and at the rate so far, about how long that takes.
+    pub remaining: i64,
+    pub remaining_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,8 +185,11 @@ impl Status {
     }
 
     /// A restore of `changelog[partition]` has read `restored` entries since `started`.
-    pub fn restoring(&self, changelog: &str, partition: i32, restored: u64, position: Option<i64>, end: i64, started: Instant) {
+    pub fn restoring(&self, changelog: &str, partition: i32, restored: (u64, u64), position: Option<i64>, end: i64, started: Instant) {
+        let (restored, bytes) = restored;
         let seconds = started.elapsed().as_secs_f64();
+        let rate = if seconds > 0.0 { restored as f64 / seconds } else { 0.0 };
+        let remaining = position.map_or(end, |position| end - position).max(0);
         let name = partition_name(changelog, partition);
         let mut report = self.report();
         let started_at = report.restoring.get(&name).map_or_else(now_text, |progress| progress.started_at.clone());
@@ -191,7 +200,10 @@ impl Status {
                 restored,
                 position,
                 end,
-                records_per_second: if seconds > 0.0 { restored as f64 / seconds } else { 0.0 },
+                records_per_second: rate,
+                bytes,
+                remaining,
+                remaining_seconds: (rate > 0.0).then(|| remaining as f64 / rate),
             },
         );
     }

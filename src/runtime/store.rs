@@ -87,6 +87,11 @@ fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
 
 pub struct StateStore {
     db: Arc<DB>,
+    /// The database's options, which carry its statistics (block cache hits and misses).
+    options: Options,
+    cache: Cache,
+    /// The cache hits and misses reported so far.
+    reported: Mutex<(u64, u64)>,
     path: PathBuf,
     /// Every column family's name.
     families: Vec<String>,
@@ -220,6 +225,9 @@ impl StateStore {
         // (The `offsets` family takes a tiny write every batch and would otherwise keep
         // every log file alive.)
         options.set_max_total_wal_size(WAL_LIMIT);
+        // For the cache's hit ratio: counters only, no timers.
+        options.enable_statistics();
+        options.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         let names: Vec<String> = steps
             .iter()
             .flat_map(|step| [family(*step), timer_family(*step)])
@@ -233,7 +241,15 @@ impl StateStore {
         let manager = WriteBufferManager::new_write_buffer_manager(memory.write_buffer_bytes, false);
         options.set_write_buffer_manager(&manager);
         let store = match open_waiting_for_lock(&options, directory, &names, &|name| family_options(name, &cache, memory), "the state store") {
-            Ok(db) => StateStore { db: Arc::new(db), path: directory.to_path_buf(), families: names, failure: Arc::default() },
+            Ok(db) => StateStore {
+                db: Arc::new(db),
+                options,
+                cache,
+                reported: Mutex::new((0, 0)),
+                path: directory.to_path_buf(),
+                families: names,
+                failure: Arc::default(),
+            },
             Err(error) => return Err(RuntimeError::Setup(format!("opening the state store {}: {error}", directory.display()))),
         };
         store.upgrade(steps, timer_of)?;
@@ -289,6 +305,21 @@ impl StateStore {
         let mut full = partition_prefix(partition);
         full.extend_from_slice(&changelog_key(owner, key));
         self.db.get_cf(self.handle(&family(step))?, full).map_err(|error| RuntimeError::store("reading the state store", error))
+    }
+
+    /// Block cache hits and misses since the last call.
+    pub fn take_cache_counts(&self) -> (u64, u64) {
+        use rocksdb::statistics::Ticker;
+        let now = (self.options.get_ticker_count(Ticker::BlockCacheHit), self.options.get_ticker_count(Ticker::BlockCacheMiss));
+        let Ok(mut reported) = self.reported.lock() else { return (0, 0) };
+        let delta = (now.0.saturating_sub(reported.0), now.1.saturating_sub(reported.1));
+        *reported = now;
+        delta
+    }
+
+    /// The bytes the block cache holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.get_usage()
     }
 
     /// RocksDB's estimate of the keys in a step's state, over every partition it holds.
@@ -348,17 +379,37 @@ impl StateStore {
     /// mode also the input offsets (topic, partition, next) the state is at.
     pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[TopicPartitionOffset]) -> Result<(), RuntimeError> {
         let mut batch = WriteBatch::default();
+        // A batch touches few families and partitions: each handle is looked up, and each
+        // prefix formatted, once.
+        let mut handles: Vec<((usize, Family), &rocksdb::ColumnFamily)> = Vec::new();
+        let mut prefixes: Vec<(i32, Vec<u8>)> = Vec::new();
+        let mut key = Vec::new();
         for write in writes {
-            let mut key = partition_prefix(write.partition);
-            key.extend_from_slice(&write.key);
-            let name = match write.family {
-                Family::State => family(write.step),
-                Family::Timers => timer_family(write.step),
+            let handle = match handles.iter().find(|(at, _)| *at == (write.step, write.family)) {
+                Some((_, handle)) => *handle,
+                None => {
+                    let name = match write.family {
+                        Family::State => family(write.step),
+                        Family::Timers => timer_family(write.step),
+                    };
+                    let handle = self.handle(&name)?;
+                    handles.push(((write.step, write.family), handle));
+                    handle
+                }
             };
-            let handle = self.handle(&name)?;
+            key.clear();
+            match prefixes.iter().find(|(partition, _)| *partition == write.partition) {
+                Some((_, prefix)) => key.extend_from_slice(prefix),
+                None => {
+                    let prefix = partition_prefix(write.partition);
+                    key.extend_from_slice(&prefix);
+                    prefixes.push((write.partition, prefix));
+                }
+            }
+            key.extend_from_slice(&write.key);
             match &write.value {
-                Some(value) => batch.put_cf(handle, key, value),
-                None => batch.delete_cf(handle, key),
+                Some(value) => batch.put_cf(handle, &key, value),
+                None => batch.delete_cf(handle, &key),
             }
         }
         let offsets_handle = self.handle(OFFSETS)?;

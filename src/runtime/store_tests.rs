@@ -169,8 +169,14 @@ fn committed_keys_leave_memory_and_are_still_seen() {
     assert_eq!(dedup.state_keys(), 1000);
     commit(&store, &mut dedup);
     assert_eq!(dedup.state_keys(), 0, "committed keys are in the store only");
+    // On disk, read through the block cache.
+    store.flush().expect("flushed");
+    store.take_cache_counts();
     let again = crate::operators::test_record(json!({ "id": "k7" }), 20);
     assert_eq!(dedup.process(again, i64::MIN, &mut out), Ok(StepOutcome::Duplicate));
+    let (hits, misses) = store.take_cache_counts();
+    assert!(hits + misses > 0, "the lookup went through the block cache");
+    assert!(store.cache_bytes() > 0);
     // Another task's view (another partition) sees none of them.
     let mut other = DedupOperator::new(&spec(), StateEntryLimit::default());
     other.read_through(store.backing().view(0, PARTITION + 1, Some(OWNER)));

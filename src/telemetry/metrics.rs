@@ -51,6 +51,11 @@ pub struct Metrics {
     pub step_state_keys: IntGaugeVec,
     /// The local store's estimate of its live data, by stateful step.
     pub step_state_bytes: IntGaugeVec,
+    /// Lookups of the local store's block cache that found their block, and that did not.
+    pub state_cache_hits: IntCounter,
+    pub state_cache_misses: IntCounter,
+    /// What the local store's block cache holds, in bytes.
+    pub state_cache_bytes: IntGauge,
     /// Each owned input partition's event-time watermark (epoch milliseconds; kept beside
     /// the seconds one, which follows Prometheus' base units, until dashboards move).
     pub watermark: IntGaugeVec,
@@ -146,6 +151,11 @@ impl Metrics {
             "weir_state_restored_records_total",
             "State entries read back from changelog topics.",
         );
+        let state_cache_hits = counter("weir_state_cache_hits_total", "Lookups of the local state store's block cache that found their block.");
+        let state_cache_misses = counter("weir_state_cache_misses_total", "Lookups of the local state store's block cache that read from disk.");
+        let state_cache_bytes = IntGauge::new("weir_state_cache_bytes", "Bytes held in the local state store's block cache (state.cache_mib at most).")
+            .expect("metric definitions are static and valid");
+        registry.register(Box::new(state_cache_bytes.clone())).expect("each metric is registered once");
         let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state (a dedup's: estimated by the local store).")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(state_keys.clone())).expect("each metric is registered once");
@@ -240,6 +250,9 @@ impl Metrics {
             state_keys,
             step_state_keys,
             step_state_bytes,
+            state_cache_hits,
+            state_cache_misses,
+            state_cache_bytes,
             watermark,
             watermark_seconds,
             event_time_lag,

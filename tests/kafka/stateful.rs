@@ -441,6 +441,11 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     estimated("weir_state_keys", &[]);
     estimated("weir_step_state_keys", &[("step", "1")]);
     assert!(value("weir_step_state_bytes", &[("step", "1")]) >= 0.0);
+    // Present (their values are checked in the store's unit tests: a run this small keeps
+    // its keys in memtables, so the cache may never be asked).
+    assert!(value("weir_state_cache_hits_total", &[]) >= 0.0);
+    assert!(value("weir_state_cache_misses_total", &[]) >= 0.0);
+    assert!(value("weir_state_cache_bytes", &[]) >= 0.0);
     for partition in ["0", "1"] {
         let labels = [("topic", input.as_str()), ("partition", partition)];
         assert_eq!(value("weir_consumer_lag_records", &labels), 0.0);

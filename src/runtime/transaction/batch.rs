@@ -91,6 +91,12 @@ impl LoopState {
                 purger.maybe_purge(false);
             }
             self.metrics.record_watermarks(&watermarks);
+            if let Some(store) = &self.store {
+                let (hits, misses) = store.take_cache_counts();
+                self.metrics.state_cache_hits.inc_by(hits);
+                self.metrics.state_cache_misses.inc_by(misses);
+                self.metrics.state_cache_bytes.set(store.cache_bytes() as i64);
+            }
             for (step, keys) in self.state_keys_by_step() {
                 let label = step.to_string();
                 self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
