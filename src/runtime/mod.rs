@@ -179,7 +179,7 @@ fn run_once(
         Some(generation) => {
             let directory = settings.state.dir.join(format!("{}-{}", pipeline.name, options.instance));
             let timer_of = |step: usize, value: &[u8]| engine.timer_of(step, value);
-            let store = StateStore::open(&directory, &engine.stateful_steps(), generation, StoreMemory::of(&settings.state), &timer_of)?;
+            let store = StateStore::open(&directory, &engine.stateful_steps(), generation, StoreMemory::of(&settings.state), mode == DeliveryMode::Transactional, &timer_of)?;
             engine.set_backing(store.backing());
             Some(store)
         }

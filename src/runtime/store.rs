@@ -203,7 +203,16 @@ impl StateStore {
     /// is deleted first.
     /// `timer_of` gives the timer a step's committed value needs (steps that read through
     /// the store), for building the timers of a store made before they were kept.
-    pub fn open(directory: &Path, steps: &[usize], generation: &str, memory: StoreMemory, timer_of: TimerOf) -> Result<StateStore, RuntimeError> {
+    /// `rebuildable`: the changelogs hold the state (not in upsert mode), so a store that
+    /// cannot be opened (corrupt files) is deleted, with a warning, and rebuilt from them.
+    pub fn open(
+        directory: &Path,
+        steps: &[usize],
+        generation: &str,
+        memory: StoreMemory,
+        rebuildable: bool,
+        timer_of: TimerOf,
+    ) -> Result<StateStore, RuntimeError> {
         let generation_file = directory.join("GENERATION");
         let cached = std::fs::read_to_string(&generation_file).ok();
         if cached.as_deref().is_some_and(|cached| cached.trim() != generation) {
@@ -240,7 +249,22 @@ impl StateStore {
         let cache = Cache::new_lru_cache_opts(&cache_options);
         let manager = WriteBufferManager::new_write_buffer_manager(memory.write_buffer_bytes, false);
         options.set_write_buffer_manager(&manager);
-        let store = match open_waiting_for_lock(&options, directory, &names, &|name| family_options(name, &cache, memory), "the state store") {
+        let open = || open_waiting_for_lock(&options, directory, &names, &|name| family_options(name, &cache, memory), "the state store");
+        let opened = match open() {
+            Err(error) if rebuildable && !is_lock_held(&error) => {
+                warn!(
+                    path = %directory.display(), %error,
+                    "the local state store cannot be opened; deleting it: the state is rebuilt from the changelogs"
+                );
+                std::fs::remove_dir_all(directory)
+                    .and_then(|()| std::fs::create_dir_all(directory))
+                    .and_then(|()| std::fs::write(&generation_file, generation))
+                    .map_err(|error| RuntimeError::Setup(format!("deleting the broken state store {}: {error}", directory.display())))?;
+                open()
+            }
+            opened => opened,
+        };
+        let store = match opened {
             Ok(db) => StateStore {
                 db: Arc::new(db),
                 options,

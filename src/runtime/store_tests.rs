@@ -27,7 +27,7 @@ fn timer_of(_step: usize, value: &[u8]) -> Option<i64> {
 }
 
 fn open(directory: &Path) -> StateStore {
-    StateStore::open(directory, &[0], "generation", StoreMemory::default(), &timer_of).expect("the store opens")
+    StateStore::open(directory, &[0], "generation", StoreMemory::default(), true, &timer_of).expect("the store opens")
 }
 
 fn reading_through(store: &StateStore) -> DedupOperator {
@@ -221,3 +221,22 @@ fn timer_keys_sort_as_their_times() {
     }
 }
 
+
+/// A store whose files are broken is deleted and opened empty where the changelogs hold the
+/// state (a restore then reads them whole); where the store is the only copy (upsert mode)
+/// opening it fails instead.
+#[test]
+fn a_broken_store_is_rebuilt_where_the_changelogs_hold_the_state_and_refused_where_not() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    {
+        let store = open(directory.path());
+        let write = StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), "k"), Some(b"5".to_vec()));
+        store.apply(&[write], &[(0, PARTITION, 10)], &[]).expect("written");
+    }
+    std::fs::write(directory.path().join("CURRENT"), "MANIFEST-999999\n").expect("CURRENT broken");
+    let refused = StateStore::open(directory.path(), &[0], "generation", StoreMemory::default(), false, &timer_of);
+    assert!(refused.is_err_and(|error| error.to_string().contains("opening the state store")));
+    let store = open(directory.path());
+    assert_eq!(store.offset(0, PARTITION).expect("readable"), None, "rebuilt empty: the restore reads the whole changelog");
+    assert_eq!(store.get(0, PARTITION, Some(OWNER), "k").expect("readable"), None);
+}
