@@ -374,7 +374,15 @@ impl Restorer {
                 let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
                 store.apply(&std::mem::take(&mut writes), &reached, &[])?;
             }
-            match self.consumer.poll(Duration::from_millis(100)) {
+            // Read to the end: nothing is left to wait for.
+            if let Some(next) = next
+                && next >= end
+            {
+                break next;
+            }
+            // Short waits: past the last entry there may be only transaction markers, which
+            // the position below moves over, and a long poll would idle for its whole length.
+            match self.consumer.poll(Duration::from_millis(10)) {
                 Some(Ok(message)) => {
                     let (key, value) = (message.key().unwrap_or_default(), message.payload());
                     bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;

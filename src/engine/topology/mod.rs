@@ -77,6 +77,17 @@ enum TaskPartition {
     Repartitioned(u32),
 }
 
+impl TaskPartition {
+    /// Where the task's state goes: the owner topic its changelog entries carry (None after
+    /// a repartition) and the changelog partition.
+    fn changelog_place(&self) -> (Option<&str>, i32) {
+        match self {
+            TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
+            TaskPartition::Repartitioned(partition) => (None, *partition as i32),
+        }
+    }
+}
+
 struct StageSpec {
     steps: Vec<Step>,
     /// Each step's index in the pipeline (what names its changelog).
@@ -480,10 +491,7 @@ impl Topology {
                 .map_err(|error| ProcessError(error.0))?;
             let mut operators = operators;
             if let Some(backing) = &self.backing {
-                let (owner, partition) = match id {
-                    TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
-                    TaskPartition::Repartitioned(partition) => (None, *partition as i32),
-                };
+                let (owner, partition) = id.changelog_place();
                 for ((operator, step), index) in operators.iter_mut().zip(&spec.steps).zip(&spec.indices) {
                     if step.reads_through_store() {
                         operator.read_through(backing.view(*index, partition, owner));

@@ -29,14 +29,11 @@ impl Topology {
         };
         let mut entries = Vec::new();
         for ((stage, id), task) in self.tasks.iter_mut() {
-            let (topic, partition) = match id {
-                TaskPartition::Input(topic, partition) => (Some(topic.clone()), *partition),
-                TaskPartition::Repartitioned(partition) => (None, *partition as i32),
-            };
+            let (topic, partition) = id.changelog_place();
             for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
                 for change in operator.take_changes() {
                     entries.push(ChangelogEntry {
-                        topic: topic.clone(),
+                        topic: topic.map(str::to_string),
                         partition,
                         step: *step,
                         key: change.key,
@@ -97,10 +94,7 @@ impl Topology {
     pub fn take_timers(&mut self) -> Vec<TimerEntry> {
         let mut timers = Vec::new();
         for ((stage, id), task) in self.tasks.iter_mut() {
-            let (topic, partition) = match id {
-                TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
-                TaskPartition::Repartitioned(partition) => (None, *partition as i32),
-            };
+            let (topic, partition) = id.changelog_place();
             for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
                 for change in operator.take_timers() {
                     timers.push(TimerEntry { topic: topic.map(str::to_string), partition, step: *step, change });
