@@ -243,6 +243,19 @@ impl Restorer {
                         store.clear(step, partition)?;
                     }
                 }
+                // Cleared, the store cannot fail the same way twice: one more attempt reads
+                // the changelog whole.
+                Restored::StoreCorrupt { step, changelog, reason } if attempts < OUT_OF_RANGE_ATTEMPTS => {
+                    attempts += 1;
+                    warn!(
+                        %changelog, partition, %reason,
+                        "the local store's copy of this state does not read back; deleting it and restoring from the changelog"
+                    );
+                    if let Some(store) = store {
+                        store.clear(step, partition)?;
+                    }
+                }
+                Restored::StoreCorrupt { reason, .. } => return Err(RuntimeError::CorruptState(reason)),
                 Restored::OutOfRange { changelog, .. } => {
                     return Err(RuntimeError::Replay(format!(
                         "restoring partition {partition} from {changelog}: its start moved {OUT_OF_RANGE_ATTEMPTS} times while it was read; \
@@ -286,7 +299,10 @@ impl Restorer {
                     Some((reached, age))
                         if reached >= low && reached <= high && age < self.trusted_for.get(&step).copied().unwrap_or(STORE_TRUSTED_FOR) =>
                     {
-                        let loaded = load_from_store(engine, store, step, partition, &owners)?;
+                        let loaded = match load_from_store(engine, store, step, partition, &owners) {
+                            Err(RuntimeError::CorruptState(reason)) => return Ok(Restored::StoreCorrupt { step, changelog, reason }),
+                            loaded => loaded?,
+                        };
                         from_store += loaded;
                         self.metrics.state_restored_records.inc_by(loaded);
                         start = Offset::Offset(reached);
@@ -459,6 +475,8 @@ enum Restored {
     Reached { from_store: u64, from_changelog: u64 },
     /// `step`'s changelog no longer holds the offset the read was at.
     OutOfRange { step: usize, changelog: String },
+    /// The local store's copy of `step`'s state does not decode.
+    StoreCorrupt { step: usize, changelog: String, reason: String },
 }
 
 /// The restore consumer's answer to a position outside the log (`auto.offset.reset=error`).

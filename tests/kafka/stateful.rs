@@ -623,3 +623,38 @@ fn instances_started_together_on_a_fresh_pipeline_agree_on_one_state_generation(
     };
     assert_eq!(generation("0"), generation("1"));
 }
+
+/// A local store whose copy of the state does not read back (here: the watermark entries the
+/// dedup keeps beside its keys, overwritten with bytes that are not JSON) is cleared and the
+/// state read from the changelog instead; the restarted run still drops the duplicates.
+#[test]
+fn a_store_entry_that_does_not_read_back_is_replaced_from_the_changelog() {
+    let (input, output) = (unique("clicks"), unique("out"));
+    create_topic(&input, 2);
+    create_topic(&output, 2);
+    let name = unique("corrupt");
+    let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 24h }");
+    let run_to_end = || {
+        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+        assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
+        run.log_text()
+    };
+    produce(&input, (0..200).map(click));
+    run_to_end();
+    assert_eq!(read_committed(&output).len(), 200);
+    let directory = file.path.parent().unwrap().join("state").join(format!("{name}-0"));
+    let generation = std::fs::read_to_string(directory.join("GENERATION")).expect("the store's generation");
+    {
+        use weir::runtime::store::{changelog_key, StateStore, StoreMemory, StoreWrite};
+        let store = StateStore::open(&directory, &[0], generation.trim(), StoreMemory::default(), true, &|_, _| None).expect("the store opens");
+        let garbage: Vec<StoreWrite> = (0..2)
+            .map(|partition| StoreWrite::state(0, partition, changelog_key(Some(&input), "watermark"), Some(b"not json".to_vec())))
+            .collect();
+        store.apply(&garbage, &[], &[]).expect("written");
+    }
+    // 100 copies of earlier ids and 100 new ones.
+    produce(&input, (100..300).map(click));
+    let log = run_to_end();
+    assert!(log.contains("does not read back"), "{log}");
+    assert_eq!(read_committed(&output).len(), 300, "the copies were dropped, the new ids kept");
+}
