@@ -61,6 +61,7 @@ mod schemas;
 mod loop_state;
 mod state;
 pub mod status;
+mod rocks;
 pub mod store;
 mod table_store;
 mod tables;

@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 use tracing::{info, warn};
 
-use super::backoff::Backoff;
 use super::error::RuntimeError;
+use super::rocks::{is_lock_held, open_waiting_for_lock};
 use crate::operators::committed::{CommittedState, StateBacking};
 use crate::runtime::TopicPartitionOffset;
 
@@ -575,39 +575,6 @@ impl CommittedState for StoreView {
         }
         None
     }
-}
-
-/// How long a store held by another process is waited for.
-const LOCK_PATIENCE: Duration = Duration::from_secs(60);
-
-/// Opens the RocksDB database in `directory` with `families` (each with `family_options`).
-/// Another process with the same instance may still hold it for a moment (a zombie being
-/// fenced), so a held lock is waited for, up to a minute; any other error comes back at once.
-pub(super) fn open_waiting_for_lock(
-    options: &Options,
-    directory: &Path,
-    families: &[String],
-    family_options: &dyn Fn(&str) -> Options,
-    what: &str,
-) -> Result<DB, rocksdb::Error> {
-    let deadline = Instant::now() + LOCK_PATIENCE;
-    let mut pauses = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-    loop {
-        let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
-        match DB::open_cf_descriptors(options, directory, descriptors) {
-            Err(error) if is_lock_held(&error) && Instant::now() < deadline => {
-                warn!(path = %directory.display(), %error, "{what} is locked by another process; waiting");
-                std::thread::sleep(pauses.pause());
-            }
-            opened => return opened,
-        }
-    }
-}
-
-/// Whether opening failed because another process holds the database's lock (RocksDB says
-/// so only in the message).
-pub(super) fn is_lock_held(error: &rocksdb::Error) -> bool {
-    error.to_string().contains("lock")
 }
 
 /// A clean stop flushes: a restart then opens the store without replaying its log.

@@ -166,9 +166,9 @@ fn open_db(directory: &Path, tables: &[Source]) -> Result<DB, OpenError> {
     let mut names: Vec<String> = tables.iter().map(|source| family(&source.name)).chain([POSITIONS.to_string()]).collect();
     let stale: Vec<String> = existing.iter().filter(|name| !names.contains(name) && *name != "default").cloned().collect();
     names.extend(stale.iter().cloned());
-    let mut db = match super::store::open_waiting_for_lock(&options, directory, &names, &|_| Options::default(), "the table store") {
+    let mut db = match super::rocks::open_waiting_for_lock(&options, directory, &names, &|_| Options::default(), "the table store") {
         Ok(db) => db,
-        Err(error) if super::store::is_lock_held(&error) => {
+        Err(error) if super::rocks::is_lock_held(&error) => {
             return Err(OpenError::Runtime(RuntimeError::Setup(format!("opening the table store {}: {error}", directory.display()))));
         }
         Err(error) => return Err(OpenError::Unusable(error.to_string())),

@@ -275,10 +275,6 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     create_topic(&output, 2);
     let name = unique("reset");
     let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 24h }");
-    let run_to_end = || {
-        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
-        assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
-    };
     let reset = |how: &[&str]| {
         let reset = std::process::Command::new(weir_binary())
             .arg("reset")
@@ -301,7 +297,7 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     produce(&input, (400..1000).map(click));
     let count = || read_committed(&output).len();
 
-    run_to_end();
+    run_to_end(&file);
     assert_eq!(count(), 1000);
     // Without --execute: what it would do, and nothing done.
     let ends = end_offsets(&input);
@@ -315,14 +311,14 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     let said = reset(&["--to-earliest", "--execute"]);
     assert!(said.contains(&format!("{name}-0-changelog")) && said.contains(&format!("{input}[0]: next offset 0 (was {})", ends[0])), "{said}");
     assert_eq!(committed_offsets(&name, &input), vec![0, 0]);
-    run_to_end();
+    run_to_end(&file);
     assert_eq!(count(), 2000, "everything again: the dedup state went with the reset");
 
     // Back to `middle`, given as a duration before now.
     let ago = (chrono::Utc::now() - middle).num_milliseconds();
     let said = reset(&["--by-duration", &format!("{ago}ms"), "--execute"]);
     assert!(said.contains(&format!("{input}[1]: next offset")), "{said}");
-    run_to_end();
+    run_to_end(&file);
     assert_eq!(count(), 2600, "the 600 records produced after {middle} once more");
     assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
 
@@ -331,7 +327,7 @@ fn reset_moves_the_offsets_and_clears_the_state() {
     assert!(said.contains(&format!("{input}[1]: next offset")), "{said}");
     reset(&["--to-latest", "--execute"]);
     assert_eq!(committed_offsets(&name, &input), end_offsets(&input));
-    run_to_end();
+    run_to_end(&file);
     assert_eq!(count(), 2600, "nothing again after --to-latest");
 }
 
@@ -634,13 +630,8 @@ fn a_store_entry_that_does_not_read_back_is_replaced_from_the_changelog() {
     create_topic(&output, 2);
     let name = unique("corrupt");
     let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 24h }");
-    let run_to_end = || {
-        let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
-        assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
-        run.log_text()
-    };
     produce(&input, (0..200).map(click));
-    run_to_end();
+    run_to_end(&file);
     assert_eq!(read_committed(&output).len(), 200);
     let directory = file.path.parent().unwrap().join("state").join(format!("{name}-0"));
     let generation = std::fs::read_to_string(directory.join("GENERATION")).expect("the store's generation");
@@ -654,7 +645,15 @@ fn a_store_entry_that_does_not_read_back_is_replaced_from_the_changelog() {
     }
     // 100 copies of earlier ids and 100 new ones.
     produce(&input, (100..300).map(click));
-    let log = run_to_end();
+    let log = run_to_end(&file);
     assert!(log.contains("does not read back"), "{log}");
     assert_eq!(read_committed(&output).len(), 300, "the copies were dropped, the new ids kept");
+}
+
+/// Runs the pipeline to the end of its input (`--until-end`), expecting success; returns its
+/// log.
+fn run_to_end(file: &PipelineFile) -> String {
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
+    run.log_text()
 }
