@@ -1,11 +1,12 @@
-//! State beyond memory: a dedup over growing numbers of distinct keys (none expire), each in
-//! the same run and over the same number of input records (so that what differs is the
-//! state, not the length of the run): the rate, the peak resident memory, the store on disk,
-//! the restart time to the first new committed output (over the state the run left), and the
-//! restore rate of the whole changelog into an empty store (the local state deleted, as on a
-//! new owner).
-//! Run: `cargo bench --bench state` (`-- --records 3000000 10000 1000000 3000000`: the
-//! records per run, default the largest key count, then the key counts).
+//! State beyond memory: a dedup, or a running aggregate, over growing numbers of distinct
+//! keys (none expire), each in the same run and over the same number of input records (so
+//! that what differs is the state, not the length of the run): the rate, the peak resident
+//! memory, the store on disk, the restart time to the first new committed output (over the
+//! state the run left), and the restore rate of the whole changelog into an empty store (the
+//! local state deleted, as on a new owner).
+//! Run: `cargo bench --bench state` (`-- --step aggregate --records 3000000 10000 1000000
+//! 3000000`: dedup (default) or aggregate, the records per run, default the largest key
+//! count, then the key counts).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -16,7 +17,8 @@ use support::*;
 
 const PARTITIONS: i32 = 4;
 const USERS: u64 = 1000;
-const STEPS: &str = "  - dedup: { key: [user, id], within: 24h }";
+const DEDUP: &str = "  - dedup: { key: [user, id], within: 24h }";
+const AGGREGATE: &str = "  - aggregate: { group_by: [user, id], aggregates: { clicks: count(), total: sum(amount) }, ttl: 24h }";
 
 struct Measured {
     keys: u64,
@@ -32,7 +34,13 @@ struct Measured {
 
 fn main() {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
-    let records_given = arguments.iter().position(|argument| argument == "--records").and_then(|at| arguments.get(at + 1)?.parse().ok());
+    let option = |name: &str| arguments.iter().position(|argument| argument == name).and_then(|at| arguments.get(at + 1));
+    let records_given = option("--records").and_then(|records| records.parse().ok());
+    let steps = match option("--step").map(String::as_str) {
+        None | Some("dedup") => DEDUP,
+        Some("aggregate") => AGGREGATE,
+        Some(other) => panic!("--step {other}: dedup or aggregate"),
+    };
     let mut counts: Vec<u64> = arguments
         .iter()
         .enumerate()
@@ -44,10 +52,11 @@ fn main() {
     }
     let records = records_given.unwrap_or_else(|| counts.iter().copied().max().unwrap_or(0));
     println!(
-        "broker: {}, dedup over N distinct keys, {records} input records each (about 80 B, {PARTITIONS} partitions), key counts {counts:?}",
-        broker().bootstrap
+        "broker: {}, {} over N distinct keys, {records} input records each (about 80 B, {PARTITIONS} partitions), key counts {counts:?}",
+        broker().bootstrap,
+        steps.trim()
     );
-    let results: Vec<Measured> = counts.iter().map(|keys| measure(*keys, records.max(*keys))).collect();
+    let results: Vec<Measured> = counts.iter().map(|keys| measure(steps, *keys, records.max(*keys))).collect();
     println!();
     println!("| distinct keys | records/s | peak RSS (MiB) | store on disk (MiB) | restart to first new output (s) | changelog restore, slowest partition (entries/s) |");
     println!("|---|---|---|---|---|---|");
@@ -76,7 +85,7 @@ fn main() {
 }
 
 /// `records` records over `keys` distinct keys (record n has key n mod keys).
-fn measure(keys: u64, records: u64) -> Measured {
+fn measure(steps: &str, keys: u64, records: u64) -> Measured {
     let input = unique("bench-state-in");
     create_topic(&input, PARTITIONS);
     let producer = TestProducer::new();
@@ -87,10 +96,13 @@ fn measure(keys: u64, records: u64) -> Measured {
     let name = unique("bench-state");
     let output = format!("{name}-out");
     create_topic(&output, PARTITIONS);
-    let file = pipeline_file(&clicks_pipeline_text(&name, &input, &output, STEPS, "partitioned_by: [user]"));
+    let file = pipeline_file(&clicks_pipeline_text(&name, &input, &output, steps, "partitioned_by: [user]"));
     let (seconds, peak_rss_mib) = run_until_end_measured(&file);
-    let produced = read_committed(&output).len() as u64;
-    assert_eq!(produced, keys, "every key once");
+    // A dedup passes each key once; an aggregate writes each key's value at least once.
+    let produced = read_committed(&output);
+    let distinct: std::collections::HashSet<&Option<Vec<u8>>> = produced.iter().map(|record| &record.key).collect();
+    assert_eq!(distinct.len() as u64, keys, "every key");
+    assert!(steps != DEDUP || produced.len() as u64 == keys, "every key once");
     let state = file.path.parent().expect("the pipeline's directory").join("state");
     let store_mib = directory_bytes(&state) as f64 / (1024.0 * 1024.0);
     println!("{keys} keys, {records} records: {:.0} records/s, peak RSS {peak_rss_mib:.0} MiB, store {store_mib:.0} MiB", records as f64 / seconds);

@@ -297,18 +297,20 @@ impl Step {
     /// Whether the step reads its committed state through the local store (see
     /// [`committed`]) rather than holding it in memory.
     pub fn reads_through_store(&self) -> bool {
-        matches!(self, Step::Dedup(_))
+        matches!(self, Step::Dedup(_) | Step::Aggregate(_))
     }
 
     /// The timer a committed state entry of this step needs in the store (for a step that
     /// reads through it), from the entry's value as the changelog holds it (JSON text): a
-    /// dedup key's expiry. None for other steps, or a value that is not the step's state.
+    /// dedup key's expiry, an aggregate group's end (with a ttl). None for other steps, or a
+    /// value that is not the step's state.
     pub fn timer_of(&self, value: &[u8]) -> Option<i64> {
         match self {
             Step::Dedup(dedup) => {
                 let time = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
                 Some(DedupOperator::expiry(crate::config::millis(dedup.within), time))
             }
+            Step::Aggregate(aggregate) => AggregateOperator::timer_of(aggregate, value),
             _ => None,
         }
     }
@@ -451,8 +453,10 @@ impl Operator {
     /// Reads committed state through `view` from now on, if the step can (see
     /// [`Step::reads_through_store`]); call before the first record.
     pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
-        if let Operator::Dedup(dedup) = self {
-            dedup.read_through(view);
+        match self {
+            Operator::Dedup(dedup) => dedup.read_through(view),
+            Operator::Aggregate(aggregate) => aggregate.read_through(view),
+            _ => {}
         }
     }
 
@@ -460,6 +464,7 @@ impl Operator {
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
         match self {
             Operator::Dedup(dedup) => dedup.take_timers(),
+            Operator::Aggregate(aggregate) => aggregate.take_timers(),
             _ => Vec::new(),
         }
     }

@@ -29,10 +29,11 @@ use crate::runtime::TopicPartitionOffset;
 
 const OFFSETS: &str = "offsets";
 
-/// The entry of the `offsets` family that says how the store is laid out; a store without it
-/// was made before timers were kept (see [`StateStore::open`]).
+/// The entry of the `offsets` family that says how the store is laid out: none, made before
+/// timers were kept; "2", with timers for dedups only; "3", for running aggregates too (see
+/// [`StateStore::open`]).
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT: &[u8] = b"2";
+const FORMAT: &[u8] = b"3";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;
@@ -280,11 +281,13 @@ impl StateStore {
         Ok(store)
     }
 
-    /// A store without a `format` entry was made before timers were kept: builds the timers
-    /// of every committed entry once, then records the format.
+    /// A store of an earlier format was made before (some) timers were kept: builds the
+    /// timers of every committed entry once (again, for those that had them), then records
+    /// the format.
     fn upgrade(&self, steps: &[usize], timer_of: TimerOf) -> Result<(), RuntimeError> {
         let offsets = self.handle(OFFSETS)?;
-        if self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?.is_some() {
+        let format = self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?;
+        if format.as_deref() == Some(FORMAT) {
             return Ok(());
         }
         let started = Instant::now();
@@ -589,3 +592,7 @@ impl Drop for StateStore {
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "store_aggregate_tests.rs"]
+mod aggregate_tests;

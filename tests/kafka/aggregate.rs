@@ -18,11 +18,14 @@ fn click(id: u64) -> Input {
 }
 
 /// What a compacted topic would keep: the last value per key, in offset order per partition
-/// (a key always lands in one partition).
+/// (a key always lands in one partition); a tombstone as null.
 fn last_per_key(topic: &str) -> BTreeMap<String, serde_json::Value> {
     read_committed(topic)
         .into_iter()
-        .map(|record| (String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned(), record.value_json()))
+        .map(|record| {
+            let value = if record.value.is_some() { record.value_json() } else { serde_json::Value::Null };
+            (String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned(), value)
+        })
         .collect()
 }
 
@@ -118,5 +121,42 @@ fn a_running_aggregate_without_event_time_runs() {
         // Without event times, first() is the first in processing order, which a
         // repartition may interleave: any id with this amount.
         assert_eq!(value["first_id"].as_u64().unwrap() % 100, amount, "{value}");
+    }
+}
+
+/// A group's ttl outlives the process: groups written by one run end (a tombstone each) in a
+/// later run whose input moves the watermark past their ttl, whether the later run reads its
+/// state from the local store or, with the store deleted, from the changelog.
+#[test]
+fn a_ttl_ends_groups_of_an_earlier_run_from_the_store_or_the_changelog() {
+    for wiped in [false, true] {
+        let (input, output) = (unique("in"), unique("per-user"));
+        create_topic(&input, 2);
+        create_topic(&output, 2);
+        let name = unique("ttl");
+        let step = "  - aggregate: { group_by: [user], aggregates: { clicks: count() }, ttl: 10m, on_expire: tombstone }";
+        let file = clicks_pipeline(&name, &input, &output, step);
+        produce(&input, (0..400).map(click));
+        run_to_end(&file);
+        let first = last_per_key(&output);
+        assert_eq!(first.len() as u64, USERS, "wiped {wiped}: {first:?}");
+        assert!(first.values().all(|value| value["clicks"] == 10), "wiped {wiped}: {first:?}");
+        if wiped {
+            let directory = file.path.parent().unwrap().join("state").join(format!("{name}-0"));
+            std::fs::remove_dir_all(&directory).expect("the local state deleted");
+        }
+        // An hour later on both partitions: every user's ttl has passed.
+        produce(
+            &input,
+            (0..2).map(|partition| {
+                let value = format!(r#"{{"id":0,"user":"later{partition}","amount":0,"ts":1700003600000}}"#);
+                Input { partition: Some(partition), ..Input::keyed(format!("later{partition}"), value) }
+            }),
+        );
+        let log = run_to_end(&file);
+        let last = last_per_key(&output);
+        let ended: Vec<&String> = last.iter().filter(|(_, value)| value.is_null()).map(|(key, _)| key).collect();
+        assert_eq!(ended.len() as u64, USERS, "wiped {wiped}: every earlier group ends: {last:?}\n{log}");
+        assert_eq!(last[r#"{"user":"later1"}"#]["clicks"], 1, "wiped {wiped}: {last:?}");
     }
 }

@@ -649,11 +649,3 @@ fn a_store_entry_that_does_not_read_back_is_replaced_from_the_changelog() {
     assert!(log.contains("does not read back"), "{log}");
     assert_eq!(read_committed(&output).len(), 300, "the copies were dropped, the new ids kept");
 }
-
-/// Runs the pipeline to the end of its input (`--until-end`), expecting success; returns its
-/// log.
-fn run_to_end(file: &PipelineFile) -> String {
-    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
-    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
-    run.log_text()
-}

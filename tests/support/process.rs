@@ -307,3 +307,11 @@ pub fn kill_repeatedly(
     }
     (kills, logs)
 }
+
+/// Runs the pipeline to the end of its input (`--until-end`), expecting success; returns its
+/// log.
+pub fn run_to_end(file: &PipelineFile) -> String {
+    let mut run = WeirProcess::start(&file.path, WeirOptions { until_end: true, env: short_session(), ..Default::default() });
+    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.log_text());
+    run.log_text()
+}

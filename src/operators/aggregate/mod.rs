@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
 
+use super::committed::{CommittedState, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
@@ -30,16 +31,38 @@ pub struct AggregateOperator {
     sums_whole: Vec<bool>,
     ttl: Option<i64>,
     on_expire: OnExpire,
-    /// Group (JSON text) → its state.
-    groups: HashMap<String, GroupState>,
-    /// (last event time + ttl, group): groups in the order the watermark ends them (with a ttl).
+    /// Group (JSON text) → its state. Without a committed view, every live group; with one,
+    /// the groups this batch read or changed (emptied at each `take_changes`), None for a
+    /// group that has no state (never had, or ended in this batch).
+    groups: HashMap<String, Held>,
+    /// The committed state, when it lives in the store.
+    committed: Option<Box<dyn CommittedState>>,
+    /// Whether the committed sequence has been read (with a committed view).
+    sequence_read: bool,
+    /// (last event time + ttl, group): the groups of `groups` in the order the watermark ends
+    /// them (with a ttl). The committed groups' are the store's timers.
     expiries: BTreeSet<(i64, String)>,
+    /// The committed timers up to this time have been handled (this batch clears them).
+    scanned_to: i64,
+    /// The earliest committed timer after `scanned_to`, as far as known (None: not known;
+    /// `i64::MAX`: there is none).
+    next_due: Option<i64>,
+    /// Committed timers fired in this batch, and the timer changes for the store since the
+    /// last `take_changes` (taken by `take_timers`).
+    fired: Vec<(i64, String)>,
+    timer_changes: Vec<TimerChange>,
     /// Groups changed since the last commit, to emit then (sorted: a stable output order).
     changed: BTreeSet<String>,
     /// Groups changed or ended since the last `take_changes`.
     dirty: BTreeSet<String>,
     sequence: Sequence,
     limit: StateEntryLimit,
+}
+
+/// A group in memory: its state, and the expiry its committed state has a store timer for.
+struct Held {
+    state: Option<GroupState>,
+    stored_timer: Option<i64>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -54,6 +77,12 @@ struct GroupState {
     bytes: Option<usize>,
 }
 
+/// The part of a committed group's entry its timer follows from.
+#[derive(serde::Deserialize)]
+struct LastSeen {
+    last: i64,
+}
+
 impl AggregateOperator {
     pub fn new(spec: &RunningAggregate, schema: Option<&Schema>, limit: StateEntryLimit) -> AggregateOperator {
         AggregateOperator {
@@ -63,12 +92,32 @@ impl AggregateOperator {
             ttl: spec.ttl.map(crate::config::millis),
             on_expire: spec.on_expire,
             groups: HashMap::new(),
+            committed: None,
+            sequence_read: false,
             expiries: BTreeSet::new(),
+            scanned_to: i64::MIN,
+            next_due: None,
+            fired: Vec::new(),
+            timer_changes: Vec::new(),
             changed: BTreeSet::new(),
             dirty: BTreeSet::new(),
             sequence: Sequence::default(),
             limit,
         }
+    }
+
+    /// Reads earlier batches' state through `view` from now on (call before the first
+    /// record).
+    pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
+        self.committed = Some(view);
+    }
+
+    /// The store timer a committed entry needs (its value as JSON text): when a group's state
+    /// ends, with a ttl. None without one, or for the sequence entry.
+    pub fn timer_of(spec: &RunningAggregate, value: &[u8]) -> Option<i64> {
+        let ttl = crate::config::millis(spec.ttl?);
+        let seen: LastSeen = serde_json::from_slice(value).ok()?;
+        Some(seen.last.saturating_add(ttl))
     }
 
     pub fn describe(&self) -> String {
@@ -81,8 +130,30 @@ impl AggregateOperator {
         format!("aggregate by [{}], {ttl}, emit update: {}", self.group_by.join(", "), aggregates.join(", "))
     }
 
+    /// Groups held in memory: all of them without a committed view, this batch's with one
+    /// (the store estimates the rest).
     pub fn state_keys(&self) -> usize {
-        self.groups.len()
+        self.groups.values().filter(|held| held.state.is_some()).count()
+    }
+
+    /// Brings a committed group into memory, if it is not there and there is one. A value
+    /// that does not read as this step's state (refused when it was restored or written) is
+    /// read as absent: the group starts afresh rather than failing every later record.
+    fn load(&mut self, group_text: &str) {
+        if self.groups.contains_key(group_text) {
+            return;
+        }
+        let Some(committed) = &self.committed else { return };
+        let state = committed
+            .get(group_text)
+            .and_then(|bytes| serde_json::from_slice::<GroupState>(&bytes).ok())
+            .filter(|state| state.aggregates.len() == self.aggregates.len());
+        let stored_timer = self.ttl.zip(state.as_ref()).map(|(ttl, state)| state.last.saturating_add(ttl));
+        self.groups.insert(group_text.to_string(), Held { state, stored_timer });
+    }
+
+    fn state_mut(&mut self, group_text: &str) -> Option<&mut GroupState> {
+        self.groups.get_mut(group_text)?.state.as_mut()
     }
 
     /// Adds a record to its group. One that would make the group's changelog entry larger
@@ -94,11 +165,17 @@ impl AggregateOperator {
         {
             return Ok(StepOutcome::Late(format!("event time {time} + ttl {ttl}ms is at or before the watermark {watermark}")));
         }
+        if let (Some(committed), false) = (&self.committed, self.sequence_read) {
+            self.sequence.read_committed(committed.as_ref());
+            self.sequence_read = true;
+        }
         let group = key_of(&record.fields, &self.group_by);
         let group_text = Value::Object(group.clone()).to_string();
+        self.load(&group_text);
         self.check_size(&group_text, &group, &record)?;
         let sequence = self.sequence.next();
-        let state = self.groups.entry(group_text.clone()).or_insert_with(|| GroupState {
+        let held = self.groups.entry(group_text.clone()).or_insert(Held { state: None, stored_timer: None });
+        let state = held.state.get_or_insert_with(|| GroupState {
             aggregates: initial(&self.aggregates, &self.sums_whole),
             last: i64::MIN,
             bytes: None,
@@ -124,14 +201,14 @@ impl AggregateOperator {
     fn check_size(&mut self, group_text: &str, group: &Map<String, Value>, record: &Record<'_>) -> Result<(), ProcessError> {
         let growth = growth_bound(&self.aggregates, record);
         let aggregates = self.aggregates.len();
-        let current = match self.groups.get_mut(group_text) {
+        let current = match self.state_mut(group_text) {
             Some(state) => estimate(state, group_text, aggregates),
             None => 4 * group_text.len() + 100 + aggregates * (NUMBERS_RESERVE + 32),
         };
         if current.saturating_add(growth) <= self.limit.bytes() {
             return Ok(());
         }
-        let mut trial = match self.groups.get(group_text) {
+        let mut trial = match self.groups.get(group_text).and_then(|held| held.state.as_ref()) {
             Some(state) => GroupState { group: state.group.clone(), aggregates: state.aggregates.clone(), last: state.last, bytes: None },
             None => GroupState { group: group.clone(), aggregates: initial(&self.aggregates, &self.sums_whole), last: i64::MIN, bytes: None },
         };
@@ -139,35 +216,64 @@ impl AggregateOperator {
         self.limit.check("aggregate", measure(&trial, group_text))
     }
 
-    /// Ends the groups whose ttl the watermark passed. The end of a bounded input (`weir
-    /// test`, whose watermark then reaches +infinity; real event times end in year 9999)
-    /// ends none: a running aggregate has no last word to say.
+    /// Ends the groups whose ttl the watermark passed, in (expiry, group) order, whether their
+    /// state is in memory or in the store. The end of a bounded input (`weir test`, whose
+    /// watermark then reaches +infinity; real event times end in year 9999) ends none: a
+    /// running aggregate has no last word to say.
     pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
-        if watermark == i64::MAX {
+        if watermark == i64::MAX || self.ttl.is_none() {
             return;
         }
-        while let Some((expiry, _)) = self.expiries.first() {
-            if *expiry > watermark {
-                break;
+        let mut due = Vec::new();
+        while self.expiries.first().is_some_and(|(expiry, _)| *expiry <= watermark) {
+            due.extend(self.expiries.pop_first());
+        }
+        if let Some(committed) = &self.committed
+            && watermark > self.scanned_to
+        {
+            if self.next_due.is_none_or(|next| watermark >= next) {
+                let mut fired = Vec::new();
+                let next = committed.due_timers(self.scanned_to, watermark, &mut |time, group| fired.push((time, group.to_string())));
+                self.next_due = Some(next.unwrap_or(i64::MAX));
+                self.fired.extend(fired.iter().cloned());
+                due.extend(fired);
+                due.sort();
             }
-            let Some((_, group_text)) = self.expiries.pop_first() else { break };
-            let Some(state) = self.groups.remove(&group_text) else { continue };
-            self.dirty.insert(group_text.clone());
-            // A value not emitted yet is emitted before the group ends, so that what
-            // downstream last sees does not depend on where the batch ended.
-            if self.changed.remove(&group_text) {
-                out.push(Emitted::Record(self.result(&state)));
-            }
-            if self.on_expire == OnExpire::Tombstone {
-                out.push(Emitted::Tombstone(state.group));
-            }
+            self.scanned_to = watermark;
+        }
+        for (expiry, group_text) in due {
+            self.end(expiry, group_text, out);
+        }
+    }
+
+    /// Ends a group's state for a timer at `expiry`, unless the timer is stale (the group
+    /// moved on since). A value not emitted yet is emitted before the group ends, so that
+    /// what downstream last sees does not depend on where the batch ended.
+    fn end<'a>(&mut self, expiry: i64, group_text: String, out: &mut Vec<Emitted<'a>>) {
+        self.load(&group_text);
+        let ttl = self.ttl.unwrap_or(i64::MAX);
+        let Some(held) = self.groups.get_mut(&group_text) else { return };
+        if held.state.as_ref().map(|state| state.last.saturating_add(ttl)) != Some(expiry) {
+            return;
+        }
+        let state = match self.committed {
+            Some(_) => held.state.take(),
+            None => self.groups.remove(&group_text).and_then(|held| held.state),
+        };
+        let Some(state) = state else { return };
+        if self.changed.remove(&group_text) {
+            out.push(Emitted::Record(self.result(&state)));
+        }
+        self.dirty.insert(group_text);
+        if self.on_expire == OnExpire::Tombstone {
+            out.push(Emitted::Tombstone(state.group));
         }
     }
 
     /// The current value of every group changed since the last commit.
     pub fn commit<'a>(&mut self, out: &mut Vec<Emitted<'a>>) {
         for group_text in std::mem::take(&mut self.changed) {
-            if let Some(state) = self.groups.get(&group_text) {
+            if let Some(state) = self.groups.get(&group_text).and_then(|held| held.state.as_ref()) {
                 out.push(Emitted::Record(self.result(state)));
             }
         }
@@ -185,22 +291,52 @@ impl AggregateOperator {
     }
 
     /// What changed since the last call, as changelog entries: each group under its key
-    /// (None once ended), and the processing sequence. Called after `commit`.
+    /// (None once ended), and the processing sequence. Called after `commit`. With a
+    /// committed view, the batch's memory is handed over here, with the timers its changes
+    /// move: the store holds them once the batch commits, and a batch that fails drops this
+    /// task.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
         let mut changes = Vec::with_capacity(self.dirty.len() + 1);
         for group_text in std::mem::take(&mut self.dirty) {
-            let value = self.groups.get(&group_text).map(|state| serde_json::to_value(state).unwrap_or(Value::Null));
+            let value = self.state_mut(&group_text).map(|state| serde_json::to_value(&*state).unwrap_or(Value::Null));
             changes.push(StateChange { key: group_text, value });
         }
         changes.extend(self.sequence.take_change());
+        if self.committed.is_some() {
+            self.expiries.clear();
+            let ttl = self.ttl;
+            // Cleared first: a timer both fired and set again stays set.
+            self.timer_changes.extend(self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false }));
+            for (key, held) in self.groups.drain() {
+                let Some(ttl) = ttl else { continue };
+                let timer = held.state.map(|state| state.last.saturating_add(ttl));
+                if timer == held.stored_timer {
+                    continue;
+                }
+                if let Some(time) = held.stored_timer {
+                    self.timer_changes.push(TimerChange { time, key: key.clone(), set: false });
+                }
+                if let Some(time) = timer {
+                    // Committed with this batch: it may come before the one the store was
+                    // last asked for.
+                    self.next_due = self.next_due.map(|next| next.min(time));
+                    self.timer_changes.push(TimerChange { time, key, set: true });
+                }
+            }
+        }
         changes
+    }
+
+    /// The timers set and cleared since the last call (with a committed view only).
+    pub fn take_timers(&mut self) -> Vec<TimerChange> {
+        std::mem::take(&mut self.timer_changes)
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         if self.sequence.restore(key, value) {
             return Ok(());
         }
-        if let Some(old) = self.groups.remove(key)
+        if let Some(old) = self.groups.remove(key).and_then(|held| held.state)
             && let Some(ttl) = self.ttl
         {
             self.expiries.remove(&(old.last.saturating_add(ttl), key.to_string()));
@@ -220,7 +356,7 @@ impl AggregateOperator {
         if let Some(ttl) = self.ttl {
             self.expiries.insert((state.last.saturating_add(ttl), key.to_string()));
         }
-        self.groups.insert(key.to_string(), state);
+        self.groups.insert(key.to_string(), Held { state: Some(state), stored_timer: None });
         Ok(())
     }
 }

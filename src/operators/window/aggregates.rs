@@ -49,6 +49,13 @@ impl Sequence {
         std::mem::take(&mut self.changed).then(|| StateChange { key: Self::KEY.into(), value: Some(Value::from(self.last)) })
     }
 
+    /// Reads the committed sequence through a store view (a step reading through the store
+    /// does this before its first record instead of restoring the entry).
+    pub(crate) fn read_committed(&mut self, committed: &dyn crate::operators::committed::CommittedState) {
+        let value = committed.get(Self::KEY).and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+        self.restore(Self::KEY, value.as_ref());
+    }
+
     /// Takes a changelog entry back if it is the sequence's; false for any other key.
     pub(crate) fn restore(&mut self, key: &str, value: Option<&Value>) -> bool {
         if key != Self::KEY {
