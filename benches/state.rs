@@ -114,6 +114,7 @@ fn measure(steps: &str, keys: u64, records: u64) -> Measured {
     std::fs::remove_dir_all(&state).expect("the state directory is deleted");
     let (_, log) = restart(&file, &input, &output, keys + 1000, records + 1000, 2);
     let restores = restore_lines(&log);
+    println!("  restores from the changelog (entries, ms): {restores:?}");
     let restore_entries = restores.iter().map(|(entries, _)| entries).sum();
     let restore_rate = restores
         .iter()

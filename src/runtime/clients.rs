@@ -97,6 +97,15 @@ pub fn keep_fetching(config: &mut ClientConfig, settings: &Settings) {
     set_unless_given(config, settings, "fetch.queue.backoff.ms", "10");
 }
 
+/// For a reader that reads to a known end and stops (a restore): a fetch that finds nothing
+/// new (past the last entry there are often only transaction markers left) comes back after
+/// 10 ms rather than librdkafka's 500 ms (`fetch.wait.max.ms`), which a restore otherwise
+/// waited out once per partition. The user's value wins.
+pub fn read_to_end(config: &mut ClientConfig, settings: &Settings) {
+    keep_fetching(config, settings);
+    set_unless_given(config, settings, "fetch.wait.max.ms", "10");
+}
+
 /// Sets a librdkafka option weir chooses a default for, unless `kafka.options` gives it.
 fn set_unless_given(config: &mut ClientConfig, settings: &Settings, name: &str, value: &str) {
     if !settings.kafka.options.contains_key(name) {
