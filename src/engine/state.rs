@@ -13,8 +13,9 @@ impl Engine {
         self.topology.take_changes()
     }
 
-    /// Store timers set and cleared by the batch; call after `take_changes`.
-    pub fn take_timers(&mut self) -> Vec<TimerEntry> {
+    /// Store timers set and cleared by the batch, and the changes in the key counts of
+    /// (step, changelog partition); call after `take_changes`.
+    pub fn take_timers(&mut self) -> (Vec<TimerEntry>, Vec<(usize, i32, i64)>) {
         self.topology.take_timers()
     }
 

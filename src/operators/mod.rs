@@ -297,13 +297,17 @@ impl Step {
     /// Whether the step reads its committed state through the local store (see
     /// [`committed`]) rather than holding it in memory.
     pub fn reads_through_store(&self) -> bool {
-        matches!(self, Step::Dedup(_) | Step::Aggregate(_))
+        match self {
+            Step::Dedup(_) | Step::Aggregate(_) => true,
+            Step::Window(window) => WindowOperator::reads_through_store(window),
+            _ => false,
+        }
     }
 
     /// The timer a committed state entry of this step needs in the store (for a step that
     /// reads through it), from the entry's value as the changelog holds it (JSON text): a
-    /// dedup key's expiry, an aggregate group's end (with a ttl). None for other steps, or a
-    /// value that is not the step's state.
+    /// dedup key's expiry, an aggregate group's end (with a ttl), a window's close. None for
+    /// other steps, or a value that is not the step's state.
     pub fn timer_of(&self, value: &[u8]) -> Option<i64> {
         match self {
             Step::Dedup(dedup) => {
@@ -311,6 +315,7 @@ impl Step {
                 Some(DedupOperator::expiry(crate::config::millis(dedup.within), time))
             }
             Step::Aggregate(aggregate) => AggregateOperator::timer_of(aggregate, value),
+            Step::Window(window) if WindowOperator::reads_through_store(window) => WindowOperator::timer_of(window, value),
             _ => None,
         }
     }
@@ -456,6 +461,7 @@ impl Operator {
         match self {
             Operator::Dedup(dedup) => dedup.read_through(view),
             Operator::Aggregate(aggregate) => aggregate.read_through(view),
+            Operator::Window(window) => window.read_through(view),
             _ => {}
         }
     }
@@ -465,7 +471,19 @@ impl Operator {
         match self {
             Operator::Dedup(dedup) => dedup.take_timers(),
             Operator::Aggregate(aggregate) => aggregate.take_timers(),
+            Operator::Window(window) => window.take_timers(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Keys (or windows) added less those ended since the last call, for the store's count
+    /// of a step reading through it (see [`Step::reads_through_store`]).
+    pub fn take_key_delta(&mut self) -> i64 {
+        match self {
+            Operator::Dedup(dedup) => dedup.take_key_delta(),
+            Operator::Aggregate(aggregate) => aggregate.take_key_delta(),
+            Operator::Window(window) => window.take_key_delta(),
+            _ => 0,
         }
     }
 

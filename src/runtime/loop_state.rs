@@ -160,21 +160,42 @@ impl LoopState {
     }
 
     /// Keys or windows in state by stateful step: counted in memory, or, for a step that
-    /// reads through the store, RocksDB's estimate of the keys the store holds for it (every
-    /// partition it has held, so it can run ahead of what this instance owns).
+    /// reads through the store, the store's count of its keys in the changelog partitions
+    /// this instance owns.
     pub(super) fn state_keys_by_step(&self) -> std::collections::BTreeMap<usize, usize> {
         let mut keys = self.engine.state_keys_by_step();
+        let Some(store) = &self.store else { return keys };
         for (step, count) in keys.iter_mut() {
-            if let (true, Some(store)) = (self.engine.reads_through_store(*step), &self.store) {
-                *count += store.estimated_keys(*step).unwrap_or(0) as usize;
+            if !self.engine.reads_through_store(*step) {
+                continue;
             }
+            let partitions: std::collections::BTreeSet<i32> = self
+                .owned
+                .keys()
+                .filter(|(topic, partition)| {
+                    let writers = self.engine.changelog_writers(*step, *partition);
+                    // A source named by a pattern: its partitions write stage 0's changelogs.
+                    writers.iter().any(|(writer, _)| writer == topic) || (writers.is_empty() && self.engine.stage_of_topic(topic).is_none())
+                })
+                .map(|(_, partition)| *partition)
+                .collect();
+            *count += partitions.iter().map(|partition| store.key_count(*step, *partition).unwrap_or(0) as usize).sum::<usize>();
         }
         keys
     }
 
-    /// Keys or windows in state, over every step (see [`Self::state_keys_by_step`]).
-    pub(super) fn state_keys(&self) -> usize {
-        self.state_keys_by_step().values().sum()
+    /// Counts the keys or windows in state (see [`Self::state_keys_by_step`]) once, into
+    /// the per-step and total gauges and `metrics_state_keys` (for /status): after a commit
+    /// or an abort, and after a restore (a restarted process shows its state before any
+    /// new record).
+    pub(super) fn publish_state_keys(&mut self) {
+        let mut total = 0;
+        for (step, keys) in self.state_keys_by_step() {
+            self.metrics.step_state_keys.with_label_values(&[&step.to_string()]).set(keys as i64);
+            total += keys;
+        }
+        self.metrics_state_keys = total;
+        self.metrics.state_keys.set(total as i64);
     }
 
     /// Marks the state of the task `topic`'s partition feeds for rebuilding before its next

@@ -195,7 +195,7 @@ impl Loop<'_> {
                 }
                 self.health.set_restoring(false);
             }
-            self.metrics.state_keys.set(session.state_keys() as i64);
+            session.publish_state_keys();
             return Ok(());
         }
         let Some(restorer) = self.restorer else {
@@ -209,7 +209,7 @@ impl Loop<'_> {
             }
         }
         self.health.set_restoring(false);
-        self.metrics.state_keys.set(session.state_keys() as i64);
+        session.publish_state_keys();
         Ok(())
     }
 
@@ -431,9 +431,7 @@ impl Loop<'_> {
     fn commit(&mut self, deadline: Option<Instant>) -> Result<Option<BatchOutcome>, RuntimeError> {
         let outcome = {
             let mut session = self.consumer.context().session();
-            let outcome = session.commit(self.consumer, deadline)?;
-            self.metrics.state_keys.set(session.metrics_state_keys as i64);
-            outcome
+            session.commit(self.consumer, deadline)?
         };
         if let Some(BatchOutcome::Aborted { rewind }) = &outcome {
             self.after_abort()?;

@@ -9,7 +9,7 @@
 //! they run (issue: state beyond memory).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use super::clients;
 use super::health;
 use super::status::Status;
 use super::error::RuntimeError;
-use super::store::{StateStore, StoreWrite};
+use super::store::{counts_as_key, StateStore, StoreWrite};
 use super::topics;
 use crate::config::Settings;
 use crate::operators::CorruptState;
@@ -360,6 +360,10 @@ impl Restorer {
         let (mut restored, mut bytes) = (0u64, 0u64);
         let mut writes = Vec::new();
         let through = engine.reads_through_store(step);
+        // For the store's key count of a step reading through it: whether each key this
+        // chunk wrote exists after it (the store answers for the others), and the change.
+        let mut chunk_keys: HashMap<Vec<u8>, bool> = HashMap::new();
+        let mut key_delta = 0i64;
         // The offset after the last entry read, and when the read last moved.
         let mut next = match start {
             Offset::Offset(offset) => Some(offset),
@@ -395,7 +399,9 @@ impl Restorer {
             }
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
                 let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
+                writes.push(StoreWrite::count(step, partition, std::mem::take(&mut key_delta)));
                 store.apply(&std::mem::take(&mut writes), &reached, &[])?;
+                chunk_keys.clear();
             }
             // Read to the end: nothing is left to wait for.
             if let Some(next) = next
@@ -417,6 +423,14 @@ impl Restorer {
                         // The step reads the store: it needs the entry's timer there, not
                         // the entry in memory (only the input watermarks go to the engine).
                         let ChangelogKey(owner, state_key) = decode_key(key).map_err(corrupt)?;
+                        if let (Some(store), true) = (store, counts_as_key(&state_key)) {
+                            let existed = match chunk_keys.get(key) {
+                                Some(exists) => *exists,
+                                None => store.contains(step, partition, key)?,
+                            };
+                            key_delta += i64::from(value.is_some()) - i64::from(existed);
+                            chunk_keys.insert(key.to_vec(), value.is_some());
+                        }
                         if state_key != WATERMARK_KEY {
                             if let Some(time) = value.and_then(|value| engine.timer_of(step, value)) {
                                 writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true));
@@ -468,6 +482,7 @@ impl Restorer {
         };
         let _ = self.consumer.unassign();
         if let Some(store) = store {
+            writes.push(StoreWrite::count(step, partition, key_delta));
             store.apply(&writes, &[(step, partition, reached)], &[])?;
         }
         Ok(Some(restored))

@@ -14,26 +14,26 @@
 //! from the state, and whatever writes state here (a commit, a restore) writes them too. A
 //! store made before timers existed (no `format` entry) gets them built once when it opens.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager, DB};
 use tracing::{info, warn};
 
 use super::error::RuntimeError;
 use super::rocks::{is_lock_held, open_waiting_for_lock};
-use crate::operators::committed::{CommittedState, StateBacking};
+use crate::operators::committed::StateBacking;
 use crate::runtime::TopicPartitionOffset;
 
 const OFFSETS: &str = "offsets";
 
 /// The entry of the `offsets` family that says how the store is laid out: none, made before
-/// timers were kept; "2", with timers for dedups only; "3", for running aggregates too (see
+/// timers were kept; "2", with timers for dedups only; "3", for running aggregates too; "4",
+/// for tumbling and hopping windows too, with each step's key count per partition (see
 /// [`StateStore::open`]).
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT: &[u8] = b"3";
+const FORMAT: &[u8] = b"4";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;
@@ -83,7 +83,28 @@ fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
     let mut options = Options::default();
     options.set_write_buffer_size(MEMTABLE_BYTES.min(memory.write_buffer_bytes / 2).max(1 << 20));
     options.set_block_based_table_factory(&table);
+    if name == OFFSETS {
+        options.set_merge_operator_associative("weir-add-counts", add_counts);
+    }
     options
+}
+
+/// The merge of key counts (the only entries of `offsets` ever merged): the sum of the
+/// deltas, as a little-endian i64.
+fn add_counts(_key: &[u8], existing: Option<&[u8]>, deltas: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let sum = existing.into_iter().chain(deltas).map(count_of).fold(0i64, i64::saturating_add);
+    Some(sum.to_le_bytes().to_vec())
+}
+
+fn count_of(bytes: &[u8]) -> i64 {
+    bytes.try_into().map(i64::from_le_bytes).unwrap_or(0)
+}
+
+/// Whether a state key is a step's own entry (dedup keys and aggregate groups are JSON
+/// objects, windows JSON arrays), not the bookkeeping beside them (input watermarks, the
+/// processing sequence).
+pub fn counts_as_key(state_key: &str) -> bool {
+    state_key.starts_with(['{', '['])
 }
 
 pub struct StateStore {
@@ -108,6 +129,8 @@ pub enum Family {
     State,
     /// A step's timers, by [`timer_key`].
     Timers,
+    /// A change in the number of a step's keys in one partition (the value: an i64 delta).
+    Count,
 }
 
 /// One committed write: the step's changelog key (or timer key), and the value (None
@@ -124,6 +147,11 @@ impl StoreWrite {
     /// A state entry, by its changelog key.
     pub fn state(step: usize, partition: i32, key: Vec<u8>, value: Option<Vec<u8>>) -> StoreWrite {
         StoreWrite { step, partition, family: Family::State, key, value }
+    }
+
+    /// Keys added (or, negative, removed) in a step's state of one partition.
+    pub fn count(step: usize, partition: i32, delta: i64) -> StoreWrite {
+        StoreWrite { step, partition, family: Family::Count, key: Vec::new(), value: Some(delta.to_le_bytes().to_vec()) }
     }
 
     /// A timer at `time` for `key`, set or cleared.
@@ -190,6 +218,10 @@ fn offset_key(step: usize, partition: i32) -> Vec<u8> {
 }
 
 /// `mode: idempotent_upsert`: the next input offset to read, kept with the state it produced.
+fn count_key(step: usize, partition: i32) -> Vec<u8> {
+    format!("count/{step}/{partition}").into_bytes()
+}
+
 fn input_key(topic: &str, partition: i32) -> Vec<u8> {
     format!("input/{partition}/{topic}").into_bytes()
 }
@@ -281,9 +313,9 @@ impl StateStore {
         Ok(store)
     }
 
-    /// A store of an earlier format was made before (some) timers were kept: builds the
-    /// timers of every committed entry once (again, for those that had them), then records
-    /// the format.
+    /// A store of an earlier format was made before (some) timers and the key counts were
+    /// kept: builds the timers of every committed entry (again, for those that had them) and
+    /// counts the keys once, then records the format.
     fn upgrade(&self, steps: &[usize], timer_of: TimerOf) -> Result<(), RuntimeError> {
         let offsets = self.handle(OFFSETS)?;
         let format = self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?;
@@ -294,13 +326,17 @@ impl StateStore {
         let mut built = 0u64;
         for step in steps {
             let mut writes = Vec::new();
+            let mut counts: std::collections::BTreeMap<i32, i64> = Default::default();
             for item in self.db.iterator_cf(self.handle(&family(*step))?, IteratorMode::Start) {
                 let (key, value) = item.map_err(|error| RuntimeError::store("reading the state store", error))?;
-                let Some(time) = timer_of(*step, &value) else { continue };
                 // `0000000003/` then the changelog key.
                 let Some((partition, changelog)) = key.split_at_checked(11) else { continue };
                 let Some(partition) = std::str::from_utf8(&partition[..10]).ok().and_then(|digits| digits.parse().ok()) else { continue };
                 let Ok((owner, state_key)) = serde_json::from_slice::<(Option<String>, String)>(changelog) else { continue };
+                if counts_as_key(&state_key) {
+                    *counts.entry(partition).or_default() += 1;
+                }
+                let Some(time) = timer_of(*step, &value) else { continue };
                 writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true));
                 if writes.len() >= 10_000 {
                     built += writes.len() as u64;
@@ -309,6 +345,10 @@ impl StateStore {
             }
             built += writes.len() as u64;
             self.apply(&writes, &[], &[])?;
+            for (partition, count) in counts {
+                let key = count_key(*step, partition);
+                self.db.put_cf(offsets, key, count.to_le_bytes()).map_err(|error| RuntimeError::store("writing the state store", error))?;
+            }
         }
         if built > 0 {
             info!(path = %self.path.display(), timers = built, elapsed_ms = started.elapsed().as_millis() as u64, "the local state store was made by an earlier weir: its timers are built once");
@@ -350,9 +390,22 @@ impl StateStore {
     }
 
     /// RocksDB's estimate of the keys in a step's state, over every partition it holds.
-    pub fn estimated_keys(&self, step: usize) -> Option<u64> {
-        let handle = self.handle(&family(step)).ok()?;
-        self.db.property_int_value_cf(handle, "rocksdb.estimate-num-keys").ok().flatten()
+    /// The keys of a step's state in one partition (kept for the steps that read through
+    /// the store: each batch and restore adds what it changed).
+    pub fn key_count(&self, step: usize, partition: i32) -> Result<u64, RuntimeError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.handle(OFFSETS)?, count_key(step, partition))
+            .map_err(|error| RuntimeError::store("reading the state store", error))?;
+        Ok(value.map_or(0, |bytes| count_of(&bytes).max(0) as u64))
+    }
+
+    /// Whether a state entry (by its changelog key) is in the store.
+    pub fn contains(&self, step: usize, partition: i32, key: &[u8]) -> Result<bool, RuntimeError> {
+        let mut full = partition_prefix(partition);
+        full.extend_from_slice(key);
+        let value = self.db.get_pinned_cf(self.handle(&family(step))?, full);
+        Ok(value.map_err(|error| RuntimeError::store("reading the state store", error))?.is_some())
     }
 
     fn handle(&self, name: &str) -> Result<&rocksdb::ColumnFamily, RuntimeError> {
@@ -411,12 +464,17 @@ impl StateStore {
         let mut handles: Vec<((usize, Family), &rocksdb::ColumnFamily)> = Vec::new();
         let mut prefixes: Vec<(i32, Vec<u8>)> = Vec::new();
         let mut key = Vec::new();
+        let offsets_handle = self.handle(OFFSETS)?;
         for write in writes {
+            if let (Family::Count, Some(delta)) = (write.family, &write.value) {
+                batch.merge_cf(offsets_handle, count_key(write.step, write.partition), delta);
+                continue;
+            }
             let handle = match handles.iter().find(|(at, _)| *at == (write.step, write.family)) {
                 Some((_, handle)) => *handle,
                 None => {
                     let name = match write.family {
-                        Family::State => family(write.step),
+                        Family::State | Family::Count => family(write.step),
                         Family::Timers => timer_family(write.step),
                     };
                     let handle = self.handle(&name)?;
@@ -439,7 +497,6 @@ impl StateStore {
                 None => batch.delete_cf(handle, &key),
             }
         }
-        let offsets_handle = self.handle(OFFSETS)?;
         let written = now_millis();
         for (step, partition, offset) in offsets {
             batch.put_cf(offsets_handle, offset_key(*step, *partition), format!("{offset}@{written}"));
@@ -471,112 +528,8 @@ impl StateStore {
             batch.delete_range_cf(self.handle(&name)?, partition_prefix(partition), partition_end(partition));
         }
         batch.delete_cf(self.handle(OFFSETS)?, offset_key(step, partition));
+        batch.delete_cf(self.handle(OFFSETS)?, count_key(step, partition));
         self.db.write(batch).map_err(|error| RuntimeError::store("writing the state store", error))
-    }
-}
-
-/// [`StateStore::backing`].
-struct Backing {
-    db: Arc<DB>,
-    failure: Arc<Mutex<Option<String>>>,
-}
-
-impl StateBacking for Backing {
-    fn view(&self, step: usize, partition: i32, owner: Option<&str>) -> Box<dyn CommittedState> {
-        // `["owner",""]` less its `""]`.
-        let empty = changelog_key(owner, "");
-        let mut state_prefix = partition_prefix(partition);
-        state_prefix.extend_from_slice(&empty[..empty.len() - 3]);
-        let mut timer_prefix = partition_prefix(partition);
-        timer_prefix.extend_from_slice(&timer_owner(owner));
-        Box::new(StoreView {
-            db: self.db.clone(),
-            state: family(step),
-            timers: timer_family(step),
-            state_prefix,
-            timer_prefix,
-            scratch: RefCell::new(Vec::new()),
-            failure: self.failure.clone(),
-        })
-    }
-}
-
-/// One task's view of one step's state and timers in the store.
-pub struct StoreView {
-    db: Arc<DB>,
-    state: String,
-    timers: String,
-    /// `0000000003/["owner",` : a state key follows as a JSON string, then `]`.
-    state_prefix: Vec<u8>,
-    /// `0000000003/"owner"\0` : a timer's time and key follow.
-    timer_prefix: Vec<u8>,
-    /// The key being looked up, built in place.
-    scratch: RefCell<Vec<u8>>,
-    failure: Arc<Mutex<Option<String>>>,
-}
-
-impl StoreView {
-    fn failed(&self, what: &str, error: impl std::fmt::Display) {
-        if let Ok(mut failure) = self.failure.lock() {
-            failure.get_or_insert_with(|| format!("{what} of the state store: {error}"));
-        }
-    }
-
-    fn family(&self, name: &str) -> Option<&rocksdb::ColumnFamily> {
-        let handle = self.db.cf_handle(name);
-        if handle.is_none() {
-            self.failed("reading", format!("it has no column family {name}"));
-        }
-        handle
-    }
-}
-
-impl CommittedState for StoreView {
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let handle = self.family(&self.state)?;
-        let mut full = self.scratch.borrow_mut();
-        full.clear();
-        full.extend_from_slice(&self.state_prefix);
-        // Writing a string to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *full, key);
-        full.push(b']');
-        match self.db.get_pinned_cf(handle, &*full) {
-            Ok(value) => value.map(|value| value.to_vec()),
-            Err(error) => {
-                self.failed("reading", error);
-                None
-            }
-        }
-    }
-
-    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64> {
-        let handle = self.family(&self.timers)?;
-        let mut start = self.timer_prefix.clone();
-        start.extend_from_slice(&time_bytes(after.saturating_add(1)));
-        // Every time of this owner: up to its NUL plus one.
-        let mut end = self.timer_prefix.clone();
-        end.pop();
-        end.push(1);
-        let mut options = ReadOptions::default();
-        options.set_iterate_upper_bound(end);
-        for item in self.db.iterator_cf_opt(handle, options, IteratorMode::From(&start, Direction::Forward)) {
-            let key = match item {
-                Ok((key, _)) => key,
-                Err(error) => {
-                    self.failed("reading the timers", error);
-                    return None;
-                }
-            };
-            let Some(rest) = key.strip_prefix(self.timer_prefix.as_slice()) else { break };
-            let (Some(time), Ok(state_key)) = (rest.get(..8).and_then(time_of), std::str::from_utf8(rest.get(8..).unwrap_or_default())) else {
-                continue;
-            };
-            if time > until {
-                return Some(time);
-            }
-            each(time, state_key);
-        }
-        None
     }
 }
 
@@ -589,10 +542,14 @@ impl Drop for StateStore {
     }
 }
 
+#[path = "store_view.rs"]
+mod view;
+use view::Backing;
+
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
 
 #[cfg(test)]
-#[path = "store_aggregate_tests.rs"]
-mod aggregate_tests;
+#[path = "store_step_tests.rs"]
+mod step_tests;

@@ -49,6 +49,7 @@ fn commit(store: &StateStore, dedup: &mut DedupOperator) {
     for timer in dedup.take_timers() {
         writes.push(StoreWrite::timer(0, PARTITION, Some(OWNER), timer.time, &timer.key, timer.set));
     }
+    writes.push(StoreWrite::count(0, PARTITION, dedup.take_key_delta()));
     store.apply(&writes, &[], &[]).expect("the store takes the batch");
     assert_eq!(store.failure(), None);
 }
@@ -131,6 +132,8 @@ fn a_dedup_reading_through_the_store_matches_the_model_across_commits_aborts_and
             match random.random_range(0..100) {
                 0..=5 => {
                     commit(store.as_ref().expect("open"), &mut dedup);
+                    let count = store.as_ref().expect("open").key_count(0, PARTITION).expect("readable");
+                    assert_eq!(count as usize, model.first_seen.len(), "seed {seed}, record {position}: the store's key count");
                     committed_model = Some((position, model.clone()));
                 }
                 6 => {
@@ -202,6 +205,7 @@ fn a_store_without_timers_gets_them_built_when_it_opens() {
         store.db.delete_cf(store.handle(OFFSETS).expect("offsets"), FORMAT_KEY).expect("deleted");
     }
     let store = open(directory.path());
+    assert_eq!(store.key_count(0, PARTITION).expect("readable"), 50, "the keys are counted");
     let mut dedup = reading_through(&store);
     let mut out = Vec::new();
     let record = crate::operators::test_record(json!({ "id": "k3" }), 50);

@@ -428,14 +428,9 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     assert_eq!(value("weir_assigned_partitions", &[]), 2.0);
     assert!(value("weir_rebalances_total", &[("kind", "assign")]) >= 1.0, "{text}");
     assert_eq!(value("weir_state_restored_records_total", &[]), 0.0);
-    // A dedup's keys live in the store: their number is RocksDB's estimate, which also
-    // counts the input watermarks kept beside them and each rewrite of one not yet flushed.
-    let estimated = |name: &str, labels: &[(&str, &str)]| {
-        let keys = value(name, labels);
-        assert!((100.0..=110.0).contains(&keys), "{name}: {keys} estimated for 100 keys");
-    };
-    estimated("weir_state_keys", &[]);
-    estimated("weir_step_state_keys", &[("step", "1")]);
+    // A dedup's keys live in the store, which counts them.
+    assert_eq!(value("weir_state_keys", &[]), 100.0);
+    assert_eq!(value("weir_step_state_keys", &[("step", "1")]), 100.0);
     assert!(value("weir_step_state_bytes", &[("step", "1")]) >= 0.0);
     // Present (their values are checked in the store's unit tests: a run this small keeps
     // its keys in memtables, so the cache may never be asked).
@@ -468,6 +463,20 @@ fn every_metric_family_agrees_with_a_stateful_run() {
     }
     weir.terminate();
     assert!(weir.wait(Duration::from_secs(30)).success(), "{}", weir.log_text());
+    // The key count comes back with the state: from the local store, then, with the store
+    // deleted, from the changelog.
+    let state = file.path.parent().unwrap().join("state").join(format!("{name}-0"));
+    for wiped in [false, true] {
+        if wiped {
+            std::fs::remove_dir_all(&state).expect("the local state deleted");
+        }
+        let mut again = WeirProcess::start(&file.path, WeirOptions::default());
+        wait_ready(&again, Duration::from_secs(60));
+        wait_until(Duration::from_secs(20), "the key count", || metric(&again, "weir_step_state_keys", &[("step", "1")]) == Some(100.0));
+        assert_eq!(metric(&again, "weir_state_keys", &[]), Some(100.0), "wiped {wiped}");
+        again.terminate();
+        assert!(again.wait(Duration::from_secs(30)).success(), "{}", again.log_text());
+    }
 }
 
 /// `mode: idempotent_upsert`: windowed pipelines SIGKILLed together at random at least 10

@@ -90,18 +90,23 @@ impl Topology {
     }
 
     /// The store timers set and cleared since the last call, by task: (owner topic,
-    /// partition, step, change). Call after `take_changes`.
-    pub fn take_timers(&mut self) -> Vec<TimerEntry> {
-        let mut timers = Vec::new();
+    /// partition, step, change); and the change in each (step, changelog partition)'s count
+    /// of keys, where it is not zero. Call after `take_changes`.
+    pub fn take_timers(&mut self) -> (Vec<TimerEntry>, Vec<(usize, i32, i64)>) {
+        let (mut timers, mut counts) = (Vec::new(), Vec::new());
         for ((stage, id), task) in self.tasks.iter_mut() {
             let (topic, partition) = id.changelog_place();
             for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
                 for change in operator.take_timers() {
                     timers.push(TimerEntry { topic: topic.map(str::to_string), partition, step: *step, change });
                 }
+                let delta = operator.take_key_delta();
+                if delta != 0 {
+                    counts.push((*step, partition, delta));
+                }
             }
         }
-        timers
+        (timers, counts)
     }
 
     /// Puts back one changelog entry.

@@ -51,6 +51,8 @@ pub struct AggregateOperator {
     /// last `take_changes` (taken by `take_timers`).
     fired: Vec<(i64, String)>,
     timer_changes: Vec<TimerChange>,
+    /// Groups started less groups ended since the last `take_key_delta`.
+    key_delta: i64,
     /// Groups changed since the last commit, to emit then (sorted: a stable output order).
     changed: BTreeSet<String>,
     /// Groups changed or ended since the last `take_changes`.
@@ -99,6 +101,7 @@ impl AggregateOperator {
             next_due: None,
             fired: Vec::new(),
             timer_changes: Vec::new(),
+            key_delta: 0,
             changed: BTreeSet::new(),
             dirty: BTreeSet::new(),
             sequence: Sequence::default(),
@@ -175,6 +178,7 @@ impl AggregateOperator {
         self.check_size(&group_text, &group, &record)?;
         let sequence = self.sequence.next();
         let held = self.groups.entry(group_text.clone()).or_insert(Held { state: None, stored_timer: None });
+        self.key_delta += i64::from(held.state.is_none());
         let state = held.state.get_or_insert_with(|| GroupState {
             aggregates: initial(&self.aggregates, &self.sums_whole),
             last: i64::MIN,
@@ -261,6 +265,7 @@ impl AggregateOperator {
             None => self.groups.remove(&group_text).and_then(|held| held.state),
         };
         let Some(state) = state else { return };
+        self.key_delta -= 1;
         if self.changed.remove(&group_text) {
             out.push(Emitted::Record(self.result(&state)));
         }
@@ -330,6 +335,12 @@ impl AggregateOperator {
     /// The timers set and cleared since the last call (with a committed view only).
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
         std::mem::take(&mut self.timer_changes)
+    }
+
+    /// Groups started less groups ended since the last call.
+    pub fn take_key_delta(&mut self) -> i64 {
+        let delta = std::mem::take(&mut self.key_delta);
+        if self.committed.is_some() { delta } else { 0 }
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {

@@ -45,6 +45,8 @@ pub struct DedupOperator {
     fired: Vec<(i64, String)>,
     /// Keys added or ended since the last `take_changes`.
     changed: BTreeSet<String>,
+    /// Keys added less keys ended since the last `take_key_delta` (with a committed view).
+    key_delta: i64,
     limit: StateEntryLimit,
 }
 
@@ -65,6 +67,7 @@ impl DedupOperator {
             timer_changes: Vec::new(),
             fired: Vec::new(),
             changed: BTreeSet::new(),
+            key_delta: 0,
             limit,
         }
     }
@@ -127,6 +130,7 @@ impl DedupOperator {
         self.expiries.insert((expiry, key_text.clone()));
         self.changed.insert(key_text.clone());
         self.pending.insert(key_text, Some(record.event_time));
+        self.key_delta += 1;
         // Its id in upsert mode is this key.
         record.key = Some(key);
         record.id = None;
@@ -177,6 +181,7 @@ impl DedupOperator {
                 self.pending.remove(&key);
             }
         }
+        self.key_delta -= 1;
         self.changed.insert(key);
     }
 
@@ -208,6 +213,12 @@ impl DedupOperator {
     /// The timers set and cleared since the last call (with a committed view only).
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
         std::mem::take(&mut self.timer_changes)
+    }
+
+    /// Keys added less keys ended since the last call.
+    pub fn take_key_delta(&mut self) -> i64 {
+        let delta = std::mem::take(&mut self.key_delta);
+        if self.committed.is_some() { delta } else { 0 }
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {

@@ -7,14 +7,19 @@
 //! `emit: final` emits each window once, when the watermark reaches its end + allowed lateness,
 //! then forgets it. `emit: update` emits, at each commit, every window that changed since the
 //! last one, keyed `{group fields..., window_start}`; a session merged away gets a tombstone.
+//!
+//! With a committed view (production), tumbling and hopping windows live in the local store
+//! (see [`stored`]); without one (`weir test`), and for sessions, every window is in memory.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
+use super::committed::{CommittedState, TimerChange};
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
+mod stored;
 
 pub(crate) mod aggregates;
 use aggregates::*;
@@ -29,10 +34,26 @@ pub struct WindowOperator {
     /// Whether each `sum` adds whole numbers (a long field) or doubles.
     sums_whole: Vec<bool>,
     emit: EmitMode,
-    /// Group (JSON text) → window start → window.
+    /// Group (JSON text) → window start → window. With a committed view, the windows this
+    /// batch read or made (emptied at each `take_changes`).
     groups: HashMap<String, Group>,
-    /// (close time = end + lateness, group, start): windows in the order the watermark closes them.
+    /// (close time = end + lateness, group, start): the windows of `groups` not yet committed,
+    /// in the order the watermark closes them (the committed ones close by store timers).
     closing: BTreeSet<(i64, String, i64)>,
+    /// The committed windows, when they live in the store, and whether the committed sequence
+    /// has been read from it.
+    committed: Option<Box<dyn CommittedState>>,
+    sequence_read: bool,
+    /// The committed timers up to this time have been handled (this batch clears them), and
+    /// the earliest one after it as far as known (None: not known; `i64::MAX`: none).
+    scanned_to: i64,
+    next_due: Option<i64>,
+    /// Committed timers fired in this batch (as (time, state key)), and the timer changes
+    /// for the store since the last `take_changes`.
+    fired: Vec<(i64, String)>,
+    timer_changes: Vec<TimerChange>,
+    /// Windows made less windows closed since the last `take_key_delta`.
+    key_delta: i64,
     /// Windows changed since the last commit (update mode), in a stable order.
     changed: BTreeSet<(String, i64)>,
     /// Sessions merged away since the last commit that had been emitted: (group, start).
@@ -68,6 +89,9 @@ struct WindowState {
     /// moved by what each record adds, so records are not measured against the whole state.
     #[serde(skip)]
     bytes: Option<usize>,
+    /// Read from the store: committed, with a store timer at its close.
+    #[serde(skip)]
+    stored: bool,
 }
 
 /// Lists a live window as changed, once per `take_changes`.
@@ -101,6 +125,13 @@ impl WindowOperator {
             emit: spec.emit,
             groups: HashMap::new(),
             closing: BTreeSet::new(),
+            committed: None,
+            sequence_read: false,
+            scanned_to: i64::MIN,
+            next_due: None,
+            fired: Vec::new(),
+            timer_changes: Vec::new(),
+            key_delta: 0,
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
             sequence: Sequence::default(),
@@ -138,6 +169,7 @@ impl WindowOperator {
         let time = record.event_time;
         let lateness = self.lateness;
         let open = move |end: i64| end.saturating_add(lateness) > watermark;
+        self.read_sequence();
         let sequence_before = self.sequence;
         let sequence = self.sequence.next();
         let key = key_of(&record.fields, &self.group_by);
@@ -194,6 +226,8 @@ impl WindowOperator {
     /// record would make.
     fn check_window(&mut self, addition: &Addition<'_, '_>, start: i64, end: i64) -> Result<(), ProcessError> {
         let Addition { group_text, key, record, sequence, growth } = *addition;
+        // Every window a record is added to is checked first: this reads it in.
+        self.load(group_text, start);
         let new_window = self.new_window_estimate(group_text);
         let existing = self.groups.get_mut(group_text).and_then(|group| group.windows.get_mut(&start));
         let estimate = match existing {
@@ -259,6 +293,7 @@ impl WindowOperator {
         }
         let group = self.groups.get_mut(group_text).expect("inserted above");
         let window = group.windows.entry(start).or_insert_with(|| {
+            self.key_delta += 1;
             self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
             WindowState::new(end, initial(&self.aggregates, &self.sums_whole))
         });
@@ -321,13 +356,20 @@ impl WindowOperator {
         if self.emit == EmitMode::Update {
             self.emit_tombstones(out);
         }
-        while let Some((close, _, _)) = self.closing.first() {
-            if *close > watermark {
-                break;
-            }
-            let Some((_, group_text, start)) = self.closing.pop_first() else { break };
+        let mut due = Vec::new();
+        while self.closing.first().is_some_and(|(close, _, _)| *close <= watermark) {
+            due.extend(self.closing.pop_first());
+        }
+        let stored = self.due_from_store(watermark);
+        if !stored.is_empty() {
+            due.extend(stored);
+            due.sort();
+        }
+        for (_, group_text, start) in due {
+            self.load(&group_text, start);
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.remove(&start) else { continue };
+            self.key_delta -= 1;
             self.dirty.push((group_text.clone(), start));
             let changed = self.changed.remove(&(group_text.clone(), start));
             if self.emit == EmitMode::Final || changed {
@@ -378,6 +420,7 @@ impl WindowOperator {
             changes.push(StateChange { key, value });
         }
         changes.extend(self.sequence.take_change());
+        self.hand_over();
         changes
     }
 
@@ -453,7 +496,7 @@ fn output_record(
 
 impl WindowState {
     fn new(end: i64, aggregates: Vec<AggregateState>) -> WindowState {
-        WindowState { end, aggregates, emitted: false, dirty: false, bytes: None }
+        WindowState { end, aggregates, emitted: false, dirty: false, bytes: None, stored: false }
     }
 }
 

@@ -47,10 +47,12 @@ impl LoopState {
                 }
                 store_writes.push(StoreWrite::state(entry.step, entry.partition, key, value));
             }
-            for timer in self.engine.take_timers() {
+            let (timers, counts) = self.engine.take_timers();
+            for timer in timers {
                 let (owner, change) = (timer.topic.as_deref(), &timer.change);
                 store_writes.push(StoreWrite::timer(timer.step, timer.partition, owner, change.time, &change.key, change.set));
             }
+            store_writes.extend(counts.into_iter().map(|(step, partition, delta)| StoreWrite::count(step, partition, delta)));
             // A read the steps could not make: this batch saw a store it cannot trust.
             if let Some(failure) = self.store.as_ref().and_then(|store| store.failure()) {
                 return Err(RuntimeError::store("processing the batch", failure));
@@ -97,11 +99,11 @@ impl LoopState {
                 self.metrics.state_cache_misses.inc_by(misses);
                 self.metrics.state_cache_bytes.set(store.cache_bytes() as i64);
             }
-            for (step, keys) in self.state_keys_by_step() {
-                let label = step.to_string();
-                self.metrics.step_state_keys.with_label_values(&[&label]).set(keys as i64);
-                if let Some(bytes) = self.store.as_ref().and_then(|store| store.live_bytes(step)) {
-                    self.metrics.step_state_bytes.with_label_values(&[&label]).set(bytes as i64);
+            if let Some(store) = &self.store {
+                for step in self.engine.stateful_steps() {
+                    if let Some(bytes) = store.live_bytes(step) {
+                        self.metrics.step_state_bytes.with_label_values(&[&step.to_string()]).set(bytes as i64);
+                    }
                 }
             }
         }
@@ -147,7 +149,7 @@ impl LoopState {
                 self.queue_restore(topic, *partition);
             }
         }
-        self.metrics_state_keys = self.state_keys();
+        self.publish_state_keys();
     }
 }
 
