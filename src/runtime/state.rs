@@ -360,8 +360,14 @@ impl Restorer {
         let (mut restored, mut bytes) = (0u64, 0u64);
         let mut writes = Vec::new();
         let through = engine.reads_through_store(step);
-        // For the store's key count of a step reading through it: whether each key this
-        // chunk wrote exists after it (the store answers for the others), and the change.
+        // The store's key count of a step reading through it: where one is kept (a read of
+        // the tail), each entry moves it, by whether its key existed before (this chunk's
+        // keys, then the store answer for that); where none is (a read of the whole
+        // changelog), the keys are counted once the read ends, which is cheaper.
+        let counted = match store {
+            Some(store) if through => store.kept_count(step, partition)?.is_some(),
+            _ => false,
+        };
         let mut chunk_keys: HashMap<Vec<u8>, bool> = HashMap::new();
         let mut key_delta = 0i64;
         // The offset after the last entry read, and when the read last moved.
@@ -399,7 +405,9 @@ impl Restorer {
             }
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
                 let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
-                writes.push(StoreWrite::count(step, partition, std::mem::take(&mut key_delta)));
+                if counted {
+                    writes.push(StoreWrite::count(step, partition, std::mem::take(&mut key_delta)));
+                }
                 store.apply(&std::mem::take(&mut writes), &reached, &[])?;
                 chunk_keys.clear();
             }
@@ -423,7 +431,7 @@ impl Restorer {
                         // The step reads the store: it needs the entry's timer there, not
                         // the entry in memory (only the input watermarks go to the engine).
                         let ChangelogKey(owner, state_key) = decode_key(key).map_err(corrupt)?;
-                        if let (Some(store), true) = (store, counts_as_key(&state_key)) {
+                        if let (Some(store), true) = (store, counted && counts_as_key(&state_key)) {
                             let existed = match chunk_keys.get(key) {
                                 Some(exists) => *exists,
                                 None => store.contains(step, partition, key)?,
@@ -482,8 +490,13 @@ impl Restorer {
         };
         let _ = self.consumer.unassign();
         if let Some(store) = store {
-            writes.push(StoreWrite::count(step, partition, key_delta));
+            if counted {
+                writes.push(StoreWrite::count(step, partition, key_delta));
+            }
             store.apply(&writes, &[(step, partition, reached)], &[])?;
+            if through && !counted {
+                store.recount(step, partition)?;
+            }
         }
         Ok(Some(restored))
     }

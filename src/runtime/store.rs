@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 use tracing::{info, warn};
 
 use super::error::RuntimeError;
@@ -389,15 +389,45 @@ impl StateStore {
         self.cache.get_usage()
     }
 
-    /// RocksDB's estimate of the keys in a step's state, over every partition it holds.
     /// The keys of a step's state in one partition (kept for the steps that read through
     /// the store: each batch and restore adds what it changed).
     pub fn key_count(&self, step: usize, partition: i32) -> Result<u64, RuntimeError> {
+        Ok(self.kept_count(step, partition)?.map_or(0, |count| count.max(0) as u64))
+    }
+
+    /// The key count kept for (step, partition), if one is.
+    pub fn kept_count(&self, step: usize, partition: i32) -> Result<Option<i64>, RuntimeError> {
         let value = self
             .db
             .get_pinned_cf(self.handle(OFFSETS)?, count_key(step, partition))
             .map_err(|error| RuntimeError::store("reading the state store", error))?;
-        Ok(value.map_or(0, |bytes| count_of(&bytes).max(0) as u64))
+        Ok(value.map(|bytes| count_of(&bytes)))
+    }
+
+    /// Counts a step's keys in one partition by reading them (not their values), and keeps
+    /// the count: after a restore that did not count as it went.
+    pub fn recount(&self, step: usize, partition: i32) -> Result<u64, RuntimeError> {
+        let (prefix, end) = (partition_prefix(partition), partition_end(partition));
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        let mut iterator = self.db.raw_iterator_cf_opt(self.handle(&family(step))?, options);
+        iterator.seek(&prefix);
+        let mut count = 0i64;
+        while let Some(key) = iterator.key() {
+            // `["owner","<state key>"]` (or `[null,...`): a quote in the owner is escaped, so
+            // the first `,"` ends it.
+            let changelog = &key[prefix.len()..];
+            let state_key = changelog.windows(2).position(|pair| pair == b",\"").and_then(|at| changelog.get(at + 2));
+            if matches!(state_key, Some(b'{' | b'[')) {
+                count += 1;
+            }
+            iterator.next();
+        }
+        iterator.status().map_err(|error| RuntimeError::store("reading the state store", error))?;
+        self.db
+            .put_cf(self.handle(OFFSETS)?, count_key(step, partition), count.to_le_bytes())
+            .map_err(|error| RuntimeError::store("writing the state store", error))?;
+        Ok(count as u64)
     }
 
     /// Whether a state entry (by its changelog key) is in the store.

@@ -244,3 +244,29 @@ fn a_broken_store_is_rebuilt_where_the_changelogs_hold_the_state_and_refused_whe
     assert_eq!(store.offset(0, PARTITION).expect("readable"), None, "rebuilt empty: the restore reads the whole changelog");
     assert_eq!(store.get(0, PARTITION, Some(OWNER), "k").expect("readable"), None);
 }
+
+/// A count made by reading the keys counts a step's own entries, of every owner, and not
+/// the bookkeeping beside them (input watermarks, the processing sequence) or another
+/// partition's; batches then move it from there.
+#[test]
+fn a_recount_counts_the_state_keys_of_one_partition() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let store = open(directory.path());
+    let mut writes = Vec::new();
+    for owner in [Some(OWNER), Some("other, \"quoted\""), None] {
+        for index in 0..10 {
+            writes.push(StoreWrite::state(0, PARTITION, changelog_key(owner, &format!("{{\"id\":\"k{index}\"}}")), Some(b"5".to_vec())));
+            writes.push(StoreWrite::state(0, PARTITION, changelog_key(owner, &format!("[\"{{}}\",{index}]")), Some(b"{}".to_vec())));
+        }
+        writes.push(StoreWrite::state(0, PARTITION, changelog_key(owner, "watermark"), Some(b"5".to_vec())));
+        writes.push(StoreWrite::state(0, PARTITION, changelog_key(owner, "sequence"), Some(b"5".to_vec())));
+        writes.push(StoreWrite::state(0, PARTITION + 1, changelog_key(owner, "{\"id\":\"elsewhere\"}"), Some(b"5".to_vec())));
+    }
+    store.apply(&writes, &[], &[]).expect("written");
+    assert_eq!(store.kept_count(0, PARTITION).expect("readable"), None, "nothing counted yet");
+    assert_eq!(store.recount(0, PARTITION).expect("counted"), 60);
+    store.apply(&[StoreWrite::count(0, PARTITION, -3)], &[], &[]).expect("written");
+    assert_eq!(store.key_count(0, PARTITION).expect("readable"), 57);
+    store.clear(0, PARTITION).expect("cleared");
+    assert_eq!(store.kept_count(0, PARTITION).expect("readable"), None, "a clear drops the count");
+}
