@@ -47,22 +47,10 @@ fn reading_through(store: &StateStore, step: &Step) -> Operator {
     operator
 }
 
-/// What the runtime does when a batch commits: the changes and timers go to the store.
+/// What the runtime does when a batch commits (see [`super::tests::write_batch`]).
 fn commit(store: &StateStore, operator: &mut Operator) -> Vec<StateChange> {
     let changes = operator.take_changes();
-    let mut writes: Vec<StoreWrite> = changes
-        .iter()
-        .map(|change| {
-            let value = change.value.as_ref().map(|value| value.to_string().into_bytes());
-            StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), &change.key), value)
-        })
-        .collect();
-    for timer in operator.take_timers() {
-        writes.push(StoreWrite::timer(0, PARTITION, Some(OWNER), timer.time, &timer.key, timer.set));
-    }
-    writes.push(StoreWrite::count(0, PARTITION, operator.take_key_delta()));
-    store.apply(&writes, &[], &[]).expect("the store takes the batch");
-    assert_eq!(store.failure(), None);
+    super::tests::write_batch(store, (PARTITION, OWNER), &changes, operator.take_timers(), operator.take_key_delta());
     changes
 }
 

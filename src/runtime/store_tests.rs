@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use super::*;
 use crate::operators::dedup::config::Dedup;
 use crate::operators::dedup::DedupOperator;
-use crate::operators::{Emitted, StateEntryLimit, StepOutcome};
+use crate::operators::committed::TimerChange;
+use crate::operators::{Emitted, StateChange, StateEntryLimit, StepOutcome};
 
 const WITHIN: i64 = 100;
 const OWNER: &str = "input";
@@ -36,22 +37,27 @@ fn reading_through(store: &StateStore) -> DedupOperator {
     dedup
 }
 
-/// What the runtime does when a batch commits: the changes and timers go to the store.
-fn commit(store: &StateStore, dedup: &mut DedupOperator) {
-    let mut writes: Vec<StoreWrite> = dedup
-        .take_changes()
-        .into_iter()
+/// What the runtime does when a batch commits: the changes, timers and key count of step 0
+/// (one task: `partition`, `owner`) go to the store.
+pub(super) fn write_batch(store: &StateStore, (partition, owner): (i32, &str), changes: &[StateChange], timers: Vec<TimerChange>, delta: i64) {
+    let mut writes: Vec<StoreWrite> = changes
+        .iter()
         .map(|change| {
-            let value = change.value.map(|value| value.to_string().into_bytes());
-            StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), &change.key), value)
+            let value = change.value.as_ref().map(|value| value.to_string().into_bytes());
+            StoreWrite::state(0, partition, changelog_key(Some(owner), &change.key), value)
         })
         .collect();
-    for timer in dedup.take_timers() {
-        writes.push(StoreWrite::timer(0, PARTITION, Some(OWNER), timer.time, &timer.key, timer.set));
+    for timer in timers {
+        writes.push(StoreWrite::timer(0, partition, Some(owner), timer.time, &timer.key, timer.set));
     }
-    writes.push(StoreWrite::count(0, PARTITION, dedup.take_key_delta()));
+    writes.push(StoreWrite::count(0, partition, delta));
     store.apply(&writes, &[], &[]).expect("the store takes the batch");
     assert_eq!(store.failure(), None);
+}
+
+fn commit(store: &StateStore, dedup: &mut DedupOperator) {
+    let changes = dedup.take_changes();
+    write_batch(store, (PARTITION, OWNER), &changes, dedup.take_timers(), dedup.take_key_delta());
 }
 
 /// Dedup's contract, kept plainly: key -> first event time, ended once the watermark reaches
