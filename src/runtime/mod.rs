@@ -59,6 +59,7 @@ mod positions;
 pub use positions::TopicPartitionOffset;
 mod schemas;
 mod loop_state;
+mod restore_chunk;
 mod state;
 pub mod status;
 mod rocks;

@@ -9,7 +9,7 @@
 //! they run (issue: state beyond memory).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -362,14 +362,14 @@ impl Restorer {
         let through = engine.reads_through_store(step);
         // The store's key count of a step reading through it: where one is kept (a read of
         // the tail), each entry moves it, by whether its key existed before (this chunk's
-        // keys, then the store answer for that); where none is (a read of the whole
-        // changelog), the keys are counted once the read ends, which is cheaper.
+        // keys, then the store answer for that, which also gives the timer to clear);
+        // where none is (a read of the whole changelog), the keys are counted once the read
+        // ends, which is cheaper.
         let counted = match store {
             Some(store) if through => store.kept_count(step, partition)?.is_some(),
             _ => false,
         };
-        let mut chunk_keys: HashMap<Vec<u8>, bool> = HashMap::new();
-        let mut key_delta = 0i64;
+        let mut chunk = super::restore_chunk::ChunkKeys::default();
         // The offset after the last entry read, and when the read last moved.
         let mut next = match start {
             Offset::Offset(offset) => Some(offset),
@@ -405,11 +405,8 @@ impl Restorer {
             }
             if let (Some(store), true) = (store, writes.len() >= STORE_CHUNK) {
                 let reached: Vec<(usize, i32, i64)> = next.map(|next| (step, partition, next)).into_iter().collect();
-                if counted {
-                    writes.push(StoreWrite::count(step, partition, std::mem::take(&mut key_delta)));
-                }
+                chunk.flush(step, partition, counted, &mut writes);
                 store.apply(&std::mem::take(&mut writes), &reached, &[])?;
-                chunk_keys.clear();
             }
             // Read to the end: nothing is left to wait for.
             if let Some(next) = next
@@ -431,18 +428,20 @@ impl Restorer {
                         // The step reads the store: it needs the entry's timer there, not
                         // the entry in memory (only the input watermarks go to the engine).
                         let ChangelogKey(owner, state_key) = decode_key(key).map_err(corrupt)?;
-                        if let (Some(store), true) = (store, counted && counts_as_key(&state_key)) {
-                            let existed = match chunk_keys.get(key) {
-                                Some(exists) => *exists,
-                                None => store.contains(step, partition, key)?,
+                        let is_watermark = state_key == WATERMARK_KEY;
+                        if counts_as_key(&state_key) {
+                            let timer = value.and_then(|value| engine.timer_of(step, value));
+                            // On a read of the tail, what the store held before this chunk.
+                            let stored = || match (store, counted) {
+                                (Some(store), true) => {
+                                    let old = store.entry(step, partition, key)?;
+                                    Ok(Some((old.is_some(), old.and_then(|old| engine.timer_of(step, &old)))))
+                                }
+                                _ => Ok(None),
                             };
-                            key_delta += i64::from(value.is_some()) - i64::from(existed);
-                            chunk_keys.insert(key.to_vec(), value.is_some());
+                            chunk.note(key, (owner, state_key), timer, value.is_some(), stored)?;
                         }
-                        if state_key != WATERMARK_KEY {
-                            if let Some(time) = value.and_then(|value| engine.timer_of(step, value)) {
-                                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true));
-                            }
+                        if !is_watermark {
                             restored += 1;
                             self.metrics.state_restored_records.inc();
                             continue;
@@ -490,9 +489,7 @@ impl Restorer {
         };
         let _ = self.consumer.unassign();
         if let Some(store) = store {
-            if counted {
-                writes.push(StoreWrite::count(step, partition, key_delta));
-            }
+            chunk.flush(step, partition, counted, &mut writes);
             store.apply(&writes, &[(step, partition, reached)], &[])?;
             if through && !counted {
                 store.recount(step, partition)?;

@@ -430,12 +430,12 @@ impl StateStore {
         Ok(count as u64)
     }
 
-    /// Whether a state entry (by its changelog key) is in the store.
-    pub fn contains(&self, step: usize, partition: i32, key: &[u8]) -> Result<bool, RuntimeError> {
+    /// A state entry's value, by its changelog key.
+    pub fn entry(&self, step: usize, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, RuntimeError> {
         let mut full = partition_prefix(partition);
         full.extend_from_slice(key);
         let value = self.db.get_pinned_cf(self.handle(&family(step))?, full);
-        Ok(value.map_err(|error| RuntimeError::store("reading the state store", error))?.is_some())
+        Ok(value.map_err(|error| RuntimeError::store("reading the state store", error))?.map(|value| value.to_vec()))
     }
 
     fn handle(&self, name: &str) -> Result<&rocksdb::ColumnFamily, RuntimeError> {
