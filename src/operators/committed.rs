@@ -41,3 +41,87 @@ pub struct TimerChange {
     /// Set (true) or cleared.
     pub set: bool,
 }
+
+/// What a step reading through the store keeps beside its view: how far it has handled the
+/// committed timers, the timer changes its batch makes, and the change in its key count.
+/// One piece for dedup, aggregate and window, which differ only in what a timer ends.
+pub struct StoreTimers {
+    view: Box<dyn CommittedState>,
+    /// The committed timers up to this time have been handled (this batch clears them).
+    scanned_to: i64,
+    /// The earliest committed timer after `scanned_to`, as far as known (None: not known,
+    /// look; `i64::MAX`: there is none): the store is only asked once the watermark reaches
+    /// it, not at every advance.
+    next_due: Option<i64>,
+    /// Committed timers fired in this batch, as (time, state key).
+    fired: Vec<(i64, String)>,
+    /// Timer changes for the store since the last `take_timers`.
+    changes: Vec<TimerChange>,
+    /// Keys made less keys ended since the last `take_key_delta`.
+    key_delta: i64,
+}
+
+impl StoreTimers {
+    pub fn new(view: Box<dyn CommittedState>) -> StoreTimers {
+        StoreTimers { view, scanned_to: i64::MIN, next_due: None, fired: Vec::new(), changes: Vec::new(), key_delta: 0 }
+    }
+
+    pub fn view(&self) -> &dyn CommittedState {
+        self.view.as_ref()
+    }
+
+    /// The committed value of a state key (see [`CommittedState::get`]).
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.view.get(key)
+    }
+
+    /// The committed timers that fall due as the watermark reaches `watermark` and were not
+    /// handled yet, in time order, as (time, state key); each is cleared from the store by
+    /// [`Self::clear_fired`].
+    pub fn due(&mut self, watermark: i64) -> Vec<(i64, String)> {
+        let mut due = Vec::new();
+        if watermark <= self.scanned_to {
+            return due;
+        }
+        if self.next_due.is_none_or(|next| watermark >= next) {
+            let next = self.view.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
+            self.next_due = Some(next.unwrap_or(i64::MAX));
+            self.fired.extend(due.iter().cloned());
+        }
+        self.scanned_to = watermark;
+        due
+    }
+
+    /// A timer this batch sets (committed with it): it may come before the one the store
+    /// was last asked for.
+    pub fn set(&mut self, time: i64, key: String) {
+        self.next_due = self.next_due.map(|next| next.min(time));
+        self.changes.push(TimerChange { time, key, set: true });
+    }
+
+    /// A committed timer this batch clears.
+    pub fn clear(&mut self, time: i64, key: String) {
+        self.changes.push(TimerChange { time, key, set: false });
+    }
+
+    /// Clears the timers fired in this batch (call when its changes are taken).
+    pub fn clear_fired(&mut self) {
+        let fired = std::mem::take(&mut self.fired);
+        self.changes.extend(fired.into_iter().map(|(time, key)| TimerChange { time, key, set: false }));
+    }
+
+    /// The timers set and cleared since the last call.
+    pub fn take_timers(&mut self) -> Vec<TimerChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Keys made (positive) or ended (negative) by this batch.
+    pub fn count(&mut self, delta: i64) {
+        self.key_delta += delta;
+    }
+
+    /// Keys made less keys ended since the last call.
+    pub fn take_key_delta(&mut self) -> i64 {
+        std::mem::take(&mut self.key_delta)
+    }
+}

@@ -217,11 +217,12 @@ fn offset_key(step: usize, partition: i32) -> Vec<u8> {
     format!("{step}/{partition}").into_bytes()
 }
 
-/// `mode: idempotent_upsert`: the next input offset to read, kept with the state it produced.
+/// A step's key count in one partition (see [`StateStore::key_count`]).
 fn count_key(step: usize, partition: i32) -> Vec<u8> {
     format!("count/{step}/{partition}").into_bytes()
 }
 
+/// `mode: idempotent_upsert`: the next input offset to read, kept with the state it produced.
 fn input_key(topic: &str, partition: i32) -> Vec<u8> {
     format!("input/{partition}/{topic}").into_bytes()
 }
@@ -369,9 +370,7 @@ impl StateStore {
 
     /// The committed value of one state entry (an input watermark, read on restore).
     pub fn get(&self, step: usize, partition: i32, owner: Option<&str>, key: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
-        let mut full = partition_prefix(partition);
-        full.extend_from_slice(&changelog_key(owner, key));
-        self.db.get_cf(self.handle(&family(step))?, full).map_err(|error| RuntimeError::store("reading the state store", error))
+        self.entry(step, partition, &changelog_key(owner, key))
     }
 
     /// Block cache hits and misses since the last call.
@@ -496,8 +495,11 @@ impl StateStore {
         let mut key = Vec::new();
         let offsets_handle = self.handle(OFFSETS)?;
         for write in writes {
-            if let (Family::Count, Some(delta)) = (write.family, &write.value) {
-                batch.merge_cf(offsets_handle, count_key(write.step, write.partition), delta);
+            // A count is merged into the offsets family, never written to a step's own.
+            if write.family == Family::Count {
+                if let Some(delta) = &write.value {
+                    batch.merge_cf(offsets_handle, count_key(write.step, write.partition), delta);
+                }
                 continue;
             }
             let handle = match handles.iter().find(|(at, _)| *at == (write.step, write.family)) {

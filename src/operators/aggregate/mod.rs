@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
 
-use super::committed::{CommittedState, TimerChange};
+use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
@@ -35,24 +35,13 @@ pub struct AggregateOperator {
     /// the groups this batch read or changed (emptied at each `take_changes`), None for a
     /// group that has no state (never had, or ended in this batch).
     groups: HashMap<String, Held>,
-    /// The committed state, when it lives in the store.
-    committed: Option<Box<dyn CommittedState>>,
+    /// The committed state and its timers, when they live in the store.
+    committed: Option<StoreTimers>,
     /// Whether the committed sequence has been read (with a committed view).
     sequence_read: bool,
     /// (last event time + ttl, group): the groups of `groups` in the order the watermark ends
     /// them (with a ttl). The committed groups' are the store's timers.
     expiries: BTreeSet<(i64, String)>,
-    /// The committed timers up to this time have been handled (this batch clears them).
-    scanned_to: i64,
-    /// The earliest committed timer after `scanned_to`, as far as known (None: not known;
-    /// `i64::MAX`: there is none).
-    next_due: Option<i64>,
-    /// Committed timers fired in this batch, and the timer changes for the store since the
-    /// last `take_changes` (taken by `take_timers`).
-    fired: Vec<(i64, String)>,
-    timer_changes: Vec<TimerChange>,
-    /// Groups started less groups ended since the last `take_key_delta`.
-    key_delta: i64,
     /// Groups changed since the last commit, to emit then (sorted: a stable output order).
     changed: BTreeSet<String>,
     /// Groups changed or ended since the last `take_changes`.
@@ -97,11 +86,6 @@ impl AggregateOperator {
             committed: None,
             sequence_read: false,
             expiries: BTreeSet::new(),
-            scanned_to: i64::MIN,
-            next_due: None,
-            fired: Vec::new(),
-            timer_changes: Vec::new(),
-            key_delta: 0,
             changed: BTreeSet::new(),
             dirty: BTreeSet::new(),
             sequence: Sequence::default(),
@@ -112,7 +96,7 @@ impl AggregateOperator {
     /// Reads earlier batches' state through `view` from now on (call before the first
     /// record).
     pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
-        self.committed = Some(view);
+        self.committed = Some(StoreTimers::new(view));
     }
 
     /// The store timer a committed entry needs (its value as JSON text): when a group's state
@@ -169,7 +153,7 @@ impl AggregateOperator {
             return Ok(StepOutcome::Late(format!("event time {time} + ttl {ttl}ms is at or before the watermark {watermark}")));
         }
         if let (Some(committed), false) = (&self.committed, self.sequence_read) {
-            self.sequence.read_committed(committed.as_ref());
+            self.sequence.read_committed(committed.view());
             self.sequence_read = true;
         }
         let group = key_of(&record.fields, &self.group_by);
@@ -178,7 +162,9 @@ impl AggregateOperator {
         self.check_size(&group_text, &group, &record)?;
         let sequence = self.sequence.next();
         let held = self.groups.entry(group_text.clone()).or_insert(Held { state: None, stored_timer: None });
-        self.key_delta += i64::from(held.state.is_none());
+        if let (Some(committed), true) = (&mut self.committed, held.state.is_none()) {
+            committed.count(1);
+        }
         let state = held.state.get_or_insert_with(|| GroupState {
             aggregates: initial(&self.aggregates, &self.sums_whole),
             last: i64::MIN,
@@ -232,18 +218,12 @@ impl AggregateOperator {
         while self.expiries.first().is_some_and(|(expiry, _)| *expiry <= watermark) {
             due.extend(self.expiries.pop_first());
         }
-        if let Some(committed) = &self.committed
-            && watermark > self.scanned_to
-        {
-            if self.next_due.is_none_or(|next| watermark >= next) {
-                let mut fired = Vec::new();
-                let next = committed.due_timers(self.scanned_to, watermark, &mut |time, group| fired.push((time, group.to_string())));
-                self.next_due = Some(next.unwrap_or(i64::MAX));
-                self.fired.extend(fired.iter().cloned());
+        if let Some(committed) = &mut self.committed {
+            let fired = committed.due(watermark);
+            if !fired.is_empty() {
                 due.extend(fired);
                 due.sort();
             }
-            self.scanned_to = watermark;
         }
         for (expiry, group_text) in due {
             self.end(expiry, group_text, out);
@@ -265,7 +245,9 @@ impl AggregateOperator {
             None => self.groups.remove(&group_text).and_then(|held| held.state),
         };
         let Some(state) = state else { return };
-        self.key_delta -= 1;
+        if let Some(committed) = &mut self.committed {
+            committed.count(-1);
+        }
         if self.changed.remove(&group_text) {
             out.push(Emitted::Record(self.result(&state)));
         }
@@ -307,25 +289,21 @@ impl AggregateOperator {
             changes.push(StateChange { key: group_text, value });
         }
         changes.extend(self.sequence.take_change());
-        if self.committed.is_some() {
+        if let Some(committed) = &mut self.committed {
             self.expiries.clear();
-            let ttl = self.ttl;
             // Cleared first: a timer both fired and set again stays set.
-            self.timer_changes.extend(self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false }));
+            committed.clear_fired();
             for (key, held) in self.groups.drain() {
-                let Some(ttl) = ttl else { continue };
+                let Some(ttl) = self.ttl else { continue };
                 let timer = held.state.map(|state| state.last.saturating_add(ttl));
                 if timer == held.stored_timer {
                     continue;
                 }
                 if let Some(time) = held.stored_timer {
-                    self.timer_changes.push(TimerChange { time, key: key.clone(), set: false });
+                    committed.clear(time, key.clone());
                 }
                 if let Some(time) = timer {
-                    // Committed with this batch: it may come before the one the store was
-                    // last asked for.
-                    self.next_due = self.next_due.map(|next| next.min(time));
-                    self.timer_changes.push(TimerChange { time, key, set: true });
+                    committed.set(time, key);
                 }
             }
         }
@@ -334,13 +312,12 @@ impl AggregateOperator {
 
     /// The timers set and cleared since the last call (with a committed view only).
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
-        std::mem::take(&mut self.timer_changes)
+        self.committed.as_mut().map(StoreTimers::take_timers).unwrap_or_default()
     }
 
-    /// Groups started less groups ended since the last call.
+    /// Groups started less groups ended since the last call (with a committed view only).
     pub fn take_key_delta(&mut self) -> i64 {
-        let delta = std::mem::take(&mut self.key_delta);
-        if self.committed.is_some() { delta } else { 0 }
+        self.committed.as_mut().map_or(0, StoreTimers::take_key_delta)
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {

@@ -12,7 +12,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use serde_json::{Map, Value};
 
-use super::committed::{CommittedState, TimerChange};
+use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
 pub mod config;
 
@@ -26,27 +26,15 @@ pub struct DedupOperator {
     /// able to collide on purpose. With a committed view, only what this batch changed
     /// (emptied at each `take_changes`); without one, every live key (never None).
     pending: HashMap<String, Option<i64>>,
-    /// The committed state, when it lives in the store.
-    committed: Option<Box<dyn CommittedState>>,
+    /// The committed state and its timers, when they live in the store.
+    committed: Option<StoreTimers>,
     /// (expiry, key) of the keys in `pending`, to evict in watermark order.
     expiries: BTreeSet<(i64, String)>,
     /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (sorting
     /// beats a B-tree insert per entry several times over), before it is next used.
     expiries_stale: bool,
-    /// The committed timers up to this time have been handled (this batch clears them).
-    scanned_to: i64,
-    /// The earliest committed timer after `scanned_to`, as far as known (None: not known,
-    /// look; `i64::MAX`: there is none): the store is only asked once the watermark reaches
-    /// it, not at every advance.
-    next_due: Option<i64>,
-    /// Timer changes for the store since the last `take_changes`, taken by `take_timers`.
-    timer_changes: Vec<TimerChange>,
-    /// Committed timers fired in this batch.
-    fired: Vec<(i64, String)>,
     /// Keys added or ended since the last `take_changes`.
     changed: BTreeSet<String>,
-    /// Keys added less keys ended since the last `take_key_delta` (with a committed view).
-    key_delta: i64,
     limit: StateEntryLimit,
 }
 
@@ -62,12 +50,7 @@ impl DedupOperator {
             committed: None,
             expiries: BTreeSet::new(),
             expiries_stale: false,
-            scanned_to: i64::MIN,
-            next_due: None,
-            timer_changes: Vec::new(),
-            fired: Vec::new(),
             changed: BTreeSet::new(),
-            key_delta: 0,
             limit,
         }
     }
@@ -75,7 +58,7 @@ impl DedupOperator {
     /// Reads earlier batches' state through `view` from now on (call before the first
     /// record).
     pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
-        self.committed = Some(view);
+        self.committed = Some(StoreTimers::new(view));
     }
 
     /// When the state of a key first seen at `time` ends.
@@ -130,7 +113,9 @@ impl DedupOperator {
         self.expiries.insert((expiry, key_text.clone()));
         self.changed.insert(key_text.clone());
         self.pending.insert(key_text, Some(record.event_time));
-        self.key_delta += 1;
+        if let Some(committed) = &mut self.committed {
+            committed.count(1);
+        }
         // Its id in upsert mode is this key.
         record.key = Some(key);
         record.id = None;
@@ -149,20 +134,8 @@ impl DedupOperator {
                 self.end(expiry, key);
             }
         }
-        if watermark <= self.scanned_to {
-            return;
-        }
-        let Some(committed) = &self.committed else { return };
-        if self.next_due.is_some_and(|next| watermark < next) {
-            self.scanned_to = watermark;
-            return;
-        }
-        let mut due = Vec::new();
-        let next = committed.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
-        self.next_due = Some(next.unwrap_or(i64::MAX));
-        self.scanned_to = watermark;
-        for (time, key) in due {
-            self.fired.push((time, key.clone()));
+        let Some(committed) = &mut self.committed else { return };
+        for (time, key) in committed.due(watermark) {
             self.end(time, key);
         }
     }
@@ -173,15 +146,15 @@ impl DedupOperator {
         if self.first_seen(&key).map(|time| Self::expiry(self.within, time)) != Some(expiry) {
             return;
         }
-        match self.committed {
-            Some(_) => {
+        match &mut self.committed {
+            Some(committed) => {
+                committed.count(-1);
                 self.pending.insert(key.clone(), None);
             }
             None => {
                 self.pending.remove(&key);
             }
         }
-        self.key_delta -= 1;
         self.changed.insert(key);
     }
 
@@ -196,29 +169,24 @@ impl DedupOperator {
                 StateChange { key, value }
             })
             .collect();
-        if self.committed.is_some() {
+        if let Some(committed) = &mut self.committed {
             self.pending.clear();
-            // Timers set now are committed with this batch: the earliest may come before the
-            // one the store was last asked for.
-            if let (Some(next), Some((first, _))) = (self.next_due, self.expiries.first()) {
-                self.next_due = Some(next.min(*first));
+            for (time, key) in std::mem::take(&mut self.expiries) {
+                committed.set(time, key);
             }
-            let set = std::mem::take(&mut self.expiries).into_iter().map(|(time, key)| TimerChange { time, key, set: true });
-            let cleared = self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false });
-            self.timer_changes.extend(set.chain(cleared));
+            committed.clear_fired();
         }
         changes
     }
 
     /// The timers set and cleared since the last call (with a committed view only).
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
-        std::mem::take(&mut self.timer_changes)
+        self.committed.as_mut().map(StoreTimers::take_timers).unwrap_or_default()
     }
 
-    /// Keys added less keys ended since the last call.
+    /// Keys added less keys ended since the last call (with a committed view only).
     pub fn take_key_delta(&mut self) -> i64 {
-        let delta = std::mem::take(&mut self.key_delta);
-        if self.committed.is_some() { delta } else { 0 }
+        self.committed.as_mut().map_or(0, StoreTimers::take_key_delta)
     }
 
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {

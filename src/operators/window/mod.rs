@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use super::event_time::field_at;
-use super::committed::{CommittedState, TimerChange};
+use super::committed::StoreTimers;
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 mod stored;
@@ -40,20 +40,10 @@ pub struct WindowOperator {
     /// (close time = end + lateness, group, start): the windows of `groups` not yet committed,
     /// in the order the watermark closes them (the committed ones close by store timers).
     closing: BTreeSet<(i64, String, i64)>,
-    /// The committed windows, when they live in the store, and whether the committed sequence
-    /// has been read from it.
-    committed: Option<Box<dyn CommittedState>>,
+    /// The committed windows and their timers, when they live in the store, and whether the
+    /// committed sequence has been read from it.
+    committed: Option<StoreTimers>,
     sequence_read: bool,
-    /// The committed timers up to this time have been handled (this batch clears them), and
-    /// the earliest one after it as far as known (None: not known; `i64::MAX`: none).
-    scanned_to: i64,
-    next_due: Option<i64>,
-    /// Committed timers fired in this batch (as (time, state key)), and the timer changes
-    /// for the store since the last `take_changes`.
-    fired: Vec<(i64, String)>,
-    timer_changes: Vec<TimerChange>,
-    /// Windows made less windows closed since the last `take_key_delta`.
-    key_delta: i64,
     /// Windows changed since the last commit (update mode), in a stable order.
     changed: BTreeSet<(String, i64)>,
     /// Sessions merged away since the last commit that had been emitted: (group, start).
@@ -127,11 +117,6 @@ impl WindowOperator {
             closing: BTreeSet::new(),
             committed: None,
             sequence_read: false,
-            scanned_to: i64::MIN,
-            next_due: None,
-            fired: Vec::new(),
-            timer_changes: Vec::new(),
-            key_delta: 0,
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
             sequence: Sequence::default(),
@@ -293,7 +278,9 @@ impl WindowOperator {
         }
         let group = self.groups.get_mut(group_text).expect("inserted above");
         let window = group.windows.entry(start).or_insert_with(|| {
-            self.key_delta += 1;
+            if let Some(committed) = &mut self.committed {
+                committed.count(1);
+            }
             self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
             WindowState::new(end, initial(&self.aggregates, &self.sums_whole))
         });
@@ -369,7 +356,9 @@ impl WindowOperator {
             self.load(&group_text, start);
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
             let Some(window) = group.windows.remove(&start) else { continue };
-            self.key_delta -= 1;
+            if let Some(committed) = &mut self.committed {
+                committed.count(-1);
+            }
             self.dirty.push((group_text.clone(), start));
             let changed = self.changed.remove(&(group_text.clone(), start));
             if self.emit == EmitMode::Final || changed {

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::config::{Window, WindowKind};
 use super::{Group, WindowOperator, WindowState};
-use crate::operators::committed::{CommittedState, TimerChange};
+use crate::operators::committed::{CommittedState, StoreTimers, TimerChange};
 
 /// The part of a committed window's entry its timer follows from.
 #[derive(serde::Deserialize)]
@@ -24,7 +24,7 @@ impl WindowOperator {
     /// record; tumbling and hopping windows only).
     pub fn read_through(&mut self, view: Box<dyn CommittedState>) {
         if !matches!(self.kind, WindowKind::Session { .. }) {
-            self.committed = Some(view);
+            self.committed = Some(StoreTimers::new(view));
         }
     }
 
@@ -47,7 +47,7 @@ impl WindowOperator {
     /// Reads the committed sequence before the first record, with a committed view.
     pub(super) fn read_sequence(&mut self) {
         if let (Some(committed), false) = (&self.committed, self.sequence_read) {
-            self.sequence.read_committed(committed.as_ref());
+            self.sequence.read_committed(committed.view());
             self.sequence_read = true;
         }
     }
@@ -80,44 +80,25 @@ impl WindowOperator {
     /// The committed windows whose timers are due at `watermark`, as (close, group, start),
     /// in that order; the store is asked only once the watermark reaches its earliest timer.
     pub(super) fn due_from_store(&mut self, watermark: i64) -> Vec<(i64, String, i64)> {
-        let Some(committed) = &self.committed else { return Vec::new() };
-        if watermark <= self.scanned_to {
-            return Vec::new();
-        }
-        let mut due = Vec::new();
-        if self.next_due.is_none_or(|next| watermark >= next) {
-            let mut fired = Vec::new();
-            let next = committed.due_timers(self.scanned_to, watermark, &mut |time, key| fired.push((time, key.to_string())));
-            self.next_due = Some(next.unwrap_or(i64::MAX));
-            for (time, key) in fired {
-                if let Ok((group_text, start)) = serde_json::from_str::<(String, i64)>(&key) {
-                    due.push((time, group_text, start));
-                }
-                self.fired.push((time, key));
-            }
-        }
-        self.scanned_to = watermark;
-        due
+        let Some(committed) = &mut self.committed else { return Vec::new() };
+        let fired = committed.due(watermark);
+        fired
+            .into_iter()
+            .filter_map(|(time, key)| serde_json::from_str::<(String, i64)>(&key).ok().map(|(group_text, start)| (time, group_text, start)))
+            .collect()
     }
 
     /// With a committed view, hands the batch's windows over to the store once their
     /// changes are taken: a timer for each window this batch made that is still open, the
     /// fired ones cleared.
     pub(super) fn hand_over(&mut self) {
-        if self.committed.is_none() {
-            return;
-        }
-        self.timer_changes.extend(self.fired.drain(..).map(|(time, key)| TimerChange { time, key, set: false }));
+        let Some(committed) = &mut self.committed else { return };
+        committed.clear_fired();
         for (group_text, group) in self.groups.drain() {
             for (start, window) in group.windows {
-                if window.stored {
-                    continue;
+                if !window.stored {
+                    committed.set(window.end.saturating_add(self.lateness), Self::state_key(&group_text, start));
                 }
-                let time = window.end.saturating_add(self.lateness);
-                // Committed with this batch: it may come before the one the store was last
-                // asked for.
-                self.next_due = self.next_due.map(|next| next.min(time));
-                self.timer_changes.push(TimerChange { time, key: Self::state_key(&group_text, start), set: true });
             }
         }
         self.closing.clear();
@@ -125,14 +106,13 @@ impl WindowOperator {
 
     /// The timers set and cleared since the last call (with a committed view only).
     pub fn take_timers(&mut self) -> Vec<TimerChange> {
-        std::mem::take(&mut self.timer_changes)
+        self.committed.as_mut().map(StoreTimers::take_timers).unwrap_or_default()
     }
 
     /// Windows made less windows closed since the last call (tumbling and hopping; sessions,
     /// which merge, are counted in memory).
     pub fn take_key_delta(&mut self) -> i64 {
-        let delta = std::mem::take(&mut self.key_delta);
-        if self.committed.is_some() { delta } else { 0 }
+        self.committed.as_mut().map_or(0, StoreTimers::take_key_delta)
     }
 
 }
