@@ -139,7 +139,7 @@ fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec
 /// entries back as a restore does.
 fn store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = StateStore::open(dir.path(), &[0], "bench", weir::runtime::store::StoreMemory::default(), true, &|_, _| None).unwrap();
+    let store = StateStore::open(dir.path(), &[0], "bench", weir::runtime::store::StoreMemory::default(), true, &|_, _, _| None).unwrap();
     let mut group = c.benchmark_group("state store");
     group.throughput(Throughput::Elements(1000));
     let mut batch = 0u64;

@@ -33,8 +33,8 @@ impl Engine {
 
     /// The store timer a committed state entry of `step` needs, from its changelog value
     /// (None: the step has none, or the value is not the step's state).
-    pub fn timer_of(&self, step: usize, value: &[u8]) -> Option<i64> {
-        self.topology.timer_of(step, value)
+    pub fn timer_of(&self, step: usize, key: &str, value: &[u8]) -> Option<i64> {
+        self.topology.timer_of(step, key, value)
     }
 
     pub fn restore(&mut self, entry: &ChangelogEntry) -> Result<(), CorruptState> {

@@ -22,6 +22,21 @@ pub trait CommittedState: Send {
     /// (a timer is a time and the state key it is for); returns the time of the first timer
     /// after `until`, if there is one, so that the caller need not look again before then.
     fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64>;
+
+    /// Calls `each` with every committed state key that starts with `prefix` and its value,
+    /// in key order: the session windows of a group, the buffered records of a join key.
+    fn scan(&self, prefix: &str, each: &mut dyn FnMut(&str, &[u8]));
+}
+
+/// The prefix every state key `[first, ...]` of a JSON array beginning with the string
+/// `first` starts with (and no other key does: the string's closing quote is unescaped).
+pub fn array_prefix(first: &str) -> String {
+    let mut prefix = String::with_capacity(first.len() + 4);
+    prefix.push('[');
+    // Writing a string to a String cannot fail.
+    prefix.push_str(&serde_json::to_string(first).unwrap_or_default());
+    prefix.push(',');
+    prefix
 }
 
 /// Makes the views: the runtime's local store.
@@ -73,6 +88,11 @@ impl StoreTimers {
     /// The committed value of a state key (see [`CommittedState::get`]).
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.view.get(key)
+    }
+
+    /// The committed state keys under a prefix (see [`CommittedState::scan`]).
+    pub fn scan(&self, prefix: &str, each: &mut dyn FnMut(&str, &[u8])) {
+        self.view.scan(prefix, each)
     }
 
     /// The committed timers that fall due as the watermark reaches `watermark` and were not

@@ -297,25 +297,24 @@ impl Step {
     /// Whether the step reads its committed state through the local store (see
     /// [`committed`]) rather than holding it in memory.
     pub fn reads_through_store(&self) -> bool {
-        match self {
-            Step::Dedup(_) | Step::Aggregate(_) => true,
-            Step::Window(window) => WindowOperator::reads_through_store(window),
-            _ => false,
-        }
+        // Every stateful step does.
+        self.is_stateful()
     }
 
     /// The timer a committed state entry of this step needs in the store (for a step that
-    /// reads through it), from the entry's value as the changelog holds it (JSON text): a
-    /// dedup key's expiry, an aggregate group's end (with a ttl), a window's close. None for
-    /// other steps, or a value that is not the step's state.
-    pub fn timer_of(&self, value: &[u8]) -> Option<i64> {
+    /// reads through it), from the entry's state key and its value as the changelog holds it
+    /// (JSON text): a dedup key's expiry, an aggregate group's end (with a ttl), a window's
+    /// close, a join record's eviction. None for other steps, or an entry that is not the
+    /// step's state.
+    pub fn timer_of(&self, key: &str, value: &[u8]) -> Option<i64> {
         match self {
             Step::Dedup(dedup) => {
                 let time = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
                 Some(DedupOperator::expiry(crate::config::millis(dedup.within), time))
             }
             Step::Aggregate(aggregate) => AggregateOperator::timer_of(aggregate, value),
-            Step::Window(window) if WindowOperator::reads_through_store(window) => WindowOperator::timer_of(window, value),
+            Step::Window(window) => WindowOperator::timer_of(window, value),
+            Step::Join(join) => JoinOperator::timer_of(join, key, value),
             _ => None,
         }
     }
@@ -462,6 +461,7 @@ impl Operator {
             Operator::Dedup(dedup) => dedup.read_through(view),
             Operator::Aggregate(aggregate) => aggregate.read_through(view),
             Operator::Window(window) => window.read_through(view),
+            Operator::Join(join, _) => join.read_through(view),
             _ => {}
         }
     }
@@ -472,6 +472,7 @@ impl Operator {
             Operator::Dedup(dedup) => dedup.take_timers(),
             Operator::Aggregate(aggregate) => aggregate.take_timers(),
             Operator::Window(window) => window.take_timers(),
+            Operator::Join(join, _) => join.take_timers(),
             _ => Vec::new(),
         }
     }
@@ -483,6 +484,7 @@ impl Operator {
             Operator::Dedup(dedup) => dedup.take_key_delta(),
             Operator::Aggregate(aggregate) => aggregate.take_key_delta(),
             Operator::Window(window) => window.take_key_delta(),
+            Operator::Join(join, _) => join.take_key_delta(),
             _ => 0,
         }
     }

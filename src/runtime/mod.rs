@@ -180,7 +180,7 @@ fn run_once(
         None => None,
         Some(generation) => {
             let directory = settings.state.dir.join(format!("{}-{}", pipeline.name, options.instance));
-            let timer_of = |step: usize, value: &[u8]| engine.timer_of(step, value);
+            let timer_of = |step: usize, key: &str, value: &[u8]| engine.timer_of(step, key, value);
             let store = StateStore::open(&directory, &engine.stateful_steps(), generation, StoreMemory::of(&settings.state), mode == DeliveryMode::Transactional, &timer_of)?;
             engine.set_backing(store.backing());
             Some(store)

@@ -35,7 +35,7 @@ struct ChunkKey {
 impl ChunkKeys {
     /// One changelog entry of `key` (its raw changelog key; `owner`, `state_key` decoded from
     /// it): its timer, and whether it sets (true) or deletes the key. `stored` answers, for
-    /// a key's first entry in the chunk, whether the store holds it and with which timer
+    /// a key's first entry in the chunk (given its state key), whether the store holds it and with which timer
     /// (None: not known).
     pub fn note(
         &mut self,
@@ -43,14 +43,14 @@ impl ChunkKeys {
         (owner, state_key): (Option<Cow<'_, str>>, Cow<'_, str>),
         timer: Option<i64>,
         exists: bool,
-        stored: impl FnOnce() -> Result<Option<(bool, Option<i64>)>, RuntimeError>,
+        stored: impl FnOnce(&str) -> Result<Option<(bool, Option<i64>)>, RuntimeError>,
     ) -> Result<(), RuntimeError> {
         if let Some(seen) = self.keys.get_mut(key) {
             self.delta += i64::from(exists) - i64::from(seen.exists);
             (seen.timer, seen.exists) = (timer, exists);
             return Ok(());
         }
-        let (existed, stored_timer) = stored()?.unwrap_or((false, None));
+        let (existed, stored_timer) = stored(&state_key)?.unwrap_or((false, None));
         self.delta += i64::from(exists) - i64::from(existed);
         let (owner, state_key) = (owner.map(Cow::into_owned), state_key.into_owned());
         self.keys.insert(key.to_vec(), ChunkKey { owner, state_key, timer, stored_timer, exists });
@@ -102,7 +102,7 @@ mod tests {
 
     fn note(chunk: &mut ChunkKeys, key: &str, timer: Option<i64>, stored: Option<(bool, Option<i64>)>) {
         let exists = timer.is_some();
-        chunk.note(key.as_bytes(), (Some(Cow::Borrowed("input")), Cow::Borrowed(key)), timer, exists, || Ok(stored)).expect("noted");
+        chunk.note(key.as_bytes(), (Some(Cow::Borrowed("input")), Cow::Borrowed(key)), timer, exists, |_| Ok(stored)).expect("noted");
     }
 
     /// A key rewritten in a chunk gets its last entry's timer once; where the store's old

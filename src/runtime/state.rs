@@ -430,12 +430,12 @@ impl Restorer {
                         let ChangelogKey(owner, state_key) = decode_key(key).map_err(corrupt)?;
                         let is_watermark = state_key == WATERMARK_KEY;
                         if counts_as_key(&state_key) {
-                            let timer = value.and_then(|value| engine.timer_of(step, value));
+                            let timer = value.and_then(|value| engine.timer_of(step, &state_key, value));
                             // On a read of the tail, what the store held before this chunk.
-                            let stored = || match (store, counted) {
+                            let stored = |state_key: &str| match (store, counted) {
                                 (Some(store), true) => {
                                     let old = store.entry(step, partition, key)?;
-                                    Ok(Some((old.is_some(), old.and_then(|old| engine.timer_of(step, &old)))))
+                                    Ok(Some((old.is_some(), old.and_then(|old| engine.timer_of(step, state_key, &old)))))
                                 }
                                 _ => Ok(None),
                             };

@@ -30,10 +30,10 @@ const OFFSETS: &str = "offsets";
 
 /// The entry of the `offsets` family that says how the store is laid out: none, made before
 /// timers were kept; "2", with timers for dedups only; "3", for running aggregates too; "4",
-/// for tumbling and hopping windows too, with each step's key count per partition (see
-/// [`StateStore::open`]).
+/// for tumbling and hopping windows too, with each step's key count per partition; "5", for
+/// session windows and joins too (see [`StateStore::open`]).
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT: &[u8] = b"4";
+const FORMAT: &[u8] = b"5";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;
@@ -227,8 +227,9 @@ fn input_key(topic: &str, partition: i32) -> Vec<u8> {
     format!("input/{partition}/{topic}").into_bytes()
 }
 
-/// The timer a step needs for a committed value (the JSON text of a state entry), or None.
-pub type TimerOf<'a> = &'a dyn Fn(usize, &[u8]) -> Option<i64>;
+/// The timer a step needs for a committed entry (its state key and the JSON text of its
+/// value), or None.
+pub type TimerOf<'a> = &'a dyn Fn(usize, &str, &[u8]) -> Option<i64>;
 
 impl StateStore {
     /// Opens (or creates) the store. Another process with the same instance may still hold
@@ -337,7 +338,7 @@ impl StateStore {
                 if counts_as_key(&state_key) {
                     *counts.entry(partition).or_default() += 1;
                 }
-                let Some(time) = timer_of(*step, &value) else { continue };
+                let Some(time) = timer_of(*step, &state_key, &value) else { continue };
                 writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true));
                 if writes.len() >= 10_000 {
                     built += writes.len() as u64;

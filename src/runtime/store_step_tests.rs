@@ -1,6 +1,6 @@
-//! Running aggregates and tumbling and hopping windows reading through the store,
-//! committing, aborting and restarting at random points, against the same steps holding
-//! all their state in memory (restored from their changelog entries after an abort).
+//! Running aggregates, windows and joins reading through the store, committing, aborting
+//! and restarting at random points, against the same steps holding all their state in
+//! memory (restored from their changelog entries after an abort).
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use crate::config::{FieldType, Schema};
 use crate::operators::aggregate::config::{OnExpire, RunningAggregate};
 use crate::operators::lookup::Tables;
 use crate::operators::window::config::{Aggregate, EmitMode, Window, WindowKind};
-use crate::operators::{Emitted, Operator, StateChange, StateEntryLimit, Step};
+use crate::operators::{Emitted, Operator, Provenance, StateChange, StateEntryLimit, Step};
 
 const OWNER: &str = "input";
 const PARTITION: i32 = 1;
@@ -30,13 +30,27 @@ fn window(kind: WindowKind, lateness: u64, emit: EmitMode) -> Step {
     Step::Window(Window { group_by: vec!["user".into()], kind, allowed_lateness: Duration::from_millis(lateness), aggregates: aggregates(), emit })
 }
 
+/// A join of `left` and `right` records on `user` (the records' topic says their side).
+fn join(kind: &str, lower: &str, upper: &str) -> Step {
+    let source = |name: &str| {
+        format!("  {name}:\n    topics: [{name}]\n    format: json\n    schema: {{ user: string, tag: string, ts: long }}\n    event_time: {{ field: ts, unit: millis }}\n    watermark: {{ max_out_of_orderness: 1s }}\n")
+    };
+    let text = format!(
+        "name: t\nsources:\n{}{}join:\n  left: left\n  right: right\n  type: {kind}\n  on: [user]\n  within: {{ lower: {lower}, upper: {upper} }}\nsink:\n  topic: out\n",
+        source("left"),
+        source("right")
+    );
+    let pipeline = crate::plan::parse_pipeline(&text).expect("a valid pipeline");
+    pipeline.steps.into_iter().find(|step| matches!(step, Step::Join(_))).expect("a join step")
+}
+
 fn build(step: &Step) -> Operator {
     let schema = Schema { fields: vec![("user".into(), FieldType::String), ("tag".into(), FieldType::String)] };
     Operator::build(step, &schema, StateEntryLimit::default(), &mut Tables::default()).expect("the step builds")
 }
 
 fn open(directory: &Path, step: &Step) -> StateStore {
-    let timer_of = |_step: usize, value: &[u8]| step.timer_of(value);
+    let timer_of = |_step: usize, key: &str, value: &[u8]| step.timer_of(key, value);
     StateStore::open(directory, &[0], "generation", StoreMemory::default(), true, &timer_of).expect("the store opens")
 }
 
@@ -78,6 +92,7 @@ fn shown(out: &[Emitted<'_>]) -> Vec<String> {
 fn steps_reading_through_the_store_match_the_ones_in_memory() {
     let tumbling = WindowKind::Tumbling { size: Duration::from_millis(50) };
     let hopping = WindowKind::Hopping { size: Duration::from_millis(60), slide: Duration::from_millis(20) };
+    let session = |gap| WindowKind::Session { gap: Duration::from_millis(gap) };
     let steps = [
         aggregate(Some(100), OnExpire::Tombstone),
         aggregate(Some(40), OnExpire::Keep),
@@ -86,6 +101,11 @@ fn steps_reading_through_the_store_match_the_ones_in_memory() {
         window(tumbling, 30, EmitMode::Update),
         window(hopping, 10, EmitMode::Final),
         window(hopping, 0, EmitMode::Update),
+        window(session(8), 0, EmitMode::Final),
+        window(session(5), 15, EmitMode::Update),
+        join("full", "-20ms", "20ms"),
+        join("inner", "0ms", "10ms"),
+        join("left", "-5ms", "0ms"),
     ];
     for (seed, step) in steps.iter().enumerate() {
         let mut random = StdRng::seed_from_u64(seed as u64);
@@ -108,7 +128,12 @@ fn steps_reading_through_the_store_match_the_ones_in_memory() {
         let (mut position, mut watermark, mut emitted) = (0, i64::MIN, 0usize);
         while position < records.len() {
             let (user, tag, time) = &records[position];
-            let record = || crate::operators::test_record(json!({ "user": user, "tag": tag }), *time);
+            let (offset, topic) = (position as i64, if position % 3 == 0 { "right" } else { "left" });
+            let record = || {
+                let mut record = crate::operators::test_record(json!({ "user": user, "tag": tag, "ts": time }), *time);
+                record.provenance = Some(Provenance { topic, partition: 0, offset, timestamp: None, headers: &[], key: None });
+                record
+            };
             let (mut expected, mut seen) = (Vec::new(), Vec::new());
             let outcome = memory.process(record(), watermark, &mut expected);
             assert_eq!(through.process(record(), watermark, &mut seen), outcome, "step {seed}, record {position}");
@@ -211,4 +236,32 @@ fn committed_groups_leave_memory_and_end_by_their_timers() {
     assert!(out.is_empty(), "nothing is left to end: {:?}", shown(&out));
     commit(&store, &mut operator);
     assert_eq!(timers(&store), 0, "a moved timer's old place is cleared, every fired one too");
+}
+
+/// A store an earlier weir kept holds a join's buffered records but no `sequence` entry: the
+/// join numbers its next records past the highest committed one, never over one of them.
+#[test]
+fn a_join_without_a_committed_sequence_numbers_past_its_committed_records() {
+    let step = join("full", "-1s", "1s");
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let store = open(directory.path(), &step);
+    let mut operator = reading_through(&store, &step);
+    let record = |user: &str, offset: i64| {
+        let mut record = crate::operators::test_record(json!({ "user": user, "tag": "a", "ts": 10 }), 10);
+        record.provenance = Some(Provenance { topic: "left", partition: 0, offset, timestamp: None, headers: &[], key: None });
+        record
+    };
+    for offset in 0..5 {
+        operator.process(record(if offset == 4 { "v" } else { "u" }, offset), i64::MIN, &mut Vec::new()).expect("buffered");
+    }
+    let changes = commit(&store, &mut operator);
+    assert!(changes.iter().any(|change| change.key == "sequence"));
+    let mut sequence_key = partition_prefix(PARTITION);
+    sequence_key.extend_from_slice(&changelog_key(Some(OWNER), "sequence"));
+    store.db.delete_cf(store.handle(&family(0)).expect("the family"), sequence_key).expect("deleted");
+    let mut operator = reading_through(&store, &step);
+    operator.process(record("u", 5), i64::MIN, &mut Vec::new()).expect("buffered");
+    let changes = operator.take_changes();
+    let keys: Vec<&str> = changes.iter().map(|change| change.key.as_str()).collect();
+    assert_eq!(keys, [r#"["{\"user\":\"u\"}","left",5]"#, "sequence"], "the highest committed was 4 (under v: found by a scan of every key)");
 }

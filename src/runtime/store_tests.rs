@@ -22,7 +22,7 @@ fn spec() -> Dedup {
     Dedup { key: vec!["id".into()], within: Duration::from_millis(WITHIN as u64) }
 }
 
-fn timer_of(_step: usize, value: &[u8]) -> Option<i64> {
+fn timer_of(_step: usize, _key: &str, value: &[u8]) -> Option<i64> {
     let time: i64 = std::str::from_utf8(value).ok()?.parse().ok()?;
     Some(DedupOperator::expiry(WITHIN, time))
 }

@@ -112,4 +112,31 @@ impl CommittedState for StoreView {
         }
         None
     }
+
+    fn scan(&self, prefix: &str, each: &mut dyn FnMut(&str, &[u8])) {
+        let Some(handle) = self.family(&self.state) else { return };
+        // The store key is the state key as a JSON string: a prefix of the key is the
+        // prefix's JSON string less its closing quote.
+        let mut start = self.state_prefix.clone();
+        let _ = serde_json::to_writer(&mut start, prefix);
+        start.pop();
+        // No byte of UTF-8 text is 0xFF: every key with the prefix sorts below this.
+        let mut end = start.clone();
+        end.push(0xFF);
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        for item in self.db.iterator_cf_opt(handle, options, IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = match item {
+                Ok(entry) => entry,
+                Err(error) => {
+                    self.failed("reading", error);
+                    return;
+                }
+            };
+            let Some(quoted) = key.get(self.state_prefix.len()..key.len().saturating_sub(1)) else { continue };
+            // A key that does not read back as a string is not a state entry of this view.
+            let Ok(state_key) = serde_json::from_slice::<String>(quoted) else { continue };
+            each(&state_key, &value);
+        }
+    }
 }

@@ -31,7 +31,7 @@ fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
 }
 
 #[test]
-fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
+fn windowed_count_dedup_sessions_and_a_repartitioned_window_survive_sigkills_exactly() {
     let _heavy = heavy_test();
     const RECORDS: u64 = 200_000;
     let input = unique("clicks");
@@ -41,8 +41,11 @@ fn windowed_count_dedup_and_a_repartitioned_window_survive_sigkills_exactly() {
     // Grouped by a field the input is not partitioned by: through a repartition topic, with
     // windows closed by watermarks that travel through it.
     let repartitioned_steps = "  - window: { group_by: [amount], tumbling: 10s, aggregates: { clicks: count() } }";
+    // Sessions that merge across batches and restarts (a user's clicks come about 200 ms
+    // apart, give or take 400 ms).
+    let session_steps = "  - window: { group_by: [user], session: { gap: 150ms }, aggregates: { clicks: count(), total: sum(amount) } }";
     let cases: Vec<(&str, String, String)> =
-        [("window", window_steps), ("dedup", dedup_steps), ("repartitioned", repartitioned_steps)]
+        [("window", window_steps), ("dedup", dedup_steps), ("repartitioned", repartitioned_steps), ("session", session_steps)]
         .into_iter()
         .map(|(kind, steps)| {
             let (golden, crashed) = (unique(&format!("{kind}-golden")), unique(&format!("{kind}-crashed")));
@@ -646,7 +649,7 @@ fn a_store_entry_that_does_not_read_back_is_replaced_from_the_changelog() {
     let generation = std::fs::read_to_string(directory.join("GENERATION")).expect("the store's generation");
     {
         use weir::runtime::store::{changelog_key, StateStore, StoreMemory, StoreWrite};
-        let store = StateStore::open(&directory, &[0], generation.trim(), StoreMemory::default(), true, &|_, _| None).expect("the store opens");
+        let store = StateStore::open(&directory, &[0], generation.trim(), StoreMemory::default(), true, &|_, _, _| None).expect("the store opens");
         let garbage: Vec<StoreWrite> = (0..2)
             .map(|partition| StoreWrite::state(0, partition, changelog_key(Some(&input), "watermark"), Some(b"not json".to_vec())))
             .collect();

@@ -255,8 +255,8 @@ impl Topology {
     }
 
     /// The store timer a committed entry of `step` needs, where it reads through the store.
-    pub fn timer_of(&self, step: usize, value: &[u8]) -> Option<i64> {
-        self.pipeline.steps.get(step)?.timer_of(value)
+    pub fn timer_of(&self, step: usize, key: &str, value: &[u8]) -> Option<i64> {
+        self.pipeline.steps.get(step)?.timer_of(key, value)
     }
 
     /// The join run in place, as (left topic, right topic); None when it is repartitioned

@@ -15,7 +15,11 @@
 //!
 //! State entries (for the changelog): key `[<on key as JSON text>, "left"|"right", <seq>]`,
 //! value `{"t": <event time>, "fields": {...}, "matched": bool}`. `seq` numbers the records of
-//! a task in processing order, so pairs come out in a stable order after a restore too.
+//! a task in processing order, so pairs come out in a stable order after a restore too; the
+//! next one is kept under the key `sequence`.
+//!
+//! With a committed view (production), the buffered records live in the local store (see
+//! [`stored`]); without one (`weir test`), all of them are in memory.
 
 use std::collections::BTreeSet;
 
@@ -24,7 +28,9 @@ use serde_json::{Map, Value};
 
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
+mod stored;
 
+use super::committed::StoreTimers;
 use config::{Join, JoinKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -90,6 +96,8 @@ struct Buffered {
     matched: bool,
     /// Where it was read, as `{topic, partition, offset}` (upsert mode only).
     source: Option<Map<String, Value>>,
+    /// Read from the store: committed, with a store timer at its end.
+    stored: bool,
 }
 
 #[derive(Default)]
@@ -98,13 +106,36 @@ struct KeyState {
     key: Map<String, Value>,
     left: Vec<Buffered>,
     right: Vec<Buffered>,
+    /// With a committed view: whether every committed record of a side (left, right) is
+    /// in memory, or only some (those this batch buffered or ended).
+    complete: [bool; 2],
+    /// With a committed view: touched by this batch, and the committed records it ended
+    /// (the store holds them until it commits: they are not read in again).
+    touched: bool,
+    ended: Vec<(Side, u64)>,
 }
 
 impl KeyState {
+    fn new(key: Map<String, Value>) -> KeyState {
+        KeyState { key, ..KeyState::default() }
+    }
+
     fn side(&mut self, side: Side) -> &mut Vec<Buffered> {
         match side {
             Side::Left => &mut self.left,
             Side::Right => &mut self.right,
+        }
+    }
+
+    /// Puts a committed record in its place (by seq), unless it is there or was ended.
+    fn take_in(&mut self, side: Side, entry: Buffered) {
+        if self.ended.contains(&(side, entry.seq)) {
+            return;
+        }
+        let buffered = self.side(side);
+        let position = buffered.partition_point(|other| other.seq < entry.seq);
+        if buffered.get(position).is_none_or(|other| other.seq != entry.seq) {
+            buffered.insert(position, entry);
         }
     }
 }
@@ -113,11 +144,18 @@ pub struct JoinOperator {
     spec: JoinSpec,
     /// `on` key (JSON text) → what is buffered under it.
     keys: HashMap<String, KeyState>,
-    /// (end, key, side, seq): buffered records in the order the watermark ends them.
+    /// (end, key, side, seq): buffered records in the order the watermark ends them (with a
+    /// committed view, those not committed yet: the others end by store timers).
     ends: BTreeSet<(i64, String, Side, u64)>,
     /// Restores fill `keys` alone; `ends` is rebuilt once before it is next used.
     ends_stale: bool,
     next_seq: u64,
+    /// `next_seq` moved since the last `take_changes`.
+    seq_moved: bool,
+    /// The committed records and their timers, when they live in the store, and whether
+    /// the committed sequence was read.
+    committed: Option<StoreTimers>,
+    sequence_read: bool,
     /// Entries added, changed (matched) or ended since the last `take_changes`.
     dirty: BTreeSet<(String, Side, u64)>,
     limit: StateEntryLimit,
@@ -135,6 +173,9 @@ impl JoinOperator {
             ends: BTreeSet::new(),
             ends_stale: false,
             next_seq: 0,
+            seq_moved: false,
+            committed: None,
+            sequence_read: false,
             dirty: BTreeSet::new(),
             limit,
         }
@@ -152,18 +193,14 @@ impl JoinOperator {
         )
     }
 
-    /// Buffered records, both sides.
+    /// Buffered records, both sides (with a committed view, those not committed yet: the
+    /// store counts the others).
     pub fn state_keys(&self) -> usize {
-        self.keys.values().map(|state| state.left.len() + state.right.len()).sum()
+        self.keys.values().flat_map(|state| state.left.iter().chain(&state.right)).filter(|entry| !entry.stored).count()
     }
 
-    /// When the watermark ends a buffered record of `side` with event time `time`: it stays
-    /// while the watermark is at or below this.
     fn end_of(&self, side: Side, time: i64) -> i64 {
-        match side {
-            Side::Left => time.saturating_add(self.spec.upper),
-            Side::Right => time.saturating_sub(self.spec.lower),
-        }
+        end_of(self.spec.lower, self.spec.upper, side, time)
     }
 
     /// Joins `record` (from `side`) with what the other side buffered under its key, then
@@ -183,21 +220,28 @@ impl JoinOperator {
         let key_text = Value::Object(key.clone()).to_string();
         self.check_entry_size(&key_text, &record)?;
         self.rebuild_ends();
+        self.read_sequence();
         let (lower, upper) = (self.spec.lower, self.spec.upper);
         let time = record.event_time;
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.seq_moved = true;
+        if let Some(committed) = &mut self.committed {
+            committed.count(1);
+        }
         let end = self.end_of(side, time);
         let source = match self.spec.keep_sources {
             true => record.provenance.map(|provenance| coordinates(provenance.topic, provenance.partition, provenance.offset)),
             false => None,
         };
-        let state = self.keys.entry(key_text.clone()).or_insert_with(|| KeyState { key: key.clone(), ..KeyState::default() });
-        let mut matched = false;
         let other_side = match side {
             Side::Left => Side::Right,
             Side::Right => Side::Left,
         };
+        self.load_side(&key_text, &key, other_side);
+        let state = self.keys.entry(key_text.clone()).or_insert_with(|| KeyState::new(key.clone()));
+        state.touched = true;
+        let mut matched = false;
         for other in state.side(other_side).iter_mut() {
             let (left_time, right_time) = match side {
                 Side::Left => (time, other.time),
@@ -218,7 +262,7 @@ impl JoinOperator {
                 out.push(Emitted::Record(joined(&self.spec, left, right, left_time.max(right_time), &key, record.provenance)));
             }
         }
-        state.side(side).push(Buffered { seq, time, fields: record.fields, matched, source });
+        state.side(side).push(Buffered { seq, time, fields: record.fields, matched, source, stored: false });
         self.ends.insert((end, key_text.clone(), side, seq));
         self.dirty.insert((key_text, side, seq));
         Ok(StepOutcome::Passed)
@@ -249,15 +293,28 @@ impl JoinOperator {
     /// the outer sides with the other side null.
     pub fn advance<'a>(&mut self, watermark: i64, out: &mut Vec<Emitted<'a>>) {
         self.rebuild_ends();
-        while let Some((end, _, _, _)) = self.ends.first() {
-            if *end >= watermark {
-                break;
-            }
-            let Some((_, key_text, side, seq)) = self.ends.pop_first() else { break };
+        let mut due = Vec::new();
+        while self.ends.first().is_some_and(|(end, _, _, _)| *end < watermark) {
+            due.extend(self.ends.pop_first());
+        }
+        let stored = self.due_from_store(watermark);
+        if !stored.is_empty() {
+            due.extend(stored);
+            due.sort();
+        }
+        for (_, key_text, side, seq) in due {
+            self.load_entry(&key_text, side, seq);
             let Some(state) = self.keys.get_mut(&key_text) else { continue };
             let buffered = state.side(side);
             let Some(position) = buffered.iter().position(|entry| entry.seq == seq) else { continue };
             let entry = buffered.remove(position);
+            if let Some(committed) = &mut self.committed {
+                committed.count(-1);
+                state.touched = true;
+                if entry.stored {
+                    state.ended.push((side, seq));
+                }
+            }
             self.dirty.insert((key_text.clone(), side, seq));
             if !entry.matched && keeps_unmatched(self.spec.kind, side) {
                 let (left, right) = match side {
@@ -266,16 +323,17 @@ impl JoinOperator {
                 };
                 out.push(Emitted::Record(joined(&self.spec, left, right, entry.time, &state.key, None)));
             }
-            if state.left.is_empty() && state.right.is_empty() {
+            // With a committed view the key stays until the commit, for what it ended.
+            if self.committed.is_none() && state.left.is_empty() && state.right.is_empty() {
                 self.keys.remove(&key_text);
             }
         }
     }
 
     /// What changed since the last call: each buffered record under `[key, side, seq]`, None
-    /// once ended.
+    /// once ended, and the sequence.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
-        std::mem::take(&mut self.dirty)
+        let mut changes: Vec<StateChange> = std::mem::take(&mut self.dirty)
             .into_iter()
             .map(|(key_text, side, seq)| {
                 let value = self.keys.get(&key_text).and_then(|state| {
@@ -291,37 +349,38 @@ impl JoinOperator {
                         value
                     })
                 });
-                let key = Value::from(vec![Value::String(key_text), Value::from(side.as_str()), Value::from(seq)]).to_string();
-                StateChange { key, value }
+                StateChange { key: state_key(&key_text, side, seq), value }
             })
-            .collect()
+            .collect();
+        if std::mem::take(&mut self.seq_moved) {
+            changes.push(StateChange { key: SEQUENCE_KEY.into(), value: Some(Value::from(self.next_seq)) });
+        }
+        self.hand_over();
+        changes
     }
 
     /// Puts back one changelog entry (None deletes it).
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
-        let (key_text, side, seq): (String, String, u64) =
-            serde_json::from_str(key).map_err(|error| CorruptState(format!("join state key {key}: {error}")))?;
-        let side = Side::parse(&side).ok_or_else(|| CorruptState(format!("join state key {key}: no side {side}")))?;
+        if key == SEQUENCE_KEY {
+            self.next_seq = self.next_seq.max(value.and_then(Value::as_u64).unwrap_or(0));
+            return Ok(());
+        }
+        let (key_text, side, seq) = parse_key(key)?;
         self.ends_stale = true;
         self.next_seq = self.next_seq.max(seq + 1);
         let state = self.keys.entry(key_text.clone()).or_default();
         state.side(side).retain(|entry| entry.seq != seq);
         if let Some(value) = value {
-            let time = value["t"].as_i64().ok_or_else(|| CorruptState(format!("join state {key} has no time: {value}")))?;
-            let Some(Value::Object(fields)) = value.get("fields") else {
-                return Err(CorruptState(format!("join state {key} has no fields: {value}")));
-            };
+            let entry = buffered_of(key, seq, value)?;
             if state.key.is_empty() {
                 let parsed: Value = serde_json::from_str(&key_text).map_err(|error| CorruptState(format!("join state key {key}: {error}")))?;
                 if let Value::Object(parsed) = parsed {
                     state.key = parsed;
                 }
             }
-            let matched = value["matched"].as_bool().unwrap_or(false);
-            let source = value.get("src").and_then(Value::as_object).cloned();
             let buffered = state.side(side);
             let position = buffered.partition_point(|entry| entry.seq < seq);
-            buffered.insert(position, Buffered { seq, time, fields: fields.clone(), matched, source });
+            buffered.insert(position, entry);
         }
         if state.left.is_empty() && state.right.is_empty() {
             self.keys.remove(&key_text);
@@ -344,6 +403,42 @@ impl JoinOperator {
         }
         self.ends = ends.into_iter().collect();
     }
+}
+
+/// The key the next sequence number is kept under.
+const SEQUENCE_KEY: &str = "sequence";
+
+/// When the watermark ends a buffered record of `side` with event time `time`: it stays
+/// while the watermark is at or below this.
+fn end_of(lower: i64, upper: i64, side: Side, time: i64) -> i64 {
+    match side {
+        Side::Left => time.saturating_add(upper),
+        Side::Right => time.saturating_sub(lower),
+    }
+}
+
+/// A buffered record's state key.
+fn state_key(key_text: &str, side: Side, seq: u64) -> String {
+    Value::from(vec![Value::from(key_text), Value::from(side.as_str()), Value::from(seq)]).to_string()
+}
+
+/// A buffered record's state key read back as (`on` key text, side, seq).
+fn parse_key(key: &str) -> Result<(String, Side, u64), CorruptState> {
+    let (key_text, side, seq): (String, String, u64) =
+        serde_json::from_str(key).map_err(|error| CorruptState(format!("join state key {key}: {error}")))?;
+    let side = Side::parse(&side).ok_or_else(|| CorruptState(format!("join state key {key}: no side {side}")))?;
+    Ok((key_text, side, seq))
+}
+
+/// A buffered record read back from its changelog value.
+fn buffered_of(key: &str, seq: u64, value: &Value) -> Result<Buffered, CorruptState> {
+    let time = value["t"].as_i64().ok_or_else(|| CorruptState(format!("join state {key} has no time: {value}")))?;
+    let Some(Value::Object(fields)) = value.get("fields") else {
+        return Err(CorruptState(format!("join state {key} has no fields: {value}")));
+    };
+    let matched = value["matched"].as_bool().unwrap_or(false);
+    let source = value.get("src").and_then(Value::as_object).cloned();
+    Ok(Buffered { seq, time, fields: fields.clone(), matched, source, stored: false })
 }
 
 /// One side of an output record: its fields and where they were read (upsert mode).
@@ -381,160 +476,4 @@ pub fn coordinates(topic: &str, partition: i32, offset: i64) -> Map<String, Valu
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(kind: JoinKind, lower: i64, upper: i64) -> JoinSpec {
-        JoinSpec { left: "ads".into(), right: "clicks".into(), kind, on: vec!["ad".into()], lower, upper, keep_sources: false }
-    }
-
-    fn record(ad: &str, id: u64, time: i64) -> Record<'static> {
-        let fields = serde_json::json!({ "ad": ad, "id": id }).as_object().cloned().unwrap();
-        Record { fields, event_time: time, provenance: None, key: None, upsert: false, id: None }
-    }
-
-    /// Each emitted record as `(left id or null, right id or null, event time)`.
-    fn pairs(out: &[Emitted<'_>]) -> Vec<(Value, Value, i64)> {
-        out.iter()
-            .map(|item| match item {
-                Emitted::Record(record) => (
-                    record.fields["ads"].get("id").cloned().unwrap_or(Value::Null),
-                    record.fields["clicks"].get("id").cloned().unwrap_or(Value::Null),
-                    record.event_time,
-                ),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn pairs_match_at_both_bounds_inclusive_and_not_beyond() {
-        let mut join = JoinOperator::new(spec(JoinKind::Inner, 0, 10), StateEntryLimit::default());
-        let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
-        for (id, time) in [(10, 99), (11, 100), (12, 110), (13, 111)] {
-            join.process(record("a", id, time), Side::Right, i64::MIN, &mut out).unwrap();
-        }
-        assert_eq!(pairs(&out), vec![(1.into(), 11.into(), 100), (1.into(), 12.into(), 110)]);
-    }
-
-    #[test]
-    fn every_pair_when_keys_repeat_on_both_sides_whatever_the_order() {
-        let mut join = JoinOperator::new(spec(JoinKind::Inner, -5, 5), StateEntryLimit::default());
-        let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
-        join.process(record("a", 10, 103), Side::Right, i64::MIN, &mut out).unwrap();
-        join.process(record("b", 11, 100), Side::Right, i64::MIN, &mut out).unwrap();
-        join.process(record("a", 2, 98), Side::Left, i64::MIN, &mut out).unwrap();
-        join.process(record("a", 12, 96), Side::Right, i64::MIN, &mut out).unwrap();
-        let mut found = pairs(&out);
-        found.sort_by_key(|(left, right, _)| (left.as_u64(), right.as_u64()));
-        assert_eq!(
-            found,
-            vec![(1.into(), 10.into(), 103), (1.into(), 12.into(), 100), (2.into(), 10.into(), 103), (2.into(), 12.into(), 98)]
-        );
-    }
-
-    #[test]
-    fn outer_rows_come_when_the_watermark_proves_no_match_can_come() {
-        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), StateEntryLimit::default());
-        let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
-        join.process(record("b", 20, 105), Side::Right, i64::MIN, &mut out).unwrap();
-        join.process(record("c", 2, 100), Side::Left, i64::MIN, &mut out).unwrap();
-        join.process(record("c", 21, 104), Side::Right, i64::MIN, &mut out).unwrap();
-        assert_eq!(pairs(&out), vec![(2.into(), 21.into(), 104)]);
-        out.clear();
-        // At 110 a right record at 110 could still match the left one at 100.
-        join.advance(110, &mut out);
-        assert_eq!(pairs(&out), vec![(Value::Null, 20.into(), 105)], "b's right record (ends at 105) is over");
-        out.clear();
-        join.advance(111, &mut out);
-        assert_eq!(pairs(&out), vec![(1.into(), Value::Null, 100)], "a's left record; c's matched ones end silently");
-        assert_eq!(join.state_keys(), 0);
-    }
-
-    #[test]
-    fn inner_and_one_sided_joins_emit_only_their_outer_rows() {
-        for (kind, expected) in [
-            (JoinKind::Inner, vec![]),
-            (JoinKind::Left, vec![(1.into(), Value::Null, 100)]),
-            (JoinKind::Right, vec![(Value::Null, 20.into(), 100)]),
-        ] {
-            let mut join = JoinOperator::new(spec(kind, 0, 0), StateEntryLimit::default());
-            let mut out = Vec::new();
-            join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
-            join.process(record("b", 20, 100), Side::Right, i64::MIN, &mut out).unwrap();
-            join.advance(i64::MAX, &mut out);
-            assert_eq!(pairs(&out), expected, "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn a_record_before_the_watermark_is_late() {
-        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), StateEntryLimit::default());
-        let mut out = Vec::new();
-        assert_eq!(join.process(record("a", 1, 100), Side::Left, 100, &mut out), Ok(StepOutcome::Passed));
-        assert!(matches!(join.process(record("a", 2, 99), Side::Right, 100, &mut out), Ok(StepOutcome::Late(_))));
-        assert_eq!(join.state_keys(), 1);
-    }
-
-    /// A restored operator matches, ends and emits exactly as the one whose changes it read.
-    #[test]
-    fn a_restored_join_goes_on_as_the_original() {
-        let mut original = JoinOperator::new(spec(JoinKind::Full, -5, 5), StateEntryLimit::default());
-        let mut changelog: std::collections::BTreeMap<String, Value> = Default::default();
-        let mut out = Vec::new();
-        let inputs = [("a", 1, 100, Side::Left), ("a", 10, 104, Side::Right), ("b", 2, 100, Side::Left), ("c", 11, 101, Side::Right)];
-        for (ad, id, time, side) in inputs {
-            original.process(record(ad, id, time), side, i64::MIN, &mut out).unwrap();
-        }
-        original.advance(100, &mut out);
-        for change in original.take_changes() {
-            match change.value {
-                Some(value) => changelog.insert(change.key, value),
-                None => changelog.remove(&change.key),
-            };
-        }
-        let mut restored = JoinOperator::new(spec(JoinKind::Full, -5, 5), StateEntryLimit::default());
-        for (key, value) in &changelog {
-            restored.restore(key, Some(value)).unwrap();
-        }
-        assert_eq!(restored.state_keys(), original.state_keys());
-        let (mut from_original, mut from_restored) = (Vec::new(), Vec::new());
-        for (join, out) in [(&mut original, &mut from_original), (&mut restored, &mut from_restored)] {
-            join.process(record("b", 12, 103), Side::Right, 100, out).unwrap();
-            join.advance(i64::MAX, out);
-        }
-        assert_eq!(pairs(&from_restored), pairs(&from_original));
-        assert_eq!(
-            pairs(&from_original),
-            vec![(2.into(), 12.into(), 103), (Value::Null, 11.into(), 101)],
-            "a's pair was emitted before; c's right record is unmatched"
-        );
-    }
-
-    /// A record whose buffered entry the producer could not send goes to `on_error.process`:
-    /// it neither matches nor is buffered, and the records after it join as before.
-    #[test]
-    fn a_record_too_large_for_the_changelog_is_refused_and_the_state_left_alone() {
-        let limit = StateEntryLimit::under_message_max_bytes(3000);
-        let mut join = JoinOperator::new(spec(JoinKind::Full, 0, 10), limit);
-        let mut out = Vec::new();
-        join.process(record("a", 1, 100), Side::Left, i64::MIN, &mut out).unwrap();
-        join.take_changes();
-        let mut large = record("a", 2, 101);
-        large.fields.insert("payload".into(), Value::from("p".repeat(limit.bytes())));
-        let refused = join.process(large, Side::Right, i64::MIN, &mut out);
-        assert!(refused.is_err_and(|error| error.0.contains("join state")), "refused");
-        assert!(out.is_empty(), "it matched nothing");
-        assert_eq!(join.state_keys(), 1, "nothing buffered");
-        assert_eq!(join.take_changes(), Vec::new(), "no changelog entry, not even the left record's `matched`");
-        // A key of quotes is escaped twice on its way into the changelog key.
-        let quotes = "\"".repeat(limit.bytes() / 5);
-        assert!(join.process(record(&quotes, 3, 101), Side::Right, i64::MIN, &mut out).is_err(), "escaped size counts");
-        join.process(record("a", 4, 102), Side::Right, i64::MIN, &mut out).unwrap();
-        assert_eq!(pairs(&out), vec![(1.into(), 4.into(), 102)]);
-        assert_eq!(join.state_keys(), 2);
-    }
-}
+mod tests;

@@ -8,10 +8,10 @@
 //! then forgets it. `emit: update` emits, at each commit, every window that changed since the
 //! last one, keyed `{group fields..., window_start}`; a session merged away gets a tombstone.
 //!
-//! With a committed view (production), tumbling and hopping windows live in the local store
-//! (see [`stored`]); without one (`weir test`), and for sessions, every window is in memory.
+//! With a committed view (production), windows live in the local store (see [`stored`]);
+//! without one (`weir test`), every window is in memory.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
@@ -44,6 +44,8 @@ pub struct WindowOperator {
     /// committed sequence has been read from it.
     committed: Option<StoreTimers>,
     sequence_read: bool,
+    /// Sessions: the groups whose committed sessions this batch has read in.
+    scanned: HashSet<String>,
     /// Windows changed since the last commit (update mode), in a stable order.
     changed: BTreeSet<(String, i64)>,
     /// Sessions merged away since the last commit that had been emitted: (group, start).
@@ -117,6 +119,7 @@ impl WindowOperator {
             closing: BTreeSet::new(),
             committed: None,
             sequence_read: false,
+            scanned: HashSet::new(),
             changed: BTreeSet::new(),
             merged_away: Vec::new(),
             sequence: Sequence::default(),
@@ -190,6 +193,7 @@ impl WindowOperator {
                     .map(|()| windows.for_each(|(start, end)| self.add(&group_text, &key, start, end, &record, sequence)))
             }
             WindowKind::Session { gap } => {
+                self.load_group(&group_text);
                 let end = time.saturating_add(crate::config::millis(gap));
                 if !open(end) {
                     return Ok(self.late(time, watermark));
@@ -309,8 +313,12 @@ impl WindowOperator {
         // Merging keeps at most what the parts held, so their estimates add up to one.
         let mut merged_bytes = estimate(&mut merged, group_text, key, self.aggregates.len());
         let merged_start = overlapping.first().map_or(start, |first| (*first).min(start));
+        let mut stored = Vec::new();
         for session_start in &overlapping {
             let Some(old) = group.windows.remove(session_start) else { continue };
+            if old.stored {
+                stored.push((*session_start, old.end));
+            }
             self.closing.remove(&(old.end.saturating_add(self.lateness), group_text.to_string(), *session_start));
             self.changed.remove(&(group_text.to_string(), *session_start));
             self.dirty.push((group_text.to_string(), *session_start));
@@ -336,6 +344,12 @@ impl WindowOperator {
         if self.emit == EmitMode::Update {
             self.changed.insert((group_text.to_string(), merged_start));
         }
+        for (session_start, end) in stored {
+            self.merged_stored(group_text, session_start, end);
+        }
+        if let Some(committed) = &mut self.committed {
+            committed.count(1 - overlapping.len() as i64);
+        }
     }
 
     /// Emits (final) or flushes (update) and forgets the windows the watermark closed.
@@ -347,14 +361,20 @@ impl WindowOperator {
         while self.closing.first().is_some_and(|(close, _, _)| *close <= watermark) {
             due.extend(self.closing.pop_first());
         }
+        let mut due: Vec<(i64, String, i64, bool)> = due.into_iter().map(|(close, group, start)| (close, group, start, false)).collect();
         let stored = self.due_from_store(watermark);
         if !stored.is_empty() {
-            due.extend(stored);
+            due.extend(stored.into_iter().map(|(close, group, start)| (close, group, start, true)));
             due.sort();
         }
-        for (_, group_text, start) in due {
+        for (_, group_text, start, by_store_timer) in due {
             self.load(&group_text, start);
             let Some(group) = self.groups.get_mut(&group_text) else { continue };
+            // A store timer ends only the committed window it was set for: a session merged
+            // in this batch into one with the same start closes by its own, later close.
+            if by_store_timer && group.windows.get(&start).is_none_or(|window| !window.stored) {
+                continue;
+            }
             let Some(window) = group.windows.remove(&start) else { continue };
             if let Some(committed) = &mut self.committed {
                 committed.count(-1);
@@ -490,92 +510,4 @@ impl WindowState {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn window(kind: WindowKind, aggregates: &[(&str, Aggregate)]) -> Window {
-        Window {
-            group_by: vec!["user".into()],
-            kind,
-            allowed_lateness: Duration::ZERO,
-            aggregates: aggregates.iter().map(|(name, aggregate)| (name.to_string(), aggregate.clone())).collect(),
-            emit: EmitMode::Final,
-        }
-    }
-
-    fn record(user: &str, tag: &str, time: i64) -> Record<'static> {
-        crate::operators::test_record(serde_json::json!({ "user": user, "tag": tag }), time)
-    }
-
-    /// The closed windows' results, as (user, tags, last tag).
-    fn results(out: &[Emitted<'_>]) -> Vec<(Value, Value, Value)> {
-        out.iter()
-            .filter_map(|item| match item {
-                Emitted::Record(record) => {
-                    Some((record.fields["user"].clone(), record.fields["tags"].clone(), record.fields["last"].clone()))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// A window whose changelog entry would outgrow what the producer can send refuses the
-    /// record that would do it, in every window it belongs to, and goes on with the others:
-    /// a single value too large, and a count_distinct set that grows past the limit.
-    #[test]
-    fn a_record_that_would_make_a_window_too_large_is_refused_and_the_windows_left_alone() {
-        let limit = StateEntryLimit::under_message_max_bytes(5000);
-        let aggregates =
-            [("tags", Aggregate::CountDistinct("tag".into())), ("last", Aggregate::Last("tag".into()))];
-        let kinds = [
-            WindowKind::Tumbling { size: Duration::from_millis(100) },
-            WindowKind::Hopping { size: Duration::from_millis(100), slide: Duration::from_millis(50) },
-            WindowKind::Session { gap: Duration::from_millis(100) },
-        ];
-        for kind in kinds {
-            let mut operator = WindowOperator::new(&window(kind, &aggregates), None, limit);
-            let mut out = Vec::new();
-            assert_eq!(operator.process(record("u", "a", 10), i64::MIN, &mut out), Ok(StepOutcome::Passed));
-            let windows = operator.state_keys();
-            operator.take_changes();
-            // One value over the limit alone.
-            let refused = operator.process(record("u", &"x".repeat(limit.bytes()), 20, ), i64::MIN, &mut out);
-            assert!(refused.is_err_and(|error| error.0.contains("window state")), "{kind:?}: one large value");
-            assert_eq!(operator.take_changes(), Vec::new(), "{kind:?}: nothing changed, not even the sequence");
-            // Distinct values that fit one by one, until the set would not.
-            let tag = |index: usize| format!("{index:04}{}", "t".repeat(600));
-            let mut kept = 1;
-            let mut refused_at = None;
-            for index in 0..10 {
-                match operator.process(record("u", &tag(index), 30), i64::MIN, &mut out) {
-                    Ok(StepOutcome::Passed) => kept += 1,
-                    Ok(other) => panic!("{kind:?}: {other:?}"),
-                    Err(_) => {
-                        refused_at = Some(index);
-                        break;
-                    }
-                }
-            }
-            let refused_at = refused_at.unwrap_or_else(|| panic!("{kind:?}: the set never reached the limit"));
-            // Five 600-byte tags and the last one fit under 3,976 bytes; a sixth does not.
-            assert_eq!(refused_at, 5, "{kind:?}: refused at {refused_at}");
-            // Whatever was refused, each entry written fits, as the producer will see it.
-            for change in operator.take_changes() {
-                let Some(value) = change.value else { continue };
-                let size = quoted_len(&change.key) + value.to_string().len();
-                assert!(size <= limit.bytes(), "{kind:?}: an entry of {size} bytes");
-            }
-            assert_eq!(operator.state_keys(), windows, "{kind:?}");
-            // A record that adds nothing new still counts, and the windows close as before.
-            assert_eq!(operator.process(record("u", "a", 40), i64::MIN, &mut out), Ok(StepOutcome::Passed));
-            operator.advance(i64::MAX, &mut out);
-            let found = results(&out);
-            assert!(!found.is_empty(), "{kind:?}");
-            for (user, tags, last) in found {
-                assert_eq!((user, tags, last), ("u".into(), kept.into(), "a".into()), "{kind:?}");
-            }
-        }
-    }
-}
+mod tests;
