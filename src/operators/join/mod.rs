@@ -303,6 +303,9 @@ impl JoinOperator {
             due.sort();
         }
         for (_, key_text, side, seq) in due {
+            if self.end_unread(&key_text, side, seq) {
+                continue;
+            }
             self.load_entry(&key_text, side, seq);
             let Some(state) = self.keys.get_mut(&key_text) else { continue };
             let buffered = state.side(side);

@@ -13,7 +13,7 @@
 use serde_json::{Map, Value};
 
 use super::config::Join;
-use super::{JoinOperator, KeyState, SEQUENCE_KEY, Side, buffered_of, end_of, parse_key, state_key};
+use super::{JoinOperator, KeyState, SEQUENCE_KEY, Side, buffered_of, end_of, keeps_unmatched, parse_key, state_key};
 use crate::operators::committed::{CommittedState, StoreTimers, TimerChange, array_prefix};
 
 /// At most how many committed records a task keeps in memory between batches (few in unit
@@ -112,6 +112,39 @@ impl JoinOperator {
         if let Some(state) = self.keys.get_mut(key_text) {
             state.take_in(side, entry);
         }
+    }
+
+    /// Ends a committed record that is not in memory and is never emitted alone (an inner
+    /// side's) without reading its value: a point read says whether it is still there (a
+    /// timer may outlive its record after a restore), and the ending deletes it. False when
+    /// the record must be read in instead (`load_entry`).
+    pub(super) fn end_unread(&mut self, key_text: &str, side: Side, seq: u64) -> bool {
+        let Some(committed) = &mut self.committed else { return false };
+        if keeps_unmatched(self.spec.kind, side) {
+            return false;
+        }
+        if let Some(state) = self.keys.get(key_text) {
+            if state.ended.contains(&(side, seq)) {
+                return true;
+            }
+            if state.complete[side as usize] || state.left.iter().chain(&state.right).any(|entry| entry.seq == seq) {
+                return false;
+            }
+        }
+        let key = state_key(key_text, side, seq);
+        if committed.get(&key).is_none() {
+            return true;
+        }
+        if !self.keys.contains_key(key_text) {
+            let Ok(Value::Object(on)) = serde_json::from_str::<Value>(key_text) else { return true };
+            self.keys.insert(key_text.to_string(), KeyState::new(on));
+        }
+        let Some(state) = self.keys.get_mut(key_text) else { return true };
+        committed.count(-1);
+        state.touched = true;
+        state.ended.push((side, seq));
+        self.dirty.insert((key_text.to_string(), side, seq));
+        true
     }
 
     /// The committed records whose timers are due at `watermark`, as (end, key, side, seq).
