@@ -165,10 +165,8 @@ impl LoopState {
     pub(super) fn state_keys_by_step(&self) -> std::collections::BTreeMap<usize, usize> {
         let mut keys = self.engine.state_keys_by_step();
         let Some(store) = &self.store else { return keys };
+        // With a store, every stateful step reads through it.
         for (step, count) in keys.iter_mut() {
-            if !self.engine.reads_through_store(*step) {
-                continue;
-            }
             let partitions: std::collections::BTreeSet<i32> = self
                 .owned
                 .keys()

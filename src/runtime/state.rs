@@ -517,28 +517,19 @@ fn is_out_of_range(error: &rdkafka::error::KafkaError) -> bool {
     matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
 }
 
-/// Puts a step's committed state of one changelog partition back into the engine from the
-/// store, for the tasks of `owners`. A step that reads through the store needs only the
-/// input watermarks kept with its entries; the others get every entry. Returns the entries
-/// put back.
+/// Puts back what a step needs in memory of its committed state for one changelog
+/// partition, for the tasks of `owners`: every stateful step reads its entries through the
+/// store, so only the input watermarks kept beside them. Returns the entries put back.
 fn load_from_store(engine: &mut Engine, store: &StateStore, step: usize, partition: i32, owners: &[Option<String>]) -> Result<u64, RuntimeError> {
     let mut loaded = 0u64;
-    let mut put_back = |engine: &mut Engine, key: &[u8], value: &[u8]| {
-        let entry = decode(step, partition, key, Some(value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
+    for owner in owners {
+        let Some(value) = store.get(step, partition, owner.as_deref(), WATERMARK_KEY)? else { continue };
+        let key = super::store::changelog_key(owner.as_deref(), WATERMARK_KEY);
+        let entry = decode(step, partition, &key, Some(&value)).map_err(|error| RuntimeError::CorruptState(error.0))?;
         if owners.contains(&entry.topic) {
             engine.restore(&entry).map_err(|error| RuntimeError::CorruptState(error.0))?;
             loaded += 1;
         }
-        Ok::<(), RuntimeError>(())
-    };
-    if engine.reads_through_store(step) {
-        for owner in owners {
-            if let Some(value) = store.get(step, partition, owner.as_deref(), WATERMARK_KEY)? {
-                put_back(engine, &super::store::changelog_key(owner.as_deref(), WATERMARK_KEY), &value)?;
-            }
-        }
-    } else {
-        store.for_each_entry(step, partition, |key, value| put_back(engine, key, value))?;
     }
     Ok(loaded)
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 use tracing::{info, warn};
 
 use super::error::RuntimeError;
@@ -465,24 +465,6 @@ impl StateStore {
             .get_cf(self.handle(OFFSETS)?, input_key(topic, partition))
             .map_err(|error| RuntimeError::store("reading the state store", error))?;
         Ok(value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse().ok()))
-    }
-
-    /// Calls `each` with every cached (key, value) of a step for one changelog partition.
-    pub fn for_each_entry(
-        &self,
-        step: usize,
-        partition: i32,
-        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), RuntimeError>,
-    ) -> Result<(), RuntimeError> {
-        let prefix = partition_prefix(partition);
-        for item in self.db.iterator_cf(self.handle(&family(step))?, IteratorMode::From(&prefix, Direction::Forward)) {
-            let (key, value) = item.map_err(|error| RuntimeError::store("reading the state store", error))?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            each(&key[prefix.len()..], &value)?;
-        }
-        Ok(())
     }
 
     /// Writes committed changes and the changelog offsets they reach, atomically; in upsert

@@ -45,7 +45,7 @@ pub struct Metrics {
     pub data_loss_events: IntCounterVec,
     /// State entries read back from changelogs (on assignment and after aborts).
     pub state_restored_records: IntCounter,
-    /// Keys (dedup) and windows held in state by this process.
+    /// Keys, groups, windows and join records held in state by this process.
     pub state_keys: IntGauge,
     /// The same, by stateful step (its index in the pipeline).
     pub step_state_keys: IntGaugeVec,
@@ -156,7 +156,7 @@ impl Metrics {
         let state_cache_bytes = IntGauge::new("weir_state_cache_bytes", "Bytes held in the local state store's block cache (state.cache_mib at most).")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(state_cache_bytes.clone())).expect("each metric is registered once");
-        let state_keys = IntGauge::new("weir_state_keys", "Keys and windows held in state (a dedup's: estimated by the local store).")
+        let state_keys = IntGauge::new("weir_state_keys", "Keys, groups, windows and join records held in state.")
             .expect("metric definitions are static and valid");
         registry.register(Box::new(state_keys.clone())).expect("each metric is registered once");
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -169,7 +169,7 @@ impl Metrics {
             registry.register(Box::new(metric.clone())).expect("each metric is registered once");
             metric
         };
-        let step_state_keys = gauge_vec("weir_step_state_keys", "Keys and windows held in state, by stateful step (a dedup's: estimated by the local store).", &["step"]);
+        let step_state_keys = gauge_vec("weir_step_state_keys", "Keys, groups, windows and join records held in state, by stateful step.", &["step"]);
         let step_state_bytes =
             gauge_vec("weir_step_state_bytes", "Estimated live bytes of the local state store, by stateful step.", &["step"]);
         let watermark = gauge_vec(
