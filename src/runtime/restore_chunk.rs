@@ -10,7 +10,8 @@
 //! fires, and the keys are counted once the read ends.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+
+use foldhash::HashMap;
 
 use super::error::RuntimeError;
 use super::store::StoreWrite;
@@ -60,7 +61,8 @@ impl ChunkKeys {
     /// Adds the chunk's timers (the store's old one cleared where it moved) and, where the
     /// key count is kept (`counted`), its change to the chunk's writes; empties itself.
     pub fn flush(&mut self, step: usize, partition: i32, counted: bool, writes: &mut Vec<StoreWrite>) {
-        for ChunkKey { owner, state_key, timer, stored_timer, .. } in std::mem::take(&mut self.keys).into_values() {
+        // Drained, not taken: the next chunk reuses the table's room.
+        for ChunkKey { owner, state_key, timer, stored_timer, .. } in self.keys.drain().map(|(_, key)| key) {
             if timer == stored_timer {
                 continue;
             }

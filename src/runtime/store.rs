@@ -51,7 +51,7 @@ pub struct StoreMemory {
 
 impl Default for StoreMemory {
     fn default() -> StoreMemory {
-        StoreMemory { cache_bytes: 64 << 20, write_buffer_bytes: 64 << 20 }
+        StoreMemory { cache_bytes: 32 << 20, write_buffer_bytes: 64 << 20 }
     }
 }
 
@@ -470,6 +470,28 @@ impl StateStore {
     /// Writes committed changes and the changelog offsets they reach, atomically; in upsert
     /// mode also the input offsets (topic, partition, next) the state is at.
     pub fn apply(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[TopicPartitionOffset]) -> Result<(), RuntimeError> {
+        self.write(writes, offsets, inputs, &rocksdb::WriteOptions::default())
+    }
+
+    /// Writes a restore's entries past the write-ahead log, and no offset: they last only
+    /// once [`Self::flush_step`] has written them to disk, so the offset they reach is
+    /// applied after that. Until then a crash loses some of them and leaves the offset
+    /// where it was, from which the restore reads them again.
+    pub fn apply_unlogged(&self, writes: &[StoreWrite]) -> Result<(), RuntimeError> {
+        let mut options = rocksdb::WriteOptions::default();
+        options.disable_wal(true);
+        self.write(writes, &[], &[], &options)
+    }
+
+    /// Writes a step's memtables (its entries and timers) to disk and waits for it.
+    pub fn flush_step(&self, step: usize) -> Result<(), RuntimeError> {
+        let handles = [self.handle(&family(step))?, self.handle(&timer_family(step))?];
+        self.db
+            .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+            .map_err(|error| RuntimeError::store(format!("flushing the state store {}", self.path.display()), error))
+    }
+
+    fn write(&self, writes: &[StoreWrite], offsets: &[(usize, i32, i64)], inputs: &[TopicPartitionOffset], options: &rocksdb::WriteOptions) -> Result<(), RuntimeError> {
         let mut batch = WriteBatch::default();
         // A batch touches few families and partitions: each handle is looked up, and each
         // prefix formatted, once.
@@ -520,7 +542,7 @@ impl StateStore {
             batch.put_cf(offsets_handle, input_key(topic, *partition), next.to_string());
         }
         self.db
-            .write(batch)
+            .write_opt(batch, options)
             .map_err(|error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error))
     }
 

@@ -12,6 +12,7 @@ mod operations;
 mod outputs;
 mod passthrough;
 mod poison;
+mod restore;
 mod security;
 mod sources;
 mod stateful;
