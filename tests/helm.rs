@@ -280,9 +280,9 @@ fn the_memory_request_and_limit_follow_the_state_store_settings() {
         container["env"].as_sequence().unwrap().iter().find(|variable| variable["name"] == name).map(|variable| variable["value"].clone())
     };
     let defaults = container(&[]);
-    assert_eq!(defaults["resources"]["requests"]["memory"], "256Mi", "128 base + 64 cache + 64 write buffers");
-    assert_eq!(defaults["resources"]["limits"]["memory"], "384Mi");
-    assert_eq!(env(&defaults, "WEIR__STATE__CACHE_MIB"), Some(Value::from("64")));
+    assert_eq!(defaults["resources"]["requests"]["memory"], "224Mi", "128 base + 32 cache + 64 write buffers");
+    assert_eq!(defaults["resources"]["limits"]["memory"], "336Mi");
+    assert_eq!(env(&defaults, "WEIR__STATE__CACHE_MIB"), Some(Value::from("32")));
     let larger = container(&["--set", "stateMemory.cacheMiB=512", "--set", "stateMemory.writeBuffersMiB=128"]);
     assert_eq!(larger["resources"]["requests"]["memory"], "768Mi");
     assert_eq!(larger["resources"]["limits"]["memory"], "1152Mi");

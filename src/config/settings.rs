@@ -157,7 +157,7 @@ const STATE: Section = Section {
     about: "the local state store (RocksDB)",
     keys: &[
         Key::optional("dir", Shape::String, "where it lives (default weir-state)"),
-        Key::optional("cache_mib", WHOLE, "the block cache all steps' state shares, MiB (default 64)"),
+        Key::optional("cache_mib", WHOLE, "the block cache all steps' state shares, MiB (default 32)"),
         Key::optional("write_buffers_mib", WHOLE, "all memtables together (writes not yet flushed), MiB (default 64)"),
     ],
 };
