@@ -127,6 +127,16 @@ impl KeyState {
         }
     }
 
+    /// Whether the record `seq` of `side` is in memory, or needs no reading in (every
+    /// committed record of that side is).
+    fn holds(&self, side: Side, seq: u64) -> bool {
+        let buffered = match side {
+            Side::Left => &self.left,
+            Side::Right => &self.right,
+        };
+        self.complete[side as usize] || buffered.iter().any(|entry| entry.seq == seq)
+    }
+
     /// Puts a committed record in its place (by seq), unless it is there or was ended.
     fn take_in(&mut self, side: Side, entry: Buffered) {
         if self.ended.contains(&(side, entry.seq)) {

@@ -10,6 +10,7 @@
 //! batch touched stay in memory after it commits (they are then what the store holds), up
 //! to [`KEPT_RECORDS`] records, so that the next batch need not read them again.
 
+use foldhash::HashMap;
 use serde_json::{Map, Value};
 
 use super::config::Join;
@@ -97,7 +98,7 @@ impl JoinOperator {
         let Some(committed) = &self.committed else { return };
         if let Some(state) = self.keys.get_mut(key_text) {
             state.touched = true;
-            if state.complete[side as usize] || state.side(side).iter().any(|entry| entry.seq == seq) {
+            if state.holds(side, seq) {
                 return;
             }
         }
@@ -105,11 +106,7 @@ impl JoinOperator {
         let Some(value) = committed.get(&key).and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok()) else { return };
         let Ok(mut entry) = buffered_of(&key, seq, &value) else { return };
         entry.stored = true;
-        if !self.keys.contains_key(key_text) {
-            let Ok(Value::Object(on)) = serde_json::from_str::<Value>(key_text) else { return };
-            self.keys.insert(key_text.to_string(), KeyState { touched: true, ..KeyState::new(on) });
-        }
-        if let Some(state) = self.keys.get_mut(key_text) {
+        if let Some(state) = touched_key(&mut self.keys, key_text) {
             state.take_in(side, entry);
         }
     }
@@ -127,21 +124,15 @@ impl JoinOperator {
             if state.ended.contains(&(side, seq)) {
                 return true;
             }
-            if state.complete[side as usize] || state.left.iter().chain(&state.right).any(|entry| entry.seq == seq) {
+            if state.holds(side, seq) {
                 return false;
             }
         }
-        let key = state_key(key_text, side, seq);
-        if committed.get(&key).is_none() {
+        if committed.get(&state_key(key_text, side, seq)).is_none() {
             return true;
         }
-        if !self.keys.contains_key(key_text) {
-            let Ok(Value::Object(on)) = serde_json::from_str::<Value>(key_text) else { return true };
-            self.keys.insert(key_text.to_string(), KeyState::new(on));
-        }
-        let Some(state) = self.keys.get_mut(key_text) else { return true };
+        let Some(state) = touched_key(&mut self.keys, key_text) else { return true };
         committed.count(-1);
-        state.touched = true;
         state.ended.push((side, seq));
         self.dirty.insert((key_text.to_string(), side, seq));
         true
@@ -195,4 +186,16 @@ impl JoinOperator {
     pub fn take_key_delta(&mut self) -> i64 {
         self.committed.as_mut().map_or(0, StoreTimers::take_key_delta)
     }
+}
+
+/// The key's state, marked touched by this batch; made from the key's text (its `on`
+/// fields) when it is not in memory. None if that text is not a JSON object.
+fn touched_key<'a>(keys: &'a mut HashMap<String, KeyState>, key_text: &str) -> Option<&'a mut KeyState> {
+    if !keys.contains_key(key_text) {
+        let Ok(Value::Object(on)) = serde_json::from_str::<Value>(key_text) else { return None };
+        keys.insert(key_text.to_string(), KeyState::new(on));
+    }
+    let state = keys.get_mut(key_text)?;
+    state.touched = true;
+    Some(state)
 }
