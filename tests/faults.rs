@@ -83,6 +83,15 @@ fn file_name(file: &PipelineFile) -> String {
     text.lines().find_map(|line| line.strip_prefix("name: ")).expect("a name line").trim().to_string()
 }
 
+/// What /status shows of the restore of `changelog` (`name[partition]`): entries restored
+/// so far and the offset it reads to. None when it shows none.
+fn restore_progress(process: &WeirProcess, changelog: &str) -> Option<(u64, i64)> {
+    let (200, text) = process.http_get("/status")? else { return None };
+    let report: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let progress = report["restoring"].get(changelog)?;
+    Some((progress["restored"].as_u64().unwrap_or(0), progress["end"].as_i64().unwrap_or(0)))
+}
+
 /// Panics with its log if the process has exited.
 fn assert_running(process: &mut WeirProcess, what: &str) {
     if let Some(status) = process.child.try_wait().unwrap() {
@@ -252,11 +261,8 @@ fn a_restore_slower_than_the_changelog_patience_finishes_while_it_moves() {
     let changelog = format!("{}-0-changelog[0]", file_name(&file));
     let mut shown: Vec<(u64, i64)> = Vec::new();
     while second.child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(900) {
-        if let Some((200, text)) = second.http_get("/status")
-            && let Ok(report) = serde_json::from_str::<serde_json::Value>(&text)
-            && let Some(progress) = report["restoring"].get(&changelog)
-        {
-            shown.push((progress["restored"].as_u64().unwrap_or(0), progress["end"].as_i64().unwrap_or(0)));
+        if let Some(progress) = restore_progress(&second, &changelog) {
+            shown.push(progress);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -420,10 +426,8 @@ fn a_restore_killed_in_the_middle_starts_over_and_loses_nothing() {
     let started = Instant::now();
     let mut restored = 0;
     while restored < RECORDS / 3 && started.elapsed() < Duration::from_secs(300) {
-        if let Some((200, text)) = cut.http_get("/status")
-            && let Ok(report) = serde_json::from_str::<serde_json::Value>(&text)
-        {
-            restored = report["restoring"][&changelog]["restored"].as_u64().unwrap_or(restored);
+        if let Some((so_far, _)) = restore_progress(&cut, &changelog) {
+            restored = so_far;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
