@@ -41,6 +41,12 @@ pub enum RuntimeError {
         /// instance id), rather than the transaction coordinator this producer.
         by_group: bool,
     },
+    /// The group fenced this member soon after the cluster was away: its session ran out
+    /// meanwhile and librdkafka rejoined under its stale member id. No second process is
+    /// involved; a new consumer joins in its place (one such fencing per fault, see
+    /// `Health::take_recent_cluster_fault`; a real twin is fenced again and stops).
+    #[error("the group dropped this member while the cluster was away ({detail}); joining again from the committed state")]
+    GroupSessionLost { detail: String },
     /// A call to the Kafka cluster failed (reading offsets or metadata, seeking, consuming,
     /// producing, restoring). Many of these pass when the cluster is back; the error keeps
     /// librdkafka's code for whoever decides.
@@ -139,6 +145,7 @@ impl RuntimeError {
             RuntimeError::Unreachable { .. }
             | RuntimeError::TimedOut { .. }
             | RuntimeError::ChangelogStuck { .. }
+            | RuntimeError::GroupSessionLost { .. }
             | RuntimeError::Undelivered(_) => FailureClass::Retriable,
             RuntimeError::TransactionTimedOut { .. } | RuntimeError::Replay(_) | RuntimeError::DrainDeadline => FailureClass::Abort,
             RuntimeError::Fenced { .. } | RuntimeError::Store { .. } | RuntimeError::CorruptState(_) | RuntimeError::Panicked(_) => {
@@ -215,6 +222,8 @@ mod tests {
         };
         assert_eq!(timed_out.class(), FailureClass::Abort);
         assert_eq!(RuntimeError::Fenced { transactional_id: "p-0".into(), detail: String::new(), by_group: false }.class(), FailureClass::Fatal);
+        assert_eq!(RuntimeError::Fenced { transactional_id: "p-0".into(), detail: String::new(), by_group: true }.class(), FailureClass::Fatal);
+        assert_eq!(RuntimeError::GroupSessionLost { detail: String::new() }.class(), FailureClass::Retriable);
         assert_eq!(RuntimeError::Incompatible("changed".into()).class(), FailureClass::Config);
     }
 }

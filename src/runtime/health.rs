@@ -48,6 +48,9 @@ pub struct Health {
     cluster_unreachable: AtomicBool,
     /// How long the loop may go without a heartbeat and still count as alive (0: not set).
     live_within_ms: AtomicU64,
+    /// When a client last reported trouble reaching the cluster, and no group fencing has
+    /// been excused by it since (see [`Health::take_recent_cluster_fault`]).
+    last_cluster_fault: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -85,6 +88,25 @@ impl Health {
 
     pub fn set_cluster_unreachable(&self, unreachable: bool) {
         self.cluster_unreachable.store(unreachable, Ordering::Relaxed);
+    }
+
+    /// A client could not reach the cluster (a broker connection failed, every broker is
+    /// down, a call timed out).
+    pub fn note_cluster_fault(&self) {
+        *self.last_cluster_fault.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether the cluster was in trouble within `window`; a yes uses the fault up, so that a
+    /// second question needs a new fault. The group fences a static member whose session ran
+    /// out while the brokers were away (librdkafka rejoins with the stale member id): one
+    /// fencing per fault is that, not a second process with the same instance id.
+    pub fn take_recent_cluster_fault(&self, window: Duration) -> bool {
+        let mut last = self.last_cluster_fault.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let recent = last.is_some_and(|at| at.elapsed() <= window);
+        if recent {
+            *last = None;
+        }
+        recent
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -167,5 +189,16 @@ mod tests {
         assert!(!health.is_live_after(Duration::from_secs(121)), "no heartbeat for longer than the bound");
         super::beat();
         assert!(health.is_live(), "just beaten");
+    }
+
+    #[test]
+    fn a_cluster_fault_excuses_one_group_fencing_within_its_window() {
+        let health = Health::default();
+        assert!(!health.take_recent_cluster_fault(Duration::from_secs(300)), "no fault seen");
+        health.note_cluster_fault();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!health.take_recent_cluster_fault(Duration::from_millis(1)), "the fault is older than the window");
+        assert!(health.take_recent_cluster_fault(Duration::from_secs(300)));
+        assert!(!health.take_recent_cluster_fault(Duration::from_secs(300)), "one fencing per fault");
     }
 }

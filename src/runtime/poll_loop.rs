@@ -34,6 +34,11 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// per record: each costs a clock read or a trip through librdkafka's queues, together about
 /// a tenth of a pass-through's CPU. At 100k records/s that is every 0.6 ms.
 const UPKEEP_EVERY: u32 = 64;
+/// A group fencing this soon after the consumer could not reach the cluster is taken for a
+/// session that ran out while the brokers were away (librdkafka issue 3437), not for a twin:
+/// the rejoin that is fenced follows the broker's return within seconds, and librdkafka
+/// reports a broker it cannot reach every reconnect backoff (10 s at most) until then.
+const FENCING_AFTER_A_FAULT: Duration = Duration::from_secs(120);
 /// How long the loop waits for the registry before polling the consumer again.
 const REGISTRY_WAIT: Duration = Duration::from_secs(30);
 
@@ -399,6 +404,10 @@ impl Loop<'_> {
         let code = error.rdkafka_error_code();
         if code == Some(RDKafkaErrorCode::AutoOffsetReset) {
             return Err(self.data_loss(&error));
+        }
+        if code == Some(RDKafkaErrorCode::FencedInstanceId) && self.health.take_recent_cluster_fault(FENCING_AFTER_A_FAULT) {
+            warn!(%error, "fenced by the group right after the cluster was away; a new consumer joins");
+            return Err(RuntimeError::GroupSessionLost { detail: error.to_string() });
         }
         if let KafkaError::MessageConsumptionFatal(_) = error {
             let transactional_id = self.consumer.context().session().transaction.transactional_id().to_string();

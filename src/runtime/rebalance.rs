@@ -395,6 +395,7 @@ impl ClientContext for LoopContext {
         if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) {
             self.health.set_cluster_unreachable(true);
         }
+        self.health.note_cluster_fault();
         warn!(%error, reason, "consumer client error");
     }
 }

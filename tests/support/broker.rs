@@ -115,14 +115,28 @@ fn start_broker() -> Broker {
 
 /// Stops the test broker and starts it again on the same port with the same data.
 pub fn restart_broker() {
+    broker_script("restart");
+}
+
+/// Stops the test broker (as `restart` does first); [`start_broker_again`] brings it back.
+pub fn stop_broker() {
+    broker_script("stop");
+}
+
+/// Starts the stopped test broker again on the same port with the same data.
+pub fn start_broker_again() {
+    broker_script("start");
+}
+
+fn broker_script(command: &str) {
     let run_dir = own_broker().run_dir.as_ref().expect("a broker of our own");
     let output = Command::new(repo_root().join("scripts/kafka"))
-        .args(["restart", "--dir"])
+        .args([command, "--dir"])
         .arg(run_dir)
         .stderr(Stdio::inherit())
         .output()
-        .expect("run scripts/kafka restart");
-    assert!(output.status.success(), "scripts/kafka restart failed");
+        .expect("run scripts/kafka");
+    assert!(output.status.success(), "scripts/kafka {command} failed");
 }
 
 /// Freezes the test broker's process (SIGSTOP) for `pause`, then lets it go on (SIGCONT):
