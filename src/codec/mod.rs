@@ -3,6 +3,7 @@
 //! never a silently half-filled record.
 
 pub mod avro;
+pub mod canonical;
 pub mod json;
 pub mod registry;
 
@@ -33,7 +34,8 @@ pub struct SchemaError(pub String);
 /// Decodes record values of one source.
 #[derive(Debug, Clone)]
 pub enum Decoder {
-    Json(Schema),
+    /// The schema, and the fast reader of its canonical form where the schema is flat.
+    Json(Schema, Option<Box<canonical::CanonicalReader>>),
     /// Confluent wire format, resolved against the declared fields.
     Avro(AvroDecoder),
     /// The whole value as UTF-8 text, seen by steps as the field `value`.
@@ -44,7 +46,7 @@ impl Decoder {
     /// `writers` holds the Avro writer schemas fetched from the registry.
     pub fn new(encoding: Encoding, schema: Option<&Schema>, writers: &Arc<WriterSchemas>) -> Option<Decoder> {
         match (encoding, schema) {
-            (Encoding::Json, Some(schema)) => Some(Decoder::Json(schema.clone())),
+            (Encoding::Json, Some(schema)) => Some(Decoder::Json(schema.clone(), canonical::CanonicalReader::new(schema).map(Box::new))),
             (Encoding::Avro, Some(schema)) => Some(Decoder::Avro(AvroDecoder::new(schema.clone(), writers.clone()))),
             (Encoding::String, _) => Some(Decoder::String),
             _ => None,
@@ -52,11 +54,22 @@ impl Decoder {
     }
 
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
+        self.decode_verbatim(value).map(|(fields, _)| fields)
+    }
+
+    /// The fields, and whether the value's bytes are exactly what [`Encoder::Json`] writes for
+    /// them (JSON already in canonical form: such a value can be written out as it came).
+    pub fn decode_verbatim(&self, value: Option<&[u8]>) -> Result<(Map<String, Value>, bool), DecodeError> {
         let Some(bytes) = value else {
             return Err(DecodeError("the record has no value (a tombstone)".into()));
         };
-        match self {
-            Decoder::Json(schema) => json::decode(schema, bytes),
+        if let Decoder::Json(_, Some(reader)) = self
+            && let Some(fields) = reader.read(bytes)
+        {
+            return Ok((fields, true));
+        }
+        let fields = match self {
+            Decoder::Json(schema, _) => json::decode(schema, bytes),
             // apache-avro reads lengths and counts from the bytes; a panic on a hostile
             // record is that record's decode error.
             Decoder::Avro(decoder) => crate::panics::contain(|| decoder.decode(bytes))
@@ -68,7 +81,8 @@ impl Decoder {
                 fields.insert("value".into(), Value::String(text.to_string()));
                 Ok(fields)
             }
-        }
+        };
+        fields.map(|fields| (fields, false))
     }
 }
 

@@ -10,6 +10,8 @@ mod sink_headers;
 mod state;
 mod tables;
 mod topology;
+#[cfg(test)]
+mod tests;
 
 pub use clock::Clock;
 pub use tables::TableRecordError;
@@ -61,6 +63,9 @@ struct OutputWriter {
     headers: SinkHeaders,
     /// `idempotent_upsert`: each record is keyed by its id.
     mode: DeliveryMode,
+    /// Its records are the source's as decoded ([`Pipeline::writes_records_as_read`]): an
+    /// input value already in the encoder's form is written as it came, not encoded again.
+    as_read: bool,
 }
 
 impl OutputWriter {
@@ -84,6 +89,7 @@ impl OutputWriter {
             key: sink.key.clone(),
             headers: SinkHeaders::new(pipeline, output)?,
             mode: sink.mode,
+            as_read: pipeline.writes_records_as_read(output),
         })
     }
 }
@@ -315,8 +321,8 @@ impl Engine {
             }
             _ => (&self.decoder, &self.event_time),
         };
-        let fields = match decoder.decode(input.value) {
-            Ok(fields) => fields,
+        let (fields, canonical) = match decoder.decode_verbatim(input.value) {
+            Ok(decoded) => decoded,
             Err(error) => return self.on_error(input, ErrorStage::Decode, &error.to_string(), outputs),
         };
         let event_time = match event_time {
@@ -337,15 +343,18 @@ impl Engine {
         let mut emitted: Vec<Leaving<'_>> = Vec::new();
         let provenance = &input.provenance;
         let result = self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted);
-        self.settle(input, result, emitted, outputs)
+        let verbatim = canonical.then_some(input);
+        self.settle(input, result, emitted, verbatim, outputs)
     }
 
     /// Counts or routes what became of `input` across the steps, then emits what they made.
+    /// `verbatim`: the input, when its value is already in the JSON encoder's form.
     fn settle(
         &mut self,
         input: &InputRecord<'_>,
         result: Result<ChainResult, crate::operators::ProcessError>,
         emitted: Vec<Leaving<'_>>,
+        verbatim: Option<&InputRecord<'_>>,
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
         match result {
@@ -355,7 +364,7 @@ impl Engine {
             Ok(ChainResult::Late(reason)) => self.on_error(input, ErrorStage::Late, &reason, outputs)?,
             Err(error) => return self.on_error(input, ErrorStage::Process, &error.to_string(), outputs),
         }
-        self.emit(emitted, outputs)
+        self.emit(emitted, verbatim, outputs)
     }
 
     /// Runs a record read from a repartition topic (or a watermark alone) through the stage
@@ -401,14 +410,14 @@ impl Engine {
             forwarded.position,
             &mut emitted,
         );
-        self.settle(input, result, emitted, outputs)
+        self.settle(input, result, emitted, None, outputs)
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
     pub fn end_batch(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         let mut emitted: Vec<Leaving<'_>> = Vec::new();
         self.topology.end_batch(&mut emitted);
-        self.emit(emitted, outputs)
+        self.emit(emitted, None, outputs)
     }
 
     /// The end of a bounded input (`weir test`): every watermark goes to +infinity, closing
@@ -416,13 +425,13 @@ impl Engine {
     pub fn finish(&mut self, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         let mut emitted: Vec<Leaving<'_>> = Vec::new();
         self.topology.finish(&mut emitted);
-        self.emit(emitted, outputs)
+        self.emit(emitted, None, outputs)
     }
 
-    fn emit(&mut self, emitted: Vec<Leaving<'_>>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
+    fn emit(&mut self, emitted: Vec<Leaving<'_>>, verbatim: Option<&InputRecord<'_>>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
         for item in emitted {
             let output = match item {
-                Leaving::Record(index, record) => match self.sink_record(index, &record) {
+                Leaving::Record(index, record) => match self.sink_record(index, &record, verbatim) {
                     Ok(output) => output,
                     Err(Unwritable { key, stage, error }) => {
                         self.failed_at_sink(key, &record, stage, &error, outputs)?;
@@ -453,8 +462,10 @@ impl Engine {
     }
 
     /// The record output `index` writes for `record`: its key (the output's `sink.key`, else
-    /// the key a step gave it, else the input's), headers and encoded value.
-    fn sink_record(&self, index: usize, record: &Record<'_>) -> Result<Output, Unwritable> {
+    /// the key a step gave it, else the input's), headers and encoded value. `verbatim`: an
+    /// input whose value is in the encoder's form, written as it came where `record` is that
+    /// input passed on unchanged.
+    fn sink_record(&self, index: usize, record: &Record<'_>, verbatim: Option<&InputRecord<'_>>) -> Result<Output, Unwritable> {
         let writer = &self.sinks[index];
         let key = if record.upsert || writer.key.is_empty() {
             match &record.key {
@@ -481,7 +492,14 @@ impl Engine {
             }
             DeliveryMode::Transactional => key,
         };
-        match writer.encoder.encode(&record.fields) {
+        let as_read = verbatim
+            .filter(|input| writer.as_read && record.provenance.is_some_and(|provenance| provenance.same_record(&input.provenance)))
+            .and_then(|input| input.value);
+        let value = match as_read {
+            Some(bytes) => Ok(bytes.to_vec()),
+            None => writer.encoder.encode(&record.fields),
+        };
+        match value {
             Ok(value) => Ok(Output { destination: Destination::Sink(index), partition: None, key, value: Some(value), headers }),
             Err(error) => Err(Unwritable::encoding(key, error.to_string())),
         }

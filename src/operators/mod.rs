@@ -53,6 +53,11 @@ pub struct Provenance<'a> {
 }
 
 impl Provenance<'_> {
+    /// Whether both name the same input record (topic, partition, offset).
+    pub fn same_record(&self, other: &Provenance<'_>) -> bool {
+        self.offset == other.offset && self.partition == other.partition && self.topic == other.topic
+    }
+
     /// The input record's headers, owned, as an output carries them (a header without a
     /// value has nothing to carry and is left out).
     pub fn owned_headers(&self) -> Vec<(String, Vec<u8>)> {

@@ -189,6 +189,16 @@ impl Pipeline {
         chain
     }
 
+    /// Whether output `output` writes each record as the source decoded it: JSON in and out,
+    /// and only steps that drop records or let them pass (filters, dedups) on the way. Its
+    /// values can then be the input's bytes where those are already the encoder's form.
+    pub fn writes_records_as_read(&self, output: usize) -> bool {
+        let json = |encoding: Encoding| encoding == Encoding::Json;
+        json(self.source.encoding)
+            && json(self.outputs[output].sink.encoding)
+            && self.chain(output).iter().all(|&index| matches!(self.steps[index], Step::Filter(_) | Step::Dedup(_)))
+    }
+
     /// Where the records leaving step `from` (None: the source) go: the steps fed by it and
     /// the outputs whose last step it is, in the order of the outputs they lead to (so that
     /// what one record makes comes out in the order the outputs are written).

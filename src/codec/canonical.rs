@@ -1,0 +1,240 @@
+//! A fast reader for JSON values that are already in weir's own output form: the declared
+//! fields, each once, in schema order, compact, as [`super::json::encode`] writes them. Most
+//! producers write records that way (one serializer, one field order, no spaces), and for
+//! those the full decoder's work (serde's visitors, a hash per field, then the encoding
+//! of the result) can be replaced by one pass over the bytes: the fields are read in place
+//! and, where no step changes the record, the input bytes are the output value.
+//!
+//! The reader only ever answers "these bytes are exactly the encoding of these fields" or
+//! "don't know": anything else (whitespace, another order, an undeclared field, an escape in a
+//! string, `42` for a double, a nested object, bad bytes) is left to the full decoder, which
+//! reads it or says what is wrong. So it never produces an error of its own, and for every
+//! input it accepts, [`super::json::decode`] gives the same fields and
+//! [`super::json::encode`] gives the same bytes back (the property test below checks both).
+
+use serde_json::{Map, Value};
+
+use crate::config::{FieldType, Schema};
+
+/// Reads the canonical form of one flat schema.
+#[derive(Debug, Clone)]
+pub struct CanonicalReader {
+    fields: Vec<FieldForm>,
+    /// Every declared field with a null value: cloned per record (an index map's clone copies
+    /// its hash table, so the field names are not hashed again), then filled in.
+    template: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+struct FieldForm {
+    /// What precedes the value: `{"name":` for the first field, `,"name":` for the others.
+    prefix: Vec<u8>,
+    kind: Kind,
+    nullable: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    String,
+    /// Long and timestamp: a whole number in i64.
+    Long,
+    Double,
+    Boolean,
+}
+
+impl CanonicalReader {
+    /// None when the schema has a field this reader does not handle (objects, lists): such
+    /// records always take the full decoder.
+    pub fn new(schema: &Schema) -> Option<CanonicalReader> {
+        let mut fields = Vec::with_capacity(schema.fields.len());
+        let mut template = Map::with_capacity(schema.fields.len());
+        for (index, (name, field_type)) in schema.fields.iter().enumerate() {
+            let kind = match field_type.base() {
+                FieldType::String => Kind::String,
+                FieldType::Long | FieldType::Timestamp => Kind::Long,
+                FieldType::Double => Kind::Double,
+                FieldType::Boolean => Kind::Boolean,
+                FieldType::Object(_) | FieldType::Array(_) | FieldType::Nullable(_) => return None,
+            };
+            let mut prefix = vec![if index == 0 { b'{' } else { b',' }];
+            prefix.extend(serde_json::to_vec(name).ok()?);
+            prefix.push(b':');
+            fields.push(FieldForm { prefix, kind, nullable: field_type.is_nullable() });
+            template.insert(name.clone(), Value::Null);
+        }
+        Some(CanonicalReader { fields, template })
+    }
+
+    /// The fields of `bytes` when the bytes are exactly their encoding; None when they may
+    /// not be (the full decoder then reads them).
+    pub fn read(&self, bytes: &[u8]) -> Option<Map<String, Value>> {
+        let mut fields = self.template.clone();
+        let mut at = 0;
+        for (form, slot) in self.fields.iter().zip(fields.values_mut()) {
+            if !bytes[at..].starts_with(&form.prefix) {
+                return None;
+            }
+            at += form.prefix.len();
+            let rest = &bytes[at..];
+            let (value, length) = if rest.starts_with(b"null") {
+                if !form.nullable {
+                    return None;
+                }
+                (Value::Null, 4)
+            } else {
+                match form.kind {
+                    Kind::String => read_string(rest)?,
+                    Kind::Long => read_long(rest)?,
+                    Kind::Double => read_double(rest)?,
+                    Kind::Boolean if rest.starts_with(b"true") => (Value::Bool(true), 4),
+                    Kind::Boolean if rest.starts_with(b"false") => (Value::Bool(false), 5),
+                    Kind::Boolean => return None,
+                }
+            };
+            *slot = value;
+            at += length;
+        }
+        let end: &[u8] = if self.fields.is_empty() { b"{}" } else { b"}" };
+        (&bytes[at..] == end).then_some(fields)
+    }
+}
+
+/// A string without escapes or control characters, in valid UTF-8: its text and length with
+/// the quotes. serde_json writes such text as it is.
+fn read_string(rest: &[u8]) -> Option<(Value, usize)> {
+    let body = rest.strip_prefix(b"\"")?;
+    let end = body.iter().position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
+    if body[end] != b'"' {
+        return None;
+    }
+    let text = std::str::from_utf8(&body[..end]).ok()?;
+    Some((Value::String(text.to_owned()), end + 2))
+}
+
+/// A whole number as serde_json writes an i64: an optional minus, no leading zeros, not -0.
+fn read_long(rest: &[u8]) -> Option<(Value, usize)> {
+    let digits_from = usize::from(rest.first() == Some(&b'-'));
+    let digits = rest[digits_from..].iter().take_while(|byte| byte.is_ascii_digit()).count();
+    let token = &rest[..digits_from + digits];
+    let leading_zero = digits > 1 && rest[digits_from] == b'0';
+    if digits == 0 || leading_zero || token == b"-0" {
+        return None;
+    }
+    // ASCII digits by construction; out of the i64 range is left to the full decoder.
+    let number: i64 = std::str::from_utf8(token).ok()?.parse().ok()?;
+    Some((Value::from(number), token.len()))
+}
+
+/// A number as serde_json writes an f64 (its shortest text that reads back as it): anything
+/// else (`42` for 42.0, `1e5`, `0.50`) may read as the same double but would not be written
+/// back as it was.
+fn read_double(rest: &[u8]) -> Option<(Value, usize)> {
+    let length = rest.iter().take_while(|byte| matches!(byte, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')).count();
+    let token = &rest[..length];
+    let number: f64 = std::str::from_utf8(token).ok()?.parse().ok()?;
+    if !number.is_finite() {
+        return None;
+    }
+    // The encoder's own text for it, written into the stack (the longest is 24 bytes).
+    let mut written = [0u8; 32];
+    let mut cursor = &mut written[..];
+    serde_json::to_writer(&mut cursor, &number).ok()?;
+    let unused = cursor.len();
+    (&written[..written.len() - unused] == token).then(|| (Value::from(number), length))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::json;
+
+    fn schema(types: &[FieldType]) -> Schema {
+        Schema { fields: types.iter().enumerate().map(|(index, field_type)| (format!("f{index}"), field_type.clone())).collect() }
+    }
+
+    fn field_type() -> impl Strategy<Value = FieldType> {
+        let base = prop_oneof![Just(FieldType::String), Just(FieldType::Long), Just(FieldType::Double), Just(FieldType::Boolean), Just(FieldType::Timestamp)];
+        (base, any::<bool>()).prop_map(|(base, nullable)| if nullable { base.nullable() } else { base })
+    }
+
+    /// A value's text, often canonical, often not: escapes, spaces, other number forms,
+    /// values of another type, nulls.
+    fn value_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|number| number.to_string()),
+            (-1000i64..1000).prop_map(|number| number.to_string()),
+            any::<f64>().prop_map(|number| serde_json::to_string(&number).unwrap_or_else(|_| "1.5".into())),
+            prop_oneof![Just("0.1"), Just("42"), Just("42.0"), Just("-0"), Just("-0.0"), Just("007"), Just("1e5"), Just("1E5"), Just("0.50"),
+                Just("1.5e300"), Just("18446744073709551616"), Just("9223372036854775808"), Just("-9223372036854775808"), Just("true"),
+                Just("false"), Just("null"), Just("nul"), Just("\"\""), Just("\"a\\\"b\""), Just("\"\\u00e9\""), Just("\"é\""),
+                Just("\"tab\there\""), Just("[1]"), Just("{}"), Just(" 1"), Just("+1"), Just(".5"), Just("1."), Just("inf"), Just("NaN")]
+            .prop_map(String::from),
+            "[a-z/ ]{0,6}".prop_map(|text| format!("\"{text}\"")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Whatever the reader accepts, the full decoder reads as the same fields, and
+        /// encoding them gives the input back byte for byte.
+        #[test]
+        fn what_it_reads_is_what_decode_reads_and_encode_writes(
+            types in prop::collection::vec(field_type(), 0..5),
+            texts in prop::collection::vec(value_text(), 5),
+            drop_one in any::<Option<prop::sample::Index>>(),
+            extra in any::<bool>(),
+        ) {
+            let schema = schema(&types);
+            let mut parts: Vec<String> = types.iter().enumerate().map(|(index, _)| format!("\"f{index}\":{}", texts[index])).collect();
+            if let (Some(index), false) = (drop_one, parts.is_empty()) {
+                parts.remove(index.index(parts.len()));
+            }
+            if extra {
+                parts.push("\"other\":1".into());
+            }
+            let bytes = format!("{{{}}}", parts.join(",")).into_bytes();
+            let reader = CanonicalReader::new(&schema).unwrap();
+            if let Some(fields) = reader.read(&bytes) {
+                prop_assert_eq!(json::decode(&schema, &bytes), Ok(fields.clone()));
+                prop_assert_eq!(&json::encode(&fields), &bytes);
+            }
+            // And what the encoder writes, the reader reads, unless a string needed an escape.
+            if let Ok(decoded) = json::decode(&schema, &bytes) {
+                let canonical = json::encode(&decoded);
+                if !canonical.contains(&b'\\') {
+                    prop_assert_eq!(reader.read(&canonical), Some(decoded));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_the_encoders_form_and_nothing_else() {
+        let schema = schema(&[FieldType::Long, FieldType::String, FieldType::Double, FieldType::Boolean.nullable(), FieldType::Timestamp]);
+        let reader = CanonicalReader::new(&schema).unwrap();
+        let fields = reader.read(r#"{"f0":-12,"f1":"a/b é","f2":0.5,"f3":null,"f4":1700000000000}"#.as_bytes()).unwrap();
+        assert_eq!(Value::Object(fields).to_string(), r#"{"f0":-12,"f1":"a/b é","f2":0.5,"f3":null,"f4":1700000000000}"#);
+        for other in [
+            r#"{"f0":-12,"f1":"a","f2":0.5,"f3":null,"f4":1} "#,
+            r#"{"f0": -12,"f1":"a","f2":0.5,"f3":null,"f4":1}"#,
+            r#"{"f1":"a","f0":-12,"f2":0.5,"f3":null,"f4":1}"#,
+            r#"{"f0":-12,"f1":"a","f2":0.5,"f4":1}"#,
+            r#"{"f0":-12,"f1":"a\/b","f2":0.5,"f3":null,"f4":1}"#,
+            r#"{"f0":-12,"f1":"a","f2":1,"f3":null,"f4":1}"#,
+            r#"{"f0":012,"f1":"a","f2":0.5,"f3":null,"f4":1}"#,
+            r#"{"f0":-0,"f1":"a","f2":0.5,"f3":null,"f4":1}"#,
+            r#"{"f0":-12,"f1":"a","f2":5e-1,"f3":null,"f4":1}"#,
+            r#"{"f0":-12,"f1":"a","f2":0.5,"f3":true,"f4":1.0}"#,
+            r#"{"f0":-12,"f1":"a","f2":0.5,"f3":null,"f4":9223372036854775808}"#,
+            r#"{"f0":-12,"f1":"a","f2":0.5,"f3":null,"f4":1,"x":1}"#,
+            r#"{"f0":null,"f1":"a","f2":0.5,"f3":null,"f4":1}"#,
+        ] {
+            assert_eq!(reader.read(other.as_bytes()), None, "{other}");
+        }
+        let nested = Schema { fields: vec![("o".into(), FieldType::Object(Schema { fields: vec![] }))] };
+        assert!(CanonicalReader::new(&nested).is_none(), "objects take the full decoder");
+    }
+}
