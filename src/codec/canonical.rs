@@ -20,8 +20,8 @@ use crate::config::{FieldType, Schema};
 #[derive(Debug, Clone)]
 pub struct CanonicalReader {
     fields: Vec<FieldForm>,
-    /// Every declared field with a null value: cloned per record (an index map's clone copies
-    /// its hash table, so the field names are not hashed again), then filled in.
+    /// The fields kept, each with a null value: cloned per record (an index map's clone
+    /// copies its hash table, so the field names are not hashed again), then filled in.
     template: Map<String, Value>,
 }
 
@@ -31,6 +31,9 @@ struct FieldForm {
     prefix: Vec<u8>,
     kind: Kind,
     nullable: bool,
+    /// The value is kept in the fields read (see [`CanonicalReader::keeping_only`]); else it
+    /// is checked and left.
+    kept: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,18 +62,34 @@ impl CanonicalReader {
             let mut prefix = vec![if index == 0 { b'{' } else { b',' }];
             prefix.extend(serde_json::to_vec(name).ok()?);
             prefix.push(b':');
-            fields.push(FieldForm { prefix, kind, nullable: field_type.is_nullable() });
+            fields.push(FieldForm { prefix, kind, nullable: field_type.is_nullable(), kept: true });
             template.insert(name.clone(), Value::Null);
         }
         Some(CanonicalReader { fields, template })
     }
 
-    /// The fields of `bytes` when the bytes are exactly their encoding; None when they may
-    /// not be (the full decoder then reads them).
+    /// The same reader keeping only the fields named in `wanted` in what it reads: the others
+    /// are still checked (the bytes must be the encoding of every declared field), not kept.
+    /// For a pipeline whose records are written as read and whose steps read a few fields.
+    pub fn keeping_only(&self, wanted: &[String]) -> CanonicalReader {
+        let mut fields = self.fields.clone();
+        let mut template = Map::new();
+        for (form, name) in fields.iter_mut().zip(self.template.keys()) {
+            form.kept = wanted.contains(name);
+            if form.kept {
+                template.insert(name.clone(), Value::Null);
+            }
+        }
+        CanonicalReader { fields, template }
+    }
+
+    /// The fields of `bytes` (those kept) when the bytes are exactly the encoding of every
+    /// declared field; None when they may not be (the full decoder then reads them).
     pub fn read(&self, bytes: &[u8]) -> Option<Map<String, Value>> {
         let mut fields = self.template.clone();
+        let mut slots = fields.values_mut();
         let mut at = 0;
-        for (form, slot) in self.fields.iter().zip(fields.values_mut()) {
+        for form in &self.fields {
             if !bytes[at..].starts_with(&form.prefix) {
                 return None;
             }
@@ -83,6 +102,7 @@ impl CanonicalReader {
                 (Value::Null, 4)
             } else {
                 match form.kind {
+                    Kind::String if !form.kept => (Value::Null, checked_string(rest)?),
                     Kind::String => read_string(rest)?,
                     Kind::Long => read_long(rest)?,
                     Kind::Double => read_double(rest)?,
@@ -91,7 +111,11 @@ impl CanonicalReader {
                     Kind::Boolean => return None,
                 }
             };
-            *slot = value;
+            if form.kept
+                && let Some(slot) = slots.next()
+            {
+                *slot = value;
+            }
             at += length;
         }
         let end: &[u8] = if self.fields.is_empty() { b"{}" } else { b"}" };
@@ -102,13 +126,22 @@ impl CanonicalReader {
 /// A string without escapes or control characters, in valid UTF-8: its text and length with
 /// the quotes. serde_json writes such text as it is.
 fn read_string(rest: &[u8]) -> Option<(Value, usize)> {
+    let text = string_text(rest)?;
+    Some((Value::String(text.to_owned()), text.len() + 2))
+}
+
+/// The length of such a string with its quotes, without keeping its text.
+fn checked_string(rest: &[u8]) -> Option<usize> {
+    string_text(rest).map(|text| text.len() + 2)
+}
+
+fn string_text(rest: &[u8]) -> Option<&str> {
     let body = rest.strip_prefix(b"\"")?;
     let end = body.iter().position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
     if body[end] != b'"' {
         return None;
     }
-    let text = std::str::from_utf8(&body[..end]).ok()?;
-    Some((Value::String(text.to_owned()), end + 2))
+    std::str::from_utf8(&body[..end]).ok()
 }
 
 /// A whole number as serde_json writes an i64: an optional minus, no leading zeros, not -0.
@@ -186,6 +219,7 @@ mod tests {
             texts in prop::collection::vec(value_text(), 5),
             drop_one in any::<Option<prop::sample::Index>>(),
             extra in any::<bool>(),
+            kept in prop::collection::vec(any::<bool>(), 5),
         ) {
             let schema = schema(&types);
             let mut parts: Vec<String> = types.iter().enumerate().map(|(index, _)| format!("\"f{index}\":{}", texts[index])).collect();
@@ -201,6 +235,14 @@ mod tests {
                 prop_assert_eq!(json::decode(&schema, &bytes), Ok(fields.clone()));
                 prop_assert_eq!(&json::encode(&fields), &bytes);
             }
+            // Keeping some fields accepts the same inputs and reads those fields alike.
+            let wanted: Vec<String> = (0..types.len()).filter(|&index| kept[index]).map(|index| format!("f{index}")).collect();
+            let partial = reader.keeping_only(&wanted).read(&bytes);
+            let mut expected = reader.read(&bytes);
+            if let Some(fields) = &mut expected {
+                fields.retain(|name, _| wanted.contains(name));
+            }
+            prop_assert_eq!(partial, expected);
             // And what the encoder writes, the reader reads, unless a string needed an escape.
             if let Ok(decoded) = json::decode(&schema, &bytes) {
                 let canonical = json::encode(&decoded);

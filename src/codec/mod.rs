@@ -53,6 +53,19 @@ impl Decoder {
         }
     }
 
+    /// Values in canonical JSON keep only the fields named in `wanted` (the rest are checked,
+    /// not kept); others are still decoded whole. Returns whether it applies (a JSON source
+    /// of a flat schema).
+    pub fn keep_only(&mut self, wanted: &[String]) -> bool {
+        match self {
+            Decoder::Json(_, Some(reader)) => {
+                **reader = reader.keeping_only(wanted);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
         self.decode_verbatim(value).map(|(fields, _)| fields)
     }

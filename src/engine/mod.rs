@@ -3,6 +3,7 @@
 //! into zero or more outputs (sink or DLQ) and counts what it did, so the exactly-once loop
 //! and a broker-less test harness can drive the same code.
 
+mod as_read;
 mod clock;
 mod forward;
 mod records;
@@ -10,6 +11,7 @@ mod sink_headers;
 mod state;
 mod tables;
 mod topology;
+mod writer;
 #[cfg(test)]
 mod tests;
 
@@ -22,13 +24,13 @@ pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, Rec
 use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
-use crate::codec::{json, Decoder, Encoder, SchemaError};
+use crate::codec::{json, Decoder, EncodeError, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Provenance, Record, StateEntryLimit};
 pub use topology::{ChangelogEntry, TimerEntry, WATERMARK_KEY};
-use sink_headers::SinkHeaders;
 use topology::{ChainResult, Leaving, Topology};
+use writer::OutputWriter;
 
 pub struct Engine {
     pipeline: Pipeline,
@@ -48,50 +50,9 @@ pub struct Engine {
     clock: Clock,
     /// The table sources' readers, which fill the rows lookups read.
     tables: Vec<tables::TableReader>,
-}
-
-/// How one output's records become sink records: its encoders, key fields and headers.
-struct OutputWriter {
-    topic: String,
-    /// Where its sink is written in the file, for errors to name.
-    location: String,
-    encoder: Encoder,
-    /// For the keys weir makes from fields.
-    key_encoder: Encoder,
-    /// `sink.key`: empty keeps the key a step gave (or the input's).
-    key: Vec<String>,
-    headers: SinkHeaders,
-    /// `idempotent_upsert`: each record is keyed by its id.
-    mode: DeliveryMode,
-    /// Its records are the source's as decoded ([`Pipeline::writes_records_as_read`]): an
-    /// input value already in the encoder's form is written as it came, not encoded again.
-    as_read: bool,
-}
-
-impl OutputWriter {
-    fn new(pipeline: &Pipeline, output: usize) -> Result<OutputWriter, SetupError> {
-        let sink = &pipeline.outputs[output].sink;
-        let name = pipeline.avro_record_name(output);
-        let encoder = match sink.encoding {
-            crate::config::Encoding::Avro => Encoder::Avro(AvroEncoder::new(&pipeline.output_schema(output), &name)?),
-            _ => Encoder::Json,
-        };
-        let key_encoder = match (sink.key_encoding, pipeline.output_key_schema(output)) {
-            (crate::config::Encoding::Avro, Some(schema)) => Encoder::Avro(AvroEncoder::new(&schema, &format!("{name}-key"))?),
-            (crate::config::Encoding::Avro, None) => return Err(SetupError::NoKeySchema),
-            _ => Encoder::Json,
-        };
-        Ok(OutputWriter {
-            topic: sink.topic.clone(),
-            location: sink.location.clone(),
-            encoder,
-            key_encoder,
-            key: sink.key.clone(),
-            headers: SinkHeaders::new(pipeline, output)?,
-            mode: sink.mode,
-            as_read: pipeline.writes_records_as_read(output),
-        })
-    }
+    /// A source record in the encoder's form keeps only the fields something reads
+    /// ([`as_read`]): its value must go out as it came, never be encoded from them.
+    partial: bool,
 }
 
 /// Why an engine cannot be built for a pipeline. The plan checks all of this first, so a
@@ -117,7 +78,11 @@ impl Engine {
                 .ok_or_else(|| SetupError::NoDecoder(source.name.clone()))
         };
         let sinks = (0..pipeline.outputs.len()).map(|output| OutputWriter::new(pipeline, output)).collect::<Result<_, _>>()?;
-        let decoder = decoder_of(source)?;
+        let mut decoder = decoder_of(source)?;
+        let partial = match as_read::fields_read(pipeline) {
+            Some(wanted) => decoder.keep_only(&wanted),
+            None => false,
+        };
         let right = match pipeline.join() {
             Some(join) => Some((decoder_of(&join.right)?, join.right.event_time.clone())),
             None => None,
@@ -137,6 +102,7 @@ impl Engine {
             repartition_topics,
             clock: Clock::Wall,
             tables,
+            partial,
         })
     }
 
@@ -497,6 +463,10 @@ impl Engine {
             .and_then(|input| input.value);
         let value = match as_read {
             Some(bytes) => Ok(bytes.to_vec()),
+            // Only a bug gets here: the record is not the input it was read in part from.
+            None if self.partial && verbatim.is_some() => {
+                Err(EncodeError("weir read only part of this record's fields and cannot write it (a bug: please report it)".into()))
+            }
             None => writer.encoder.encode(&record.fields),
         };
         match value {

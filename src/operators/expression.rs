@@ -84,6 +84,11 @@ impl Reads {
         self
     }
 
+    /// The top-level names read: fields and metadata (`_topic`, ...).
+    pub fn variables(&self) -> &[String] {
+        &self.variables
+    }
+
     /// The header names read by name.
     pub fn headers(&self) -> &[String] {
         &self.headers
