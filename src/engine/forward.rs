@@ -24,8 +24,29 @@ pub const VERSION_HEADER: &str = "weir-version";
 ///   the offset.
 ///
 /// A replay from the same offsets rebuilds the same state, so it writes the same ids with
-/// the same values.
-pub(super) fn upsert_id(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
+/// the same values. The id is given as its JSON text.
+pub(super) fn upsert_id(record: &Record<'_>) -> (Vec<u8>, i64) {
+    match (&record.id, &record.key, record.provenance) {
+        // The commonest id, written straight (as `json::encode` writes it), not made as a map.
+        (None, None, Some(provenance)) => (coordinates_text(provenance.topic, provenance.partition, provenance.offset), provenance.offset),
+        _ => {
+            let (id, version) = upsert_id_fields(record);
+            (json::encode(&id), version)
+        }
+    }
+}
+
+/// `{"topic":..,"partition":..,"offset":..}`: `json::encode` of `join::coordinates`.
+fn coordinates_text(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut text = Vec::with_capacity(topic.len() + 48);
+    text.extend_from_slice(br#"{"topic":"#);
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut text, topic);
+    text.extend_from_slice(format!(r#","partition":{partition},"offset":{offset}}}"#).as_bytes());
+    text
+}
+
+fn upsert_id_fields(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
     if let Some(id) = &record.id {
         return (id.clone(), record.event_time);
     }
@@ -152,6 +173,16 @@ impl ForwardHeaders {
 mod tests {
     use super::*;
     use crate::operators::Provenance;
+
+    /// The id written straight is the id the map gives, byte for byte (ids already written
+    /// must not change).
+    #[test]
+    fn an_input_records_upsert_id_is_its_coordinates_as_json() {
+        for (topic, partition, offset) in [("bids", 0, 0), ("a\"b\\c", 7, i64::MAX), ("t\u{e9}\u{1}", i32::MAX, -1)] {
+            let id = crate::operators::join::coordinates(topic, partition, offset);
+            assert_eq!(coordinates_text(topic, partition, offset), json::encode(&id), "{topic}");
+        }
+    }
 
     /// The input's headers travel ahead of weir's own and come back as the input's; one that
     /// takes the name of one of weir's cannot change what weir reads.

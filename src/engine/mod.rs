@@ -24,7 +24,7 @@ pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, Rec
 use std::sync::Arc;
 
 use crate::codec::avro::{AvroEncoder, WriterSchemas};
-use crate::codec::{json, Decoder, EncodeError, Encoder, SchemaError};
+use crate::codec::{Decoder, EncodeError, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
 use crate::operators::{event_time, key_of, Provenance, Record, StateEntryLimit};
@@ -451,7 +451,6 @@ impl Engine {
         let key = match writer.mode {
             DeliveryMode::IdempotentUpsert => {
                 let (id, version) = upsert_id(record);
-                let id = json::encode(&id);
                 sink_headers::replace(&mut headers, ID_HEADER, Some(id.clone()));
                 sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
                 Some(id)
