@@ -83,6 +83,11 @@ impl CanonicalReader {
         CanonicalReader { fields, template }
     }
 
+    /// Whether every declared field is kept in what it reads.
+    pub fn keeps_all(&self) -> bool {
+        self.fields.iter().all(|form| form.kept)
+    }
+
     /// The fields of `bytes` (those kept) when the bytes are exactly the encoding of every
     /// declared field; None when they may not be (the full decoder then reads them).
     pub fn read(&self, bytes: &[u8]) -> Option<Map<String, Value>> {

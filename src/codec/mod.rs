@@ -66,6 +66,15 @@ impl Decoder {
         }
     }
 
+    /// The fields of JSON bytes in canonical form of this decoder's schema, all of them;
+    /// None for anything else (or once [`Decoder::keep_only`] applies).
+    pub fn read_canonical(&self, bytes: &[u8]) -> Option<Map<String, Value>> {
+        match self {
+            Decoder::Json(_, Some(reader)) if reader.keeps_all() => reader.read(bytes),
+            _ => None,
+        }
+    }
+
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
         self.decode_verbatim(value).map(|(fields, _)| fields)
     }

@@ -345,10 +345,16 @@ impl Engine {
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
         self.counts.input_at(input.provenance.timestamp);
+        // A forward's value is the encoder's text of the record's fields: when those are the
+        // source's, the canonical reader reads it (and an output writing records as read can
+        // write it as it came); else it is read as any JSON object.
+        let mut canonical = false;
         let record = match input.value {
             None => None,
             Some(value) => {
-                let fields: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(value) {
+                let read = self.decoder.read_canonical(value);
+                canonical = read.is_some();
+                let fields: serde_json::Map<String, serde_json::Value> = match read.map_or_else(|| serde_json::from_slice(value), Ok) {
                     Ok(fields) => fields,
                     Err(error) => {
                         return self.on_error(input, ErrorStage::Decode, &format!("a repartitioned record that is not a JSON object: {error}"), outputs);
@@ -376,7 +382,7 @@ impl Engine {
             forwarded.position,
             &mut emitted,
         );
-        self.settle(input, result, emitted, None, outputs)
+        self.settle(input, result, emitted, canonical.then_some(input), outputs)
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.

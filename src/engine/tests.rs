@@ -23,6 +23,10 @@ outputs:
 "#;
 
 fn engine(outputs: &str) -> Engine {
+    engine_partitioned(outputs, "\n    partitioned_by: [id]")
+}
+
+fn engine_partitioned(outputs: &str, partitioned_by: &str) -> Engine {
     let pipeline = crate::plan::parse_pipeline(&format!(
         r#"
 name: t
@@ -32,8 +36,7 @@ sources:
     format: json
     schema: {{ id: long, user: string, amount: double, note: string?, ts: long }}
     event_time: {{ field: ts }}
-    watermark: {{ max_out_of_orderness: 1s }}
-    partitioned_by: [id]
+    watermark: {{ max_out_of_orderness: 1s }}{partitioned_by}
 steps:
   - filter: "amount > 1.0"
   - dedup: {{ key: [id], within: 1h }}
@@ -52,6 +55,38 @@ fn run(outputs: &str, values: &[&str]) -> Vec<(String, String, String)> {
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
         engine.process(&input, &mut outputs).unwrap();
     }
+    rendered(outputs)
+}
+
+/// The same, with the source not partitioned by the dedup's key: each record goes through a
+/// repartition topic (of one partition) into the dedup's stage, read back as the runtime
+/// reads it.
+fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, String)> {
+    let mut engine = engine_partitioned(outputs, "");
+    engine.distribute(1, 1);
+    engine.set_input_partitions([("clicks".to_string(), 0)]);
+    let mut written = Vec::new();
+    for (offset, value) in values.iter().enumerate() {
+        let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: &[], key: None };
+        let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
+        let mut outputs = Vec::new();
+        engine.process(&input, &mut outputs).unwrap();
+        for output in outputs {
+            let Destination::Repartition(stage) = output.destination else {
+                written.push(output);
+                continue;
+            };
+            let headers: Vec<(&str, Option<&[u8]>)> = output.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
+            let forwarded = ForwardHeaders::parse(&headers).unwrap();
+            let provenance = Provenance { topic: "t-repartition", partition: 0, offset: offset as i64, timestamp: Some(0), headers: &headers, key: None };
+            let input = InputRecord { provenance, key: output.key.as_deref(), value: output.value.as_deref() };
+            engine.process_forwarded(&input, stage, 0, &forwarded, &mut written).unwrap();
+        }
+    }
+    rendered(written)
+}
+
+fn rendered(outputs: Vec<Output>) -> Vec<(String, String, String)> {
     outputs
         .into_iter()
         .map(|output| {
@@ -105,6 +140,19 @@ fn a_record_read_in_part_is_filtered_deduplicated_keyed_and_written_whole() {
     assert_eq!(keys, [r#"{"user":"ann"}"#, r#"{"user":"bob"}"#, r#"{"user":"cy"}"#, r#"{"user":"di"}"#, r#"{"user":"ed"}"#, r#"{"user":"fe"}"#, r#"{"user":"gi"}"#]);
     assert_eq!(written.iter().filter(|(sink, ..)| sink == "Dlq").count(), 1, "{written:?}");
     assert!(engine(KEPT_ONLY).partial && !engine(TWO_OUTPUTS).partial);
+}
+
+/// Through a repartition topic: the forwarded value (the encoder's text of the fields) is
+/// read by the canonical reader and written as it came, with the same results.
+#[test]
+fn a_repartitioned_record_is_written_as_forwarded_with_the_same_results() {
+    let written = run_repartitioned(TWO_OUTPUTS, INPUTS);
+    let kept: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "kept").map(|(.., value)| value.as_str()).collect();
+    assert_eq!(kept, KEPT);
+    let marked: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "marked").map(|(.., value)| value.as_str()).collect();
+    assert_eq!(marked.len(), 7);
+    assert_eq!(marked[6], r#"{"id":7,"user":"gi","amount":8.5,"note":"a/b","ts":1000,"flagged":true}"#);
+    assert_eq!(written.iter().filter(|(sink, ..)| sink == "Dlq").count(), 1, "{written:?}");
 }
 
 /// What `kept` writes of [`INPUTS`]: every value as the encoder writes it.
