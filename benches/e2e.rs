@@ -478,6 +478,8 @@ enum Workload {
     Tumbling,
     Hopping,
     Join,
+    /// A filter on the auction alone: decode and one expression per bid, records as read.
+    Filter,
     /// Nexmark q1/q2-like: a filter on the auction, a computed price, a select.
     Projection,
     /// Pass-through and the projection as two outputs of one pipeline.
@@ -497,6 +499,7 @@ impl Workload {
             Workload::Tumbling => "tumbling 10 s count per auction",
             Workload::Hopping => "hopping 10 s / 2 s count per auction",
             Workload::Join => "auction ⋈ bid within 10 s",
+            Workload::Filter => "filter: auction % 10 < 7",
             Workload::Projection => "projection: filter + set + select",
             Workload::TwoOutputs => "two outputs: pass-through + projection",
             Workload::Aggregate => "running count + sum per auction",
@@ -534,6 +537,11 @@ fn totals(bids: &[Bid]) -> BTreeMap<u64, (u64, u64)> {
 }
 
 /// What the projection makes of the bids: (id, converted price) of those it keeps.
+/// The bids the filter workload keeps, as they were sent: (id, price).
+fn filtered(bids: &[Bid]) -> Sum {
+    Sum::of(bids.iter().filter(|bid| bid.auction % 10 < 7).map(|bid| (bid.id, bid.price)))
+}
+
 fn projected(bids: &[Bid]) -> Sum {
     Sum::of(bids.iter().filter(|bid| bid.auction % 10 < 7).map(|bid| (bid.id, bid.price * 908 / 1000)))
 }
@@ -550,6 +558,7 @@ fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, 
     let (sources, middle) = match workload {
         Workload::PassThrough => (weir_source("bids", &topics.bids), String::new()),
         Workload::Projection => (weir_source("bids", &topics.bids), format!("steps:\n{PROJECTION}")),
+        Workload::Filter => (weir_source("bids", &topics.bids), "steps:\n  - filter: \"auction % 10 < 7\"\n".to_string()),
         Workload::TwoOutputs => unreachable!("written above"),
         Workload::Dedup => (weir_source("bids", &topics.bids), "steps:\n  - dedup: { key: [auction, id], within: 24h }\n".to_string()),
         Workload::Tumbling => (
@@ -583,7 +592,7 @@ fn weir_pipeline(name: &str, workload: Workload, topics: &Topics, output: &str, 
 
 fn kstreams_arguments(workload: Workload, topics: &Topics, output: &str, app: &str, state: &Path, expect: u64) -> Vec<String> {
     let (name, inputs, extra): (&str, String, Vec<String>) = match workload {
-        Workload::Projection | Workload::TwoOutputs => unreachable!("weir's workloads alone"),
+        Workload::Filter | Workload::Projection | Workload::TwoOutputs => unreachable!("weir's workloads alone"),
         Workload::PassThrough => ("passthrough", topics.bids.clone(), vec![]),
         Workload::Dedup => ("dedup", topics.bids.clone(), vec!["--dedup-fields".into(), "auction,id".into()]),
         Workload::Aggregate => ("aggregate", topics.bids.clone(), ["--group-field", "auction", "--sum-field", "price"].map(String::from).to_vec()),
@@ -1045,6 +1054,7 @@ fn main() {
             Expected::Enriched(Sum::of(generated.bids.iter().map(|bid| (bid.id, account_mark(bid.id % ACCOUNTS, (bid.id % ACCOUNTS) % 5))))),
             bids,
         ),
+        (Workload::Filter, Expected::Bids(filtered(&generated.bids)), bids),
         (Workload::Projection, Expected::Bids(projected(&generated.bids)), bids),
         (
             Workload::TwoOutputs,
@@ -1078,7 +1088,7 @@ fn main() {
     for (workload, expected, events) in expectations.iter().filter(|(workload, _, _)| runs("throughput") && chosen(workload)) {
         let systems: &[System] = match workload {
             Workload::PassThrough => &[System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams],
-            Workload::Projection => &[System::Weir],
+            Workload::Filter | Workload::Projection => &[System::Weir],
             Workload::TwoOutputs => &[System::Weir, System::WeirSeparate],
             _ => &[System::Weir, System::KafkaStreams],
         };
