@@ -119,13 +119,12 @@ const INPUTS: &[&str] = &[
 #[test]
 fn a_value_is_written_as_read_only_where_encoding_it_would_give_the_same_bytes() {
     let written = run(TWO_OUTPUTS, INPUTS);
-    let kept: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "kept").map(|(.., value)| value.as_str()).collect();
-    assert_eq!(kept, KEPT);
+    assert_eq!(values(&written, "kept"), KEPT);
     // The output with a `set` never takes the input's bytes.
-    let marked: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "marked").map(|(.., value)| value.as_str()).collect();
+    let marked = values(&written, "marked");
     assert_eq!(marked.len(), 7);
     assert_eq!(marked[0], r#"{"id":1,"user":"ann","amount":2.5,"note":null,"ts":1000,"flagged":true}"#);
-    assert_eq!(written.iter().filter(|(sink, ..)| sink == "Dlq").count(), 1, "{written:?}");
+    assert_eq!(values(&written, "Dlq").len(), 1, "{written:?}");
 }
 
 /// With only `kept`, a value in the encoder's form keeps just the fields read (event time,
@@ -134,11 +133,10 @@ fn a_value_is_written_as_read_only_where_encoding_it_would_give_the_same_bytes()
 #[test]
 fn a_record_read_in_part_is_filtered_deduplicated_keyed_and_written_whole() {
     let written = run(KEPT_ONLY, INPUTS);
-    let kept: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "kept").map(|(.., value)| value.as_str()).collect();
-    assert_eq!(kept, KEPT);
+    assert_eq!(values(&written, "kept"), KEPT);
     let keys: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "kept").map(|(_, key, _)| key.as_str()).collect();
     assert_eq!(keys, [r#"{"user":"ann"}"#, r#"{"user":"bob"}"#, r#"{"user":"cy"}"#, r#"{"user":"di"}"#, r#"{"user":"ed"}"#, r#"{"user":"fe"}"#, r#"{"user":"gi"}"#]);
-    assert_eq!(written.iter().filter(|(sink, ..)| sink == "Dlq").count(), 1, "{written:?}");
+    assert_eq!(values(&written, "Dlq").len(), 1, "{written:?}");
     assert!(engine(KEPT_ONLY).partial && !engine(TWO_OUTPUTS).partial);
 }
 
@@ -147,12 +145,16 @@ fn a_record_read_in_part_is_filtered_deduplicated_keyed_and_written_whole() {
 #[test]
 fn a_repartitioned_record_is_written_as_forwarded_with_the_same_results() {
     let written = run_repartitioned(TWO_OUTPUTS, INPUTS);
-    let kept: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "kept").map(|(.., value)| value.as_str()).collect();
-    assert_eq!(kept, KEPT);
-    let marked: Vec<&str> = written.iter().filter(|(sink, ..)| sink == "marked").map(|(.., value)| value.as_str()).collect();
+    assert_eq!(values(&written, "kept"), KEPT);
+    let marked = values(&written, "marked");
     assert_eq!(marked.len(), 7);
     assert_eq!(marked[6], r#"{"id":7,"user":"gi","amount":8.5,"note":"a/b","ts":1000,"flagged":true}"#);
-    assert_eq!(written.iter().filter(|(sink, ..)| sink == "Dlq").count(), 1, "{written:?}");
+    assert_eq!(values(&written, "Dlq").len(), 1, "{written:?}");
+}
+
+/// The values written to `sink`, in order.
+fn values<'a>(written: &'a [(String, String, String)], sink: &str) -> Vec<&'a str> {
+    written.iter().filter(|(to, ..)| to == sink).map(|(.., value)| value.as_str()).collect()
 }
 
 /// What `kept` writes of [`INPUTS`]: every value as the encoder writes it.
