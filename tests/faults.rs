@@ -179,9 +179,12 @@ fn window_and_join_pipelines_wait_out_five_broker_restarts() {
     });
     assert!(
         caught_up,
-        "the outputs differ from the uninterrupted runs' (records missing or miscounted, unexpected): window {:?}, join {:?}",
+        "the outputs differ from the uninterrupted runs' (records missing or miscounted, unexpected): window {:?}, join {:?}\n\
+         window's log:\n{}\njoin's log:\n{}",
         difference(&expected_windows, &multiset(&windows)),
-        difference(&expected_joined, &multiset(&joined))
+        difference(&expected_joined, &multiset(&joined)),
+        processes[0].1.log_text(),
+        processes[1].1.log_text()
     );
     for (name, process) in processes {
         assert!(is_ready(process), "{name}: not ready after the faults");
