@@ -405,15 +405,12 @@ impl Loop<'_> {
         if code == Some(RDKafkaErrorCode::AutoOffsetReset) {
             return Err(self.data_loss(&error));
         }
-        if code == Some(RDKafkaErrorCode::FencedInstanceId) && self.health.take_recent_cluster_fault(FENCING_AFTER_A_FAULT) {
+        let fenced_by_group = code == Some(RDKafkaErrorCode::FencedInstanceId);
+        if fenced_by_group && self.health.take_recent_cluster_fault(FENCING_AFTER_A_FAULT) {
             warn!(%error, "fenced by the group right after the cluster was away; a new consumer joins");
             return Err(RuntimeError::GroupSessionLost { detail: error.to_string() });
         }
-        if let KafkaError::MessageConsumptionFatal(_) = error {
-            let transactional_id = self.consumer.context().session().transaction.transactional_id().to_string();
-            return Err(transaction::fatal(&error, &transactional_id));
-        }
-        if code == Some(RDKafkaErrorCode::FencedInstanceId) {
+        if fenced_by_group || matches!(error, KafkaError::MessageConsumptionFatal(_)) {
             let transactional_id = self.consumer.context().session().transaction.transactional_id().to_string();
             return Err(transaction::fatal(&error, &transactional_id));
         }
