@@ -309,18 +309,17 @@ impl Engine {
         let mut emitted: Vec<Leaving<'_>> = Vec::new();
         let provenance = &input.provenance;
         let result = self.topology.process(record, provenance.topic, provenance.partition, event_time, &mut emitted);
-        let verbatim = canonical.then_some(input);
-        self.settle(input, result, emitted, verbatim, outputs)
+        self.settle(input, result, emitted, canonical, outputs)
     }
 
     /// Counts or routes what became of `input` across the steps, then emits what they made.
-    /// `verbatim`: the input, when its value is already in the JSON encoder's form.
+    /// `canonical`: the input's value is already in the JSON encoder's form.
     fn settle(
         &mut self,
         input: &InputRecord<'_>,
         result: Result<ChainResult, crate::operators::ProcessError>,
         emitted: Vec<Leaving<'_>>,
-        verbatim: Option<&InputRecord<'_>>,
+        canonical: bool,
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
         match result {
@@ -330,7 +329,7 @@ impl Engine {
             Ok(ChainResult::Late(reason)) => self.on_error(input, ErrorStage::Late, &reason, outputs)?,
             Err(error) => return self.on_error(input, ErrorStage::Process, &error.to_string(), outputs),
         }
-        self.emit(emitted, verbatim, outputs)
+        self.emit(emitted, canonical.then_some(input), outputs)
     }
 
     /// Runs a record read from a repartition topic (or a watermark alone) through the stage
@@ -382,7 +381,7 @@ impl Engine {
             forwarded.position,
             &mut emitted,
         );
-        self.settle(input, result, emitted, canonical.then_some(input), outputs)
+        self.settle(input, result, emitted, canonical, outputs)
     }
 
     /// The end of a batch (a commit): update-mode windows emit what changed.
