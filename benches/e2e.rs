@@ -827,13 +827,38 @@ fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Runni
     }
 }
 
-/// p50 and p99 of produce→consume latency in ms, at `rate` records/s for `seconds`.
-fn latency(system: System, jar: &Path, rate: f64, seconds: u64) -> (i64, i64) {
+/// The `"ts":` number of a bid as written by [`latency`]'s generator (a pass-through writes
+/// it back unchanged): a byte scan, so that the reader keeps up with the rates measured.
+fn produced_at(value: &[u8]) -> Option<i64> {
+    let at = value.windows(5).position(|window| window == b"\"ts\":")? + 5;
+    let digits = value[at..].iter().take_while(|byte| byte.is_ascii_digit()).count();
+    std::str::from_utf8(&value[at..at + digits]).ok()?.parse().ok()
+}
+
+/// weir's commits so far and the seconds they took (its commit-duration histogram's count
+/// and sum), to say how much of a latency is the commit.
+fn commits_so_far(running: &Running) -> Option<(f64, f64)> {
+    let Running::Weir { process, .. } = running else { return None };
+    let (_, text) = process.http_get("/metrics")?;
+    let value = |name: &str| text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    Some((value("weir_commit_duration_seconds_count")?, value("weir_commit_duration_seconds_sum")?))
+}
+
+/// A latency point: p50 and p99 in ms, and for weir the mean commit and commits per second.
+struct LatencyPoint {
+    p50: i64,
+    p99: i64,
+    commits: Option<(f64, f64)>,
+}
+
+/// p50 and p99 of produce→consume latency in ms, at `rate` records/s for `seconds`; an
+/// error if the system (or the generator) could not keep up with the rate.
+fn latency(system: System, jar: &Path, rate: f64, seconds: u64) -> Result<LatencyPoint, String> {
     let topics = Topics { persons: String::new(), auctions: String::new(), bids: unique("lat-in"), accounts: String::new() };
     let output = unique("lat-out");
     create_topic(&topics.bids, PARTITIONS);
     create_topic(&output, PARTITIONS);
-    let _running = start_live(system, jar, &topics, &output);
+    let running = start_live(system, jar, &topics, &output);
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker().bootstrap)
@@ -851,67 +876,98 @@ fn latency(system: System, jar: &Path, rate: f64, seconds: u64) -> (i64, i64) {
     consumer.assign(&assignment).unwrap();
 
     let producer = TestProducer::new();
-    let bid = |id: u64, ts: i64| {
-        format!(r#"{{"id":{id},"auction":{},"bidder":1,"price":{},"channel":"web","url":"https://a.com/b","ts":{ts},"extra":"latency"}}"#, id % 1000, id % 97)
+    let mut value = String::new();
+    let mut send = |id: u64| {
+        use std::fmt::Write as _;
+        value.clear();
+        let _ = write!(
+            value,
+            r#"{{"id":{id},"auction":{},"bidder":1,"price":{},"channel":"web","url":"https://a.com/b","ts":{},"extra":"latency"}}"#,
+            id % 1000,
+            id % 97,
+            now_ms()
+        );
+        producer.send_bytes(&topics.bids, (id % 1000).to_string().as_bytes(), value.as_bytes());
     };
     // Warm up until the first record comes through (Kafka Streams reaches RUNNING in seconds).
     let warm = Instant::now();
     let mut id = 0;
     loop {
-        producer.send(&topics.bids, &Input::keyed((id % 1000).to_string(), bid(id, now_ms())));
+        send(id);
         id += 1;
         if consumer.poll(Duration::from_millis(200)).is_some_and(|message| message.is_ok()) {
             break;
         }
-        assert!(warm.elapsed() < Duration::from_secs(120), "{}: no output within 120 s", system.label());
+        if warm.elapsed() > Duration::from_secs(120) {
+            return Err("no output within 120 s".into());
+        }
     }
-    // Drain the warm-up, then measure.
+    // Drain the warm-up; records produced from here on are measured (their time is later).
     let drain_until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < drain_until {
         let _ = consumer.poll(Duration::from_millis(20));
     }
-    let measured_from = id;
+    let measured_from = now_ms();
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let (latencies, done) = (latencies.clone(), done.clone());
         std::thread::spawn(move || {
+            let mut local = Vec::with_capacity(1 << 16);
             while !done.load(Ordering::Relaxed) {
                 if let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) {
-                    let value: Value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or(Value::Null);
-                    if value["id"].as_u64().is_some_and(|id| id >= measured_from) {
-                        latencies.lock().unwrap().push(now_ms() - value["ts"].as_i64().unwrap_or(0));
+                    let now = now_ms();
+                    if let Some(at) = message.payload().and_then(produced_at).filter(|at| *at >= measured_from) {
+                        local.push(now - at);
                     }
                 }
+                if local.len() >= 1 << 16 || done.load(Ordering::Relaxed) {
+                    latencies.lock().unwrap().append(&mut local);
+                }
             }
+            latencies.lock().unwrap().append(&mut local);
         })
     };
+    let commits_before = commits_so_far(&running);
     let started = Instant::now();
     let total = (rate * seconds as f64) as u64;
     let mut sent = 0;
     while sent < total {
         let due = (started.elapsed().as_secs_f64() * rate) as u64;
         while sent < due.min(total) {
-            producer.send(&topics.bids, &Input::keyed(((id + sent) % 1000).to_string(), bid(id + sent, now_ms())));
+            send(id + sent);
             sent += 1;
         }
         std::thread::sleep(Duration::from_micros(500));
     }
     producer.flush();
     let achieved = total as f64 / started.elapsed().as_secs_f64();
-    assert!(achieved >= rate * 0.95, "{}: the generator reached only {achieved:.0} of {rate:.0} records/s", system.label());
+    let commits = commits_before.zip(commits_so_far(&running)).map(|((count, sum), (count_after, sum_after))| {
+        let commits = count_after - count;
+        ((sum_after - sum) / commits.max(1.0) * 1000.0, commits / started.elapsed().as_secs_f64())
+    });
+    let generator_kept_up = achieved >= rate * 0.95;
     // Wait for the tail (at most 10 s), then stop.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while latencies.lock().unwrap().len() < total as usize && Instant::now() < deadline {
+    let came_through = || latencies.lock().unwrap().len() as u64;
+    while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
+        if came_through() >= total {
+            break;
+        }
     }
     done.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     let mut latencies = latencies.lock().unwrap().clone();
-    assert_eq!(latencies.len() as u64, total, "{}: {} of {total} records came through in the latency run", system.label(), latencies.len());
+    if !generator_kept_up {
+        return Err(format!("the generator reached only {achieved:.0} of {rate:.0} records/s"));
+    }
+    if latencies.len() as u64 != total {
+        return Err(format!("fell behind: {} of {total} records through 10 s after the last was produced", latencies.len()));
+    }
     latencies.sort_unstable();
     let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    (percentile(0.50), percentile(0.99))
+    Ok(LatencyPoint { p50: percentile(0.50), p99: percentile(0.99), commits })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1184,13 +1240,19 @@ fn main() {
     say(String::new());
     say("| system | max events/s | at 50%: p50 / p99 (ms) | at 70%: p50 / p99 (ms) |".into());
     say("|---|---|---|---|".into());
-    for system in [System::Raw, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|_| runs("latency")) {
+    for system in [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|_| runs("latency")) {
         let Some(max) = find(Workload::PassThrough.label(), system).map(rate) else { continue };
         let mut cells = Vec::new();
         for load in [0.5, 0.7] {
-            let (p50, p99) = latency(system, &options.kstreams_jar, max * load, options.latency_seconds);
-            eprintln!("e2e: latency {} at {:.0}%: p50 {p50} ms, p99 {p99} ms", system.label(), load * 100.0);
-            cells.push(format!("{p50} / {p99}"));
+            let cell = match latency(system, &options.kstreams_jar, max * load, options.latency_seconds) {
+                Ok(LatencyPoint { p50, p99, commits: None }) => format!("{p50} / {p99}"),
+                Ok(LatencyPoint { p50, p99, commits: Some((mean_ms, per_second)) }) => {
+                    format!("{p50} / {p99} (commits: {per_second:.1}/s, {mean_ms:.0} ms each)")
+                }
+                Err(error) => error,
+            };
+            eprintln!("e2e: latency {} at {:.0}%: {cell}", system.label(), load * 100.0);
+            cells.push(cell);
         }
         say(format!("| {} | {max:.0} | {} | {} |", system.label(), cells[0], cells[1]));
     }

@@ -88,6 +88,16 @@ impl TestProducer {
                 .fold(OwnedHeaders::new(), |headers, (key, value)| headers.insert(Header { key, value: Some(value.as_slice()) }));
             record = record.headers(headers);
         }
+        self.send_record(record);
+    }
+
+    /// Sends a key and a value without building an [`Input`] (for generators at high rates).
+    pub fn send_bytes(&self, topic: &str, key: &[u8], value: &[u8]) {
+        self.send_record(BaseRecord::to(topic).key(key).payload(value));
+    }
+
+    /// Sends, waiting while the local queue is full.
+    fn send_record(&self, mut record: BaseRecord<'_, [u8], [u8]>) {
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
