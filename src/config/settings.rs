@@ -138,7 +138,7 @@ const KAFKA: Section = Section {
 const RUNTIME: Section = Section {
     about: "batches, shutdown and faults",
     keys: &[
-        Key::optional("commit_interval", Shape::Duration, "a batch (one transaction) ends after this long (default 100ms)"),
+        Key::optional("commit_interval", Shape::Duration, "a batch (one transaction) commits once per this long, start to start (default 100ms)"),
         Key::optional("max_batch_records", WHOLE, "or after this many records (default 100000)"),
         Key::optional("drain_timeout", Shape::Duration, "on SIGTERM: finish the batch, commit and leave within this (default 8s)"),
         Key::optional("give_up_after", Shape::Duration, "exit after one fault has lasted this long; 0s keeps waiting (default)"),

@@ -8,7 +8,8 @@
 //! ```
 //! One consumer-group member and one transactional producer per process, driven from one
 //! thread: no per-record hand-off between tasks. A batch is one transaction; it is begun on
-//! the first record and committed after `commit_interval` or `max_batch_records`.
+//! the first record and committed once per `commit_interval` (start to start, see
+//! `transaction::cadence`) or after `max_batch_records`.
 //!
 //! Where things are:
 //! - start-up ([`run`], here): topics, schemas, state definitions, the store, the producer

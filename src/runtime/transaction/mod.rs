@@ -52,10 +52,12 @@ use tracing::{debug, info, warn};
 
 use super::status::BatchSummary;
 mod batch;
+mod cadence;
 mod classes;
 mod refused;
 mod retry;
 
+use cadence::batch_due;
 pub use classes::{classify, fatal, ErrorClass};
 pub use refused::{refuses_record, Origin, Refusal, RefusedInputs};
 use refused::Origins;
@@ -102,6 +104,8 @@ pub struct BatchProducer {
     record_limits: Vec<(String, usize)>,
     open: bool,
     opened_at: Option<Instant>,
+    /// When the last commit began: batches commit once per interval, start to start.
+    last_commit_began: Option<Instant>,
     partitions: Vec<PartitionBatch>,
     counts: BatchCounts,
     records: usize,
@@ -146,6 +150,7 @@ impl BatchProducer {
             record_limits: Vec::new(),
             open: false,
             opened_at: None,
+            last_commit_began: None,
             partitions: Vec::new(),
             counts: BatchCounts::default(),
             last_summary: None,
@@ -253,16 +258,16 @@ impl BatchProducer {
         self.open
     }
 
-
-    /// Whether the open batch has run for `interval` or holds `max_records` records; or no
-    /// batch is open but a pinned start waits to be committed.
-    /// Whether the open batch should commit: full, or open for `interval` (the clock is
-    /// read only when `look_at_clock`: the loop does so every few records).
+    /// Whether the open batch should commit: it holds `max_records` records, or its time
+    /// came (`batch_due`; the clock is read only when `look_at_clock`: the loop does so every
+    /// few records); or no batch is open but a pinned start waits to be committed.
     pub fn is_due(&self, interval: Duration, max_records: usize, look_at_clock: bool) -> bool {
         if !self.open {
             return !self.pinned_starts.is_empty();
         }
-        self.records >= max_records || (look_at_clock && self.opened_at.is_some_and(|at| at.elapsed() >= interval))
+        self.records >= max_records
+            || (look_at_clock
+                && self.opened_at.is_some_and(|opened| batch_due(Instant::now(), opened, self.last_commit_began, interval)))
     }
 
     /// Commits `offset` as where `partition` of `topic` starts, with the next batch even if
@@ -414,6 +419,7 @@ impl BatchProducer {
             self.ensure_open()?;
         }
         let started = Instant::now();
+        self.last_commit_began = Some(started);
         let positions = consumer.position().ok();
         let mut offsets = TopicPartitionList::with_capacity(self.partitions.len());
         let mut committed_offsets = Vec::with_capacity(self.partitions.len());
