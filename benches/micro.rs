@@ -11,7 +11,7 @@ use weir::codec::Decoder;
 use weir::config::Encoding;
 use weir::plan::parse_pipeline;
 use weir::engine::{Engine, InputRecord};
-use weir::operators::Provenance;
+use weir::operators::{InputHeaders, Provenance};
 use weir::runtime::store::{StateStore, StoreWrite};
 
 const CLICK: &[u8] = br#"{"id":123456,"user":"u123","amount":42,"ts":1700000001234}"#;
@@ -123,7 +123,7 @@ fn steps(c: &mut Criterion) {
 /// as a commit would end it.
 fn feed(engine: &mut Engine, topic: &str, n: u64, value: &str, outputs: &mut Vec<weir::engine::Output>) {
     let input = InputRecord {
-        provenance: Provenance { topic, partition: 0, offset: n as i64, timestamp: None, headers: &[], key: None },
+        provenance: Provenance { topic, partition: 0, offset: n as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
         key: None,
         value: Some(value.as_bytes()),
     };

@@ -19,7 +19,7 @@ use crate::codec::avro;
 use crate::config::{Encoding, SourceTopics};
 use crate::plan::Pipeline;
 use crate::engine::{ChangelogEntry, Clock, Destination, Engine, InputRecord, Output, RecordFailure, TableRecordError};
-use crate::operators::Provenance;
+use crate::operators::{InputHeaders, Provenance};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestError {
@@ -137,7 +137,7 @@ pub fn run_with_restarts(
                 partition: parsed.partition,
                 offset: *offset,
                 timestamp: parsed.timestamp,
-                headers: &headers,
+                headers: InputHeaders::Read(&headers),
                 key: key.as_deref(),
             },
             key: key.as_deref(),
@@ -171,7 +171,7 @@ pub fn run_with_restarts(
                 engine.set_clock(clock);
                 for (topic, partition, offset, key, value) in &table_log {
                     let provenance =
-                        Provenance { topic, partition: *partition, offset: *offset, timestamp: None, headers: &[], key: key.as_deref() };
+                        Provenance { topic, partition: *partition, offset: *offset, timestamp: None, headers: InputHeaders::Read(&[]), key: key.as_deref() };
                     apply_table_line(&mut engine, &InputRecord { provenance, key: key.as_deref(), value: value.as_deref() }, false)?;
                 }
                 for ((entry_topic, partition, step, key), value) in &changelog {

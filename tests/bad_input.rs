@@ -507,7 +507,7 @@ mod decoders {
 /// Drives an engine over records of one partition, as the loop does with `on_error: dlq`.
 mod drive {
     use weir::engine::{BatchCounts, Clock, Engine, InputRecord, Output, RecordFailure};
-    use weir::operators::Provenance;
+    use weir::operators::{InputHeaders, Provenance};
 
     /// A record's value bytes and Kafka timestamp.
     pub type Input = (Vec<u8>, Option<i64>);
@@ -536,7 +536,7 @@ mod drive {
         engine.set_clock(Clock::Fixed(now));
         let mut all = Vec::new();
         for (offset, (topic, (value, timestamp))) in records.iter().enumerate() {
-            let provenance = Provenance { topic, partition: 0, offset: offset as i64, timestamp: *timestamp, headers: &[], key: None };
+            let provenance = Provenance { topic, partition: 0, offset: offset as i64, timestamp: *timestamp, headers: InputHeaders::Read(&[]), key: None };
             let mut outputs = Vec::new();
             engine.process(&InputRecord { provenance, key: None, value: Some(value) }, &mut outputs)?;
             if offset % batch == batch - 1 {

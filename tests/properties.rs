@@ -205,7 +205,7 @@ mod distributed {
     use rand::{Rng, SeedableRng};
     use serde_json::Value;
     use weir::engine::{ChangelogEntry, Destination, Engine, ForwardHeaders, InputRecord, Output};
-    use weir::operators::Provenance;
+    use weir::operators::{InputHeaders, Provenance};
 
     const PARTITIONS: usize = 3;
 
@@ -267,7 +267,7 @@ mod distributed {
             let line: Value = serde_json::from_str(line).unwrap();
             let value = line["value"].to_string().into_bytes();
             let input = InputRecord {
-                provenance: Provenance { topic: "events", partition: partition as i32, offset, timestamp: None, headers: &[], key: None },
+                provenance: Provenance { topic: "events", partition: partition as i32, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
                 key: None,
                 value: Some(&value),
             };
@@ -319,7 +319,7 @@ mod distributed {
         let forwarded = ForwardHeaders::parse(&headers).unwrap();
         let (topic, source_partition, offset, _) = forwarded.source.clone().unwrap_or(("events".into(), 0, 0, None));
         let input = InputRecord {
-            provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: &[], key: None },
+            provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
             key: None,
             value: record.value.as_deref(),
         };
@@ -497,7 +497,7 @@ mod distributed {
             } else if let Some(&partition) = inputs.get(rng.random_range(0..inputs.len().max(1))) {
                 let line: Value = serde_json::from_str(&partitions[partition][cursors[partition]]).unwrap();
                 let value = line["value"].to_string().into_bytes();
-                let provenance = Provenance { topic: "events", partition: partition as i32, offset: cursors[partition] as i64, timestamp: None, headers: &[], key: None };
+                let provenance = Provenance { topic: "events", partition: partition as i32, offset: cursors[partition] as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None };
                 engine.process(&InputRecord { provenance, key: None, value: Some(&value) }, &mut outputs).unwrap();
                 cursors[partition] += 1;
             }
@@ -737,14 +737,14 @@ mod join {
     #[test]
     fn an_idle_side_stops_holding_back_its_pair() {
         use weir::engine::{Engine, InputRecord};
-        use weir::operators::Provenance;
+        use weir::operators::{InputHeaders, Provenance};
         let mut engine = Engine::new(&pipeline_of("left", "  []", true)).unwrap();
         assert!(engine.join_in_place().is_some());
         assert!(engine.idle_timeout().is_none(), "no idle_timeout configured here");
         let mut outputs = Vec::new();
         for (offset, ts) in [(0, 1_000), (1, 2_000), (2, 30_000)] {
             let value = format!(r#"{{"id":"a{offset}","k":"k1","v":1,"ts":{ts}}}"#);
-            let provenance = Provenance { topic: "ads", partition: 1, offset, timestamp: None, headers: &[], key: None };
+            let provenance = Provenance { topic: "ads", partition: 1, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None };
             engine.process(&InputRecord { provenance, key: None, value: Some(value.as_bytes()) }, &mut outputs).unwrap();
         }
         engine.end_batch(&mut outputs).unwrap();
@@ -767,7 +767,7 @@ mod join {
     #[test]
     fn join_state_stays_bounded_over_a_million_records_with_churning_keys() {
         use weir::engine::{Engine, InputRecord};
-        use weir::operators::Provenance;
+        use weir::operators::{InputHeaders, Provenance};
         let pipeline = pipeline("full", "  []");
         let mut engine = Engine::new(&pipeline).unwrap();
         engine.set_input_partitions([("ads".to_string(), 0), ("clicks".to_string(), 0)]);
@@ -780,7 +780,7 @@ mod join {
             // is never seen again. 1 ms of event time per record.
             let value = format!(r#"{{"id":"{n}","k":"k{}","v":1,"ts":{}}}"#, n / 1_000 * 100 + n % 100, 1_000_000 + n);
             let input = InputRecord {
-                provenance: Provenance { topic, partition: 0, offset: offset as i64, timestamp: None, headers: &[], key: None },
+                provenance: Provenance { topic, partition: 0, offset: offset as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
                 key: None,
                 value: Some(value.as_bytes()),
             };

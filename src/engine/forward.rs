@@ -172,7 +172,7 @@ impl ForwardHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::Provenance;
+    use crate::operators::{InputHeaders, Provenance};
 
     /// The id written straight is the id the map gives, byte for byte (ids already written
     /// must not change).
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn input_headers_travel_with_a_forward() {
         let input: [(&str, Option<&[u8]>); 3] = [("trace", Some(b"t1")), ("empty", None), ("weir-watermark", Some(b"999"))];
-        let provenance = Provenance { topic: "in", partition: 1, offset: 7, timestamp: Some(5), headers: &input, key: Some(b"k") };
+        let provenance = Provenance { topic: "in", partition: 1, offset: 7, timestamp: Some(5), headers: InputHeaders::Read(&input), key: Some(b"k") };
         let record = Record { fields: serde_json::Map::new(), event_time: 42, provenance: Some(provenance), key: None, upsert: false, id: None };
         let forward = Forward { stage: 1, partition: 0, sender: "in[1]".into(), watermark: 40, idle: false, record: Some(record), position: None };
         let output = forwarded(forward);

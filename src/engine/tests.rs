@@ -2,7 +2,7 @@
 //! from encoding them again.
 
 use super::*;
-use crate::operators::Provenance;
+use crate::operators::{InputHeaders, Provenance};
 
 /// Filter and dedup on the way to `kept` (records as read); a `set` on the way to `marked`.
 const TWO_OUTPUTS: &str = r#"
@@ -51,7 +51,7 @@ fn run(outputs: &str, values: &[&str]) -> Vec<(String, String, String)> {
     let mut engine = engine(outputs);
     let mut outputs = Vec::new();
     for (offset, value) in values.iter().enumerate() {
-        let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: &[], key: None };
+        let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&[]), key: None };
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
         engine.process(&input, &mut outputs).unwrap();
     }
@@ -67,7 +67,7 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
     engine.set_input_partitions([("clicks".to_string(), 0)]);
     let mut written = Vec::new();
     for (offset, value) in values.iter().enumerate() {
-        let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: &[], key: None };
+        let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&[]), key: None };
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
         let mut outputs = Vec::new();
         engine.process(&input, &mut outputs).unwrap();
@@ -78,7 +78,7 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
             };
             let headers: Vec<(&str, Option<&[u8]>)> = output.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
             let forwarded = ForwardHeaders::parse(&headers).unwrap();
-            let provenance = Provenance { topic: "t-repartition", partition: 0, offset: offset as i64, timestamp: Some(0), headers: &headers, key: None };
+            let provenance = Provenance { topic: "t-repartition", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&headers), key: None };
             let input = InputRecord { provenance, key: output.key.as_deref(), value: output.value.as_deref() };
             engine.process_forwarded(&input, stage, 0, &forwarded, &mut written).unwrap();
         }

@@ -220,7 +220,7 @@ impl Bindings {
                 "_headers" => {
                     let mut map: HashMap<Key, CelValue> = reads.headers.iter().map(|name| (Key::from(name.clone()), CelValue::Null)).collect();
                     // As Kafka keeps them, in order: of a name given twice, the last one counts.
-                    for (name, value) in provenance.map(|provenance| provenance.headers).unwrap_or_default() {
+                    for (name, value) in provenance.map(|provenance| provenance.headers.list()).unwrap_or_default().iter() {
                         map.insert(Key::from(name.to_string()), value.map_or(CelValue::Null, text));
                     }
                     CelValue::from(map)

@@ -18,6 +18,8 @@ pub mod lookup;
 pub mod reshape;
 pub mod window;
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigErrors, Schema, Shape, Source, StepEntry};
@@ -47,9 +49,40 @@ pub struct Provenance<'a> {
     pub partition: i32,
     pub offset: i64,
     pub timestamp: Option<i64>,
-    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+    pub headers: InputHeaders<'a>,
     /// The input record's Kafka key, kept as the output key when no step sets one.
     pub key: Option<&'a [u8]>,
+}
+
+/// A header list not read yet: a Kafka message's, read only when something asks (most
+/// records are never asked, and librdkafka allocates to read a message's headers, even none).
+pub trait HeaderSource {
+    fn read_headers(&self) -> Vec<(&str, Option<&[u8]>)>;
+}
+
+/// Headers as (name, value) pairs, in order, as Kafka keeps them.
+pub type HeaderList<'a> = [(&'a str, Option<&'a [u8]>)];
+
+/// The input record's headers.
+#[derive(Clone, Copy)]
+pub enum InputHeaders<'a> {
+    Read(&'a HeaderList<'a>),
+    Unread(&'a dyn HeaderSource),
+}
+
+impl<'a> InputHeaders<'a> {
+    pub fn list(&self) -> Cow<'a, HeaderList<'a>> {
+        match *self {
+            InputHeaders::Read(headers) => Cow::Borrowed(headers),
+            InputHeaders::Unread(source) => Cow::Owned(source.read_headers()),
+        }
+    }
+}
+
+impl std::fmt::Debug for InputHeaders<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_list().entries(self.list().iter()).finish()
+    }
 }
 
 impl Provenance<'_> {
@@ -61,7 +94,7 @@ impl Provenance<'_> {
     /// The input record's headers, owned, as an output carries them (a header without a
     /// value has nothing to carry and is left out).
     pub fn owned_headers(&self) -> Vec<(String, Vec<u8>)> {
-        self.headers.iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect()
+        self.headers.list().iter().filter_map(|(name, value)| Some((name.to_string(), (*value)?.to_vec()))).collect()
     }
 }
 

@@ -24,7 +24,7 @@ use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::DeliveryMode;
 use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, ErrorStage};
-use crate::operators::Provenance;
+use crate::operators::{HeaderSource, InputHeaders, Provenance};
 use crate::telemetry::metrics::Metrics;
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -300,14 +300,14 @@ impl Loop<'_> {
 
     fn process_record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, refusal: Option<Refusal>) -> Result<(), RuntimeError> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        let headers: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|headers| headers.iter().map(|header| (header.key, header.value)).collect())
-            .unwrap_or_default();
         let mut guard = self.consumer.context().session();
         let LoopState { transaction, engine, topics, .. } = &mut *guard;
+        // A source record's headers are read only if something asks for them; a forwarded
+        // record's carry where it came from.
+        let stage = engine.stage_of_topic(topic);
+        let headers = if stage.is_some() { message.read_headers() } else { Vec::new() };
         // From a repartition topic: our own records, so a malformed one is a bug, not bad input.
-        let forwarded = match engine.stage_of_topic(topic) {
+        let forwarded = match stage {
             None => None,
             Some(stage) => Some((
                 stage,
@@ -323,7 +323,7 @@ impl Loop<'_> {
                 partition: *partition,
                 offset: *offset,
                 timestamp: *timestamp,
-                headers: &headers[..*input_headers],
+                headers: InputHeaders::Read(&headers[..*input_headers]),
                 key: message.key(),
             },
             None => Provenance {
@@ -331,7 +331,7 @@ impl Loop<'_> {
                 partition,
                 offset,
                 timestamp: message.timestamp().to_millis(),
-                headers: &headers,
+                headers: InputHeaders::Unread(message),
                 key: message.key(),
             },
         };
@@ -498,4 +498,10 @@ fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) 
         format!("{size} bytes, over message.max.bytes; the original is at weir-source-topic/-partition/-offset").into_bytes(),
     ));
     transaction.send(dlq, &slim, 0).map_err(fatal)
+}
+
+impl HeaderSource for rdkafka::message::BorrowedMessage<'_> {
+    fn read_headers(&self) -> Vec<(&str, Option<&[u8]>)> {
+        self.headers().map(|headers| headers.iter().map(|header| (header.key, header.value)).collect()).unwrap_or_default()
+    }
 }

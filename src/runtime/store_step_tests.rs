@@ -13,7 +13,7 @@ use crate::config::{FieldType, Schema};
 use crate::operators::aggregate::config::{OnExpire, RunningAggregate};
 use crate::operators::lookup::Tables;
 use crate::operators::window::config::{Aggregate, EmitMode, Window, WindowKind};
-use crate::operators::{Emitted, Operator, Provenance, StateChange, StateEntryLimit, Step};
+use crate::operators::{Emitted, InputHeaders, Operator, Provenance, StateChange, StateEntryLimit, Step};
 
 const OWNER: &str = "input";
 const PARTITION: i32 = 1;
@@ -131,7 +131,7 @@ fn steps_reading_through_the_store_match_the_ones_in_memory() {
             let (offset, topic) = (position as i64, if position % 3 == 0 { "right" } else { "left" });
             let record = || {
                 let mut record = crate::operators::test_record(json!({ "user": user, "tag": tag, "ts": time }), *time);
-                record.provenance = Some(Provenance { topic, partition: 0, offset, timestamp: None, headers: &[], key: None });
+                record.provenance = Some(Provenance { topic, partition: 0, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None });
                 record
             };
             let (mut expected, mut seen) = (Vec::new(), Vec::new());
@@ -248,7 +248,7 @@ fn a_join_without_a_committed_sequence_numbers_past_its_committed_records() {
     let mut operator = reading_through(&store, &step);
     let record = |user: &str, offset: i64| {
         let mut record = crate::operators::test_record(json!({ "user": user, "tag": "a", "ts": 10 }), 10);
-        record.provenance = Some(Provenance { topic: "left", partition: 0, offset, timestamp: None, headers: &[], key: None });
+        record.provenance = Some(Provenance { topic: "left", partition: 0, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None });
         record
     };
     for offset in 0..5 {

@@ -33,7 +33,7 @@ use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::{Encoding, Settings, Source, SourceTopics};
 use crate::engine::{Engine, InputRecord, TableRecordError};
-use crate::operators::Provenance;
+use crate::operators::{InputHeaders, Provenance};
 use crate::plan::Pipeline;
 use crate::telemetry::metrics::Metrics;
 
@@ -354,7 +354,7 @@ fn apply(
             }
         }
     }
-    let provenance = Provenance { topic, partition, offset, timestamp: message.timestamp().to_millis(), headers: &[], key: message.key() };
+    let provenance = Provenance { topic, partition, offset, timestamp: message.timestamp().to_millis(), headers: InputHeaders::Read(&[]), key: message.key() };
     let input = InputRecord { provenance, key: message.key(), value: message.payload() };
     match engine.apply_table_record(&input) {
         Ok(()) => {}

@@ -149,7 +149,7 @@ fn remove_path(fields: &mut Map<String, Value>, path: &[String]) {
 mod tests {
     use super::*;
     use crate::config::{ConfigErrors, FieldType};
-    use crate::operators::Provenance;
+    use crate::operators::{InputHeaders, Provenance};
 
     fn schema() -> Schema {
         let item = Schema { fields: vec![("sku".into(), FieldType::String), ("qty".into(), FieldType::Long), ("price".into(), FieldType::Double)] };
@@ -199,7 +199,7 @@ mod tests {
             "{order_id: string, amount: double, item: {sku: string, qty: long, price: double, total: double}, debug: string, amount_cents: long, origin: {topic: string}}"
         );
         let headers = [("region", Some(&b"eu"[..]))];
-        let provenance = Provenance { topic: "orders", partition: 2, offset: 7, timestamp: Some(5), headers: &headers, key: Some(b"k1") };
+        let provenance = Provenance { topic: "orders", partition: 2, offset: 7, timestamp: Some(5), headers: InputHeaders::Read(&headers), key: Some(b"k1") };
         assert_eq!(
             run(&mut set, record(Some(provenance))).unwrap(),
             r#"{"order_id":"o1","amount":25.0,"item":{"sku":"s9","qty":3,"price":2.5,"total":7.5},"debug":"x","amount_cents":1250,"origin":{"topic":"orders"}}"#
@@ -211,7 +211,7 @@ mod tests {
         let (mut select, schema) = step("select", r#"{sku: item.sku, order.id: order_id, region: "_headers.region", key: _key}"#).unwrap();
         assert_eq!(schema.describe(), "{sku: string, order: {id: string}, region: string, key: string}");
         let headers = [("region", Some(&b"eu"[..]))];
-        let provenance = Provenance { topic: "orders", partition: 2, offset: 7, timestamp: None, headers: &headers, key: Some(b"k1") };
+        let provenance = Provenance { topic: "orders", partition: 2, offset: 7, timestamp: None, headers: InputHeaders::Read(&headers), key: Some(b"k1") };
         assert_eq!(run(&mut select, record(Some(provenance))).unwrap(), r#"{"sku":"s9","order":{"id":"o1"},"region":"eu","key":"k1"}"#);
         // A derived record has no metadata: null.
         assert_eq!(run(&mut select, record(None)).unwrap(), r#"{"sku":"s9","order":{"id":"o1"},"region":null,"key":null}"#);
