@@ -438,7 +438,10 @@ impl Engine {
     /// input passed on unchanged.
     fn sink_record(&self, index: usize, record: &Record<'_>, verbatim: Option<&InputRecord<'_>>) -> Result<Output, Unwritable> {
         let writer = &self.sinks[index];
-        let key = if record.upsert || writer.key.is_empty() {
+        let key = if writer.mode == DeliveryMode::IdempotentUpsert {
+            // The key is the output's id (below).
+            Ok(None)
+        } else if record.upsert || writer.key.is_empty() {
             match &record.key {
                 Some(key) => writer.key_encoder.encode(key).map(Some),
                 None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
