@@ -967,12 +967,8 @@ fn latency(system: System, jar: &Path, rate: Option<f64>, seconds: u64) -> Resul
     let generator_kept_up = achieved >= rate * 0.95;
     // Wait for the tail (at most 10 s), then stop.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let came_through = || latencies.lock().unwrap().len() as u64;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && read.load(Ordering::Relaxed) < total {
         std::thread::sleep(Duration::from_millis(50));
-        if came_through() >= total {
-            break;
-        }
     }
     done.store(true, Ordering::Relaxed);
     reader.join().unwrap();

@@ -432,15 +432,16 @@ impl Engine {
         Ok(())
     }
 
-    /// The record output `index` writes for `record`: its key (the output's `sink.key`, else
-    /// the key a step gave it, else the input's), headers and encoded value. `verbatim`: an
-    /// input whose value is in the encoder's form, written as it came where `record` is that
-    /// input passed on unchanged.
+    /// The record output `index` writes for `record`: its key (in upsert mode its id; else the
+    /// output's `sink.key`, else the key a step gave it, else the input's), headers and
+    /// encoded value. `verbatim`: an input whose value is in the encoder's form, written as it
+    /// came where `record` is that input passed on unchanged.
     fn sink_record(&self, index: usize, record: &Record<'_>, verbatim: Option<&InputRecord<'_>>) -> Result<Output, Unwritable> {
         let writer = &self.sinks[index];
-        let key = if writer.mode == DeliveryMode::IdempotentUpsert {
-            // The key is the output's id (below).
-            Ok(None)
+        // Upsert mode: the key is the output's id, also in a header with its version.
+        let upsert = (writer.mode == DeliveryMode::IdempotentUpsert).then(|| upsert_id(record));
+        let key = if let Some((id, _)) = &upsert {
+            Ok(Some(id.clone()))
         } else if record.upsert || writer.key.is_empty() {
             match &record.key {
                 Some(key) => writer.key_encoder.encode(key).map(Some),
@@ -455,16 +456,10 @@ impl Engine {
             stage: ErrorStage::Process,
             error: format!("{}.headers: {error}", writer.location),
         })?;
-        // Upsert mode: the key is the output's id, also in a header with its version.
-        let key = match writer.mode {
-            DeliveryMode::IdempotentUpsert => {
-                let (id, version) = upsert_id(record);
-                sink_headers::replace(&mut headers, ID_HEADER, Some(id.clone()));
-                sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
-                Some(id)
-            }
-            DeliveryMode::Transactional => key,
-        };
+        if let Some((id, version)) = upsert {
+            sink_headers::replace(&mut headers, ID_HEADER, Some(id));
+            sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
+        }
         let as_read = verbatim
             .filter(|input| writer.as_read && record.provenance.is_some_and(|provenance| provenance.same_record(&input.provenance)))
             .and_then(|input| input.value);

@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-/// Whether a batch opened at `opened` should commit at `now`, the previous commit (or
-/// abort) having begun at `last_commit_began`. Never more than one commit per `interval`.
+/// Whether a batch opened at `opened` should commit at `now`, the previous commit having
+/// begun at `last_commit_began`. Never more than one timed commit per `interval` (a full
+/// batch, or a pinned start, commits when it must).
 pub fn batch_due(now: Instant, opened: Instant, last_commit_began: Option<Instant>, interval: Duration) -> bool {
     let open_for = now.saturating_duration_since(opened);
     let since_last = last_commit_began.map_or(open_for, |began| now.saturating_duration_since(began));
