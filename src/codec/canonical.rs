@@ -131,36 +131,50 @@ impl CanonicalReader {
 /// A string without escapes or control characters, in valid UTF-8: its text and length with
 /// the quotes. serde_json writes such text as it is.
 fn read_string(rest: &[u8]) -> Option<(Value, usize)> {
-    let text = string_text(rest)?;
-    Some((Value::String(text.to_owned()), text.len() + 2))
+    let (body, _) = string_body(rest)?;
+    let text = std::str::from_utf8(body).ok()?;
+    Some((Value::String(text.to_owned()), body.len() + 2))
 }
 
 /// The length of such a string with its quotes, without keeping its text.
 fn checked_string(rest: &[u8]) -> Option<usize> {
-    string_text(rest).map(|text| text.len() + 2)
+    let (body, ascii) = string_body(rest)?;
+    (ascii || std::str::from_utf8(body).is_ok()).then_some(body.len() + 2)
 }
 
-fn string_text(rest: &[u8]) -> Option<&str> {
+/// The bytes between the quotes, in one pass: an escape or a control character ends it
+/// ("don't know"). Also whether every byte is ASCII (then it is UTF-8 without a check).
+fn string_body(rest: &[u8]) -> Option<(&[u8], bool)> {
     let body = rest.strip_prefix(b"\"")?;
-    let end = body.iter().position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
-    if body[end] != b'"' {
-        return None;
+    let mut seen = 0u8;
+    for (end, &byte) in body.iter().enumerate() {
+        if byte == b'"' {
+            return Some((&body[..end], seen < 0x80));
+        }
+        if byte == b'\\' || byte < 0x20 {
+            return None;
+        }
+        seen |= byte;
     }
-    std::str::from_utf8(&body[..end]).ok()
+    None
 }
 
 /// A whole number as serde_json writes an i64: an optional minus, no leading zeros, not -0.
+/// Read digit by digit; out of the i64 range is left to the full decoder.
 fn read_long(rest: &[u8]) -> Option<(Value, usize)> {
-    let digits_from = usize::from(rest.first() == Some(&b'-'));
-    let digits = rest[digits_from..].iter().take_while(|byte| byte.is_ascii_digit()).count();
-    let token = &rest[..digits_from + digits];
-    let leading_zero = digits > 1 && rest[digits_from] == b'0';
-    if digits == 0 || leading_zero || token == b"-0" {
+    let negative = rest.first() == Some(&b'-');
+    let digits = &rest[usize::from(negative)..];
+    let count = digits.iter().take_while(|byte| byte.is_ascii_digit()).count();
+    if count == 0 || (count > 1 && digits[0] == b'0') || (negative && digits[..count] == *b"0") {
         return None;
     }
-    // ASCII digits by construction; out of the i64 range is left to the full decoder.
-    let number: i64 = std::str::from_utf8(token).ok()?.parse().ok()?;
-    Some((Value::from(number), token.len()))
+    // Accumulated on the negative side, which holds i64::MIN.
+    let mut number: i64 = 0;
+    for &digit in &digits[..count] {
+        number = number.checked_mul(10)?.checked_sub(i64::from(digit - b'0'))?;
+    }
+    let number = if negative { number } else { number.checked_neg()? };
+    Some((Value::from(number), usize::from(negative) + count))
 }
 
 /// A number as serde_json writes an f64 (its shortest text that reads back as it): anything
