@@ -57,7 +57,8 @@ pub struct Provenance<'a> {
 /// A header list not read yet: a Kafka message's, read only when something asks (most
 /// records are never asked, and librdkafka allocates to read a message's headers, even none).
 pub trait HeaderSource {
-    fn read_headers(&self) -> Vec<(&str, Option<&[u8]>)>;
+    /// Borrowed where the source keeps what it read (the poll loop reads a message's once).
+    fn read_headers(&self) -> Cow<'_, HeaderList<'_>>;
 }
 
 /// Headers as (name, value) pairs, in order, as Kafka keeps them.
@@ -74,7 +75,7 @@ impl<'a> InputHeaders<'a> {
     pub fn list(&self) -> Cow<'a, HeaderList<'a>> {
         match *self {
             InputHeaders::Read(headers) => Cow::Borrowed(headers),
-            InputHeaders::Unread(source) => Cow::Owned(source.read_headers()),
+            InputHeaders::Unread(source) => source.read_headers(),
         }
     }
 }

@@ -2,11 +2,13 @@
 //! out into the open transaction, and commit when the batch is due; act between polls on
 //! what the rebalance callbacks left (failures, rewinds, restores).
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -24,7 +26,7 @@ use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::DeliveryMode;
 use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, ErrorStage};
-use crate::operators::{HeaderSource, InputHeaders, Provenance};
+use crate::operators::{HeaderList, HeaderSource, InputHeaders, Provenance};
 use crate::telemetry::metrics::Metrics;
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -305,7 +307,7 @@ impl Loop<'_> {
         // A source record's headers are read only if something asks for them; a forwarded
         // record's carry where it came from.
         let stage = engine.stage_of_topic(topic);
-        let headers = if stage.is_some() { message.read_headers() } else { Vec::new() };
+        let headers = if stage.is_some() { read_headers(message) } else { Vec::new() };
         // From a repartition topic: our own records, so a malformed one is a bug, not bad input.
         let forwarded = match stage {
             None => None,
@@ -317,6 +319,7 @@ impl Loop<'_> {
         };
         // A forwarded record answers for the source record it came from.
         let source = forwarded.as_ref().and_then(|(_, forward)| Some((forward.source.clone()?, forward.input_headers)));
+        let unread = MessageHeaders { message, read: OnceCell::new() };
         let provenance = match &source {
             Some(((topic, partition, offset, timestamp), input_headers)) => Provenance {
                 topic,
@@ -331,7 +334,7 @@ impl Loop<'_> {
                 partition,
                 offset,
                 timestamp: message.timestamp().to_millis(),
-                headers: InputHeaders::Unread(message),
+                headers: InputHeaders::Unread(&unread),
                 key: message.key(),
             },
         };
@@ -500,8 +503,20 @@ fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) 
     transaction.send(dlq, &slim, 0).map_err(fatal)
 }
 
-impl HeaderSource for rdkafka::message::BorrowedMessage<'_> {
-    fn read_headers(&self) -> Vec<(&str, Option<&[u8]>)> {
-        self.headers().map(|headers| headers.iter().map(|header| (header.key, header.value)).collect()).unwrap_or_default()
+fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> Vec<(&'m str, Option<&'m [u8]>)> {
+    message.headers().map(|headers| headers.iter().map(|header| (header.key, header.value)).collect()).unwrap_or_default()
+}
+
+/// A consumed message's headers, read at the first ask and kept for the others (each output
+/// passing headers on, a DLQ record, each `_headers` expression): librdkafka keeps no parsed
+/// list for a message without headers and reads, allocating, at every ask.
+struct MessageHeaders<'m> {
+    message: &'m BorrowedMessage<'m>,
+    read: OnceCell<Vec<(&'m str, Option<&'m [u8]>)>>,
+}
+
+impl HeaderSource for MessageHeaders<'_> {
+    fn read_headers(&self) -> Cow<'_, HeaderList<'_>> {
+        Cow::Borrowed(self.read.get_or_init(|| read_headers(self.message)))
     }
 }

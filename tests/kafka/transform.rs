@@ -79,6 +79,48 @@ fn set_drop_and_select_reshape_records_read_from_kafka() {
 
 /// Input headers reach the sink records, also through a repartition topic (a dedup keyed by
 /// a field the input is not partitioned by), and `sink.headers.set` adds its own.
+/// A record's headers asked for three times (an output's `when`, and two sinks passing them
+/// on) are the same each time, with and without headers on the input record.
+#[test]
+fn headers_read_by_a_when_and_two_sinks_reach_both_outputs() {
+    let (input, tagged, all) = (unique("in"), unique("tagged"), unique("all"));
+    let name = unique("headers-twice");
+    create_topic(&input, 2);
+    create_topic(&tagged, 1);
+    create_topic(&all, 1);
+    // Even ids carry two headers, odd ids none.
+    produce(&input, (0..100u64).map(|id| match id % 2 {
+        0 => timed_event(id).with_header("kind", "a").with_header("trace", format!("t{id}")),
+        _ => timed_event(id),
+    }));
+    let outputs = format!(
+        "outputs:\n  \
+           tagged:\n    when: \"size(_headers) > 0 && _headers.kind == 'a'\"\n    sink: {{ topic: {tagged} }}\n  \
+           all:\n    sink: {{ topic: {all} }}\n"
+    );
+    let text = clicks_pipeline_text(&name, &input, "unused", "  []", "").replace("sink:\n  topic: unused\n", &outputs);
+    let pipeline = pipeline_file(&text);
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { until_end: true, ..Default::default() });
+    assert!(weir.wait(Duration::from_secs(120)).success(), "{}", weir.log_text());
+
+    let headers_of = |id: u64| -> BTreeMap<String, String> {
+        match id % 2 {
+            0 => [("kind".to_string(), "a".to_string()), ("trace".to_string(), format!("t{id}"))].into_iter().collect(),
+            _ => BTreeMap::new(),
+        }
+    };
+    let tagged = read_committed(&tagged);
+    let mut ids: Vec<u64> = tagged.iter().map(|record| record.value_json()["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..100).step_by(2).collect::<Vec<_>>());
+    let all = read_committed(&all);
+    assert_eq!(all.len(), 100);
+    for record in tagged.iter().chain(&all) {
+        let id = record.value_json()["id"].as_u64().unwrap();
+        assert_eq!(record.headers, headers_of(id), "id {id}");
+    }
+}
+
 #[test]
 fn input_headers_pass_through_a_repartition_to_the_sink() {
     let (input, output) = (unique("in"), unique("out"));
