@@ -503,7 +503,10 @@ fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) 
     transaction.send(dlq, &slim, 0).map_err(fatal)
 }
 
-fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> Vec<(&'m str, Option<&'m [u8]>)> {
+/// A message's headers as read from it, borrowing their names and values.
+type ReadHeaders<'m> = Vec<(&'m str, Option<&'m [u8]>)>;
+
+fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> ReadHeaders<'m> {
     message.headers().map(|headers| headers.iter().map(|header| (header.key, header.value)).collect()).unwrap_or_default()
 }
 
@@ -512,7 +515,7 @@ fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> Vec<(&'m str, Option<&'
 /// list for a message without headers and reads, allocating, at every ask.
 struct MessageHeaders<'m> {
     message: &'m BorrowedMessage<'m>,
-    read: OnceCell<Vec<(&'m str, Option<&'m [u8]>)>>,
+    read: OnceCell<ReadHeaders<'m>>,
 }
 
 impl HeaderSource for MessageHeaders<'_> {
