@@ -151,7 +151,11 @@ pub fn run_with_restarts(
                 apply_table_line(&mut engine, &input, true)?;
                 table_log.push((topic.clone(), parsed.partition, *offset - 1, key.clone(), value.clone()));
             }
-            false => engine.process(&input, &mut outputs)?,
+            false => {
+                let before = outputs.len();
+                engine.process(&input, &mut outputs)?;
+                outputs[before..].iter_mut().for_each(|output| output.own_value(&input));
+            }
         }
         in_batch += 1;
         if in_batch == batch_size {
@@ -264,7 +268,7 @@ fn render(pipeline: &Pipeline, avro_names: &[AvroNames], outputs: impl Iterator<
         let mut line = Map::new();
         line.insert("topic".into(), Value::String(topic.clone()));
         line.insert("key".into(), named(avro_names.key, shown(output.key.as_deref())));
-        line.insert("value".into(), named(avro_names.value, shown(output.value.as_deref())));
+        line.insert("value".into(), named(avro_names.value, shown(output.value.own())));
         line.insert("headers".into(), Value::Object(headers));
         lines.push(Value::Object(line).to_string());
     }

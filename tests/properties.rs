@@ -257,7 +257,7 @@ mod distributed {
             for output in outputs {
                 match output.destination {
                     Destination::Repartition(_) => self.pending.push(output),
-                    Destination::Sink(index) => self.sink.push((index, serde_json::from_slice(output.value.as_deref().unwrap()).unwrap())),
+                    Destination::Sink(index) => self.sink.push((index, serde_json::from_slice(output.value.own().unwrap()).unwrap())),
                     Destination::Dlq => self.dlq.push(output),
                 }
             }
@@ -273,6 +273,7 @@ mod distributed {
             };
             let mut outputs = Vec::new();
             self.engine.process(&input, &mut outputs).unwrap();
+            outputs.iter_mut().for_each(|output| output.own_value(&input));
             self.collect(outputs);
         }
 
@@ -321,10 +322,11 @@ mod distributed {
         let input = InputRecord {
             provenance: Provenance { topic: &topic, partition: source_partition, offset, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
             key: None,
-            value: record.value.as_deref(),
+            value: record.value.own(),
         };
         let mut outputs = Vec::new();
         engine.process_forwarded(&input, stage, partition, &forwarded, &mut outputs).unwrap();
+        outputs.iter_mut().for_each(|output| output.own_value(&input));
         outputs
     }
 
@@ -477,7 +479,7 @@ mod distributed {
                     Destination::Repartition(stage) => topics.entry((stage, output.partition.unwrap())).or_default().push(output),
                     Destination::Sink(_) => {
                         let id = output.headers.iter().find(|(name, _)| name == "weir-id").expect("an upsert output has an id");
-                        last.insert(String::from_utf8(id.1.clone()).unwrap(), serde_json::from_slice(output.value.as_deref().unwrap()).unwrap());
+                        last.insert(String::from_utf8(id.1.clone()).unwrap(), serde_json::from_slice(output.value.own().unwrap()).unwrap());
                     }
                     Destination::Dlq => panic!("nothing is late here: {output:?}"),
                 }
@@ -498,7 +500,9 @@ mod distributed {
                 let line: Value = serde_json::from_str(&partitions[partition][cursors[partition]]).unwrap();
                 let value = line["value"].to_string().into_bytes();
                 let provenance = Provenance { topic: "events", partition: partition as i32, offset: cursors[partition] as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None };
-                engine.process(&InputRecord { provenance, key: None, value: Some(&value) }, &mut outputs).unwrap();
+                let input = InputRecord { provenance, key: None, value: Some(&value) };
+                engine.process(&input, &mut outputs).unwrap();
+                outputs.iter_mut().for_each(|output| output.own_value(&input));
                 cursors[partition] += 1;
             }
             collect(outputs, &mut topics, &mut last);
@@ -755,7 +759,7 @@ mod join {
         // (past t + 4 s) unmatched, as left outer rows; the one at 30 s stays.
         let ended: Vec<String> = outputs
             .iter()
-            .map(|output| serde_json::from_slice::<serde_json::Value>(output.value.as_deref().unwrap()).unwrap()["ads"]["id"].to_string())
+            .map(|output| serde_json::from_slice::<serde_json::Value>(output.value.own().unwrap()).unwrap()["ads"]["id"].to_string())
             .collect();
         assert_eq!(ended, [r#""a0""#, r#""a1""#]);
         assert_eq!(engine.state_keys(), 1);

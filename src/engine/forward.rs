@@ -123,7 +123,7 @@ pub(super) fn forwarded(forward: Forward<'_>) -> Output {
         }
         value = Some(json::encode(&record.fields));
     }
-    Output { destination: Destination::Repartition(forward.stage), partition: Some(forward.partition as i32), key, value, headers }
+    Output { destination: Destination::Repartition(forward.stage), partition: Some(forward.partition as i32), key, value: value.into(), headers }
 }
 
 impl ForwardHeaders {

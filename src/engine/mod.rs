@@ -19,7 +19,7 @@ pub use clock::Clock;
 pub use tables::TableRecordError;
 pub use forward::{ForwardHeaders, ID_HEADER, VERSION_HEADER};
 use forward::{forwarded, upsert_id};
-pub use records::{BatchCounts, Destination, InputRecord, Output, ErrorStage, RecordFailure};
+pub use records::{BatchCounts, Destination, InputRecord, InputValueMissing, Output, Payload, ErrorStage, RecordFailure};
 
 use std::sync::Arc;
 
@@ -410,7 +410,7 @@ impl Engine {
                     }
                 },
                 Leaving::Tombstone(index, key) => match self.sinks[index].key_encoder.encode(&key) {
-                    Ok(bytes) => Output { destination: Destination::Sink(index), partition: None, key: Some(bytes), value: None, headers: Vec::new() },
+                    Ok(bytes) => Output { destination: Destination::Sink(index), partition: None, key: Some(bytes), value: Payload::None, headers: Vec::new() },
                     // Keys are derived from typed fields; only a bug gets here. The tombstone
                     // is then not written: the merged-away session's last value stays.
                     Err(error) => {
@@ -464,15 +464,15 @@ impl Engine {
             .filter(|input| writer.as_read && record.provenance.is_some_and(|provenance| provenance.same_record(&input.provenance)))
             .and_then(|input| input.value);
         let value = match as_read {
-            Some(bytes) => Ok(bytes.to_vec()),
+            Some(_) => Ok(Payload::Input),
             // Only a bug gets here: the record is not the input it was read in part from.
             None if self.partial && verbatim.is_some() => {
                 Err(EncodeError("weir read only part of this record's fields and cannot write it (a bug: please report it)".into()))
             }
-            None => writer.encoder.encode(&record.fields),
+            None => writer.encoder.encode(&record.fields).map(Payload::Own),
         };
         match value {
-            Ok(value) => Ok(Output { destination: Destination::Sink(index), partition: None, key, value: Some(value), headers }),
+            Ok(value) => Ok(Output { destination: Destination::Sink(index), partition: None, key, value, headers }),
             Err(error) => Err(Unwritable::encoding(key, error.to_string())),
         }
     }

@@ -57,18 +57,69 @@ pub enum Destination {
     Repartition(usize),
 }
 
-/// A record to produce, owned.
+/// A record to produce, owned (but for a value that is the input's, see [`Payload::Input`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     pub destination: Destination,
     /// Set for repartition topics (routed by a hash of the step's key); else by the key.
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    pub value: Payload,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// An output record's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// No value: a tombstone (or a repartition record carrying a watermark alone).
+    None,
+    Own(Vec<u8>),
+    /// The value of the input record being processed, unchanged (a record written as read):
+    /// the loop hands the consumer's bytes to the producer, which copies them anyway, rather
+    /// than copying them into the output first.
+    Input,
+}
+
+impl From<Option<Vec<u8>>> for Payload {
+    fn from(value: Option<Vec<u8>>) -> Payload {
+        value.map_or(Payload::None, Payload::Own)
+    }
+}
+
+impl Payload {
+    /// The value's bytes, where `input` is the value of the input being processed. Err: the
+    /// value is the input's and no input value is given (a bug of the caller).
+    pub fn bytes<'a>(&'a self, input: Option<&'a [u8]>) -> Result<Option<&'a [u8]>, InputValueMissing> {
+        match self {
+            Payload::None => Ok(None),
+            Payload::Own(bytes) => Ok(Some(bytes)),
+            Payload::Input => input.map(Some).ok_or(InputValueMissing),
+        }
+    }
+
+    /// The bytes of a value that is not the input's (None for a tombstone or the input's).
+    pub fn own(&self) -> Option<&[u8]> {
+        match self {
+            Payload::Own(bytes) => Some(bytes),
+            Payload::None | Payload::Input => None,
+        }
+    }
+}
+
+/// An output whose value is the input's was sent without the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an output written as read was sent without its input record (a bug: please report it)")]
+pub struct InputValueMissing;
+
 impl Output {
+    /// Makes a value that is `input`'s the output's own copy, for outputs kept after the
+    /// input is gone (`weir test`, tests).
+    pub fn own_value(&mut self, input: &InputRecord<'_>) {
+        if self.value == Payload::Input {
+            self.value = input.value.map(<[u8]>::to_vec).into();
+        }
+    }
+
     /// The DLQ record for `input`: its original key, value and headers, plus the provenance
     /// headers of PIPELINE.md.
     pub fn dlq_record(input: &InputRecord<'_>, stage: ErrorStage, error: &str) -> Output {
@@ -79,7 +130,7 @@ impl Output {
             destination: Destination::Dlq,
             partition: None,
             key: input.key.map(<[u8]>::to_vec),
-            value: input.value.map(<[u8]>::to_vec),
+            value: input.value.map(<[u8]>::to_vec).into(),
             headers,
         }
     }
@@ -97,7 +148,7 @@ impl Output {
         // The input's own headers first, as for an input sent to the DLQ as it was.
         let mut headers = provenance.map(Provenance::owned_headers).unwrap_or_default();
         error_headers(&mut headers, stage, error, provenance);
-        Output { destination: Destination::Dlq, partition: None, key, value: Some(json::encode(fields)), headers }
+        Output { destination: Destination::Dlq, partition: None, key, value: Payload::Own(json::encode(fields)), headers }
     }
 }
 

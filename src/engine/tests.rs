@@ -53,7 +53,9 @@ fn run(outputs: &str, values: &[&str]) -> Vec<(String, String, String)> {
     for (offset, value) in values.iter().enumerate() {
         let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&[]), key: None };
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
+        let before = outputs.len();
         engine.process(&input, &mut outputs).unwrap();
+        outputs[before..].iter_mut().for_each(|output| output.own_value(&input));
     }
     rendered(outputs)
 }
@@ -71,7 +73,8 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
         let mut outputs = Vec::new();
         engine.process(&input, &mut outputs).unwrap();
-        for output in outputs {
+        for mut output in outputs {
+            output.own_value(&input);
             let Destination::Repartition(stage) = output.destination else {
                 written.push(output);
                 continue;
@@ -79,8 +82,10 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
             let headers: Vec<(&str, Option<&[u8]>)> = output.headers.iter().map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
             let forwarded = ForwardHeaders::parse(&headers).unwrap();
             let provenance = Provenance { topic: "t-repartition", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&headers), key: None };
-            let input = InputRecord { provenance, key: output.key.as_deref(), value: output.value.as_deref() };
+            let input = InputRecord { provenance, key: output.key.as_deref(), value: output.value.own() };
+            let before = written.len();
             engine.process_forwarded(&input, stage, 0, &forwarded, &mut written).unwrap();
+            written[before..].iter_mut().for_each(|output| output.own_value(&input));
         }
     }
     rendered(written)
@@ -95,7 +100,7 @@ fn rendered(outputs: Vec<Output>) -> Vec<(String, String, String)> {
                 other => format!("{other:?}"),
             };
             let text = |bytes: Option<Vec<u8>>| String::from_utf8(bytes.unwrap_or_default()).unwrap();
-            (sink, text(output.key), text(output.value))
+            (sink, text(output.key), text(output.value.own().map(<[u8]>::to_vec)))
         })
         .collect()
 }

@@ -25,7 +25,7 @@ use crate::runtime::TopicPartitionOffset;
 use crate::codec::avro;
 use crate::codec::registry::Registry;
 use crate::config::DeliveryMode;
-use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, ErrorStage};
+use crate::engine::{Destination, ForwardHeaders, InputRecord, Output, Payload, ErrorStage};
 use crate::operators::{HeaderList, HeaderSource, InputHeaders, Provenance};
 use crate::telemetry::metrics::Metrics;
 
@@ -372,7 +372,7 @@ impl Loop<'_> {
                 engine.unproduce(output.destination);
                 continue;
             }
-            let Err(error) = transaction.send(destination, &output, origin) else {
+            let Err(error) = transaction.send(destination, &output, input.value, origin) else {
                 continue;
             };
             let record_specific = matches!(
@@ -486,21 +486,21 @@ impl Loop<'_> {
 /// value, saying so: its provenance headers point at the original, which stays in the source.
 fn send_dlq_record(transaction: &BatchProducer, dlq: &str, dlq_record: &Output) -> Result<(), RuntimeError> {
     let fatal = |error: KafkaError| RuntimeError::kafka(format!("producing to {dlq}"), error);
-    let Err(error) = transaction.send(dlq, dlq_record, 0) else {
+    let Err(error) = transaction.send(dlq, dlq_record, None, 0) else {
         return Ok(());
     };
     if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)) {
         return Err(fatal(error));
     }
-    let size = dlq_record.value.as_ref().map_or(0, Vec::len);
+    let size = dlq_record.value.own().map_or(0, <[u8]>::len);
     warn!(dlq, size, "a DLQ record is larger than message.max.bytes; writing it without its value");
     let mut slim = dlq_record.clone();
-    slim.value = None;
+    slim.value = Payload::None;
     slim.headers.push((
         "weir-value-omitted".into(),
         format!("{size} bytes, over message.max.bytes; the original is at weir-source-topic/-partition/-offset").into_bytes(),
     ));
-    transaction.send(dlq, &slim, 0).map_err(fatal)
+    transaction.send(dlq, &slim, None, 0).map_err(fatal)
 }
 
 /// A message's headers as read from it, borrowing their names and values.

@@ -31,7 +31,7 @@ impl LoopState {
             for output in &outputs {
                 let topic = self.topics.of(output.destination).to_string();
                 self.transaction
-                    .send(&topic, output, 0)
+                    .send(&topic, output, None, 0)
                     .map_err(|error| RuntimeError::kafka(format!("producing to {topic}"), error))?;
             }
             for entry in self.engine.take_changes() {

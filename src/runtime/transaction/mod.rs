@@ -318,11 +318,16 @@ impl BatchProducer {
     }
 
     /// Queues one output in the open transaction. Errors are about this record (too large,
-    /// for instance) or fatal; a full queue is waited out. `origin`: the input it came from.
-    pub fn send(&self, topic: &str, output: &Output, origin: Origin) -> KafkaResult<()> {
+    /// for instance) or fatal; a full queue is waited out. `origin`: the input it came from;
+    /// `input_value`: that input's value, for an output written as read.
+    pub fn send(&self, topic: &str, output: &Output, input_value: Option<&[u8]>, origin: Origin) -> KafkaResult<()> {
+        let value = output.value.bytes(input_value).map_err(|error| {
+            tracing::error!(%error, topic, "not produced");
+            KafkaError::MessageProduction(RDKafkaErrorCode::InvalidArgument)
+        })?;
         if let Some((_, limit)) = self.record_limits.iter().find(|(limited, _)| limited == topic) {
             let size = output.key.as_ref().map_or(0, Vec::len)
-                + output.value.as_ref().map_or(0, Vec::len)
+                + value.map_or(0, <[u8]>::len)
                 + output.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
             if size > *limit {
                 return Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
@@ -343,8 +348,8 @@ impl BatchProducer {
         if let Some(key) = &output.key {
             record = record.key(key.as_slice());
         }
-        if let Some(value) = &output.value {
-            record = record.payload(value.as_slice());
+        if let Some(value) = value {
+            record = record.payload(value);
         }
         self.enqueue(record)
     }
