@@ -53,14 +53,6 @@ pub fn upsert_producer_config(settings: &Settings, client_id: &str) -> ClientCon
     config
 }
 
-/// A delivery report tells weir something only when a record failed, or where a record landed
-/// in a changelog: a producer without changelogs has librdkafka report failures alone, not
-/// queue a report per record for the loop to serve. (Given in `kafka.options`, the user's
-/// value stands.)
-pub fn report_failures_only(config: &mut ClientConfig, settings: &Settings) {
-    set_unless_given(config, settings, "delivery.report.only.error", "true");
-}
-
 /// The consumer: manual offsets that are only ever committed inside our transactions.
 /// `co_partitioned`: a join runs in place, so partition p of both its inputs must be given
 /// to the same process. The range assignor does that when all members subscribe to the same

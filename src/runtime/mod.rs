@@ -199,9 +199,6 @@ fn run_once(
     let sink_topics: Vec<String> = pipeline.sinks().map(|sink| sink.topic.clone()).collect();
     let written: Vec<&str> = sink_topics.iter().chain([&pipeline.dlq_topic]).map(String::as_str).collect();
     let record_limits = cap_batches(&mut producer_config, settings, &written);
-    if changelogs.is_empty() {
-        clients::report_failures_only(&mut producer_config, settings);
-    }
     let producer: BaseProducer<DeliveryWatch> = producer_config
         .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;

@@ -162,12 +162,7 @@ pub fn raw_loop(input: &str, output: &str, partitions: i32, records: u64, stop: 
         .create()
         .unwrap();
     let mut producer_config = config;
-    // Only failures are reported: the loop looks at no successful delivery.
-    producer_config
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("delivery.report.only.error", "true");
+    producer_config.set("linger.ms", "5").set("batch.num.messages", "10000").set("queue.buffering.max.messages", "1000000");
     if transactional {
         producer_config.set("transactional.id", unique("bench-raw-tx"));
     }
