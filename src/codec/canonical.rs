@@ -295,6 +295,15 @@ mod tests {
         ] {
             assert_eq!(reader.read(other.as_bytes()), None, "{other}");
         }
+        // Bytes that are not UTF-8, in a string that is kept and in one that is only checked:
+        // the full decoder says what is wrong with them.
+        let strings = Schema { fields: vec![("f0".into(), FieldType::String), ("f1".into(), FieldType::String)] };
+        for (kept, bytes) in [(true, &b"{\"f0\":\"a\xff\",\"f1\":\"b\"}"[..]), (false, &b"{\"f0\":\"a\",\"f1\":\"\xc3(\"}"[..])] {
+            let reader = CanonicalReader::new(&strings).unwrap();
+            let reader = if kept { reader } else { reader.keeping_only(&["f0".to_string()]) };
+            assert_eq!(reader.read(bytes), None, "{}", String::from_utf8_lossy(bytes));
+            assert!(json::decode(&strings, bytes).is_err());
+        }
         let nested = Schema { fields: vec![("o".into(), FieldType::Object(Schema { fields: vec![] }))] };
         assert!(CanonicalReader::new(&nested).is_none(), "objects take the full decoder");
     }

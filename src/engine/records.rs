@@ -116,6 +116,8 @@ impl Output {
     /// input is gone (`weir test`, tests).
     pub fn own_value(&mut self, input: &InputRecord<'_>) {
         if self.value == Payload::Input {
+            // Only an input with a value is written as read.
+            debug_assert!(input.value.is_some(), "{InputValueMissing}");
             self.value = input.value.map(<[u8]>::to_vec).into();
         }
     }

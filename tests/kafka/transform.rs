@@ -77,8 +77,6 @@ fn set_drop_and_select_reshape_records_read_from_kafka() {
     assert_eq!(dlq[0].value_text(), event(50));
 }
 
-/// Input headers reach the sink records, also through a repartition topic (a dedup keyed by
-/// a field the input is not partitioned by), and `sink.headers.set` adds its own.
 /// A record's headers asked for three times (an output's `when`, and two sinks passing them
 /// on) are the same each time, with and without headers on the input record.
 #[test]
@@ -121,6 +119,8 @@ fn headers_read_by_a_when_and_two_sinks_reach_both_outputs() {
     }
 }
 
+/// Input headers reach the sink records, also through a repartition topic (a dedup keyed by
+/// a field the input is not partitioned by), and `sink.headers.set` adds its own.
 #[test]
 fn input_headers_pass_through_a_repartition_to_the_sink() {
     let (input, output) = (unique("in"), unique("out"));
