@@ -151,11 +151,7 @@ pub fn run_with_restarts(
                 apply_table_line(&mut engine, &input, true)?;
                 table_log.push((topic.clone(), parsed.partition, *offset - 1, key.clone(), value.clone()));
             }
-            false => {
-                let before = outputs.len();
-                engine.process(&input, &mut outputs)?;
-                outputs[before..].iter_mut().for_each(|output| output.own_value(&input));
-            }
+            false => engine.process_kept(&input, &mut outputs)?,
         }
         in_batch += 1;
         if in_batch == batch_size {

@@ -539,9 +539,7 @@ mod drive {
             let provenance = Provenance { topic, partition: 0, offset: offset as i64, timestamp: *timestamp, headers: InputHeaders::Read(&[]), key: None };
             let mut outputs = Vec::new();
             let input = InputRecord { provenance, key: None, value: Some(value) };
-            engine.process(&input, &mut outputs)?;
-            // Kept past the input: a value written as read becomes the output's own copy.
-            outputs.iter_mut().for_each(|output| output.own_value(&input));
+            engine.process_kept(&input, &mut outputs)?;
             if offset % batch == batch - 1 {
                 engine.end_batch(&mut outputs)?;
             }

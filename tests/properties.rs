@@ -272,8 +272,7 @@ mod distributed {
                 value: Some(&value),
             };
             let mut outputs = Vec::new();
-            self.engine.process(&input, &mut outputs).unwrap();
-            outputs.iter_mut().for_each(|output| output.own_value(&input));
+            self.engine.process_kept(&input, &mut outputs).unwrap();
             self.collect(outputs);
         }
 
@@ -325,8 +324,7 @@ mod distributed {
             value: record.value.own(),
         };
         let mut outputs = Vec::new();
-        engine.process_forwarded(&input, stage, partition, &forwarded, &mut outputs).unwrap();
-        outputs.iter_mut().for_each(|output| output.own_value(&input));
+        engine.process_forwarded_kept(&input, stage, partition, &forwarded, &mut outputs).unwrap();
         outputs
     }
 
@@ -501,8 +499,7 @@ mod distributed {
                 let value = line["value"].to_string().into_bytes();
                 let provenance = Provenance { topic: "events", partition: partition as i32, offset: cursors[partition] as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None };
                 let input = InputRecord { provenance, key: None, value: Some(&value) };
-                engine.process(&input, &mut outputs).unwrap();
-                outputs.iter_mut().for_each(|output| output.own_value(&input));
+                engine.process_kept(&input, &mut outputs).unwrap();
                 cursors[partition] += 1;
             }
             collect(outputs, &mut topics, &mut last);

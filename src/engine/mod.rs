@@ -332,6 +332,31 @@ impl Engine {
         self.emit(emitted, canonical.then_some(input), outputs)
     }
 
+    /// [`Engine::process`] for a caller that keeps the outputs after `input` is gone (`weir
+    /// test`, tests): a value written as read becomes the output's own copy.
+    pub fn process_kept(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
+        let before = outputs.len();
+        self.process(input, outputs)?;
+        outputs[before..].iter_mut().for_each(|output| output.own_value(input));
+        Ok(())
+    }
+
+    /// [`Engine::process_forwarded`] for a caller that keeps the outputs after `input` is gone
+    /// (tests that play the repartition topics): a forward's value can be written as read too.
+    pub fn process_forwarded_kept(
+        &mut self,
+        input: &InputRecord<'_>,
+        stage: usize,
+        partition: i32,
+        forwarded: &ForwardHeaders,
+        outputs: &mut Vec<Output>,
+    ) -> Result<(), RecordFailure> {
+        let before = outputs.len();
+        self.process_forwarded(input, stage, partition, forwarded, outputs)?;
+        outputs[before..].iter_mut().for_each(|output| output.own_value(input));
+        Ok(())
+    }
+
     /// Runs a record read from a repartition topic (or a watermark alone) through the stage
     /// it feeds. `input` carries the original record's provenance (for the DLQ) and the
     /// forwarded value.

@@ -114,7 +114,7 @@ pub struct InputValueMissing;
 impl Output {
     /// Makes a value that is `input`'s the output's own copy, for outputs kept after the
     /// input is gone (`weir test`, tests).
-    pub fn own_value(&mut self, input: &InputRecord<'_>) {
+    pub(super) fn own_value(&mut self, input: &InputRecord<'_>) {
         if self.value == Payload::Input {
             // Only an input with a value is written as read.
             debug_assert!(input.value.is_some(), "{InputValueMissing}");

@@ -53,9 +53,7 @@ fn run(outputs: &str, values: &[&str]) -> Vec<(String, String, String)> {
     for (offset, value) in values.iter().enumerate() {
         let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&[]), key: None };
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
-        let before = outputs.len();
-        engine.process(&input, &mut outputs).unwrap();
-        outputs[before..].iter_mut().for_each(|output| output.own_value(&input));
+        engine.process_kept(&input, &mut outputs).unwrap();
     }
     rendered(outputs)
 }
@@ -72,9 +70,8 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
         let provenance = Provenance { topic: "clicks", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&[]), key: None };
         let input = InputRecord { provenance, key: None, value: Some(value.as_bytes()) };
         let mut outputs = Vec::new();
-        engine.process(&input, &mut outputs).unwrap();
-        for mut output in outputs {
-            output.own_value(&input);
+        engine.process_kept(&input, &mut outputs).unwrap();
+        for output in outputs {
             let Destination::Repartition(stage) = output.destination else {
                 written.push(output);
                 continue;
@@ -83,9 +80,7 @@ fn run_repartitioned(outputs: &str, values: &[&str]) -> Vec<(String, String, Str
             let forwarded = ForwardHeaders::parse(&headers).unwrap();
             let provenance = Provenance { topic: "t-repartition", partition: 0, offset: offset as i64, timestamp: Some(0), headers: InputHeaders::Read(&headers), key: None };
             let input = InputRecord { provenance, key: output.key.as_deref(), value: output.value.own() };
-            let before = written.len();
-            engine.process_forwarded(&input, stage, 0, &forwarded, &mut written).unwrap();
-            written[before..].iter_mut().for_each(|output| output.own_value(&input));
+            engine.process_forwarded_kept(&input, stage, 0, &forwarded, &mut written).unwrap();
         }
     }
     rendered(written)
