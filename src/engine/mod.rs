@@ -12,6 +12,7 @@ mod state;
 mod tables;
 mod topology;
 mod writer;
+
 #[cfg(test)]
 mod tests;
 
@@ -335,10 +336,7 @@ impl Engine {
     /// [`Engine::process`] for a caller that keeps the outputs after `input` is gone (`weir
     /// test`, tests): a value written as read becomes the output's own copy.
     pub fn process_kept(&mut self, input: &InputRecord<'_>, outputs: &mut Vec<Output>) -> Result<(), RecordFailure> {
-        let before = outputs.len();
-        self.process(input, outputs)?;
-        outputs[before..].iter_mut().for_each(|output| output.own_value(input));
-        Ok(())
+        kept(input, outputs, |outputs| self.process(input, outputs))
     }
 
     /// [`Engine::process_forwarded`] for a caller that keeps the outputs after `input` is gone
@@ -351,10 +349,7 @@ impl Engine {
         forwarded: &ForwardHeaders,
         outputs: &mut Vec<Output>,
     ) -> Result<(), RecordFailure> {
-        let before = outputs.len();
-        self.process_forwarded(input, stage, partition, forwarded, outputs)?;
-        outputs[before..].iter_mut().for_each(|output| output.own_value(input));
-        Ok(())
+        kept(input, outputs, |outputs| self.process_forwarded(input, stage, partition, forwarded, outputs))
     }
 
     /// Runs a record read from a repartition topic (or a watermark alone) through the stage
@@ -584,6 +579,15 @@ impl Unwritable {
     fn encoding(key: Option<Vec<u8>>, error: String) -> Unwritable {
         Unwritable { key, stage: ErrorStage::Produce, error: format!("encoding the result for the sink: {error}") }
     }
+}
+
+/// Runs `run` (which appends to `outputs`), then makes each new output's value that is
+/// `input`'s its own copy.
+fn kept(input: &InputRecord<'_>, outputs: &mut Vec<Output>, run: impl FnOnce(&mut Vec<Output>) -> Result<(), RecordFailure>) -> Result<(), RecordFailure> {
+    let before = outputs.len();
+    run(outputs)?;
+    outputs[before..].iter_mut().for_each(|output| output.own_value(input));
+    Ok(())
 }
 
 // The engine lives in the loop's session, which the rebalance callbacks reach.
