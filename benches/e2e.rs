@@ -66,6 +66,9 @@ struct Options {
     /// Which throughput workloads run (all when empty): passthrough, dedup, tumbling,
     /// hopping, join.
     workloads: Vec<String>,
+    /// Which systems run (all when empty), by [`System::name`]: raw, raw-tx, weir,
+    /// weir-upsert, weir-separate, kafka-streams.
+    systems: Vec<String>,
 }
 
 fn options() -> Options {
@@ -79,6 +82,7 @@ fn options() -> Options {
             .unwrap_or_else(|| repo_root().join("benches/kstreams/target/kstreams-bench.jar")),
         sections: ["throughput", "latency", "recovery"].map(String::from).to_vec(),
         workloads: Vec::new(),
+        systems: Vec::new(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).filter(|argument| argument != "--bench").collect();
     let mut iter = arguments.iter();
@@ -91,8 +95,13 @@ fn options() -> Options {
             "--out" => options.out = Some(PathBuf::from(value())),
             "--sections" => options.sections = value().split(',').map(String::from).collect(),
             "--workloads" => options.workloads = value().split(',').map(String::from).collect(),
+            "--systems" => options.systems = value().split(',').map(String::from).collect(),
             other => panic!("unknown argument {other}; see benches/e2e.rs"),
         }
+    }
+    let known = [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::WeirSeparate, System::KafkaStreams].map(System::name);
+    if let Some(unknown) = options.systems.iter().find(|name| !known.contains(&name.as_str())) {
+        panic!("unknown system {unknown} in --systems; one of {}", known.join(", "));
     }
     assert!(
         options.kstreams_jar.is_file(),
@@ -457,6 +466,18 @@ impl System {
             System::WeirUpsert => "weir, no transactions (idempotent_upsert)",
             System::WeirSeparate => "weir, one pipeline per output (two processes)",
             System::KafkaStreams => "Kafka Streams 4.2",
+        }
+    }
+
+    /// Its name for `--systems`.
+    fn name(self) -> &'static str {
+        match self {
+            System::Raw => "raw",
+            System::RawTransactional => "raw-tx",
+            System::Weir => "weir",
+            System::WeirUpsert => "weir-upsert",
+            System::WeirSeparate => "weir-separate",
+            System::KafkaStreams => "kafka-streams",
         }
     }
 }
@@ -1150,6 +1171,7 @@ fn main() {
         let name = format!("{workload:?}").to_lowercase();
         options.workloads.is_empty() || options.workloads.contains(&name)
     };
+    let included = |system: &System| options.systems.is_empty() || options.systems.iter().any(|name| name == system.name());
     if runs("throughput") && chosen(&Workload::Enrich) {
         let producing = Instant::now();
         produce_accounts(&mut topics);
@@ -1162,7 +1184,7 @@ fn main() {
             Workload::TwoOutputs => &[System::Weir, System::WeirSeparate],
             _ => &[System::Weir, System::KafkaStreams],
         };
-        for system in systems {
+        for system in systems.iter().filter(|system| included(system)) {
             let output = unique("e2e-out");
             create_topic_with(&output, PARTITIONS, &[("retention.ms", "-1")]);
             if let Workload::TwoOutputs = workload {
@@ -1260,7 +1282,7 @@ fn main() {
     say(String::new());
     say("| system | live max events/s | at 50%: p50 / p99 (ms) | at 70%: p50 / p99 (ms) |".into());
     say("|---|---|---|---|".into());
-    for system in [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|_| runs("latency")) {
+    for system in [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|system| runs("latency") && included(system)) {
         let max = match latency(system, &options.kstreams_jar, None, options.latency_seconds) {
             Ok(point) => point.through_per_second,
             Err(error) => {
@@ -1288,7 +1310,7 @@ fn main() {
     say(format!("## Recovery: SIGKILL to the first committed output of a dedup holding {} keys", distinct.count));
     say(String::new());
     let first_new_id = generated.bids.iter().map(|bid| bid.id).max().unwrap_or(0) + 1;
-    for (round, system) in [System::Weir, System::KafkaStreams].into_iter().filter(|_| runs("recovery")).enumerate() {
+    for (round, system) in [System::Weir, System::KafkaStreams].into_iter().filter(|system| runs("recovery") && included(system)).enumerate() {
         let added = 1000 * round as u64;
         let seconds = recovery(system, &options.kstreams_jar, &topics, &generated, distinct.count + added, first_new_id + added);
         eprintln!("e2e: recovery {}: {seconds:.1} s", system.label());
