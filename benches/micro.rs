@@ -135,6 +135,36 @@ fn steps(c: &mut Criterion) {
             feed(&mut engine, topic, n, &value, &mut outputs);
         })
     });
+    // A dedup as it runs for real: earlier batches' keys in the local store, each batch's
+    // changes, timers and key counts written to it when the batch ends. As in the end-to-end
+    // benchmark, no key's state ends while it runs (within 24h).
+    let dir = tempfile::tempdir().unwrap();
+    let dedup = pipeline("  - dedup: { key: [user, id], within: 24h }");
+    let timer_of = |_step: usize, key: &str, value: &[u8]| dedup.steps[0].timer_of(key, value);
+    let store = StateStore::open(dir.path(), &[0], "bench", weir::runtime::store::StoreMemory::default(), true, &timer_of).unwrap();
+    let mut engine = Engine::new(&dedup).unwrap();
+    engine.set_input_partitions([("clicks".to_string(), 0)]);
+    engine.set_backing(store.backing());
+    let mut n: u64 = 0;
+    let mut outputs = Vec::new();
+    group.bench_function("dedup through the store (new keys, a batch per 1,000)", |b| {
+        b.iter(|| {
+            n += 1;
+            let value = format!(r#"{{"id":{n},"user":"u{}","amount":{},"ts":{}}}"#, n % 1000, n % 100, 1_700_000_000_000 + n);
+            let input = InputRecord {
+                provenance: Provenance { topic: "clicks", partition: 0, offset: n as i64, timestamp: None, headers: InputHeaders::Read(&[]), key: None },
+                key: None,
+                value: Some(value.as_bytes()),
+            };
+            engine.process(&input, &mut outputs).unwrap();
+            if n.is_multiple_of(1000) {
+                engine.end_batch(&mut outputs).unwrap();
+                let writes = weir::runtime::commit_writes::take(&mut engine);
+                store.apply(&writes, &[(0, 0, n as i64)], &[]).unwrap();
+                outputs.clear();
+            }
+        })
+    });
     group.finish();
 }
 

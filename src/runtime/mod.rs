@@ -50,6 +50,7 @@ pub use clients::check_connection;
 pub mod definitions;
 mod delivery;
 pub mod backoff;
+pub mod commit_writes;
 pub mod error;
 pub mod health;
 mod purge;

@@ -12,7 +12,7 @@ use crate::runtime::TopicPartitionOffset;
 use crate::config::DeliveryMode;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::loop_state::LoopState;
-use crate::runtime::state;
+use crate::runtime::commit_writes;
 use crate::runtime::store::StoreWrite;
 
 impl LoopState {
@@ -34,25 +34,18 @@ impl LoopState {
                     .send(&topic, output, None, 0)
                     .map_err(|error| RuntimeError::kafka(format!("producing to {topic}"), error))?;
             }
-            for entry in self.engine.take_changes() {
-                let (key, value) = state::encode(&entry);
-                // Upsert mode keeps state in the local store alone, with the input offsets.
-                if self.transaction.mode() == DeliveryMode::Transactional {
+            store_writes = commit_writes::take(&mut self.engine);
+            // Upsert mode keeps state in the local store alone, with the input offsets.
+            if self.transaction.mode() == DeliveryMode::Transactional {
+                for entry in commit_writes::changelog_entries(&store_writes) {
                     let Some(changelog) = self.topics.changelogs.topic(entry.step) else {
                         return Err(RuntimeError::Assignment(format!("no changelog for step {}", entry.step)));
                     };
                     self.transaction
-                        .send_to_partition(changelog, entry.partition, &key, value.as_deref())
+                        .send_to_partition(changelog, entry.partition, &entry.key, entry.value.as_deref())
                         .map_err(|error| RuntimeError::kafka(format!("producing to {changelog}"), error))?;
                 }
-                store_writes.push(StoreWrite::state(entry.step, entry.partition, key, value));
             }
-            let (timers, counts) = self.engine.take_timers();
-            for timer in timers {
-                let (owner, change) = (timer.topic.as_deref(), &timer.change);
-                store_writes.push(StoreWrite::timer(timer.step, timer.partition, owner, change.time, &change.key, change.set));
-            }
-            store_writes.extend(counts.into_iter().map(|(step, partition, delta)| StoreWrite::count(step, partition, delta)));
             // A read the steps could not make: this batch saw a store it cannot trust.
             if let Some(failure) = self.store.as_ref().and_then(|store| store.failure()) {
                 return Err(RuntimeError::store("processing the batch", failure));
