@@ -100,7 +100,9 @@ impl DedupOperator {
             )));
         }
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
-        let key_text = Value::Object(key.clone()).to_string();
+        // The key's JSON text, written from the map itself (no copy of it as a Value).
+        // Serializing a map of JSON values cannot fail.
+        let key_text = serde_json::to_string(&key).unwrap_or_default();
         if self.first_seen(&key_text).is_some() {
             return Ok(StepOutcome::Duplicate);
         }
