@@ -31,7 +31,9 @@ impl Topology {
         for ((stage, id), task) in self.tasks.iter_mut() {
             let (topic, partition) = id.changelog_place();
             for (operator, step) in task.operators.iter_mut().zip(&self.stages[*stage].indices) {
-                for change in operator.take_changes() {
+                let changes = operator.take_changes();
+                entries.reserve(changes.len());
+                for change in changes {
                     entries.push(ChangelogEntry {
                         topic: topic.map(str::to_string),
                         partition,
