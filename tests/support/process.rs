@@ -25,8 +25,10 @@ pub fn pipeline_file(text: &str) -> PipelineFile {
     PipelineFile { _dir: dir, path }
 }
 
+/// The weir binary the tests and benchmarks run: this build's, or `WEIR_BINARY` (another
+/// build's, to compare two trees side by side in one benchmark session).
 pub fn weir_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_weir"))
+    std::env::var_os("WEIR_BINARY").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_weir")), PathBuf::from)
 }
 
 /// A running `weir run` process, its output captured in a log file.
