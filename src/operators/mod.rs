@@ -272,6 +272,12 @@ pub fn key_of(fields: &Map<String, Value>, names: &[String]) -> Map<String, Valu
         .collect()
 }
 
+/// A key's JSON text (as state keys hold it), written from the map itself.
+pub fn key_text(key: &Map<String, Value>) -> String {
+    // Serializing a map of JSON values cannot fail.
+    serde_json::to_string(key).unwrap_or_default()
+}
+
 /// A record with these fields at this event time, as a step's unit tests give one.
 #[cfg(test)]
 pub(crate) fn test_record(fields: Value, event_time: i64) -> Record<'static> {

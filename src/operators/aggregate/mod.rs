@@ -18,7 +18,7 @@ use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
-use super::{json_len, key_of, quoted_len, CorruptState, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
+use super::{json_len, key_of, key_text, quoted_len, CorruptState, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
 use crate::config::Schema;
 pub mod config;
 
@@ -157,7 +157,7 @@ impl AggregateOperator {
             self.sequence_read = true;
         }
         let group = key_of(&record.fields, &self.group_by);
-        let group_text = Value::Object(group.clone()).to_string();
+        let group_text = key_text(&group);
         self.load(&group_text);
         self.check_size(&group_text, &group, &record)?;
         let sequence = self.sequence.next();

@@ -13,7 +13,7 @@ use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
 use super::committed::{CommittedState, StoreTimers, TimerChange};
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, key_text, quoted_len};
 pub mod config;
 
 use config::Dedup;
@@ -100,9 +100,7 @@ impl DedupOperator {
             )));
         }
         let key: Map<String, Value> = key_of(&record.fields, &self.key);
-        // The key's JSON text, written from the map itself (no copy of it as a Value).
-        // Serializing a map of JSON values cannot fail.
-        let key_text = serde_json::to_string(&key).unwrap_or_default();
+        let key_text = key_text(&key);
         if self.first_seen(&key_text).is_some() {
             return Ok(StepOutcome::Duplicate);
         }

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
 pub mod config;
 mod stored;
 
@@ -227,7 +227,7 @@ impl JoinOperator {
             return Ok(StepOutcome::Late(format!("event time {} is before the watermark {watermark}", record.event_time)));
         }
         let key = key_of(&record.fields, &self.spec.on);
-        let key_text = Value::Object(key.clone()).to_string();
+        let key_text = key_text(&key);
         self.check_entry_size(&key_text, &record)?;
         self.rebuild_ends();
         self.read_sequence();

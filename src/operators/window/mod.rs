@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::event_time::field_at;
 use super::committed::StoreTimers;
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
 pub mod config;
 mod stored;
 
@@ -161,7 +161,7 @@ impl WindowOperator {
         let sequence_before = self.sequence;
         let sequence = self.sequence.next();
         let key = key_of(&record.fields, &self.group_by);
-        let group_text = serde_json::to_string(&key).unwrap_or_default();
+        let group_text = key_text(&key);
         let growth = growth_bound(&self.aggregates, &record);
         let addition = Addition { group_text: &group_text, key: &key, record: &record, sequence, growth };
         let fits = match self.kind {
