@@ -99,7 +99,7 @@ fn options() -> Options {
             other => panic!("unknown argument {other}; see benches/e2e.rs"),
         }
     }
-    let known = [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::WeirSeparate, System::KafkaStreams].map(System::name);
+    let known = System::ALL.map(System::name);
     if let Some(unknown) = options.systems.iter().find(|name| !known.contains(&name.as_str())) {
         panic!("unknown system {unknown} in --systems; one of {}", known.join(", "));
     }
@@ -458,6 +458,8 @@ enum System {
 }
 
 impl System {
+    const ALL: [System; 6] = [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::WeirSeparate, System::KafkaStreams];
+
     fn label(self) -> &'static str {
         match self {
             System::Raw => "raw rdkafka",
