@@ -16,10 +16,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
-use tracing::{info, warn};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, LruCacheOptions, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+use tracing::warn;
 
 use super::error::RuntimeError;
 use super::rocks::{is_lock_held, open_waiting_for_lock};
@@ -120,6 +120,8 @@ pub struct StateStore {
     /// The first read a [`StoreView`] could not make (a broken store): the batch it served
     /// must not commit.
     failure: Arc<Mutex<Option<String>>>,
+    /// Which state keys each step's family may hold, so that views skip reading absent ones.
+    filters: Arc<KeyFilters>,
 }
 
 /// Which family a write goes to.
@@ -299,9 +301,10 @@ impl StateStore {
             }
             opened => opened,
         };
-        let store = match opened {
-            Ok(db) => StateStore {
+        let store = match opened.and_then(|db| Ok((KeyFilters::build(&db, steps)?, db))) {
+            Ok((filters, db)) => StateStore {
                 db: Arc::new(db),
+                filters: Arc::new(filters),
                 options,
                 cache,
                 reported: Mutex::new((0, 0)),
@@ -315,52 +318,9 @@ impl StateStore {
         Ok(store)
     }
 
-    /// A store of an earlier format was made before (some) timers and the key counts were
-    /// kept: builds the timers of every committed entry (again, for those that had them) and
-    /// counts the keys once, then records the format.
-    fn upgrade(&self, steps: &[usize], timer_of: TimerOf) -> Result<(), RuntimeError> {
-        let offsets = self.handle(OFFSETS)?;
-        let format = self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?;
-        if format.as_deref() == Some(FORMAT) {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut built = 0u64;
-        for step in steps {
-            let mut writes = Vec::new();
-            let mut counts: std::collections::BTreeMap<i32, i64> = Default::default();
-            for item in self.db.iterator_cf(self.handle(&family(*step))?, IteratorMode::Start) {
-                let (key, value) = item.map_err(|error| RuntimeError::store("reading the state store", error))?;
-                // `0000000003/` then the changelog key.
-                let Some((partition, changelog)) = key.split_at_checked(11) else { continue };
-                let Some(partition) = std::str::from_utf8(&partition[..10]).ok().and_then(|digits| digits.parse().ok()) else { continue };
-                let Ok((owner, state_key)) = serde_json::from_slice::<(Option<String>, String)>(changelog) else { continue };
-                if counts_as_key(&state_key) {
-                    *counts.entry(partition).or_default() += 1;
-                }
-                let Some(time) = timer_of(*step, &state_key, &value) else { continue };
-                writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true));
-                if writes.len() >= 10_000 {
-                    built += writes.len() as u64;
-                    self.apply(&std::mem::take(&mut writes), &[], &[])?;
-                }
-            }
-            built += writes.len() as u64;
-            self.apply(&writes, &[], &[])?;
-            for (partition, count) in counts {
-                let key = count_key(*step, partition);
-                self.db.put_cf(offsets, key, count.to_le_bytes()).map_err(|error| RuntimeError::store("writing the state store", error))?;
-            }
-        }
-        if built > 0 {
-            info!(path = %self.path.display(), timers = built, elapsed_ms = started.elapsed().as_millis() as u64, "the local state store was made by an earlier weir: its timers are built once");
-        }
-        self.db.put_cf(offsets, FORMAT_KEY, FORMAT).map_err(|error| RuntimeError::store("writing the state store", error))
-    }
-
     /// What steps that read through the store read it with.
     pub fn backing(&self) -> Arc<dyn StateBacking> {
-        Arc::new(Backing { db: self.db.clone(), failure: self.failure.clone() })
+        Arc::new(Backing { db: self.db.clone(), failure: self.failure.clone(), filters: self.filters.clone() })
     }
 
     /// The first read a view of this store could not make, if any: the batch it served must
@@ -499,6 +459,9 @@ impl StateStore {
         let mut prefixes: Vec<(i32, Vec<u8>)> = Vec::new();
         let mut key = Vec::new();
         let offsets_handle = self.handle(OFFSETS)?;
+        // Every state key is in its filter before it is in the store: a view never reads
+        // "absent" past the filter for a key that is there.
+        let mut filters = self.filters.adding();
         for write in writes {
             // A count is merged into the offsets family, never written to a step's own.
             if write.family == Family::Count {
@@ -529,6 +492,9 @@ impl StateStore {
                 }
             }
             key.extend_from_slice(&write.key);
+            if write.family == Family::State && write.value.is_some() {
+                filters.add(write.step, &key);
+            }
             match &write.value {
                 Some(value) => batch.put_cf(handle, &key, value),
                 None => batch.delete_cf(handle, &key),
@@ -541,9 +507,10 @@ impl StateStore {
         for TopicPartitionOffset { topic, partition, offset: next } in inputs {
             batch.put_cf(offsets_handle, input_key(topic, *partition), next.to_string());
         }
-        self.db
-            .write_opt(batch, options)
-            .map_err(|error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error))
+        let failed = |error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error);
+        self.db.write_opt(batch, options).map_err(failed)?;
+        drop(filters);
+        self.filters.rebuild_full(&self.db).map_err(failed)
     }
 
     /// RocksDB's estimate of a step's live data, in bytes.
@@ -582,6 +549,13 @@ impl Drop for StateStore {
 #[path = "store_view.rs"]
 mod view;
 use view::Backing;
+
+#[path = "key_filter.rs"]
+mod key_filter;
+use key_filter::KeyFilters;
+
+#[path = "store_upgrade.rs"]
+mod upgrade;
 
 #[cfg(test)]
 #[path = "store_tests.rs"]

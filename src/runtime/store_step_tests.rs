@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rocksdb::IteratorMode;
 use serde_json::json;
 
 use super::*;

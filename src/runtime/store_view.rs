@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, DB};
 
+use super::key_filter::KeyFilters;
 use super::{changelog_key, family, partition_prefix, time_bytes, time_of, timer_family, timer_owner};
 use crate::operators::committed::{CommittedState, StateBacking};
 
@@ -13,6 +14,7 @@ use crate::operators::committed::{CommittedState, StateBacking};
 pub(super) struct Backing {
     pub(super) db: Arc<DB>,
     pub(super) failure: Arc<Mutex<Option<String>>>,
+    pub(super) filters: Arc<KeyFilters>,
 }
 
 impl StateBacking for Backing {
@@ -25,6 +27,8 @@ impl StateBacking for Backing {
         timer_prefix.extend_from_slice(&timer_owner(owner));
         Box::new(StoreView {
             db: self.db.clone(),
+            step,
+            filters: self.filters.clone(),
             state: family(step),
             timers: timer_family(step),
             state_prefix,
@@ -38,6 +42,9 @@ impl StateBacking for Backing {
 /// One task's view of one step's state and timers in the store.
 pub struct StoreView {
     db: Arc<DB>,
+    step: usize,
+    /// Asked before each read: most keys a dedup looks up are new.
+    filters: Arc<KeyFilters>,
     state: String,
     timers: String,
     /// `0000000003/["owner",` : a state key follows as a JSON string, then `]`.
@@ -74,6 +81,9 @@ impl CommittedState for StoreView {
         // Writing a string to a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *full, key);
         full.push(b']');
+        if !self.filters.may_contain(self.step, &full) {
+            return None;
+        }
         match self.db.get_pinned_cf(handle, &*full) {
             Ok(value) => value.map(|value| value.to_vec()),
             Err(error) => {

@@ -1,0 +1,221 @@
+//! Which keys a step's state family may hold, answered in memory: a blocked Bloom filter per
+//! family, so that a read of a key the store does not have (every new key of a dedup) skips
+//! RocksDB. Profiled, those reads were 16% of an end-to-end dedup's CPU: RocksDB looks in
+//! the memtable and checks the filter of every level's file before it can say "absent".
+//!
+//! A filter may say "maybe" of a key that is not there (about 1-2% of absent keys, which
+//! then read RocksDB as before), never "no" of a key that is: the store adds every state key
+//! it writes before writing it, and builds the filter from the family's keys when it opens.
+//! Keys deleted since stay in the filter until it is rebuilt, which happens when more new
+//! keys were added than it was sized for; a family too large for [`MAX_KEYS`] gets none.
+
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use rocksdb::{ReadOptions, DB};
+use tracing::info;
+
+/// Bits per key the filter is sized for: about 1.5% false positives with [`PROBES`] bits in
+/// one 512-bit block (a single cache line per lookup).
+const BITS_PER_KEY: usize = 10;
+const PROBES: u32 = 6;
+/// Each filter is sized for twice the keys it was built from, and for this many at least.
+#[cfg(not(test))]
+pub const MIN_KEYS: usize = 1 << 20;
+#[cfg(test)]
+pub const MIN_KEYS: usize = 64;
+/// Families with more keys than this get no filter (their reads go to RocksDB): at
+/// [`BITS_PER_KEY`], 20 MiB of memory, and the scan that builds it takes seconds.
+pub const MAX_KEYS: usize = 16 << 20;
+
+type Block = [u64; 8];
+
+pub struct KeyFilter {
+    blocks: Vec<Block>,
+    hasher: foldhash::quality::RandomState,
+    /// Keys added since it was built that it did not already (maybe) hold.
+    added: usize,
+    /// How many it was sized for.
+    capacity: usize,
+}
+
+impl KeyFilter {
+    /// An empty filter for a family of `keys` keys (see [`MIN_KEYS`]); None beyond
+    /// [`MAX_KEYS`].
+    pub fn sized_for(keys: usize) -> Option<KeyFilter> {
+        if keys > MAX_KEYS / 2 {
+            return None;
+        }
+        let capacity = keys.saturating_mul(2).max(MIN_KEYS);
+        let blocks = (capacity * BITS_PER_KEY).div_ceil(512);
+        Some(KeyFilter { blocks: vec![[0; 8]; blocks], hasher: foldhash::quality::RandomState::default(), added: 0, capacity })
+    }
+
+    /// The block and the bits of `key`: the block from the hash's high bits, the bits within
+    /// it from 9-bit slices of a second mix of it.
+    fn place(&self, key: &[u8]) -> (usize, u64) {
+        let hash = self.hasher.hash_one(key);
+        let block = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
+        (block, hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (hash >> 29))
+    }
+
+    pub fn may_contain(&self, key: &[u8]) -> bool {
+        let (block, bits) = self.place(key);
+        let block = &self.blocks[block];
+        (0..PROBES).all(|probe| {
+            let bit = (bits >> (9 * probe)) & 511;
+            block[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
+        })
+    }
+
+    /// Adds a key; counts it as new unless the filter (maybe) held it already.
+    pub fn insert(&mut self, key: &[u8]) {
+        let (block, bits) = self.place(key);
+        let block = &mut self.blocks[block];
+        let mut new = false;
+        for probe in 0..PROBES {
+            let bit = (bits >> (9 * probe)) & 511;
+            let word = &mut block[(bit >> 6) as usize];
+            new |= *word & (1 << (bit & 63)) == 0;
+            *word |= 1 << (bit & 63);
+        }
+        self.added += usize::from(new);
+    }
+
+    /// More new keys were added than it was sized for: its false positives grow; rebuild it.
+    pub fn is_full(&self) -> bool {
+        self.added > self.capacity
+    }
+
+    /// Memory held, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<Block>()
+    }
+}
+
+/// The filters of a store's step families: the store adds every state key it writes, its
+/// views ask before they read. Only ever used from the loop's thread; the lock makes them
+/// shareable with the views. A poisoned lock answers "maybe" to everything.
+pub struct KeyFilters(Mutex<ByStep>);
+
+/// Each step's filter (None: the step's family has none, see [`MAX_KEYS`]).
+type ByStep = Vec<(usize, Option<KeyFilter>)>;
+
+/// The filters, locked for a batch of writes.
+pub struct Adding<'a>(Option<MutexGuard<'a, ByStep>>);
+
+impl Adding<'_> {
+    /// Adds a state key of `step` (its full store key, partition prefix included).
+    pub fn add(&mut self, step: usize, key: &[u8]) {
+        let Some(filters) = &mut self.0 else { return };
+        if let Some((_, Some(filter))) = filters.iter_mut().find(|(at, _)| *at == step) {
+            filter.insert(key);
+        }
+    }
+}
+
+impl KeyFilters {
+    /// Builds each step's filter from the keys its family holds.
+    pub fn build(db: &DB, steps: &[usize]) -> Result<KeyFilters, rocksdb::Error> {
+        let filters = steps.iter().map(|step| Ok((*step, scan(db, *step)?))).collect::<Result<_, rocksdb::Error>>()?;
+        Ok(KeyFilters(Mutex::new(filters)))
+    }
+
+    /// Whether `step`'s family may hold `key` (false: it certainly does not).
+    pub fn may_contain(&self, step: usize, key: &[u8]) -> bool {
+        let Ok(filters) = self.0.lock() else { return true };
+        match filters.iter().find(|(at, _)| *at == step) {
+            Some((_, Some(filter))) => filter.may_contain(key),
+            _ => true,
+        }
+    }
+
+    /// The filters, to add a batch's keys to before it is written.
+    pub fn adding(&self) -> Adding<'_> {
+        Adding(self.0.lock().ok())
+    }
+
+    /// Builds again, from the family, each filter that more new keys reached than it was
+    /// sized for. Call after writing them.
+    pub fn rebuild_full(&self, db: &DB) -> Result<(), rocksdb::Error> {
+        let Ok(mut filters) = self.0.lock() else { return Ok(()) };
+        for (step, filter) in filters.iter_mut() {
+            if filter.as_ref().is_some_and(KeyFilter::is_full) {
+                *filter = scan(db, *step)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A filter of the keys in `step`'s family (None: it has too many, or no family), sized by
+/// RocksDB's estimate of them, and once more by their count if that was too low.
+fn scan(db: &DB, step: usize) -> Result<Option<KeyFilter>, rocksdb::Error> {
+    let Some(handle) = db.cf_handle(&super::family(step)) else { return Ok(None) };
+    let estimate = db.property_int_value_cf(handle, "rocksdb.estimate-num-keys")?.unwrap_or(0);
+    let started = Instant::now();
+    let mut sized_for = usize::try_from(estimate).unwrap_or(usize::MAX);
+    loop {
+        let Some(mut filter) = KeyFilter::sized_for(sized_for) else { return Ok(None) };
+        let mut options = ReadOptions::default();
+        // A scan of everything once: not what the block cache should keep.
+        options.fill_cache(false);
+        let mut iterator = db.raw_iterator_cf_opt(handle, options);
+        iterator.seek_to_first();
+        let mut keys = 0usize;
+        while let Some(key) = iterator.key() {
+            filter.insert(key);
+            keys += 1;
+            iterator.next();
+        }
+        iterator.status()?;
+        if !filter.is_full() {
+            if keys > 0 {
+                info!(step, keys, bytes = filter.bytes(), elapsed_ms = started.elapsed().as_millis() as u64, "built the filter of the state keys");
+            }
+            return Ok(Some(filter));
+        }
+        sized_for = keys;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_says_no_to_a_key_it_was_given_and_rarely_yes_to_others() {
+        let keys = 100_000;
+        let mut filter = KeyFilter::sized_for(keys / 2).expect("a filter");
+        for key in 0..keys {
+            filter.insert(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes());
+        }
+        assert!(!filter.is_full(), "sized for {keys}");
+        for key in 0..keys {
+            assert!(filter.may_contain(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes()), "key {key}");
+        }
+        let false_positives = (keys..2 * keys).filter(|key| filter.may_contain(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes())).count();
+        // 1-2% expected at 10 bits per key.
+        assert!(false_positives < keys * 3 / 100, "{false_positives} false positives of {keys}");
+    }
+
+    #[test]
+    fn is_full_once_more_new_keys_came_than_it_was_sized_for() {
+        let mut filter = KeyFilter::sized_for(0).expect("a filter");
+        for _ in 0..10 * MIN_KEYS {
+            filter.insert(b"the same key");
+        }
+        assert!(!filter.is_full(), "one key added again and again is one key");
+        for key in 0..2 * MIN_KEYS {
+            filter.insert(key.to_string().as_bytes());
+        }
+        assert!(filter.is_full());
+    }
+
+    #[test]
+    fn a_family_beyond_the_limit_gets_none() {
+        assert!(KeyFilter::sized_for(MAX_KEYS).is_none());
+        assert!(KeyFilter::sized_for(MAX_KEYS / 2).is_some_and(|filter| filter.bytes() <= MAX_KEYS * BITS_PER_KEY / 8 + 64));
+    }
+}
