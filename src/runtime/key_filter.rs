@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use rocksdb::{ReadOptions, DB};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Bits per key the filter is sized for: about 1.5% false positives with [`PROBES`] bits in
 /// one 512-bit block (a single cache line per lookup).
@@ -137,15 +137,18 @@ impl KeyFilters {
     }
 
     /// Builds again, from the family, each filter that more new keys reached than it was
-    /// sized for. Call after writing them.
-    pub fn rebuild_full(&self, db: &DB) -> Result<(), rocksdb::Error> {
-        let Ok(mut filters) = self.0.lock() else { return Ok(()) };
+    /// sized for. Call after writing them. A scan that fails keeps the full filter, which
+    /// still holds every key (only its false positives grow); the written batch stands.
+    pub fn rebuild_full(&self, db: &DB) {
+        let Ok(mut filters) = self.0.lock() else { return };
         for (step, filter) in filters.iter_mut() {
             if filter.as_ref().is_some_and(KeyFilter::is_full) {
-                *filter = scan(db, *step)?;
+                match scan(db, *step) {
+                    Ok(built) => *filter = built,
+                    Err(error) => warn!(step = *step, %error, "rebuilding the filter of the state keys; the full one is kept"),
+                }
             }
         }
-        Ok(())
     }
 }
 

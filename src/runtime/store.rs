@@ -507,10 +507,12 @@ impl StateStore {
         for TopicPartitionOffset { topic, partition, offset: next } in inputs {
             batch.put_cf(offsets_handle, input_key(topic, *partition), next.to_string());
         }
-        let failed = |error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error);
-        self.db.write_opt(batch, options).map_err(failed)?;
+        self.db
+            .write_opt(batch, options)
+            .map_err(|error| RuntimeError::store(format!("writing the state store {}", self.path.display()), error))?;
         drop(filters);
-        self.filters.rebuild_full(&self.db).map_err(failed)
+        self.filters.rebuild_full(&self.db);
+        Ok(())
     }
 
     /// RocksDB's estimate of a step's live data, in bytes.
