@@ -63,10 +63,7 @@ impl KeyFilter {
     pub fn may_contain(&self, key: &[u8]) -> bool {
         let (block, bits) = self.place(key);
         let block = &self.blocks[block];
-        (0..PROBES).all(|probe| {
-            let bit = (bits >> (9 * probe)) & 511;
-            block[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
-        })
+        probes(bits).all(|(word, mask)| block[word] & mask != 0)
     }
 
     /// Adds a key; counts it as new unless the filter (maybe) held it already.
@@ -74,11 +71,9 @@ impl KeyFilter {
         let (block, bits) = self.place(key);
         let block = &mut self.blocks[block];
         let mut new = false;
-        for probe in 0..PROBES {
-            let bit = (bits >> (9 * probe)) & 511;
-            let word = &mut block[(bit >> 6) as usize];
-            new |= *word & (1 << (bit & 63)) == 0;
-            *word |= 1 << (bit & 63);
+        for (word, mask) in probes(bits) {
+            new |= block[word] & mask == 0;
+            block[word] |= mask;
         }
         self.added += usize::from(new);
     }
@@ -92,6 +87,14 @@ impl KeyFilter {
     pub fn bytes(&self) -> usize {
         self.blocks.len() * std::mem::size_of::<Block>()
     }
+}
+
+/// A key's [`PROBES`] bits in its block, as (word, mask): 9-bit slices of `bits`.
+fn probes(bits: u64) -> impl Iterator<Item = (usize, u64)> {
+    (0..PROBES).map(move |probe| {
+        let bit = (bits >> (9 * probe)) & 511;
+        ((bit >> 6) as usize, 1 << (bit & 63))
+    })
 }
 
 /// The filters of a store's step families: the store adds every state key it writes, its
@@ -190,15 +193,16 @@ mod tests {
     #[test]
     fn never_says_no_to_a_key_it_was_given_and_rarely_yes_to_others() {
         let keys = 100_000;
+        let store_key = |index: usize| format!("[\"bids\",\"{{\\\"id\\\":{index}}}\"]").into_bytes();
         let mut filter = KeyFilter::sized_for(keys / 2).expect("a filter");
         for key in 0..keys {
-            filter.insert(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes());
+            filter.insert(&store_key(key));
         }
         assert!(!filter.is_full(), "sized for {keys}");
         for key in 0..keys {
-            assert!(filter.may_contain(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes()), "key {key}");
+            assert!(filter.may_contain(&store_key(key)), "key {key}");
         }
-        let false_positives = (keys..2 * keys).filter(|key| filter.may_contain(format!("[\"bids\",\"{{\\\"id\\\":{key}}}\"]").as_bytes())).count();
+        let false_positives = (keys..2 * keys).filter(|key| filter.may_contain(&store_key(*key))).count();
         // 1-2% expected at 10 bits per key.
         assert!(false_positives < keys * 3 / 100, "{false_positives} false positives of {keys}");
     }
