@@ -259,7 +259,18 @@ pub fn start_then_join(pipeline: &Path, head_start: Duration) -> (WeirProcess, W
     wait_ready(&first, Duration::from_secs(60));
     std::thread::sleep(head_start);
     let second = WeirProcess::start(pipeline, WeirOptions { instance: "1", env: short_session(), ..Default::default() });
-    wait_ready(&second, Duration::from_secs(60));
+    // The joiner is ready once the first has revoked partitions for it: when it is not,
+    // the first's log tells why.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !is_ready(&second) {
+        assert!(
+            Instant::now() < deadline,
+            "the joining instance was not ready within 60 s; its log:\n{}\nthe first instance's log:\n{}",
+            second.log_text(),
+            first.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     (first, second)
 }
 
