@@ -55,6 +55,9 @@ pub struct LoopState {
     pub rewind: Vec<TopicPartitionOffset>,
     /// The loop stopped on an error: callbacks must not commit anything any more.
     pub abandoned: bool,
+    /// Partitions were given up in a cooperative rebalance and the group's follow-up round,
+    /// which hands them to their new owner, has not assigned yet (see `rebalance`).
+    pub handing_over: bool,
     /// Keys and windows in state after the last commit, for the gauge.
     pub metrics_state_keys: usize,
     pub status: Arc<Status>,

@@ -333,6 +333,8 @@ fn run_once(
         if session.transaction.is_open() && !fenced {
             let _ = session.abort(Some(Instant::now() + Duration::from_secs(5)));
         }
+        drop(session);
+        rebalance::finish_hand_over(&consumer, settings.kafka.session_timeout, &shutdown);
     }
     // Dropping the consumer closes it: with cooperative rebalancing that revokes what is left
     // (nothing is open by now) and leaves the group.

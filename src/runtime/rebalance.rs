@@ -74,6 +74,7 @@ impl LoopContext {
                 failure: None,
                 rewind: Vec::new(),
                 abandoned: false,
+                handing_over: false,
                 metrics_state_keys: 0,
                 status,
                 metrics: metrics.clone(),
@@ -131,16 +132,40 @@ impl LoopContext {
         self.health.set_assigned(owned);
         info!(revoked = revoked.count(), lost, owned, "partitions revoked");
         // A join run in place uses the eager range assignor (see `clients::consumer_config`).
-        let unassigned = match consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => consumer.incremental_unassign(revoked),
-            _ => consumer.unassign(),
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let unassigned = match cooperative {
+            true => consumer.incremental_unassign(revoked),
+            false => consumer.unassign(),
         };
         if let Err(error) = unassigned {
             warn!(%error, "unassign failed");
         }
+        // Cooperatively, the partitions reach their new owner only in a second round, which
+        // this member starts by joining again once it has let them go.
+        if cooperative && !lost && revoked.count() > 0 {
+            self.session().handing_over = true;
+        }
+        #[cfg(feature = "failpoints")]
+        if fail::eval("revoked", |_| ()).is_some() {
+            self.session().failure = Some(RuntimeError::Replay("fail point `revoked`: the run stops right after a revocation".into()));
+        }
     }
 
     fn on_assign(&self, consumer: &BaseConsumer<LoopContext>, assigned: &mut TopicPartitionList) {
+        if self.session().abandoned {
+            // The run has stopped and only waits for the group to finish handing over what it
+            // gave up (`finish_hand_over`): these partitions are the next run's to take.
+            self.session().handing_over = false;
+            let result = match consumer.rebalance_protocol() {
+                RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
+                _ => consumer.assign(assigned),
+            };
+            if let Err(error) = result {
+                warn!(%error, "assign failed while stopping");
+            }
+            return;
+        }
+        self.session().handing_over = false;
         let pinned_starts = match self.set_start_positions(consumer, assigned) {
             Ok(pinned_starts) => pinned_starts,
             Err(error) => {
@@ -412,3 +437,30 @@ impl ConsumerContext for LoopContext {
         }
     }
 }
+
+/// Before a run that stopped on a fault closes its consumer: if it gave up partitions in a
+/// cooperative rebalance whose follow-up round has not assigned yet, polls until that round
+/// is done (at most `limit`). The follow-up round is what hands those partitions to their new
+/// owner, and this member starts it by joining again after letting them go. Closed before
+/// that, a static member never sends it: its next run rejoins under the same
+/// `group.instance.id`, the coordinator answers with the stored assignment without a new
+/// round, and the partitions it gave up stay with nobody (seen: an instance that joined
+/// while the other's batch aborted got none for good). Records polled meanwhile are dropped
+/// unread; the next run starts from the committed offsets.
+pub fn finish_hand_over(consumer: &BaseConsumer<LoopContext>, limit: Duration, shutdown: &tokio_util::sync::CancellationToken) {
+    if !consumer.context().session().handing_over {
+        return;
+    }
+    let started = Instant::now();
+    info!("waiting for the group to hand over the partitions this run gave up before closing");
+    while consumer.context().session().handing_over {
+        if started.elapsed() >= limit || shutdown.is_cancelled() {
+            warn!(waited_ms = started.elapsed().as_millis() as u64, "the group did not finish handing over the partitions given up; closing anyway");
+            return;
+        }
+        super::health::beat();
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    info!(waited_ms = started.elapsed().as_millis() as u64, "the group handed over the partitions this run gave up");
+}
+

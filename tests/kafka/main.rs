@@ -8,6 +8,7 @@ mod avro;
 mod guarantees;
 mod join;
 mod lookup;
+mod membership;
 mod operations;
 mod outputs;
 mod passthrough;

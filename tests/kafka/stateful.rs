@@ -125,7 +125,7 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     assert!(second.wait(Duration::from_secs(30)).success(), "{}", second.log_text());
     feeder.join().unwrap();
     wait_until(Duration::from_secs(120), "the first instance to take everything back and reach the end", || {
-        committed_offsets(&file_name(&file), &input) == end_offsets(&input)
+        committed_offsets(&file.name(), &input) == end_offsets(&input)
     });
     // The stateful metrics agree with the input: the highest partition watermark is the
     // last event time minus the 1 s out-of-orderness, and the window holds state.
@@ -148,12 +148,6 @@ fn state_moves_with_partitions_when_an_instance_joins_and_leaves() {
     let expected = multiset(&golden);
     assert!(expected.len() > 1_000);
     assert_eq!(multiset(&moved), expected);
-}
-
-/// The pipeline name in a pipeline file (the consumer group).
-fn file_name(file: &PipelineFile) -> String {
-    let text = std::fs::read_to_string(&file.path).unwrap();
-    text.lines().next().unwrap().trim_start_matches("name: ").to_string()
 }
 
 /// Changing a window's size over existing state is refused (exit 2, saying what changed and
@@ -608,7 +602,7 @@ fn instances_started_together_on_a_fresh_pipeline_agree_on_one_state_generation(
     create_topic(&output, 4);
     let steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count() } }";
     let file = clicks_pipeline(&unique("together"), &input, &output, steps);
-    let name = file_name(&file);
+    let name = file.name();
     for round in 0..2 {
         let mut instances: Vec<WeirProcess> = ["0", "1"]
             .into_iter()

@@ -18,6 +18,14 @@ pub struct PipelineFile {
     pub path: PathBuf,
 }
 
+impl PipelineFile {
+    /// The pipeline's name, its first line (the consumer group).
+    pub fn name(&self) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        text.lines().next().unwrap().trim_start_matches("name: ").to_string()
+    }
+}
+
 pub fn pipeline_file(text: &str) -> PipelineFile {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pipeline.yaml");

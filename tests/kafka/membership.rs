@@ -1,0 +1,59 @@
+//! Instances joining a consumer group: partitions reach the instance they are meant for even
+//! when the one giving them up restarts its run at that moment.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A stateful pipeline's run stops (and starts again from the committed state) when a batch
+/// aborts, and a rebalance aborts a batch whose offsets reach the coordinator in the new
+/// generation. Cooperatively, the partitions the first instance gives up reach a joining one
+/// only in a second round, which the first starts by joining again: if its run stopped and
+/// closed the consumer before that, it came back under the same `group.instance.id` to the
+/// stored assignment, and the given-up partitions stayed with nobody (the joiner logged an
+/// empty assignment and nothing more). The fail point `revoked` stops the first instance's run
+/// right after its first revocation, every time; the joiner must still get its partitions,
+/// and together the two must read the input to its end.
+#[test]
+fn partitions_given_up_as_a_run_restarts_still_reach_the_joining_instance() {
+    let input = unique("clicks");
+    let output = unique("out");
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let steps = "  - dedup: { key: [id], within: 1h }";
+    let file = clicks_pipeline(&unique("handover"), &input, &output, steps);
+    let feeder = feed_with(&input, 0..20_000, 2_000, timed_event);
+
+    let mut env = short_session();
+    env.push(("FAILPOINTS".to_string(), "revoked=1*return".to_string()));
+    let mut first = WeirProcess::start(&file.path, WeirOptions { instance: "0", env, ..Default::default() });
+    wait_ready(&first, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env: short_session(), ..Default::default() });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let owned = |process: &WeirProcess| metric(process, "weir_assigned_partitions", &[]).unwrap_or(0.0);
+    while owned(&second) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the joining instance got no partition within 60 s; its log:\n{}\nthe first instance's log:\n{}",
+            second.log_text(),
+            first.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = first.log_text();
+    assert!(log.contains("fail point `revoked`"), "the fail point did not fire:\n{log}");
+    assert!(log.contains("the group handed over the partitions this run gave up"), "{log}");
+
+    feeder.join().unwrap();
+    wait_until(Duration::from_secs(120), "the two instances to read the input to its end", || {
+        committed_offsets(&file.name(), &input) == end_offsets(&input)
+    });
+    // The input's 4 partitions and the 4 of the repartition topic in front of the dedup.
+    assert_eq!(owned(&first) + owned(&second), 8.0, "{}\n{}", first.log_text(), second.log_text());
+    for process in [&mut second, &mut first] {
+        process.terminate();
+        assert!(process.wait(Duration::from_secs(30)).success(), "{}", process.log_text());
+    }
+}
