@@ -8,9 +8,15 @@
 //! it writes before writing it, and builds the filter from the family's keys when it opens.
 //! Keys deleted since stay in the filter until it is rebuilt, which happens when more new
 //! keys were added than it was sized for; a family too large for [`MAX_KEYS`] gets none.
+//!
+//! A rebuild scans the family on a thread of its own (seconds for millions of keys), while
+//! the full filter goes on answering and every key added meanwhile is kept aside too; the
+//! new filter takes those keys and replaces the full one at the next write after the scan.
 
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use rocksdb::{ReadOptions, DB};
@@ -30,10 +36,11 @@ pub const MIN_KEYS: usize = 64;
 pub const MAX_KEYS: usize = 16 << 20;
 
 type Block = [u64; 8];
+type Hasher = foldhash::quality::RandomState;
 
 pub struct KeyFilter {
     blocks: Vec<Block>,
-    hasher: foldhash::quality::RandomState,
+    hasher: Hasher,
     /// Keys added since it was built that it did not already (maybe) hold.
     added: usize,
     /// How many it was sized for.
@@ -43,32 +50,42 @@ pub struct KeyFilter {
 impl KeyFilter {
     /// An empty filter for a family of `keys` keys (see [`MIN_KEYS`]); None beyond
     /// [`MAX_KEYS`].
+    #[cfg(test)]
     pub fn sized_for(keys: usize) -> Option<KeyFilter> {
+        KeyFilter::hashing_with(keys, Hasher::default())
+    }
+
+    /// As [`KeyFilter::sized_for`], hashing keys with `hasher`.
+    fn hashing_with(keys: usize, hasher: Hasher) -> Option<KeyFilter> {
         if keys > MAX_KEYS / 2 {
             return None;
         }
         let capacity = keys.saturating_mul(2).max(MIN_KEYS);
         let blocks = (capacity * BITS_PER_KEY).div_ceil(512);
-        Some(KeyFilter { blocks: vec![[0; 8]; blocks], hasher: foldhash::quality::RandomState::default(), added: 0, capacity })
+        Some(KeyFilter { blocks: vec![[0; 8]; blocks], hasher, added: 0, capacity })
     }
 
-    /// The block and the bits of `key`: the block from the hash's high bits, the bits within
-    /// it from 9-bit slices of a second mix of it.
-    fn place(&self, key: &[u8]) -> (usize, u64) {
-        let hash = self.hasher.hash_one(key);
+    /// The block and the bits of a key of hash `hash`: the block from the hash's high bits,
+    /// the bits within it from 9-bit slices of a second mix of it.
+    fn place(&self, hash: u64) -> (usize, u64) {
         let block = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
         (block, hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (hash >> 29))
     }
 
     pub fn may_contain(&self, key: &[u8]) -> bool {
-        let (block, bits) = self.place(key);
+        let (block, bits) = self.place(self.hasher.hash_one(key));
         let block = &self.blocks[block];
         probes(bits).all(|(word, mask)| block[word] & mask != 0)
     }
 
     /// Adds a key; counts it as new unless the filter (maybe) held it already.
     pub fn insert(&mut self, key: &[u8]) {
-        let (block, bits) = self.place(key);
+        self.insert_hash(self.hasher.hash_one(key));
+    }
+
+    /// Adds a key by its hash under this filter's hasher.
+    fn insert_hash(&mut self, hash: u64) {
+        let (block, bits) = self.place(hash);
         let block = &mut self.blocks[block];
         let mut new = false;
         for (word, mask) in probes(bits) {
@@ -98,12 +115,31 @@ fn probes(bits: u64) -> impl Iterator<Item = (usize, u64)> {
 }
 
 /// The filters of a store's step families: the store adds every state key it writes, its
-/// views ask before they read. Only ever used from the loop's thread; the lock makes them
-/// shareable with the views. A poisoned lock answers "maybe" to everything.
-pub struct KeyFilters(Mutex<ByStep>);
+/// views ask before they read. Only ever used from the loop's thread (and by rebuild scans,
+/// which touch none of it); the lock makes them shareable with the views. A poisoned lock
+/// answers "maybe" to everything.
+pub struct KeyFilters {
+    by_step: Mutex<ByStep>,
+    /// Tells running rebuild scans to stop (the store is closing).
+    stop: Arc<AtomicBool>,
+}
 
 /// Each step's filter (None: the step's family has none, see [`MAX_KEYS`]).
-type ByStep = Vec<(usize, Option<KeyFilter>)>;
+type ByStep = Vec<StepFilter>;
+
+struct StepFilter {
+    step: usize,
+    filter: Option<KeyFilter>,
+    rebuild: Option<Rebuild>,
+}
+
+/// A scan building a step's filter anew, and the keys added since it began, by their hash
+/// under the new filter's hasher (8 bytes each, whatever a key's length).
+struct Rebuild {
+    scan: JoinHandle<Result<Option<KeyFilter>, rocksdb::Error>>,
+    hasher: Hasher,
+    added: Vec<u64>,
+}
 
 /// The filters, locked for a batch of writes.
 pub struct Adding<'a>(Option<MutexGuard<'a, ByStep>>);
@@ -112,8 +148,12 @@ impl Adding<'_> {
     /// Adds a state key of `step` (its full store key, partition prefix included).
     pub fn add(&mut self, step: usize, key: &[u8]) {
         let Some(filters) = &mut self.0 else { return };
-        if let Some((_, Some(filter))) = filters.iter_mut().find(|(at, _)| *at == step) {
+        let Some(at) = filters.iter_mut().find(|at| at.step == step) else { return };
+        if let Some(filter) = &mut at.filter {
             filter.insert(key);
+        }
+        if let Some(rebuild) = &mut at.rebuild {
+            rebuild.added.push(rebuild.hasher.hash_one(key));
         }
     }
 }
@@ -121,49 +161,96 @@ impl Adding<'_> {
 impl KeyFilters {
     /// Builds each step's filter from the keys its family holds.
     pub fn build(db: &DB, steps: &[usize]) -> Result<KeyFilters, rocksdb::Error> {
-        let filters = steps.iter().map(|step| Ok((*step, scan(db, *step)?))).collect::<Result<_, rocksdb::Error>>()?;
-        Ok(KeyFilters(Mutex::new(filters)))
+        let never = AtomicBool::new(false);
+        let by_step = steps
+            .iter()
+            .map(|step| Ok(StepFilter { step: *step, filter: scan(db, *step, Hasher::default(), &never)?, rebuild: None }))
+            .collect::<Result<_, rocksdb::Error>>()?;
+        Ok(KeyFilters { by_step: Mutex::new(by_step), stop: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Whether `step`'s family may hold `key` (false: it certainly does not).
     pub fn may_contain(&self, step: usize, key: &[u8]) -> bool {
-        let Ok(filters) = self.0.lock() else { return true };
-        match filters.iter().find(|(at, _)| *at == step) {
-            Some((_, Some(filter))) => filter.may_contain(key),
+        let Ok(filters) = self.by_step.lock() else { return true };
+        match filters.iter().find(|at| at.step == step) {
+            Some(StepFilter { filter: Some(filter), .. }) => filter.may_contain(key),
             _ => true,
         }
     }
 
     /// The filters, to add a batch's keys to before it is written.
     pub fn adding(&self) -> Adding<'_> {
-        Adding(self.0.lock().ok())
+        Adding(self.by_step.lock().ok())
     }
 
-    /// Builds again, from the family, each filter that more new keys reached than it was
-    /// sized for. Call after writing them. A scan that fails keeps the full filter, which
-    /// still holds every key (only its false positives grow); the written batch stands.
-    pub fn rebuild_full(&self, db: &DB) {
-        let Ok(mut filters) = self.0.lock() else { return };
-        for (step, filter) in filters.iter_mut() {
-            if filter.as_ref().is_some_and(KeyFilter::is_full) {
-                match scan(db, *step) {
-                    Ok(built) => *filter = built,
-                    Err(error) => warn!(step = *step, %error, "rebuilding the filter of the state keys; the full one is kept"),
+    /// Call after each write: puts in place the filters whose rebuild scan has ended (with
+    /// the keys added since it began), and starts a scan for each filter that more new keys
+    /// reached than it was sized for. A scan that fails keeps the full filter, which still
+    /// holds every key (only its false positives grow); the written batch stands.
+    pub fn rebuild_full(&self, db: &Arc<DB>) {
+        let Ok(mut filters) = self.by_step.lock() else { return };
+        for at in filters.iter_mut() {
+            if at.rebuild.as_ref().is_some_and(|rebuild| rebuild.scan.is_finished()) {
+                at.finish_rebuild();
+            }
+            if at.rebuild.is_none() && at.filter.as_ref().is_some_and(KeyFilter::is_full) {
+                // Keys are kept aside from now on: every key the scan's snapshot misses.
+                let (db, step, stop, hasher) = (db.clone(), at.step, self.stop.clone(), Hasher::default());
+                let scan = {
+                    let hasher = hasher.clone();
+                    std::thread::Builder::new().name(format!("filter-{step}")).spawn(move || scan(&db, step, hasher, &stop))
+                };
+                match scan {
+                    Ok(scan) => at.rebuild = Some(Rebuild { scan, hasher, added: Vec::new() }),
+                    Err(error) => warn!(step, %error, "starting the rebuild of the filter of the state keys; the full one is kept"),
                 }
             }
         }
     }
 }
 
-/// A filter of the keys in `step`'s family (None: it has too many, or no family), sized by
-/// RocksDB's estimate of them, and once more by their count if that was too low.
-fn scan(db: &DB, step: usize) -> Result<Option<KeyFilter>, rocksdb::Error> {
+impl StepFilter {
+    /// Takes the rebuilt filter (waiting for its scan), with the keys added meanwhile.
+    fn finish_rebuild(&mut self) {
+        let Some(Rebuild { scan, added, .. }) = self.rebuild.take() else { return };
+        match scan.join() {
+            Ok(Ok(mut built)) => {
+                if let Some(filter) = &mut built {
+                    for hash in added {
+                        filter.insert_hash(hash);
+                    }
+                }
+                self.filter = built;
+            }
+            Ok(Err(error)) => warn!(step = self.step, %error, "rebuilding the filter of the state keys; the full one is kept"),
+            Err(_) => warn!(step = self.step, "the rebuild of the filter of the state keys panicked; the full one is kept"),
+        }
+    }
+}
+
+impl Drop for KeyFilters {
+    /// Stops running scans and waits for them: they hold the database open, which a store
+    /// opened again in this process (a run starting over) needs to itself.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let filters = self.by_step.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for at in filters.iter_mut() {
+            if let Some(rebuild) = at.rebuild.take() {
+                let _ = rebuild.scan.join();
+            }
+        }
+    }
+}
+
+/// A filter of the keys in `step`'s family (None: it has too many, no family, or `stop` was
+/// set), sized by RocksDB's estimate of them, and once more by their count if that was too low.
+fn scan(db: &DB, step: usize, hasher: Hasher, stop: &AtomicBool) -> Result<Option<KeyFilter>, rocksdb::Error> {
     let Some(handle) = db.cf_handle(&super::family(step)) else { return Ok(None) };
     let estimate = db.property_int_value_cf(handle, "rocksdb.estimate-num-keys")?.unwrap_or(0);
     let started = Instant::now();
     let mut sized_for = usize::try_from(estimate).unwrap_or(usize::MAX);
     loop {
-        let Some(mut filter) = KeyFilter::sized_for(sized_for) else { return Ok(None) };
+        let Some(mut filter) = KeyFilter::hashing_with(sized_for, hasher.clone()) else { return Ok(None) };
         let mut options = ReadOptions::default();
         // A scan of everything once: not what the block cache should keep.
         options.fill_cache(false);
@@ -173,6 +260,9 @@ fn scan(db: &DB, step: usize) -> Result<Option<KeyFilter>, rocksdb::Error> {
         while let Some(key) = iterator.key() {
             filter.insert(key);
             keys += 1;
+            if keys.is_multiple_of(4096) && stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
             iterator.next();
         }
         iterator.status()?;
@@ -224,5 +314,51 @@ mod tests {
     fn a_family_beyond_the_limit_gets_none() {
         assert!(KeyFilter::sized_for(MAX_KEYS).is_none());
         assert!(KeyFilter::sized_for(MAX_KEYS / 2).is_some_and(|filter| filter.bytes() <= MAX_KEYS * BITS_PER_KEY / 8 + 64));
+    }
+
+    /// Keys written while a rebuild scans (after its snapshot) reach the rebuilt filter
+    /// through the hashes kept aside, and the full filter answers for them meanwhile.
+    #[test]
+    fn a_rebuilt_filter_holds_the_keys_written_while_its_scan_ran() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let db = Arc::new(DB::open_cf(&options, dir.path(), [super::super::family(0)]).expect("a database"));
+        let filters = KeyFilters::build(&db, &[0]).expect("filters");
+        let key = |index: usize| format!("{index:08}").into_bytes();
+        // As the store writes: each key into the filters, then into the family.
+        let write = |keys: std::ops::Range<usize>| {
+            let mut adding = filters.adding();
+            let handle = db.cf_handle(&super::super::family(0)).expect("the family");
+            for index in keys {
+                adding.add(0, &key(index));
+                db.put_cf(handle, key(index), b"").expect("a put");
+            }
+        };
+        let in_flight = |filters: &KeyFilters| filters.by_step.lock().expect("the lock")[0].rebuild.as_ref().map(|rebuild| rebuild.scan.is_finished());
+        let mut rounds = 0;
+        let mut written = 0;
+        while rounds < 3 {
+            // Enough new keys to fill the filter, then the write's end starts a scan.
+            let fill = filters.by_step.lock().expect("the lock")[0].filter.as_ref().map_or(0, |filter| filter.capacity) + 1;
+            write(written..written + fill);
+            written += fill;
+            filters.rebuild_full(&db);
+            assert_eq!(in_flight(&filters).map(|_| ()), Some(()), "a rebuild started in round {rounds}");
+            while in_flight(&filters) == Some(false) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // The scan's snapshot is taken: these keys are not in it.
+            write(written..written + MIN_KEYS / 2);
+            written += MIN_KEYS / 2;
+            assert!((0..written).all(|index| filters.may_contain(0, &key(index))), "the full filter, round {rounds}");
+            filters.rebuild_full(&db);
+            assert_eq!(in_flight(&filters), None, "the rebuilt filter is in place");
+            assert!((0..written).all(|index| filters.may_contain(0, &key(index))), "the rebuilt filter, round {rounds}");
+            rounds += 1;
+        }
+        let absent = (written..written + 10_000).filter(|index| filters.may_contain(0, &key(*index))).count();
+        assert!(absent < 300, "the rebuilt filter still rules out most absent keys: {absent} of 10000 maybe");
     }
 }
