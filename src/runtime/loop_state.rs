@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::error::RuntimeError;
+use super::rebalance::HandOver;
 use super::purge::Purger;
 use super::state::Changelogs;
 use super::status::Status;
@@ -55,9 +56,8 @@ pub struct LoopState {
     pub rewind: Vec<TopicPartitionOffset>,
     /// The loop stopped on an error: callbacks must not commit anything any more.
     pub abandoned: bool,
-    /// Partitions were given up in a cooperative rebalance and the group's follow-up round,
-    /// which hands them to their new owner, has not assigned yet (see `rebalance`).
-    pub handing_over: bool,
+    /// Where this member is in handing over partitions it gave up in a cooperative rebalance.
+    pub hand_over: HandOver,
     /// Keys and windows in state after the last commit, for the gauge.
     pub metrics_state_keys: usize,
     pub status: Arc<Status>,

@@ -74,7 +74,7 @@ impl LoopContext {
                 failure: None,
                 rewind: Vec::new(),
                 abandoned: false,
-                handing_over: false,
+                hand_over: HandOver::Idle,
                 metrics_state_keys: 0,
                 status,
                 metrics: metrics.clone(),
@@ -143,7 +143,7 @@ impl LoopContext {
         // Cooperatively, the partitions reach their new owner only in a second round, which
         // this member starts by joining again once it has let them go.
         if cooperative && !lost && revoked.count() > 0 {
-            self.session().handing_over = true;
+            self.session().hand_over = HandOver::Revoked;
         }
         #[cfg(feature = "failpoints")]
         if fail::eval("revoked", |_| ()).is_some() {
@@ -152,46 +152,57 @@ impl LoopContext {
     }
 
     fn on_assign(&self, consumer: &BaseConsumer<LoopContext>, assigned: &mut TopicPartitionList) {
-        if self.session().abandoned {
+        let abandoned = {
+            let mut session = self.session();
+            session.hand_over = session.hand_over.after_assign();
+            session.abandoned
+        };
+        if abandoned {
             // The run has stopped and only waits for the group to finish handing over what it
             // gave up (`finish_hand_over`): these partitions are the next run's to take.
-            self.session().handing_over = false;
-            let result = match consumer.rebalance_protocol() {
-                RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
-                _ => consumer.assign(assigned),
-            };
-            if let Err(error) = result {
-                warn!(%error, "assign failed while stopping");
-            }
+            take_assignment(consumer, assigned, "while stopping");
             return;
         }
-        self.session().handing_over = false;
-        let pinned_starts = match self.set_start_positions(consumer, assigned) {
-            Ok(pinned_starts) => pinned_starts,
+        let owned = match self.prepare_assignment(consumer, assigned) {
+            Ok(owned) => owned,
             Err(error) => {
                 self.session().failure = Some(error);
+                // The run stops on the failure, but librdkafka goes on with the rebalance only
+                // once the assignment is taken (after a cooperative revocation it rejoins then,
+                // which hands the partitions given up to their new owner): take it, unread.
+                take_assignment(consumer, assigned, "after a failed assignment");
                 return;
             }
         };
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
+            _ => consumer.assign(assigned),
+        };
+        if let Err(error) = result {
+            self.session().failure = Some(RuntimeError::kafka("assigning partitions failed", error));
+            return;
+        }
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.metrics.assigned_partitions.set(owned as i64);
+        self.health.set_assigned(owned);
+        info!(assigned = assigned.count(), owned, "partitions assigned");
+    }
+
+    /// Gives each newly assigned partition its start and takes it into the session (its state
+    /// to restore, its status). Returns how many partitions the session owns now.
+    fn prepare_assignment(&self, consumer: &BaseConsumer<LoopContext>, assigned: &mut TopicPartitionList) -> Result<usize, RuntimeError> {
+        let pinned_starts = self.set_start_positions(consumer, assigned)?;
         let mut session = self.session();
         for TopicPartitionOffset { topic, partition, offset } in pinned_starts {
             info!(topic, partition, offset, "no committed offset: starting at the end, committed as this partition's start");
             session.transaction.pin_start(&topic, partition, offset);
         }
         for element in assigned.elements() {
-            let bounds_at_start = if self.until_end {
-                match consumer.fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT) {
-                    Ok(bounds) => Some(bounds),
-                    Err(error) => {
-                        session.failure = Some(RuntimeError::kafka(
-                            format!("reading the end offset of {}[{}]", element.topic(), element.partition()),
-                            error,
-                        ));
-                        return;
-                    }
-                }
-            } else {
-                None
+            let bounds_at_start = match self.until_end {
+                true => Some(consumer.fetch_watermarks(element.topic(), element.partition(), METADATA_TIMEOUT).map_err(|error| {
+                    RuntimeError::kafka(format!("reading the end offset of {}[{}]", element.topic(), element.partition()), error)
+                })?),
+                false => None,
             };
             session.queue_restore(element.topic(), element.partition());
             session.status.assigned(element.topic(), element.partition());
@@ -210,24 +221,10 @@ impl LoopContext {
                 },
             );
         }
-        if let Some(unpaired) = session.unpaired_partition() {
-            session.failure = Some(unpaired);
-            return;
+        match session.unpaired_partition() {
+            Some(unpaired) => Err(unpaired),
+            None => Ok(session.owned.len()),
         }
-        let owned = session.owned.len();
-        drop(session);
-        let result = match consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
-            _ => consumer.assign(assigned),
-        };
-        if let Err(error) = result {
-            self.session().failure = Some(RuntimeError::kafka("assigning partitions failed", error));
-            return;
-        }
-        self.metrics.rebalances.with_label_values(&["assign"]).inc();
-        self.metrics.assigned_partitions.set(owned as i64);
-        self.health.set_assigned(owned);
-        info!(assigned = assigned.count(), owned, "partitions assigned");
     }
 
     /// Where to start from a committed offset: there, unless retention has deleted it (and
@@ -438,22 +435,57 @@ impl ConsumerContext for LoopContext {
     }
 }
 
+/// Where this member is in handing partitions over after a cooperative revocation. The
+/// revocation is followed by an assignment in the same round (often empty), after which
+/// librdkafka joins again; the assignment of that second round is what gives the partitions
+/// given up to their new owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    Idle,
+    /// Partitions were revoked; the assignment of the same round has not come yet.
+    Revoked,
+    /// That assignment came; the second round's has not.
+    Rejoining,
+}
+
+impl HandOver {
+    fn after_assign(self) -> HandOver {
+        match self {
+            HandOver::Revoked => HandOver::Rejoining,
+            HandOver::Rejoining | HandOver::Idle => HandOver::Idle,
+        }
+    }
+}
+
+/// Takes `assigned` without reading it (the run is stopping): librdkafka waits for the call
+/// before it goes on with the rebalance.
+fn take_assignment(consumer: &BaseConsumer<LoopContext>, assigned: &TopicPartitionList, when: &str) {
+    let result = match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
+        _ => consumer.assign(assigned),
+    };
+    if let Err(error) = result {
+        warn!(%error, when, "taking the assignment failed");
+    }
+}
+
 /// Before a run that stopped on a fault closes its consumer: if it gave up partitions in a
-/// cooperative rebalance whose follow-up round has not assigned yet, polls until that round
-/// is done (at most `limit`). The follow-up round is what hands those partitions to their new
-/// owner, and this member starts it by joining again after letting them go. Closed before
-/// that, a static member never sends it: its next run rejoins under the same
+/// cooperative rebalance whose second round has not assigned yet, polls until that round is
+/// done (at most `limit`). The second round is what hands those partitions to their new
+/// owner, and this member starts it by joining again after the first round's assignment.
+/// Closed before that, a static member never sends it: its next run rejoins under the same
 /// `group.instance.id`, the coordinator answers with the stored assignment without a new
-/// round, and the partitions it gave up stay with nobody (seen: an instance that joined
-/// while the other's batch aborted got none for good). Records polled meanwhile are dropped
-/// unread; the next run starts from the committed offsets.
+/// round, and the partitions it gave up stay with nobody (seen: an instance that joined while
+/// the other's batch aborted got none for good). Records polled meanwhile are dropped unread;
+/// the next run starts from the committed offsets.
 pub fn finish_hand_over(consumer: &BaseConsumer<LoopContext>, limit: Duration, shutdown: &tokio_util::sync::CancellationToken) {
-    if !consumer.context().session().handing_over {
+    let handing_over = || consumer.context().session().hand_over != HandOver::Idle;
+    if !handing_over() {
         return;
     }
     let started = Instant::now();
     info!("waiting for the group to hand over the partitions this run gave up before closing");
-    while consumer.context().session().handing_over {
+    while handing_over() {
         if started.elapsed() >= limit || shutdown.is_cancelled() {
             warn!(waited_ms = started.elapsed().as_millis() as u64, "the group did not finish handing over the partitions given up; closing anyway");
             return;
@@ -463,4 +495,3 @@ pub fn finish_hand_over(consumer: &BaseConsumer<LoopContext>, limit: Duration, s
     }
     info!(waited_ms = started.elapsed().as_millis() as u64, "the group handed over the partitions this run gave up");
 }
-

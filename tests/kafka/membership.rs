@@ -1,7 +1,7 @@
 //! Instances joining a consumer group: partitions reach the instance they are meant for even
 //! when the one giving them up restarts its run at that moment.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -31,19 +31,13 @@ fn partitions_given_up_as_a_run_restarts_still_reach_the_joining_instance() {
     std::thread::sleep(Duration::from_secs(2));
     let mut second = WeirProcess::start(&file.path, WeirOptions { instance: "1", env: short_session(), ..Default::default() });
 
-    let deadline = Instant::now() + Duration::from_secs(60);
     let owned = |process: &WeirProcess| metric(process, "weir_assigned_partitions", &[]).unwrap_or(0.0);
-    while owned(&second) < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the joining instance got no partition within 60 s; its log:\n{}\nthe first instance's log:\n{}",
-            second.log_text(),
-            first.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_joiner(&first, &second, "given partitions", |joiner| owned(joiner) >= 1.0);
+    // The first's run said why it stopped once it had waited for the hand-over and closed.
+    wait_until(Duration::from_secs(30), "the first instance's run to stop on the fail point", || {
+        first.log_text().contains("fail point `revoked`")
+    });
     let log = first.log_text();
-    assert!(log.contains("fail point `revoked`"), "the fail point did not fire:\n{log}");
     assert!(log.contains("the group handed over the partitions this run gave up"), "{log}");
 
     feeder.join().unwrap();

@@ -267,19 +267,24 @@ pub fn start_then_join(pipeline: &Path, head_start: Duration) -> (WeirProcess, W
     wait_ready(&first, Duration::from_secs(60));
     std::thread::sleep(head_start);
     let second = WeirProcess::start(pipeline, WeirOptions { instance: "1", env: short_session(), ..Default::default() });
-    // The joiner is ready once the first has revoked partitions for it: when it is not,
-    // the first's log tells why.
+    wait_for_joiner(&first, &second, "ready", is_ready);
+    (first, second)
+}
+
+/// Waits up to 60 s until `joiner`, which joined `first`'s group, is `what` (`done`). It
+/// gets partitions only once `first` has revoked them for it: when it does not, the failure
+/// shows both logs, for the first's tells why.
+pub fn wait_for_joiner(first: &WeirProcess, joiner: &WeirProcess, what: &str, done: impl Fn(&WeirProcess) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_ready(&second) {
+    while !done(joiner) {
         assert!(
             Instant::now() < deadline,
-            "the joining instance was not ready within 60 s; its log:\n{}\nthe first instance's log:\n{}",
-            second.log_text(),
+            "the joining instance was not {what} within 60 s; its log:\n{}\nthe first instance's log:\n{}",
+            joiner.log_text(),
             first.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    (first, second)
 }
 
 pub static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
