@@ -131,7 +131,12 @@ struct StepFilter {
     step: usize,
     filter: Option<KeyFilter>,
     rebuild: Option<Rebuild>,
+    /// After a rebuild that failed, none is tried again before this.
+    retry_after: Option<Instant>,
 }
+
+/// How long after a failed rebuild the next is tried (the full filter serves meanwhile).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A scan building a step's filter anew, and the keys added since it began, by their hash
 /// under the new filter's hasher (8 bytes each, whatever a key's length).
@@ -164,7 +169,7 @@ impl KeyFilters {
         let never = AtomicBool::new(false);
         let by_step = steps
             .iter()
-            .map(|step| Ok(StepFilter { step: *step, filter: scan(db, *step, Hasher::default(), &never)?, rebuild: None }))
+            .map(|step| Ok(StepFilter { step: *step, filter: scan(db, *step, Hasher::default(), &never)?, rebuild: None, retry_after: None }))
             .collect::<Result<_, rocksdb::Error>>()?;
         Ok(KeyFilters { by_step: Mutex::new(by_step), stop: Arc::new(AtomicBool::new(false)) })
     }
@@ -193,7 +198,8 @@ impl KeyFilters {
             if at.rebuild.as_ref().is_some_and(|rebuild| rebuild.scan.is_finished()) {
                 at.finish_rebuild();
             }
-            if at.rebuild.is_none() && at.filter.as_ref().is_some_and(KeyFilter::is_full) {
+            let waiting = at.retry_after.is_some_and(|after| Instant::now() < after);
+            if at.rebuild.is_none() && !waiting && at.filter.as_ref().is_some_and(KeyFilter::is_full) {
                 // Keys are kept aside from now on: every key the scan's snapshot misses.
                 let (db, step, stop, hasher) = (db.clone(), at.step, self.stop.clone(), Hasher::default());
                 let scan = {
@@ -202,7 +208,10 @@ impl KeyFilters {
                 };
                 match scan {
                     Ok(scan) => at.rebuild = Some(Rebuild { scan, hasher, added: Vec::new() }),
-                    Err(error) => warn!(step, %error, "starting the rebuild of the filter of the state keys; the full one is kept"),
+                    Err(error) => {
+                        warn!(step, %error, "starting the rebuild of the filter of the state keys; the full one is kept");
+                        at.retry_after = Some(Instant::now() + RETRY_AFTER);
+                    }
                 }
             }
         }
@@ -222,8 +231,14 @@ impl StepFilter {
                 }
                 self.filter = built;
             }
-            Ok(Err(error)) => warn!(step = self.step, %error, "rebuilding the filter of the state keys; the full one is kept"),
-            Err(_) => warn!(step = self.step, "the rebuild of the filter of the state keys panicked; the full one is kept"),
+            Ok(Err(error)) => {
+                warn!(step = self.step, %error, "rebuilding the filter of the state keys; the full one is kept");
+                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+            }
+            Err(_) => {
+                warn!(step = self.step, "the rebuild of the filter of the state keys panicked; the full one is kept");
+                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+            }
         }
     }
 }
