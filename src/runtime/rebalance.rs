@@ -141,7 +141,8 @@ impl LoopContext {
             warn!(%error, "unassign failed");
         }
         // Cooperatively, the partitions reach their new owner only in a second round, which
-        // this member starts by joining again once it has let them go.
+        // this member starts by joining again once it has taken this round's assignment
+        // (see `HandOver`).
         if cooperative && !lost && revoked.count() > 0 {
             self.session().hand_over = HandOver::Revoked;
         }
