@@ -175,11 +175,7 @@ impl LoopContext {
                 return;
             }
         };
-        let result = match consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
-            _ => consumer.assign(assigned),
-        };
-        if let Err(error) = result {
+        if let Err(error) = assign(consumer, assigned) {
             self.session().failure = Some(RuntimeError::kafka("assigning partitions failed", error));
             return;
         }
@@ -458,14 +454,19 @@ impl HandOver {
     }
 }
 
+/// Takes `assigned` as the group's protocol wants it: added to what is owned (cooperative),
+/// or in place of it (eager, for a join run in place).
+fn assign(consumer: &BaseConsumer<LoopContext>, assigned: &TopicPartitionList) -> rdkafka::error::KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
+        _ => consumer.assign(assigned),
+    }
+}
+
 /// Takes `assigned` without reading it (the run is stopping): librdkafka waits for the call
 /// before it goes on with the rebalance.
 fn take_assignment(consumer: &BaseConsumer<LoopContext>, assigned: &TopicPartitionList, when: &str) {
-    let result = match consumer.rebalance_protocol() {
-        RebalanceProtocol::Cooperative => consumer.incremental_assign(assigned),
-        _ => consumer.assign(assigned),
-    };
-    if let Err(error) = result {
+    if let Err(error) = assign(consumer, assigned) {
         warn!(%error, when, "taking the assignment failed");
     }
 }
