@@ -210,7 +210,7 @@ impl KeyFilters {
                     Ok(scan) => at.rebuild = Some(Rebuild { scan, hasher, added: Vec::new() }),
                     Err(error) => {
                         warn!(step, %error, "starting the rebuild of the filter of the state keys; the full one is kept");
-                        at.retry_after = Some(Instant::now() + RETRY_AFTER);
+                        at.retry_later();
                     }
                 }
             }
@@ -233,13 +233,18 @@ impl StepFilter {
             }
             Ok(Err(error)) => {
                 warn!(step = self.step, %error, "rebuilding the filter of the state keys; the full one is kept");
-                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+                self.retry_later();
             }
             Err(_) => {
                 warn!(step = self.step, "the rebuild of the filter of the state keys panicked; the full one is kept");
-                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+                self.retry_later();
             }
         }
+    }
+
+    /// A rebuild failed: the next waits [`RETRY_AFTER`].
+    fn retry_later(&mut self) {
+        self.retry_after = Some(Instant::now() + RETRY_AFTER);
     }
 }
 
