@@ -71,9 +71,13 @@ impl ChainResult {
     }
 }
 
+/// An input partition: its topic, shared with every other mention of it (see
+/// [`Topology::input`]: naming the input of each record must not allocate), and its number.
+type InputPartition = (Arc<str>, i32);
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TaskPartition {
-    Input(String, i32),
+    Input(Arc<str>, i32),
     Repartitioned(u32),
 }
 
@@ -82,7 +86,7 @@ impl TaskPartition {
     /// a repartition) and the changelog partition.
     fn changelog_place(&self) -> (Option<&str>, i32) {
         match self {
-            TaskPartition::Input(topic, partition) => (Some(topic.as_str()), *partition),
+            TaskPartition::Input(topic, partition) => (Some(topic.as_ref()), *partition),
             TaskPartition::Repartitioned(partition) => (None, *partition as i32),
         }
     }
@@ -160,11 +164,11 @@ pub struct Topology {
     /// Ordered (stage, partition), so that what tasks emit together comes out stably.
     tasks: BTreeMap<(usize, TaskPartition), Task>,
     /// Each known input partition's watermark.
-    input_watermarks: BTreeMap<(String, i32), i64>,
+    input_watermarks: BTreeMap<InputPartition, i64>,
     /// The minimum over `input_watermarks`: the watermark of every repartitioned task.
     shared_watermark: i64,
     /// The watermarks last handed out for the changelog.
-    saved_watermarks: BTreeMap<(String, i32), i64>,
+    saved_watermarks: BTreeMap<InputPartition, i64>,
     width: u32,
     /// Set in production, where stages are joined by repartition topics.
     distribution: Option<Distribution>,
@@ -172,7 +176,9 @@ pub struct Topology {
     /// takes right partition p, and its watermark is the minimum of the two.
     in_place: Option<(String, String)>,
     /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
-    idle_inputs: std::collections::BTreeSet<(String, i32)>,
+    idle_inputs: std::collections::BTreeSet<InputPartition>,
+    /// Every input topic met so far, each once: what [`InputPartition`]s share.
+    topics: Vec<Arc<str>>,
     /// The input record being processed, as (offset, forwards it has made so far): the
     /// position its stage-0 task's next forward carries.
     position: Option<(i64, u32)>,
@@ -229,6 +235,7 @@ impl Topology {
             distribution: None,
             in_place: planned.join_in_place,
             idle_inputs: Default::default(),
+            topics: Vec::new(),
             position: None,
             state_entry_limit: StateEntryLimit::default(),
             targets,
@@ -268,16 +275,35 @@ impl Topology {
     /// The stage-0 task an input partition feeds: its own, or for a join run in place, the
     /// pair's (named by the left partition).
     fn task_of_input(&self, topic: &str, partition: i32) -> TaskPartition {
-        let (topic, partition) = self.task_input(topic, partition);
+        let topic = match &self.in_place {
+            Some((left, right)) if right == topic => left.as_str(),
+            _ => topic,
+        };
+        let (topic, partition) = self.input(topic, partition);
         TaskPartition::Input(topic, partition)
     }
 
     /// The input partitions that feed a stage-0 task.
-    fn inputs_of_task(&self, topic: &str, partition: i32) -> Vec<(String, i32)> {
+    fn inputs_of_task(&self, topic: &str, partition: i32) -> Vec<InputPartition> {
         match &self.in_place {
-            Some((left, right)) if left == topic || right == topic => vec![(left.clone(), partition), (right.clone(), partition)],
-            _ => vec![(topic.to_string(), partition)],
+            Some((left, right)) if left == topic || right == topic => vec![self.input(left, partition), self.input(right, partition)],
+            _ => vec![self.input(topic, partition)],
         }
+    }
+
+    /// `topic`'s `partition`, naming the topic as every other mention of it does (without
+    /// allocating, once the topic has been met: see [`Topology::meet`]).
+    fn input(&self, topic: &str, partition: i32) -> InputPartition {
+        let shared = self.topics.iter().find(|known| known.as_ref() == topic).cloned();
+        (shared.unwrap_or_else(|| Arc::from(topic)), partition)
+    }
+
+    /// `topic`'s `partition`, the topic from now on shared by every mention of it.
+    fn meet(&mut self, topic: &str, partition: i32) -> InputPartition {
+        if !self.topics.iter().any(|known| known.as_ref() == topic) {
+            self.topics.push(Arc::from(topic));
+        }
+        self.input(topic, partition)
     }
 
     /// The input partition that names the task `topic`'s partition feeds (the left one of a
@@ -291,17 +317,17 @@ impl Topology {
 
     /// The topics whose changelog entries make up the state of the task `topic` feeds.
     pub fn task_topics(&self, topic: &str) -> Vec<String> {
-        self.inputs_of_task(topic, 0).into_iter().map(|(topic, _)| topic).collect()
+        self.inputs_of_task(topic, 0).into_iter().map(|(topic, _)| topic.to_string()).collect()
     }
 
     /// A stage-0 task's watermark: the minimum over its input partitions (one that has
     /// delivered nothing holds it at -infinity), leaving out idle ones unless all are.
     fn input_task_watermark(&self, topic: &str, partition: i32) -> i64 {
-        let watermark = |input: &(String, i32)| self.input_watermarks.get(input).copied().unwrap_or(i64::MIN);
+        let watermark = |input: &InputPartition| self.input_watermarks.get(input).copied().unwrap_or(i64::MIN);
         match &self.in_place {
             Some((left, right)) if left == topic || right == topic => {}
             // One input: its own watermark, without building a list (called for every record).
-            _ => return watermark(&(topic.to_string(), partition)),
+            _ => return watermark(&self.input(topic, partition)),
         }
         let inputs = self.inputs_of_task(topic, partition);
         let active = inputs.iter().filter(|input| !self.idle_inputs.contains(*input)).map(watermark).min();
@@ -330,14 +356,14 @@ impl Topology {
 
     /// Whether an input partition is currently counted as idle.
     pub fn is_idle_input(&self, topic: &str, partition: i32) -> bool {
-        self.idle_inputs.contains(&(topic.to_string(), partition))
+        self.idle_inputs.contains(&self.input(topic, partition))
     }
 
     /// The input partitions that have been idle for `idle_timeout`; they stop holding back
     /// the watermarks of a join's pair tasks and of the later stages until their next record
     /// (the batch end moves what this frees).
     pub fn set_idle_inputs(&mut self, idle: impl IntoIterator<Item = (String, i32)>) {
-        self.idle_inputs = idle.into_iter().collect();
+        self.idle_inputs = idle.into_iter().map(|(topic, partition)| self.meet(&topic, partition)).collect();
     }
 
     /// The stateful steps whose state belongs to the tasks of `stage`.
@@ -348,8 +374,9 @@ impl Topology {
     }
 
     pub fn set_input_partitions(&mut self, partitions: impl IntoIterator<Item = (String, i32)>) {
-        for partition in partitions {
-            self.input_watermarks.entry(partition).or_insert(i64::MIN);
+        for (topic, partition) in partitions {
+            let input = self.meet(&topic, partition);
+            self.input_watermarks.entry(input).or_insert(i64::MIN);
         }
         if self.distribution.is_none() {
             self.width = (self.input_watermarks.len() as u32).max(1);
@@ -377,9 +404,9 @@ impl Topology {
         event_time: Option<i64>,
         out: &mut Vec<Leaving<'a>>,
     ) -> Result<ChainResult, ProcessError> {
-        let input = (topic.to_string(), partition);
+        let input = self.input(topic, partition);
         if !self.input_watermarks.contains_key(&input) {
-            self.set_input_partitions([input.clone()]);
+            self.set_input_partitions([(topic.to_string(), partition)]);
         }
         if !self.idle_inputs.is_empty() {
             self.idle_inputs.remove(&input);

@@ -75,12 +75,12 @@ impl Topology {
                 }
             }
         }
-        for ((topic, partition), watermark) in &self.input_watermarks {
-            let input = (topic.clone(), *partition);
-            if keep_input_watermarks && *watermark > i64::MIN && self.saved_watermarks.get(&input) != Some(watermark) {
-                self.saved_watermarks.insert(input, *watermark);
+        for (input, watermark) in &self.input_watermarks {
+            let (topic, partition) = input;
+            if keep_input_watermarks && *watermark > i64::MIN && self.saved_watermarks.get(input) != Some(watermark) {
+                self.saved_watermarks.insert(input.clone(), *watermark);
                 entries.push(ChangelogEntry {
-                    topic: Some(topic.clone()),
+                    topic: Some(topic.to_string()),
                     partition: *partition,
                     step: first_stateful,
                     key: WATERMARK_KEY.into(),
@@ -141,7 +141,7 @@ impl Topology {
         }
         if key == WATERMARK_KEY {
             let topic = entry_topic.ok_or_else(|| CorruptState("a watermark entry without its input topic".into()))?;
-            let input = (topic.to_string(), partition);
+            let input = self.meet(topic, partition);
             let watermark = value.and_then(Value::as_i64).unwrap_or(i64::MIN);
             self.input_watermarks.insert(input.clone(), watermark);
             self.saved_watermarks.insert(input, watermark);
@@ -202,7 +202,7 @@ impl Topology {
 
     /// Each known input partition's watermark (`i64::MIN`: none yet).
     pub fn input_watermarks(&self) -> Vec<((String, i32), i64)> {
-        self.input_watermarks.iter().map(|(input, watermark)| (input.clone(), *watermark)).collect()
+        self.input_watermarks.iter().map(|((topic, partition), watermark)| ((topic.to_string(), *partition), *watermark)).collect()
     }
 
     /// Keys or windows in state by stateful step (pipeline index), over every task.

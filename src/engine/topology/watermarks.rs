@@ -31,7 +31,7 @@ impl Topology {
         }
         // Stage 0's senders are its tasks: an input partition's, or a join pair's, with the
         // pair's watermark; idle when all their inputs are.
-        let inputs: std::collections::BTreeSet<&(String, i32)> = self.input_watermarks.keys().chain(&self.idle_inputs).collect();
+        let inputs: std::collections::BTreeSet<&InputPartition> = self.input_watermarks.keys().chain(&self.idle_inputs).collect();
         let tasks: std::collections::BTreeSet<(String, i32)> = inputs.into_iter().map(|(topic, partition)| self.task_input(topic, *partition)).collect();
         let mut senders: Vec<(usize, String, (i64, bool))> = tasks
             .into_iter()
