@@ -493,6 +493,13 @@ impl Engine {
     pub fn take_counts(&mut self) -> BatchCounts {
         std::mem::take(&mut self.counts)
     }
+
+    /// Adds the counts since the last call to `total` and starts again from zero, keeping
+    /// what they hold (called after each record: taking them would allocate per record).
+    pub fn pass_counts(&mut self, total: &mut BatchCounts) {
+        total.add(&self.counts);
+        self.counts.clear();
+    }
 }
 
 /// Why a result cannot become a sink record: its key (when made), the stage whose

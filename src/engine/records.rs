@@ -200,6 +200,13 @@ impl BatchCounts {
         }
     }
 
+    /// Back to zero, keeping the per-output list's room.
+    pub fn clear(&mut self) {
+        let mut by_output = std::mem::take(&mut self.records_out_by_output);
+        by_output.fill(0);
+        *self = BatchCounts { records_out_by_output: by_output, ..BatchCounts::default() };
+    }
+
     /// The records written, over every output.
     pub fn records_out(&self) -> u64 {
         self.records_out_by_output.iter().sum()

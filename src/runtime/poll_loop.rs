@@ -293,15 +293,16 @@ impl Loop<'_> {
             // Rewound to before this record: it comes again.
             return Ok(());
         }
-        self.process_record(message, refusal)?;
+        self.process_record(message, topic, refusal)?;
         if alone {
             self.commit(None)?;
         }
         Ok(())
     }
 
-    fn process_record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, refusal: Option<Refusal>) -> Result<(), RuntimeError> {
-        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    /// `topic`: the message's (read once: librdkafka hands it over as a C string).
+    fn process_record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, topic: &str, refusal: Option<Refusal>) -> Result<(), RuntimeError> {
+        let (partition, offset) = (message.partition(), message.offset());
         let mut guard = self.consumer.context().session();
         let LoopState { transaction, engine, topics, .. } = &mut *guard;
         // A source record's headers are read only if something asks for them; a forwarded
@@ -398,8 +399,8 @@ impl Loop<'_> {
                 send_dlq_record(transaction, &topics.dlq, dlq_record)?;
             }
         }
-        let counts = engine.take_counts();
-        transaction.consumed(topic, partition, offset, &counts);
+        engine.pass_counts(transaction.counts_mut());
+        transaction.consumed(topic, partition, offset);
         Ok(())
     }
 

@@ -301,8 +301,9 @@ impl BatchProducer {
         Ok(())
     }
 
-    /// Records that `offset` of a partition was processed, with what processing it counted.
-    pub fn consumed(&mut self, topic: &str, partition: i32, offset: i64, counts: &BatchCounts) {
+    /// Records that `offset` of a partition was processed (what processing counted goes to
+    /// [`BatchProducer::counts_mut`]).
+    pub fn consumed(&mut self, topic: &str, partition: i32, offset: i64) {
         match self.partitions.iter_mut().find(|p| p.partition == partition && p.topic == topic) {
             Some(batch) => batch.next = offset + 1,
             None => self.partitions.push(PartitionBatch {
@@ -312,8 +313,12 @@ impl BatchProducer {
                 next: offset + 1,
             }),
         }
-        self.counts.add(counts);
         self.records += 1;
+    }
+
+    /// What the open batch's processing counted so far.
+    pub fn counts_mut(&mut self) -> &mut BatchCounts {
+        &mut self.counts
     }
 
     /// Adds counts of work done outside `consumed` (results emitted at the end of a batch).
