@@ -48,17 +48,17 @@ fn coordinates_text(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
 
 fn upsert_id_fields(record: &Record<'_>) -> (serde_json::Map<String, serde_json::Value>, i64) {
     if let Some(id) = &record.id {
-        return (id.clone(), record.event_time);
+        return ((**id).clone(), record.event_time);
     }
     match (&record.key, record.provenance) {
         (Some(key), None) => {
-            let mut id = key.clone();
+            let mut id = (**key).clone();
             if let Some(start) = record.fields.get("window_start") {
                 id.insert("window_start".into(), start.clone());
             }
             (id, record.event_time)
         }
-        (Some(key), Some(provenance)) => (key.clone(), provenance.offset),
+        (Some(key), Some(provenance)) => ((**key).clone(), provenance.offset),
         (None, Some(provenance)) => {
             (crate::operators::join::coordinates(provenance.topic, provenance.partition, provenance.offset), provenance.offset)
         }

@@ -312,7 +312,7 @@ impl Engine {
                     fields,
                     event_time: forwarded.event_time,
                     provenance: Some(input.provenance),
-                    key: forwarded.key.clone(),
+                    key: forwarded.key.clone().map(Box::new),
                     upsert: forwarded.upsert,
                     // Upsert mode has no repartition topics.
                     id: None,
@@ -369,7 +369,7 @@ impl Engine {
                 },
                 Leaving::Forward(forward) => {
                     // Internal traffic: not counted as output.
-                    outputs.push(forwarded(forward));
+                    outputs.push(forwarded(*forward));
                     continue;
                 }
             };

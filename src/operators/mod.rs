@@ -112,12 +112,14 @@ pub struct Record<'a> {
     /// The input record; None for records a step derived (window results).
     pub provenance: Option<Provenance<'a>>,
     /// The key a keyed step gives the record (dedup key, window group): the default sink key.
-    pub key: Option<Map<String, Value>>,
+    /// Boxed, as `id` is: most records have neither, and records are moved several times on
+    /// their way through the steps.
+    pub key: Option<Box<Map<String, Value>>>,
     /// The key is part of an upsert stream and overrides `sink.key` (update-mode windows).
     pub upsert: bool,
     /// Upsert mode: the output's id where neither the key nor one input names it (a join's
     /// result: where both sides were read).
-    pub id: Option<Map<String, Value>>,
+    pub id: Option<Box<Map<String, Value>>>,
 }
 
 /// What a step hands downstream.
@@ -127,8 +129,9 @@ pub enum Emitted<'a> {
     /// Deletes an earlier upsert under this key (a merged-away session window).
     Tombstone(Map<String, Value>),
     /// Bound for a later stage through its repartition topic (production only; steps never
-    /// emit this, the engine routes it).
-    Forward(Forward<'a>),
+    /// emit this, the engine routes it). Boxed: what steps emit is moved several times per
+    /// record, at the size of its largest kind.
+    Forward(Box<Forward<'a>>),
 }
 
 /// A record, or a watermark alone, on its way to the task of a later stage through a

@@ -139,7 +139,7 @@ impl Topology {
                 }
                 TaskPartition::Repartitioned(partition) => (partition.to_string(), None),
             };
-            out.push(Leaving::Forward(Forward { stage, partition, sender, watermark, idle: false, record: Some(record), position }));
+            out.push(Leaving::Forward(Box::new(Forward { stage, partition, sender, watermark, idle: false, record: Some(record), position })));
             return Ok(());
         }
         self.enter(stage, &TaskPartition::Repartitioned(partition), record, out, result)

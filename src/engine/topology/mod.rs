@@ -46,7 +46,8 @@ pub enum Leaving<'a> {
     Record(usize, Record<'a>),
     /// Deletes an earlier upsert under this key in the output's sink.
     Tombstone(usize, Map<String, Value>),
-    Forward(Forward<'a>),
+    /// Boxed, as in [`Emitted`].
+    Forward(Box<Forward<'a>>),
 }
 
 /// What became of the input record across all stages.

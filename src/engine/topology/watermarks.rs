@@ -58,7 +58,7 @@ impl Topology {
             distribution.broadcast.insert((stage, sender.clone()), state);
             for child in &self.stages[stage].children {
                 for partition in 0..self.width {
-                    out.push(Leaving::Forward(Forward {
+                    out.push(Leaving::Forward(Box::new(Forward {
                         stage: *child,
                         partition,
                         sender: sender.clone(),
@@ -66,7 +66,7 @@ impl Topology {
                         idle,
                         record: None,
                         position: None,
-                    }));
+                    })));
                 }
             }
         }

@@ -274,7 +274,7 @@ impl AggregateOperator {
         for ((name, _), aggregate) in self.aggregates.iter().zip(&state.aggregates) {
             fields.insert(name.clone(), aggregate.value());
         }
-        Record { fields, event_time: state.last, provenance: None, key: Some(state.group.clone()), upsert: true, id: None }
+        Record { fields, event_time: state.last, provenance: None, key: Some(Box::new(state.group.clone())), upsert: true, id: None }
     }
 
     /// What changed since the last call, as changelog entries: each group under its key

@@ -117,7 +117,7 @@ impl DedupOperator {
             committed.count(1);
         }
         // Its id in upsert mode is this key.
-        record.key = Some(key);
+        record.key = Some(Box::new(key));
         record.id = None;
         out.push(Emitted::Record(record));
         Ok(StepOutcome::Passed)

@@ -476,7 +476,7 @@ fn joined<'a>(
         id.insert(spec.right.clone(), right_source.map_or(Value::Null, |source| Value::Object(source.clone())));
         id
     });
-    Record { fields, event_time, provenance, key: Some(key.clone()), upsert: false, id }
+    Record { fields, event_time, provenance, key: Some(Box::new(key.clone())), upsert: false, id: id.map(Box::new) }
 }
 
 /// Where a record was read, as an upsert id names it.

@@ -500,7 +500,7 @@ fn output_record(
         EmitMode::Final => (key.clone(), false),
         EmitMode::Update => (upsert_key(key, start), true),
     };
-    Record { fields, event_time: window.end.saturating_sub(1), provenance: None, key: Some(record_key), upsert, id: None }
+    Record { fields, event_time: window.end.saturating_sub(1), provenance: None, key: Some(Box::new(record_key)), upsert, id: None }
 }
 
 impl WindowState {
