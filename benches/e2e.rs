@@ -1208,11 +1208,14 @@ fn main() {
 
     let rate = |row: &Row| row.events as f64 / row.measured.seconds;
     let find = |workload: &str, system: System| rows.iter().find(|row| row.workload.label() == workload && row.system == system);
-    let raw_rate = find(Workload::PassThrough.label(), System::Raw).map_or(f64::NAN, rate);
+    // The ratios: against each raw loop's pass-through, where it ran.
+    let raw_rate = find(Workload::PassThrough.label(), System::Raw).map(rate);
+    let raw_tx_rate = find(Workload::PassThrough.label(), System::RawTransactional).map(rate);
+    let times = |value: f64, base: Option<f64>| base.map_or_else(|| "-".to_string(), |base| format!("{:.2}", value / base));
     say("## Throughput (each run reads its input from the beginning; time from owning the partitions to all committed)".into());
     say(String::new());
-    say("| workload | system | events/s | × raw | × Kafka Streams | events per CPU-second | × Kafka Streams per core | peak RSS (MiB) | output check |".into());
-    say("|---|---|---|---|---|---|---|---|---|".into());
+    say("| workload | system | events/s | × raw | × raw tx | × Kafka Streams | events per CPU-second | × Kafka Streams per core | peak RSS (MiB) | output check |".into());
+    say("|---|---|---|---|---|---|---|---|---|---|".into());
     for row in &rows {
         let kstreams = find(row.workload.label(), System::KafkaStreams);
         let versus = |value: f64, other: Option<f64>| match (other, row.system) {
@@ -1221,11 +1224,12 @@ fn main() {
         };
         let per_cpu = row.events as f64 / row.measured.cpu_seconds.max(0.01);
         say(format!(
-            "| {} | {} | {:.0} | {:.2} | {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {} |",
             row.workload.label(),
             row.system.label(),
             rate(row),
-            rate(row) / raw_rate,
+            times(rate(row), raw_rate),
+            times(rate(row), raw_tx_rate),
             versus(rate(row), kstreams.map(rate)),
             per_cpu,
             versus(per_cpu, kstreams.map(|ks| ks.events as f64 / ks.measured.cpu_seconds.max(0.01))),
