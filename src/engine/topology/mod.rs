@@ -423,9 +423,16 @@ impl Topology {
             return Ok(result);
         };
         let candidate = time.saturating_sub(self.out_of_orderness(topic));
-        let current = self.input_watermarks.get(&input).copied().unwrap_or(i64::MIN);
-        if candidate > current {
-            self.input_watermarks.insert(input, candidate);
+        // One lookup: the watermark moves for most records of an input in time order.
+        let moved = match self.input_watermarks.get_mut(&input) {
+            Some(current) if candidate > *current => {
+                *current = candidate;
+                true
+            }
+            Some(_) => false,
+            None => self.input_watermarks.insert(input, candidate).is_none(),
+        };
+        if moved {
             let watermark = match self.in_place {
                 Some(_) => self.input_task_watermark(topic, partition),
                 None => candidate,
