@@ -276,12 +276,17 @@ impl Topology {
     /// The stage-0 task an input partition feeds: its own, or for a join run in place, the
     /// pair's (named by the left partition).
     fn task_of_input(&self, topic: &str, partition: i32) -> TaskPartition {
-        let topic = match &self.in_place {
-            Some((left, right)) if right == topic => left.as_str(),
-            _ => topic,
-        };
-        let (topic, partition) = self.input(topic, partition);
+        let (topic, partition) = self.input(self.task_topic(topic), partition);
         TaskPartition::Input(topic, partition)
+    }
+
+    /// The topic that names the task `topic`'s partitions feed: its own, or for the right
+    /// side of a join run in place, the left's.
+    fn task_topic<'t>(&'t self, topic: &'t str) -> &'t str {
+        match &self.in_place {
+            Some((left, right)) if right == topic => left,
+            _ => topic,
+        }
     }
 
     /// The input partitions that feed a stage-0 task.
@@ -310,10 +315,7 @@ impl Topology {
     /// The input partition that names the task `topic`'s partition feeds (the left one of a
     /// pair); its state is restored and dropped as one.
     pub fn task_input(&self, topic: &str, partition: i32) -> (String, i32) {
-        match &self.in_place {
-            Some((left, right)) if right == topic => (left.clone(), partition),
-            _ => (topic.to_string(), partition),
-        }
+        (self.task_topic(topic).to_string(), partition)
     }
 
     /// The topics whose changelog entries make up the state of the task `topic` feeds.
