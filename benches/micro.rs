@@ -6,13 +6,17 @@
 
 use std::hint::black_box;
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use weir::codec::Decoder;
 use weir::config::Encoding;
 use weir::plan::parse_pipeline;
 use weir::engine::{Engine, InputRecord};
 use weir::operators::{InputHeaders, Provenance};
 use weir::runtime::store::{StateStore, StoreWrite};
+
+/// As weir's binary: the allocator is part of what each record costs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CLICK: &[u8] = br#"{"id":123456,"user":"u123","amount":42,"ts":1700000001234}"#;
 
@@ -86,10 +90,19 @@ fn codec(c: &mut Criterion) {
 }
 
 /// One record through a whole engine: decode, the steps, encode of what comes out.
-/// Record n has id n, user n % 1000, and 1 ms of event time per record.
 fn steps(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(1));
+    for (label, mut record) in engine_cases() {
+        group.bench_function(label, |b| b.iter(&mut record));
+    }
+    group.finish();
+}
+
+/// Each engine case: its name and the work of its next record, set up. Record n has id n,
+/// user n % 1000, and 1 ms of event time per record.
+fn engine_cases() -> Vec<(&'static str, Box<dyn FnMut()>)> {
+    let mut cases: Vec<(&'static str, Box<dyn FnMut()>)> = Vec::new();
     for (label, steps) in [
         ("no steps", "  []"),
         ("filter", "  - filter: \"amount > 10 && user != 'bot'\""),
@@ -106,13 +119,14 @@ fn steps(c: &mut Criterion) {
         engine.set_input_partitions([("clicks".to_string(), 0)]);
         let mut n: u64 = 0;
         let mut outputs = Vec::new();
-        group.bench_function(label, |b| {
-            b.iter(|| {
+        cases.push((
+            label,
+            Box::new(move || {
                 n += 1;
                 let value = format!(r#"{{"id":{n},"user":"u{}","amount":{},"ts":{}}}"#, n % 1000, n % 100, 1_700_000_000_000 + n);
                 feed(&mut engine, "clicks", n, &value, &mut outputs);
-            })
-        });
+            }),
+        ));
     }
     // The interval join: ads and clicks alternate, each click 2 s after an ad of its key.
     let join = parse_pipeline(
@@ -127,14 +141,15 @@ fn steps(c: &mut Criterion) {
     engine.set_input_partitions([("ads".to_string(), 0), ("clicks".to_string(), 0)]);
     let mut n: u64 = 0;
     let mut outputs = Vec::new();
-    group.bench_function("interval join (half ads, half clicks)", |b| {
-        b.iter(|| {
+    cases.push((
+        "interval join (half ads, half clicks)",
+        Box::new(move || {
             n += 1;
             let (topic, ts) = if n.is_multiple_of(2) { ("ads", n * 5) } else { ("clicks", n * 5 + 2000) };
             let value = format!(r#"{{"ad":"a{}","id":{n},"ts":{}}}"#, (n / 2) % 5000, 1_700_000_000_000 + ts);
             feed(&mut engine, topic, n, &value, &mut outputs);
-        })
-    });
+        }),
+    ));
     // A dedup as it runs for real: earlier batches' keys in the local store, each batch's
     // changes, timers and key counts written to it when the batch ends. As in the end-to-end
     // benchmark, no key's state ends while it runs (within 24h).
@@ -147,8 +162,11 @@ fn steps(c: &mut Criterion) {
     engine.set_backing(store.backing());
     let mut n: u64 = 0;
     let mut outputs = Vec::new();
-    group.bench_function("dedup through the store (new keys, a batch per 1,000)", |b| {
-        b.iter(|| {
+    cases.push((
+        "dedup through the store (new keys, a batch per 1,000)",
+        Box::new(move || {
+            // The store's directory lasts as long as the case.
+            let _dir = &dir;
             n += 1;
             let value = format!(r#"{{"id":{n},"user":"u{}","amount":{},"ts":{}}}"#, n % 1000, n % 100, 1_700_000_000_000 + n);
             let input = InputRecord {
@@ -163,9 +181,9 @@ fn steps(c: &mut Criterion) {
                 store.apply(&writes, &[(0, 0, n as i64)], &[]).unwrap();
                 outputs.clear();
             }
-        })
-    });
-    group.finish();
+        }),
+    ));
+    cases
 }
 
 /// Record `n` (`value`, from `topic`) through the engine; every 1,000 records a batch ends
@@ -226,4 +244,25 @@ fn store(c: &mut Criterion) {
 }
 
 criterion_group!(benches, codec, steps, store);
-criterion_main!(benches);
+
+/// `WEIR_MICRO_COUNT=N WEIR_MICRO_CASE=name`: runs N records of the engine case whose name
+/// starts with `name` and nothing else, no timing: for counting instructions, which a shared
+/// machine does not blur as it does time. Under `valgrind --tool=callgrind`, two counts (N
+/// and 2N) give one record's instructions as their difference over N, set-up left out.
+fn main() {
+    if let Ok(count) = std::env::var("WEIR_MICRO_COUNT") {
+        let count: u64 = count.parse().expect("WEIR_MICRO_COUNT is a number of records");
+        let wanted = std::env::var("WEIR_MICRO_CASE").unwrap_or_default();
+        let (label, mut record) = engine_cases()
+            .into_iter()
+            .find(|(label, _)| label.starts_with(&wanted))
+            .unwrap_or_else(|| panic!("no engine case starts with {wanted:?}"));
+        for _ in 0..count {
+            record();
+        }
+        println!("{label}: {count} records");
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
