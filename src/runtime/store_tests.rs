@@ -197,6 +197,34 @@ fn committed_keys_leave_memory_and_are_still_seen() {
     assert_eq!(changes.iter().filter(|change| change.value.is_none()).count(), 1000, "every key ended");
 }
 
+/// A batch's changelog lists its keys in the order they first changed (a key that came and
+/// ended in the batch once, at its first place): the same records give the same changelog in
+/// every instance, whatever seed its hash maps got.
+#[test]
+fn a_batch_changelog_follows_the_records_not_the_hash_seed() {
+    let records: Vec<(String, i64)> = (0..200).map(|index| (format!("k{}", (index * 7919) % 200), index)).collect();
+    let changelog = || {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let store = open(directory.path());
+        let mut dedup = reading_through(&store);
+        let mut out = Vec::new();
+        for (key, time) in &records {
+            let record = crate::operators::test_record(json!({ "id": key }), *time);
+            assert_eq!(dedup.process(record, i64::MIN, &mut out), Ok(StepOutcome::Passed));
+        }
+        // The first keys' state ends within the batch.
+        dedup.advance(10 + WITHIN);
+        dedup.take_changes().into_iter().map(|change| (change.key, change.value)).collect::<Vec<_>>()
+    };
+    let expected: Vec<(String, Option<Value>)> = records
+        .iter()
+        .map(|(key, time)| (json!({ "id": key }).to_string(), (*time > 10).then(|| json!(time))))
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(changelog(), expected);
+    }
+}
+
 /// A store made before timers were kept gets them when it opens, and its keys still expire.
 #[test]
 fn a_store_without_timers_gets_them_built_when_it_opens() {

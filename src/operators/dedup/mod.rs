@@ -6,9 +6,11 @@
 //! local store and their expiries come from its timers; memory holds only this batch's keys.
 //! Without one (`weir test`), every key is kept in memory.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::fast::RandomState;
+use indexmap::IndexMap;
 
 use serde_json::{Map, Value};
 
@@ -24,16 +26,21 @@ pub struct DedupOperator {
     /// Key (as JSON text) → event time of its first record, or None once its state ended. A
     /// fast hash with a random seed per map: keys come from the input, so they must not be
     /// able to collide on purpose. With a committed view, only what this batch changed
-    /// (emptied at each `take_changes`); without one, every live key (never None).
-    pending: HashMap<String, Option<i64>>,
+    /// (emptied at each `take_changes`, in the order the keys first changed: the changelog's
+    /// order, the same in every run whatever the seed); without one, every live key (never
+    /// None).
+    pending: IndexMap<String, Option<i64>, RandomState>,
     /// The committed state and its timers, when they live in the store.
     committed: Option<StoreTimers>,
-    /// (expiry, key) of the keys in `pending`, to evict in watermark order.
-    expiries: BTreeSet<(i64, String)>,
+    /// (expiry, key) of the keys in `pending`, to evict in watermark order: a heap, whose
+    /// push costs no comparison at all when keys come in event-time order (a B-tree's
+    /// insert compares its way down every time).
+    expiries: BinaryHeap<Reverse<(i64, String)>>,
     /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (sorting
     /// beats a B-tree insert per entry several times over), before it is next used.
     expiries_stale: bool,
-    /// Keys added or ended since the last `take_changes`.
+    /// Keys added or ended since the last `take_changes`, without a committed view (with
+    /// one, `pending` holds exactly those).
     changed: BTreeSet<String>,
     limit: StateEntryLimit,
 }
@@ -46,9 +53,9 @@ impl DedupOperator {
         DedupOperator {
             key: spec.key.clone(),
             within: crate::config::millis(spec.within),
-            pending: HashMap::new(),
+            pending: IndexMap::default(),
             committed: None,
-            expiries: BTreeSet::new(),
+            expiries: BinaryHeap::new(),
             expiries_stale: false,
             changed: BTreeSet::new(),
             limit,
@@ -110,12 +117,14 @@ impl DedupOperator {
         }
         let expiry = Self::expiry(self.within, record.event_time);
         self.rebuild_expiries();
-        self.expiries.insert((expiry, key_text.clone()));
-        self.changed.insert(key_text.clone());
-        self.pending.insert(key_text, Some(record.event_time));
-        if let Some(committed) = &mut self.committed {
-            committed.count(1);
+        self.expiries.push(Reverse((expiry, key_text.clone())));
+        match &mut self.committed {
+            Some(committed) => committed.count(1),
+            None => {
+                self.changed.insert(key_text.clone());
+            }
         }
+        self.pending.insert(key_text, Some(record.event_time));
         // Its id in upsert mode is this key.
         record.key = Some(Box::new(key));
         record.id = None;
@@ -126,11 +135,11 @@ impl DedupOperator {
     /// Forgets the keys whose state ended at this watermark.
     pub fn advance(&mut self, watermark: i64) {
         self.rebuild_expiries();
-        while let Some((expiry, _)) = self.expiries.first() {
+        while let Some(Reverse((expiry, _))) = self.expiries.peek() {
             if *expiry > watermark {
                 break;
             }
-            if let Some((expiry, key)) = self.expiries.pop_first() {
+            if let Some(Reverse((expiry, key))) = self.expiries.pop() {
                 self.end(expiry, key);
             }
         }
@@ -149,33 +158,33 @@ impl DedupOperator {
         match &mut self.committed {
             Some(committed) => {
                 committed.count(-1);
-                self.pending.insert(key.clone(), None);
+                self.pending.insert(key, None);
             }
             None => {
-                self.pending.remove(&key);
+                self.pending.swap_remove(&key);
+                self.changed.insert(key);
             }
         }
-        self.changed.insert(key);
     }
 
     /// What changed since the last call: (key, first event time, or None once ended). With a
     /// committed view, the batch's memory is handed over here: the store holds it once the
     /// batch commits, and a batch that fails drops this task.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
-        let changes = std::mem::take(&mut self.changed)
-            .into_iter()
-            .map(|key| {
-                let value = self.pending.get(&key).copied().flatten().map(Value::from);
-                StateChange { key, value }
-            })
-            .collect();
-        if let Some(committed) = &mut self.committed {
-            self.pending.clear();
-            for (time, key) in std::mem::take(&mut self.expiries) {
-                committed.set(time, key);
-            }
-            committed.clear_fired();
+        let Some(committed) = &mut self.committed else {
+            return std::mem::take(&mut self.changed)
+                .into_iter()
+                .map(|key| {
+                    let value = self.pending.get(&key).copied().flatten().map(Value::from);
+                    StateChange { key, value }
+                })
+                .collect();
+        };
+        let changes = self.pending.drain(..).map(|(key, time)| StateChange { key, value: time.map(Value::from) }).collect();
+        for Reverse((time, key)) in std::mem::take(&mut self.expiries).into_vec() {
+            committed.set(time, key);
         }
+        committed.clear_fired();
         changes
     }
 
@@ -192,7 +201,7 @@ impl DedupOperator {
     pub fn restore(&mut self, key: &str, value: Option<&Value>) -> Result<(), CorruptState> {
         self.expiries_stale = true;
         let Some(value) = value else {
-            self.pending.remove(key);
+            self.pending.swap_remove(key);
             return Ok(());
         };
         let time = value.as_i64().ok_or_else(|| CorruptState(format!("dedup state for {key} is not a time: {value}")))?;
@@ -207,7 +216,7 @@ impl DedupOperator {
             self.expiries = self
                 .pending
                 .iter()
-                .filter_map(|(key, time)| Some((Self::expiry(within, (*time)?), key.clone())))
+                .filter_map(|(key, time)| Some(Reverse((Self::expiry(within, (*time)?), key.clone()))))
                 .collect();
         }
     }
