@@ -91,7 +91,17 @@ impl CanonicalReader {
     /// The fields of `bytes` (those kept) when the bytes are exactly the encoding of every
     /// declared field; None when they may not be (the full decoder then reads them).
     pub fn read(&self, bytes: &[u8]) -> Option<Map<String, Value>> {
-        let mut fields = self.template.clone();
+        self.read_into(bytes, None)
+    }
+
+    /// [`Self::read`] into `spare`, an earlier record's fields, where it holds the fields this
+    /// reader keeps, in its order (its values are all replaced): the field names and the map's
+    /// tables are not made again for every record. Any other map is dropped.
+    pub fn read_into(&self, bytes: &[u8], spare: Option<Map<String, Value>>) -> Option<Map<String, Value>> {
+        let mut fields = match spare {
+            Some(spare) if spare.len() == self.template.len() && spare.keys().eq(self.template.keys()) => spare,
+            _ => self.template.clone(),
+        };
         let mut slots = fields.values_mut();
         let mut at = 0;
         for form in &self.fields {
@@ -261,7 +271,15 @@ mod tests {
             if let Some(fields) = &mut expected {
                 fields.retain(|name, _| wanted.contains(name));
             }
-            prop_assert_eq!(partial, expected);
+            prop_assert_eq!(&partial, &expected);
+            // Read into an earlier record's fields (every value another), or into a map of
+            // other fields: the same fields either way.
+            let earlier = |names: &[String]| -> Map<String, Value> { names.iter().map(|name| (name.clone(), Value::from("earlier"))).collect() };
+            let all: Vec<String> = schema.fields.iter().map(|(name, _)| name.clone()).collect();
+            prop_assert_eq!(reader.read_into(&bytes, Some(earlier(&all))), reader.read(&bytes));
+            prop_assert_eq!(reader.read_into(&bytes, Some(earlier(&["other".to_string()]))), reader.read(&bytes));
+            prop_assert_eq!(reader.keeping_only(&wanted).read_into(&bytes, Some(earlier(&wanted))), partial.clone());
+            prop_assert_eq!(reader.keeping_only(&wanted).read_into(&bytes, Some(earlier(&all))), partial);
             // And what the encoder writes, the reader reads, unless a string needed an escape.
             if let Ok(decoded) = json::decode(&schema, &bytes) {
                 let canonical = json::encode(&decoded);

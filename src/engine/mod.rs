@@ -55,6 +55,10 @@ pub struct Engine {
     /// A source record in the encoder's form keeps only the fields something reads
     /// ([`as_read`]): its value must go out as it came, never be encoded from them.
     partial: bool,
+    /// The fields of the last record written out, for the next record's decoder to fill in
+    /// place of a fresh map (one for a record that passes unchanged: its names, tables and
+    /// their allocations).
+    spare: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Why an engine cannot be built for a pipeline. The plan checks all of this first, so a
@@ -105,6 +109,7 @@ impl Engine {
             clock: Clock::Wall,
             tables,
             partial,
+            spare: None,
         })
     }
 
@@ -217,7 +222,7 @@ impl Engine {
             }
             _ => (&self.decoder, &self.event_time),
         };
-        let (fields, canonical) = match decoder.decode_verbatim(input.value) {
+        let (fields, canonical) = match decoder.decode_reusing(input.value, self.spare.take()) {
             Ok(decoded) => decoded,
             Err(error) => return self.on_error(input, ErrorStage::Decode, &error.to_string(), outputs),
         };
@@ -352,7 +357,10 @@ impl Engine {
         for item in emitted {
             let output = match item {
                 Leaving::Record(index, record) => match self.sink_record(index, &record, verbatim) {
-                    Ok(output) => output,
+                    Ok(output) => {
+                        self.spare = Some(record.fields);
+                        output
+                    }
                     Err(Unwritable { key, stage, error }) => {
                         self.failed_at_sink(key, &record, stage, &error, outputs)?;
                         continue;
