@@ -36,8 +36,8 @@ pub struct DedupOperator {
     /// push costs no comparison at all when keys come in event-time order (a B-tree's
     /// insert compares its way down every time).
     expiries: BinaryHeap<Reverse<(i64, String)>>,
-    /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (sorting
-    /// beats a B-tree insert per entry several times over), before it is next used.
+    /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (a heap made
+    /// from a whole list in linear time), before it is next used.
     expiries_stale: bool,
     /// Keys added or ended since the last `take_changes`, without a committed view (with
     /// one, `pending` holds exactly those).
