@@ -76,18 +76,14 @@ impl Decoder {
     }
 
     pub fn decode(&self, value: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
-        self.decode_verbatim(value).map(|(fields, _)| fields)
+        self.decode_verbatim(value, None).map(|(fields, _)| fields)
     }
 
     /// The fields, and whether the value's bytes are exactly what [`Encoder::Json`] writes for
     /// them (JSON already in canonical form: such a value can be written out as it came).
-    pub fn decode_verbatim(&self, value: Option<&[u8]>) -> Result<(Map<String, Value>, bool), DecodeError> {
-        self.decode_reusing(value, None)
-    }
-
-    /// [`Self::decode_verbatim`], reading canonical JSON into `spare` (an earlier record's
-    /// fields) where it fits (see [`canonical::CanonicalReader::read_into`]).
-    pub fn decode_reusing(&self, value: Option<&[u8]>, spare: Option<Map<String, Value>>) -> Result<(Map<String, Value>, bool), DecodeError> {
+    /// Canonical JSON is read into `spare` (an earlier record's fields) where it fits (see
+    /// [`canonical::CanonicalReader::read_into`]).
+    pub fn decode_verbatim(&self, value: Option<&[u8]>, spare: Option<Map<String, Value>>) -> Result<(Map<String, Value>, bool), DecodeError> {
         let Some(bytes) = value else {
             return Err(DecodeError("the record has no value (a tombstone)".into()));
         };

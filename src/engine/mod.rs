@@ -222,7 +222,7 @@ impl Engine {
             }
             _ => (&self.decoder, &self.event_time),
         };
-        let (fields, canonical) = match decoder.decode_reusing(input.value, self.spare.take()) {
+        let (fields, canonical) = match decoder.decode_verbatim(input.value, self.spare.take()) {
             Ok(decoded) => decoded,
             Err(error) => return self.on_error(input, ErrorStage::Decode, &error.to_string(), outputs),
         };
