@@ -33,7 +33,7 @@ pub struct DedupOperator {
     /// The committed state and its timers, when they live in the store.
     committed: Option<StoreTimers>,
     /// (expiry, key) of the keys in `pending`, to evict in watermark order: a heap, whose
-    /// push costs no comparison at all when keys come in event-time order (a B-tree's
+    /// push compares once, with its parent, when keys come in event-time order (a B-tree's
     /// insert compares its way down every time).
     expiries: BinaryHeap<Reverse<(i64, String)>>,
     /// Restoring fills `pending` alone; `expiries` is then built once, in bulk (a heap made
