@@ -330,7 +330,9 @@ fn run_once(
         let mut session = consumer.context().session();
         session.abandoned = true;
         let fenced = error.is_producer_fencing() || matches!(error, RuntimeError::Fenced { .. } | RuntimeError::TransactionTimedOut { .. });
-        if session.transaction.is_open() && !fenced {
+        // A wedged producer (a call that never returned) cannot abort; the next run's
+        // producer fences it and aborts its transaction.
+        if session.transaction.is_open() && !fenced && !session.transaction.is_wedged() {
             let _ = session.abort(Some(Instant::now() + Duration::from_secs(5)));
         }
         drop(session);

@@ -156,3 +156,31 @@ fn a_step_that_panics_on_a_record_never_drops_it() {
         (boom, dlq) => panic!("the panicking record was lost or doubled: window {boom:?}, DLQ {dlq:?}\n{}", first.log_text()),
     }
 }
+
+/// librdkafka 2.12 can block in `send_offsets_to_transaction` for good (its issues 5456 and
+/// 5511; seen here under broker restarts: a window pipeline stayed alive and silent for
+/// minutes). A fail point makes the first such call hang: weir must leave it behind after
+/// its timeout, start again with a new producer (which fences the old one and aborts its
+/// transaction), and go on without exiting, every record exactly once.
+#[test]
+fn a_send_offsets_call_that_never_returns_is_left_behind() {
+    const RECORDS: u64 = 20_000;
+    let (input, output, name) = (unique("in"), unique("out"), unique("stuck-offsets"));
+    create_topic(&input, 4);
+    create_topic(&output, 4);
+    let pipeline = pipeline_file(&json_pipeline(&name, &input, &output, "  - filter: \"amount > 10.0\""));
+    let env = vec![("FAILPOINTS".to_string(), "send-offsets-hangs=1*return".to_string())];
+    let mut weir = WeirProcess::start(&pipeline.path, WeirOptions { env, ..Default::default() });
+    wait_ready(&weir, Duration::from_secs(60));
+    feed(&input, 0..RECORDS, 2_000).join().unwrap();
+    wait_until(Duration::from_secs(180), "weir to commit the input to its end", || {
+        committed_offsets(&name, &input) == end_offsets(&input)
+    });
+    assert!(weir.child.try_wait().unwrap().is_none(), "weir exited:\n{}", weir.log_text());
+    let log = weir.log_text();
+    assert!(log.contains("a transactional call did not return"), "the fail point did not hang a call:\n{log}");
+    assert_eq!(metric(&weir, "weir_recoveries_total", &[("class", "retriable")]), Some(1.0), "{log}");
+    weir.terminate();
+    assert!(weir.wait(Duration::from_secs(60)).success(), "did not stop cleanly:\n{}", weir.log_text());
+    assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
+}

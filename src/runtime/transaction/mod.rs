@@ -40,7 +40,7 @@
 //! the same ids again.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -50,6 +50,7 @@ use tracing::{debug, info, warn};
 
 use super::status::BatchSummary;
 mod batch;
+mod bounded;
 mod cadence;
 mod classes;
 mod produce;
@@ -93,7 +94,10 @@ pub enum BatchOutcome {
 }
 
 pub struct BatchProducer {
-    producer: BaseProducer<DeliveryWatch>,
+    /// Shared only with a call left behind (see `bounded`).
+    producer: Arc<BaseProducer<DeliveryWatch>>,
+    /// A call on `producer` never returned: it can do nothing more, not even abort.
+    wedged: AtomicBool,
     transactional_id: String,
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
     /// acknowledged, and its offsets go to the state store, not into a transaction.
@@ -143,7 +147,8 @@ impl BatchProducer {
         sink_topics: Vec<String>,
     ) -> BatchProducer {
         BatchProducer {
-            producer,
+            producer: Arc::new(producer),
+            wedged: AtomicBool::new(false),
             transactional_id,
             mode: DeliveryMode::Transactional,
             record_limits: Vec::new(),
@@ -255,6 +260,11 @@ impl BatchProducer {
 
     pub fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// A call on the producer never returned (see `bounded`): nothing can be aborted with it.
+    pub fn is_wedged(&self) -> bool {
+        self.wedged.load(Ordering::Relaxed)
     }
 
     /// Whether the open batch should commit: it holds `max_records` records, or its time
@@ -404,13 +414,12 @@ impl BatchProducer {
             return Err(RuntimeError::Assignment("the consumer has no group metadata to send offsets with".into()));
         };
         let timeout = self.call_timeout_within(deadline);
-        let sent = self.retry("send offsets", deadline, |producer| {
-            producer.send_offsets_to_transaction(&offsets, &group, timeout)
-        })?;
+        let (offsets, group) = (Arc::new(offsets), Arc::new(group));
+        let sent = self.retry("send offsets", deadline, |producer| bounded::send_offsets(producer, &offsets, &group, timeout))?;
         if !sent {
             return self.abort(deadline).map(Some);
         }
-        let committed = self.retry("commit", deadline, |producer| producer.commit_transaction(timeout))?;
+        let committed = self.retry("commit", deadline, |producer| Ok(producer.commit_transaction(timeout)?))?;
         if !committed {
             return self.abort(deadline).map(Some);
         }
@@ -517,7 +526,7 @@ impl BatchProducer {
         // Upsert mode: what was written stays written; the replay writes the same ids.
         if self.mode == DeliveryMode::Transactional {
             let timeout = self.call_timeout_within(deadline);
-            let aborted = self.retry("abort", deadline, |producer| producer.abort_transaction(timeout))?;
+            let aborted = self.retry("abort", deadline, |producer| Ok(producer.abort_transaction(timeout)?))?;
             if !aborted {
                 return Err(RuntimeError::Replay("the transaction could not be aborted; the restart replays the batch".into()));
             }

@@ -1,12 +1,14 @@
 //! Retrying a transactional call: how long, and when retrying is pointless (the transaction
 //! is past its timeout, or a shutdown's deadline passed).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaResult;
 use rdkafka::producer::BaseProducer;
-use tracing::warn;
+use tracing::{error, warn};
 
+use super::bounded::CallFailure;
 use super::{classify, fatal, BatchProducer, ErrorClass};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::delivery::DeliveryWatch;
@@ -27,12 +29,13 @@ impl BatchProducer {
     /// fatally (error). Retriable errors repeat the same call until `deadline`, and only while
     /// the transaction is younger than the transaction timeout: past it the coordinator ends
     /// the transaction anyway, and the way on is a new producer, whose `init_transactions`
-    /// resolves this one (audit R16). Not ready while it retries.
+    /// resolves this one (audit R16). Not ready while it retries. A call that never returned
+    /// (see `bounded`) leaves this producer wedged: the run stops as timed out.
     pub(super) fn retry(
         &self,
         what: &str,
         deadline: Option<Instant>,
-        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+        call: impl Fn(&Arc<BaseProducer<DeliveryWatch>>) -> Result<(), CallFailure>,
     ) -> Result<bool, RuntimeError> {
         let result = self.retry_calls(what, deadline, call);
         if let Some(health) = &self.health {
@@ -45,14 +48,21 @@ impl BatchProducer {
         &self,
         what: &str,
         deadline: Option<Instant>,
-        call: impl Fn(&BaseProducer<DeliveryWatch>) -> KafkaResult<()>,
+        call: impl Fn(&Arc<BaseProducer<DeliveryWatch>>) -> Result<(), CallFailure>,
     ) -> Result<bool, RuntimeError> {
         let mut pauses = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             health::beat();
             let error = match call(&self.producer) {
                 Ok(()) => return Ok(true),
-                Err(error) => error,
+                Err(CallFailure::Kafka(error)) => error,
+                Err(CallFailure::Stuck { waited }) => {
+                    self.wedged.store(true, Ordering::Relaxed);
+                    error!(call = what, waited_ms = waited.as_millis() as u64, transactional_id = %self.transactional_id,
+                        "a transactional call did not return (librdkafka issue 5456); leaving this producer behind, \
+                         the next one fences it and aborts its transaction");
+                    return Err(RuntimeError::TimedOut { action: format!("{what} (librdkafka did not return)"), waited });
+                }
             };
             match classify(&error) {
                 ErrorClass::Retriable if self.open_for().is_some_and(|open_for| open_for > self.transaction_timeout) => {
