@@ -1,14 +1,17 @@
 //! Delivery reports of the producer: which records the broker acknowledged, and whether one
-//! failed (which makes the open transaction abortable, so its commit reports it).
+//! failed (which makes the open transaction abortable, so its commit reports it); and the
+//! producer's word that no broker answers, for readiness.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 use tracing::warn;
 
+use super::health::Health;
 use super::transaction::refuses_record;
 
 /// Counts failed deliveries; a failed delivery makes the transaction abortable, so the commit
@@ -23,12 +26,22 @@ pub struct DeliveryWatch {
     /// Records the broker refused for good, by origin (see `transaction::refused`), with
     /// its reason, since the last take.
     refused: std::sync::Mutex<Vec<(usize, String)>>,
+    health: Option<Arc<Health>>,
 }
 
 impl DeliveryWatch {
     /// Watches deliveries, remembering the offsets reached in `tracked` topics.
     pub fn new(tracked: Vec<String>) -> DeliveryWatch {
         DeliveryWatch { tracked, ..DeliveryWatch::default() }
+    }
+
+    /// Readiness goes false when the producer finds no broker answering. The loop waits on
+    /// the producer while the brokers are away (a commit, a full queue) and does not poll the
+    /// consumer then, whose own report of it would come only after; the consumer's
+    /// statistics say when a broker is back.
+    pub fn with_health(mut self, health: Arc<Health>) -> DeliveryWatch {
+        self.health = Some(health);
+        self
     }
 
     /// The highest offset delivered per (topic, partition) since the last call.
@@ -44,6 +57,12 @@ impl DeliveryWatch {
 
 impl ClientContext for DeliveryWatch {
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(health) = &self.health {
+            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+                health.set_cluster_unreachable(true);
+            }
+            health.note_cluster_fault();
+        }
         warn!(%error, reason, "producer client error");
     }
 }
@@ -75,5 +94,27 @@ impl ProducerContext for DeliveryWatch {
             }
             Ok(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_health() -> Arc<Health> {
+        let health = Arc::new(Health::default());
+        health.set_transactions_ready(true);
+        health.set_assigned(4);
+        health
+    }
+
+    #[test]
+    fn the_producer_finding_no_broker_makes_the_process_not_ready() {
+        let health = ready_health();
+        let watch = DeliveryWatch::new(Vec::new()).with_health(health.clone());
+        watch.error(KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure), "one connection failed");
+        assert!(health.is_ready(), "one failed connection is not the cluster being away");
+        watch.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "2/2 brokers are down");
+        assert!(!health.is_ready());
     }
 }

@@ -201,7 +201,7 @@ fn run_once(
     let written: Vec<&str> = sink_topics.iter().chain([&pipeline.dlq_topic]).map(String::as_str).collect();
     let record_limits = cap_batches(&mut producer_config, settings, &written);
     let producer: BaseProducer<DeliveryWatch> = producer_config
-        .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()))
+        .create_with_context(DeliveryWatch::new(changelogs.topics().cloned().collect()).with_health(health.clone()))
         .map_err(|error| RuntimeError::Setup(format!("creating the producer: {error}")))?;
     let transaction = BatchProducer::new(
         producer,
