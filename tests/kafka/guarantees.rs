@@ -179,7 +179,8 @@ fn a_send_offsets_call_that_never_returns_is_left_behind() {
     assert!(weir.child.try_wait().unwrap().is_none(), "weir exited:\n{}", weir.log_text());
     let log = weir.log_text();
     assert!(log.contains("a transactional call did not return"), "the fail point did not hang a call:\n{log}");
-    assert_eq!(metric(&weir, "weir_recoveries_total", &[("class", "retriable")]), Some(1.0), "{log}");
+    let recoveries = metric(&weir, "weir_recoveries_total", &[("class", "retriable")]);
+    assert!(recoveries.is_some_and(|count| count >= 1.0), "recoveries {recoveries:?}:\n{log}");
     weir.terminate();
     assert!(weir.wait(Duration::from_secs(60)).success(), "did not stop cleanly:\n{}", weir.log_text());
     assert_exactly_once(&output, &kept_by_amount_filter(0..RECORDS));
