@@ -1,10 +1,10 @@
-//! `send_offsets_to_transaction` with a bound that holds. librdkafka 2.12 passes this call's
-//! timeout to its coordinator request and never checks it there (librdkafka issues 5456 and
-//! 5511): when the group coordinator it has cached is a broker it has since dropped (a broker
-//! that restarts can be missing from one metadata answer, and librdkafka then retires that
-//! broker), the request waits for a state change of that broker that never comes, and the
-//! call blocks for good. Seen here: a window pipeline under broker restarts stopped for
-//! good, alive, after a delivery timed out, with nothing logged again.
+//! `send_offsets_to_transaction` with a bound that holds. librdkafka 2.12 waits for this call
+//! without a limit of its own, and the timeout it passes to the coordinator request inside is
+//! never checked (librdkafka issue 5456); the request moves on only when some broker's state
+//! changes. A cached coordinator that librdkafka has retired (it drops brokers missing from a
+//! metadata answer, issue 5511) never changes state again. Seen here under broker restarts,
+//! with partitions whose leader librdkafka could not find in the log just before: a window
+//! pipeline stayed alive and silent for minutes, its loop (gdb) inside this call.
 //!
 //! So the call runs on a thread of its own, and the loop waits for it a little longer than
 //! its timeout. A call that does not return by then is left behind with its producer (the
