@@ -110,9 +110,14 @@ impl TestProducer {
         self.producer.poll(Duration::ZERO);
     }
 
-    /// Waits until everything sent is acknowledged.
+    /// Waits until everything sent is acknowledged (or failed: librdkafka gives a record up
+    /// after `message.timeout.ms`, 5 minutes). Under broker restarts librdkafka can hold
+    /// records back for more than a minute while it finds their partitions' leader again.
     pub fn flush(&self) {
-        self.producer.flush(Duration::from_secs(60)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(330);
+        while let Err(error) = self.producer.flush(Duration::from_secs(30)) {
+            assert!(Instant::now() < deadline, "the test producer could not deliver its records: {error}");
+        }
     }
 }
 
