@@ -34,8 +34,9 @@ fn multiset(topic: &str) -> BTreeMap<(String, String), usize> {
     counts
 }
 
-/// What a failure report shows of a process in few lines: /health/ready and /status, its
-/// warnings and errors counted by message (librdkafka's left out), and its last log lines.
+/// What a failure report shows of a process in few lines: /health/live and /health/ready,
+/// /status, its warnings and errors counted by message (librdkafka's left out), its last log
+/// lines, and last the stacks of its threads in weir's code (where a stuck process waits).
 fn digest(process: &WeirProcess) -> String {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let log = process.log_text();
@@ -46,24 +47,24 @@ fn digest(process: &WeirProcess) -> String {
     }
     let live = process.http_get("/health/live").map(|(code, _)| code);
     let mut text = format!(
-        "live: {live:?}, ready: {}\nstatus: {}\n{}",
+        "live: {live:?}, ready: {}\nstatus: {}\n",
         is_ready(process),
-        process.http_get("/status").map_or("no answer".to_string(), |(_, body)| body.chars().take(1_500).collect()),
-        weir_stacks(process.child.id())
+        process.http_get("/status").map_or("no answer".to_string(), |(_, body)| body.chars().take(1_500).collect())
     );
     for (message, count) in counts {
         text.push_str(&format!("{count:>6} x {message}\n"));
     }
     let lines: Vec<&str> = log.lines().collect();
-    for line in &lines[lines.len().saturating_sub(25)..] {
+    for line in &lines[lines.len().saturating_sub(15)..] {
         text.push_str(&line.chars().take(400).collect::<String>());
         text.push('\n');
     }
+    text.push_str(&weir_stacks(process.child.id()));
     text
 }
 
-/// The stacks of a weir process's own threads (those in weir's code, not librdkafka's or
-/// tokio's idle ones), function names only: where a process that stopped making progress
+/// The stacks of a weir process's threads in its runtime (the loop and its helpers, not
+/// librdkafka's, tokio's or the main thread), function names only: where a process that stopped making progress
 /// waits. Needs gdb; says so when it is missing.
 fn weir_stacks(pid: u32) -> String {
     let output = std::process::Command::new("gdb").args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"]).output();
@@ -73,16 +74,15 @@ fn weir_stacks(pid: u32) -> String {
     let text = String::from_utf8_lossy(&output.stdout);
     let mut stacks = String::new();
     for thread in text.split("\nThread ").skip(1) {
-        if !thread.contains("weir::") {
+        if !thread.contains("weir::runtime") {
             continue;
         }
         stacks.push_str("thread ");
         stacks.push_str(thread.lines().next().unwrap_or_default());
         stacks.push('\n');
-        // `#3  0x... in weir::runtime::...::commit (...) at src/...`: the function's name.
         // `#3  0x... in weir::runtime::...::commit::h0123... (...) at src/...`, or without the
         // address for an inlined frame: the function's name, without its hash.
-        for frame in thread.lines().filter(|line| line.starts_with('#')).take(40) {
+        for frame in thread.lines().filter(|line| line.starts_with('#')).take(25) {
             let function = match frame.split_once(" in ") {
                 Some((_, rest)) => rest,
                 None => frame.split_once(char::is_whitespace).map_or(frame, |(_, rest)| rest.trim_start()),
