@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
@@ -58,10 +58,7 @@ impl DeliveryWatch {
 impl ClientContext for DeliveryWatch {
     fn error(&self, error: KafkaError, reason: &str) {
         if let Some(health) = &self.health {
-            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-                health.set_cluster_unreachable(true);
-            }
-            health.note_cluster_fault();
+            health.note_client_error(&error);
         }
         warn!(%error, reason, "producer client error");
     }
@@ -99,6 +96,8 @@ impl ProducerContext for DeliveryWatch {
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::error::RDKafkaErrorCode;
+
     use super::*;
 
     fn ready_health() -> Arc<Health> {

@@ -90,6 +90,16 @@ impl Health {
         self.cluster_unreachable.store(unreachable, Ordering::Relaxed);
     }
 
+    /// A client's error callback (the consumer's or the producer's): a cluster fault, and
+    /// when no broker answers, not ready until the consumer's statistics see one up again,
+    /// whether or not the loop has a call to the cluster that fails meanwhile.
+    pub fn note_client_error(&self, error: &rdkafka::error::KafkaError) {
+        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) {
+            self.set_cluster_unreachable(true);
+        }
+        self.note_cluster_fault();
+    }
+
     /// A client could not reach the cluster (a broker connection failed, every broker is
     /// down, a call timed out).
     pub fn note_cluster_fault(&self) {

@@ -409,12 +409,8 @@ impl ClientContext for LoopContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        // No broker answers: not ready until one does (see `stats`), whether or not the loop
-        // has a call to the cluster that fails meanwhile.
-        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) {
-            self.health.set_cluster_unreachable(true);
-        }
-        self.health.note_cluster_fault();
+        // No broker answers: not ready until one does (see `stats`).
+        self.health.note_client_error(&error);
         warn!(%error, reason, "consumer client error");
     }
 }
