@@ -40,7 +40,7 @@
 //! the same ids again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -97,7 +97,7 @@ pub struct BatchProducer {
     /// Shared only with a call left behind (see `bounded`).
     producer: Arc<BaseProducer<DeliveryWatch>>,
     /// A call on `producer` never returned: it can do nothing more, not even abort.
-    wedged: AtomicBool,
+    wedged: bool,
     transactional_id: String,
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
     /// acknowledged, and its offsets go to the state store, not into a transaction.
@@ -148,7 +148,7 @@ impl BatchProducer {
     ) -> BatchProducer {
         BatchProducer {
             producer: Arc::new(producer),
-            wedged: AtomicBool::new(false),
+            wedged: false,
             transactional_id,
             mode: DeliveryMode::Transactional,
             record_limits: Vec::new(),
@@ -264,7 +264,7 @@ impl BatchProducer {
 
     /// A call on the producer never returned (see `bounded`): nothing can be aborted with it.
     pub fn is_wedged(&self) -> bool {
-        self.wedged.load(Ordering::Relaxed)
+        self.wedged
     }
 
     /// Whether the open batch should commit: it holds `max_records` records, or its time

@@ -2,7 +2,6 @@
 //! is past its timeout, or a shutdown's deadline passed).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::BaseProducer;
@@ -32,7 +31,7 @@ impl BatchProducer {
     /// resolves this one (audit R16). Not ready while it retries. A call that never returned
     /// (see `bounded`) leaves this producer wedged: the run stops as timed out.
     pub(super) fn retry(
-        &self,
+        &mut self,
         what: &str,
         deadline: Option<Instant>,
         call: impl Fn(&Arc<BaseProducer<DeliveryWatch>>) -> Result<(), CallFailure>,
@@ -45,7 +44,7 @@ impl BatchProducer {
     }
 
     fn retry_calls(
-        &self,
+        &mut self,
         what: &str,
         deadline: Option<Instant>,
         call: impl Fn(&Arc<BaseProducer<DeliveryWatch>>) -> Result<(), CallFailure>,
@@ -57,7 +56,7 @@ impl BatchProducer {
                 Ok(()) => return Ok(true),
                 Err(CallFailure::Kafka(error)) => error,
                 Err(CallFailure::Stuck { waited }) => {
-                    self.wedged.store(true, Ordering::Relaxed);
+                    self.wedged = true;
                     error!(call = what, waited_ms = waited.as_millis() as u64, transactional_id = %self.transactional_id,
                         "a transactional call did not return (librdkafka issue 5456); leaving this producer behind, \
                          the next one fences it and aborts its transaction");
