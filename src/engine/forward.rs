@@ -52,13 +52,13 @@ fn upsert_id_fields(record: &Record<'_>) -> (serde_json::Map<String, serde_json:
     }
     match (&record.key, record.provenance) {
         (Some(key), None) => {
-            let mut id = (**key).clone();
+            let mut id = key.fields().into_owned();
             if let Some(start) = record.fields.get("window_start") {
                 id.insert("window_start".into(), start.clone());
             }
             (id, record.event_time)
         }
-        (Some(key), Some(provenance)) => ((**key).clone(), provenance.offset),
+        (Some(key), Some(provenance)) => (key.fields().into_owned(), provenance.offset),
         (None, Some(provenance)) => {
             (crate::operators::join::coordinates(provenance.topic, provenance.partition, provenance.offset), provenance.offset)
         }
@@ -111,7 +111,7 @@ pub(super) fn forwarded(forward: Forward<'_>) -> Output {
     if let Some(record) = forward.record {
         headers.push((EVENT_TIME.to_string(), record.event_time.to_string().into_bytes()));
         if let Some(record_key) = &record.key {
-            headers.push((RECORD_KEY.to_string(), json::encode(record_key)));
+            headers.push((RECORD_KEY.to_string(), record_key.text().into_owned().into_bytes()));
         }
         if record.upsert {
             headers.push((UPSERT.to_string(), b"1".to_vec()));

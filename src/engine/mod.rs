@@ -29,7 +29,7 @@ use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{Decoder, EncodeError, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
-use crate::operators::{event_time, key_of, Provenance, Record, StateEntryLimit};
+use crate::operators::{event_time, key_of, Provenance, Record, RecordKey, StateEntryLimit};
 pub use topology::{ChangelogEntry, TimerEntry, WATERMARK_KEY};
 use topology::{ChainResult, Leaving, Topology};
 use writer::OutputWriter;
@@ -317,7 +317,7 @@ impl Engine {
                     fields,
                     event_time: forwarded.event_time,
                     provenance: Some(input.provenance),
-                    key: forwarded.key.clone().map(Box::new),
+                    key: forwarded.key.clone().map(|key| Box::new(RecordKey::Fields(key))),
                     upsert: forwarded.upsert,
                     // Upsert mode has no repartition topics.
                     id: None,
@@ -401,7 +401,10 @@ impl Engine {
             Ok(Some(id.clone()))
         } else if record.upsert || writer.key.is_empty() {
             match &record.key {
-                Some(key) => writer.key_encoder.encode(key).map(Some),
+                Some(key) => match (&**key, &writer.key_encoder) {
+                    (RecordKey::Text(text), Encoder::Json) => Ok(Some(text.clone().into_bytes())),
+                    (key, encoder) => encoder.encode(&key.fields()).map(Some),
+                },
                 None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
             }
         } else {

@@ -15,10 +15,12 @@ pub mod expression;
 pub mod filter;
 pub mod join;
 pub mod lookup;
+pub mod record_key;
 pub mod reshape;
 mod state_entry;
 pub mod window;
 
+pub use record_key::RecordKey;
 pub use state_entry::StateEntryLimit;
 pub(crate) use state_entry::{json_len, quoted_len};
 
@@ -114,7 +116,7 @@ pub struct Record<'a> {
     /// The key a keyed step gives the record (dedup key, window group): the default sink key.
     /// Boxed, as `id` is: most records have neither, and records are moved several times on
     /// their way through the steps.
-    pub key: Option<Box<Map<String, Value>>>,
+    pub key: Option<Box<RecordKey>>,
     /// The key is part of an upsert stream and overrides `sink.key` (update-mode windows).
     pub upsert: bool,
     /// Upsert mode: the output's id where neither the key nor one input names it (a join's

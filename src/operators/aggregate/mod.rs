@@ -18,7 +18,7 @@ use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
-use super::{json_len, key_of, key_text, quoted_len, CorruptState, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
+use super::{json_len, key_of, key_text, quoted_len, CorruptState, RecordKey, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
 use crate::config::Schema;
 pub mod config;
 
@@ -274,7 +274,7 @@ impl AggregateOperator {
         for ((name, _), aggregate) in self.aggregates.iter().zip(&state.aggregates) {
             fields.insert(name.clone(), aggregate.value());
         }
-        Record { fields, event_time: state.last, provenance: None, key: Some(Box::new(state.group.clone())), upsert: true, id: None }
+        Record { fields, event_time: state.last, provenance: None, key: Some(Box::new(RecordKey::Fields(state.group.clone()))), upsert: true, id: None }
     }
 
     /// What changed since the last call, as changelog entries: each group under its key

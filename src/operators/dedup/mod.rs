@@ -12,10 +12,11 @@ use std::collections::{BTreeSet, BinaryHeap};
 use foldhash::fast::RandomState;
 use indexmap::IndexMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::committed::{CommittedState, StoreTimers, TimerChange};
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, key_of, key_text, quoted_len};
+use super::record_key::{self, key_text_of};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, quoted_len};
 pub mod config;
 
 use config::Dedup;
@@ -51,7 +52,7 @@ const TIME_BYTES: usize = 20;
 impl DedupOperator {
     pub fn new(spec: &Dedup, limit: StateEntryLimit) -> DedupOperator {
         DedupOperator {
-            key: spec.key.clone(),
+            key: record_key::distinct(&spec.key),
             within: crate::config::millis(spec.within),
             pending: IndexMap::default(),
             committed: None,
@@ -106,8 +107,7 @@ impl DedupOperator {
                 record.event_time, self.within
             )));
         }
-        let key: Map<String, Value> = key_of(&record.fields, &self.key);
-        let key_text = key_text(&key);
+        let key_text = key_text_of(&record.fields, &self.key);
         if self.first_seen(&key_text).is_some() {
             return Ok(StepOutcome::Duplicate);
         }
@@ -124,9 +124,9 @@ impl DedupOperator {
                 self.changed.insert(key_text.clone());
             }
         }
-        self.pending.insert(key_text, Some(record.event_time));
+        self.pending.insert(key_text.clone(), Some(record.event_time));
         // Its id in upsert mode is this key.
-        record.key = Some(Box::new(key));
+        record.key = Some(Box::new(RecordKey::Text(key_text)));
         record.id = None;
         out.push(Emitted::Record(record));
         Ok(StepOutcome::Passed)

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use foldhash::{HashMap, HashMapExt};
 use serde_json::{Map, Value};
 
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
 pub mod config;
 mod stored;
 
@@ -476,7 +476,7 @@ fn joined<'a>(
         id.insert(spec.right.clone(), right_source.map_or(Value::Null, |source| Value::Object(source.clone())));
         id
     });
-    Record { fields, event_time, provenance, key: Some(Box::new(key.clone())), upsert: false, id: id.map(Box::new) }
+    Record { fields, event_time, provenance, key: Some(Box::new(RecordKey::Fields(key.clone()))), upsert: false, id: id.map(Box::new) }
 }
 
 /// Where a record was read, as an upsert id names it.

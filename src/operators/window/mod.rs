@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::event_time::field_at;
 use super::committed::StoreTimers;
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
 pub mod config;
 mod stored;
 
@@ -500,7 +500,7 @@ fn output_record(
         EmitMode::Final => (key.clone(), false),
         EmitMode::Update => (upsert_key(key, start), true),
     };
-    Record { fields, event_time: window.end.saturating_sub(1), provenance: None, key: Some(Box::new(record_key)), upsert, id: None }
+    Record { fields, event_time: window.end.saturating_sub(1), provenance: None, key: Some(Box::new(RecordKey::Fields(record_key))), upsert, id: None }
 }
 
 impl WindowState {
