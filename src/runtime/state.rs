@@ -63,7 +63,9 @@ impl Changelogs {
 /// (what compaction keeps the last value of), value the state as JSON, or none to delete.
 pub fn encode(entry: &ChangelogEntry) -> (Vec<u8>, Option<Vec<u8>>) {
     let key = super::store::changelog_key(entry.topic.as_deref(), &entry.key);
-    (key, entry.value.as_ref().map(|value| value.to_string().into_bytes()))
+    // The same text as `to_string`, without the formatter between (Display goes through
+    // `fmt::Write`); serializing a JSON value cannot fail.
+    (key, entry.value.as_ref().map(|value| serde_json::to_vec(value).unwrap_or_default()))
 }
 
 /// A changelog key, `[owner topic or null, state key]`, borrowed where it has no escapes

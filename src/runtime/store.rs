@@ -183,8 +183,15 @@ fn partition_end(partition: i32) -> Vec<u8> {
 /// The changelog key of a state entry, `[owner topic or null, state key]`: the key the
 /// changelog record and the store use.
 pub fn changelog_key(owner: Option<&str>, key: &str) -> Vec<u8> {
-    // Serializing a pair of strings cannot fail.
-    serde_json::to_vec(&(owner, key)).unwrap_or_default()
+    // What `serde_json::to_vec(&(owner, key))` writes, written in place: room for the quotes
+    // and a few escapes, then the two strings (writing a string into a Vec cannot fail).
+    let mut bytes = Vec::with_capacity(owner.map_or(4, str::len) + key.len() + key.len() / 2 + 8);
+    bytes.push(b'[');
+    let _ = serde_json::to_writer(&mut bytes, &owner);
+    bytes.push(b',');
+    let _ = serde_json::to_writer(&mut bytes, key);
+    bytes.push(b']');
+    bytes
 }
 
 /// A timer's key under its partition: the owner topic as JSON (which holds no NUL), a NUL,

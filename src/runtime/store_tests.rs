@@ -342,3 +342,14 @@ fn every_state_key_written_is_read_back_through_a_view() {
     store.apply(&[StoreWrite::state(0, PARTITION + 1, changelog_key(Some(OWNER), &key(keys)), Some(b"1".to_vec()))], &[], &[]).expect("a commit");
     check(&store, keys);
 }
+
+/// The changelog key is the JSON pair `[owner, key]` as serde_json writes it: the key of
+/// every changelog record and store entry written before it was written in place.
+#[test]
+fn changelog_keys_are_the_json_pair() {
+    for owner in [None, Some("clicks"), Some("we\"ird\\topic")] {
+        for key in ["", "k", r#"{"id":1,"user":"u\"1"}"#, "é\u{1}\n\t", &"x".repeat(300)] {
+            assert_eq!(changelog_key(owner, key), serde_json::to_vec(&(owner, key)).unwrap(), "{owner:?} {key:?}");
+        }
+    }
+}
