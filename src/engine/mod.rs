@@ -29,6 +29,7 @@ use crate::codec::avro::{AvroEncoder, WriterSchemas};
 use crate::codec::{Decoder, EncodeError, Encoder, SchemaError};
 use crate::config::{ErrorAction, EventTime, DeliveryMode};
 use crate::plan::Pipeline;
+use crate::operators::record_key::key_text_of;
 use crate::operators::{event_time, key_of, Provenance, Record, RecordKey, StateEntryLimit};
 pub use topology::{ChangelogEntry, TimerEntry, WATERMARK_KEY};
 use topology::{ChainResult, Leaving, Topology};
@@ -408,7 +409,11 @@ impl Engine {
                 None => Ok(record.provenance.and_then(|provenance| provenance.key).map(<[u8]>::to_vec)),
             }
         } else {
-            writer.key_encoder.encode(&key_of(&record.fields, &writer.key)).map(Some)
+            match &writer.key_encoder {
+                // The key's text, written without making the map.
+                Encoder::Json => Ok(Some(key_text_of(&record.fields, &writer.key).into_bytes())),
+                encoder => encoder.encode(&key_of(&record.fields, &writer.key)).map(Some),
+            }
         };
         let key = key.map_err(|error| Unwritable::encoding(None, format!("the key: {error}")))?;
         let mut headers = writer.headers.of(record).map_err(|error| Unwritable {
