@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use cel::common::ast::{operators, EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::objects::{Key, Value as CelValue};
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 use cel::{Context, Env, Program};
 use serde_json::{Map, Value};
 
@@ -168,21 +170,23 @@ impl Expression {
     }
 
     /// Evaluates the expression for the record `bindings` were made from.
-    pub fn evaluate(&self, bindings: &Bindings) -> Result<CelValue, ProcessError> {
-        let root = Context::with_env(bindings.environment.clone());
-        let mut scope = root.new_inner_scope();
-        for (name, value) in &bindings.variables {
-            scope.add_variable_from_value(name.as_str(), value.clone());
+    pub fn evaluate(&self, bindings: &Bindings<'_>) -> Result<CelValue, ProcessError> {
+        if let Some(problem) = &bindings.unusable {
+            return Err(ProcessError(format!("'{}' failed: {problem}", self.text)));
         }
+        // The interpreter asks `bindings` for each variable it meets: the values are made
+        // once per record and lent, not copied into a scope per expression.
+        let mut context = Context::with_env(bindings.environment.clone());
+        context.set_variable_resolver(bindings);
         // The CEL interpreter sees the record's values; a panic there is this record's
         // process error.
-        crate::panics::contain(|| self.program.execute(&scope))
+        crate::panics::contain(|| self.program.execute(&context))
             .map_err(|panic| ProcessError(format!("'{}' panicked: {panic}", self.text)))?
             .map_err(|error| ProcessError(format!("'{}' failed: {error}", self.text)))
     }
 
     /// Evaluates the expression to a field value of its type.
-    pub fn evaluate_field(&self, bindings: &Bindings) -> Result<Value, ProcessError> {
+    pub fn evaluate_field(&self, bindings: &Bindings<'_>) -> Result<Value, ProcessError> {
         let value = self.evaluate(bindings)?;
         let field_type = match &self.value_type {
             ValueType::Known(field_type) => Some(field_type),
@@ -198,18 +202,29 @@ fn parse(text: &str) -> Result<Program, BuildError> {
 
 /// A record's fields and metadata as CEL variables, made once per record for all the
 /// expressions a step evaluates on it.
-pub struct Bindings {
+pub struct Bindings<'r> {
     environment: Arc<Env>,
-    variables: Vec<(String, CelValue)>,
+    /// By name (the expressions read a few): each value as the interpreter holds it.
+    variables: Vec<(&'r str, Box<dyn Val>)>,
+    /// A value the interpreter could not take, as this record's error (none of JSON's values
+    /// is one).
+    unusable: Option<String>,
 }
 
-impl Bindings {
+impl VariableResolver for Bindings<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        self.variables.iter().find(|(name, _)| *name == variable).map(|(_, value)| CowVal::Borrowed(&**value))
+    }
+}
+
+impl<'r> Bindings<'r> {
     /// The variables `reads` names, of `record`: its fields, and the metadata (which wins
     /// over a field of the same name); a header read by name that the record lacks is null.
-    pub fn of(record: &Record<'_>, environment: &Arc<Env>, reads: &Reads) -> Bindings {
+    pub fn of(record: &Record<'_>, environment: &Arc<Env>, reads: &'r Reads) -> Bindings<'r> {
         let provenance = record.provenance;
         let text = |bytes: &[u8]| CelValue::from(String::from_utf8_lossy(bytes).into_owned());
-        let mut variables: Vec<(String, CelValue)> = Vec::with_capacity(reads.variables.len());
+        let mut variables: Vec<(&str, Box<dyn Val>)> = Vec::with_capacity(reads.variables.len());
+        let mut unusable = None;
         for name in &reads.variables {
             let value = match name.as_str() {
                 "_topic" => provenance.map_or(CelValue::Null, |p| CelValue::from(p.topic)),
@@ -231,9 +246,12 @@ impl Bindings {
                     None => continue,
                 },
             };
-            variables.push((name.clone(), value));
+            match Box::<dyn Val>::try_from(value) {
+                Ok(value) => variables.push((name.as_str(), value)),
+                Err(error) => unusable = Some(format!("{name} cannot be read: {error}")),
+            }
         }
-        Bindings { environment: environment.clone(), variables }
+        Bindings { environment: environment.clone(), variables, unusable }
     }
 }
 
