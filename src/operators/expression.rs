@@ -547,6 +547,35 @@ mod tests {
         assert!(type_text("colour == 'red'").unwrap_err().to_string().contains("names 'colour' not in the record"));
     }
 
+    /// What an expression gives for a record of these fields (read from partition 3).
+    fn value_for(text: &str, fields: Value) -> Result<CelValue, ProcessError> {
+        let expression = Expression::compile(text, &schema()).unwrap();
+        let mut record = crate::operators::test_record(fields, 0);
+        record.provenance = Some(crate::operators::Provenance {
+            topic: "orders",
+            partition: 3,
+            offset: 7,
+            timestamp: None,
+            headers: crate::operators::InputHeaders::Read(&[]),
+            key: None,
+        });
+        let bindings = Bindings::of(&record, &standard_environment(), expression.reads());
+        expression.evaluate(&bindings)
+    }
+
+    /// The record's fields and metadata are what the expression reads, a comprehension's
+    /// variable shadows a field of its name, and a field the record lacks is an error.
+    #[test]
+    fn expressions_read_the_records_values() {
+        let fields = serde_json::json!({"id": "a", "count": 2, "tags": ["a", "b"]});
+        assert_eq!(value_for("id == 'a' && count * 2 == 4 && _partition == 3 && _offset == 7", fields.clone()).unwrap(), CelValue::Bool(true));
+        assert_eq!(value_for("tags.exists(id, id == 'b')", fields.clone()).unwrap(), CelValue::Bool(true));
+        assert_eq!(value_for("tags.all(id, id == 'a')", fields.clone()).unwrap(), CelValue::Bool(false));
+        assert_eq!(value_for("_topic + '/' + id", fields.clone()).unwrap(), CelValue::from("orders/a"));
+        let missing = value_for("amount > 1.0", fields).unwrap_err().0;
+        assert!(missing.contains("'amount > 1.0' failed") && missing.contains("amount"), "{missing}");
+    }
+
     #[test]
     fn an_untyped_value_asks_for_a_conversion() {
         let expression = Expression::compile("[1, 2]", &schema()).unwrap();
