@@ -18,7 +18,8 @@ use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
-use super::{json_len, key_of, key_text, quoted_len, CorruptState, RecordKey, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
+use super::record_key::{self, key_text_of};
+use super::{json_len, key_of, quoted_len, CorruptState, RecordKey, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
 use crate::config::Schema;
 pub mod config;
 
@@ -77,7 +78,8 @@ struct LastSeen {
 impl AggregateOperator {
     pub fn new(spec: &RunningAggregate, schema: Option<&Schema>, limit: StateEntryLimit) -> AggregateOperator {
         AggregateOperator {
-            group_by: spec.group_by.clone(),
+            // Each field once, as the group's map holds it (its text is written from the list).
+            group_by: record_key::distinct(&spec.group_by),
             aggregates: spec.aggregates.clone(),
             sums_whole: spec.aggregates.iter().map(|(_, aggregate)| aggregate.sums_whole(schema)).collect(),
             ttl: spec.ttl.map(crate::config::millis),
@@ -156,10 +158,10 @@ impl AggregateOperator {
             self.sequence.read_committed(committed.view());
             self.sequence_read = true;
         }
-        let group = key_of(&record.fields, &self.group_by);
-        let group_text = key_text(&group);
+        // The group's text, written from the fields: its map is made only for a new group.
+        let group_text = key_text_of(&record.fields, &self.group_by);
         self.load(&group_text);
-        self.check_size(&group_text, &group, &record)?;
+        self.check_size(&group_text, &record)?;
         let sequence = self.sequence.next();
         let held = self.groups.entry(group_text.clone()).or_insert(Held { state: None, stored_timer: None });
         if let (Some(committed), true) = (&mut self.committed, held.state.is_none()) {
@@ -169,7 +171,7 @@ impl AggregateOperator {
             aggregates: initial(&self.aggregates, &self.sums_whole),
             last: i64::MIN,
             bytes: None,
-            group,
+            group: key_of(&record.fields, &self.group_by),
         });
         let before = estimate(state, &group_text, self.aggregates.len());
         let growth = accumulate(&mut state.aggregates, &self.aggregates, &record, sequence);
@@ -188,7 +190,7 @@ impl AggregateOperator {
 
     /// Refuses a record that would take its group's entry over the limit: by the running
     /// estimate where that leaves room, else by measuring the state the record would make.
-    fn check_size(&mut self, group_text: &str, group: &Map<String, Value>, record: &Record<'_>) -> Result<(), ProcessError> {
+    fn check_size(&mut self, group_text: &str, record: &Record<'_>) -> Result<(), ProcessError> {
         let growth = growth_bound(&self.aggregates, record);
         let aggregates = self.aggregates.len();
         let current = match self.state_mut(group_text) {
@@ -200,7 +202,7 @@ impl AggregateOperator {
         }
         let mut trial = match self.groups.get(group_text).and_then(|held| held.state.as_ref()) {
             Some(state) => GroupState { group: state.group.clone(), aggregates: state.aggregates.clone(), last: state.last, bytes: None },
-            None => GroupState { group: group.clone(), aggregates: initial(&self.aggregates, &self.sums_whole), last: i64::MIN, bytes: None },
+            None => GroupState { group: key_of(&record.fields, &self.group_by), aggregates: initial(&self.aggregates, &self.sums_whole), last: i64::MIN, bytes: None },
         };
         accumulate(&mut trial.aggregates, &self.aggregates, record, self.sequence.peek());
         self.limit.check("aggregate", measure(&trial, group_text))

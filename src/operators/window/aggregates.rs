@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::*;
 
@@ -175,16 +175,17 @@ pub(crate) fn value_len(value: &Value) -> usize {
 /// quoted as a state key (the group text is quoted twice: each quote or backslash of it
 /// takes 4 bytes), and the value with the group in it. Writes the window out (counted, not
 /// kept): for new, restored and near-limit windows only.
-pub(super) fn measure(window: &WindowState, group_text: &str, key: &Map<String, Value>, start: i64) -> usize {
+pub(super) fn measure(window: &WindowState, group_text: &str, start: i64) -> usize {
     let escaped = quoted_len(group_text) - group_text.len() - 2;
     let state_key = group_text.len() + 4 + 3 * escaped + json_len(&start) + 4;
-    state_key + json_len(window) + json_len(key) + r#","group":"#.len()
+    // The group in the value is the group's text as it is.
+    state_key + json_len(window) + group_text.len() + r#","group":"#.len()
 }
 
 /// The window's running estimate, measured (with room for its numbers to grow) if unknown.
-pub(super) fn estimate(window: &mut WindowState, group_text: &str, key: &Map<String, Value>, aggregates: usize) -> usize {
+pub(super) fn estimate(window: &mut WindowState, group_text: &str, aggregates: usize) -> usize {
     // The start does not change the estimate by more than the reserve.
-    let bytes = window.bytes.unwrap_or_else(|| measure(window, group_text, key, i64::MIN) + aggregates * NUMBERS_RESERVE);
+    let bytes = window.bytes.unwrap_or_else(|| measure(window, group_text, i64::MIN) + aggregates * NUMBERS_RESERVE);
     window.bytes = Some(bytes);
     bytes
 }

@@ -17,7 +17,8 @@ use serde_json::{Map, Value};
 
 use super::event_time::field_at;
 use super::committed::StoreTimers;
-use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, json_len, key_of, key_text, quoted_len};
+use super::record_key::{self, key_text_of};
+use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 mod stored;
 
@@ -98,7 +99,6 @@ fn mark(dirty: &mut Vec<(String, i64)>, window: &mut WindowState, group_text: &s
 #[derive(Clone, Copy)]
 struct Addition<'a, 'r> {
     group_text: &'a str,
-    key: &'a Map<String, Value>,
     record: &'a Record<'r>,
     sequence: u64,
     /// At most how much the record makes a window's state grow (`growth_bound`).
@@ -109,7 +109,8 @@ impl WindowOperator {
     pub fn new(spec: &Window, schema: Option<&Schema>, limit: StateEntryLimit) -> WindowOperator {
         let sums_whole = spec.aggregates.iter().map(|(_, aggregate)| aggregate.sums_whole(schema)).collect();
         WindowOperator {
-            group_by: spec.group_by.clone(),
+            // Each field once, as the group's map holds it (its text is written from the list).
+            group_by: record_key::distinct(&spec.group_by),
             kind: spec.kind,
             lateness: crate::config::millis(spec.allowed_lateness),
             aggregates: spec.aggregates.clone(),
@@ -160,10 +161,10 @@ impl WindowOperator {
         self.read_sequence();
         let sequence_before = self.sequence;
         let sequence = self.sequence.next();
-        let key = key_of(&record.fields, &self.group_by);
-        let group_text = key_text(&key);
+        // The group's text, written from the fields: its map is made only for a new group.
+        let group_text = key_text_of(&record.fields, &self.group_by);
         let growth = growth_bound(&self.aggregates, &record);
-        let addition = Addition { group_text: &group_text, key: &key, record: &record, sequence, growth };
+        let addition = Addition { group_text: &group_text, record: &record, sequence, growth };
         let fits = match self.kind {
             WindowKind::Tumbling { size } => {
                 let size = crate::config::millis(size);
@@ -172,7 +173,7 @@ impl WindowOperator {
                 if !open(end) {
                     return Ok(self.late(time, watermark));
                 }
-                self.check_window(&addition, start, end).map(|()| self.add(&group_text, &key, start, end, &record, sequence))
+                self.check_window(&addition, start, end).map(|()| self.add(&group_text, start, end, &record, sequence))
             }
             WindowKind::Hopping { size, slide } => {
                 let (size, slide) = (crate::config::millis(size), crate::config::millis(slide));
@@ -190,7 +191,7 @@ impl WindowOperator {
                 windows
                     .clone()
                     .try_for_each(|(start, end)| self.check_window(&addition, start, end))
-                    .map(|()| windows.for_each(|(start, end)| self.add(&group_text, &key, start, end, &record, sequence)))
+                    .map(|()| windows.for_each(|(start, end)| self.add(&group_text, start, end, &record, sequence)))
             }
             WindowKind::Session { gap } => {
                 self.load_group(&group_text);
@@ -199,7 +200,7 @@ impl WindowOperator {
                     return Ok(self.late(time, watermark));
                 }
                 self.check_session(&addition, time, end)
-                    .map(|()| self.add_to_session(&group_text, &key, time, end, &record, sequence))
+                    .map(|()| self.add_to_session(&group_text, time, end, &record, sequence))
             }
         };
         if let Err(error) = fits {
@@ -214,13 +215,13 @@ impl WindowOperator {
     /// by its running estimate where that leaves room, else by measuring the window the
     /// record would make.
     fn check_window(&mut self, addition: &Addition<'_, '_>, start: i64, end: i64) -> Result<(), ProcessError> {
-        let Addition { group_text, key, record, sequence, growth } = *addition;
+        let Addition { group_text, record, sequence, growth } = *addition;
         // Every window a record is added to is checked first: this reads it in.
         self.load(group_text, start);
         let new_window = self.new_window_estimate(group_text);
         let existing = self.groups.get_mut(group_text).and_then(|group| group.windows.get_mut(&start));
         let estimate = match existing {
-            Some(window) => estimate(window, group_text, key, self.aggregates.len()),
+            Some(window) => estimate(window, group_text, self.aggregates.len()),
             None => new_window,
         };
         if estimate.saturating_add(growth) <= self.limit.bytes() {
@@ -231,12 +232,12 @@ impl WindowOperator {
             None => WindowState::new(end, initial(&self.aggregates, &self.sums_whole)),
         };
         accumulate(&mut trial.aggregates, &self.aggregates, record, sequence);
-        self.limit.check("window", measure(&trial, group_text, key, start))
+        self.limit.check("window", measure(&trial, group_text, start))
     }
 
     /// As `check_window`, for the session the record makes with those it overlaps.
     fn check_session(&mut self, addition: &Addition<'_, '_>, start: i64, end: i64) -> Result<(), ProcessError> {
-        let Addition { group_text, key, record, sequence, growth } = *addition;
+        let Addition { group_text, record, sequence, growth } = *addition;
         let aggregates = self.aggregates.len();
         let mut estimate_sum = self.new_window_estimate(group_text) + growth;
         let Some(group) = self.groups.get_mut(group_text) else {
@@ -246,7 +247,7 @@ impl WindowOperator {
             };
         };
         for (_, window) in group.windows.range_mut(..end).filter(|(_, window)| window.end > start) {
-            estimate_sum = estimate_sum.saturating_add(estimate(window, group_text, key, aggregates));
+            estimate_sum = estimate_sum.saturating_add(estimate(window, group_text, aggregates));
         }
         if estimate_sum <= self.limit.bytes() {
             return Ok(());
@@ -259,7 +260,7 @@ impl WindowOperator {
             merge(&mut merged.aggregates, window.aggregates.clone());
         }
         accumulate(&mut merged.aggregates, &self.aggregates, record, sequence);
-        self.limit.check("window", measure(&merged, group_text, key, merged_start))
+        self.limit.check("window", measure(&merged, group_text, merged_start))
     }
 
     /// What a new window of the group takes before any record: its key, the group in its
@@ -275,10 +276,11 @@ impl WindowOperator {
         ))
     }
 
-    fn add(&mut self, group_text: &str, key: &Map<String, Value>, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
-        // The group's text is allocated only for a new group or window, not per record.
+    fn add(&mut self, group_text: &str, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
+        // The group's text and map are allocated only for a new group or window, not per record.
         if !self.groups.contains_key(group_text) {
-            self.groups.insert(group_text.to_string(), Group { key: key.clone(), windows: BTreeMap::new() });
+            let key = key_of(&record.fields, &self.group_by);
+            self.groups.insert(group_text.to_string(), Group { key, windows: BTreeMap::new() });
         }
         let group = self.groups.get_mut(group_text).expect("inserted above");
         let window = group.windows.entry(start).or_insert_with(|| {
@@ -288,7 +290,7 @@ impl WindowOperator {
             self.closing.insert((end.saturating_add(self.lateness), group_text.to_string(), start));
             WindowState::new(end, initial(&self.aggregates, &self.sums_whole))
         });
-        let before = estimate(window, group_text, key, self.aggregates.len());
+        let before = estimate(window, group_text, self.aggregates.len());
         let growth = accumulate(&mut window.aggregates, &self.aggregates, record, sequence);
         window.bytes = Some(before.saturating_add_signed(growth));
         mark(&mut self.dirty, window, group_text, start);
@@ -297,11 +299,11 @@ impl WindowOperator {
         }
     }
 
-    fn add_to_session(&mut self, group_text: &str, key: &Map<String, Value>, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
+    fn add_to_session(&mut self, group_text: &str, start: i64, end: i64, record: &Record<'_>, sequence: u64) {
         let group = self
             .groups
             .entry(group_text.to_string())
-            .or_insert_with(|| Group { key: key.clone(), windows: BTreeMap::new() });
+            .or_insert_with(|| Group { key: key_of(&record.fields, &self.group_by), windows: BTreeMap::new() });
         // Sessions overlapping [start, end): those starting before `end` and ending after `start`.
         let overlapping: Vec<i64> = group
             .windows
@@ -311,7 +313,7 @@ impl WindowOperator {
             .collect();
         let mut merged = WindowState::new(end, initial(&self.aggregates, &self.sums_whole));
         // Merging keeps at most what the parts held, so their estimates add up to one.
-        let mut merged_bytes = estimate(&mut merged, group_text, key, self.aggregates.len());
+        let mut merged_bytes = estimate(&mut merged, group_text, self.aggregates.len());
         let merged_start = overlapping.first().map_or(start, |first| (*first).min(start));
         let mut stored = Vec::new();
         for session_start in &overlapping {
@@ -323,7 +325,7 @@ impl WindowOperator {
             self.changed.remove(&(group_text.to_string(), *session_start));
             self.dirty.push((group_text.to_string(), *session_start));
             merged.end = merged.end.max(old.end);
-            merged_bytes = merged_bytes.saturating_add(old.bytes.unwrap_or_else(|| measure(&old, group_text, key, *session_start)));
+            merged_bytes = merged_bytes.saturating_add(old.bytes.unwrap_or_else(|| measure(&old, group_text, *session_start)));
             merge(&mut merged.aggregates, old.aggregates);
             if old.emitted {
                 if *session_start == merged_start {
