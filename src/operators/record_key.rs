@@ -100,6 +100,8 @@ mod tests {
             names(&["quo\"te", "id.not"]),
         ] {
             assert_eq!(key_text_of(fields, &key), key_text(&key_of(fields, &key)), "key {key:?}");
+            // The text a repartitioned record's placement was hashed from.
+            assert_eq!(key_text_of(fields, &key), Value::Object(key_of(fields, &key)).to_string(), "key {key:?}");
         }
     }
 

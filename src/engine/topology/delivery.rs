@@ -3,6 +3,7 @@
 //! out as a forward, distributed), and out to the outputs.
 
 use super::*;
+use crate::operators::record_key::key_text_of;
 
 impl Topology {
     /// Calls `action` on each step of a task in order; what a step produces goes through the
@@ -126,7 +127,8 @@ impl Topology {
         result: &mut ChainResult,
     ) -> Result<(), ProcessError> {
         let key_fields = self.stages[stage].repartition_by.as_deref().unwrap_or_default();
-        let key = Value::Object(key_of(&record.fields, key_fields)).to_string();
+        // The key map's text, written without the map: its hash places the record.
+        let key = key_text_of(&record.fields, key_fields);
         let partition = (crate::plan::stable_hash(key.as_bytes()) % u64::from(self.width)) as u32;
         if let Some(distribution) = &self.distribution {
             let (sender, position) = match from {

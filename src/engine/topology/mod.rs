@@ -37,7 +37,7 @@ use crate::operators::committed::{StateBacking, TimerChange};
 use crate::operators::lookup::Tables;
 use crate::operators::Step;
 use crate::plan::{Pipeline, Target};
-use crate::operators::{BuildError, CorruptState, key_of, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
+use crate::operators::{BuildError, CorruptState, Emitted, Forward, Operator, StepOutcome, ProcessError, Record, StateEntryLimit};
 
 /// What leaves the steps: a record or tombstone for an output's sink (by output index), or a
 /// forward to a later stage's repartition topic.
@@ -214,7 +214,9 @@ impl Topology {
                 StageSpec {
                     steps: stage.steps.iter().map(|index| pipeline.steps[*index].clone()).collect(),
                     indices: stage.steps,
-                    repartition_by: stage.repartition_by,
+                    // Each field once, as the key's map held it: the key's text is written from
+                    // the list, and its hash places the record.
+                    repartition_by: stage.repartition_by.as_deref().map(crate::operators::record_key::distinct),
                     parent: stage.parent,
                     children: (0..parents.len()).filter(|child| parents[*child] == Some(number)).collect(),
                 }
