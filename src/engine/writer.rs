@@ -45,8 +45,7 @@ impl OutputWriter {
             location: sink.location.clone(),
             encoder,
             key_encoder,
-            // Each field once, as the key's map holds it (its text is written from the list).
-            key: crate::operators::record_key::distinct(&sink.key),
+            key: sink.key.clone(),
             headers: SinkHeaders::new(pipeline, output)?,
             mode: sink.mode,
             as_read: pipeline.writes_records_as_read(output),

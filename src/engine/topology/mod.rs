@@ -214,9 +214,7 @@ impl Topology {
                 StageSpec {
                     steps: stage.steps.iter().map(|index| pipeline.steps[*index].clone()).collect(),
                     indices: stage.steps,
-                    // Each field once, as the key's map held it: the key's text is written from
-                    // the list, and its hash places the record.
-                    repartition_by: stage.repartition_by.as_deref().map(crate::operators::record_key::distinct),
+                    repartition_by: stage.repartition_by,
                     parent: stage.parent,
                     children: (0..parents.len()).filter(|child| parents[*child] == Some(number)).collect(),
                 }

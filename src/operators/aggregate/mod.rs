@@ -18,7 +18,7 @@ use super::committed::{CommittedState, StoreTimers, TimerChange};
 use super::window::aggregates::{accumulate, growth_bound, initial, AggregateState, Sequence};
 use super::window::config::Aggregate;
 use super::window::NUMBERS_RESERVE;
-use super::record_key::{self, key_text_of};
+use super::record_key::key_text_of;
 use super::{json_len, key_of, quoted_len, CorruptState, RecordKey, Emitted, ProcessError, Record, StateChange, StateEntryLimit, StepOutcome};
 use crate::config::Schema;
 pub mod config;
@@ -78,8 +78,7 @@ struct LastSeen {
 impl AggregateOperator {
     pub fn new(spec: &RunningAggregate, schema: Option<&Schema>, limit: StateEntryLimit) -> AggregateOperator {
         AggregateOperator {
-            // Each field once, as the group's map holds it (its text is written from the list).
-            group_by: record_key::distinct(&spec.group_by),
+            group_by: spec.group_by.clone(),
             aggregates: spec.aggregates.clone(),
             sums_whole: spec.aggregates.iter().map(|(_, aggregate)| aggregate.sums_whole(schema)).collect(),
             ttl: spec.ttl.map(crate::config::millis),

@@ -15,7 +15,7 @@ use indexmap::IndexMap;
 use serde_json::Value;
 
 use super::committed::{CommittedState, StoreTimers, TimerChange};
-use super::record_key::{self, key_text_of};
+use super::record_key::key_text_of;
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, quoted_len};
 pub mod config;
 
@@ -52,7 +52,7 @@ const TIME_BYTES: usize = 20;
 impl DedupOperator {
     pub fn new(spec: &Dedup, limit: StateEntryLimit) -> DedupOperator {
         DedupOperator {
-            key: record_key::distinct(&spec.key),
+            key: spec.key.clone(),
             within: crate::config::millis(spec.within),
             pending: IndexMap::default(),
             committed: None,

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::event_time::field_at;
 use super::committed::StoreTimers;
-use super::record_key::{self, key_text_of};
+use super::record_key::key_text_of;
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, json_len, key_of, quoted_len};
 pub mod config;
 mod stored;
@@ -109,8 +109,7 @@ impl WindowOperator {
     pub fn new(spec: &Window, schema: Option<&Schema>, limit: StateEntryLimit) -> WindowOperator {
         let sums_whole = spec.aggregates.iter().map(|(_, aggregate)| aggregate.sums_whole(schema)).collect();
         WindowOperator {
-            // Each field once, as the group's map holds it (its text is written from the list).
-            group_by: record_key::distinct(&spec.group_by),
+            group_by: spec.group_by.clone(),
             kind: spec.kind,
             lateness: crate::config::millis(spec.allowed_lateness),
             aggregates: spec.aggregates.clone(),
