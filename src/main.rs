@@ -18,7 +18,8 @@ use weir::runtime::{self, RunOptions};
 use weir::telemetry::{logging, metrics::Metrics};
 
 /// mimalloc rather than glibc's allocator: in a profile of a dedup over 1M keys, glibc's
-/// malloc and free took about 30% of weir's CPU time (BENCHMARKS.md).
+/// malloc and free took about 30% of weir's CPU time (BENCHMARKS.md). With the crate's
+/// `override` feature (Cargo.toml) it serves librdkafka's and RocksDB's allocations too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -280,12 +280,12 @@ fn the_memory_request_and_limit_follow_the_state_store_settings() {
         container["env"].as_sequence().unwrap().iter().find(|variable| variable["name"] == name).map(|variable| variable["value"].clone())
     };
     let defaults = container(&[]);
-    assert_eq!(defaults["resources"]["requests"]["memory"], "224Mi", "128 base + 32 cache + 64 write buffers");
-    assert_eq!(defaults["resources"]["limits"]["memory"], "336Mi");
+    assert_eq!(defaults["resources"]["requests"]["memory"], "256Mi", "160 base + 32 cache + 64 write buffers");
+    assert_eq!(defaults["resources"]["limits"]["memory"], "384Mi");
     assert_eq!(env(&defaults, "WEIR__STATE__CACHE_MIB"), Some(Value::from("32")));
     let larger = container(&["--set", "stateMemory.cacheMiB=512", "--set", "stateMemory.writeBuffersMiB=128"]);
-    assert_eq!(larger["resources"]["requests"]["memory"], "768Mi");
-    assert_eq!(larger["resources"]["limits"]["memory"], "1152Mi");
+    assert_eq!(larger["resources"]["requests"]["memory"], "800Mi");
+    assert_eq!(larger["resources"]["limits"]["memory"], "1200Mi");
     assert_eq!(env(&larger, "WEIR__STATE__CACHE_MIB"), Some(Value::from("512")));
     assert_eq!(env(&larger, "WEIR__STATE__WRITE_BUFFERS_MIB"), Some(Value::from("128")));
     let set = container(&["--set", "resources.limits.memory=2Gi", "--set", "resources.requests.memory=1Gi"]);
