@@ -225,6 +225,38 @@ fn a_batch_changelog_follows_the_records_not_the_hash_seed() {
     }
 }
 
+/// A batch's writes reach RocksDB in key order (for its memtables), yet of two writes of one
+/// key in a batch the later still wins, whatever keys and partitions come between them.
+#[test]
+fn the_later_of_two_writes_of_a_key_in_one_batch_wins() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let store = open(directory.path());
+    let entry = |partition: i32, id: &str, value: Option<&str>| {
+        let key = json!({ "id": id }).to_string();
+        StoreWrite::state(0, partition, changelog_key(Some(OWNER), &key), value.map(|value| value.as_bytes().to_vec()))
+    };
+    let writes = [
+        entry(5, "z", Some("1")),
+        entry(2, "b", Some("2")),
+        entry(5, "a", Some("3")),
+        entry(5, "z", None),
+        entry(2, "b", Some("4")),
+        entry(5, "a", None),
+        entry(2, "c", Some("6")),
+        entry(5, "a", Some("5")),
+    ];
+    store.apply(&writes, &[], &[]).expect("the store takes the batch");
+    let read = |partition: i32, id: &str| {
+        let value = store.backing().view(0, partition, Some(OWNER)).get(&json!({ "id": id }).to_string());
+        value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    };
+    assert_eq!(read(5, "z"), None, "put, then deleted");
+    assert_eq!(read(5, "a").as_deref(), Some("5"), "put, deleted, put again");
+    assert_eq!(read(2, "b").as_deref(), Some("4"), "put twice");
+    assert_eq!(read(2, "c").as_deref(), Some("6"));
+    assert_eq!(read(2, "a"), None, "another partition's key");
+}
+
 /// A store made before timers were kept gets them when it opens, and its keys still expire.
 #[test]
 fn a_store_without_timers_gets_them_built_when_it_opens() {
