@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rocksdb::{BlockBasedIndexType, DBCompressionType, BlockBasedOptions, Cache, LruCacheOptions, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, DBCompressionType, LruCacheOptions, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 use tracing::warn;
 
 use super::error::RuntimeError;
@@ -84,17 +84,9 @@ fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
     options.set_write_buffer_size(MEMTABLE_BYTES.min(memory.write_buffer_bytes / 2).max(1 << 20));
     options.set_block_based_table_factory(&table);
     // Level 0 takes every flush, and its files are soon compacted into level 1: left
-    // uncompressed (one compression and one decompression less per entry written), the
-    // levels below it LZ4.
-    options.set_compression_per_level(&[
-        DBCompressionType::None,
-        DBCompressionType::Lz4,
-        DBCompressionType::Lz4,
-        DBCompressionType::Lz4,
-        DBCompressionType::Lz4,
-        DBCompressionType::Lz4,
-        DBCompressionType::Lz4,
-    ]);
+    // uncompressed (one compression and one decompression less per entry written). Every
+    // level below it takes the list's last entry, LZ4.
+    options.set_compression_per_level(&[DBCompressionType::None, DBCompressionType::Lz4]);
     if name == OFFSETS {
         options.set_merge_operator_associative("weir-add-counts", add_counts);
     }
