@@ -18,10 +18,13 @@ pub const MAX_EVENT_TIME: i64 = 253_402_300_799_999;
 
 /// The value at a dotted path such as `user.id`; None when a part is missing.
 pub fn field_at<'v>(fields: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
-    let mut parts = path.split('.');
-    let mut value = fields.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_object()?.get(part)?;
+    // Most paths are one name (an event time, a key field): looked up without the splitting.
+    let Some((first, rest)) = path.split_once('.') else {
+        return crate::codec::field(fields, path);
+    };
+    let mut value = crate::codec::field(fields, first)?;
+    for part in rest.split('.') {
+        value = crate::codec::field(value.as_object()?, part)?;
     }
     Some(value)
 }

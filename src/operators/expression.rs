@@ -241,7 +241,7 @@ impl<'r> Bindings<'r> {
                     CelValue::from(map)
                 }
                 // A field the record does not have stays unbound, as the interpreter expects.
-                field => match record.fields.get(field) {
+                field => match crate::codec::field(&record.fields, field) {
                     Some(value) => to_cel(value),
                     None => continue,
                 },

@@ -53,9 +53,9 @@ pub fn key_text_of(fields: &Map<String, Value>, names: &[String]) -> String {
         if index > 0 {
             text.push(b',');
         }
-        // Writing JSON into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut text, name);
+        crate::codec::json::write_string(&mut text, name);
         text.push(b':');
+        // Writing JSON into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut text, field_at(fields, name).unwrap_or(&Value::Null));
     }
     text.push(b'}');

@@ -23,6 +23,7 @@ use tracing::warn;
 
 use super::error::RuntimeError;
 use super::rocks::{is_lock_held, open_waiting_for_lock};
+use crate::codec::json;
 use crate::operators::committed::StateBacking;
 use crate::runtime::TopicPartitionOffset;
 
@@ -202,9 +203,12 @@ pub fn changelog_key(owner: Option<&str>, key: &str) -> Vec<u8> {
     // and a few escapes, then the two strings (writing a string into a Vec cannot fail).
     let mut bytes = Vec::with_capacity(owner.map_or(4, str::len) + key.len() + key.len() / 2 + 8);
     bytes.push(b'[');
-    let _ = serde_json::to_writer(&mut bytes, &owner);
+    match owner {
+        Some(owner) => json::write_string(&mut bytes, owner),
+        None => bytes.extend_from_slice(b"null"),
+    }
     bytes.push(b',');
-    let _ = serde_json::to_writer(&mut bytes, key);
+    json::write_string(&mut bytes, key);
     bytes.push(b']');
     bytes
 }
@@ -213,16 +217,22 @@ pub fn changelog_key(owner: Option<&str>, key: &str) -> Vec<u8> {
 /// the time as big-endian bytes with the sign flipped (so bytes sort as times do), the state
 /// key.
 fn timer_key(owner: Option<&str>, time: i64, key: &str) -> Vec<u8> {
-    let mut bytes = timer_owner(owner);
+    // Made once per timer set or cleared: one allocation, the owner's quotes and NUL, the time.
+    let mut bytes = Vec::with_capacity(owner.map_or(4, str::len) + 3 + 8 + key.len());
+    push_timer_owner(&mut bytes, owner);
     bytes.extend_from_slice(&time_bytes(time));
     bytes.extend_from_slice(key.as_bytes());
     bytes
 }
 
-fn timer_owner(owner: Option<&str>) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec(&owner).unwrap_or_default();
+/// The owner topic as JSON and a NUL: what every timer key of a task starts with (after its
+/// partition's prefix).
+fn push_timer_owner(bytes: &mut Vec<u8>, owner: Option<&str>) {
+    match owner {
+        Some(owner) => json::write_string(bytes, owner),
+        None => bytes.extend_from_slice(b"null"),
+    }
     bytes.push(0);
-    bytes
 }
 
 fn time_bytes(time: i64) -> [u8; 8] {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use rocksdb::{Direction, IteratorMode, ReadOptions, DB};
 
 use super::key_filter::KeyFilters;
-use super::{changelog_key, family, partition_prefix, time_bytes, time_of, timer_family, timer_owner};
+use super::{changelog_key, family, partition_prefix, time_bytes, time_of, timer_family, push_timer_owner};
 use crate::operators::committed::{CommittedState, StateBacking};
 
 /// [`StateStore::backing`].
@@ -24,7 +24,7 @@ impl StateBacking for Backing {
         let mut state_prefix = partition_prefix(partition);
         state_prefix.extend_from_slice(&empty[..empty.len() - 3]);
         let mut timer_prefix = partition_prefix(partition);
-        timer_prefix.extend_from_slice(&timer_owner(owner));
+        push_timer_owner(&mut timer_prefix, owner);
         Box::new(StoreView {
             db: self.db.clone(),
             step,
@@ -78,8 +78,7 @@ impl CommittedState for StoreView {
         let mut full = self.scratch.borrow_mut();
         full.clear();
         full.extend_from_slice(&self.state_prefix);
-        // Writing a string to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *full, key);
+        crate::codec::json::write_string(&mut full, key);
         full.push(b']');
         if !self.filters.may_contain(self.step, &full) {
             return None;

@@ -116,7 +116,7 @@ fn value_schema(field_type: &FieldType, record_name: &str) -> Result<(Value, Vec
 fn write_record(names: &[AvroField], fields: &Map<String, Value>, path: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut present = 0;
     for field in names {
-        match fields.get(&field.name) {
+        match crate::codec::field(fields, &field.name) {
             None => out.push(0),
             Some(Value::Null) => {
                 present += 1;

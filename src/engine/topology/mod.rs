@@ -414,10 +414,26 @@ impl Topology {
         if !self.idle_inputs.is_empty() {
             self.idle_inputs.remove(&input);
         }
-        let task = self.task_of_input(topic, partition);
+        // One input per task (no join in place): the task is named by the input, and a task
+        // not made yet (a pipeline without steps makes none) starts at the input's watermark,
+        // found without looking up the topic again (this runs for every record).
+        let (task, watermark) = match &self.in_place {
+            None => {
+                let task = TaskPartition::Input(input.0.clone(), partition);
+                let watermark = match self.tasks.get(&(0, task.clone())) {
+                    Some(task) => task.watermark,
+                    None => self.input_watermarks.get(&input).copied().unwrap_or(i64::MIN),
+                };
+                (task, watermark)
+            }
+            Some(_) => {
+                let task = self.task_of_input(topic, partition);
+                let watermark = self.task_watermark(0, &task);
+                (task, watermark)
+            }
+        };
         let mut result = ChainResult::Passed;
         self.position = record.provenance.map(|provenance| (provenance.offset, 0));
-        let watermark = self.task_watermark(0, &task);
         self.deliver(0, &task, None, Emitted::Record(record), watermark, out, &mut result)?;
 
         // The record is in; now the watermarks move and close what they close.
