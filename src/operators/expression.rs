@@ -169,6 +169,11 @@ impl Expression {
         }
     }
 
+    /// The parsed CEL tree (for [`super::native::Native::compile`]).
+    pub fn tree(&self) -> &IdedExpr {
+        self.program.expression()
+    }
+
     /// Evaluates the expression for the record `bindings` were made from.
     pub fn evaluate(&self, bindings: &Bindings<'_>) -> Result<CelValue, ProcessError> {
         if let Some(problem) = &bindings.unusable {

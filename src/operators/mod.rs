@@ -15,6 +15,7 @@ pub mod expression;
 pub mod filter;
 pub mod join;
 pub mod lookup;
+pub mod native;
 pub mod record_key;
 pub mod reshape;
 mod state_entry;

@@ -10,6 +10,7 @@ use cel::objects::Value as CelValue;
 use cel::Env;
 
 use super::expression::{standard_environment, Bindings, Expression, ValueType};
+use super::native::{Native, Plain};
 use super::{BuildError, Emitted, ProcessError, Record, StepOutcome};
 use crate::config::{FieldType, Schema};
 pub mod config;
@@ -17,6 +18,8 @@ pub mod config;
 /// A compiled filter expression, checked against the fields of the records it sees.
 pub struct FilterExpression {
     expression: Expression,
+    /// The expression evaluated natively, where all of it is plain (see [`Native`]).
+    native: Option<Native>,
 }
 
 impl FilterExpression {
@@ -29,7 +32,10 @@ impl FilterExpression {
     pub fn compile(expression: &str, input: &Schema) -> Result<FilterExpression, BuildError> {
         let compiled = Expression::compile(expression, input)?;
         match compiled.value_type() {
-            ValueType::Known(FieldType::Boolean) | ValueType::Unknown => Ok(FilterExpression { expression: compiled }),
+            ValueType::Known(FieldType::Boolean) | ValueType::Unknown => {
+                let native = Native::compile(compiled.tree(), &|name| input.field_type(name).is_some());
+                Ok(FilterExpression { expression: compiled, native })
+            }
             ValueType::Known(other) => {
                 Err(BuildError(format!("'{expression}' gives a {}, not a boolean; a filter keeps a record when it is true", other.describe())))
             }
@@ -67,6 +73,10 @@ impl FilterOperator {
     }
 
     fn matches(&self, record: &Record<'_>) -> Result<bool, ProcessError> {
+        // Plain records of a plain expression need no interpreter; the rest take it.
+        if let Some(Plain::Bool(keep)) = self.compiled.native.as_ref().and_then(|native| native.evaluate(&record.fields)) {
+            return Ok(keep);
+        }
         let bindings = Bindings::of(record, &self.environment, self.compiled.expression.reads());
         match self.compiled.expression.evaluate(&bindings) {
             Ok(CelValue::Bool(keep)) => Ok(keep),
