@@ -13,6 +13,8 @@
 use cel::common::ast::{operators, Expr, IdedExpr, LiteralValue};
 use serde_json::{Map, Value};
 
+use super::expression::METADATA_VARIABLES;
+
 /// An expression the native evaluator handles, compiled from the CEL tree.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Native {
@@ -57,7 +59,8 @@ impl Native {
     /// `is_field`: whether a name is a record field (not metadata).
     pub fn compile(expression: &IdedExpr, is_field: &dyn Fn(&str) -> bool) -> Option<Native> {
         match &expression.expr {
-            Expr::Ident(name) if is_field(name) => Some(Native::Field(name.clone())),
+            // A metadata name is metadata to the interpreter, even where a field has it too.
+            Expr::Ident(name) if is_field(name) && !METADATA_VARIABLES.contains(&name.as_str()) => Some(Native::Field(name.clone())),
             Expr::Literal(LiteralValue::Int(number)) => Some(Native::Int(*number.inner())),
             Expr::Literal(LiteralValue::Double(number)) => Some(Native::Double(*number.inner())),
             Expr::Literal(LiteralValue::Boolean(flag)) => Some(Native::Bool(*flag.inner())),
@@ -207,6 +210,8 @@ mod tests {
                 field("t", FieldType::String),
                 field("f", FieldType::Boolean),
                 field("n", FieldType::Long.nullable()),
+                // A field with a metadata name: the interpreter reads the metadata.
+                field("_partition", FieldType::Long),
             ],
         }
     }
@@ -230,7 +235,7 @@ mod tests {
 
     fn leaf() -> impl Strategy<Value = String> {
         prop_oneof![
-            prop::sample::select(vec!["a", "b", "x", "y", "s", "t", "f", "n", "_offset"]).prop_map(String::from),
+            prop::sample::select(vec!["a", "b", "x", "y", "s", "t", "f", "n", "_offset", "_partition"]).prop_map(String::from),
             prop::sample::select(vec![
                 "0", "1", "7", "-3", "10", "9223372036854775807", "-9223372036854775807", "0.0", "-0.0", "1.5", "2.5e300",
                 "'a'", "'b'", "''", "'é'", "true", "false", "null", "1u",
@@ -256,7 +261,7 @@ mod tests {
         let text = prop_oneof![Just(String::new()), "[a-cé]{0,3}"];
         (long.clone(), long, double.clone(), double, text.clone(), text, any::<bool>(), prop::option::of(-5i64..5)).prop_map(
             |(a, b, x, y, s, t, f, n)| {
-                let fields = json!({"a": a, "b": b, "x": x, "y": y, "s": s, "t": t, "f": f, "n": n});
+                let fields = json!({"a": a, "b": b, "x": x, "y": y, "s": s, "t": t, "f": f, "n": n, "_partition": a});
                 fields.as_object().cloned().unwrap_or_default()
             },
         )
