@@ -332,6 +332,15 @@ pub fn write_string(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
 }
 
+/// Appends `text` as a JSON string, or `null` for none (as serde_json writes an
+/// `Option<&str>`).
+pub fn write_optional_string(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(text) => write_string(out, text),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,13 +200,10 @@ fn in_key_order(writes: &[StoreWrite]) -> Vec<&StoreWrite> {
 /// changelog record and the store use.
 pub fn changelog_key(owner: Option<&str>, key: &str) -> Vec<u8> {
     // What `serde_json::to_vec(&(owner, key))` writes, written in place: room for the quotes
-    // and a few escapes, then the two strings (writing a string into a Vec cannot fail).
+    // and a few escapes, then the two strings.
     let mut bytes = Vec::with_capacity(owner.map_or(4, str::len) + key.len() + key.len() / 2 + 8);
     bytes.push(b'[');
-    match owner {
-        Some(owner) => json::write_string(&mut bytes, owner),
-        None => bytes.extend_from_slice(b"null"),
-    }
+    json::write_optional_string(&mut bytes, owner);
     bytes.push(b',');
     json::write_string(&mut bytes, key);
     bytes.push(b']');
@@ -228,10 +225,7 @@ fn timer_key(owner: Option<&str>, time: i64, key: &str) -> Vec<u8> {
 /// The owner topic as JSON and a NUL: what every timer key of a task starts with (after its
 /// partition's prefix).
 fn push_timer_owner(bytes: &mut Vec<u8>, owner: Option<&str>) {
-    match owner {
-        Some(owner) => json::write_string(bytes, owner),
-        None => bytes.extend_from_slice(b"null"),
-    }
+    json::write_optional_string(bytes, owner);
     bytes.push(0);
 }
 
