@@ -38,11 +38,14 @@ pub(super) fn upsert_id(record: &Record<'_>) -> (Vec<u8>, i64) {
 
 /// `{"topic":..,"partition":..,"offset":..}`: `json::encode` of `join::coordinates`.
 fn coordinates_text(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
-    let mut text = Vec::with_capacity(topic.len() + 48);
+    let mut text = Vec::with_capacity(topic.len() + 56);
     text.extend_from_slice(br#"{"topic":"#);
-    // Writing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut text, topic);
-    text.extend_from_slice(format!(r#","partition":{partition},"offset":{offset}}}"#).as_bytes());
+    json::write_string(&mut text, topic);
+    text.extend_from_slice(br#","partition":"#);
+    text.extend_from_slice(itoa::Buffer::new().format(partition).as_bytes());
+    text.extend_from_slice(br#","offset":"#);
+    text.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    text.push(b'}');
     text
 }
 
@@ -178,7 +181,7 @@ mod tests {
     /// must not change).
     #[test]
     fn an_input_records_upsert_id_is_its_coordinates_as_json() {
-        for (topic, partition, offset) in [("bids", 0, 0), ("a\"b\\c", 7, i64::MAX), ("t\u{e9}\u{1}", i32::MAX, -1)] {
+        for (topic, partition, offset) in [("bids", 0, 0), ("a\"b\\c", 7, i64::MAX), ("t\u{e9}\u{1}", i32::MAX, -1), ("", i32::MIN, i64::MIN)] {
             let id = crate::operators::join::coordinates(topic, partition, offset);
             assert_eq!(coordinates_text(topic, partition, offset), json::encode(&id), "{topic}");
         }

@@ -423,7 +423,7 @@ impl Engine {
         })?;
         if let Some((id, version)) = upsert {
             sink_headers::replace(&mut headers, ID_HEADER, Some(id));
-            sink_headers::replace(&mut headers, VERSION_HEADER, Some(version.to_string().into_bytes()));
+            sink_headers::replace(&mut headers, VERSION_HEADER, Some(itoa::Buffer::new().format(version).as_bytes().to_vec()));
         }
         let as_read = verbatim
             .filter(|input| writer.as_read && record.provenance.is_some_and(|provenance| provenance.same_record(&input.provenance)))
