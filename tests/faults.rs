@@ -182,6 +182,22 @@ fn wait_running(processes: &mut [(&str, &mut WeirProcess)], timeout: Duration, m
     true
 }
 
+/// How long a helper thread of a test (a feeder, a broker restart or pause) may take: a
+/// feeder's records, then its flush, which waits up to 330 s for a broker that is away.
+const HELPER_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Waits for a helper thread to end and gives back what it returned (or its panic). One that
+/// has not ended within [`HELPER_PATIENCE`] fails the test with `what`, instead of holding the
+/// run until CI's time limit with nothing said.
+fn join_helper<T>(thread: std::thread::JoinHandle<T>, what: &str) -> T {
+    let deadline = Instant::now() + HELPER_PATIENCE;
+    while !thread.is_finished() {
+        assert!(Instant::now() < deadline, "{what} did not end within {HELPER_PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// Runs `pipeline` uninterrupted with `--until-end` and returns what it wrote to `output`.
 fn golden(pipeline: &str, output: &str) -> BTreeMap<(String, String), usize> {
     let file = pipeline_file(pipeline);
@@ -225,15 +241,16 @@ fn window_and_join_pipelines_wait_out_five_broker_restarts() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let restarting = std::thread::spawn(restart_broker);
-        while !restarting.is_finished() {
+        let deadline = Instant::now() + HELPER_PATIENCE;
+        while !restarting.is_finished() && Instant::now() < deadline {
             not_ready_seen |= !is_ready(&window) || !is_ready(&join);
             std::thread::sleep(Duration::from_millis(100));
         }
-        restarting.join().unwrap();
+        join_helper(restarting, "a broker restart");
         eprintln!("broker restart {} done", restart + 1);
     }
     for feeder in feeders {
-        feeder.join().unwrap();
+        join_helper(feeder, "a feeder of input");
     }
     assert!(not_ready_seen, "neither process went not ready while the broker restarted");
 
@@ -292,11 +309,12 @@ fn a_session_that_runs_out_while_the_broker_restarts_is_not_taken_for_a_twin() {
             std::thread::sleep(Duration::from_secs(10));
             start_broker_again();
         });
-        while !restarting.is_finished() {
+        let deadline = Instant::now() + HELPER_PATIENCE;
+        while !restarting.is_finished() && Instant::now() < deadline {
             assert_running(processes[0].1, "filter");
             std::thread::sleep(Duration::from_millis(100));
         }
-        restarting.join().unwrap();
+        join_helper(restarting, "a broker restart");
         eprintln!("broker restart {} done", burst + 1);
     }
     assert_exactly_once(&output, &kept_by_amount_filter(0..(RESTARTS + 1) * BURST));
@@ -335,9 +353,9 @@ fn a_broker_frozen_longer_than_the_transaction_timeout_is_waited_out() {
         not_ready_seen |= !is_ready(&weir);
         std::thread::sleep(Duration::from_millis(200));
     }
-    frozen.join().unwrap();
+    join_helper(frozen, "the broker's pause");
     assert!(not_ready_seen, "weir stayed ready through 25 s of a frozen broker");
-    feeder.join().unwrap();
+    join_helper(feeder, "the feeder of input");
 
     let mut processes = [("filter", &mut weir)];
     let caught_up = wait_running(&mut processes, Duration::from_secs(300), || committed_offsets(&name, &input) == end_offsets(&input));
@@ -447,7 +465,7 @@ fn scale_in_with_a_restore_longer_than_the_transaction_timeout() {
     let moved = Instant::now();
     second.terminate();
     assert!(second.wait(Duration::from_secs(60)).success(), "instance 1 did not stop cleanly:\n{}", second.log_text());
-    feeder.join().unwrap();
+    join_helper(feeder, "the feeder of input");
     let mut alone = [("instance 0", &mut first)];
     let caught_up = wait_running(&mut alone, Duration::from_secs(600), || committed_offsets(&name, &input) == end_offsets(&input));
     drop(throttle);
