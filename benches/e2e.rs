@@ -454,11 +454,15 @@ enum System {
     WeirUpsert,
     /// One weir process per output of a two-output pipeline, reading the same topic.
     WeirSeparate,
+    /// Two weir processes of one pass-through pipeline (instances 0 and 1, two partitions
+    /// each): what a second loop adds on these cores. Latency section only.
+    WeirTwo,
     KafkaStreams,
 }
 
 impl System {
-    const ALL: [System; 6] = [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::WeirSeparate, System::KafkaStreams];
+    const ALL: [System; 7] =
+        [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::WeirSeparate, System::WeirTwo, System::KafkaStreams];
 
     fn label(self) -> &'static str {
         match self {
@@ -467,6 +471,7 @@ impl System {
             System::Weir => "weir",
             System::WeirUpsert => "weir, no transactions (idempotent_upsert)",
             System::WeirSeparate => "weir, one pipeline per output (two processes)",
+            System::WeirTwo => "weir, two processes of the pipeline",
             System::KafkaStreams => "Kafka Streams 4.2",
         }
     }
@@ -479,6 +484,7 @@ impl System {
             System::Weir => "weir",
             System::WeirUpsert => "weir-upsert",
             System::WeirSeparate => "weir-separate",
+            System::WeirTwo => "weir-two",
             System::KafkaStreams => "kafka-streams",
         }
     }
@@ -803,8 +809,8 @@ fn now_ms() -> i64 {
 /// A running system under a latency test; dropped to stop it.
 enum Running {
     Raw(Arc<AtomicBool>, Option<std::thread::JoinHandle<Measured>>),
-    /// The pipeline file (and the state beside it) lives as long as the process.
-    Weir { process: WeirProcess, _file: Option<PipelineFile> },
+    /// The pipeline file (and the state beside it) lives as long as the processes.
+    Weir { processes: Vec<WeirProcess>, _file: Option<PipelineFile> },
     KafkaStreams { child: Child, _state: Option<tempfile::TempDir> },
 }
 
@@ -817,7 +823,7 @@ impl Drop for Running {
                     let _ = thread.join();
                 }
             }
-            Running::Weir { process, .. } => process.kill(),
+            Running::Weir { processes, .. } => processes.iter_mut().for_each(WeirProcess::kill),
             Running::KafkaStreams { child, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -834,11 +840,21 @@ fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Runni
             let transactional = system == System::RawTransactional;
             Running::Raw(stop, Some(std::thread::spawn(move || raw_passthrough(&input, &output, u64::MAX, Some(flag), transactional))))
         }
-        System::Weir | System::WeirUpsert | System::WeirSeparate => {
+        System::Weir | System::WeirUpsert | System::WeirSeparate | System::WeirTwo => {
             let file = pipeline_file(&weir_pipeline(&unique("lat"), Workload::PassThrough, input, output, system == System::WeirUpsert));
-            let process = WeirProcess::start(&file.path, WeirOptions::default());
-            wait_ready(&process, Duration::from_secs(120));
-            Running::Weir { process, _file: Some(file) }
+            let instances: &[&str] = if system == System::WeirTwo { &["0", "1"] } else { &["0"] };
+            let processes: Vec<WeirProcess> = instances
+                .iter()
+                .map(|instance| {
+                    let process = WeirProcess::start(&file.path, WeirOptions { instance, ..Default::default() });
+                    wait_ready(&process, Duration::from_secs(120));
+                    process
+                })
+                .collect();
+            if processes.len() > 1 {
+                wait_partitions_shared(&processes);
+            }
+            Running::Weir { processes, _file: Some(file) }
         }
         System::KafkaStreams => {
             let state = tempfile::tempdir().unwrap();
@@ -858,13 +874,39 @@ fn produced_at(value: &[u8]) -> Option<i64> {
     std::str::from_utf8(&value[at..at + digits]).ok()?.parse().ok()
 }
 
+/// Waits until every partition of the input is owned by one of `processes` and each owns
+/// some (the group has settled after the later ones joined), so that a point measures them
+/// all at work.
+fn wait_partitions_shared(processes: &[WeirProcess]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let owned: Vec<usize> = processes
+            .iter()
+            .map(|process| {
+                let status = process.http_get("/status").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
+                status.and_then(|status| status["partitions"].as_object().map(serde_json::Map::len)).unwrap_or(0)
+            })
+            .collect();
+        if owned.iter().all(|count| *count > 0) && owned.iter().sum::<usize>() == PARTITIONS as usize {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the weir processes did not share the partitions within 120 s: {owned:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// weir's commits so far and the seconds they took (its commit-duration histogram's count
-/// and sum), to say how much of a latency is the commit.
+/// and sum, over all its processes), to say how much of a latency is the commit.
 fn commits_so_far(running: &Running) -> Option<(f64, f64)> {
-    let Running::Weir { process, .. } = running else { return None };
-    let (_, text) = process.http_get("/metrics")?;
-    let value = |name: &str| text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
-    Some((value("weir_commit_duration_seconds_count")?, value("weir_commit_duration_seconds_sum")?))
+    let Running::Weir { processes, .. } = running else { return None };
+    let mut total = (0.0, 0.0);
+    for process in processes {
+        let (_, text) = process.http_get("/metrics")?;
+        let value = |name: &str| text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+        total.0 += value("weir_commit_duration_seconds_count")?;
+        total.1 += value("weir_commit_duration_seconds_sum")?;
+    }
+    Some(total)
 }
 
 /// A latency point: p50 and p99 in ms, and for weir the mean commit and commits per second;
@@ -1030,7 +1072,7 @@ fn recovery(system: System, jar: &Path, topics: &Topics, generated: &Generated, 
                 let child = java(jar, &kstreams_arguments(Workload::Dedup, topics, &output, &app, state.path(), 0), &log, false, &settings);
                 Running::KafkaStreams { child, _state: None }
             }
-            _ => Running::Weir { process: WeirProcess::start(&file.path, WeirOptions::default()), _file: None },
+            _ => Running::Weir { processes: vec![WeirProcess::start(&file.path, WeirOptions::default())], _file: None },
         }
     };
     let first = start();
@@ -1199,7 +1241,11 @@ fn main() {
                     weir_pipeline(&unique("e2e"), Workload::PassThrough, &topics, &output, false),
                     weir_pipeline(&unique("e2e"), Workload::Projection, &topics, &format!("{output}-2"), false),
                 ]),
-                System::Weir | System::WeirUpsert => run_weir(&weir_pipeline(&unique("e2e"), *workload, &topics, &output, *system == System::WeirUpsert)),
+                // (Never among a workload's systems: two processes that start on a full topic do
+                // not share it from the start, so they are measured live, in the latency section.)
+                System::Weir | System::WeirUpsert | System::WeirTwo => {
+                    run_weir(&weir_pipeline(&unique("e2e"), *workload, &topics, &output, *system == System::WeirUpsert))
+                }
                 System::KafkaStreams => run_kstreams(&options.kstreams_jar, *workload, &topics, &output, *events),
             };
             record(*workload, *system, *events, measured, &output, expected);
@@ -1288,7 +1334,10 @@ fn main() {
     say(String::new());
     say("| system | live max events/s | at 50%: p50 / p99 (ms) | at 70%: p50 / p99 (ms) |".into());
     say("|---|---|---|---|".into());
-    for system in [System::Raw, System::RawTransactional, System::Weir, System::WeirUpsert, System::KafkaStreams].into_iter().filter(|system| runs("latency") && included(system)) {
+    for system in [System::Raw, System::RawTransactional, System::Weir, System::WeirTwo, System::WeirUpsert, System::KafkaStreams]
+        .into_iter()
+        .filter(|system| runs("latency") && included(system))
+    {
         let max = match latency(system, &options.kstreams_jar, None, options.latency_seconds) {
             Ok(point) => point.through_per_second,
             Err(error) => {
