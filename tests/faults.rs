@@ -242,7 +242,8 @@ fn window_and_join_pipelines_wait_out_five_broker_restarts() {
         }
         let restarting = std::thread::spawn(restart_broker);
         let deadline = Instant::now() + HELPER_PATIENCE;
-        while !restarting.is_finished() && Instant::now() < deadline {
+        while !restarting.is_finished() {
+            assert!(Instant::now() < deadline, "a broker restart did not end within {HELPER_PATIENCE:?}");
             not_ready_seen |= !is_ready(&window) || !is_ready(&join);
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -310,7 +311,8 @@ fn a_session_that_runs_out_while_the_broker_restarts_is_not_taken_for_a_twin() {
             start_broker_again();
         });
         let deadline = Instant::now() + HELPER_PATIENCE;
-        while !restarting.is_finished() && Instant::now() < deadline {
+        while !restarting.is_finished() {
+            assert!(Instant::now() < deadline, "a broker restart did not end within {HELPER_PATIENCE:?}");
             assert_running(processes[0].1, "filter");
             std::thread::sleep(Duration::from_millis(100));
         }
