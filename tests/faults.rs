@@ -186,13 +186,15 @@ fn wait_running(processes: &mut [(&str, &mut WeirProcess)], timeout: Duration, m
 /// feeder's records, then its flush, which waits up to 330 s for a broker that is away.
 const HELPER_PATIENCE: Duration = Duration::from_secs(600);
 
-/// Waits for a helper thread to end and gives back what it returned (or its panic). One that
-/// has not ended within [`HELPER_PATIENCE`] fails the test with `what`, instead of holding the
-/// run until CI's time limit with nothing said.
-fn join_helper<T>(thread: std::thread::JoinHandle<T>, what: &str) -> T {
+/// Waits for a helper thread to end, running `meanwhile` every 100 ms (the checks a test
+/// makes while the fault lasts), and gives back what the thread returned (or its panic). One
+/// that has not ended within [`HELPER_PATIENCE`] fails the test with `what`, instead of
+/// holding the run until CI's time limit with nothing said.
+fn join_helper<T>(thread: std::thread::JoinHandle<T>, what: &str, mut meanwhile: impl FnMut()) -> T {
     let deadline = Instant::now() + HELPER_PATIENCE;
     while !thread.is_finished() {
         assert!(Instant::now() < deadline, "{what} did not end within {HELPER_PATIENCE:?}");
+        meanwhile();
         std::thread::sleep(Duration::from_millis(100));
     }
     thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -241,17 +243,11 @@ fn window_and_join_pipelines_wait_out_five_broker_restarts() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let restarting = std::thread::spawn(restart_broker);
-        let deadline = Instant::now() + HELPER_PATIENCE;
-        while !restarting.is_finished() {
-            assert!(Instant::now() < deadline, "a broker restart did not end within {HELPER_PATIENCE:?}");
-            not_ready_seen |= !is_ready(&window) || !is_ready(&join);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        join_helper(restarting, "a broker restart");
+        join_helper(restarting, "a broker restart", || not_ready_seen |= !is_ready(&window) || !is_ready(&join));
         eprintln!("broker restart {} done", restart + 1);
     }
     for feeder in feeders {
-        join_helper(feeder, "a feeder of input");
+        join_helper(feeder, "a feeder of input", || {});
     }
     assert!(not_ready_seen, "neither process went not ready while the broker restarted");
 
@@ -310,13 +306,7 @@ fn a_session_that_runs_out_while_the_broker_restarts_is_not_taken_for_a_twin() {
             std::thread::sleep(Duration::from_secs(10));
             start_broker_again();
         });
-        let deadline = Instant::now() + HELPER_PATIENCE;
-        while !restarting.is_finished() {
-            assert!(Instant::now() < deadline, "a broker restart did not end within {HELPER_PATIENCE:?}");
-            assert_running(processes[0].1, "filter");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        join_helper(restarting, "a broker restart");
+        join_helper(restarting, "a broker restart", || assert_running(processes[0].1, "filter"));
         eprintln!("broker restart {} done", burst + 1);
     }
     assert_exactly_once(&output, &kept_by_amount_filter(0..(RESTARTS + 1) * BURST));
@@ -350,14 +340,12 @@ fn a_broker_frozen_longer_than_the_transaction_timeout_is_waited_out() {
 
     let frozen = std::thread::spawn(|| pause_broker(Duration::from_secs(25)));
     let mut not_ready_seen = false;
-    while !frozen.is_finished() {
+    join_helper(frozen, "the broker's pause", || {
         assert_running(&mut weir, "filter");
         not_ready_seen |= !is_ready(&weir);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    join_helper(frozen, "the broker's pause");
+    });
     assert!(not_ready_seen, "weir stayed ready through 25 s of a frozen broker");
-    join_helper(feeder, "the feeder of input");
+    join_helper(feeder, "the feeder of input", || {});
 
     let mut processes = [("filter", &mut weir)];
     let caught_up = wait_running(&mut processes, Duration::from_secs(300), || committed_offsets(&name, &input) == end_offsets(&input));
@@ -467,7 +455,7 @@ fn scale_in_with_a_restore_longer_than_the_transaction_timeout() {
     let moved = Instant::now();
     second.terminate();
     assert!(second.wait(Duration::from_secs(60)).success(), "instance 1 did not stop cleanly:\n{}", second.log_text());
-    join_helper(feeder, "the feeder of input");
+    join_helper(feeder, "the feeder of input", || {});
     let mut alone = [("instance 0", &mut first)];
     let caught_up = wait_running(&mut alone, Duration::from_secs(600), || committed_offsets(&name, &input) == end_offsets(&input));
     drop(throttle);
