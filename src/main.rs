@@ -13,9 +13,8 @@ use weir::testing;
 use weir::config::redact;
 use weir::plan::{self, Loaded};
 use weir::engine::Engine;
-use weir::runtime::health::Health;
-use weir::runtime::{self, RunOptions};
-use weir::telemetry::{logging, metrics::Metrics};
+use weir::runtime::{self, workers::Workers};
+use weir::telemetry::logging;
 
 /// mimalloc rather than glibc's allocator: in a profile of a dedup over 1M keys, glibc's
 /// malloc and free took about 30% of weir's CPU time (BENCHMARKS.md). With the crate's
@@ -276,11 +275,9 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     logging::init(&loaded.settings.logging);
-    // The loop runs on a blocking thread of this runtime and decodes records there; a datum
-    // nesting as deep as the Avro decoder allows (codec::avro's depth limit) takes more than
-    // the default 2 MiB of stack in an unoptimized build. Stacks are reserved, not used, so a
-    // large one costs only what is touched.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_stack_size(64 << 20).enable_all().build();
+    // This runtime serves HTTP and waits for signals; the loops run on threads of their own,
+    // with the large stacks decoding needs (`runtime::workers`).
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let tokio = match runtime {
         Ok(tokio) => tokio,
         Err(error) => {
@@ -288,10 +285,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let options = RunOptions { instance: args.instance, until_end: args.until_end };
     // With JSON logs every line weir writes is JSON: the reason goes in the log record alone.
     let json_logs = matches!(loaded.settings.logging.format, weir::config::LogFormat::Json);
-    match tokio.block_on(serve_and_run(loaded, options)) {
+    match tokio.block_on(serve_and_run(loaded, &args.instance, args.until_end)) {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {
             error!(error = %message, "weir stopped");
@@ -304,23 +300,20 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Runs the service; an error comes with the exit status it means.
-async fn serve_and_run(loaded: Loaded, options: RunOptions) -> Result<(), (String, u8)> {
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    health.set_lag_limit(loaded.settings.http.ready_max_lag);
+async fn serve_and_run(loaded: Loaded, instance: &str, until_end: bool) -> Result<(), (String, u8)> {
     let secrets: Vec<String> = loaded.settings.secrets().into_iter().map(str::to_string).collect();
-    let status = Arc::new(weir::runtime::status::Status::new(&loaded.pipeline.name, &options.instance, secrets.clone()));
+    let workers = Arc::new(Workers::new(&loaded, instance, until_end, &secrets));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let (address, http) =
-        weir::http::serve(loaded.settings.http.listen, health.clone(), metrics.clone(), status.clone(), http_stop.clone())
+    let (address, http) = weir::http::serve(loaded.settings.http.listen, workers.clone(), http_stop.clone())
         .await
         .map_err(|error| (format!("cannot listen on {}: {error}", loaded.settings.http.listen), 1))?;
-    info!(%address, pipeline = %loaded.pipeline.name, instance = %options.instance, "weir starting");
+    info!(%address, pipeline = %loaded.pipeline.name, %instance, workers = loaded.settings.runtime.workers, "weir starting");
 
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let loop_shutdown = shutdown.clone();
-    let result = tokio::task::spawn_blocking(move || runtime::run(&loaded, &options, metrics, health, status, loop_shutdown))
+    let running = workers.clone();
+    let result = tokio::task::spawn_blocking(move || running.run(&loaded, &loop_shutdown))
         .await
         .map_err(|error| (format!("the processing thread panicked: {error}"), 1))?;
     signals.abort();

@@ -268,8 +268,8 @@ fn alerts_link_their_runbooks_and_the_dashboard_is_labelled_for_grafana() {
     }
 }
 
-/// The memory request and limit follow the store's memory settings, which reach weir as
-/// environment variables; a memory the user sets wins.
+/// The memory request and limit follow the store's memory settings and the workers (each with
+/// its own store), which reach weir as environment variables; a memory the user sets wins.
 #[test]
 fn the_memory_request_and_limit_follow_the_state_store_settings() {
     let container = |extra: &[&str]| {
@@ -288,6 +288,10 @@ fn the_memory_request_and_limit_follow_the_state_store_settings() {
     assert_eq!(larger["resources"]["limits"]["memory"], "1200Mi");
     assert_eq!(env(&larger, "WEIR__STATE__CACHE_MIB"), Some(Value::from("512")));
     assert_eq!(env(&larger, "WEIR__STATE__WRITE_BUFFERS_MIB"), Some(Value::from("128")));
+    let workers = container(&["--set", "workers=3"]);
+    assert_eq!(workers["resources"]["requests"]["memory"], "448Mi", "160 base + 3 workers x (32 + 64)");
+    assert_eq!(env(&workers, "WEIR__RUNTIME__WORKERS"), Some(Value::from("3")));
+    assert_eq!(env(&defaults, "WEIR__RUNTIME__WORKERS"), Some(Value::from("1")));
     let set = container(&["--set", "resources.limits.memory=2Gi", "--set", "resources.requests.memory=1Gi"]);
     assert_eq!(set["resources"]["requests"]["memory"], "1Gi");
     assert_eq!(set["resources"]["limits"]["memory"], "2Gi");

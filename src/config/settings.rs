@@ -80,6 +80,9 @@ pub struct RuntimeSettings {
     /// Exit once one fault (the cluster away, transactions timing out) has lasted this long;
     /// None (`0s`, the default): keep waiting, not ready meanwhile.
     pub give_up_after: Option<Duration>,
+    /// Loops run by this process, each its own consumer-group member, transactional
+    /// producer and state store (see `runtime::workers`).
+    pub workers: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +106,10 @@ pub struct LoggingSettings {
 
 /// A number or a boolean may be written as one or as a string (environment variables are
 /// strings).
+/// `runtime.workers` at most: each worker holds a consumer, a producer, a state store and
+/// a thread, and a process has few cores to give them.
+pub const MAX_WORKERS: usize = 64;
+
 const WHOLE: Shape = Shape::AnyOf(&[Shape::Count, Shape::String]);
 const FLAG: Shape = Shape::AnyOf(&[Shape::Bool, Shape::String]);
 const OPTIONS: Shape = Shape::MapOf(&Shape::Scalar);
@@ -142,6 +149,7 @@ const RUNTIME: Section = Section {
         Key::optional("max_batch_records", WHOLE, "or after this many records (default 100000)"),
         Key::optional("drain_timeout", Shape::Duration, "on SIGTERM: finish the batch, commit and leave within this (default 8s)"),
         Key::optional("give_up_after", Shape::Duration, "exit after one fault has lasted this long; 0s keeps waiting (default)"),
+        Key::optional("workers", WHOLE, "loops in this process, each its own group member and transaction (default 1)"),
     ],
 };
 
@@ -229,6 +237,7 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
         max_batch_records: reader.non_zero("runtime.max_batch_records"),
         drain_timeout: reader.duration("runtime.drain_timeout"),
         give_up_after: Some(reader.duration("runtime.give_up_after")).filter(|limit| !limit.is_zero()),
+        workers: reader.non_zero("runtime.workers"),
     };
     let http = HttpSettings {
         listen: reader
@@ -252,6 +261,9 @@ pub(super) fn load(config_file: Option<&Path>, problems: &mut ConfigErrors) -> O
     }
     if kafka.bootstrap_servers.trim().is_empty() {
         reader.problem("kafka.bootstrap_servers", "must name at least one broker (host:port)");
+    }
+    if runtime.workers.get() > MAX_WORKERS {
+        reader.problem("runtime.workers", format!("{} is more than {MAX_WORKERS}", runtime.workers));
     }
     if runtime.commit_interval.is_zero() {
         reader.problem("runtime.commit_interval", "must be longer than zero");

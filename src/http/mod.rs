@@ -12,37 +12,31 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::health::Health;
-use crate::runtime::status::Status;
-use crate::telemetry::metrics::Metrics;
+use crate::runtime::workers::Workers;
 
 #[derive(Clone)]
 struct Shared {
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    status: Arc<Status>,
+    workers: Arc<Workers>,
 }
 
-pub fn router(health: Arc<Health>, metrics: Arc<Metrics>, status: Arc<Status>) -> Router {
+pub fn router(workers: Arc<Workers>) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_report))
-        .with_state(Shared { health, metrics, status })
+        .with_state(Shared { workers })
 }
 
 /// Binds `address` and serves until `shutdown`; returns the bound address (useful with port 0).
 pub async fn serve(
     address: SocketAddr,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    status: Arc<Status>,
+    workers: Arc<Workers>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
-    let app = router(health, metrics, status);
+    let app = router(workers);
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -57,7 +51,7 @@ pub async fn serve(
 /// Alive while the loop beats (see `runtime::health`): a loop stuck in one call for longer
 /// than any call may take is restarted by Kubernetes.
 async fn live(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.health.is_live() {
+    if shared.workers.is_live() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "stuck: the processing loop has not made progress\n")
@@ -65,7 +59,7 @@ async fn live(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.health.is_ready() {
+    if shared.workers.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -73,15 +67,12 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn status_report(State(shared): State<Shared>) -> impl IntoResponse {
-    let mut report = serde_json::to_value(shared.status.snapshot()).unwrap_or_default();
-    report["ready"] = serde_json::Value::Bool(shared.health.is_ready());
-    axum::Json(report)
+    axum::Json(shared.workers.status())
 }
 
 async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
-    shared.metrics.ready.set(i64::from(shared.health.is_ready()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        shared.metrics.render(),
+        shared.workers.metrics_text(),
     )
 }

@@ -49,7 +49,14 @@ pub fn describe(loaded: &Loaded) -> String {
     }
     let _ = writeln!(text, "  dlq: {}", pipeline.dlq_topic);
     let _ = writeln!(text, "  consumer group: {}", pipeline.name);
-    let _ = writeln!(text, "  transactional id: {}-<instance>", pipeline.name);
+    match settings.runtime.workers.get() {
+        1 => {
+            let _ = writeln!(text, "  transactional id: {}-<instance>", pipeline.name);
+        }
+        workers => {
+            let _ = writeln!(text, "  workers: {workers}, transactional ids {0}-<instance> and {0}-<instance>-w1 .. -w{1}", pipeline.name, workers - 1);
+        }
+    }
     let _ = writeln!(
         text,
         "  batches: every {} or {} records",

@@ -3,29 +3,33 @@
 //! Liveness is a heartbeat: the loop beats on every turn, and so do the waits that are part
 //! of its work (a restore, a retried transactional call, the pause between recoveries). A
 //! loop that has not beaten for [`Health::live_within`] is stuck, and `/health/live` says so
-//! for Kubernetes to restart the process (audit R16).
+//! for Kubernetes to restart the process (audit R16). Each worker (`runtime.workers`) has
+//! its own `Health`; the process is live and ready when every worker is.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// The loop's last heartbeat, in milliseconds since [`epoch`]. A process has one loop, so
-/// one heartbeat: a static spares threading it through every call that waits.
-static LAST_BEAT: AtomicU64 = AtomicU64::new(0);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// The loop is alive and making progress (or deliberately waiting).
-pub fn beat() {
-    LAST_BEAT.store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+thread_local! {
+    /// The health of the worker whose loop runs on this thread: a loop beats from deep in
+    /// its waits, and this spares threading its `Health` through every call that waits.
+    static WORKER: RefCell<Option<Arc<Health>>> = const { RefCell::new(None) };
 }
 
-/// Time since the last [`beat`].
-pub fn since_last_beat() -> Duration {
-    epoch().elapsed().saturating_sub(Duration::from_millis(LAST_BEAT.load(Ordering::Relaxed)))
+/// The loop of this thread's worker (see [`Health::attach`]) is alive and making progress
+/// (or deliberately waiting). On a thread no worker is attached to, nothing.
+pub fn beat() {
+    WORKER.with(|worker| {
+        if let Some(health) = &*worker.borrow() {
+            health.beat_now();
+        }
+    });
 }
 
 #[derive(Debug, Default)]
@@ -48,12 +52,29 @@ pub struct Health {
     cluster_unreachable: AtomicBool,
     /// How long the loop may go without a heartbeat and still count as alive (0: not set).
     live_within_ms: AtomicU64,
+    /// The loop's last heartbeat, in milliseconds since [`epoch`].
+    last_beat: AtomicU64,
     /// When a client last reported trouble reaching the cluster, and no group fencing has
     /// been excused by it since (see [`Health::take_recent_cluster_fault`]).
     last_cluster_fault: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Health {
+    /// Makes this the health that [`beat`] on the current thread updates: call on the
+    /// worker's thread before its loop starts.
+    pub fn attach(self: &Arc<Self>) {
+        WORKER.with(|worker| *worker.borrow_mut() = Some(self.clone()));
+    }
+
+    fn beat_now(&self) {
+        self.last_beat.store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the last heartbeat.
+    fn since_last_beat(&self) -> Duration {
+        epoch().elapsed().saturating_sub(Duration::from_millis(self.last_beat.load(Ordering::Relaxed)))
+    }
+
     pub fn set_transactions_ready(&self, ready: bool) {
         self.transactions_ready.store(ready, Ordering::Relaxed);
     }
@@ -127,12 +148,12 @@ impl Health {
     /// to the cluster, so only a loop that is really stuck fails liveness.
     pub fn set_live_within(&self, bound: Duration) {
         self.live_within_ms.store(bound.as_millis() as u64, Ordering::Relaxed);
-        beat();
+        self.beat_now();
     }
 
     /// Whether the loop has beaten recently (always, before a bound is set).
     pub fn is_live(&self) -> bool {
-        self.is_live_after(since_last_beat())
+        self.is_live_after(self.since_last_beat())
     }
 
     /// Whether a loop whose last heartbeat was `quiet` ago counts as alive.
@@ -152,11 +173,17 @@ impl Health {
     }
 
     /// Ready to do work: the transactional producer is initialized, partitions are assigned,
-    /// their state is restored, the tables are read, the schema registry (if used) answers, and (with `http.ready_max_lag`) no partition lags further.
+    /// their state is restored, the tables are read, the schema registry (if used) answers,
+    /// and (with `http.ready_max_lag`) no partition lags further.
     pub fn is_ready(&self) -> bool {
+        self.assigned_partitions() > 0 && self.is_ready_for_partitions()
+    }
+
+    /// Everything [`Self::is_ready`] asks but owning partitions: a worker left without any
+    /// (more workers than partitions) does not hold its process back.
+    pub fn is_ready_for_partitions(&self) -> bool {
         let limit = self.lag_limit.load(Ordering::Relaxed);
         self.transactions_ready.load(Ordering::Relaxed)
-            && self.assigned_partitions() > 0
             && !self.restoring.load(Ordering::Relaxed)
             && !self.tables_loading.load(Ordering::Relaxed)
             && !self.waiting_for_registry.load(Ordering::Relaxed)
@@ -192,13 +219,22 @@ mod tests {
 
     #[test]
     fn a_loop_that_stops_beating_is_not_live() {
-        let health = Health::default();
+        let health = std::sync::Arc::new(Health::default());
         assert!(health.is_live_after(Duration::from_secs(3600)), "no bound yet: the process is starting");
         health.set_live_within(Duration::from_secs(120));
         assert!(health.is_live_after(Duration::from_secs(119)));
         assert!(!health.is_live_after(Duration::from_secs(121)), "no heartbeat for longer than the bound");
+        health.attach();
+        std::thread::sleep(Duration::from_millis(5));
+        let before = health.since_last_beat();
         super::beat();
+        assert!(health.since_last_beat() < before, "beat() on its thread reaches the attached health");
         assert!(health.is_live(), "just beaten");
+        let other = std::sync::Arc::new(Health::default());
+        other.set_live_within(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        super::beat();
+        assert!(!other.is_live(), "a beat on another worker's thread does not count");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!         │                                             ▼ produced into the open transaction
 //!    next batch ◄── commit_transaction ◄── send_offsets_to_transaction (with group metadata)
 //! ```
-//! One consumer-group member and one transactional producer per process, driven from one
-//! thread: no per-record hand-off between tasks. A batch is one transaction; it is begun on
+//! One consumer-group member and one transactional producer per worker (one per process
+//! unless `runtime.workers` says more, see `workers`), driven from one thread: no
+//! per-record hand-off between tasks. A batch is one transaction; it is begun on
 //! the first record and committed once per `commit_interval` (start to start, see
 //! `transaction::cadence`) or after `max_batch_records`.
 //!
@@ -70,6 +71,7 @@ mod table_store;
 mod tables;
 pub mod topics;
 mod transaction;
+pub mod workers;
 
 use poll_loop::Loop;
 
@@ -103,6 +105,8 @@ pub struct RunOptions {
     pub instance: String,
     /// Stop once every owned partition reaches the end offset seen when it was assigned.
     pub until_end: bool,
+    /// The other workers of the process (see `workers`).
+    pub peers: workers::Peers,
 }
 
 /// Runs the pipeline until shutdown (or, with `--until-end`, until caught up), waiting out
@@ -116,6 +120,7 @@ pub fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let settings = &loaded.settings;
+    health.attach();
     // Longer than any one call the loop makes to the cluster (a commit, a restore's wait for
     // an open transaction, the first contact), so only a stuck loop fails liveness.
     health.set_live_within((settings.kafka.transaction_timeout * 4).max(Duration::from_secs(120)));
@@ -308,6 +313,7 @@ fn run_once(
         commit_interval: settings.runtime.commit_interval,
         max_batch_records: settings.runtime.max_batch_records.get(),
         until_end: options.until_end,
+        peers: &options.peers,
         restart_on_abort,
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),

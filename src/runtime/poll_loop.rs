@@ -58,6 +58,7 @@ pub(super) struct Loop<'a> {
     pub(super) commit_interval: Duration,
     pub(super) max_batch_records: usize,
     pub(super) until_end: bool,
+    pub(super) peers: &'a super::workers::Peers,
     /// Stateful steps or repartitions: an abort restarts the run (see `after_abort`).
     pub(super) restart_on_abort: bool,
     pub(super) shutdown: &'a CancellationToken,
@@ -455,7 +456,9 @@ impl Loop<'_> {
     fn reached_end(&self) -> bool {
         let session = self.consumer.context().session();
         if session.owned.is_empty() {
-            return false;
+            // Nothing assigned yet, or more workers than partitions: done once the workers
+            // that own them are.
+            return self.peers.others_finished();
         }
         let Ok(positions) = self.consumer.position() else {
             return false;

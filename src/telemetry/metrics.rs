@@ -318,18 +318,112 @@ impl Metrics {
             self.end_to_end_latency.observe(now.saturating_sub(oldest).max(0) as f64 / 1000.0);
         }
     }
+}
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        // Encoding gathered families into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
-        String::from_utf8(buffer).unwrap_or_default()
+/// The metrics of every worker of the process (`runtime.workers`) as one Prometheus text: each
+/// worker keeps its own, and a scrape adds them up, label set by label set: counters,
+/// histograms and gauges of what each worker holds (partitions, keys, cache bytes) are sums.
+/// What every worker reports the same of (the process, the build, the tables each reads
+/// whole) or where the newest counts (the last commit) takes the largest value.
+pub fn render_all(workers: &[std::sync::Arc<Metrics>]) -> String {
+    let mut merged: Vec<prometheus::proto::MetricFamily> = Vec::new();
+    for worker in workers {
+        for family in worker.registry.gather() {
+            match merged.iter_mut().find(|existing| existing.name() == family.name()) {
+                Some(existing) => merge_family(existing, family),
+                None => merged.push(family),
+            }
+        }
+    }
+    let mut buffer = Vec::new();
+    // Encoding gathered families into a Vec cannot fail.
+    let _ = TextEncoder::new().encode(&merged, &mut buffer);
+    String::from_utf8(buffer).unwrap_or_default()
+}
+
+/// Families whose workers' values are not added up (see [`render_all`]).
+fn takes_largest(name: &str) -> bool {
+    name.starts_with("process_")
+        || name.starts_with("weir_table_") && !name.ends_with("_total")
+        || matches!(name, "weir_build_info" | "weir_last_commit_timestamp_seconds" | "weir_ready")
+}
+
+fn merge_family(into: &mut prometheus::proto::MetricFamily, family: prometheus::proto::MetricFamily) {
+    let largest = takes_largest(family.name());
+    let mut family = family;
+    for metric in family.take_metric() {
+        let Some(existing) = into.mut_metric().iter_mut().find(|existing| existing.get_label() == metric.get_label()) else {
+            into.mut_metric().push(metric);
+            continue;
+        };
+        let combine = |a: f64, b: f64| if largest { a.max(b) } else { a + b };
+        let mut gauge = existing.get_gauge().clone();
+        gauge.set_value(combine(gauge.get_value(), metric.get_gauge().get_value()));
+        existing.set_gauge(gauge);
+        let mut counter = existing.get_counter().clone();
+        counter.set_value(combine(counter.get_value(), metric.get_counter().get_value()));
+        existing.set_counter(counter);
+        let (mut histogram, other) = (existing.get_histogram().clone(), metric.get_histogram());
+        histogram.set_sample_count(histogram.get_sample_count() + other.get_sample_count());
+        histogram.set_sample_sum(histogram.get_sample_sum() + other.get_sample_sum());
+        let buckets = histogram
+            .get_bucket()
+            .iter()
+            .zip(other.get_bucket())
+            .map(|(mine, theirs)| {
+                let mut bucket = mine.clone();
+                bucket.set_cumulative_count(mine.cumulative_count() + theirs.cumulative_count());
+                bucket
+            })
+            .collect();
+        histogram.set_bucket(buckets);
+        existing.set_histogram(histogram);
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn workers_metrics_add_up_except_what_each_reports_the_same_of() {
+        let (first, second) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+        first.assigned_partitions.set(2);
+        second.assigned_partitions.set(3);
+        first.batches.inc();
+        second.batches.inc_by(4);
+        first.records_out.with_label_values(&["out"]).inc_by(10);
+        second.records_out.with_label_values(&["out"]).inc_by(5);
+        second.records_out.with_label_values(&["other"]).inc();
+        first.commit_duration.observe(0.004);
+        second.commit_duration.observe(0.5);
+        first.last_commit_timestamp.set(100.0);
+        second.last_commit_timestamp.set(200.0);
+        first.table_rows.with_label_values(&["users"]).set(7);
+        second.table_rows.with_label_values(&["users"]).set(7);
+        let text = render_all(&[first.clone(), second]);
+        assert_eq!(sample(&text, "weir_assigned_partitions"), Some(5.0));
+        assert_eq!(sample(&text, "weir_batches_total"), Some(5.0));
+        assert_eq!(sample(&text, "weir_records_out_total{sink=\"out\"}"), Some(15.0));
+        assert_eq!(sample(&text, "weir_records_out_total{sink=\"other\"}"), Some(1.0));
+        assert_eq!(sample(&text, "weir_commit_duration_seconds_count"), Some(2.0));
+        assert_eq!(sample(&text, "weir_commit_duration_seconds_sum"), Some(0.504));
+        assert_eq!(sample(&text, "weir_last_commit_timestamp_seconds"), Some(200.0), "the newest commit");
+        assert_eq!(sample(&text, "weir_table_rows{table=\"users\"}"), Some(7.0), "each worker reads the whole table");
+        let build = format!("weir_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(sample(&text, &build), Some(1.0));
+        assert_eq!(render_all(&[first]).lines().filter(|line| line.starts_with("weir_batches_total ")).collect::<Vec<_>>(), ["weir_batches_total 1"]);
     }
 }

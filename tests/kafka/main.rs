@@ -19,3 +19,4 @@ mod sources;
 mod stateful;
 mod transform;
 mod visibility;
+mod workers;

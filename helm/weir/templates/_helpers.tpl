@@ -67,11 +67,12 @@ does not set the label.
 
 {{/*
 The container's resources: .Values.resources, with a memory request and limit derived from
-stateMemory where it names none (request: base + cache + write buffers; limit: 1.5 times).
+stateMemory where it names none (request: base + workers x (cache + write buffers), each
+worker having its own store; limit: 1.5 times).
 */}}
 {{- define "weir.resources" -}}
 {{- $resources := deepCopy (.Values.resources | default dict) -}}
-{{- $memory := add .Values.stateMemory.baseMiB .Values.stateMemory.cacheMiB .Values.stateMemory.writeBuffersMiB -}}
+{{- $memory := add .Values.stateMemory.baseMiB (mul (.Values.workers | default 1) (add .Values.stateMemory.cacheMiB .Values.stateMemory.writeBuffersMiB)) -}}
 {{- $requests := get $resources "requests" | default dict -}}
 {{- if not (get $requests "memory") }}{{ $_ := set $requests "memory" (printf "%dMi" $memory) }}{{ end -}}
 {{- $_ := set $resources "requests" $requests -}}
