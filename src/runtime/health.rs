@@ -4,7 +4,7 @@
 //! of its work (a restore, a retried transactional call, the pause between recoveries). A
 //! loop that has not beaten for [`Health::live_within`] is stuck, and `/health/live` says so
 //! for Kubernetes to restart the process (audit R16). Each worker (`runtime.workers`) has
-//! its own `Health`; the process is live and ready when every worker is.
+//! its own `Health`; how the process's probes combine them: `runtime::workers`.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
