@@ -209,8 +209,9 @@ fn golden(pipeline: &str, output: &str) -> BTreeMap<(String, String), usize> {
 }
 
 /// A window pipeline and a join pipeline run while input flows and the broker is restarted
-/// five times. Neither process exits; each goes not ready while the broker is away and
-/// ready again after; in the end each one's output equals an uninterrupted run's.
+/// five times, the window's process with two workers (`runtime.workers`), each waiting out
+/// the faults on its own. Neither process exits; each goes not ready while the broker is
+/// away and ready again after; in the end each one's output equals an uninterrupted run's.
 #[test]
 fn window_and_join_pipelines_wait_out_five_broker_restarts() {
     let _turn = one_at_a_time();
@@ -223,7 +224,8 @@ fn window_and_join_pipelines_wait_out_five_broker_restarts() {
     let window_steps = "  - window: { group_by: [user], tumbling: 1s, aggregates: { clicks: count(), total: sum(amount) } }";
     let window_file = clicks_pipeline(&unique("restarts-window"), &clicks, &windows, window_steps);
     let join_file = pipeline_file(&join_pipeline(&unique("restarts-join"), &ads, &ad_clicks, &joined));
-    let mut window = WeirProcess::start(&window_file.path, WeirOptions::default());
+    let two_workers = vec![("WEIR__RUNTIME__WORKERS".to_string(), "2".to_string())];
+    let mut window = WeirProcess::start(&window_file.path, WeirOptions { env: two_workers, ..Default::default() });
     let mut join = WeirProcess::start(&join_file.path, WeirOptions::default());
     wait_ready(&window, Duration::from_secs(120));
     wait_ready(&join, Duration::from_secs(120));

@@ -1,6 +1,6 @@
 //! The exactly-once guarantee under crashes, zombies and rebalances.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 
@@ -25,14 +25,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     while kills < 10 || !feeder.is_finished() {
         let mut weir = WeirProcess::start(&pipeline.path, WeirOptions::default());
         // Some kills land during start-up and rebalancing, most in the middle of batches.
-        let lifetime = Duration::from_millis(rng.random_range(500..6_000));
-        let deadline = Instant::now() + lifetime;
-        while Instant::now() < deadline {
-            if let Some(status) = weir.child.try_wait().unwrap() {
-                panic!("weir exited on its own with {status}:\n{}", weir.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        weir.keep_running_for(Duration::from_millis(rng.random_range(500..6_000)));
         weir.kill();
         kills += 1;
         assert!(kills < 60, "the input never finished flowing");

@@ -1,7 +1,7 @@
 //! Several workers in one process (`runtime.workers`): each a consumer-group member with its
 //! own transaction and state store, sharing the input as separate processes would.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use serde_json::Value;
@@ -68,13 +68,7 @@ fn two_workers_share_the_partitions_and_their_state_survives_sigkills() {
         wait_until(Duration::from_secs(120), "both workers to commit again", || {
             worker_sections(&weir).iter().filter(|(_, _, batches)| *batches > 0).count() == 2
         });
-        let deadline = Instant::now() + Duration::from_millis(rng.random_range(500..4_000));
-        while Instant::now() < deadline {
-            if let Some(exit) = weir.child.try_wait().unwrap() {
-                panic!("weir exited on its own with {exit}:\n{}", weir.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        weir.keep_running_for(Duration::from_millis(rng.random_range(500..4_000)));
         weir.kill();
         kills += 1;
         assert!(kills < 40, "the input never finished flowing");

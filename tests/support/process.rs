@@ -105,6 +105,18 @@ impl WeirProcess {
         }
     }
 
+    /// Lets the process run for `lifetime`; panics with its log if it exits on its own
+    /// meanwhile.
+    pub fn keep_running_for(&mut self, lifetime: Duration) {
+        let deadline = Instant::now() + lifetime;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("weir exited on its own with {status}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
