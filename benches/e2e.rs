@@ -865,9 +865,10 @@ fn start_live(system: System, jar: &Path, input: &Topics, output: &str) -> Runni
                     process
                 })
                 .collect();
-            if matches!(system, System::WeirTwo | System::WeirWorkers) {
-                wait_partitions_shared(&processes);
-            }
+            // Measured once the group has settled: with more than one member (two processes,
+            // two workers, or any system run with WEIR__RUNTIME__WORKERS set), a rebalance in
+            // the middle of a point would stall it for seconds.
+            wait_partitions_shared(&processes);
             Running::Weir { processes, _file: Some(file) }
         }
         System::KafkaStreams => {

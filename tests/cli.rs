@@ -1143,3 +1143,24 @@ fn topic_settings_are_checked_before_touching_kafka() {
     assert!(stderr.contains("kafka.topic_configs.cleanup.policy (env WEIR__KAFKA__TOPIC_CONFIGS__CLEANUP_POLICY): weir sets it"), "{stderr}");
     assert!(stderr.contains("kafka.replication_factor") && stderr.contains("'two'"), "{stderr}");
 }
+
+/// `runtime.workers` from 1 to 64: zero, too many and a word are each a configuration
+/// problem, exit 2 before touching Kafka; `weir validate` names the workers' transactional
+/// ids.
+#[test]
+fn workers_out_of_range_are_configuration_problems_and_validate_names_their_ids() {
+    let (_dir, path) = write(GOOD);
+    for (value, expected) in [
+        ("0", "runtime.workers (env WEIR__RUNTIME__WORKERS): '0' is not a whole number greater than zero"),
+        ("65", "runtime.workers (env WEIR__RUNTIME__WORKERS): 65 is more than 64"),
+        ("many", "runtime.workers (env WEIR__RUNTIME__WORKERS): 'many' is not a whole number greater than zero"),
+    ] {
+        let output = weir(&["run", "--pipeline", &path], &[("WEIR__RUNTIME__WORKERS", value)]);
+        assert_one_config_problem(&output, expected);
+    }
+    let output = weir(&["validate", "--pipeline", &path], &[("WEIR__RUNTIME__WORKERS", "3")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("workers: 3, transactional ids "), "{stdout}");
+    assert!(stdout.contains("-<instance>-w1 .. -w2"), "{stdout}");
+}
