@@ -104,12 +104,12 @@ pub struct LoggingSettings {
     pub level: String,
 }
 
-/// A number or a boolean may be written as one or as a string (environment variables are
-/// strings).
 /// `runtime.workers` at most: each worker holds a consumer, a producer, a state store and
 /// a thread, and a process has few cores to give them.
 pub const MAX_WORKERS: usize = 64;
 
+/// A number or a boolean may be written as one or as a string (environment variables are
+/// strings).
 const WHOLE: Shape = Shape::AnyOf(&[Shape::Count, Shape::String]);
 const FLAG: Shape = Shape::AnyOf(&[Shape::Bool, Shape::String]);
 const OPTIONS: Shape = Shape::MapOf(&Shape::Scalar);
