@@ -65,8 +65,10 @@ fn two_workers_share_the_partitions_and_their_state_survives_sigkills() {
     let mut kills = 1;
     while kills < 4 || !feeder.is_finished() {
         let mut weir = WeirProcess::start(&file.path, WeirOptions { env: workers(2), ..Default::default() });
-        wait_until(Duration::from_secs(120), "both workers to commit again", || {
-            worker_sections(&weir).iter().filter(|(_, _, batches)| *batches > 0).count() == 2
+        // Running again: both own partitions (waiting for commits would wait forever once
+        // the feeder is done and every record committed).
+        wait_until(Duration::from_secs(120), "both workers to own partitions again", || {
+            worker_sections(&weir).iter().filter(|(_, partitions, _)| *partitions > 0).count() == 2
         });
         weir.keep_running_for(Duration::from_millis(rng.random_range(500..4_000)));
         weir.kill();
