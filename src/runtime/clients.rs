@@ -82,6 +82,12 @@ pub fn consumer_config(settings: &Settings, pipeline: &Pipeline, instance: &str,
         // Feeds the consumer lag gauges.
         .set("statistics.interval.ms", "1000");
     keep_fetching(&mut config, settings);
+    // A cooperative hand-over takes two rounds, and every member but the one that gave
+    // partitions up learns of the second only at its next heartbeat: with librdkafka's
+    // default 3 s the moved partitions sat with nobody for 3.0 s each time (measured, workers
+    // joining a group). A heartbeat a second costs the coordinator little.
+    let heartbeat = (settings.kafka.session_timeout / 3).min(HEARTBEAT_INTERVAL);
+    set_unless_given(&mut config, settings, "heartbeat.interval.ms", &millis(heartbeat));
     name_client(&mut config, settings, &format!("{}-{instance}", pipeline.name));
     if settings.kafka.static_membership {
         config.set("group.instance.id", format!("{}-{}", pipeline.name, instance));
@@ -105,6 +111,9 @@ pub fn read_to_end(config: &mut ClientConfig, settings: &Settings) {
     keep_fetching(config, settings);
     set_unless_given(config, settings, "fetch.wait.max.ms", "10");
 }
+
+/// The consumer's `heartbeat.interval.ms` (a third of the session timeout, if that is less).
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sets a librdkafka option weir chooses a default for, unless `kafka.options` gives it.
 fn set_unless_given(config: &mut ClientConfig, settings: &Settings, name: &str, value: &str) {
