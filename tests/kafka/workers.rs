@@ -44,7 +44,8 @@ fn two_workers_share_the_partitions_and_their_state_survives_sigkills() {
     create_topic(&output, 4);
     // Keyed within the input's partitioning (by user): no repartition topic.
     let file = clicks_pipeline(&name, &input, &output, "  - dedup: { key: [user, id], within: 1h }");
-    // Every click twice in a row: the second is dropped by what the dedup's store holds.
+    // Every click twice in a row: the dedup drops the second, from its batch's state or,
+    // when the first was in an earlier batch (or before a kill), from its worker's store.
     let feeder = feed_with(&input, 0..2 * IDS, 2_000, |n| timed_event(n / 2));
 
     let first = WeirProcess::start(&file.path, WeirOptions { env: workers(2), ..Default::default() });
