@@ -903,16 +903,7 @@ fn wait_partitions_shared(processes: &[WeirProcess]) {
     loop {
         let owned: Vec<usize> = processes
             .iter()
-            .flat_map(|process| {
-                let status = process.http_get("/status").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
-                match status {
-                    Some(status) => match status["workers"].as_array() {
-                        Some(workers) => workers.iter().map(owned_by).collect(),
-                        None => vec![owned_by(&status)],
-                    },
-                    None => vec![0],
-                }
-            })
+            .flat_map(|process| process.member_reports().iter().map(owned_by).collect::<Vec<_>>())
             .collect();
         if owned.iter().all(|count| *count > 0) && owned.iter().sum::<usize>() == PARTITIONS as usize {
             return;

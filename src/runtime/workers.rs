@@ -37,7 +37,7 @@ pub fn instance_of(instance: &str, worker: usize) -> String {
 /// How many of the process's workers have stopped: with `--until-end`, a worker that owns no
 /// partition (more workers than partitions) stops once every other worker has, since the
 /// others then own, and have read to the end, every partition it could be given.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Peers {
     shared: Arc<(usize, AtomicUsize)>,
 }
@@ -111,18 +111,16 @@ impl Workers {
             report["ready"] = Value::Bool(worker.health.is_ready());
             report
         };
-        match &self.workers[..] {
-            [only] => report(only),
-            all => {
-                let first = all[0].status.snapshot();
-                serde_json::json!({
-                    "pipeline": first.pipeline,
-                    "instance": first.instance,
-                    "ready": self.is_ready(),
-                    "workers": all.iter().map(report).collect::<Vec<_>>(),
-                })
-            }
+        let mut reports: Vec<Value> = self.workers.iter().map(report).collect();
+        if reports.len() == 1 {
+            return reports.remove(0);
         }
+        serde_json::json!({
+            "pipeline": reports[0]["pipeline"].clone(),
+            "instance": reports[0]["instance"].clone(),
+            "ready": self.is_ready(),
+            "workers": reports,
+        })
     }
 
     /// The Prometheus text of every worker's metrics together (see [`metrics::render_all`]).
@@ -139,28 +137,25 @@ impl Workers {
     /// the tokio runtime's blocking pool (`spawn_blocking`). The first worker to fail stops
     /// the others through `shutdown`, and its error is the result.
     pub fn run(&self, loaded: &Loaded, shutdown: &CancellationToken) -> Result<(), RuntimeError> {
-        let first_failure: Mutex<Option<RuntimeError>> = Mutex::new(None);
+        let failures = FirstFailure { shutdown, first: Mutex::new(None) };
         let several = self.workers.len() > 1;
         // The admin and schema registry clients run on the caller's tokio runtime.
         let runtime = tokio::runtime::Handle::try_current().ok();
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
             for (index, worker) in self.workers.iter().enumerate() {
-                let (first_failure, token, runtime) = (&first_failure, shutdown.clone(), runtime.clone());
+                let (failures, runtime) = (&failures, runtime.clone());
                 let work = move || {
                     let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                    let span = several.then(|| info_span!("worker", worker = index).entered());
-                    let result = super::run(loaded, &worker.options, worker.metrics.clone(), worker.health.clone(), worker.status.clone(), token.clone());
+                    let _span = several.then(|| info_span!("worker", worker = index).entered());
+                    let result = super::run(loaded, &worker.options, worker.metrics.clone(), worker.health.clone(), worker.status.clone(), shutdown.clone());
                     worker.options.peers.finish();
                     if let Err(failure) = result {
                         if several {
                             error!(error = %failure, "this worker stopped; stopping the others");
                         }
-                        token.cancel();
-                        let mut first = first_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                        first.get_or_insert(failure);
+                        failures.stop_all(failure);
                     }
-                    drop(span);
                 };
                 // A datum nesting as deep as the Avro decoder allows (codec::avro's depth
                 // limit) takes more than the default 2 MiB of stack in an unoptimized build.
@@ -168,25 +163,33 @@ impl Workers {
                 let spawned = std::thread::Builder::new().name(format!("weir-worker-{index}")).stack_size(64 << 20).spawn_scoped(scope, work);
                 match spawned {
                     Ok(thread) => threads.push(thread),
-                    Err(spawn_error) => {
-                        shutdown.cancel();
-                        let mut first = first_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                        first.get_or_insert(RuntimeError::Setup(format!("starting worker {index}: {spawn_error}")));
-                    }
+                    Err(spawn_error) => failures.stop_all(RuntimeError::Setup(format!("starting worker {index}: {spawn_error}"))),
                 }
             }
             for thread in threads {
                 if let Err(panic) = thread.join() {
-                    shutdown.cancel();
-                    let mut first = first_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    first.get_or_insert(RuntimeError::Panicked(crate::panics::message(panic.as_ref())));
+                    failures.stop_all(RuntimeError::Panicked(crate::panics::message(panic.as_ref())));
                 }
             }
         });
-        match first_failure.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+        match failures.first.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
             Some(failure) => Err(failure),
             None => Ok(()),
         }
+    }
+}
+
+/// The first failure of any worker, which stops them all.
+struct FirstFailure<'a> {
+    shutdown: &'a CancellationToken,
+    first: Mutex<Option<RuntimeError>>,
+}
+
+impl FirstFailure<'_> {
+    /// Cancels every worker's run and keeps `failure` unless an earlier one is kept.
+    fn stop_all(&self, failure: RuntimeError) {
+        self.shutdown.cancel();
+        self.first.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(failure);
     }
 }
 

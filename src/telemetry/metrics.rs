@@ -349,35 +349,47 @@ fn takes_largest(name: &str) -> bool {
 }
 
 fn merge_family(into: &mut prometheus::proto::MetricFamily, family: prometheus::proto::MetricFamily) {
+    use prometheus::proto::MetricType;
     let largest = takes_largest(family.name());
+    let combine = |a: f64, b: f64| if largest { a.max(b) } else { a + b };
+    let kind = family.get_field_type();
     let mut family = family;
     for metric in family.take_metric() {
         let Some(existing) = into.mut_metric().iter_mut().find(|existing| existing.get_label() == metric.get_label()) else {
             into.mut_metric().push(metric);
             continue;
         };
-        let combine = |a: f64, b: f64| if largest { a.max(b) } else { a + b };
-        let mut gauge = existing.get_gauge().clone();
-        gauge.set_value(combine(gauge.get_value(), metric.get_gauge().get_value()));
-        existing.set_gauge(gauge);
-        let mut counter = existing.get_counter().clone();
-        counter.set_value(combine(counter.get_value(), metric.get_counter().get_value()));
-        existing.set_counter(counter);
-        let (mut histogram, other) = (existing.get_histogram().clone(), metric.get_histogram());
-        histogram.set_sample_count(histogram.get_sample_count() + other.get_sample_count());
-        histogram.set_sample_sum(histogram.get_sample_sum() + other.get_sample_sum());
-        let buckets = histogram
-            .get_bucket()
-            .iter()
-            .zip(other.get_bucket())
-            .map(|(mine, theirs)| {
-                let mut bucket = mine.clone();
-                bucket.set_cumulative_count(mine.cumulative_count() + theirs.cumulative_count());
-                bucket
-            })
-            .collect();
-        histogram.set_bucket(buckets);
-        existing.set_histogram(histogram);
+        match kind {
+            MetricType::GAUGE => {
+                let mut gauge = existing.get_gauge().clone();
+                gauge.set_value(combine(gauge.get_value(), metric.get_gauge().get_value()));
+                existing.set_gauge(gauge);
+            }
+            MetricType::COUNTER => {
+                let mut counter = existing.get_counter().clone();
+                counter.set_value(combine(counter.get_value(), metric.get_counter().get_value()));
+                existing.set_counter(counter);
+            }
+            MetricType::HISTOGRAM => {
+                let (mut histogram, other) = (existing.get_histogram().clone(), metric.get_histogram());
+                histogram.set_sample_count(histogram.get_sample_count() + other.get_sample_count());
+                histogram.set_sample_sum(histogram.get_sample_sum() + other.get_sample_sum());
+                let buckets = histogram
+                    .get_bucket()
+                    .iter()
+                    .zip(other.get_bucket())
+                    .map(|(mine, theirs)| {
+                        let mut bucket = mine.clone();
+                        bucket.set_cumulative_count(mine.cumulative_count() + theirs.cumulative_count());
+                        bucket
+                    })
+                    .collect();
+                histogram.set_bucket(buckets);
+                existing.set_histogram(histogram);
+            }
+            // weir declares no summaries or untyped metrics.
+            MetricType::SUMMARY | MetricType::UNTYPED => {}
+        }
     }
 }
 

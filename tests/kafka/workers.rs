@@ -18,11 +18,10 @@ fn status(process: &WeirProcess) -> Value {
     process.http_get("/status").and_then(|(_, body)| serde_json::from_str(&body).ok()).unwrap_or(Value::Null)
 }
 
-/// Each worker's `/status` section: (instance, owned partitions, batches committed).
+/// Each group member's `/status` section: (instance, owned partitions, batches committed).
 fn worker_sections(process: &WeirProcess) -> Vec<(String, usize, u64)> {
-    let report = status(process);
-    let Some(workers) = report["workers"].as_array() else { return Vec::new() };
-    workers
+    process
+        .member_reports()
         .iter()
         .map(|worker| {
             let instance = worker["instance"].as_str().unwrap_or_default().to_string();

@@ -130,6 +130,18 @@ impl WeirProcess {
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http_port, path)
     }
+
+    /// The `/status` report of each consumer-group member the process runs: each worker's,
+    /// under `workers`, or the whole report for a process of one worker (Null while the
+    /// process does not answer).
+    pub fn member_reports(&self) -> Vec<serde_json::Value> {
+        let report: serde_json::Value =
+            self.http_get("/status").and_then(|(_, body)| serde_json::from_str(&body).ok()).unwrap_or_default();
+        match report["workers"].as_array() {
+            Some(workers) => workers.clone(),
+            None => vec![report],
+        }
+    }
 }
 
 impl Drop for WeirProcess {
