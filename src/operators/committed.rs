@@ -19,9 +19,10 @@ pub trait CommittedState: Send {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
 
     /// Calls `each` with the committed timers at times in (`after`, `until`], in time order
-    /// (a timer is a time and the state key it is for); returns the time of the first timer
-    /// after `until`, if there is one, so that the caller need not look again before then.
-    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64>;
+    /// (a timer is a time, the state key it is for, and its value: empty, or a
+    /// [group](StoreTimers::set_group)'s members); returns the time of the first timer after
+    /// `until`, if there is one, so that the caller need not look again before then.
+    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str, &[u8])) -> Option<i64>;
 
     /// Calls `each` with every committed state key that starts with `prefix` and its value,
     /// in key order: the session windows of a group, the buffered records of a join key.
@@ -55,6 +56,38 @@ pub struct TimerChange {
     pub key: String,
     /// Set (true) or cleared.
     pub set: bool,
+    /// What a set timer holds: nothing, or a group's members.
+    pub value: Vec<u8>,
+}
+
+/// What the key of a group timer starts with: no state key does (they are JSON texts).
+const GROUP: char = '\u{1}';
+
+/// The most members one group timer holds.
+pub const GROUP_MEMBERS: usize = 4096;
+
+/// A group's members as its timer's value: each its time (8 bytes, big-endian), its key's
+/// length (4 bytes, little-endian) and its key.
+fn encode_members(members: &[(i64, String)]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(members.iter().map(|(_, key)| 12 + key.len()).sum());
+    for (time, key) in members {
+        value.extend_from_slice(&time.to_be_bytes());
+        value.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        value.extend_from_slice(key.as_bytes());
+    }
+    value
+}
+
+/// The members of a group timer's value; a malformed tail (a store written by hand) ends
+/// the list.
+fn decode_members(mut value: &[u8], each: &mut impl FnMut(i64, &str)) {
+    while let (Some(time), Some(length)) = (value.get(..8), value.get(8..12)) {
+        let (Ok(time), Ok(length)) = (<[u8; 8]>::try_from(time), <[u8; 4]>::try_from(length)) else { return };
+        let end = 12 + u32::from_le_bytes(length) as usize;
+        let Some(Ok(key)) = value.get(12..end).map(std::str::from_utf8) else { return };
+        each(i64::from_be_bytes(time), key);
+        value = &value[end..];
+    }
 }
 
 /// What a step reading through the store keeps beside its view: how far it has handled the
@@ -104,9 +137,16 @@ impl StoreTimers {
             return due;
         }
         if self.next_due.is_none_or(|next| watermark >= next) {
-            let next = self.view.due_timers(self.scanned_to, watermark, &mut |time, key| due.push((time, key.to_string())));
+            let fired = &mut self.fired;
+            let next = self.view.due_timers(self.scanned_to, watermark, &mut |time, key, value| {
+                if key.starts_with(GROUP) {
+                    decode_members(value, &mut |time, key| due.push((time, key.to_string())));
+                } else {
+                    due.push((time, key.to_string()));
+                }
+                fired.push((time, key.to_string()));
+            });
             self.next_due = Some(next.unwrap_or(i64::MAX));
-            self.fired.extend(due.iter().cloned());
         }
         self.scanned_to = watermark;
         due
@@ -116,18 +156,32 @@ impl StoreTimers {
     /// was last asked for.
     pub fn set(&mut self, time: i64, key: String) {
         self.next_due = self.next_due.map(|next| next.min(time));
-        self.changes.push(TimerChange { time, key, set: true });
+        self.changes.push(TimerChange { time, key, set: true, value: Vec::new() });
+    }
+
+    /// One timer at `time` for several keys, each with a time of its own at or before it
+    /// (at most [`GROUP_MEMBERS`]): [`Self::due`] hands out each member, with its own time,
+    /// once the watermark reaches `time`. One store entry instead of one per key, for keys
+    /// whose end may come a little late (dedup's keys, whose expiry is also checked as they
+    /// are read).
+    pub fn set_group(&mut self, time: i64, members: &[(i64, String)]) {
+        let Some((first_time, first_key)) = members.first() else { return };
+        // Unique among the step's timers: a key has one expiry per life, each later than the
+        // one before.
+        let key = format!("{GROUP}{first_time}/{first_key}");
+        self.next_due = self.next_due.map(|next| next.min(time));
+        self.changes.push(TimerChange { time, key, set: true, value: encode_members(members) });
     }
 
     /// A committed timer this batch clears.
     pub fn clear(&mut self, time: i64, key: String) {
-        self.changes.push(TimerChange { time, key, set: false });
+        self.changes.push(TimerChange { time, key, set: false, value: Vec::new() });
     }
 
     /// Clears the timers fired in this batch (call when its changes are taken).
     pub fn clear_fired(&mut self) {
         let fired = std::mem::take(&mut self.fired);
-        self.changes.extend(fired.into_iter().map(|(time, key)| TimerChange { time, key, set: false }));
+        self.changes.extend(fired.into_iter().map(|(time, key)| TimerChange { time, key, set: false, value: Vec::new() }));
     }
 
     /// The timers set and cleared since the last call.

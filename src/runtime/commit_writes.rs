@@ -17,9 +17,9 @@ pub fn take(engine: &mut Engine) -> Vec<StoreWrite> {
         let (key, value) = state::encode(entry);
         StoreWrite::state(entry.step, entry.partition, key, value)
     }));
-    writes.extend(timers.iter().map(|timer| {
-        let change = &timer.change;
-        StoreWrite::timer(timer.step, timer.partition, timer.topic.as_deref(), change.time, &change.key, change.set)
+    writes.extend(timers.into_iter().map(|timer| {
+        let change = timer.change;
+        StoreWrite::timer(timer.step, timer.partition, timer.topic.as_deref(), change.time, &change.key, change.set, change.value)
     }));
     writes.extend(counts.into_iter().map(|(step, partition, delta)| StoreWrite::count(step, partition, delta)));
     writes

@@ -67,10 +67,10 @@ impl ChunkKeys {
                 continue;
             }
             if let Some(time) = stored_timer {
-                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, false));
+                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, false, Vec::new()));
             }
             if let Some(time) = timer {
-                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true));
+                writes.push(StoreWrite::timer(step, partition, owner.as_deref(), time, &state_key, true, Vec::new()));
             }
         }
         if counted {
@@ -126,7 +126,7 @@ mod tests {
         let (timers, count) = flushed(&mut chunk, true);
         let mut expected: Vec<(Vec<u8>, bool)> = [("a", 30, true), ("moved", 40, false), ("moved", 50, true), ("gone", 70, false), ("new", 90, true)]
             .into_iter()
-            .map(|(key, time, set)| (StoreWrite::timer(0, 1, Some("input"), time, key, set).key, set))
+            .map(|(key, time, set)| (StoreWrite::timer(0, 1, Some("input"), time, key, set, Vec::new()).key, set))
             .collect();
         expected.sort();
         assert_eq!(timers, expected, "a: 30 set; moved: 40 cleared, 50 set; same: nothing; gone: 70 cleared; brief: nothing; new: 90 set");

@@ -161,9 +161,10 @@ impl StoreWrite {
         StoreWrite { step, partition, family: Family::Count, key: Vec::new(), value: Some(delta.to_le_bytes().to_vec()) }
     }
 
-    /// A timer at `time` for `key`, set or cleared.
-    pub fn timer(step: usize, partition: i32, owner: Option<&str>, time: i64, key: &str, set: bool) -> StoreWrite {
-        let value = set.then(Vec::new);
+    /// A timer at `time` for `key`, set (holding `value`: nothing, or a group's members) or
+    /// cleared.
+    pub fn timer(step: usize, partition: i32, owner: Option<&str>, time: i64, key: &str, set: bool, value: Vec<u8>) -> StoreWrite {
+        let value = set.then_some(value);
         StoreWrite { step, partition, family: Family::Timers, key: timer_key(owner, time, key), value }
     }
 }

@@ -19,7 +19,11 @@ const OWNER: &str = "input";
 const PARTITION: i32 = 3;
 
 fn spec() -> Dedup {
-    Dedup { key: vec!["id".into()], within: Duration::from_millis(WITHIN as u64) }
+    spec_within(WITHIN)
+}
+
+fn spec_within(within: i64) -> Dedup {
+    Dedup { key: vec!["id".into()], within: Duration::from_millis(within as u64) }
 }
 
 fn timer_of(_step: usize, _key: &str, value: &[u8]) -> Option<i64> {
@@ -32,7 +36,11 @@ fn open(directory: &Path) -> StateStore {
 }
 
 fn reading_through(store: &StateStore) -> DedupOperator {
-    let mut dedup = DedupOperator::new(&spec(), StateEntryLimit::default());
+    reading_through_within(store, WITHIN)
+}
+
+fn reading_through_within(store: &StateStore, within: i64) -> DedupOperator {
+    let mut dedup = DedupOperator::new(&spec_within(within), StateEntryLimit::default());
     dedup.read_through(store.backing().view(0, PARTITION, Some(OWNER)));
     dedup
 }
@@ -48,7 +56,7 @@ pub(super) fn write_batch(store: &StateStore, (partition, owner): (i32, &str), c
         })
         .collect();
     for timer in timers {
-        writes.push(StoreWrite::timer(0, partition, Some(owner), timer.time, &timer.key, timer.set));
+        writes.push(StoreWrite::timer(0, partition, Some(owner), timer.time, &timer.key, timer.set, timer.value));
     }
     writes.push(StoreWrite::count(0, partition, delta));
     store.apply(&writes, &[], &[]).expect("the store takes the batch");
@@ -61,29 +69,38 @@ fn commit(store: &StateStore, dedup: &mut DedupOperator) {
 }
 
 /// Dedup's contract, kept plainly: key -> first event time, ended once the watermark reaches
-/// it + within.
-#[derive(Clone, Default)]
+/// it + within. `kept`: each key's latest first event time, until the watermark is a 64th of
+/// `within` past its end (the store may keep an ended key's entry that long).
+#[derive(Clone)]
 struct Model {
+    within: i64,
     first_seen: BTreeMap<String, i64>,
+    kept: BTreeMap<String, i64>,
     watermark: i64,
 }
 
 impl Model {
+    fn new(within: i64) -> Model {
+        Model { within, first_seen: BTreeMap::new(), kept: BTreeMap::new(), watermark: i64::MIN }
+    }
+
     fn process(&mut self, key: &str, time: i64) -> StepOutcome {
-        if time + WITHIN <= self.watermark {
+        if time + self.within <= self.watermark {
             return StepOutcome::Late(String::new());
         }
         if self.first_seen.contains_key(key) {
             return StepOutcome::Duplicate;
         }
         self.first_seen.insert(key.to_string(), time);
+        self.kept.insert(key.to_string(), time);
         StepOutcome::Passed
     }
 
     fn advance(&mut self, watermark: i64) {
         self.watermark = self.watermark.max(watermark);
-        let now = self.watermark;
-        self.first_seen.retain(|_, time| *time + WITHIN > now);
+        let (now, within) = (self.watermark, self.within);
+        self.first_seen.retain(|_, time| *time + within > now);
+        self.kept.retain(|_, time| *time + within + (within / 64).max(1) > now);
     }
 }
 
@@ -98,70 +115,127 @@ fn kind(outcome: &StepOutcome) -> &'static str {
 
 /// Random keys and out-of-order times, processed in batches that commit, abort (the batch
 /// replays from the last commit with a fresh operator) or end in a restart (the store is
-/// closed and opened again): every outcome matches the model's.
+/// closed and opened again): every outcome matches the model's, and the store's key count
+/// is the live keys' (`within` 100 ms: ended keys are removed at once) or between the live
+/// keys' and those ended less than a 64th of `within` ago (6.4 s, scaled times: removal a
+/// bucket late).
 #[test]
 fn a_dedup_reading_through_the_store_matches_the_model_across_commits_aborts_and_restarts() {
-    for seed in 0..10u64 {
-        let mut random = StdRng::seed_from_u64(seed);
-        let directory = tempfile::tempdir().expect("a temporary directory");
-        // Now and then event time jumps past every key's expiry, so that the store is left
-        // without timers and then gets new ones.
-        let mut jump = 0;
-        let records: Vec<(String, i64)> = (0..3000)
-            .map(|index| {
-                if random.random_range(0..200) == 0 {
-                    jump += 500;
-                }
-                (format!("k{}", random.random_range(0..60)), jump + index as i64 / 4 + random.random_range(-30..30))
-            })
-            .collect();
-        let mut store = Some(open(directory.path()));
-        let mut dedup = reading_through(store.as_ref().expect("open"));
-        let (mut model, mut committed_model) = (Model { watermark: i64::MIN, ..Model::default() }, None::<(usize, Model)>);
-        let mut position = 0;
-        let mut checked = 0;
-        while position < records.len() {
-            let (key, time) = &records[position];
-            let mut out = Vec::new();
-            let record = crate::operators::test_record(json!({ "id": key }), *time);
-            let outcome = dedup.process(record, model.watermark, &mut out).expect("no record is refused");
-            let expected = model.process(&Value::Object(crate::operators::key_of(&json!({ "id": key }).as_object().cloned().unwrap_or_default(), &["id".into()])).to_string(), *time);
-            assert_eq!(kind(&outcome), kind(&expected), "seed {seed}, record {position} ({key} at {time})");
-            assert_eq!(out.iter().filter(|emitted| matches!(emitted, Emitted::Record(_))).count(), usize::from(outcome == StepOutcome::Passed));
-            checked += 1;
-            position += 1;
-            let watermark = model.watermark.max(time - 20);
-            if watermark > model.watermark {
-                dedup.advance(watermark);
-                model.advance(watermark);
-            }
-            match random.random_range(0..100) {
-                0..=5 => {
-                    commit(store.as_ref().expect("open"), &mut dedup);
-                    let count = store.as_ref().expect("open").key_count(0, PARTITION).expect("readable");
-                    assert_eq!(count as usize, model.first_seen.len(), "seed {seed}, record {position}: the store's key count");
-                    committed_model = Some((position, model.clone()));
-                }
-                6 => {
-                    // Abort: the batch's changes are dropped with the task; replay from the
-                    // last commit.
-                    let (at, state) = committed_model.clone().unwrap_or((0, Model { watermark: i64::MIN, ..Model::default() }));
-                    (position, model) = (at, state);
-                    dedup = reading_through(store.as_ref().expect("open"));
-                }
-                7 => {
-                    commit(store.as_ref().expect("open"), &mut dedup);
-                    committed_model = Some((position, model.clone()));
-                    drop(dedup);
-                    drop(store.take());
-                    store = Some(open(directory.path()));
-                    dedup = reading_through(store.as_ref().expect("open"));
-                }
-                _ => {}
-            }
+    for scale in [1, 64] {
+        for seed in 0..10u64 {
+            matches_the_model(seed, scale);
         }
-        assert!(checked >= records.len());
     }
+}
+
+fn matches_the_model(seed: u64, scale: i64) {
+    let within = WITHIN * scale;
+    let mut random = StdRng::seed_from_u64(seed);
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    // Now and then event time jumps past every key's expiry, so that the store is left
+    // without timers and then gets new ones.
+    let mut jump = 0;
+    let records: Vec<(String, i64)> = (0..3000)
+        .map(|index| {
+            if random.random_range(0..200) == 0 {
+                jump += 500;
+            }
+            (format!("k{}", random.random_range(0..60)), scale * (jump + index as i64 / 4 + random.random_range(-30..30)))
+        })
+        .collect();
+    let mut store = Some(open(directory.path()));
+    let mut dedup = reading_through_within(store.as_ref().expect("open"), within);
+    let (mut model, mut committed_model) = (Model::new(within), None::<(usize, Model)>);
+    let mut position = 0;
+    let mut checked = 0;
+    while position < records.len() {
+        let (key, time) = &records[position];
+        let mut out = Vec::new();
+        let record = crate::operators::test_record(json!({ "id": key }), *time);
+        let outcome = dedup.process(record, model.watermark, &mut out).expect("no record is refused");
+        let expected = model.process(&Value::Object(crate::operators::key_of(&json!({ "id": key }).as_object().cloned().unwrap_or_default(), &["id".into()])).to_string(), *time);
+        assert_eq!(kind(&outcome), kind(&expected), "seed {seed}, record {position} ({key} at {time})");
+        assert_eq!(out.iter().filter(|emitted| matches!(emitted, Emitted::Record(_))).count(), usize::from(outcome == StepOutcome::Passed));
+        checked += 1;
+        position += 1;
+        let watermark = model.watermark.max(time - 20 * scale);
+        if watermark > model.watermark {
+            dedup.advance(watermark);
+            model.advance(watermark);
+        }
+        match random.random_range(0..100) {
+            0..=5 => {
+                commit(store.as_ref().expect("open"), &mut dedup);
+                let count = store.as_ref().expect("open").key_count(0, PARTITION).expect("readable") as usize;
+                let (live, kept) = (model.first_seen.len(), model.kept.len());
+                assert!(live <= count && count <= kept, "seed {seed}, scale {scale}, record {position}: {count} keys, {live} live, {kept} kept");
+                if scale == 1 {
+                    assert_eq!(count, live, "seed {seed}, record {position}: ended keys are removed at once");
+                }
+                committed_model = Some((position, model.clone()));
+            }
+            6 => {
+                // Abort: the batch's changes are dropped with the task; replay from the
+                // last commit.
+                let (at, state) = committed_model.clone().unwrap_or((0, Model::new(within)));
+                (position, model) = (at, state);
+                dedup = reading_through_within(store.as_ref().expect("open"), within);
+            }
+            7 => {
+                commit(store.as_ref().expect("open"), &mut dedup);
+                committed_model = Some((position, model.clone()));
+                drop(dedup);
+                drop(store.take());
+                store = Some(open(directory.path()));
+                dedup = reading_through_within(store.as_ref().expect("open"), within);
+            }
+            _ => {}
+        }
+    }
+    assert!(checked >= records.len());
+}
+
+/// A batch's new keys cost the store one timer per expiry bucket (a 64th of `within`), not
+/// one each; a key past its expiry is absent at once, though its entry is removed only when
+/// the watermark reaches the end of its bucket, and a key that comes back in between starts
+/// a new life in the same entry (counted once).
+#[test]
+fn a_batch_of_new_keys_gets_one_timer_per_expiry_bucket() {
+    const WIDE: i64 = 6400;
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    let store = open(directory.path());
+    let mut dedup = reading_through_within(&store, WIDE);
+    let mut out = Vec::new();
+    let record = |index: i64, time: i64| crate::operators::test_record(json!({ "id": format!("k{index}") }), time);
+    for index in 0..10_000 {
+        assert_eq!(dedup.process(record(index, index), i64::MIN, &mut out), Ok(StepOutcome::Passed));
+    }
+    let changes = dedup.take_changes();
+    let timers = dedup.take_timers();
+    // Expiries 6,400..16,399 in buckets of 100 ending at 6,400, 6,500, ..., 16,400.
+    assert_eq!(timers.len(), 101, "one timer per bucket");
+    assert!(timers.iter().all(|timer| timer.set && timer.time % 100 == 0));
+    write_batch(&store, (PARTITION, OWNER), &changes, timers, dedup.take_key_delta());
+    assert_eq!(store.key_count(0, PARTITION).expect("readable"), 10_000);
+
+    // k10 ended at 6,410, k60 ends at 6,460: at 6,450 one passes again and the other not.
+    dedup.advance(6_450);
+    assert_eq!(dedup.process(record(10, 6_450), 6_450, &mut out), Ok(StepOutcome::Passed), "ended, not yet removed");
+    assert_eq!(dedup.process(record(60, 6_450), 6_450, &mut out), Ok(StepOutcome::Duplicate));
+    let removed = |changes: &[StateChange]| changes.iter().filter(|change| change.value.is_none()).count();
+    let changes = dedup.take_changes();
+    assert_eq!(removed(&changes), 1, "only k0's bucket (ending at 6,400) was removed");
+    write_batch(&store, (PARTITION, OWNER), &changes, dedup.take_timers(), dedup.take_key_delta());
+    assert_eq!(store.key_count(0, PARTITION).expect("readable"), 9_999, "k10 counted once");
+
+    // The bucket ending at 6,500 removes k1..k100, but not k10's new life.
+    dedup.advance(6_500);
+    let changes = dedup.take_changes();
+    assert_eq!(removed(&changes), 99);
+    write_batch(&store, (PARTITION, OWNER), &changes, dedup.take_timers(), dedup.take_key_delta());
+    assert_eq!(store.key_count(0, PARTITION).expect("readable"), 9_900);
+    assert_eq!(dedup.process(record(10, 6_500), 6_500, &mut out), Ok(StepOutcome::Duplicate), "k10's new life");
+    assert_eq!(dedup.process(record(100, 6_500), 6_500, &mut out), Ok(StepOutcome::Passed));
 }
 
 /// Only this batch's keys are in memory once a batch commits; the rest is read from disk.

@@ -32,7 +32,7 @@ impl StateStore {
                     *counts.entry(partition).or_default() += 1;
                 }
                 let Some(time) = timer_of(*step, &state_key, &value) else { continue };
-                writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true));
+                writes.push(StoreWrite::timer(*step, partition, owner.as_deref(), time, &state_key, true, Vec::new()));
                 if writes.len() >= 10_000 {
                     built += writes.len() as u64;
                     self.apply(&std::mem::take(&mut writes), &[], &[])?;

@@ -92,7 +92,7 @@ impl CommittedState for StoreView {
         }
     }
 
-    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str)) -> Option<i64> {
+    fn due_timers(&self, after: i64, until: i64, each: &mut dyn FnMut(i64, &str, &[u8])) -> Option<i64> {
         let handle = self.family(&self.timers)?;
         let mut start = self.timer_prefix.clone();
         start.extend_from_slice(&time_bytes(after.saturating_add(1)));
@@ -103,8 +103,8 @@ impl CommittedState for StoreView {
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(end);
         for item in self.db.iterator_cf_opt(handle, options, IteratorMode::From(&start, Direction::Forward)) {
-            let key = match item {
-                Ok((key, _)) => key,
+            let (key, value) = match item {
+                Ok(entry) => entry,
                 Err(error) => {
                     self.failed("reading the timers", error);
                     return None;
@@ -117,7 +117,7 @@ impl CommittedState for StoreView {
             if time > until {
                 return Some(time);
             }
-            each(time, state_key);
+            each(time, state_key, &value);
         }
         None
     }

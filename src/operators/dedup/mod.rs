@@ -5,16 +5,22 @@
 //! With a [`CommittedState`] view (production) the keys of earlier batches are read from the
 //! local store and their expiries come from its timers; memory holds only this batch's keys.
 //! Without one (`weir test`), every key is kept in memory.
+//!
+//! In the store, a key's expiry is checked as it is read, and its entry is removed a little
+//! later, in bulk: a batch's new keys get one timer per expiry bucket (a 64th of `within`),
+//! not one each, which halves the entries a new key costs the store (written, logged,
+//! flushed). A key read between its expiry and its removal is absent; if it comes again it
+//! starts a new life in the same entry.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use foldhash::fast::RandomState;
 use indexmap::IndexMap;
 
 use serde_json::Value;
 
-use super::committed::{CommittedState, StoreTimers, TimerChange};
+use super::committed::{CommittedState, StoreTimers, TimerChange, GROUP_MEMBERS};
 use super::record_key::key_text_of;
 use super::{CorruptState, Emitted, StepOutcome, ProcessError, Record, RecordKey, StateChange, StateEntryLimit, quoted_len};
 pub mod config;
@@ -48,6 +54,18 @@ pub struct DedupOperator {
 
 /// A dedup entry's value: the first event time, at most 20 digits.
 const TIME_BYTES: usize = 20;
+
+/// When the store removes a key whose state ends at `expiry`: at the end of its bucket, a
+/// 64th of `within` wide. Each batch's keys get one timer per bucket, so a key's entry
+/// outlives its expiry by less than a bucket; whether a key is live is checked against the
+/// watermark as it is read, so what passes does not depend on when it is removed.
+fn removal_in_store(within: i64, expiry: i64) -> i64 {
+    let bucket = (within / 64).max(1);
+    match expiry.rem_euclid(bucket) {
+        0 => expiry,
+        past => expiry.saturating_add(bucket - past),
+    }
+}
 
 impl DedupOperator {
     pub fn new(spec: &Dedup, limit: StateEntryLimit) -> DedupOperator {
@@ -84,8 +102,17 @@ impl DedupOperator {
         self.pending.values().filter(|time| time.is_some()).count()
     }
 
-    /// The first event time of a live key.
-    fn first_seen(&self, key: &str) -> Option<i64> {
+    /// When the state of a key that ends at `expiry` is removed: at once in memory, at the
+    /// end of its bucket in the store ([`removal_in_store`]).
+    fn removal(&self, expiry: i64) -> i64 {
+        match self.committed {
+            Some(_) => removal_in_store(self.within, expiry),
+            None => expiry,
+        }
+    }
+
+    /// The first event time of a key's state, live or ended but not yet removed.
+    fn stored(&self, key: &str) -> Option<i64> {
         if let Some(time) = self.pending.get(key) {
             return *time;
         }
@@ -108,7 +135,8 @@ impl DedupOperator {
             )));
         }
         let key_text = key_text_of(&record.fields, &self.key);
-        if self.first_seen(&key_text).is_some() {
+        let stored = self.stored(&key_text);
+        if stored.is_some_and(|time| Self::expiry(self.within, time) > watermark) {
             return Ok(StepOutcome::Duplicate);
         }
         // Quoting at most doubles the key: only a key near the limit is measured.
@@ -119,7 +147,9 @@ impl DedupOperator {
         self.rebuild_expiries();
         self.expiries.push(Reverse((expiry, key_text.clone())));
         match &mut self.committed {
-            Some(committed) => committed.count(1),
+            // A key whose state ended and is not yet removed is counted still.
+            Some(committed) if stored.is_none() => committed.count(1),
+            Some(_) => {}
             None => {
                 self.changed.insert(key_text.clone());
             }
@@ -136,7 +166,7 @@ impl DedupOperator {
     pub fn advance(&mut self, watermark: i64) {
         self.rebuild_expiries();
         while let Some(Reverse((expiry, _))) = self.expiries.peek() {
-            if *expiry > watermark {
+            if self.removal(*expiry) > watermark {
                 break;
             }
             if let Some(Reverse((expiry, key))) = self.expiries.pop() {
@@ -149,10 +179,10 @@ impl DedupOperator {
         }
     }
 
-    /// Ends a key's state for a timer at `expiry`, unless the timer is stale (the key ended
+    /// Removes a key's state for a timer at `expiry`, unless the timer is stale (the key ended
     /// and came back since, with another expiry).
     fn end(&mut self, expiry: i64, key: String) {
-        if self.first_seen(&key).map(|time| Self::expiry(self.within, time)) != Some(expiry) {
+        if self.stored(&key).map(|time| Self::expiry(self.within, time)) != Some(expiry) {
             return;
         }
         match &mut self.committed {
@@ -181,8 +211,18 @@ impl DedupOperator {
                 .collect();
         };
         let changes = self.pending.drain(..).map(|(key, time)| StateChange { key, value: time.map(Value::from) }).collect();
-        for Reverse((time, key)) in std::mem::take(&mut self.expiries).into_vec() {
-            committed.set(time, key);
+        // The batch's keys by the bucket their removal falls in: one group timer each.
+        let mut groups: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+        for Reverse((expiry, key)) in std::mem::take(&mut self.expiries).into_vec() {
+            let removal = removal_in_store(self.within, expiry);
+            let members = groups.entry(removal).or_default();
+            members.push((expiry, key));
+            if members.len() == GROUP_MEMBERS {
+                committed.set_group(removal, &std::mem::take(members));
+            }
+        }
+        for (removal, members) in groups {
+            committed.set_group(removal, &members);
         }
         committed.clear_fired();
         changes
