@@ -86,8 +86,11 @@ fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
     options.set_block_based_table_factory(&table);
     // Level 0 takes every flush, and its files are soon compacted into level 1: left
     // uncompressed (one compression and one decompression less per entry written). Every
-    // level below it takes the list's last entry, LZ4.
-    options.set_compression_per_level(&[DBCompressionType::None, DBCompressionType::Lz4]);
+    // level below it takes the list's last entry, LZ4. Timers are compressed from level 0
+    // on: a dedup's group timers are few entries with long values (a batch's keys), which
+    // the blocks' key prefix sharing does not shrink as it did one timer per key.
+    let level_zero = if name.starts_with("timers-") { DBCompressionType::Lz4 } else { DBCompressionType::None };
+    options.set_compression_per_level(&[level_zero, DBCompressionType::Lz4]);
     if name == OFFSETS {
         options.set_merge_operator_associative("weir-add-counts", add_counts);
     }
