@@ -32,9 +32,14 @@ const OFFSETS: &str = "offsets";
 /// The entry of the `offsets` family that says how the store is laid out: none, made before
 /// timers were kept; "2", with timers for dedups only; "3", for running aggregates too; "4",
 /// for tumbling and hopping windows too, with each step's key count per partition; "5", for
-/// session windows and joins too (see [`StateStore::open`]).
+/// session windows and joins too (see [`StateStore::open`]); "6", with dedup's timers in
+/// groups (one entry per batch and expiry bucket, see
+/// [`crate::operators::committed::StoreTimers::set_group`]), which a weir of format 5 would
+/// take for timers of keys that do not exist: seeing "6", it builds its own timers again.
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT: &[u8] = b"5";
+const FORMAT: &[u8] = b"6";
+/// The format before, whose store needs nothing built to be of this one.
+const FORMAT_5: &[u8] = b"5";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;

@@ -355,6 +355,25 @@ fn a_store_without_timers_gets_them_built_when_it_opens() {
     assert_eq!(ended, 50, "the built timers end every old key");
 }
 
+/// A store of format 5 (one timer per key) opens as format 6 without its timers built
+/// again: they are valid as they are, and building them means reading the whole store.
+#[test]
+fn a_store_of_format_5_opens_without_building_its_timers() {
+    let directory = tempfile::tempdir().expect("a temporary directory");
+    {
+        let store = open(directory.path());
+        let entry = StoreWrite::state(0, PARTITION, changelog_key(Some(OWNER), "{\"id\":\"k1\"}"), Some(b"5".to_vec()));
+        store.apply(&[entry], &[], &[]).expect("written");
+        store.db.put_cf(store.handle(OFFSETS).expect("offsets"), FORMAT_KEY, b"5").expect("written");
+    }
+    let store = open(directory.path());
+    let format = store.db.get_cf(store.handle(OFFSETS).expect("offsets"), FORMAT_KEY).expect("readable");
+    assert_eq!(format.as_deref(), Some(FORMAT));
+    let mut timers = 0;
+    store.backing().view(0, PARTITION, Some(OWNER)).due_timers(i64::MIN, i64::MAX, &mut |_, _, _| timers += 1);
+    assert_eq!(timers, 0, "the entry written without a timer has none built");
+}
+
 #[test]
 fn timer_keys_sort_as_their_times() {
     let times = [i64::MIN, -5, -1, 0, 1, 7, 1 << 40, i64::MAX];

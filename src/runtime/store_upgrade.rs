@@ -5,7 +5,7 @@ use std::time::Instant;
 use rocksdb::IteratorMode;
 use tracing::info;
 
-use super::{count_key, counts_as_key, family, RuntimeError, StateStore, StoreWrite, TimerOf, FORMAT, FORMAT_KEY, OFFSETS};
+use super::{count_key, counts_as_key, family, RuntimeError, StateStore, StoreWrite, TimerOf, FORMAT, FORMAT_5, FORMAT_KEY, OFFSETS};
 
 impl StateStore {
     /// A store of an earlier format was made before (some) timers and the key counts were
@@ -16,6 +16,11 @@ impl StateStore {
         let format = self.db.get_cf(offsets, FORMAT_KEY).map_err(|error| RuntimeError::store("reading the state store", error))?;
         if format.as_deref() == Some(FORMAT) {
             return Ok(());
+        }
+        // Format 5's timers (one per key) are timers of format 6 too, which only adds dedup's
+        // groups: nothing to build, however large the store.
+        if format.as_deref() == Some(FORMAT_5) {
+            return self.db.put_cf(offsets, FORMAT_KEY, FORMAT).map_err(|error| RuntimeError::store("writing the state store", error));
         }
         let started = Instant::now();
         let mut built = 0u64;
