@@ -32,13 +32,11 @@ const OFFSETS: &str = "offsets";
 /// The entry of the `offsets` family that says how the store is laid out: none, made before
 /// timers were kept; "2", with timers for dedups only; "3", for running aggregates too; "4",
 /// for tumbling and hopping windows too, with each step's key count per partition; "5", for
-/// session windows and joins too (see [`StateStore::open`]); "6", with dedup's timers in
-/// groups (one entry per batch and expiry bucket, see
-/// [`crate::operators::committed::StoreTimers::set_group`]), which a weir of format 5 would
-/// take for timers of keys that do not exist: seeing "6", it builds its own timers again.
+/// session windows and joins too (see [`StateStore::open`]); "6", with dedup's group timers
+/// ([`crate::operators::committed::StoreTimers::set_group`]), unknown to format 5 (which,
+/// seeing "6", builds its own timers again). A store of "5" needs nothing built for "6".
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"6";
-/// The format before, whose store needs nothing built to be of this one.
 const FORMAT_5: &[u8] = b"5";
 
 /// Memtable size per column family, and the write-ahead log size that forces flushes.
@@ -91,9 +89,8 @@ fn family_options(name: &str, cache: &Cache, memory: StoreMemory) -> Options {
     options.set_block_based_table_factory(&table);
     // Level 0 takes every flush, and its files are soon compacted into level 1: left
     // uncompressed (one compression and one decompression less per entry written). Every
-    // level below it takes the list's last entry, LZ4. Timers are compressed from level 0
-    // on: a dedup's group timers are few entries with long values (a batch's keys), which
-    // the blocks' key prefix sharing does not shrink as it did one timer per key.
+    // level below it takes the list's last entry, LZ4. Timers from level 0 on: a dedup's
+    // group timers hold a batch's keys in one value, which no key prefix sharing shrinks.
     let level_zero = if name.starts_with("timers-") { DBCompressionType::Lz4 } else { DBCompressionType::None };
     options.set_compression_per_level(&[level_zero, DBCompressionType::Lz4]);
     if name == OFFSETS {
