@@ -435,6 +435,9 @@ impl ConsumerContext for LoopContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandOver {
     Idle,
+    /// A commit found the group in a new generation: that round's callbacks (a revocation,
+    /// an assignment) have not been served yet.
+    Expected,
     /// Partitions were revoked; the assignment of the same round has not come yet.
     Revoked,
     /// That assignment came; the second round's has not.
@@ -445,7 +448,7 @@ impl HandOver {
     fn after_assign(self) -> HandOver {
         match self {
             HandOver::Revoked => HandOver::Rejoining,
-            HandOver::Rejoining | HandOver::Idle => HandOver::Idle,
+            HandOver::Rejoining | HandOver::Expected | HandOver::Idle => HandOver::Idle,
         }
     }
 }
@@ -468,14 +471,17 @@ fn take_assignment(consumer: &BaseConsumer<LoopContext>, assigned: &TopicPartiti
 }
 
 /// Before a run that stopped on a fault closes its consumer: if it gave up partitions in a
-/// cooperative rebalance whose second round has not assigned yet, polls until that round is
-/// done (at most `limit`). The second round is what hands those partitions to their new
-/// owner, and this member starts it by joining again after the first round's assignment.
-/// Closed before that, a static member never sends it: its next run rejoins under the same
-/// `group.instance.id`, the coordinator answers with the stored assignment without a new
-/// round, and the partitions it gave up stay with nobody (seen: an instance that joined while
-/// the other's batch aborted got none for good). Records polled meanwhile are dropped unread;
-/// the next run starts from the committed offsets.
+/// cooperative rebalance whose second round has not assigned yet, or a commit found the group
+/// in a generation whose callbacks have not been served, polls until that is done (at most
+/// `limit`). The second round is what hands those partitions to their new owner, and this
+/// member starts it by joining again after the first round's assignment. Closed before that,
+/// a static member never sends it: its next run rejoins under the same `group.instance.id`,
+/// the coordinator answers with the stored assignment without a new round, and the
+/// partitions it gave up stay with nobody (seen: an instance that joined while the other's
+/// batch aborted got none for good). If the group does not get there in time, the consumer
+/// leaves the group (a static member's close does not), so that the coordinator assigns
+/// afresh rather than handing the next run a stale share. Records polled meanwhile are
+/// dropped unread; the next run starts from the committed offsets.
 pub fn finish_hand_over(consumer: &BaseConsumer<LoopContext>, limit: Duration, shutdown: &tokio_util::sync::CancellationToken) {
     let handing_over = || consumer.context().session().hand_over != HandOver::Idle;
     if !handing_over() {
@@ -484,12 +490,36 @@ pub fn finish_hand_over(consumer: &BaseConsumer<LoopContext>, limit: Duration, s
     let started = Instant::now();
     info!("waiting for the group to hand over the partitions this run gave up before closing");
     while handing_over() {
-        if started.elapsed() >= limit || shutdown.is_cancelled() {
-            warn!(waited_ms = started.elapsed().as_millis() as u64, "the group did not finish handing over the partitions given up; closing anyway");
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if started.elapsed() >= limit {
+            warn!(waited_ms = started.elapsed().as_millis() as u64, "the group did not finish handing over the partitions given up; leaving it");
+            consumer.unsubscribe();
+            let left = Instant::now();
+            while left.elapsed() < Duration::from_secs(2) {
+                super::health::beat();
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
             return;
         }
         super::health::beat();
         let _ = consumer.poll(Duration::from_millis(100));
     }
     info!(waited_ms = started.elapsed().as_millis() as u64, "the group handed over the partitions this run gave up");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandOver;
+
+    #[test]
+    fn a_hand_over_ends_with_the_assignment_that_follows_it() {
+        // Gave partitions up: the same round's assignment, then the second round's.
+        assert_eq!(HandOver::Revoked.after_assign(), HandOver::Rejoining);
+        assert_eq!(HandOver::Rejoining.after_assign(), HandOver::Idle);
+        // A commit met a new generation and nothing was revoked in it: its one assignment.
+        assert_eq!(HandOver::Expected.after_assign(), HandOver::Idle);
+        assert_eq!(HandOver::Idle.after_assign(), HandOver::Idle);
+    }
 }

@@ -12,6 +12,7 @@ use crate::runtime::TopicPartitionOffset;
 use crate::config::DeliveryMode;
 use crate::runtime::error::RuntimeError;
 use crate::runtime::loop_state::LoopState;
+use crate::runtime::rebalance::HandOver;
 use crate::runtime::commit_writes;
 use crate::runtime::store::StoreWrite;
 
@@ -54,6 +55,9 @@ impl LoopState {
             self.transaction.add_counts(&counts);
         }
         let outcome = self.transaction.commit(consumer, deadline)?;
+        if self.transaction.take_group_moved_on() && self.hand_over == HandOver::Idle {
+            self.hand_over = HandOver::Expected;
+        }
         let delivered = self.transaction.take_delivered();
         if let (Some(BatchOutcome::Committed { .. }), DeliveryMode::IdempotentUpsert) = (&outcome, self.transaction.mode()) {
             self.acknowledged(consumer, &store_writes)?;

@@ -40,6 +40,15 @@ pub fn is_fencing(error: &KafkaError) -> bool {
     ) || matches!(error, KafkaError::Transaction(inner) if inner.is_fatal() && inner.string().to_lowercase().contains("fenced"))
 }
 
+/// Offsets refused because the group is in a newer generation than the consumer's metadata
+/// says: a rebalance is under way, and this consumer has not yet served its callbacks.
+pub fn moves_group_on(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::RebalanceInProgress)
+    )
+}
+
 /// The error to stop with for a fatal Kafka error.
 pub fn fatal(error: &KafkaError, transactional_id: &str) -> RuntimeError {
     if is_fencing(error) {
@@ -71,5 +80,13 @@ mod tests {
         let refused = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord);
         assert!(!is_fencing(&refused));
         assert!(matches!(fatal(&refused, "p-0"), RuntimeError::Kafka { source: KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord), .. }));
+    }
+
+    #[test]
+    fn offsets_refused_for_an_old_generation_say_the_group_moved_on() {
+        assert!(moves_group_on(&KafkaError::MessageProduction(RDKafkaErrorCode::IllegalGeneration)));
+        assert!(moves_group_on(&KafkaError::MessageProduction(RDKafkaErrorCode::UnknownMemberId)));
+        assert!(!moves_group_on(&KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord)));
+        assert!(!moves_group_on(&KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)));
     }
 }

@@ -58,7 +58,7 @@ mod refused;
 mod retry;
 
 use cadence::batch_due;
-pub use classes::{classify, fatal, ErrorClass};
+pub use classes::{classify, fatal, moves_group_on, ErrorClass};
 pub use refused::{refuses_record, Origin, Refusal, RefusedInputs};
 use refused::Origins;
 
@@ -98,6 +98,9 @@ pub struct BatchProducer {
     producer: Arc<BaseProducer<DeliveryWatch>>,
     /// A call on `producer` never returned: it can do nothing more, not even abort.
     wedged: bool,
+    /// The last abort was the group's doing: the offsets went with a generation that a
+    /// rebalance had ended (see `group_moved_on`).
+    group_moved_on: bool,
     transactional_id: String,
     /// False in `mode: idempotent_upsert`: a batch is then what was produced and
     /// acknowledged, and its offsets go to the state store, not into a transaction.
@@ -149,6 +152,7 @@ impl BatchProducer {
         BatchProducer {
             producer: Arc::new(producer),
             wedged: false,
+            group_moved_on: false,
             transactional_id,
             mode: DeliveryMode::Transactional,
             record_limits: Vec::new(),
@@ -265,6 +269,15 @@ impl BatchProducer {
     /// A call on the producer never returned (see `bounded`): nothing can be aborted with it.
     pub fn is_wedged(&self) -> bool {
         self.wedged
+    }
+
+    /// Whether the batch just aborted because a rebalance had moved the group to a new
+    /// generation (its offsets were refused as "generation id is not valid" or from an unknown
+    /// member); asking clears it. The new generation's assignment is then on its way to this
+    /// consumer, and a run that stops must wait for it before closing (see
+    /// `rebalance::finish_hand_over`).
+    pub fn take_group_moved_on(&mut self) -> bool {
+        std::mem::take(&mut self.group_moved_on)
     }
 
     /// Whether the open batch should commit: it holds `max_records` records, or its time
@@ -413,6 +426,10 @@ impl BatchProducer {
         let Some(group) = consumer.group_metadata() else {
             return Err(RuntimeError::Assignment("the consumer has no group metadata to send offsets with".into()));
         };
+        // Stands in for a commit slow enough that a rebalance moves the group on between
+        // taking its metadata and sending the offsets with it.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("offsets-sent-late");
         let timeout = self.call_timeout_within(deadline);
         let (offsets, group) = (Arc::new(offsets), Arc::new(group));
         let sent = self.retry("send offsets", deadline, |producer| bounded::send_offsets(producer, &offsets, &group, timeout))?;

@@ -8,7 +8,7 @@ use rdkafka::producer::BaseProducer;
 use tracing::{error, warn};
 
 use super::bounded::CallFailure;
-use super::{classify, fatal, BatchProducer, ErrorClass};
+use super::{classify, fatal, moves_group_on, BatchProducer, ErrorClass};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::delivery::DeliveryWatch;
 use crate::runtime::error::RuntimeError;
@@ -81,6 +81,7 @@ impl BatchProducer {
                 ErrorClass::Retriable => return Err(RuntimeError::DrainDeadline),
                 ErrorClass::Abort => {
                     warn!(%error, call = what, "transaction must be aborted");
+                    self.group_moved_on |= moves_group_on(&error);
                     return Ok(false);
                 }
                 ErrorClass::Fatal => return Err(fatal(&error, &self.transactional_id)),
