@@ -26,10 +26,13 @@
 
 mod delivery;
 mod state;
+mod topic;
 mod watermarks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use topic::Topic;
 
 use serde_json::{Map, Value};
 
@@ -74,11 +77,11 @@ impl ChainResult {
 
 /// An input partition: its topic, shared with every other mention of it (see
 /// [`Topology::input`]: naming the input of each record must not allocate), and its number.
-type InputPartition = (Arc<str>, i32);
+type InputPartition = (Topic, i32);
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TaskPartition {
-    Input(Arc<str>, i32),
+    Input(Topic, i32),
     Repartitioned(u32),
 }
 
@@ -179,7 +182,7 @@ pub struct Topology {
     /// Input partitions that delivered nothing for `idle_timeout` (the runtime decides).
     idle_inputs: std::collections::BTreeSet<InputPartition>,
     /// Every input topic met so far, each once: what [`InputPartition`]s share.
-    topics: Vec<Arc<str>>,
+    topics: Vec<Topic>,
     /// The input record being processed, as (offset, forwards it has made so far): the
     /// position its stage-0 task's next forward carries.
     position: Option<(i64, u32)>,
@@ -300,14 +303,14 @@ impl Topology {
     /// `topic`'s `partition`, naming the topic as every other mention of it does (without
     /// allocating, once the topic has been met: see [`Topology::meet`]).
     fn input(&self, topic: &str, partition: i32) -> InputPartition {
-        let shared = self.topics.iter().find(|known| known.as_ref() == topic).cloned();
-        (shared.unwrap_or_else(|| Arc::from(topic)), partition)
+        let shared = self.topics.iter().find(|known| known.is(topic)).cloned();
+        (shared.unwrap_or_else(|| Topic::new(topic)), partition)
     }
 
     /// `topic`'s `partition`, the topic from now on shared by every mention of it.
     fn meet(&mut self, topic: &str, partition: i32) -> InputPartition {
-        if !self.topics.iter().any(|known| known.as_ref() == topic) {
-            self.topics.push(Arc::from(topic));
+        if !self.topics.iter().any(|known| known.is(topic)) {
+            self.topics.push(Topic::new(topic));
         }
         self.input(topic, partition)
     }
