@@ -16,6 +16,11 @@ impl Topology {
         action: impl Fn(&mut Operator, &mut Vec<Emitted<'a>>),
     ) {
         for position in 0..self.stages[stage].indices.len() {
+            // Only a step with state does anything as time moves or a batch ends; a filter's
+            // task is not looked up again for each record that moves the watermark.
+            if !self.stages[stage].steps[position].is_stateful() {
+                continue;
+            }
             let step = self.stages[stage].indices[position];
             let mut produced = Vec::new();
             let Some(task) = self.tasks.get_mut(&(stage, id.clone())) else {
