@@ -281,6 +281,11 @@ fn run_once(
         .subscribe(&subscription)
         .map_err(|error| RuntimeError::Setup(format!("subscribing to {subscription:?}: {error}")))?;
     info!(group = %pipeline.name, topics = ?subscription, "subscribed");
+    // One topic named (not a pattern): every record is from it.
+    let only_topic = match subscription.as_slice() {
+        [topic] if !topic.starts_with('^') => Some(topic.to_string()),
+        _ => None,
+    };
 
     // With --until-end, the repartition topics must be drained to their real end: the last
     // stable offset a read_committed client would report stays at the start of a batch
@@ -318,6 +323,7 @@ fn run_once(
         shutdown: &shutdown,
         outputs: Vec::with_capacity(8),
         since_upkeep: 0,
+        only_topic: only_topic.as_deref(),
         }
         .run(settings.runtime.drain_timeout)
     }))

@@ -65,6 +65,9 @@ pub(super) struct Loop<'a> {
     pub(super) outputs: Vec<Output>,
     /// Records since the last upkeep (see [`UPKEEP_EVERY`]).
     pub(super) since_upkeep: u32,
+    /// The topic every record comes from, when the subscription names only one: rdkafka's
+    /// `topic()` measures and checks the name anew for each record (166 instructions).
+    pub(super) only_topic: Option<&'a str>,
 }
 
 impl Loop<'_> {
@@ -285,7 +288,8 @@ impl Loop<'_> {
     }
 
     fn process(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), RuntimeError> {
-        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let topic = self.only_topic.unwrap_or_else(|| message.topic());
+        let (partition, offset) = (message.partition(), message.offset());
         // The broker refused a record batch this input's results were in (audit R2): its
         // results go alone, in a transaction of their own, after what comes before commits.
         let refusal = self.consumer.context().session().transaction.refusal(topic, partition, offset);
